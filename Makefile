@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Everything else is here for operators and contributors.
+
+SHELL := /bin/bash
+export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/coupons
+export REDIS_URL ?= redis://127.0.0.1:6379
+export KAFKA_BROKERS ?= 127.0.0.1:9092
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: setup up down build test lint fmt demo bench chaos clean-state
+
+setup: ## install what this machine lacks (Postgres, Redis, the tansu broker)
+	infra/local/setup.sh
+
+up: ## start Postgres, Redis and the broker (reusing running ones)
+	infra/local/up.sh
+
+down: ## stop what `make up` started
+	infra/local/down.sh
+
+build:
+	cargo build --release --bin couponctl
+
+lint: ## formatting and clippy, warnings are errors
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: up ## every test, against the real services
+	cargo test --workspace --no-fail-fast
+
+demo: up build ## a coupon release, a burst of users, purchases and expirations
+	target/release/couponctl demo
+
+bench: up build ## the benchmarks (BENCH_QUICK=1 for a short run)
+	target/release/couponctl bench
+
+clean-state: down
+	rm -rf .state

@@ -1,0 +1,304 @@
+//! The claim processor: `coupons.claims` → a decision on `coupons.claim-results`.
+//!
+//! Claims are keyed by user id, so all of one user's requests land on one
+//! partition and are decided in order by one processor. Correctness does not
+//! rest on that, though: the quota is the primary key of `quota_grants`
+//! (one row per user per window) and a coupon is taken with
+//! `FOR UPDATE SKIP LOCKED` plus a conditional update, so two processors
+//! (e.g. during a rebalance) can never grant one coupon twice or one user
+//! twice in a window.
+//!
+//! Delivery guarantee: at least once, effect exactly once. A batch is decided
+//! in one transaction that also stores each decision under its request id;
+//! after the commit the decisions are published and only then are offsets
+//! stored. A redelivered request finds its stored decision and publishes it
+//! again unchanged (same event id), so a crash between commit and publish
+//! loses no decision and a redelivery creates no second one.
+
+mod store;
+
+use chrono::{DateTime, Utc};
+
+use coupon_domain::claim::{precheck, rate_limited, ClaimOutcome, ClaimPrecheck};
+use coupon_domain::{Category, UserId};
+use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::{decode, Record};
+use coupon_platform::redis::CachedHold;
+use coupon_platform::time::to_ms;
+use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
+
+use crate::{dead_letter_all, retryable, Context, PollSettings};
+
+pub use store::StoredDecision;
+
+pub const ROLE: &str = "claims";
+
+/// A claim request that passed validation.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub request_id: String,
+    pub user_id: UserId,
+    pub category: Option<Category>,
+    pub correlation_id: String,
+}
+
+/// Why a decodable request is refused; the requester still gets a decision.
+pub fn validate(request: &ClaimRequested) -> Result<Claim, String> {
+    if request.request_id.is_empty() || request.request_id.len() > 128 {
+        return Err("request_id must be 1 to 128 bytes".into());
+    }
+    let user_id = UserId::parse(request.user_id.clone()).map_err(|e| e.to_string())?;
+    let category = match request.category.as_str() {
+        "" => None,
+        raw => Some(Category::parse(raw).map_err(|e| e.to_string())?),
+    };
+    Ok(Claim {
+        request_id: request.request_id.clone(),
+        user_id,
+        category,
+        correlation_id: request
+            .envelope
+            .as_ref()
+            .map(|e| e.correlation_id.clone())
+            .unwrap_or_default(),
+    })
+}
+
+/// Decides one claim inside the batch transaction.
+async fn decide(
+    tx: &mut sqlx::PgConnection,
+    ctx: &Context,
+    claim: &Claim,
+    now: DateTime<Utc>,
+) -> Result<(StoredDecision, bool), sqlx::Error> {
+    if let Some(stored) = store::find_decision(&mut *tx, &claim.request_id).await? {
+        return Ok((stored, false));
+    }
+    let window = ctx.policy.quota_window;
+    let state =
+        store::user_state(&mut *tx, claim.user_id.as_str(), window.start_of(now), now).await?;
+    let outcome = match precheck(&state, now, window, ctx.policy.hold_ttl) {
+        ClaimPrecheck::Decided(outcome) => outcome,
+        ClaimPrecheck::Allocate {
+            window_start,
+            hold_until,
+        } => {
+            if !store::take_quota(&mut *tx, claim, window_start, now).await? {
+                rate_limited(now, window)
+            } else {
+                match store::allocate(&mut *tx, claim, hold_until).await? {
+                    Some((code, category)) => {
+                        store::record_grant(&mut *tx, claim.user_id.as_str(), now).await?;
+                        ClaimOutcome::Granted {
+                            code,
+                            category,
+                            expires_at: hold_until,
+                            repeated: false,
+                        }
+                    }
+                    None => {
+                        // Sold out does not use the quota.
+                        store::give_back_quota(&mut *tx, claim.user_id.as_str(), window_start)
+                            .await?;
+                        ClaimOutcome::SoldOut
+                    }
+                }
+            }
+        }
+    };
+    let decision = StoredDecision::new(claim, outcome, now);
+    let inserted = store::insert_decision(&mut *tx, &decision).await?;
+    if !inserted {
+        // Another processor decided this request meanwhile (rebalance); its
+        // decision stands and ours is rolled back with the batch.
+        return Err(sqlx::Error::Protocol(format!(
+            "claim {} was decided concurrently; retrying the batch",
+            claim.request_id
+        )));
+    }
+    Ok((decision, true))
+}
+
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
+    let now = Utc::now();
+    let mut decisions: Vec<(String, ClaimDecided)> = Vec::with_capacity(batch.len());
+    let mut new_holds = Vec::new();
+    let mut refused = Vec::new();
+    let mut tx = ctx.pool.begin().await.map_err(retryable)?;
+    for record in batch {
+        let request = match decode::<ClaimRequested>(record) {
+            Ok(request) => request,
+            Err(error) => {
+                refused.push((record, error.to_string()));
+                continue;
+            }
+        };
+        let claim = match validate(&request) {
+            Ok(claim) => claim,
+            Err(reason) => {
+                if let Some(decision) = invalid_decision(ctx, &request, &reason) {
+                    decisions.push(decision);
+                }
+                refused.push((record, reason));
+                continue;
+            }
+        };
+        let (decision, is_new) = decide(&mut tx, ctx, &claim, now).await.map_err(retryable)?;
+        if is_new {
+            metrics::counter!("coupon_claim_decisions_total", "outcome" => decision.outcome.clone())
+                .increment(1);
+            if decision.outcome == "granted" && !decision.repeated {
+                if let (Some(code), Some(category), Some(expires_at)) = (
+                    &decision.coupon_code,
+                    &decision.category,
+                    decision.expires_at,
+                ) {
+                    new_holds.push(CachedHold {
+                        code: code.clone(),
+                        user_id: decision.user_id.clone(),
+                        category: category.clone(),
+                        expires_at,
+                    });
+                }
+            }
+        }
+        decisions.push((
+            decision.user_id.clone(),
+            decision.to_event(ctx.publisher.name(), &claim.correlation_id),
+        ));
+    }
+    tx.commit().await.map_err(retryable)?;
+
+    // Redis mirrors the holds; it is a cache, so a failure here only costs speed.
+    if let Err(error) = ctx.cache.put_holds(&new_holds).await {
+        tracing::warn!(%error, holds = new_holds.len(), "could not mirror holds to Redis");
+    }
+    let topic = ctx.topics.claim_results();
+    ctx.publisher
+        .send_all(&topic, &decisions)
+        .await
+        .map_err(retryable)?;
+    dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+}
+
+/// A request we can answer although it is invalid: it has a usable request id.
+fn invalid_decision(
+    ctx: &Context,
+    request: &ClaimRequested,
+    reason: &str,
+) -> Option<(String, ClaimDecided)> {
+    if request.request_id.is_empty() || request.request_id.len() > 128 {
+        return None;
+    }
+    let key: String = request.user_id.chars().take(128).collect();
+    let envelope = coupon_schemas::new_envelope::<ClaimDecided>(
+        uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("invalid-claim:{}", request.request_id).as_bytes(),
+        )
+        .to_string(),
+        coupon_platform::time::now_ms(),
+        ctx.publisher.name(),
+        request
+            .envelope
+            .as_ref()
+            .map(|e| e.correlation_id.as_str())
+            .unwrap_or(""),
+    );
+    Some((
+        key.clone(),
+        ClaimDecided {
+            envelope: Some(envelope),
+            request_id: request.request_id.clone(),
+            user_id: key,
+            outcome: WireOutcome::Invalid as i32,
+            reason: reason.to_owned(),
+            ..Default::default()
+        },
+    ))
+}
+
+impl StoredDecision {
+    fn new(claim: &Claim, outcome: ClaimOutcome, now: DateTime<Utc>) -> Self {
+        let mut decision = StoredDecision {
+            request_id: claim.request_id.clone(),
+            event_id: uuid::Uuid::new_v4(),
+            user_id: claim.user_id.as_str().to_owned(),
+            outcome: outcome.kind().to_owned(),
+            coupon_code: None,
+            category: None,
+            expires_at: None,
+            repeated: false,
+            retry_at: None,
+            blacklisted_until: None,
+            decided_at: now,
+        };
+        match outcome {
+            ClaimOutcome::Granted {
+                code,
+                category,
+                expires_at,
+                repeated,
+            } => {
+                decision.coupon_code = Some(code);
+                decision.category = Some(category);
+                decision.expires_at = Some(expires_at);
+                decision.repeated = repeated;
+            }
+            ClaimOutcome::RateLimited { retry_at } => decision.retry_at = Some(retry_at),
+            ClaimOutcome::Blacklisted { until } => decision.blacklisted_until = until,
+            ClaimOutcome::SoldOut => {}
+        }
+        decision
+    }
+
+    /// The event for this decision; a stored decision always yields the same
+    /// event id, so consumers can deduplicate republished decisions.
+    pub fn to_event(&self, producer: &str, correlation_id: &str) -> ClaimDecided {
+        let outcome = match self.outcome.as_str() {
+            "granted" => WireOutcome::Granted,
+            "rate_limited" => WireOutcome::RateLimited,
+            "blacklisted" => WireOutcome::Blacklisted,
+            "sold_out" => WireOutcome::SoldOut,
+            _ => WireOutcome::Unspecified,
+        };
+        ClaimDecided {
+            envelope: Some(coupon_schemas::new_envelope::<ClaimDecided>(
+                self.event_id.to_string(),
+                to_ms(self.decided_at),
+                producer,
+                correlation_id,
+            )),
+            request_id: self.request_id.clone(),
+            user_id: self.user_id.clone(),
+            outcome: outcome as i32,
+            coupon_code: self.coupon_code.clone().unwrap_or_default(),
+            category: self.category.clone().unwrap_or_default(),
+            expires_at_ms: self.expires_at.map(to_ms).unwrap_or(0),
+            repeated: self.repeated,
+            retry_at_ms: self.retry_at.map(to_ms).unwrap_or(0),
+            blacklisted_until_ms: self.blacklisted_until.map(to_ms).unwrap_or(0),
+            reason: String::new(),
+        }
+    }
+}
+
+pub async fn run(
+    ctx: Context,
+    poll: PollSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let topics = vec![ctx.topics.claims()];
+    crate::run_role(
+        &ctx,
+        ROLE,
+        topics,
+        poll,
+        |batch| {
+            let ctx = ctx.clone();
+            async move { handle_batch(&ctx, &batch).await }
+        },
+        shutdown,
+    )
+    .await
+}

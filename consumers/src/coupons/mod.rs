@@ -1,0 +1,129 @@
+//! The coupon projector: `coupons.created` → `coupons` rows, `available`.
+//!
+//! Delivery guarantee: at least once, effect exactly once. Rows are inserted
+//! in bulk with `ON CONFLICT DO NOTHING` on the code, so a replayed or
+//! redelivered batch adds nothing; offsets are stored after the insert commits.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use coupon_domain::{Category, CouponCode, EmployeeId, SnowflakeId};
+use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::{decode, Record};
+use coupon_schemas::CouponsCreated;
+
+use crate::{dead_letter_all, retryable, Context, PollSettings};
+
+pub const ROLE: &str = "coupons";
+
+/// One coupon ready to insert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewCoupon {
+    pub code: CouponCode,
+    pub batch_id: Uuid,
+    pub employee_id: EmployeeId,
+    pub category: Category,
+    pub generated_at: DateTime<Utc>,
+}
+
+/// Validates a decoded event and expands it into coupons.
+pub fn coupons_of(event: &CouponsCreated) -> Result<Vec<NewCoupon>, String> {
+    let batch_id = Uuid::parse_str(&event.batch_id).map_err(|e| format!("batch_id: {e}"))?;
+    let employee_id = EmployeeId::parse(event.employee_id.clone()).map_err(|e| e.to_string())?;
+    let category = Category::parse(event.category.clone()).map_err(|e| e.to_string())?;
+    if event.coupon_ids.is_empty() {
+        return Err("coupon_ids is empty".into());
+    }
+    event
+        .coupon_ids
+        .iter()
+        .map(|raw| {
+            let id = u64::try_from(*raw)
+                .map_err(|_| format!("coupon id {raw} is negative"))
+                .and_then(|raw| SnowflakeId::from_raw(raw).map_err(|e| e.to_string()))?;
+            let generated_at = coupon_platform::time::from_ms(id.parts().unix_ms as i64)
+                .ok_or_else(|| format!("coupon id {raw} has no valid time"))?;
+            Ok(NewCoupon {
+                code: CouponCode::from_id(id),
+                batch_id,
+                employee_id: employee_id.clone(),
+                category: category.clone(),
+                generated_at,
+            })
+        })
+        .collect()
+}
+
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
+    let mut coupons = Vec::new();
+    let mut refused = Vec::new();
+    for record in batch {
+        match decode::<CouponsCreated>(record)
+            .map_err(|e| e.to_string())
+            .and_then(|event| coupons_of(&event))
+        {
+            Ok(mut more) => coupons.append(&mut more),
+            Err(reason) => refused.push((record, reason)),
+        }
+    }
+    let inserted = insert_coupons(&ctx.pool, &coupons)
+        .await
+        .map_err(retryable)?;
+    metrics::counter!("coupon_coupons_projected_total").increment(inserted);
+    dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+}
+
+/// Inserts coupons in one statement; returns how many were new.
+pub async fn insert_coupons(
+    pool: &sqlx::PgPool,
+    coupons: &[NewCoupon],
+) -> Result<u64, sqlx::Error> {
+    if coupons.is_empty() {
+        return Ok(0);
+    }
+    let mut inserted = 0;
+    // Chunked to keep each statement's arrays moderate.
+    for chunk in coupons.chunks(20_000) {
+        let codes: Vec<String> = chunk.iter().map(|c| c.code.to_string()).collect();
+        let ids: Vec<i64> = chunk.iter().map(|c| c.code.id().as_i64()).collect();
+        let batches: Vec<Uuid> = chunk.iter().map(|c| c.batch_id).collect();
+        let employees: Vec<&str> = chunk.iter().map(|c| c.employee_id.as_str()).collect();
+        let categories: Vec<&str> = chunk.iter().map(|c| c.category.as_str()).collect();
+        let generated: Vec<DateTime<Utc>> = chunk.iter().map(|c| c.generated_at).collect();
+        inserted += sqlx::query(
+            "INSERT INTO coupons (code, id, batch_id, employee_id, category, generated_at)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&codes)
+        .bind(&ids)
+        .bind(&batches)
+        .bind(&employees)
+        .bind(&categories)
+        .bind(&generated)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(inserted)
+}
+
+pub async fn run(
+    ctx: Context,
+    poll: PollSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let topics = vec![ctx.topics.created()];
+    crate::run_role(
+        &ctx,
+        ROLE,
+        topics,
+        poll,
+        |batch| {
+            let ctx = ctx.clone();
+            async move { handle_batch(&ctx, &batch).await }
+        },
+        shutdown,
+    )
+    .await
+}

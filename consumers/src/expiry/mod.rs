@@ -1,0 +1,265 @@
+//! Expiry: every hold ends. Postgres is the authority — `held_until` is a
+//! durable deadline — and this module turns overdue holds back into
+//! available coupons.
+//!
+//! Two halves:
+//! - the **sweeper** scans `coupons` for holds past their deadline and
+//!   publishes a `HoldExpired` event for each (keyed by coupon code). It keeps
+//!   no state that matters: after a restart, a Redis flush or a long outage it
+//!   finds every overdue hold again on its next scan. Several sweepers may run;
+//!   duplicates are harmless because
+//! - the **expirations consumer** releases a coupon only if it is still held
+//!   under the very hold the event names (`hold_id`) and the deadline has
+//!   passed. A purchase that won the race has already made it `redeemed`, so
+//!   the release does nothing. The release and its history row commit together.
+//!
+//! Delivery guarantee: at least once, effect exactly once (the conditional
+//! release); offsets are stored after commit.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use uuid::Uuid;
+
+use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::{decode, Record};
+use coupon_platform::time::{from_ms, to_ms};
+use coupon_schemas::HoldExpired;
+
+use crate::history::{append, HistoryRow};
+use crate::{dead_letter_all, retryable, Context, PollSettings};
+
+pub const ROLE: &str = "expiry";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OverdueHold {
+    pub code: String,
+    pub holder_user_id: String,
+    pub hold_id: String,
+    pub held_until: DateTime<Utc>,
+}
+
+/// The event id of a hold's expiry is derived from the hold, so every sweeper
+/// that sees the same overdue hold publishes the same event.
+pub fn expiry_event_id(hold_id: &str, code: &str) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("expiry:{code}:{hold_id}").as_bytes(),
+    )
+}
+
+pub async fn overdue_holds(
+    pool: &sqlx::PgPool,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<OverdueHold>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT code, holder_user_id, hold_id, held_until FROM coupons
+         WHERE status = 'held' AND held_until <= $1
+         ORDER BY held_until LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// One sweep: publishes expiry events for overdue holds not announced in the
+/// last `quiet` period. Returns how many it published.
+pub async fn sweep_once(
+    ctx: &Context,
+    announced: &mut HashMap<String, Instant>,
+    quiet: Duration,
+) -> Result<usize, RetryableError> {
+    let overdue = overdue_holds(&ctx.pool, Utc::now(), 5_000)
+        .await
+        .map_err(retryable)?;
+    announced.retain(|_, at| at.elapsed() < quiet);
+    let fresh: Vec<&OverdueHold> = overdue
+        .iter()
+        .filter(|h| !announced.contains_key(&h.hold_id))
+        .collect();
+    if fresh.is_empty() {
+        return Ok(0);
+    }
+    let events: Vec<(String, HoldExpired)> = fresh
+        .iter()
+        .map(|hold| {
+            let envelope = coupon_schemas::new_envelope::<HoldExpired>(
+                expiry_event_id(&hold.hold_id, &hold.code).to_string(),
+                to_ms(hold.held_until),
+                ctx.publisher.name(),
+                &hold.hold_id,
+            );
+            (
+                hold.code.clone(),
+                HoldExpired {
+                    envelope: Some(envelope),
+                    coupon_code: hold.code.clone(),
+                    user_id: hold.holder_user_id.clone(),
+                    hold_id: hold.hold_id.clone(),
+                    held_until_ms: to_ms(hold.held_until),
+                },
+            )
+        })
+        .collect();
+    ctx.publisher
+        .send_all(&ctx.topics.expirations(), &events)
+        .await
+        .map_err(retryable)?;
+    let now = Instant::now();
+    for hold in &fresh {
+        announced.insert(hold.hold_id.clone(), now);
+    }
+    metrics::counter!("coupon_expiry_events_published_total").increment(fresh.len() as u64);
+    Ok(fresh.len())
+}
+
+/// Sweeps every `interval` until shutdown.
+pub async fn run_sweeper(
+    ctx: Context,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut announced = HashMap::new();
+    // Re-announce a hold that is still held after this long (its event may
+    // have been lost with a crashed consumer's uncommitted batch).
+    let quiet = (interval * 10).max(Duration::from_secs(5));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = ticker.tick() => {}
+        }
+        if let Err(error) = sweep_once(&ctx, &mut announced, quiet).await {
+            tracing::warn!(%error, "expiry sweep failed; will retry");
+        }
+    }
+}
+
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
+    let now = Utc::now();
+    let mut refused = Vec::new();
+    let mut released = Vec::new();
+    let mut history = Vec::new();
+    let mut tx = ctx.pool.begin().await.map_err(retryable)?;
+    for record in batch {
+        let event = match decode::<HoldExpired>(record) {
+            Ok(event) => event,
+            Err(error) => {
+                refused.push((record, error.to_string()));
+                continue;
+            }
+        };
+        let Ok(event_id) = event
+            .envelope
+            .as_ref()
+            .map(|e| Uuid::parse_str(&e.event_id))
+            .transpose()
+            .map(|id| id.unwrap_or_default())
+        else {
+            refused.push((record, "event_id is not a UUID".to_owned()));
+            continue;
+        };
+        if event.coupon_code.is_empty() || event.hold_id.is_empty() {
+            refused.push((record, "coupon_code and hold_id are required".to_owned()));
+            continue;
+        }
+        let row: Option<(String, String, DateTime<Utc>)> = sqlx::query_as(
+            "UPDATE coupons c
+             SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL
+             FROM (SELECT code, holder_user_id, held_until FROM coupons
+                   WHERE code = $1 AND status = 'held' AND hold_id = $2 AND held_until <= $3
+                   FOR UPDATE) AS old
+             WHERE c.code = old.code
+             RETURNING c.code, old.holder_user_id, old.held_until",
+        )
+        .bind(&event.coupon_code)
+        .bind(&event.hold_id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(retryable)?;
+        if let Some((code, user_id, held_until)) = row {
+            history.push(HistoryRow {
+                occurred_at: now,
+                event_id,
+                item: 0,
+                coupon_code: Some(code.clone()),
+                user_id: Some(user_id.clone()),
+                kind: "released",
+                detail: json!({"hold_id": event.hold_id, "held_until_ms": to_ms(held_until), "reason": "hold_expired"}),
+            });
+            released.push((code, user_id));
+        }
+        // Unknown time in the event is fine: the database's deadline decides.
+        let _ = from_ms(event.held_until_ms);
+    }
+    append(&mut *tx, &history).await.map_err(retryable)?;
+    tx.commit().await.map_err(retryable)?;
+    metrics::counter!("coupon_holds_released_total").increment(released.len() as u64);
+    if let Err(error) = ctx.cache.remove_holds(&released).await {
+        tracing::warn!(%error, "could not delete released holds from Redis");
+    }
+    dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+}
+
+/// Runs the sweeper and the expirations consumer until shutdown.
+pub async fn run(
+    ctx: Context,
+    poll: PollSettings,
+    sweep_interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let sweeper = tokio::spawn(run_sweeper(
+        ctx.clone(),
+        sweep_interval,
+        shutdown.clone().cancelled_owned(),
+    ));
+    let topics = vec![ctx.topics.expirations()];
+    let result = crate::run_role(
+        &ctx,
+        ROLE,
+        topics,
+        poll,
+        |batch| {
+            let ctx = ctx.clone();
+            async move { handle_batch(&ctx, &batch).await }
+        },
+        shutdown.cancelled_owned(),
+    )
+    .await;
+    let _ = sweeper.await;
+    result
+}
+
+/// Puts every live hold from Postgres into Redis: run at start-up and by
+/// `couponctl holds rebuild`, so a Redis restart loses nothing.
+pub async fn rebuild_cache(ctx: &Context) -> Result<usize, RetryableError> {
+    let rows: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT code, holder_user_id, category, held_until FROM coupons
+         WHERE status = 'held' AND held_until > now()",
+    )
+    .fetch_all(&ctx.pool)
+    .await
+    .map_err(retryable)?;
+    let holds: Vec<_> = rows
+        .into_iter()
+        .map(
+            |(code, user_id, category, expires_at)| coupon_platform::redis::CachedHold {
+                code,
+                user_id,
+                category,
+                expires_at,
+            },
+        )
+        .collect();
+    for chunk in holds.chunks(1_000) {
+        ctx.cache.put_holds(chunk).await.map_err(retryable)?;
+    }
+    Ok(holds.len())
+}

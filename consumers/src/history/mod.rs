@@ -1,0 +1,226 @@
+//! The history sink: an append-only record of every state change, for
+//! analysts to query by user, coupon and time.
+//!
+//! Reads `created`, `claim-results` and `purchase-results` in its own consumer
+//! group, so it can lag or be rebuilt without touching the processors.
+//! Releases are written by the expiry consumer in the same transaction as the
+//! release itself (only it knows whether the release happened).
+//!
+//! Delivery guarantee: at least once, effect exactly once. Each row's key is
+//! `(occurred_at, event_id, item)`, all taken from the event, so a replay
+//! inserts nothing new (`ON CONFLICT DO NOTHING`).
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use uuid::Uuid;
+
+use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::{decode, Record};
+use coupon_platform::time::from_ms;
+use coupon_schemas::{
+    ClaimDecided, ClaimOutcome, CouponsCreated, Envelope, PurchaseDecided, PurchaseOutcome,
+};
+
+use crate::{dead_letter_all, retryable, Context, PollSettings};
+
+pub const ROLE: &str = "history";
+
+/// One history row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    pub occurred_at: DateTime<Utc>,
+    pub event_id: Uuid,
+    pub item: i32,
+    pub coupon_code: Option<String>,
+    pub user_id: Option<String>,
+    pub kind: &'static str,
+    pub detail: serde_json::Value,
+}
+
+fn envelope_keys(envelope: Option<&Envelope>) -> Result<(Uuid, DateTime<Utc>), String> {
+    let envelope = envelope.ok_or("event has no envelope")?;
+    let event_id = Uuid::parse_str(&envelope.event_id).map_err(|e| format!("event_id: {e}"))?;
+    let occurred_at =
+        from_ms(envelope.occurred_at_ms).ok_or("occurred_at_ms is not a valid time")?;
+    Ok((event_id, occurred_at))
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// Turns one record into history rows, or a reason to dead-letter it.
+pub fn rows_of(
+    ctx_topics: &coupon_platform::Topics,
+    record: &Record,
+) -> Result<Vec<HistoryRow>, String> {
+    if record.topic == ctx_topics.created() {
+        let event = decode::<CouponsCreated>(record).map_err(|e| e.to_string())?;
+        let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
+        let coupons = crate::coupons::coupons_of(&event)?;
+        return Ok(coupons
+            .into_iter()
+            .enumerate()
+            .map(|(item, coupon)| HistoryRow {
+                occurred_at,
+                event_id,
+                item: item as i32,
+                coupon_code: Some(coupon.code.to_string()),
+                user_id: None,
+                kind: "created",
+                detail: json!({
+                    "batch_id": event.batch_id,
+                    "employee_id": event.employee_id,
+                    "category": event.category,
+                }),
+            })
+            .collect());
+    }
+    if record.topic == ctx_topics.claim_results() {
+        let event = decode::<ClaimDecided>(record).map_err(|e| e.to_string())?;
+        let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
+        let outcome = ClaimOutcome::try_from(event.outcome).unwrap_or(ClaimOutcome::Unspecified);
+        // A repeated grant returns an existing hold: no state changed.
+        if outcome == ClaimOutcome::Granted && event.repeated {
+            return Ok(Vec::new());
+        }
+        let (kind, detail) = match outcome {
+            ClaimOutcome::Granted => (
+                "granted",
+                json!({"request_id": event.request_id, "category": event.category, "expires_at_ms": event.expires_at_ms}),
+            ),
+            other => (
+                "rejected",
+                json!({"request_id": event.request_id, "reason": claim_reason(other), "detail": event.reason}),
+            ),
+        };
+        return Ok(vec![HistoryRow {
+            occurred_at,
+            event_id,
+            item: 0,
+            coupon_code: non_empty(&event.coupon_code),
+            user_id: non_empty(&event.user_id),
+            kind,
+            detail,
+        }]);
+    }
+    if record.topic == ctx_topics.purchase_results() {
+        let event = decode::<PurchaseDecided>(record).map_err(|e| e.to_string())?;
+        let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
+        let outcome =
+            PurchaseOutcome::try_from(event.outcome).unwrap_or(PurchaseOutcome::Unspecified);
+        let kind = if outcome == PurchaseOutcome::Redeemed {
+            "redeemed"
+        } else {
+            "rejected"
+        };
+        return Ok(vec![HistoryRow {
+            occurred_at,
+            event_id,
+            item: 0,
+            coupon_code: non_empty(&event.coupon_code),
+            user_id: non_empty(&event.user_id),
+            kind,
+            detail: json!({"order_id": event.order_id, "request_id": event.request_id, "outcome": purchase_reason(outcome)}),
+        }]);
+    }
+    Err(format!(
+        "the history sink does not read topic {}",
+        record.topic
+    ))
+}
+
+pub fn claim_reason(outcome: ClaimOutcome) -> &'static str {
+    match outcome {
+        ClaimOutcome::Granted => "granted",
+        ClaimOutcome::RateLimited => "rate_limited",
+        ClaimOutcome::Blacklisted => "blacklisted",
+        ClaimOutcome::SoldOut => "sold_out",
+        ClaimOutcome::Invalid => "invalid",
+        ClaimOutcome::Unspecified => "unspecified",
+    }
+}
+
+pub fn purchase_reason(outcome: PurchaseOutcome) -> &'static str {
+    match outcome {
+        PurchaseOutcome::Redeemed => "redeemed",
+        PurchaseOutcome::HoldExpired => "hold_expired",
+        PurchaseOutcome::NotHolder => "not_holder",
+        PurchaseOutcome::AlreadyRedeemed => "already_redeemed",
+        PurchaseOutcome::UnknownCoupon => "unknown_coupon",
+        PurchaseOutcome::Invalid => "invalid",
+        PurchaseOutcome::Unspecified => "unspecified",
+    }
+}
+
+/// Appends rows; rows already present are skipped. Returns how many were new.
+pub async fn append<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    rows: &[HistoryRow],
+) -> Result<u64, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.occurred_at).collect();
+    let events: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+    let items: Vec<i32> = rows.iter().map(|r| r.item).collect();
+    let codes: Vec<Option<String>> = rows.iter().map(|r| r.coupon_code.clone()).collect();
+    let users: Vec<Option<String>> = rows.iter().map(|r| r.user_id.clone()).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.kind).collect();
+    let details: Vec<serde_json::Value> = rows.iter().map(|r| r.detail.clone()).collect();
+    let result = sqlx::query(
+        "INSERT INTO coupon_history (occurred_at, event_id, item, coupon_code, user_id, kind, detail)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::jsonb[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&occurred)
+    .bind(&events)
+    .bind(&items)
+    .bind(&codes)
+    .bind(&users)
+    .bind(&kinds)
+    .bind(&details)
+    .execute(executor)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
+    let mut rows = Vec::new();
+    let mut refused = Vec::new();
+    for record in batch {
+        match rows_of(&ctx.topics, record) {
+            Ok(mut more) => rows.append(&mut more),
+            Err(reason) => refused.push((record, reason)),
+        }
+    }
+    for chunk in rows.chunks(20_000) {
+        let added = append(&ctx.pool, chunk).await.map_err(retryable)?;
+        metrics::counter!("coupon_history_rows_total").increment(added);
+    }
+    dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+}
+
+pub async fn run(
+    ctx: Context,
+    poll: PollSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let topics = vec![
+        ctx.topics.created(),
+        ctx.topics.claim_results(),
+        ctx.topics.purchase_results(),
+    ];
+    crate::run_role(
+        &ctx,
+        ROLE,
+        topics,
+        poll,
+        |batch| {
+            let ctx = ctx.clone();
+            async move { handle_batch(&ctx, &batch).await }
+        },
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,112 @@
+//! The consumers: each projects one kind of event into Postgres (and Redis),
+//! and some publish a decision in turn.
+//!
+//! | role        | reads                         | writes                                   |
+//! |-------------|-------------------------------|------------------------------------------|
+//! | `coupons`   | `created`                     | `coupons` rows                           |
+//! | `claims`    | `claims`                      | holds, quota, `claim-results`            |
+//! | `purchases` | `purchases`                   | redemptions, `purchase-results`          |
+//! | `expiry`    | `expirations` (+ the sweeper) | released holds, history                  |
+//! | `history`   | `created`, `*-results`        | `coupon_history`                         |
+//!
+//! Every role exposes `handle_batch` (one batch, callable from tests) and
+//! `run` (the loop, until shutdown). Module docs state each one's delivery
+//! guarantee; all of them store offsets only after the batch is durable.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use coupon_domain::QuotaWindow;
+use coupon_platform::kafka::consumer::{DeadLetters, RetryableError};
+use coupon_platform::kafka::{Publisher, Record};
+use coupon_platform::redis::Cache;
+use coupon_platform::{KafkaSettings, Topics};
+
+pub mod claims;
+pub mod coupons;
+pub mod expiry;
+pub mod history;
+pub mod purchases;
+
+/// The rules a deployment runs with.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub hold_ttl: Duration,
+    pub quota_window: QuotaWindow,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            hold_ttl: Duration::from_secs(300),
+            quota_window: QuotaWindow::DAY,
+        }
+    }
+}
+
+/// What every consumer needs: the stores, the producer and the rules.
+#[derive(Clone)]
+pub struct Context {
+    pub pool: PgPool,
+    pub cache: Cache,
+    pub publisher: Publisher,
+    pub topics: Topics,
+    pub kafka: KafkaSettings,
+    pub policy: Policy,
+}
+
+impl Context {
+    pub fn dead_letters(&self, consumer: &str) -> DeadLetters {
+        DeadLetters::new(self.publisher.clone(), self.topics.dead_letter(), consumer)
+    }
+}
+
+/// Poll settings of one role.
+#[derive(Debug, Clone, Copy)]
+pub struct PollSettings {
+    pub fetch_wait_max_ms: u32,
+    pub max_batch: usize,
+}
+
+pub(crate) fn retryable(error: impl std::fmt::Display) -> RetryableError {
+    RetryableError::new(error)
+}
+
+/// Sends every refused record of a batch to the dead-letter topic.
+pub(crate) async fn dead_letter_all(
+    letters: &DeadLetters,
+    refused: &[(&Record, String)],
+) -> Result<(), RetryableError> {
+    for (record, reason) in refused {
+        letters.send(record, reason).await.map_err(retryable)?;
+    }
+    Ok(())
+}
+
+/// Runs one role's batch loop with its own group consumer.
+pub(crate) async fn run_role<F, Fut>(
+    ctx: &Context,
+    role: &'static str,
+    topics: Vec<String>,
+    poll: PollSettings,
+    handle: F,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), rdkafka::error::KafkaError>
+where
+    F: FnMut(Vec<Record>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), RetryableError>>,
+{
+    use coupon_platform::kafka::consumer::{group_consumer, run_batches, ConsumerSettings};
+    let settings = ConsumerSettings {
+        group_id: ctx.topics.group(role),
+        topics,
+        fetch_wait_max_ms: poll.fetch_wait_max_ms,
+        max_batch: poll.max_batch,
+    };
+    let consumer = group_consumer(&ctx.kafka, &settings)?;
+    tracing::info!(role, group = %settings.group_id, topics = ?settings.topics, "consumer started");
+    run_batches(role, consumer, poll.max_batch, handle, shutdown).await;
+    tracing::info!(role, "consumer stopped");
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! The purchase processor: `coupons.purchases` → redemption or a rejection on
+//! `coupons.purchase-results`.
+//!
+//! The coupon row is locked (`FOR UPDATE`) while the rules decide, so a
+//! purchase and the expiry of the same hold are serialised by Postgres: the
+//! coupon ends exactly one way. Deadlines are compared with the processor's
+//! clock at decision time; the hold is the user's until `held_until`, exclusive.
+//!
+//! Delivery guarantee: at least once, effect exactly once, idempotent on
+//! `order_id`: the decision is stored under the order id in the same
+//! transaction as the redemption, so the same order again gets the same answer
+//! and one redemption. Offsets are stored after commit and publish.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use coupon_domain::purchase::{decide, CouponView, PurchaseOutcome};
+use coupon_domain::{CouponCode, CouponStatus, OrderId, UserId};
+use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::{decode, Record};
+use coupon_platform::time::to_ms;
+use coupon_schemas::{PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested};
+
+use crate::{dead_letter_all, retryable, Context, PollSettings};
+
+pub const ROLE: &str = "purchases";
+
+#[derive(Debug, Clone)]
+pub struct Purchase {
+    pub request_id: String,
+    pub user_id: UserId,
+    /// As given; may not be a valid code (then the answer is `unknown_coupon`).
+    pub coupon_code: String,
+    pub order_id: OrderId,
+    pub correlation_id: String,
+}
+
+pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
+    if request.request_id.is_empty() || request.request_id.len() > 128 {
+        return Err("request_id must be 1 to 128 bytes".into());
+    }
+    if request.coupon_code.is_empty() || request.coupon_code.len() > 64 {
+        return Err("coupon_code must be 1 to 64 bytes".into());
+    }
+    Ok(Purchase {
+        request_id: request.request_id.clone(),
+        user_id: UserId::parse(request.user_id.clone()).map_err(|e| e.to_string())?,
+        coupon_code: request.coupon_code.clone(),
+        order_id: OrderId::parse(request.order_id.clone()).map_err(|e| e.to_string())?,
+        correlation_id: request
+            .envelope
+            .as_ref()
+            .map(|e| e.correlation_id.clone())
+            .unwrap_or_default(),
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StoredPurchase {
+    pub order_id: String,
+    pub request_id: String,
+    pub event_id: Uuid,
+    pub user_id: String,
+    pub coupon_code: String,
+    pub outcome: String,
+    pub decided_at: DateTime<Utc>,
+}
+
+impl StoredPurchase {
+    pub fn to_event(&self, producer: &str, correlation_id: &str) -> PurchaseDecided {
+        let outcome = match self.outcome.as_str() {
+            "redeemed" => WireOutcome::Redeemed,
+            "hold_expired" => WireOutcome::HoldExpired,
+            "not_holder" => WireOutcome::NotHolder,
+            "already_redeemed" => WireOutcome::AlreadyRedeemed,
+            "unknown_coupon" => WireOutcome::UnknownCoupon,
+            _ => WireOutcome::Unspecified,
+        };
+        PurchaseDecided {
+            envelope: Some(coupon_schemas::new_envelope::<PurchaseDecided>(
+                self.event_id.to_string(),
+                to_ms(self.decided_at),
+                producer,
+                correlation_id,
+            )),
+            request_id: self.request_id.clone(),
+            user_id: self.user_id.clone(),
+            coupon_code: self.coupon_code.clone(),
+            order_id: self.order_id.clone(),
+            outcome: outcome as i32,
+            redeemed_at_ms: if outcome == WireOutcome::Redeemed {
+                to_ms(self.decided_at)
+            } else {
+                0
+            },
+            reason: String::new(),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct CouponRow {
+    status: String,
+    holder_user_id: Option<String>,
+    held_until: Option<DateTime<Utc>>,
+}
+
+async fn decide_one(
+    tx: &mut PgConnection,
+    purchase: &Purchase,
+    now: DateTime<Utc>,
+) -> Result<(StoredPurchase, bool), sqlx::Error> {
+    let stored: Option<StoredPurchase> = sqlx::query_as(
+        "SELECT order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at
+         FROM purchase_decisions WHERE order_id = $1",
+    )
+    .bind(purchase.order_id.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(stored) = stored {
+        return Ok((stored, false));
+    }
+    let code = CouponCode::parse(&purchase.coupon_code)
+        .ok()
+        .map(|c| c.to_string());
+    let row: Option<CouponRow> =
+        match &code {
+            Some(code) => sqlx::query_as(
+                "SELECT status, holder_user_id, held_until FROM coupons WHERE code = $1 FOR UPDATE",
+            )
+            .bind(code)
+            .fetch_optional(&mut *tx)
+            .await?,
+            None => None,
+        };
+    let view = row.map(|r| CouponView {
+        status: r.status.parse().unwrap_or(CouponStatus::Available),
+        holder_user_id: r.holder_user_id,
+        held_until: r.held_until,
+    });
+    let user = purchase.user_id.as_str();
+    let mut outcome = decide(view.as_ref(), user, false, now);
+    if outcome != PurchaseOutcome::Redeemed && view.is_some() {
+        // Tell a late buyer "your hold expired" rather than "not yours".
+        let held_before: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM claim_decisions
+                            WHERE user_id = $1 AND coupon_code = $2 AND outcome = 'granted')",
+        )
+        .bind(user)
+        .bind(&code)
+        .fetch_one(&mut *tx)
+        .await?;
+        outcome = decide(view.as_ref(), user, held_before, now);
+    }
+    let canonical_code = code.unwrap_or_else(|| purchase.coupon_code.clone());
+    if outcome == PurchaseOutcome::Redeemed {
+        sqlx::query(
+            "UPDATE coupons SET status = 'redeemed', redeemed_at = $2, redeemed_order_id = $3
+             WHERE code = $1 AND status = 'held'",
+        )
+        .bind(&canonical_code)
+        .bind(now)
+        .bind(purchase.order_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let decision = StoredPurchase {
+        order_id: purchase.order_id.as_str().to_owned(),
+        request_id: purchase.request_id.clone(),
+        event_id: Uuid::new_v4(),
+        user_id: user.to_owned(),
+        coupon_code: canonical_code,
+        outcome: outcome.kind().to_owned(),
+        decided_at: now,
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(&decision.order_id)
+    .bind(&decision.request_id)
+    .bind(decision.event_id)
+    .bind(&decision.user_id)
+    .bind(&decision.coupon_code)
+    .bind(&decision.outcome)
+    .bind(decision.decided_at)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        return Err(sqlx::Error::Protocol(format!(
+            "order {} was decided concurrently; retrying the batch",
+            decision.order_id
+        )));
+    }
+    Ok((decision, true))
+}
+
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
+    let now = Utc::now();
+    let mut decisions: Vec<(String, PurchaseDecided)> = Vec::new();
+    let mut ended_holds = Vec::new();
+    let mut refused = Vec::new();
+    let mut tx = ctx.pool.begin().await.map_err(retryable)?;
+    for record in batch {
+        let request = match decode::<PurchaseRequested>(record) {
+            Ok(request) => request,
+            Err(error) => {
+                refused.push((record, error.to_string()));
+                continue;
+            }
+        };
+        let purchase = match validate(&request) {
+            Ok(purchase) => purchase,
+            Err(reason) => {
+                if !request.request_id.is_empty() && request.request_id.len() <= 128 {
+                    let key: String = request.user_id.chars().take(128).collect();
+                    let envelope = coupon_schemas::new_envelope::<PurchaseDecided>(
+                        Uuid::new_v5(
+                            &Uuid::NAMESPACE_OID,
+                            format!("invalid-purchase:{}", request.request_id).as_bytes(),
+                        )
+                        .to_string(),
+                        coupon_platform::time::now_ms(),
+                        ctx.publisher.name(),
+                        "",
+                    );
+                    decisions.push((
+                        key.clone(),
+                        PurchaseDecided {
+                            envelope: Some(envelope),
+                            request_id: request.request_id.clone(),
+                            user_id: key,
+                            outcome: WireOutcome::Invalid as i32,
+                            reason: reason.clone(),
+                            ..Default::default()
+                        },
+                    ));
+                }
+                refused.push((record, reason));
+                continue;
+            }
+        };
+        let (decision, is_new) = decide_one(&mut tx, &purchase, now)
+            .await
+            .map_err(retryable)?;
+        if is_new {
+            metrics::counter!("coupon_purchase_decisions_total", "outcome" => decision.outcome.clone())
+                .increment(1);
+            if decision.outcome == "redeemed" {
+                ended_holds.push((decision.coupon_code.clone(), decision.user_id.clone()));
+            }
+        }
+        decisions.push((
+            decision.user_id.clone(),
+            decision.to_event(ctx.publisher.name(), &purchase.correlation_id),
+        ));
+    }
+    tx.commit().await.map_err(retryable)?;
+    if let Err(error) = ctx.cache.remove_holds(&ended_holds).await {
+        tracing::warn!(%error, "could not delete redeemed holds from Redis");
+    }
+    let topic = ctx.topics.purchase_results();
+    ctx.publisher
+        .send_all(&topic, &decisions)
+        .await
+        .map_err(retryable)?;
+    dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+}
+
+pub async fn run(
+    ctx: Context,
+    poll: PollSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let topics = vec![ctx.topics.purchases()];
+    crate::run_role(
+        &ctx,
+        ROLE,
+        topics,
+        poll,
+        |batch| {
+            let ctx = ctx.clone();
+            async move { handle_batch(&ctx, &batch).await }
+        },
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,179 @@
+//! How a claim request is decided.
+//!
+//! The order matters and is the product's rule: a blacklisted user is refused
+//! first; a user who still holds a coupon gets *that* coupon again (so retries
+//! and double clicks are harmless); a user who already got one this window is
+//! rate limited until the window ends; otherwise one available coupon is
+//! allocated, or the answer is `sold_out`, which does not use the quota.
+//!
+//! The adapter gathers [`UserClaimState`] and carries out the allocation
+//! atomically; this module only decides.
+
+use chrono::{DateTime, Utc};
+
+use crate::quota::QuotaWindow;
+
+/// A coupon the user holds right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveHold {
+    pub code: String,
+    pub category: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What the claim processor knows about the user when a request arrives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserClaimState {
+    /// `Some(None)`: blacklisted with no end; `Some(Some(t))`: until `t`.
+    pub blacklisted: Option<Option<DateTime<Utc>>>,
+    /// The newest unexpired, unredeemed hold, if any.
+    pub active_hold: Option<ActiveHold>,
+    /// Whether the user was already granted a coupon in the current window.
+    pub granted_in_window: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    Granted {
+        code: String,
+        category: String,
+        expires_at: DateTime<Utc>,
+        /// True when this is the user's existing hold returned again.
+        repeated: bool,
+    },
+    RateLimited {
+        retry_at: DateTime<Utc>,
+    },
+    Blacklisted {
+        until: Option<DateTime<Utc>>,
+    },
+    SoldOut,
+}
+
+impl ClaimOutcome {
+    /// The stable name used in events, metrics, history and the database.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Granted { .. } => "granted",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Blacklisted { .. } => "blacklisted",
+            Self::SoldOut => "sold_out",
+        }
+    }
+}
+
+/// The decision before touching the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimPrecheck {
+    Decided(ClaimOutcome),
+    /// Try to take the quota slot for `window_start` and allocate a coupon held
+    /// until `hold_until`.
+    Allocate {
+        window_start: DateTime<Utc>,
+        hold_until: DateTime<Utc>,
+    },
+}
+
+pub fn precheck(
+    state: &UserClaimState,
+    now: DateTime<Utc>,
+    window: QuotaWindow,
+    hold_ttl: std::time::Duration,
+) -> ClaimPrecheck {
+    if let Some(until) = state.blacklisted {
+        if until.is_none_or(|until| until > now) {
+            return ClaimPrecheck::Decided(ClaimOutcome::Blacklisted { until });
+        }
+    }
+    if let Some(hold) = &state.active_hold {
+        if hold.expires_at > now {
+            return ClaimPrecheck::Decided(ClaimOutcome::Granted {
+                code: hold.code.clone(),
+                category: hold.category.clone(),
+                expires_at: hold.expires_at,
+                repeated: true,
+            });
+        }
+    }
+    if state.granted_in_window {
+        return ClaimPrecheck::Decided(rate_limited(now, window));
+    }
+    let ttl = chrono::Duration::from_std(hold_ttl).unwrap_or(chrono::Duration::minutes(5));
+    ClaimPrecheck::Allocate {
+        window_start: window.start_of(now),
+        hold_until: now + ttl,
+    }
+}
+
+/// The answer when the quota slot for this window is already taken.
+pub fn rate_limited(now: DateTime<Utc>, window: QuotaWindow) -> ClaimOutcome {
+    ClaimOutcome::RateLimited {
+        retry_at: window.end_of(now),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-25T12:00:00Z".parse().unwrap()
+    }
+
+    const TTL: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn fresh_user_gets_an_allocation_held_for_the_ttl() {
+        let decision = precheck(&UserClaimState::default(), now(), QuotaWindow::DAY, TTL);
+        assert_eq!(
+            decision,
+            ClaimPrecheck::Allocate {
+                window_start: "2026-11-25T00:00:00Z".parse().unwrap(),
+                hold_until: "2026-11-25T12:05:00Z".parse().unwrap(),
+            }
+        );
+    }
+
+    #[test]
+    fn blacklist_wins_over_everything_until_it_ends() {
+        let hold = ActiveHold {
+            code: "C".into(),
+            category: "x".into(),
+            expires_at: now() + chrono::Duration::minutes(1),
+        };
+        let mut state = UserClaimState {
+            blacklisted: Some(None),
+            active_hold: Some(hold),
+            granted_in_window: true,
+        };
+        assert_eq!(
+            precheck(&state, now(), QuotaWindow::DAY, TTL),
+            ClaimPrecheck::Decided(ClaimOutcome::Blacklisted { until: None })
+        );
+        state.blacklisted = Some(Some(now() - chrono::Duration::seconds(1)));
+        assert!(matches!(
+            precheck(&state, now(), QuotaWindow::DAY, TTL),
+            ClaimPrecheck::Decided(ClaimOutcome::Granted { repeated: true, .. })
+        ));
+    }
+
+    #[test]
+    fn expired_hold_with_used_quota_is_rate_limited_until_the_window_ends() {
+        let state = UserClaimState {
+            blacklisted: None,
+            active_hold: Some(ActiveHold {
+                code: "C".into(),
+                category: "x".into(),
+                expires_at: now(),
+            }),
+            granted_in_window: true,
+        };
+        assert_eq!(
+            precheck(&state, now(), QuotaWindow::DAY, TTL),
+            ClaimPrecheck::Decided(ClaimOutcome::RateLimited {
+                retry_at: "2026-11-26T00:00:00Z".parse().unwrap()
+            })
+        );
+    }
+}

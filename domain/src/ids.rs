@@ -1,0 +1,126 @@
+//! Validated identifiers. Anything that crosses a trust boundary (HTTP, Kafka,
+//! the CLI) is parsed into one of these first, so the rest of the code never sees
+//! an empty, oversized or control-character-laden id.
+
+use std::fmt;
+
+/// Why a piece of input was refused. The message is safe to show to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {problem}")]
+pub struct InvalidInput {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+impl InvalidInput {
+    pub fn new(field: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+fn validate(field: &'static str, raw: &str, max_bytes: usize) -> Result<(), InvalidInput> {
+    if raw.is_empty() {
+        return Err(InvalidInput::new(field, "must not be empty"));
+    }
+    if raw.len() > max_bytes {
+        return Err(InvalidInput::new(
+            field,
+            format!("must be at most {max_bytes} bytes (got {})", raw.len()),
+        ));
+    }
+    if raw.chars().any(char::is_control) {
+        return Err(InvalidInput::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    if raw.trim() != raw {
+        return Err(InvalidInput::new(
+            field,
+            "must not start or end with white space",
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! text_id {
+    ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub const MAX_BYTES: usize = $max;
+
+            pub fn parse(raw: impl Into<String>) -> Result<Self, InvalidInput> {
+                let raw = raw.into();
+                validate($field, &raw, $max)?;
+                Ok(Self(raw))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+text_id!(
+    /// A storefront user. Opaque to us; at most 128 bytes.
+    UserId, "user id", 128
+);
+text_id!(
+    /// The employee who released a batch.
+    EmployeeId, "employee id", 64
+);
+text_id!(
+    /// A coupon category such as `Electronics`. Matched exactly.
+    Category, "category", 64
+);
+text_id!(
+    /// The storefront's order id; purchases are idempotent on it.
+    OrderId, "order id", 128
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_ids() {
+        assert_eq!(UserId::parse("user-42").unwrap().as_str(), "user-42");
+        assert!(UserId::parse("ユーザー").is_ok());
+    }
+
+    #[test]
+    fn refuses_empty_oversized_and_control_characters() {
+        assert!(UserId::parse("").is_err());
+        assert!(UserId::parse("a".repeat(129)).is_err());
+        assert!(UserId::parse("a".repeat(128)).is_ok());
+        assert!(UserId::parse("a\u{0}b").is_err());
+        assert!(UserId::parse("a\nb").is_err());
+        assert!(UserId::parse(" padded").is_err());
+        let err = Category::parse("").unwrap_err();
+        assert_eq!(err.to_string(), "category must not be empty");
+    }
+}

@@ -1,0 +1,22 @@
+//! The coupon rules, with no I/O.
+//!
+//! Everything that decides *what* happens to a coupon or a user lives here, so it
+//! can be unit- and property-tested without Kafka, Postgres or Redis. The adapters
+//! (`coupon-platform`) and the processes (`coupon-producers`, `coupon-consumers`)
+//! only move data in and out of these types and carry the decisions out atomically.
+
+pub mod claim;
+pub mod code;
+pub mod ids;
+pub mod lifecycle;
+pub mod purchase;
+pub mod quota;
+pub mod snowflake;
+
+pub use claim::{ClaimOutcome, ClaimPrecheck, UserClaimState};
+pub use code::CouponCode;
+pub use ids::{Category, EmployeeId, InvalidInput, OrderId, UserId};
+pub use lifecycle::CouponStatus;
+pub use purchase::{PurchaseOutcome, PurchaseRejection};
+pub use quota::QuotaWindow;
+pub use snowflake::{SnowflakeGenerator, SnowflakeId};

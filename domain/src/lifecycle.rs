@@ -1,0 +1,78 @@
+//! A coupon's life: `available` → `held` (granted to one user until a deadline)
+//! → `redeemed` (bought in time), or back to `available` when the hold ends
+//! unbought. Nothing else moves a coupon, and `redeemed` is final.
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CouponStatus {
+    Available,
+    Held,
+    Redeemed,
+}
+
+impl CouponStatus {
+    pub const ALL: [CouponStatus; 3] = [Self::Available, Self::Held, Self::Redeemed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Available => "available",
+            Self::Held => "held",
+            Self::Redeemed => "redeemed",
+        }
+    }
+
+    /// Whether the lifecycle allows going from `self` to `next`.
+    pub fn may_become(self, next: CouponStatus) -> bool {
+        matches!(
+            (self, next),
+            (Self::Available, Self::Held)
+                | (Self::Held, Self::Redeemed)
+                | (Self::Held, Self::Available)
+        )
+    }
+}
+
+impl fmt::Display for CouponStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown coupon status {0:?}")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for CouponStatus {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_round_trip_through_text() {
+        for status in CouponStatus::ALL {
+            assert_eq!(status.as_str().parse::<CouponStatus>().unwrap(), status);
+        }
+        assert!("used".parse::<CouponStatus>().is_err());
+    }
+
+    #[test]
+    fn redeemed_is_final_and_available_cannot_be_redeemed_directly() {
+        for next in CouponStatus::ALL {
+            assert!(!CouponStatus::Redeemed.may_become(next));
+        }
+        assert!(!CouponStatus::Available.may_become(CouponStatus::Redeemed));
+        assert!(CouponStatus::Held.may_become(CouponStatus::Available));
+    }
+}

@@ -1,0 +1,146 @@
+//! How a purchase is decided: only the current holder, before the deadline,
+//! turns a held coupon into a redeemed one. The adapter makes the same test
+//! atomically (a conditional update), so a purchase racing the expiry sweeper
+//! ends in exactly one of redeemed or released.
+
+use chrono::{DateTime, Utc};
+
+use crate::lifecycle::CouponStatus;
+
+/// The coupon as the purchase processor sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CouponView {
+    pub status: CouponStatus,
+    pub holder_user_id: Option<String>,
+    pub held_until: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PurchaseRejection {
+    HoldExpired,
+    NotHolder,
+    AlreadyRedeemed,
+    UnknownCoupon,
+}
+
+impl PurchaseRejection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HoldExpired => "hold_expired",
+            Self::NotHolder => "not_holder",
+            Self::AlreadyRedeemed => "already_redeemed",
+            Self::UnknownCoupon => "unknown_coupon",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::HoldExpired,
+            Self::NotHolder,
+            Self::AlreadyRedeemed,
+            Self::UnknownCoupon,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurchaseOutcome {
+    Redeemed,
+    Rejected(PurchaseRejection),
+}
+
+impl PurchaseOutcome {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Redeemed => "redeemed",
+            Self::Rejected(r) => r.as_str(),
+        }
+    }
+}
+
+/// `user_held_it_before`: whether this user was ever granted this coupon, so a
+/// late buyer hears "your hold expired" rather than "not yours".
+pub fn decide(
+    coupon: Option<&CouponView>,
+    user_id: &str,
+    user_held_it_before: bool,
+    now: DateTime<Utc>,
+) -> PurchaseOutcome {
+    use PurchaseRejection::*;
+    let Some(coupon) = coupon else {
+        return PurchaseOutcome::Rejected(UnknownCoupon);
+    };
+    let holds_it = coupon.holder_user_id.as_deref() == Some(user_id);
+    match coupon.status {
+        CouponStatus::Redeemed => PurchaseOutcome::Rejected(AlreadyRedeemed),
+        CouponStatus::Held if holds_it => match coupon.held_until {
+            Some(deadline) if deadline > now => PurchaseOutcome::Redeemed,
+            _ => PurchaseOutcome::Rejected(HoldExpired),
+        },
+        CouponStatus::Held | CouponStatus::Available if user_held_it_before => {
+            PurchaseOutcome::Rejected(HoldExpired)
+        }
+        CouponStatus::Held | CouponStatus::Available => PurchaseOutcome::Rejected(NotHolder),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-25T12:00:00Z".parse().unwrap()
+    }
+
+    fn held_by(user: &str, secs_left: i64) -> CouponView {
+        CouponView {
+            status: CouponStatus::Held,
+            holder_user_id: Some(user.into()),
+            held_until: Some(now() + chrono::Duration::seconds(secs_left)),
+        }
+    }
+
+    #[test]
+    fn holder_within_deadline_redeems() {
+        assert_eq!(
+            decide(Some(&held_by("u", 10)), "u", true, now()),
+            PurchaseOutcome::Redeemed
+        );
+    }
+
+    #[test]
+    fn deadline_is_exclusive() {
+        assert_eq!(
+            decide(Some(&held_by("u", 0)), "u", true, now()),
+            PurchaseOutcome::Rejected(PurchaseRejection::HoldExpired)
+        );
+    }
+
+    #[test]
+    fn others_and_late_buyers_are_told_apart() {
+        let regranted = held_by("v", 100);
+        assert_eq!(
+            decide(Some(&regranted), "u", true, now()),
+            PurchaseOutcome::Rejected(PurchaseRejection::HoldExpired)
+        );
+        assert_eq!(
+            decide(Some(&regranted), "w", false, now()),
+            PurchaseOutcome::Rejected(PurchaseRejection::NotHolder)
+        );
+        let redeemed = CouponView {
+            status: CouponStatus::Redeemed,
+            holder_user_id: Some("u".into()),
+            held_until: None,
+        };
+        assert_eq!(
+            decide(Some(&redeemed), "u", true, now()),
+            PurchaseOutcome::Rejected(PurchaseRejection::AlreadyRedeemed)
+        );
+        assert_eq!(
+            decide(None, "u", false, now()),
+            PurchaseOutcome::Rejected(PurchaseRejection::UnknownCoupon)
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! Topic creation through the admin API. The local broker does not create
+//! topics on first use (and production clusters should not either), so every
+//! process that needs topics ensures them at start-up; existing ones are kept.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use super::KafkaSettings;
+
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot create an admin client for {brokers}: {source}")]
+    Client { brokers: String, source: KafkaError },
+    #[error("creating topics on {brokers} failed: {source}")]
+    Request { brokers: String, source: KafkaError },
+    #[error("creating topic {topic} failed: {code}")]
+    Topic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// Creates the topics that do not exist yet. Returns the names it created.
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    topics: &[TopicSpec],
+) -> Result<Vec<String>, AdminError> {
+    let admin: AdminClient<DefaultClientContext> =
+        settings
+            .client_config()
+            .create()
+            .map_err(|source| AdminError::Client {
+                brokers: settings.brokers.clone(),
+                source,
+            })?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                &t.name,
+                t.partitions,
+                TopicReplication::Fixed(t.replication),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
+    let results = admin
+        .create_topics(new_topics.iter(), &options)
+        .await
+        .map_err(|source| AdminError::Request {
+            brokers: settings.brokers.clone(),
+            source,
+        })?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(topic) => created.push(topic),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(AdminError::Topic { topic, code }),
+        }
+    }
+    Ok(created)
+}
+
+/// Deletes topics (tests clean up after themselves with it). Missing topics are fine.
+pub async fn delete_topics(settings: &KafkaSettings, names: &[String]) -> Result<(), AdminError> {
+    let admin: AdminClient<DefaultClientContext> =
+        settings
+            .client_config()
+            .create()
+            .map_err(|source| AdminError::Client {
+                brokers: settings.brokers.clone(),
+                source,
+            })?;
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
+    admin
+        .delete_topics(&refs, &options)
+        .await
+        .map_err(|source| AdminError::Request {
+            brokers: settings.brokers.clone(),
+            source,
+        })?;
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! Group consumers and the batch loop every projector and processor runs.
+//!
+//! Delivery guarantee: **at least once, effects exactly once.** A batch's
+//! offsets are stored only after its handler returned `Ok`, i.e. after the
+//! work is durable in Postgres and any follow-up events were acknowledged by
+//! the broker. A crash before that redelivers the batch; the handlers are
+//! idempotent (natural keys, stored decisions), so redelivery changes nothing.
+//! Stored offsets are committed by librdkafka every 500 ms, on rebalance
+//! (revoked partitions) and synchronously on graceful shutdown.
+//!
+//! A record that cannot be decoded is never retried: the handler sends it to
+//! the dead-letter topic with its reason, and the batch moves on.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use futures::FutureExt;
+use prost::Message as _;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use coupon_schemas::{DeadLetter, Event};
+
+use super::producer::{PublishError, Publisher};
+use super::KafkaSettings;
+
+/// An owned Kafka record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Record {
+    pub fn from_message(message: &impl Message) -> Self {
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            timestamp_ms: message.timestamp().to_millis(),
+        }
+    }
+
+    pub fn key_str(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record has no value")]
+    Empty,
+    #[error("value is not a valid protobuf {expected}: {detail}")]
+    Protobuf {
+        expected: &'static str,
+        detail: String,
+    },
+    #[error("event has no envelope")]
+    NoEnvelope,
+    #[error("event type {found:?} on a topic that carries {expected}")]
+    WrongType {
+        expected: &'static str,
+        found: String,
+    },
+    #[error("unsupported schema version {0}")]
+    UnsupportedVersion(u32),
+    #[error("event has no event id")]
+    NoEventId,
+}
+
+/// Decodes a record as event `E` and checks its envelope.
+pub fn decode<E: Event>(record: &Record) -> Result<E, DecodeError> {
+    let bytes = record.value.as_deref().ok_or(DecodeError::Empty)?;
+    let event = E::decode(bytes).map_err(|e| DecodeError::Protobuf {
+        expected: E::TYPE_NAME,
+        detail: e.to_string(),
+    })?;
+    let envelope = event.envelope().ok_or(DecodeError::NoEnvelope)?;
+    if envelope.event_type != E::TYPE_NAME {
+        return Err(DecodeError::WrongType {
+            expected: E::TYPE_NAME,
+            found: envelope.event_type.clone(),
+        });
+    }
+    if envelope.schema_version == 0 || envelope.schema_version > coupon_schemas::SCHEMA_VERSION {
+        return Err(DecodeError::UnsupportedVersion(envelope.schema_version));
+    }
+    if envelope.event_id.is_empty() {
+        return Err(DecodeError::NoEventId);
+    }
+    Ok(event)
+}
+
+/// Sends refused records to `<prefix>.dead-letter`, with the reason, the
+/// original bytes and where they came from.
+#[derive(Clone)]
+pub struct DeadLetters {
+    publisher: Publisher,
+    topic: String,
+    consumer: String,
+}
+
+impl DeadLetters {
+    pub fn new(publisher: Publisher, topic: String, consumer: &str) -> Self {
+        Self {
+            publisher,
+            topic,
+            consumer: consumer.to_owned(),
+        }
+    }
+
+    pub async fn send(&self, record: &Record, reason: &str) -> Result<(), PublishError> {
+        metrics::counter!("coupon_dead_letters_total", "consumer" => self.consumer.clone())
+            .increment(1);
+        tracing::warn!(
+            consumer = %self.consumer,
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            reason,
+            "dead-lettering a record"
+        );
+        let letter = DeadLetter {
+            envelope: Some(self.publisher.envelope::<DeadLetter>("")),
+            source_topic: record.topic.clone(),
+            source_partition: record.partition,
+            source_offset: record.offset,
+            original_key: record.key.clone().unwrap_or_default(),
+            original_value: record.value.clone().unwrap_or_default(),
+            reason: reason.to_owned(),
+            consumer: self.consumer.clone(),
+        };
+        let key = record.key.clone().unwrap_or_default();
+        self.publisher
+            .send_bytes(&self.topic, Some(&key), &letter.encode_to_vec())
+            .await
+            .map(|_| ())
+    }
+}
+
+/// How one role consumes.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// The broker holds an empty fetch this long; it is the idle-hop latency.
+    pub fetch_wait_max_ms: u32,
+    pub max_batch: usize,
+}
+
+/// Creates a group consumer subscribed to `settings.topics`.
+pub fn group_consumer(
+    kafka: &KafkaSettings,
+    settings: &ConsumerSettings,
+) -> Result<StreamConsumer, KafkaError> {
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", &settings.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("enable.partition.eof", "false");
+    let consumer: StreamConsumer = config.create()?;
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    Ok(consumer)
+}
+
+/// Waits for at least one record, then takes whatever else is already
+/// fetched, up to `max`. Records keep their per-partition order.
+pub async fn next_batch(consumer: &StreamConsumer, max: usize) -> Result<Vec<Record>, KafkaError> {
+    let first = consumer.recv().await?;
+    let mut batch = vec![Record::from_message(&first)];
+    drop(first);
+    while batch.len() < max {
+        match consumer.recv().now_or_never() {
+            Some(Ok(message)) => batch.push(Record::from_message(&message)),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "consumer error while filling a batch");
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(batch)
+}
+
+/// Marks a batch as done: the next commit will resume after it.
+pub fn store_offsets(consumer: &StreamConsumer, batch: &[Record]) -> Result<(), KafkaError> {
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for record in batch {
+        let entry = next.entry((&record.topic, record.partition)).or_insert(0);
+        *entry = (*entry).max(record.offset + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    }
+    consumer.store_offsets(&tpl)
+}
+
+/// A handler failure that is worth retrying (database or broker down).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RetryableError(pub String);
+
+impl RetryableError {
+    pub fn new(error: impl std::fmt::Display) -> Self {
+        Self(error.to_string())
+    }
+}
+
+/// Runs `handle` on batches until `shutdown` resolves.
+///
+/// A failed batch is retried with backoff (capped at 5 s) and its offsets are
+/// not stored until it succeeds, so an outage of Postgres or the broker delays
+/// work but loses none. Shutdown waits for the batch in hand, then commits.
+pub async fn run_batches<H, Fut>(
+    name: &str,
+    consumer: StreamConsumer,
+    max_batch: usize,
+    mut handle: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: FnMut(Vec<Record>) -> Fut,
+    Fut: Future<Output = Result<(), RetryableError>>,
+{
+    tokio::pin!(shutdown);
+    loop {
+        let batch = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            batch = next_batch(&consumer, max_batch) => batch,
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(consumer = name, %error, "consumer error");
+                metrics::counter!("coupon_consumer_errors_total", "consumer" => name.to_owned())
+                    .increment(1);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match handle(batch.clone()).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(consumer = name, %error, retry_in = ?backoff, "batch failed; retrying");
+                    metrics::counter!("coupon_batch_retries_total", "consumer" => name.to_owned())
+                        .increment(1);
+                    let stop = tokio::select! {
+                        _ = &mut shutdown => true,
+                        _ = tokio::time::sleep(backoff) => false,
+                    };
+                    if stop {
+                        // Not stored: the batch is redelivered to whoever runs next.
+                        commit_on_shutdown(name, &consumer);
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        metrics::counter!("coupon_records_processed_total", "consumer" => name.to_owned())
+            .increment(batch.len() as u64);
+        if let Err(error) = store_offsets(&consumer, &batch) {
+            // Happens when the partition was revoked meanwhile: its new owner
+            // reprocesses the batch, which is harmless.
+            tracing::debug!(consumer = name, %error, "could not store offsets");
+        }
+    }
+    commit_on_shutdown(name, &consumer);
+}
+
+fn commit_on_shutdown(name: &str, consumer: &StreamConsumer) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::info!(consumer = name, "offsets committed at shutdown"),
+        Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
+        Err(error) => tracing::warn!(consumer = name, %error, "final commit failed"),
+    }
+}

@@ -1,0 +1,133 @@
+//! Kafka: topic names, the producer, group consumers and the admin client.
+//!
+//! The code talks plain Kafka through librdkafka, so it runs unchanged against
+//! Apache Kafka, Redpanda or the local `tansu` broker. Two limits of the local
+//! broker shape the settings: it has no transactions (so exactly-once effects
+//! come from idempotent consumers, not from Kafka EOS), and its long-poll does
+//! not wake early when data arrives, so `fetch.wait.max.ms` is the latency of
+//! an idle hop and is set per consumer.
+
+pub mod admin;
+pub mod consumer;
+pub mod producer;
+
+pub use admin::{ensure_topics, TopicSpec};
+pub use consumer::{decode, DecodeError, Record};
+pub use producer::{PublishError, Publisher};
+
+/// How to reach the brokers. Extra librdkafka properties may be given as
+/// `key=value` pairs (e.g. security settings for a managed cluster).
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    /// `enable.idempotence` on producers: no duplicates from producer retries.
+    pub idempotent_producer: bool,
+    pub extra: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            idempotent_producer: true,
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("socket.keepalive.enable", "true")
+            .set("log_level", "4");
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+/// The topic names for one deployment: `<prefix>.<name>`, as fixed by the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    pub const DEFAULT_PREFIX: &'static str = "coupons";
+
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn name(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.prefix)
+    }
+
+    pub fn created(&self) -> String {
+        self.name("created")
+    }
+    pub fn claims(&self) -> String {
+        self.name("claims")
+    }
+    pub fn claim_results(&self) -> String {
+        self.name("claim-results")
+    }
+    pub fn purchases(&self) -> String {
+        self.name("purchases")
+    }
+    pub fn purchase_results(&self) -> String {
+        self.name("purchase-results")
+    }
+    pub fn expirations(&self) -> String {
+        self.name("expirations")
+    }
+    pub fn dead_letter(&self) -> String {
+        self.name("dead-letter")
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        vec![
+            self.created(),
+            self.claims(),
+            self.claim_results(),
+            self.purchases(),
+            self.purchase_results(),
+            self.expirations(),
+            self.dead_letter(),
+        ]
+    }
+
+    /// The consumer group of a role, e.g. `coupons.claims-processor`.
+    pub fn group(&self, role: &str) -> String {
+        self.name(&format!("{role}-processor"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_the_spec() {
+        let topics = Topics::new("coupons");
+        assert_eq!(
+            topics.all(),
+            [
+                "coupons.created",
+                "coupons.claims",
+                "coupons.claim-results",
+                "coupons.purchases",
+                "coupons.purchase-results",
+                "coupons.expirations",
+                "coupons.dead-letter"
+            ]
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! Thin adapters around the outside world: Kafka (rdkafka), Postgres (sqlx),
+//! Redis (fred) and the metrics recorder.
+//!
+//! Nothing here decides anything about coupons; the rules are in
+//! `coupon-domain`. These modules turn those decisions into records, rows and
+//! keys, and make the delivery guarantees explicit (see [`kafka::consumer`]).
+
+pub mod db;
+pub mod kafka;
+pub mod metrics;
+pub mod redis;
+pub mod time;
+
+pub use kafka::{KafkaSettings, Topics};

@@ -1,0 +1,246 @@
+//! Redis: a cache of holds and the gateway's flood counters.
+//!
+//! Redis is never the authority. Postgres holds every hold with its deadline;
+//! Redis mirrors them with a TTL so a hold can be looked up without a database
+//! round trip, and is rebuilt from Postgres at start-up (and by `couponctl
+//! holds rebuild`). Losing Redis therefore costs speed, never correctness.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fred::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct CacheError(#[from] fred::error::Error);
+
+/// A hold as mirrored in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedHold {
+    pub code: String,
+    pub user_id: String,
+    pub category: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Clone)]
+pub struct Cache {
+    client: Client,
+    prefix: String,
+}
+
+impl Cache {
+    /// Connects and keeps reconnecting in the background if Redis goes away;
+    /// commands fail fast (2 s) meanwhile instead of piling up.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, CacheError> {
+        let config = Config::from_url(url)?;
+        let client = Builder::from_config(config)
+            .with_performance_config(|perf| {
+                perf.default_command_timeout = Duration::from_secs(2);
+            })
+            .with_connection_config(|conn| {
+                conn.connection_timeout = Duration::from_secs(2);
+                conn.max_command_attempts = 2;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .build()?;
+        client.init().await?;
+        Ok(Self {
+            client,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn hold_key(&self, code: &str) -> String {
+        format!("{}:hold:{code}", self.prefix)
+    }
+
+    fn user_hold_key(&self, user_id: &str) -> String {
+        format!("{}:user-hold:{user_id}", self.prefix)
+    }
+
+    fn blocked_key(&self, client_id: &str) -> String {
+        format!("{}:blocked:{client_id}", self.prefix)
+    }
+
+    /// Writes holds (pipelined) with a TTL that ends at each hold's deadline.
+    /// Holds already past their deadline are skipped.
+    pub async fn put_holds(&self, holds: &[CachedHold]) -> Result<(), CacheError> {
+        let now = Utc::now();
+        let pipeline = self.client.pipeline();
+        let mut queued = 0;
+        for hold in holds {
+            let ttl_ms = (hold.expires_at - now).num_milliseconds();
+            if ttl_ms <= 0 {
+                continue;
+            }
+            let value = encode_hold(hold);
+            let _: () = pipeline
+                .set(
+                    self.hold_key(&hold.code),
+                    value.as_str(),
+                    Some(Expiration::PX(ttl_ms)),
+                    None,
+                    false,
+                )
+                .await?;
+            let _: () = pipeline
+                .set(
+                    self.user_hold_key(&hold.user_id),
+                    value.as_str(),
+                    Some(Expiration::PX(ttl_ms)),
+                    None,
+                    false,
+                )
+                .await?;
+            queued += 1;
+        }
+        if queued > 0 {
+            let _: Vec<Value> = pipeline.all().await?;
+        }
+        Ok(())
+    }
+
+    /// Removes holds that ended (redeemed or released).
+    pub async fn remove_holds(&self, ended: &[(String, String)]) -> Result<(), CacheError> {
+        if ended.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = ended
+            .iter()
+            .flat_map(|(code, user)| [self.hold_key(code), self.user_hold_key(user)])
+            .collect();
+        let _: i64 = self.client.del(keys).await?;
+        Ok(())
+    }
+
+    /// The user's current hold, if Redis has it.
+    pub async fn user_hold(&self, user_id: &str) -> Result<Option<CachedHold>, CacheError> {
+        let value: Option<String> = self.client.get(self.user_hold_key(user_id)).await?;
+        Ok(value.and_then(|v| parse_hold(&v)))
+    }
+
+    pub async fn hold(&self, code: &str) -> Result<Option<CachedHold>, CacheError> {
+        let value: Option<String> = self.client.get(self.hold_key(code)).await?;
+        Ok(value.and_then(|v| parse_hold(&v)))
+    }
+
+    /// Counts one request by `client_id` in the current second; returns the count.
+    pub async fn count_request(&self, client_id: &str) -> Result<u64, CacheError> {
+        let second = Utc::now().timestamp();
+        let key = format!("{}:flood:{client_id}:{second}", self.prefix);
+        let pipeline = self.client.pipeline();
+        let _: () = pipeline.incr(&key).await?;
+        let _: () = pipeline.expire(&key, 2, None).await?;
+        let (count, _): (u64, i64) = pipeline.all().await?;
+        Ok(count)
+    }
+
+    pub async fn block(&self, client_id: &str, for_how_long: Duration) -> Result<(), CacheError> {
+        let ms = for_how_long.as_millis().max(1) as i64;
+        let _: () = self
+            .client
+            .set(
+                self.blocked_key(client_id),
+                "1",
+                Some(Expiration::PX(ms)),
+                None,
+                false,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn is_blocked(&self, client_id: &str) -> Result<bool, CacheError> {
+        let exists: i64 = self.client.exists(self.blocked_key(client_id)).await?;
+        Ok(exists > 0)
+    }
+
+    pub async fn ping(&self) -> Result<(), CacheError> {
+        let _: String = self.client.ping(None).await?;
+        Ok(())
+    }
+
+    /// Deletes every key under this prefix (tests and `holds rebuild --clear`).
+    pub async fn clear(&self) -> Result<u64, CacheError> {
+        let mut cursor = "0".to_owned();
+        let mut deleted = 0u64;
+        loop {
+            let (next, keys): (String, Vec<String>) = self
+                .client
+                .custom(
+                    fred::cmd!("SCAN"),
+                    vec![
+                        cursor.clone(),
+                        "MATCH".into(),
+                        format!("{}:*", self.prefix),
+                        "COUNT".into(),
+                        "1000".into(),
+                    ],
+                )
+                .await?;
+            if !keys.is_empty() {
+                let n: i64 = self.client.del(keys).await?;
+                deleted += n as u64;
+            }
+            if next == "0" {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.client.quit().await;
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HoldValue<'a> {
+    code: &'a str,
+    user_id: &'a str,
+    category: &'a str,
+    expires_at_ms: i64,
+}
+
+fn encode_hold(hold: &CachedHold) -> String {
+    serde_json::to_string(&HoldValue {
+        code: &hold.code,
+        user_id: &hold.user_id,
+        category: &hold.category,
+        expires_at_ms: hold.expires_at.timestamp_millis(),
+    })
+    .unwrap_or_default()
+}
+
+/// A value that does not parse is treated as a cache miss.
+fn parse_hold(value: &str) -> Option<CachedHold> {
+    let v: HoldValue<'_> = serde_json::from_str(value).ok()?;
+    Some(CachedHold {
+        code: v.code.to_owned(),
+        user_id: v.user_id.to_owned(),
+        category: v.category.to_owned(),
+        expires_at: crate::time::from_ms(v.expires_at_ms)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_values_round_trip_whatever_the_ids_contain() {
+        let hold = CachedHold {
+            code: "0ABC".into(),
+            user_id: "user|with\"quotes".into(),
+            category: "Home|Garden".into(),
+            expires_at: crate::time::from_ms(1_764_000_000_000).unwrap(),
+        };
+        assert_eq!(parse_hold(&encode_hold(&hold)), Some(hold));
+        assert_eq!(parse_hold("garbage"), None);
+    }
+}

@@ -1,0 +1,166 @@
+//! Snowflake generators on leased machine ids.
+//!
+//! Two live generators must never share a (datacenter, machine) pair, or they
+//! could mint the same id in the same millisecond. A generator therefore
+//! leases its machine id in Postgres (`snowflake_leases`): one row per pair,
+//! owned until `expires_at`. Taking a lease is a single conditional upsert, so
+//! two processes racing for the same id cannot both win. The lease also
+//! remembers the last millisecond used, and the next owner starts after it,
+//! so even a clock that was set back between owners cannot repeat an id.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use coupon_domain::snowflake::{SnowflakeError, SystemClock, MAX_DATACENTER};
+use coupon_domain::{SnowflakeGenerator, SnowflakeId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeygenError {
+    #[error("all 32 machine ids of datacenter {0} are leased; wait for a lease to expire or use another datacenter id")]
+    NoFreeMachineId(u16),
+    #[error("datacenter id {0} is out of range 0..={MAX_DATACENTER}")]
+    BadDatacenter(u16),
+    #[error("machine-id lease (datacenter {datacenter}, machine {machine}) was lost; refusing to generate more ids")]
+    LeaseLost { datacenter: u16, machine: u16 },
+    #[error(transparent)]
+    Snowflake(#[from] SnowflakeError),
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// A generator that owns its machine id until released (or its lease expires).
+pub struct LeasedGenerator {
+    pool: PgPool,
+    owner: String,
+    generator: SnowflakeGenerator,
+}
+
+impl std::fmt::Debug for LeasedGenerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeasedGenerator")
+            .field("owner", &self.owner)
+            .field("datacenter", &self.generator.datacenter())
+            .field("machine", &self.generator.machine())
+            .finish()
+    }
+}
+
+/// Leases a free machine id in `datacenter` for `ttl`.
+pub async fn lease(
+    pool: &PgPool,
+    datacenter: u16,
+    ttl: Duration,
+) -> Result<LeasedGenerator, KeygenError> {
+    if datacenter > MAX_DATACENTER {
+        return Err(KeygenError::BadDatacenter(datacenter));
+    }
+    let owner = format!(
+        "{}:{}:{}",
+        hostname(),
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
+    // A few attempts: a lost race for one id just means trying the next.
+    for _ in 0..5 {
+        let row: Option<(i16, i64)> = sqlx::query_as(
+            "INSERT INTO snowflake_leases (datacenter_id, machine_id, owner, expires_at)
+             SELECT $1, m, $2, now() + $3 * interval '1 millisecond'
+             FROM generate_series(0, 31) AS m
+             WHERE NOT EXISTS (SELECT 1 FROM snowflake_leases l
+                               WHERE l.datacenter_id = $1 AND l.machine_id = m AND l.expires_at > now())
+             ORDER BY m LIMIT 1
+             ON CONFLICT (datacenter_id, machine_id) DO UPDATE
+                SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+                WHERE snowflake_leases.expires_at <= now()
+             RETURNING machine_id, last_ms",
+        )
+        .bind(datacenter as i16)
+        .bind(&owner)
+        .bind(ttl.as_millis() as i64)
+        .fetch_optional(pool)
+        .await?;
+        if let Some((machine, last_ms)) = row {
+            let generator = SnowflakeGenerator::new(datacenter, machine as u16)?
+                .resume_after(last_ms.max(0) as u64);
+            return Ok(LeasedGenerator {
+                pool: pool.clone(),
+                owner,
+                generator,
+            });
+        }
+        let free: bool = sqlx::query_scalar(
+            "SELECT count(*) < 32 FROM snowflake_leases WHERE datacenter_id = $1 AND expires_at > now()",
+        )
+        .bind(datacenter as i16)
+        .fetch_one(pool)
+        .await?;
+        if !free {
+            return Err(KeygenError::NoFreeMachineId(datacenter));
+        }
+    }
+    Err(KeygenError::NoFreeMachineId(datacenter))
+}
+
+impl LeasedGenerator {
+    pub fn datacenter(&self) -> u16 {
+        self.generator.datacenter()
+    }
+
+    pub fn machine(&self) -> u16 {
+        self.generator.machine()
+    }
+
+    /// Generates `count` ids. Blocks for at most a few milliseconds (sequence
+    /// overflow waits for the next millisecond).
+    pub fn generate(&mut self, count: usize) -> Result<Vec<SnowflakeId>, SnowflakeError> {
+        let mut clock = SystemClock;
+        (0..count)
+            .map(|_| self.generator.next_id(&mut clock))
+            .collect()
+    }
+
+    /// Extends the lease; fails if another owner took it (our lease expired).
+    pub async fn renew(&self, ttl: Duration) -> Result<(), KeygenError> {
+        let updated = sqlx::query(
+            "UPDATE snowflake_leases SET expires_at = now() + $4 * interval '1 millisecond', last_ms = $5
+             WHERE datacenter_id = $1 AND machine_id = $2 AND owner = $3",
+        )
+        .bind(self.datacenter() as i16)
+        .bind(self.machine() as i16)
+        .bind(&self.owner)
+        .bind(ttl.as_millis() as i64)
+        .bind(self.generator.last_ms() as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Err(KeygenError::LeaseLost {
+                datacenter: self.datacenter(),
+                machine: self.machine(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives the machine id back, recording the last millisecond used.
+    pub async fn release(self) -> Result<(), KeygenError> {
+        sqlx::query(
+            "UPDATE snowflake_leases SET expires_at = now(), last_ms = GREATEST(last_ms, $4)
+             WHERE datacenter_id = $1 AND machine_id = $2 AND owner = $3",
+        )
+        .bind(self.datacenter() as i16)
+        .bind(self.machine() as i16)
+        .bind(&self.owner)
+        .bind(self.generator.last_ms() as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned())
+}

@@ -1,0 +1,358 @@
+//! Wires one process: which roles it runs, with which stores and settings.
+//!
+//! `couponctl run` starts every role here in one process (the embedded
+//! default); `couponctl gateway` and `couponctl consume <role>` start one
+//! role each, to scale out. Every role stops when the shutdown token is
+//! cancelled: consumers finish their batch and commit, the gateway finishes
+//! in-flight requests.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use coupon_consumers::{
+    claims, coupons, expiry, history, purchases, Context, Policy, PollSettings,
+};
+use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
+use coupon_platform::redis::Cache;
+use coupon_platform::{KafkaSettings, Topics};
+use coupon_producers::gateway::{self, GatewayConfig, GatewayState, Replies};
+
+/// One role a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Gateway,
+    Coupons,
+    Claims,
+    Purchases,
+    Expiry,
+    History,
+}
+
+impl Role {
+    pub const ALL: [Role; 6] = [
+        Role::Gateway,
+        Role::Coupons,
+        Role::Claims,
+        Role::Purchases,
+        Role::Expiry,
+        Role::History,
+    ];
+    pub const CONSUMERS: [Role; 5] = [
+        Role::Coupons,
+        Role::Claims,
+        Role::Purchases,
+        Role::Expiry,
+        Role::History,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Coupons => "coupons",
+            Role::Claims => "claims",
+            Role::Purchases => "purchases",
+            Role::Expiry => "expiry",
+            Role::History => "history",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown role {s:?}"))
+    }
+}
+
+/// Everything a process needs, already parsed.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub database_url: String,
+    pub redis_url: String,
+    pub kafka: KafkaSettings,
+    pub topic_prefix: String,
+    /// Prefix of every Redis key (defaults to the topic prefix).
+    pub redis_prefix: String,
+    pub http_addr: SocketAddr,
+    pub policy: Policy,
+    pub gateway: GatewayConfig,
+    /// Partitions of topics created at start-up.
+    pub partitions: i32,
+    /// Broker long-poll on the latency-sensitive path (claims, purchases, replies).
+    pub fast_fetch_wait_ms: u32,
+    /// Broker long-poll for coupons, expiry and history.
+    pub slow_fetch_wait_ms: u32,
+    pub max_batch: usize,
+    pub sweep_interval: Duration,
+    pub db_max_connections: u32,
+    /// Written into every event's envelope.
+    pub producer_name: String,
+}
+
+impl AppConfig {
+    /// Settings for the local services, as `make up` starts them.
+    pub fn local(topic_prefix: &str) -> Self {
+        Self {
+            database_url: "postgres://postgres@127.0.0.1:5432/coupons".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            kafka: KafkaSettings::new("127.0.0.1:9092"),
+            topic_prefix: topic_prefix.into(),
+            redis_prefix: topic_prefix.into(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            policy: Policy::default(),
+            gateway: GatewayConfig::default(),
+            partitions: 4,
+            fast_fetch_wait_ms: 10,
+            slow_fetch_wait_ms: 100,
+            max_batch: 500,
+            sweep_interval: Duration::from_secs(1),
+            db_max_connections: 10,
+            producer_name: "couponctl".into(),
+        }
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics::new(&self.topic_prefix)
+    }
+}
+
+/// A started process. Dropping it does not stop it: cancel the token, then
+/// [`Running::wait`].
+pub struct Running {
+    pub http_addr: Option<SocketAddr>,
+    pub context: Context,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits until every role has stopped; the first failure is returned.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while let Some(result) = self.tasks.join_next().await {
+            let outcome = result.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(error) = outcome {
+                first_error.get_or_insert(error);
+            }
+        }
+        self.context.publisher.flush(Duration::from_secs(5));
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Connects to the stores, applies migrations, creates topics.
+pub async fn connect(config: &AppConfig) -> anyhow::Result<Context> {
+    let pool = coupon_platform::db::connect(&config.database_url, config.db_max_connections)
+        .await
+        .with_context(|| format!("connecting to Postgres at {}", redact(&config.database_url)))?;
+    coupon_platform::db::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    let cache = Cache::connect(&config.redis_url, &config.redis_prefix)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", redact(&config.redis_url)))?;
+    let topics = config.topics();
+    create_topics(&config.kafka, &topics, config.partitions).await?;
+    let publisher = Publisher::new(&config.kafka, &config.producer_name)?;
+    Ok(Context {
+        pool,
+        cache,
+        publisher,
+        topics,
+        kafka: config.kafka.clone(),
+        policy: config.policy,
+    })
+}
+
+/// Creates the spec's topics that are missing.
+pub async fn create_topics(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    partitions: i32,
+) -> anyhow::Result<Vec<String>> {
+    let specs: Vec<TopicSpec> = topics
+        .all()
+        .into_iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions,
+            replication: 1,
+        })
+        .collect();
+    ensure_topics(kafka, &specs).await.with_context(|| {
+        format!(
+            "creating topics on the broker at {} (is it running? `make up` starts the local one)",
+            kafka.brokers
+        )
+    })
+}
+
+/// Starts `roles`; they run until `shutdown` is cancelled.
+pub async fn start(
+    config: AppConfig,
+    roles: &[Role],
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    if roles.is_empty() {
+        bail!("no roles to run");
+    }
+    let ctx = connect(&config).await?;
+    let mut tasks = JoinSet::new();
+    let fast = PollSettings {
+        fetch_wait_max_ms: config.fast_fetch_wait_ms,
+        max_batch: config.max_batch,
+    };
+    let slow = PollSettings {
+        fetch_wait_max_ms: config.slow_fetch_wait_ms,
+        max_batch: config.max_batch.max(1_000),
+    };
+    if roles
+        .iter()
+        .any(|r| matches!(r, Role::Claims | Role::Expiry))
+    {
+        // Redis is a cache of Postgres: refill it before deciding anything.
+        match expiry::rebuild_cache(&ctx).await {
+            Ok(holds) => tracing::info!(holds, "Redis holds rebuilt from Postgres"),
+            Err(error) => {
+                tracing::warn!(%error, "could not rebuild Redis holds; continuing without the cache")
+            }
+        }
+    }
+    for role in roles {
+        let ctx = ctx.clone();
+        let stop = shutdown.clone();
+        match role {
+            Role::Gateway => {}
+            Role::Coupons => {
+                tasks.spawn(
+                    async move { Ok(coupons::run(ctx, slow, stop.cancelled_owned()).await?) },
+                );
+            }
+            Role::Claims => {
+                tasks.spawn(
+                    async move { Ok(claims::run(ctx, fast, stop.cancelled_owned()).await?) },
+                );
+            }
+            Role::Purchases => {
+                tasks.spawn(
+                    async move { Ok(purchases::run(ctx, fast, stop.cancelled_owned()).await?) },
+                );
+            }
+            Role::Expiry => {
+                let interval = config.sweep_interval;
+                tasks.spawn(async move { Ok(expiry::run(ctx, slow, interval, stop).await?) });
+            }
+            Role::History => {
+                tasks.spawn(
+                    async move { Ok(history::run(ctx, slow, stop.cancelled_owned()).await?) },
+                );
+            }
+        }
+    }
+    let mut http_addr = None;
+    if roles.contains(&Role::Gateway) {
+        let replies = Arc::new(Replies::default());
+        let results = gateway::replies::results_consumer(
+            &config.kafka,
+            &ctx.topics,
+            config.fast_fetch_wait_ms,
+        )
+        .await
+        .context("subscribing to the results topics")?;
+        tasks.spawn(
+            gateway::replies::dispatch(
+                results,
+                ctx.topics.clone(),
+                replies.clone(),
+                shutdown.clone().cancelled_owned(),
+            )
+            .map_ok(),
+        );
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
+        let addr = listener.local_addr()?;
+        http_addr = Some(addr);
+        let state = Arc::new(GatewayState {
+            pool: ctx.pool.clone(),
+            cache: ctx.cache.clone(),
+            publisher: ctx.publisher.clone(),
+            topics: ctx.topics.clone(),
+            replies,
+            config: config.gateway.clone(),
+            metrics: coupon_platform::metrics::prometheus(),
+        });
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            gateway::serve(listener, state, stop.cancelled_owned())
+                .await
+                .context("HTTP server")
+        });
+        tracing::info!(%addr, "gateway listening");
+    }
+    Ok(Running {
+        http_addr,
+        context: ctx,
+        tasks,
+    })
+}
+
+trait MapOk: std::future::Future<Output = ()> + Sized {
+    fn map_ok(self) -> impl std::future::Future<Output = anyhow::Result<()>> {
+        async move {
+            self.await;
+            Ok(())
+        }
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> MapOk for F {}
+
+/// Hides the password in a connection URL for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn roles_parse_by_name() {
+        for role in Role::ALL {
+            assert_eq!(role.name().parse::<Role>().unwrap(), role);
+        }
+        assert!("bogus".parse::<Role>().is_err());
+    }
+}

@@ -1,0 +1,565 @@
+//! `couponctl`: every process and tool of the coupon system in one binary.
+//! This file only parses flags (with environment fallbacks) and wires the
+//! library together; see `couponctl --help`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use coupon_consumers::Policy;
+use coupon_domain::{Category, EmployeeId, QuotaWindow, UserId};
+use coupon_platform::KafkaSettings;
+use coupon_producers::gateway::GatewayConfig;
+use couponctl::app::{self, AppConfig, Role};
+
+#[derive(Parser, Debug)]
+#[command(name = "couponctl", version, about = "Coupon system: gateway, consumers and tools", long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    connections: Connections,
+
+    /// Log format.
+    #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Connections {
+    /// Postgres connection URL.
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/coupons"
+    )]
+    database_url: String,
+    /// Redis connection URL.
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    kafka_brokers: String,
+    /// Prefix of every topic (`<prefix>.claims`, ...) and consumer group.
+    #[arg(
+        long,
+        global = true,
+        env = "COUPON_TOPIC_PREFIX",
+        default_value = "coupons"
+    )]
+    topic_prefix: String,
+    /// Prefix of every Redis key [default: the topic prefix].
+    #[arg(long, global = true, env = "COUPON_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// Turn off the idempotent producer (for brokers without InitProducerId).
+    #[arg(long, global = true, env = "KAFKA_NO_IDEMPOTENCE")]
+    kafka_no_idempotence: bool,
+    /// Extra librdkafka properties, `key=value,key=value` (e.g. security.protocol=SSL).
+    #[arg(long, global = true, env = "KAFKA_EXTRA", value_parser = parse_kafka_extra, default_value = "")]
+    kafka_extra: KafkaExtra,
+}
+
+#[derive(Debug, Clone, Default)]
+struct KafkaExtra(Vec<(String, String)>);
+
+fn parse_kafka_extra(raw: &str) -> Result<KafkaExtra, String> {
+    raw.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| format!("{pair:?} is not key=value"))
+        })
+        .collect::<Result<_, _>>()
+        .map(KafkaExtra)
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    /// Address of the HTTP gateway (port 0 picks a free port).
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    http_addr: SocketAddr,
+    /// How long a granted coupon is held for its user (e.g. 5m, 30s).
+    #[arg(long, env = "HOLD_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
+    hold_ttl: Duration,
+    /// The quota window: one coupon per user per window, aligned to UTC (1d = calendar day).
+    #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
+    quota_window: QuotaWindow,
+    /// Bearer token for admin routes (POST /api/v1/coupon); unset closes them.
+    #[arg(long, env = "COUPON_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Bearer token for storefront routes; unset leaves them open.
+    #[arg(long, env = "COUPON_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// How long the gateway waits for a decision before answering 504.
+    #[arg(long, env = "REPLY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    reply_timeout: Duration,
+    /// Claims per second per user beyond which the user is blocked.
+    #[arg(long, env = "FLOOD_LIMIT", default_value_t = 20)]
+    flood_limit: u64,
+    /// How long a flooding user stays blocked.
+    #[arg(long, env = "FLOOD_BLOCK", default_value = "10m", value_parser = humantime::parse_duration)]
+    flood_block: Duration,
+    /// Partitions of topics created at start-up.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
+    partitions: i32,
+    /// Broker long-poll (ms) for claims, purchases and gateway replies: the idle-hop latency.
+    #[arg(long, env = "FAST_FETCH_WAIT_MS", default_value_t = 10)]
+    fast_fetch_wait_ms: u32,
+    /// Broker long-poll (ms) for coupons, expiry and history.
+    #[arg(long, env = "SLOW_FETCH_WAIT_MS", default_value_t = 100)]
+    slow_fetch_wait_ms: u32,
+    /// Largest batch a consumer processes in one transaction.
+    #[arg(long, env = "MAX_BATCH", default_value_t = 500)]
+    max_batch: usize,
+    /// How often the expiry sweeper looks for overdue holds.
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    sweep_interval: Duration,
+    /// Postgres connections per process.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
+    db_max_connections: u32,
+    /// Snowflake datacenter id (0-31) for coupons created through HTTP.
+    #[arg(long, env = "COUPON_DATACENTER_ID", default_value_t = 0)]
+    datacenter_id: u16,
+}
+
+fn parse_window(raw: &str) -> Result<QuotaWindow, String> {
+    let duration = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
+    QuotaWindow::new(duration).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Gateway plus every consumer in one process (the embedded default).
+    #[command(after_help = "Example:\n  COUPON_ADMIN_TOKEN=secret couponctl run --hold-ttl 30s")]
+    Run(ServeArgs),
+    /// Only the HTTP gateway (run several behind a load balancer).
+    #[command(after_help = "Example:\n  couponctl gateway --http-addr 0.0.0.0:8080")]
+    Gateway(ServeArgs),
+    /// One or more consumer roles; run more instances to scale out.
+    #[command(after_help = "Example:\n  couponctl consume claims purchases")]
+    Consume {
+        #[arg(required = true, value_enum)]
+        roles: Vec<ConsumerRole>,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Release a batch of new coupons (employee tool).
+    #[command(
+        after_help = "Example:\n  couponctl issue --employee e1 --category Electronics --count 10000"
+    )]
+    Issue {
+        /// The employee releasing the batch.
+        #[arg(long)]
+        employee: String,
+        /// The coupons' category.
+        #[arg(long)]
+        category: String,
+        /// How many coupons (1 to 1,000,000).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Snowflake datacenter id (0-31).
+        #[arg(long, env = "COUPON_DATACENTER_ID", default_value_t = 0)]
+        datacenter_id: u16,
+        /// Print every code (one per line) after the summary.
+        #[arg(long)]
+        print_codes: bool,
+        /// Partitions of topics created if missing.
+        #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Create the topics that are missing, then list them.
+    #[command(after_help = "Example:\n  couponctl topics --partitions 8")]
+    Topics {
+        #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Apply database migrations.
+    Migrate,
+    /// Manage the blacklist.
+    #[command(subcommand)]
+    Blacklist(BlacklistCommand),
+    /// Manage the Redis copy of holds.
+    #[command(subcommand)]
+    Holds(HoldsCommand),
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+enum ConsumerRole {
+    Coupons,
+    Claims,
+    Purchases,
+    Expiry,
+    History,
+}
+
+impl From<ConsumerRole> for Role {
+    fn from(role: ConsumerRole) -> Self {
+        match role {
+            ConsumerRole::Coupons => Role::Coupons,
+            ConsumerRole::Claims => Role::Claims,
+            ConsumerRole::Purchases => Role::Purchases,
+            ConsumerRole::Expiry => Role::Expiry,
+            ConsumerRole::History => Role::History,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum BlacklistCommand {
+    /// Blacklist a user (indefinitely unless --for is given).
+    #[command(
+        after_help = "Example:\n  couponctl blacklist add user-42 --for 24h --reason 'chargeback fraud'"
+    )]
+    Add {
+        user: String,
+        /// How long, e.g. 24h; omitted: until removed.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        #[arg(long, default_value = "manual")]
+        reason: String,
+    },
+    /// Lift a user's blacklisting.
+    Remove { user: String },
+    /// List blacklisted users.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum HoldsCommand {
+    /// Rewrite every live hold from Postgres into Redis.
+    Rebuild,
+}
+
+impl Connections {
+    fn kafka(&self) -> KafkaSettings {
+        let mut kafka = KafkaSettings::new(&self.kafka_brokers);
+        kafka.idempotent_producer = !self.kafka_no_idempotence;
+        kafka.extra = self.kafka_extra.0.clone();
+        kafka
+    }
+
+    fn app_config(&self, serve: &ServeArgs) -> AppConfig {
+        let mut config = AppConfig::local(&self.topic_prefix);
+        config.database_url = self.database_url.clone();
+        config.redis_url = self.redis_url.clone();
+        config.kafka = self.kafka();
+        config.redis_prefix = self
+            .redis_prefix
+            .clone()
+            .unwrap_or_else(|| self.topic_prefix.clone());
+        config.http_addr = serve.http_addr;
+        config.policy = Policy {
+            hold_ttl: serve.hold_ttl,
+            quota_window: serve.quota_window,
+        };
+        config.gateway = GatewayConfig {
+            api_token: serve.api_token.clone().filter(|t| !t.is_empty()),
+            admin_token: serve.admin_token.clone().filter(|t| !t.is_empty()),
+            reply_timeout: serve.reply_timeout,
+            flood_limit_per_sec: serve.flood_limit,
+            flood_block: serve.flood_block,
+            datacenter_id: serve.datacenter_id,
+        };
+        config.partitions = serve.partitions;
+        config.fast_fetch_wait_ms = serve.fast_fetch_wait_ms;
+        config.slow_fetch_wait_ms = serve.slow_fetch_wait_ms;
+        config.max_batch = serve.max_batch.max(1);
+        config.sweep_interval = serve.sweep_interval;
+        config.db_max_connections = serve.db_max_connections.max(2);
+        config.producer_name = format!("couponctl@{}", std::process::id());
+        config
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    if let Err(error) = dispatch(cli).await {
+        // One line: the error and its causes.
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let conn = cli.connections;
+    match cli.command {
+        Command::Run(serve) => serve_roles(conn.app_config(&serve), &Role::ALL).await,
+        Command::Gateway(serve) => serve_roles(conn.app_config(&serve), &[Role::Gateway]).await,
+        Command::Consume { roles, serve } => {
+            let roles: Vec<Role> = roles.into_iter().map(Role::from).collect();
+            serve_roles(conn.app_config(&serve), &roles).await
+        }
+        Command::Issue {
+            employee,
+            category,
+            count,
+            datacenter_id,
+            print_codes,
+            partitions,
+        } => {
+            issue(
+                &conn,
+                employee,
+                category,
+                count,
+                datacenter_id,
+                print_codes,
+                partitions,
+            )
+            .await
+        }
+        Command::Topics { partitions } => {
+            let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+            let created = app::create_topics(&conn.kafka(), &topics, partitions).await?;
+            for name in topics.all() {
+                let note = if created.contains(&name) {
+                    "created"
+                } else {
+                    "exists"
+                };
+                println!("{name}\t{note}");
+            }
+            Ok(())
+        }
+        Command::Migrate => {
+            let pool = database(&conn).await?;
+            coupon_platform::db::migrate(&pool)
+                .await
+                .context("applying migrations")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Blacklist(command) => blacklist(&conn, command).await,
+        Command::Holds(HoldsCommand::Rebuild) => {
+            let config = conn.app_config(&default_serve_args());
+            let ctx = app::connect(&config).await?;
+            let holds = coupon_consumers::expiry::rebuild_cache(&ctx).await?;
+            println!("{holds} live holds written to Redis");
+            Ok(())
+        }
+    }
+}
+
+fn default_serve_args() -> ServeArgs {
+    #[derive(Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+    Defaults::parse_from(["couponctl"]).serve
+}
+
+async fn database(conn: &Connections) -> anyhow::Result<sqlx::PgPool> {
+    coupon_platform::db::connect(&conn.database_url, 4)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to Postgres at {}",
+                app::redact(&conn.database_url)
+            )
+        })
+}
+
+async fn serve_roles(config: AppConfig, roles: &[Role]) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let running = app::start(config, roles, shutdown.clone()).await?;
+    let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+    tracing::info!(roles = ?names, http = ?running.http_addr, "couponctl started; Ctrl-C to stop");
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal_token.cancel();
+    });
+    running.wait().await
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn issue(
+    conn: &Connections,
+    employee: String,
+    category: String,
+    count: u32,
+    datacenter_id: u16,
+    print_codes: bool,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let request = coupon_producers::issue::IssueRequest {
+        employee: EmployeeId::parse(employee)?,
+        category: Category::parse(category)?,
+        count,
+    };
+    if count == 0 || count > coupon_producers::issue::MAX_COUNT {
+        anyhow::bail!(
+            "--count must be between 1 and {}",
+            coupon_producers::issue::MAX_COUNT
+        );
+    }
+    let pool = database(conn).await?;
+    coupon_platform::db::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    let kafka = conn.kafka();
+    let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+    app::create_topics(&kafka, &topics, partitions).await?;
+    let publisher = coupon_platform::kafka::Publisher::new(
+        &kafka,
+        &format!("couponctl-issue@{}", std::process::id()),
+    )?;
+    let bar = indicatif::ProgressBar::new(u64::from(count));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} publishing [{bar:40}] {pos}/{len} coupons ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let batch = coupon_producers::issue::issue(
+        &pool,
+        &publisher,
+        &topics,
+        datacenter_id,
+        &request,
+        |done| bar.set_position(done),
+    )
+    .await
+    .with_context(|| format!("publishing to {} at {}", topics.created(), kafka.brokers))?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "issued {} {} coupons as batch {} in {:.2}s ({:.0}/s); first {}, last {}",
+        batch.codes.len(),
+        request.category,
+        batch.batch_id,
+        secs,
+        batch.codes.len() as f64 / secs.max(1e-9),
+        batch
+            .codes
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        batch
+            .codes
+            .last()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+    );
+    if print_codes {
+        for code in &batch.codes {
+            println!("{code}");
+        }
+    }
+    Ok(())
+}
+
+async fn blacklist(conn: &Connections, command: BlacklistCommand) -> anyhow::Result<()> {
+    let pool = database(conn).await?;
+    coupon_platform::db::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    match command {
+        BlacklistCommand::Add {
+            user,
+            duration,
+            reason,
+        } => {
+            let user = UserId::parse(user)?;
+            let until = match duration {
+                Some(d) => Some(
+                    chrono::Utc::now()
+                        + chrono::Duration::from_std(d).context("--for is too long")?,
+                ),
+                None => None,
+            };
+            coupon_producers::blacklist::add(&pool, user.as_str(), until, &reason).await?;
+            match until {
+                Some(until) => println!("{user} blacklisted until {}", until.to_rfc3339()),
+                None => println!("{user} blacklisted until removed"),
+            }
+        }
+        BlacklistCommand::Remove { user } => {
+            let user = UserId::parse(user)?;
+            if coupon_producers::blacklist::remove(&pool, user.as_str()).await? {
+                println!("{user} removed from the blacklist");
+            } else {
+                anyhow::bail!("{user} is not blacklisted");
+            }
+        }
+        BlacklistCommand::List => {
+            let entries = coupon_producers::blacklist::list(&pool).await?;
+            if entries.is_empty() {
+                println!("no blacklisted users");
+            }
+            for e in entries {
+                let until = e
+                    .blacklisted_until
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "until removed".into());
+                println!(
+                    "{}\t{}\t{}",
+                    e.user_id,
+                    until,
+                    e.blacklist_reason.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
