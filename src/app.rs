@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use coupon_consumers::{
     claims, coupons, expiry, history, purchases, Context, Policy, PollSettings,
 };
+use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
 use coupon_platform::redis::Cache;
 use coupon_platform::{KafkaSettings, Topics};
@@ -92,6 +93,8 @@ pub struct AppConfig {
     /// Broker long-poll for coupons, expiry and history.
     pub slow_fetch_wait_ms: u32,
     pub max_batch: usize,
+    /// How this instance shares partitions with other instances of its roles.
+    pub assignment: Assignment,
     pub sweep_interval: Duration,
     pub db_max_connections: u32,
     /// Written into every event's envelope.
@@ -114,6 +117,7 @@ impl AppConfig {
             fast_fetch_wait_ms: 10,
             slow_fetch_wait_ms: 100,
             max_batch: 500,
+            assignment: Assignment::SOLE,
             sweep_interval: Duration::from_secs(1),
             db_max_connections: 10,
             producer_name: "couponctl".into(),
@@ -212,10 +216,12 @@ pub async fn start(
     let fast = PollSettings {
         fetch_wait_max_ms: config.fast_fetch_wait_ms,
         max_batch: config.max_batch,
+        assignment: config.assignment,
     };
     let slow = PollSettings {
         fetch_wait_max_ms: config.slow_fetch_wait_ms,
         max_batch: config.max_batch.max(1_000),
+        assignment: config.assignment,
     };
     if roles
         .iter()

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use coupon_consumers::Policy;
 use coupon_domain::{Category, EmployeeId, QuotaWindow, UserId};
+use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::KafkaSettings;
 use coupon_producers::gateway::GatewayConfig;
 use couponctl::app::{self, AppConfig, Role};
@@ -133,6 +134,10 @@ struct ServeArgs {
     /// Largest batch a consumer processes in one transaction.
     #[arg(long, env = "MAX_BATCH", default_value_t = 500)]
     max_batch: usize,
+    /// This instance's share of partitions, `INDEX/COUNT` (e.g. 0/2 and 1/2 for
+    /// two instances of a role), or `group` for Kafka's rebalancing groups.
+    #[arg(long, env = "CONSUMER_INSTANCE", default_value = "0/1", value_parser = parse_assignment)]
+    instance: Assignment,
     /// How often the expiry sweeper looks for overdue holds.
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     sweep_interval: Duration,
@@ -142,6 +147,27 @@ struct ServeArgs {
     /// Snowflake datacenter id (0-31) for coupons created through HTTP.
     #[arg(long, env = "COUPON_DATACENTER_ID", default_value_t = 0)]
     datacenter_id: u16,
+}
+
+fn parse_assignment(raw: &str) -> Result<Assignment, String> {
+    if raw == "group" {
+        return Ok(Assignment::Group);
+    }
+    let (index, count) = raw
+        .split_once('/')
+        .ok_or_else(|| format!("{raw:?} is not INDEX/COUNT or 'group'"))?;
+    let index: u32 = index
+        .parse()
+        .map_err(|_| format!("bad instance index {index:?}"))?;
+    let count: u32 = count
+        .parse()
+        .map_err(|_| format!("bad instance count {count:?}"))?;
+    if count == 0 || index >= count {
+        return Err(format!(
+            "instance index must be below the count (got {index}/{count})"
+        ));
+    }
+    Ok(Assignment::Static { index, count })
 }
 
 fn parse_window(raw: &str) -> Result<QuotaWindow, String> {
@@ -286,6 +312,7 @@ impl Connections {
         config.fast_fetch_wait_ms = serve.fast_fetch_wait_ms;
         config.slow_fetch_wait_ms = serve.slow_fetch_wait_ms;
         config.max_batch = serve.max_batch.max(1);
+        config.assignment = serve.instance;
         config.sweep_interval = serve.sweep_interval;
         config.db_max_connections = serve.db_max_connections.max(2);
         config.producer_name = format!("couponctl@{}", std::process::id());

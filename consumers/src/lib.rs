@@ -18,7 +18,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use coupon_domain::QuotaWindow;
-use coupon_platform::kafka::consumer::{DeadLetters, RetryableError};
+use coupon_platform::kafka::consumer::{Assignment, DeadLetters, RetryableError};
 use coupon_platform::kafka::{Publisher, Record};
 use coupon_platform::redis::Cache;
 use coupon_platform::{KafkaSettings, Topics};
@@ -67,6 +67,7 @@ impl Context {
 pub struct PollSettings {
     pub fetch_wait_max_ms: u32,
     pub max_batch: usize,
+    pub assignment: Assignment,
 }
 
 pub(crate) fn retryable(error: impl std::fmt::Display) -> RetryableError {
@@ -103,9 +104,14 @@ where
         topics,
         fetch_wait_max_ms: poll.fetch_wait_max_ms,
         max_batch: poll.max_batch,
+        assignment: poll.assignment,
     };
-    let consumer = group_consumer(&ctx.kafka, &settings)?;
-    tracing::info!(role, group = %settings.group_id, topics = ?settings.topics, "consumer started");
+    let kafka = ctx.kafka.clone();
+    let create = settings.clone();
+    let consumer = tokio::task::spawn_blocking(move || group_consumer(&kafka, &create))
+        .await
+        .map_err(|_| rdkafka::error::KafkaError::Canceled)??;
+    tracing::info!(role, group = %settings.group_id, topics = ?settings.topics, assignment = ?settings.assignment, "consumer started");
     run_batches(role, consumer, poll.max_batch, handle, shutdown).await;
     tracing::info!(role, "consumer stopped");
     Ok(())

@@ -61,15 +61,17 @@ pub async fn lease(
         std::process::id(),
         uuid::Uuid::new_v4().simple()
     );
-    // A few attempts: a lost race for one id just means trying the next.
-    for _ in 0..5 {
+    // A lost race for one id just means trying again; a random starting
+    // point spreads concurrent leasers over the free ids.
+    for attempt in 0..64u32 {
+        let start = (uuid::Uuid::new_v4().as_u128() % 32) as i32;
         let row: Option<(i16, i64)> = sqlx::query_as(
             "INSERT INTO snowflake_leases (datacenter_id, machine_id, owner, expires_at)
              SELECT $1, m, $2, now() + $3 * interval '1 millisecond'
              FROM generate_series(0, 31) AS m
              WHERE NOT EXISTS (SELECT 1 FROM snowflake_leases l
                                WHERE l.datacenter_id = $1 AND l.machine_id = m AND l.expires_at > now())
-             ORDER BY m LIMIT 1
+             ORDER BY (m + $4) % 32 LIMIT 1
              ON CONFLICT (datacenter_id, machine_id) DO UPDATE
                 SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
                 WHERE snowflake_leases.expires_at <= now()
@@ -78,6 +80,7 @@ pub async fn lease(
         .bind(datacenter as i16)
         .bind(&owner)
         .bind(ttl.as_millis() as i64)
+        .bind(start)
         .fetch_optional(pool)
         .await?;
         if let Some((machine, last_ms)) = row {
@@ -98,6 +101,7 @@ pub async fn lease(
         if !free {
             return Err(KeygenError::NoFreeMachineId(datacenter));
         }
+        tokio::time::sleep(std::time::Duration::from_millis(u64::from(attempt % 8))).await;
     }
     Err(KeygenError::NoFreeMachineId(datacenter))
 }

@@ -1,1 +1,8 @@
+//! Integration tests against the real Postgres, Redis and Kafka-compatible
+//! broker (`make up`). One binary, so the suite links once.
 
+mod harness;
+
+mod claims;
+mod purchases;
+mod release;

@@ -71,25 +71,3 @@ pub async fn ensure_topics(
     }
     Ok(created)
 }
-
-/// Deletes topics (tests clean up after themselves with it). Missing topics are fine.
-pub async fn delete_topics(settings: &KafkaSettings, names: &[String]) -> Result<(), AdminError> {
-    let admin: AdminClient<DefaultClientContext> =
-        settings
-            .client_config()
-            .create()
-            .map_err(|source| AdminError::Client {
-                brokers: settings.brokers.clone(),
-                source,
-            })?;
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
-    admin
-        .delete_topics(&refs, &options)
-        .await
-        .map_err(|source| AdminError::Request {
-            brokers: settings.brokers.clone(),
-            source,
-        })?;
-    Ok(())
-}

@@ -149,6 +149,35 @@ impl DeadLetters {
     }
 }
 
+/// How partitions are shared between the instances of one role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assignment {
+    /// Instance `index` of `count` takes the partitions `p` with
+    /// `p % count == index`; offsets are still committed to the group. No
+    /// rebalancing: a dead instance's partitions wait for it to restart
+    /// (run instances under a supervisor). This is the default because the
+    /// local broker (tansu 0.6.0) can hand a stale assignment to a member
+    /// after a rebalance, leaving partitions unconsumed.
+    Static { index: u32, count: u32 },
+    /// Kafka's group protocol (subscribe and rebalance); for real Kafka or
+    /// Redpanda, where instances come and go freely.
+    Group,
+}
+
+impl Assignment {
+    pub const SOLE: Assignment = Assignment::Static { index: 0, count: 1 };
+
+    /// Whether this instance owns `partition`.
+    pub fn owns(self, partition: i32) -> bool {
+        match self {
+            Assignment::Static { index, count } => {
+                count > 0 && partition >= 0 && (partition as u32) % count == index
+            }
+            Assignment::Group => true,
+        }
+    }
+}
+
 /// How one role consumes.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -157,9 +186,12 @@ pub struct ConsumerSettings {
     /// The broker holds an empty fetch this long; it is the idle-hop latency.
     pub fetch_wait_max_ms: u32,
     pub max_batch: usize,
+    pub assignment: Assignment,
 }
 
-/// Creates a group consumer subscribed to `settings.topics`.
+/// Creates a consumer of `settings.topics` in `settings.group_id`, with its
+/// partitions assigned as `settings.assignment` says. Blocks briefly for
+/// metadata with static assignment (call it from a blocking-safe place).
 pub fn group_consumer(
     kafka: &KafkaSettings,
     settings: &ConsumerSettings,
@@ -176,8 +208,29 @@ pub fn group_consumer(
         .set("heartbeat.interval.ms", "1000")
         .set("enable.partition.eof", "false");
     let consumer: StreamConsumer = config.create()?;
-    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
+    match settings.assignment {
+        Assignment::Group => {
+            let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?;
+        }
+        Assignment::Static { .. } => {
+            let mut tpl = TopicPartitionList::new();
+            for topic in &settings.topics {
+                let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+                for t in metadata.topics() {
+                    if let Some(error) = t.error() {
+                        return Err(KafkaError::MetadataFetch(error.into()));
+                    }
+                    for partition in t.partitions() {
+                        if settings.assignment.owns(partition.id()) {
+                            tpl.add_partition_offset(topic, partition.id(), Offset::Stored)?;
+                        }
+                    }
+                }
+            }
+            consumer.assign(&tpl)?;
+        }
+    }
     Ok(consumer)
 }
 

@@ -1,0 +1,371 @@
+//! Test isolation: every test gets its own Postgres database, topic prefix
+//! and Redis key prefix, and an in-process system on port 0. Nothing is
+//! shared between tests but the servers, so tests run in parallel and in any
+//! order, and leftovers of earlier runs cannot leak in.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use coupon_platform::kafka::Record;
+use coupon_platform::{KafkaSettings, Topics};
+use couponctl::app::{self, AppConfig, Role, Running};
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/coupons".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub struct TestEnv {
+    pub name: String,
+    pub database_url: String,
+    pub pool: PgPool,
+    pub topics: Topics,
+    pub kafka: KafkaSettings,
+}
+
+async fn admin_pool() -> PgPool {
+    let options: PgConnectOptions = database_url().parse().expect("DATABASE_URL");
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.database("postgres"))
+        .await
+        .expect("connect to Postgres (is `make up` done?)")
+}
+
+/// Drops databases left by test runs that died more than an hour ago.
+async fn sweep_leftovers(admin: &PgPool) {
+    let cutoff = chrono::Utc::now().timestamp() - 3600;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'it\\_%'")
+            .fetch_all(admin)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let born: Option<i64> = name.split('_').nth(1).and_then(|s| s.parse().ok());
+        if born.is_some_and(|b| b < cutoff) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(admin)
+                .await;
+        }
+    }
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        let name = format!(
+            "it_{}_{}",
+            chrono::Utc::now().timestamp(),
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let admin = admin_pool().await;
+        sweep_leftovers(&admin).await;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let options: PgConnectOptions = database_url().parse().expect("DATABASE_URL");
+        let options = options.database(&name);
+        let database_url = options.to_url_lossy().to_string();
+        let pool = coupon_platform::db::connect(&database_url, 5)
+            .await
+            .expect("connect test database");
+        coupon_platform::db::migrate(&pool).await.expect("migrate");
+        let topics = Topics::new(&name);
+        let kafka = KafkaSettings::new(brokers());
+        app::create_topics(&kafka, &topics, 2)
+            .await
+            .expect("create topics");
+        Self {
+            name,
+            database_url,
+            pool,
+            topics,
+            kafka,
+        }
+    }
+
+    /// The configuration of a system under test: isolated names, port 0,
+    /// short polls, generous reply timeout (2 cores under load).
+    pub fn config(&self) -> AppConfig {
+        let mut config = AppConfig::local(&self.name);
+        config.database_url = self.database_url.clone();
+        config.redis_url = redis_url();
+        config.kafka = self.kafka.clone();
+        config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.partitions = 2;
+        config.slow_fetch_wait_ms = 50;
+        config.sweep_interval = Duration::from_millis(250);
+        config.gateway.reply_timeout = Duration::from_secs(30);
+        config.gateway.admin_token = Some("admin-secret".into());
+        config.gateway.flood_limit_per_sec = 1_000_000;
+        config.producer_name = format!("test@{}", self.name);
+        config
+    }
+
+    pub async fn start(&self, roles: &[Role], tweak: impl FnOnce(&mut AppConfig)) -> App {
+        let mut config = self.config();
+        tweak(&mut config);
+        let token = CancellationToken::new();
+        let running = app::start(config, roles, token.clone())
+            .await
+            .expect("start system");
+        App {
+            http: running.http_addr,
+            running: Some(running),
+            token,
+        }
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .expect(sql)
+    }
+
+    pub async fn status_counts(&self) -> StatusCounts {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM coupons GROUP BY status")
+                .fetch_all(&self.pool)
+                .await
+                .expect("status counts");
+        let mut counts = StatusCounts::default();
+        for (status, n) in rows {
+            match status.as_str() {
+                "available" => counts.available = n,
+                "held" => counts.held = n,
+                "redeemed" => counts.redeemed = n,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        counts
+    }
+
+    /// Reads every record of `topic` from the beginning up to its current end.
+    pub async fn read_topic(&self, topic: &str) -> Vec<Record> {
+        let kafka = self.kafka.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || read_all(&kafka, &topic))
+            .await
+            .expect("reader")
+    }
+
+    /// Waits until `group` has committed offsets at the end of every partition
+    /// of `topic`: everything published so far has been processed.
+    pub async fn wait_caught_up(&self, role: &str, topic: &str, within: Duration) {
+        let kafka = self.kafka.clone();
+        let group = self.topics.group(role);
+        let topic = topic.to_owned();
+        let deadline = Instant::now() + within;
+        loop {
+            let (k, g, t) = (kafka.clone(), group.clone(), topic.clone());
+            let lag = tokio::task::spawn_blocking(move || lag(&k, &g, &t))
+                .await
+                .expect("lag");
+            if lag == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{group} still lags {lag} on {topic} after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn http_client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("http client")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        // Best effort, off the runtime: drop the database. Topics stay: they
+        // are unique to this test, and deleting topics while other clients
+        // fetch crashes the storage task of tansu 0.6.0.
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let admin = admin_pool().await;
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&admin)
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatusCounts {
+    pub available: i64,
+    pub held: i64,
+    pub redeemed: i64,
+}
+
+impl StatusCounts {
+    pub fn total(self) -> i64 {
+        self.available + self.held + self.redeemed
+    }
+}
+
+pub struct App {
+    pub http: Option<SocketAddr>,
+    pub running: Option<Running>,
+    pub token: CancellationToken,
+}
+
+impl App {
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.http.expect("this app has no gateway")
+        )
+    }
+
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(running) = self.running.take() {
+            running.wait().await.expect("clean shutdown");
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// Polls `check` until it returns true or `within` passes (then panics with `what`).
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn reader(kafka: &KafkaSettings) -> BaseConsumer {
+    let mut config = kafka.client_config();
+    config
+        .set(
+            "group.id",
+            format!("it-reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10");
+    config.create().expect("reader consumer")
+}
+
+fn partitions(consumer: &BaseConsumer, topic: &str) -> Vec<i32> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect()
+}
+
+fn read_all(kafka: &KafkaSettings, topic: &str) -> Vec<Record> {
+    let consumer = reader(kafka);
+    let mut ends = std::collections::HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions(&consumer, topic) {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .expect("watermarks");
+        if high > low {
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))
+                .expect("tpl");
+        }
+    }
+    let mut records = Vec::new();
+    if ends.is_empty() {
+        return records;
+    }
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut done = std::collections::HashSet::new();
+    while done.len() < ends.len() {
+        assert!(Instant::now() < deadline, "reading {topic} timed out");
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message.expect("read");
+            let record = Record::from_message(&message);
+            if record.offset + 1 >= ends[&record.partition] {
+                done.insert(record.partition);
+            }
+            if record.offset < ends[&record.partition] {
+                records.push(record);
+            }
+        }
+    }
+    records
+}
+
+fn lag(kafka: &KafkaSettings, group: &str, topic: &str) -> i64 {
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = config.create().expect("lag consumer");
+    let mut tpl = TopicPartitionList::new();
+    let parts = partitions(&consumer, topic);
+    for p in &parts {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed");
+    let mut total = 0;
+    for p in parts {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .expect("watermarks");
+        let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => low,
+        };
+        total += (high - at).max(0);
+    }
+    total
+}
