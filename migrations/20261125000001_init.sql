@@ -28,6 +28,8 @@ CREATE INDEX coupons_available ON coupons (id) WHERE status = 'available';
 -- The sweeper scans holds by deadline; claims look a user's hold up.
 CREATE INDEX coupons_held_until ON coupons (held_until) WHERE status = 'held';
 CREATE INDEX coupons_holder ON coupons (holder_user_id) WHERE holder_user_id IS NOT NULL;
+-- A user holds at most one coupon at a time, whatever the code does.
+CREATE UNIQUE INDEX coupons_one_hold_per_user ON coupons (holder_user_id) WHERE status = 'held';
 
 CREATE TABLE users (
     user_id           text        PRIMARY KEY,

@@ -1,1 +1,399 @@
-//! Claims.
+//! Claims: one coupon per user per window, one user per coupon, under real
+//! concurrency, two processors and redelivery.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::stream::{self, StreamExt};
+use serde_json::Value;
+
+use coupon_domain::QuotaWindow;
+use coupon_platform::kafka::{decode, Publisher};
+use coupon_schemas::{ClaimDecided, ClaimOutcome, ClaimRequested};
+use couponctl::app::Role;
+
+use crate::harness::{assert_invariants, eventually, release, TestEnv};
+
+/// Claims through HTTP, `concurrency` at a time; returns (status, body) per user.
+async fn claim_all(
+    app: &crate::harness::App,
+    users: Vec<String>,
+    concurrency: usize,
+) -> Vec<(String, u16, Value)> {
+    let http = TestEnv::http_client();
+    stream::iter(users)
+        .map(|user| {
+            let http = http.clone();
+            let url = app.url(&format!("/api/v1/coupon?id={user}"));
+            async move {
+                let response = http.get(url).send().await.expect("claim request");
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                (user, status, body)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_sale_of_1000_coupons_to_3000_users_is_exact() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(
+            &[Role::Gateway, Role::Coupons, Role::Claims, Role::History],
+            |_| {},
+        )
+        .await;
+    release(&env, "Electronics", 1_000).await;
+
+    let users: Vec<String> = (0..3_000).map(|i| format!("user-{i}")).collect();
+    let results = claim_all(&app, users, 200).await;
+    let mut granted = HashMap::new();
+    let mut sold_out = 0;
+    for (user, status, body) in &results {
+        match status {
+            200 => {
+                assert_eq!(body["user_id"], user.as_str());
+                assert_eq!(body["category"], "Electronics");
+                assert!(body["expires_at"].as_str().is_some());
+                granted.insert(
+                    user.clone(),
+                    body["coupon_code"].as_str().unwrap().to_owned(),
+                );
+            }
+            404 => {
+                assert_eq!(body["error"], "sold_out");
+                sold_out += 1;
+            }
+            other => panic!("unexpected {other} for {user}: {body}"),
+        }
+    }
+    assert_eq!(granted.len(), 1_000, "exactly the pool is granted");
+    assert_eq!(sold_out, 2_000);
+    let codes: HashSet<&String> = granted.values().collect();
+    assert_eq!(codes.len(), 1_000, "every winner has a different coupon");
+
+    // A winner asking again gets the same hold back.
+    let (winner, code) = granted.iter().next().unwrap();
+    let again = claim_all(&app, vec![winner.clone()], 1).await;
+    assert_eq!(again[0].1, 200);
+    assert_eq!(again[0].2["coupon_code"], code.as_str());
+
+    assert_eq!(env.status_counts().await.held, 1_000);
+    assert_eq!(
+        env.count("SELECT count(*) FROM claim_decisions").await,
+        3_001
+    );
+    assert_invariants(&env, 1_000).await;
+    // Postgres says who holds what, exactly as the answers did.
+    let holder: String = sqlx::query_scalar("SELECT holder_user_id FROM coupons WHERE code = $1")
+        .bind(code)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(&holder, winner);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_hold_ends_the_next_claim_is_rate_limited_until_the_window_ends() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(
+            &[Role::Gateway, Role::Coupons, Role::Claims, Role::Expiry],
+            |c| {
+                c.policy.hold_ttl = Duration::from_secs(1);
+            },
+        )
+        .await;
+    let codes = release(&env, "Garden", 2).await;
+    let first = claim_all(&app, vec!["gardener".into()], 1).await;
+    assert_eq!(first[0].1, 200);
+    let code = first[0].2["coupon_code"].as_str().unwrap().to_owned();
+    assert!(codes.contains(&code));
+
+    eventually(
+        "the expired hold is released",
+        Duration::from_secs(20),
+        || async {
+            env.count(&format!(
+                "SELECT count(*) FROM coupons WHERE code = '{code}' AND status = 'available'"
+            ))
+            .await
+                == 1
+        },
+    )
+    .await;
+    let http = TestEnv::http_client();
+    let response = http
+        .get(app.url("/api/v1/coupon?id=gardener"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let expected = QuotaWindow::DAY.retry_after_secs(chrono::Utc::now());
+    assert!(
+        retry_after.abs_diff(expected) <= 2,
+        "Retry-After {retry_after}, expected about {expected}"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+
+    // The released coupon goes to the next user; the first user's quota stays used.
+    let next = claim_all(&app, vec!["neighbour".into()], 1).await;
+    assert_eq!(next[0].1, 200);
+    assert_invariants(&env, 2).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processors_concurrent_duplicates_and_redelivery_keep_the_invariants() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(
+            &[Role::Gateway, Role::Coupons, Role::Claims, Role::History],
+            |c| {
+                c.assignment =
+                    coupon_platform::kafka::consumer::Assignment::Static { index: 0, count: 2 };
+            },
+        )
+        .await;
+    // The second instance takes the other half of every partitioned role.
+    let second = env
+        .start(&[Role::Claims, Role::Coupons, Role::History], |c| {
+            c.assignment =
+                coupon_platform::kafka::consumer::Assignment::Static { index: 1, count: 2 };
+        })
+        .await;
+    release(&env, "Toys", 300).await;
+
+    // One user hammering 40 times at once, plus 400 users once each.
+    let mut users: Vec<String> = std::iter::repeat_n("eager".to_owned(), 40).collect();
+    users.extend((0..400).map(|i| format!("kid-{i}")));
+    let results = claim_all(&app, users, 100).await;
+    let eager: Vec<&(String, u16, Value)> =
+        results.iter().filter(|(u, _, _)| u == "eager").collect();
+    let eager_statuses: HashSet<u16> = eager.iter().map(|(_, s, _)| *s).collect();
+    let eager_codes: HashSet<&str> = eager
+        .iter()
+        .filter_map(|(_, _, b)| b["coupon_code"].as_str())
+        .collect();
+    assert_eq!(
+        eager_statuses.len(),
+        1,
+        "one user's concurrent claims all get the same answer"
+    );
+    assert!(
+        eager_codes.len() <= 1,
+        "one user, one coupon, however many requests: {eager_codes:?}"
+    );
+    let winners: HashMap<String, String> = results
+        .iter()
+        .filter(|(_, status, _)| *status == 200)
+        .map(|(u, _, b)| (u.clone(), b["coupon_code"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(winners.len(), 300);
+    assert_eq!(winners.values().collect::<HashSet<_>>().len(), 300);
+    let losers: HashSet<&String> = results
+        .iter()
+        .filter(|(_, s, _)| *s == 404)
+        .map(|(u, _, _)| u)
+        .collect();
+    assert_eq!(losers.len(), 101);
+    assert!(results.iter().all(|(_, s, _)| *s == 200 || *s == 404));
+
+    // A storefront publishing straight to Kafka gets decisions too, an
+    // invalid request included.
+    let publisher = Publisher::new(&env.kafka, "storefront").unwrap();
+    for (request_id, user) in [("direct-1", "late-kid"), ("direct-2", "")] {
+        let event = ClaimRequested {
+            envelope: Some(publisher.envelope::<ClaimRequested>(request_id)),
+            request_id: request_id.into(),
+            user_id: user.into(),
+            category: String::new(),
+        };
+        publisher
+            .send(&env.topics.claims(), user, &event)
+            .await
+            .unwrap();
+    }
+    env.wait_caught_up("claims", &env.topics.claims(), Duration::from_secs(60))
+        .await;
+    let decisions_before = env.count("SELECT count(*) FROM claim_decisions").await;
+    assert_eq!(
+        decisions_before, 441,
+        "one stored decision per valid request"
+    );
+
+    // Redeliver every claim ever published: nothing changes, and every
+    // decision is republished with its original event id.
+    let claims = env.read_topic(&env.topics.claims()).await;
+    assert_eq!(claims.len(), 442);
+    for record in &claims {
+        publisher
+            .send_bytes(
+                &env.topics.claims(),
+                record.key.as_deref(),
+                record.value.as_deref().unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    env.wait_caught_up("claims", &env.topics.claims(), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM claim_decisions").await,
+        decisions_before
+    );
+    assert_eq!(env.status_counts().await.held, 300);
+    assert_invariants(&env, 300).await;
+
+    let results_log = env.read_topic(&env.topics.claim_results()).await;
+    let mut event_ids: HashMap<String, HashSet<String>> = HashMap::new();
+    for record in &results_log {
+        let decision = decode::<ClaimDecided>(record).unwrap();
+        event_ids
+            .entry(decision.request_id.clone())
+            .or_default()
+            .insert(decision.envelope.unwrap().event_id);
+        if decision.request_id == "direct-1" {
+            assert_eq!(decision.outcome, ClaimOutcome::SoldOut as i32);
+        }
+        if decision.request_id == "direct-2" {
+            assert_eq!(decision.outcome, ClaimOutcome::Invalid as i32);
+            assert!(
+                decision.reason.contains("user id must not be empty"),
+                "{}",
+                decision.reason
+            );
+        }
+    }
+    assert_eq!(event_ids.len(), 442, "every request has a decision");
+    assert!(
+        event_ids.values().all(|ids| ids.len() == 1),
+        "a redelivered request yields the same decision event"
+    );
+    let letters = env.read_topic(&env.topics.dead_letter()).await;
+    assert!(
+        letters.len() >= 2,
+        "the invalid request was dead-lettered (each time it was delivered)"
+    );
+
+    second.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_ids_tokens_blacklists_and_floods_are_refused() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(&[Role::Gateway, Role::Coupons, Role::Claims], |c| {
+            c.gateway.api_token = Some("store-token".into());
+            c.gateway.flood_limit_per_sec = 5;
+        })
+        .await;
+    release(&env, "Books", 10).await;
+    let http = TestEnv::http_client();
+    let get = |query: String, token: Option<&'static str>| {
+        let mut request = http.get(app.url(&format!("/api/v1/coupon{query}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+
+    let response = get("?id=reader".into(), None).await.unwrap();
+    assert_eq!(response.status(), 401);
+    let response = get("?id=reader".into(), Some("nope")).await.unwrap();
+    assert_eq!(response.status(), 401);
+
+    let long = "x".repeat(129);
+    for query in [
+        "".to_owned(),
+        "?id=".into(),
+        format!("?id={long}"),
+        "?id=a%00b".into(),
+        "?id=a%0Ab".into(),
+    ] {
+        let response = get(query.clone(), Some("store-token")).await.unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_request", "{query}");
+    }
+
+    // Manual blacklist through the CLI.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_couponctl"))
+            .args(args)
+            .env("DATABASE_URL", &env.database_url)
+            .env("COUPON_TOPIC_PREFIX", &env.name)
+            .output()
+            .expect("couponctl")
+    };
+    let added = cli(&[
+        "blacklist",
+        "add",
+        "villain",
+        "--for",
+        "1h",
+        "--reason",
+        "fraud",
+    ]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let listed = String::from_utf8_lossy(&cli(&["blacklist", "list"]).stdout).to_string();
+    assert!(
+        listed.contains("villain") && listed.contains("fraud"),
+        "{listed}"
+    );
+    let response = get("?id=villain".into(), Some("store-token"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"],
+        "blacklisted"
+    );
+    assert!(cli(&["blacklist", "remove", "villain"]).status.success());
+    let response = get("?id=villain".into(), Some("store-token"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let missing = cli(&["blacklist", "remove", "nobody"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).starts_with("error: nobody is not blacklisted")
+    );
+
+    // Automatic: more than 5 claims a second blocks the user.
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(
+            get("?id=flooder".into(), Some("store-token"))
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert!(statuses.contains(&403), "{statuses:?}");
+    assert_eq!(*statuses.last().unwrap(), 403, "{statuses:?}");
+    let reason: Option<String> = sqlx::query_scalar(
+        "SELECT blacklist_reason FROM users WHERE user_id = 'flooder' AND blacklisted",
+    )
+    .fetch_optional(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(reason.as_deref(), Some("flooding the gateway"));
+    app.stop().await;
+}

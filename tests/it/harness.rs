@@ -369,3 +369,67 @@ fn lag(kafka: &KafkaSettings, group: &str, topic: &str) -> i64 {
     }
     total
 }
+
+/// Releases `count` coupons of `category` (as `couponctl issue` does) and
+/// waits until the projector has made them available.
+pub async fn release(env: &TestEnv, category: &str, count: u32) -> Vec<String> {
+    let publisher =
+        coupon_platform::kafka::Publisher::new(&env.kafka, "test-issuer").expect("publisher");
+    let request = coupon_producers::issue::IssueRequest {
+        employee: coupon_domain::EmployeeId::parse("e-test").unwrap(),
+        category: coupon_domain::Category::parse(category).unwrap(),
+        count,
+    };
+    let batch =
+        coupon_producers::issue::issue(&env.pool, &publisher, &env.topics, 1, &request, |_| {})
+            .await
+            .expect("issue");
+    let sql = format!("SELECT count(*) FROM coupons WHERE category = '{category}'");
+    eventually(
+        "released coupons are projected",
+        Duration::from_secs(60),
+        || async { env.count(&sql).await == i64::from(count) },
+    )
+    .await;
+    batch.codes.iter().map(ToString::to_string).collect()
+}
+
+/// The spec's invariants over the whole database: one holder per coupon,
+/// one grant per user per window, and conservation.
+pub async fn assert_invariants(env: &TestEnv, issued: i64) {
+    let counts = env.status_counts().await;
+    assert_eq!(
+        counts.total(),
+        issued,
+        "available + held + redeemed = issued ({counts:?})"
+    );
+    let double_grants = env
+        .count("SELECT count(*) FROM (SELECT user_id, window_start FROM quota_grants GROUP BY 1, 2 HAVING count(*) > 1) d")
+        .await;
+    assert_eq!(double_grants, 0);
+    // Every granted (non-repeated) decision names a different coupon-hold: no
+    // coupon was handed to two users under one hold.
+    let shared = env
+        .count(
+            "SELECT count(*) FROM (SELECT coupon_code FROM claim_decisions
+              WHERE outcome = 'granted' AND NOT repeated
+              GROUP BY coupon_code, date_trunc('second', expires_at)
+              HAVING count(DISTINCT user_id) > 1) s",
+        )
+        .await;
+    assert_eq!(shared, 0, "a coupon was granted to two users at once");
+    let users_with_two_holds = env
+        .count("SELECT count(*) FROM (SELECT holder_user_id FROM coupons WHERE status = 'held' GROUP BY 1 HAVING count(*) > 1) h")
+        .await;
+    assert_eq!(users_with_two_holds, 0);
+    let grants_per_window = env
+        .count(
+            "SELECT count(*) FROM (SELECT user_id FROM claim_decisions WHERE outcome = 'granted' AND NOT repeated
+              GROUP BY user_id, date_trunc('day', decided_at) HAVING count(*) > 1) g",
+        )
+        .await;
+    assert_eq!(
+        grants_per_window, 0,
+        "a user was granted twice in one window"
+    );
+}

@@ -159,12 +159,17 @@ pub async fn allocate(
     hold_until: DateTime<Utc>,
 ) -> Result<Option<(String, String)>, sqlx::Error> {
     sqlx::query_as(
-        "UPDATE coupons c
+        // The pick is a materialized CTE: evaluated exactly once. (As a
+        // subquery in FROM, the planner may rescan it per row and hold
+        // several coupons for one user.)
+        "WITH pick AS MATERIALIZED (
+             SELECT code FROM coupons
+             WHERE status = 'available' AND ($4::text IS NULL OR category = $4)
+             ORDER BY id LIMIT 1
+             FOR UPDATE SKIP LOCKED)
+         UPDATE coupons c
          SET status = 'held', holder_user_id = $1, hold_id = $2, held_until = $3
-         FROM (SELECT code FROM coupons
-               WHERE status = 'available' AND ($4::text IS NULL OR category = $4)
-               ORDER BY id LIMIT 1
-               FOR UPDATE SKIP LOCKED) AS pick
+         FROM pick
          WHERE c.code = pick.code AND c.status = 'available'
          RETURNING c.code, c.category",
     )
