@@ -201,17 +201,20 @@ impl Cache {
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct HoldValue<'a> {
-    code: &'a str,
-    user_id: &'a str,
-    category: &'a str,
+    #[serde(borrow)]
+    code: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    user_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    category: std::borrow::Cow<'a, str>,
     expires_at_ms: i64,
 }
 
 fn encode_hold(hold: &CachedHold) -> String {
     serde_json::to_string(&HoldValue {
-        code: &hold.code,
-        user_id: &hold.user_id,
-        category: &hold.category,
+        code: hold.code.as_str().into(),
+        user_id: hold.user_id.as_str().into(),
+        category: hold.category.as_str().into(),
         expires_at_ms: hold.expires_at.timestamp_millis(),
     })
     .unwrap_or_default()
@@ -221,9 +224,9 @@ fn encode_hold(hold: &CachedHold) -> String {
 fn parse_hold(value: &str) -> Option<CachedHold> {
     let v: HoldValue<'_> = serde_json::from_str(value).ok()?;
     Some(CachedHold {
-        code: v.code.to_owned(),
-        user_id: v.user_id.to_owned(),
-        category: v.category.to_owned(),
+        code: v.code.into_owned(),
+        user_id: v.user_id.into_owned(),
+        category: v.category.into_owned(),
         expires_at: crate::time::from_ms(v.expires_at_ms)?,
     })
 }

@@ -109,6 +109,10 @@ pub fn rows_of(
         let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
         let outcome =
             PurchaseOutcome::try_from(event.outcome).unwrap_or(PurchaseOutcome::Unspecified);
+        // A repeated answer for an order decided before changes nothing.
+        if event.repeated {
+            return Ok(Vec::new());
+        }
         let kind = if outcome == PurchaseOutcome::Redeemed {
             "redeemed"
         } else {

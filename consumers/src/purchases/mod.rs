@@ -58,6 +58,9 @@ pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredPurchase {
+    /// Set when the decision answers a later request for the same order.
+    #[sqlx(skip)]
+    pub repeated: bool,
     pub order_id: String,
     pub request_id: String,
     pub event_id: Uuid,
@@ -95,6 +98,7 @@ impl StoredPurchase {
                 0
             },
             reason: String::new(),
+            repeated: self.repeated,
         }
     }
 }
@@ -118,7 +122,17 @@ async fn decide_one(
     .bind(purchase.order_id.as_str())
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some(stored) = stored {
+    if let Some(mut stored) = stored {
+        if stored.request_id != purchase.request_id {
+            // Another request for an order already decided: the same answer,
+            // addressed to this request (with its own, stable event id).
+            stored.event_id = Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("purchase:{}:{}", stored.order_id, purchase.request_id).as_bytes(),
+            );
+            stored.request_id = purchase.request_id.clone();
+            stored.repeated = true;
+        }
         return Ok((stored, false));
     }
     let code = CouponCode::parse(&purchase.coupon_code)
@@ -166,6 +180,7 @@ async fn decide_one(
         .await?;
     }
     let decision = StoredPurchase {
+        repeated: false,
         order_id: purchase.order_id.as_str().to_owned(),
         request_id: purchase.request_id.clone(),
         event_id: Uuid::new_v4(),
