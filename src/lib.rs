@@ -4,3 +4,4 @@
 //! with a shutdown token.
 
 pub mod app;
+pub mod demo;

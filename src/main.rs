@@ -229,6 +229,25 @@ enum Command {
     /// Manage the Redis copy of holds.
     #[command(subcommand)]
     Holds(HoldsCommand),
+    /// Run the whole system on a fresh database and play a flash sale through it.
+    #[command(after_help = "Example:\n  couponctl demo --users 2000 --hold 5s")]
+    Demo {
+        /// Simulated users in the burst.
+        #[arg(long, default_value_t = 1_000)]
+        users: usize,
+        /// Electronics coupons released.
+        #[arg(long, default_value_t = 300)]
+        electronics: u32,
+        /// Books coupons released.
+        #[arg(long, default_value_t = 200)]
+        books: u32,
+        /// The demo's hold, short so expirations happen while you watch.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// Keep the demo database instead of dropping it.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
@@ -393,6 +412,33 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Blacklist(command) => blacklist(&conn, command).await,
+        Command::Demo {
+            users,
+            electronics,
+            books,
+            hold,
+            keep,
+        } => {
+            let config = conn.app_config(&default_serve_args());
+            let options = couponctl::demo::DemoOptions {
+                users,
+                electronics,
+                books,
+                hold_ttl: hold,
+                keep,
+            };
+            let started = std::time::Instant::now();
+            let summary = couponctl::demo::run(config, options).await?;
+            println!("{summary}");
+            match &summary.database_url {
+                Some(url) => println!("kept the demo database: {url}"),
+                None => println!(
+                    "cleaned up: demo database dropped, Redis keys removed (its topics stay on the broker; `make clean-state` wipes broker data)"
+                ),
+            }
+            println!("demo finished in {:.1}s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
         Command::Holds(HoldsCommand::Rebuild) => {
             let config = conn.app_config(&default_serve_args());
             let ctx = app::connect(&config).await?;

@@ -4,5 +4,6 @@
 mod harness;
 
 mod claims;
+mod demo;
 mod purchases;
 mod release;
