@@ -139,10 +139,10 @@ async fn wait_for(
 }
 
 async fn count(pool: &PgPool, sql: &str) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar(sql)
+    sqlx::query_scalar(sql)
         .fetch_one(pool)
         .await
-        .with_context(|| sql.to_owned())?)
+        .with_context(|| sql.to_owned())
 }
 
 /// Runs the demo. `base` says where the services are; the demo uses its own
