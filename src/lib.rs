@@ -4,4 +4,5 @@
 //! with a shutdown token.
 
 pub mod app;
+pub mod bench;
 pub mod demo;

@@ -229,6 +229,19 @@ enum Command {
     /// Manage the Redis copy of holds.
     #[command(subcommand)]
     Holds(HoldsCommand),
+    /// Run the benchmarks against a fresh database (BENCH_QUICK=1 for a short run).
+    #[command(after_help = "Example:\n  BENCH_QUICK=1 couponctl bench")]
+    Bench {
+        /// A short run (20,000 users) instead of the full 1,000,000.
+        #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::FalseyValueParser::new())]
+        quick: bool,
+        /// Override the number of flash-sale users.
+        #[arg(long, env = "BENCH_USERS")]
+        users: Option<usize>,
+        /// HTTP requests in flight at once.
+        #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 128)]
+        concurrency: usize,
+    },
     /// Run the whole system on a fresh database and play a flash sale through it.
     #[command(after_help = "Example:\n  couponctl demo --users 2000 --hold 5s")]
     Demo {
@@ -437,6 +450,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
             println!("demo finished in {:.1}s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Command::Bench {
+            quick,
+            users,
+            concurrency,
+        } => {
+            let config = conn.app_config(&default_serve_args());
+            let mut options = if quick {
+                couponctl::bench::BenchOptions::quick()
+            } else {
+                couponctl::bench::BenchOptions::full()
+            };
+            if let Some(users) = users {
+                options.users = users;
+            }
+            options.concurrency = concurrency.max(1);
+            let rows = couponctl::bench::run(config, options).await?;
+            println!("{}", couponctl::bench::render(&rows));
             Ok(())
         }
         Command::Holds(HoldsCommand::Rebuild) => {

@@ -105,6 +105,35 @@ pub fn precheck(
     }
 }
 
+/// What one batch has learned about the pool: once an allocation found
+/// nothing (for a category, or for any category), the rest of the batch
+/// answers `sold_out` without asking the database again. Nothing returns to
+/// the pool inside the batch's transaction, so the answer stays true for
+/// the batch; the next batch asks afresh. This makes the tail of a flash
+/// sale, where nearly every claim is sold out, cheap.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolKnowledge {
+    all_empty: bool,
+    empty_categories: std::collections::HashSet<String>,
+}
+
+impl PoolKnowledge {
+    /// Whether an allocation for `category` (`None`: any) is known to fail.
+    pub fn known_empty(&self, category: Option<&str>) -> bool {
+        self.all_empty || category.is_some_and(|c| self.empty_categories.contains(c))
+    }
+
+    /// Records that an allocation for `category` found nothing.
+    pub fn record_empty(&mut self, category: Option<&str>) {
+        match category {
+            None => self.all_empty = true,
+            Some(c) => {
+                self.empty_categories.insert(c.to_owned());
+            }
+        }
+    }
+}
+
 /// The answer when the quota slot for this window is already taken.
 pub fn rate_limited(now: DateTime<Utc>, window: QuotaWindow) -> ClaimOutcome {
     ClaimOutcome::RateLimited {
@@ -156,6 +185,22 @@ mod tests {
             precheck(&state, now(), QuotaWindow::DAY, TTL),
             ClaimPrecheck::Decided(ClaimOutcome::Granted { repeated: true, .. })
         ));
+    }
+
+    #[test]
+    fn an_empty_pool_is_empty_for_every_category_but_not_the_reverse() {
+        let mut pool = PoolKnowledge::default();
+        assert!(!pool.known_empty(None));
+        pool.record_empty(Some("Books"));
+        assert!(pool.known_empty(Some("Books")));
+        assert!(!pool.known_empty(Some("Toys")));
+        assert!(
+            !pool.known_empty(None),
+            "Books being gone says nothing about the rest"
+        );
+        pool.record_empty(None);
+        assert!(pool.known_empty(Some("Toys")));
+        assert!(pool.known_empty(None));
     }
 
     #[test]

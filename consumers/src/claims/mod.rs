@@ -19,7 +19,7 @@ mod store;
 
 use chrono::{DateTime, Utc};
 
-use coupon_domain::claim::{precheck, rate_limited, ClaimOutcome, ClaimPrecheck};
+use coupon_domain::claim::{precheck, rate_limited, ClaimOutcome, ClaimPrecheck, PoolKnowledge};
 use coupon_domain::{Category, UserId};
 use coupon_platform::kafka::consumer::RetryableError;
 use coupon_platform::kafka::{decode, Record};
@@ -70,6 +70,7 @@ async fn decide(
     ctx: &Context,
     claim: &Claim,
     now: DateTime<Utc>,
+    pool: &mut PoolKnowledge,
 ) -> Result<(StoredDecision, bool), sqlx::Error> {
     if let Some(stored) = store::find_decision(&mut *tx, &claim.request_id).await? {
         return Ok((stored, false));
@@ -79,6 +80,11 @@ async fn decide(
         store::user_state(&mut *tx, claim.user_id.as_str(), window.start_of(now), now).await?;
     let outcome = match precheck(&state, now, window, ctx.policy.hold_ttl) {
         ClaimPrecheck::Decided(outcome) => outcome,
+        ClaimPrecheck::Allocate { .. }
+            if pool.known_empty(claim.category.as_ref().map(|c| c.as_str())) =>
+        {
+            ClaimOutcome::SoldOut
+        }
         ClaimPrecheck::Allocate {
             window_start,
             hold_until,
@@ -97,6 +103,7 @@ async fn decide(
                         }
                     }
                     None => {
+                        pool.record_empty(claim.category.as_ref().map(|c| c.as_str()));
                         // Sold out does not use the quota.
                         store::give_back_quota(&mut *tx, claim.user_id.as_str(), window_start)
                             .await?;
@@ -125,6 +132,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
     let mut new_holds = Vec::new();
     let mut refused = Vec::new();
     let mut tx = ctx.pool.begin().await.map_err(retryable)?;
+    let mut pool = PoolKnowledge::default();
     for record in batch {
         let request = match decode::<ClaimRequested>(record) {
             Ok(request) => request,
@@ -143,7 +151,9 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
                 continue;
             }
         };
-        let (decision, is_new) = decide(&mut tx, ctx, &claim, now).await.map_err(retryable)?;
+        let (decision, is_new) = decide(&mut tx, ctx, &claim, now, &mut pool)
+            .await
+            .map_err(retryable)?;
         if is_new {
             metrics::counter!("coupon_claim_decisions_total", "outcome" => decision.outcome.clone())
                 .increment(1);

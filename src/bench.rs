@@ -1,0 +1,574 @@
+//! `couponctl bench`: the benchmark suite (`make bench`).
+//!
+//! Everything runs on this machine in this process: the system under test
+//! (every role, as `couponctl run`), the load generator, and the baselines
+//! that bound it, measured in the same run so the ratios survive a noisy
+//! machine. The system starts from empty state: a fresh database and fresh
+//! topic and Redis prefixes, dropped at the end.
+//!
+//! Scenarios: a bare request/reply echo through the broker (the floor of any
+//! claim: two broker hops), a bare HTTP handler doing `SELECT 1`, the
+//! allocation statement alone and batched, the flash sale through HTTP, a
+//! 100,000-coupon release, and decoding the topics back (replay).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures::stream::{self, StreamExt};
+use prost::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgPool};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
+use coupon_schemas::{ClaimDecided, ClaimRequested, CouponsCreated};
+
+use crate::app::{self, AppConfig, Role};
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Distinct users in the flash sale.
+    pub users: usize,
+    /// Coupons in the flash sale's pool.
+    pub coupons: u32,
+    /// Coupons in the release scenario.
+    pub release: u32,
+    /// HTTP requests in flight at once.
+    pub concurrency: usize,
+}
+
+impl BenchOptions {
+    pub fn quick() -> Self {
+        Self {
+            users: 20_000,
+            coupons: 10_000,
+            release: 100_000,
+            concurrency: 128,
+        }
+    }
+
+    pub fn full() -> Self {
+        Self {
+            users: 1_000_000,
+            ..Self::quick()
+        }
+    }
+}
+
+/// One row of the results table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub scenario: String,
+    pub operations: u64,
+    pub seconds: f64,
+    pub latencies: Option<Latencies>,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Latencies {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+impl Latencies {
+    fn of(mut samples: Vec<Duration>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Some(Self {
+            p50: at(0.50),
+            p99: at(0.99),
+            max: samples[samples.len() - 1],
+        })
+    }
+}
+
+impl Row {
+    pub fn throughput(&self) -> f64 {
+        self.operations as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Runs every scenario and returns the table rows, baselines first.
+pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<Row>> {
+    let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
+    let name = format!("coupons_bench_{stamp}");
+    let server: PgConnectOptions = base.database_url.parse().context("DATABASE_URL")?;
+    let admin = coupon_platform::db::connect(&base.database_url, 2)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to Postgres at {}",
+                app::redact(&base.database_url)
+            )
+        })?;
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&admin)
+        .await?;
+    let mut config = base.clone();
+    config.database_url = server.database(&name).to_url_lossy().to_string();
+    config.topic_prefix = format!("bench{stamp}");
+    config.redis_prefix = config.topic_prefix.clone();
+    config.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.gateway.admin_token = Some(uuid::Uuid::new_v4().to_string());
+    config.gateway.reply_timeout = Duration::from_secs(60);
+    config.gateway.flood_limit_per_sec = u64::MAX;
+    config.db_max_connections = 16;
+
+    let result = scenarios(&config, &options).await;
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&admin)
+        .await;
+    result
+}
+
+async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    eprintln!("bench: baselines");
+    rows.push(echo(config, 20_000, options.concurrency).await?);
+
+    let token = CancellationToken::new();
+    let running = app::start(config.clone(), &Role::ALL, token.clone()).await?;
+    let pool = running.context.pool.clone();
+    let base = format!("http://{}", running.http_addr.context("no gateway")?);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(options.concurrency)
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    rows.push(http_baseline(&http, &base, 20_000, options.concurrency).await?);
+
+    eprintln!("bench: release of {} coupons", options.release);
+    rows.push(release(config, &pool, "Release", options.release).await?);
+    rows.extend(allocation_baselines(&pool).await?);
+
+    eprintln!(
+        "bench: flash sale, {} users for {} coupons",
+        options.users, options.coupons
+    );
+    release(config, &pool, "Flash", options.coupons).await?;
+    rows.push(flash_sale(&http, &base, &pool, options).await?);
+
+    eprintln!("bench: replay");
+    rows.push(replay(config).await?);
+    token.cancel();
+    running.wait().await?;
+    Ok(rows)
+}
+
+/// Two broker hops with the claim path's client settings: the client
+/// publishes a request, an echo service consumes it and publishes a reply,
+/// the client consumes the reply.
+async fn echo(config: &AppConfig, requests: usize, concurrency: usize) -> anyhow::Result<Row> {
+    let requests_topic = format!("{}.bench-echo-requests", config.topic_prefix);
+    let replies_topic = format!("{}.bench-echo-replies", config.topic_prefix);
+    let specs: Vec<TopicSpec> = [&requests_topic, &replies_topic]
+        .iter()
+        .map(|name| TopicSpec {
+            name: (*name).clone(),
+            partitions: config.partitions,
+            replication: 1,
+        })
+        .collect();
+    ensure_topics(&config.kafka, &specs).await?;
+    let publisher = Publisher::new(&config.kafka, "bench-echo")?;
+    let echo_in = assigned_consumer(config, &requests_topic).await?;
+    let replies_in = assigned_consumer(config, &replies_topic).await?;
+    let stop = CancellationToken::new();
+
+    let echo_publisher = publisher.clone();
+    let echo_topic = replies_topic.clone();
+    let echo_stop = stop.clone();
+    let echo_task = tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                _ = echo_stop.cancelled() => break,
+                m = echo_in.recv() => m,
+            };
+            if let Ok(message) = message {
+                let payload = message.payload().unwrap_or_default().to_vec();
+                let key = message.key().unwrap_or_default().to_vec();
+                let publisher = echo_publisher.clone();
+                let topic = echo_topic.clone();
+                tokio::spawn(
+                    async move { publisher.send_bytes(&topic, Some(&key), &payload).await },
+                );
+            }
+        }
+    });
+    let waiters: Arc<Mutex<HashMap<Vec<u8>, oneshot::Sender<()>>>> = Arc::default();
+    let reply_waiters = waiters.clone();
+    let reply_stop = stop.clone();
+    let reply_task = tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                _ = reply_stop.cancelled() => break,
+                m = replies_in.recv() => m,
+            };
+            if let Ok(message) = message {
+                let id = message.payload().unwrap_or_default().to_vec();
+                let sender = reply_waiters.lock().ok().and_then(|mut w| w.remove(&id));
+                if let Some(sender) = sender {
+                    let _ = sender.send(());
+                }
+            }
+        }
+    });
+
+    let started = Instant::now();
+    let latencies: Vec<Duration> = stream::iter(0..requests)
+        .map(|i| {
+            let publisher = publisher.clone();
+            let waiters = waiters.clone();
+            let topic = requests_topic.clone();
+            async move {
+                let id = format!("echo-{i}").into_bytes();
+                let (tx, rx) = oneshot::channel();
+                if let Ok(mut w) = waiters.lock() {
+                    w.insert(id.clone(), tx);
+                }
+                let sent = Instant::now();
+                publisher.send_bytes(&topic, Some(&id), &id).await.ok()?;
+                tokio::time::timeout(Duration::from_secs(30), rx)
+                    .await
+                    .ok()?
+                    .ok()?;
+                Some(sent.elapsed())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .filter_map(|latency| async move { latency })
+        .collect()
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    stop.cancel();
+    let _ = echo_task.await;
+    let _ = reply_task.await;
+    let lost = requests - latencies.len();
+    Ok(Row {
+        scenario: "baseline: broker request/reply echo".into(),
+        operations: latencies.len() as u64,
+        seconds,
+        latencies: Latencies::of(latencies),
+        note: format!(
+            "2 broker hops, {}ms fetch wait, {lost} lost",
+            config.fast_fetch_wait_ms
+        ),
+    })
+}
+
+async fn assigned_consumer(config: &AppConfig, topic: &str) -> anyhow::Result<StreamConsumer> {
+    let mut client = config.kafka.client_config();
+    client
+        .set(
+            "group.id",
+            format!(
+                "{}.bench-{}",
+                config.topic_prefix,
+                uuid::Uuid::new_v4().simple()
+            ),
+        )
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", config.fast_fetch_wait_ms.to_string());
+    let consumer: StreamConsumer = client.create()?;
+    let topic = topic.to_owned();
+    let partitions = config.partitions;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<StreamConsumer> {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+            tpl.add_partition_offset(&topic, p, Offset::Offset(high))?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(consumer)
+    })
+    .await?
+}
+
+async fn http_baseline(
+    http: &reqwest::Client,
+    base: &str,
+    requests: usize,
+    concurrency: usize,
+) -> anyhow::Result<Row> {
+    let started = Instant::now();
+    let latencies = load(
+        http,
+        (0..requests).map(|_| format!("{base}/healthz")).collect(),
+        concurrency,
+        |s| s == 200,
+    )
+    .await?;
+    Ok(Row {
+        scenario: "baseline: HTTP handler, SELECT 1".into(),
+        operations: latencies.len() as u64,
+        seconds: started.elapsed().as_secs_f64(),
+        latencies: Latencies::of(latencies),
+        note: "GET /healthz (Postgres SELECT 1 + Redis PING)".into(),
+    })
+}
+
+/// GETs every URL, `concurrency` at a time; fails on an unexpected status.
+async fn load(
+    http: &reqwest::Client,
+    urls: Vec<String>,
+    concurrency: usize,
+    ok: impl Fn(u16) -> bool + Copy,
+) -> anyhow::Result<Vec<Duration>> {
+    let bar = indicatif::ProgressBar::new(urls.len() as u64);
+    let results: Vec<anyhow::Result<Duration>> = stream::iter(urls)
+        .map(|url| {
+            let bar = bar.clone();
+            async move {
+                let sent = Instant::now();
+                let response = http.get(&url).send().await?;
+                let status = response.status().as_u16();
+                let _ = response.bytes().await;
+                bar.inc(1);
+                if !ok(status) {
+                    bail!("{url} answered {status}");
+                }
+                Ok(sent.elapsed())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    bar.finish_and_clear();
+    results.into_iter().collect()
+}
+
+async fn release(
+    config: &AppConfig,
+    pool: &PgPool,
+    category: &str,
+    count: u32,
+) -> anyhow::Result<Row> {
+    let publisher = Publisher::new(&config.kafka, "bench-release")?;
+    let request = coupon_producers::issue::IssueRequest {
+        employee: coupon_domain::EmployeeId::parse("bench")?,
+        category: coupon_domain::Category::parse(category)?,
+        count,
+    };
+    let started = Instant::now();
+    coupon_producers::issue::issue(pool, &publisher, &config.topics(), 2, &request, |_| {}).await?;
+    let published = started.elapsed();
+    let sql = format!("SELECT count(*) FROM coupons WHERE category = '{category}'");
+    loop {
+        let projected: i64 = sqlx::query_scalar(&sql).fetch_one(pool).await?;
+        if projected == i64::from(count) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("release not projected after 10 minutes ({projected}/{count})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Row {
+        scenario: format!("release: issue {count} until projected"),
+        operations: u64::from(count),
+        seconds: started.elapsed().as_secs_f64(),
+        latencies: None,
+        note: format!("published in {:.2}s", published.as_secs_f64()),
+    })
+}
+
+/// The allocation statement straight against Postgres: one claim per
+/// transaction, then 500 per transaction (as the claim processor batches).
+async fn allocation_baselines(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
+    const SQL: &str = "WITH pick AS MATERIALIZED (
+             SELECT code FROM coupons WHERE status = 'available' AND category = 'Release'
+             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+         UPDATE coupons c SET status = 'held', holder_user_id = $1, hold_id = $1,
+                held_until = now() + interval '5 minutes'
+         FROM pick WHERE c.code = pick.code RETURNING c.code";
+    let mut rows = Vec::new();
+    for (label, per_tx, total) in [
+        (
+            "single-row allocation, 1 per transaction",
+            1usize,
+            5_000usize,
+        ),
+        ("batched allocation, 500 per transaction", 500, 20_000),
+    ] {
+        let started = Instant::now();
+        let mut done = 0;
+        while done < total {
+            let mut tx = pool.begin().await?;
+            for _ in 0..per_tx {
+                let holder = format!("alloc-bench-{per_tx}-{done}");
+                sqlx::query(SQL)
+                    .bind(&holder)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                done += 1;
+            }
+            tx.commit().await?;
+        }
+        rows.push(Row {
+            scenario: format!("baseline: {label}"),
+            operations: total as u64,
+            seconds: started.elapsed().as_secs_f64(),
+            latencies: None,
+            note: "SKIP LOCKED pick + conditional update".into(),
+        });
+    }
+    sqlx::query("UPDATE coupons SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL WHERE category = 'Release' AND status = 'held'")
+        .execute(pool)
+        .await?;
+    Ok(rows)
+}
+
+async fn flash_sale(
+    http: &reqwest::Client,
+    base: &str,
+    pool: &PgPool,
+    options: &BenchOptions,
+) -> anyhow::Result<Row> {
+    let urls: Vec<String> = (0..options.users)
+        .map(|i| format!("{base}/api/v1/coupon?id=fan-{i}&category=Flash"))
+        .collect();
+    let started = Instant::now();
+    let latencies = load(http, urls, options.concurrency, |s| s == 200 || s == 404).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let granted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM coupons WHERE category = 'Flash' AND status = 'held'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let distinct_holders: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT holder_user_id) FROM coupons WHERE category = 'Flash' AND status = 'held'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let decisions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM claim_decisions WHERE user_id LIKE 'fan-%'")
+            .fetch_one(pool)
+            .await?;
+    let expected = options.users.min(options.coupons as usize) as i64;
+    if granted != expected || distinct_holders != granted || decisions != options.users as i64 {
+        bail!("flash sale broke an invariant: {granted} held (expected {expected}), {distinct_holders} holders, {decisions} decisions");
+    }
+    Ok(Row {
+        scenario: format!(
+            "flash sale: {} users, {} coupons, HTTP",
+            options.users, options.coupons
+        ),
+        operations: latencies.len() as u64,
+        seconds,
+        latencies: Latencies::of(latencies),
+        note: format!(
+            "{granted} granted to {distinct_holders} users, 0 double allocations, 0 lost"
+        ),
+    })
+}
+
+/// Decodes every event of the claim path and the release from the broker.
+async fn replay(config: &AppConfig) -> anyhow::Result<Row> {
+    let topics = config.topics();
+    let kafka = config.kafka.clone();
+    let partitions = config.partitions;
+    let names = [topics.created(), topics.claims(), topics.claim_results()];
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Row> {
+        let mut client = kafka.client_config();
+        client
+            .set(
+                "group.id",
+                format!("bench-replay-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10");
+        let consumer: rdkafka::consumer::BaseConsumer = client.create()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = HashMap::new();
+        for topic in &names {
+            for p in 0..partitions {
+                let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+                if high > low {
+                    tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+                    ends.insert((topic.clone(), p), high);
+                }
+            }
+        }
+        consumer.assign(&tpl)?;
+        let started = Instant::now();
+        let mut events = 0u64;
+        let mut finished = 0;
+        while finished < ends.len() {
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("replay did not finish in 10 minutes");
+            }
+            let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let message = message?;
+            let payload = message.payload().unwrap_or_default();
+            let topic = message.topic();
+            events += if topic == names[0] {
+                CouponsCreated::decode(payload)
+                    .map(|e| e.coupon_ids.len() as u64)
+                    .unwrap_or(0)
+            } else if topic == names[1] {
+                u64::from(ClaimRequested::decode(payload).is_ok())
+            } else {
+                u64::from(ClaimDecided::decode(payload).is_ok())
+            };
+            if ends.get(&(topic.to_owned(), message.partition())) == Some(&(message.offset() + 1)) {
+                finished += 1;
+            }
+        }
+        Ok(Row {
+            scenario: "replay: decode created + claims + claim-results".into(),
+            operations: events,
+            seconds: started.elapsed().as_secs_f64(),
+            latencies: None,
+            note: "events (a created chunk counts its coupons)".into(),
+        })
+    })
+    .await?
+}
+
+/// The table, with each throughput as a ratio of the echo baseline.
+pub fn render(rows: &[Row]) -> String {
+    let echo = rows.first().map(Row::throughput).unwrap_or(1.0);
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    let mut out = format!(
+        "| {:<48} | {:>9} | {:>10} | {:>7} | {:>7} | {:>7} | {:>8} | {}\n|{}|\n",
+        "scenario",
+        "ops",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "vs echo",
+        "note",
+        "-".repeat(140)
+    );
+    for row in rows {
+        let (p50, p99, max) = match row.latencies {
+            Some(l) => (ms(l.p50), ms(l.p99), ms(l.max)),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        out.push_str(&format!(
+            "| {:<48} | {:>9} | {:>10.0} | {:>7} | {:>7} | {:>7} | {:>7.2}x | {}\n",
+            row.scenario,
+            row.operations,
+            row.throughput(),
+            p50,
+            p99,
+            max,
+            row.throughput() / echo,
+            row.note
+        ));
+    }
+    out
+}
