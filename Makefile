@@ -12,7 +12,7 @@ export CARGO_TERM_COLOR ?= never
 setup: ## install what this machine lacks (Postgres, Redis, the tansu broker)
 	infra/local/setup.sh
 
-up: ## start Postgres, Redis and the broker (reusing running ones)
+up: setup ## start Postgres, Redis and the broker (reusing running ones)
 	infra/local/up.sh
 
 down: ## stop what `make up` started
