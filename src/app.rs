@@ -325,6 +325,45 @@ trait MapOk: std::future::Future<Output = ()> + Sized {
 
 impl<F: std::future::Future<Output = ()>> MapOk for F {}
 
+/// A throwaway database on the server of `database_url` (for the demo and
+/// the benchmarks): created now, dropped by [`ScratchDatabase::drop_now`].
+pub struct ScratchDatabase {
+    admin: sqlx::PgPool,
+    pub name: String,
+    pub url: String,
+}
+
+impl ScratchDatabase {
+    pub async fn create(database_url: &str, name: &str) -> anyhow::Result<Self> {
+        use sqlx::ConnectOptions as _;
+        let server: sqlx::postgres::PgConnectOptions =
+            database_url.parse().context("DATABASE_URL")?;
+        let admin = coupon_platform::db::connect(database_url, 2)
+            .await
+            .with_context(|| format!("connecting to Postgres at {}", redact(database_url)))?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        Ok(Self {
+            admin,
+            name: name.to_owned(),
+            url: server.database(name).to_url_lossy().to_string(),
+        })
+    }
+
+    pub async fn drop_now(self) -> anyhow::Result<()> {
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ))
+        .execute(&self.admin)
+        .await
+        .with_context(|| format!("dropping database {}", self.name))?;
+        Ok(())
+    }
+}
+
 /// Hides the password in a connection URL for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

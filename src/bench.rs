@@ -21,8 +21,7 @@ use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -102,21 +101,10 @@ impl Row {
 /// Runs every scenario and returns the table rows, baselines first.
 pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<Row>> {
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
-    let name = format!("coupons_bench_{stamp}");
-    let server: PgConnectOptions = base.database_url.parse().context("DATABASE_URL")?;
-    let admin = coupon_platform::db::connect(&base.database_url, 2)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to Postgres at {}",
-                app::redact(&base.database_url)
-            )
-        })?;
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&admin)
-        .await?;
+    let scratch =
+        app::ScratchDatabase::create(&base.database_url, &format!("coupons_bench_{stamp}")).await?;
     let mut config = base.clone();
-    config.database_url = server.database(&name).to_url_lossy().to_string();
+    config.database_url = scratch.url.clone();
     config.topic_prefix = format!("bench{stamp}");
     config.redis_prefix = config.topic_prefix.clone();
     config.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
@@ -126,9 +114,7 @@ pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<R
     config.db_max_connections = 16;
 
     let result = scenarios(&config, &options).await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&admin)
-        .await;
+    scratch.drop_now().await?;
     result
 }
 

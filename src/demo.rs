@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, AppConfig, Role};
@@ -149,20 +148,10 @@ async fn count(pool: &PgPool, sql: &str) -> anyhow::Result<i64> {
 /// database on that server and its own topic and Redis prefixes.
 pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSummary> {
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
-    let name = format!("coupons_demo_{stamp}");
-    let server: PgConnectOptions = base.database_url.parse().context("DATABASE_URL")?;
-    let admin = coupon_platform::db::connect(&base.database_url, 2)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to Postgres at {}",
-                app::redact(&base.database_url)
-            )
-        })?;
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&admin)
-        .await?;
-    let database_url = server.database(&name).to_url_lossy().to_string();
+    let scratch =
+        app::ScratchDatabase::create(&base.database_url, &format!("coupons_demo_{stamp}")).await?;
+    let database_url = scratch.url.clone();
+    let name = scratch.name.clone();
 
     let mut config = base.clone();
     config.database_url = database_url.clone();
@@ -203,9 +192,7 @@ pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSu
     } else {
         let _ = cache.clear().await;
         pool.close().await;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .execute(&admin)
-            .await?;
+        scratch.drop_now().await?;
     }
     Ok(summary)
 }

@@ -40,14 +40,7 @@ async fn purchase(
     )
 }
 
-const ALL: [Role; 6] = [
-    Role::Gateway,
-    Role::Coupons,
-    Role::Claims,
-    Role::Purchases,
-    Role::Expiry,
-    Role::History,
-];
+const ALL: [Role; 6] = Role::ALL;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchase_inside_the_hold_redeems_once_per_order() {
