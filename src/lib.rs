@@ -6,3 +6,4 @@
 pub mod app;
 pub mod bench;
 pub mod demo;
+pub mod status;

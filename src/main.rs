@@ -229,6 +229,9 @@ enum Command {
     /// Manage the Redis copy of holds.
     #[command(subcommand)]
     Holds(HoldsCommand),
+    /// Pool per category, overdue holds, consumer lag and service health.
+    #[command(after_help = "Example:\n  couponctl status")]
+    Status,
     /// Run the benchmarks against a fresh database (BENCH_QUICK=1 for a short run).
     #[command(after_help = "Example:\n  BENCH_QUICK=1 couponctl bench")]
     Bench {
@@ -450,6 +453,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
             println!("demo finished in {:.1}s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Command::Status => {
+            let config = conn.app_config(&default_serve_args());
+            print!("{}", couponctl::status::report(&config).await?);
             Ok(())
         }
         Command::Bench {

@@ -343,31 +343,11 @@ fn read_all(kafka: &KafkaSettings, topic: &str) -> Vec<Record> {
 }
 
 fn lag(kafka: &KafkaSettings, group: &str, topic: &str) -> i64 {
-    let mut config = kafka.client_config();
-    config
-        .set("group.id", group)
-        .set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = config.create().expect("lag consumer");
-    let mut tpl = TopicPartitionList::new();
-    let parts = partitions(&consumer, topic);
-    for p in &parts {
-        tpl.add_partition(topic, *p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed");
-    let mut total = 0;
-    for p in parts {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .expect("watermarks");
-        let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => low,
-        };
-        total += (high - at).max(0);
-    }
-    total
+    couponctl::status::group_lag(kafka, group, &[topic.to_owned()])
+        .expect("lag")
+        .iter()
+        .map(|(_, lag)| lag)
+        .sum()
 }
 
 /// Releases `count` coupons of `category` (as `couponctl issue` does) and
