@@ -279,7 +279,8 @@ struct ReplayArgs {
     /// the start and filtered on the record time (or the event's time).
     #[arg(long, value_parser = replay::parse_time)]
     since: Option<DateTime<Utc>>,
-    /// Only records at or before this time (RFC 3339).
+    /// Only records at or before this time (RFC 3339). A partition is left
+    /// at its first record more than a minute past it.
     #[arg(long, value_parser = replay::parse_time)]
     until: Option<DateTime<Utc>>,
     /// Write the JSON lines to this file [default: stdout].

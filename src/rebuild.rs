@@ -12,7 +12,9 @@
 //!
 //! Events are applied in one deterministic global order: envelope
 //! `occurred_at_ms`, then topic (created < claim-results < purchase-results <
-//! expirations), then partition and offset. Every event also yields its
+//! expirations), then partition and offset; an event republished under the
+//! same event id (e.g. a decision published again after a redelivery) is
+//! applied once. Every event also yields its
 //! `coupon_history` rows (the history sink's own [`history::rows_of`], plus a
 //! `released` row per released hold, dated at the hold's deadline).
 //!
@@ -20,7 +22,7 @@
 //! projector's [`coupons::insert_coupons`], then the final holds and
 //! redemptions, then users.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Instant;
 
@@ -135,7 +137,12 @@ pub struct Projection {
     /// Codes in the order they were created (the order rows are inserted in).
     created: Vec<String>,
     users: HashMap<String, DateTime<Utc>>,
+    /// Event ids applied so far: a republished event (same id, e.g. a
+    /// decision published again after a redelivery) is applied once.
+    seen: HashSet<String>,
     pub applied: u64,
+    /// Events skipped because an event with the same id was applied.
+    pub duplicates: u64,
     pub anomalies: u64,
     pub anomaly_examples: Vec<String>,
 }
@@ -173,6 +180,14 @@ impl Projection {
         let Ok(event) = decode_event(log.kind, record) else {
             return Vec::new();
         };
+        let event_id = event
+            .envelope()
+            .map(|e| e.event_id.clone())
+            .unwrap_or_default();
+        if !self.seen.insert(event_id) {
+            self.duplicates += 1;
+            return Vec::new();
+        }
         self.applied += 1;
         let mut rows = match log.kind {
             TopicKind::Created | TopicKind::ClaimResults | TopicKind::PurchaseResults => {
@@ -341,6 +356,8 @@ pub struct RebuildStats {
     pub events: u64,
     /// Records that could not be decoded (skipped, as the live consumers did).
     pub undecodable: u64,
+    /// Republished events (an id already applied), skipped.
+    pub duplicates: u64,
     pub coupons: u64,
     pub available: u64,
     pub held: u64,
@@ -386,6 +403,9 @@ impl fmt::Display for RebuildStats {
         )?;
         if self.undecodable > 0 {
             write!(f, "; {} undecodable records skipped", self.undecodable)?;
+        }
+        if self.duplicates > 0 {
+            write!(f, "; {} republished events applied once", self.duplicates)?;
         }
         if self.anomalies > 0 {
             write!(
@@ -476,6 +496,7 @@ pub async fn project(
         }
     }
     stats.events = projection.applied;
+    stats.duplicates = projection.duplicates;
     stats.anomalies = projection.anomalies;
     stats.anomaly_examples = projection.anomaly_examples.clone();
     stats.write_seconds = started.elapsed().as_secs_f64();
@@ -731,6 +752,28 @@ mod tests {
         projection.apply(&topics, &log(TopicKind::Created, 0, batch.clone()));
         projection.apply(&topics, &log(TopicKind::Created, 1, batch));
         assert_eq!(projection.coupon_count(), 3);
+    }
+
+    #[test]
+    fn a_republished_decision_is_applied_once() {
+        let topics = Topics::new("t");
+        let c1 = code(1);
+        let decision = grant(T0 + 100, "alice", &c1, "r1", false);
+        let mut records = vec![
+            log(TopicKind::Created, 0, created(T0, &[1])),
+            log(TopicKind::ClaimResults, 0, decision.clone()),
+            log(TopicKind::ClaimResults, 5, decision),
+        ];
+        sort(&mut records);
+        let mut projection = Projection::default();
+        let rows: usize = records
+            .iter()
+            .map(|r| projection.apply(&topics, r).len())
+            .sum();
+        assert_eq!(rows, 2, "one created and one granted row");
+        assert_eq!((projection.applied, projection.duplicates), (2, 1));
+        assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
+        assert_eq!(projection.coupon(&c1).unwrap().status, Status::Held);
     }
 
     #[test]

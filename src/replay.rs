@@ -556,9 +556,15 @@ pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(Some(total), target);
     bar.set_style(
         indicatif::ProgressStyle::with_template(&format!(
-            "{{spinner}} {what} [{{bar:40}}] {{pos}}/{{len}} records ({{per_sec}}, eta {{eta}})"
+            "{{spinner}} {what} [{{bar:40}}] {{pos}}/{{len}} records ({{rate}}, eta {{eta}})"
         ))
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} events/s", state.per_sec());
+            },
+        )
         .progress_chars("=> "),
     );
     bar
