@@ -6,3 +6,4 @@ mod harness;
 mod claims;
 mod purchases;
 mod release;
+mod replay;
