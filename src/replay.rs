@@ -444,6 +444,7 @@ impl Reader {
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "error while reading; continuing");
+                    self.check_stall(&open, last_progress)?;
                 }
                 None => {
                     // Records past the end may never come (e.g. a trailing
@@ -463,19 +464,27 @@ impl Reader {
                         open.remove(&key);
                         self.unassign(&key.0, key.1)?;
                     }
-                    if !open.is_empty() && last_progress.elapsed() > STALL_TIMEOUT {
-                        let mut waiting: Vec<String> =
-                            open.keys().map(|(t, p)| format!("{t}[{p}]")).collect();
-                        waiting.sort();
-                        bail!(
-                            "no record for {STALL_TIMEOUT:?} while still expecting some from {}",
-                            waiting.join(", ")
-                        );
-                    }
+                    self.check_stall(&open, last_progress)?;
                 }
             }
         }
         Ok(read)
+    }
+
+    fn check_stall(
+        &self,
+        open: &HashMap<(String, i32), (TopicKind, i64)>,
+        last_progress: Instant,
+    ) -> anyhow::Result<()> {
+        if open.is_empty() || last_progress.elapsed() <= STALL_TIMEOUT {
+            return Ok(());
+        }
+        let mut waiting: Vec<String> = open.keys().map(|(t, p)| format!("{t}[{p}]")).collect();
+        waiting.sort();
+        bail!(
+            "no record for {STALL_TIMEOUT:?} while still expecting some from {}",
+            waiting.join(", ")
+        )
     }
 
     /// Stops fetching a finished partition (records already fetched for it
@@ -629,13 +638,17 @@ pub fn replay_json(
         }
     }
     let started = Instant::now();
-    let kinds: &[TopicKind] = if options.kinds.is_empty() {
-        &TopicKind::ALL
-    } else {
-        &options.kinds
-    };
+    let mut kinds: Vec<TopicKind> = Vec::new();
+    for kind in &options.kinds {
+        if !kinds.contains(kind) {
+            kinds.push(*kind);
+        }
+    }
+    if kinds.is_empty() {
+        kinds = TopicKind::ALL.to_vec();
+    }
     let reader = Reader::new(kafka)?;
-    let ranges = reader.plan(topics, kinds, options.start)?;
+    let ranges = reader.plan(topics, &kinds, options.start)?;
     bar.set_length(ranges.iter().map(PartitionRange::len).sum());
     let since_ms = options.since.map(|t| t.timestamp_millis());
     let until_ms = options.until.map(|t| t.timestamp_millis());
