@@ -2,11 +2,14 @@
 //! This file only parses flags (with environment fallbacks) and wires the
 //! library together; see `couponctl --help`.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use chrono::{DateTime, Utc};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use coupon_consumers::Policy;
@@ -15,6 +18,8 @@ use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::KafkaSettings;
 use coupon_producers::gateway::GatewayConfig;
 use couponctl::app::{self, AppConfig, Role};
+use couponctl::replay::{self, ReplayOptions, StartAt, TopicKind};
+use couponctl::{audit, history, rebuild};
 
 #[derive(Parser, Debug)]
 #[command(name = "couponctl", version, about = "Coupon system: gateway, consumers and tools", long_about = None)]
@@ -264,6 +269,79 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Read topics from the start (or an offset, or a time) and write every
+    /// event as a JSON line; or rebuild the projections into a fresh database.
+    #[command(after_help = "Examples:
+  couponctl replay --topic claims,claim-results --since 2026-11-25T00:00:00Z --output claims.jsonl
+  couponctl replay --offset 1000 | jq -c 'select(.payload.outcome == \"CLAIM_OUTCOME_GRANTED\")'
+  couponctl replay --rebuild postgres://postgres@127.0.0.1:5432/coupons_rebuilt
+
+Each line: topic, topic_kind, partition, offset, timestamp_ms, key, envelope and
+payload (the message without its envelope, enums by name, bytes in base64); a
+record that does not decode has error and value_base64 instead. The replay reads
+with its own group id and plain partition assignment, never commits, and stops at
+the end each partition had when it started.")]
+    Replay(ReplayArgs),
+    /// Rebuild the state from the log into a scratch database and report every
+    /// difference from the live database (exit code 1 if there is any).
+    #[command(after_help = "Example:
+  couponctl audit && echo 'the database matches the log'
+
+Only records below the live consumer groups' committed offsets count; coupons and
+users named by later records (still in flight) are left out. The scratch database
+audit_<random> is created on the DATABASE_URL server and dropped afterwards.")]
+    Audit,
+    /// Every history row of a user or a coupon, in time order.
+    #[command(after_help = "Examples:
+  couponctl history --user user-42
+  couponctl history --coupon 0CKD3QF2R5T00 --since 2026-11-25T00:00:00Z --until 2026-11-26T00:00:00Z
+
+One line per row, tab separated: time, kind, coupon, user, detail (JSON).")]
+    History(HistoryArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    /// Topics to read, by short name, comma separated [default: all seven:
+    /// created, claims, claim-results, purchases, purchase-results,
+    /// expirations, dead-letter].
+    #[arg(long = "topic", value_name = "TOPICS", value_delimiter = ',', value_parser = replay::parse_kind)]
+    topics: Vec<TopicKind>,
+    /// Start at this offset in every partition [default: the beginning].
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+    offset: Option<i64>,
+    /// Only records at or after this time (RFC 3339). Partitions are read from
+    /// the start and filtered on the record time (or the event's time).
+    #[arg(long, value_parser = replay::parse_time)]
+    since: Option<DateTime<Utc>>,
+    /// Only records at or before this time (RFC 3339). A partition is left
+    /// at its first record more than a minute past it.
+    #[arg(long, value_parser = replay::parse_time)]
+    until: Option<DateTime<Utc>>,
+    /// Write the JSON lines to this file [default: stdout].
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Instead of JSON lines, project the log into this fresh database: it is
+    /// migrated first, and refused if it already has coupons.
+    #[arg(long, value_name = "DATABASE_URL", conflicts_with_all = ["topics", "offset", "since", "until", "output"])]
+    rebuild: Option<String>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("subject").required(true).multiple(true).args(["user", "coupon"])))]
+struct HistoryArgs {
+    /// The user whose history to show.
+    #[arg(long)]
+    user: Option<String>,
+    /// The coupon (code) whose history to show.
+    #[arg(long)]
+    coupon: Option<String>,
+    /// Only rows at or after this time (RFC 3339).
+    #[arg(long, value_parser = replay::parse_time)]
+    since: Option<DateTime<Utc>>,
+    /// Only rows at or before this time (RFC 3339).
+    #[arg(long, value_parser = replay::parse_time)]
+    until: Option<DateTime<Utc>>,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
@@ -486,7 +564,110 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{holds} live holds written to Redis");
             Ok(())
         }
+        Command::Replay(args) => replay(&conn, args).await,
+        Command::Audit => audit(&conn).await,
+        Command::History(args) => history(&conn, args).await,
     }
+}
+
+async fn replay(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
+    let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+    let kafka = conn.kafka();
+    if let Some(url) = args.rebuild {
+        let target = coupon_platform::db::connect(&url, 4)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the rebuild database at {}",
+                    app::redact(&url)
+                )
+            })?;
+        let bar = replay::progress_bar(0, "reading the log");
+        let stats = rebuild::rebuild(&kafka, &topics, &target, bar).await?;
+        target.close().await;
+        for example in &stats.anomaly_examples {
+            eprintln!("warning: {example}");
+        }
+        println!("{stats}");
+        return Ok(());
+    }
+    let options = ReplayOptions {
+        kinds: args.topics,
+        start: args.offset.map(StartAt::Offset).unwrap_or_default(),
+        since: args.since,
+        until: args.until,
+    };
+    let output = args.output;
+    let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut out: Box<dyn std::io::Write> = match &output {
+            Some(path) => Box::new(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            )),
+            None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        };
+        let bar = replay::progress_bar(0, "replaying");
+        let summary = replay::replay_json(&kafka, &topics, &options, &mut *out, &bar);
+        bar.finish_and_clear();
+        out.flush().context("writing the output")?;
+        summary
+    })
+    .await
+    .context("the replay stopped")??;
+    eprintln!("{summary}");
+    Ok(())
+}
+
+async fn audit(conn: &Connections) -> anyhow::Result<()> {
+    let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+    let bar = replay::progress_bar(0, "reading the log");
+    let report = audit::audit(&conn.kafka(), &topics, &conn.database_url, bar).await?;
+    eprintln!("{}", report.rebuild);
+    for example in &report.rebuild.anomaly_examples {
+        eprintln!("warning: {example}");
+    }
+    if report.in_flight_records > 0 {
+        eprintln!(
+            "{} records still in flight: {} coupons and {} users left out",
+            report.in_flight_records, report.coupons_skipped, report.users_skipped
+        );
+    }
+    let mut stdout = std::io::stdout().lock();
+    for line in &report.differences {
+        writeln!(stdout, "{line}").context("writing the report")?;
+    }
+    if report.is_clean() {
+        writeln!(
+            stdout,
+            "no differences ({} coupons, {} users checked)",
+            report.coupons_checked, report.users_checked
+        )
+        .context("writing the report")?;
+        return Ok(());
+    }
+    let n = report.differences.len();
+    anyhow::bail!("{n} difference{}", if n == 1 { "" } else { "s" })
+}
+
+async fn history(conn: &Connections, args: HistoryArgs) -> anyhow::Result<()> {
+    let pool = database(conn).await?;
+    let filter = history::HistoryFilter {
+        user: args.user,
+        coupon: args.coupon,
+        since: args.since,
+        until: args.until,
+    };
+    let rows = history::query(&pool, &filter)
+        .await
+        .context("reading coupon_history")?;
+    if rows.is_empty() {
+        eprintln!("no history rows");
+    }
+    let mut stdout = std::io::stdout().lock();
+    for row in rows {
+        writeln!(stdout, "{row}").context("writing the history")?;
+    }
+    Ok(())
 }
 
 fn default_serve_args() -> ServeArgs {

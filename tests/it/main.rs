@@ -7,3 +7,4 @@ mod claims;
 mod demo;
 mod purchases;
 mod release;
+mod replay;

@@ -1,0 +1,498 @@
+//! Audit: rebuild the state from the log into a scratch database and compare
+//! it with the live database, coupon by coupon and user by user.
+//!
+//! Only what the live consumers have finished counts. The cut is each live
+//! consumer group's committed offsets, read (before the log's ends are
+//! snapshotted) by a client that has the group's id but never subscribes,
+//! assigns or commits:
+//!
+//! - `created` below `<prefix>.coupons-processor`'s offsets and `expirations`
+//!   below `<prefix>.expiry-processor`'s are applied; the coupons (and users)
+//!   named by later records are skipped, as their effect may or may not be in
+//!   the live database yet;
+//! - `claim-results` and `purchase-results` are applied up to their ends (a
+//!   decision is published only after its effect committed), and users (and
+//!   coupons) named by `claims` and `purchases` records at or after
+//!   `<prefix>.claims-processor` / `<prefix>.purchases-processor`'s offsets
+//!   are skipped, with every coupon a skipped user holds on either side
+//!   (its decision may be committed but not yet published).
+//!
+//! The scratch database `audit_<random>` lives on the same server as the
+//! live one and is dropped afterwards, whatever happened.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use coupon_domain::CouponCode;
+use coupon_platform::kafka::Record;
+use coupon_platform::{KafkaSettings, Topics};
+use coupon_schemas::ClaimOutcome;
+
+use crate::rebuild::{self, LogRecord, RebuildStats};
+use crate::replay::{
+    committed_offsets, decode_event, Event, Flow, PartitionRange, Reader, TopicKind,
+};
+
+/// The live groups whose committed offsets cut the log, with the topic each
+/// one's offsets are read on.
+const CUTS: [(&str, TopicKind); 4] = [
+    (coupon_consumers::coupons::ROLE, TopicKind::Created),
+    (coupon_consumers::claims::ROLE, TopicKind::Claims),
+    (coupon_consumers::purchases::ROLE, TopicKind::Purchases),
+    (coupon_consumers::expiry::ROLE, TopicKind::Expirations),
+];
+
+/// The outcome of an audit.
+#[derive(Debug, Clone, Default)]
+pub struct AuditReport {
+    /// One line per coupon or user that differs, sorted.
+    pub differences: Vec<String>,
+    pub coupons_checked: usize,
+    pub users_checked: usize,
+    /// Left out because records still in flight name them.
+    pub coupons_skipped: usize,
+    pub users_skipped: usize,
+    /// Records past the live groups' committed offsets.
+    pub in_flight_records: u64,
+    pub rebuild: RebuildStats,
+}
+
+impl AuditReport {
+    pub fn is_clean(&self) -> bool {
+        self.differences.is_empty()
+    }
+}
+
+/// The log, cut at the live groups' committed offsets.
+#[derive(Debug, Default)]
+struct CutLog {
+    outcomes: Vec<LogRecord>,
+    undecodable: u64,
+    in_flight: u64,
+    skip_coupons: HashSet<String>,
+    skip_users: HashSet<String>,
+    /// Request ids of claims still in flight.
+    pending_claims: HashSet<String>,
+}
+
+fn canonical_code(raw: &str) -> String {
+    CouponCode::parse(raw)
+        .map(|c| c.to_string())
+        .unwrap_or_else(|_| raw.to_owned())
+}
+
+impl CutLog {
+    fn skip_user(&mut self, user: &str) {
+        if !user.is_empty() {
+            self.skip_users.insert(user.to_owned());
+        }
+    }
+
+    fn skip_coupon(&mut self, code: &str) {
+        if !code.is_empty() {
+            self.skip_coupons.insert(canonical_code(code));
+        }
+    }
+
+    /// Notes what a record past the cut touches.
+    fn in_flight(&mut self, kind: TopicKind, record: &Record) {
+        self.in_flight += 1;
+        match decode_event(kind, record) {
+            Ok(Event::Created(event)) => {
+                if let Ok(coupons) = coupon_consumers::coupons::coupons_of(&event) {
+                    for coupon in coupons {
+                        self.skip_coupons.insert(coupon.code.to_string());
+                    }
+                }
+            }
+            Ok(Event::HoldExpired(event)) => {
+                self.skip_coupon(&event.coupon_code);
+                self.skip_user(&event.user_id);
+            }
+            Ok(Event::ClaimRequested(event)) => {
+                self.skip_user(&event.user_id);
+                self.pending_claims.insert(event.request_id);
+            }
+            Ok(Event::PurchaseRequested(event)) => {
+                self.skip_user(&event.user_id);
+                self.skip_coupon(&event.coupon_code);
+            }
+            // Claims and purchases are keyed by user: an undecodable one
+            // still names its user (its decision, if any, is `invalid`).
+            _ => {
+                if let Some(user) = record.key_str() {
+                    if matches!(kind, TopicKind::Claims | TopicKind::Purchases) {
+                        self.skip_user(user);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Coupons granted to claims still in flight (their decision was
+    /// published but the claim's offset not committed yet).
+    fn skip_pending_grants(&mut self) {
+        let mut codes = Vec::new();
+        for log in &self.outcomes {
+            if log.kind != TopicKind::ClaimResults {
+                continue;
+            }
+            if let Ok(Event::ClaimDecided(event)) = decode_event(log.kind, &log.record) {
+                if ClaimOutcome::try_from(event.outcome) == Ok(ClaimOutcome::Granted)
+                    && self.pending_claims.contains(&event.request_id)
+                {
+                    codes.push(event.coupon_code);
+                }
+            }
+        }
+        for code in codes {
+            self.skip_coupon(&code);
+        }
+    }
+}
+
+/// Reads the committed offsets, then the log up to its current end. Blocking.
+fn read_cut_log(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<CutLog> {
+    // Offsets first: everything they cover is then below the ends read next.
+    let mut cuts: HashMap<(TopicKind, i32), Option<i64>> = HashMap::new();
+    for (role, kind) in CUTS {
+        let group = topics.group(role);
+        for (partition, offset) in committed_offsets(kafka, &group, &kind.topic(topics))? {
+            cuts.insert((kind, partition), offset);
+        }
+    }
+    let reader = Reader::new(kafka)?;
+    let mut ranges = Vec::new();
+    let mut cut_at: HashMap<(String, i32), i64> = HashMap::new();
+    for kind in [
+        TopicKind::Created,
+        TopicKind::Claims,
+        TopicKind::ClaimResults,
+        TopicKind::Purchases,
+        TopicKind::PurchaseResults,
+        TopicKind::Expirations,
+    ] {
+        let topic = kind.topic(topics);
+        for partition in reader.partitions(&topic)? {
+            let (low, high) = reader.watermarks(&topic, partition)?;
+            let start = match kind {
+                TopicKind::ClaimResults | TopicKind::PurchaseResults => low,
+                _ => {
+                    // Nothing committed: nothing is known to be done.
+                    let cut = cuts
+                        .get(&(kind, partition))
+                        .copied()
+                        .flatten()
+                        .unwrap_or(low)
+                        .clamp(low, high);
+                    cut_at.insert((topic.clone(), partition), cut);
+                    // Requests below the cut are done; only later ones matter.
+                    if matches!(kind, TopicKind::Claims | TopicKind::Purchases) {
+                        cut
+                    } else {
+                        low
+                    }
+                }
+            };
+            ranges.push(PartitionRange {
+                kind,
+                topic: topic.clone(),
+                partition,
+                start,
+                end: high,
+            });
+        }
+    }
+    bar.set_length(ranges.iter().map(PartitionRange::len).sum());
+    let mut log = CutLog::default();
+    reader.read(&ranges, |kind, record| {
+        bar.inc(1);
+        let past_cut = cut_at
+            .get(&(record.topic.clone(), record.partition))
+            .is_some_and(|cut| record.offset >= *cut);
+        if past_cut {
+            log.in_flight(kind, &record);
+        } else if matches!(kind, TopicKind::Claims | TopicKind::Purchases) {
+            // Below the cut (not planned to be read): done.
+        } else {
+            match LogRecord::new(kind, record) {
+                Some(record) => log.outcomes.push(record),
+                None => log.undecodable += 1,
+            }
+        }
+        Ok(Flow::Continue)
+    })?;
+    log.skip_pending_grants();
+    Ok(log)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+struct CouponRow {
+    code: String,
+    status: String,
+    holder_user_id: Option<String>,
+    redeemed_order_id: Option<String>,
+}
+
+impl CouponRow {
+    fn describe(&self) -> String {
+        format!(
+            "{} holder={} order={}",
+            self.status,
+            self.holder_user_id.as_deref().unwrap_or("-"),
+            self.redeemed_order_id.as_deref().unwrap_or("-")
+        )
+    }
+}
+
+/// Whether two coupons agree on what the audit checks.
+fn same_coupon(live: &CouponRow, log: &CouponRow) -> bool {
+    live.status == log.status
+        && (live.status == "available" || live.holder_user_id == log.holder_user_id)
+        && (live.status != "redeemed" || live.redeemed_order_id == log.redeemed_order_id)
+}
+
+async fn coupons_of(pool: &PgPool) -> Result<HashMap<String, CouponRow>, sqlx::Error> {
+    let rows: Vec<CouponRow> =
+        sqlx::query_as("SELECT code, status, holder_user_id, redeemed_order_id FROM coupons")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|r| (r.code.clone(), r)).collect())
+}
+
+/// Users with a `last_coupon_at`, in milliseconds.
+async fn users_of(pool: &PgPool) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT user_id, last_coupon_at FROM users WHERE last_coupon_at IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(user, at)| (user, at.timestamp_millis()))
+        .collect())
+}
+
+fn time_ms(ms: Option<&i64>) -> String {
+    ms.and_then(|ms| coupon_platform::time::from_ms(*ms))
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Compares the live database with the rebuilt one.
+async fn compare(
+    live: &PgPool,
+    rebuilt: &PgPool,
+    log: &mut CutLog,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
+    let live_coupons = coupons_of(live).await.context("reading the live coupons")?;
+    let log_coupons = coupons_of(rebuilt)
+        .await
+        .context("reading the rebuilt coupons")?;
+    // A user still in flight may hold a coupon whose decision is not published yet.
+    for row in live_coupons.values().chain(log_coupons.values()) {
+        if row
+            .holder_user_id
+            .as_ref()
+            .is_some_and(|u| log.skip_users.contains(u))
+        {
+            log.skip_coupons.insert(row.code.clone());
+        }
+    }
+    let codes: BTreeSet<&String> = live_coupons.keys().chain(log_coupons.keys()).collect();
+    for code in codes {
+        if log.skip_coupons.contains(code.as_str()) {
+            report.coupons_skipped += 1;
+            continue;
+        }
+        report.coupons_checked += 1;
+        let line = match (live_coupons.get(code), log_coupons.get(code)) {
+            (Some(l), Some(r)) if same_coupon(l, r) => None,
+            (Some(l), Some(r)) => Some(format!(
+                "coupon {code}: live {}, log says {}",
+                l.describe(),
+                r.describe()
+            )),
+            (Some(l), None) => Some(format!(
+                "coupon {code}: live {}, but the log never created it",
+                l.describe()
+            )),
+            (None, Some(r)) => Some(format!(
+                "coupon {code}: missing from the live database, log says {}",
+                r.describe()
+            )),
+            (None, None) => None,
+        };
+        report.differences.extend(line);
+    }
+
+    let live_users = users_of(live).await.context("reading the live users")?;
+    let log_users = users_of(rebuilt)
+        .await
+        .context("reading the rebuilt users")?;
+    let users: BTreeSet<&String> = live_users.keys().chain(log_users.keys()).collect();
+    for user in users {
+        if log.skip_users.contains(user.as_str()) {
+            report.users_skipped += 1;
+            continue;
+        }
+        report.users_checked += 1;
+        let (l, r) = (live_users.get(user), log_users.get(user));
+        if l != r {
+            report.differences.push(format!(
+                "user {user}: live last_coupon_at={}, log says {}",
+                time_ms(l),
+                time_ms(r)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs an audit of the deployment under `topics` whose live database is
+/// `database_url`.
+pub async fn audit(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    database_url: &str,
+    bar: indicatif::ProgressBar,
+) -> anyhow::Result<AuditReport> {
+    let options: PgConnectOptions = database_url
+        .parse()
+        .context("the database URL is not a valid Postgres URL")?;
+    let live = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to Postgres at {}",
+                crate::app::redact(database_url)
+            )
+        })?;
+
+    let started = std::time::Instant::now();
+    let (k, t, b) = (kafka.clone(), topics.clone(), bar.clone());
+    let mut log = tokio::task::spawn_blocking(move || read_cut_log(&k, &t, &b))
+        .await
+        .context("the log reader stopped")??;
+    bar.finish_and_clear();
+    let read_seconds = started.elapsed().as_secs_f64();
+
+    let scratch = format!("audit_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    sqlx::query(&format!("CREATE DATABASE \"{scratch}\""))
+        .execute(&live)
+        .await
+        .with_context(|| {
+            format!("creating the scratch database {scratch} (the role needs CREATEDB)")
+        })?;
+    let result = audit_in(&live, options.database(&scratch), topics, &mut log).await;
+    let dropped = drop_database(&live, &scratch).await;
+    live.close().await;
+    let mut report = result?;
+    dropped.with_context(|| format!("dropping the scratch database {scratch}"))?;
+    report.rebuild.read_seconds = read_seconds;
+    report.rebuild.undecodable = log.undecodable;
+    report.in_flight_records = log.in_flight;
+    Ok(report)
+}
+
+/// Drops a database once its last connection is gone (a closed pool may
+/// still be finishing a connection's release), forcing it after a while.
+async fn drop_database(admin: &PgPool, name: &str) -> Result<(), sqlx::Error> {
+    let plain = format!("DROP DATABASE IF EXISTS \"{name}\"");
+    for _ in 0..20 {
+        match sqlx::query(&plain).execute(admin).await {
+            Ok(_) => return Ok(()),
+            // 55006: object_in_use (another session is still connected).
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55006") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    sqlx::query(&format!("{plain} WITH (FORCE)"))
+        .execute(admin)
+        .await
+        .map(|_| ())
+}
+
+async fn audit_in(
+    live: &PgPool,
+    scratch: PgConnectOptions,
+    topics: &Topics,
+    log: &mut CutLog,
+) -> anyhow::Result<AuditReport> {
+    let rebuilt = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(scratch)
+        .await
+        .context("connecting to the scratch database")?;
+    let result = async {
+        rebuild::prepare_target(&rebuilt).await?;
+        let outcomes = std::mem::take(&mut log.outcomes);
+        let (stats, _) = rebuild::project(&rebuilt, topics, outcomes).await?;
+        let mut report = AuditReport {
+            rebuild: stats,
+            ..AuditReport::default()
+        };
+        compare(live, &rebuilt, log, &mut report).await?;
+        Ok(report)
+    }
+    .await;
+    rebuilt.close().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(status: &str, holder: Option<&str>, order: Option<&str>) -> CouponRow {
+        CouponRow {
+            code: "C".into(),
+            status: status.into(),
+            holder_user_id: holder.map(Into::into),
+            redeemed_order_id: order.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn coupons_are_compared_on_status_holder_and_order() {
+        let redeemed = row("redeemed", Some("bob"), Some("o-1"));
+        assert!(same_coupon(&redeemed, &redeemed.clone()));
+        assert!(!same_coupon(&redeemed, &row("available", None, None)));
+        assert!(!same_coupon(
+            &redeemed,
+            &row("redeemed", Some("bob"), Some("o-2"))
+        ));
+        assert!(!same_coupon(
+            &row("held", Some("bob"), None),
+            &row("held", Some("carol"), None)
+        ));
+        assert!(same_coupon(
+            &row("available", None, None),
+            &row("available", None, None)
+        ));
+    }
+
+    #[test]
+    fn codes_are_canonical_before_skipping() {
+        let code = CouponCode::from_id(coupon_domain::SnowflakeId::from_raw(1 << 40).unwrap());
+        let text = code.to_string();
+        assert_eq!(canonical_code(&text.to_lowercase()), text);
+        assert_eq!(canonical_code("not a code"), "not a code");
+    }
+}

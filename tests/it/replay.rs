@@ -1,0 +1,856 @@
+//! Analysts' tools against a real system: `replay` (JSON lines, time and
+//! offset ranges, never touching the live groups), `replay --rebuild`,
+//! `audit` (clean, tampered, in flight) and `history`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+use coupon_platform::kafka::{decode, Publisher, Record};
+use coupon_schemas::{
+    ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated, DeadLetter, HoldExpired,
+    PurchaseDecided, PurchaseOutcome, PurchaseRequested,
+};
+use couponctl::app::Role;
+use couponctl::replay::{committed_offsets, TopicKind};
+
+use crate::harness::{eventually, redis_url, release, App, TestEnv};
+
+const ALL: [Role; 6] = [
+    Role::Gateway,
+    Role::Coupons,
+    Role::Claims,
+    Role::Purchases,
+    Role::Expiry,
+    Role::History,
+];
+
+/// Bytes no topic's message type decodes.
+const GARBAGE: &[u8] = b"\xff\xfe not protobuf";
+
+struct Scenario {
+    app: App,
+    /// The Shoes coupon alice let expire, then dave bought.
+    expired_then_redeemed: String,
+    /// The Shoes coupon bob bought.
+    redeemed: String,
+    /// The Hats coupon nobody claimed.
+    untouched: String,
+    /// A time between the first and the second half of the scenario.
+    middle: DateTime<Utc>,
+}
+
+async fn claim(app: &App, user: &str, category: &str) -> (u16, Value) {
+    let response = TestEnv::http_client()
+        .get(app.url(&format!("/api/v1/coupon?id={user}&category={category}")))
+        .send()
+        .await
+        .expect("claim");
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+async fn purchase(app: &App, user: &str, code: &str, order: &str) -> (u16, Value) {
+    let response = TestEnv::http_client()
+        .post(app.url("/api/v1/purchase"))
+        .json(&json!({"user_id": user, "coupon_code": code, "order_id": order}))
+        .send()
+        .await
+        .expect("purchase");
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// Coupons issued, granted, sold out, rate limited, redeemed, expired and
+/// granted again, with a poison record; returns once every live consumer
+/// has committed everything.
+async fn scenario(env: &TestEnv) -> Scenario {
+    let app = env
+        .start(&ALL, |c| c.policy.hold_ttl = Duration::from_secs(3))
+        .await;
+    let shoes = release(env, "Shoes", 2).await;
+    let hats = release(env, "Hats", 1).await;
+
+    let (status, alice) = claim(&app, "alice", "Shoes").await;
+    assert_eq!(status, 200, "{alice}");
+    let alice_code = alice["coupon_code"].as_str().unwrap().to_owned();
+    let (status, bob) = claim(&app, "bob", "Shoes").await;
+    assert_eq!(status, 200, "{bob}");
+    let bob_code = bob["coupon_code"].as_str().unwrap().to_owned();
+    let (status, body) = purchase(&app, "bob", &bob_code, "order-bob").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = claim(&app, "carol", "Shoes").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("sold_out")));
+    let (status, body) = claim(&app, "bob", "Shoes").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+
+    let middle = Utc::now();
+    // Record timestamps are taken by the producer at send time: make sure
+    // everything after this point is at least a millisecond later.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let poison = Publisher::new(&env.kafka, "test-poison").unwrap();
+    poison
+        .send_bytes(&env.topics.claims(), Some(b"mallory"), GARBAGE)
+        .await
+        .unwrap();
+
+    let sql = format!(
+        "SELECT count(*) FROM coupons WHERE code = '{alice_code}' AND status = 'available'"
+    );
+    eventually("alice's hold expires", Duration::from_secs(20), || async {
+        env.count(&sql).await == 1
+    })
+    .await;
+    let (status, dave) = claim(&app, "dave", "Shoes").await;
+    assert_eq!(status, 200, "{dave}");
+    assert_eq!(
+        dave["coupon_code"],
+        alice_code.as_str(),
+        "the released coupon goes to dave"
+    );
+    let (status, again) = claim(&app, "dave", "Shoes").await;
+    assert_eq!(status, 200, "a repeated claim returns the hold: {again}");
+    for _ in 0..2 {
+        let (status, body) = purchase(&app, "dave", &alice_code, "order-dave").await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    for (role, topic) in [
+        ("coupons", env.topics.created()),
+        ("claims", env.topics.claims()),
+        ("purchases", env.topics.purchases()),
+        ("expiry", env.topics.expirations()),
+        ("history", env.topics.claim_results()),
+        ("history", env.topics.purchase_results()),
+    ] {
+        env.wait_caught_up(role, &topic, Duration::from_secs(20))
+            .await;
+    }
+    let redeemed = "SELECT count(*) FROM coupons WHERE status = 'redeemed'";
+    assert_eq!(env.count(redeemed).await, 2);
+    assert_eq!(
+        env.read_topic(&env.topics.dead_letter()).await.len(),
+        1,
+        "the poison record was dead-lettered"
+    );
+    Scenario {
+        app,
+        expired_then_redeemed: alice_code,
+        redeemed: bob_code,
+        untouched: hats[0].clone(),
+        middle,
+    }
+    .check(&shoes)
+}
+
+impl Scenario {
+    fn check(self, shoes: &[String]) -> Self {
+        let mut mine = vec![self.expired_then_redeemed.clone(), self.redeemed.clone()];
+        mine.sort();
+        let mut issued = shoes.to_vec();
+        issued.sort();
+        assert_eq!(mine, issued);
+        self
+    }
+}
+
+fn couponctl(env: &TestEnv) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_couponctl"));
+    command
+        .env("DATABASE_URL", &env.database_url)
+        .env("COUPON_TOPIC_PREFIX", &env.name)
+        .env("REDIS_URL", redis_url())
+        .env("KAFKA_BROKERS", &env.kafka.brokers)
+        .env_remove("RUST_LOG");
+    command
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run(env: &TestEnv, args: &[&str]) -> Run {
+    let output = couponctl(env)
+        .args(args)
+        .output()
+        .await
+        .expect("run couponctl");
+    let run = Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    eprintln!("couponctl {}: {}", args.join(" "), run.stderr.trim());
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_audit_agrees_reports_a_tampered_coupon_and_ignores_in_flight_work() {
+    let env = TestEnv::new().await;
+    let scenario = scenario(&env).await;
+
+    // The system keeps running: the audit reads the live groups' offsets.
+    let clean = run(&env, &["audit"]).await;
+    assert_eq!(clean.code, Some(0), "{}\n{}", clean.stdout, clean.stderr);
+    assert_eq!(
+        clean.stdout.trim(),
+        "no differences (3 coupons, 3 users checked)"
+    );
+    assert!(clean.stderr.contains("events/s"), "{}", clean.stderr);
+    let scratch = env
+        .count("SELECT count(*) FROM pg_database WHERE datname LIKE 'audit\\_%'")
+        .await;
+
+    // An operator "fixes" a redeemed coupon by hand.
+    sqlx::query(
+        "UPDATE coupons SET status = 'available', holder_user_id = NULL, hold_id = NULL,
+                held_until = NULL WHERE code = $1",
+    )
+    .bind(&scenario.redeemed)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let tampered = run(&env, &["audit"]).await;
+    assert_eq!(tampered.code, Some(1), "{}", tampered.stdout);
+    let lines: Vec<&str> = tampered.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", tampered.stdout);
+    assert!(
+        lines[0].starts_with(&format!("coupon {}:", scenario.redeemed)),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("live available"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("log says redeemed holder=bob order=order-bob"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        tampered.stderr.contains("error: 1 difference"),
+        "{}",
+        tampered.stderr
+    );
+
+    // Work in flight: a claim the processor has decided and committed in
+    // Postgres, but whose offset is not committed (and decision not
+    // published), must not count as a difference.
+    scenario.app.stop().await;
+    let publisher = Publisher::new(&env.kafka, "test-in-flight").unwrap();
+    let request = ClaimRequested {
+        envelope: Some(publisher.envelope::<ClaimRequested>("")),
+        request_id: "r-zed".into(),
+        user_id: "zed".into(),
+        category: String::new(),
+    };
+    publisher
+        .send(&env.topics.claims(), "zed", &request)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE coupons SET status = 'held', holder_user_id = 'zed', hold_id = 'r-zed',
+                held_until = now() + interval '1 hour' WHERE code = $1",
+    )
+    .bind(&scenario.untouched)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO users (user_id, last_coupon_at) VALUES ('zed', now())")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let in_flight = run(&env, &["audit"]).await;
+    assert_eq!(in_flight.code, Some(1));
+    let lines: Vec<&str> = in_flight.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "only the tampered coupon: {}",
+        in_flight.stdout
+    );
+    assert!(lines[0].starts_with(&format!("coupon {}:", scenario.redeemed)));
+    assert!(
+        in_flight
+            .stderr
+            .contains("1 records still in flight: 1 coupons and 1 users left out"),
+        "{}",
+        in_flight.stderr
+    );
+
+    // Every audit dropped its scratch database.
+    let left = env
+        .count("SELECT count(*) FROM pg_database WHERE datname LIKE 'audit\\_%'")
+        .await;
+    assert!(left <= scratch, "scratch databases left behind: {left}");
+}
+
+/// Every line of a replay, by (topic, partition, offset).
+fn lines_of(text: &str) -> BTreeMap<(String, i32, i64), Value> {
+    text.lines()
+        .map(|line| {
+            let value: Value = serde_json::from_str(line).expect("a JSON line");
+            let key = (
+                value["topic"].as_str().expect("topic").to_owned(),
+                value["partition"].as_i64().expect("partition") as i32,
+                value["offset"].as_i64().expect("offset"),
+            );
+            (key, value)
+        })
+        .collect()
+}
+
+/// The time `--since`/`--until` filter on.
+fn line_time(line: &Value) -> i64 {
+    line["timestamp_ms"]
+        .as_i64()
+        .or_else(|| line["envelope"]["occurred_at_ms"].as_i64())
+        .expect("a record time")
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Checks a line against the record it came from, decoded independently.
+fn assert_round_trip(kind: TopicKind, record: &Record, line: &Value) {
+    assert_eq!(line["topic_kind"], kind.short());
+    assert_eq!(line["key"].as_str(), record.key_str(), "{line}");
+    let payload = &line["payload"];
+    let envelope = match kind {
+        TopicKind::Created => {
+            let e: CouponsCreated = decode(record).unwrap();
+            assert_eq!(payload["batch_id"], e.batch_id.as_str());
+            assert_eq!(payload["employee_id"], e.employee_id.as_str());
+            assert_eq!(payload["category"], e.category.as_str());
+            assert_eq!(payload["coupon_ids"], json!(e.coupon_ids));
+            assert_eq!(payload["chunk_count"], e.chunk_count);
+            e.envelope
+        }
+        TopicKind::Claims => {
+            let Ok(e) = decode::<ClaimRequested>(record) else {
+                assert_eq!(record.value.as_deref(), Some(GARBAGE));
+                assert!(line["error"].as_str().unwrap().contains("protobuf"));
+                assert_eq!(line["value_base64"], b64(GARBAGE));
+                assert!(line.get("payload").is_none());
+                return;
+            };
+            assert_eq!(payload["request_id"], e.request_id.as_str());
+            assert_eq!(payload["user_id"], e.user_id.as_str());
+            assert_eq!(payload["category"], e.category.as_str());
+            e.envelope
+        }
+        TopicKind::ClaimResults => {
+            let e: ClaimDecided = decode(record).unwrap();
+            let outcome = ClaimOutcome::try_from(e.outcome).unwrap().as_str_name();
+            assert_eq!(payload["outcome"], outcome);
+            assert_eq!(payload["request_id"], e.request_id.as_str());
+            assert_eq!(payload["user_id"], e.user_id.as_str());
+            assert_eq!(payload["coupon_code"], e.coupon_code.as_str());
+            assert_eq!(payload["expires_at_ms"], e.expires_at_ms);
+            assert_eq!(payload["retry_at_ms"], e.retry_at_ms);
+            assert_eq!(payload["repeated"], e.repeated);
+            e.envelope
+        }
+        TopicKind::Purchases => {
+            let e: PurchaseRequested = decode(record).unwrap();
+            assert_eq!(payload["order_id"], e.order_id.as_str());
+            assert_eq!(payload["coupon_code"], e.coupon_code.as_str());
+            assert_eq!(payload["user_id"], e.user_id.as_str());
+            e.envelope
+        }
+        TopicKind::PurchaseResults => {
+            let e: PurchaseDecided = decode(record).unwrap();
+            let outcome = PurchaseOutcome::try_from(e.outcome).unwrap().as_str_name();
+            assert_eq!(payload["outcome"], outcome);
+            assert_eq!(payload["order_id"], e.order_id.as_str());
+            assert_eq!(payload["redeemed_at_ms"], e.redeemed_at_ms);
+            assert_eq!(payload["repeated"], e.repeated);
+            e.envelope
+        }
+        TopicKind::Expirations => {
+            let e: HoldExpired = decode(record).unwrap();
+            assert_eq!(payload["coupon_code"], e.coupon_code.as_str());
+            assert_eq!(payload["hold_id"], e.hold_id.as_str());
+            assert_eq!(payload["user_id"], e.user_id.as_str());
+            assert_eq!(payload["held_until_ms"], e.held_until_ms);
+            e.envelope
+        }
+        TopicKind::DeadLetter => {
+            let e: DeadLetter = decode(record).unwrap();
+            assert_eq!(payload["source_topic"], e.source_topic.as_str());
+            assert_eq!(payload["source_offset"], e.source_offset);
+            assert_eq!(payload["reason"], e.reason.as_str());
+            assert_eq!(payload["original_value"], b64(&e.original_value));
+            assert_eq!(payload["original_key"], b64(&e.original_key));
+            e.envelope
+        }
+    };
+    let envelope = envelope.unwrap();
+    assert!(line.get("error").is_none(), "{line}");
+    assert!(payload.get("envelope").is_none());
+    assert_eq!(line["envelope"]["event_id"], envelope.event_id.as_str());
+    assert_eq!(line["envelope"]["occurred_at_ms"], envelope.occurred_at_ms);
+    assert_eq!(line["envelope"]["event_type"], kind.type_name());
+}
+
+/// Every live group's committed offsets on every topic.
+async fn live_offsets(env: &TestEnv) -> Vec<(String, String, BTreeMap<i32, Option<i64>>)> {
+    let kafka = env.kafka.clone();
+    let topics = env.topics.clone();
+    tokio::task::spawn_blocking(move || {
+        [
+            ("coupons", topics.created()),
+            ("claims", topics.claims()),
+            ("purchases", topics.purchases()),
+            ("expiry", topics.expirations()),
+            ("history", topics.created()),
+            ("history", topics.claim_results()),
+            ("history", topics.purchase_results()),
+        ]
+        .into_iter()
+        .map(|(role, topic)| {
+            let group = topics.group(role);
+            let offsets = committed_offsets(&kafka, &group, &topic).unwrap();
+            (group, topic, offsets)
+        })
+        .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap()
+}
+
+async fn kinds_in_history(pool: &sqlx::PgPool) -> BTreeMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>("SELECT kind, count(*) FROM coupon_history GROUP BY kind")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_writes_every_event_as_json_lines_rebuilds_and_leaves_live_groups_alone() {
+    let env = TestEnv::new().await;
+    let scenario = scenario(&env).await;
+    scenario.app.stop().await;
+    let before = live_offsets(&env).await;
+    assert!(
+        before
+            .iter()
+            .any(|(_, _, offsets)| offsets.values().any(Option::is_some)),
+        "the live groups have committed offsets"
+    );
+
+    // Everything, to a file.
+    let dir = std::env::temp_dir().join(format!("{}-replay", env.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let all_path = dir.join("all.jsonl");
+    let full = run(&env, &["replay", "--output", all_path.to_str().unwrap()]).await;
+    assert_eq!(full.code, Some(0), "{}", full.stderr);
+    assert!(full.stderr.contains("records/s"), "{}", full.stderr);
+    let all = lines_of(&std::fs::read_to_string(&all_path).unwrap());
+    let mut outcomes = HashSet::new();
+    for kind in TopicKind::ALL {
+        let topic = kind.topic(&env.topics);
+        let records = env.read_topic(&topic).await;
+        assert!(!records.is_empty(), "{topic} has records");
+        let in_file = all.keys().filter(|(t, _, _)| *t == topic).count();
+        assert_eq!(in_file, records.len(), "every record of {topic}, once");
+        for record in &records {
+            let line = &all[&(topic.clone(), record.partition, record.offset)];
+            assert_round_trip(kind, record, line);
+            if let Some(outcome) = line["payload"]["outcome"].as_str() {
+                outcomes.insert(outcome.to_owned());
+            }
+        }
+    }
+    for outcome in [
+        "CLAIM_OUTCOME_GRANTED",
+        "CLAIM_OUTCOME_SOLD_OUT",
+        "CLAIM_OUTCOME_RATE_LIMITED",
+        "PURCHASE_OUTCOME_REDEEMED",
+    ] {
+        assert!(outcomes.contains(outcome), "{outcome} in {outcomes:?}");
+    }
+
+    // --since: only records at or after the time; --until: the rest.
+    let middle = scenario
+        .middle
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let middle_ms = scenario.middle.timestamp_millis();
+    let since = run(&env, &["replay", "--since", &middle]).await;
+    assert_eq!(since.code, Some(0), "{}", since.stderr);
+    let since = lines_of(&since.stdout);
+    let expected: HashSet<&(String, i32, i64)> = all
+        .iter()
+        .filter(|(_, line)| line_time(line) >= middle_ms)
+        .map(|(key, _)| key)
+        .collect();
+    assert!(!since.is_empty() && since.len() < all.len());
+    assert_eq!(since.keys().collect::<HashSet<_>>(), expected);
+    assert!(since.values().all(|line| line_time(line) >= middle_ms));
+    assert!(
+        since
+            .values()
+            .any(|line| line["payload"]["user_id"] == "dave"),
+        "dave's claims came after the middle"
+    );
+    let until = run(
+        &env,
+        &[
+            "replay",
+            "--until",
+            &middle,
+            "--topic",
+            "claims,claim-results",
+        ],
+    )
+    .await;
+    assert_eq!(until.code, Some(0), "{}", until.stderr);
+    let until = lines_of(&until.stdout);
+    assert!(!until.is_empty());
+    assert!(until.values().all(|line| line_time(line) <= middle_ms
+        && ["claims", "claim-results"].contains(&line["topic_kind"].as_str().unwrap())));
+    assert!(until
+        .values()
+        .all(|line| line["payload"]["user_id"] != "dave"));
+
+    // --offset: from that offset in every partition.
+    let from_one = run(
+        &env,
+        &["replay", "--topic", "claim-results", "--offset", "1"],
+    )
+    .await;
+    assert_eq!(from_one.code, Some(0), "{}", from_one.stderr);
+    let from_one = lines_of(&from_one.stdout);
+    let expected = all
+        .keys()
+        .filter(|(t, _, o)| *t == env.topics.claim_results() && *o >= 1)
+        .count();
+    assert_eq!(from_one.len(), expected);
+
+    // Bad input is refused clearly.
+    let bad = run(&env, &["replay", "--topic", "nope"]).await;
+    assert_ne!(bad.code, Some(0));
+    assert!(bad.stderr.contains("unknown topic"), "{}", bad.stderr);
+
+    assert_eq!(
+        live_offsets(&env).await,
+        before,
+        "replays never move the live groups"
+    );
+
+    // The log, projected into a fresh database, is the live state.
+    let rebuilt_name = format!("{}_rb", env.name);
+    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
+    let rebuild = run(&env, &["replay", "--rebuild", &rebuilt_url]).await;
+    assert_eq!(rebuild.code, Some(0), "{}", rebuild.stderr);
+    assert!(rebuild.stdout.contains("events/s"), "{}", rebuild.stdout);
+    eprintln!("rebuild: {}", rebuild.stdout.trim());
+    let rebuilt = coupon_platform::db::connect(&rebuilt_url, 2).await.unwrap();
+    let state = "SELECT code, status, holder_user_id, hold_id, redeemed_order_id FROM coupons ORDER BY code";
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let live_rows: Vec<Row> = sqlx::query_as(state).fetch_all(&env.pool).await.unwrap();
+    let rebuilt_rows: Vec<Row> = sqlx::query_as(state).fetch_all(&rebuilt).await.unwrap();
+    assert_eq!(rebuilt_rows, live_rows);
+    let users = "SELECT user_id, date_trunc('milliseconds', last_coupon_at) FROM users ORDER BY 1";
+    let live_users: Vec<(String, DateTime<Utc>)> =
+        sqlx::query_as(users).fetch_all(&env.pool).await.unwrap();
+    let rebuilt_users: Vec<(String, DateTime<Utc>)> =
+        sqlx::query_as(users).fetch_all(&rebuilt).await.unwrap();
+    assert_eq!(rebuilt_users, live_users);
+    assert_eq!(
+        kinds_in_history(&rebuilt).await,
+        kinds_in_history(&env.pool).await,
+        "the rebuilt history has the same rows"
+    );
+    let again = run(&env, &["replay", "--rebuild", &rebuilt_url]).await;
+    assert_eq!(again.code, Some(1));
+    assert!(
+        again.stderr.contains("already has coupons"),
+        "{}",
+        again.stderr
+    );
+    rebuilt.close().await;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"{rebuilt_name}\" WITH (FORCE)"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    // History by coupon and by user, in time order.
+    let kinds = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|line| line.split('\t').nth(1).unwrap_or_default().to_owned())
+            .collect()
+    };
+    let coupon = run(
+        &env,
+        &[
+            "history",
+            "--coupon",
+            &scenario.expired_then_redeemed.to_lowercase(),
+        ],
+    )
+    .await;
+    assert_eq!(coupon.code, Some(0), "{}", coupon.stderr);
+    assert_eq!(
+        kinds(&coupon.stdout),
+        ["created", "granted", "released", "granted", "redeemed"],
+        "{}",
+        coupon.stdout
+    );
+    let users: Vec<&str> = coupon
+        .stdout
+        .lines()
+        .map(|line| line.split('\t').nth(3).unwrap())
+        .collect();
+    assert_eq!(users, ["-", "alice", "alice", "dave", "dave"]);
+    let later = run(
+        &env,
+        &[
+            "history",
+            "--coupon",
+            &scenario.expired_then_redeemed,
+            "--since",
+            &middle,
+        ],
+    )
+    .await;
+    assert_eq!(kinds(&later.stdout), ["released", "granted", "redeemed"]);
+    let bob = run(&env, &["history", "--user", "bob"]).await;
+    assert_eq!(
+        kinds(&bob.stdout),
+        ["granted", "redeemed", "rejected"],
+        "{}",
+        bob.stdout
+    );
+    let detail: Value = serde_json::from_str(
+        bob.stdout
+            .lines()
+            .nth(2)
+            .unwrap()
+            .split('\t')
+            .nth(4)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(detail["reason"], "rate_limited");
+    let nobody = run(&env, &["history"]).await;
+    assert_ne!(nobody.code, Some(0), "a user or a coupon is required");
+
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn envelope<E: coupon_schemas::Event>(at: i64) -> Option<coupon_schemas::Envelope> {
+    Some(coupon_schemas::new_envelope::<E>(
+        uuid::Uuid::new_v4().to_string(),
+        at,
+        "test-volume",
+        "",
+    ))
+}
+
+/// The number in `text` just before `unit` (e.g. the rate before "events/s").
+fn number_before(text: &str, unit: &str) -> f64 {
+    let head = &text[..text.find(unit).expect(unit)];
+    let digits: String = head
+        .trim_end()
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.parse().expect("a number")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_rebuild_a_20k_event_log_exactly_and_report_their_rates() {
+    const COUPONS: u64 = 10_000;
+    let env = TestEnv::new().await;
+    let publisher = Publisher::new(&env.kafka, "test-volume").unwrap();
+    let t0 = Utc::now().timestamp_millis() - 3_600_000;
+    let base = ((t0 as u64 - coupon_domain::snowflake::EPOCH_MS) << 22) as i64;
+    let ids: Vec<i64> = (0..COUPONS as i64).map(|i| base + i).collect();
+    let code = |i: usize| {
+        coupon_domain::CouponCode::from_id(
+            coupon_domain::SnowflakeId::from_raw(ids[i] as u64).unwrap(),
+        )
+        .to_string()
+    };
+    let created: Vec<(String, CouponsCreated)> = ids
+        .chunks(1_000)
+        .enumerate()
+        .map(|(n, chunk)| {
+            let batch = uuid::Uuid::new_v4().to_string();
+            (
+                batch.clone(),
+                CouponsCreated {
+                    envelope: envelope::<CouponsCreated>(t0),
+                    batch_id: batch,
+                    employee_id: "e1".into(),
+                    category: "Bulk".into(),
+                    coupon_ids: chunk.to_vec(),
+                    chunk_index: n as u32,
+                    chunk_count: 1,
+                },
+            )
+        })
+        .collect();
+    let granted_at = |i: usize| t0 + 1_000 + i as i64;
+    let grants: Vec<(String, ClaimDecided)> = (0..COUPONS as usize)
+        .map(|i| {
+            let user = format!("user-{i}");
+            (
+                user.clone(),
+                ClaimDecided {
+                    envelope: envelope::<ClaimDecided>(granted_at(i)),
+                    request_id: format!("r-{i}"),
+                    user_id: user,
+                    outcome: ClaimOutcome::Granted as i32,
+                    coupon_code: code(i),
+                    category: "Bulk".into(),
+                    expires_at_ms: granted_at(i) + 60_000,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let redemptions: Vec<(String, PurchaseDecided)> = (0..COUPONS as usize)
+        .step_by(2)
+        .map(|i| {
+            let at = granted_at(i) + 30_000;
+            (
+                format!("user-{i}"),
+                PurchaseDecided {
+                    envelope: envelope::<PurchaseDecided>(at),
+                    request_id: format!("p-{i}"),
+                    user_id: format!("user-{i}"),
+                    coupon_code: code(i),
+                    order_id: format!("o-{i}"),
+                    outcome: PurchaseOutcome::Redeemed as i32,
+                    redeemed_at_ms: at,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let expirations: Vec<(String, HoldExpired)> = (1..COUPONS as usize)
+        .step_by(2)
+        .map(|i| {
+            let at = granted_at(i) + 60_000;
+            (
+                code(i),
+                HoldExpired {
+                    envelope: envelope::<HoldExpired>(at),
+                    coupon_code: code(i),
+                    user_id: format!("user-{i}"),
+                    hold_id: format!("r-{i}"),
+                    held_until_ms: at,
+                },
+            )
+        })
+        .collect();
+    let published = std::time::Instant::now();
+    publisher
+        .send_all(&env.topics.created(), &created)
+        .await
+        .unwrap();
+    publisher
+        .send_all(&env.topics.claim_results(), &grants)
+        .await
+        .unwrap();
+    publisher
+        .send_all(&env.topics.purchase_results(), &redemptions)
+        .await
+        .unwrap();
+    publisher
+        .send_all(&env.topics.expirations(), &expirations)
+        .await
+        .unwrap();
+    let events = created.len() + grants.len() + redemptions.len() + expirations.len();
+    eprintln!("published {events} events in {:.2?}", published.elapsed());
+
+    let path = std::env::temp_dir().join(format!("{}-volume.jsonl", env.name));
+    let replay = run(&env, &["replay", "--output", path.to_str().unwrap()]).await;
+    assert_eq!(replay.code, Some(0), "{}", replay.stderr);
+    assert!(
+        replay.stderr.contains(&format!(
+            "replayed {events} records ({events} written, 0 undecodable)"
+        )),
+        "{}",
+        replay.stderr
+    );
+    let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+    assert_eq!(lines, events);
+    let _ = std::fs::remove_file(&path);
+
+    // The test database is fresh (no system ran on it): rebuild into it.
+    let rebuild = run(&env, &["replay", "--rebuild", &env.database_url]).await;
+    assert_eq!(rebuild.code, Some(0), "{}", rebuild.stderr);
+    eprintln!("rebuild: {}", rebuild.stdout.trim());
+    assert!(
+        rebuild
+            .stdout
+            .contains(&format!("rebuilt from {events} events")),
+        "{}",
+        rebuild.stdout
+    );
+    let counts = env.status_counts().await;
+    assert_eq!(
+        (counts.available, counts.held, counts.redeemed),
+        (COUPONS as i64 / 2, 0, COUPONS as i64 / 2)
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM users WHERE last_coupon_at IS NOT NULL")
+            .await,
+        COUPONS as i64
+    );
+    let wrong_time = env
+        .count(&format!(
+            "SELECT count(*) FROM users
+             WHERE last_coupon_at <> to_timestamp(({t0} + 1000 + substr(user_id, 6)::bigint) / 1000.0)"
+        ))
+        .await;
+    assert_eq!(wrong_time, 0, "last_coupon_at is the grant's time");
+    let history = kinds_in_history(&env.pool).await;
+    let expected: BTreeMap<String, i64> = [
+        ("created", COUPONS as i64),
+        ("granted", COUPONS as i64),
+        ("redeemed", COUPONS as i64 / 2),
+        ("released", COUPONS as i64 / 2),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), n))
+    .collect();
+    assert_eq!(history, expected);
+    eprintln!(
+        "RATES: replay {:.0} records/s, rebuild {:.0} events/s over {events} events",
+        number_before(&replay.stderr, "records/s"),
+        number_before(&rebuild.stdout, "events/s")
+    );
+}
