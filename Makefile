@@ -27,6 +27,7 @@ lint: ## formatting and clippy, warnings are errors
 
 test: up ## every test, against the real services
 	cargo test --workspace --no-fail-fast
+	tests/broker_restart.sh
 
 demo: up build ## a coupon release, a burst of users, purchases and expirations
 	target/release/couponctl demo
