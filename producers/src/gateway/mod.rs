@@ -264,6 +264,13 @@ async fn claim(
         .wait(state.config.reply_timeout)
         .await
         .ok_or_else(ApiError::timeout)?;
+    if decision.user_id != user.as_str() {
+        // The client's request id was used before, by another user: the
+        // stored decision is that user's and must not be shown to this one.
+        return Err(ApiError::invalid(
+            "this x-request-id was already used for another user; send a new one",
+        ));
+    }
     Ok(claim_response(&decision, &request_id))
 }
 
