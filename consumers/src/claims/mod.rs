@@ -188,7 +188,7 @@ fn invalid_decision(
     reason: &str,
 ) -> Option<(String, ClaimDecided)> {
     RequestId::parse(request.request_id.as_str()).ok()?;
-    let key: String = request.user_id.chars().take(128).collect();
+    let key = crate::echoed_user_id(&request.user_id);
     let envelope = coupon_schemas::new_envelope::<ClaimDecided>(
         uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,

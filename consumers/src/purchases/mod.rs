@@ -234,7 +234,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
             Ok(purchase) => purchase,
             Err(reason) => {
                 if RequestId::parse(request.request_id.as_str()).is_ok() {
-                    let key: String = request.user_id.chars().take(128).collect();
+                    let key = crate::echoed_user_id(&request.user_id);
                     let envelope = coupon_schemas::new_envelope::<PurchaseDecided>(
                         Uuid::new_v5(
                             &Uuid::NAMESPACE_OID,
