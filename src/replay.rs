@@ -732,7 +732,7 @@ mod tests {
         let event = ClaimDecided {
             envelope: Some(coupon_schemas::new_envelope::<ClaimDecided>(
                 "e1".into(),
-                42,
+                1_795_564_800_000,
                 "test",
                 "c1",
             )),

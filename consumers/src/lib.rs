@@ -74,6 +74,14 @@ pub(crate) fn retryable(error: impl std::fmt::Display) -> RetryableError {
     RetryableError::new(error)
 }
 
+/// The user id of an invalid request as its answer repeats it (the answer
+/// is keyed by it and the history stores it): bounded, and without control
+/// characters, because a NUL reaching Postgres fails the history sink's batch
+/// on every retry.
+pub(crate) fn echoed_user_id(raw: &str) -> String {
+    raw.chars().filter(|c| !c.is_control()).take(128).collect()
+}
+
 /// Sends every refused record of a batch to the dead-letter topic.
 pub(crate) async fn dead_letter_all(
     letters: &DeadLetters,

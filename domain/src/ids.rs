@@ -101,6 +101,11 @@ text_id!(
     /// The storefront's order id; purchases are idempotent on it.
     OrderId, "order id", 128
 );
+text_id!(
+    /// A claim or purchase request (the HTTP request id, or chosen by a
+    /// storefront publishing to Kafka); decisions are stored under it.
+    RequestId, "request id", 128
+);
 
 #[cfg(test)]
 mod tests {
@@ -120,6 +125,8 @@ mod tests {
         assert!(UserId::parse("a\u{0}b").is_err());
         assert!(UserId::parse("a\nb").is_err());
         assert!(UserId::parse(" padded").is_err());
+        assert!(RequestId::parse("req\u{0}").is_err());
+        assert!(RequestId::parse("r".repeat(129)).is_err());
         let err = Category::parse("").unwrap_err();
         assert_eq!(err.to_string(), "category must not be empty");
     }

@@ -15,7 +15,7 @@ pub mod snowflake;
 
 pub use claim::{ClaimOutcome, ClaimPrecheck, UserClaimState};
 pub use code::CouponCode;
-pub use ids::{Category, EmployeeId, InvalidInput, OrderId, UserId};
+pub use ids::{Category, EmployeeId, InvalidInput, OrderId, RequestId, UserId};
 pub use lifecycle::CouponStatus;
 pub use purchase::{PurchaseOutcome, PurchaseRejection};
 pub use quota::QuotaWindow;

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod chaos;
 mod claims;
 mod demo;
 mod purchases;

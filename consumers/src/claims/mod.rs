@@ -20,7 +20,7 @@ mod store;
 use chrono::{DateTime, Utc};
 
 use coupon_domain::claim::{precheck, rate_limited, ClaimOutcome, ClaimPrecheck, PoolKnowledge};
-use coupon_domain::{Category, UserId};
+use coupon_domain::{Category, RequestId, UserId};
 use coupon_platform::kafka::consumer::RetryableError;
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::redis::CachedHold;
@@ -44,16 +44,16 @@ pub struct Claim {
 
 /// Why a decodable request is refused; the requester still gets a decision.
 pub fn validate(request: &ClaimRequested) -> Result<Claim, String> {
-    if request.request_id.is_empty() || request.request_id.len() > 128 {
-        return Err("request_id must be 1 to 128 bytes".into());
-    }
+    // Ids end up in Postgres text columns, which refuse NUL: a NUL let
+    // through here fails the batch forever instead of refusing one record.
+    let request_id = RequestId::parse(request.request_id.clone()).map_err(|e| e.to_string())?;
     let user_id = UserId::parse(request.user_id.clone()).map_err(|e| e.to_string())?;
     let category = match request.category.as_str() {
         "" => None,
         raw => Some(Category::parse(raw).map_err(|e| e.to_string())?),
     };
     Ok(Claim {
-        request_id: request.request_id.clone(),
+        request_id: request_id.into_string(),
         user_id,
         category,
         correlation_id: request
@@ -197,10 +197,8 @@ fn invalid_decision(
     request: &ClaimRequested,
     reason: &str,
 ) -> Option<(String, ClaimDecided)> {
-    if request.request_id.is_empty() || request.request_id.len() > 128 {
-        return None;
-    }
-    let key: String = request.user_id.chars().take(128).collect();
+    RequestId::parse(request.request_id.as_str()).ok()?;
+    let key = crate::echoed_user_id(&request.user_id);
     let envelope = coupon_schemas::new_envelope::<ClaimDecided>(
         uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,

@@ -23,6 +23,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
+use coupon_domain::{CouponCode, RequestId};
 use coupon_platform::kafka::consumer::RetryableError;
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::time::{from_ms, to_ms};
@@ -141,6 +142,14 @@ pub async fn run_sweeper(
     }
 }
 
+/// The coupon an expiry event names, in canonical form. Anything else is
+/// refused: a NUL in a code or hold id would fail the release query forever.
+fn validate(event: &HoldExpired) -> Result<String, String> {
+    let code = CouponCode::parse(&event.coupon_code).map_err(|e| format!("coupon_code: {e}"))?;
+    RequestId::parse(event.hold_id.as_str()).map_err(|e| format!("hold_id: {e}"))?;
+    Ok(code.to_string())
+}
+
 pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
     let now = Utc::now();
     let mut refused = Vec::new();
@@ -165,10 +174,13 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
             refused.push((record, "event_id is not a UUID".to_owned()));
             continue;
         };
-        if event.coupon_code.is_empty() || event.hold_id.is_empty() {
-            refused.push((record, "coupon_code and hold_id are required".to_owned()));
-            continue;
-        }
+        let code = match validate(&event) {
+            Ok(code) => code,
+            Err(reason) => {
+                refused.push((record, reason));
+                continue;
+            }
+        };
         let row: Option<(String, String, DateTime<Utc>)> = sqlx::query_as(
             "UPDATE coupons c
              SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL
@@ -178,7 +190,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
              WHERE c.code = old.code
              RETURNING c.code, old.holder_user_id, old.held_until",
         )
-        .bind(&event.coupon_code)
+        .bind(&code)
         .bind(&event.hold_id)
         .bind(now)
         .fetch_optional(&mut *tx)

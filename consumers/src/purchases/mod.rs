@@ -16,7 +16,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use coupon_domain::purchase::{decide, CouponView, PurchaseOutcome};
-use coupon_domain::{CouponCode, CouponStatus, OrderId, UserId};
+use coupon_domain::{CouponCode, CouponStatus, OrderId, RequestId, UserId};
 use coupon_platform::kafka::consumer::RetryableError;
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::time::to_ms;
@@ -37,14 +37,18 @@ pub struct Purchase {
 }
 
 pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
-    if request.request_id.is_empty() || request.request_id.len() > 128 {
-        return Err("request_id must be 1 to 128 bytes".into());
+    // Every id ends up in a Postgres text column, which refuses NUL: a NUL
+    // let through here fails the batch forever instead of refusing one record.
+    let request_id = RequestId::parse(request.request_id.clone()).map_err(|e| e.to_string())?;
+    let code = &request.coupon_code;
+    if code.is_empty() || code.len() > 64 {
+        return Err("coupon code must be 1 to 64 bytes".into());
     }
-    if request.coupon_code.is_empty() || request.coupon_code.len() > 64 {
-        return Err("coupon_code must be 1 to 64 bytes".into());
+    if code.chars().any(char::is_control) {
+        return Err("coupon code must not contain control characters".into());
     }
     Ok(Purchase {
-        request_id: request.request_id.clone(),
+        request_id: request_id.into_string(),
         user_id: UserId::parse(request.user_id.clone()).map_err(|e| e.to_string())?,
         coupon_code: request.coupon_code.clone(),
         order_id: OrderId::parse(request.order_id.clone()).map_err(|e| e.to_string())?,
@@ -229,8 +233,8 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
         let purchase = match validate(&request) {
             Ok(purchase) => purchase,
             Err(reason) => {
-                if !request.request_id.is_empty() && request.request_id.len() <= 128 {
-                    let key: String = request.user_id.chars().take(128).collect();
+                if RequestId::parse(request.request_id.as_str()).is_ok() {
+                    let key = crate::echoed_user_id(&request.user_id);
                     let envelope = coupon_schemas::new_envelope::<PurchaseDecided>(
                         Uuid::new_v5(
                             &Uuid::NAMESPACE_OID,

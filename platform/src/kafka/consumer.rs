@@ -77,7 +77,16 @@ pub enum DecodeError {
     UnsupportedVersion(u32),
     #[error("event has no event id")]
     NoEventId,
+    #[error("occurred_at_ms {0} is not a time between 2000 and 2100")]
+    TimeOutOfRange(i64),
 }
+
+/// Envelope times outside 2000-01-01..2100-01-01 (UTC) are refused. No event
+/// of this system is that old or that new (Snowflake ids end in 2093), and
+/// beyond it the stores disagree on what a time is (Postgres stops at 4713 BC,
+/// chrono at ±262,143): an absurd time must be refused here, deterministically,
+/// not fail an insert later and stall the consumer.
+pub const EVENT_TIME_RANGE_MS: std::ops::Range<i64> = 946_684_800_000..4_102_444_800_000;
 
 /// Decodes a record as event `E` and checks its envelope.
 pub fn decode<E: Event>(record: &Record) -> Result<E, DecodeError> {
@@ -99,7 +108,31 @@ pub fn decode<E: Event>(record: &Record) -> Result<E, DecodeError> {
     if envelope.event_id.is_empty() {
         return Err(DecodeError::NoEventId);
     }
+    if !EVENT_TIME_RANGE_MS.contains(&envelope.occurred_at_ms) {
+        return Err(DecodeError::TimeOutOfRange(envelope.occurred_at_ms));
+    }
     Ok(event)
+}
+
+/// The most of a refused record's value a dead letter carries. A dead letter
+/// must fit the topic's record size limit (1 MB by default on Kafka): one that
+/// does not fit would fail forever and wedge the consumer on the very record
+/// it is trying to set aside. The size of the original is kept.
+pub const MAX_DEAD_LETTER_VALUE: usize = 256 * 1024;
+/// The same for the original key and for the reason (which may quote input).
+pub const MAX_DEAD_LETTER_KEY: usize = 1024;
+pub const MAX_DEAD_LETTER_REASON: usize = 4096;
+
+/// The first `max` bytes of `text`, cut at a character boundary.
+fn truncate_str(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Sends refused records to `<prefix>.dead-letter`, with the reason, the
@@ -120,30 +153,52 @@ impl DeadLetters {
         }
     }
 
+    /// The dead letter for `record`; oversized originals are truncated (and
+    /// flagged as such) so that the letter always fits the topic.
+    pub fn letter(&self, record: &Record, reason: &str) -> DeadLetter {
+        let key = record.key.as_deref().unwrap_or_default();
+        let value = record.value.as_deref().unwrap_or_default();
+        let truncated = key.len() > MAX_DEAD_LETTER_KEY || value.len() > MAX_DEAD_LETTER_VALUE;
+        let mut reason = truncate_str(reason, MAX_DEAD_LETTER_REASON).to_owned();
+        if truncated {
+            reason.push_str(&format!(
+                " (original truncated: key {} bytes, value {} bytes)",
+                key.len(),
+                value.len()
+            ));
+        }
+        DeadLetter {
+            envelope: Some(self.publisher.envelope::<DeadLetter>("")),
+            source_topic: record.topic.clone(),
+            source_partition: record.partition,
+            source_offset: record.offset,
+            original_key: key[..key.len().min(MAX_DEAD_LETTER_KEY)].to_vec(),
+            original_value: value[..value.len().min(MAX_DEAD_LETTER_VALUE)].to_vec(),
+            reason,
+            consumer: self.consumer.clone(),
+            original_size: value.len() as u64,
+            original_truncated: truncated,
+        }
+    }
+
     pub async fn send(&self, record: &Record, reason: &str) -> Result<(), PublishError> {
         metrics::counter!("coupon_dead_letters_total", "consumer" => self.consumer.clone())
             .increment(1);
+        let letter = self.letter(record, reason);
         tracing::warn!(
             consumer = %self.consumer,
             topic = %record.topic,
             partition = record.partition,
             offset = record.offset,
-            reason,
+            reason = %letter.reason,
             "dead-lettering a record"
         );
-        let letter = DeadLetter {
-            envelope: Some(self.publisher.envelope::<DeadLetter>("")),
-            source_topic: record.topic.clone(),
-            source_partition: record.partition,
-            source_offset: record.offset,
-            original_key: record.key.clone().unwrap_or_default(),
-            original_value: record.value.clone().unwrap_or_default(),
-            reason: reason.to_owned(),
-            consumer: self.consumer.clone(),
-        };
-        let key = record.key.clone().unwrap_or_default();
         self.publisher
-            .send_bytes(&self.topic, Some(&key), &letter.encode_to_vec())
+            .send_bytes(
+                &self.topic,
+                Some(&letter.original_key),
+                &letter.encode_to_vec(),
+            )
             .await
             .map(|_| ())
     }
@@ -347,5 +402,78 @@ fn commit_on_shutdown(name: &str, consumer: &StreamConsumer) {
         Ok(()) => tracing::info!(consumer = name, "offsets committed at shutdown"),
         Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
         Err(error) => tracing::warn!(consumer = name, %error, "final commit failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coupon_schemas::{new_envelope, ClaimRequested};
+
+    fn record(value: Vec<u8>, key: Vec<u8>) -> Record {
+        Record {
+            topic: "t.claims".into(),
+            partition: 1,
+            offset: 42,
+            key: Some(key),
+            value: Some(value),
+            timestamp_ms: None,
+        }
+    }
+
+    fn claim_at(occurred_at_ms: i64) -> Vec<u8> {
+        ClaimRequested {
+            envelope: Some(new_envelope::<ClaimRequested>(
+                "e1".into(),
+                occurred_at_ms,
+                "test",
+                "",
+            )),
+            request_id: "r1".into(),
+            user_id: "u1".into(),
+            category: String::new(),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn absurd_envelope_times_are_refused() {
+        let now = crate::time::now_ms();
+        assert!(decode::<ClaimRequested>(&record(claim_at(now), vec![])).is_ok());
+        for ms in [
+            0,
+            -300_000_000_000_000,
+            6_250_000_000_000_000,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            assert_eq!(
+                decode::<ClaimRequested>(&record(claim_at(ms), vec![])),
+                Err(DecodeError::TimeOutOfRange(ms))
+            );
+        }
+    }
+
+    #[test]
+    fn dead_letters_of_huge_records_are_truncated_to_fit() {
+        let publisher = Publisher::new(&KafkaSettings::new("127.0.0.1:1"), "test").unwrap();
+        let letters = DeadLetters::new(publisher, "t.dead-letter".into(), "claims");
+        let small = letters.letter(&record(b"abc".to_vec(), b"k".to_vec()), "bad");
+        assert_eq!(small.original_value, b"abc");
+        assert_eq!(small.original_key, b"k");
+        assert_eq!((small.original_size, small.original_truncated), (3, false));
+        assert_eq!(small.reason, "bad");
+
+        let value = vec![7u8; 1 << 20];
+        let reason = "é".repeat(10_000);
+        let huge = letters.letter(&record(value.clone(), vec![1u8; 5000]), &reason);
+        assert!(huge.original_truncated);
+        assert_eq!(huge.original_size, 1 << 20);
+        assert_eq!(huge.original_value, value[..MAX_DEAD_LETTER_VALUE]);
+        assert_eq!(huge.original_key.len(), MAX_DEAD_LETTER_KEY);
+        assert!(huge
+            .reason
+            .ends_with("(original truncated: key 5000 bytes, value 1048576 bytes)"));
+        assert!(huge.encode_to_vec().len() < 300 * 1024);
     }
 }

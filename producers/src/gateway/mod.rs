@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -89,6 +89,7 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::from_fn(error::json_errors))
         .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
@@ -263,6 +264,13 @@ async fn claim(
         .wait(state.config.reply_timeout)
         .await
         .ok_or_else(ApiError::timeout)?;
+    if decision.user_id != user.as_str() {
+        // The client's request id was used before, by another user: the
+        // stored decision is that user's and must not be shown to this one.
+        return Err(ApiError::invalid(
+            "this x-request-id was already used for another user; send a new one",
+        ));
+    }
     Ok(claim_response(&decision, &request_id))
 }
 
@@ -332,7 +340,12 @@ async fn purchase(
     let user = UserId::parse(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let order = OrderId::parse(body.order_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     if body.coupon_code.is_empty() || body.coupon_code.len() > 64 {
-        return Err(ApiError::invalid("coupon_code must be 1 to 64 bytes"));
+        return Err(ApiError::invalid("coupon code must be 1 to 64 bytes"));
+    }
+    if body.coupon_code.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "coupon code must not contain control characters",
+        ));
     }
     let request_id = request_id(&headers);
     let event = PurchaseRequested {
@@ -474,9 +487,10 @@ struct CouponRow {
 async fn coupon_status(
     State(state): State<Arc<GatewayState>>,
     headers: HeaderMap,
-    Path(raw): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     check_api_token(&state, &headers)?;
+    let Path(raw) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
     let code = CouponCode::parse(&raw).map_err(|e| ApiError::invalid(e.to_string()))?;
     let row: Option<CouponRow> = sqlx::query_as(
         "SELECT code, category, status, holder_user_id, held_until, redeemed_at FROM coupons WHERE code = $1",
