@@ -71,6 +71,15 @@ async fn purchase_inside_the_hold_redeems_once_per_order() {
     let (status, again) = purchase(&http, &app, "buyer", &code, "o-1").await;
     assert_eq!(status, 200, "the same order gets the same answer");
     assert_eq!(again["redeemed_at"], body["redeemed_at"]);
+    let (status, body) = purchase(&http, &app, "bystander", &code, "o-1").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    assert!(
+        !body.to_string().contains(&code),
+        "another user's order is not revealed: {body}"
+    );
     let (status, body) = purchase(&http, &app, "buyer", &code, "o-2").await;
     assert_eq!(
         (status, body["error"].as_str()),

@@ -365,6 +365,13 @@ async fn purchase(
         .wait(state.config.reply_timeout)
         .await
         .ok_or_else(ApiError::timeout)?;
+    if decision.user_id != user.as_str() {
+        // Purchases are idempotent on order_id: the stored answer for this
+        // order is another user's and must not be shown to this one.
+        return Err(ApiError::invalid(
+            "this order_id was already used by another user",
+        ));
+    }
     Ok(purchase_response(&decision))
 }
 
