@@ -26,8 +26,9 @@ lint: ## formatting and clippy, warnings are errors
 	cargo clippy --workspace --all-targets -- -D warnings
 
 test: up ## every test, against the real services
-	cargo test --workspace --no-fail-fast
+	cargo build --bin couponctl
 	tests/broker_restart.sh
+	cargo test --workspace --no-fail-fast
 
 demo: up build ## a coupon release, a burst of users, purchases and expirations
 	target/release/couponctl demo
