@@ -173,14 +173,11 @@ fn read_cut_log(
     let reader = Reader::new(kafka)?;
     let mut ranges = Vec::new();
     let mut cut_at: HashMap<(String, i32), i64> = HashMap::new();
-    for kind in [
-        TopicKind::Created,
-        TopicKind::Claims,
-        TopicKind::ClaimResults,
-        TopicKind::Purchases,
-        TopicKind::PurchaseResults,
-        TopicKind::Expirations,
-    ] {
+    // Dead letters change no state: everything else is read.
+    for kind in TopicKind::ALL
+        .into_iter()
+        .filter(|k| *k != TopicKind::DeadLetter)
+    {
         let topic = kind.topic(topics);
         for partition in reader.partitions(&topic)? {
             let (low, high) = reader.watermarks(&topic, partition)?;

@@ -19,14 +19,7 @@ use couponctl::replay::{committed_offsets, TopicKind};
 
 use crate::harness::{eventually, redis_url, release, App, TestEnv};
 
-const ALL: [Role; 6] = [
-    Role::Gateway,
-    Role::Coupons,
-    Role::Claims,
-    Role::Purchases,
-    Role::Expiry,
-    Role::History,
-];
+const ALL: [Role; 6] = Role::ALL;
 
 /// Bytes no topic's message type decodes.
 const GARBAGE: &[u8] = b"\xff\xfe not protobuf";
