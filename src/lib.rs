@@ -11,6 +11,7 @@ pub mod audit;
 pub mod bench;
 pub mod demo;
 pub mod history;
+pub mod parquet_export;
 pub mod rebuild;
 pub mod replay;
 pub mod status;

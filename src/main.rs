@@ -318,9 +318,13 @@ struct ReplayArgs {
     /// at its first record more than a minute past it.
     #[arg(long, value_parser = replay::parse_time)]
     until: Option<DateTime<Utc>>,
-    /// Write the JSON lines to this file [default: stdout].
+    /// Write the records to this file [default: stdout].
     #[arg(long, short)]
     output: Option<PathBuf>,
+    /// `jsonl` (one JSON object per line) or `parquet` (columns; needs --output)
+    /// [default: parquet when --output ends in .parquet, else jsonl].
+    #[arg(long, value_enum)]
+    format: Option<ReplayFormat>,
     /// Instead of JSON lines, project the log into this fresh database: it is
     /// migrated first, and refused if it already has coupons.
     #[arg(long, value_name = "DATABASE_URL", conflicts_with_all = ["topics", "offset", "since", "until", "output"])]
@@ -342,6 +346,12 @@ struct HistoryArgs {
     /// Only rows at or before this time (RFC 3339).
     #[arg(long, value_parser = replay::parse_time)]
     until: Option<DateTime<Utc>>,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+enum ReplayFormat {
+    Jsonl,
+    Parquet,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
@@ -598,7 +608,23 @@ async fn replay(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
         until: args.until,
     };
     let output = args.output;
+    let parquet = match args.format {
+        Some(format) => format == ReplayFormat::Parquet,
+        None => output
+            .as_ref()
+            .is_some_and(|p| p.extension().is_some_and(|e| e == "parquet")),
+    };
+    if parquet && output.is_none() {
+        anyhow::bail!("--format parquet needs --output FILE");
+    }
     let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let bar = replay::progress_bar(0, "replaying");
+        if let (true, Some(path)) = (parquet, &output) {
+            let mut sink = couponctl::parquet_export::ParquetSink::create(path)?;
+            let summary = replay::replay_into(&kafka, &topics, &options, &mut sink, &bar);
+            bar.finish_and_clear();
+            return summary;
+        }
         let mut out: Box<dyn std::io::Write> = match &output {
             Some(path) => Box::new(std::io::BufWriter::new(
                 std::fs::File::create(path)
@@ -606,7 +632,6 @@ async fn replay(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
             )),
             None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
         };
-        let bar = replay::progress_bar(0, "replaying");
         let summary = replay::replay_json(&kafka, &topics, &options, &mut *out, &bar);
         bar.finish_and_clear();
         out.flush().context("writing the output")?;

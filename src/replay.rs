@@ -623,6 +623,27 @@ impl fmt::Display for ReplaySummary {
     }
 }
 
+/// Where replayed records go: JSON lines, or Parquet (`crate::parquet_export`).
+pub trait Sink {
+    /// One record, as [`json_line`] shapes it.
+    fn write(&mut self, line: &Value) -> anyhow::Result<()>;
+    fn finish(&mut self) -> anyhow::Result<()>;
+}
+
+/// One JSON object per line.
+pub struct JsonLines<'a>(pub &'a mut dyn Write);
+
+impl Sink for JsonLines<'_> {
+    fn write(&mut self, line: &Value) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut *self.0, line).context("writing the output")?;
+        self.0.write_all(b"\n").context("writing the output")
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.0.flush().context("writing the output")
+    }
+}
+
 /// Reads the chosen topics and writes one JSON object per line to `out`.
 /// Blocking: call it from a blocking-safe place.
 pub fn replay_json(
@@ -630,6 +651,18 @@ pub fn replay_json(
     topics: &Topics,
     options: &ReplayOptions,
     out: &mut dyn Write,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<ReplaySummary> {
+    replay_into(kafka, topics, options, &mut JsonLines(out), bar)
+}
+
+/// Reads the chosen topics and hands every selected record to `sink`.
+/// Blocking: call it from a blocking-safe place.
+pub fn replay_into(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    options: &ReplayOptions,
+    sink: &mut dyn Sink,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<ReplaySummary> {
     if let (Some(since), Some(until)) = (options.since, options.until) {
@@ -677,13 +710,11 @@ pub fn replay_json(
         if decoded.is_err() {
             summary.undecodable += 1;
         }
-        let line = json_line(kind, &record, &decoded);
-        serde_json::to_writer(&mut *out, &line).context("writing the output")?;
-        out.write_all(b"\n").context("writing the output")?;
+        sink.write(&json_line(kind, &record, &decoded))?;
         summary.written += 1;
         Ok(Flow::Continue)
     })?;
-    out.flush().context("writing the output")?;
+    sink.finish()?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }

@@ -468,6 +468,53 @@ async fn replay_writes_every_event_as_json_lines_rebuilds_and_leaves_live_groups
             }
         }
     }
+
+    // The same records as Parquet columns, for larger exports.
+    let parquet_path = dir.join("all.parquet");
+    let columnar = run(
+        &env,
+        &["replay", "--output", parquet_path.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(columnar.code, Some(0), "{}", columnar.stderr);
+    let file = std::fs::File::open(&parquet_path).unwrap();
+    let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+    let mut rows = 0;
+    for row in parquet::file::reader::FileReader::get_row_iter(&reader, None).unwrap() {
+        use parquet::record::RowAccessor;
+        let row = row.unwrap();
+        let key = (
+            row.get_string(0).unwrap().clone(),
+            row.get_int(1).unwrap(),
+            row.get_long(2).unwrap(),
+        );
+        let line = all
+            .get(&key)
+            .unwrap_or_else(|| panic!("{key:?} is not in the JSON lines"));
+        assert_eq!(
+            row.get_string(6).ok(),
+            line["envelope"]["event_id"]
+                .as_str()
+                .map(str::to_owned)
+                .as_ref()
+        );
+        match row.get_string(8) {
+            Ok(payload) => assert_eq!(
+                &serde_json::from_str::<Value>(payload).unwrap(),
+                &line["payload"]
+            ),
+            Err(_) => assert!(line.get("payload").is_none_or(Value::is_null), "{line}"),
+        }
+        rows += 1;
+    }
+    assert_eq!(rows, all.len(), "the Parquet file holds every record once");
+    let no_output = run(&env, &["replay", "--format", "parquet"]).await;
+    assert_eq!(no_output.code, Some(1));
+    assert!(
+        no_output.stderr.contains("--format parquet needs --output"),
+        "{}",
+        no_output.stderr
+    );
     for outcome in [
         "CLAIM_OUTCOME_GRANTED",
         "CLAIM_OUTCOME_SOLD_OUT",
