@@ -148,6 +148,8 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     rows.push(replay(config).await?);
     token.cancel();
     running.wait().await?;
+    eprintln!("bench: rebuild");
+    rows.push(rebuild(config).await?);
     Ok(rows)
 }
 
@@ -521,6 +523,37 @@ async fn replay(config: &AppConfig) -> anyhow::Result<Row> {
         })
     })
     .await?
+}
+
+/// `couponctl replay --rebuild` of the whole log into a scratch database.
+async fn rebuild(config: &AppConfig) -> anyhow::Result<Row> {
+    let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
+    let scratch = app::ScratchDatabase::create(
+        &config.database_url,
+        &format!("coupons_bench_rebuild_{stamp}"),
+    )
+    .await?;
+    let pool = coupon_platform::db::connect(&scratch.url, 4).await?;
+    let stats = crate::rebuild::rebuild(
+        &config.kafka,
+        &config.topics(),
+        &pool,
+        indicatif::ProgressBar::hidden(),
+    )
+    .await;
+    pool.close().await;
+    scratch.drop_now().await?;
+    let stats = stats?;
+    Ok(Row {
+        scenario: "rebuild: the log into a fresh database".into(),
+        operations: stats.events,
+        seconds: stats.seconds(),
+        latencies: None,
+        note: format!(
+            "outcome events; {} coupons, {} history rows written",
+            stats.coupons, stats.history_rows
+        ),
+    })
 }
 
 /// The table, with each throughput as a ratio of the echo baseline.
