@@ -443,9 +443,9 @@ impl Connections {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,sqlx=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -458,7 +458,13 @@ fn init_logging(format: LogFormat) {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo and the benchmarks print their own progress; the services'
+    // start/stop lines would drown it (RUST_LOG still overrides).
+    let default_filter = match cli.command {
+        Command::Demo { .. } | Command::Bench { .. } => "warn",
+        _ => "info,rdkafka=warn,sqlx=warn",
+    };
+    init_logging(cli.log_format, default_filter);
     if let Err(error) = dispatch(cli).await {
         // One line: the error and its causes.
         eprintln!("error: {error:#}");
