@@ -329,14 +329,7 @@ async fn bad_ids_tokens_blacklists_and_floods_are_refused() {
     }
 
     // Manual blacklist through the CLI.
-    let cli = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_couponctl"))
-            .args(args)
-            .env("DATABASE_URL", &env.database_url)
-            .env("COUPON_TOPIC_PREFIX", &env.name)
-            .output()
-            .expect("couponctl")
-    };
+    let cli = |args: &[&str]| env.couponctl().args(args).output().expect("couponctl");
     let added = cli(&[
         "blacklist",
         "add",

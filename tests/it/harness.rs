@@ -189,6 +189,20 @@ impl TestEnv {
         }
     }
 
+    /// The real `couponctl` binary, pointed at this test's database, topic
+    /// prefix, Redis and broker.
+    pub fn couponctl(&self) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_couponctl"));
+        command
+            .env("DATABASE_URL", &self.database_url)
+            .env("COUPON_TOPIC_PREFIX", &self.name)
+            .env("REDIS_URL", redis_url())
+            .env("KAFKA_BROKERS", &self.kafka.brokers)
+            .env("TOPIC_PARTITIONS", "2")
+            .env_remove("RUST_LOG");
+        command
+    }
+
     pub fn http_client() -> reqwest::Client {
         reqwest::Client::builder()
             .pool_max_idle_per_host(256)

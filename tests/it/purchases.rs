@@ -129,14 +129,7 @@ async fn purchase_inside_the_hold_redeems_once_per_order() {
 
     // Redis is a cache: wiped, it is rebuilt from Postgres by the CLI.
     cache.clear().await.unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_couponctl"))
-        .args(["holds", "rebuild"])
-        .env("DATABASE_URL", &env.database_url)
-        .env("COUPON_TOPIC_PREFIX", &env.name)
-        .env("REDIS_URL", redis_url())
-        .env("TOPIC_PARTITIONS", "2")
-        .output()
-        .unwrap();
+    let output = env.couponctl().args(["holds", "rebuild"]).output().unwrap();
     assert!(
         output.status.success(),
         "{}",

@@ -15,23 +15,13 @@ use couponctl::app::{self, Role};
 
 use crate::harness::{eventually, TestEnv};
 
-fn couponctl(env: &TestEnv) -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_couponctl"));
-    command
-        .env("DATABASE_URL", &env.database_url)
-        .env("COUPON_TOPIC_PREFIX", &env.name)
-        .env("KAFKA_BROKERS", &env.kafka.brokers)
-        .env("TOPIC_PARTITIONS", "2")
-        .env_remove("RUST_LOG");
-    command
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_release_projects_every_coupon_and_replays_add_nothing() {
     let env = TestEnv::new().await;
     let app = env.start(&[Role::Coupons, Role::History], |_| {}).await;
 
-    let output = couponctl(&env)
+    let output = env
+        .couponctl()
         .args([
             "issue",
             "--employee",

@@ -17,7 +17,7 @@ use coupon_schemas::{
 use couponctl::app::Role;
 use couponctl::replay::{committed_offsets, TopicKind};
 
-use crate::harness::{eventually, redis_url, release, App, TestEnv};
+use crate::harness::{eventually, release, App, TestEnv};
 
 const ALL: [Role; 6] = Role::ALL;
 
@@ -158,14 +158,7 @@ impl Scenario {
 }
 
 fn couponctl(env: &TestEnv) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_couponctl"));
-    command
-        .env("DATABASE_URL", &env.database_url)
-        .env("COUPON_TOPIC_PREFIX", &env.name)
-        .env("REDIS_URL", redis_url())
-        .env("KAFKA_BROKERS", &env.kafka.brokers)
-        .env_remove("RUST_LOG");
-    command
+    tokio::process::Command::from(env.couponctl())
 }
 
 struct Run {
