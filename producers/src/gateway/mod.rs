@@ -255,15 +255,15 @@ async fn claim(
         category: category.map(Category::into_string).unwrap_or_default(),
     };
     let pending = state.replies.expect_claim(&request_id);
-    state
-        .publisher
-        .send(&state.topics.claims(), user.as_str(), &event)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("could not publish the claim: {e}")))?;
-    let decision = pending
-        .wait(state.config.reply_timeout)
-        .await
-        .ok_or_else(ApiError::timeout)?;
+    let decision = publish_and_wait(
+        &state,
+        &state.topics.claims(),
+        &user,
+        &event,
+        pending,
+        "claim",
+    )
+    .await?;
     if decision.user_id != user.as_str() {
         // The client's request id was used before, by another user: the
         // stored decision is that user's and must not be shown to this one.
@@ -272,6 +272,29 @@ async fn claim(
         ));
     }
     Ok(claim_response(&decision, &request_id))
+}
+
+/// Request/reply over Kafka: publishes `event` keyed by the user, then waits
+/// for its decision. `pending` is registered before publishing, so a fast
+/// decision cannot arrive unseen. A failed publish is `503`, no decision in
+/// `reply_timeout` is `504`.
+async fn publish_and_wait<E: coupon_schemas::Event, R>(
+    state: &GatewayState,
+    topic: &str,
+    user: &UserId,
+    event: &E,
+    pending: replies::Pending<'_, R>,
+    what: &str,
+) -> Result<R, ApiError> {
+    state
+        .publisher
+        .send(topic, user.as_str(), event)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("could not publish the {what}: {e}")))?;
+    pending
+        .wait(state.config.reply_timeout)
+        .await
+        .ok_or_else(ApiError::timeout)
 }
 
 fn claim_response(decision: &ClaimDecided, request_id: &str) -> Response {
@@ -356,15 +379,15 @@ async fn purchase(
         order_id: order.to_string(),
     };
     let pending = state.replies.expect_purchase(&request_id);
-    state
-        .publisher
-        .send(&state.topics.purchases(), user.as_str(), &event)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("could not publish the purchase: {e}")))?;
-    let decision = pending
-        .wait(state.config.reply_timeout)
-        .await
-        .ok_or_else(ApiError::timeout)?;
+    let decision = publish_and_wait(
+        &state,
+        &state.topics.purchases(),
+        &user,
+        &event,
+        pending,
+        "purchase",
+    )
+    .await?;
     if decision.user_id != user.as_str() {
         // Purchases are idempotent on order_id: the stored answer for this
         // order is another user's and must not be shown to this one.
