@@ -17,9 +17,13 @@
 
 mod store;
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 
-use coupon_domain::claim::{precheck, rate_limited, ClaimOutcome, ClaimPrecheck, PoolKnowledge};
+use coupon_domain::claim::{
+    precheck, rate_limited, ClaimOutcome, ClaimPrecheck, PoolKnowledge, UserClaimState,
+};
 use coupon_domain::{Category, RequestId, UserId};
 use coupon_platform::kafka::consumer::RetryableError;
 use coupon_platform::kafka::{decode, Record};
@@ -64,27 +68,45 @@ pub fn validate(request: &ClaimRequested) -> Result<Claim, String> {
     })
 }
 
-/// Decides one claim inside the batch transaction.
+/// What the batch transaction knows while it decides its claims in order.
+struct BatchView {
+    /// Decisions stored before this batch, and those made in it so far.
+    decided: HashMap<String, StoredDecision>,
+    /// Each user's state as read at the start of the batch.
+    states: HashMap<String, UserClaimState>,
+    /// Users decided in this batch: their state above is stale, so a second
+    /// request of theirs in the batch reads it again.
+    touched: HashSet<String>,
+    pool: PoolKnowledge,
+}
+
+/// Decides one claim inside the batch transaction. `true` with a decision
+/// made now, `false` with one stored earlier (a redelivery or a retry).
 async fn decide(
     tx: &mut sqlx::PgConnection,
     ctx: &Context,
     claim: &Claim,
     now: DateTime<Utc>,
-    pool: &mut PoolKnowledge,
+    view: &mut BatchView,
 ) -> Result<(StoredDecision, bool), sqlx::Error> {
-    if let Some(stored) = store::find_decision(&mut *tx, &claim.request_id).await? {
-        return Ok((stored, false));
+    if let Some(stored) = view.decided.get(&claim.request_id) {
+        return Ok((stored.clone(), false));
     }
     let window = ctx.policy.quota_window;
-    let state =
-        store::user_state(&mut *tx, claim.user_id.as_str(), window.start_of(now), now).await?;
+    let user = claim.user_id.as_str();
+    let state = match view.states.get(user) {
+        Some(state) if !view.touched.contains(user) => state.clone(),
+        _ => store::user_states(&mut *tx, &[user], window.start_of(now), now)
+            .await?
+            .remove(user)
+            .unwrap_or_default(),
+    };
+    let category = claim.category.as_ref().map(|c| c.as_str());
     let outcome = match precheck(&state, now, window, ctx.policy.hold_ttl) {
         ClaimPrecheck::Decided(outcome) => outcome,
-        ClaimPrecheck::Allocate { .. }
-            if pool.known_empty(claim.category.as_ref().map(|c| c.as_str())) =>
-        {
-            ClaimOutcome::SoldOut
-        }
+        // The flash-sale shortcut: once this batch found the pool empty,
+        // further claims are sold out without touching the database.
+        ClaimPrecheck::Allocate { .. } if view.pool.known_empty(category) => ClaimOutcome::SoldOut,
         ClaimPrecheck::Allocate {
             window_start,
             hold_until,
@@ -94,7 +116,7 @@ async fn decide(
             } else {
                 match store::allocate(&mut *tx, claim, hold_until).await? {
                     Some((code, category)) => {
-                        store::record_grant(&mut *tx, claim.user_id.as_str(), now).await?;
+                        store::record_grant(&mut *tx, user, now).await?;
                         ClaimOutcome::Granted {
                             code,
                             category,
@@ -103,10 +125,9 @@ async fn decide(
                         }
                     }
                     None => {
-                        pool.record_empty(claim.category.as_ref().map(|c| c.as_str()));
+                        view.pool.record_empty(category);
                         // Sold out does not use the quota.
-                        store::give_back_quota(&mut *tx, claim.user_id.as_str(), window_start)
-                            .await?;
+                        store::give_back_quota(&mut *tx, user, window_start).await?;
                         ClaimOutcome::SoldOut
                     }
                 }
@@ -114,25 +135,17 @@ async fn decide(
         }
     };
     let decision = StoredDecision::new(claim, outcome, now);
-    let inserted = store::insert_decision(&mut *tx, &decision).await?;
-    if !inserted {
-        // Another processor decided this request meanwhile (rebalance); its
-        // decision stands and ours is rolled back with the batch.
-        return Err(sqlx::Error::Protocol(format!(
-            "claim {} was decided concurrently; retrying the batch",
-            claim.request_id
-        )));
-    }
+    view.touched.insert(user.to_owned());
+    view.decided
+        .insert(claim.request_id.clone(), decision.clone());
     Ok((decision, true))
 }
 
 pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
     let now = Utc::now();
     let mut decisions: Vec<(String, ClaimDecided)> = Vec::with_capacity(batch.len());
-    let mut new_holds = Vec::new();
     let mut refused = Vec::new();
-    let mut tx = ctx.pool.begin().await.map_err(retryable)?;
-    let mut pool = PoolKnowledge::default();
+    let mut claims = Vec::with_capacity(batch.len());
     for record in batch {
         let request = match decode::<ClaimRequested>(record) {
             Ok(request) => request,
@@ -141,44 +154,80 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
                 continue;
             }
         };
-        let claim = match validate(&request) {
-            Ok(claim) => claim,
+        match validate(&request) {
+            Ok(claim) => claims.push(claim),
             Err(reason) => {
                 if let Some(decision) = invalid_decision(ctx, &request, &reason) {
                     decisions.push(decision);
                 }
                 refused.push((record, reason));
-                continue;
-            }
-        };
-        let (decision, is_new) = decide(&mut tx, ctx, &claim, now, &mut pool)
-            .await
-            .map_err(retryable)?;
-        if is_new {
-            metrics::counter!("coupon_claim_decisions_total", "outcome" => decision.outcome.clone())
-                .increment(1);
-            if decision.outcome == "granted" && !decision.repeated {
-                if let (Some(code), Some(category), Some(expires_at)) = (
-                    &decision.coupon_code,
-                    &decision.category,
-                    decision.expires_at,
-                ) {
-                    new_holds.push(CachedHold {
-                        code: code.clone(),
-                        user_id: decision.user_id.clone(),
-                        category: category.clone(),
-                        expires_at,
-                    });
-                }
             }
         }
-        decisions.push((
-            decision.user_id.clone(),
-            decision.to_event(ctx.publisher.name(), &claim.correlation_id),
-        ));
     }
-    tx.commit().await.map_err(retryable)?;
 
+    let mut fresh = Vec::new();
+    if !claims.is_empty() {
+        let mut tx = ctx.pool.begin().await.map_err(retryable)?;
+        let request_ids: Vec<&str> = claims.iter().map(|c| c.request_id.as_str()).collect();
+        let user_ids: Vec<&str> = claims.iter().map(|c| c.user_id.as_str()).collect();
+        let window_start = ctx.policy.quota_window.start_of(now);
+        let mut view = BatchView {
+            decided: store::find_decisions(&mut tx, &request_ids)
+                .await
+                .map_err(retryable)?,
+            states: store::user_states(&mut tx, &user_ids, window_start, now)
+                .await
+                .map_err(retryable)?,
+            touched: HashSet::new(),
+            pool: PoolKnowledge::default(),
+        };
+        for claim in &claims {
+            let (decision, is_new) = decide(&mut tx, ctx, claim, now, &mut view)
+                .await
+                .map_err(retryable)?;
+            decisions.push((
+                decision.user_id.clone(),
+                decision.to_event(ctx.publisher.name(), &claim.correlation_id),
+            ));
+            if is_new {
+                fresh.push(decision);
+            }
+        }
+        let inserted = store::insert_decisions(&mut tx, &fresh)
+            .await
+            .map_err(retryable)?;
+        if inserted != fresh.len() as u64 {
+            // Another processor decided some of these requests meanwhile (a
+            // rebalance): its decisions stand, ours roll back with the batch.
+            return Err(RetryableError::new(format!(
+                "{} of {} claims were decided concurrently; retrying the batch",
+                fresh.len() as u64 - inserted,
+                fresh.len()
+            )));
+        }
+        tx.commit().await.map_err(retryable)?;
+    }
+
+    // Counted after the commit, so a retried batch is not counted twice.
+    let mut new_holds = Vec::new();
+    for decision in &fresh {
+        metrics::counter!("coupon_claim_decisions_total", "outcome" => decision.outcome.clone())
+            .increment(1);
+        if decision.outcome == "granted" && !decision.repeated {
+            if let (Some(code), Some(category), Some(expires_at)) = (
+                &decision.coupon_code,
+                &decision.category,
+                decision.expires_at,
+            ) {
+                new_holds.push(CachedHold {
+                    code: code.clone(),
+                    user_id: decision.user_id.clone(),
+                    category: category.clone(),
+                    expires_at,
+                });
+            }
+        }
+    }
     // Redis mirrors the holds; it is a cache, so a failure here only costs speed.
     if let Err(error) = ctx.cache.put_holds(&new_holds).await {
         tracing::warn!(%error, holds = new_holds.len(), "could not mirror holds to Redis");

@@ -1,5 +1,10 @@
 //! The claim processor's SQL. Each statement is one atomic step; the batch
-//! transaction around them makes a batch all-or-nothing.
+//! transaction around them makes a batch all-or-nothing. What can be read or
+//! written for the whole batch at once is (stored decisions, user states,
+//! new decisions): a claim then costs round trips only when it takes a
+//! coupon, and a sold-out answer none of its own.
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -24,48 +29,69 @@ pub struct StoredDecision {
     pub decided_at: DateTime<Utc>,
 }
 
-pub async fn find_decision(
+/// The decisions already stored for any of `request_ids` (redeliveries and
+/// client retries), in one round trip for the whole batch.
+pub async fn find_decisions(
     conn: &mut PgConnection,
-    request_id: &str,
-) -> Result<Option<StoredDecision>, sqlx::Error> {
-    sqlx::query_as(
+    request_ids: &[&str],
+) -> Result<HashMap<String, StoredDecision>, sqlx::Error> {
+    let found: Vec<StoredDecision> = sqlx::query_as(
         "SELECT request_id, event_id, user_id, outcome, coupon_code, category, expires_at,
                 repeated, retry_at, blacklisted_until, decided_at
-         FROM claim_decisions WHERE request_id = $1",
+         FROM claim_decisions WHERE request_id = ANY($1)",
     )
-    .bind(request_id)
-    .fetch_optional(conn)
-    .await
+    .bind(request_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(found
+        .into_iter()
+        .map(|d| (d.request_id.clone(), d))
+        .collect())
 }
 
-pub async fn insert_decision(
+/// Stores the batch's new decisions in one statement. Returns how many were
+/// inserted: fewer than given means another processor decided some of these
+/// requests meanwhile (a rebalance), and the batch must be retried.
+pub async fn insert_decisions(
     conn: &mut PgConnection,
-    d: &StoredDecision,
-) -> Result<bool, sqlx::Error> {
+    decisions: &[StoredDecision],
+) -> Result<u64, sqlx::Error> {
+    if decisions.is_empty() {
+        return Ok(0);
+    }
+    let column = |f: fn(&StoredDecision) -> Option<String>| -> Vec<Option<String>> {
+        decisions.iter().map(f).collect()
+    };
+    let time = |f: fn(&StoredDecision) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        decisions.iter().map(f).collect()
+    };
     let result = sqlx::query(
         "INSERT INTO claim_decisions (request_id, event_id, user_id, outcome, coupon_code, category,
                                       expires_at, repeated, retry_at, blacklisted_until, decided_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::timestamptz[], $8::bool[], $9::timestamptz[],
+                              $10::timestamptz[], $11::timestamptz[])
          ON CONFLICT (request_id) DO NOTHING",
     )
-    .bind(&d.request_id)
-    .bind(d.event_id)
-    .bind(&d.user_id)
-    .bind(&d.outcome)
-    .bind(&d.coupon_code)
-    .bind(&d.category)
-    .bind(d.expires_at)
-    .bind(d.repeated)
-    .bind(d.retry_at)
-    .bind(d.blacklisted_until)
-    .bind(d.decided_at)
+    .bind(column(|d| Some(d.request_id.clone())))
+    .bind(decisions.iter().map(|d| d.event_id).collect::<Vec<Uuid>>())
+    .bind(column(|d| Some(d.user_id.clone())))
+    .bind(column(|d| Some(d.outcome.clone())))
+    .bind(column(|d| d.coupon_code.clone()))
+    .bind(column(|d| d.category.clone()))
+    .bind(time(|d| d.expires_at))
+    .bind(decisions.iter().map(|d| d.repeated).collect::<Vec<bool>>())
+    .bind(time(|d| d.retry_at))
+    .bind(time(|d| d.blacklisted_until))
+    .bind(time(|d| Some(d.decided_at)))
     .execute(conn)
     .await?;
-    Ok(result.rows_affected() == 1)
+    Ok(result.rows_affected())
 }
 
 #[derive(sqlx::FromRow)]
 struct StateRow {
+    user_id: String,
     blacklisted: Option<bool>,
     blacklisted_until: Option<DateTime<Utc>>,
     hold_code: Option<String>,
@@ -74,47 +100,54 @@ struct StateRow {
     granted_in_window: bool,
 }
 
-/// Everything the rules need about a user, in one round trip.
-pub async fn user_state(
+/// Everything the rules need about each of `user_ids`, in one round trip
+/// for the whole batch.
+pub async fn user_states(
     conn: &mut PgConnection,
-    user_id: &str,
+    user_ids: &[&str],
     window_start: DateTime<Utc>,
     now: DateTime<Utc>,
-) -> Result<UserClaimState, sqlx::Error> {
-    let row: StateRow = sqlx::query_as(
-        "SELECT u.blacklisted, u.blacklisted_until,
+) -> Result<HashMap<String, UserClaimState>, sqlx::Error> {
+    let rows: Vec<StateRow> = sqlx::query_as(
+        "SELECT x.user_id, u.blacklisted, u.blacklisted_until,
                 h.code AS hold_code, h.category AS hold_category, h.held_until AS hold_until,
                 EXISTS (SELECT 1 FROM quota_grants q
-                        WHERE q.user_id = $1 AND q.window_start = $2) AS granted_in_window
-         FROM (SELECT 1) AS one
-         LEFT JOIN users u ON u.user_id = $1
+                        WHERE q.user_id = x.user_id AND q.window_start = $2) AS granted_in_window
+         FROM (SELECT DISTINCT user_id FROM unnest($1::text[]) AS ids(user_id)) AS x
+         LEFT JOIN users u ON u.user_id = x.user_id
          LEFT JOIN LATERAL (
              SELECT code, category, held_until FROM coupons
-             WHERE holder_user_id = $1 AND status = 'held' AND held_until > $3
+             WHERE holder_user_id = x.user_id AND status = 'held' AND held_until > $3
              ORDER BY held_until DESC LIMIT 1) h ON true",
     )
-    .bind(user_id)
+    .bind(user_ids)
     .bind(window_start)
     .bind(now)
-    .fetch_one(conn)
+    .fetch_all(conn)
     .await?;
-    let blacklisted = row
-        .blacklisted
-        .unwrap_or(false)
-        .then_some(row.blacklisted_until);
-    let active_hold = match (row.hold_code, row.hold_category, row.hold_until) {
-        (Some(code), Some(category), Some(expires_at)) => Some(ActiveHold {
-            code,
-            category,
-            expires_at,
-        }),
-        _ => None,
-    };
-    Ok(UserClaimState {
-        blacklisted,
-        active_hold,
-        granted_in_window: row.granted_in_window,
-    })
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let blacklisted = row
+                .blacklisted
+                .unwrap_or(false)
+                .then_some(row.blacklisted_until);
+            let active_hold = match (row.hold_code, row.hold_category, row.hold_until) {
+                (Some(code), Some(category), Some(expires_at)) => Some(ActiveHold {
+                    code,
+                    category,
+                    expires_at,
+                }),
+                _ => None,
+            };
+            let state = UserClaimState {
+                blacklisted,
+                active_hold,
+                granted_in_window: row.granted_in_window,
+            };
+            (row.user_id, state)
+        })
+        .collect())
 }
 
 /// Takes the user's slot for this window. `false`: already taken.
