@@ -389,41 +389,53 @@ pub async fn release(env: &TestEnv, category: &str, count: u32) -> Vec<String> {
 }
 
 /// The spec's invariants over the whole database: one holder per coupon,
-/// one grant per user per window, and conservation.
-pub async fn assert_invariants(env: &TestEnv, issued: i64) {
+/// one grant per user per window, and conservation. Returns each violated
+/// invariant with how many rows break it (empty when all hold).
+pub async fn invariant_violations(env: &TestEnv, issued: i64) -> Vec<(&'static str, i64)> {
     let counts = env.status_counts().await;
-    assert_eq!(
-        counts.total(),
-        issued,
-        "available + held + redeemed = issued ({counts:?})"
-    );
-    let double_grants = env
-        .count("SELECT count(*) FROM (SELECT user_id, window_start FROM quota_grants GROUP BY 1, 2 HAVING count(*) > 1) d")
-        .await;
-    assert_eq!(double_grants, 0);
-    // Every granted (non-repeated) decision names a different coupon-hold: no
-    // coupon was handed to two users under one hold.
-    let shared = env
-        .count(
+    let mut violations = vec![(
+        "available + held + redeemed = issued",
+        (counts.total() - issued).abs(),
+    )];
+    let checks = [
+        (
+            "one grant per user per quota window",
+            "SELECT count(*) FROM (SELECT user_id, window_start FROM quota_grants
+              GROUP BY 1, 2 HAVING count(*) > 1) d",
+        ),
+        (
+            // Every granted (non-repeated) decision names a different
+            // coupon-hold: no coupon was handed to two users under one hold.
+            "one holder per coupon",
             "SELECT count(*) FROM (SELECT coupon_code FROM claim_decisions
               WHERE outcome = 'granted' AND NOT repeated
               GROUP BY coupon_code, date_trunc('second', expires_at)
               HAVING count(DISTINCT user_id) > 1) s",
-        )
-        .await;
-    assert_eq!(shared, 0, "a coupon was granted to two users at once");
-    let users_with_two_holds = env
-        .count("SELECT count(*) FROM (SELECT holder_user_id FROM coupons WHERE status = 'held' GROUP BY 1 HAVING count(*) > 1) h")
-        .await;
-    assert_eq!(users_with_two_holds, 0);
-    let grants_per_window = env
-        .count(
-            "SELECT count(*) FROM (SELECT user_id FROM claim_decisions WHERE outcome = 'granted' AND NOT repeated
+        ),
+        (
+            "one held coupon per user",
+            "SELECT count(*) FROM (SELECT holder_user_id FROM coupons WHERE status = 'held'
+              GROUP BY 1 HAVING count(*) > 1) h",
+        ),
+        (
+            "one granted decision per user per day",
+            "SELECT count(*) FROM (SELECT user_id FROM claim_decisions
+              WHERE outcome = 'granted' AND NOT repeated
               GROUP BY user_id, date_trunc('day', decided_at) HAVING count(*) > 1) g",
-        )
-        .await;
-    assert_eq!(
-        grants_per_window, 0,
-        "a user was granted twice in one window"
+        ),
+    ];
+    for (invariant, sql) in checks {
+        violations.push((invariant, env.count(sql).await));
+    }
+    violations.retain(|(_, n)| *n != 0);
+    violations
+}
+
+pub async fn assert_invariants(env: &TestEnv, issued: i64) {
+    let violations = invariant_violations(env, issued).await;
+    assert!(
+        violations.is_empty(),
+        "invariants violated: {violations:?} ({:?})",
+        env.status_counts().await
     );
 }

@@ -2,6 +2,7 @@
 //! broker (`make up`). One binary, so the suite links once.
 
 mod harness;
+mod processes;
 
 mod chaos;
 mod claims;
