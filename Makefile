@@ -33,6 +33,9 @@ test: up ## every test, against the real services
 demo: up build ## a coupon release, a burst of users, purchases and expirations
 	target/release/couponctl demo
 
+chaos: up ## the long fault-injection run; prints a table (CHAOS_USERS, CHAOS_RATE, CHAOS_SUSTAINED)
+	cargo test --test chaos -- --long
+
 bench: up build ## the benchmarks (BENCH_QUICK=1 for a short run)
 	target/release/couponctl bench
 

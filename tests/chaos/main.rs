@@ -1,0 +1,93 @@
+//! Fault injection under load: `make chaos` runs the long version, and
+//! `make test` the quick one (this binary, through `cargo test`).
+//!
+//! Each scenario starts the real `couponctl` as separate processes (a
+//! gateway and the consumers), fires a burst of claims through HTTP with
+//! clients that retry as a storefront does (same request id, so retries are
+//! safe), and breaks something a third of the way in: `kill -9` of the
+//! consumers or of the gateway, a broker crash, a Postgres or Redis restart.
+//! Then it checks, from the event log and the database, that every request
+//! got exactly one decision, that every HTTP answer is the decision the
+//! database holds, and that the spec's invariants hold. A last scenario holds
+//! a fixed rate of mixed traffic and samples memory and consumer lag.
+//!
+//! Why a binary of its own with its own `main`: the scenarios restart the
+//! shared broker, Postgres and Redis, so they must not overlap other tests.
+//! Cargo runs test binaries one after another, and this one runs its
+//! scenarios one at a time. And it prints one table, which is the point of
+//! `make chaos`: scenario, requests, decisions, lost, duplicated, invariant
+//! violations, recovery time. Any non-zero count fails the run.
+
+#[allow(dead_code)]
+#[path = "../it/harness.rs"]
+mod harness;
+#[allow(dead_code)]
+#[path = "../it/processes.rs"]
+mod processes;
+
+mod scenarios;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use scenarios::{Fault, Profile, Row};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo test <filter>` hands the filter to every test binary; run only
+    // when it would select this one.
+    if args.iter().any(|a| a == "--list") {
+        return ExitCode::SUCCESS;
+    }
+    if let Some(filter) = args.iter().find(|a| !a.starts_with('-')) {
+        if !"chaos".contains(filter.as_str()) {
+            return ExitCode::SUCCESS;
+        }
+    }
+    let long = args.iter().any(|a| a == "--long") || std::env::var_os("CHAOS_LONG").is_some();
+    let profile = if long {
+        Profile::long()
+    } else {
+        Profile::quick()
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("chaos: cannot start a runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "chaos ({}): {} users per burst, sustained load {}/s for {:?}",
+        if long { "long" } else { "quick" },
+        profile.users,
+        profile.rate,
+        profile.sustained
+    );
+    let mut rows = Vec::new();
+    for fault in Fault::ALL {
+        eprintln!("chaos: {} ...", fault.name());
+        let row = runtime.block_on(scenarios::burst_with_fault(fault, &profile));
+        eprintln!("chaos: {}", row.summary());
+        rows.push(row);
+    }
+    eprintln!("chaos: sustained load ...");
+    let row = runtime.block_on(scenarios::sustained(&profile));
+    eprintln!("chaos: {}", row.summary());
+    rows.push(row);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+
+    println!("{}", scenarios::render(&rows));
+    if rows.iter().all(Row::clean) {
+        println!("chaos: {} scenarios, 0 failed", rows.len());
+        ExitCode::SUCCESS
+    } else {
+        let failed = rows.iter().filter(|r| !r.clean()).count();
+        println!("chaos: {} scenarios, {failed} failed", rows.len());
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,678 @@
+//! The scenarios of the fault-injection run and the checks that score them.
+//!
+//! Scoring reads the truth from the event log and the database, never from
+//! what the clients believe: a request is *lost* when it reached the claims
+//! topic but has no decision (stored and published), or when its client never
+//! got a final answer; *duplicated* when the results topic carries two
+//! different decisions for it; and an *invariant violation* is a broken rule
+//! of the spec or an HTTP answer that disagrees with the stored decision.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use coupon_platform::kafka::decode;
+use coupon_schemas::{ClaimDecided, ClaimRequested};
+
+use crate::harness::{invariant_violations, release, TestEnv};
+use crate::processes::{claim_with_retries, free_port, Child, Progress};
+
+const CONSUMERS: &[&str] = &[
+    "consume",
+    "coupons",
+    "claims",
+    "purchases",
+    "expiry",
+    "history",
+];
+
+/// How long a client keeps retrying one request through an outage.
+const CLIENT_PATIENCE: Duration = Duration::from_secs(240);
+/// How long a whole scenario may take before it counts as failed.
+const SCENARIO_LIMIT: Duration = Duration::from_secs(900);
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    /// Distinct users in each burst; the pool holds half as many coupons.
+    pub users: usize,
+    /// Claims per second in the sustained scenario.
+    pub rate: u32,
+    pub sustained: Duration,
+}
+
+impl Profile {
+    pub fn quick() -> Self {
+        Self {
+            users: 400,
+            rate: 100,
+            sustained: Duration::from_secs(15),
+        }
+    }
+
+    /// `CHAOS_USERS`, `CHAOS_RATE` and `CHAOS_SUSTAINED` (e.g. `10m`) override
+    /// the defaults.
+    pub fn long() -> Self {
+        let number = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let sustained = std::env::var("CHAOS_SUSTAINED")
+            .ok()
+            .and_then(|v| humantime::parse_duration(&v).ok())
+            .unwrap_or(Duration::from_secs(300));
+        Self {
+            users: number("CHAOS_USERS", 5_000) as usize,
+            rate: number("CHAOS_RATE", 200) as u32,
+            sustained,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    KillConsumers,
+    KillGateway,
+    CrashBroker,
+    RestartPostgres,
+    RestartRedis,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 5] = [
+        Fault::KillConsumers,
+        Fault::KillGateway,
+        Fault::CrashBroker,
+        Fault::RestartPostgres,
+        Fault::RestartRedis,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillConsumers => "kill -9 consumers",
+            Fault::KillGateway => "kill -9 gateway",
+            Fault::CrashBroker => "broker crash + restart",
+            Fault::RestartPostgres => "postgres restart",
+            Fault::RestartRedis => "redis restart (data lost)",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Row {
+    pub scenario: String,
+    pub requests: usize,
+    pub decisions: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub violations: usize,
+    /// From the fault to the first fresh claim answered again.
+    pub recovery: Option<Duration>,
+    pub notes: Vec<String>,
+    /// Set when the scenario itself broke (a panic, a timeout, a script).
+    pub error: Option<String>,
+}
+
+impl Row {
+    fn failed(scenario: &str, error: String) -> Self {
+        Self {
+            scenario: scenario.to_owned(),
+            error: Some(error),
+            ..Self::default()
+        }
+    }
+
+    pub fn clean(&self) -> bool {
+        self.error.is_none()
+            && self.lost == 0
+            && self.duplicated == 0
+            && self.violations == 0
+            && self.requests > 0
+            && self.decisions == self.requests
+    }
+
+    pub fn summary(&self) -> String {
+        match &self.error {
+            Some(error) => format!("{}: FAILED: {error}", self.scenario),
+            None => format!(
+                "{}: {} requests, {} decisions, {} lost, {} duplicated, {} violations, recovery {}{}",
+                self.scenario,
+                self.requests,
+                self.decisions,
+                self.lost,
+                self.duplicated,
+                self.violations,
+                recovery(self.recovery),
+                self.notes
+                    .iter()
+                    .map(|n| format!("; {n}"))
+                    .collect::<String>()
+            ),
+        }
+    }
+}
+
+fn recovery(duration: Option<Duration>) -> String {
+    duration.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+}
+
+pub fn render(rows: &[Row]) -> String {
+    let mut out = format!(
+        "\n| {:<26} | {:>8} | {:>9} | {:>4} | {:>10} | {:>10} | {:>8} |\n|{}|\n",
+        "scenario",
+        "requests",
+        "decisions",
+        "lost",
+        "duplicated",
+        "violations",
+        "recovery",
+        "---|".repeat(7).trim_end_matches('|')
+    );
+    for row in rows {
+        match &row.error {
+            Some(error) => out.push_str(&format!("| {:<26} | FAILED: {error} |\n", row.scenario)),
+            None => out.push_str(&format!(
+                "| {:<26} | {:>8} | {:>9} | {:>4} | {:>10} | {:>10} | {:>8} |\n",
+                row.scenario,
+                row.requests,
+                row.decisions,
+                row.lost,
+                row.duplicated,
+                row.violations,
+                recovery(row.recovery)
+            )),
+        }
+    }
+    for row in rows.iter().filter(|r| !r.notes.is_empty()) {
+        out.push_str(&format!("\n{}: {}", row.scenario, row.notes.join("; ")));
+    }
+    out
+}
+
+/// Runs a scenario on its own task, so a panic in it (a harness assertion)
+/// becomes a failed row instead of ending the whole run.
+async fn guarded<F>(name: &str, scenario: F) -> Row
+where
+    F: std::future::Future<Output = Row> + Send + 'static,
+{
+    match tokio::time::timeout(SCENARIO_LIMIT, tokio::spawn(scenario)).await {
+        Ok(Ok(row)) => row,
+        Ok(Err(join)) => {
+            let reason = match join.try_into_panic() {
+                Ok(panic) => panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "panicked".into()),
+                Err(join) => join.to_string(),
+            };
+            Row::failed(name, reason)
+        }
+        Err(_) => Row::failed(name, format!("did not finish within {SCENARIO_LIMIT:?}")),
+    }
+}
+
+/// The system under test as two processes, so either can be killed alone.
+struct System {
+    consumers: Child,
+    gateway: Child,
+    port: u16,
+    base: String,
+    generation: u32,
+}
+
+impl System {
+    async fn start(env: &TestEnv) -> Self {
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let consumers = Child::spawn(env, CONSUMERS, free_port(), "consumers-0");
+        let mut gateway = Child::spawn(env, &["gateway"], port, "gateway-0");
+        gateway.wait_healthy(&base, Duration::from_secs(60)).await;
+        Self {
+            consumers,
+            gateway,
+            port,
+            base,
+            generation: 0,
+        }
+    }
+
+    /// Breaks what `fault` names and starts it again, the way an operator's
+    /// supervisor (systemd, Kubernetes) would.
+    async fn inject(self, env: &TestEnv, fault: Fault) -> Result<Self, String> {
+        let Self {
+            mut consumers,
+            mut gateway,
+            port,
+            base,
+            generation,
+        } = self;
+        let generation = generation + 1;
+        match fault {
+            Fault::KillConsumers => {
+                consumers.kill_9().await;
+                consumers = Child::spawn(
+                    env,
+                    CONSUMERS,
+                    free_port(),
+                    &format!("consumers-{generation}"),
+                );
+            }
+            Fault::KillGateway => {
+                gateway.kill_9().await;
+                gateway = Child::spawn(env, &["gateway"], port, &format!("gateway-{generation}"));
+                gateway.wait_healthy(&base, Duration::from_secs(60)).await;
+            }
+            Fault::CrashBroker => restart_service("broker").await?,
+            Fault::RestartPostgres => restart_service("postgres").await?,
+            Fault::RestartRedis => restart_service("redis").await?,
+        }
+        Ok(Self {
+            consumers,
+            gateway,
+            port,
+            base,
+            generation,
+        })
+    }
+
+    fn assert_alive(&mut self) {
+        self.consumers.assert_alive();
+        self.gateway.assert_alive();
+    }
+}
+
+async fn restart_service(service: &str) -> Result<(), String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/local/restart.sh");
+    let output = tokio::process::Command::new(&script)
+        .arg(service)
+        .output()
+        .await
+        .map_err(|e| format!("{}: {e}", script.display()))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "restarting {service} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// One user's claim and the final answer it got, if any.
+struct Answer {
+    user: String,
+    request_id: String,
+    answer: Option<(u16, Value)>,
+}
+
+async fn claim(http: &reqwest::Client, base: &str, user: String, request_id: String) -> Answer {
+    let deadline = Instant::now() + CLIENT_PATIENCE;
+    let (answer, _) = claim_with_retries(http, base, &user, &request_id, deadline).await;
+    Answer {
+        user,
+        request_id,
+        answer,
+    }
+}
+
+pub async fn burst_with_fault(fault: Fault, profile: &Profile) -> Row {
+    let profile = profile.clone();
+    guarded(fault.name(), burst(fault, profile)).await
+}
+
+async fn burst(fault: Fault, profile: Profile) -> Row {
+    let env = TestEnv::new().await;
+    let mut system = System::start(&env).await;
+    let issued = (profile.users / 2) as u32;
+    release(&env, "Chaos", issued).await;
+
+    let http = TestEnv::http_client();
+    let progress = Progress::new(profile.users / 3);
+    let burst = {
+        let (http, base, progress) = (http.clone(), system.base.clone(), progress.clone());
+        tokio::spawn(async move {
+            stream::iter(0..profile.users)
+                .map(|i| {
+                    let (http, base, progress) = (http.clone(), base.clone(), progress.clone());
+                    async move {
+                        let answer =
+                            claim(&http, &base, format!("user-{i}"), format!("req-{i}")).await;
+                        progress.tick();
+                        answer
+                    }
+                })
+                .buffer_unordered(32)
+                .collect::<Vec<_>>()
+                .await
+        })
+    };
+    progress.wait(Duration::from_secs(120)).await;
+    let fault_at = Instant::now();
+    system = match system.inject(&env, fault).await {
+        Ok(system) => system,
+        Err(error) => return Row::failed(fault.name(), error),
+    };
+    // A fresh user, after the fault: the system serves again once it answers.
+    let probe = claim(&http, &system.base, "probe".into(), "probe-req".into()).await;
+    let recovered = probe.answer.is_some().then(|| fault_at.elapsed());
+    let mut answers = burst.await.expect("the burst task");
+    answers.push(probe);
+
+    let mut row = score(&env, fault.name(), i64::from(issued), &answers).await;
+    row.recovery = recovered;
+    system.assert_alive();
+    row
+}
+
+/// Scores a scenario from the claims topic, the results topic and the
+/// database, after giving the system up to a minute to drain.
+async fn score(env: &TestEnv, scenario: &str, issued: i64, answers: &[Answer]) -> Row {
+    let requested: HashSet<String> = env
+        .read_topic(&env.topics.claims())
+        .await
+        .iter()
+        .filter_map(|record| decode::<ClaimRequested>(record).ok())
+        .map(|claim| claim.request_id)
+        .collect();
+    let ids: Vec<String> = requested.iter().cloned().collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stored: HashMap<String, (String, Option<String>, uuid::Uuid)> = loop {
+        let rows: Vec<(String, String, Option<String>, uuid::Uuid)> = sqlx::query_as(
+            "SELECT request_id, outcome, coupon_code, event_id FROM claim_decisions
+              WHERE request_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&env.pool)
+        .await
+        .expect("stored decisions");
+        if rows.len() == ids.len() || Instant::now() > deadline {
+            break rows
+                .into_iter()
+                .map(|(id, outcome, code, event)| (id, (outcome, code, event)))
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut published: HashMap<String, HashSet<String>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        published.clear();
+        for record in env.read_topic(&env.topics.claim_results()).await {
+            if let Ok(decision) = decode::<ClaimDecided>(&record) {
+                let event_id = decision.envelope.map(|e| e.event_id).unwrap_or_default();
+                published
+                    .entry(decision.request_id)
+                    .or_default()
+                    .insert(event_id);
+            }
+        }
+        if stored.keys().all(|id| published.contains_key(id)) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut row = Row {
+        scenario: scenario.to_owned(),
+        requests: answers.len().max(requested.len()),
+        decisions: stored.len(),
+        ..Row::default()
+    };
+    let undecided = requested
+        .iter()
+        .filter(|id| !stored.contains_key(*id))
+        .count();
+    let unpublished = stored
+        .keys()
+        .filter(|id| !published.contains_key(*id))
+        .count();
+    let unanswered = answers.iter().filter(|a| a.answer.is_none()).count();
+    let never_requested = answers
+        .iter()
+        .filter(|a| a.answer.is_some() && !requested.contains(&a.request_id))
+        .count();
+    row.lost = undecided + unpublished + unanswered;
+    row.duplicated = published.values().filter(|events| events.len() > 1).count();
+    for (what, n) in [
+        ("undecided", undecided),
+        ("decided, never published", unpublished),
+        ("no final HTTP answer", unanswered),
+        ("answered but never requested", never_requested),
+    ] {
+        if n > 0 {
+            row.notes.push(format!("{n} {what}"));
+        }
+    }
+
+    for (invariant, n) in invariant_violations(env, issued).await {
+        row.violations += n as usize;
+        row.notes.push(format!("{invariant}: {n} violations"));
+    }
+    let mut wrong = Vec::new();
+    for answer in answers {
+        let Some((status, body)) = &answer.answer else {
+            continue;
+        };
+        let decision = stored.get(&answer.request_id);
+        let right = match (status, decision) {
+            (200, Some((outcome, code, _))) => {
+                outcome == "granted" && body["coupon_code"].as_str() == code.as_deref()
+            }
+            (404, Some((outcome, _, _))) => outcome == "sold_out",
+            _ => false,
+        };
+        if !right {
+            wrong.push(format!(
+                "{} answered {status} {body}, stored {decision:?}",
+                answer.user
+            ));
+        }
+    }
+    row.violations += wrong.len() + never_requested;
+    if let Some(first) = wrong.first() {
+        row.notes
+            .push(format!("{} wrong answers, e.g. {first}", wrong.len()));
+    }
+    row
+}
+
+pub async fn sustained(profile: &Profile) -> Row {
+    let profile = profile.clone();
+    guarded("sustained mixed load", sustained_load(profile)).await
+}
+
+/// Memory and lag, sampled once a second while the load runs.
+#[derive(Default)]
+struct Samples {
+    rss_kib: Vec<u64>,
+    lag: Vec<i64>,
+}
+
+async fn sustained_load(profile: Profile) -> Row {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    // A short hold, so that expirations return coupons to the pool while
+    // the load runs: claims, purchases and expirations all mix.
+    let mut run = Child::spawn_with(&env, &["run"], port, "run", &[("HOLD_TTL", "3s")]);
+    run.wait_healthy(&base, Duration::from_secs(60)).await;
+    let total = (profile.rate as f64 * profile.sustained.as_secs_f64()) as usize;
+    let issued = (total / 4).max(50) as u32;
+    release(&env, "Steady", issued).await;
+
+    let samples = Arc::new(Mutex::new(Samples::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (samples, stop, pid) = (samples.clone(), stop.clone(), run.pid());
+        let (kafka, group, topic) = (
+            env.kafka.clone(),
+            env.topics.group("claims"),
+            env.topics.claims(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let rss = pid.and_then(rss_kib);
+                let (k, g, t) = (kafka.clone(), group.clone(), topic.clone());
+                let lag = tokio::task::spawn_blocking(move || {
+                    couponctl::status::group_lag(&k, &g, &[t])
+                        .map(|lags| lags.iter().map(|(_, lag)| lag).sum::<i64>())
+                })
+                .await;
+                let mut samples = samples.lock().await;
+                samples.rss_kib.extend(rss);
+                if let Ok(Ok(lag)) = lag {
+                    samples.lag.push(lag);
+                }
+            }
+        })
+    };
+
+    let http = TestEnv::http_client();
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(total)));
+    let redeemed_answers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::with_capacity(total);
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / profile.rate as f64));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for i in 0..total {
+        pace.tick().await;
+        let (http, base) = (http.clone(), base.clone());
+        let (latencies, redeemed) = (latencies.clone(), redeemed_answers.clone());
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = claim(
+                &http,
+                &base,
+                format!("steady-{i}"),
+                format!("steady-req-{i}"),
+            )
+            .await;
+            latencies.lock().await.push(started.elapsed());
+            // Two in five winners buy at once; the rest let the hold expire.
+            if let Some((200, body)) = &answer.answer {
+                if i % 5 < 2 {
+                    if let Some(code) = body["coupon_code"].as_str() {
+                        if purchase(&http, &base, &answer.user, code, &format!("order-{i}")).await {
+                            redeemed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+            answer
+        }));
+    }
+    let mut answers = Vec::with_capacity(total);
+    for task in tasks {
+        answers.push(task.await.expect("a client task"));
+    }
+    stop.cancel();
+    let _ = sampler.await;
+
+    let mut row = score(&env, "sustained mixed load", i64::from(issued), &answers).await;
+    let redeemed_answers = redeemed_answers.load(std::sync::atomic::Ordering::SeqCst) as i64;
+    let redeemed = env.status_counts().await.redeemed;
+    if redeemed != redeemed_answers {
+        row.violations += 1;
+        row.notes.push(format!(
+            "{redeemed_answers} purchases answered 200 but {redeemed} coupons redeemed"
+        ));
+    }
+    let expired = env
+        .count("SELECT count(*) FROM coupon_history WHERE kind = 'released'")
+        .await;
+    let samples = samples.lock().await;
+    let mut latencies = latencies.lock().await.clone();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
+    row.notes.push(format!(
+        "{} claims at {}/s for {} s: p50 {} ms, p99 {} ms; {redeemed} redeemed, {expired} holds expired",
+        latencies.len(),
+        profile.rate,
+        profile.sustained.as_secs(),
+        at(0.5).as_millis(),
+        at(0.99).as_millis()
+    ));
+    row.violations += judge_memory(&samples.rss_kib, &mut row.notes);
+    row.violations += judge_lag(&samples.lag, profile.rate, &mut row.notes);
+    run.assert_alive();
+    row
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+fn median<T: Copy + Ord>(values: &[T]) -> Option<T> {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied()
+}
+
+/// Memory must not grow once warmed up: the median of the last quarter of
+/// the run may exceed the second quarter's by 25% + 16 MiB at most (caches
+/// and allocator slack), not more.
+fn judge_memory(rss_kib: &[u64], notes: &mut Vec<String>) -> usize {
+    let quarter = rss_kib.len() / 4;
+    let (Some(warm), Some(late)) = (
+        median(&rss_kib[quarter..2 * quarter]),
+        median(&rss_kib[rss_kib.len() - quarter..]),
+    ) else {
+        notes.push(format!("only {} memory samples", rss_kib.len()));
+        return 1;
+    };
+    notes.push(format!(
+        "rss {:.1} MiB warm, {:.1} MiB at the end, peak {:.1} MiB",
+        warm as f64 / 1024.0,
+        late as f64 / 1024.0,
+        rss_kib.iter().max().copied().unwrap_or(0) as f64 / 1024.0
+    ));
+    usize::from(late > warm + warm / 4 + 16 * 1024)
+}
+
+/// Lag must not grow: the second half's median may not exceed the first
+/// half's by more than one second of traffic.
+fn judge_lag(lag: &[i64], rate: u32, notes: &mut Vec<String>) -> usize {
+    let half = lag.len() / 2;
+    let (Some(first), Some(second)) = (median(&lag[..half]), median(&lag[half..])) else {
+        notes.push(format!("only {} lag samples", lag.len()));
+        return 1;
+    };
+    notes.push(format!(
+        "claims lag median {first} then {second}, max {}",
+        lag.iter().max().copied().unwrap_or(0)
+    ));
+    usize::from(second > first + i64::from(rate))
+}
+
+/// Buys `code`, retrying through outages on the same order id. True when
+/// the answer was 200 (redeemed).
+async fn purchase(http: &reqwest::Client, base: &str, user: &str, code: &str, order: &str) -> bool {
+    let deadline = Instant::now() + CLIENT_PATIENCE;
+    loop {
+        let attempt = http
+            .post(format!("{base}/api/v1/purchase"))
+            .json(&json!({"user_id": user, "coupon_code": code, "order_id": order}))
+            .send()
+            .await;
+        match attempt {
+            Ok(response) if !matches!(response.status().as_u16(), 502..=504) => {
+                return response.status() == 200
+            }
+            _ if Instant::now() >= deadline => return false,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
