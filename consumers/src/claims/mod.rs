@@ -27,7 +27,7 @@ use coupon_platform::redis::CachedHold;
 use coupon_platform::time::to_ms;
 use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
 
-use crate::{dead_letter_all, retryable, Context, PollSettings};
+use crate::{dead_letter_all, retryable, Context, Decided, PollSettings};
 
 pub use store::StoredDecision;
 
@@ -131,6 +131,9 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
     let mut decisions: Vec<(String, ClaimDecided)> = Vec::with_capacity(batch.len());
     let mut new_holds = Vec::new();
     let mut refused = Vec::new();
+    // Logged once the decisions are published, so a retried batch does not
+    // log decisions that were rolled back.
+    let mut decided: Vec<Decided> = Vec::with_capacity(batch.len());
     let mut tx = ctx.pool.begin().await.map_err(retryable)?;
     let mut pool = PoolKnowledge::default();
     for record in batch {
@@ -145,6 +148,21 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
             Ok(claim) => claim,
             Err(reason) => {
                 if let Some(decision) = invalid_decision(ctx, &request, &reason) {
+                    decided.push(Decided {
+                        request_id: crate::log_request_id(
+                            request
+                                .envelope
+                                .as_ref()
+                                .map_or("", |e| e.correlation_id.as_str()),
+                            &request.request_id,
+                        )
+                        .to_owned(),
+                        user_id: decision.0.clone(),
+                        outcome: "invalid".into(),
+                        coupon_code: None,
+                        redelivered: false,
+                        reason: Some(reason.clone()),
+                    });
                     decisions.push(decision);
                 }
                 refused.push((record, reason));
@@ -172,6 +190,14 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
                 }
             }
         }
+        decided.push(Decided {
+            request_id: crate::log_request_id(&claim.correlation_id, &claim.request_id).to_owned(),
+            user_id: decision.user_id.clone(),
+            outcome: decision.outcome.clone(),
+            coupon_code: decision.coupon_code.clone(),
+            redelivered: !is_new,
+            reason: None,
+        });
         decisions.push((
             decision.user_id.clone(),
             decision.to_event(ctx.publisher.name(), &claim.correlation_id),
@@ -188,6 +214,9 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
         .send_all(&topic, &decisions)
         .await
         .map_err(retryable)?;
+    for d in &decided {
+        d.log("claim");
+    }
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 
@@ -296,7 +325,7 @@ pub async fn run(
     poll: PollSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    let topics = vec![ctx.topics.claims()];
+    let topics = crate::role_topics(ROLE, &ctx.topics);
     crate::run_role(
         &ctx,
         ROLE,
