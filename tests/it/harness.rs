@@ -357,10 +357,10 @@ fn read_all(kafka: &KafkaSettings, topic: &str) -> Vec<Record> {
 }
 
 fn lag(kafka: &KafkaSettings, group: &str, topic: &str) -> i64 {
-    couponctl::status::group_lag(kafka, group, &[topic.to_owned()])
+    coupon_platform::kafka::lag::group_lag(kafka, group, &[topic.to_owned()])
         .expect("lag")
         .iter()
-        .map(|(_, lag)| lag)
+        .map(|p| p.lag)
         .sum()
 }
 
