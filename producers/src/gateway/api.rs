@@ -2,7 +2,8 @@
 //!
 //! The handlers build their answers from these types and the OpenAPI
 //! document is derived from the same types (`utoipa`), so the document cannot
-//! describe a field the gateway does not send.
+//! describe a field the gateway does not send. Optional fields of answers are
+//! always sent (as `null` when empty), hence `required = true` on them.
 
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -31,7 +32,7 @@ pub struct ClaimGranted {
     #[schema(example = "user-42")]
     pub user_id: String,
     /// End of the hold (RFC 3339, UTC): buy before then.
-    #[schema(format = DateTime, example = "2026-11-25T12:05:00.000Z")]
+    #[schema(required = true, format = DateTime, example = "2026-11-25T12:05:00.000Z")]
     pub expires_at: Option<String>,
 }
 
@@ -63,7 +64,7 @@ pub struct PurchaseRedeemed {
     pub coupon_code: String,
     #[schema(example = "order-1")]
     pub order_id: String,
-    #[schema(format = DateTime, example = "2026-11-25T12:01:30.000Z")]
+    #[schema(required = true, format = DateTime, example = "2026-11-25T12:01:30.000Z")]
     pub redeemed_at: Option<String>,
 }
 
@@ -112,11 +113,12 @@ pub struct CouponStatus {
     pub category: String,
     pub status: CouponState,
     /// The user holding or having redeemed it.
+    #[schema(required = true)]
     pub holder: Option<String>,
     /// End of the hold, while it is held.
-    #[schema(format = DateTime)]
+    #[schema(required = true, format = DateTime)]
     pub expires_at: Option<String>,
-    #[schema(format = DateTime)]
+    #[schema(required = true, format = DateTime)]
     pub redeemed_at: Option<String>,
 }
 
