@@ -4,8 +4,6 @@
 //! condition with a deadline, never a fixed sleep.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +24,9 @@ use coupon_schemas::{
 };
 use couponctl::app::Role;
 
-use crate::harness::{assert_invariants, eventually, redis_url, release, TestEnv};
+use crate::harness::{
+    assert_invariants, eventually, free_port, redis_url, release, Child, TestEnv,
+};
 
 /// Like `eventually`, but hands back what the successful check found.
 async fn eventually_some<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
@@ -75,104 +75,6 @@ impl Progress {
             .await
             .unwrap_or_else(|_| panic!("fewer than {} answers after {within:?}", self.at));
         self.count.load(Ordering::SeqCst)
-    }
-}
-
-fn free_port() -> u16 {
-    // Bound and released at once: the child binds it a moment later.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// A `couponctl` child process. Dropping it kills it (SIGKILL), so a failing
-/// test leaves nothing running.
-struct Child {
-    process: tokio::process::Child,
-    log: PathBuf,
-    label: String,
-}
-
-impl Child {
-    fn spawn(env: &TestEnv, args: &[&str], port: u16, label: &str) -> Self {
-        // Kept after the run (in the target dir) for a look when a test fails.
-        let log =
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{label}.log", env.name));
-        let file = std::fs::File::create(&log).expect("child log file");
-        let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_couponctl"))
-            .args(args)
-            .env("DATABASE_URL", &env.database_url)
-            .env("COUPON_TOPIC_PREFIX", &env.name)
-            .env("REDIS_URL", redis_url())
-            .env("KAFKA_BROKERS", &env.kafka.brokers)
-            .env("TOPIC_PARTITIONS", "2")
-            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("COUPON_ADMIN_TOKEN", "admin-secret")
-            .env("HOLD_TTL", "60s")
-            .env("REPLY_TIMEOUT", "2s")
-            .env("FLOOD_LIMIT", "1000000")
-            .env("SLOW_FETCH_WAIT_MS", "50")
-            .env("SWEEP_INTERVAL", "250ms")
-            .env("RUST_LOG", "info,rdkafka=warn,sqlx=warn")
-            .env_remove("COUPON_API_TOKEN")
-            .env_remove("COUPON_REDIS_PREFIX")
-            .env_remove("CONSUMER_INSTANCE")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file handle"))
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn couponctl");
-        Self {
-            process,
-            log,
-            label: label.to_owned(),
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// Fails early, with the child's log, if the child has died.
-    fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.process.try_wait() {
-            panic!(
-                "couponctl {} exited with {status}:\n{}",
-                self.label,
-                self.log_tail()
-            );
-        }
-    }
-
-    async fn wait_healthy(&mut self, base: &str, within: Duration) {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .expect("client");
-        let deadline = Instant::now() + within;
-        loop {
-            self.assert_alive();
-            if let Ok(response) = http.get(format!("{base}/healthz")).send().await {
-                if response.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "couponctl {} not healthy after {within:?}:\n{}",
-                self.label,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// `kill -9`: no shutdown hook runs, nothing is flushed or committed.
-    async fn kill_9(mut self) {
-        self.assert_alive();
-        self.process.kill().await.expect("kill -9");
     }
 }
 

@@ -5,7 +5,10 @@ mod harness;
 
 mod chaos;
 mod claims;
+mod cli;
 mod demo;
+mod observability;
+mod openapi;
 mod purchases;
 mod release;
 mod replay;
