@@ -20,9 +20,12 @@ use coupon_consumers::{
 };
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
+use coupon_platform::reach;
 use coupon_platform::redis::Cache;
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_producers::gateway::{self, GatewayConfig, GatewayState, Replies};
+
+use crate::gauges::{self, Gauges};
 
 /// One role a process can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,6 +102,10 @@ pub struct AppConfig {
     pub db_max_connections: u32,
     /// Written into every event's envelope.
     pub producer_name: String,
+    /// How often the gauges that need a query (pool, holds, lag) are refreshed.
+    pub metrics_interval: Duration,
+    /// Where a process without the gateway serves `GET /metrics` (none: not served).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl AppConfig {
@@ -121,6 +128,8 @@ impl AppConfig {
             sweep_interval: Duration::from_secs(1),
             db_max_connections: 10,
             producer_name: "couponctl".into(),
+            metrics_interval: Duration::from_secs(5),
+            metrics_addr: None,
         }
     }
 
@@ -155,8 +164,19 @@ impl Running {
     }
 }
 
+/// Fails in seconds, with one line ([`reach::Unreachable`]), when Postgres,
+/// Redis or the broker is not there, instead of inside clients built to wait
+/// out an outage.
+pub async fn check_services(config: &AppConfig) -> anyhow::Result<()> {
+    reach::postgres(&config.database_url).await?;
+    reach::redis(&config.redis_url).await?;
+    reach::kafka(&config.kafka.brokers).await?;
+    Ok(())
+}
+
 /// Connects to the stores, applies migrations, creates topics.
 pub async fn connect(config: &AppConfig) -> anyhow::Result<Context> {
+    check_services(config).await?;
     let pool = coupon_platform::db::connect(&config.database_url, config.db_max_connections)
         .await
         .with_context(|| format!("connecting to Postgres at {}", redact(&config.database_url)))?;
@@ -185,6 +205,7 @@ pub async fn create_topics(
     topics: &Topics,
     partitions: i32,
 ) -> anyhow::Result<Vec<String>> {
+    reach::kafka(&kafka.brokers).await?;
     let specs: Vec<TopicSpec> = topics
         .all()
         .into_iter()
@@ -211,8 +232,29 @@ pub async fn start(
     if roles.is_empty() {
         bail!("no roles to run");
     }
+    // The recorder first, so no role records into the void before it exists.
+    let metrics = coupon_platform::metrics::prometheus();
     let ctx = connect(&config).await?;
     let mut tasks = JoinSet::new();
+    let consumer_roles: Vec<&'static str> = roles
+        .iter()
+        .filter(|r| **r != Role::Gateway)
+        .map(|r| r.name())
+        .collect();
+    gauges::register(&consumer_roles);
+    let refresher = Gauges::new(
+        ctx.pool.clone(),
+        &config.kafka,
+        &ctx.topics,
+        &consumer_roles,
+    )
+    .context("creating the consumer-lag probes")?;
+    let interval = config.metrics_interval;
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        refresher.run(interval, stop).await;
+        Ok(())
+    });
     let fast = PollSettings {
         fetch_wait_max_ms: config.fast_fetch_wait_ms,
         max_batch: config.max_batch,
@@ -297,7 +339,7 @@ pub async fn start(
             topics: ctx.topics.clone(),
             replies,
             config: config.gateway.clone(),
-            metrics: coupon_platform::metrics::prometheus(),
+            metrics: metrics.clone(),
         });
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -306,12 +348,31 @@ pub async fn start(
                 .context("HTTP server")
         });
         tracing::info!(%addr, "gateway listening");
+    } else if let Some(metrics_addr) = config.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics listener on {metrics_addr}"))?;
+        let addr = listener.local_addr()?;
+        http_addr = Some(addr);
+        let stop = shutdown.clone();
+        tasks.spawn(async move { axum_serve_metrics(listener, metrics, stop).await });
+        tracing::info!(%addr, "serving /metrics");
     }
     Ok(Running {
         http_addr,
         context: ctx,
         tasks,
     })
+}
+
+async fn axum_serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    gateway::serve_metrics(listener, metrics, shutdown.cancelled_owned())
+        .await
+        .context("metrics HTTP server")
 }
 
 trait MapOk: std::future::Future<Output = ()> + Sized {
@@ -338,6 +399,7 @@ impl ScratchDatabase {
         use sqlx::ConnectOptions as _;
         let server: sqlx::postgres::PgConnectOptions =
             database_url.parse().context("DATABASE_URL")?;
+        reach::postgres(database_url).await?;
         let admin = coupon_platform::db::connect(database_url, 2)
             .await
             .with_context(|| format!("connecting to Postgres at {}", redact(database_url)))?;

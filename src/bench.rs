@@ -100,6 +100,8 @@ impl Row {
 
 /// Runs every scenario and returns the table rows, baselines first.
 pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<Row>> {
+    // Before the scratch database exists, so a missing service leaves nothing behind.
+    app::check_services(&base).await?;
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let scratch =
         app::ScratchDatabase::create(&base.database_url, &format!("coupons_bench_{stamp}")).await?;

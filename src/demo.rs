@@ -147,6 +147,8 @@ async fn count(pool: &PgPool, sql: &str) -> anyhow::Result<i64> {
 /// Runs the demo. `base` says where the services are; the demo uses its own
 /// database on that server and its own topic and Redis prefixes.
 pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSummary> {
+    // Before the scratch database exists, so a missing service leaves nothing behind.
+    app::check_services(&base).await?;
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let scratch =
         app::ScratchDatabase::create(&base.database_url, &format!("coupons_demo_{stamp}")).await?;

@@ -10,6 +10,7 @@ pub mod app;
 pub mod audit;
 pub mod bench;
 pub mod demo;
+pub mod gauges;
 pub mod history;
 pub mod parquet_export;
 pub mod rebuild;

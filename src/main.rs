@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use coupon_consumers::Policy;
 use coupon_domain::{Category, EmployeeId, QuotaWindow, UserId};
 use coupon_platform::kafka::consumer::Assignment;
-use coupon_platform::KafkaSettings;
+use coupon_platform::{reach, KafkaSettings};
 use coupon_producers::gateway::GatewayConfig;
 use couponctl::app::{self, AppConfig, Role};
 use couponctl::replay::{self, ReplayOptions, StartAt, TopicKind};
@@ -152,6 +152,12 @@ struct ServeArgs {
     /// Snowflake datacenter id (0-31) for coupons created through HTTP.
     #[arg(long, env = "COUPON_DATACENTER_ID", default_value_t = 0)]
     datacenter_id: u16,
+    /// How often the metrics that need a query (pool, holds, consumer lag) are refreshed.
+    #[arg(long, env = "METRICS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    metrics_interval: Duration,
+    /// Without the gateway (`consume`): serve GET /metrics on this address.
+    #[arg(long, env = "METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 fn parse_assignment(raw: &str) -> Result<Assignment, String> {
@@ -189,7 +195,9 @@ enum Command {
     #[command(after_help = "Example:\n  couponctl gateway --http-addr 0.0.0.0:8080")]
     Gateway(ServeArgs),
     /// One or more consumer roles; run more instances to scale out.
-    #[command(after_help = "Example:\n  couponctl consume claims purchases")]
+    #[command(
+        after_help = "Example:\n  couponctl consume claims purchases --metrics-addr 127.0.0.1:9100"
+    )]
     Consume {
         #[arg(required = true, value_enum)]
         roles: Vec<ConsumerRole>,
@@ -227,12 +235,18 @@ enum Command {
         partitions: i32,
     },
     /// Apply database migrations.
+    #[command(
+        after_help = "Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1:5432/coupons couponctl migrate"
+    )]
     Migrate,
     /// Manage the blacklist.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  couponctl blacklist add user-42 --for 24h --reason 'chargeback fraud'\n  couponctl blacklist list\n  couponctl blacklist remove user-42"
+    )]
     Blacklist(BlacklistCommand),
     /// Manage the Redis copy of holds.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example:\n  couponctl holds rebuild")]
     Holds(HoldsCommand),
     /// Pool per category, overdue holds, consumer lag and service health.
     #[command(after_help = "Example:\n  couponctl status")]
@@ -390,14 +404,19 @@ enum BlacklistCommand {
         reason: String,
     },
     /// Lift a user's blacklisting.
+    #[command(after_help = "Example:\n  couponctl blacklist remove user-42")]
     Remove { user: String },
     /// List blacklisted users.
+    #[command(after_help = "Example:\n  couponctl blacklist list")]
     List,
 }
 
 #[derive(Subcommand, Debug)]
 enum HoldsCommand {
     /// Rewrite every live hold from Postgres into Redis.
+    #[command(
+        after_help = "Example:\n  couponctl holds rebuild   # after Redis lost its data; every start does it too"
+    )]
     Rebuild,
 }
 
@@ -439,6 +458,8 @@ impl Connections {
         config.sweep_interval = serve.sweep_interval;
         config.db_max_connections = serve.db_max_connections.max(2);
         config.producer_name = format!("couponctl@{}", std::process::id());
+        config.metrics_interval = serve.metrics_interval.max(Duration::from_millis(100));
+        config.metrics_addr = serve.metrics_addr;
         config
     }
 }
@@ -466,9 +487,21 @@ async fn main() {
     };
     init_logging(cli.log_format, default_filter);
     if let Err(error) = dispatch(cli).await {
-        // One line: the error and its causes.
-        eprintln!("error: {error:#}");
+        eprintln!("error: {}", one_line(&error));
         std::process::exit(1);
+    }
+}
+
+/// The error as one line: the error and its causes, or, when a service could
+/// not be reached at all, just that (the causes of an unstarted service are
+/// noise: the fix is to start it).
+fn one_line(error: &anyhow::Error) -> String {
+    match error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<reach::Unreachable>())
+    {
+        Some(unreachable) => unreachable.to_string(),
+        None => format!("{error:#}"),
     }
 }
 
@@ -589,7 +622,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 async fn replay(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
     let topics = coupon_platform::Topics::new(&conn.topic_prefix);
     let kafka = conn.kafka();
+    reach::kafka(&kafka.brokers).await?;
     if let Some(url) = args.rebuild {
+        reach::postgres(&url).await?;
         let target = coupon_platform::db::connect(&url, 4)
             .await
             .with_context(|| {
@@ -651,6 +686,8 @@ async fn replay(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
 
 async fn audit(conn: &Connections) -> anyhow::Result<()> {
     let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+    reach::kafka(&conn.kafka_brokers).await?;
+    reach::postgres(&conn.database_url).await?;
     let bar = replay::progress_bar(0, "reading the log");
     let report = audit::audit(&conn.kafka(), &topics, &conn.database_url, bar).await?;
     eprintln!("{}", report.rebuild);
@@ -711,6 +748,7 @@ fn default_serve_args() -> ServeArgs {
 }
 
 async fn database(conn: &Connections) -> anyhow::Result<sqlx::PgPool> {
+    reach::postgres(&conn.database_url).await?;
     coupon_platform::db::connect(&conn.database_url, 4)
         .await
         .with_context(|| {

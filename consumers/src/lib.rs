@@ -29,6 +29,33 @@ pub mod expiry;
 pub mod history;
 pub mod purchases;
 
+/// Every consumer role, by the name its consumer group carries.
+pub const ROLES: [&str; 5] = [
+    coupons::ROLE,
+    claims::ROLE,
+    purchases::ROLE,
+    expiry::ROLE,
+    history::ROLE,
+];
+
+/// The topics a role's consumer group reads. The roles subscribe to exactly
+/// these, and `couponctl status` and the lag gauges measure them, so this is
+/// the one place that says which group reads what.
+pub fn role_topics(role: &str, topics: &Topics) -> Vec<String> {
+    match role {
+        coupons::ROLE => vec![topics.created()],
+        claims::ROLE => vec![topics.claims()],
+        purchases::ROLE => vec![topics.purchases()],
+        expiry::ROLE => vec![topics.expirations()],
+        history::ROLE => vec![
+            topics.created(),
+            topics.claim_results(),
+            topics.purchase_results(),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// The rules a deployment runs with.
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
@@ -80,6 +107,46 @@ pub(crate) fn retryable(error: impl std::fmt::Display) -> RetryableError {
 /// on every retry.
 pub(crate) fn echoed_user_id(raw: &str) -> String {
     raw.chars().filter(|c| !c.is_control()).take(128).collect()
+}
+
+/// The id a request's log lines share from HTTP to decision: the gateway's
+/// `x-request-id` travels as the envelope's correlation id (and is also the
+/// request id); a request published straight to Kafka may carry only its own
+/// request id.
+pub(crate) fn log_request_id<'a>(correlation_id: &'a str, request_id: &'a str) -> &'a str {
+    if correlation_id.is_empty() {
+        request_id
+    } else {
+        correlation_id
+    }
+}
+
+/// One decision of a batch, for the log: `grep <request id>` on the logs
+/// follows a claim or purchase from the gateway to its decision.
+pub(crate) struct Decided {
+    pub request_id: String,
+    pub user_id: String,
+    pub outcome: String,
+    pub coupon_code: Option<String>,
+    /// The request was decided before (a redelivery or a client's retry):
+    /// this is the stored decision again.
+    pub redelivered: bool,
+    /// Why an invalid request was refused.
+    pub reason: Option<String>,
+}
+
+impl Decided {
+    pub fn log(&self, kind: &'static str) {
+        tracing::info!(
+            request_id = %self.request_id,
+            user = %self.user_id,
+            outcome = %self.outcome,
+            coupon = self.coupon_code.as_deref().unwrap_or(""),
+            redelivered = self.redelivered,
+            reason = self.reason.as_deref().unwrap_or(""),
+            "{kind} decided"
+        );
+    }
 }
 
 /// Sends every refused record of a batch to the dead-letter topic.

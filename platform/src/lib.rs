@@ -1,5 +1,5 @@
 //! Thin adapters around the outside world: Kafka (rdkafka), Postgres (sqlx),
-//! Redis (fred) and the metrics recorder.
+//! Redis (fred), the metrics recorder and the reachability checks.
 //!
 //! Nothing here decides anything about coupons; the rules are in
 //! `coupon-domain`. These modules turn those decisions into records, rows and
@@ -8,7 +8,9 @@
 pub mod db;
 pub mod kafka;
 pub mod metrics;
+pub mod reach;
 pub mod redis;
+pub mod stats;
 pub mod time;
 
 pub use kafka::{KafkaSettings, Topics};

@@ -19,8 +19,8 @@ use tokio::sync::Mutex;
 use coupon_platform::kafka::decode;
 use coupon_schemas::{ClaimDecided, ClaimRequested};
 
-use crate::harness::{invariant_violations, release, TestEnv};
-use crate::processes::{claim_with_retries, free_port, Child, Progress};
+use crate::harness::{free_port, invariant_violations, release, Child, TestEnv};
+use crate::processes::{claim_with_retries, Progress};
 
 const CONSUMERS: &[&str] = &[
     "consume",
@@ -501,7 +501,9 @@ async fn sustained_load(profile: Profile) -> Row {
     let base = format!("http://127.0.0.1:{port}");
     // A short hold, so that expirations return coupons to the pool while
     // the load runs: claims, purchases and expirations all mix.
-    let mut run = Child::spawn_with(&env, &["run"], port, "run", &[("HOLD_TTL", "3s")]);
+    let mut run = Child::spawn_with(&env, &["run"], port, "run", |command| {
+        command.env("HOLD_TTL", "3s");
+    });
     run.wait_healthy(&base, Duration::from_secs(60)).await;
     let total = (profile.rate as f64 * profile.sustained.as_secs_f64()) as usize;
     let issued = (total / 4).max(50) as u32;
@@ -523,8 +525,8 @@ async fn sustained_load(profile: Profile) -> Row {
                 let rss = pid.and_then(rss_kib);
                 let (k, g, t) = (kafka.clone(), group.clone(), topic.clone());
                 let lag = tokio::task::spawn_blocking(move || {
-                    couponctl::status::group_lag(&k, &g, &[t])
-                        .map(|lags| lags.iter().map(|(_, lag)| lag).sum::<i64>())
+                    coupon_platform::kafka::lag::group_lag(&k, &g, &[t])
+                        .map(|lags| lags.iter().map(|p| p.lag).sum::<i64>())
                 })
                 .await;
                 let mut samples = samples.lock().await;

@@ -22,8 +22,10 @@ use coupon_schemas::{
 };
 use couponctl::app::Role;
 
-use crate::harness::{assert_invariants, eventually, redis_url, release, TestEnv};
-use crate::processes::{claim_with_retries, eventually_some, free_port, Child, Progress};
+use crate::harness::{
+    assert_invariants, eventually, free_port, redis_url, release, Child, TestEnv,
+};
+use crate::processes::{claim_with_retries, eventually_some, Progress};
 
 /// Publishes claims straight to Kafka, as a storefront may.
 async fn publish_claims(topic: &str, publisher: &Publisher, ids: impl Iterator<Item = usize>) {

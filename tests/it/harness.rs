@@ -5,6 +5,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -296,6 +298,27 @@ where
     }
 }
 
+/// Like [`eventually`], for checks that say what is still wrong: the last
+/// complaint is in the panic message.
+pub async fn eventually_ok<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let complaint = match check().await {
+            Ok(()) => return,
+            Err(complaint) => complaint,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}; last: {complaint}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn reader(kafka: &KafkaSettings) -> BaseConsumer {
     let mut config = kafka.client_config();
     config
@@ -357,10 +380,10 @@ fn read_all(kafka: &KafkaSettings, topic: &str) -> Vec<Record> {
 }
 
 fn lag(kafka: &KafkaSettings, group: &str, topic: &str) -> i64 {
-    couponctl::status::group_lag(kafka, group, &[topic.to_owned()])
+    coupon_platform::kafka::lag::group_lag(kafka, group, &[topic.to_owned()])
         .expect("lag")
         .iter()
-        .map(|(_, lag)| lag)
+        .map(|p| p.lag)
         .sum()
 }
 
@@ -438,4 +461,124 @@ pub async fn assert_invariants(env: &TestEnv, issued: i64) {
         "invariants violated: {violations:?} ({:?})",
         env.status_counts().await
     );
+}
+
+/// A free port on 127.0.0.1 for a child's listener.
+pub fn free_port() -> u16 {
+    // Bound and released at once: the child binds it a moment later.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A `couponctl` child process. Dropping it kills it (SIGKILL), so a failing
+/// test leaves nothing running.
+pub struct Child {
+    process: tokio::process::Child,
+    pub log: PathBuf,
+    label: String,
+}
+
+impl Child {
+    pub fn spawn(env: &TestEnv, args: &[&str], port: u16, label: &str) -> Self {
+        Self::spawn_with(env, args, port, label, |_| {})
+    }
+
+    /// Like [`Child::spawn`], with `tweak` adjusting the command (more
+    /// environment) before it starts.
+    pub fn spawn_with(
+        env: &TestEnv,
+        args: &[&str],
+        port: u16,
+        label: &str,
+        tweak: impl FnOnce(&mut std::process::Command),
+    ) -> Self {
+        // Kept after the run (in the target dir) for a look when a test fails.
+        let log =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{label}.log", env.name));
+        let file = std::fs::File::create(&log).expect("child log file");
+        let mut command = env.couponctl();
+        command
+            .args(args)
+            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("COUPON_ADMIN_TOKEN", "admin-secret")
+            .env("HOLD_TTL", "60s")
+            .env("REPLY_TIMEOUT", "2s")
+            .env("FLOOD_LIMIT", "1000000")
+            .env("SLOW_FETCH_WAIT_MS", "50")
+            .env("SWEEP_INTERVAL", "250ms")
+            .env("RUST_LOG", "info,rdkafka=warn,sqlx=warn")
+            .env_remove("COUPON_API_TOKEN")
+            .env_remove("COUPON_REDIS_PREFIX")
+            .env_remove("CONSUMER_INSTANCE")
+            .env_remove("LOG_FORMAT")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file handle"))
+            .stderr(file);
+        tweak(&mut command);
+        let process = tokio::process::Command::from(command)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn couponctl");
+        Self {
+            process,
+            log,
+            label: label.to_owned(),
+        }
+    }
+
+    #[allow(dead_code)] // only the chaos binary samples memory
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
+    }
+
+    /// Everything the child logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Fails early, with the child's log, if the child has died.
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.process.try_wait() {
+            panic!(
+                "couponctl {} exited with {status}:\n{}",
+                self.label,
+                self.log_tail()
+            );
+        }
+    }
+
+    pub async fn wait_healthy(&mut self, base: &str, within: Duration) {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("client");
+        let deadline = Instant::now() + within;
+        loop {
+            self.assert_alive();
+            if let Ok(response) = http.get(format!("{base}/healthz")).send().await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "couponctl {} not healthy after {within:?}:\n{}",
+                self.label,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `kill -9`: no shutdown hook runs, nothing is flushed or committed.
+    pub async fn kill_9(mut self) {
+        self.assert_alive();
+        self.process.kill().await.expect("kill -9");
+    }
 }

@@ -6,7 +6,10 @@ mod processes;
 
 mod chaos;
 mod claims;
+mod cli;
 mod demo;
+mod observability;
+mod openapi;
 mod purchases;
 mod release;
 mod replay;

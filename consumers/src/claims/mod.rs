@@ -31,7 +31,7 @@ use coupon_platform::redis::CachedHold;
 use coupon_platform::time::to_ms;
 use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
 
-use crate::{dead_letter_all, retryable, Context, PollSettings};
+use crate::{dead_letter_all, retryable, Context, Decided, PollSettings};
 
 pub use store::StoredDecision;
 
@@ -146,6 +146,9 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
     let mut decisions: Vec<(String, ClaimDecided)> = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
     let mut claims = Vec::with_capacity(batch.len());
+    // Logged once the decisions are published, so a retried batch does not
+    // log decisions that were rolled back.
+    let mut decided: Vec<Decided> = Vec::with_capacity(batch.len());
     for record in batch {
         let request = match decode::<ClaimRequested>(record) {
             Ok(request) => request,
@@ -158,6 +161,21 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
             Ok(claim) => claims.push(claim),
             Err(reason) => {
                 if let Some(decision) = invalid_decision(ctx, &request, &reason) {
+                    decided.push(Decided {
+                        request_id: crate::log_request_id(
+                            request
+                                .envelope
+                                .as_ref()
+                                .map_or("", |e| e.correlation_id.as_str()),
+                            &request.request_id,
+                        )
+                        .to_owned(),
+                        user_id: decision.0.clone(),
+                        outcome: "invalid".into(),
+                        coupon_code: None,
+                        redelivered: false,
+                        reason: Some(reason.clone()),
+                    });
                     decisions.push(decision);
                 }
                 refused.push((record, reason));
@@ -185,6 +203,15 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
             let (decision, is_new) = decide(&mut tx, ctx, claim, now, &mut view)
                 .await
                 .map_err(retryable)?;
+            decided.push(Decided {
+                request_id: crate::log_request_id(&claim.correlation_id, &claim.request_id)
+                    .to_owned(),
+                user_id: decision.user_id.clone(),
+                outcome: decision.outcome.clone(),
+                coupon_code: decision.coupon_code.clone(),
+                redelivered: !is_new,
+                reason: None,
+            });
             decisions.push((
                 decision.user_id.clone(),
                 decision.to_event(ctx.publisher.name(), &claim.correlation_id),
@@ -237,6 +264,9 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
         .send_all(&topic, &decisions)
         .await
         .map_err(retryable)?;
+    for d in &decided {
+        d.log("claim");
+    }
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 
@@ -345,7 +375,7 @@ pub async fn run(
     poll: PollSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    let topics = vec![ctx.topics.claims()];
+    let topics = crate::role_topics(ROLE, &ctx.topics);
     crate::run_role(
         &ctx,
         ROLE,

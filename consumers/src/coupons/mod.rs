@@ -113,7 +113,7 @@ pub async fn run(
     poll: PollSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    let topics = vec![ctx.topics.created()];
+    let topics = crate::role_topics(ROLE, &ctx.topics);
     crate::run_role(
         &ctx,
         ROLE,

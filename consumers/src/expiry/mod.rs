@@ -232,7 +232,7 @@ pub async fn run(
         sweep_interval,
         shutdown.clone().cancelled_owned(),
     ));
-    let topics = vec![ctx.topics.expirations()];
+    let topics = crate::role_topics(ROLE, &ctx.topics);
     let result = crate::run_role(
         &ctx,
         ROLE,

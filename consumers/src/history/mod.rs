@@ -210,11 +210,7 @@ pub async fn run(
     poll: PollSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    let topics = vec![
-        ctx.topics.created(),
-        ctx.topics.claim_results(),
-        ctx.topics.purchase_results(),
-    ];
+    let topics = crate::role_topics(ROLE, &ctx.topics);
     crate::run_role(
         &ctx,
         ROLE,

@@ -22,7 +22,7 @@ use coupon_platform::kafka::{decode, Record};
 use coupon_platform::time::to_ms;
 use coupon_schemas::{PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested};
 
-use crate::{dead_letter_all, retryable, Context, PollSettings};
+use crate::{dead_letter_all, retryable, Context, Decided, PollSettings};
 
 pub const ROLE: &str = "purchases";
 
@@ -221,6 +221,8 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
     let mut decisions: Vec<(String, PurchaseDecided)> = Vec::new();
     let mut ended_holds = Vec::new();
     let mut refused = Vec::new();
+    // Logged once the decisions are published (a retried batch logs once).
+    let mut decided: Vec<Decided> = Vec::new();
     let mut tx = ctx.pool.begin().await.map_err(retryable)?;
     for record in batch {
         let request = match decode::<PurchaseRequested>(record) {
@@ -235,6 +237,19 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
             Err(reason) => {
                 if RequestId::parse(request.request_id.as_str()).is_ok() {
                     let key = crate::echoed_user_id(&request.user_id);
+                    let correlation_id = request
+                        .envelope
+                        .as_ref()
+                        .map_or("", |e| e.correlation_id.as_str());
+                    decided.push(Decided {
+                        request_id: crate::log_request_id(correlation_id, &request.request_id)
+                            .to_owned(),
+                        user_id: key.clone(),
+                        outcome: "invalid".into(),
+                        coupon_code: None,
+                        redelivered: false,
+                        reason: Some(reason.clone()),
+                    });
                     let envelope = coupon_schemas::new_envelope::<PurchaseDecided>(
                         Uuid::new_v5(
                             &Uuid::NAMESPACE_OID,
@@ -243,7 +258,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
                         .to_string(),
                         coupon_platform::time::now_ms(),
                         ctx.publisher.name(),
-                        "",
+                        correlation_id,
                     );
                     decisions.push((
                         key.clone(),
@@ -271,6 +286,15 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
                 ended_holds.push((decision.coupon_code.clone(), decision.user_id.clone()));
             }
         }
+        decided.push(Decided {
+            request_id: crate::log_request_id(&purchase.correlation_id, &purchase.request_id)
+                .to_owned(),
+            user_id: decision.user_id.clone(),
+            outcome: decision.outcome.clone(),
+            coupon_code: Some(decision.coupon_code.clone()),
+            redelivered: !is_new,
+            reason: None,
+        });
         decisions.push((
             decision.user_id.clone(),
             decision.to_event(ctx.publisher.name(), &purchase.correlation_id),
@@ -285,6 +309,9 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
         .send_all(&topic, &decisions)
         .await
         .map_err(retryable)?;
+    for d in &decided {
+        d.log("purchase");
+    }
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 
@@ -293,7 +320,7 @@ pub async fn run(
     poll: PollSettings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    let topics = vec![ctx.topics.purchases()];
+    let topics = crate::role_topics(ROLE, &ctx.topics);
     crate::run_role(
         &ctx,
         ROLE,

@@ -1,22 +1,78 @@
 //! Every HTTP error is JSON: `{"error": "<code>", "message": "..."}`.
+//!
+//! The codes are an enum ([`ErrorCode`]) rather than strings so that the
+//! OpenAPI document lists exactly the codes the gateway can send.
 
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The machine-readable reason of an error answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the request is malformed or names an id that is not valid.
+    InvalidRequest,
+    /// 400: any other client error the router produced on its own.
+    BadRequest,
+    /// 401: a bearer token is missing or wrong.
+    Unauthorized,
+    /// 403: the user is blacklisted (manually, or for flooding the gateway).
+    Blacklisted,
+    /// 403: refused for another reason.
+    Forbidden,
+    /// 404: no route has this path.
+    NotFound,
+    /// 404: no coupon is available right now.
+    SoldOut,
+    /// 404: no coupon has this code.
+    UnknownCoupon,
+    /// 405: the path exists but not with this method.
+    MethodNotAllowed,
+    /// 409: the hold ended before the purchase.
+    HoldExpired,
+    /// 409: the coupon is not held by this user.
+    NotHolder,
+    /// 409: the coupon was already redeemed.
+    AlreadyRedeemed,
+    /// 413: the body is larger than 64 KiB.
+    PayloadTooLarge,
+    /// 414: the URI is too long.
+    UriTooLong,
+    /// 415: the body is not `application/json`.
+    UnsupportedMediaType,
+    /// 429: one coupon per user per quota window; see `Retry-After`.
+    RateLimited,
+    /// 503: a store or the broker is not available; retrying is safe.
+    Unavailable,
+    /// 504: no decision in time; the request may still complete and retrying is safe.
+    Timeout,
+    /// 500: a bug.
+    Internal,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorCode,
+    /// For people: what went wrong and what to do.
+    pub message: String,
+}
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -26,21 +82,25 @@ impl ApiError {
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, message)
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        Self::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            message,
+        )
     }
 
     pub fn timeout() -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
+            ErrorCode::Timeout,
             "no decision in time; the request may still complete and retrying is safe",
         )
     }
@@ -50,7 +110,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (
             self.status,
-            Json(json!({"error": self.code, "message": self.message})),
+            Json(ErrorBody {
+                error: self.code,
+                message: self.message,
+            }),
         )
             .into_response();
         if let Some(secs) = self.retry_after_secs {
@@ -64,21 +127,21 @@ impl IntoResponse for ApiError {
 
 /// The error code for an answer the router or an extractor produced on its
 /// own, by status.
-fn code_for(status: StatusCode) -> &'static str {
+fn code_for(status: StatusCode) -> ErrorCode {
     match status.as_u16() {
-        400 | 422 => "invalid_request",
-        401 => "unauthorized",
-        403 => "forbidden",
-        404 => "not_found",
-        405 => "method_not_allowed",
-        408 | 504 => "timeout",
-        413 => "payload_too_large",
-        414 => "uri_too_long",
-        415 => "unsupported_media_type",
-        429 => "rate_limited",
-        503 => "unavailable",
-        400..=499 => "bad_request",
-        _ => "internal",
+        400 | 422 => ErrorCode::InvalidRequest,
+        401 => ErrorCode::Unauthorized,
+        403 => ErrorCode::Forbidden,
+        404 => ErrorCode::NotFound,
+        405 => ErrorCode::MethodNotAllowed,
+        408 | 504 => ErrorCode::Timeout,
+        413 => ErrorCode::PayloadTooLarge,
+        414 => ErrorCode::UriTooLong,
+        415 => ErrorCode::UnsupportedMediaType,
+        429 => ErrorCode::RateLimited,
+        503 => ErrorCode::Unavailable,
+        400..=499 => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
     }
 }
 

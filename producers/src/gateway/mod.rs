@@ -8,24 +8,33 @@
 //!
 //! The gateway holds no coupon state, so any number of instances can run side
 //! by side behind a load balancer.
+//!
+//! Every route is in one table ([`routes`]): the router is built from it and
+//! the OpenAPI document ([`openapi`], served at `/api/v1/openapi.json`) is
+//! checked against it by the integration tests. The request id (the client's
+//! `x-request-id` or a generated one) is the `request_id` field of the
+//! handler's log span, the events' correlation id and the consumers'
+//! `request_id` log field, so one `grep` follows a request end to end.
 
+mod api;
 mod error;
+pub mod openapi;
 pub mod replies;
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::json;
 use sqlx::PgPool;
+use tracing::Instrument as _;
 
 use coupon_domain::{Category, CouponCode, EmployeeId, OrderId, UserId};
 use coupon_platform::kafka::Publisher;
@@ -36,7 +45,8 @@ use coupon_schemas::{
     ClaimDecided, ClaimOutcome, ClaimRequested, PurchaseDecided, PurchaseOutcome, PurchaseRequested,
 };
 
-pub use error::ApiError;
+pub use api::*;
+pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use replies::Replies;
 
 use crate::issue::{self, IssueRequest};
@@ -80,14 +90,79 @@ pub struct GatewayState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
+/// The HTTP methods the gateway routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verb {
+    Get,
+    Post,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "GET",
+            Verb::Post => "POST",
+        }
+    }
+
+    fn filter(self) -> MethodFilter {
+        match self {
+            Verb::Get => MethodFilter::GET,
+            Verb::Post => MethodFilter::POST,
+        }
+    }
+}
+
+/// One route: a method on a path (in OpenAPI/axum syntax, `{param}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub verb: Verb,
+    pub path: &'static str,
+}
+
+type Endpoint = MethodRouter<Arc<GatewayState>>;
+
+/// A table row: the route and its handler, bound to exactly that method.
+fn route<H, T>(verb: Verb, path: &'static str, handler: H) -> (Route, Endpoint)
+where
+    H: axum::handler::Handler<T, Arc<GatewayState>>,
+    T: 'static,
+{
+    (
+        Route { verb, path },
+        axum::routing::on(verb.filter(), handler),
+    )
+}
+
+/// Every route the gateway serves. [`router`] is built from this table alone,
+/// so a route cannot be served without being listed here, and the OpenAPI
+/// test fails when this list and the published document differ.
+fn route_table() -> Vec<(Route, Endpoint)> {
+    vec![
+        route(Verb::Get, "/api/v1/coupon", claim),
+        route(Verb::Post, "/api/v1/coupon", create_coupons),
+        route(Verb::Get, "/api/v1/coupon/{code}", coupon_status),
+        route(Verb::Post, "/api/v1/purchase", purchase),
+        route(Verb::Get, "/api/v1/openapi.json", openapi_json),
+        route(Verb::Get, "/healthz", healthz),
+        route(Verb::Get, "/metrics", metrics_text),
+    ]
+}
+
+/// The routes of [`router`], for tests and tools.
+pub fn routes() -> Vec<Route> {
+    route_table().into_iter().map(|(route, _)| route).collect()
+}
+
 pub fn router(state: Arc<GatewayState>) -> Router {
-    Router::new()
-        .route("/api/v1/coupon", get(claim).post(create_coupons))
-        .route("/api/v1/coupon/{code}", get(coupon_status))
-        .route("/api/v1/purchase", axum::routing::post(purchase))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+    let mut router = Router::new();
+    for (route, endpoint) in route_table() {
+        router = router.route(route.path, endpoint);
+    }
+    router
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
         .layer(DefaultBodyLimit::max(64 * 1024))
         .layer(axum::middleware::from_fn(error::json_errors))
         .layer(axum::middleware::from_fn(observe))
@@ -179,10 +254,25 @@ fn rfc3339(ms: i64) -> Option<String> {
     from_ms(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
-#[derive(Debug, Deserialize)]
-struct ClaimQuery {
-    id: Option<String>,
-    category: Option<String>,
+/// Runs a claim or purchase handler inside a span carrying its request id,
+/// logs the answer, and echoes the id in the `x-request-id` header of every
+/// answer (errors too), so a client can quote it.
+async fn traced(
+    what: &'static str,
+    request_id: &str,
+    handler: impl Future<Output = Result<Response, ApiError>>,
+) -> Response {
+    let span = tracing::info_span!("http", request_id = %request_id, route = what);
+    async move {
+        let mut response = handler.await.unwrap_or_else(IntoResponse::into_response);
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        tracing::info!(status = response.status().as_u16(), "{what} answered");
+        response
+    }
+    .instrument(span)
+    .await
 }
 
 /// Flood control: more than `flood_limit_per_sec` claims in one second from
@@ -200,7 +290,7 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
     if blocked {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "blacklisted",
+            ErrorCode::Blacklisted,
             "this user is temporarily blocked for flooding",
         ));
     }
@@ -226,19 +316,70 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
         tracing::warn!(user = %user, count, "user blocked for flooding");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "blacklisted",
+            ErrorCode::Blacklisted,
             "too many requests: this user is temporarily blocked",
         ));
     }
     Ok(())
 }
 
+/// Claim a coupon.
+///
+/// Publishes a claim event and waits for its decision. A repeated claim while
+/// the user's hold lasts returns the same coupon; after the hold ended
+/// (bought or expired) the user waits for the next quota window.
+#[utoipa::path(
+    get,
+    path = "/api/v1/coupon",
+    tag = "storefront",
+    params(
+        ClaimQuery,
+        ("x-request-id" = Option<String>, Header,
+            description = "Your id for this request (1-64 visible ASCII characters); generated when absent. Echoed in the answer's x-request-id header; retrying with the same id returns the same decision.")
+    ),
+    responses(
+        (status = 200, description = "Granted: the coupon is held for this user until `expires_at`.",
+            body = ClaimGranted,
+            headers(("x-request-id" = String, description = "The request id"))),
+        (status = 400, description = "Invalid user id or category, or an x-request-id already used by another user.",
+            body = ErrorBody, example = json!({"error": "invalid_request", "message": "user_id must not be empty"})),
+        (status = 401, description = "COUPON_API_TOKEN is set and the bearer token is missing or wrong.",
+            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong API token"})),
+        (status = 403, description = "The user is blacklisted (manually, or for flooding the gateway).",
+            body = ErrorBody, example = json!({"error": "blacklisted", "message": "this user may not claim coupons"})),
+        (status = 404, description = "No coupon (of the category) is available.",
+            body = ErrorBody, example = json!({"error": "sold_out", "message": "no coupon is available right now"})),
+        (status = 429, description = "The user already had a coupon in this quota window.",
+            headers(("Retry-After" = u64, description = "Seconds until the next quota window")),
+            body = ErrorBody, example = json!({"error": "rate_limited", "message": "one coupon per user per quota window; try again after 2026-11-26T00:00:00.000Z"})),
+        (status = 503, description = "The claim could not be published; retrying is safe.",
+            body = ErrorBody, example = json!({"error": "unavailable", "message": "could not publish the claim"})),
+        (status = 504, description = "No decision within REPLY_TIMEOUT; the claim may still complete and retrying (same x-request-id) is safe.",
+            body = ErrorBody, example = json!({"error": "timeout", "message": "no decision in time; the request may still complete and retrying is safe"})),
+    ),
+    security((), ("api_token" = []))
+)]
 async fn claim(
     State(state): State<Arc<GatewayState>>,
     headers: HeaderMap,
     query: Result<Query<ClaimQuery>, QueryRejection>,
+) -> Response {
+    let request_id = request_id(&headers);
+    traced(
+        "claim",
+        &request_id,
+        claim_inner(&state, &headers, query, &request_id),
+    )
+    .await
+}
+
+async fn claim_inner(
+    state: &GatewayState,
+    headers: &HeaderMap,
+    query: Result<Query<ClaimQuery>, QueryRejection>,
+    request_id: &str,
 ) -> Result<Response, ApiError> {
-    check_api_token(&state, &headers)?;
+    check_api_token(state, headers)?;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let user = UserId::parse(query.id.unwrap_or_default())
         .map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -246,17 +387,17 @@ async fn claim(
         None | Some("") => None,
         Some(raw) => Some(Category::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))?),
     };
-    flood_check(&state, &user).await?;
-    let request_id = request_id(&headers);
+    tracing::info!(user = %user, category = category.as_ref().map_or("", |c| c.as_str()), "claim received");
+    flood_check(state, &user).await?;
     let event = ClaimRequested {
-        envelope: Some(state.publisher.envelope::<ClaimRequested>(&request_id)),
-        request_id: request_id.clone(),
+        envelope: Some(state.publisher.envelope::<ClaimRequested>(request_id)),
+        request_id: request_id.to_owned(),
         user_id: user.to_string(),
         category: category.map(Category::into_string).unwrap_or_default(),
     };
-    let pending = state.replies.expect_claim(&request_id);
+    let pending = state.replies.expect_claim(request_id);
     let decision = publish_and_wait(
-        &state,
+        state,
         &state.topics.claims(),
         &user,
         &event,
@@ -271,7 +412,7 @@ async fn claim(
             "this x-request-id was already used for another user; send a new one",
         ));
     }
-    Ok(claim_response(&decision, &request_id))
+    Ok(claim_response(&decision))
 }
 
 /// Request/reply over Kafka: publishes `event` keyed by the user, then waits
@@ -297,17 +438,17 @@ async fn publish_and_wait<E: coupon_schemas::Event, R>(
         .ok_or_else(ApiError::timeout)
 }
 
-fn claim_response(decision: &ClaimDecided, request_id: &str) -> Response {
+fn claim_response(decision: &ClaimDecided) -> Response {
     let outcome = ClaimOutcome::try_from(decision.outcome).unwrap_or(ClaimOutcome::Unspecified);
-    let mut response = match outcome {
+    match outcome {
         ClaimOutcome::Granted => (
             StatusCode::OK,
-            Json(json!({
-                "coupon_code": decision.coupon_code,
-                "category": decision.category,
-                "user_id": decision.user_id,
-                "expires_at": rfc3339(decision.expires_at_ms),
-            })),
+            Json(ClaimGranted {
+                coupon_code: decision.coupon_code.clone(),
+                category: decision.category.clone(),
+                user_id: decision.user_id.clone(),
+                expires_at: rfc3339(decision.expires_at_ms),
+            }),
         )
             .into_response(),
         ClaimOutcome::RateLimited => {
@@ -315,7 +456,7 @@ fn claim_response(decision: &ClaimDecided, request_id: &str) -> Response {
             let secs = ((decision.retry_at_ms - now).max(1) as u64).div_ceil(1000);
             let mut error = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ErrorCode::RateLimited,
                 format!(
                     "one coupon per user per quota window; try again after {}",
                     rfc3339(decision.retry_at_ms).unwrap_or_default()
@@ -326,39 +467,81 @@ fn claim_response(decision: &ClaimDecided, request_id: &str) -> Response {
         }
         ClaimOutcome::Blacklisted => ApiError::new(
             StatusCode::FORBIDDEN,
-            "blacklisted",
+            ErrorCode::Blacklisted,
             "this user may not claim coupons",
         )
         .into_response(),
         ClaimOutcome::SoldOut => ApiError::new(
             StatusCode::NOT_FOUND,
-            "sold_out",
+            ErrorCode::SoldOut,
             "no coupon is available right now",
         )
         .into_response(),
         ClaimOutcome::Invalid | ClaimOutcome::Unspecified => {
             ApiError::invalid(decision.reason.clone()).into_response()
         }
-    };
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert("x-request-id", value);
     }
-    response
 }
 
-#[derive(Debug, Deserialize)]
-struct PurchaseBody {
-    user_id: String,
-    coupon_code: String,
-    order_id: String,
-}
-
+/// Buy a held coupon.
+///
+/// Redeems the coupon if this user holds it and the hold has not ended.
+/// Idempotent on `order_id`: the same order again gets the same answer.
+#[utoipa::path(
+    post,
+    path = "/api/v1/purchase",
+    tag = "storefront",
+    params(
+        ("x-request-id" = Option<String>, Header,
+            description = "Your id for this request; generated when absent, echoed in the answer's x-request-id header.")
+    ),
+    request_body = PurchaseBody,
+    responses(
+        (status = 200, description = "Redeemed.", body = PurchaseRedeemed),
+        (status = 400, description = "Invalid ids, or an order_id already used by another user.",
+            body = ErrorBody, example = json!({"error": "invalid_request", "message": "order_id must not be empty"})),
+        (status = 401, description = "COUPON_API_TOKEN is set and the bearer token is missing or wrong.",
+            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong API token"})),
+        (status = 404, description = "No coupon has this code.",
+            body = ErrorBody, example = json!({"error": "unknown_coupon", "message": "no coupon has this code"})),
+        (status = 409, description = "The coupon cannot be bought by this user now.", body = ErrorBody,
+            examples(
+                ("hold_expired" = (summary = "the hold ended before the purchase", value = json!({"error": "hold_expired", "message": "the hold on this coupon ended before the purchase"}))),
+                ("not_holder" = (summary = "another user holds it, or nobody", value = json!({"error": "not_holder", "message": "this coupon is not held by this user"}))),
+                ("already_redeemed" = (summary = "bought before", value = json!({"error": "already_redeemed", "message": "this coupon was already redeemed"})))
+            )),
+        (status = 413, description = "The body is larger than 64 KiB.",
+            body = ErrorBody, example = json!({"error": "payload_too_large", "message": "request body is larger than 64 KiB"})),
+        (status = 415, description = "The body is not sent as application/json.",
+            body = ErrorBody, example = json!({"error": "unsupported_media_type", "message": "send 'Content-Type: application/json'"})),
+        (status = 503, description = "The purchase could not be published; retrying is safe.",
+            body = ErrorBody, example = json!({"error": "unavailable", "message": "could not publish the purchase"})),
+        (status = 504, description = "No decision within REPLY_TIMEOUT; retrying (same order_id) is safe.",
+            body = ErrorBody, example = json!({"error": "timeout", "message": "no decision in time; the request may still complete and retrying is safe"})),
+    ),
+    security((), ("api_token" = []))
+)]
 async fn purchase(
     State(state): State<Arc<GatewayState>>,
     headers: HeaderMap,
     body: Result<Json<PurchaseBody>, JsonRejection>,
+) -> Response {
+    let request_id = request_id(&headers);
+    traced(
+        "purchase",
+        &request_id,
+        purchase_inner(&state, &headers, body, &request_id),
+    )
+    .await
+}
+
+async fn purchase_inner(
+    state: &GatewayState,
+    headers: &HeaderMap,
+    body: Result<Json<PurchaseBody>, JsonRejection>,
+    request_id: &str,
 ) -> Result<Response, ApiError> {
-    check_api_token(&state, &headers)?;
+    check_api_token(state, headers)?;
     let Json(body) = body.map_err(json_rejection)?;
     let user = UserId::parse(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let order = OrderId::parse(body.order_id).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -370,17 +553,17 @@ async fn purchase(
             "coupon code must not contain control characters",
         ));
     }
-    let request_id = request_id(&headers);
+    tracing::info!(user = %user, order = %order, coupon = %body.coupon_code, "purchase received");
     let event = PurchaseRequested {
-        envelope: Some(state.publisher.envelope::<PurchaseRequested>(&request_id)),
-        request_id: request_id.clone(),
+        envelope: Some(state.publisher.envelope::<PurchaseRequested>(request_id)),
+        request_id: request_id.to_owned(),
         user_id: user.to_string(),
         coupon_code: body.coupon_code,
         order_id: order.to_string(),
     };
-    let pending = state.replies.expect_purchase(&request_id);
+    let pending = state.replies.expect_purchase(request_id);
     let decision = publish_and_wait(
-        &state,
+        state,
         &state.topics.purchases(),
         &user,
         &event,
@@ -406,27 +589,28 @@ fn purchase_response(decision: &PurchaseDecided) -> Response {
     match outcome {
         PurchaseOutcome::Redeemed => (
             StatusCode::OK,
-            Json(json!({
-                "status": "redeemed",
-                "coupon_code": decision.coupon_code,
-                "order_id": decision.order_id,
-                "redeemed_at": rfc3339(decision.redeemed_at_ms),
-            })),
+            Json(PurchaseRedeemed {
+                status: Redeemed::Redeemed,
+                coupon_code: decision.coupon_code.clone(),
+                order_id: decision.order_id.clone(),
+                redeemed_at: rfc3339(decision.redeemed_at_ms),
+            }),
         )
             .into_response(),
         PurchaseOutcome::HoldExpired => conflict(
-            "hold_expired",
+            ErrorCode::HoldExpired,
             "the hold on this coupon ended before the purchase",
         ),
         PurchaseOutcome::NotHolder => {
-            conflict("not_holder", "this coupon is not held by this user")
+            conflict(ErrorCode::NotHolder, "this coupon is not held by this user")
         }
-        PurchaseOutcome::AlreadyRedeemed => {
-            conflict("already_redeemed", "this coupon was already redeemed")
-        }
+        PurchaseOutcome::AlreadyRedeemed => conflict(
+            ErrorCode::AlreadyRedeemed,
+            "this coupon was already redeemed",
+        ),
         PurchaseOutcome::UnknownCoupon => ApiError::new(
             StatusCode::NOT_FOUND,
-            "unknown_coupon",
+            ErrorCode::UnknownCoupon,
             "no coupon has this code",
         )
         .into_response(),
@@ -441,31 +625,48 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(
             status,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             "request body is larger than 64 KiB",
         );
     }
     if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
         return ApiError::new(
             status,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "send 'Content-Type: application/json'",
         );
     }
     ApiError::invalid(rejection.body_text())
 }
 
-#[derive(Debug, Deserialize)]
-struct CreateBody {
-    id: String,
-    category: String,
-    count: Option<u32>,
-}
-
+/// Release a batch of coupons (employees).
+///
+/// Generates the codes and publishes them; they become claimable as soon as
+/// the coupon projector has stored them.
+#[utoipa::path(
+    post,
+    path = "/api/v1/coupon",
+    tag = "employees",
+    request_body = CreateCoupons,
+    responses(
+        (status = 202, description = "Published: the batch id and the codes.", body = CouponBatch),
+        (status = 400, description = "Invalid employee id, category or count.",
+            body = ErrorBody, example = json!({"error": "invalid_request", "message": "count must be between 1 and 100000 (use `couponctl issue` for more)"})),
+        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
+            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
+        (status = 413, description = "The body is larger than 64 KiB.",
+            body = ErrorBody, example = json!({"error": "payload_too_large", "message": "request body is larger than 64 KiB"})),
+        (status = 415, description = "The body is not sent as application/json.",
+            body = ErrorBody, example = json!({"error": "unsupported_media_type", "message": "send 'Content-Type: application/json'"})),
+        (status = 503, description = "The batch could not be published (or no machine id could be leased).",
+            body = ErrorBody, example = json!({"error": "unavailable", "message": "publishing to coupons.created failed"})),
+    ),
+    security(("admin_token" = []))
+)]
 async fn create_coupons(
     State(state): State<Arc<GatewayState>>,
     headers: HeaderMap,
-    body: Result<Json<CreateBody>, JsonRejection>,
+    body: Result<Json<CreateCoupons>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     check_admin_token(&state, &headers)?;
     let Json(body) = body.map_err(json_rejection)?;
@@ -493,13 +694,13 @@ async fn create_coupons(
     let codes: Vec<String> = batch.codes.iter().map(ToString::to_string).collect();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "batch_id": batch.batch_id,
-            "employee_id": request.employee,
-            "category": request.category,
-            "count": codes.len(),
-            "codes": codes,
-        })),
+        Json(CouponBatch {
+            batch_id: batch.batch_id.to_string(),
+            employee_id: request.employee.as_str().to_owned(),
+            category: request.category.as_str().to_owned(),
+            count: codes.len(),
+            codes,
+        }),
     )
         .into_response())
 }
@@ -514,6 +715,27 @@ struct CouponRow {
     redeemed_at: Option<DateTime<Utc>>,
 }
 
+/// Look up one coupon.
+#[utoipa::path(
+    get,
+    path = "/api/v1/coupon/{code}",
+    tag = "storefront",
+    params(
+        ("code" = String, Path, description = "The coupon code (Crockford base32; lower case, I/L for 1, O for 0 and hyphens are forgiven)", example = "0AN35HST00000")
+    ),
+    responses(
+        (status = 200, description = "The coupon as Postgres has it.", body = CouponStatus),
+        (status = 400, description = "Not a coupon code.",
+            body = ErrorBody, example = json!({"error": "invalid_request", "message": "not a coupon code"})),
+        (status = 401, description = "COUPON_API_TOKEN is set and the bearer token is missing or wrong.",
+            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong API token"})),
+        (status = 404, description = "No coupon has this code.",
+            body = ErrorBody, example = json!({"error": "unknown_coupon", "message": "no coupon has this code"})),
+        (status = 503, description = "Postgres is not available.",
+            body = ErrorBody, example = json!({"error": "unavailable", "message": "database: pool timed out"})),
+    ),
+    security((), ("api_token" = []))
+)]
 async fn coupon_status(
     State(state): State<Arc<GatewayState>>,
     headers: HeaderMap,
@@ -532,49 +754,118 @@ async fn coupon_status(
     let row = row.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
-            "unknown_coupon",
+            ErrorCode::UnknownCoupon,
             "no coupon has this code",
         )
     })?;
+    let status = match row.status.as_str() {
+        "available" => CouponState::Available,
+        "held" => CouponState::Held,
+        "redeemed" => CouponState::Redeemed,
+        // The table's CHECK constraint rules this out.
+        other => {
+            return Err(ApiError::unavailable(format!(
+                "database: unexpected coupon status {other:?}"
+            )))
+        }
+    };
     let millis = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    Ok(Json(json!({
-        "coupon_code": row.code,
-        "category": row.category,
-        "status": row.status,
-        "holder": row.holder_user_id,
-        "expires_at": if row.status == "held" { row.held_until.map(millis) } else { None },
-        "redeemed_at": row.redeemed_at.map(millis),
-    }))
+    Ok(Json(CouponStatus {
+        coupon_code: row.code,
+        category: row.category,
+        expires_at: if matches!(status, CouponState::Held) {
+            row.held_until.map(millis)
+        } else {
+            None
+        },
+        status,
+        holder: row.holder_user_id,
+        redeemed_at: row.redeemed_at.map(millis),
+    })
     .into_response())
 }
 
+/// Liveness and readiness.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Serving (`degraded`: Redis is down, answers stay correct).", body = Health),
+        (status = 503, description = "Postgres is not available.", body = Health),
+    )
+)]
 async fn healthz(State(state): State<Arc<GatewayState>>) -> Response {
     let postgres = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
     let redis = state.cache.ping().await.is_ok();
     // Redis is a cache: the service still answers correctly without it.
-    let status = if postgres {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let (status, health) = match (postgres, redis) {
+        (true, true) => (StatusCode::OK, HealthState::Ok),
+        (true, false) => (StatusCode::OK, HealthState::Degraded),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, HealthState::Unavailable),
     };
     (
         status,
-        Json(json!({
-            "status": if postgres && redis { "ok" } else if postgres { "degraded" } else { "unavailable" },
-            "postgres": postgres,
-            "redis": redis,
-            "waiting_requests": state.replies.waiting(),
-        })),
+        Json(Health {
+            status: health,
+            postgres,
+            redis,
+            waiting_requests: state.replies.waiting(),
+        }),
     )
         .into_response()
 }
 
+/// Prometheus metrics of this process.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format (version 0.0.4).", body = String, content_type = "text/plain"),
+    )
+)]
 async fn metrics_text(State(state): State<Arc<GatewayState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The OpenAPI description of this API.", body = Object, content_type = "application/json"),
+    )
+)]
+async fn openapi_json() -> Response {
+    static DOCUMENT: LazyLock<serde_json::Value> = LazyLock::new(openapi::document_json);
+    Json(&*DOCUMENT).into_response()
+}
+
+/// `GET /metrics` alone, for a process that runs consumers without the
+/// gateway (`couponctl consume ... --metrics-addr`); not part of the API.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = Router::new().route(
+        "/metrics",
+        axum::routing::get(move || async move {
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                metrics.render(),
+            )
+        }),
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// The address a listener is bound to, for logs and tests.

@@ -1,0 +1,65 @@
+//! Read-only counts of the coupon state, shared by `couponctl status` and
+//! the metrics gauges so both report the same numbers from the same queries.
+//!
+//! [`pool_by_category`] reads every coupon (for `status`, and once when a
+//! process starts). The others read only the partial indexes on available
+//! and held coupons, so their cost follows the live pool and the holds, not
+//! the years of redeemed coupons: cheap enough to run every few seconds.
+
+use sqlx::PgPool;
+
+/// Coupons of one category by status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CategoryPool {
+    pub category: String,
+    pub available: i64,
+    pub held: i64,
+    pub redeemed: i64,
+}
+
+/// Every category with its coupons by status, ordered by category.
+pub async fn pool_by_category(pool: &PgPool) -> Result<Vec<CategoryPool>, sqlx::Error> {
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT category,
+                count(*) FILTER (WHERE status = 'available'),
+                count(*) FILTER (WHERE status = 'held'),
+                count(*) FILTER (WHERE status = 'redeemed')
+           FROM coupons GROUP BY category ORDER BY category",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(category, available, held, redeemed)| CategoryPool {
+            category,
+            available,
+            held,
+            redeemed,
+        })
+        .collect())
+}
+
+/// Available coupons per category (categories with none are absent).
+pub async fn available_by_category(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT category, count(*) FROM coupons WHERE status = 'available'
+          GROUP BY category ORDER BY category",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Coupons held right now (including overdue holds not released yet).
+pub async fn active_holds(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM coupons WHERE status = 'held'")
+        .fetch_one(pool)
+        .await
+}
+
+/// Holds past their deadline that the sweeper has not released yet (a few
+/// for a second at most while the expiry role runs).
+pub async fn overdue_holds(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM coupons WHERE status = 'held' AND held_until <= now()")
+        .fetch_one(pool)
+        .await
+}

@@ -1,0 +1,142 @@
+//! The bodies and parameters of the HTTP API, as types.
+//!
+//! The handlers build their answers from these types and the OpenAPI
+//! document is derived from the same types (`utoipa`), so the document cannot
+//! describe a field the gateway does not send. Optional fields of answers are
+//! always sent (as `null` when empty), hence `required = true` on them.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// `GET /api/v1/coupon` query. `id` is optional in the type only so that a
+/// missing id is answered with the JSON error shape (`invalid_request`)
+/// rather than the query extractor's own text.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ClaimQuery {
+    /// The user claiming a coupon (1 to 128 bytes, no control characters).
+    #[param(required = true, value_type = String, example = "user-42")]
+    pub id: Option<String>,
+    /// Only a coupon of this category; any category when absent.
+    #[param(example = "Electronics")]
+    pub category: Option<String>,
+}
+
+/// A granted claim: the coupon is held for this user until `expires_at`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClaimGranted {
+    #[schema(example = "0AN35HST00000")]
+    pub coupon_code: String,
+    #[schema(example = "Electronics")]
+    pub category: String,
+    #[schema(example = "user-42")]
+    pub user_id: String,
+    /// End of the hold (RFC 3339, UTC): buy before then.
+    #[schema(required = true, format = DateTime, example = "2026-11-25T12:05:00.000Z")]
+    pub expires_at: Option<String>,
+}
+
+/// `POST /api/v1/purchase` body.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PurchaseBody {
+    #[schema(example = "user-42")]
+    pub user_id: String,
+    /// The code the claim answered with.
+    #[schema(example = "0AN35HST00000")]
+    pub coupon_code: String,
+    /// The shop's order id: purchases are idempotent on it.
+    #[schema(example = "order-1")]
+    pub order_id: String,
+}
+
+/// Always `redeemed` in a `200` answer.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Redeemed {
+    Redeemed,
+}
+
+/// A purchase that redeemed the coupon.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PurchaseRedeemed {
+    pub status: Redeemed,
+    #[schema(example = "0AN35HST00000")]
+    pub coupon_code: String,
+    #[schema(example = "order-1")]
+    pub order_id: String,
+    #[schema(required = true, format = DateTime, example = "2026-11-25T12:01:30.000Z")]
+    pub redeemed_at: Option<String>,
+}
+
+/// `POST /api/v1/coupon` body: an employee releases a batch.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateCoupons {
+    /// The employee id.
+    #[schema(example = "e1")]
+    pub id: String,
+    #[schema(example = "Electronics")]
+    pub category: String,
+    /// How many coupons (1 to 100,000; `couponctl issue` goes higher).
+    #[schema(minimum = 1, maximum = 100_000, example = 100)]
+    pub count: Option<u32>,
+}
+
+/// A released batch: the coupons are published and become available as soon
+/// as the projector has stored them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CouponBatch {
+    #[schema(format = "uuid")]
+    pub batch_id: String,
+    #[schema(example = "e1")]
+    pub employee_id: String,
+    #[schema(example = "Electronics")]
+    pub category: String,
+    pub count: usize,
+    pub codes: Vec<String>,
+}
+
+/// Where a coupon is in its lifecycle.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CouponState {
+    Available,
+    Held,
+    Redeemed,
+}
+
+/// One coupon as Postgres has it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CouponStatus {
+    #[schema(example = "0AN35HST00000")]
+    pub coupon_code: String,
+    #[schema(example = "Electronics")]
+    pub category: String,
+    pub status: CouponState,
+    /// The user holding or having redeemed it.
+    #[schema(required = true)]
+    pub holder: Option<String>,
+    /// End of the hold, while it is held.
+    #[schema(required = true, format = DateTime)]
+    pub expires_at: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub redeemed_at: Option<String>,
+}
+
+/// `ok`, `degraded` (Redis down: answers stay correct) or `unavailable`
+/// (Postgres down).
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Ok,
+    Degraded,
+    Unavailable,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: HealthState,
+    pub postgres: bool,
+    pub redis: bool,
+    /// HTTP requests waiting for their decision in this gateway.
+    pub waiting_requests: usize,
+}

@@ -1,0 +1,194 @@
+//! The command line as a person meets it: a service that is not started is
+//! reported in one line within seconds (not a hang, not a chain of
+//! timeouts), and every subcommand's `--help` ends with an example.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::TestEnv;
+
+/// A port nothing listens on: bound, then released.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
+struct Case {
+    args: &'static [&'static str],
+    /// Which services the command needs (so it must refuse when they are gone).
+    postgres: bool,
+    redis: bool,
+    kafka: bool,
+}
+
+const fn case(args: &'static [&'static str], postgres: bool, redis: bool, kafka: bool) -> Case {
+    Case {
+        args,
+        postgres,
+        redis,
+        kafka,
+    }
+}
+
+/// Every subcommand, with the services it talks to.
+const CASES: &[Case] = &[
+    case(&["run"], true, true, true),
+    case(&["gateway"], true, true, true),
+    case(&["consume", "claims"], true, true, true),
+    case(&["holds", "rebuild"], true, true, true),
+    case(
+        &["issue", "--employee", "e1", "--category", "Books"],
+        true,
+        false,
+        true,
+    ),
+    case(&["topics"], false, false, true),
+    case(&["migrate"], true, false, false),
+    case(&["blacklist", "list"], true, false, false),
+    case(&["blacklist", "add", "user-1"], true, false, false),
+    case(&["blacklist", "remove", "user-1"], true, false, false),
+    case(&["status"], true, false, true),
+    case(&["replay"], false, false, true),
+    case(&["audit"], true, false, true),
+    case(&["history", "--user", "user-1"], true, false, false),
+    case(&["demo"], true, true, true),
+    case(&["bench", "--quick"], true, true, true),
+];
+
+/// Runs `couponctl args` with one service moved to a closed port and checks
+/// the answer: exit code 1 within a few seconds, and stderr is exactly the
+/// one line `expected`.
+fn assert_refused(env: &TestEnv, args: &[&str], var: &str, value: &str, expected: &str) {
+    let started = Instant::now();
+    let output = env
+        .couponctl()
+        .args(args)
+        .env(var, value)
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .output()
+        .expect("run couponctl");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "couponctl {args:?} with {var}={value} should fail; stderr:\n{stderr}"
+    );
+    assert_eq!(
+        lines,
+        [expected],
+        "couponctl {args:?} with {var}={value}: one line naming the service"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "couponctl {args:?} with {var}={value} took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_service_is_one_line_and_a_quick_exit() {
+    let env = TestEnv::new().await;
+    let port = closed_port();
+    let address = format!("127.0.0.1:{port}");
+    let postgres = format!("postgres://postgres@{address}/coupons");
+    let redis = format!("redis://{address}");
+    let mut checked = 0;
+    for case in CASES {
+        if case.postgres {
+            assert_refused(
+                &env,
+                case.args,
+                "DATABASE_URL",
+                &postgres,
+                &format!(
+                    "error: cannot reach Postgres at {address} (start it with make up, or set DATABASE_URL)"
+                ),
+            );
+            checked += 1;
+        }
+        if case.redis {
+            assert_refused(
+                &env,
+                case.args,
+                "REDIS_URL",
+                &redis,
+                &format!(
+                    "error: cannot reach Redis at {address} (start it with make up, or set REDIS_URL)"
+                ),
+            );
+            checked += 1;
+        }
+        if case.kafka {
+            assert_refused(
+                &env,
+                case.args,
+                "KAFKA_BROKERS",
+                &address,
+                &format!(
+                    "error: cannot reach the Kafka broker at {address} (start it with make up, or set KAFKA_BROKERS)"
+                ),
+            );
+            checked += 1;
+        }
+    }
+    // The analysts' rebuild target is a Postgres of its own.
+    assert_refused(
+        &env,
+        &["replay", "--rebuild", &postgres],
+        "COUPON_TOPIC_PREFIX",
+        &env.name,
+        &format!(
+            "error: cannot reach Postgres at {address} (start it with make up, or set DATABASE_URL)"
+        ),
+    );
+    assert!(checked > 30, "{checked} refusals checked");
+}
+
+/// The subcommands listed under `Commands:` in a help text (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| line.trim() != "Commands:")
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+fn help_of(path: &[String]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_couponctl"))
+        .args(path)
+        .arg("--help")
+        .output()
+        .expect("couponctl --help");
+    assert!(output.status.success(), "couponctl {path:?} --help failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn every_subcommand_help_has_an_example() {
+    let mut todo: Vec<Vec<String>> = subcommands(&help_of(&[]))
+        .into_iter()
+        .map(|name| vec![name])
+        .collect();
+    assert!(todo.len() >= 14, "top-level commands: {todo:?}");
+    let mut seen = Vec::new();
+    while let Some(path) = todo.pop() {
+        let help = help_of(&path);
+        assert!(
+            help.contains("\nExample:\n") || help.contains("\nExamples:\n"),
+            "`couponctl {} --help` has no example section:\n{help}",
+            path.join(" ")
+        );
+        for child in subcommands(&help) {
+            let mut child_path = path.clone();
+            child_path.push(child);
+            todo.push(child_path);
+        }
+        seen.push(path.join(" "));
+    }
+    for expected in ["run", "consume", "blacklist add", "holds rebuild", "replay"] {
+        assert!(seen.iter().any(|s| s == expected), "{expected} not checked");
+    }
+}
