@@ -40,6 +40,8 @@ pub struct BenchOptions {
     pub release: u32,
     /// HTTP requests in flight at once.
     pub concurrency: usize,
+    /// How long the steady day runs.
+    pub steady: Duration,
 }
 
 impl BenchOptions {
@@ -49,12 +51,14 @@ impl BenchOptions {
             coupons: 10_000,
             release: 100_000,
             concurrency: 128,
+            steady: Duration::from_secs(10),
         }
     }
 
     pub fn full() -> Self {
         Self {
             users: 1_000_000,
+            steady: Duration::from_secs(60),
             ..Self::quick()
         }
     }
@@ -144,7 +148,12 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
         options.users, options.coupons
     );
     release(config, &pool, "Flash", options.coupons).await?;
-    rows.push(flash_sale(&http, &base, &pool, options).await?);
+    let flash = flash_sale(&http, &base, &pool, options).await?;
+    let half_of_max = flash.throughput() / 2.0;
+    rows.push(flash);
+
+    eprintln!("bench: steady day at {half_of_max:.0} claims/s");
+    rows.push(steady_day(&http, &base, config, &pool, half_of_max, options.steady).await?);
 
     eprintln!("bench: replay");
     rows.push(replay(config).await?);
@@ -459,6 +468,76 @@ async fn flash_sale(
         note: format!(
             "{granted} granted to {distinct_holders} users, 0 double allocations, 0 lost"
         ),
+    })
+}
+
+/// Claims at a fixed rate, half the flash sale's throughput, two in five
+/// winners buying at once: the latency a storefront sees on a normal day.
+/// The load is open: a slow answer does not slow the arrivals down.
+async fn steady_day(
+    http: &reqwest::Client,
+    base: &str,
+    config: &AppConfig,
+    pool: &PgPool,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<Row> {
+    let rate = rate.max(1.0);
+    let total = (rate * duration.as_secs_f64()) as usize;
+    release(config, pool, "Steady", (total as u32 / 2).max(1)).await?;
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..total {
+        pace.tick().await;
+        let (http, base) = (http.clone(), base.to_owned());
+        clients.spawn(async move {
+            let user = format!("steady-{i}");
+            let sent = Instant::now();
+            let response = http
+                .get(format!("{base}/api/v1/coupon?id={user}&category=Steady"))
+                .send()
+                .await?;
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            let claimed = sent.elapsed();
+            let mut bought = false;
+            match (status, body["coupon_code"].as_str()) {
+                (200, Some(code)) if i % 5 < 2 => {
+                    let order = serde_json::json!({
+                        "user_id": user, "coupon_code": code, "order_id": format!("steady-order-{i}")
+                    });
+                    let answer = http
+                        .post(format!("{base}/api/v1/purchase"))
+                        .json(&order)
+                        .send()
+                        .await?
+                        .status();
+                    if answer != 200 {
+                        bail!("{user}'s purchase answered {answer}");
+                    }
+                    bought = true;
+                }
+                (200 | 404, _) => {}
+                _ => bail!("{user}'s claim answered {status}"),
+            }
+            anyhow::Ok((claimed, bought))
+        });
+    }
+    let mut latencies = Vec::with_capacity(total);
+    let mut purchases = 0;
+    while let Some(joined) = clients.join_next().await {
+        let (latency, bought) = joined??;
+        latencies.push(latency);
+        purchases += usize::from(bought);
+    }
+    Ok(Row {
+        scenario: format!("steady day: {rate:.0} claims/s (half the flash sale's), HTTP"),
+        operations: latencies.len() as u64,
+        seconds: started.elapsed().as_secs_f64(),
+        latencies: Latencies::of(latencies),
+        note: format!("claim latency; {purchases} of the winners bought at once"),
     })
 }
 
