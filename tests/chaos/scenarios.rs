@@ -19,17 +19,8 @@ use tokio::sync::Mutex;
 use coupon_platform::kafka::decode;
 use coupon_schemas::{ClaimDecided, ClaimRequested};
 
-use crate::harness::{free_port, invariant_violations, release, Child, TestEnv};
+use crate::harness::{free_port, invariant_violations, release, Child, TestEnv, CONSUME_ALL};
 use crate::processes::{claim_with_retries, Progress};
-
-const CONSUMERS: &[&str] = &[
-    "consume",
-    "coupons",
-    "claims",
-    "purchases",
-    "expiry",
-    "history",
-];
 
 /// How long a client keeps retrying one request through an outage.
 const CLIENT_PATIENCE: Duration = Duration::from_secs(240);
@@ -231,7 +222,7 @@ impl System {
     async fn start(env: &TestEnv) -> Self {
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
-        let consumers = Child::spawn(env, CONSUMERS, free_port(), "consumers-0");
+        let consumers = Child::spawn(env, CONSUME_ALL, free_port(), "consumers-0");
         let mut gateway = Child::spawn(env, &["gateway"], port, "gateway-0");
         gateway.wait_healthy(&base, Duration::from_secs(60)).await;
         Self {
@@ -259,7 +250,7 @@ impl System {
                 consumers.kill_9().await;
                 consumers = Child::spawn(
                     env,
-                    CONSUMERS,
+                    CONSUME_ALL,
                     free_port(),
                     &format!("consumers-{generation}"),
                 );

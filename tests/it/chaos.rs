@@ -23,7 +23,7 @@ use coupon_schemas::{
 use couponctl::app::Role;
 
 use crate::harness::{
-    assert_invariants, eventually, free_port, redis_url, release, Child, TestEnv,
+    assert_invariants, eventually, free_port, redis_url, release, Child, TestEnv, CONSUME_ALL,
 };
 use crate::processes::{claim_with_retries, eventually_some, Progress};
 
@@ -250,19 +250,7 @@ async fn kill_9_of_the_gateway_leaves_the_consumers_deciding() {
     let env = TestEnv::new().await;
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut consumers = Child::spawn(
-        &env,
-        &[
-            "consume",
-            "coupons",
-            "claims",
-            "purchases",
-            "expiry",
-            "history",
-        ],
-        free_port(),
-        "consumers",
-    );
+    let mut consumers = Child::spawn(&env, CONSUME_ALL, free_port(), "consumers");
     let mut gateway = Child::spawn(&env, &["gateway"], port, "gateway-1");
     gateway.wait_healthy(&base, Duration::from_secs(60)).await;
     release(&env, "Gadgets", 50).await;

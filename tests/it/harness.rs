@@ -463,6 +463,16 @@ pub async fn assert_invariants(env: &TestEnv, issued: i64) {
     );
 }
 
+/// `couponctl` arguments for one process running every consumer role.
+pub const CONSUME_ALL: &[&str] = &[
+    "consume",
+    "coupons",
+    "claims",
+    "purchases",
+    "expiry",
+    "history",
+];
+
 /// A free port on 127.0.0.1 for a child's listener.
 pub fn free_port() -> u16 {
     // Bound and released at once: the child binds it a moment later.
