@@ -37,8 +37,13 @@ async fn demo_summary_matches_the_database() {
         summary.redeemed
     );
     assert_eq!(summary.redeemed, 50, "every other winner buys");
+    // The first wave's releases: the second wave's 2 s holds may run out
+    // too before the demo stops, and those are not in its summary.
     assert_eq!(
-        count("SELECT count(*) FROM coupon_history WHERE kind = 'released'").await,
+        count(
+            "SELECT count(*) FROM coupon_history WHERE kind = 'released' AND user_id LIKE 'user-%'"
+        )
+        .await,
         summary.expired
     );
     assert!(summary.expired >= 50, "the unbought holds expired");
