@@ -134,6 +134,26 @@ impl PoolKnowledge {
     }
 }
 
+/// The claims of one batch that wait for a coupon, grouped by the pool they
+/// draw from (`None`: any category), so each pool is asked once per batch.
+///
+/// Groups come in the order their pool was first asked for, and each group
+/// keeps arrival order: the allocation pairs the oldest available coupons
+/// with the earliest claims, so a batch is first come, first served just as
+/// the sequence of batches is.
+pub fn allocation_groups<T>(
+    waiting: impl IntoIterator<Item = (Option<String>, T)>,
+) -> Vec<(Option<String>, Vec<T>)> {
+    let mut groups: Vec<(Option<String>, Vec<T>)> = Vec::new();
+    for (category, claim) in waiting {
+        match groups.iter_mut().find(|(c, _)| *c == category) {
+            Some((_, members)) => members.push(claim),
+            None => groups.push((category, vec![claim])),
+        }
+    }
+    groups
+}
+
 /// The answer when the quota slot for this window is already taken.
 pub fn rate_limited(now: DateTime<Utc>, window: QuotaWindow) -> ClaimOutcome {
     ClaimOutcome::RateLimited {
@@ -201,6 +221,48 @@ mod tests {
         pool.record_empty(None);
         assert!(pool.known_empty(Some("Toys")));
         assert!(pool.known_empty(None));
+    }
+
+    #[test]
+    fn allocation_groups_keep_first_asked_order_and_arrival_order() {
+        let waiting = [
+            (Some("Toys".to_owned()), 1),
+            (None, 2),
+            (Some("Toys".to_owned()), 3),
+            (Some("Books".to_owned()), 4),
+            (None, 5),
+        ];
+        assert_eq!(
+            allocation_groups(waiting),
+            vec![
+                (Some("Toys".to_owned()), vec![1, 3]),
+                (None, vec![2, 5]),
+                (Some("Books".to_owned()), vec![4]),
+            ]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn allocation_groups_lose_nothing_and_keep_arrival_order(
+            categories in proptest::collection::vec(proptest::option::of(0u8..4), 0..60)
+        ) {
+            let waiting: Vec<(Option<String>, usize)> = categories
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.map(|c| format!("c{c}")), i))
+                .collect();
+            let groups = allocation_groups(waiting.clone());
+            let mut seen: Vec<usize> = groups.iter().flat_map(|(_, m)| m.clone()).collect();
+            seen.sort_unstable();
+            proptest::prop_assert_eq!(seen, (0..waiting.len()).collect::<Vec<_>>());
+            for (category, members) in &groups {
+                proptest::prop_assert!(members.windows(2).all(|w| w[0] < w[1]));
+                proptest::prop_assert!(members.iter().all(|&i| &waiting[i].0 == category));
+            }
+            let firsts: Vec<usize> = groups.iter().map(|(_, m)| m[0]).collect();
+            proptest::prop_assert!(firsts.windows(2).all(|w| w[0] < w[1]));
+        }
     }
 
     #[test]

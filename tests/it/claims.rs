@@ -390,3 +390,144 @@ async fn bad_ids_tokens_blacklists_and_floods_are_refused() {
     assert_eq!(reason.as_deref(), Some("flooding the gateway"));
     app.stop().await;
 }
+
+/// One batch straight into the claim processor: each pool is asked once,
+/// its oldest coupons go to its earliest claims, a user's second request
+/// and a redelivered one are decided after the grants, and sold out keeps
+/// the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_grants_pool_by_pool_in_arrival_order() {
+    let env = TestEnv::new().await;
+    let projector = env.start(&[Role::Coupons], |_| {}).await;
+    release(&env, "Toys", 3).await;
+    release(&env, "Books", 2).await;
+    projector.stop().await;
+    let oldest = |category: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT code FROM coupons WHERE category = $1 ORDER BY id",
+            )
+            .bind(category)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (toys, books) = (oldest("Toys").await, oldest("Books").await);
+    let now = chrono::Utc::now();
+    sqlx::query(
+        "INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
+         VALUES ('u8', $1, 'earlier', $2)",
+    )
+    .bind(QuotaWindow::DAY.start_of(now))
+    .bind(now)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    let ctx = couponctl::app::connect(&env.config()).await.unwrap();
+    let publisher = Publisher::new(&env.kafka, "test").unwrap();
+    let arrivals = [
+        ("r0", "u1", "Toys"),
+        ("r1", "u2", ""),
+        ("r2", "u3", "Toys"),
+        ("r3", "u1", "Toys"),
+        ("r4", "u4", "Toys"),
+        ("r5", "u5", "Toys"),
+        ("r6", "u6", "Books"),
+        ("r7", "u7", "Books"),
+        ("r0", "u1", "Toys"),
+        ("r9", "u8", "Toys"),
+    ];
+    let batch: Vec<coupon_platform::kafka::Record> = arrivals
+        .iter()
+        .enumerate()
+        .map(|(offset, (request_id, user, category))| {
+            let event = ClaimRequested {
+                envelope: Some(publisher.envelope::<ClaimRequested>(request_id)),
+                request_id: (*request_id).into(),
+                user_id: (*user).into(),
+                category: (*category).into(),
+            };
+            coupon_platform::kafka::Record {
+                topic: env.topics.claims(),
+                partition: 0,
+                offset: offset as i64,
+                key: Some(user.as_bytes().to_vec()),
+                value: Some(prost::Message::encode_to_vec(&event)),
+                timestamp_ms: None,
+            }
+        })
+        .collect();
+    coupon_consumers::claims::handle_batch(&ctx, &batch)
+        .await
+        .unwrap();
+
+    let decision = |request_id: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<String>, bool)>(
+                "SELECT outcome, coupon_code, repeated FROM claim_decisions WHERE request_id = $1",
+            )
+            .bind(request_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let granted = |code: &str, repeated| ("granted".to_owned(), Some(code.to_owned()), repeated);
+    let refused = |outcome: &str| (outcome.to_owned(), None, false);
+    assert_eq!(decision("r0").await, granted(&toys[0], false));
+    assert_eq!(decision("r2").await, granted(&toys[1], false));
+    assert_eq!(decision("r4").await, granted(&toys[2], false));
+    assert_eq!(decision("r5").await, refused("sold_out"));
+    assert_eq!(
+        decision("r1").await,
+        granted(&books[0], false),
+        "any category draws after the Toys pool, which asked first"
+    );
+    assert_eq!(decision("r6").await, granted(&books[1], false));
+    assert_eq!(decision("r7").await, refused("sold_out"));
+    assert_eq!(
+        decision("r3").await,
+        granted(&toys[0], true),
+        "a second request in the batch sees the first one's hold"
+    );
+    assert_eq!(decision("r9").await, refused("rate_limited"));
+    assert_eq!(env.count("SELECT count(*) FROM claim_decisions").await, 9);
+    assert_eq!(
+        env.count("SELECT count(*) FROM quota_grants").await,
+        6,
+        "five winners and the earlier grant; sold out keeps the quota"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM users WHERE last_coupon_at IS NOT NULL")
+            .await,
+        5
+    );
+
+    // Redelivered whole: nothing changes and every decision is republished
+    // with its event id, in arrival order per user.
+    coupon_consumers::claims::handle_batch(&ctx, &batch)
+        .await
+        .unwrap();
+    assert_eq!(env.count("SELECT count(*) FROM claim_decisions").await, 9);
+    assert_invariants(&env, 5).await;
+    let published = env.read_topic(&env.topics.claim_results()).await;
+    assert_eq!(published.len(), 20);
+    let mut per_request: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut first_user_sequence = Vec::new();
+    for record in &published {
+        let event = decode::<ClaimDecided>(record).unwrap();
+        if event.user_id == "u1" {
+            first_user_sequence.push(event.request_id.clone());
+        }
+        per_request
+            .entry(event.request_id)
+            .or_default()
+            .insert(event.envelope.unwrap().event_id);
+    }
+    assert_eq!(first_user_sequence, ["r0", "r3", "r0", "r0", "r3", "r0"]);
+    assert!(per_request.values().all(|ids| ids.len() == 1));
+}

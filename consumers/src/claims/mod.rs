@@ -8,6 +8,12 @@
 //! (e.g. during a rebalance) can never grant one coupon twice or one user
 //! twice in a window.
 //!
+//! A batch is decided in three steps, each one statement for the whole
+//! batch: the rules run on one read of every user's state; the claims that
+//! pass draw their coupons from each pool at once, the oldest coupons going
+//! to the earliest claims; a user's second request in the same batch is
+//! decided last, on a fresh read. Decisions are published in arrival order.
+//!
 //! Delivery guarantee: at least once, effect exactly once. A batch is decided
 //! in one transaction that also stores each decision under its request id;
 //! after the commit the decisions are published and only then are offsets
@@ -22,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use coupon_domain::claim::{
-    precheck, rate_limited, ClaimOutcome, ClaimPrecheck, PoolKnowledge, UserClaimState,
+    allocation_groups, precheck, ClaimOutcome, ClaimPrecheck, PoolKnowledge, UserClaimState,
 };
 use coupon_domain::{Category, RequestId, UserId};
 use coupon_platform::kafka::consumer::RetryableError;
@@ -68,21 +74,143 @@ pub fn validate(request: &ClaimRequested) -> Result<Claim, String> {
     })
 }
 
-/// What the batch transaction knows while it decides its claims in order.
+/// What the batch transaction knows while it decides its claims.
 struct BatchView {
     /// Decisions stored before this batch, and those made in it so far.
     decided: HashMap<String, StoredDecision>,
     /// Each user's state as read at the start of the batch.
     states: HashMap<String, UserClaimState>,
-    /// Users decided in this batch: their state above is stale, so a second
-    /// request of theirs in the batch reads it again.
+    /// Users with a claim decided (or waiting for a coupon) in this batch:
+    /// their state above is stale, so a second request of theirs is decided
+    /// after the batch's grants, on a fresh read.
     touched: HashSet<String>,
     pool: PoolKnowledge,
 }
 
-/// Decides one claim inside the batch transaction. `true` with a decision
-/// made now, `false` with one stored earlier (a redelivery or a retry).
-async fn decide(
+impl BatchView {
+    fn record(
+        &mut self,
+        claim: &Claim,
+        outcome: ClaimOutcome,
+        now: DateTime<Utc>,
+    ) -> (StoredDecision, bool) {
+        let decision = StoredDecision::new(claim, outcome, now);
+        self.decided
+            .insert(claim.request_id.clone(), decision.clone());
+        (decision, true)
+    }
+}
+
+/// Where a claim stands after the rules ran on the batch's first read.
+enum Step<'a> {
+    /// `true` with a decision made now, `false` with one stored earlier (a
+    /// redelivery or a retry).
+    Decided(StoredDecision, bool),
+    /// Passed the rules; waits for a coupon from the batch's grant.
+    Waiting(store::Candidate<'a>),
+    /// The user already has a claim in this batch: decided after the grants.
+    Deferred,
+}
+
+/// Sorts `claim` with what the batch read up front. No I/O.
+fn classify<'a>(
+    ctx: &Context,
+    claim: &'a Claim,
+    now: DateTime<Utc>,
+    view: &mut BatchView,
+) -> Step<'a> {
+    if let Some(stored) = view.decided.get(&claim.request_id) {
+        return Step::Decided(stored.clone(), false);
+    }
+    let user = claim.user_id.as_str();
+    if !view.touched.insert(user.to_owned()) {
+        return Step::Deferred;
+    }
+    let state = view.states.get(user).cloned().unwrap_or_default();
+    match apply_rules(ctx, claim, &state, now, &view.pool) {
+        Ok(outcome) => {
+            let (decision, is_new) = view.record(claim, outcome, now);
+            Step::Decided(decision, is_new)
+        }
+        Err(candidate) => Step::Waiting(candidate),
+    }
+}
+
+/// The claim rules on the user's `state`: a decision, or a candidate for a
+/// coupon.
+fn apply_rules<'a>(
+    ctx: &Context,
+    claim: &'a Claim,
+    state: &UserClaimState,
+    now: DateTime<Utc>,
+    pool: &PoolKnowledge,
+) -> Result<ClaimOutcome, store::Candidate<'a>> {
+    match precheck(state, now, ctx.policy.quota_window, ctx.policy.hold_ttl) {
+        ClaimPrecheck::Decided(outcome) => Ok(outcome),
+        // The flash-sale shortcut: once this batch found the pool empty,
+        // further claims are sold out without touching the database.
+        ClaimPrecheck::Allocate { .. } if pool.known_empty(category_of(claim)) => {
+            Ok(ClaimOutcome::SoldOut)
+        }
+        ClaimPrecheck::Allocate {
+            window_start,
+            hold_until,
+        } => Err(store::Candidate {
+            claim,
+            window_start,
+            hold_until,
+        }),
+    }
+}
+
+fn category_of(claim: &Claim) -> Option<&str> {
+    claim.category.as_ref().map(|c| c.as_str())
+}
+
+/// Grants coupons from one pool to its waiting claims in one statement;
+/// those left without one are sold out.
+async fn grant_group(
+    tx: &mut sqlx::PgConnection,
+    view: &mut BatchView,
+    category: Option<&str>,
+    waiting: Vec<(usize, store::Candidate<'_>)>,
+    now: DateTime<Utc>,
+) -> Result<Vec<(usize, StoredDecision)>, sqlx::Error> {
+    let granted: HashMap<String, store::Granted> = if view.pool.known_empty(category) {
+        HashMap::new()
+    } else {
+        let candidates: Vec<store::Candidate<'_>> =
+            waiting.iter().map(|(_, c)| c.clone()).collect();
+        store::grant(tx, category, &candidates, now)
+            .await?
+            .into_iter()
+            .map(|g| (g.request_id.clone(), g))
+            .collect()
+    };
+    if granted.len() < waiting.len() {
+        view.pool.record_empty(category);
+    }
+    Ok(waiting
+        .into_iter()
+        .map(|(index, candidate)| {
+            let outcome = match granted.get(&candidate.claim.request_id) {
+                Some(g) => ClaimOutcome::Granted {
+                    code: g.code.clone(),
+                    category: g.category.clone(),
+                    expires_at: g.held_until,
+                    repeated: false,
+                },
+                // Sold out does not use the quota.
+                None => ClaimOutcome::SoldOut,
+            };
+            (index, view.record(candidate.claim, outcome, now).0)
+        })
+        .collect())
+}
+
+/// Decides a user's second (or later) claim of the batch, after the grants,
+/// on a fresh read of the user's state.
+async fn decide_deferred(
     tx: &mut sqlx::PgConnection,
     ctx: &Context,
     claim: &Claim,
@@ -94,51 +222,23 @@ async fn decide(
     }
     let window = ctx.policy.quota_window;
     let user = claim.user_id.as_str();
-    let state = match view.states.get(user) {
-        Some(state) if !view.touched.contains(user) => state.clone(),
-        _ => store::user_states(&mut *tx, &[user], window.start_of(now), now)
-            .await?
-            .remove(user)
-            .unwrap_or_default(),
-    };
-    let category = claim.category.as_ref().map(|c| c.as_str());
-    let outcome = match precheck(&state, now, window, ctx.policy.hold_ttl) {
-        ClaimPrecheck::Decided(outcome) => outcome,
-        // The flash-sale shortcut: once this batch found the pool empty,
-        // further claims are sold out without touching the database.
-        ClaimPrecheck::Allocate { .. } if view.pool.known_empty(category) => ClaimOutcome::SoldOut,
-        ClaimPrecheck::Allocate {
-            window_start,
-            hold_until,
-        } => {
-            if !store::take_quota(&mut *tx, claim, window_start, now).await? {
-                rate_limited(now, window)
-            } else {
-                match store::allocate(&mut *tx, claim, hold_until).await? {
-                    Some((code, category)) => {
-                        store::record_grant(&mut *tx, user, now).await?;
-                        ClaimOutcome::Granted {
-                            code,
-                            category,
-                            expires_at: hold_until,
-                            repeated: false,
-                        }
-                    }
-                    None => {
-                        view.pool.record_empty(category);
-                        // Sold out does not use the quota.
-                        store::give_back_quota(&mut *tx, user, window_start).await?;
-                        ClaimOutcome::SoldOut
-                    }
-                }
-            }
+    let state = store::user_states(&mut *tx, &[user], window.start_of(now), now)
+        .await?
+        .remove(user)
+        .unwrap_or_default();
+    match apply_rules(ctx, claim, &state, now, &view.pool) {
+        Ok(outcome) => Ok(view.record(claim, outcome, now)),
+        Err(candidate) => {
+            let category = category_of(claim);
+            let decided = grant_group(tx, view, category, vec![(0, candidate)], now).await?;
+            let decision = decided
+                .into_iter()
+                .next()
+                .map(|(_, decision)| decision)
+                .unwrap_or_else(|| view.record(claim, ClaimOutcome::SoldOut, now).0);
+            Ok((decision, true))
         }
-    };
-    let decision = StoredDecision::new(claim, outcome, now);
-    view.touched.insert(user.to_owned());
-    view.decided
-        .insert(claim.request_id.clone(), decision.clone());
-    Ok((decision, true))
+    }
 }
 
 pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
@@ -199,10 +299,41 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
             touched: HashSet::new(),
             pool: PoolKnowledge::default(),
         };
-        for claim in &claims {
-            let (decision, is_new) = decide(&mut tx, ctx, claim, now, &mut view)
-                .await
-                .map_err(retryable)?;
+        let mut decided_claims: Vec<Option<(StoredDecision, bool)>> = vec![None; claims.len()];
+        let mut waiting = Vec::new();
+        let mut deferred = Vec::new();
+        for (index, claim) in claims.iter().enumerate() {
+            match classify(ctx, claim, now, &mut view) {
+                Step::Decided(decision, is_new) => decided_claims[index] = Some((decision, is_new)),
+                Step::Waiting(candidate) => {
+                    waiting.push((category_of(claim).map(str::to_owned), (index, candidate)))
+                }
+                Step::Deferred => deferred.push(index),
+            }
+        }
+        for (category, group) in allocation_groups(waiting) {
+            for (index, decision) in
+                grant_group(&mut tx, &mut view, category.as_deref(), group, now)
+                    .await
+                    .map_err(retryable)?
+            {
+                decided_claims[index] = Some((decision, true));
+            }
+        }
+        for index in deferred {
+            decided_claims[index] = Some(
+                decide_deferred(&mut tx, ctx, &claims[index], now, &mut view)
+                    .await
+                    .map_err(retryable)?,
+            );
+        }
+        for (claim, outcome) in claims.iter().zip(decided_claims) {
+            let Some((decision, is_new)) = outcome else {
+                return Err(RetryableError::new(format!(
+                    "claim {} was left undecided; retrying the batch",
+                    claim.request_id
+                )));
+            };
             decided.push(Decided {
                 request_id: crate::log_request_id(&claim.correlation_id, &claim.request_id)
                     .to_owned(),

@@ -1,8 +1,8 @@
 //! The claim processor's SQL. Each statement is one atomic step; the batch
-//! transaction around them makes a batch all-or-nothing. What can be read or
-//! written for the whole batch at once is (stored decisions, user states,
-//! new decisions): a claim then costs round trips only when it takes a
-//! coupon, and a sold-out answer none of its own.
+//! transaction around them makes a batch all-or-nothing. Every statement
+//! works on the whole batch at once (stored decisions, user states, grants,
+//! new decisions), so a batch costs a handful of round trips whatever its
+//! size, and a sold-out answer none of its own.
 
 use std::collections::HashMap;
 
@@ -150,82 +150,94 @@ pub async fn user_states(
         .collect())
 }
 
-/// Takes the user's slot for this window. `false`: already taken.
-pub async fn take_quota(
+/// A claim that passed the rules and waits for a coupon.
+#[derive(Clone)]
+pub struct Candidate<'a> {
+    pub claim: &'a Claim,
+    pub window_start: DateTime<Utc>,
+    pub hold_until: DateTime<Utc>,
+}
+
+/// A coupon held for a claim by [`grant`].
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Granted {
+    pub request_id: String,
+    pub code: String,
+    pub category: String,
+    pub held_until: DateTime<Utc>,
+}
+
+/// Grants coupons from one pool (`category`, or any when `None`) to
+/// `candidates`, in one statement: the oldest available coupons go to the
+/// earliest candidates, each winner's quota slot is taken and its last grant
+/// recorded. Candidates left without a coupon (the pool ran out) get no row
+/// and keep their quota: sold out does not use it.
+///
+/// The candidates must be distinct users. Rows locked by another transaction
+/// are skipped, never waited on, so concurrent processors take different
+/// coupons. A quota slot taken meanwhile by another processor (a rebalance)
+/// is a unique violation, not a silent skip: the whole batch rolls back and
+/// is retried, and the retry reads the slot as taken.
+pub async fn grant(
     conn: &mut PgConnection,
-    claim: &Claim,
-    window_start: DateTime<Utc>,
+    category: Option<&str>,
+    candidates: &[Candidate<'_>],
     now: DateTime<Utc>,
-) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query(
-        "INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
-         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-    )
-    .bind(claim.user_id.as_str())
-    .bind(window_start)
-    .bind(&claim.request_id)
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected() == 1)
-}
-
-pub async fn give_back_quota(
-    conn: &mut PgConnection,
-    user_id: &str,
-    window_start: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM quota_grants WHERE user_id = $1 AND window_start = $2")
-        .bind(user_id)
-        .bind(window_start)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Holds the oldest available coupon (of the category, if given) for the
-/// user. Rows locked by another transaction are skipped, never waited on, so
-/// concurrent processors take different coupons.
-pub async fn allocate(
-    conn: &mut PgConnection,
-    claim: &Claim,
-    hold_until: DateTime<Utc>,
-) -> Result<Option<(String, String)>, sqlx::Error> {
+) -> Result<Vec<Granted>, sqlx::Error> {
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
     sqlx::query_as(
-        // The pick is a materialized CTE: evaluated exactly once. (As a
-        // subquery in FROM, the planner may rescan it per row and hold
-        // several coupons for one user.)
-        "WITH pick AS MATERIALIZED (
-             SELECT code FROM coupons
-             WHERE status = 'available' AND ($4::text IS NULL OR category = $4)
-             ORDER BY id LIMIT 1
-             FOR UPDATE SKIP LOCKED)
+        // `pick` is a materialized CTE: evaluated exactly once. (Inlined, the
+        // planner may rescan it and hold several coupons for one user.) Data-
+        // modifying CTEs run whether or not they are referenced.
+        "WITH want AS (
+             SELECT user_id, request_id, window_start, hold_until, ord AS n
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+                  WITH ORDINALITY AS w(user_id, request_id, window_start, hold_until, ord)),
+         pick AS MATERIALIZED (
+             SELECT code, row_number() OVER (ORDER BY id) AS n
+             FROM (SELECT code, id FROM coupons
+                   WHERE status = 'available' AND ($5::text IS NULL OR category = $5)
+                   ORDER BY id LIMIT $6
+                   FOR UPDATE SKIP LOCKED) AS available),
+         pair AS MATERIALIZED (
+             SELECT want.*, pick.code FROM want JOIN pick USING (n)),
+         quota AS (
+             INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
+             SELECT user_id, window_start, request_id, $7 FROM pair),
+         last_grant AS (
+             INSERT INTO users (user_id, last_coupon_at) SELECT user_id, $7 FROM pair
+             ON CONFLICT (user_id) DO UPDATE SET last_coupon_at = EXCLUDED.last_coupon_at)
          UPDATE coupons c
-         SET status = 'held', holder_user_id = $1, hold_id = $2, held_until = $3
-         FROM pick
-         WHERE c.code = pick.code AND c.status = 'available'
-         RETURNING c.code, c.category",
+         SET status = 'held', holder_user_id = pair.user_id, hold_id = pair.request_id,
+             held_until = pair.hold_until
+         FROM pair
+         WHERE c.code = pair.code AND c.status = 'available'
+         RETURNING pair.request_id, c.code, c.category, c.held_until",
     )
-    .bind(claim.user_id.as_str())
-    .bind(&claim.request_id)
-    .bind(hold_until)
-    .bind(claim.category.as_ref().map(|c| c.as_str()))
-    .fetch_optional(conn)
-    .await
-}
-
-pub async fn record_grant(
-    conn: &mut PgConnection,
-    user_id: &str,
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO users (user_id, last_coupon_at) VALUES ($1, $2)
-         ON CONFLICT (user_id) DO UPDATE SET last_coupon_at = EXCLUDED.last_coupon_at",
+    .bind(
+        candidates
+            .iter()
+            .map(|c| c.claim.user_id.as_str())
+            .collect::<Vec<_>>(),
     )
-    .bind(user_id)
+    .bind(
+        candidates
+            .iter()
+            .map(|c| c.claim.request_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        candidates
+            .iter()
+            .map(|c| c.window_start)
+            .collect::<Vec<_>>(),
+    )
+    .bind(candidates.iter().map(|c| c.hold_until).collect::<Vec<_>>())
+    .bind(category)
+    .bind(candidates.len() as i64)
     .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_all(conn)
+    .await
 }
