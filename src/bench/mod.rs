@@ -30,6 +30,8 @@ use coupon_schemas::{ClaimDecided, ClaimRequested, CouponsCreated};
 
 use crate::app::{self, AppConfig, Role};
 
+mod cpu;
+
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     /// Distinct users in the flash sale.
@@ -127,7 +129,7 @@ pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<R
 async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     eprintln!("bench: baselines");
-    rows.push(echo(config, 20_000, options.concurrency).await?);
+    rows.push(profiled(echo(config, 20_000, options.concurrency)).await?);
 
     let token = CancellationToken::new();
     let running = app::start(config.clone(), &Role::ALL, token.clone()).await?;
@@ -137,10 +139,10 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
         .pool_max_idle_per_host(options.concurrency)
         .timeout(Duration::from_secs(120))
         .build()?;
-    rows.push(http_baseline(&http, &base, 20_000, options.concurrency).await?);
+    rows.push(profiled(http_baseline(&http, &base, 20_000, options.concurrency)).await?);
 
     eprintln!("bench: release of {} coupons", options.release);
-    rows.push(release(config, &pool, "Release", options.release).await?);
+    rows.push(profiled(release(config, &pool, "Release", options.release)).await?);
     rows.extend(allocation_baselines(&pool).await?);
 
     eprintln!(
@@ -148,20 +150,48 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
         options.users, options.coupons
     );
     release(config, &pool, "Flash", options.coupons).await?;
-    let flash = flash_sale(&http, &base, &pool, options).await?;
+    let flash = profiled(flash_sale(&http, &base, &pool, options)).await?;
     let half_of_max = flash.throughput() / 2.0;
     rows.push(flash);
 
     eprintln!("bench: steady day at {half_of_max:.0} claims/s");
-    rows.push(steady_day(&http, &base, config, &pool, half_of_max, options.steady).await?);
+    rows.push(
+        profiled(steady_day(
+            &http,
+            &base,
+            config,
+            &pool,
+            half_of_max,
+            options.steady,
+        ))
+        .await?,
+    );
 
     eprintln!("bench: replay");
-    rows.push(replay(config).await?);
+    rows.push(profiled(replay(config)).await?);
     token.cancel();
     running.wait().await?;
     eprintln!("bench: rebuild");
     rows.push(rebuild(config).await?);
     Ok(rows)
+}
+
+/// Runs one scenario and notes, in its row, where the machine's CPU went
+/// while it ran (see [`cpu`]).
+async fn profiled(
+    scenario: impl std::future::Future<Output = anyhow::Result<Row>>,
+) -> anyhow::Result<Row> {
+    let before = cpu::CpuSample::now();
+    let mut row = scenario.await?;
+    if let (Some(before), Some(after)) = (before, cpu::CpuSample::now()) {
+        let profile = after.since(&before);
+        row.note = if row.note.is_empty() {
+            profile
+        } else {
+            format!("{}; {profile}", row.note)
+        };
+    }
+    Ok(row)
 }
 
 /// Two broker hops with the claim path's client settings: the client

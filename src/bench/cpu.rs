@@ -1,0 +1,144 @@
+//! Where the machine's CPU goes during a scenario, read from `/proc`.
+//!
+//! Every component runs on the same two cores, so a throughput figure alone
+//! does not say what bounds it. Each scenario's row carries the share of
+//! the machine's CPU time (all cores, idle included) each component used
+//! while it ran: a component near its share of saturation is the bound, and
+//! a large idle share means the bound is waiting (fsync, `fetch.wait.max.ms`),
+//! not computing. Shares come from ticks, so the clock rate never matters.
+//! On a system without `/proc` the rows simply carry no CPU note.
+
+use std::collections::BTreeMap;
+
+/// The components, by the process names (`comm`) that make them up.
+const COMPONENTS: [(&str, &[&str]); 4] = [
+    ("broker", &["tansu"]),
+    ("postgres", &["postgres"]),
+    ("redis", &["redis-server"]),
+    ("couponctl", &["couponctl"]),
+];
+
+/// CPU ticks used so far: by the whole machine, idle, and per component.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CpuSample {
+    machine: u64,
+    idle: u64,
+    components: BTreeMap<&'static str, u64>,
+}
+
+impl CpuSample {
+    /// Reads `/proc` now; `None` where it cannot be read.
+    pub fn now() -> Option<Self> {
+        let (machine, idle) = machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        let mut components: BTreeMap<&'static str, u64> =
+            COMPONENTS.iter().map(|(name, _)| (*name, 0)).collect();
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let is_pid = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok());
+            if !is_pid {
+                continue;
+            }
+            // A process may exit between listing and reading: skip it.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            if let Some((comm, ticks)) = process_ticks(&stat) {
+                if let Some((name, _)) = COMPONENTS.iter().find(|(_, comms)| comms.contains(&comm))
+                {
+                    *components.entry(name).or_default() += ticks;
+                }
+            }
+        }
+        Some(Self {
+            machine,
+            idle,
+            components,
+        })
+    }
+
+    /// Each component's share of the machine since `earlier`, as
+    /// `cpu: broker 41%, postgres 22%, ..., idle 9%`.
+    pub fn since(&self, earlier: &CpuSample) -> String {
+        let elapsed = self.machine.saturating_sub(earlier.machine).max(1) as f64;
+        let share = |now: u64, then: u64| 100.0 * now.saturating_sub(then) as f64 / elapsed;
+        let mut parts: Vec<String> = self
+            .components
+            .iter()
+            .map(|(name, ticks)| {
+                let then = earlier.components.get(name).copied().unwrap_or(0);
+                format!("{name} {:.0}%", share(*ticks, then))
+            })
+            .collect();
+        parts.push(format!("idle {:.0}%", share(self.idle, earlier.idle)));
+        format!("cpu: {}", parts.join(", "))
+    }
+}
+
+/// Total and idle ticks of all cores, from the `cpu` line of `/proc/stat`.
+fn machine_ticks(proc_stat: &str) -> Option<(u64, u64)> {
+    let line = proc_stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]; the
+    // guest times are already inside user and nice.
+    let total = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total, idle))
+}
+
+/// The process name and its user + system ticks, from `/proc/<pid>/stat`.
+fn process_ticks(stat: &str) -> Option<(&str, u64)> {
+    // The name is in parentheses and may itself contain spaces or ')'.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let rest: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    // After the name: state is field 3, utime 14 and stime 15 (1-based).
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_ticks_sum_the_cpu_line_without_guest_time() {
+        let stat = "cpu  100 5 50 800 20 1 2 3 40 0\ncpu0 50 2 25 400 10 0 1 1 20 0\n";
+        assert_eq!(machine_ticks(stat), Some((981, 820)));
+        assert_eq!(machine_ticks("intr 1 2 3\n"), None);
+    }
+
+    #[test]
+    fn process_ticks_survive_odd_names() {
+        let stat = "4242 (tokio (rt) worker) S 1 4242 4242 0 -1 4194560 120 0 0 0 731 269 0 0 20 0 9 0 100 0 0";
+        assert_eq!(process_ticks(stat), Some(("tokio (rt) worker", 1_000)));
+        assert_eq!(process_ticks("4242 (short) S 1"), None);
+    }
+
+    #[test]
+    fn shares_are_of_the_whole_machine() {
+        let mut before = CpuSample {
+            machine: 1_000,
+            idle: 500,
+            components: COMPONENTS.iter().map(|(n, _)| (*n, 0)).collect(),
+        };
+        let mut after = before.clone();
+        after.machine = 1_200;
+        after.idle = 520;
+        after.components.insert("broker", 100);
+        after.components.insert("couponctl", 50);
+        before.components.insert("couponctl", 10);
+        assert_eq!(
+            after.since(&before),
+            "cpu: broker 50%, couponctl 20%, postgres 0%, redis 0%, idle 10%"
+        );
+    }
+}
