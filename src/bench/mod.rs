@@ -30,7 +30,7 @@ use coupon_schemas::{ClaimDecided, ClaimRequested, CouponsCreated};
 
 use crate::app::{self, AppConfig, Role};
 
-mod cpu;
+mod profile;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -177,13 +177,13 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
 }
 
 /// Runs one scenario and notes, in its row, where the machine's CPU went
-/// while it ran (see [`cpu`]).
+/// while it ran (see [`profile`]).
 async fn profiled(
     scenario: impl std::future::Future<Output = anyhow::Result<Row>>,
 ) -> anyhow::Result<Row> {
-    let before = cpu::CpuSample::now();
+    let before = profile::CpuSample::now();
     let mut row = scenario.await?;
-    if let (Some(before), Some(after)) = (before, cpu::CpuSample::now()) {
+    if let (Some(before), Some(after)) = (before, profile::CpuSample::now()) {
         let profile = after.since(&before);
         row.note = if row.note.is_empty() {
             profile
@@ -332,7 +332,8 @@ async fn http_baseline(
     let started = Instant::now();
     let latencies = load(
         http,
-        (0..requests).map(|_| format!("{base}/healthz")).collect(),
+        (0..requests).map(|_| format!("{base}/healthz")),
+        requests,
         concurrency,
         |s| s == 200,
     )
@@ -347,14 +348,19 @@ async fn http_baseline(
 }
 
 /// GETs every URL, `concurrency` at a time; fails on an unexpected status.
+/// Sends `total` GETs, `concurrency` at a time, and returns each latency.
+/// The URLs are made as they are sent and the latencies land in one vector
+/// reserved up front, so the generator's own memory stays 16 bytes per
+/// answer and does not blur the system's memory figure.
 async fn load(
     http: &reqwest::Client,
-    urls: Vec<String>,
+    urls: impl Iterator<Item = String>,
+    total: usize,
     concurrency: usize,
     ok: impl Fn(u16) -> bool + Copy,
 ) -> anyhow::Result<Vec<Duration>> {
-    let bar = indicatif::ProgressBar::new(urls.len() as u64);
-    let results: Vec<anyhow::Result<Duration>> = stream::iter(urls)
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let mut answers = stream::iter(urls)
         .map(|url| {
             let bar = bar.clone();
             async move {
@@ -369,11 +375,13 @@ async fn load(
                 Ok(sent.elapsed())
             }
         })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
+        .buffer_unordered(concurrency);
+    let mut latencies = Vec::with_capacity(total);
+    while let Some(answer) = answers.next().await {
+        latencies.push(answer?);
+    }
     bar.finish_and_clear();
-    results.into_iter().collect()
+    Ok(latencies)
 }
 
 async fn release(
@@ -463,12 +471,16 @@ async fn flash_sale(
     pool: &PgPool,
     options: &BenchOptions,
 ) -> anyhow::Result<Row> {
-    let urls: Vec<String> = (0..options.users)
-        .map(|i| format!("{base}/api/v1/coupon?id=fan-{i}&category=Flash"))
-        .collect();
+    let urls =
+        (0..options.users).map(|i| format!("{base}/api/v1/coupon?id=fan-{i}&category=Flash"));
+    let memory = profile::MemorySampler::start(Duration::from_millis(500));
     let started = Instant::now();
-    let latencies = load(http, urls, options.concurrency, |s| s == 200 || s == 404).await?;
+    let latencies = load(http, urls, options.users, options.concurrency, |s| {
+        s == 200 || s == 404
+    })
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
+    let memory = memory.finish().await;
     let granted: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM coupons WHERE category = 'Flash' AND status = 'held'",
     )
@@ -496,7 +508,7 @@ async fn flash_sale(
         seconds,
         latencies: Latencies::of(latencies),
         note: format!(
-            "{granted} granted to {distinct_holders} users, 0 double allocations, 0 lost"
+            "{granted} granted to {distinct_holders} users, 0 double allocations, 0 lost; {memory}"
         ),
     })
 }

@@ -1,4 +1,5 @@
-//! Where the machine's CPU goes during a scenario, read from `/proc`.
+//! Where the machine's CPU goes during a scenario, and how this process's
+//! memory moves, read from `/proc`.
 //!
 //! Every component runs on the same two cores, so a throughput figure alone
 //! does not say what bounds it. Each scenario's row carries the share of
@@ -7,6 +8,10 @@
 //! a large idle share means the bound is waiting (fsync, `fetch.wait.max.ms`),
 //! not computing. Shares come from ticks, so the clock rate never matters.
 //! On a system without `/proc` the rows simply carry no CPU note.
+//!
+//! Memory is sampled in the background during the flash sale and reported
+//! as the median of the run's second quarter (warm) against the median of
+//! its last quarter: growth between the two is what a leak looks like.
 
 use std::collections::BTreeMap;
 
@@ -105,6 +110,77 @@ fn process_ticks(stat: &str) -> Option<(&str, u64)> {
     Some((comm, utime + stime))
 }
 
+/// This process's resident memory, sampled every `every` until `finish`.
+pub struct MemorySampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<u64>>,
+}
+
+impl MemorySampler {
+    pub fn start(every: std::time::Duration) -> Self {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return samples,
+                    _ = ticks.tick() => samples.extend(rss_kib()),
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    pub async fn finish(self) -> MemoryProfile {
+        let _ = self.stop.send(());
+        MemoryProfile {
+            rss_kib: self.task.await.unwrap_or_default(),
+        }
+    }
+}
+
+/// Resident memory samples in KiB, in time order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryProfile {
+    pub rss_kib: Vec<u64>,
+}
+
+impl std::fmt::Display for MemoryProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let quarter = self.rss_kib.len() / 4;
+        let median = |part: &[u64]| {
+            let mut sorted = part.to_vec();
+            sorted.sort_unstable();
+            sorted.get(sorted.len() / 2).copied()
+        };
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        match (
+            median(&self.rss_kib[quarter..2 * quarter]),
+            median(&self.rss_kib[self.rss_kib.len() - quarter..]),
+            self.rss_kib.iter().max(),
+        ) {
+            (Some(warm), Some(end), Some(&peak)) => write!(
+                f,
+                "rss {:.1} MiB warm, {:.1} MiB at the end, peak {:.1} MiB",
+                mib(warm),
+                mib(end),
+                mib(peak)
+            ),
+            _ => write!(f, "rss: {} samples, too few", self.rss_kib.len()),
+        }
+    }
+}
+
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +197,19 @@ mod tests {
         let stat = "4242 (tokio (rt) worker) S 1 4242 4242 0 -1 4194560 120 0 0 0 731 269 0 0 20 0 9 0 100 0 0";
         assert_eq!(process_ticks(stat), Some(("tokio (rt) worker", 1_000)));
         assert_eq!(process_ticks("4242 (short) S 1"), None);
+    }
+
+    #[test]
+    fn memory_compares_the_warm_quarter_with_the_last() {
+        let profile = MemoryProfile {
+            rss_kib: vec![1024, 2048, 10_240, 10_240, 11_264, 11_264, 12_288, 12_288],
+        };
+        assert_eq!(
+            profile.to_string(),
+            "rss 10.0 MiB warm, 12.0 MiB at the end, peak 12.0 MiB"
+        );
+        let short = MemoryProfile { rss_kib: vec![1] };
+        assert_eq!(short.to_string(), "rss: 1 samples, too few");
     }
 
     #[test]
