@@ -9,6 +9,9 @@ TANSU_BIN="${TANSU_ROOT}/bin/tansu"
 STATE_DIR="${STATE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.state}"
 BROKER_HOST="${BROKER_HOST:-127.0.0.1}"
 BROKER_PORT="${BROKER_PORT:-9092}"
+# sqlite (durable, the default) or memory (lost when the broker stops; for
+# measuring what the sqlite engine costs, never for data you need).
+BROKER_STORAGE="${BROKER_STORAGE:-sqlite}"
 PG_HOST="${PG_HOST:-127.0.0.1}"
 PG_PORT="${PG_PORT:-5432}"
 REDIS_HOST="${REDIS_HOST:-127.0.0.1}"

@@ -36,14 +36,19 @@ if port_open "$BROKER_HOST" "$BROKER_PORT"; then
 else
   [[ -x "$TANSU_BIN" ]] || fail "tansu is not installed at $TANSU_BIN: run 'make setup'"
   mkdir -p "$STATE_DIR/tansu"
-  say "broker: starting tansu ${TANSU_VERSION} on ${BROKER_HOST}:${BROKER_PORT} (sqlite storage in $STATE_DIR/tansu)"
+  case "$BROKER_STORAGE" in
+    sqlite) engine="sqlite://tansu.db"; where="sqlite storage in $STATE_DIR/tansu" ;;
+    memory) engine="memory://tansu/"; where="memory storage: every record is lost when it stops" ;;
+    *) fail "BROKER_STORAGE must be sqlite or memory, not '$BROKER_STORAGE'" ;;
+  esac
+  say "broker: starting tansu ${TANSU_VERSION} on ${BROKER_HOST}:${BROKER_PORT} ($where)"
   # tansu resolves sqlite:// paths against its working directory. The
   # subshell execs into the broker with every descriptor redirected, so
   # nothing keeps the caller's terminal or pipe open.
   (cd "$STATE_DIR/tansu" && exec setsid "$TANSU_BIN" broker \
       --listener-url "tcp://${BROKER_HOST}:${BROKER_PORT}" \
       --advertised-listener-url "tcp://${BROKER_HOST}:${BROKER_PORT}" \
-      --storage-engine "sqlite://tansu.db") >>"$STATE_DIR/tansu.log" 2>&1 </dev/null &
+      --storage-engine "$engine") >>"$STATE_DIR/tansu.log" 2>&1 </dev/null &
   echo $! >"$STATE_DIR/tansu.pid"
   wait_for broker 30 port_open "$BROKER_HOST" "$BROKER_PORT"
   say "broker: log at $STATE_DIR/tansu.log"
