@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-/// The components, by the process names (`comm`) that make them up.
+/// The components, by the starts of the process names (`comm`) that make them up.
 const COMPONENTS: [(&str, &[&str]); 4] = [
     ("broker", &["tansu"]),
     ("postgres", &["postgres"]),
@@ -50,8 +50,7 @@ impl CpuSample {
                 continue;
             };
             if let Some((comm, ticks)) = process_ticks(&stat) {
-                if let Some((name, _)) = COMPONENTS.iter().find(|(_, comms)| comms.contains(&comm))
-                {
+                if let Some(name) = component_of(comm) {
                     *components.entry(name).or_default() += ticks;
                 }
             }
@@ -79,6 +78,15 @@ impl CpuSample {
         parts.push(format!("idle {:.0}%", share(self.idle, earlier.idle)));
         format!("cpu: {}", parts.join(", "))
     }
+}
+
+/// The component a process belongs to, by the start of its name, so that a
+/// renamed binary (`couponctl-old` beside `couponctl-new`, say) still counts.
+fn component_of(comm: &str) -> Option<&'static str> {
+    COMPONENTS
+        .iter()
+        .find(|(_, prefixes)| prefixes.iter().any(|p| comm.starts_with(p)))
+        .map(|(name, _)| *name)
 }
 
 /// Total and idle ticks of all cores, from the `cpu` line of `/proc/stat`.
@@ -197,6 +205,15 @@ mod tests {
         let stat = "4242 (tokio (rt) worker) S 1 4242 4242 0 -1 4194560 120 0 0 0 731 269 0 0 20 0 9 0 100 0 0";
         assert_eq!(process_ticks(stat), Some(("tokio (rt) worker", 1_000)));
         assert_eq!(process_ticks("4242 (short) S 1"), None);
+    }
+
+    #[test]
+    fn processes_belong_to_components_by_name_prefix() {
+        assert_eq!(component_of("tansu"), Some("broker"));
+        assert_eq!(component_of("postgres"), Some("postgres"));
+        assert_eq!(component_of("couponctl-old"), Some("couponctl"));
+        assert_eq!(component_of("redis-server"), Some("redis"));
+        assert_eq!(component_of("bash"), None);
     }
 
     #[test]
