@@ -8,11 +8,13 @@
 //! (e.g. during a rebalance) can never grant one coupon twice or one user
 //! twice in a window.
 //!
-//! A batch is decided in three steps, each one statement for the whole
-//! batch: the rules run on one read of every user's state; the claims that
-//! pass draw their coupons from each pool at once, the oldest coupons going
-//! to the earliest claims; a user's second request in the same batch is
-//! decided last, on a fresh read. Decisions are published in arrival order.
+//! A batch is decided in three steps. The rules run on one read of every
+//! user's state (one statement for the batch). The claims that pass draw
+//! their coupons in one statement per pool, the oldest coupons going to the
+//! earliest claims. A user's second request in the same batch is decided
+//! last, on a fresh read of that user (rare: clients retry with the same
+//! request id, which is answered from the stored decision). Decisions are
+//! published in arrival order.
 //!
 //! Delivery guarantee: at least once, effect exactly once. A batch is decided
 //! in one transaction that also stores each decision under its request id;
