@@ -30,7 +30,7 @@ use coupon_schemas::{ClaimDecided, ClaimRequested, CouponsCreated};
 
 use crate::app::{self, AppConfig, Role};
 
-mod profile;
+pub mod profile;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

@@ -1,5 +1,6 @@
-//! Where the machine's CPU goes during a scenario, and how this process's
-//! memory moves, read from `/proc`.
+//! Where the machine's CPU goes during a scenario, and how a process's
+//! memory moves, read from `/proc`. The chaos run judges memory growth with
+//! the same figures.
 //!
 //! Every component runs on the same two cores, so a throughput figure alone
 //! does not say what bounds it. Each scenario's row carries the share of
@@ -133,7 +134,7 @@ impl MemorySampler {
             loop {
                 tokio::select! {
                     _ = &mut stopped => return samples,
-                    _ = ticks.tick() => samples.extend(rss_kib()),
+                    _ = ticks.tick() => samples.extend(rss_kib(std::process::id())),
                 }
             }
         });
@@ -154,21 +155,28 @@ pub struct MemoryProfile {
     pub rss_kib: Vec<u64>,
 }
 
-impl std::fmt::Display for MemoryProfile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl MemoryProfile {
+    /// The median of the run's second quarter (warm) and of its last
+    /// quarter; `None` with fewer than four samples.
+    pub fn warm_and_end(&self) -> Option<(u64, u64)> {
         let quarter = self.rss_kib.len() / 4;
         let median = |part: &[u64]| {
             let mut sorted = part.to_vec();
             sorted.sort_unstable();
             sorted.get(sorted.len() / 2).copied()
         };
+        Some((
+            median(&self.rss_kib[quarter..2 * quarter])?,
+            median(&self.rss_kib[self.rss_kib.len() - quarter..])?,
+        ))
+    }
+}
+
+impl std::fmt::Display for MemoryProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mib = |kib: u64| kib as f64 / 1024.0;
-        match (
-            median(&self.rss_kib[quarter..2 * quarter]),
-            median(&self.rss_kib[self.rss_kib.len() - quarter..]),
-            self.rss_kib.iter().max(),
-        ) {
-            (Some(warm), Some(end), Some(&peak)) => write!(
+        match (self.warm_and_end(), self.rss_kib.iter().max()) {
+            (Some((warm, end)), Some(&peak)) => write!(
                 f,
                 "rss {:.1} MiB warm, {:.1} MiB at the end, peak {:.1} MiB",
                 mib(warm),
@@ -180,8 +188,9 @@ impl std::fmt::Display for MemoryProfile {
     }
 }
 
-fn rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))

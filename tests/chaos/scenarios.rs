@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 
 use coupon_platform::kafka::decode;
 use coupon_schemas::{ClaimDecided, ClaimRequested};
+use couponctl::bench::profile::{self, MemoryProfile};
 
 use crate::harness::{free_port, invariant_violations, release, Child, TestEnv, CONSUME_ALL};
 use crate::processes::{claim_with_retries, Progress};
@@ -513,7 +514,7 @@ async fn sustained_load(profile: Profile) -> Row {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             while !stop.is_cancelled() {
                 tick.tick().await;
-                let rss = pid.and_then(rss_kib);
+                let rss = pid.and_then(profile::rss_kib);
                 let (k, g, t) = (kafka.clone(), group.clone(), topic.clone());
                 let lag = tokio::task::spawn_blocking(move || {
                     coupon_platform::kafka::lag::group_lag(&k, &g, &[t])
@@ -599,15 +600,6 @@ async fn sustained_load(profile: Profile) -> Row {
     row
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-}
-
 fn median<T: Copy + Ord>(values: &[T]) -> Option<T> {
     let mut sorted = values.to_vec();
     sorted.sort();
@@ -618,20 +610,14 @@ fn median<T: Copy + Ord>(values: &[T]) -> Option<T> {
 /// the run may exceed the second quarter's by 25% + 16 MiB at most (caches
 /// and allocator slack), not more.
 fn judge_memory(rss_kib: &[u64], notes: &mut Vec<String>) -> usize {
-    let quarter = rss_kib.len() / 4;
-    let (Some(warm), Some(late)) = (
-        median(&rss_kib[quarter..2 * quarter]),
-        median(&rss_kib[rss_kib.len() - quarter..]),
-    ) else {
+    let profile = MemoryProfile {
+        rss_kib: rss_kib.to_vec(),
+    };
+    let Some((warm, late)) = profile.warm_and_end() else {
         notes.push(format!("only {} memory samples", rss_kib.len()));
         return 1;
     };
-    notes.push(format!(
-        "rss {:.1} MiB warm, {:.1} MiB at the end, peak {:.1} MiB",
-        warm as f64 / 1024.0,
-        late as f64 / 1024.0,
-        rss_kib.iter().max().copied().unwrap_or(0) as f64 / 1024.0
-    ));
+    notes.push(profile.to_string());
     usize::from(late > warm + warm / 4 + 16 * 1024)
 }
 
