@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# Stops what `up.sh` started (the broker, and Redis if it started one). A
-# Postgres or Redis that was already running before `make up` is left alone.
+# Stops what `up.sh` started: the broker (a controlled shutdown) and Redis if
+# it started one. A Postgres, Redis or broker that was already running before
+# `make up` is left alone. The 3-node cluster has its own `cluster.sh down`.
 source "$(dirname "$0")/common.sh"
 
-stop_pidfile() {
-  local name=$1 pidfile=$2
-  if [[ -f "$pidfile" ]]; then
-    local pid; pid="$(cat "$pidfile")"
-    if kill -0 "$pid" 2>/dev/null; then
-      say "$name: stopping (pid $pid)"
-      kill "$pid"
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-    fi
-    rm -f "$pidfile"
-  else
-    say "$name: not started by make up; leaving it alone"
+if kafka_running "$STATE_DIR/kafka"; then
+  say "broker: controlled shutdown (pid $(cat "$STATE_DIR/kafka/kafka.pid"))"
+  kafka_stop "$STATE_DIR/kafka" TERM
+else
+  say "broker: not started by make up; leaving it alone"
+fi
+if [[ -f "$STATE_DIR/redis.pid" ]]; then
+  pid="$(cat "$STATE_DIR/redis.pid")"
+  if kill -0 "$pid" 2>/dev/null; then
+    say "redis: stopping (pid $pid)"
+    redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || kill "$pid"
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
-}
-
-stop_pidfile broker "$STATE_DIR/tansu.pid"
-stop_pidfile redis "$STATE_DIR/redis.pid"
+  rm -f "$STATE_DIR/redis.pid"
+else
+  say "redis: not started by make up; leaving it alone"
+fi
 say "down (state kept in $STATE_DIR; delete it to start from scratch)"

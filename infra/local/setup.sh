@@ -1,33 +1,45 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks: Postgres and Redis (Debian packages, if
-# absent) and the Kafka-compatible broker tansu, built from crates.io with the
-# storage engines its default build lacks. Safe to run again: it skips what is
-# already there.
+# absent), a JDK and Maven if absent, and the Apache Kafka broker with its
+# runtime jars from Maven Central (pinned in infra/kafka/pom.xml). Safe to
+# run again: it skips what is already there.
 source "$(dirname "$0")/common.sh"
 
 need_apt=()
-command -v pg_ctlcluster >/dev/null 2>&1 || command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v perl >/dev/null 2>&1 || need_apt+=(perl)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${need_apt[@]}"
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-if [[ -x "$TANSU_BIN" ]] && "$TANSU_BIN" --version 2>/dev/null | grep -q " ${TANSU_VERSION}\$"; then
-  say "tansu ${TANSU_VERSION} already installed at ${TANSU_BIN}"
+if kafka_installed; then
+  say "Apache Kafka ${KAFKA_VERSION} already installed in ${KAFKA_ROOT}"
 else
-  command -v cargo >/dev/null 2>&1 || fail "cargo is required to build tansu (install Rust with rustup)"
-  say "building tansu ${TANSU_VERSION} into ${TANSU_ROOT} (about 10-15 minutes on 2 cores, once per machine)"
-  build_dir="$(mktemp -d /var/tmp/tansu-build.XXXXXX)"
-  CARGO_TARGET_DIR="$build_dir/target" cargo install tansu --version "$TANSU_VERSION" \
-    --features libsql,dynostore --locked --root "$TANSU_ROOT"
-  rm -rf "$build_dir"
+  say "fetching Apache Kafka ${KAFKA_VERSION} and its runtime jars from Maven Central into ${KAFKA_LIBS}"
+  started=$SECONDS
+  staging="$(mktemp -d "${KAFKA_ROOT}.staging.XXXXXX")"
+  trap 'rm -rf "$staging"' EXIT
+  # -B: no colours or progress bars in logs; the jars land in a staging
+  # folder first so an interrupted download never looks installed.
+  if ! mvn -B -q -f "$REPO_ROOT/infra/kafka/pom.xml" dependency:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$staging/libs" >"$staging/mvn.log" 2>&1; then
+    tail -n 30 "$staging/mvn.log" >&2
+    fail "Maven could not fetch Apache Kafka ${KAFKA_VERSION} (command: mvn -f infra/kafka/pom.xml dependency:copy-dependencies)"
+  fi
+  mkdir -p "$KAFKA_ROOT"
+  rm -rf "$KAFKA_LIBS"
+  mv "$staging/libs" "$KAFKA_LIBS"
+  say "Apache Kafka ${KAFKA_VERSION}: $(ls "$KAFKA_LIBS" | wc -l) jars in $((SECONDS - started))s"
 fi
 say "setup complete"

@@ -1,16 +1,30 @@
 #!/usr/bin/env bash
-# Starts Postgres, Redis and the broker, reusing any that already answer.
-# Idempotent: running it twice is fine.
+# Starts Postgres, Redis and the Kafka broker, reusing any that already
+# answer. Idempotent: running it twice is fine.
 source "$(dirname "$0")/common.sh"
 mkdir -p "$STATE_DIR"
 
-# Postgres
+# Postgres: Debian's cluster, with passwordless access for the `postgres`
+# role over loopback so that the default DATABASE_URL
+# (postgres://postgres@127.0.0.1:5432/coupons) works. Development only: the
+# rule admits nothing but local connections.
 if pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; then
   say "postgres: reusing ${PG_HOST}:${PG_PORT}"
-elif command -v pg_ctlcluster >/dev/null 2>&1 && [[ -d /etc/postgresql ]]; then
+elif command -v pg_ctlcluster >/dev/null 2>&1 && [[ -d /etc/postgresql ]] && [[ -n "$(ls /etc/postgresql)" ]]; then
   version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+  conf="/etc/postgresql/$version/main"
+  if ! grep -q 'coupons: local development' "$conf/pg_hba.conf"; then
+    { printf '# coupons: local development (infra/local/up.sh): loopback needs no password\n'
+      printf 'host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust\n'
+      cat "$conf/pg_hba.conf"; } >"$conf/pg_hba.conf.new"
+    mv "$conf/pg_hba.conf.new" "$conf/pg_hba.conf"
+    chown postgres:postgres "$conf/pg_hba.conf"
+  fi
+  # Sized for the test suite (one database and pool per test, in parallel).
+  printf '%s\n' "# Written by infra/local/up.sh" "max_connections = 400" "shared_buffers = 256MB" \
+    >"$conf/conf.d/coupons.conf"
   say "postgres: starting cluster ${version}/main"
-  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start
   wait_for postgres 30 pg_isready -q -h "$PG_HOST" -p "$PG_PORT"
   say "postgres: logs in /var/log/postgresql/"
 else
@@ -30,28 +44,18 @@ else
   say "redis: log at $STATE_DIR/redis.log"
 fi
 
-# Broker
+# Broker: a single Apache Kafka node in KRaft mode (broker and controller in
+# one process), replication factor 1.
 if port_open "$BROKER_HOST" "$BROKER_PORT"; then
   say "broker: reusing ${BROKER_HOST}:${BROKER_PORT}"
 else
-  [[ -x "$TANSU_BIN" ]] || fail "tansu is not installed at $TANSU_BIN: run 'make setup'"
-  mkdir -p "$STATE_DIR/tansu"
-  case "$BROKER_STORAGE" in
-    sqlite) engine="sqlite://tansu.db"; where="sqlite storage in $STATE_DIR/tansu" ;;
-    memory) engine="memory://tansu/"; where="memory storage: every record is lost when it stops" ;;
-    *) fail "BROKER_STORAGE must be sqlite or memory, not '$BROKER_STORAGE'" ;;
-  esac
-  say "broker: starting tansu ${TANSU_VERSION} on ${BROKER_HOST}:${BROKER_PORT} ($where)"
-  # tansu resolves sqlite:// paths against its working directory. The
-  # subshell execs into the broker with every descriptor redirected, so
-  # nothing keeps the caller's terminal or pipe open.
-  (cd "$STATE_DIR/tansu" && exec setsid "$TANSU_BIN" broker \
-      --listener-url "tcp://${BROKER_HOST}:${BROKER_PORT}" \
-      --advertised-listener-url "tcp://${BROKER_HOST}:${BROKER_PORT}" \
-      --storage-engine "$engine") >>"$STATE_DIR/tansu.log" 2>&1 </dev/null &
-  echo $! >"$STATE_DIR/tansu.pid"
-  wait_for broker 30 port_open "$BROKER_HOST" "$BROKER_PORT"
-  say "broker: log at $STATE_DIR/tansu.log"
+  dir="$STATE_DIR/kafka"
+  kafka_configure "$dir" 1 "$BROKER_PORT" "$CONTROLLER_PORT" "1@${BROKER_HOST}:${CONTROLLER_PORT}" 1 1
+  say "broker: starting Apache Kafka ${KAFKA_VERSION} (KRaft, 1 node) on ${BROKER_HOST}:${BROKER_PORT}"
+  started=$SECONDS
+  kafka_start "$dir" "$KAFKA_HEAP"
+  kafka_wait_started "$dir" "$BROKER_PORT" 120
+  say "broker: serving after $((SECONDS - started))s; data in $dir/data, log at $dir/logs/server.log"
 fi
 
 # The default database for `couponctl run` (tests make their own).
