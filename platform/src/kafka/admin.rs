@@ -1,6 +1,7 @@
 //! Topic creation through the admin API. The local broker does not create
-//! topics on first use (and production clusters should not either), so every
-//! process that needs topics ensures them at start-up; existing ones are kept.
+//! topics on first use (`auto.create.topics.enable=false`, as production
+//! clusters should run), so every process that needs topics ensures them at
+//! start-up; existing ones are kept as they are.
 
 use std::time::Duration;
 
@@ -14,7 +15,9 @@ use super::KafkaSettings;
 pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
-    pub replication: i32,
+    /// Replicas per partition; `None` takes the broker's
+    /// `default.replication.factor` (1 on the local node, 3 on a cluster).
+    pub replication: Option<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +52,8 @@ pub async fn ensure_topics(
             NewTopic::new(
                 &t.name,
                 t.partitions,
-                TopicReplication::Fixed(t.replication),
+                // -1 asks the broker for its default (KIP-464).
+                TopicReplication::Fixed(t.replication.unwrap_or(-1)),
             )
         })
         .collect();

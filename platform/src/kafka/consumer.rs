@@ -25,7 +25,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use coupon_schemas::{DeadLetter, Event};
 
 use super::producer::{PublishError, Publisher};
-use super::KafkaSettings;
+use super::{GroupProtocol, KafkaSettings};
 
 /// An owned Kafka record.
 #[derive(Debug, Clone)]
@@ -207,19 +207,20 @@ impl DeadLetters {
 /// How partitions are shared between the instances of one role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Assignment {
+    /// Kafka's consumer groups (the default): every instance of a role joins
+    /// the role's group and the broker moves partitions when an instance
+    /// joins, leaves or dies, so instances come and go freely.
+    Group,
     /// Instance `index` of `count` takes the partitions `p` with
     /// `p % count == index`; offsets are still committed to the group. No
-    /// rebalancing: a dead instance's partitions wait for it to restart
-    /// (run instances under a supervisor). This is the default because the
-    /// local broker (tansu 0.6.0) can hand a stale assignment to a member
-    /// after a rebalance, leaving partitions unconsumed.
+    /// rebalancing: a dead instance's partitions wait for it to restart. For
+    /// brokers whose group coordination cannot be trusted, or for pinning
+    /// work to instances under a supervisor that restarts them by index.
     Static { index: u32, count: u32 },
-    /// Kafka's group protocol (subscribe and rebalance); for real Kafka or
-    /// Redpanda, where instances come and go freely.
-    Group,
 }
 
 impl Assignment {
+    /// One instance that reads every partition without a group protocol.
     pub const SOLE: Assignment = Assignment::Static { index: 0, count: 1 };
 
     /// Whether this instance owns `partition`.
@@ -238,7 +239,9 @@ impl Assignment {
 pub struct ConsumerSettings {
     pub group_id: String,
     pub topics: Vec<String>,
-    /// The broker holds an empty fetch this long; it is the idle-hop latency.
+    /// The broker holds an empty fetch at most this long. Kafka answers a
+    /// long-poll as soon as data arrives, so this bounds idle wake-ups, not
+    /// the latency of a hop.
     pub fetch_wait_max_ms: u32,
     pub max_batch: usize,
     pub assignment: Assignment,
@@ -259,9 +262,24 @@ pub fn group_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
         .set("enable.partition.eof", "false");
+    match kafka.group_protocol {
+        // KIP-848: the broker computes assignments and owns the session
+        // timeout (`group.consumer.session.timeout.ms`), so the classic
+        // protocol's client-side settings are not allowed here.
+        GroupProtocol::Consumer => {
+            config.set("group.protocol", "consumer");
+        }
+        // Cooperative-sticky: a rebalance moves only the partitions that
+        // change owner; the others keep being consumed meanwhile.
+        GroupProtocol::Classic => {
+            config
+                .set("group.protocol", "classic")
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "1000");
+        }
+    }
     let consumer: StreamConsumer = config.create()?;
     match settings.assignment {
         Assignment::Group => {

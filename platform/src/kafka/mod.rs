@@ -1,11 +1,12 @@
 //! Kafka: topic names, the producer, group consumers and the admin client.
 //!
 //! The code talks plain Kafka through librdkafka, so it runs unchanged against
-//! Apache Kafka, Redpanda or the local `tansu` broker. Two limits of the local
-//! broker shape the settings: it has no transactions (so exactly-once effects
-//! come from idempotent consumers, not from Kafka EOS), and its long-poll does
-//! not wake early when data arrives, so `fetch.wait.max.ms` is the latency of
-//! an idle hop and is set per consumer.
+//! Apache Kafka (the local broker `make up` starts), Redpanda or a managed
+//! service, over TLS/SASL when `extra` says so. Exactly-once effects come from
+//! idempotent consumers (natural keys, stored decisions), not from Kafka
+//! transactions: the effects land in Postgres and Redis, which a Kafka
+//! transaction cannot cover, and it keeps the system portable to brokers
+//! without them.
 
 pub mod admin;
 pub mod consumer;
@@ -23,7 +24,36 @@ pub struct KafkaSettings {
     pub brokers: String,
     /// `enable.idempotence` on producers: no duplicates from producer retries.
     pub idempotent_producer: bool,
+    /// Which consumer-group protocol the role consumers speak.
+    pub group_protocol: GroupProtocol,
     pub extra: Vec<(String, String)>,
+}
+
+/// The consumer-group protocol. Both move partitions between the instances
+/// of a role as they join, leave or die.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupProtocol {
+    /// The classic protocol with the cooperative-sticky assignor: every
+    /// Kafka-protocol broker supports it (Kafka 2.4+, Redpanda, managed
+    /// services), so it is the default.
+    #[default]
+    Classic,
+    /// KIP-848's `consumer` protocol (Kafka 4.0+): the broker assigns, and
+    /// rebalances never stop the partitions that stay put.
+    Consumer,
+}
+
+impl std::str::FromStr for GroupProtocol {
+    type Err = String;
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        match raw {
+            "classic" => Ok(GroupProtocol::Classic),
+            "consumer" => Ok(GroupProtocol::Consumer),
+            other => Err(format!(
+                "{other:?} is not a group protocol (classic or consumer)"
+            )),
+        }
+    }
 }
 
 impl KafkaSettings {
@@ -31,6 +61,7 @@ impl KafkaSettings {
         Self {
             brokers: brokers.into(),
             idempotent_producer: true,
+            group_protocol: GroupProtocol::default(),
             extra: Vec::new(),
         }
     }
