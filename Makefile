@@ -7,16 +7,22 @@ export REDIS_URL ?= redis://127.0.0.1:6379
 export KAFKA_BROKERS ?= 127.0.0.1:9092
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup up down build test lint fmt demo bench chaos clean-state
+.PHONY: setup up down cluster-up cluster-down build test lint fmt demo bench chaos clean-state
 
-setup: ## install what this machine lacks (Postgres, Redis, the tansu broker)
+setup: ## install what this machine lacks (Postgres, Redis, a JDK, Apache Kafka from Maven Central)
 	infra/local/setup.sh
 
-up: setup ## start Postgres, Redis and the broker (reusing running ones)
+up: setup ## start Postgres, Redis and a single-node Kafka broker (reusing running ones)
 	infra/local/up.sh
 
 down: ## stop what `make up` started
 	infra/local/down.sh
+
+cluster-up: setup ## start the 3-node Kafka cluster (RF 3, min.insync.replicas 2) beside the single node
+	infra/local/cluster.sh up
+
+cluster-down: ## stop the 3-node cluster
+	infra/local/cluster.sh down
 
 build:
 	cargo build --release --bin couponctl
@@ -39,5 +45,5 @@ chaos: up ## the long fault-injection run; prints a table (CHAOS_USERS, CHAOS_RA
 bench: up build ## the benchmarks (BENCH_QUICK=1 for a short run)
 	target/release/couponctl bench
 
-clean-state: down
+clean-state: down cluster-down
 	rm -rf .state

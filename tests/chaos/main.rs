@@ -5,7 +5,10 @@
 //! gateway and the consumers), fires a burst of claims through HTTP with
 //! clients that retry as a storefront does (same request id, so retries are
 //! safe), and breaks something a third of the way in: `kill -9` of the
-//! consumers or of the gateway, a broker crash, a Postgres or Redis restart.
+//! consumers or of the gateway, a broker crash, a Postgres or Redis restart;
+//! and on a 3-node Kafka cluster (replication factor 3, min.insync.replicas
+//! 2, started here with `infra/local/cluster.sh`), `kill -9` of the claims
+//! partitions' leader or of a follower, and a broker's controlled restart.
 //! Then it checks, from the event log and the database, that every request
 //! got exactly one decision, that every HTTP answer is the decision the
 //! database holds, and that the spec's invariants hold. A last scenario holds
@@ -68,17 +71,54 @@ fn main() -> ExitCode {
         profile.rate,
         profile.sustained
     );
+    // CHAOS_ONLY=<words>: only the scenarios whose name contains them (to
+    // rerun one while working on it).
+    let only = std::env::var("CHAOS_ONLY").unwrap_or_default();
+    let chosen = |name: &str| name.contains(only.as_str());
     let mut rows = Vec::new();
-    for fault in Fault::ALL {
+    for fault in Fault::ALL.into_iter().filter(|f| chosen(f.name())) {
         eprintln!("chaos: {} ...", fault.name());
         let row = runtime.block_on(scenarios::burst_with_fault(fault, &profile));
         eprintln!("chaos: {}", row.summary());
         rows.push(row);
     }
-    eprintln!("chaos: sustained load ...");
-    let row = runtime.block_on(scenarios::sustained(&profile));
-    eprintln!("chaos: {}", row.summary());
-    rows.push(row);
+    // The quick run kills the leader, the most disruptive of the three.
+    let cluster_faults: Vec<Fault> = Fault::CLUSTER[..if long { 3 } else { 1 }]
+        .iter()
+        .copied()
+        .filter(|f| chosen(f.name()))
+        .collect();
+    let cluster = if cluster_faults.is_empty() {
+        Ok(String::new())
+    } else {
+        eprintln!("chaos: starting the 3-node cluster ...");
+        runtime.block_on(scenarios::cluster(&["up"]))
+    };
+    match cluster {
+        Ok(started) => {
+            eprintln!("chaos: {started}");
+            for fault in cluster_faults {
+                eprintln!("chaos: {} ...", fault.name());
+                let row = runtime.block_on(scenarios::burst_with_fault(fault, &profile));
+                eprintln!("chaos: {}", row.summary());
+                rows.push(row);
+            }
+        }
+        Err(error) => rows.push(scenarios::Row {
+            scenario: "3-node cluster".into(),
+            error: Some(error),
+            ..Default::default()
+        }),
+    }
+    if let Err(error) = runtime.block_on(scenarios::cluster(&["down"])) {
+        eprintln!("chaos: {error}");
+    }
+    if chosen("sustained mixed load") {
+        eprintln!("chaos: sustained load ...");
+        let row = runtime.block_on(scenarios::sustained(&profile));
+        eprintln!("chaos: {}", row.summary());
+        rows.push(row);
+    }
     runtime.shutdown_timeout(Duration::from_secs(5));
 
     println!("{}", scenarios::render(&rows));

@@ -67,22 +67,46 @@ impl Profile {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     KillConsumers,
     KillGateway,
     CrashBroker,
     RestartPostgres,
     RestartRedis,
+    /// A second consumers process joins the groups mid-burst (classic
+    /// protocol, cooperative-sticky); once it holds partitions, the first is
+    /// killed with `kill -9` and not restarted: the second takes over all.
+    ScaleOutThenKill,
+    /// The same under KIP-848's `consumer` group protocol.
+    ScaleOutThenKillKip848,
+    /// On the 3-node cluster: `kill -9` of the node that leads the claims
+    /// topic's first partition, restarted once the system answers again.
+    ClusterKillLeader,
+    /// On the 3-node cluster: `kill -9` of a node that leads no claims
+    /// partition (a follower of them all), restarted the same way.
+    ClusterKillFollower,
+    /// On the 3-node cluster: a controlled shutdown of the claims leader and
+    /// a start, as a rolling upgrade does.
+    ClusterRestartBroker,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 5] = [
+    /// The faults of the single-node services.
+    pub const ALL: [Fault; 7] = [
         Fault::KillConsumers,
         Fault::KillGateway,
         Fault::CrashBroker,
         Fault::RestartPostgres,
         Fault::RestartRedis,
+        Fault::ScaleOutThenKill,
+        Fault::ScaleOutThenKillKip848,
+    ];
+    /// The faults of one node of the 3-node cluster.
+    pub const CLUSTER: [Fault; 3] = [
+        Fault::ClusterKillLeader,
+        Fault::ClusterKillFollower,
+        Fault::ClusterRestartBroker,
     ];
 
     pub fn name(self) -> &'static str {
@@ -92,8 +116,65 @@ impl Fault {
             Fault::CrashBroker => "broker crash + restart",
             Fault::RestartPostgres => "postgres restart",
             Fault::RestartRedis => "redis restart (data lost)",
+            Fault::ScaleOutThenKill => "join + kill -9 (cooperative)",
+            Fault::ScaleOutThenKillKip848 => "join + kill -9 (KIP-848)",
+            Fault::ClusterKillLeader => "cluster: kill -9 leader",
+            Fault::ClusterKillFollower => "cluster: kill -9 follower",
+            Fault::ClusterRestartBroker => "cluster: broker restart",
         }
     }
+
+    fn on_cluster(self) -> bool {
+        Fault::CLUSTER.contains(&self)
+    }
+
+    /// The consumer-group protocol the system's consumers speak.
+    fn group_protocol(self) -> &'static str {
+        if self == Fault::ScaleOutThenKillKip848 {
+            "consumer"
+        } else {
+            "classic"
+        }
+    }
+}
+
+/// The 3-node cluster's script (`infra/local/cluster.sh`).
+pub async fn cluster(args: &[&str]) -> Result<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/local/cluster.sh");
+    let output = tokio::process::Command::new(&script)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("{}: {e}", script.display()))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "cluster.sh {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// The node ids that lead the partitions of `topic`, by partition.
+fn partition_leaders(env: &TestEnv, topic: &str) -> Result<Vec<i32>, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = env
+        .kafka
+        .client_config()
+        .create()
+        .map_err(|e| e.to_string())?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let mut partitions: Vec<(i32, i32)> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| (p.id(), p.leader())))
+        .collect();
+    partitions.sort();
+    Ok(partitions.into_iter().map(|(_, leader)| leader).collect())
 }
 
 #[derive(Debug, Default)]
@@ -217,13 +298,25 @@ struct System {
     port: u16,
     base: String,
     generation: u32,
+    /// A cluster node the fault stopped, to start again once the system
+    /// answers without it.
+    stopped_node: Option<i32>,
+    /// `KAFKA_GROUP_PROTOCOL` of every consumers process.
+    protocol: &'static str,
+}
+
+/// A consumers process speaking `protocol`.
+fn spawn_consumers(env: &TestEnv, protocol: &'static str, label: &str) -> Child {
+    Child::spawn_with(env, CONSUME_ALL, free_port(), label, |command| {
+        command.env("KAFKA_GROUP_PROTOCOL", protocol);
+    })
 }
 
 impl System {
-    async fn start(env: &TestEnv) -> Self {
+    async fn start(env: &TestEnv, protocol: &'static str) -> Self {
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
-        let consumers = Child::spawn(env, CONSUME_ALL, free_port(), "consumers-0");
+        let consumers = spawn_consumers(env, protocol, "consumers-0");
         let mut gateway = Child::spawn(env, &["gateway"], port, "gateway-0");
         gateway.wait_healthy(&base, Duration::from_secs(60)).await;
         Self {
@@ -232,6 +325,8 @@ impl System {
             port,
             base,
             generation: 0,
+            stopped_node: None,
+            protocol,
         }
     }
 
@@ -244,17 +339,37 @@ impl System {
             port,
             base,
             generation,
+            mut stopped_node,
+            protocol,
         } = self;
         let generation = generation + 1;
         match fault {
             Fault::KillConsumers => {
                 consumers.kill_9().await;
-                consumers = Child::spawn(
-                    env,
-                    CONSUME_ALL,
-                    free_port(),
-                    &format!("consumers-{generation}"),
-                );
+                consumers = spawn_consumers(env, protocol, &format!("consumers-{generation}"));
+            }
+            Fault::ScaleOutThenKill | Fault::ScaleOutThenKillKip848 => {
+                let joined = spawn_consumers(env, protocol, &format!("consumers-{generation}"));
+                // The newcomer must really hold claims partitions before the
+                // first dies, or this would be a plain restart.
+                let group = env.topics.group("claims");
+                let claims = format!("{}[", env.topics.claims());
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !joined.log_text().lines().any(|line| {
+                    line.contains("partitions assigned")
+                        && line.contains(&group)
+                        && line.contains(&claims)
+                }) {
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "the second consumers process got no claims partition within 60 s: {}",
+                            joined.log_tail()
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                consumers.kill_9().await;
+                consumers = joined;
             }
             Fault::KillGateway => {
                 gateway.kill_9().await;
@@ -264,6 +379,28 @@ impl System {
             Fault::CrashBroker => restart_service("broker").await?,
             Fault::RestartPostgres => restart_service("postgres").await?,
             Fault::RestartRedis => restart_service("redis").await?,
+            Fault::ClusterKillLeader | Fault::ClusterKillFollower | Fault::ClusterRestartBroker => {
+                let leaders = partition_leaders(env, &env.topics.claims())?;
+                let leader = *leaders
+                    .first()
+                    .ok_or("the claims topic has no partitions")?;
+                let node = if fault == Fault::ClusterKillFollower {
+                    (1..=3)
+                        .find(|n| !leaders.contains(n))
+                        .or_else(|| (1..=3).find(|n| *n != leader))
+                        .ok_or("no follower")?
+                } else {
+                    leader
+                };
+                let how = if fault == Fault::ClusterRestartBroker {
+                    "stop"
+                } else {
+                    "kill"
+                };
+                eprintln!("chaos: claims partition leaders {leaders:?}; {how} node {node}");
+                cluster(&[how, &node.to_string()]).await?;
+                stopped_node = Some(node);
+            }
         }
         Ok(Self {
             consumers,
@@ -271,7 +408,17 @@ impl System {
             port,
             base,
             generation,
+            stopped_node,
+            protocol,
         })
+    }
+
+    /// Starts the cluster node the fault stopped, if any.
+    async fn heal(&mut self) -> Result<(), String> {
+        if let Some(node) = self.stopped_node.take() {
+            cluster(&["start", &node.to_string()]).await?;
+        }
+        Ok(())
     }
 
     fn assert_alive(&mut self) {
@@ -320,8 +467,15 @@ pub async fn burst_with_fault(fault: Fault, profile: &Profile) -> Row {
 }
 
 async fn burst(fault: Fault, profile: Profile) -> Row {
-    let env = TestEnv::new().await;
-    let mut system = System::start(&env).await;
+    let env = if fault.on_cluster() {
+        match cluster(&["brokers"]).await {
+            Ok(brokers) => TestEnv::on_brokers(brokers).await,
+            Err(error) => return Row::failed(fault.name(), error),
+        }
+    } else {
+        TestEnv::new().await
+    };
+    let mut system = System::start(&env, fault.group_protocol()).await;
     let issued = (profile.users / 2) as u32;
     release(&env, "Chaos", issued).await;
 
@@ -354,6 +508,9 @@ async fn burst(fault: Fault, profile: Profile) -> Row {
     // A fresh user, after the fault: the system serves again once it answers.
     let probe = claim(&http, &system.base, "probe".into(), "probe-req".into()).await;
     let recovered = probe.answer.is_some().then(|| fault_at.elapsed());
+    if let Err(error) = system.heal().await {
+        return Row::failed(fault.name(), error);
+    }
     let mut answers = burst.await.expect("the burst task");
     answers.push(probe);
 

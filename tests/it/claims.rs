@@ -159,18 +159,13 @@ async fn two_processors_concurrent_duplicates_and_redelivery_keep_the_invariants
     let app = env
         .start(
             &[Role::Gateway, Role::Coupons, Role::Claims, Role::History],
-            |c| {
-                c.assignment =
-                    coupon_platform::kafka::consumer::Assignment::Static { index: 0, count: 2 };
-            },
+            |_| {},
         )
         .await;
-    // The second instance takes the other half of every partitioned role.
+    // The second instance joins the same consumer groups: the broker hands it
+    // a share of every partitioned role while the burst runs.
     let second = env
-        .start(&[Role::Claims, Role::Coupons, Role::History], |c| {
-            c.assignment =
-                coupon_platform::kafka::consumer::Assignment::Static { index: 1, count: 2 };
-        })
+        .start(&[Role::Claims, Role::Coupons, Role::History], |_| {})
         .await;
     release(&env, "Toys", 300).await;
 
