@@ -42,12 +42,12 @@ wait_for() {
 
 kafka_installed() { [[ -f "$KAFKA_LIBS/kafka_2.13-${KAFKA_VERSION}.jar" ]]; }
 
-# kafka_java CLASS ARGS...: runs a Kafka main class on the installed jars.
-kafka_java() {
-  local heap=$1; shift
-  java -Xms128m "-Xmx$heap" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
-    -Djava.awt.headless=true -Dlog4j2.configurationFile="$REPO_ROOT/infra/kafka/log4j2.xml" \
-    -cp "$KAFKA_LIBS/*" "$@"
+# kafka_jvm_opts HEAP LOGS_DIR: sets KAFKA_JVM_OPTS, the JVM flags of a
+# Kafka process on the installed jars (logs to LOGS_DIR/server.log).
+kafka_jvm_opts() {
+  KAFKA_JVM_OPTS=(-Xms128m "-Xmx$1" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+    -Djava.awt.headless=true "-Dkafka.logs.dir=$2"
+    "-Dlog4j2.configurationFile=$REPO_ROOT/infra/kafka/log4j2.xml" -cp "$KAFKA_LIBS/*")
 }
 
 # kafka_configure DIR NODE_ID CLIENT_PORT CONTROLLER_PORT VOTERS REPLICATION MIN_ISR
@@ -91,6 +91,12 @@ group.consumer.min.session.timeout.ms=6000
 group.consumer.session.timeout.ms=10000
 group.consumer.heartbeat.interval.ms=1000
 group.consumer.min.heartbeat.interval.ms=500
+# A crashed node is fenced by the controllers (and leaves every ISR) after
+# 6 s instead of 9, so partitions it led move sooner and acks=all produce
+# requests stop waiting for it.
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=6000
+replica.lag.time.max.ms=10000
 log.retention.hours=168
 log.segment.bytes=268435456
 PROPS
@@ -103,7 +109,8 @@ kafka_start() {
   kafka_installed || fail "Apache Kafka ${KAFKA_VERSION} is not installed in $KAFKA_ROOT: run 'make setup'"
   if [[ ! -f "$dir/data/meta.properties" ]]; then
     [[ -f "$dir/cluster.id" ]] || head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22 >"$dir/cluster.id"
-    kafka_java 256m -Dkafka.logs.dir="$dir/logs" kafka.tools.StorageTool format \
+    kafka_jvm_opts 256m "$dir/logs"
+    java "${KAFKA_JVM_OPTS[@]}" kafka.tools.StorageTool format \
       -t "$(cat "$dir/cluster.id")" -c "$dir/server.properties" >>"$dir/logs/format.log" 2>&1 \
       || fail "formatting the Kafka storage in $dir failed: see $dir/logs/format.log"
   fi
@@ -111,10 +118,9 @@ kafka_start() {
   stat -c %s "$dir/logs/server.log" 2>/dev/null >"$dir/log.offset" || echo 0 >"$dir/log.offset"
   # The subshell execs into the JVM with every descriptor redirected, so
   # nothing keeps the caller's terminal or pipe open.
-  (exec setsid java -Xms256m "-Xmx$heap" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError \
-      -Djava.awt.headless=true -Dkafka.logs.dir="$dir/logs" \
-      -Dlog4j2.configurationFile="$REPO_ROOT/infra/kafka/log4j2.xml" \
-      -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties") >>"$dir/logs/stdout.log" 2>&1 </dev/null &
+  kafka_jvm_opts "$heap" "$dir/logs"
+  (exec setsid java "${KAFKA_JVM_OPTS[@]}" kafka.Kafka "$dir/server.properties") \
+    >>"$dir/logs/stdout.log" 2>&1 </dev/null &
   echo $! >"$dir/kafka.pid"
 }
 
