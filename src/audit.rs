@@ -1,5 +1,7 @@
 //! Audit: rebuild the state from the log into a scratch database and compare
-//! it with the live database, coupon by coupon and user by user.
+//! it with the live database: coupons, users (`last_coupon_at` and the
+//! blacklist), quota slots and stored claim and purchase decisions, that is
+//! everything that decides a later request.
 //!
 //! Only what the live consumers have finished counts. The cut is each live
 //! consumer group's committed offsets, read (before the log's ends are
@@ -15,7 +17,11 @@
 //!   coupons) named by `claims` and `purchases` records at or after
 //!   `<prefix>.claims-processor` / `<prefix>.purchases-processor`'s offsets
 //!   are skipped, with every coupon a skipped user holds on either side
-//!   (its decision may be committed but not yet published).
+//!   (its decision may be committed but not yet published). Their quota
+//!   slots and stored decisions are skipped too.
+//! - `blacklist` is applied up to its end: a change is published before its
+//!   transaction commits. The live entries are read before the log and again
+//!   at the end; a user whose entry changed in between is left out.
 //!
 //! The scratch database `audit_<random>` lives on the same server as the
 //! live one and is dropped afterwards, whatever happened.
@@ -28,7 +34,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use coupon_domain::CouponCode;
+use coupon_domain::{CouponCode, QuotaWindow};
 use coupon_platform::kafka::Record;
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_schemas::ClaimOutcome;
@@ -54,9 +60,17 @@ pub struct AuditReport {
     pub differences: Vec<String>,
     pub coupons_checked: usize,
     pub users_checked: usize,
+    pub quota_checked: usize,
+    pub claim_decisions_checked: usize,
+    pub purchase_decisions_checked: usize,
+    pub blacklist_checked: usize,
     /// Left out because records still in flight name them.
     pub coupons_skipped: usize,
     pub users_skipped: usize,
+    /// Quota slots and stored decisions of users still in flight.
+    pub decisions_skipped: usize,
+    /// Blacklist entries that changed while the audit ran.
+    pub blacklist_skipped: usize,
     /// Records past the live groups' committed offsets.
     pub in_flight_records: u64,
     pub rebuild: RebuildStats,
@@ -65,6 +79,20 @@ pub struct AuditReport {
 impl AuditReport {
     pub fn is_clean(&self) -> bool {
         self.differences.is_empty()
+    }
+
+    /// What was compared, e.g. `3 coupons, 3 users, ... checked`.
+    pub fn checked(&self) -> String {
+        format!(
+            "{} coupons, {} users, {} quota grants, {} claim decisions, {} purchase decisions, \
+             {} blacklist entries checked",
+            self.coupons_checked,
+            self.users_checked,
+            self.quota_checked,
+            self.claim_decisions_checked,
+            self.purchase_decisions_checked,
+            self.blacklist_checked
+        )
     }
 }
 
@@ -182,7 +210,9 @@ fn read_cut_log(
         for partition in reader.partitions(&topic)? {
             let (low, high) = reader.watermarks(&topic, partition)?;
             let start = match kind {
-                TopicKind::ClaimResults | TopicKind::PurchaseResults => low,
+                // Published only after (decisions) or just before (blacklist
+                // changes) their effect commits: all of it counts.
+                TopicKind::ClaimResults | TopicKind::PurchaseResults | TopicKind::Blacklist => low,
                 _ => {
                     // Nothing committed: nothing is known to be done.
                     let cut = cuts
@@ -285,11 +315,378 @@ fn time_ms(ms: Option<&i64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// A quota slot: who took it, when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct QuotaRow {
+    request_id: String,
+    granted_at_ms: i64,
+}
+
+/// Quota slots by (user, window start in milliseconds).
+async fn quota_of(pool: &PgPool) -> Result<HashMap<(String, i64), QuotaRow>, sqlx::Error> {
+    let rows: Vec<(String, DateTime<Utc>, String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT user_id, window_start, request_id, granted_at FROM quota_grants")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(user, window, request_id, at)| {
+            let row = QuotaRow {
+                request_id,
+                granted_at_ms: at.timestamp_millis(),
+            };
+            ((user, window.timestamp_millis()), row)
+        })
+        .collect())
+}
+
+/// A stored claim decision, times in milliseconds (what its event carries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClaimDecisionRow {
+    event_id: uuid::Uuid,
+    user_id: String,
+    outcome: String,
+    coupon_code: Option<String>,
+    category: Option<String>,
+    expires_at_ms: Option<i64>,
+    repeated: bool,
+    retry_at_ms: Option<i64>,
+    blacklisted_until_ms: Option<i64>,
+    decided_at_ms: i64,
+}
+
+impl ClaimDecisionRow {
+    fn describe(&self) -> String {
+        let mut text = self.outcome.clone();
+        if let Some(code) = &self.coupon_code {
+            text.push_str(&format!(" coupon={code}"));
+        }
+        if self.repeated {
+            text.push_str(" repeated");
+        }
+        if let Some(at) = self.retry_at_ms {
+            text.push_str(&format!(" retry_at={}", time_ms(Some(&at))));
+        }
+        text.push_str(&format!(
+            " at={} event={}",
+            time_ms(Some(&self.decided_at_ms)),
+            self.event_id
+        ));
+        text
+    }
+}
+
+type ClaimDecisionDb = (
+    String,
+    uuid::Uuid,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<DateTime<Utc>>,
+    bool,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    DateTime<Utc>,
+);
+
+/// Stored claim decisions by request id.
+async fn claim_decisions_of(
+    pool: &PgPool,
+) -> Result<HashMap<String, ClaimDecisionRow>, sqlx::Error> {
+    let rows: Vec<ClaimDecisionDb> = sqlx::query_as(
+        "SELECT request_id, event_id, user_id, outcome, coupon_code, category, expires_at,
+                repeated, retry_at, blacklisted_until, decided_at
+         FROM claim_decisions",
+    )
+    .fetch_all(pool)
+    .await?;
+    let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let row = ClaimDecisionRow {
+                event_id: r.1,
+                user_id: r.2,
+                outcome: r.3,
+                coupon_code: r.4,
+                category: r.5,
+                expires_at_ms: ms(r.6),
+                repeated: r.7,
+                retry_at_ms: ms(r.8),
+                blacklisted_until_ms: ms(r.9),
+                decided_at_ms: r.10.timestamp_millis(),
+            };
+            (r.0, row)
+        })
+        .collect())
+}
+
+/// A stored purchase decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PurchaseDecisionRow {
+    request_id: String,
+    event_id: uuid::Uuid,
+    user_id: String,
+    coupon_code: String,
+    outcome: String,
+    decided_at_ms: i64,
+}
+
+impl PurchaseDecisionRow {
+    fn describe(&self) -> String {
+        format!(
+            "{} coupon={} request={} at={} event={}",
+            self.outcome,
+            self.coupon_code,
+            self.request_id,
+            time_ms(Some(&self.decided_at_ms)),
+            self.event_id
+        )
+    }
+}
+
+/// Stored purchase decisions by order id.
+async fn purchase_decisions_of(
+    pool: &PgPool,
+) -> Result<HashMap<String, PurchaseDecisionRow>, sqlx::Error> {
+    type Row = (
+        String,
+        String,
+        uuid::Uuid,
+        String,
+        String,
+        String,
+        DateTime<Utc>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at
+             FROM purchase_decisions",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let row = PurchaseDecisionRow {
+                request_id: r.1,
+                event_id: r.2,
+                user_id: r.3,
+                coupon_code: r.4,
+                outcome: r.5,
+                decided_at_ms: r.6.timestamp_millis(),
+            };
+            (r.0, row)
+        })
+        .collect())
+}
+
+/// A user's blacklist columns, times in milliseconds; no row reads as the
+/// default (not blacklisted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct BlacklistRow {
+    blacklisted: bool,
+    until_ms: Option<i64>,
+    reason: Option<String>,
+    at_ms: Option<i64>,
+}
+
+impl BlacklistRow {
+    fn describe(&self) -> String {
+        if !self.blacklisted && *self == BlacklistRow::default() {
+            return "not blacklisted".into();
+        }
+        format!(
+            "{} until={} reason={} since={}",
+            if self.blacklisted {
+                "blacklisted"
+            } else {
+                "lifted"
+            },
+            match self.until_ms {
+                Some(ms) => time_ms(Some(&ms)),
+                None => "removed".into(),
+            },
+            self.reason.as_deref().unwrap_or("-"),
+            time_ms(self.at_ms.as_ref())
+        )
+    }
+}
+
+/// Users whose blacklist columns are not all empty.
+async fn blacklist_of(pool: &PgPool) -> Result<HashMap<String, BlacklistRow>, sqlx::Error> {
+    type Row = (
+        String,
+        bool,
+        Option<DateTime<Utc>>,
+        Option<String>,
+        Option<DateTime<Utc>>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at
+         FROM users
+         WHERE blacklisted OR blacklisted_until IS NOT NULL OR blacklist_reason IS NOT NULL
+            OR blacklisted_at IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(user, blacklisted, until, reason, at)| {
+            let row = BlacklistRow {
+                blacklisted,
+                until_ms: until.map(|t| t.timestamp_millis()),
+                reason,
+                at_ms: at.map(|t| t.timestamp_millis()),
+            };
+            (user, row)
+        })
+        .collect())
+}
+
+/// One line for a key that differs between live and log (`None`: the same).
+fn difference<V: PartialEq>(
+    what: &str,
+    live: Option<&V>,
+    log: Option<&V>,
+    describe: impl Fn(&V) -> String,
+) -> Option<String> {
+    match (live, log) {
+        (Some(l), Some(r)) if l == r => None,
+        (Some(l), Some(r)) => Some(format!(
+            "{what}: live {}, log says {}",
+            describe(l),
+            describe(r)
+        )),
+        (Some(l), None) => Some(format!("{what}: live {}, not on the log", describe(l))),
+        (None, Some(r)) => Some(format!(
+            "{what}: missing from the live database, log says {}",
+            describe(r)
+        )),
+        (None, None) => None,
+    }
+}
+
+/// Compares quota slots, stored decisions and blacklist entries: what
+/// decides a later request. `blacklist_before` is the live blacklist as read
+/// before the log.
+async fn compare_decisions(
+    live: &PgPool,
+    rebuilt: &PgPool,
+    log: &CutLog,
+    blacklist_before: &HashMap<String, BlacklistRow>,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
+    let in_flight = |user: &str| log.skip_users.contains(user);
+
+    let live_quota = quota_of(live).await.context("reading the live quota")?;
+    let log_quota = quota_of(rebuilt)
+        .await
+        .context("reading the rebuilt quota")?;
+    let keys: BTreeSet<&(String, i64)> = live_quota.keys().chain(log_quota.keys()).collect();
+    for key in keys {
+        let (user, window) = key;
+        if in_flight(user) {
+            report.decisions_skipped += 1;
+            continue;
+        }
+        report.quota_checked += 1;
+        let what = format!(
+            "quota of {user} in the window from {}",
+            time_ms(Some(window))
+        );
+        report.differences.extend(difference(
+            &what,
+            live_quota.get(key),
+            log_quota.get(key),
+            |q| {
+                format!(
+                    "taken by request {} at {}",
+                    q.request_id,
+                    time_ms(Some(&q.granted_at_ms))
+                )
+            },
+        ));
+    }
+
+    let live_claims = claim_decisions_of(live)
+        .await
+        .context("reading the live claim decisions")?;
+    let log_claims = claim_decisions_of(rebuilt)
+        .await
+        .context("reading the rebuilt claim decisions")?;
+    let requests: BTreeSet<&String> = live_claims.keys().chain(log_claims.keys()).collect();
+    for request in requests {
+        let (l, r) = (live_claims.get(request), log_claims.get(request));
+        let user = l.or(r).map(|d| d.user_id.as_str()).unwrap_or_default();
+        if in_flight(user) || log.pending_claims.contains(request.as_str()) {
+            report.decisions_skipped += 1;
+            continue;
+        }
+        report.claim_decisions_checked += 1;
+        let what = format!("claim decision {request} (user {user})");
+        report
+            .differences
+            .extend(difference(&what, l, r, ClaimDecisionRow::describe));
+    }
+
+    let live_purchases = purchase_decisions_of(live)
+        .await
+        .context("reading the live purchase decisions")?;
+    let log_purchases = purchase_decisions_of(rebuilt)
+        .await
+        .context("reading the rebuilt purchase decisions")?;
+    let orders: BTreeSet<&String> = live_purchases.keys().chain(log_purchases.keys()).collect();
+    for order in orders {
+        let (l, r) = (live_purchases.get(order), log_purchases.get(order));
+        let user = l.or(r).map(|d| d.user_id.as_str()).unwrap_or_default();
+        if in_flight(user) {
+            report.decisions_skipped += 1;
+            continue;
+        }
+        report.purchase_decisions_checked += 1;
+        let what = format!("purchase decision for order {order} (user {user})");
+        report
+            .differences
+            .extend(difference(&what, l, r, PurchaseDecisionRow::describe));
+    }
+
+    let live_blacklist = blacklist_of(live)
+        .await
+        .context("reading the live blacklist")?;
+    let log_blacklist = blacklist_of(rebuilt)
+        .await
+        .context("reading the rebuilt blacklist")?;
+    let users: BTreeSet<&String> = live_blacklist
+        .keys()
+        .chain(log_blacklist.keys())
+        .chain(blacklist_before.keys())
+        .collect();
+    let none = BlacklistRow::default();
+    for user in users {
+        let now = live_blacklist.get(user).unwrap_or(&none);
+        if blacklist_before.get(user).unwrap_or(&none) != now {
+            report.blacklist_skipped += 1;
+            continue;
+        }
+        report.blacklist_checked += 1;
+        let logged = log_blacklist.get(user).unwrap_or(&none);
+        report.differences.extend(difference(
+            &format!("blacklist of user {user}"),
+            Some(now),
+            Some(logged),
+            BlacklistRow::describe,
+        ));
+    }
+    Ok(())
+}
+
 /// Compares the live database with the rebuilt one.
 async fn compare(
     live: &PgPool,
     rebuilt: &PgPool,
     log: &mut CutLog,
+    blacklist_before: &HashMap<String, BlacklistRow>,
     report: &mut AuditReport,
 ) -> anyhow::Result<()> {
     let live_coupons = coupons_of(live).await.context("reading the live coupons")?;
@@ -353,7 +750,7 @@ async fn compare(
             ));
         }
     }
-    Ok(())
+    compare_decisions(live, rebuilt, log, blacklist_before, report).await
 }
 
 /// Runs an audit of the deployment under `topics` whose live database is
@@ -361,6 +758,7 @@ async fn compare(
 pub async fn audit(
     kafka: &KafkaSettings,
     topics: &Topics,
+    window: QuotaWindow,
     database_url: &str,
     bar: indicatif::ProgressBar,
 ) -> anyhow::Result<AuditReport> {
@@ -379,6 +777,11 @@ pub async fn audit(
             )
         })?;
 
+    // Before the log: a change published then is in the log, or still
+    // changing (then the second read differs and the user is left out).
+    let blacklist_before = blacklist_of(&live)
+        .await
+        .context("reading the live blacklist")?;
     let started = std::time::Instant::now();
     let (k, t, b) = (kafka.clone(), topics.clone(), bar.clone());
     let mut log = tokio::task::spawn_blocking(move || read_cut_log(&k, &t, &b))
@@ -394,7 +797,16 @@ pub async fn audit(
         .with_context(|| {
             format!("creating the scratch database {scratch} (the role needs CREATEDB)")
         })?;
-    let result = audit_in(&live, options.database(&scratch), topics, &mut log).await;
+    let scratch_options = options.database(&scratch);
+    let result = audit_in(
+        &live,
+        scratch_options,
+        topics,
+        window,
+        &mut log,
+        &blacklist_before,
+    )
+    .await;
     let dropped = drop_database(&live, &scratch).await;
     live.close().await;
     let mut report = result?;
@@ -429,7 +841,9 @@ async fn audit_in(
     live: &PgPool,
     scratch: PgConnectOptions,
     topics: &Topics,
+    window: QuotaWindow,
     log: &mut CutLog,
+    blacklist_before: &HashMap<String, BlacklistRow>,
 ) -> anyhow::Result<AuditReport> {
     let rebuilt = PgPoolOptions::new()
         .max_connections(2)
@@ -440,12 +854,12 @@ async fn audit_in(
     let result = async {
         rebuild::prepare_target(&rebuilt).await?;
         let outcomes = std::mem::take(&mut log.outcomes);
-        let (stats, _) = rebuild::project(&rebuilt, topics, outcomes).await?;
+        let (stats, _) = rebuild::project(&rebuilt, topics, window, outcomes).await?;
         let mut report = AuditReport {
             rebuild: stats,
             ..AuditReport::default()
         };
-        compare(live, &rebuilt, log, &mut report).await?;
+        compare(live, &rebuilt, log, blacklist_before, &mut report).await?;
         Ok(report)
     }
     .await;

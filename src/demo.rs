@@ -185,7 +185,14 @@ pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSu
         ),
         admin_token: config.gateway.admin_token.clone().unwrap_or_default(),
     };
-    let outcome = scenario(&http, &pool, &options).await;
+    let outcome = scenario(
+        &http,
+        &pool,
+        &running.context.publisher,
+        &running.context.topics,
+        &options,
+    )
+    .await;
     token.cancel();
     running.wait().await?;
     let mut summary = outcome?;
@@ -202,6 +209,8 @@ pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSu
 async fn scenario(
     http: &Http,
     pool: &PgPool,
+    publisher: &coupon_platform::kafka::Publisher,
+    topics: &coupon_platform::Topics,
     options: &DemoOptions,
 ) -> anyhow::Result<DemoSummary> {
     let mut summary = DemoSummary::default();
@@ -223,7 +232,19 @@ async fn scenario(
     );
 
     // 2. One known abuser.
-    coupon_producers::blacklist::add(pool, "mallory", None, "demo: known abuser").await?;
+    let blacklist = coupon_producers::blacklist::Blacklist {
+        pool,
+        publisher,
+        topics,
+    };
+    blacklist
+        .add(
+            "mallory",
+            None,
+            "demo: known abuser",
+            coupon_producers::blacklist::Source::Manual,
+        )
+        .await?;
 
     // 3. The burst: every user at once; every third asks for Books.
     let bar = progress(options.users as u64 + 1, "burst of claims");

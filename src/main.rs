@@ -304,7 +304,7 @@ the end each partition had when it started.")]
 Only records below the live consumer groups' committed offsets count; coupons and
 users named by later records (still in flight) are left out. The scratch database
 audit_<random> is created on the DATABASE_URL server and dropped afterwards.")]
-    Audit,
+    Audit(AuditArgs),
     /// Every history row of a user or a coupon, in time order.
     #[command(after_help = "Examples:
   couponctl history --user user-42
@@ -316,9 +316,9 @@ One line per row, tab separated: time, kind, coupon, user, detail (JSON).")]
 
 #[derive(Args, Debug)]
 struct ReplayArgs {
-    /// Topics to read, by short name, comma separated [default: all seven:
+    /// Topics to read, by short name, comma separated [default: all eight:
     /// created, claims, claim-results, purchases, purchase-results,
-    /// expirations, dead-letter].
+    /// expirations, dead-letter, blacklist].
     #[arg(long = "topic", value_name = "TOPICS", value_delimiter = ',', value_parser = replay::parse_kind)]
     topics: Vec<TopicKind>,
     /// Start at this offset in every partition [default: the beginning].
@@ -343,6 +343,18 @@ struct ReplayArgs {
     /// migrated first, and refused if it already has coupons.
     #[arg(long, value_name = "DATABASE_URL", conflicts_with_all = ["topics", "offset", "since", "until", "output"])]
     rebuild: Option<String>,
+    /// With --rebuild: the quota window the claim processors ran with (quota
+    /// slots are named by their window's start).
+    #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
+    quota_window: QuotaWindow,
+}
+
+#[derive(Args, Debug)]
+struct AuditArgs {
+    /// The quota window the claim processors run with (quota slots are named
+    /// by their window's start).
+    #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
+    quota_window: QuotaWindow,
 }
 
 #[derive(Args, Debug)]
@@ -614,7 +626,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay(args) => replay(&conn, args).await,
-        Command::Audit => audit(&conn).await,
+        Command::Audit(args) => audit(&conn, args).await,
         Command::History(args) => history(&conn, args).await,
     }
 }
@@ -634,7 +646,7 @@ async fn replay(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
                 )
             })?;
         let bar = replay::progress_bar(0, "reading the log");
-        let stats = rebuild::rebuild(&kafka, &topics, &target, bar).await?;
+        let stats = rebuild::rebuild(&kafka, &topics, args.quota_window, &target, bar).await?;
         target.close().await;
         for example in &stats.anomaly_examples {
             eprintln!("warning: {example}");
@@ -684,12 +696,19 @@ async fn replay(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn audit(conn: &Connections) -> anyhow::Result<()> {
+async fn audit(conn: &Connections, args: AuditArgs) -> anyhow::Result<()> {
     let topics = coupon_platform::Topics::new(&conn.topic_prefix);
     reach::kafka(&conn.kafka_brokers).await?;
     reach::postgres(&conn.database_url).await?;
     let bar = replay::progress_bar(0, "reading the log");
-    let report = audit::audit(&conn.kafka(), &topics, &conn.database_url, bar).await?;
+    let report = audit::audit(
+        &conn.kafka(),
+        &topics,
+        args.quota_window,
+        &conn.database_url,
+        bar,
+    )
+    .await?;
     eprintln!("{}", report.rebuild);
     for example in &report.rebuild.anomaly_examples {
         eprintln!("warning: {example}");
@@ -705,12 +724,7 @@ async fn audit(conn: &Connections) -> anyhow::Result<()> {
         writeln!(stdout, "{line}").context("writing the report")?;
     }
     if report.is_clean() {
-        writeln!(
-            stdout,
-            "no differences ({} coupons, {} users checked)",
-            report.coupons_checked, report.users_checked
-        )
-        .context("writing the report")?;
+        writeln!(stdout, "no differences ({})", report.checked()).context("writing the report")?;
         return Ok(());
     }
     let n = report.differences.len();
@@ -877,12 +891,26 @@ async fn blacklist(conn: &Connections, command: BlacklistCommand) -> anyhow::Res
     coupon_platform::db::migrate(&pool)
         .await
         .context("applying migrations")?;
+    // Every change goes on the log too, so a rebuild restores it.
+    let kafka = conn.kafka();
+    let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+    let publisher = coupon_platform::kafka::Publisher::new(
+        &kafka,
+        &format!("couponctl-blacklist@{}", std::process::id()),
+    )?;
+    let blacklist = coupon_producers::blacklist::Blacklist {
+        pool: &pool,
+        publisher: &publisher,
+        topics: &topics,
+    };
+    let manual = coupon_producers::blacklist::Source::Manual;
     match command {
         BlacklistCommand::Add {
             user,
             duration,
             reason,
         } => {
+            reach::kafka(&kafka.brokers).await?;
             let user = UserId::parse(user)?;
             let until = match duration {
                 Some(d) => Some(
@@ -891,15 +919,16 @@ async fn blacklist(conn: &Connections, command: BlacklistCommand) -> anyhow::Res
                 ),
                 None => None,
             };
-            coupon_producers::blacklist::add(&pool, user.as_str(), until, &reason).await?;
-            match until {
+            let entry = blacklist.add(user.as_str(), until, &reason, manual).await?;
+            match entry.blacklisted_until {
                 Some(until) => println!("{user} blacklisted until {}", until.to_rfc3339()),
                 None => println!("{user} blacklisted until removed"),
             }
         }
         BlacklistCommand::Remove { user } => {
             let user = UserId::parse(user)?;
-            if coupon_producers::blacklist::remove(&pool, user.as_str()).await? {
+            reach::kafka(&kafka.brokers).await?;
+            if blacklist.remove(user.as_str(), manual).await? {
                 println!("{user} removed from the blacklist");
             } else {
                 anyhow::bail!("{user} is not blacklisted");

@@ -9,18 +9,34 @@
 //! | `claim-results`    | granted (not `repeated`): coupon `held` by the user until `expires_at`, `hold_id` = request id; `users.last_coupon_at` |
 //! | `purchase-results` | redeemed (not `repeated`): coupon `redeemed`, `redeemed_at`, `redeemed_order_id` |
 //! | `expirations`      | the coupon back to `available`, only if still held under that `hold_id` |
+//! | `blacklist`        | the user's blacklist entry (`users.blacklisted*`), as the change left it |
+//!
+//! Beyond the coupons, everything that decides a later request is restored,
+//! so a rebuilt database put live answers as the old one would:
+//!
+//! - every stored claim decision (`claim_decisions`: each decided claim but
+//!   `invalid` ones, which are never stored), so a redelivered claim gets the
+//!   same decision (same event id) instead of a new one;
+//! - a quota slot (`quota_grants`) per fresh grant, in the window its decision
+//!   time falls in (the deployment's `QUOTA_WINDOW`), so today's winners are
+//!   refused a second coupon;
+//! - every stored purchase decision (`purchase_decisions`: not `repeated`, not
+//!   `invalid`), so a redelivered order gets the same answer;
+//! - the blacklist: each user's last `BlacklistChanged` in log order (one
+//!   user's changes share a partition; the event carries the entry after the
+//!   change, so nothing is re-decided).
 //!
 //! Events are applied in one deterministic global order: envelope
 //! `occurred_at_ms`, then topic (created < claim-results < purchase-results <
-//! expirations), then partition and offset; an event republished under the
-//! same event id (e.g. a decision published again after a redelivery) is
-//! applied once. Every event also yields its
+//! expirations < blacklist), then partition and offset; an event republished
+//! under the same event id (e.g. a decision published again after a
+//! redelivery) is applied once. Every event also yields its
 //! `coupon_history` rows (the history sink's own [`history::rows_of`], plus a
 //! `released` row per released hold, dated at the hold's deadline).
 //!
 //! The state is computed in memory, then written in bulk: coupons through the
 //! projector's [`coupons::insert_coupons`], then the final holds and
-//! redemptions, then users.
+//! redemptions, then users, quota slots and decisions.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -34,19 +50,23 @@ use uuid::Uuid;
 
 use coupon_consumers::coupons::{self, NewCoupon};
 use coupon_consumers::history::{self, HistoryRow};
+use coupon_domain::QuotaWindow;
 use coupon_platform::kafka::Record;
 use coupon_platform::time::from_ms;
 use coupon_platform::{KafkaSettings, Topics};
-use coupon_schemas::{ClaimOutcome, PurchaseOutcome};
+use coupon_schemas::{
+    BlacklistChanged, ClaimDecided, ClaimOutcome, PurchaseDecided, PurchaseOutcome,
+};
 
 use crate::replay::{decode_event, Event, PartitionRange, Reader, StartAt, TopicKind};
 
 /// The topics whose events change projected state, in tie-break order.
-pub const OUTCOME_TOPICS: [TopicKind; 4] = [
+pub const OUTCOME_TOPICS: [TopicKind; 5] = [
     TopicKind::Created,
     TopicKind::ClaimResults,
     TopicKind::PurchaseResults,
     TopicKind::Expirations,
+    TopicKind::Blacklist,
 ];
 
 /// History rows are written in chunks of this many.
@@ -60,7 +80,8 @@ fn topic_rank(kind: TopicKind) -> u8 {
         TopicKind::ClaimResults => 1,
         TopicKind::PurchaseResults => 2,
         TopicKind::Expirations => 3,
-        _ => 4,
+        TopicKind::Blacklist => 4,
+        _ => 5,
     }
 }
 
@@ -130,13 +151,172 @@ pub struct CouponState {
     pub redeemed_order_id: Option<String>,
 }
 
+/// A stored claim decision (a `claim_decisions` row) as the log says it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimDecisionRow {
+    pub request_id: String,
+    pub event_id: Uuid,
+    pub user_id: String,
+    pub outcome: &'static str,
+    pub coupon_code: Option<String>,
+    pub category: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub repeated: bool,
+    pub retry_at: Option<DateTime<Utc>>,
+    pub blacklisted_until: Option<DateTime<Utc>>,
+    pub decided_at: DateTime<Utc>,
+}
+
+/// The row the claim processor stored for the decision `event` (published
+/// at `at`): `Ok(None)` for outcomes it never stores (`invalid`, unknown).
+/// The inverse of the processor's `StoredDecision::to_event`.
+pub fn claim_decision_row(
+    event: &ClaimDecided,
+    at: DateTime<Utc>,
+) -> Result<Option<ClaimDecisionRow>, String> {
+    let outcome = match ClaimOutcome::try_from(event.outcome) {
+        Ok(ClaimOutcome::Granted) => "granted",
+        Ok(ClaimOutcome::RateLimited) => "rate_limited",
+        Ok(ClaimOutcome::Blacklisted) => "blacklisted",
+        Ok(ClaimOutcome::SoldOut) => "sold_out",
+        _ => return Ok(None),
+    };
+    let event_id = event_id_of(event.envelope.as_ref())?;
+    let granted = outcome == "granted";
+    let time = |ms: i64, applies: bool| {
+        if applies && ms != 0 {
+            from_ms(ms)
+        } else {
+            None
+        }
+    };
+    Ok(Some(ClaimDecisionRow {
+        request_id: event.request_id.clone(),
+        event_id,
+        user_id: event.user_id.clone(),
+        outcome,
+        coupon_code: granted.then(|| event.coupon_code.clone()),
+        category: granted.then(|| event.category.clone()),
+        expires_at: time(event.expires_at_ms, granted),
+        repeated: event.repeated,
+        retry_at: time(event.retry_at_ms, outcome == "rate_limited"),
+        blacklisted_until: time(event.blacklisted_until_ms, outcome == "blacklisted"),
+        decided_at: at,
+    }))
+}
+
+/// A stored purchase decision (a `purchase_decisions` row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PurchaseDecisionRow {
+    pub order_id: String,
+    pub request_id: String,
+    pub event_id: Uuid,
+    pub user_id: String,
+    pub coupon_code: String,
+    pub outcome: &'static str,
+    pub decided_at: DateTime<Utc>,
+}
+
+/// The row the purchase processor stored for `event`: `Ok(None)` for
+/// decisions it never stores (`repeated` answers to another request for a
+/// decided order, `invalid`, unknown outcomes).
+pub fn purchase_decision_row(
+    event: &PurchaseDecided,
+    at: DateTime<Utc>,
+) -> Result<Option<PurchaseDecisionRow>, String> {
+    let outcome = match PurchaseOutcome::try_from(event.outcome) {
+        Ok(PurchaseOutcome::Redeemed) => "redeemed",
+        Ok(PurchaseOutcome::HoldExpired) => "hold_expired",
+        Ok(PurchaseOutcome::NotHolder) => "not_holder",
+        Ok(PurchaseOutcome::AlreadyRedeemed) => "already_redeemed",
+        Ok(PurchaseOutcome::UnknownCoupon) => "unknown_coupon",
+        _ => return Ok(None),
+    };
+    if event.repeated {
+        return Ok(None);
+    }
+    Ok(Some(PurchaseDecisionRow {
+        order_id: event.order_id.clone(),
+        request_id: event.request_id.clone(),
+        event_id: event_id_of(event.envelope.as_ref())?,
+        user_id: event.user_id.clone(),
+        coupon_code: event.coupon_code.clone(),
+        outcome,
+        decided_at: at,
+    }))
+}
+
+fn event_id_of(envelope: Option<&coupon_schemas::Envelope>) -> Result<Uuid, String> {
+    let raw = envelope.map(|e| e.event_id.as_str()).unwrap_or_default();
+    Uuid::parse_str(raw).map_err(|_| format!("event id {raw:?} is not a UUID"))
+}
+
+/// A quota slot taken by a grant (a `quota_grants` row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuotaGrant {
+    pub user_id: String,
+    pub window_start: DateTime<Utc>,
+    pub request_id: String,
+    pub granted_at: DateTime<Utc>,
+}
+
+/// A user's blacklist entry as the last change left it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlacklistState {
+    pub blacklisted: bool,
+    /// `None` while blacklisted: until removed.
+    pub until: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+    pub at: Option<DateTime<Utc>>,
+    /// Where the change is in the log: (partition, offset, occurred_at_ms).
+    position: (i32, i64, i64),
+}
+
+impl BlacklistState {
+    fn of(event: &BlacklistChanged, position: (i32, i64, i64)) -> Self {
+        let on = event.blacklisted;
+        Self {
+            blacklisted: on,
+            until: from_ms(event.blacklisted_until_ms)
+                .filter(|_| on && event.blacklisted_until_ms != 0),
+            reason: (on && !event.reason.is_empty()).then(|| event.reason.clone()),
+            at: from_ms(event.blacklisted_at_ms).filter(|_| on && event.blacklisted_at_ms != 0),
+            position,
+        }
+    }
+
+    /// Whether this change comes after `other` for the same user: log order
+    /// within a partition (one user's changes share one, by key), the event
+    /// time across partitions (only after a topic was repartitioned).
+    fn follows(&self, other: &BlacklistState) -> bool {
+        let ((p, o, t), (op, oo, ot)) = (self.position, other.position);
+        if p == op {
+            o > oo
+        } else {
+            t >= ot
+        }
+    }
+}
+
 /// The projection, in memory: pure, no I/O.
 #[derive(Debug, Default)]
 pub struct Projection {
+    /// Names quota slots: the deployment's `QUOTA_WINDOW`.
+    window: QuotaWindow,
     coupons: HashMap<String, CouponState>,
     /// Codes in the order they were created (the order rows are inserted in).
     created: Vec<String>,
     users: HashMap<String, DateTime<Utc>>,
+    blacklist: HashMap<String, BlacklistState>,
+    /// The coupon each user was last granted (checked against the coupon's
+    /// state before use: it may have been redeemed or released since).
+    holding: HashMap<String, String>,
+    /// By (user, window start).
+    quota: HashMap<(String, DateTime<Utc>), QuotaGrant>,
+    /// By request id.
+    claim_decisions: HashMap<String, ClaimDecisionRow>,
+    /// By order id.
+    purchase_decisions: HashMap<String, PurchaseDecisionRow>,
     /// Event ids applied so far: a republished event (same id, e.g. a
     /// decision published again after a redelivery) is applied once.
     seen: HashSet<String>,
@@ -148,6 +328,30 @@ pub struct Projection {
 }
 
 impl Projection {
+    /// An empty projection naming quota slots by `window`.
+    pub fn new(window: QuotaWindow) -> Self {
+        Self {
+            window,
+            ..Self::default()
+        }
+    }
+
+    pub fn quota_grant(&self, user: &str, window_start: DateTime<Utc>) -> Option<&QuotaGrant> {
+        self.quota.get(&(user.to_owned(), window_start))
+    }
+
+    pub fn claim_decision(&self, request_id: &str) -> Option<&ClaimDecisionRow> {
+        self.claim_decisions.get(request_id)
+    }
+
+    pub fn purchase_decision(&self, order_id: &str) -> Option<&PurchaseDecisionRow> {
+        self.purchase_decisions.get(order_id)
+    }
+
+    pub fn blacklist_entry(&self, user: &str) -> Option<&BlacklistState> {
+        self.blacklist.get(user)
+    }
+
     pub fn coupon(&self, code: &str) -> Option<&CouponState> {
         self.coupons.get(code)
     }
@@ -227,6 +431,7 @@ impl Projection {
                 Err(reason) => self.anomaly(record, format!("refused batch: {reason}")),
             },
             Event::ClaimDecided(event) => {
+                self.record_claim_decision(record, &event, log.occurred_at_ms);
                 let granted = ClaimOutcome::try_from(event.outcome) == Ok(ClaimOutcome::Granted);
                 if granted && !event.repeated {
                     let at = from_ms(log.occurred_at_ms);
@@ -235,6 +440,8 @@ impl Projection {
                         self.anomaly(record, "grant without valid times".into());
                         return rows;
                     };
+                    self.take_quota(record, &event, at);
+                    rows.extend(self.release_previous_hold(record, &event, at));
                     match self.coupons.get_mut(&event.coupon_code) {
                         None => self.anomaly(
                             record,
@@ -262,9 +469,12 @@ impl Projection {
                     }
                     let last = self.users.entry(event.user_id.clone()).or_insert(at);
                     *last = at;
+                    self.holding
+                        .insert(event.user_id.clone(), event.coupon_code.clone());
                 }
             }
             Event::PurchaseDecided(event) => {
+                self.record_purchase_decision(record, &event, log.occurred_at_ms);
                 let redeemed =
                     PurchaseOutcome::try_from(event.outcome) == Ok(PurchaseOutcome::Redeemed);
                 if redeemed && !event.repeated {
@@ -330,11 +540,141 @@ impl Projection {
                     }
                 }
             }
+            Event::BlacklistChanged(event) => {
+                let state = BlacklistState::of(
+                    &event,
+                    (record.partition, record.offset, log.occurred_at_ms),
+                );
+                match self.blacklist.get(&event.user_id) {
+                    Some(last) if !state.follows(last) => {}
+                    _ => {
+                        self.blacklist.insert(event.user_id.clone(), state);
+                    }
+                }
+            }
             Event::ClaimRequested(_) | Event::PurchaseRequested(_) | Event::DeadLetter(_) => {
                 self.applied -= 1;
             }
         }
         rows
+    }
+
+    /// Stores the decision as the claim processor did (one per request id).
+    fn record_claim_decision(&mut self, record: &Record, event: &ClaimDecided, at_ms: i64) {
+        let Some(at) = from_ms(at_ms) else {
+            self.anomaly(record, "claim decision without a valid time".into());
+            return;
+        };
+        match claim_decision_row(event, at) {
+            Ok(None) => {}
+            Ok(Some(row)) => {
+                if let Some(first) = self.claim_decisions.get(&row.request_id) {
+                    let what = format!(
+                        "a second decision for claim {} ({} after {}); the first stands",
+                        row.request_id, row.outcome, first.outcome
+                    );
+                    self.anomaly(record, what);
+                } else {
+                    self.claim_decisions.insert(row.request_id.clone(), row);
+                }
+            }
+            Err(reason) => self.anomaly(record, format!("claim decision not stored: {reason}")),
+        }
+    }
+
+    /// A fresh grant ends the user's previous hold if it is still in place:
+    /// a user holds one coupon at a time, and the claim processor releases
+    /// an overdue hold the expiry has not released yet with the user's next
+    /// grant (no expiration event then). Returns its `released` history
+    /// row, as the claim processor writes it.
+    fn release_previous_hold(
+        &mut self,
+        record: &Record,
+        event: &ClaimDecided,
+        at: DateTime<Utc>,
+    ) -> Option<HistoryRow> {
+        let user = event.user_id.as_str();
+        let code = self.holding.get(user)?.clone();
+        if code == event.coupon_code {
+            return None;
+        }
+        let state = self.coupons.get_mut(&code)?;
+        if state.status != Status::Held || state.holder_user_id.as_deref() != Some(user) {
+            return None;
+        }
+        let hold_id = state.hold_id.take().unwrap_or_default();
+        let held_until = state.held_until.take();
+        state.status = Status::Available;
+        state.holder_user_id = None;
+        if held_until.is_some_and(|until| until > at) {
+            self.anomaly(
+                record,
+                format!("grant to {user} while their hold of {code} was live"),
+            );
+        }
+        Some(HistoryRow {
+            occurred_at: at,
+            event_id: coupon_consumers::expiry::expiry_event_id(&hold_id, &code),
+            item: 0,
+            coupon_code: Some(code),
+            user_id: Some(user.to_owned()),
+            kind: "released",
+            detail: json!({
+                "hold_id": hold_id,
+                "held_until_ms": held_until.map(|t| t.timestamp_millis()),
+                "reason": "hold_expired",
+                "released_by": "next_grant",
+            }),
+        })
+    }
+
+    /// Takes the user's quota slot for the window `at` falls in.
+    fn take_quota(&mut self, record: &Record, event: &ClaimDecided, at: DateTime<Utc>) {
+        let window_start = self.window.start_of(at);
+        let key = (event.user_id.clone(), window_start);
+        if let Some(first) = self.quota.get(&key) {
+            let what = format!(
+                "a second grant to {} in the window from {} (requests {} and {})",
+                event.user_id,
+                window_start.to_rfc3339(),
+                first.request_id,
+                event.request_id
+            );
+            self.anomaly(record, what);
+            return;
+        }
+        self.quota.insert(
+            key,
+            QuotaGrant {
+                user_id: event.user_id.clone(),
+                window_start,
+                request_id: event.request_id.clone(),
+                granted_at: at,
+            },
+        );
+    }
+
+    /// Stores the decision as the purchase processor did (one per order).
+    fn record_purchase_decision(&mut self, record: &Record, event: &PurchaseDecided, at_ms: i64) {
+        let Some(at) = from_ms(at_ms) else {
+            self.anomaly(record, "purchase decision without a valid time".into());
+            return;
+        };
+        match purchase_decision_row(event, at) {
+            Ok(None) => {}
+            Ok(Some(row)) => {
+                if self.purchase_decisions.contains_key(&row.order_id) {
+                    let what = format!(
+                        "a second decision for order {}; the first stands",
+                        row.order_id
+                    );
+                    self.anomaly(record, what);
+                } else {
+                    self.purchase_decisions.insert(row.order_id.clone(), row);
+                }
+            }
+            Err(reason) => self.anomaly(record, format!("purchase decision not stored: {reason}")),
+        }
     }
 
     /// Coupons in creation order.
@@ -346,6 +686,19 @@ impl Projection {
 
     pub fn users(&self) -> impl Iterator<Item = (&String, &DateTime<Utc>)> {
         self.users.iter()
+    }
+
+    /// Every user with a `last_coupon_at` or a blacklist entry, sorted.
+    fn user_ids(&self) -> Vec<&String> {
+        let mut ids: Vec<&String> = self.users.keys().chain(self.blacklist.keys()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Users blacklisted when the log ends (expired entries included).
+    pub fn blacklisted_count(&self) -> usize {
+        self.blacklist.values().filter(|b| b.blacklisted).count()
     }
 }
 
@@ -363,6 +716,13 @@ pub struct RebuildStats {
     pub held: u64,
     pub redeemed: u64,
     pub users: u64,
+    /// Quota slots (`quota_grants` rows).
+    pub quota_grants: u64,
+    /// Stored decisions (`claim_decisions` and `purchase_decisions` rows).
+    pub claim_decisions: u64,
+    pub purchase_decisions: u64,
+    /// Users blacklisted at the end of the log (expired entries included).
+    pub blacklisted: u64,
     pub history_rows: u64,
     pub anomalies: u64,
     pub anomaly_examples: Vec<String>,
@@ -388,7 +748,8 @@ impl fmt::Display for RebuildStats {
         write!(
             f,
             "rebuilt from {} events in {:.2}s ({:.0} events/s; read {:.2}s, applied and written {:.2}s): \
-             {} coupons ({} available, {} held, {} redeemed), {} users, {} history rows",
+             {} coupons ({} available, {} held, {} redeemed), {} users ({} blacklisted), \
+             {} quota grants, {} claim decisions, {} purchase decisions, {} history rows",
             self.events,
             self.seconds(),
             self.rate(),
@@ -399,6 +760,10 @@ impl fmt::Display for RebuildStats {
             self.held,
             self.redeemed,
             self.users,
+            self.blacklisted,
+            self.quota_grants,
+            self.claim_decisions,
+            self.purchase_decisions,
             self.history_rows,
         )?;
         if self.undecodable > 0 {
@@ -423,12 +788,17 @@ pub async fn prepare_target(target: &PgPool) -> anyhow::Result<()> {
     coupon_platform::db::migrate(target)
         .await
         .context("applying migrations to the rebuild database")?;
-    let has_rows: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM coupons)")
-        .fetch_one(target)
-        .await
-        .context("checking the rebuild database is empty")?;
+    let has_rows: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM quota_grants)
+             OR EXISTS (SELECT 1 FROM claim_decisions) OR EXISTS (SELECT 1 FROM purchase_decisions)",
+    )
+    .fetch_one(target)
+    .await
+    .context("checking the rebuild database is empty")?;
     if has_rows {
-        bail!("the rebuild database already has coupons; rebuild only into a fresh database");
+        bail!(
+            "the rebuild database already has coupons or decisions; rebuild only into a fresh database"
+        );
     }
     Ok(())
 }
@@ -457,11 +827,12 @@ pub fn read_outcomes(
 pub async fn project(
     target: &PgPool,
     topics: &Topics,
+    window: QuotaWindow,
     mut records: Vec<LogRecord>,
 ) -> anyhow::Result<(RebuildStats, Projection)> {
     let started = Instant::now();
     sort(&mut records);
-    let mut projection = Projection::default();
+    let mut projection = Projection::new(window);
     let mut stats = RebuildStats::default();
     let mut rows = Vec::new();
     for log in &records {
@@ -488,6 +859,16 @@ pub async fn project(
     stats.users = write_users(target, &projection)
         .await
         .context("writing users")?;
+    stats.quota_grants = write_quota(target, &projection)
+        .await
+        .context("writing quota grants")?;
+    stats.claim_decisions = write_claim_decisions(target, &projection)
+        .await
+        .context("writing claim decisions")?;
+    stats.purchase_decisions = write_purchase_decisions(target, &projection)
+        .await
+        .context("writing purchase decisions")?;
+    stats.blacklisted = projection.blacklisted_count() as u64;
     for state in projection.coupons() {
         match state.status {
             Status::Available => stats.available += 1,
@@ -543,19 +924,145 @@ async fn write_states(target: &PgPool, projection: &Projection) -> Result<(), sq
     Ok(())
 }
 
+/// Rows are written in statements of at most this many.
+const WRITE_CHUNK: usize = 20_000;
+
 async fn write_users(target: &PgPool, projection: &Projection) -> Result<u64, sqlx::Error> {
-    let users: Vec<(&String, &DateTime<Utc>)> = projection.users().collect();
+    let users = projection.user_ids();
     let mut written = 0;
-    for chunk in users.chunks(20_000) {
-        let ids: Vec<&str> = chunk.iter().map(|(u, _)| u.as_str()).collect();
-        let at: Vec<DateTime<Utc>> = chunk.iter().map(|(_, t)| **t).collect();
+    for chunk in users.chunks(WRITE_CHUNK) {
+        let blacklist = |id: &String| projection.blacklist.get(id);
+        let ids: Vec<&str> = chunk.iter().map(|u| u.as_str()).collect();
+        let at: Vec<Option<DateTime<Utc>>> = chunk
+            .iter()
+            .map(|u| projection.users.get(*u).copied())
+            .collect();
+        let on: Vec<bool> = chunk
+            .iter()
+            .map(|u| blacklist(u).is_some_and(|b| b.blacklisted))
+            .collect();
+        let until: Vec<Option<DateTime<Utc>>> = chunk
+            .iter()
+            .map(|u| blacklist(u).and_then(|b| b.until))
+            .collect();
+        let reason: Vec<Option<&str>> = chunk
+            .iter()
+            .map(|u| blacklist(u).and_then(|b| b.reason.as_deref()))
+            .collect();
+        let since: Vec<Option<DateTime<Utc>>> = chunk
+            .iter()
+            .map(|u| blacklist(u).and_then(|b| b.at))
+            .collect();
         written += sqlx::query(
-            "INSERT INTO users (user_id, last_coupon_at)
-             SELECT * FROM UNNEST($1::text[], $2::timestamptz[])
-             ON CONFLICT (user_id) DO UPDATE SET last_coupon_at = EXCLUDED.last_coupon_at",
+            "INSERT INTO users (user_id, last_coupon_at, blacklisted, blacklisted_until,
+                                blacklist_reason, blacklisted_at)
+             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::bool[], $4::timestamptz[],
+                                  $5::text[], $6::timestamptz[])
+             ON CONFLICT (user_id) DO UPDATE SET
+                last_coupon_at = EXCLUDED.last_coupon_at, blacklisted = EXCLUDED.blacklisted,
+                blacklisted_until = EXCLUDED.blacklisted_until,
+                blacklist_reason = EXCLUDED.blacklist_reason,
+                blacklisted_at = EXCLUDED.blacklisted_at",
         )
         .bind(&ids)
         .bind(&at)
+        .bind(&on)
+        .bind(&until)
+        .bind(&reason)
+        .bind(&since)
+        .execute(target)
+        .await?
+        .rows_affected();
+    }
+    Ok(written)
+}
+
+async fn write_quota(target: &PgPool, projection: &Projection) -> Result<u64, sqlx::Error> {
+    let grants: Vec<&QuotaGrant> = projection.quota.values().collect();
+    let mut written = 0;
+    for chunk in grants.chunks(WRITE_CHUNK) {
+        let users: Vec<&str> = chunk.iter().map(|g| g.user_id.as_str()).collect();
+        let windows: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.window_start).collect();
+        let requests: Vec<&str> = chunk.iter().map(|g| g.request_id.as_str()).collect();
+        let at: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.granted_at).collect();
+        written += sqlx::query(
+            "INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
+             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::timestamptz[])",
+        )
+        .bind(&users)
+        .bind(&windows)
+        .bind(&requests)
+        .bind(&at)
+        .execute(target)
+        .await?
+        .rows_affected();
+    }
+    Ok(written)
+}
+
+async fn write_claim_decisions(
+    target: &PgPool,
+    projection: &Projection,
+) -> Result<u64, sqlx::Error> {
+    let rows: Vec<&ClaimDecisionRow> = projection.claim_decisions.values().collect();
+    let mut written = 0;
+    for chunk in rows.chunks(WRITE_CHUNK) {
+        let text = |f: fn(&ClaimDecisionRow) -> Option<&str>| -> Vec<Option<&str>> {
+            chunk.iter().map(|r| f(r)).collect()
+        };
+        let time =
+            |f: fn(&ClaimDecisionRow) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+                chunk.iter().map(|r| f(r)).collect()
+            };
+        written += sqlx::query(
+            "INSERT INTO claim_decisions (request_id, event_id, user_id, outcome, coupon_code,
+                                          category, expires_at, repeated, retry_at,
+                                          blacklisted_until, decided_at)
+             SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                                  $6::text[], $7::timestamptz[], $8::bool[], $9::timestamptz[],
+                                  $10::timestamptz[], $11::timestamptz[])",
+        )
+        .bind(text(|r| Some(r.request_id.as_str())))
+        .bind(chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>())
+        .bind(text(|r| Some(r.user_id.as_str())))
+        .bind(text(|r| Some(r.outcome)))
+        .bind(text(|r| r.coupon_code.as_deref()))
+        .bind(text(|r| r.category.as_deref()))
+        .bind(time(|r| r.expires_at))
+        .bind(chunk.iter().map(|r| r.repeated).collect::<Vec<bool>>())
+        .bind(time(|r| r.retry_at))
+        .bind(time(|r| r.blacklisted_until))
+        .bind(time(|r| Some(r.decided_at)))
+        .execute(target)
+        .await?
+        .rows_affected();
+    }
+    Ok(written)
+}
+
+async fn write_purchase_decisions(
+    target: &PgPool,
+    projection: &Projection,
+) -> Result<u64, sqlx::Error> {
+    let rows: Vec<&PurchaseDecisionRow> = projection.purchase_decisions.values().collect();
+    let mut written = 0;
+    for chunk in rows.chunks(WRITE_CHUNK) {
+        let text = |f: fn(&PurchaseDecisionRow) -> &str| -> Vec<&str> {
+            chunk.iter().map(|r| f(r)).collect()
+        };
+        written += sqlx::query(
+            "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code,
+                                             outcome, decided_at)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
+                                  $6::text[], $7::timestamptz[])",
+        )
+        .bind(text(|r| r.order_id.as_str()))
+        .bind(text(|r| r.request_id.as_str()))
+        .bind(chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>())
+        .bind(text(|r| r.user_id.as_str()))
+        .bind(text(|r| r.coupon_code.as_str()))
+        .bind(text(|r| r.outcome))
+        .bind(chunk.iter().map(|r| r.decided_at).collect::<Vec<_>>())
         .execute(target)
         .await?
         .rows_affected();
@@ -568,6 +1075,7 @@ async fn write_users(target: &PgPool, projection: &Projection) -> Result<u64, sq
 pub async fn rebuild(
     kafka: &KafkaSettings,
     topics: &Topics,
+    window: QuotaWindow,
     target: &PgPool,
     bar: indicatif::ProgressBar,
 ) -> anyhow::Result<RebuildStats> {
@@ -585,7 +1093,7 @@ pub async fn rebuild(
     .context("the log reader stopped")??;
     bar.finish_and_clear();
     let read_seconds = started.elapsed().as_secs_f64();
-    let (mut stats, _) = project(target, topics, records).await?;
+    let (mut stats, _) = project(target, topics, window, records).await?;
     stats.read_seconds = read_seconds;
     stats.undecodable = undecodable;
     Ok(stats)
@@ -789,5 +1297,277 @@ mod tests {
             ),
         );
         assert_eq!(projection.anomalies, 1);
+    }
+
+    fn decided(at: i64, user: &str, request: &str, outcome: ClaimOutcome) -> ClaimDecided {
+        ClaimDecided {
+            envelope: envelope::<ClaimDecided>(at),
+            request_id: request.into(),
+            user_id: user.into(),
+            outcome: outcome as i32,
+            retry_at_ms: if outcome == ClaimOutcome::RateLimited {
+                at + 10_000
+            } else {
+                0
+            },
+            ..Default::default()
+        }
+    }
+
+    fn apply_all(projection: &mut Projection, mut records: Vec<LogRecord>) {
+        let topics = Topics::new("t");
+        sort(&mut records);
+        for record in &records {
+            projection.apply(&topics, record);
+        }
+    }
+
+    #[test]
+    fn grants_take_the_quota_of_their_window_and_every_decision_is_stored() {
+        let c1 = code(1);
+        let mut projection = Projection::new(QuotaWindow::DAY);
+        let mut invalid = decided(T0 + 400, "mallory", "r5", ClaimOutcome::Invalid);
+        invalid.reason = "bad".into();
+        apply_all(
+            &mut projection,
+            vec![
+                log(TopicKind::Created, 0, created(T0, &[1])),
+                log(
+                    TopicKind::ClaimResults,
+                    0,
+                    grant(T0 + 100, "alice", &c1, "r1", false),
+                ),
+                log(
+                    TopicKind::ClaimResults,
+                    1,
+                    grant(T0 + 150, "alice", &c1, "r2", true),
+                ),
+                log(
+                    TopicKind::ClaimResults,
+                    2,
+                    decided(T0 + 200, "bob", "r3", ClaimOutcome::SoldOut),
+                ),
+                log(
+                    TopicKind::ClaimResults,
+                    3,
+                    decided(T0 + 300, "carol", "r4", ClaimOutcome::RateLimited),
+                ),
+                log(TopicKind::ClaimResults, 4, invalid),
+            ],
+        );
+        assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
+        // T0 is a UTC midnight: the day's window starts there.
+        let day = from_ms(T0).unwrap();
+        let slot = projection.quota_grant("alice", day).expect("alice's slot");
+        assert_eq!(slot.request_id, "r1", "the repeated grant takes no slot");
+        assert_eq!(slot.granted_at.timestamp_millis(), T0 + 100);
+        assert!(
+            projection.quota_grant("bob", day).is_none(),
+            "sold out uses no quota"
+        );
+
+        let first = projection.claim_decision("r1").unwrap();
+        assert_eq!(first.outcome, "granted");
+        assert_eq!(first.coupon_code.as_deref(), Some(c1.as_str()));
+        assert_eq!(first.category.as_deref(), Some("Shoes"));
+        assert_eq!(
+            first.expires_at.map(|t| t.timestamp_millis()),
+            Some(T0 + 1_100)
+        );
+        assert!(projection.claim_decision("r2").unwrap().repeated);
+        let sold_out = projection.claim_decision("r3").unwrap();
+        assert_eq!(
+            (sold_out.outcome, sold_out.coupon_code.as_deref()),
+            ("sold_out", None)
+        );
+        let limited = projection.claim_decision("r4").unwrap();
+        assert_eq!(
+            limited.retry_at.map(|t| t.timestamp_millis()),
+            Some(T0 + 10_300)
+        );
+        assert!(
+            projection.claim_decision("r5").is_none(),
+            "invalid answers are never stored"
+        );
+    }
+
+    #[test]
+    fn quota_slots_are_named_by_the_configured_window() {
+        let (c1, c2) = (code(1), code(2));
+        let hour = QuotaWindow::new(std::time::Duration::from_secs(3_600)).unwrap();
+        let mut projection = Projection::new(hour);
+        let later = T0 + 3 * 3_600_000 + 5;
+        apply_all(
+            &mut projection,
+            vec![
+                log(TopicKind::Created, 0, created(T0, &[1, 2])),
+                log(
+                    TopicKind::ClaimResults,
+                    0,
+                    grant(T0 + 100, "alice", &c1, "r1", false),
+                ),
+                log(
+                    TopicKind::ClaimResults,
+                    1,
+                    grant(later, "alice", &c2, "r2", false),
+                ),
+            ],
+        );
+        assert_eq!(
+            projection
+                .quota_grant("alice", from_ms(T0).unwrap())
+                .unwrap()
+                .request_id,
+            "r1"
+        );
+        assert_eq!(
+            projection
+                .quota_grant("alice", from_ms(T0 + 3 * 3_600_000).unwrap())
+                .unwrap()
+                .request_id,
+            "r2"
+        );
+    }
+
+    #[test]
+    fn a_second_grant_in_one_window_is_an_anomaly() {
+        let (c1, c2) = (code(1), code(2));
+        let mut projection = Projection::new(QuotaWindow::DAY);
+        apply_all(
+            &mut projection,
+            vec![
+                log(TopicKind::Created, 0, created(T0, &[1, 2])),
+                log(
+                    TopicKind::ClaimResults,
+                    0,
+                    grant(T0 + 100, "alice", &c1, "r1", false),
+                ),
+                log(
+                    TopicKind::ClaimResults,
+                    1,
+                    grant(T0 + 200, "alice", &c2, "r2", false),
+                ),
+            ],
+        );
+        assert!(projection
+            .anomaly_examples
+            .iter()
+            .any(|a| a.contains("a second grant to alice")));
+        assert_eq!(
+            projection
+                .quota_grant("alice", from_ms(T0).unwrap())
+                .unwrap()
+                .request_id,
+            "r1",
+            "the first grant keeps the slot"
+        );
+    }
+
+    #[test]
+    fn a_fresh_grant_releases_the_users_overdue_hold() {
+        let (c1, c2) = (code(1), code(2));
+        let hour = QuotaWindow::new(std::time::Duration::from_secs(3_600)).unwrap();
+        let mut projection = Projection::new(hour);
+        let topics = Topics::new("t");
+        let mut records = vec![
+            log(TopicKind::Created, 0, created(T0, &[1, 2])),
+            log(
+                TopicKind::ClaimResults,
+                0,
+                grant(T0 + 100, "alice", &c1, "r1", false),
+            ),
+            // The next hour; no expiration event for r1's hold came first.
+            log(
+                TopicKind::ClaimResults,
+                1,
+                grant(T0 + 3_600_000, "alice", &c2, "r2", false),
+            ),
+        ];
+        sort(&mut records);
+        let kinds: Vec<&str> = records
+            .iter()
+            .flat_map(|r| projection.apply(&topics, r))
+            .map(|r| r.kind)
+            .collect();
+        assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
+        assert_eq!(projection.coupon(&c1).unwrap().status, Status::Available);
+        assert_eq!(projection.coupon(&c2).unwrap().status, Status::Held);
+        assert_eq!(
+            kinds,
+            ["created", "created", "granted", "granted", "released"]
+        );
+    }
+
+    fn changed(at: i64, user: &str, until: i64, reason: &str) -> BlacklistChanged {
+        BlacklistChanged {
+            envelope: envelope::<BlacklistChanged>(at),
+            user_id: user.into(),
+            blacklisted: !reason.is_empty(),
+            blacklisted_until_ms: until,
+            reason: reason.into(),
+            blacklisted_at_ms: if reason.is_empty() { 0 } else { at },
+            source: "manual".into(),
+        }
+    }
+
+    #[test]
+    fn the_last_blacklist_change_of_a_user_in_log_order_wins() {
+        let mut projection = Projection::new(QuotaWindow::DAY);
+        apply_all(
+            &mut projection,
+            vec![
+                log(TopicKind::Blacklist, 0, changed(T0, "mallory", 0, "fraud")),
+                // Lifted, then blacklisted for an hour; the last change was
+                // stamped by a host whose clock runs behind.
+                log(TopicKind::Blacklist, 1, changed(T0 + 100, "mallory", 0, "")),
+                log(
+                    TopicKind::Blacklist,
+                    2,
+                    changed(T0 + 50, "mallory", T0 + 3_600_000, "flooding"),
+                ),
+                log(TopicKind::Blacklist, 3, changed(T0, "trent", 0, "fraud")),
+                log(TopicKind::Blacklist, 4, changed(T0 + 1, "trent", 0, "")),
+            ],
+        );
+        let mallory = projection.blacklist_entry("mallory").unwrap();
+        assert!(mallory.blacklisted);
+        assert_eq!(
+            mallory.until.map(|t| t.timestamp_millis()),
+            Some(T0 + 3_600_000)
+        );
+        assert_eq!(mallory.reason.as_deref(), Some("flooding"));
+        let trent = projection.blacklist_entry("trent").unwrap();
+        assert!(!trent.blacklisted);
+        assert_eq!(
+            (trent.until, trent.reason.as_deref(), trent.at),
+            (None, None, None)
+        );
+        assert_eq!(projection.blacklisted_count(), 1);
+    }
+
+    #[test]
+    fn stored_purchase_decisions_leave_out_repeated_and_invalid_answers() {
+        let at = from_ms(T0).unwrap();
+        let decision = PurchaseDecided {
+            envelope: envelope::<PurchaseDecided>(T0),
+            request_id: "p1".into(),
+            user_id: "bob".into(),
+            coupon_code: code(1),
+            order_id: "o-1".into(),
+            outcome: PurchaseOutcome::NotHolder as i32,
+            ..Default::default()
+        };
+        let row = purchase_decision_row(&decision, at).unwrap().unwrap();
+        assert_eq!((row.outcome, row.order_id.as_str()), ("not_holder", "o-1"));
+        let repeated = PurchaseDecided {
+            repeated: true,
+            ..decision.clone()
+        };
+        assert_eq!(purchase_decision_row(&repeated, at), Ok(None));
+        let invalid = PurchaseDecided {
+            outcome: PurchaseOutcome::Invalid as i32,
+            ..decision
+        };
+        assert_eq!(purchase_decision_row(&invalid, at), Ok(None));
     }
 }

@@ -29,8 +29,8 @@ use serde_json::{Map, Value};
 use coupon_platform::kafka::{decode, DecodeError, Record};
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_schemas::{
-    ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated, DeadLetter, Envelope,
-    PurchaseDecided, PurchaseOutcome, PurchaseRequested,
+    BlacklistChanged, ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated, DeadLetter,
+    Envelope, PurchaseDecided, PurchaseOutcome, PurchaseRequested,
 };
 
 /// How long a read may go without a single record before it is declared stuck.
@@ -42,7 +42,7 @@ const FETCH_WAIT_MS: &str = "50";
 /// skewed clocks sharing a partition lose nothing.
 const UNTIL_GRACE_MS: i64 = 60_000;
 
-/// One of the seven topics of the spec, by its short name.
+/// One of the topics: the seven of the spec, plus `blacklist`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TopicKind {
     Created,
@@ -52,10 +52,11 @@ pub enum TopicKind {
     PurchaseResults,
     Expirations,
     DeadLetter,
+    Blacklist,
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 7] = [
+    pub const ALL: [TopicKind; 8] = [
         TopicKind::Created,
         TopicKind::Claims,
         TopicKind::ClaimResults,
@@ -63,6 +64,7 @@ impl TopicKind {
         TopicKind::PurchaseResults,
         TopicKind::Expirations,
         TopicKind::DeadLetter,
+        TopicKind::Blacklist,
     ];
 
     /// The topic's name without the prefix, e.g. `claim-results`.
@@ -75,6 +77,7 @@ impl TopicKind {
             TopicKind::PurchaseResults => "purchase-results",
             TopicKind::Expirations => "expirations",
             TopicKind::DeadLetter => "dead-letter",
+            TopicKind::Blacklist => "blacklist",
         }
     }
 
@@ -88,6 +91,7 @@ impl TopicKind {
             TopicKind::PurchaseResults => topics.purchase_results(),
             TopicKind::Expirations => topics.expirations(),
             TopicKind::DeadLetter => topics.dead_letter(),
+            TopicKind::Blacklist => topics.blacklist(),
         }
     }
 
@@ -102,6 +106,7 @@ impl TopicKind {
             TopicKind::PurchaseResults => PurchaseDecided::TYPE_NAME,
             TopicKind::Expirations => coupon_schemas::HoldExpired::TYPE_NAME,
             TopicKind::DeadLetter => DeadLetter::TYPE_NAME,
+            TopicKind::Blacklist => BlacklistChanged::TYPE_NAME,
         }
     }
 }
@@ -136,6 +141,7 @@ pub enum Event {
     PurchaseDecided(PurchaseDecided),
     HoldExpired(coupon_schemas::HoldExpired),
     DeadLetter(DeadLetter),
+    BlacklistChanged(BlacklistChanged),
 }
 
 /// Decodes `record` as the message type of `kind`, checking its envelope as
@@ -149,6 +155,7 @@ pub fn decode_event(kind: TopicKind, record: &Record) -> Result<Event, DecodeErr
         TopicKind::PurchaseResults => Event::PurchaseDecided(decode(record)?),
         TopicKind::Expirations => Event::HoldExpired(decode(record)?),
         TopicKind::DeadLetter => Event::DeadLetter(decode(record)?),
+        TopicKind::Blacklist => Event::BlacklistChanged(decode(record)?),
     })
 }
 
@@ -162,6 +169,7 @@ impl Event {
             Event::PurchaseDecided(e) => e.envelope.as_ref(),
             Event::HoldExpired(e) => e.envelope.as_ref(),
             Event::DeadLetter(e) => e.envelope.as_ref(),
+            Event::BlacklistChanged(e) => e.envelope.as_ref(),
         }
     }
 
@@ -177,6 +185,7 @@ impl Event {
             Event::PurchaseDecided(e) => serde_json::to_value(e)?,
             Event::HoldExpired(e) => serde_json::to_value(e)?,
             Event::DeadLetter(e) => serde_json::to_value(e)?,
+            Event::BlacklistChanged(e) => serde_json::to_value(e)?,
         };
         let Some(fields) = value.as_object_mut() else {
             return Ok((Value::Null, value));

@@ -2,9 +2,27 @@
 //! checks it. Manual entries come from `couponctl blacklist`; automatic ones
 //! from the gateway's flood control. An automatic entry never shortens a
 //! manual one.
+//!
+//! Every change is also an event on `<prefix>.blacklist` (`BlacklistChanged`,
+//! keyed by user), so a database rebuilt from the log refuses the same users.
+//! The event carries the entry as it stands *after* the change (the outcome,
+//! not the request), and is published inside the Postgres transaction that
+//! makes the change, before its commit:
+//!
+//! - the row stays locked until the commit, so two changes of one user reach
+//!   the log (one partition: the key is the user) in the order they commit;
+//! - a failed publish rolls the change back: no entry exists only in
+//!   Postgres. The one gap left is a commit that fails after the publish
+//!   (the log then has a change Postgres lacks); the caller gets the error,
+//!   and `couponctl audit` shows the user until the change is made again.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+
+use coupon_platform::kafka::{PublishError, Publisher};
+use coupon_platform::time::to_ms;
+use coupon_platform::Topics;
+use coupon_schemas::BlacklistChanged;
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
 pub struct BlacklistEntry {
@@ -15,46 +33,125 @@ pub struct BlacklistEntry {
     pub blacklisted_at: Option<DateTime<Utc>>,
 }
 
-/// Blacklists a user until `until` (`None`: indefinitely), extending any
-/// existing entry, never shortening it.
-pub async fn add(
-    pool: &PgPool,
-    user_id: &str,
-    until: Option<DateTime<Utc>>,
-    reason: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO users (user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at)
-         VALUES ($1, true, $2, $3, now())
-         ON CONFLICT (user_id) DO UPDATE SET
-            blacklisted = true,
-            blacklisted_until = CASE
-                WHEN users.blacklisted AND users.blacklisted_until > now() AND EXCLUDED.blacklisted_until IS NOT NULL
-                    THEN GREATEST(users.blacklisted_until, EXCLUDED.blacklisted_until)
-                WHEN users.blacklisted AND users.blacklisted_until IS NULL THEN NULL
-                ELSE EXCLUDED.blacklisted_until END,
-            blacklist_reason = EXCLUDED.blacklist_reason,
-            blacklisted_at = now()",
-    )
-    .bind(user_id)
-    .bind(until)
-    .bind(reason)
-    .execute(pool)
-    .await?;
-    Ok(())
+/// Who changed an entry; written into the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// An operator (`couponctl blacklist`).
+    Manual,
+    /// The gateway's flood control.
+    Automatic,
 }
 
-/// Lifts a blacklisting. Returns whether the user was blacklisted.
-pub async fn remove(pool: &PgPool, user_id: &str) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query(
-        "UPDATE users SET blacklisted = false, blacklisted_until = NULL, blacklist_reason = NULL,
-                          blacklisted_at = NULL
-         WHERE user_id = $1 AND blacklisted",
-    )
-    .bind(user_id)
-    .execute(pool)
-    .await?;
-    Ok(result.rows_affected() > 0)
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Manual => "manual",
+            Source::Automatic => "automatic",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlacklistError {
+    #[error("changing the blacklist in Postgres: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("putting the blacklist change on the log (nothing was changed): {0}")]
+    Publish(#[from] PublishError),
+}
+
+/// Where blacklist changes go: Postgres, and the log.
+#[derive(Clone, Copy)]
+pub struct Blacklist<'a> {
+    pub pool: &'a PgPool,
+    pub publisher: &'a Publisher,
+    pub topics: &'a Topics,
+}
+
+/// The event for `user_id`'s entry after a change (`None`: lifted). No I/O.
+pub fn change_event(
+    publisher: &Publisher,
+    user_id: &str,
+    entry: Option<&BlacklistEntry>,
+    source: Source,
+) -> BlacklistChanged {
+    BlacklistChanged {
+        envelope: Some(publisher.envelope::<BlacklistChanged>("")),
+        user_id: user_id.to_owned(),
+        blacklisted: entry.is_some(),
+        blacklisted_until_ms: entry
+            .and_then(|e| e.blacklisted_until)
+            .map(to_ms)
+            .unwrap_or(0),
+        reason: entry
+            .and_then(|e| e.blacklist_reason.clone())
+            .unwrap_or_default(),
+        blacklisted_at_ms: entry.and_then(|e| e.blacklisted_at).map(to_ms).unwrap_or(0),
+        source: source.as_str().to_owned(),
+    }
+}
+
+impl Blacklist<'_> {
+    /// Blacklists a user until `until` (`None`: indefinitely), extending any
+    /// existing entry, never shortening it. Returns the entry as it now is.
+    pub async fn add(
+        &self,
+        user_id: &str,
+        until: Option<DateTime<Utc>>,
+        reason: &str,
+        source: Source,
+    ) -> Result<BlacklistEntry, BlacklistError> {
+        let mut tx = self.pool.begin().await?;
+        let entry: BlacklistEntry = sqlx::query_as(
+            "INSERT INTO users (user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at)
+             VALUES ($1, true, $2, $3, now())
+             ON CONFLICT (user_id) DO UPDATE SET
+                blacklisted = true,
+                blacklisted_until = CASE
+                    WHEN users.blacklisted AND users.blacklisted_until > now() AND EXCLUDED.blacklisted_until IS NOT NULL
+                        THEN GREATEST(users.blacklisted_until, EXCLUDED.blacklisted_until)
+                    WHEN users.blacklisted AND users.blacklisted_until IS NULL THEN NULL
+                    ELSE EXCLUDED.blacklisted_until END,
+                blacklist_reason = EXCLUDED.blacklist_reason,
+                blacklisted_at = now()
+             RETURNING user_id, blacklisted_until, blacklist_reason, blacklisted_at",
+        )
+        .bind(user_id)
+        .bind(until)
+        .bind(reason)
+        .fetch_one(&mut *tx)
+        .await?;
+        let event = change_event(self.publisher, user_id, Some(&entry), source);
+        self.publisher
+            .send(&self.topics.blacklist(), user_id, &event)
+            .await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    /// Lifts a blacklisting. Returns whether the user was blacklisted (no
+    /// event when not).
+    pub async fn remove(&self, user_id: &str, source: Source) -> Result<bool, BlacklistError> {
+        let mut tx = self.pool.begin().await?;
+        let lifted = sqlx::query(
+            "UPDATE users SET blacklisted = false, blacklisted_until = NULL, blacklist_reason = NULL,
+                              blacklisted_at = NULL
+             WHERE user_id = $1 AND blacklisted",
+        )
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if !lifted {
+            return Ok(false);
+        }
+        let event = change_event(self.publisher, user_id, None, source);
+        self.publisher
+            .send(&self.topics.blacklist(), user_id, &event)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
 }
 
 /// Current entries (expired ones are left out).
@@ -66,4 +163,45 @@ pub async fn list(pool: &PgPool) -> Result<Vec<BlacklistEntry>, sqlx::Error> {
     )
     .fetch_all(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use coupon_platform::KafkaSettings;
+
+    #[test]
+    fn the_event_carries_the_entry_after_the_change() {
+        // Creating a producer does not connect.
+        let publisher = Publisher::new(&KafkaSettings::new("127.0.0.1:1"), "test").unwrap();
+        let at = Utc.timestamp_millis_opt(1_795_564_800_123).unwrap();
+        let entry = BlacklistEntry {
+            user_id: "mallory".into(),
+            blacklisted_until: Some(at + chrono::Duration::hours(1)),
+            blacklist_reason: Some("fraud".into()),
+            blacklisted_at: Some(at),
+        };
+        let added = change_event(&publisher, "mallory", Some(&entry), Source::Manual);
+        assert!(added.blacklisted);
+        assert_eq!(added.blacklisted_until_ms, 1_795_568_400_123);
+        assert_eq!(added.blacklisted_at_ms, 1_795_564_800_123);
+        assert_eq!(
+            (added.reason.as_str(), added.source.as_str()),
+            ("fraud", "manual")
+        );
+        let forever = BlacklistEntry {
+            blacklisted_until: None,
+            ..entry
+        };
+        let added = change_event(&publisher, "mallory", Some(&forever), Source::Automatic);
+        assert_eq!(added.blacklisted_until_ms, 0, "0 = until removed");
+        let lifted = change_event(&publisher, "mallory", None, Source::Manual);
+        assert!(!lifted.blacklisted);
+        assert_eq!(lifted.reason, "");
+        assert_eq!(
+            lifted.envelope.unwrap().event_type,
+            "coupons.v1.BlacklistChanged"
+        );
+    }
 }

@@ -43,6 +43,7 @@ event!(
     PurchaseDecided,
     HoldExpired,
     DeadLetter,
+    BlacklistChanged,
 );
 
 /// Builds an envelope for a new event of type `E`.

@@ -656,6 +656,7 @@ async fn rebuild(config: &AppConfig) -> anyhow::Result<Row> {
     let stats = crate::rebuild::rebuild(
         &config.kafka,
         &config.topics(),
+        config.policy.quota_window,
         &pool,
         indicatif::ProgressBar::hidden(),
     )

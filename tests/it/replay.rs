@@ -1,6 +1,7 @@
 //! Analysts' tools against a real system: `replay` (JSON lines, time and
 //! offset ranges, never touching the live groups), `replay --rebuild`,
-//! `audit` (clean, tampered, in flight) and `history`.
+//! `audit` (clean, tampered, in flight), a rebuilt database put live, and
+//! `history`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -11,8 +12,8 @@ use serde_json::{json, Value};
 
 use coupon_platform::kafka::{decode, Publisher, Record};
 use coupon_schemas::{
-    ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated, DeadLetter, HoldExpired,
-    PurchaseDecided, PurchaseOutcome, PurchaseRequested,
+    BlacklistChanged, ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated, DeadLetter,
+    HoldExpired, PurchaseDecided, PurchaseOutcome, PurchaseRequested,
 };
 use couponctl::app::Role;
 use couponctl::replay::{committed_offsets, TopicKind};
@@ -91,6 +92,12 @@ async fn scenario(env: &TestEnv) -> Scenario {
     // Record timestamps are taken by the producer at send time: make sure
     // everything after this point is at least a millisecond later.
     tokio::time::sleep(Duration::from_millis(5)).await;
+    let blacklisted = couponctl(env)
+        .args(["blacklist", "add", "mallory", "--reason", "sends poison"])
+        .output()
+        .await
+        .expect("run couponctl");
+    assert!(blacklisted.status.success(), "{blacklisted:?}");
     let poison = Publisher::new(&env.kafka, "test-poison").unwrap();
     poison
         .send_bytes(&env.topics.claims(), Some(b"mallory"), GARBAGE)
@@ -192,7 +199,8 @@ async fn replay_audit_agrees_reports_a_tampered_coupon_and_ignores_in_flight_wor
     assert_eq!(clean.code, Some(0), "{}\n{}", clean.stdout, clean.stderr);
     assert_eq!(
         clean.stdout.trim(),
-        "no differences (3 coupons, 3 users checked)"
+        "no differences (3 coupons, 3 users, 3 quota grants, 6 claim decisions, \
+         2 purchase decisions, 1 blacklist entries checked)"
     );
     assert!(clean.stderr.contains("events/s"), "{}", clean.stderr);
     let scratch = env
@@ -279,6 +287,230 @@ async fn replay_audit_agrees_reports_a_tampered_coupon_and_ignores_in_flight_wor
         .count("SELECT count(*) FROM pg_database WHERE datname LIKE 'audit\\_%'")
         .await;
     assert!(left <= scratch, "scratch databases left behind: {left}");
+}
+
+async fn claim_as(app: &App, user: &str, request_id: &str) -> (u16, Value) {
+    let response = TestEnv::http_client()
+        .get(app.url(&format!("/api/v1/coupon?id={user}")))
+        .header("x-request-id", request_id)
+        .send()
+        .await
+        .expect("claim");
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// The decisions published for claim `request_id`, in log order per partition.
+fn claim_answers(records: &[Record], request_id: &str) -> Vec<ClaimDecided> {
+    records
+        .iter()
+        .filter_map(|r| decode::<ClaimDecided>(r).ok())
+        .filter(|d| d.request_id == request_id)
+        .collect()
+}
+
+/// The decisions published for purchases of `order_id`.
+fn purchase_answers(records: &[Record], order_id: &str) -> Vec<PurchaseDecided> {
+    records
+        .iter()
+        .filter_map(|r| decode::<PurchaseDecided>(r).ok())
+        .filter(|d| d.order_id == order_id)
+        .collect()
+}
+
+/// The item 5 of issue #14: a database rebuilt from the log and put live
+/// decides as the old one would. Every answer that differs is collected, so
+/// one run shows each piece the rebuild lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_database_put_live_refuses_todays_winners_and_repeats_its_answers() {
+    let env = TestEnv::new().await;
+    let app = env.start(&ALL, |_| {}).await;
+    release(&env, "Shoes", 3).await;
+
+    // Today's winners: alice bought her coupon, bob still holds his.
+    let (status, alice) = claim_as(&app, "alice", "alice-1").await;
+    assert_eq!(status, 200, "{alice}");
+    let alice_code = alice["coupon_code"].as_str().unwrap().to_owned();
+    let (status, body) = purchase(&app, "alice", &alice_code, "order-alice").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, bob) = claim_as(&app, "bob", "bob-1").await;
+    assert_eq!(status, 200, "{bob}");
+    let bob_code = bob["coupon_code"].as_str().unwrap().to_owned();
+    // mallory is blacklisted, lifted, blacklisted again: the last change counts.
+    for args in [
+        &["blacklist", "add", "mallory", "--reason", "fraud"][..],
+        &["blacklist", "remove", "mallory"][..],
+        &[
+            "blacklist",
+            "add",
+            "mallory",
+            "--for",
+            "2h",
+            "--reason",
+            "chargebacks",
+        ][..],
+    ] {
+        let changed = run(&env, args).await;
+        assert_eq!(changed.code, Some(0), "{}", changed.stderr);
+    }
+    let (status, body) = claim_as(&app, "mallory", "mallory-1").await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("blacklisted")));
+    for (role, topic) in [
+        ("claims", env.topics.claims()),
+        ("purchases", env.topics.purchases()),
+    ] {
+        env.wait_caught_up(role, &topic, Duration::from_secs(20))
+            .await;
+    }
+    app.stop().await;
+
+    // The log into a fresh database, which goes live in place of the old one.
+    let rebuilt_name = format!("{}_live", env.name);
+    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
+    let rebuild = run(&env, &["replay", "--rebuild", &rebuilt_url]).await;
+    assert_eq!(rebuild.code, Some(0), "{}", rebuild.stderr);
+    eprintln!("rebuild: {}", rebuild.stdout.trim());
+    let url = rebuilt_url.clone();
+    let app = env.start(&ALL, move |c| c.database_url = url).await;
+    let mut problems: Vec<String> = Vec::new();
+
+    let (status, body) = claim_as(&app, "mallory", "mallory-2").await;
+    if (status, body["error"].as_str()) != (403, Some("blacklisted")) {
+        problems.push(format!("mallory is no longer blacklisted: {status} {body}"));
+    }
+    let (status, body) = claim_as(&app, "alice", "alice-2").await;
+    if (status, body["error"].as_str()) != (429, Some("rate_limited")) {
+        problems.push(format!(
+            "alice claimed a second coupon today: {status} {body}"
+        ));
+    }
+    let (status, body) = claim_as(&app, "bob", "bob-2").await;
+    if (status, body["coupon_code"].as_str()) != (200, Some(bob_code.as_str())) {
+        problems.push(format!("bob lost his hold: {status} {body}"));
+    }
+
+    // Redelivered requests: the same records again.
+    let claim_results = env.read_topic(&env.topics.claim_results()).await;
+    let purchase_results = env.read_topic(&env.topics.purchase_results()).await;
+    let first_claim = claim_answers(&claim_results, "alice-1");
+    let first_purchase = purchase_answers(&purchase_results, "order-alice");
+    assert_eq!((first_claim.len(), first_purchase.len()), (1, 1));
+    let claims = env.read_topic(&env.topics.claims()).await;
+    let request = claims
+        .iter()
+        .find(|r| decode::<ClaimRequested>(r).is_ok_and(|c| c.request_id == "alice-1"))
+        .expect("alice's claim");
+    let purchases = env.read_topic(&env.topics.purchases()).await;
+    let order = purchases
+        .iter()
+        .find(|r| decode::<PurchaseRequested>(r).is_ok_and(|p| p.order_id == "order-alice"))
+        .expect("alice's purchase");
+    let redelivery = Publisher::new(&env.kafka, "test-redelivery").unwrap();
+    for (topic, record) in [
+        (env.topics.claims(), request),
+        (env.topics.purchases(), order),
+    ] {
+        redelivery
+            .send_bytes(
+                &topic,
+                record.key.as_deref(),
+                record.value.as_deref().unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    eventually(
+        "the redelivered requests are answered",
+        Duration::from_secs(30),
+        || async {
+            let claims = env.read_topic(&env.topics.claim_results()).await;
+            let purchases = env.read_topic(&env.topics.purchase_results()).await;
+            claim_answers(&claims, "alice-1").len() == 2
+                && purchase_answers(&purchases, "order-alice").len() == 2
+        },
+    )
+    .await;
+    let claims = claim_answers(
+        &env.read_topic(&env.topics.claim_results()).await,
+        "alice-1",
+    );
+    if claims[1] != first_claim[0] {
+        problems.push(format!(
+            "the redelivered claim got another decision: {:?}, first {:?}",
+            claims[1], first_claim[0]
+        ));
+    }
+    let purchases = purchase_answers(
+        &env.read_topic(&env.topics.purchase_results()).await,
+        "order-alice",
+    );
+    if purchases[1] != first_purchase[0] {
+        problems.push(format!(
+            "the redelivered purchase got another decision: {:?}, first {:?}",
+            purchases[1], first_purchase[0]
+        ));
+    }
+    for (role, topic) in [
+        ("claims", env.topics.claims()),
+        ("purchases", env.topics.purchases()),
+    ] {
+        env.wait_caught_up(role, &topic, Duration::from_secs(20))
+            .await;
+    }
+    app.stop().await;
+
+    // The new live database audits clean; what decides claims is audited.
+    let audit = run(&env, &["audit", "--database-url", &rebuilt_url]).await;
+    if audit.code != Some(0) {
+        problems.push(format!(
+            "the rebuilt database does not audit clean: {}",
+            audit.stdout
+        ));
+    }
+    let rebuilt = coupon_platform::db::connect(&rebuilt_url, 2).await.unwrap();
+    for tamper in [
+        "DELETE FROM quota_grants WHERE user_id = 'alice'",
+        "UPDATE claim_decisions SET outcome = 'sold_out', coupon_code = NULL WHERE request_id = 'bob-1'",
+        "DELETE FROM purchase_decisions WHERE order_id = 'order-alice'",
+        "UPDATE users SET blacklisted = false, blacklisted_until = NULL, blacklist_reason = NULL,
+                          blacklisted_at = NULL WHERE user_id = 'mallory'",
+    ] {
+        sqlx::query(tamper).execute(&rebuilt).await.unwrap();
+    }
+    rebuilt.close().await;
+    let tampered = run(&env, &["audit", "--database-url", &rebuilt_url]).await;
+    let lines: Vec<&str> = tampered.stdout.lines().collect();
+    let expected = [
+        "quota of alice in the window from ",
+        "claim decision bob-1 (user bob): live sold_out ",
+        "purchase decision for order order-alice (user alice): missing from the live database, log says redeemed ",
+        "blacklist of user mallory: live not blacklisted, log says blacklisted until=",
+    ];
+    let found = |prefix: &str| lines.iter().any(|l| l.starts_with(prefix));
+    for prefix in expected {
+        if !found(prefix) {
+            problems.push(format!("the audit misses {prefix:?}: {}", tampered.stdout));
+        }
+    }
+    if tampered.code != Some(1) || lines.len() != expected.len() {
+        problems.push(format!(
+            "the tampered audit: {:?}\n{}",
+            tampered.code, tampered.stdout
+        ));
+    }
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"{rebuilt_name}\" WITH (FORCE)"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
 }
 
 /// Every line of a replay, by (topic, partition, offset).
@@ -370,6 +602,15 @@ fn assert_round_trip(kind: TopicKind, record: &Record, line: &Value) {
             assert_eq!(payload["hold_id"], e.hold_id.as_str());
             assert_eq!(payload["user_id"], e.user_id.as_str());
             assert_eq!(payload["held_until_ms"], e.held_until_ms);
+            e.envelope
+        }
+        TopicKind::Blacklist => {
+            let e: BlacklistChanged = decode(record).unwrap();
+            assert_eq!(payload["user_id"], e.user_id.as_str());
+            assert_eq!(payload["blacklisted"], e.blacklisted);
+            assert_eq!(payload["blacklisted_until_ms"], e.blacklisted_until_ms);
+            assert_eq!(payload["reason"], e.reason.as_str());
+            assert_eq!(payload["source"], e.source.as_str());
             e.envelope
         }
         TopicKind::DeadLetter => {
@@ -607,12 +848,44 @@ async fn replay_writes_every_event_as_json_lines_rebuilds_and_leaves_live_groups
     let live_rows: Vec<Row> = sqlx::query_as(state).fetch_all(&env.pool).await.unwrap();
     let rebuilt_rows: Vec<Row> = sqlx::query_as(state).fetch_all(&rebuilt).await.unwrap();
     assert_eq!(rebuilt_rows, live_rows);
-    let users = "SELECT user_id, date_trunc('milliseconds', last_coupon_at) FROM users ORDER BY 1";
-    let live_users: Vec<(String, DateTime<Utc>)> =
-        sqlx::query_as(users).fetch_all(&env.pool).await.unwrap();
-    let rebuilt_users: Vec<(String, DateTime<Utc>)> =
-        sqlx::query_as(users).fetch_all(&rebuilt).await.unwrap();
+    // Times to the millisecond: events carry milliseconds.
+    let users = "SELECT user_id, date_trunc('milliseconds', last_coupon_at), blacklisted,
+                        blacklisted_until, blacklist_reason, date_trunc('milliseconds', blacklisted_at)
+                 FROM users ORDER BY 1";
+    type User = (
+        String,
+        Option<DateTime<Utc>>,
+        bool,
+        Option<DateTime<Utc>>,
+        Option<String>,
+        Option<DateTime<Utc>>,
+    );
+    let live_users: Vec<User> = sqlx::query_as(users).fetch_all(&env.pool).await.unwrap();
+    let rebuilt_users: Vec<User> = sqlx::query_as(users).fetch_all(&rebuilt).await.unwrap();
     assert_eq!(rebuilt_users, live_users);
+    assert!(live_users.iter().any(|u| u.0 == "mallory" && u.2));
+    // What decides later requests: quota slots and stored decisions.
+    for table in [
+        "SELECT user_id || ' ' || window_start || ' ' || request_id || ' '
+                || date_trunc('milliseconds', granted_at)
+         FROM quota_grants ORDER BY 1",
+        "SELECT concat_ws(' ', request_id, event_id, user_id, outcome, coupon_code, category,
+                          date_trunc('milliseconds', expires_at), repeated,
+                          date_trunc('milliseconds', retry_at), blacklisted_until, reason,
+                          date_trunc('milliseconds', decided_at))
+         FROM claim_decisions ORDER BY 1",
+        "SELECT concat_ws(' ', order_id, request_id, event_id, user_id, coupon_code, outcome,
+                          reason, date_trunc('milliseconds', decided_at))
+         FROM purchase_decisions ORDER BY 1",
+    ] {
+        let live: Vec<String> = sqlx::query_scalar(table)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+        let again: Vec<String> = sqlx::query_scalar(table).fetch_all(&rebuilt).await.unwrap();
+        assert!(!live.is_empty(), "{table}");
+        assert_eq!(again, live, "{table}");
+    }
     assert_eq!(
         kinds_in_history(&rebuilt).await,
         kinds_in_history(&env.pool).await,

@@ -123,6 +123,10 @@ impl Topics {
     pub fn dead_letter(&self) -> String {
         self.name("dead-letter")
     }
+    /// Blacklist changes (`BlacklistChanged`), so a rebuild restores them.
+    pub fn blacklist(&self) -> String {
+        self.name("blacklist")
+    }
 
     pub fn all(&self) -> Vec<String> {
         vec![
@@ -133,6 +137,7 @@ impl Topics {
             self.purchase_results(),
             self.expirations(),
             self.dead_letter(),
+            self.blacklist(),
         ]
     }
 
@@ -158,7 +163,8 @@ mod tests {
                 "coupons.purchases",
                 "coupons.purchase-results",
                 "coupons.expirations",
-                "coupons.dead-letter"
+                "coupons.dead-letter",
+                "coupons.blacklist"
             ]
         );
     }

@@ -277,8 +277,9 @@ async fn traced(
 
 /// Flood control: more than `flood_limit_per_sec` claims in one second from
 /// one user blocks that user for `flood_block` (Redis for the fast check,
-/// Postgres so the claim processor refuses too). Redis trouble disables the
-/// check rather than the API.
+/// Postgres so the claim processor refuses too, and the blacklist topic so a
+/// rebuilt database does). Redis trouble disables the check rather than the
+/// API.
 async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError> {
     let blocked = match state.cache.is_blocked(user.as_str()).await {
         Ok(blocked) => blocked,
@@ -302,13 +303,19 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
         let _ = state.cache.block(user.as_str(), block).await;
         let until =
             Utc::now() + chrono::Duration::from_std(block).unwrap_or(chrono::Duration::minutes(10));
-        if let Err(error) = crate::blacklist::add(
-            &state.pool,
-            user.as_str(),
-            Some(until),
-            "flooding the gateway",
-        )
-        .await
+        let blacklist = crate::blacklist::Blacklist {
+            pool: &state.pool,
+            publisher: &state.publisher,
+            topics: &state.topics,
+        };
+        if let Err(error) = blacklist
+            .add(
+                user.as_str(),
+                Some(until),
+                "flooding the gateway",
+                crate::blacklist::Source::Automatic,
+            )
+            .await
         {
             tracing::warn!(%error, "could not record automatic blacklisting");
         }
