@@ -886,6 +886,18 @@ async fn issue(
     Ok(())
 }
 
+/// A producer for blacklist changes, once the broker answers (a producer
+/// made first would log every failed connection before the one-line error).
+async fn blacklist_publisher(
+    kafka: &KafkaSettings,
+) -> anyhow::Result<coupon_platform::kafka::Publisher> {
+    reach::kafka(&kafka.brokers).await?;
+    Ok(coupon_platform::kafka::Publisher::new(
+        kafka,
+        &format!("couponctl-blacklist@{}", std::process::id()),
+    )?)
+}
+
 async fn blacklist(conn: &Connections, command: BlacklistCommand) -> anyhow::Result<()> {
     let pool = database(conn).await?;
     coupon_platform::db::migrate(&pool)
@@ -894,15 +906,6 @@ async fn blacklist(conn: &Connections, command: BlacklistCommand) -> anyhow::Res
     // Every change goes on the log too, so a rebuild restores it.
     let kafka = conn.kafka();
     let topics = coupon_platform::Topics::new(&conn.topic_prefix);
-    let publisher = coupon_platform::kafka::Publisher::new(
-        &kafka,
-        &format!("couponctl-blacklist@{}", std::process::id()),
-    )?;
-    let blacklist = coupon_producers::blacklist::Blacklist {
-        pool: &pool,
-        publisher: &publisher,
-        topics: &topics,
-    };
     let manual = coupon_producers::blacklist::Source::Manual;
     match command {
         BlacklistCommand::Add {
@@ -910,8 +913,13 @@ async fn blacklist(conn: &Connections, command: BlacklistCommand) -> anyhow::Res
             duration,
             reason,
         } => {
-            reach::kafka(&kafka.brokers).await?;
             let user = UserId::parse(user)?;
+            let publisher = blacklist_publisher(&kafka).await?;
+            let blacklist = coupon_producers::blacklist::Blacklist {
+                pool: &pool,
+                publisher: &publisher,
+                topics: &topics,
+            };
             let until = match duration {
                 Some(d) => Some(
                     chrono::Utc::now()
@@ -927,7 +935,12 @@ async fn blacklist(conn: &Connections, command: BlacklistCommand) -> anyhow::Res
         }
         BlacklistCommand::Remove { user } => {
             let user = UserId::parse(user)?;
-            reach::kafka(&kafka.brokers).await?;
+            let publisher = blacklist_publisher(&kafka).await?;
+            let blacklist = coupon_producers::blacklist::Blacklist {
+                pool: &pool,
+                publisher: &publisher,
+                topics: &topics,
+            };
             if blacklist.remove(user.as_str(), manual).await? {
                 println!("{user} removed from the blacklist");
             } else {

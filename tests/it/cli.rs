@@ -44,8 +44,9 @@ const CASES: &[Case] = &[
     case(&["topics"], false, false, true),
     case(&["migrate"], true, false, false),
     case(&["blacklist", "list"], true, false, false),
-    case(&["blacklist", "add", "user-1"], true, false, false),
-    case(&["blacklist", "remove", "user-1"], true, false, false),
+    // Changes go on the log too (`<prefix>.blacklist`).
+    case(&["blacklist", "add", "user-1"], true, false, true),
+    case(&["blacklist", "remove", "user-1"], true, false, true),
     case(&["status"], true, false, true),
     case(&["replay"], false, false, true),
     case(&["audit"], true, false, true),
