@@ -91,6 +91,8 @@ pub struct AppConfig {
     pub gateway: GatewayConfig,
     /// Partitions of topics created at start-up.
     pub partitions: i32,
+    /// Replicas of topics created at start-up (`None`: the broker's default).
+    pub replication: Option<i32>,
     /// Broker long-poll on the latency-sensitive path (claims, purchases, replies).
     pub fast_fetch_wait_ms: u32,
     /// Broker long-poll for coupons, expiry and history.
@@ -121,10 +123,11 @@ impl AppConfig {
             policy: Policy::default(),
             gateway: GatewayConfig::default(),
             partitions: 4,
-            fast_fetch_wait_ms: 10,
-            slow_fetch_wait_ms: 100,
+            replication: None,
+            fast_fetch_wait_ms: 100,
+            slow_fetch_wait_ms: 500,
             max_batch: 500,
-            assignment: Assignment::SOLE,
+            assignment: Assignment::Group,
             sweep_interval: Duration::from_secs(1),
             db_max_connections: 10,
             producer_name: "couponctl".into(),
@@ -187,7 +190,13 @@ pub async fn connect(config: &AppConfig) -> anyhow::Result<Context> {
         .await
         .with_context(|| format!("connecting to Redis at {}", redact(&config.redis_url)))?;
     let topics = config.topics();
-    create_topics(&config.kafka, &topics, config.partitions).await?;
+    create_topics(
+        &config.kafka,
+        &topics,
+        config.partitions,
+        config.replication,
+    )
+    .await?;
     let publisher = Publisher::new(&config.kafka, &config.producer_name)?;
     Ok(Context {
         pool,
@@ -204,6 +213,7 @@ pub async fn create_topics(
     kafka: &KafkaSettings,
     topics: &Topics,
     partitions: i32,
+    replication: Option<i32>,
 ) -> anyhow::Result<Vec<String>> {
     reach::kafka(&kafka.brokers).await?;
     let specs: Vec<TopicSpec> = topics
@@ -212,7 +222,7 @@ pub async fn create_topics(
         .map(|name| TopicSpec {
             name,
             partitions,
-            replication: 1,
+            replication,
         })
         .collect();
     ensure_topics(kafka, &specs).await.with_context(|| {

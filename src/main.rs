@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use coupon_consumers::Policy;
 use coupon_domain::{Category, EmployeeId, QuotaWindow, UserId};
 use coupon_platform::kafka::consumer::Assignment;
+use coupon_platform::kafka::GroupProtocol;
 use coupon_platform::{reach, KafkaSettings};
 use coupon_producers::gateway::GatewayConfig;
 use couponctl::app::{self, AppConfig, Role};
@@ -84,6 +85,19 @@ struct Connections {
     /// Extra librdkafka properties, `key=value,key=value` (e.g. security.protocol=SSL).
     #[arg(long, global = true, env = "KAFKA_EXTRA", value_parser = parse_kafka_extra, default_value = "")]
     kafka_extra: KafkaExtra,
+    /// Consumer-group protocol: `classic` (cooperative-sticky, any broker) or
+    /// `consumer` (KIP-848, Kafka 4.0+).
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_GROUP_PROTOCOL",
+        default_value = "classic"
+    )]
+    kafka_group_protocol: GroupProtocol,
+    /// Replicas of topics this process creates [default: the broker's
+    /// default.replication.factor].
+    #[arg(long, global = true, env = "TOPIC_REPLICATION", value_parser = clap::value_parser!(i32).range(1..))]
+    topic_replication: Option<i32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -130,18 +144,20 @@ struct ServeArgs {
     /// Partitions of topics created at start-up.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
     partitions: i32,
-    /// Broker long-poll (ms) for claims, purchases and gateway replies: the idle-hop latency.
-    #[arg(long, env = "FAST_FETCH_WAIT_MS", default_value_t = 10)]
+    /// Broker long-poll (ms) for claims, purchases and gateway replies. Kafka
+    /// answers as soon as a record arrives, so this bounds idle polling only.
+    #[arg(long, env = "FAST_FETCH_WAIT_MS", default_value_t = 100)]
     fast_fetch_wait_ms: u32,
     /// Broker long-poll (ms) for coupons, expiry and history.
-    #[arg(long, env = "SLOW_FETCH_WAIT_MS", default_value_t = 100)]
+    #[arg(long, env = "SLOW_FETCH_WAIT_MS", default_value_t = 500)]
     slow_fetch_wait_ms: u32,
     /// Largest batch a consumer processes in one transaction.
     #[arg(long, env = "MAX_BATCH", default_value_t = 500)]
     max_batch: usize,
-    /// This instance's share of partitions, `INDEX/COUNT` (e.g. 0/2 and 1/2 for
-    /// two instances of a role), or `group` for Kafka's rebalancing groups.
-    #[arg(long, env = "CONSUMER_INSTANCE", default_value = "0/1", value_parser = parse_assignment)]
+    /// How instances of a role share partitions: `group` (Kafka's consumer
+    /// groups: run any number, partitions move as instances come and go) or a
+    /// static share `INDEX/COUNT` (e.g. 0/2 and 1/2; no rebalancing).
+    #[arg(long, env = "CONSUMER_INSTANCE", default_value = "group", value_parser = parse_assignment)]
     instance: Assignment,
     /// How often the expiry sweeper looks for overdue holds.
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -437,6 +453,7 @@ impl Connections {
         let mut kafka = KafkaSettings::new(&self.kafka_brokers);
         kafka.idempotent_producer = !self.kafka_no_idempotence;
         kafka.extra = self.kafka_extra.0.clone();
+        kafka.group_protocol = self.kafka_group_protocol;
         kafka
     }
 
@@ -463,6 +480,7 @@ impl Connections {
             datacenter_id: serve.datacenter_id,
         };
         config.partitions = serve.partitions;
+        config.replication = self.topic_replication;
         config.fast_fetch_wait_ms = serve.fast_fetch_wait_ms;
         config.slow_fetch_wait_ms = serve.slow_fetch_wait_ms;
         config.max_batch = serve.max_batch.max(1);
@@ -547,7 +565,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Topics { partitions } => {
             let topics = coupon_platform::Topics::new(&conn.topic_prefix);
-            let created = app::create_topics(&conn.kafka(), &topics, partitions).await?;
+            let created =
+                app::create_topics(&conn.kafka(), &topics, partitions, conn.topic_replication)
+                    .await?;
             for name in topics.all() {
                 let note = if created.contains(&name) {
                     "created"
@@ -834,7 +854,7 @@ async fn issue(
         .context("applying migrations")?;
     let kafka = conn.kafka();
     let topics = coupon_platform::Topics::new(&conn.topic_prefix);
-    app::create_topics(&kafka, &topics, partitions).await?;
+    app::create_topics(&kafka, &topics, partitions, conn.topic_replication).await?;
     let publisher = coupon_platform::kafka::Publisher::new(
         &kafka,
         &format!("couponctl-issue@{}", std::process::id()),

@@ -205,7 +205,7 @@ async fn echo(config: &AppConfig, requests: usize, concurrency: usize) -> anyhow
         .map(|name| TopicSpec {
             name: (*name).clone(),
             partitions: config.partitions,
-            replication: 1,
+            replication: config.replication,
         })
         .collect();
     ensure_topics(&config.kafka, &specs).await?;

@@ -51,15 +51,13 @@ async fn admin_pool() -> PgPool {
 
 /// Drops databases left by test runs that died more than an hour ago.
 async fn sweep_leftovers(admin: &PgPool) {
-    let cutoff = chrono::Utc::now().timestamp() - 3600;
     let names: Vec<String> =
         sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'it\\_%'")
             .fetch_all(admin)
             .await
             .unwrap_or_default();
     for name in names {
-        let born: Option<i64> = name.split('_').nth(1).and_then(|s| s.parse().ok());
-        if born.is_some_and(|b| b < cutoff) {
+        if left_over(&name) {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                 .execute(admin)
                 .await;
@@ -69,6 +67,13 @@ async fn sweep_leftovers(admin: &PgPool) {
 
 impl TestEnv {
     pub async fn new() -> Self {
+        Self::on_brokers(brokers()).await
+    }
+
+    /// A test environment whose topics live on the brokers at `brokers` (the
+    /// 3-node cluster of the fault-injection run), created with the
+    /// brokers' default replication factor.
+    pub async fn on_brokers(brokers: String) -> Self {
         let name = format!(
             "it_{}_{}",
             chrono::Utc::now().timestamp(),
@@ -89,8 +94,8 @@ impl TestEnv {
             .expect("connect test database");
         coupon_platform::db::migrate(&pool).await.expect("migrate");
         let topics = Topics::new(&name);
-        let kafka = KafkaSettings::new(brokers());
-        app::create_topics(&kafka, &topics, 2)
+        let kafka = KafkaSettings::new(brokers);
+        app::create_topics(&kafka, &topics, 2, None)
             .await
             .expect("create topics");
         Self {
@@ -214,12 +219,55 @@ impl TestEnv {
     }
 }
 
+/// Whether a test's database or topic prefix `it_<unix seconds>_<id>` was
+/// made more than an hour ago (by a run that died before it cleaned up).
+fn left_over(name: &str) -> bool {
+    let cutoff = chrono::Utc::now().timestamp() - 3600;
+    name.strip_prefix("it_")
+        .and_then(|rest| rest.split('_').next())
+        .and_then(|born| born.parse::<i64>().ok())
+        .is_some_and(|born| born < cutoff)
+}
+
+/// Deletes the topics whose name `doomed` picks. Best effort: a topic that
+/// stays behind only costs the broker a little disk.
+async fn delete_topics(brokers: &str, doomed: impl Fn(&str) -> bool) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let kafka = KafkaSettings::new(brokers);
+    let Ok(admin) = kafka
+        .client_config()
+        .create::<AdminClient<DefaultClientContext>>()
+    else {
+        return;
+    };
+    let names: Vec<String> = match admin.inner().fetch_metadata(None, Duration::from_secs(10)) {
+        Ok(metadata) => metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|name| doomed(name))
+            .collect(),
+        Err(_) => return,
+    };
+    if names.is_empty() {
+        return;
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let _ = admin
+        .delete_topics(
+            &refs,
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await;
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        // Best effort, off the runtime: drop the database. Topics stay: they
-        // are unique to this test, and deleting topics while other clients
-        // fetch crashes the storage task of tansu 0.6.0.
+        // Best effort, off the runtime: drop the database and this test's
+        // topics, and those of test runs that died an hour ago or more.
         let name = self.name.clone();
+        let brokers = self.kafka.brokers.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -232,6 +280,11 @@ impl Drop for TestEnv {
                 let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                     .execute(&admin)
                     .await;
+                let own = format!("{name}.");
+                delete_topics(&brokers, |topic| {
+                    topic.starts_with(&own) || left_over(topic.split('.').next().unwrap_or(""))
+                })
+                .await;
             });
         })
         .join();
