@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use prost::Message as _;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -247,13 +250,52 @@ pub struct ConsumerSettings {
     pub assignment: Assignment,
 }
 
+/// A role's consumer: a stream consumer that logs its group's partition moves.
+pub type RoleConsumer = StreamConsumer<RebalanceLog>;
+
+/// Logs every partition this instance takes or gives up, so an operator can
+/// follow a rebalance (an instance joined, left or died) in the logs, and a
+/// test can wait for one.
+pub struct RebalanceLog {
+    group: String,
+}
+
+impl ClientContext for RebalanceLog {}
+
+impl ConsumerContext for RebalanceLog {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let list = |tpl: &TopicPartitionList| {
+            tpl.elements()
+                .iter()
+                .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                metrics::counter!("coupon_consumer_rebalances_total", "change" => "assigned")
+                    .increment(1);
+                tracing::info!(group = %self.group, partitions = %list(tpl), "partitions assigned");
+            }
+            Rebalance::Revoke(tpl) => {
+                metrics::counter!("coupon_consumer_rebalances_total", "change" => "revoked")
+                    .increment(1);
+                tracing::info!(group = %self.group, partitions = %list(tpl), "partitions revoked");
+            }
+            Rebalance::Error(error) => {
+                tracing::warn!(group = %self.group, %error, "rebalance failed");
+            }
+        }
+    }
+}
+
 /// Creates a consumer of `settings.topics` in `settings.group_id`, with its
 /// partitions assigned as `settings.assignment` says. Blocks briefly for
 /// metadata with static assignment (call it from a blocking-safe place).
 pub fn group_consumer(
     kafka: &KafkaSettings,
     settings: &ConsumerSettings,
-) -> Result<StreamConsumer, KafkaError> {
+) -> Result<RoleConsumer, KafkaError> {
     let mut config = kafka.client_config();
     config
         .set("group.id", &settings.group_id)
@@ -280,7 +322,9 @@ pub fn group_consumer(
                 .set("heartbeat.interval.ms", "1000");
         }
     }
-    let consumer: StreamConsumer = config.create()?;
+    let consumer: RoleConsumer = config.create_with_context(RebalanceLog {
+        group: settings.group_id.clone(),
+    })?;
     match settings.assignment {
         Assignment::Group => {
             let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -309,7 +353,7 @@ pub fn group_consumer(
 
 /// Waits for at least one record, then takes whatever else is already
 /// fetched, up to `max`. Records keep their per-partition order.
-pub async fn next_batch(consumer: &StreamConsumer, max: usize) -> Result<Vec<Record>, KafkaError> {
+pub async fn next_batch(consumer: &RoleConsumer, max: usize) -> Result<Vec<Record>, KafkaError> {
     let first = consumer.recv().await?;
     let mut batch = vec![Record::from_message(&first)];
     drop(first);
@@ -327,7 +371,7 @@ pub async fn next_batch(consumer: &StreamConsumer, max: usize) -> Result<Vec<Rec
 }
 
 /// Marks a batch as done: the next commit will resume after it.
-pub fn store_offsets(consumer: &StreamConsumer, batch: &[Record]) -> Result<(), KafkaError> {
+pub fn store_offsets(consumer: &RoleConsumer, batch: &[Record]) -> Result<(), KafkaError> {
     let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for record in batch {
         let entry = next.entry((&record.topic, record.partition)).or_insert(0);
@@ -358,7 +402,7 @@ impl RetryableError {
 /// work but loses none. Shutdown waits for the batch in hand, then commits.
 pub async fn run_batches<H, Fut>(
     name: &str,
-    consumer: StreamConsumer,
+    consumer: RoleConsumer,
     max_batch: usize,
     mut handle: H,
     shutdown: impl Future<Output = ()>,
@@ -415,7 +459,7 @@ pub async fn run_batches<H, Fut>(
     commit_on_shutdown(name, &consumer);
 }
 
-fn commit_on_shutdown(name: &str, consumer: &StreamConsumer) {
+fn commit_on_shutdown(name: &str, consumer: &RoleConsumer) {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => tracing::info!(consumer = name, "offsets committed at shutdown"),
         Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
