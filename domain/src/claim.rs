@@ -21,15 +21,20 @@ pub struct ActiveHold {
     pub expires_at: DateTime<Utc>,
 }
 
-/// What the claim processor knows about the user when a request arrives.
+/// What the claim processor knows about the user when a request arrives:
+/// stored facts only, not judged against any clock. The rules judge them at
+/// the request's time, so one read serves every request of a batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserClaimState {
     /// `Some(None)`: blacklisted with no end; `Some(Some(t))`: until `t`.
     pub blacklisted: Option<Option<DateTime<Utc>>>,
-    /// The newest unexpired, unredeemed hold, if any.
-    pub active_hold: Option<ActiveHold>,
-    /// Whether the user was already granted a coupon in the current window.
-    pub granted_in_window: bool,
+    /// The coupon the user holds (status `held`), whether or not its
+    /// deadline has passed: an overdue hold stays until something releases
+    /// it, and a new grant must release it first.
+    pub hold: Option<ActiveHold>,
+    /// The start of the newest quota window in which the user was granted
+    /// a coupon.
+    pub last_grant_window: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +76,11 @@ pub enum ClaimPrecheck {
     Allocate {
         window_start: DateTime<Utc>,
         hold_until: DateTime<Utc>,
+        /// The user's hold whose deadline has passed but that nothing has
+        /// released yet (the expiry is down, or behind). The grant releases
+        /// it first: a user holds one coupon at a time, and an overdue hold
+        /// must never make a new grant fail.
+        releases: Option<ActiveHold>,
     },
 }
 
@@ -85,7 +95,7 @@ pub fn precheck(
             return ClaimPrecheck::Decided(ClaimOutcome::Blacklisted { until });
         }
     }
-    if let Some(hold) = &state.active_hold {
+    if let Some(hold) = &state.hold {
         if hold.expires_at > now {
             return ClaimPrecheck::Decided(ClaimOutcome::Granted {
                 code: hold.code.clone(),
@@ -95,13 +105,20 @@ pub fn precheck(
             });
         }
     }
-    if state.granted_in_window {
+    let window_start = window.start_of(now);
+    // A grant in a later window than `now`'s counts too: a request judged
+    // late must not take a second coupon behind a newer one.
+    if state
+        .last_grant_window
+        .is_some_and(|granted| granted >= window_start)
+    {
         return ClaimPrecheck::Decided(rate_limited(now, window));
     }
     let ttl = chrono::Duration::from_std(hold_ttl).unwrap_or(chrono::Duration::minutes(5));
     ClaimPrecheck::Allocate {
-        window_start: window.start_of(now),
+        window_start,
         hold_until: now + ttl,
+        releases: state.hold.clone(),
     }
 }
 
@@ -180,6 +197,7 @@ mod tests {
             ClaimPrecheck::Allocate {
                 window_start: "2026-11-25T00:00:00Z".parse().unwrap(),
                 hold_until: "2026-11-25T12:05:00Z".parse().unwrap(),
+                releases: None,
             }
         );
     }
@@ -193,8 +211,8 @@ mod tests {
         };
         let mut state = UserClaimState {
             blacklisted: Some(None),
-            active_hold: Some(hold),
-            granted_in_window: true,
+            hold: Some(hold),
+            last_grant_window: Some(QuotaWindow::DAY.start_of(now())),
         };
         assert_eq!(
             precheck(&state, now(), QuotaWindow::DAY, TTL),
@@ -269,12 +287,12 @@ mod tests {
     fn expired_hold_with_used_quota_is_rate_limited_until_the_window_ends() {
         let state = UserClaimState {
             blacklisted: None,
-            active_hold: Some(ActiveHold {
+            hold: Some(ActiveHold {
                 code: "C".into(),
                 category: "x".into(),
                 expires_at: now(),
             }),
-            granted_in_window: true,
+            last_grant_window: Some(QuotaWindow::DAY.start_of(now())),
         };
         assert_eq!(
             precheck(&state, now(), QuotaWindow::DAY, TTL),
@@ -282,5 +300,70 @@ mod tests {
                 retry_at: "2026-11-26T00:00:00Z".parse().unwrap()
             })
         );
+    }
+
+    #[test]
+    fn an_overdue_hold_in_a_new_window_is_released_by_the_grant() {
+        let window = QuotaWindow::new(Duration::from_secs(60)).unwrap();
+        let overdue = ActiveHold {
+            code: "OLD".into(),
+            category: "x".into(),
+            expires_at: now() - chrono::Duration::seconds(30),
+        };
+        let state = UserClaimState {
+            blacklisted: None,
+            hold: Some(overdue.clone()),
+            last_grant_window: Some(window.start_of(now() - chrono::Duration::seconds(60))),
+        };
+        assert_eq!(
+            precheck(&state, now(), window, TTL),
+            ClaimPrecheck::Allocate {
+                window_start: now(),
+                hold_until: now() + chrono::Duration::seconds(300),
+                releases: Some(overdue),
+            }
+        );
+    }
+
+    #[test]
+    fn a_grant_in_a_later_window_than_the_request_still_uses_the_quota() {
+        let state = UserClaimState {
+            last_grant_window: Some(QuotaWindow::DAY.end_of(now())),
+            ..UserClaimState::default()
+        };
+        assert!(matches!(
+            precheck(&state, now(), QuotaWindow::DAY, TTL),
+            ClaimPrecheck::Decided(ClaimOutcome::RateLimited { .. })
+        ));
+    }
+
+    proptest::proptest! {
+        /// Whatever the stored facts and the time, the rules never allocate
+        /// while the user holds a live coupon or has used this window, and
+        /// every allocation releases whatever (overdue) hold the user has.
+        #[test]
+        fn allocation_never_collides_with_a_hold_or_the_quota(
+            hold_offset in proptest::option::of(-7_200i64..7_200),
+            grant_offset in proptest::option::of(-3i64..3),
+            window_secs in 1u64..7_200,
+        ) {
+            let window = QuotaWindow::new(Duration::from_secs(window_secs)).unwrap();
+            let hold = hold_offset.map(|s| ActiveHold {
+                code: "H".into(),
+                category: "x".into(),
+                expires_at: now() + chrono::Duration::seconds(s),
+            });
+            let last_grant_window = grant_offset.map(|k| {
+                window.start_of(now()) + chrono::Duration::seconds(k * window_secs as i64)
+            });
+            let state = UserClaimState { blacklisted: None, hold: hold.clone(), last_grant_window };
+            if let ClaimPrecheck::Allocate { window_start, releases, .. } =
+                precheck(&state, now(), window, TTL)
+            {
+                proptest::prop_assert!(hold.as_ref().is_none_or(|h| h.expires_at <= now()));
+                proptest::prop_assert!(last_grant_window.is_none_or(|w| w < window_start));
+                proptest::prop_assert_eq!(releases, hold);
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! only move data in and out of these types and carry the decisions out atomically.
 
 pub mod claim;
+pub mod clock;
 pub mod code;
 pub mod ids;
 pub mod lifecycle;
