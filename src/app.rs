@@ -220,6 +220,7 @@ pub async fn create_topics(
         .all()
         .into_iter()
         .map(|name| TopicSpec {
+            configs: topic_configs(topics, &name),
             name,
             partitions,
             replication,
@@ -231,6 +232,18 @@ pub async fn create_topics(
             kafka.brokers
         )
     })
+}
+
+/// The configs a topic is created with. The request topics (claims and
+/// purchases) stamp each record with the time the broker appended it
+/// (`LogAppendTime`): the processors judge a request at that time
+/// (`coupon_domain::clock`), so no producer may set it.
+pub fn topic_configs(topics: &Topics, name: &str) -> Vec<(String, String)> {
+    if name == topics.claims() || name == topics.purchases() {
+        vec![("message.timestamp.type".into(), "LogAppendTime".into())]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Starts `roles`; they run until `shutdown` is cancelled.

@@ -126,6 +126,10 @@ struct ServeArgs {
     /// The quota window: one coupon per user per window, aligned to UTC (1d = calendar day).
     #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
     quota_window: QuotaWindow,
+    /// How late a request may be decided and still be judged at the time the
+    /// broker accepted it; holds are released this long after their deadline.
+    #[arg(long, env = "HOLD_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    hold_grace: Duration,
     /// Bearer token for admin routes (POST /api/v1/coupon); unset closes them.
     #[arg(long, env = "COUPON_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -470,6 +474,7 @@ impl Connections {
         config.policy = Policy {
             hold_ttl: serve.hold_ttl,
             quota_window: serve.quota_window,
+            hold_grace: serve.hold_grace,
         };
         config.gateway = GatewayConfig {
             api_token: serve.api_token.clone().filter(|t| !t.is_empty()),

@@ -18,7 +18,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use coupon_domain::QuotaWindow;
-use coupon_platform::kafka::consumer::{Assignment, DeadLetters, RetryableError};
+use coupon_platform::kafka::consumer::{Assignment, BatchError, DeadLetters};
 use coupon_platform::kafka::{Publisher, Record};
 use coupon_platform::redis::Cache;
 use coupon_platform::{KafkaSettings, Topics};
@@ -61,6 +61,15 @@ pub fn role_topics(role: &str, topics: &Topics) -> Vec<String> {
 pub struct Policy {
     pub hold_ttl: Duration,
     pub quota_window: QuotaWindow,
+    /// How far a request's broker time may lie behind the database's clock
+    /// and still count (see [`coupon_domain::clock`]): a purchase accepted
+    /// before its hold's deadline is honoured if decided within this long
+    /// after it, and holds are released this long after their deadline.
+    pub hold_grace: Duration,
+}
+
+impl Policy {
+    pub const DEFAULT_HOLD_GRACE: Duration = Duration::from_secs(5);
 }
 
 impl Default for Policy {
@@ -68,6 +77,7 @@ impl Default for Policy {
         Self {
             hold_ttl: Duration::from_secs(300),
             quota_window: QuotaWindow::DAY,
+            hold_grace: Self::DEFAULT_HOLD_GRACE,
         }
     }
 }
@@ -95,10 +105,6 @@ pub struct PollSettings {
     pub fetch_wait_max_ms: u32,
     pub max_batch: usize,
     pub assignment: Assignment,
-}
-
-pub(crate) fn retryable(error: impl std::fmt::Display) -> RetryableError {
-    RetryableError::new(error)
 }
 
 /// The user id of an invalid request as its answer repeats it (the answer
@@ -153,25 +159,50 @@ impl Decided {
 pub(crate) async fn dead_letter_all(
     letters: &DeadLetters,
     refused: &[(&Record, String)],
-) -> Result<(), RetryableError> {
+) -> Result<(), BatchError> {
     for (record, reason) in refused {
-        letters.send(record, reason).await.map_err(retryable)?;
+        letters.send(record, reason).await?;
     }
     Ok(())
 }
 
-/// Runs one role's batch loop with its own group consumer.
-pub(crate) async fn run_role<F, Fut>(
+/// The `reject` of roles whose records have no requester to answer: the
+/// record goes to the dead-letter topic with the reason.
+pub(crate) async fn dead_letter_one(
+    ctx: &Context,
+    role: &str,
+    record: Record,
+    reason: String,
+) -> Result<(), BatchError> {
+    ctx.dead_letters(role).send(&record, &reason).await?;
+    Ok(())
+}
+
+/// The database's clock, read in the batch's transaction: `now()` is the
+/// transaction's start, so every statement of the batch agrees on it.
+pub(crate) async fn db_now(
+    conn: &mut sqlx::PgConnection,
+) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
+    sqlx::query_scalar("SELECT now()").fetch_one(conn).await
+}
+
+/// Runs one role's batch loop with its own group consumer. `reject` sets
+/// aside a record that fails on its own (see
+/// [`coupon_platform::kafka::consumer::settle`]).
+pub(crate) async fn run_role<F, Fut, R, RFut>(
     ctx: &Context,
     role: &'static str,
     topics: Vec<String>,
     poll: PollSettings,
     handle: F,
+    reject: R,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), rdkafka::error::KafkaError>
 where
     F: FnMut(Vec<Record>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), RetryableError>>,
+    Fut: std::future::Future<Output = Result<(), BatchError>>,
+    R: FnMut(Record, String) -> RFut,
+    RFut: std::future::Future<Output = Result<(), BatchError>>,
 {
     use coupon_platform::kafka::consumer::{group_consumer, run_batches, ConsumerSettings};
     let settings = ConsumerSettings {
@@ -187,7 +218,7 @@ where
         .await
         .map_err(|_| rdkafka::error::KafkaError::Canceled)??;
     tracing::info!(role, group = %settings.group_id, topics = ?settings.topics, assignment = ?settings.assignment, "consumer started");
-    run_batches(role, consumer, poll.max_batch, handle, shutdown).await;
+    run_batches(role, consumer, poll.max_batch, handle, reject, shutdown).await;
     tracing::info!(role, "consumer stopped");
     Ok(())
 }

@@ -48,3 +48,21 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
         .await?;
     Ok(())
 }
+
+/// Whether a failed statement failed because of the values it was given,
+/// so that running it again with the same values fails again: data
+/// exceptions (class 22: a NUL in text, a number or time out of range),
+/// integrity constraint violations (class 23) and program limits a value
+/// exceeds (class 54: an index row too large), and values that cannot be
+/// encoded or decoded. Everything else (connections, timeouts, deadlocks,
+/// serialization conflicts, shutdowns, and schema mismatches after a bad
+/// deploy, which a fix of the deployment cures) is transient.
+pub fn is_permanent(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| matches!(code.get(..2), Some("22" | "23" | "54"))),
+        sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => true,
+        _ => false,
+    }
+}

@@ -206,6 +206,7 @@ async fn echo(config: &AppConfig, requests: usize, concurrency: usize) -> anyhow
             name: (*name).clone(),
             partitions: config.partitions,
             replication: config.replication,
+            configs: Vec::new(),
         })
         .collect();
     ensure_topics(&config.kafka, &specs).await?;

@@ -16,30 +16,49 @@
 //! request id, which is answered from the stored decision). Decisions are
 //! published in arrival order.
 //!
+//! Each claim is judged at its own time, the broker's timestamp bounded by
+//! the database's clock (`coupon_domain::clock`): its quota window, its
+//! hold's deadline and whether the user's current hold is still live. A
+//! user's hold whose deadline has passed but that the expiry has not
+//! released yet (it is down, behind, or waiting out its grace) is released
+//! by the user's next grant, in the same transaction: an overdue hold never
+//! blocks a claim.
+//!
+//! A request id is one user's. A claim that reuses the id of another user's
+//! claim (stored, or earlier in the same batch) is answered `invalid`,
+//! addressed to its own user, without touching the store: never with the
+//! other user's decision or coupon, and never with two decisions under one
+//! id in a batch (which could only be rolled back and retried forever).
+//!
 //! Delivery guarantee: at least once, effect exactly once. A batch is decided
 //! in one transaction that also stores each decision under its request id;
 //! after the commit the decisions are published and only then are offsets
 //! stored. A redelivered request finds its stored decision and publishes it
 //! again unchanged (same event id), so a crash between commit and publish
-//! loses no decision and a redelivery creates no second one.
+//! loses no decision and a redelivery creates no second one. Answers that
+//! are not stored (invalid requests) take their event id from the request
+//! and their time from the record, so a redelivery repeats them exactly.
 
 mod store;
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use serde_json::json;
 
 use coupon_domain::claim::{
     allocation_groups, precheck, ClaimOutcome, ClaimPrecheck, PoolKnowledge, UserClaimState,
 };
+use coupon_domain::clock::judged_at;
 use coupon_domain::{Category, RequestId, UserId};
-use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::redis::CachedHold;
 use coupon_platform::time::to_ms;
 use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
 
-use crate::{dead_letter_all, retryable, Context, Decided, PollSettings};
+use crate::history::HistoryRow;
+use crate::{dead_letter_all, Context, Decided, PollSettings};
 
 pub use store::StoredDecision;
 
@@ -52,10 +71,21 @@ pub struct Claim {
     pub user_id: UserId,
     pub category: Option<Category>,
     pub correlation_id: String,
+    /// The time the claim is judged at (`coupon_domain::clock`).
+    pub at: DateTime<Utc>,
+    /// The record's own time, the same on every delivery: the time of an
+    /// answer that is not stored.
+    pub received_ms: i64,
 }
 
 /// Why a decodable request is refused; the requester still gets a decision.
-pub fn validate(request: &ClaimRequested) -> Result<Claim, String> {
+/// `record` is the request's record: it gives the claim its times.
+pub fn validate(
+    request: &ClaimRequested,
+    record: &Record,
+    db_now: DateTime<Utc>,
+    grace: std::time::Duration,
+) -> Result<Claim, String> {
     // Ids end up in Postgres text columns, which refuse NUL: a NUL let
     // through here fails the batch forever instead of refusing one record.
     let request_id = RequestId::parse(request.request_id.clone()).map_err(|e| e.to_string())?;
@@ -64,22 +94,51 @@ pub fn validate(request: &ClaimRequested) -> Result<Claim, String> {
         "" => None,
         raw => Some(Category::parse(raw).map_err(|e| e.to_string())?),
     };
+    let envelope = request.envelope.as_ref();
     Ok(Claim {
         request_id: request_id.into_string(),
         user_id,
         category,
-        correlation_id: request
-            .envelope
-            .as_ref()
+        correlation_id: envelope
             .map(|e| e.correlation_id.clone())
             .unwrap_or_default(),
+        at: judged_at(record.timestamp_ms, db_now, grace),
+        received_ms: stable_time_ms(record, envelope.map(|e| e.occurred_at_ms)),
     })
+}
+
+/// Why deciding a batch failed.
+#[derive(Debug, thiserror::Error)]
+enum ClaimsError {
+    #[error("postgres")]
+    Db(#[from] sqlx::Error),
+    /// Another processor stored decisions for some of these requests
+    /// meanwhile (a rebalance). Its decisions stand and ours roll back; the
+    /// next attempt reads them. Reported as permanent so that the batch
+    /// loop isolates the records should it ever recur, rather than retry
+    /// one batch forever.
+    #[error("{conflicting} of {of} claims were decided concurrently by another processor")]
+    Concurrent { conflicting: u64, of: usize },
+    #[error("claim {0} was left undecided")]
+    Undecided(String),
+}
+
+impl From<ClaimsError> for BatchError {
+    fn from(error: ClaimsError) -> Self {
+        match error {
+            ClaimsError::Db(error) => error.into(),
+            other => BatchError::permanent(other),
+        }
+    }
 }
 
 /// What the batch transaction knows while it decides its claims.
 struct BatchView {
     /// Decisions stored before this batch, and those made in it so far.
     decided: HashMap<String, StoredDecision>,
+    /// The user each request id belongs to: the one of its stored decision,
+    /// or of the first claim in this batch that used it.
+    owners: HashMap<String, String>,
     /// Each user's state as read at the start of the batch.
     states: HashMap<String, UserClaimState>,
     /// Users with a claim decided (or waiting for a coupon) in this batch:
@@ -87,16 +146,13 @@ struct BatchView {
     /// after the batch's grants, on a fresh read.
     touched: HashSet<String>,
     pool: PoolKnowledge,
+    /// Overdue holds released by this batch's grants.
+    released: Vec<store::Released>,
 }
 
 impl BatchView {
-    fn record(
-        &mut self,
-        claim: &Claim,
-        outcome: ClaimOutcome,
-        now: DateTime<Utc>,
-    ) -> (StoredDecision, bool) {
-        let decision = StoredDecision::new(claim, outcome, now);
+    fn record(&mut self, claim: &Claim, outcome: ClaimOutcome) -> (StoredDecision, bool) {
+        let decision = StoredDecision::new(claim, outcome);
         self.decided
             .insert(claim.request_id.clone(), decision.clone());
         (decision, true)
@@ -112,42 +168,51 @@ enum Step<'a> {
     Waiting(store::Candidate<'a>),
     /// The user already has a claim in this batch: decided after the grants.
     Deferred,
+    /// The request id belongs to another user's claim.
+    IdTaken,
 }
 
 /// Sorts `claim` with what the batch read up front. No I/O.
-fn classify<'a>(
-    ctx: &Context,
-    claim: &'a Claim,
-    now: DateTime<Utc>,
-    view: &mut BatchView,
-) -> Step<'a> {
+fn classify<'a>(ctx: &Context, claim: &'a Claim, view: &mut BatchView) -> Step<'a> {
+    let user = claim.user_id.as_str();
+    match view.owners.get(&claim.request_id) {
+        Some(owner) if owner != user => return Step::IdTaken,
+        Some(_) => {}
+        None => {
+            view.owners
+                .insert(claim.request_id.clone(), user.to_owned());
+        }
+    }
     if let Some(stored) = view.decided.get(&claim.request_id) {
         return Step::Decided(stored.clone(), false);
     }
-    let user = claim.user_id.as_str();
     if !view.touched.insert(user.to_owned()) {
         return Step::Deferred;
     }
     let state = view.states.get(user).cloned().unwrap_or_default();
-    match apply_rules(ctx, claim, &state, now, &view.pool) {
+    match apply_rules(ctx, claim, &state, &view.pool) {
         Ok(outcome) => {
-            let (decision, is_new) = view.record(claim, outcome, now);
+            let (decision, is_new) = view.record(claim, outcome);
             Step::Decided(decision, is_new)
         }
         Err(candidate) => Step::Waiting(candidate),
     }
 }
 
-/// The claim rules on the user's `state`: a decision, or a candidate for a
-/// coupon.
+/// The claim rules on the user's `state`, at the claim's time: a decision,
+/// or a candidate for a coupon.
 fn apply_rules<'a>(
     ctx: &Context,
     claim: &'a Claim,
     state: &UserClaimState,
-    now: DateTime<Utc>,
     pool: &PoolKnowledge,
 ) -> Result<ClaimOutcome, store::Candidate<'a>> {
-    match precheck(state, now, ctx.policy.quota_window, ctx.policy.hold_ttl) {
+    match precheck(
+        state,
+        claim.at,
+        ctx.policy.quota_window,
+        ctx.policy.hold_ttl,
+    ) {
         ClaimPrecheck::Decided(outcome) => Ok(outcome),
         // The flash-sale shortcut: once this batch found the pool empty,
         // further claims are sold out without touching the database.
@@ -157,10 +222,12 @@ fn apply_rules<'a>(
         ClaimPrecheck::Allocate {
             window_start,
             hold_until,
+            releases,
         } => Err(store::Candidate {
             claim,
             window_start,
             hold_until,
+            releases,
         }),
     }
 }
@@ -169,21 +236,39 @@ fn category_of(claim: &Claim) -> Option<&str> {
     claim.category.as_ref().map(|c| c.as_str())
 }
 
-/// Grants coupons from one pool to its waiting claims in one statement;
-/// those left without one are sold out.
+/// Grants coupons from one pool to its waiting claims in one statement
+/// (after releasing their overdue holds); those left without one are sold
+/// out.
 async fn grant_group(
     tx: &mut sqlx::PgConnection,
     view: &mut BatchView,
     category: Option<&str>,
     waiting: Vec<(usize, store::Candidate<'_>)>,
-    now: DateTime<Utc>,
 ) -> Result<Vec<(usize, StoredDecision)>, sqlx::Error> {
     let granted: HashMap<String, store::Granted> = if view.pool.known_empty(category) {
         HashMap::new()
     } else {
+        let releasing: Vec<&store::Candidate<'_>> = waiting
+            .iter()
+            .map(|(_, c)| c)
+            .filter(|c| c.releases.is_some())
+            .collect();
+        let released = store::release_overdue(tx, &releasing).await?;
+        if !released.is_empty() {
+            let at: HashMap<&str, DateTime<Utc>> = releasing
+                .iter()
+                .map(|c| (c.claim.user_id.as_str(), c.claim.at))
+                .collect();
+            let rows: Vec<HistoryRow> = released
+                .iter()
+                .map(|r| release_history(r, at.get(r.user_id.as_str()).copied()))
+                .collect();
+            crate::history::append(&mut *tx, &rows).await?;
+            view.released.extend(released);
+        }
         let candidates: Vec<store::Candidate<'_>> =
             waiting.iter().map(|(_, c)| c.clone()).collect();
-        store::grant(tx, category, &candidates, now)
+        store::grant(tx, category, &candidates)
             .await?
             .into_iter()
             .map(|g| (g.request_id.clone(), g))
@@ -205,9 +290,29 @@ async fn grant_group(
                 // Sold out does not use the quota.
                 None => ClaimOutcome::SoldOut,
             };
-            (index, view.record(candidate.claim, outcome, now).0)
+            (index, view.record(candidate.claim, outcome).0)
         })
         .collect())
+}
+
+/// The history row of an overdue hold released by a grant. Its event id is
+/// the one the expiry would have used for the same hold, so the hold has one
+/// release in the history whichever path ended it.
+fn release_history(released: &store::Released, at: Option<DateTime<Utc>>) -> HistoryRow {
+    HistoryRow {
+        occurred_at: at.unwrap_or(released.held_until),
+        event_id: crate::expiry::expiry_event_id(&released.hold_id, &released.code),
+        item: 0,
+        coupon_code: Some(released.code.clone()),
+        user_id: Some(released.user_id.clone()),
+        kind: "released",
+        detail: json!({
+            "hold_id": released.hold_id,
+            "held_until_ms": to_ms(released.held_until),
+            "reason": "hold_expired",
+            "released_by": "next_grant",
+        }),
+    }
 }
 
 /// Decides a user's second (or later) claim of the batch, after the grants,
@@ -216,41 +321,46 @@ async fn decide_deferred(
     tx: &mut sqlx::PgConnection,
     ctx: &Context,
     claim: &Claim,
-    now: DateTime<Utc>,
     view: &mut BatchView,
 ) -> Result<(StoredDecision, bool), sqlx::Error> {
     if let Some(stored) = view.decided.get(&claim.request_id) {
         return Ok((stored.clone(), false));
     }
-    let window = ctx.policy.quota_window;
     let user = claim.user_id.as_str();
-    let state = store::user_states(&mut *tx, &[user], window.start_of(now), now)
+    let state = store::user_states(&mut *tx, &[user])
         .await?
         .remove(user)
         .unwrap_or_default();
-    match apply_rules(ctx, claim, &state, now, &view.pool) {
-        Ok(outcome) => Ok(view.record(claim, outcome, now)),
+    match apply_rules(ctx, claim, &state, &view.pool) {
+        Ok(outcome) => Ok(view.record(claim, outcome)),
         Err(candidate) => {
             let category = category_of(claim);
-            let decided = grant_group(tx, view, category, vec![(0, candidate)], now).await?;
+            let decided = grant_group(tx, view, category, vec![(0, candidate)]).await?;
             let decision = decided
                 .into_iter()
                 .next()
                 .map(|(_, decision)| decision)
-                .unwrap_or_else(|| view.record(claim, ClaimOutcome::SoldOut, now).0);
+                .unwrap_or_else(|| view.record(claim, ClaimOutcome::SoldOut).0);
             Ok((decision, true))
         }
     }
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
-    let now = Utc::now();
+/// What one valid claim of a batch gets.
+enum Answer {
+    Decision(StoredDecision, bool),
+    IdTaken,
+}
+
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
     let mut decisions: Vec<(String, ClaimDecided)> = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
     let mut claims = Vec::with_capacity(batch.len());
     // Logged once the decisions are published, so a retried batch does not
     // log decisions that were rolled back.
     let mut decided: Vec<Decided> = Vec::with_capacity(batch.len());
+    let mut tx = ctx.pool.begin().await?;
+    let db_now = crate::db_now(&mut tx).await?;
     for record in batch {
         let request = match decode::<ClaimRequested>(record) {
             Ok(request) => request,
@@ -259,25 +369,11 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
                 continue;
             }
         };
-        match validate(&request) {
+        match validate(&request, record, db_now, ctx.policy.hold_grace) {
             Ok(claim) => claims.push(claim),
             Err(reason) => {
-                if let Some(decision) = invalid_decision(ctx, &request, &reason) {
-                    decided.push(Decided {
-                        request_id: crate::log_request_id(
-                            request
-                                .envelope
-                                .as_ref()
-                                .map_or("", |e| e.correlation_id.as_str()),
-                            &request.request_id,
-                        )
-                        .to_owned(),
-                        user_id: decision.0.clone(),
-                        outcome: "invalid".into(),
-                        coupon_code: None,
-                        redelivered: false,
-                        reason: Some(reason.clone()),
-                    });
+                if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
+                    decided.push(invalid_logged(&request, &decision.0, &reason));
                     decisions.push(decision);
                 }
                 refused.push((record, reason));
@@ -287,54 +383,79 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
 
     let mut fresh = Vec::new();
     if !claims.is_empty() {
-        let mut tx = ctx.pool.begin().await.map_err(retryable)?;
         let request_ids: Vec<&str> = claims.iter().map(|c| c.request_id.as_str()).collect();
         let user_ids: Vec<&str> = claims.iter().map(|c| c.user_id.as_str()).collect();
-        let window_start = ctx.policy.quota_window.start_of(now);
+        let stored = store::find_decisions(&mut tx, &request_ids).await?;
+        let owners = stored
+            .iter()
+            .map(|(id, d)| (id.clone(), d.user_id.clone()))
+            .collect();
         let mut view = BatchView {
-            decided: store::find_decisions(&mut tx, &request_ids)
-                .await
-                .map_err(retryable)?,
-            states: store::user_states(&mut tx, &user_ids, window_start, now)
-                .await
-                .map_err(retryable)?,
+            decided: stored,
+            owners,
+            states: store::user_states(&mut tx, &user_ids).await?,
             touched: HashSet::new(),
             pool: PoolKnowledge::default(),
+            released: Vec::new(),
         };
-        let mut decided_claims: Vec<Option<(StoredDecision, bool)>> = vec![None; claims.len()];
+        let mut answers: Vec<Option<Answer>> = Vec::with_capacity(claims.len());
         let mut waiting = Vec::new();
         let mut deferred = Vec::new();
         for (index, claim) in claims.iter().enumerate() {
-            match classify(ctx, claim, now, &mut view) {
-                Step::Decided(decision, is_new) => decided_claims[index] = Some((decision, is_new)),
+            answers.push(match classify(ctx, claim, &mut view) {
+                Step::Decided(decision, is_new) => Some(Answer::Decision(decision, is_new)),
+                Step::IdTaken => Some(Answer::IdTaken),
                 Step::Waiting(candidate) => {
-                    waiting.push((category_of(claim).map(str::to_owned), (index, candidate)))
+                    waiting.push((category_of(claim).map(str::to_owned), (index, candidate)));
+                    None
                 }
-                Step::Deferred => deferred.push(index),
-            }
+                Step::Deferred => {
+                    deferred.push(index);
+                    None
+                }
+            });
         }
         for (category, group) in allocation_groups(waiting) {
             for (index, decision) in
-                grant_group(&mut tx, &mut view, category.as_deref(), group, now)
-                    .await
-                    .map_err(retryable)?
+                grant_group(&mut tx, &mut view, category.as_deref(), group).await?
             {
-                decided_claims[index] = Some((decision, true));
+                answers[index] = Some(Answer::Decision(decision, true));
             }
         }
         for index in deferred {
-            decided_claims[index] = Some(
-                decide_deferred(&mut tx, ctx, &claims[index], now, &mut view)
-                    .await
-                    .map_err(retryable)?,
-            );
+            let (decision, is_new) =
+                decide_deferred(&mut tx, ctx, &claims[index], &mut view).await?;
+            answers[index] = Some(Answer::Decision(decision, is_new));
         }
-        for (claim, outcome) in claims.iter().zip(decided_claims) {
-            let Some((decision, is_new)) = outcome else {
-                return Err(RetryableError::new(format!(
-                    "claim {} was left undecided; retrying the batch",
-                    claim.request_id
-                )));
+        for (claim, answer) in claims.iter().zip(answers) {
+            let (decision, is_new) = match answer {
+                Some(Answer::Decision(decision, is_new)) => (decision, is_new),
+                Some(Answer::IdTaken) => {
+                    let reason = format!(
+                        "request id {} was already used by another user; send a new one",
+                        claim.request_id
+                    );
+                    let answer = invalid_event(
+                        ctx,
+                        &claim.request_id,
+                        claim.user_id.as_str(),
+                        &claim.correlation_id,
+                        claim.received_ms,
+                        &reason,
+                    );
+                    decided.push(Decided {
+                        request_id: crate::log_request_id(&claim.correlation_id, &claim.request_id)
+                            .to_owned(),
+                        user_id: claim.user_id.as_str().to_owned(),
+                        outcome: "invalid".into(),
+                        coupon_code: None,
+                        redelivered: false,
+                        reason: Some(reason),
+                    });
+                    decisions.push(answer);
+                    continue;
+                }
+                None => return Err(ClaimsError::Undecided(claim.request_id.clone()).into()),
             };
             decided.push(Decided {
                 request_id: crate::log_request_id(&claim.correlation_id, &claim.request_id)
@@ -353,19 +474,27 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
                 fresh.push(decision);
             }
         }
-        let inserted = store::insert_decisions(&mut tx, &fresh)
-            .await
-            .map_err(retryable)?;
+        let inserted = store::insert_decisions(&mut tx, &fresh).await?;
         if inserted != fresh.len() as u64 {
-            // Another processor decided some of these requests meanwhile (a
-            // rebalance): its decisions stand, ours roll back with the batch.
-            return Err(RetryableError::new(format!(
-                "{} of {} claims were decided concurrently; retrying the batch",
-                fresh.len() as u64 - inserted,
-                fresh.len()
-            )));
+            return Err(ClaimsError::Concurrent {
+                conflicting: fresh.len() as u64 - inserted,
+                of: fresh.len(),
+            }
+            .into());
         }
-        tx.commit().await.map_err(retryable)?;
+        tx.commit().await?;
+        let ended: Vec<(String, String)> = view
+            .released
+            .iter()
+            .map(|r| (r.code.clone(), r.user_id.clone()))
+            .collect();
+        // Redis mirrors the holds; it is a cache, so a failure only costs speed.
+        if let Err(error) = ctx.cache.remove_holds(&ended).await {
+            tracing::warn!(%error, "could not delete released holds from Redis");
+        }
+        metrics::counter!("coupon_holds_released_total").increment(ended.len() as u64);
+    } else {
+        drop(tx);
     }
 
     // Counted after the commit, so a retried batch is not counted twice.
@@ -393,53 +522,103 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
         tracing::warn!(%error, holds = new_holds.len(), "could not mirror holds to Redis");
     }
     let topic = ctx.topics.claim_results();
-    ctx.publisher
-        .send_all(&topic, &decisions)
-        .await
-        .map_err(retryable)?;
+    ctx.publisher.send_all(&topic, &decisions).await?;
     for d in &decided {
         d.log("claim");
     }
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 
-/// A request we can answer although it is invalid: it has a usable request id.
+/// Sets aside a claim request that fails on its own: the requester is
+/// answered `invalid` with the reason (so the gateway does not time out),
+/// and the record goes to the dead-letter topic.
+pub async fn reject(ctx: &Context, record: &Record, reason: &str) -> Result<(), BatchError> {
+    if let Ok(request) = decode::<ClaimRequested>(record) {
+        let reason = format!("the claim could not be decided: {reason}");
+        if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
+            ctx.publisher
+                .send_all(&ctx.topics.claim_results(), &[decision])
+                .await?;
+        }
+    }
+    ctx.dead_letters(ROLE).send(record, reason).await?;
+    Ok(())
+}
+
+/// The `invalid` answer to a request that has a usable request id (else
+/// there is no one to answer), keyed by the user id it gave.
 fn invalid_decision(
     ctx: &Context,
+    record: &Record,
     request: &ClaimRequested,
     reason: &str,
 ) -> Option<(String, ClaimDecided)> {
     RequestId::parse(request.request_id.as_str()).ok()?;
-    let key = crate::echoed_user_id(&request.user_id);
+    let envelope = request.envelope.as_ref();
+    Some(invalid_event(
+        ctx,
+        &request.request_id,
+        &crate::echoed_user_id(&request.user_id),
+        envelope.map_or("", |e| e.correlation_id.as_str()),
+        stable_time_ms(record, envelope.map(|e| e.occurred_at_ms)),
+        reason,
+    ))
+}
+
+/// An `invalid` answer to `user_key`'s request `request_id`. Never stored,
+/// so its event id comes from the request and the user, and its time from
+/// the record: a redelivery publishes the very same event.
+fn invalid_event(
+    ctx: &Context,
+    request_id: &str,
+    user_key: &str,
+    correlation_id: &str,
+    time_ms: i64,
+    reason: &str,
+) -> (String, ClaimDecided) {
     let envelope = coupon_schemas::new_envelope::<ClaimDecided>(
         uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,
-            format!("invalid-claim:{}", request.request_id).as_bytes(),
+            format!("invalid-claim:{request_id}:{user_key}").as_bytes(),
         )
         .to_string(),
-        coupon_platform::time::now_ms(),
+        time_ms,
         ctx.publisher.name(),
-        request
-            .envelope
-            .as_ref()
-            .map(|e| e.correlation_id.as_str())
-            .unwrap_or(""),
+        correlation_id,
     );
-    Some((
-        key.clone(),
+    (
+        user_key.to_owned(),
         ClaimDecided {
             envelope: Some(envelope),
-            request_id: request.request_id.clone(),
-            user_id: key,
+            request_id: request_id.to_owned(),
+            user_id: user_key.to_owned(),
             outcome: WireOutcome::Invalid as i32,
             reason: reason.to_owned(),
             ..Default::default()
         },
-    ))
+    )
+}
+
+fn invalid_logged(request: &ClaimRequested, user_id: &str, reason: &str) -> Decided {
+    Decided {
+        request_id: crate::log_request_id(
+            request
+                .envelope
+                .as_ref()
+                .map_or("", |e| e.correlation_id.as_str()),
+            &request.request_id,
+        )
+        .to_owned(),
+        user_id: user_id.to_owned(),
+        outcome: "invalid".into(),
+        coupon_code: None,
+        redelivered: false,
+        reason: Some(reason.to_owned()),
+    }
 }
 
 impl StoredDecision {
-    fn new(claim: &Claim, outcome: ClaimOutcome, now: DateTime<Utc>) -> Self {
+    fn new(claim: &Claim, outcome: ClaimOutcome) -> Self {
         let mut decision = StoredDecision {
             request_id: claim.request_id.clone(),
             event_id: uuid::Uuid::new_v4(),
@@ -451,7 +630,7 @@ impl StoredDecision {
             repeated: false,
             retry_at: None,
             blacklisted_until: None,
-            decided_at: now,
+            decided_at: claim.at,
         };
         match outcome {
             ClaimOutcome::Granted {
@@ -517,6 +696,10 @@ pub async fn run(
         |batch| {
             let ctx = ctx.clone();
             async move { handle_batch(&ctx, &batch).await }
+        },
+        |record, reason| {
+            let ctx = ctx.clone();
+            async move { reject(&ctx, &record, &reason).await }
         },
         shutdown,
     )

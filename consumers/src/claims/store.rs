@@ -51,7 +51,9 @@ pub async fn find_decisions(
 
 /// Stores the batch's new decisions in one statement. Returns how many were
 /// inserted: fewer than given means another processor decided some of these
-/// requests meanwhile (a rebalance), and the batch must be retried.
+/// requests meanwhile (a rebalance), and the batch must be tried again. (The
+/// batch itself never holds two decisions for one request id: the claim
+/// processor answers a second user's claim under a used id `invalid`.)
 pub async fn insert_decisions(
     conn: &mut PgConnection,
     decisions: &[StoredDecision],
@@ -97,32 +99,30 @@ struct StateRow {
     hold_code: Option<String>,
     hold_category: Option<String>,
     hold_until: Option<DateTime<Utc>>,
-    granted_in_window: bool,
+    last_grant_window: Option<DateTime<Utc>>,
 }
 
-/// Everything the rules need about each of `user_ids`, in one round trip
-/// for the whole batch.
+/// What is stored about each of `user_ids`, in one round trip for the
+/// whole batch: the blacklist entry, the coupon the user holds (overdue or
+/// not) and the newest window with a grant. No clock is involved: the rules
+/// judge these facts at each request's own time.
 pub async fn user_states(
     conn: &mut PgConnection,
     user_ids: &[&str],
-    window_start: DateTime<Utc>,
-    now: DateTime<Utc>,
 ) -> Result<HashMap<String, UserClaimState>, sqlx::Error> {
     let rows: Vec<StateRow> = sqlx::query_as(
         "SELECT x.user_id, u.blacklisted, u.blacklisted_until,
                 h.code AS hold_code, h.category AS hold_category, h.held_until AS hold_until,
-                EXISTS (SELECT 1 FROM quota_grants q
-                        WHERE q.user_id = x.user_id AND q.window_start = $2) AS granted_in_window
+                (SELECT max(q.window_start) FROM quota_grants q
+                  WHERE q.user_id = x.user_id) AS last_grant_window
          FROM (SELECT DISTINCT user_id FROM unnest($1::text[]) AS ids(user_id)) AS x
          LEFT JOIN users u ON u.user_id = x.user_id
          LEFT JOIN LATERAL (
              SELECT code, category, held_until FROM coupons
-             WHERE holder_user_id = x.user_id AND status = 'held' AND held_until > $3
+             WHERE holder_user_id = x.user_id AND status = 'held'
              ORDER BY held_until DESC LIMIT 1) h ON true",
     )
     .bind(user_ids)
-    .bind(window_start)
-    .bind(now)
     .fetch_all(conn)
     .await?;
     Ok(rows
@@ -132,7 +132,7 @@ pub async fn user_states(
                 .blacklisted
                 .unwrap_or(false)
                 .then_some(row.blacklisted_until);
-            let active_hold = match (row.hold_code, row.hold_category, row.hold_until) {
+            let hold = match (row.hold_code, row.hold_category, row.hold_until) {
                 (Some(code), Some(category), Some(expires_at)) => Some(ActiveHold {
                     code,
                     category,
@@ -142,8 +142,8 @@ pub async fn user_states(
             };
             let state = UserClaimState {
                 blacklisted,
-                active_hold,
-                granted_in_window: row.granted_in_window,
+                hold,
+                last_grant_window: row.last_grant_window,
             };
             (row.user_id, state)
         })
@@ -156,6 +156,56 @@ pub struct Candidate<'a> {
     pub claim: &'a Claim,
     pub window_start: DateTime<Utc>,
     pub hold_until: DateTime<Utc>,
+    /// The user's overdue hold, which the grant releases first.
+    pub releases: Option<ActiveHold>,
+}
+
+/// An overdue hold [`release_overdue`] ended.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Released {
+    pub code: String,
+    pub user_id: String,
+    pub hold_id: String,
+    pub held_until: DateTime<Utc>,
+}
+
+/// Releases the holds of `candidates` whose deadline has passed at each
+/// candidate's time, so that their grant cannot collide with a hold the
+/// expiry has not released yet (`coupons_one_hold_per_user`). A separate
+/// statement before the grant: a unique index is checked row by row, so the
+/// release must be done before the grant's update starts. The row lock and
+/// the conditions make it safe against the expiry and a purchase racing it:
+/// whichever comes second finds the coupon no longer held under that hold.
+pub async fn release_overdue(
+    conn: &mut PgConnection,
+    candidates: &[&Candidate<'_>],
+) -> Result<Vec<Released>, sqlx::Error> {
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(
+        "WITH want AS (
+             SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS w(user_id, at)),
+         old AS MATERIALIZED (
+             SELECT c.code, c.holder_user_id, c.hold_id, c.held_until
+             FROM coupons c JOIN want ON c.holder_user_id = want.user_id
+             WHERE c.status = 'held' AND c.held_until <= want.at
+             FOR UPDATE OF c)
+         UPDATE coupons c
+         SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL
+         FROM old
+         WHERE c.code = old.code
+         RETURNING old.code, old.holder_user_id AS user_id, old.hold_id, old.held_until",
+    )
+    .bind(
+        candidates
+            .iter()
+            .map(|c| c.claim.user_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(candidates.iter().map(|c| c.claim.at).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await
 }
 
 /// A coupon held for a claim by [`grant`].
@@ -170,19 +220,20 @@ pub struct Granted {
 /// Grants coupons from one pool (`category`, or any when `None`) to
 /// `candidates`, in one statement: the oldest available coupons go to the
 /// earliest candidates, each winner's quota slot is taken and its last grant
-/// recorded. Candidates left without a coupon (the pool ran out) get no row
-/// and keep their quota: sold out does not use it.
+/// recorded (at the claim's own time). Candidates left without a coupon
+/// (the pool ran out) get no row and keep their quota: sold out does not
+/// use it.
 ///
-/// The candidates must be distinct users. Rows locked by another transaction
-/// are skipped, never waited on, so concurrent processors take different
-/// coupons. A quota slot taken meanwhile by another processor (a rebalance)
-/// is a unique violation, not a silent skip: the whole batch rolls back and
-/// is retried, and the retry reads the slot as taken.
+/// The candidates must be distinct users, with their overdue holds released
+/// ([`release_overdue`]). Rows locked by another transaction are skipped,
+/// never waited on, so concurrent processors take different coupons. A
+/// quota slot or a hold taken meanwhile by another processor (a rebalance)
+/// is a unique violation, not a silent skip: the batch rolls back, and the
+/// next attempt reads the slot as taken.
 pub async fn grant(
     conn: &mut PgConnection,
     category: Option<&str>,
     candidates: &[Candidate<'_>],
-    now: DateTime<Utc>,
 ) -> Result<Vec<Granted>, sqlx::Error> {
     if candidates.is_empty() {
         return Ok(Vec::new());
@@ -192,9 +243,10 @@ pub async fn grant(
         // planner may rescan it and hold several coupons for one user.) Data-
         // modifying CTEs run whether or not they are referenced.
         "WITH want AS (
-             SELECT user_id, request_id, window_start, hold_until, ord AS n
-             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-                  WITH ORDINALITY AS w(user_id, request_id, window_start, hold_until, ord)),
+             SELECT user_id, request_id, window_start, hold_until, at, ord AS n
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                         $7::timestamptz[])
+                  WITH ORDINALITY AS w(user_id, request_id, window_start, hold_until, at, ord)),
          pick AS MATERIALIZED (
              SELECT code, row_number() OVER (ORDER BY id) AS n
              FROM (SELECT code, id FROM coupons
@@ -205,9 +257,9 @@ pub async fn grant(
              SELECT want.*, pick.code FROM want JOIN pick USING (n)),
          quota AS (
              INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
-             SELECT user_id, window_start, request_id, $7 FROM pair),
+             SELECT user_id, window_start, request_id, at FROM pair),
          last_grant AS (
-             INSERT INTO users (user_id, last_coupon_at) SELECT user_id, $7 FROM pair
+             INSERT INTO users (user_id, last_coupon_at) SELECT user_id, at FROM pair
              ON CONFLICT (user_id) DO UPDATE SET last_coupon_at = EXCLUDED.last_coupon_at)
          UPDATE coupons c
          SET status = 'held', holder_user_id = pair.user_id, hold_id = pair.request_id,
@@ -237,7 +289,7 @@ pub async fn grant(
     .bind(candidates.iter().map(|c| c.hold_until).collect::<Vec<_>>())
     .bind(category)
     .bind(candidates.len() as i64)
-    .bind(now)
+    .bind(candidates.iter().map(|c| c.claim.at).collect::<Vec<_>>())
     .fetch_all(conn)
     .await
 }

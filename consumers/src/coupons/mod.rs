@@ -8,11 +8,11 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use coupon_domain::{Category, CouponCode, EmployeeId, SnowflakeId};
-use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::kafka::{decode, Record};
 use coupon_schemas::CouponsCreated;
 
-use crate::{dead_letter_all, retryable, Context, PollSettings};
+use crate::{dead_letter_all, Context, PollSettings};
 
 pub const ROLE: &str = "coupons";
 
@@ -54,7 +54,7 @@ pub fn coupons_of(event: &CouponsCreated) -> Result<Vec<NewCoupon>, String> {
         .collect()
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
     let mut coupons = Vec::new();
     let mut refused = Vec::new();
     for record in batch {
@@ -66,9 +66,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
             Err(reason) => refused.push((record, reason)),
         }
     }
-    let inserted = insert_coupons(&ctx.pool, &coupons)
-        .await
-        .map_err(retryable)?;
+    let inserted = insert_coupons(&ctx.pool, &coupons).await?;
     metrics::counter!("coupon_coupons_projected_total").increment(inserted);
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
@@ -122,6 +120,10 @@ pub async fn run(
         |batch| {
             let ctx = ctx.clone();
             async move { handle_batch(&ctx, &batch).await }
+        },
+        |record, reason| {
+            let ctx = ctx.clone();
+            async move { crate::dead_letter_one(&ctx, ROLE, record, reason).await }
         },
         shutdown,
     )

@@ -13,6 +13,12 @@
 //!   passed. A purchase that won the race has already made it `redeemed`, so
 //!   the release does nothing. The release and its history row commit together.
 //!
+//! "Passed" is judged on the database's clock, never a host's: a hold is
+//! overdue once `held_until + grace <= now()` in Postgres. So a sweeper on a
+//! host whose clock runs ahead releases nothing early, and a purchase the
+//! broker accepted before the deadline still finds its hold if its consumer
+//! is late by less than the grace (see `coupon_domain::clock`).
+//!
 //! Delivery guarantee: at least once, effect exactly once (the conditional
 //! release); offsets are stored after commit.
 
@@ -24,13 +30,13 @@ use serde_json::json;
 use uuid::Uuid;
 
 use coupon_domain::{CouponCode, RequestId};
-use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::time::{from_ms, to_ms};
 use coupon_schemas::HoldExpired;
 
 use crate::history::{append, HistoryRow};
-use crate::{dead_letter_all, retryable, Context, PollSettings};
+use crate::{dead_letter_all, Context, PollSettings};
 
 pub const ROLE: &str = "expiry";
 
@@ -51,20 +57,30 @@ pub fn expiry_event_id(hold_id: &str, code: &str) -> Uuid {
     )
 }
 
+/// Holds whose deadline passed more than `grace` ago by the database's clock.
 pub async fn overdue_holds(
     pool: &sqlx::PgPool,
-    now: DateTime<Utc>,
+    grace: Duration,
     limit: i64,
 ) -> Result<Vec<OverdueHold>, sqlx::Error> {
     sqlx::query_as(
         "SELECT code, holder_user_id, hold_id, held_until FROM coupons
-         WHERE status = 'held' AND held_until <= $1
+         WHERE status = 'held' AND held_until <= now() - $1
          ORDER BY held_until LIMIT $2",
     )
-    .bind(now)
+    .bind(grace_interval(grace))
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// `grace` as a Postgres interval (whole microseconds).
+fn grace_interval(grace: Duration) -> sqlx::postgres::types::PgInterval {
+    sqlx::postgres::types::PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: i64::try_from(grace.as_micros()).unwrap_or(i64::MAX),
+    }
 }
 
 /// One sweep: publishes expiry events for overdue holds not announced in the
@@ -73,10 +89,8 @@ pub async fn sweep_once(
     ctx: &Context,
     announced: &mut HashMap<String, Instant>,
     quiet: Duration,
-) -> Result<usize, RetryableError> {
-    let overdue = overdue_holds(&ctx.pool, Utc::now(), 5_000)
-        .await
-        .map_err(retryable)?;
+) -> Result<usize, BatchError> {
+    let overdue = overdue_holds(&ctx.pool, ctx.policy.hold_grace, 5_000).await?;
     announced.retain(|_, at| at.elapsed() < quiet);
     let fresh: Vec<&OverdueHold> = overdue
         .iter()
@@ -108,8 +122,7 @@ pub async fn sweep_once(
         .collect();
     ctx.publisher
         .send_all(&ctx.topics.expirations(), &events)
-        .await
-        .map_err(retryable)?;
+        .await?;
     let now = Instant::now();
     for hold in &fresh {
         announced.insert(hold.hold_id.clone(), now);
@@ -137,7 +150,7 @@ pub async fn run_sweeper(
             _ = ticker.tick() => {}
         }
         if let Err(error) = sweep_once(&ctx, &mut announced, quiet).await {
-            tracing::warn!(%error, "expiry sweep failed; will retry");
+            tracing::warn!(error = %error.report(), "expiry sweep failed; will retry");
         }
     }
 }
@@ -150,12 +163,13 @@ fn validate(event: &HoldExpired) -> Result<String, String> {
     Ok(code.to_string())
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
-    let now = Utc::now();
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
     let mut refused = Vec::new();
     let mut released = Vec::new();
     let mut history = Vec::new();
-    let mut tx = ctx.pool.begin().await.map_err(retryable)?;
+    let mut tx = ctx.pool.begin().await?;
+    let now = crate::db_now(&mut tx).await?;
+    let grace = chrono::Duration::from_std(ctx.policy.hold_grace).unwrap_or_default();
     for record in batch {
         let event = match decode::<HoldExpired>(record) {
             Ok(event) => event,
@@ -192,10 +206,9 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
         )
         .bind(&code)
         .bind(&event.hold_id)
-        .bind(now)
+        .bind(now - grace)
         .fetch_optional(&mut *tx)
-        .await
-        .map_err(retryable)?;
+        .await?;
         if let Some((code, user_id, held_until)) = row {
             history.push(HistoryRow {
                 occurred_at: now,
@@ -211,8 +224,8 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
         // Unknown time in the event is fine: the database's deadline decides.
         let _ = from_ms(event.held_until_ms);
     }
-    append(&mut *tx, &history).await.map_err(retryable)?;
-    tx.commit().await.map_err(retryable)?;
+    append(&mut *tx, &history).await?;
+    tx.commit().await?;
     metrics::counter!("coupon_holds_released_total").increment(released.len() as u64);
     if let Err(error) = ctx.cache.remove_holds(&released).await {
         tracing::warn!(%error, "could not delete released holds from Redis");
@@ -242,6 +255,10 @@ pub async fn run(
             let ctx = ctx.clone();
             async move { handle_batch(&ctx, &batch).await }
         },
+        |record, reason| {
+            let ctx = ctx.clone();
+            async move { crate::dead_letter_one(&ctx, ROLE, record, reason).await }
+        },
         shutdown.cancelled_owned(),
     )
     .await;
@@ -251,14 +268,13 @@ pub async fn run(
 
 /// Puts every live hold from Postgres into Redis: run at start-up and by
 /// `couponctl holds rebuild`, so a Redis restart loses nothing.
-pub async fn rebuild_cache(ctx: &Context) -> Result<usize, RetryableError> {
+pub async fn rebuild_cache(ctx: &Context) -> Result<usize, BatchError> {
     let rows: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
         "SELECT code, holder_user_id, category, held_until FROM coupons
          WHERE status = 'held' AND held_until > now()",
     )
     .fetch_all(&ctx.pool)
-    .await
-    .map_err(retryable)?;
+    .await?;
     let holds: Vec<_> = rows
         .into_iter()
         .map(
@@ -271,7 +287,10 @@ pub async fn rebuild_cache(ctx: &Context) -> Result<usize, RetryableError> {
         )
         .collect();
     for chunk in holds.chunks(1_000) {
-        ctx.cache.put_holds(chunk).await.map_err(retryable)?;
+        ctx.cache
+            .put_holds(chunk)
+            .await
+            .map_err(BatchError::transient)?;
     }
     Ok(holds.len())
 }

@@ -8,20 +8,26 @@
 //!
 //! Delivery guarantee: at least once, effect exactly once. Each row's key is
 //! `(occurred_at, event_id, item)`, all taken from the event, so a replay
-//! inserts nothing new (`ON CONFLICT DO NOTHING`).
+//! inserts nothing new (`ON CONFLICT DO NOTHING`). That is why every event
+//! carries a stable id *and time*, including decisions that are never stored
+//! (invalid requests): a redelivery must produce the very same key.
+//!
+//! A result record from a foreign producer may carry what Postgres refuses
+//! (a NUL in an id): the insert fails permanently, the batch loop isolates
+//! that record and dead-letters it, and the sink goes on.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
-use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::time::from_ms;
 use coupon_schemas::{
     ClaimDecided, ClaimOutcome, CouponsCreated, Envelope, PurchaseDecided, PurchaseOutcome,
 };
 
-use crate::{dead_letter_all, retryable, Context, PollSettings};
+use crate::{dead_letter_all, Context, PollSettings};
 
 pub const ROLE: &str = "history";
 
@@ -189,7 +195,7 @@ pub async fn append<'e>(
     Ok(result.rows_affected())
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
     let mut rows = Vec::new();
     let mut refused = Vec::new();
     for record in batch {
@@ -199,7 +205,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
         }
     }
     for chunk in rows.chunks(20_000) {
-        let added = append(&ctx.pool, chunk).await.map_err(retryable)?;
+        let added = append(&ctx.pool, chunk).await?;
         metrics::counter!("coupon_history_rows_total").increment(added);
     }
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
@@ -219,6 +225,10 @@ pub async fn run(
         |batch| {
             let ctx = ctx.clone();
             async move { handle_batch(&ctx, &batch).await }
+        },
+        |record, reason| {
+            let ctx = ctx.clone();
+            async move { crate::dead_letter_one(&ctx, ROLE, record, reason).await }
         },
         shutdown,
     )

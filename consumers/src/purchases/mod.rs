@@ -3,8 +3,15 @@
 //!
 //! The coupon row is locked (`FOR UPDATE`) while the rules decide, so a
 //! purchase and the expiry of the same hold are serialised by Postgres: the
-//! coupon ends exactly one way. Deadlines are compared with the processor's
-//! clock at decision time; the hold is the user's until `held_until`, exclusive.
+//! coupon ends exactly one way. The hold is the user's until `held_until`,
+//! exclusive, and a purchase is judged at the time the broker accepted it,
+//! not when this processor got to it (`coupon_domain::clock`): a purchase
+//! made in time is honoured even if this consumer lags, within the grace
+//! the expiry waits before releasing a hold.
+//!
+//! An order is one user's: a request for an order already decided for
+//! another user is answered `invalid` (addressed to the requester, with no
+//! trace of the other user's decision), never with that user's answer.
 //!
 //! Delivery guarantee: at least once, effect exactly once, idempotent on
 //! `order_id`: the decision is stored under the order id in the same
@@ -15,14 +22,15 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use coupon_domain::clock::judged_at;
 use coupon_domain::purchase::{decide, CouponView, PurchaseOutcome};
 use coupon_domain::{CouponCode, CouponStatus, OrderId, RequestId, UserId};
-use coupon_platform::kafka::consumer::RetryableError;
+use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::time::to_ms;
 use coupon_schemas::{PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested};
 
-use crate::{dead_letter_all, retryable, Context, Decided, PollSettings};
+use crate::{dead_letter_all, Context, Decided, PollSettings};
 
 pub const ROLE: &str = "purchases";
 
@@ -114,11 +122,41 @@ struct CouponRow {
     held_until: Option<DateTime<Utc>>,
 }
 
+/// Why deciding a purchase failed.
+#[derive(Debug, thiserror::Error)]
+enum DecideError {
+    #[error("postgres")]
+    Db(#[from] sqlx::Error),
+    /// Another processor decided the same order meanwhile (a rebalance).
+    /// The next attempt reads its decision, so this resolves at once; it is
+    /// reported as permanent so that the batch loop's isolation bounds it
+    /// should it ever recur.
+    #[error("order {0} was decided concurrently by another processor")]
+    Concurrent(String),
+}
+
+impl From<DecideError> for BatchError {
+    fn from(error: DecideError) -> Self {
+        match error {
+            DecideError::Db(error) => error.into(),
+            concurrent @ DecideError::Concurrent(_) => BatchError::permanent(concurrent),
+        }
+    }
+}
+
+/// What a purchase gets.
+enum Answer {
+    /// `true` with a decision made now, `false` with one stored earlier.
+    Decided(StoredPurchase, bool),
+    /// Refused without a decision of its own (the order is another user's).
+    Invalid(String),
+}
+
 async fn decide_one(
     tx: &mut PgConnection,
     purchase: &Purchase,
     now: DateTime<Utc>,
-) -> Result<(StoredPurchase, bool), sqlx::Error> {
+) -> Result<Answer, DecideError> {
     let stored: Option<StoredPurchase> = sqlx::query_as(
         "SELECT order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at
          FROM purchase_decisions WHERE order_id = $1",
@@ -127,6 +165,12 @@ async fn decide_one(
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(mut stored) = stored {
+        if stored.user_id != purchase.user_id.as_str() {
+            return Ok(Answer::Invalid(format!(
+                "order id {} was already used by another user",
+                purchase.order_id
+            )));
+        }
         if stored.request_id != purchase.request_id {
             // Another request for an order already decided: the same answer,
             // addressed to this request (with its own, stable event id).
@@ -137,7 +181,7 @@ async fn decide_one(
             stored.request_id = purchase.request_id.clone();
             stored.repeated = true;
         }
-        return Ok((stored, false));
+        return Ok(Answer::Decided(stored, false));
     }
     let code = CouponCode::parse(&purchase.coupon_code)
         .ok()
@@ -208,22 +252,70 @@ async fn decide_one(
     .await?
     .rows_affected();
     if inserted == 0 {
-        return Err(sqlx::Error::Protocol(format!(
-            "order {} was decided concurrently; retrying the batch",
-            decision.order_id
-        )));
+        return Err(DecideError::Concurrent(decision.order_id));
     }
-    Ok((decision, true))
+    Ok(Answer::Decided(decision, true))
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), RetryableError> {
-    let now = Utc::now();
+/// The `invalid` answer to a purchase request that has a usable request id
+/// (else there is no one to answer), keyed by the user id it gave. Its event
+/// id and time come from the request and the record, so a redelivery
+/// publishes the very same event (and the history sink adds no second row).
+fn invalid_decision(
+    ctx: &Context,
+    record: &Record,
+    request: &PurchaseRequested,
+    reason: &str,
+) -> Option<(String, PurchaseDecided)> {
+    RequestId::parse(request.request_id.as_str()).ok()?;
+    let key = crate::echoed_user_id(&request.user_id);
+    let envelope = request.envelope.as_ref();
+    let event = coupon_schemas::new_envelope::<PurchaseDecided>(
+        Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("invalid-purchase:{}:{key}", request.request_id).as_bytes(),
+        )
+        .to_string(),
+        stable_time_ms(record, envelope.map(|e| e.occurred_at_ms)),
+        ctx.publisher.name(),
+        envelope.map_or("", |e| e.correlation_id.as_str()),
+    );
+    Some((
+        key.clone(),
+        PurchaseDecided {
+            envelope: Some(event),
+            request_id: request.request_id.clone(),
+            user_id: key,
+            outcome: WireOutcome::Invalid as i32,
+            reason: reason.to_owned(),
+            ..Default::default()
+        },
+    ))
+}
+
+fn invalid_logged(request: &PurchaseRequested, user_id: &str, reason: &str) -> Decided {
+    let correlation_id = request
+        .envelope
+        .as_ref()
+        .map_or("", |e| e.correlation_id.as_str());
+    Decided {
+        request_id: crate::log_request_id(correlation_id, &request.request_id).to_owned(),
+        user_id: user_id.to_owned(),
+        outcome: "invalid".into(),
+        coupon_code: None,
+        redelivered: false,
+        reason: Some(reason.to_owned()),
+    }
+}
+
+pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
     let mut decisions: Vec<(String, PurchaseDecided)> = Vec::new();
     let mut ended_holds = Vec::new();
     let mut refused = Vec::new();
     // Logged once the decisions are published (a retried batch logs once).
     let mut decided: Vec<Decided> = Vec::new();
-    let mut tx = ctx.pool.begin().await.map_err(retryable)?;
+    let mut tx = ctx.pool.begin().await?;
+    let db_now = crate::db_now(&mut tx).await?;
     for record in batch {
         let request = match decode::<PurchaseRequested>(record) {
             Ok(request) => request,
@@ -235,50 +327,25 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
         let purchase = match validate(&request) {
             Ok(purchase) => purchase,
             Err(reason) => {
-                if RequestId::parse(request.request_id.as_str()).is_ok() {
-                    let key = crate::echoed_user_id(&request.user_id);
-                    let correlation_id = request
-                        .envelope
-                        .as_ref()
-                        .map_or("", |e| e.correlation_id.as_str());
-                    decided.push(Decided {
-                        request_id: crate::log_request_id(correlation_id, &request.request_id)
-                            .to_owned(),
-                        user_id: key.clone(),
-                        outcome: "invalid".into(),
-                        coupon_code: None,
-                        redelivered: false,
-                        reason: Some(reason.clone()),
-                    });
-                    let envelope = coupon_schemas::new_envelope::<PurchaseDecided>(
-                        Uuid::new_v5(
-                            &Uuid::NAMESPACE_OID,
-                            format!("invalid-purchase:{}", request.request_id).as_bytes(),
-                        )
-                        .to_string(),
-                        coupon_platform::time::now_ms(),
-                        ctx.publisher.name(),
-                        correlation_id,
-                    );
-                    decisions.push((
-                        key.clone(),
-                        PurchaseDecided {
-                            envelope: Some(envelope),
-                            request_id: request.request_id.clone(),
-                            user_id: key,
-                            outcome: WireOutcome::Invalid as i32,
-                            reason: reason.clone(),
-                            ..Default::default()
-                        },
-                    ));
+                if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
+                    decided.push(invalid_logged(&request, &decision.0, &reason));
+                    decisions.push(decision);
                 }
                 refused.push((record, reason));
                 continue;
             }
         };
-        let (decision, is_new) = decide_one(&mut tx, &purchase, now)
-            .await
-            .map_err(retryable)?;
+        let at = judged_at(record.timestamp_ms, db_now, ctx.policy.hold_grace);
+        let (decision, is_new) = match decide_one(&mut tx, &purchase, at).await? {
+            Answer::Decided(decision, is_new) => (decision, is_new),
+            Answer::Invalid(reason) => {
+                if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
+                    decided.push(invalid_logged(&request, &decision.0, &reason));
+                    decisions.push(decision);
+                }
+                continue;
+            }
+        };
         if is_new {
             metrics::counter!("coupon_purchase_decisions_total", "outcome" => decision.outcome.clone())
                 .increment(1);
@@ -300,19 +367,32 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), Retryab
             decision.to_event(ctx.publisher.name(), &purchase.correlation_id),
         ));
     }
-    tx.commit().await.map_err(retryable)?;
+    tx.commit().await?;
     if let Err(error) = ctx.cache.remove_holds(&ended_holds).await {
         tracing::warn!(%error, "could not delete redeemed holds from Redis");
     }
     let topic = ctx.topics.purchase_results();
-    ctx.publisher
-        .send_all(&topic, &decisions)
-        .await
-        .map_err(retryable)?;
+    ctx.publisher.send_all(&topic, &decisions).await?;
     for d in &decided {
         d.log("purchase");
     }
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+}
+
+/// Sets aside a purchase request that fails on its own: the requester is
+/// answered `invalid` with the reason (so the gateway does not time out),
+/// and the record goes to the dead-letter topic.
+pub async fn reject(ctx: &Context, record: &Record, reason: &str) -> Result<(), BatchError> {
+    if let Ok(request) = decode::<PurchaseRequested>(record) {
+        let reason = format!("the purchase could not be decided: {reason}");
+        if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
+            ctx.publisher
+                .send_all(&ctx.topics.purchase_results(), &[decision])
+                .await?;
+        }
+    }
+    ctx.dead_letters(ROLE).send(record, reason).await?;
+    Ok(())
 }
 
 pub async fn run(
@@ -329,6 +409,10 @@ pub async fn run(
         |batch| {
             let ctx = ctx.clone();
             async move { handle_batch(&ctx, &batch).await }
+        },
+        |record, reason| {
+            let ctx = ctx.clone();
+            async move { reject(&ctx, &record, &reason).await }
         },
         shutdown,
     )

@@ -18,6 +18,9 @@ pub struct TopicSpec {
     /// Replicas per partition; `None` takes the broker's
     /// `default.replication.factor` (1 on the local node, 3 on a cluster).
     pub replication: Option<i32>,
+    /// Topic configs set at creation (e.g. `message.timestamp.type`); the
+    /// broker's defaults for the rest.
+    pub configs: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,12 +52,15 @@ pub async fn ensure_topics(
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 &t.name,
                 t.partitions,
                 // -1 asks the broker for its default (KIP-464).
                 TopicReplication::Fixed(t.replication.unwrap_or(-1)),
-            )
+            );
+            t.configs
+                .iter()
+                .fold(topic, |topic, (key, value)| topic.set(key, value))
         })
         .collect();
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));

@@ -9,7 +9,11 @@
 //! (revoked partitions) and synchronously on graceful shutdown.
 //!
 //! A record that cannot be decoded is never retried: the handler sends it to
-//! the dead-letter topic with its reason, and the batch moves on.
+//! the dead-letter topic with its reason, and the batch moves on. A record
+//! that decodes but fails every time it is handled (a value Postgres refuses,
+//! say) must not stall its partition either: handlers tell transient failures
+//! from permanent ones ([`BatchError`]), and the loop isolates the record
+//! behind a permanent one and sets it aside ([`settle`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -138,6 +142,32 @@ fn truncate_str(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// The event id of the dead letter `consumer` writes for `record`: derived
+/// from where the record sits in the log, so a redelivered batch repeats
+/// the same dead letter (same id, same time) instead of adding another.
+pub fn dead_letter_id(consumer: &str, record: &Record) -> uuid::Uuid {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!(
+            "dead-letter:{consumer}:{}:{}:{}",
+            record.topic, record.partition, record.offset
+        )
+        .as_bytes(),
+    )
+}
+
+/// A time for something derived from `record` that is the same on every
+/// delivery: the record's broker timestamp, else `fallback_ms` (e.g. the
+/// event's own time), else the current time (a record without a timestamp
+/// exists only in tests and pre-0.10 logs).
+pub fn stable_time_ms(record: &Record, fallback_ms: Option<i64>) -> i64 {
+    record
+        .timestamp_ms
+        .filter(|ms| EVENT_TIME_RANGE_MS.contains(ms))
+        .or(fallback_ms.filter(|ms| EVENT_TIME_RANGE_MS.contains(ms)))
+        .unwrap_or_else(crate::time::now_ms)
+}
+
 /// Sends refused records to `<prefix>.dead-letter`, with the reason, the
 /// original bytes and where they came from.
 #[derive(Clone)]
@@ -171,7 +201,12 @@ impl DeadLetters {
             ));
         }
         DeadLetter {
-            envelope: Some(self.publisher.envelope::<DeadLetter>("")),
+            envelope: Some(coupon_schemas::new_envelope::<DeadLetter>(
+                dead_letter_id(&self.consumer, record).to_string(),
+                stable_time_ms(record, None),
+                self.publisher.name(),
+                "",
+            )),
             source_topic: record.topic.clone(),
             source_partition: record.partition,
             source_offset: record.offset,
@@ -384,33 +419,237 @@ pub fn store_offsets(consumer: &RoleConsumer, batch: &[Record]) -> Result<(), Ka
     consumer.store_offsets(&tpl)
 }
 
-/// A handler failure that is worth retrying (database or broker down).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RetryableError(pub String);
+/// A boxed error that keeps its source chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-impl RetryableError {
-    pub fn new(error: impl std::fmt::Display) -> Self {
-        Self(error.to_string())
+/// Why a batch handler failed, which decides what the loop does next.
+///
+/// The distinction is *whose fault* the failure is. The environment's
+/// (Postgres or the broker unreachable, a timeout, a serialization
+/// conflict): the same batch succeeds later, so it is retried as it is, for
+/// as long as it takes. The batch's (a value Postgres refuses, a constraint
+/// a record violates every time): retrying the same batch would fail
+/// forever and stall its partitions, so the loop finds the record that
+/// causes it and sets that record aside.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("transient failure")]
+    Transient(#[source] BoxError),
+    #[error("permanent failure")]
+    Permanent(#[source] BoxError),
+}
+
+impl BatchError {
+    pub fn transient(error: impl Into<BoxError>) -> Self {
+        Self::Transient(error.into())
+    }
+
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        Self::Permanent(error.into())
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Permanent(_))
+    }
+
+    /// The failure and every cause, on one line: for logs and dead letters.
+    pub fn report(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(error) = cause {
+            let message = error.to_string();
+            // Wrappers often repeat their source's message; say it once.
+            if !text.ends_with(&message) {
+                text.push_str(": ");
+                text.push_str(&message);
+            }
+            cause = error.source();
+        }
+        text
     }
 }
 
-/// Runs `handle` on batches until `shutdown` resolves.
+impl From<PublishError> for BatchError {
+    /// The broker did not confirm: it is down, slow or electing a leader.
+    fn from(error: PublishError) -> Self {
+        Self::transient(error)
+    }
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(error: sqlx::Error) -> Self {
+        if crate::db::is_permanent(&error) {
+            Self::permanent(error)
+        } else {
+            Self::transient(error)
+        }
+    }
+}
+
+/// How the loop retries.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// The first pause after a failure; it doubles up to `max_backoff`.
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How often one record alone must fail permanently before it is set
+    /// aside. More than once: a conflict with another processor (a unique
+    /// key taken meanwhile during a rebalance) is reported as a constraint
+    /// violation but resolves on the next attempt, which reads the winner.
+    pub isolated_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            isolated_attempts: 3,
+        }
+    }
+}
+
+/// How a batch ended in [`settle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Every record is done: handled, or set aside.
+    Done,
+    /// Shutdown came while a failure was being retried: the batch must not
+    /// be marked done (it is redelivered to whoever runs next).
+    Stopped,
+}
+
+/// Sleeps `backoff` unless `shutdown` comes first (then `true`).
+async fn pause(backoff: Duration, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> bool {
+    tokio::select! {
+        _ = shutdown => true,
+        _ = tokio::time::sleep(backoff) => false,
+    }
+}
+
+/// Runs `handle` on `batch` until every record is done.
 ///
-/// A failed batch is retried with backoff (capped at 5 s) and its offsets are
-/// not stored until it succeeds, so an outage of Postgres or the broker delays
-/// work but loses none. Shutdown waits for the batch in hand, then commits.
-pub async fn run_batches<H, Fut>(
+/// - A transient failure retries the same records with backoff, forever:
+///   an outage delays work but loses none.
+/// - A permanent failure splits the records in two halves, handled one after
+///   the other (so each partition keeps its order), down to the one record
+///   that fails on its own. That record gets `policy.isolated_attempts`
+///   tries, then `reject` sets it aside (the dead-letter topic, and an
+///   answer to its requester) with the failure as its reason, and the rest
+///   of the batch goes on. No content can stall a partition.
+///
+/// Records handled before a later part fails stay handled; the handlers are
+/// idempotent, so a redelivery after a stop changes nothing.
+pub async fn settle<H, HFut, R, RFut>(
+    name: &str,
+    batch: Vec<Record>,
+    policy: &RetryPolicy,
+    handle: &mut H,
+    reject: &mut R,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Settled
+where
+    H: FnMut(Vec<Record>) -> HFut,
+    HFut: Future<Output = Result<(), BatchError>>,
+    R: FnMut(Record, String) -> RFut,
+    RFut: Future<Output = Result<(), BatchError>>,
+{
+    let mut parts = std::collections::VecDeque::from([batch]);
+    while let Some(mut part) = parts.pop_front() {
+        let mut backoff = policy.first_backoff;
+        let mut permanent = 0;
+        loop {
+            let error = match handle(part.clone()).await {
+                Ok(()) => break,
+                Err(error) => error,
+            };
+            let reason = error.report();
+            if error.is_permanent() {
+                if part.len() > 1 {
+                    tracing::warn!(consumer = name, records = part.len(), %reason, "batch failed permanently; splitting it to find the record");
+                    metrics::counter!("coupon_batch_splits_total", "consumer" => name.to_owned())
+                        .increment(1);
+                    let second = part.split_off(part.len() / 2);
+                    parts.push_front(second);
+                    parts.push_front(part);
+                    break;
+                }
+                permanent += 1;
+                if permanent >= policy.isolated_attempts {
+                    let Some(record) = part.pop() else { break };
+                    if set_aside(name, record, reason, policy, reject, shutdown).await {
+                        return Settled::Stopped;
+                    }
+                    break;
+                }
+            }
+            tracing::warn!(consumer = name, %reason, retry_in = ?backoff, "batch failed; retrying");
+            metrics::counter!("coupon_batch_retries_total", "consumer" => name.to_owned())
+                .increment(1);
+            if pause(backoff, shutdown).await {
+                return Settled::Stopped;
+            }
+            backoff = (backoff * 2).min(policy.max_backoff);
+        }
+    }
+    Settled::Done
+}
+
+/// Hands a record that fails on its own to `reject`; `true` if shutdown
+/// came first. Rejecting publishes, so its own failures are retried; a
+/// permanent one gives the record up with an error in the log rather than
+/// stall the partition.
+async fn set_aside<R, RFut>(
+    name: &str,
+    record: Record,
+    reason: String,
+    policy: &RetryPolicy,
+    reject: &mut R,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> bool
+where
+    R: FnMut(Record, String) -> RFut,
+    RFut: Future<Output = Result<(), BatchError>>,
+{
+    tracing::warn!(consumer = name, topic = %record.topic, partition = record.partition, offset = record.offset, %reason, "record fails on its own; setting it aside");
+    metrics::counter!("coupon_records_set_aside_total", "consumer" => name.to_owned()).increment(1);
+    let mut backoff = policy.first_backoff;
+    loop {
+        match reject(record.clone(), reason.clone()).await {
+            Ok(()) => return false,
+            Err(error) if error.is_permanent() => {
+                tracing::error!(consumer = name, topic = %record.topic, partition = record.partition, offset = record.offset, error = %error.report(), "could not set the record aside; skipping it");
+                return false;
+            }
+            Err(error) => {
+                tracing::warn!(consumer = name, error = %error.report(), retry_in = ?backoff, "setting a record aside failed; retrying");
+                if pause(backoff, shutdown).await {
+                    return true;
+                }
+                backoff = (backoff * 2).min(policy.max_backoff);
+            }
+        }
+    }
+}
+
+/// Runs `handle` on batches until `shutdown` resolves; see [`settle`] for
+/// what a failure does. A batch's offsets are stored once every record in
+/// it is done. Shutdown waits for the batch in hand, then commits.
+pub async fn run_batches<H, HFut, R, RFut>(
     name: &str,
     consumer: RoleConsumer,
     max_batch: usize,
     mut handle: H,
+    mut reject: R,
     shutdown: impl Future<Output = ()>,
 ) where
-    H: FnMut(Vec<Record>) -> Fut,
-    Fut: Future<Output = Result<(), RetryableError>>,
+    H: FnMut(Vec<Record>) -> HFut,
+    HFut: Future<Output = Result<(), BatchError>>,
+    R: FnMut(Record, String) -> RFut,
+    RFut: Future<Output = Result<(), BatchError>>,
 {
     tokio::pin!(shutdown);
+    let policy = RetryPolicy::default();
     loop {
         let batch = tokio::select! {
             biased;
@@ -427,26 +666,19 @@ pub async fn run_batches<H, Fut>(
                 continue;
             }
         };
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match handle(batch.clone()).await {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(consumer = name, %error, retry_in = ?backoff, "batch failed; retrying");
-                    metrics::counter!("coupon_batch_retries_total", "consumer" => name.to_owned())
-                        .increment(1);
-                    let stop = tokio::select! {
-                        _ = &mut shutdown => true,
-                        _ = tokio::time::sleep(backoff) => false,
-                    };
-                    if stop {
-                        // Not stored: the batch is redelivered to whoever runs next.
-                        commit_on_shutdown(name, &consumer);
-                        return;
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+        let settled = settle(
+            name,
+            batch.clone(),
+            &policy,
+            &mut handle,
+            &mut reject,
+            &mut shutdown,
+        )
+        .await;
+        if settled == Settled::Stopped {
+            // Not stored: the batch is redelivered to whoever runs next.
+            commit_on_shutdown(name, &consumer);
+            return;
         }
         metrics::counter!("coupon_records_processed_total", "consumer" => name.to_owned())
             .increment(batch.len() as u64);
@@ -537,5 +769,200 @@ mod tests {
             .reason
             .ends_with("(original truncated: key 5000 bytes, value 1048576 bytes)"));
         assert!(huge.encode_to_vec().len() < 300 * 1024);
+    }
+
+    #[test]
+    fn a_redelivered_record_gets_the_same_dead_letter() {
+        let publisher = Publisher::new(&KafkaSettings::new("127.0.0.1:1"), "test").unwrap();
+        let letters = DeadLetters::new(publisher, "t.dead-letter".into(), "claims");
+        let mut poison = record(b"abc".to_vec(), b"k".to_vec());
+        poison.timestamp_ms = Some(1_767_225_600_000);
+        let first = letters.letter(&poison, "bad");
+        let again = letters.letter(&poison, "bad");
+        assert_eq!(first.envelope, again.envelope);
+        let envelope = first.envelope.unwrap();
+        assert_eq!(envelope.occurred_at_ms, 1_767_225_600_000);
+        poison.offset += 1;
+        assert_ne!(
+            letters.letter(&poison, "bad").envelope.unwrap().event_id,
+            envelope.event_id,
+            "another record, another dead letter"
+        );
+    }
+
+    /// A fake handler: records whose value starts with `poison` fail
+    /// permanently, every time; `flaky` ones fail transiently on their
+    /// first `flaky_failures` attempts; `conflict` ones fail permanently
+    /// once (another processor won a race), then succeed.
+    struct Fake {
+        handled: Vec<Vec<u8>>,
+        rejected: Vec<(Vec<u8>, String)>,
+        calls: usize,
+        flaky_failures: usize,
+        conflicts_left: usize,
+    }
+
+    type Shared = std::sync::Arc<std::sync::Mutex<Fake>>;
+
+    fn fake(flaky_failures: usize, conflicts_left: usize) -> Shared {
+        std::sync::Arc::new(std::sync::Mutex::new(Fake {
+            handled: Vec::new(),
+            rejected: Vec::new(),
+            calls: 0,
+            flaky_failures,
+            conflicts_left,
+        }))
+    }
+
+    fn labelled(labels: &[&str]) -> Vec<Record> {
+        labels
+            .iter()
+            .enumerate()
+            .map(|(offset, label)| Record {
+                topic: "t".into(),
+                partition: 0,
+                offset: offset as i64,
+                key: None,
+                value: Some(label.as_bytes().to_vec()),
+                timestamp_ms: None,
+            })
+            .collect()
+    }
+
+    async fn run_fake(shared: &Shared, batch: Vec<Record>) -> Settled {
+        let policy = RetryPolicy {
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+            isolated_attempts: 3,
+        };
+        let mut handle = |part: Vec<Record>| {
+            let shared = shared.clone();
+            async move {
+                let mut fake = shared.lock().unwrap();
+                fake.calls += 1;
+                let values: Vec<Vec<u8>> = part.iter().filter_map(|r| r.value.clone()).collect();
+                if values.iter().any(|v| v.starts_with(b"poison")) {
+                    let nul = sqlx::Error::Protocol("invalid byte sequence 0x00".into());
+                    return Err(BatchError::permanent(nul));
+                }
+                if values.iter().any(|v| v.starts_with(b"conflict")) && fake.conflicts_left > 0 {
+                    fake.conflicts_left -= 1;
+                    return Err(BatchError::permanent("decided concurrently"));
+                }
+                if values.iter().any(|v| v.starts_with(b"flaky")) && fake.flaky_failures > 0 {
+                    fake.flaky_failures -= 1;
+                    return Err(BatchError::transient("connection refused"));
+                }
+                fake.handled.extend(values);
+                Ok(())
+            }
+        };
+        let mut reject = |record: Record, reason: String| {
+            let shared = shared.clone();
+            async move {
+                let mut fake = shared.lock().unwrap();
+                fake.rejected
+                    .push((record.value.unwrap_or_default(), reason));
+                Ok(())
+            }
+        };
+        let never = std::future::pending::<()>();
+        settle(
+            "test",
+            batch,
+            &policy,
+            &mut handle,
+            &mut reject,
+            &mut std::pin::pin!(never),
+        )
+        .await
+    }
+
+    fn text(values: &[Vec<u8>]) -> Vec<String> {
+        values
+            .iter()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_poison_record_is_set_aside_and_the_rest_decided_in_order() {
+        let shared = fake(0, 0);
+        let batch = labelled(&["a", "b", "c", "poison", "d", "e", "f", "g"]);
+        assert_eq!(run_fake(&shared, batch).await, Settled::Done);
+        let fake = shared.lock().unwrap();
+        assert_eq!(text(&fake.handled), ["a", "b", "c", "d", "e", "f", "g"]);
+        assert_eq!(fake.rejected.len(), 1);
+        assert_eq!(fake.rejected[0].0, b"poison");
+        assert_eq!(
+            fake.rejected[0].1,
+            "permanent failure: encountered unexpected or invalid data: invalid byte sequence 0x00"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_poison_record_of_a_batch_is_found() {
+        let shared = fake(0, 0);
+        let batch = labelled(&["poison1", "a", "poison2", "poison3", "b"]);
+        assert_eq!(run_fake(&shared, batch).await, Settled::Done);
+        let fake = shared.lock().unwrap();
+        assert_eq!(text(&fake.handled), ["a", "b"]);
+        let rejected: Vec<Vec<u8>> = fake.rejected.iter().map(|(v, _)| v.clone()).collect();
+        assert_eq!(text(&rejected), ["poison1", "poison2", "poison3"]);
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_retries_the_whole_batch_and_rejects_nothing() {
+        let shared = fake(4, 0);
+        let batch = labelled(&["a", "flaky", "b"]);
+        assert_eq!(run_fake(&shared, batch).await, Settled::Done);
+        let fake = shared.lock().unwrap();
+        assert_eq!(text(&fake.handled), ["a", "flaky", "b"]);
+        assert!(fake.rejected.is_empty());
+        assert_eq!(fake.calls, 5, "four failures, then the same batch whole");
+    }
+
+    #[tokio::test]
+    async fn a_conflict_that_resolves_on_the_next_attempt_is_not_set_aside() {
+        let shared = fake(0, 2);
+        let batch = labelled(&["conflict"]);
+        assert_eq!(run_fake(&shared, batch).await, Settled::Done);
+        let fake = shared.lock().unwrap();
+        assert_eq!(text(&fake.handled), ["conflict"]);
+        assert!(fake.rejected.is_empty());
+    }
+
+    #[tokio::test]
+    async fn shutdown_during_retries_leaves_the_batch_undone() {
+        let policy = RetryPolicy {
+            first_backoff: Duration::from_secs(3600),
+            ..RetryPolicy::default()
+        };
+        let mut handle =
+            |_: Vec<Record>| async { Err::<(), _>(BatchError::transient("broker down")) };
+        let mut reject = |_: Record, _: String| async { Ok(()) };
+        let settled = settle(
+            "test",
+            labelled(&["a"]),
+            &policy,
+            &mut handle,
+            &mut reject,
+            &mut std::pin::pin!(async {}),
+        )
+        .await;
+        assert_eq!(settled, Settled::Stopped);
+    }
+
+    #[test]
+    fn values_postgres_refuses_are_permanent_and_outages_transient() {
+        assert!(!crate::db::is_permanent(&sqlx::Error::PoolTimedOut));
+        assert!(!crate::db::is_permanent(&sqlx::Error::Io(
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
+        )));
+        assert!(crate::db::is_permanent(&sqlx::Error::Encode(
+            "value too large".into()
+        )));
+        let error = BatchError::from(sqlx::Error::PoolTimedOut);
+        assert!(!error.is_permanent());
     }
 }

@@ -402,7 +402,7 @@ async fn claim_inner(
         user_id: user.to_string(),
         category: category.map(Category::into_string).unwrap_or_default(),
     };
-    let pending = state.replies.expect_claim(request_id);
+    let pending = state.replies.expect_claim(request_id, user.as_str());
     let decision = publish_and_wait(
         state,
         &state.topics.claims(),
@@ -568,7 +568,7 @@ async fn purchase_inner(
         coupon_code: body.coupon_code,
         order_id: order.to_string(),
     };
-    let pending = state.replies.expect_purchase(request_id);
+    let pending = state.replies.expect_purchase(request_id, user.as_str());
     let decision = publish_and_wait(
         state,
         &state.topics.purchases(),

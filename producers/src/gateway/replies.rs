@@ -8,8 +8,16 @@
 //! other instances' requests are skipped. That keeps several gateways
 //! independent with no routing. The start position is fixed before the
 //! gateway accepts requests, so no reply can slip past unseen.
+//!
+//! Waiters are keyed by request id *and* user: the request id is the
+//! client's (`x-request-id`), so two users may send the same one at the same
+//! moment, and each must get the decision addressed to them (the claim
+//! processor answers the second user `invalid`, never with the first one's
+//! decision). Several waiters under one key (a client retrying a request
+//! that is still pending) all get the decision.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,19 +30,25 @@ use coupon_platform::kafka::{decode, Record};
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_schemas::{ClaimDecided, PurchaseDecided};
 
-type Waiters<T> = Mutex<HashMap<String, oneshot::Sender<T>>>;
+/// A request id and the user the request was sent for.
+type Key = (String, String);
 
-/// Waiters by request id.
+/// The waiters under one key, each with its own number.
+type Waiters<T> = Mutex<HashMap<Key, Vec<(u64, oneshot::Sender<T>)>>>;
+
+/// Waiters by request id and user.
 #[derive(Default)]
 pub struct Replies {
     claims: Waiters<ClaimDecided>,
     purchases: Waiters<PurchaseDecided>,
+    next_waiter: AtomicU64,
 }
 
 /// Removes the waiter when the request is answered, times out or is dropped.
 pub struct Pending<'a, T> {
     waiters: &'a Waiters<T>,
-    request_id: String,
+    key: Key,
+    waiter: u64,
     receiver: Option<oneshot::Receiver<T>>,
 }
 
@@ -48,46 +62,70 @@ impl<T> Pending<'_, T> {
 
 impl<T> Drop for Pending<'_, T> {
     fn drop(&mut self) {
+        // Only this waiter: another request under the same key may still wait.
         if let Ok(mut waiters) = self.waiters.lock() {
-            waiters.remove(&self.request_id);
+            if let Some(list) = waiters.get_mut(&self.key) {
+                list.retain(|(waiter, _)| *waiter != self.waiter);
+                if list.is_empty() {
+                    waiters.remove(&self.key);
+                }
+            }
         }
     }
 }
 
-fn register<'a, T>(waiters: &'a Waiters<T>, request_id: &str) -> Pending<'a, T> {
+fn register<'a, T>(
+    waiters: &'a Waiters<T>,
+    waiter: u64,
+    request_id: &str,
+    user_id: &str,
+) -> Pending<'a, T> {
     let (sender, receiver) = oneshot::channel();
+    let key = (request_id.to_owned(), user_id.to_owned());
     if let Ok(mut map) = waiters.lock() {
-        map.insert(request_id.to_owned(), sender);
+        map.entry(key.clone()).or_default().push((waiter, sender));
     }
     Pending {
         waiters,
-        request_id: request_id.to_owned(),
+        key,
+        waiter,
         receiver: Some(receiver),
     }
 }
 
-fn deliver<T>(waiters: &Waiters<T>, request_id: &str, value: T) {
-    let sender = waiters
+fn deliver<T: Clone>(waiters: &Waiters<T>, request_id: &str, user_id: &str, value: T) {
+    let key = (request_id.to_owned(), user_id.to_owned());
+    let senders = waiters
         .lock()
         .ok()
-        .and_then(|mut map| map.remove(request_id));
-    if let Some(sender) = sender {
-        let _ = sender.send(value);
+        .and_then(|mut map| map.remove(&key))
+        .unwrap_or_default();
+    for (_, sender) in senders {
+        let _ = sender.send(value.clone());
     }
 }
 
 impl Replies {
-    pub fn expect_claim(&self, request_id: &str) -> Pending<'_, ClaimDecided> {
-        register(&self.claims, request_id)
+    /// Registers before publishing: the decision for `user_id`'s claim
+    /// `request_id` goes to this waiter.
+    pub fn expect_claim(&self, request_id: &str, user_id: &str) -> Pending<'_, ClaimDecided> {
+        let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        register(&self.claims, waiter, request_id, user_id)
     }
 
-    pub fn expect_purchase(&self, request_id: &str) -> Pending<'_, PurchaseDecided> {
-        register(&self.purchases, request_id)
+    pub fn expect_purchase(&self, request_id: &str, user_id: &str) -> Pending<'_, PurchaseDecided> {
+        let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        register(&self.purchases, waiter, request_id, user_id)
     }
 
     pub fn waiting(&self) -> usize {
-        self.claims.lock().map(|m| m.len()).unwrap_or(0)
-            + self.purchases.lock().map(|m| m.len()).unwrap_or(0)
+        fn count<T>(waiters: &Waiters<T>) -> usize {
+            waiters
+                .lock()
+                .map(|map| map.values().map(Vec::len).sum())
+                .unwrap_or(0)
+        }
+        count(&self.claims) + count(&self.purchases)
     }
 }
 
@@ -165,12 +203,60 @@ pub async fn dispatch(
         };
         if record.topic == claim_results {
             if let Ok(decision) = decode::<ClaimDecided>(&record) {
-                let id = decision.request_id.clone();
-                deliver(&replies.claims, &id, decision);
+                let (id, user) = (decision.request_id.clone(), decision.user_id.clone());
+                deliver(&replies.claims, &id, &user, decision);
             }
         } else if let Ok(decision) = decode::<PurchaseDecided>(&record) {
-            let id = decision.request_id.clone();
-            deliver(&replies.purchases, &id, decision);
+            let (id, user) = (decision.request_id.clone(), decision.user_id.clone());
+            deliver(&replies.purchases, &id, &user, decision);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decided(request_id: &str, user_id: &str) -> ClaimDecided {
+        ClaimDecided {
+            request_id: request_id.into(),
+            user_id: user_id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn two_users_with_one_request_id_each_get_their_own_decision() {
+        let replies = Replies::default();
+        let first = replies.expect_claim("same-id", "alice");
+        let second = replies.expect_claim("same-id", "bob");
+        deliver(&replies.claims, "same-id", "bob", decided("same-id", "bob"));
+        deliver(
+            &replies.claims,
+            "same-id",
+            "alice",
+            decided("same-id", "alice"),
+        );
+        let wait = Duration::from_secs(5);
+        assert_eq!(
+            second.wait(wait).await.map(|d| d.user_id),
+            Some("bob".into())
+        );
+        assert_eq!(
+            first.wait(wait).await.map(|d| d.user_id),
+            Some("alice".into())
+        );
+        assert_eq!(replies.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_retry_while_pending_does_not_orphan_the_first_request() {
+        let replies = Replies::default();
+        let first = replies.expect_claim("retry", "alice");
+        let second = replies.expect_claim("retry", "alice");
+        drop(second);
+        assert_eq!(replies.waiting(), 1, "dropping one waiter keeps the other");
+        deliver(&replies.claims, "retry", "alice", decided("retry", "alice"));
+        assert!(first.wait(Duration::from_secs(5)).await.is_some());
     }
 }
