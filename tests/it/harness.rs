@@ -15,6 +15,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgPool};
 use tokio_util::sync::CancellationToken;
 
+use coupon_domain::QuotaWindow;
 use coupon_platform::kafka::Record;
 use coupon_platform::{KafkaSettings, Topics};
 use couponctl::app::{self, AppConfig, Role, Running};
@@ -464,20 +465,67 @@ pub async fn release(env: &TestEnv, category: &str, count: u32) -> Vec<String> {
     batch.codes.iter().map(ToString::to_string).collect()
 }
 
-/// The spec's invariants over the whole database: one holder per coupon,
-/// one grant per user per window, and conservation. Returns each violated
-/// invariant with how many rows break it (empty when all hold).
+/// The spec's invariants over the whole database, with the default quota
+/// window (the UTC day); see [`invariant_violations_in`].
 pub async fn invariant_violations(env: &TestEnv, issued: i64) -> Vec<(&'static str, i64)> {
+    invariant_violations_in(env, issued, QuotaWindow::DAY).await
+}
+
+/// The spec's invariants over the whole database: one holder per coupon,
+/// one grant per user per quota window, and conservation. Returns each
+/// violated invariant with how many rows break it (empty when all hold).
+///
+/// Each is checked on the facts the processors record, not on a constraint
+/// that enforces it (a check on the primary key of `quota_grants` could
+/// never fail): the granted decisions and the coupons' holders. Windows are
+/// computed from epoch seconds, as the processors align them, so the day is
+/// the UTC day whatever the session's time zone.
+pub async fn invariant_violations_in(
+    env: &TestEnv,
+    issued: i64,
+    window: QuotaWindow,
+) -> Vec<(&'static str, i64)> {
     let counts = env.status_counts().await;
     let mut violations = vec![(
         "available + held + redeemed = issued",
         (counts.total() - issued).abs(),
     )];
+    let secs = window.length().as_secs();
+    let window_of = |column: &str| format!("floor(extract(epoch FROM {column}) / {secs})");
     let checks = [
         (
+            // Every granted (non-repeated) decision is a new hold, judged
+            // in the window of its own time.
             "one grant per user per quota window",
-            "SELECT count(*) FROM (SELECT user_id, window_start FROM quota_grants
-              GROUP BY 1, 2 HAVING count(*) > 1) d",
+            format!(
+                "SELECT count(*) FROM (SELECT user_id FROM claim_decisions
+                  WHERE outcome = 'granted' AND NOT repeated
+                  GROUP BY user_id, {} HAVING count(*) > 1) g",
+                window_of("decided_at")
+            ),
+        ),
+        (
+            // ... and took the quota slot of that window.
+            "every grant took its window's quota slot",
+            format!(
+                "SELECT count(*) FROM claim_decisions d
+                  WHERE d.outcome = 'granted' AND NOT d.repeated AND NOT EXISTS (
+                    SELECT 1 FROM quota_grants q
+                     WHERE q.user_id = d.user_id AND q.request_id = d.request_id
+                       AND q.window_start = to_timestamp({} * {secs}))",
+                window_of("d.decided_at")
+            ),
+        ),
+        (
+            // No coupon is held or redeemed but under a grant to its holder:
+            // the coupons' own facts agree with the decisions.
+            "every held or redeemed coupon was granted to its holder",
+            "SELECT count(*) FROM coupons c
+              WHERE c.status <> 'available' AND NOT EXISTS (
+                SELECT 1 FROM claim_decisions d
+                 WHERE d.request_id = c.hold_id AND d.user_id = c.holder_user_id
+                   AND d.coupon_code = c.code AND d.outcome = 'granted')"
+                .to_owned(),
         ),
         (
             // Every granted (non-repeated) decision names a different
@@ -486,29 +534,29 @@ pub async fn invariant_violations(env: &TestEnv, issued: i64) -> Vec<(&'static s
             "SELECT count(*) FROM (SELECT coupon_code FROM claim_decisions
               WHERE outcome = 'granted' AND NOT repeated
               GROUP BY coupon_code, date_trunc('second', expires_at)
-              HAVING count(DISTINCT user_id) > 1) s",
+              HAVING count(DISTINCT user_id) > 1) s"
+                .to_owned(),
         ),
         (
             "one held coupon per user",
             "SELECT count(*) FROM (SELECT holder_user_id FROM coupons WHERE status = 'held'
-              GROUP BY 1 HAVING count(*) > 1) h",
-        ),
-        (
-            "one granted decision per user per day",
-            "SELECT count(*) FROM (SELECT user_id FROM claim_decisions
-              WHERE outcome = 'granted' AND NOT repeated
-              GROUP BY user_id, date_trunc('day', decided_at) HAVING count(*) > 1) g",
+              GROUP BY 1 HAVING count(*) > 1) h"
+                .to_owned(),
         ),
     ];
     for (invariant, sql) in checks {
-        violations.push((invariant, env.count(sql).await));
+        violations.push((invariant, env.count(&sql).await));
     }
     violations.retain(|(_, n)| *n != 0);
     violations
 }
 
 pub async fn assert_invariants(env: &TestEnv, issued: i64) {
-    let violations = invariant_violations(env, issued).await;
+    assert_invariants_in(env, issued, QuotaWindow::DAY).await;
+}
+
+pub async fn assert_invariants_in(env: &TestEnv, issued: i64, window: QuotaWindow) {
+    let violations = invariant_violations_in(env, issued, window).await;
     assert!(
         violations.is_empty(),
         "invariants violated: {violations:?} ({:?})",
