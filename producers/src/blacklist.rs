@@ -93,6 +93,10 @@ pub fn change_event(
 impl Blacklist<'_> {
     /// Blacklists a user until `until` (`None`: indefinitely), extending any
     /// existing entry, never shortening it. Returns the entry as it now is.
+    ///
+    /// An [`Source::Automatic`] block only writes when the user has no
+    /// current entry: it never overwrites an operator's entry (its reason,
+    /// its time), and changes nothing (no event) when one exists.
     pub async fn add(
         &self,
         user_id: &str,
@@ -101,7 +105,7 @@ impl Blacklist<'_> {
         source: Source,
     ) -> Result<BlacklistEntry, BlacklistError> {
         let mut tx = self.pool.begin().await?;
-        let entry: BlacklistEntry = sqlx::query_as(
+        let written: Option<BlacklistEntry> = sqlx::query_as(
             "INSERT INTO users (user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at)
              VALUES ($1, true, $2, $3, now())
              ON CONFLICT (user_id) DO UPDATE SET
@@ -113,13 +117,27 @@ impl Blacklist<'_> {
                     ELSE EXCLUDED.blacklisted_until END,
                 blacklist_reason = EXCLUDED.blacklist_reason,
                 blacklisted_at = now()
+             WHERE NOT $4 OR NOT (users.blacklisted
+                 AND (users.blacklisted_until IS NULL OR users.blacklisted_until > now()))
              RETURNING user_id, blacklisted_until, blacklist_reason, blacklisted_at",
         )
         .bind(user_id)
         .bind(until)
         .bind(reason)
-        .fetch_one(&mut *tx)
+        .bind(source == Source::Automatic)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some(entry) = written else {
+            // An automatic block of a user with a current entry: keep it.
+            let current: BlacklistEntry = sqlx::query_as(
+                "SELECT user_id, blacklisted_until, blacklist_reason, blacklisted_at
+                 FROM users WHERE user_id = $1",
+            )
+            .bind(user_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(current);
+        };
         let event = change_event(self.publisher, user_id, Some(&entry), source);
         self.publisher
             .send(&self.topics.blacklist(), user_id, &event)
