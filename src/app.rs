@@ -255,6 +255,9 @@ pub async fn start(
     if roles.is_empty() {
         bail!("no roles to run");
     }
+    if roles.contains(&Role::Gateway) {
+        config.gateway.check_exposure(config.http_addr)?;
+    }
     // The recorder first, so no role records into the void before it exists.
     let metrics = coupon_platform::metrics::prometheus();
     let ctx = connect(&config).await?;
@@ -333,7 +336,7 @@ pub async fn start(
     }
     let mut http_addr = None;
     if roles.contains(&Role::Gateway) {
-        let replies = Arc::new(Replies::default());
+        let replies = Arc::new(Replies::bounded(config.gateway.max_waiting.max(1)));
         let results = gateway::replies::results_consumer(
             &config.kafka,
             &ctx.topics,
@@ -355,15 +358,15 @@ pub async fn start(
             .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
         let addr = listener.local_addr()?;
         http_addr = Some(addr);
-        let state = Arc::new(GatewayState {
-            pool: ctx.pool.clone(),
-            cache: ctx.cache.clone(),
-            publisher: ctx.publisher.clone(),
-            topics: ctx.topics.clone(),
+        let state = Arc::new(GatewayState::new(
+            ctx.pool.clone(),
+            ctx.cache.clone(),
+            ctx.publisher.clone(),
+            ctx.topics.clone(),
             replies,
-            config: config.gateway.clone(),
-            metrics: metrics.clone(),
-        });
+            config.gateway.clone(),
+            metrics.clone(),
+        ));
         let stop = shutdown.clone();
         tasks.spawn(async move {
             gateway::serve(listener, state, stop.cancelled_owned())

@@ -163,9 +163,11 @@ pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSu
     config.policy.hold_ttl = options.hold_ttl;
     config.partitions = 2;
     config.sweep_interval = Duration::from_millis(250);
-    config.gateway.admin_token = Some(uuid::Uuid::new_v4().to_string());
+    config.gateway.admin_token = Some(uuid::Uuid::new_v4().to_string().into());
     config.gateway.reply_timeout = Duration::from_secs(30);
     config.gateway.flood_limit_per_sec = 1_000;
+    // The simulated users all come from this machine.
+    config.gateway.address_limit_per_sec = u64::MAX;
     eprintln!(
         "demo: database {name}, topics {}.*, hold {:?}",
         config.topic_prefix, options.hold_ttl
@@ -183,7 +185,12 @@ pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSu
             "http://{}",
             running.http_addr.context("the gateway did not start")?
         ),
-        admin_token: config.gateway.admin_token.clone().unwrap_or_default(),
+        admin_token: config
+            .gateway
+            .admin_token
+            .as_ref()
+            .map(|t| t.expose().to_owned())
+            .unwrap_or_default(),
     };
     let outcome = scenario(
         &http,

@@ -17,7 +17,7 @@ use coupon_domain::{Category, EmployeeId, QuotaWindow, UserId};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::GroupProtocol;
 use coupon_platform::{reach, KafkaSettings};
-use coupon_producers::gateway::GatewayConfig;
+use coupon_producers::gateway::{GatewayConfig, Secret};
 use couponctl::app::{self, AppConfig, Role};
 use couponctl::replay::{self, ReplayOptions, StartAt, TopicKind};
 use couponctl::{audit, history, rebuild};
@@ -130,16 +130,53 @@ struct ServeArgs {
     /// broker accepted it; holds are released this long after their deadline.
     #[arg(long, env = "HOLD_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     hold_grace: Duration,
-    /// Bearer token for admin routes (POST /api/v1/coupon); unset closes them.
-    #[arg(long, env = "COUPON_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
-    /// Bearer token for storefront routes; unset leaves them open.
-    #[arg(long, env = "COUPON_API_TOKEN", hide_env_values = true)]
-    api_token: Option<String>,
-    /// How long the gateway waits for a decision before answering 504.
+    /// Bearer token for admin routes (POST /api/v1/coupon, coupon holders):
+    /// from the environment (COUPON_ADMIN_TOKEN), never from argv, which
+    /// every local user can read. Unset closes the admin routes.
+    #[arg(skip = secret_from_env("COUPON_ADMIN_TOKEN"))]
+    admin_token: Option<Secret>,
+    /// A file holding the admin bearer token (instead of COUPON_ADMIN_TOKEN).
+    #[arg(long, env = "COUPON_ADMIN_TOKEN_FILE", value_parser = secret_from_file)]
+    admin_token_file: Option<Secret>,
+    /// Bearer token for the storefront routes, from the environment
+    /// (COUPON_API_TOKEN), never from argv. Unset leaves them open, which
+    /// only a loopback HTTP_ADDR allows.
+    #[arg(skip = secret_from_env("COUPON_API_TOKEN"))]
+    api_token: Option<Secret>,
+    /// A file holding the storefront bearer token (instead of COUPON_API_TOKEN).
+    #[arg(long, env = "COUPON_API_TOKEN_FILE", value_parser = secret_from_file)]
+    api_token_file: Option<Secret>,
+    /// Serve the storefront routes without COUPON_API_TOKEN on a non-loopback
+    /// HTTP_ADDR: anyone who reaches it can claim and buy under any user id.
+    #[arg(long, env = "COUPON_INSECURE_OPEN_STOREFRONT")]
+    insecure_open_storefront: bool,
+    /// How long the gateway waits for a decision (publishing included)
+    /// before answering 504.
     #[arg(long, env = "REPLY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     reply_timeout: Duration,
-    /// Claims per second per user beyond which the user is blocked.
+    /// Deadline of a whole HTTP request, body included (never shorter than
+    /// REPLY_TIMEOUT + 1s); past it, 504.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// A client must send a request's headers within this; idle keep-alive
+    /// connections are closed after it too.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// HTTP requests handled at once; beyond, 503 with Retry-After.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_in_flight: u32,
+    /// Requests waiting for their decision at once; beyond, 503 with Retry-After.
+    #[arg(long, env = "MAX_WAITING_REPLIES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_waiting_replies: u32,
+    /// Open HTTP connections; beyond, new ones are closed at once.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Without COUPON_API_TOKEN: requests per second per client address
+    /// beyond which the gateway answers 429.
+    #[arg(long, env = "ADDRESS_LIMIT", default_value_t = 1000)]
+    address_limit: u64,
+    /// With COUPON_API_TOKEN: claims per second per user beyond which the
+    /// user is blocked (blacklisted for FLOOD_BLOCK).
     #[arg(long, env = "FLOOD_LIMIT", default_value_t = 20)]
     flood_limit: u64,
     /// How long a flooding user stays blocked.
@@ -178,6 +215,31 @@ struct ServeArgs {
     /// Without the gateway (`consume`): serve GET /metrics on this address.
     #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+}
+
+/// A token from the environment variable `name` (`None` when unset or empty).
+fn secret_from_env(name: &str) -> Option<Secret> {
+    std::env::var(name).ok().and_then(Secret::new)
+}
+
+/// A token from a file (surrounding whitespace, e.g. the final newline, is
+/// not part of it).
+fn secret_from_file(path: &str) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    Secret::new(text).ok_or_else(|| format!("{path} is empty"))
+}
+
+impl ServeArgs {
+    /// A token comes from the environment or from a file, not both.
+    fn check_tokens(&self) -> anyhow::Result<()> {
+        if self.api_token.is_some() && self.api_token_file.is_some() {
+            anyhow::bail!("set COUPON_API_TOKEN or COUPON_API_TOKEN_FILE, not both");
+        }
+        if self.admin_token.is_some() && self.admin_token_file.is_some() {
+            anyhow::bail!("set COUPON_ADMIN_TOKEN or COUPON_ADMIN_TOKEN_FILE, not both");
+        }
+        Ok(())
+    }
 }
 
 fn parse_assignment(raw: &str) -> Result<Assignment, String> {
@@ -367,6 +429,10 @@ struct ReplayArgs {
     /// slots are named by their window's start).
     #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
     quota_window: QuotaWindow,
+    /// How late a request may be decided and still be judged at the time the
+    /// broker accepted it; holds are released this long after their deadline.
+    #[arg(long, env = "HOLD_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    hold_grace: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -375,6 +441,10 @@ struct AuditArgs {
     /// by their window's start).
     #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
     quota_window: QuotaWindow,
+    /// How late a request may be decided and still be judged at the time the
+    /// broker accepted it; holds are released this long after their deadline.
+    #[arg(long, env = "HOLD_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    hold_grace: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -477,9 +547,16 @@ impl Connections {
             hold_grace: serve.hold_grace,
         };
         config.gateway = GatewayConfig {
-            api_token: serve.api_token.clone().filter(|t| !t.is_empty()),
-            admin_token: serve.admin_token.clone().filter(|t| !t.is_empty()),
+            api_token: serve.api_token_file.clone().or(serve.api_token.clone()),
+            admin_token: serve.admin_token_file.clone().or(serve.admin_token.clone()),
+            insecure_open_storefront: serve.insecure_open_storefront,
             reply_timeout: serve.reply_timeout,
+            request_timeout: serve.request_timeout,
+            header_read_timeout: serve.header_read_timeout,
+            max_in_flight: serve.max_in_flight as usize,
+            max_waiting: serve.max_waiting_replies as usize,
+            max_connections: serve.max_connections as usize,
+            address_limit_per_sec: serve.address_limit,
             flood_limit_per_sec: serve.flood_limit,
             flood_block: serve.flood_block,
             datacenter_id: serve.datacenter_id,
@@ -543,8 +620,14 @@ fn one_line(error: &anyhow::Error) -> String {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let conn = cli.connections;
     match cli.command {
-        Command::Run(serve) => serve_roles(conn.app_config(&serve), &Role::ALL).await,
-        Command::Gateway(serve) => serve_roles(conn.app_config(&serve), &[Role::Gateway]).await,
+        Command::Run(serve) => {
+            serve.check_tokens()?;
+            serve_roles(conn.app_config(&serve), &Role::ALL).await
+        }
+        Command::Gateway(serve) => {
+            serve.check_tokens()?;
+            serve_roles(conn.app_config(&serve), &[Role::Gateway]).await
+        }
         Command::Consume { roles, serve } => {
             let roles: Vec<Role> = roles.into_iter().map(Role::from).collect();
             serve_roles(conn.app_config(&serve), &roles).await
@@ -641,6 +724,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             options.concurrency = concurrency.max(1);
             let rows = couponctl::bench::run(config, options).await?;
             println!("{}", couponctl::bench::render(&rows));
+            println!("{}", couponctl::bench::render_targets(&rows));
             Ok(())
         }
         Command::Holds(HoldsCommand::Rebuild) => {

@@ -122,6 +122,7 @@ impl TestEnv {
         config.gateway.reply_timeout = Duration::from_secs(30);
         config.gateway.admin_token = Some("admin-secret".into());
         config.gateway.flood_limit_per_sec = 1_000_000;
+        config.gateway.address_limit_per_sec = 1_000_000;
         config.producer_name = format!("test@{}", self.name);
         config
     }
@@ -615,6 +616,7 @@ impl Child {
             .env("HOLD_TTL", "60s")
             .env("REPLY_TIMEOUT", "2s")
             .env("FLOOD_LIMIT", "1000000")
+            .env("ADDRESS_LIMIT", "1000000")
             .env("SLOW_FETCH_WAIT_MS", "50")
             .env("SWEEP_INTERVAL", "250ms")
             .env("RUST_LOG", "info,rdkafka=warn,sqlx=warn")

@@ -9,6 +9,7 @@ mod claims;
 mod cli;
 mod clocks;
 mod demo;
+mod edge;
 mod invariants;
 mod observability;
 mod openapi;

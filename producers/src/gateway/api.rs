@@ -112,7 +112,8 @@ pub struct CouponStatus {
     #[schema(example = "Electronics")]
     pub category: String,
     pub status: CouponState,
-    /// The user holding or having redeemed it.
+    /// The user holding or having redeemed it: shown to admin callers
+    /// only (`null` for everyone else).
     #[schema(required = true)]
     pub holder: Option<String>,
     /// End of the hold, while it is held.

@@ -89,12 +89,22 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
     }
 
+    /// `503` with `Retry-After: 1`. The message is for the client: never
+    /// an internal error's text (log that instead).
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(
+        let mut error = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
             message,
-        )
+        );
+        error.retry_after_secs = Some(1);
+        error
+    }
+
+    /// `503` because the gateway is at one of its limits (requests in
+    /// flight, waiting requests): shed rather than queued.
+    pub fn overloaded(what: impl std::fmt::Display) -> Self {
+        Self::unavailable(format!("the gateway is overloaded ({what}); retry later"))
     }
 
     pub fn timeout() -> Self {

@@ -17,6 +17,7 @@
 //! `request_id` log field, so one `grep` follows a request end to end.
 
 mod api;
+pub mod auth;
 mod error;
 pub mod openapi;
 pub mod replies;
@@ -34,6 +35,7 @@ use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use coupon_domain::{Category, CouponCode, EmployeeId, OrderId, UserId};
@@ -46,8 +48,11 @@ use coupon_schemas::{
 };
 
 pub use api::*;
+pub use auth::Secret;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use replies::Replies;
+
+use auth::{AddressLimiter, Caller, ClientAddr};
 
 use crate::issue::{self, IssueRequest};
 
@@ -57,11 +62,35 @@ pub const MAX_HTTP_ISSUE: u32 = 100_000;
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// When set, storefront routes require `Authorization: Bearer <token>`.
-    pub api_token: Option<String>,
+    /// Without it they are open, which [`GatewayConfig::check_exposure`]
+    /// allows on a loopback address only (or when
+    /// `insecure_open_storefront` says so).
+    pub api_token: Option<Secret>,
     /// Admin routes require it; with none set they are closed.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
+    /// Serve open storefront routes (no `api_token`) on a non-loopback
+    /// address anyway.
+    pub insecure_open_storefront: bool,
+    /// How long a claim or purchase may take, from the handler's start:
+    /// publishing the event and waiting for its decision.
     pub reply_timeout: Duration,
-    /// Requests per second per user beyond which the user is blocked.
+    /// Deadline of a whole request (body read included); never shorter
+    /// than `reply_timeout` (see [`GatewayConfig::request_deadline`]).
+    pub request_timeout: Duration,
+    /// A client must send a request's headers within this; it also closes
+    /// idle keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// Requests handled at once; beyond, `503` with `Retry-After`.
+    pub max_in_flight: usize,
+    /// Requests waiting for a decision at once; beyond, `503`.
+    pub max_waiting: usize,
+    /// Open connections; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// Requests per second per client address when the storefront routes
+    /// are open (no `api_token`); beyond, `429`.
+    pub address_limit_per_sec: u64,
+    /// Claims per second per user beyond which the user is blocked (with
+    /// `api_token` only: open routes never block the users they name).
     pub flood_limit_per_sec: u64,
     pub flood_block: Duration,
     pub datacenter_id: u16,
@@ -72,11 +101,46 @@ impl Default for GatewayConfig {
         Self {
             api_token: None,
             admin_token: None,
+            insecure_open_storefront: false,
             reply_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(5),
+            max_in_flight: 1024,
+            max_waiting: 1024,
+            max_connections: 4096,
+            address_limit_per_sec: 1000,
             flood_limit_per_sec: 20,
             flood_block: Duration::from_secs(600),
             datacenter_id: 0,
         }
+    }
+}
+
+/// Serving open storefront routes on an address others can reach.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "refusing to serve the storefront routes without COUPON_API_TOKEN on {0}, which is not a \
+     loopback address: set COUPON_API_TOKEN (or COUPON_API_TOKEN_FILE), bind HTTP_ADDR to \
+     127.0.0.1, or pass --insecure-open-storefront"
+)]
+pub struct Exposed(pub SocketAddr);
+
+impl GatewayConfig {
+    /// Open storefront routes (no `api_token`) only on a loopback address,
+    /// unless `insecure_open_storefront` is set.
+    pub fn check_exposure(&self, addr: SocketAddr) -> Result<(), Exposed> {
+        if self.api_token.is_some() || self.insecure_open_storefront || addr.ip().is_loopback() {
+            Ok(())
+        } else {
+            Err(Exposed(addr))
+        }
+    }
+
+    /// The deadline of a whole request: `request_timeout`, but never
+    /// shorter than the reply wait plus a second to answer.
+    pub fn request_deadline(&self) -> Duration {
+        self.request_timeout
+            .max(self.reply_timeout + Duration::from_secs(1))
     }
 }
 
@@ -88,6 +152,41 @@ pub struct GatewayState {
     pub replies: Arc<Replies>,
     pub config: GatewayConfig,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    in_flight: Arc<Semaphore>,
+    addresses: AddressLimiter,
+}
+
+impl GatewayState {
+    /// `replies` should be [`Replies::bounded`] by `config.max_waiting`.
+    pub fn new(
+        pool: PgPool,
+        cache: Cache,
+        publisher: Publisher,
+        topics: Topics,
+        replies: Arc<Replies>,
+        config: GatewayConfig,
+        metrics: metrics_exporter_prometheus::PrometheusHandle,
+    ) -> Self {
+        Self {
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            addresses: AddressLimiter::new(config.address_limit_per_sec),
+            pool,
+            cache,
+            publisher,
+            topics,
+            replies,
+            config,
+            metrics,
+        }
+    }
+
+    /// Requests being handled now.
+    pub fn in_flight(&self) -> usize {
+        self.config
+            .max_in_flight
+            .max(1)
+            .saturating_sub(self.in_flight.available_permits())
+    }
 }
 
 /// The HTTP methods the gateway routes.
@@ -165,64 +264,190 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         })
         .layer(DefaultBodyLimit::max(64 * 1024))
         .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), bounded))
         .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
 
 /// Serves until `shutdown` resolves, then finishes in-flight requests.
+///
+/// Each connection must send a request's headers within
+/// `header_read_timeout` (which also ends idle keep-alive connections);
+/// beyond `max_connections` open connections, new ones are closed at once.
+/// The peer's address goes on every request ([`ClientAddr`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<GatewayState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::Service as _;
+
+    let connections = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
+    let drain = state.config.request_deadline() + Duration::from_secs(1);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(state.config.header_read_timeout);
+    let app = router(state);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: let some close.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics::counter!("coupon_http_connections_refused_total").increment(1);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+            request.extensions_mut().insert(auth::Peer(peer));
+            app.clone().call(request)
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // In-flight requests end by their deadline; idle connections at once.
+    if tokio::time::timeout(drain, graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {drain:?}; closing them");
+    }
+    Ok(())
+}
+
+/// Bounds every request: at most `max_in_flight` at once (beyond, `503`
+/// with `Retry-After` rather than a queue) and each within
+/// [`GatewayConfig::request_deadline`] (then `504`).
+async fn bounded(
+    State(state): State<Arc<GatewayState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
+        metrics::counter!("coupon_http_shed_total", "reason" => "in_flight").increment(1);
+        return ApiError::overloaded("too many requests in flight").into_response();
+    };
+    let deadline = state.config.request_deadline();
+    let response = match tokio::time::timeout(deadline, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("coupon_http_deadline_exceeded_total").increment(1);
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::Timeout,
+                "the request took longer than its deadline; retrying is safe",
+            )
+            .into_response()
+        }
+    };
+    drop(permit);
+    response
+}
+
+/// The `method` label: one of a fixed set, so no request can add a series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The `status` label: the status if it is one the gateway sends, else its
+/// class (`4xx`, `5xx`).
+fn status_label(status: StatusCode) -> &'static str {
+    const SENT: [&str; 16] = [
+        "200", "202", "400", "401", "403", "404", "405", "408", "409", "413", "414", "415", "429",
+        "500", "503", "504",
+    ];
+    let code = status.as_str();
+    SENT.into_iter()
+        .find(|sent| *sent == code)
+        .unwrap_or(match status.as_u16() / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        })
 }
 
 async fn observe(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let started = Instant::now();
-    let method = request.method().clone();
+    let method = method_label(request.method());
+    // Matched paths come from the route table: a closed set.
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("coupon_http_requests_total", "method" => method.to_string(), "route" => route.clone(), "status" => status)
+    let status = status_label(response.status());
+    metrics::counter!("coupon_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("coupon_http_request_duration_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-}
-
-/// Compares in time independent of where the strings differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-fn check_api_token(state: &GatewayState, headers: &HeaderMap) -> Result<(), ApiError> {
-    match &state.config.api_token {
-        None => Ok(()),
-        Some(expected) => match bearer(headers) {
-            Some(given) if same_secret(given, expected) => Ok(()),
-            Some(_) => Err(ApiError::unauthorized("wrong API token")),
-            None => Err(ApiError::unauthorized(
-                "missing 'Authorization: Bearer <COUPON_API_TOKEN>'",
-            )),
-        },
+/// Who may call a storefront route: with COUPON_API_TOKEN set, its bearer
+/// (or the admin's); without, anyone ([`Caller::Open`]), limited per
+/// client address.
+fn storefront_caller(
+    state: &GatewayState,
+    headers: &HeaderMap,
+    client: ClientAddr,
+) -> Result<Caller, ApiError> {
+    let given = auth::bearer(headers);
+    if let (Some(admin), Some(given)) = (&state.config.admin_token, given) {
+        if admin.matches(given) {
+            return Ok(Caller::Admin);
+        }
+    }
+    let Some(expected) = &state.config.api_token else {
+        let second = Utc::now().timestamp();
+        if !state.addresses.allow(client.0, second) {
+            metrics::counter!("coupon_http_shed_total", "reason" => "address").increment(1);
+            let mut error = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::RateLimited,
+                "too many requests from this address; slow down",
+            );
+            error.retry_after_secs = Some(1);
+            return Err(error);
+        }
+        return Ok(Caller::Open);
+    };
+    match given {
+        Some(given) if expected.matches(given) => Ok(Caller::Storefront),
+        Some(_) => Err(ApiError::unauthorized("wrong API token")),
+        None => Err(ApiError::unauthorized(
+            "missing 'Authorization: Bearer <COUPON_API_TOKEN>'",
+        )),
     }
 }
 
@@ -232,8 +457,8 @@ fn check_admin_token(state: &GatewayState, headers: &HeaderMap) -> Result<(), Ap
             "admin routes are closed: the server has no COUPON_ADMIN_TOKEN",
         ));
     };
-    match bearer(headers) {
-        Some(given) if same_secret(given, expected) => Ok(()),
+    match auth::bearer(headers) {
+        Some(given) if expected.matches(given) => Ok(()),
         Some(_) => Err(ApiError::unauthorized("wrong admin token")),
         None => Err(ApiError::unauthorized(
             "missing 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'",
@@ -356,18 +581,20 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
             body = ErrorBody, example = json!({"error": "blacklisted", "message": "this user may not claim coupons"})),
         (status = 404, description = "No coupon (of the category) is available.",
             body = ErrorBody, example = json!({"error": "sold_out", "message": "no coupon is available right now"})),
-        (status = 429, description = "The user already had a coupon in this quota window.",
+        (status = 429, description = "The user already had a coupon in this quota window; or, on a gateway without COUPON_API_TOKEN, too many requests from this address.",
             headers(("Retry-After" = u64, description = "Seconds until the next quota window")),
             body = ErrorBody, example = json!({"error": "rate_limited", "message": "one coupon per user per quota window; try again after 2026-11-26T00:00:00.000Z"})),
-        (status = 503, description = "The claim could not be published; retrying is safe.",
+        (status = 503, description = "The claim could not be published, or the gateway is at its limit of requests in flight or waiting; retrying is safe.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "unavailable", "message": "could not publish the claim"})),
-        (status = 504, description = "No decision within REPLY_TIMEOUT; the claim may still complete and retrying (same x-request-id) is safe.",
+        (status = 504, description = "No decision within REPLY_TIMEOUT (publishing included); the claim may still complete and retrying (same x-request-id) is safe.",
             body = ErrorBody, example = json!({"error": "timeout", "message": "no decision in time; the request may still complete and retrying is safe"})),
     ),
     security((), ("api_token" = []))
 )]
 async fn claim(
     State(state): State<Arc<GatewayState>>,
+    client: ClientAddr,
     headers: HeaderMap,
     query: Result<Query<ClaimQuery>, QueryRejection>,
 ) -> Response {
@@ -375,18 +602,20 @@ async fn claim(
     traced(
         "claim",
         &request_id,
-        claim_inner(&state, &headers, query, &request_id),
+        claim_inner(&state, client, &headers, query, &request_id),
     )
     .await
 }
 
 async fn claim_inner(
     state: &GatewayState,
+    client: ClientAddr,
     headers: &HeaderMap,
     query: Result<Query<ClaimQuery>, QueryRejection>,
     request_id: &str,
 ) -> Result<Response, ApiError> {
-    check_api_token(state, headers)?;
+    let deadline = tokio::time::Instant::now() + state.config.reply_timeout;
+    let caller = storefront_caller(state, headers, client)?;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let user = UserId::parse(query.id.unwrap_or_default())
         .map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -395,20 +624,29 @@ async fn claim_inner(
         Some(raw) => Some(Category::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))?),
     };
     tracing::info!(user = %user, category = category.as_ref().map_or("", |c| c.as_str()), "claim received");
-    flood_check(state, &user).await?;
+    if caller != Caller::Open {
+        // Only an authenticated storefront vouches for the user ids it
+        // sends: without a token, anyone could name a victim's id and get
+        // the victim blocked.
+        flood_check(state, &user).await?;
+    }
     let event = ClaimRequested {
         envelope: Some(state.publisher.envelope::<ClaimRequested>(request_id)),
         request_id: request_id.to_owned(),
         user_id: user.to_string(),
         category: category.map(Category::into_string).unwrap_or_default(),
     };
-    let pending = state.replies.expect_claim(request_id, user.as_str());
+    let pending = state
+        .replies
+        .expect_claim(request_id, user.as_str())
+        .map_err(waiting_full)?;
     let decision = publish_and_wait(
         state,
         &state.topics.claims(),
         &user,
         &event,
         pending,
+        deadline,
         "claim",
     )
     .await?;
@@ -422,25 +660,41 @@ async fn claim_inner(
     Ok(claim_response(&decision))
 }
 
+fn waiting_full(full: replies::Full) -> ApiError {
+    metrics::counter!("coupon_http_shed_total", "reason" => "waiting").increment(1);
+    ApiError::overloaded(full.to_string())
+}
+
 /// Request/reply over Kafka: publishes `event` keyed by the user, then waits
 /// for its decision. `pending` is registered before publishing, so a fast
-/// decision cannot arrive unseen. A failed publish is `503`, no decision in
-/// `reply_timeout` is `504`.
+/// decision cannot arrive unseen. Publishing and waiting share one
+/// `deadline` (a broker that does not acknowledge cannot hold the request
+/// longer): past it, `504`. A failed publish is `503`.
 async fn publish_and_wait<E: coupon_schemas::Event, R>(
     state: &GatewayState,
     topic: &str,
     user: &UserId,
     event: &E,
     pending: replies::Pending<'_, R>,
+    deadline: tokio::time::Instant,
     what: &str,
 ) -> Result<R, ApiError> {
-    state
-        .publisher
-        .send(topic, user.as_str(), event)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("could not publish the {what}: {e}")))?;
+    match tokio::time::timeout_at(deadline, state.publisher.send(topic, user.as_str(), event)).await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "could not publish the {what}");
+            return Err(ApiError::unavailable(format!(
+                "could not publish the {what}; retrying is safe"
+            )));
+        }
+        Err(_) => {
+            tracing::warn!("the broker did not acknowledge the {what} in time");
+            return Err(ApiError::timeout());
+        }
+    }
     pending
-        .wait(state.config.reply_timeout)
+        .wait_until(deadline)
         .await
         .ok_or_else(ApiError::timeout)
 }
@@ -521,15 +775,20 @@ fn claim_response(decision: &ClaimDecided) -> Response {
             body = ErrorBody, example = json!({"error": "payload_too_large", "message": "request body is larger than 64 KiB"})),
         (status = 415, description = "The body is not sent as application/json.",
             body = ErrorBody, example = json!({"error": "unsupported_media_type", "message": "send 'Content-Type: application/json'"})),
-        (status = 503, description = "The purchase could not be published; retrying is safe.",
+        (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
+            body = ErrorBody, example = json!({"error": "rate_limited", "message": "too many requests from this address; slow down"})),
+        (status = 503, description = "The purchase could not be published, or the gateway is at its limit of requests in flight or waiting; retrying is safe.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "unavailable", "message": "could not publish the purchase"})),
-        (status = 504, description = "No decision within REPLY_TIMEOUT; retrying (same order_id) is safe.",
+        (status = 504, description = "No decision within REPLY_TIMEOUT (publishing included); retrying (same order_id) is safe.",
             body = ErrorBody, example = json!({"error": "timeout", "message": "no decision in time; the request may still complete and retrying is safe"})),
     ),
     security((), ("api_token" = []))
 )]
 async fn purchase(
     State(state): State<Arc<GatewayState>>,
+    client: ClientAddr,
     headers: HeaderMap,
     body: Result<Json<PurchaseBody>, JsonRejection>,
 ) -> Response {
@@ -537,18 +796,20 @@ async fn purchase(
     traced(
         "purchase",
         &request_id,
-        purchase_inner(&state, &headers, body, &request_id),
+        purchase_inner(&state, client, &headers, body, &request_id),
     )
     .await
 }
 
 async fn purchase_inner(
     state: &GatewayState,
+    client: ClientAddr,
     headers: &HeaderMap,
     body: Result<Json<PurchaseBody>, JsonRejection>,
     request_id: &str,
 ) -> Result<Response, ApiError> {
-    check_api_token(state, headers)?;
+    let deadline = tokio::time::Instant::now() + state.config.reply_timeout;
+    storefront_caller(state, headers, client)?;
     let Json(body) = body.map_err(json_rejection)?;
     let user = UserId::parse(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let order = OrderId::parse(body.order_id).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -568,13 +829,17 @@ async fn purchase_inner(
         coupon_code: body.coupon_code,
         order_id: order.to_string(),
     };
-    let pending = state.replies.expect_purchase(request_id, user.as_str());
+    let pending = state
+        .replies
+        .expect_purchase(request_id, user.as_str(), order.as_str())
+        .map_err(waiting_full)?;
     let decision = publish_and_wait(
         state,
         &state.topics.purchases(),
         &user,
         &event,
         pending,
+        deadline,
         "purchase",
     )
     .await?;
@@ -665,7 +930,8 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             body = ErrorBody, example = json!({"error": "payload_too_large", "message": "request body is larger than 64 KiB"})),
         (status = 415, description = "The body is not sent as application/json.",
             body = ErrorBody, example = json!({"error": "unsupported_media_type", "message": "send 'Content-Type: application/json'"})),
-        (status = 503, description = "The batch could not be published (or no machine id could be leased).",
+        (status = 503, description = "The batch could not be published (or no machine id could be leased), or the gateway is at its limit of requests in flight.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "unavailable", "message": "publishing to coupons.created failed"})),
     ),
     security(("admin_token" = []))
@@ -697,7 +963,10 @@ async fn create_coupons(
         |_| {},
     )
     .await
-    .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    .map_err(|error| {
+        tracing::warn!(%error, "releasing coupons failed");
+        ApiError::unavailable("the coupons could not be released; retrying is safe")
+    })?;
     let codes: Vec<String> = batch.codes.iter().map(ToString::to_string).collect();
     Ok((
         StatusCode::ACCEPTED,
@@ -731,24 +1000,29 @@ struct CouponRow {
         ("code" = String, Path, description = "The coupon code (Crockford base32; lower case, I/L for 1, O for 0 and hyphens are forgiven)", example = "0AN35HST00000")
     ),
     responses(
-        (status = 200, description = "The coupon as Postgres has it.", body = CouponStatus),
+        (status = 200, description = "The coupon as Postgres has it. `holder` is shown to admin callers (COUPON_ADMIN_TOKEN) only, `null` to everyone else.", body = CouponStatus),
         (status = 400, description = "Not a coupon code.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "not a coupon code"})),
         (status = 401, description = "COUPON_API_TOKEN is set and the bearer token is missing or wrong.",
             body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong API token"})),
         (status = 404, description = "No coupon has this code.",
             body = ErrorBody, example = json!({"error": "unknown_coupon", "message": "no coupon has this code"})),
-        (status = 503, description = "Postgres is not available.",
-            body = ErrorBody, example = json!({"error": "unavailable", "message": "database: pool timed out"})),
+        (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
+            body = ErrorBody, example = json!({"error": "rate_limited", "message": "too many requests from this address; slow down"})),
+        (status = 503, description = "Postgres is not available, or the gateway is at its limit of requests in flight.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
+            body = ErrorBody, example = json!({"error": "unavailable", "message": "the coupon store is not available; retrying is safe"})),
     ),
-    security((), ("api_token" = []))
+    security((), ("api_token" = []), ("admin_token" = []))
 )]
 async fn coupon_status(
     State(state): State<Arc<GatewayState>>,
+    client: ClientAddr,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    check_api_token(&state, &headers)?;
+    let caller = storefront_caller(&state, &headers, client)?;
     let Path(raw) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
     let code = CouponCode::parse(&raw).map_err(|e| ApiError::invalid(e.to_string()))?;
     let row: Option<CouponRow> = sqlx::query_as(
@@ -757,7 +1031,10 @@ async fn coupon_status(
     .bind(code.to_string())
     .fetch_optional(&state.pool)
     .await
-    .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
+    .map_err(|error| {
+        tracing::warn!(%error, "reading a coupon failed");
+        ApiError::unavailable("the coupon store is not available; retrying is safe")
+    })?;
     let row = row.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -771,9 +1048,10 @@ async fn coupon_status(
         "redeemed" => CouponState::Redeemed,
         // The table's CHECK constraint rules this out.
         other => {
-            return Err(ApiError::unavailable(format!(
-                "database: unexpected coupon status {other:?}"
-            )))
+            tracing::error!(status = other, code = %row.code, "unexpected coupon status");
+            return Err(ApiError::unavailable(
+                "the coupon store is not available; retrying is safe",
+            ));
         }
     };
     let millis = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -786,7 +1064,13 @@ async fn coupon_status(
             None
         },
         status,
-        holder: row.holder_user_id,
+        // Who holds a coupon is for operators only: codes are sequential,
+        // so anyone could otherwise list who holds what.
+        holder: if caller == Caller::Admin {
+            row.holder_user_id
+        } else {
+            None
+        },
         redeemed_at: row.redeemed_at.map(millis),
     })
     .into_response())

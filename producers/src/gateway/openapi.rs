@@ -29,7 +29,7 @@ Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
         super::openapi_json,
     ),
     components(schemas(ErrorBody, ErrorCode)),
-    modifiers(&BearerTokens),
+    modifiers(&BearerTokens, &Limits),
     tags(
         (name = "storefront", description = "Claims, purchases and coupon look-ups (COUPON_API_TOKEN, when set)"),
         (name = "employees", description = "Releasing coupons (COUPON_ADMIN_TOKEN)"),
@@ -69,6 +69,59 @@ impl Modify for BearerTokens {
                     .build(),
             ),
         );
+    }
+}
+
+/// The answers every route can give because of the gateway's limits
+/// (`503` at the in-flight cap, `504` past the request deadline), added to
+/// each operation that does not list them already.
+struct Limits;
+
+impl Modify for Limits {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::content::ContentBuilder;
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::{Ref, RefOr, ResponseBuilder};
+
+        let error = |example: serde_json::Value| {
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .example(Some(example))
+                .build()
+        };
+        let overloaded = ResponseBuilder::new()
+            .description("The gateway is at its limit of requests in flight; retrying is safe.")
+            .header(
+                "Retry-After",
+                HeaderBuilder::new()
+                    .schema(ObjectBuilder::new().schema_type(Type::Integer))
+                    .description(Some("Seconds to wait before retrying"))
+                    .build(),
+            )
+            .content(
+                "application/json",
+                error(serde_json::json!({"error": "unavailable", "message": "the gateway is overloaded (too many requests in flight); retry later"})),
+            )
+            .build();
+        let late = ResponseBuilder::new()
+            .description("The request took longer than REQUEST_TIMEOUT; retrying is safe.")
+            .content(
+                "application/json",
+                error(serde_json::json!({"error": "timeout", "message": "the request took longer than its deadline; retrying is safe"})),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+                let responses = &mut operation.responses.responses;
+                responses
+                    .entry("503".into())
+                    .or_insert_with(|| RefOr::T(overloaded.clone()));
+                responses
+                    .entry("504".into())
+                    .or_insert_with(|| RefOr::T(late.clone()));
+            }
+        }
     }
 }
 

@@ -17,7 +17,7 @@
 //! that is still pending) all get the decision.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,20 +33,42 @@ use coupon_schemas::{ClaimDecided, PurchaseDecided};
 /// A request id and the user the request was sent for.
 type Key = (String, String);
 
-/// The waiters under one key, each with its own number.
-type Waiters<T> = Mutex<HashMap<Key, Vec<(u64, oneshot::Sender<T>)>>>;
+/// One waiting request: its number, the order it buys (empty for a claim)
+/// and where its decision goes.
+struct Waiter<T> {
+    id: u64,
+    order_id: String,
+    sender: oneshot::Sender<T>,
+}
 
-/// Waiters by request id and user.
-#[derive(Default)]
+/// The waiters under one key.
+type Waiters<T> = Mutex<HashMap<Key, Vec<Waiter<T>>>>;
+
+/// Waiters by request id and user, at most `limit` at a time.
 pub struct Replies {
     claims: Waiters<ClaimDecided>,
     purchases: Waiters<PurchaseDecided>,
     next_waiter: AtomicU64,
+    waiting: AtomicUsize,
+    limit: usize,
 }
+
+impl Default for Replies {
+    /// Without a limit (tests); the gateway uses [`Replies::bounded`].
+    fn default() -> Self {
+        Self::bounded(usize::MAX)
+    }
+}
+
+/// The table of waiting requests is full: answer `503` rather than queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} requests are already waiting for their decision")]
+pub struct Full(pub usize);
 
 /// Removes the waiter when the request is answered, times out or is dropped.
 pub struct Pending<'a, T> {
     waiters: &'a Waiters<T>,
+    waiting: &'a AtomicUsize,
     key: Key,
     waiter: u64,
     receiver: Option<oneshot::Receiver<T>>,
@@ -54,18 +76,24 @@ pub struct Pending<'a, T> {
 
 impl<T> Pending<'_, T> {
     /// Waits for the decision; `None` on timeout.
-    pub async fn wait(mut self, timeout: Duration) -> Option<T> {
+    pub async fn wait(self, timeout: Duration) -> Option<T> {
+        self.wait_until(tokio::time::Instant::now() + timeout).await
+    }
+
+    /// Waits for the decision until `deadline`; `None` when it passed.
+    pub async fn wait_until(mut self, deadline: tokio::time::Instant) -> Option<T> {
         let receiver = self.receiver.take()?;
-        tokio::time::timeout(timeout, receiver).await.ok()?.ok()
+        tokio::time::timeout_at(deadline, receiver).await.ok()?.ok()
     }
 }
 
 impl<T> Drop for Pending<'_, T> {
     fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
         // Only this waiter: another request under the same key may still wait.
         if let Ok(mut waiters) = self.waiters.lock() {
             if let Some(list) = waiters.get_mut(&self.key) {
-                list.retain(|(waiter, _)| *waiter != self.waiter);
+                list.retain(|waiter| waiter.id != self.waiter);
                 if list.is_empty() {
                     waiters.remove(&self.key);
                 }
@@ -74,58 +102,103 @@ impl<T> Drop for Pending<'_, T> {
     }
 }
 
-fn register<'a, T>(
-    waiters: &'a Waiters<T>,
-    waiter: u64,
+/// Hands `value` to the waiters of `user_id`'s request `request_id`: all of
+/// them for a claim or a decision that names no order (an invalid
+/// purchase), only those buying `order_id` otherwise, so two purchases of
+/// different orders under one request id each get their own answer.
+fn deliver<T: Clone>(
+    waiters: &Waiters<T>,
     request_id: &str,
     user_id: &str,
-) -> Pending<'a, T> {
-    let (sender, receiver) = oneshot::channel();
+    order_id: &str,
+    value: T,
+) {
     let key = (request_id.to_owned(), user_id.to_owned());
+    let mut ready = Vec::new();
     if let Ok(mut map) = waiters.lock() {
-        map.entry(key.clone()).or_default().push((waiter, sender));
+        if let Some(list) = map.get_mut(&key) {
+            let (matching, others): (Vec<_>, Vec<_>) =
+                std::mem::take(list).into_iter().partition(|waiter| {
+                    order_id.is_empty() || waiter.order_id.is_empty() || waiter.order_id == order_id
+                });
+            ready = matching;
+            *list = others;
+            if list.is_empty() {
+                map.remove(&key);
+            }
+        }
     }
-    Pending {
-        waiters,
-        key,
-        waiter,
-        receiver: Some(receiver),
-    }
-}
-
-fn deliver<T: Clone>(waiters: &Waiters<T>, request_id: &str, user_id: &str, value: T) {
-    let key = (request_id.to_owned(), user_id.to_owned());
-    let senders = waiters
-        .lock()
-        .ok()
-        .and_then(|mut map| map.remove(&key))
-        .unwrap_or_default();
-    for (_, sender) in senders {
-        let _ = sender.send(value.clone());
+    for waiter in ready {
+        let _ = waiter.sender.send(value.clone());
     }
 }
 
 impl Replies {
+    /// A table that holds at most `limit` waiting requests.
+    pub fn bounded(limit: usize) -> Self {
+        Self {
+            claims: Mutex::default(),
+            purchases: Mutex::default(),
+            next_waiter: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    fn register<'a, T>(
+        &'a self,
+        waiters: &'a Waiters<T>,
+        request_id: &str,
+        user_id: &str,
+        order_id: &str,
+    ) -> Result<Pending<'a, T>, Full> {
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.limit {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(Full(self.limit));
+        }
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        let key = (request_id.to_owned(), user_id.to_owned());
+        if let Ok(mut map) = waiters.lock() {
+            map.entry(key.clone()).or_default().push(Waiter {
+                id,
+                order_id: order_id.to_owned(),
+                sender,
+            });
+        }
+        Ok(Pending {
+            waiters,
+            waiting: &self.waiting,
+            key,
+            waiter: id,
+            receiver: Some(receiver),
+        })
+    }
+
     /// Registers before publishing: the decision for `user_id`'s claim
     /// `request_id` goes to this waiter.
-    pub fn expect_claim(&self, request_id: &str, user_id: &str) -> Pending<'_, ClaimDecided> {
-        let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        register(&self.claims, waiter, request_id, user_id)
+    pub fn expect_claim(
+        &self,
+        request_id: &str,
+        user_id: &str,
+    ) -> Result<Pending<'_, ClaimDecided>, Full> {
+        self.register(&self.claims, request_id, user_id, "")
     }
 
-    pub fn expect_purchase(&self, request_id: &str, user_id: &str) -> Pending<'_, PurchaseDecided> {
-        let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        register(&self.purchases, waiter, request_id, user_id)
+    /// Registers before publishing: the decision for `user_id`'s purchase of
+    /// `order_id` under `request_id` goes to this waiter.
+    pub fn expect_purchase(
+        &self,
+        request_id: &str,
+        user_id: &str,
+        order_id: &str,
+    ) -> Result<Pending<'_, PurchaseDecided>, Full> {
+        self.register(&self.purchases, request_id, user_id, order_id)
     }
 
+    /// Requests waiting for their decision.
     pub fn waiting(&self) -> usize {
-        fn count<T>(waiters: &Waiters<T>) -> usize {
-            waiters
-                .lock()
-                .map(|map| map.values().map(Vec::len).sum())
-                .unwrap_or(0)
-        }
-        count(&self.claims) + count(&self.purchases)
+        self.waiting.load(Ordering::Relaxed)
     }
 }
 
@@ -204,11 +277,15 @@ pub async fn dispatch(
         if record.topic == claim_results {
             if let Ok(decision) = decode::<ClaimDecided>(&record) {
                 let (id, user) = (decision.request_id.clone(), decision.user_id.clone());
-                deliver(&replies.claims, &id, &user, decision);
+                deliver(&replies.claims, &id, &user, "", decision);
             }
         } else if let Ok(decision) = decode::<PurchaseDecided>(&record) {
-            let (id, user) = (decision.request_id.clone(), decision.user_id.clone());
-            deliver(&replies.purchases, &id, &user, decision);
+            let (id, user, order) = (
+                decision.request_id.clone(),
+                decision.user_id.clone(),
+                decision.order_id.clone(),
+            );
+            deliver(&replies.purchases, &id, &user, &order, decision);
         }
     }
 }
@@ -228,13 +305,20 @@ mod tests {
     #[tokio::test]
     async fn two_users_with_one_request_id_each_get_their_own_decision() {
         let replies = Replies::default();
-        let first = replies.expect_claim("same-id", "alice");
-        let second = replies.expect_claim("same-id", "bob");
-        deliver(&replies.claims, "same-id", "bob", decided("same-id", "bob"));
+        let first = replies.expect_claim("same-id", "alice").unwrap();
+        let second = replies.expect_claim("same-id", "bob").unwrap();
+        deliver(
+            &replies.claims,
+            "same-id",
+            "bob",
+            "",
+            decided("same-id", "bob"),
+        );
         deliver(
             &replies.claims,
             "same-id",
             "alice",
+            "",
             decided("same-id", "alice"),
         );
         let wait = Duration::from_secs(5);
@@ -252,11 +336,83 @@ mod tests {
     #[tokio::test]
     async fn a_retry_while_pending_does_not_orphan_the_first_request() {
         let replies = Replies::default();
-        let first = replies.expect_claim("retry", "alice");
-        let second = replies.expect_claim("retry", "alice");
+        let first = replies.expect_claim("retry", "alice").unwrap();
+        let second = replies.expect_claim("retry", "alice").unwrap();
         drop(second);
         assert_eq!(replies.waiting(), 1, "dropping one waiter keeps the other");
-        deliver(&replies.claims, "retry", "alice", decided("retry", "alice"));
+        deliver(
+            &replies.claims,
+            "retry",
+            "alice",
+            "",
+            decided("retry", "alice"),
+        );
         assert!(first.wait(Duration::from_secs(5)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_retry_while_pending_gets_the_same_decision() {
+        let replies = Replies::default();
+        let first = replies.expect_claim("again", "alice").unwrap();
+        let second = replies.expect_claim("again", "alice").unwrap();
+        deliver(
+            &replies.claims,
+            "again",
+            "alice",
+            "",
+            decided("again", "alice"),
+        );
+        let wait = Duration::from_secs(5);
+        assert!(first.wait(wait).await.is_some());
+        assert!(second.wait(wait).await.is_some(), "no spurious timeout");
+        assert_eq!(replies.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn purchases_of_two_orders_under_one_request_id_get_their_own_answer() {
+        let replies = Replies::default();
+        let one = replies.expect_purchase("p", "alice", "order-1").unwrap();
+        let two = replies.expect_purchase("p", "alice", "order-2").unwrap();
+        let decided = |order: &str| PurchaseDecided {
+            request_id: "p".into(),
+            user_id: "alice".into(),
+            order_id: order.into(),
+            ..Default::default()
+        };
+        deliver(
+            &replies.purchases,
+            "p",
+            "alice",
+            "order-2",
+            decided("order-2"),
+        );
+        deliver(
+            &replies.purchases,
+            "p",
+            "alice",
+            "order-1",
+            decided("order-1"),
+        );
+        let wait = Duration::from_secs(5);
+        assert_eq!(
+            two.wait(wait).await.map(|d| d.order_id),
+            Some("order-2".into())
+        );
+        assert_eq!(
+            one.wait(wait).await.map(|d| d.order_id),
+            Some("order-1".into())
+        );
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_frees_its_places() {
+        let replies = Replies::bounded(2);
+        let a = replies.expect_claim("a", "u").unwrap();
+        let _b = replies.expect_purchase("b", "u", "o").unwrap();
+        assert_eq!(replies.expect_claim("c", "u").err(), Some(Full(2)));
+        assert_eq!(replies.waiting(), 2);
+        drop(a);
+        assert_eq!(replies.waiting(), 1);
+        assert!(replies.expect_claim("c", "u").is_ok());
     }
 }
