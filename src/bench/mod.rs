@@ -31,6 +31,12 @@ use coupon_schemas::{ClaimDecided, ClaimRequested, CouponsCreated};
 use crate::app::{self, AppConfig, Role};
 
 pub mod profile;
+mod targets;
+
+pub use targets::render_targets;
+
+/// The rate of the latency target (claims/s, open loop).
+const STEADY_TARGET_RATE: f64 = 5_000.0;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -66,14 +72,30 @@ impl BenchOptions {
     }
 }
 
+/// What a row measured, so the targets table can find its figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Echo,
+    Healthz,
+    Release,
+    Allocation,
+    FlashSale,
+    SteadyDay,
+    Replay,
+    Rebuild,
+}
+
 /// One row of the results table.
 #[derive(Debug, Clone)]
 pub struct Row {
+    pub kind: Scenario,
     pub scenario: String,
     pub operations: u64,
     pub seconds: f64,
     pub latencies: Option<Latencies>,
     pub note: String,
+    /// The process's memory while the row ran (the flash sale samples it).
+    pub memory: Option<profile::MemoryProfile>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -154,17 +176,20 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     );
     release(config, &pool, "Flash", options.coupons).await?;
     let flash = profiled(flash_sale(&http, &base, &pool, options)).await?;
-    let half_of_max = flash.throughput() / 2.0;
+    // The latency target is at 5,000 claims/s; a system that cannot sustain
+    // that is measured at half its flash-sale rate instead (an open load
+    // above capacity only measures the queue).
+    let steady_rate = (flash.throughput() / 2.0).min(STEADY_TARGET_RATE);
     rows.push(flash);
 
-    eprintln!("bench: steady day at {half_of_max:.0} claims/s");
+    eprintln!("bench: steady day at {steady_rate:.0} claims/s");
     rows.push(
         profiled(steady_day(
             &http,
             &base,
             config,
             &pool,
-            half_of_max,
+            steady_rate,
             options.steady,
         ))
         .await?,
@@ -288,6 +313,8 @@ async fn echo(config: &AppConfig, requests: usize, concurrency: usize) -> anyhow
     let _ = reply_task.await;
     let lost = requests - latencies.len();
     Ok(Row {
+        kind: Scenario::Echo,
+        memory: None,
         scenario: "baseline: broker request/reply echo".into(),
         operations: latencies.len() as u64,
         seconds,
@@ -342,6 +369,8 @@ async fn http_baseline(
     )
     .await?;
     Ok(Row {
+        kind: Scenario::Healthz,
+        memory: None,
         scenario: "baseline: HTTP handler, SELECT 1".into(),
         operations: latencies.len() as u64,
         seconds: started.elapsed().as_secs_f64(),
@@ -414,6 +443,8 @@ async fn release(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(Row {
+        kind: Scenario::Release,
+        memory: None,
         scenario: format!("release: issue {count} until projected"),
         operations: u64::from(count),
         seconds: started.elapsed().as_secs_f64(),
@@ -455,6 +486,8 @@ async fn allocation_baselines(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
             tx.commit().await?;
         }
         rows.push(Row {
+            kind: Scenario::Allocation,
+            memory: None,
             scenario: format!("baseline: {label}"),
             operations: total as u64,
             seconds: started.elapsed().as_secs_f64(),
@@ -500,6 +533,8 @@ async fn flash_sale(
         bail!("flash sale broke an invariant: {granted} held (expected {expected}), {distinct_holders} holders, {decisions} decisions");
     }
     Ok(Row {
+        kind: Scenario::FlashSale,
+        memory: Some(memory.clone()),
         scenario: format!(
             "flash sale: {} users, {} coupons, HTTP",
             options.users, options.coupons
@@ -575,7 +610,9 @@ async fn steady_day(
         purchases += usize::from(bought);
     }
     Ok(Row {
-        scenario: format!("steady day: {rate:.0} claims/s (half the flash sale's), HTTP"),
+        kind: Scenario::SteadyDay,
+        memory: None,
+        scenario: format!("steady day: {rate:.0} claims/s open loop, HTTP"),
         operations: latencies.len() as u64,
         seconds: started.elapsed().as_secs_f64(),
         latencies: Latencies::of(latencies),
@@ -638,6 +675,8 @@ async fn replay(config: &AppConfig) -> anyhow::Result<Row> {
             }
         }
         Ok(Row {
+            kind: Scenario::Replay,
+            memory: None,
             scenario: "replay: decode created + claims + claim-results".into(),
             operations: events,
             seconds: started.elapsed().as_secs_f64(),
@@ -669,6 +708,8 @@ async fn rebuild(config: &AppConfig) -> anyhow::Result<Row> {
     scratch.drop_now().await?;
     let stats = stats?;
     Ok(Row {
+        kind: Scenario::Rebuild,
+        memory: None,
         scenario: "rebuild: the log into a fresh database".into(),
         operations: stats.events,
         seconds: stats.seconds(),
