@@ -16,6 +16,9 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# rdkafka is built with TLS (`ssl`), linked against the system OpenSSL; sqlx and
+# fred use it too (native-tls). keytool (the JDK's) makes the TLS test's keystore.
+dpkg -s libssl-dev >/dev/null 2>&1 || need_apt+=(libssl-dev)
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -17,3 +17,4 @@ mod poison;
 mod purchases;
 mod release;
 mod replay;
+mod tls;
