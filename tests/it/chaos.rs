@@ -366,7 +366,10 @@ struct Poison {
     consumer: &'static str,
 }
 
-const MIB: usize = 1024 * 1024;
+/// The largest field a hostile producer can get onto a topic: Apache Kafka
+/// refuses records over `message.max.bytes` (1 MiB by default) at the
+/// broker, so a field just under it is the worst a consumer will ever see.
+const HUGE: usize = 1000 * 1024;
 /// Year 200,000: representable by chrono and Postgres, but absurd.
 const FAR_FUTURE_MS: i64 = 6_250_000_000_000_000;
 /// Year -7,500: chrono can hold it, Postgres cannot.
@@ -424,8 +427,8 @@ fn generic_poison<E: Event + Clone>(topic: &str, consumer: &'static str, valid: 
         ),
         with("no event id", &|e| e.event_id.clear(), &["no event id"]),
         with(
-            "1 MiB event type",
-            &|e| e.event_type = "t".repeat(MIB),
+            "1000 KiB event type",
+            &|e| e.event_type = "t".repeat(HUGE),
             &["event type \"ttt"],
         ),
         with(
@@ -484,7 +487,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
     let env = TestEnv::new().await;
     let app = env.start(&Role::CONSUMERS, |_| {}).await;
     let topics = &env.topics;
-    let huge = "u".repeat(MIB);
+    let huge = "u".repeat(HUGE);
     let coupon_id = snowflake(1);
     let code = CouponCode::from_id(coupon_id).to_string();
 
@@ -566,7 +569,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
         specific(
             &c,
             "coupons",
-            "1 MiB employee id",
+            "1000 KiB employee id",
             created_with(&|e| e.employee_id = huge.clone()),
             &["employee id must be at most 64 bytes"],
         ),
@@ -604,7 +607,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
         specific(
             &cl,
             "claims",
-            "1 MiB user id",
+            "1000 KiB user id",
             claim_with(&|e| {
                 e.user_id = huge.clone();
                 e.request_id = "bad-claim-2".into()
@@ -614,7 +617,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
         specific(
             &cl,
             "claims",
-            "1 MiB request id",
+            "1000 KiB request id",
             claim_with(&|e| e.request_id = huge.clone()),
             &["request id must be at most 128 bytes"],
         ),
@@ -692,7 +695,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
         specific(
             &p,
             "purchases",
-            "1 MiB user id",
+            "1000 KiB user id",
             purchase_with(&|e| {
                 e.user_id = huge.clone();
                 e.request_id = "bad-purchase-4".into()
@@ -702,7 +705,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
         specific(
             &p,
             "purchases",
-            "1 MiB order id",
+            "1000 KiB order id",
             purchase_with(&|e| {
                 e.order_id = huge.clone();
                 e.request_id = "bad-purchase-5".into()
@@ -787,7 +790,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
         specific(
             &x,
             "expiry",
-            "1 MiB hold id",
+            "1000 KiB hold id",
             expired_with(&|e| e.hold_id = huge.clone()),
             &["hold_id"],
         ),
@@ -796,8 +799,8 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
     // A key too large for a dead letter's key, on a record that is refused.
     poison.push(Poison {
         topic: cl.clone(),
-        label: "1 MiB key".into(),
-        key: vec![b'k'; MIB],
+        label: "1000 KiB key".into(),
+        key: vec![b'k'; HUGE],
         value: vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01],
         reasons: &["not a valid protobuf"],
         consumer: "claims",
@@ -807,7 +810,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
     // after them share a partition, so the valid one is only processed if the
     // consumer got past every bad one.
     let mut kafka = KafkaSettings::new(env.kafka.brokers.clone());
-    kafka.extra = vec![("message.max.bytes".into(), (4 * MIB).to_string())];
+    kafka.extra = vec![("message.max.bytes".into(), (4 * 1024 * 1024).to_string())];
     let hostile = Publisher::new(&kafka, "hostile-producer").expect("publisher");
     let mut sent: HashMap<(String, i32, i64), &Poison> = HashMap::new();
     for bad in &poison {
