@@ -41,6 +41,18 @@ pub const ROLES: [&str; 5] = [
 /// The topics a role's consumer group reads. The roles subscribe to exactly
 /// these, and `couponctl status` and the lag gauges measure them, so this is
 /// the one place that says which group reads what.
+/// Coupons became available (after the commit that made them so): voids
+/// every sold-out mark in Redis (`coupon_domain::sold_out`). Redis trouble
+/// costs speed only: a mark it leaves standing expires within
+/// [`claims::SOLD_OUT_MARK_TTL`], and the gateway falls back to asking the
+/// claim processor whenever it cannot read Redis.
+pub async fn supply_changed(ctx: &Context) {
+    if let Err(error) = ctx.cache.supply_changed().await {
+        metrics::counter!("coupon_supply_signal_failures_total").increment(1);
+        tracing::warn!(%error, "could not void the sold-out marks in Redis");
+    }
+}
+
 pub fn role_topics(role: &str, topics: &Topics) -> Vec<String> {
     match role {
         coupons::ROLE => vec![topics.created()],

@@ -140,6 +140,16 @@ impl PoolKnowledge {
         self.all_empty || category.is_some_and(|c| self.empty_categories.contains(c))
     }
 
+    /// The pools an allocation found empty (`None`: any category).
+    pub fn empty_pools(&self) -> Vec<Option<&str>> {
+        let mut pools: Vec<Option<&str>> = Vec::new();
+        if self.all_empty {
+            pools.push(None);
+        }
+        pools.extend(self.empty_categories.iter().map(|c| Some(c.as_str())));
+        pools
+    }
+
     /// Records that an allocation for `category` found nothing.
     pub fn record_empty(&mut self, category: Option<&str>) {
         match category {

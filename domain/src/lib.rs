@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod purchase;
 pub mod quota;
 pub mod snowflake;
+pub mod sold_out;
 
 pub use claim::{ClaimOutcome, ClaimPrecheck, UserClaimState};
 pub use code::CouponCode;

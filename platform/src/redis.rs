@@ -160,6 +160,97 @@ impl Cache {
         Ok(exists > 0)
     }
 
+    fn supply_key(&self) -> String {
+        format!("{}:pool:supply", self.prefix)
+    }
+
+    fn sold_out_key(&self, category: Option<&str>) -> String {
+        match category {
+            None => format!("{}:pool:sold-out:any", self.prefix),
+            Some(category) => format!("{}:pool:sold-out:category:{category}", self.prefix),
+        }
+    }
+
+    /// Records that coupons became available (a batch projected, holds
+    /// released): a new supply version, which voids every sold-out mark
+    /// (`coupon_domain::sold_out`). Call it after the commit that made them
+    /// available.
+    pub async fn supply_changed(&self) -> Result<(), CacheError> {
+        let version = uuid::Uuid::new_v4().simple().to_string();
+        let _: () = self
+            .client
+            .set(self.supply_key(), version.as_str(), None, None, false)
+            .await?;
+        Ok(())
+    }
+
+    /// The supply version now (`None`: never set).
+    pub async fn supply_version(&self) -> Result<Option<String>, CacheError> {
+        Ok(self.client.get(self.supply_key()).await?)
+    }
+
+    /// Marks `pools` (`None`: any category) sold out as of supply
+    /// `version`, for at most `ttl` (a safety net: a mark outlives no
+    /// lost supply write longer than that).
+    pub async fn mark_sold_out(
+        &self,
+        pools: &[Option<&str>],
+        version: &str,
+        ttl: Duration,
+    ) -> Result<(), CacheError> {
+        if pools.is_empty() {
+            return Ok(());
+        }
+        let ms = ttl.as_millis().max(1) as i64;
+        let pipeline = self.client.pipeline();
+        for pool in pools {
+            let _: () = pipeline
+                .set(
+                    self.sold_out_key(*pool),
+                    version,
+                    Some(Expiration::PX(ms)),
+                    None,
+                    false,
+                )
+                .await?;
+        }
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    /// What the gateway needs to answer a claim `sold_out` by itself, in
+    /// one round trip: the supply version, the marks of the claim's pools,
+    /// and whether the user holds a coupon or is blocked.
+    pub async fn fast_path_facts(
+        &self,
+        user_id: &str,
+        category: Option<&str>,
+    ) -> Result<coupon_domain::sold_out::FastPathFacts, CacheError> {
+        let pipeline = self.client.pipeline();
+        let _: () = pipeline.get(self.supply_key()).await?;
+        let _: () = pipeline.get(self.sold_out_key(None)).await?;
+        let _: () = match category {
+            Some(category) => pipeline.get(self.sold_out_key(Some(category))).await?,
+            None => pipeline.get(self.supply_key()).await?,
+        };
+        let _: () = pipeline.exists(self.user_hold_key(user_id)).await?;
+        let _: () = pipeline.exists(self.blocked_key(user_id)).await?;
+        let (version, any_mark, category_mark, holds, blocked): (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            i64,
+            i64,
+        ) = pipeline.all().await?;
+        Ok(coupon_domain::sold_out::FastPathFacts {
+            version,
+            any_mark,
+            category_mark: category.and(category_mark),
+            holds_coupon: holds > 0,
+            blocked: blocked > 0,
+        })
+    }
+
     pub async fn ping(&self) -> Result<(), CacheError> {
         let _: String = self.client.ping(None).await?;
         Ok(())

@@ -80,6 +80,7 @@ mod tests {
             request_id: "r1".into(),
             user_id: "u1".into(),
             category: String::new(),
+            answered_sold_out: false,
         };
         let bytes = event.encode_to_vec();
         let back = ClaimRequested::decode(bytes.as_slice()).unwrap();

@@ -37,6 +37,7 @@ async fn publish_claims(topic: &str, publisher: &Publisher, ids: impl Iterator<I
             request_id,
             user_id: user.clone(),
             category: String::new(),
+            answered_sold_out: false,
         };
         publisher
             .send(topic, &user, &event)
@@ -505,6 +506,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
         request_id: "valid-claim".into(),
         user_id: "chaos".into(),
         category: String::new(),
+        answered_sold_out: false,
     };
     let purchase = PurchaseRequested {
         envelope: None,

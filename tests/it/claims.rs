@@ -213,6 +213,7 @@ async fn two_processors_concurrent_duplicates_and_redelivery_keep_the_invariants
             request_id: request_id.into(),
             user_id: user.into(),
             category: String::new(),
+            answered_sold_out: false,
         };
         publisher
             .send(&env.topics.claims(), user, &event)
@@ -444,6 +445,7 @@ async fn a_batch_grants_pool_by_pool_in_arrival_order() {
                 request_id: (*request_id).into(),
                 user_id: (*user).into(),
                 category: (*category).into(),
+                answered_sold_out: false,
             };
             coupon_platform::kafka::Record {
                 topic: env.topics.claims(),

@@ -23,6 +23,7 @@ async fn publish_claim(publisher: &Publisher, env: &TestEnv, request_id: &str, u
         request_id: request_id.into(),
         user_id: user.into(),
         category: String::new(),
+        answered_sold_out: false,
     };
     publisher
         .send(&env.topics.claims(), user, &event)

@@ -247,6 +247,7 @@ async fn replay_audit_agrees_reports_a_tampered_coupon_and_ignores_in_flight_wor
         request_id: "r-zed".into(),
         user_id: "zed".into(),
         category: String::new(),
+        answered_sold_out: false,
     };
     publisher
         .send(&env.topics.claims(), "zed", &request)

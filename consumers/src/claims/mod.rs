@@ -76,6 +76,9 @@ pub struct Claim {
     /// The record's own time, the same on every delivery: the time of an
     /// answer that is not stored.
     pub received_ms: i64,
+    /// A gateway already answered this claim `sold_out` (its fast path):
+    /// it is decided `sold_out` and never allocated a coupon.
+    pub answered_sold_out: bool,
 }
 
 /// Why a decodable request is refused; the requester still gets a decision.
@@ -104,6 +107,7 @@ pub fn validate(
             .unwrap_or_default(),
         at: judged_at(record.timestamp_ms, db_now, grace),
         received_ms: stable_time_ms(record, envelope.map(|e| e.occurred_at_ms)),
+        answered_sold_out: request.answered_sold_out,
     })
 }
 
@@ -185,6 +189,13 @@ fn classify<'a>(ctx: &Context, claim: &'a Claim, view: &mut BatchView) -> Step<'
     }
     if let Some(stored) = view.decided.get(&claim.request_id) {
         return Step::Decided(stored.clone(), false);
+    }
+    if claim.answered_sold_out {
+        // The user was told sold out: that is the decision, whatever the
+        // pool holds now. It changes nothing about the user (sold out uses
+        // no quota), so the user's other claims are decided as usual.
+        let (decision, is_new) = view.record(claim, ClaimOutcome::SoldOut);
+        return Step::Decided(decision, is_new);
     }
     if !view.touched.insert(user.to_owned()) {
         return Step::Deferred;
@@ -415,6 +426,21 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
                 }
             });
         }
+        // The supply version before any allocation statement of the batch
+        // starts: the version its sold-out marks carry (see
+        // `coupon_domain::sold_out`). `None` when Redis did not answer: then
+        // nothing is marked.
+        let supply = if waiting.is_empty() && deferred.is_empty() {
+            None
+        } else {
+            match ctx.cache.supply_version().await {
+                Ok(version) => Some(version),
+                Err(error) => {
+                    tracing::debug!(%error, "no supply version; marking nothing sold out");
+                    None
+                }
+            }
+        };
         for (category, group) in allocation_groups(waiting) {
             for (index, decision) in
                 grant_group(&mut tx, &mut view, category.as_deref(), group).await?
@@ -493,6 +519,14 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
             tracing::warn!(%error, "could not delete released holds from Redis");
         }
         metrics::counter!("coupon_holds_released_total").increment(ended.len() as u64);
+        // Released holds are supply (a coupon of another category than the
+        // one its user claims now stays available): void the marks first.
+        if !ended.is_empty() {
+            crate::supply_changed(ctx).await;
+        }
+        if let Some(version) = supply {
+            mark_sold_out(ctx, &view.pool, version.as_deref()).await;
+        }
     } else {
         drop(tx);
     }
@@ -527,6 +561,30 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
         d.log("claim");
     }
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+}
+
+/// How long a sold-out mark lives at most. Marks are voided by the next
+/// supply anyway; the TTL bounds the one case that cannot void them: a
+/// supply whose Redis write was lost (Redis down at that moment).
+pub const SOLD_OUT_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Marks the pools this batch found empty as sold out as of supply
+/// `version` (read before the batch's allocations). Redis trouble costs
+/// only speed: unmarked pools are decided here as before.
+async fn mark_sold_out(ctx: &Context, pool: &PoolKnowledge, version: Option<&str>) {
+    let pools = pool.empty_pools();
+    if pools.is_empty() {
+        return;
+    }
+    let version = coupon_domain::sold_out::supply_version(version);
+    match ctx
+        .cache
+        .mark_sold_out(&pools, version, SOLD_OUT_MARK_TTL)
+        .await
+    {
+        Ok(()) => metrics::counter!("coupon_sold_out_marks_total").increment(pools.len() as u64),
+        Err(error) => tracing::warn!(%error, "could not mark pools sold out in Redis"),
+    }
 }
 
 /// Sets aside a claim request that fails on its own: the requester is

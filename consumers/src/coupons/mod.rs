@@ -68,6 +68,12 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     }
     let inserted = insert_coupons(&ctx.pool, &coupons).await?;
     metrics::counter!("coupon_coupons_projected_total").increment(inserted);
+    // New coupons void every sold-out mark (`coupon_domain::sold_out`), after
+    // the insert committed. Should Redis not take it, a mark left standing
+    // hides them from claims until it expires (`SOLD_OUT_MARK_TTL`).
+    if inserted > 0 {
+        crate::supply_changed(ctx).await;
+    }
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 

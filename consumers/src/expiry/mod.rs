@@ -230,6 +230,10 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     if let Err(error) = ctx.cache.remove_holds(&released).await {
         tracing::warn!(%error, "could not delete released holds from Redis");
     }
+    // The released coupons are claimable again: void the sold-out marks.
+    if !released.is_empty() {
+        crate::supply_changed(ctx).await;
+    }
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 

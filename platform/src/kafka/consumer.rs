@@ -726,6 +726,7 @@ mod tests {
             request_id: "r1".into(),
             user_id: "u1".into(),
             category: String::new(),
+            answered_sold_out: false,
         }
         .encode_to_vec()
     }

@@ -93,6 +93,25 @@ impl Publisher {
             .await
     }
 
+    /// Puts one event in the producer's queue and returns at once (no
+    /// broker round trip); the returned future resolves with the broker's
+    /// acknowledgement. The producer retries delivery on its own (it is
+    /// idempotent), so a caller may answer before the acknowledgement and
+    /// only log a final failure.
+    pub async fn enqueue_event<E: Event>(
+        &self,
+        topic: &str,
+        key: &str,
+        event: &E,
+    ) -> Result<impl std::future::Future<Output = Result<Delivered, PublishError>>, PublishError>
+    {
+        let future = self
+            .enqueue(topic, Some(key.as_bytes()), &event.encode_to_vec())
+            .await?;
+        let topic = topic.to_owned();
+        Ok(async move { Self::confirm(&topic, future).await })
+    }
+
     /// Publishes many events, pipelined, and waits until all are acknowledged.
     /// On error some may have been delivered: callers retry the whole set and
     /// rely on consumers deduplicating by event id.

@@ -38,6 +38,7 @@ use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
+use coupon_domain::sold_out::FastPath;
 use coupon_domain::{Category, CouponCode, EmployeeId, OrderId, UserId};
 use coupon_platform::kafka::Publisher;
 use coupon_platform::redis::Cache;
@@ -630,12 +631,17 @@ async fn claim_inner(
         // the victim blocked.
         flood_check(state, &user).await?;
     }
+    let fast = sold_out_fast_path(state, &user, category.as_ref()).await;
     let event = ClaimRequested {
         envelope: Some(state.publisher.envelope::<ClaimRequested>(request_id)),
         request_id: request_id.to_owned(),
         user_id: user.to_string(),
         category: category.map(Category::into_string).unwrap_or_default(),
+        answered_sold_out: fast == FastPath::SoldOut,
     };
+    if fast == FastPath::SoldOut {
+        return answer_sold_out(state, &user, &event).await;
+    }
     let pending = state
         .replies
         .expect_claim(request_id, user.as_str())
@@ -658,6 +664,69 @@ async fn claim_inner(
         ));
     }
     Ok(claim_response(&decision))
+}
+
+/// Whether this claim may be answered `sold_out` by the gateway itself
+/// (`coupon_domain::sold_out`): its pool is marked sold out as of the
+/// current supply, and the user neither holds a coupon nor is blocked.
+/// One Redis round trip; when Redis does not answer, the claim takes the
+/// normal path.
+async fn sold_out_fast_path(
+    state: &GatewayState,
+    user: &UserId,
+    category: Option<&Category>,
+) -> FastPath {
+    match state
+        .cache
+        .fast_path_facts(user.as_str(), category.map(Category::as_str))
+        .await
+    {
+        Ok(facts) => coupon_domain::sold_out::fast_path(&facts),
+        Err(error) => {
+            tracing::debug!(%error, "sold-out marks unreadable; asking the claim processor");
+            FastPath::Ask
+        }
+    }
+}
+
+/// The sold-out fast path: the claim goes on the log flagged
+/// `answered_sold_out` (the claim processor records `sold_out` for it and
+/// never allocates it a coupon) and is answered `404` without waiting for
+/// the broker or the decision. Only putting it in the producer's queue is
+/// awaited; should that fail, the claim takes no fast path (`503`, retrying
+/// is safe). The producer retries delivery itself; a final failure is
+/// logged and counted.
+async fn answer_sold_out(
+    state: &GatewayState,
+    user: &UserId,
+    event: &ClaimRequested,
+) -> Result<Response, ApiError> {
+    let topic = state.topics.claims();
+    let delivery = state
+        .publisher
+        .enqueue_event(&topic, user.as_str(), event)
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "could not publish the sold-out claim");
+            ApiError::unavailable("could not publish the claim; retrying is safe")
+        })?;
+    let span = tracing::Span::current();
+    tokio::spawn(
+        async move {
+            if let Err(error) = delivery.await {
+                metrics::counter!("coupon_claims_sold_out_fast_lost_total").increment(1);
+                tracing::error!(%error, "a claim answered sold_out was not delivered to the log");
+            }
+        }
+        .instrument(span),
+    );
+    metrics::counter!("coupon_claims_sold_out_fast_total").increment(1);
+    Ok(ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::SoldOut,
+        "no coupon is available right now",
+    )
+    .into_response())
 }
 
 fn waiting_full(full: replies::Full) -> ApiError {
@@ -813,8 +882,9 @@ async fn purchase_inner(
     let Json(body) = body.map_err(json_rejection)?;
     let user = UserId::parse(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let order = OrderId::parse(body.order_id).map_err(|e| ApiError::invalid(e.to_string()))?;
-    if body.coupon_code.is_empty() || body.coupon_code.len() > 64 {
-        return Err(ApiError::invalid("coupon code must be 1 to 64 bytes"));
+    // Characters, as the OpenAPI document's maxLength counts.
+    if body.coupon_code.is_empty() || body.coupon_code.chars().count() > 64 {
+        return Err(ApiError::invalid("coupon code must be 1 to 64 characters"));
     }
     if body.coupon_code.chars().any(char::is_control) {
         return Err(ApiError::invalid(

@@ -1,0 +1,135 @@
+//! Sold out at the speed of a cache read: when the gateway may answer a
+//! claim `sold_out` by itself, without asking the claim processor.
+//!
+//! A pool (one category, or any category) is *marked* sold out by the claim
+//! processor when an allocation from it found nothing. Every mark carries
+//! the *supply version* the processor read before its allocation statement
+//! started; anything that makes coupons available (a new batch projected, a
+//! hold released) sets a new supply version after its commit. So a mark is
+//! current exactly when its version is still the supply version: a release
+//! that committed after the processor looked invalidates the mark, whatever
+//! order the two Redis writes land in. (The processor reads the version
+//! *before* its statement's snapshot: a supply whose new version it read
+//! had committed before that snapshot, so the statement saw its coupons.)
+//!
+//! The gateway answers `sold_out` at once only when the claim's pool is
+//! marked (a category is also empty when the whole pool is) and nothing
+//! about the user could make the processor answer otherwise in a way the
+//! user must see: a user who holds a coupon gets that coupon back (the
+//! processor returns it), and a blocked user gets `403`. Everything else,
+//! including any doubt (Redis unreachable), takes the normal path.
+
+/// The supply version of a pool state that has never been versioned (no
+/// release recorded since Redis was empty).
+pub const UNVERSIONED: &str = "0";
+
+/// The current supply version as read (`None`: the key is absent).
+pub fn supply_version(read: Option<&str>) -> &str {
+    read.filter(|v| !v.is_empty()).unwrap_or(UNVERSIONED)
+}
+
+/// What the gateway read about one claim, in one round trip.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FastPathFacts {
+    /// The supply version (`None`: absent).
+    pub version: Option<String>,
+    /// The version in the "any category" pool's sold-out mark, if marked.
+    pub any_mark: Option<String>,
+    /// The version in the requested category's mark (`None` without a
+    /// category, or unmarked).
+    pub category_mark: Option<String>,
+    /// The user holds a coupon (the holds cache has one).
+    pub holds_coupon: bool,
+    /// The user is blocked (blacklisted) in the cache.
+    pub blocked: bool,
+}
+
+/// The gateway's choice for one claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastPath {
+    /// Answer `sold_out` now; publish the claim flagged as answered.
+    SoldOut,
+    /// Publish the claim and wait for the processor's decision.
+    Ask,
+}
+
+/// Whether the pool a claim draws from (`category_mark` for its category,
+/// `any_mark` for the whole pool) is currently marked sold out.
+pub fn pool_sold_out(facts: &FastPathFacts) -> bool {
+    let version = supply_version(facts.version.as_deref());
+    let current = |mark: &Option<String>| mark.as_deref() == Some(version);
+    current(&facts.any_mark) || current(&facts.category_mark)
+}
+
+/// The gateway's rule: sold out now only for a marked pool and a user
+/// who neither holds a coupon nor is blocked.
+pub fn fast_path(facts: &FastPathFacts) -> FastPath {
+    if !facts.holds_coupon && !facts.blocked && pool_sold_out(facts) {
+        FastPath::SoldOut
+    } else {
+        FastPath::Ask
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marked(version: Option<&str>, any: Option<&str>, category: Option<&str>) -> FastPathFacts {
+        FastPathFacts {
+            version: version.map(str::to_owned),
+            any_mark: any.map(str::to_owned),
+            category_mark: category.map(str::to_owned),
+            ..FastPathFacts::default()
+        }
+    }
+
+    #[test]
+    fn a_current_mark_answers_sold_out() {
+        assert_eq!(
+            fast_path(&marked(Some("v1"), Some("v1"), None)),
+            FastPath::SoldOut
+        );
+        assert_eq!(
+            fast_path(&marked(Some("v1"), None, Some("v1"))),
+            FastPath::SoldOut
+        );
+    }
+
+    #[test]
+    fn a_mark_from_before_the_last_release_is_void() {
+        assert_eq!(
+            fast_path(&marked(Some("v2"), Some("v1"), Some("v1"))),
+            FastPath::Ask
+        );
+    }
+
+    #[test]
+    fn no_mark_asks_the_processor() {
+        assert_eq!(fast_path(&marked(Some("v1"), None, None)), FastPath::Ask);
+        assert_eq!(fast_path(&FastPathFacts::default()), FastPath::Ask);
+    }
+
+    #[test]
+    fn an_absent_version_is_the_unversioned_state() {
+        assert_eq!(
+            fast_path(&marked(None, Some(UNVERSIONED), None)),
+            FastPath::SoldOut
+        );
+        assert_eq!(
+            fast_path(&marked(Some(""), Some(UNVERSIONED), None)),
+            FastPath::SoldOut
+        );
+        assert_eq!(fast_path(&marked(None, Some("v1"), None)), FastPath::Ask);
+    }
+
+    #[test]
+    fn holders_and_blocked_users_always_ask() {
+        let mut facts = marked(Some("v"), Some("v"), None);
+        facts.holds_coupon = true;
+        assert_eq!(fast_path(&facts), FastPath::Ask);
+        facts.holds_coupon = false;
+        facts.blocked = true;
+        assert_eq!(fast_path(&facts), FastPath::Ask);
+    }
+}
