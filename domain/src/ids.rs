@@ -21,14 +21,18 @@ impl InvalidInput {
     }
 }
 
-fn validate(field: &'static str, raw: &str, max_bytes: usize) -> Result<(), InvalidInput> {
+/// Lengths count characters (Unicode scalar values), as JSON Schema's
+/// `maxLength` does, so the gateway's OpenAPI document states the rule
+/// exactly; a stored id is at most four bytes a character.
+fn validate(field: &'static str, raw: &str, max_chars: usize) -> Result<(), InvalidInput> {
     if raw.is_empty() {
         return Err(InvalidInput::new(field, "must not be empty"));
     }
-    if raw.len() > max_bytes {
+    let chars = raw.chars().count();
+    if chars > max_chars {
         return Err(InvalidInput::new(
             field,
-            format!("must be at most {max_bytes} bytes (got {})", raw.len()),
+            format!("must be at most {max_chars} characters (got {chars})"),
         ));
     }
     if raw.chars().any(char::is_control) {
@@ -54,7 +58,8 @@ macro_rules! text_id {
         pub struct $name(String);
 
         impl $name {
-            pub const MAX_BYTES: usize = $max;
+            /// The most characters it may have.
+            pub const MAX_CHARS: usize = $max;
 
             pub fn parse(raw: impl Into<String>) -> Result<Self, InvalidInput> {
                 let raw = raw.into();
@@ -86,7 +91,7 @@ macro_rules! text_id {
 }
 
 text_id!(
-    /// A storefront user. Opaque to us; at most 128 bytes.
+    /// A storefront user. Opaque to us; at most 128 characters.
     UserId, "user id", 128
 );
 text_id!(
@@ -125,6 +130,13 @@ mod tests {
         assert!(UserId::parse("a\u{0}b").is_err());
         assert!(UserId::parse("a\nb").is_err());
         assert!(UserId::parse(" padded").is_err());
+        // Lengths are characters, as the OpenAPI document's maxLength.
+        assert!(UserId::parse("ユ".repeat(128)).is_ok());
+        assert!(UserId::parse("ユ".repeat(129)).is_err());
+        assert_eq!(
+            UserId::parse("a".repeat(129)).unwrap_err().to_string(),
+            "user id must be at most 128 characters (got 129)"
+        );
         assert!(RequestId::parse("req\u{0}").is_err());
         assert!(RequestId::parse("r".repeat(129)).is_err());
         let err = Category::parse("").unwrap_err();

@@ -573,7 +573,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
             "coupons",
             "1000 KiB employee id",
             created_with(&|e| e.employee_id = huge.clone()),
-            &["employee id must be at most 64 bytes"],
+            &["employee id must be at most 64 characters"],
         ),
         specific(
             &c,
@@ -614,14 +614,14 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
                 e.user_id = huge.clone();
                 e.request_id = "bad-claim-2".into()
             }),
-            &["user id must be at most 128 bytes"],
+            &["user id must be at most 128 characters"],
         ),
         specific(
             &cl,
             "claims",
             "1000 KiB request id",
             claim_with(&|e| e.request_id = huge.clone()),
-            &["request id must be at most 128 bytes"],
+            &["request id must be at most 128 characters"],
         ),
         specific(
             &cl,
@@ -702,7 +702,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
                 e.user_id = huge.clone();
                 e.request_id = "bad-purchase-4".into()
             }),
-            &["user id must be at most 128 bytes"],
+            &["user id must be at most 128 characters"],
         ),
         specific(
             &p,
@@ -712,7 +712,7 @@ async fn poison_and_hostile_events_are_dead_lettered_and_the_consumers_keep_goin
                 e.order_id = huge.clone();
                 e.request_id = "bad-purchase-5".into()
             }),
-            &["order id must be at most 128 bytes"],
+            &["order id must be at most 128 characters"],
         ),
         specific(
             &p,

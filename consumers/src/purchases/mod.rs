@@ -49,8 +49,8 @@ pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
     // let through here fails the batch forever instead of refusing one record.
     let request_id = RequestId::parse(request.request_id.clone()).map_err(|e| e.to_string())?;
     let code = &request.coupon_code;
-    if code.is_empty() || code.len() > 64 {
-        return Err("coupon code must be 1 to 64 bytes".into());
+    if code.is_empty() || code.chars().count() > 64 {
+        return Err("coupon code must be 1 to 64 characters".into());
     }
     if code.chars().any(char::is_control) {
         return Err("coupon code must not contain control characters".into());

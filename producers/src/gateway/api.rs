@@ -8,17 +8,43 @@
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+// The constraints the gateway enforces on text ids (`coupon_domain::ids`),
+// as the document states them. utoipa takes only literals in `pattern`, so
+// the attributes below repeat these; `openapi::tests` checks that they do and
+// that the patterns accept exactly what the parsers accept.
+
+/// A user, employee, order id or category: no control characters (Unicode
+/// `Cc`), and neither first nor last character is white space (Unicode
+/// `White_Space`). Lengths count characters (Unicode scalar values).
+pub const ID_PATTERN: &str = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$";
+/// The same, or empty (an optional category).
+pub const OPTIONAL_ID_PATTERN: &str = r"^([^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?)?$";
+/// A coupon code as a purchase names it: no control characters. Anything
+/// else that is not a code is `unknown_coupon`.
+pub const CODE_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]+$";
+/// The `x-request-id` header: 1 to 64 visible ASCII characters; another value
+/// is replaced by a generated id.
+pub const REQUEST_ID_PATTERN: &str = r"^[\x21-\x7e]{1,64}$";
+
 /// `GET /api/v1/coupon` query. `id` is optional in the type only so that a
 /// missing id is answered with the JSON error shape (`invalid_request`)
 /// rather than the query extractor's own text.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ClaimQuery {
-    /// The user claiming a coupon (1 to 128 bytes, no control characters).
-    #[param(required = true, value_type = String, example = "user-42")]
+    /// The user claiming a coupon: 1 to 128 characters, no control
+    /// characters, no white space first or last.
+    #[param(required = true, value_type = String, min_length = 1, max_length = 128,
+        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$", example = "user-42")]
     pub id: Option<String>,
-    /// Only a coupon of this category; any category when absent.
-    #[param(example = "Electronics")]
+    /// Only a coupon of this category (at most 64 characters, no control
+    /// characters, no white space first or last); any category when absent
+    /// or empty.
+    #[param(
+        max_length = 64,
+        pattern = r"^([^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?)?$",
+        example = "Electronics"
+    )]
     pub category: Option<String>,
 }
 
@@ -39,13 +65,32 @@ pub struct ClaimGranted {
 /// `POST /api/v1/purchase` body.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PurchaseBody {
-    #[schema(example = "user-42")]
+    /// The user who claimed the coupon: 1 to 128 characters, no control
+    /// characters, no white space first or last.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        example = "user-42"
+    )]
     pub user_id: String,
-    /// The code the claim answered with.
-    #[schema(example = "0AN35HST00000")]
+    /// The code the claim answered with (1 to 64 characters, no control
+    /// characters; a string that is no coupon's code is `unknown_coupon`).
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$",
+        example = "0AN35HST00000"
+    )]
     pub coupon_code: String,
-    /// The shop's order id: purchases are idempotent on it.
-    #[schema(example = "order-1")]
+    /// The shop's order id: purchases are idempotent on it. 1 to 128
+    /// characters, no control characters, no white space first or last.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        example = "order-1"
+    )]
     pub order_id: String,
 }
 
@@ -71,10 +116,23 @@ pub struct PurchaseRedeemed {
 /// `POST /api/v1/coupon` body: an employee releases a batch.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateCoupons {
-    /// The employee id.
-    #[schema(example = "e1")]
+    /// The employee id: 1 to 64 characters, no control characters, no white
+    /// space first or last.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        example = "e1"
+    )]
     pub id: String,
-    #[schema(example = "Electronics")]
+    /// 1 to 64 characters, no control characters, no white space first or
+    /// last.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        example = "Electronics"
+    )]
     pub category: String,
     /// How many coupons (1 to 100,000; `couponctl issue` goes higher).
     #[schema(minimum = 1, maximum = 100_000, example = 100)]

@@ -125,15 +125,131 @@ impl Modify for Limits {
     }
 }
 
-/// The document as served.
+/// A coupon code in a path: 13 Crockford base32 symbols (the first at most
+/// `7`: the id's top bit is reserved), any number of hyphens; lower case and
+/// `I`/`L`/`O` are forgiven (`coupon_domain::CouponCode::parse`).
+pub const PATH_CODE_PATTERN: &str =
+    "^-*[0-7IiLlOo](-*[0-9A-HJKMNP-TV-Za-hjkmnp-tv-zIiLlOo]){12}-*$";
+
+/// What the derive cannot say, added to the JSON form of the document
+/// (utoipa's builders have no setter for links' request bodies): the exact
+/// error codes of each status, the constraints of the path and header
+/// parameters, and the links a client follows (a granted claim's code into
+/// the purchase and the status route).
+fn contract(doc: &mut serde_json::Value) {
+    use serde_json::{json, Value};
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for operation in item.values_mut() {
+            // Error answers: `error` is one of the codes this status can
+            // carry here (the examples name each of them).
+            for (status, response) in operation["responses"].as_object_mut().into_iter().flatten() {
+                if !status.starts_with('4') && !status.starts_with('5') {
+                    continue;
+                }
+                let Some(content) = response.pointer_mut("/content/application~1json") else {
+                    continue;
+                };
+                if content.pointer("/schema/$ref") != Some(&json!("#/components/schemas/ErrorBody"))
+                {
+                    continue;
+                }
+                let mut codes: Vec<Value> = Vec::new();
+                if let Some(code) = content.pointer("/example/error") {
+                    codes.push(code.clone());
+                }
+                for example in content["examples"].as_object().into_iter().flatten() {
+                    if let Some(code) = example.1.pointer("/value/error") {
+                        codes.push(code.clone());
+                    }
+                }
+                if codes.is_empty() {
+                    continue;
+                }
+                content["schema"] = json!({
+                    "type": "object",
+                    "description": "The error body (`ErrorBody`) with the codes of this answer",
+                    "required": ["error", "message"],
+                    "properties": {
+                        "error": {"type": "string", "enum": codes},
+                        "message": {"type": "string", "description": "For people: what went wrong and what to do."}
+                    }
+                });
+            }
+            for parameter in operation["parameters"].as_array_mut().into_iter().flatten() {
+                match (parameter["in"].as_str(), parameter["name"].as_str()) {
+                    (Some("header"), Some("x-request-id")) => {
+                        parameter["schema"] = json!({
+                            "type": "string",
+                            "pattern": super::api::REQUEST_ID_PATTERN,
+                        });
+                    }
+                    (Some("path"), Some("code")) => {
+                        parameter["schema"] = json!({
+                            "type": "string",
+                            "pattern": PATH_CODE_PATTERN,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if path == "/api/v1/coupon" {
+            if let Some(granted) = item
+                .get_mut("get")
+                .and_then(|get| get.pointer_mut("/responses/200"))
+            {
+                granted["links"] = json!({
+                    "Purchase": {
+                        "operationId": "purchase",
+                        "description": "Buy the coupon just granted: the claim's `user_id` and `coupon_code` (and, for a fresh order, its request id as `order_id`).",
+                        "requestBody": {
+                            "user_id": "$response.body#/user_id",
+                            "coupon_code": "$response.body#/coupon_code",
+                            "order_id": "$response.header.x-request-id"
+                        }
+                    },
+                    "CouponStatus": {
+                        "operationId": "coupon_status",
+                        "description": "Look the granted coupon up.",
+                        "parameters": {"path.code": "$response.body#/coupon_code"}
+                    }
+                });
+            }
+        }
+        if path == "/api/v1/purchase" {
+            if let Some(redeemed) = item
+                .get_mut("post")
+                .and_then(|post| post.pointer_mut("/responses/200"))
+            {
+                redeemed["links"] = json!({
+                    "CouponStatus": {
+                        "operationId": "coupon_status",
+                        "description": "Look the redeemed coupon up.",
+                        "parameters": {"path.code": "$response.body#/coupon_code"}
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The document as derived from the code, before [`contract`] adds to it.
 pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-/// The document as JSON (`null` only if serialising failed, which a
+/// The document as served (`null` only if serialising failed, which a
 /// document of plain strings and maps does not).
 pub fn document_json() -> serde_json::Value {
-    serde_json::to_value(document()).unwrap_or(serde_json::Value::Null)
+    let mut doc = serde_json::to_value(document()).unwrap_or(serde_json::Value::Null);
+    contract(&mut doc);
+    doc
 }
 
 #[cfg(test)]
@@ -159,6 +275,231 @@ mod tests {
         assert_eq!(
             doc["components"]["securitySchemes"]["api_token"]["scheme"],
             "bearer"
+        );
+    }
+
+    fn schema_of<'a>(doc: &'a serde_json::Value, pointer: &str) -> &'a serde_json::Value {
+        doc.pointer(pointer)
+            .unwrap_or_else(|| panic!("{pointer} is not in the document"))
+    }
+
+    /// Strings on both sides of every rule of the id parsers.
+    fn probes() -> Vec<String> {
+        let mut probes: Vec<String> = [
+            "",
+            "a",
+            "user-42",
+            "ユーザー",
+            " a",
+            "a ",
+            "a b",
+            "\ta",
+            "a\n",
+            "a\u{0}b",
+            "a\u{7f}",
+            "a\u{85}",
+            "\u{85}a",
+            "\u{a0}a",
+            "a\u{a0}",
+            "a\u{a0}b",
+            "\u{3000}a",
+            "a\u{2028}",
+            "a\u{200b}",
+            "a\u{9f}b",
+            "\u{1680}",
+            "x\u{202f}",
+            "\u{205f}y",
+            "é",
+            "0",
+            "-",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        for n in [63, 64, 65, 127, 128, 129] {
+            probes.push("a".repeat(n));
+            probes.push("ユ".repeat(n));
+        }
+        probes
+    }
+
+    fn agrees(pattern: &str, max: u64, min: u64, parse: impl Fn(&str) -> bool, what: &str) {
+        let re = regex::Regex::new(pattern).expect("the pattern is a regex");
+        for probe in probes() {
+            let chars = probe.chars().count() as u64;
+            let documented = re.is_match(&probe) && chars <= max && chars >= min;
+            assert_eq!(
+                documented,
+                parse(&probe),
+                "{what}: the document and the server disagree on {probe:?}"
+            );
+        }
+    }
+
+    /// Each documented constraint is exactly the server's rule: the strings
+    /// the document allows are the ones the parsers accept.
+    #[test]
+    fn documented_constraints_are_the_parsers_rules() {
+        use coupon_domain::{Category, CouponCode, EmployeeId, OrderId, UserId};
+        let doc = document_json();
+        let params = schema_of(&doc, "/paths/~1api~1v1~1coupon/get/parameters");
+        let param = |name: &str| {
+            params
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap_or_else(|| panic!("parameter {name}"))["schema"]
+                .clone()
+        };
+        let check = |schema: &serde_json::Value, parse: &dyn Fn(&str) -> bool, what: &str| {
+            agrees(
+                schema["pattern"].as_str().expect("a pattern"),
+                schema["maxLength"].as_u64().unwrap_or(u64::MAX),
+                schema["minLength"].as_u64().unwrap_or(0),
+                parse,
+                what,
+            )
+        };
+        check(&param("id"), &|s| UserId::parse(s).is_ok(), "claim id");
+        check(
+            &param("category"),
+            &|s| s.is_empty() || Category::parse(s).is_ok(),
+            "claim category",
+        );
+        let purchase = schema_of(&doc, "/components/schemas/PurchaseBody/properties");
+        check(
+            &purchase["user_id"],
+            &|s| UserId::parse(s).is_ok(),
+            "purchase user_id",
+        );
+        check(
+            &purchase["order_id"],
+            &|s| OrderId::parse(s).is_ok(),
+            "purchase order_id",
+        );
+        check(
+            &purchase["coupon_code"],
+            &|s| !s.is_empty() && s.chars().count() <= 64 && !s.chars().any(char::is_control),
+            "purchase coupon_code",
+        );
+        let create = schema_of(&doc, "/components/schemas/CreateCoupons/properties");
+        check(
+            &create["id"],
+            &|s| EmployeeId::parse(s).is_ok(),
+            "employee id",
+        );
+        check(
+            &create["category"],
+            &|s| Category::parse(s).is_ok(),
+            "category",
+        );
+        for (pattern, expected) in [
+            (super::super::api::ID_PATTERN, &purchase["user_id"]),
+            (super::super::api::OPTIONAL_ID_PATTERN, &param("category")),
+            (super::super::api::CODE_PATTERN, &purchase["coupon_code"]),
+        ] {
+            assert_eq!(expected["pattern"], pattern);
+        }
+        // The status route's code.
+        let code_param = schema_of(
+            &doc,
+            "/paths/~1api~1v1~1coupon~1{code}/get/parameters/0/schema",
+        );
+        let code = "0AN35HST00000";
+        let mut codes: Vec<String> = vec![
+            code.into(),
+            code.to_lowercase(),
+            "0AN3-5HST-0000-0".into(),
+            "OAN35HST0000O".into(),
+            "0an35hst0000l".into(),
+            "FZZZZZZZZZZZZ".into(),
+            "7ZZZZZZZZZZZZ".into(),
+            "8ZZZZZZZZZZZZ".into(),
+            "GZZZZZZZZZZZZ".into(),
+            "0AN35HST0000".into(),
+            "0AN35HST000000".into(),
+            "0AN35HST0000U".into(),
+            "0AN35HST0000!".into(),
+            "-".into(),
+            "".into(),
+        ];
+        codes.push(format!("-{code}-"));
+        let re = regex::Regex::new(code_param["pattern"].as_str().unwrap()).unwrap();
+        for probe in codes {
+            assert_eq!(
+                re.is_match(&probe),
+                CouponCode::parse(&probe).is_ok(),
+                "path code {probe:?}"
+            );
+        }
+    }
+
+    /// Every error answer names exactly the codes of its status, and the
+    /// links lead from a granted claim to the purchase and the status route.
+    #[test]
+    fn errors_have_their_codes_and_claims_link_to_purchases() {
+        let doc = document_json();
+        let codes = |path: &str, method: &str, status: &str| -> Vec<String> {
+            let pointer = format!(
+                "/paths/{}/{method}/responses/{status}/content/application~1json/schema/properties/error/enum",
+                path.replace('/', "~1")
+            );
+            schema_of(&doc, &pointer)
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let mut conflicts = codes("/api/v1/purchase", "post", "409");
+        conflicts.sort();
+        assert_eq!(
+            conflicts,
+            ["already_redeemed", "hold_expired", "not_holder"]
+        );
+        assert_eq!(codes("/api/v1/purchase", "post", "404"), ["unknown_coupon"]);
+        assert_eq!(codes("/api/v1/coupon", "get", "429"), ["rate_limited"]);
+        assert_eq!(codes("/api/v1/coupon", "get", "404"), ["sold_out"]);
+        assert_eq!(codes("/api/v1/coupon", "get", "403"), ["blacklisted"]);
+        assert_eq!(codes("/api/v1/coupon", "get", "400"), ["invalid_request"]);
+        assert_eq!(
+            codes("/api/v1/coupon/{code}", "get", "503"),
+            ["unavailable"]
+        );
+        assert_eq!(codes("/api/v1/coupon", "post", "504"), ["timeout"]);
+        // No error answer is left with the open ErrorBody.
+        let text = doc["paths"].to_string();
+        assert!(
+            !text.contains("#/components/schemas/ErrorBody"),
+            "an error answer without its codes"
+        );
+
+        let links = schema_of(&doc, "/paths/~1api~1v1~1coupon/get/responses/200/links");
+        assert_eq!(links["Purchase"]["operationId"], "purchase");
+        assert_eq!(
+            links["Purchase"]["requestBody"]["coupon_code"],
+            "$response.body#/coupon_code"
+        );
+        assert_eq!(
+            links["Purchase"]["requestBody"]["user_id"],
+            "$response.body#/user_id"
+        );
+        assert_eq!(links["CouponStatus"]["operationId"], "coupon_status");
+        assert_eq!(
+            links["CouponStatus"]["parameters"]["path.code"],
+            "$response.body#/coupon_code"
+        );
+        let ids: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .filter_map(|op| op["operationId"].as_str())
+            .collect();
+        assert!(
+            ids.contains(&"purchase") && ids.contains(&"coupon_status"),
+            "{ids:?}"
         );
     }
 }
