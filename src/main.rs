@@ -545,6 +545,7 @@ impl Connections {
             hold_ttl: serve.hold_ttl,
             quota_window: serve.quota_window,
             hold_grace: serve.hold_grace,
+            ..Policy::default()
         };
         config.gateway = GatewayConfig {
             api_token: serve.api_token_file.clone().or(serve.api_token.clone()),

@@ -44,7 +44,7 @@ pub const ROLES: [&str; 5] = [
 /// Coupons became available (after the commit that made them so): voids
 /// every sold-out mark in Redis (`coupon_domain::sold_out`). Redis trouble
 /// costs speed only: a mark it leaves standing expires within
-/// [`claims::SOLD_OUT_MARK_TTL`], and the gateway falls back to asking the
+/// `Policy::sold_out_mark_ttl`, and the gateway falls back to asking the
 /// claim processor whenever it cannot read Redis.
 pub async fn supply_changed(ctx: &Context) {
     if let Err(error) = ctx.cache.supply_changed().await {
@@ -78,10 +78,15 @@ pub struct Policy {
     /// before its hold's deadline is honoured if decided within this long
     /// after it, and holds are released this long after their deadline.
     pub hold_grace: Duration,
+    /// How long a sold-out mark lives at most (see `coupon_domain::sold_out`).
+    /// Every supply voids the marks at once; this bounds only the case that
+    /// cannot: a supply whose Redis write was lost (Redis unreachable then).
+    pub sold_out_mark_ttl: Duration,
 }
 
 impl Policy {
     pub const DEFAULT_HOLD_GRACE: Duration = Duration::from_secs(5);
+    pub const DEFAULT_SOLD_OUT_MARK_TTL: Duration = Duration::from_secs(10);
 }
 
 impl Default for Policy {
@@ -90,6 +95,7 @@ impl Default for Policy {
             hold_ttl: Duration::from_secs(300),
             quota_window: QuotaWindow::DAY,
             hold_grace: Self::DEFAULT_HOLD_GRACE,
+            sold_out_mark_ttl: Self::DEFAULT_SOLD_OUT_MARK_TTL,
         }
     }
 }

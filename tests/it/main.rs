@@ -17,4 +17,5 @@ mod poison;
 mod purchases;
 mod release;
 mod replay;
+mod sold_out;
 mod tls;

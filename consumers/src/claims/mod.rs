@@ -563,11 +563,6 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 
-/// How long a sold-out mark lives at most. Marks are voided by the next
-/// supply anyway; the TTL bounds the one case that cannot void them: a
-/// supply whose Redis write was lost (Redis down at that moment).
-pub const SOLD_OUT_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Marks the pools this batch found empty as sold out as of supply
 /// `version` (read before the batch's allocations). Redis trouble costs
 /// only speed: unmarked pools are decided here as before.
@@ -579,7 +574,7 @@ async fn mark_sold_out(ctx: &Context, pool: &PoolKnowledge, version: Option<&str
     let version = coupon_domain::sold_out::supply_version(version);
     match ctx
         .cache
-        .mark_sold_out(&pools, version, SOLD_OUT_MARK_TTL)
+        .mark_sold_out(&pools, version, ctx.policy.sold_out_mark_ttl)
         .await
     {
         Ok(()) => metrics::counter!("coupon_sold_out_marks_total").increment(pools.len() as u64),

@@ -70,7 +70,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     metrics::counter!("coupon_coupons_projected_total").increment(inserted);
     // New coupons void every sold-out mark (`coupon_domain::sold_out`), after
     // the insert committed. Should Redis not take it, a mark left standing
-    // hides them from claims until it expires (`SOLD_OUT_MARK_TTL`).
+    // hides them from claims until it expires (`Policy::sold_out_mark_ttl`).
     if inserted > 0 {
         crate::supply_changed(ctx).await;
     }

@@ -1,0 +1,415 @@
+//! Sold out at the speed of a cache read (issue #16 item 1): once a pool is
+//! empty the gateway answers `sold_out` from the pool's mark in Redis, with
+//! no broker round trip and no Postgres statement on the request path; the
+//! claim still goes on the log, flagged, and the claim processor records
+//! `sold_out` for it and never allocates it a coupon. A release voids the
+//! marks at once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coupon_platform::kafka::{decode, Publisher};
+use coupon_schemas::{ClaimDecided, ClaimOutcome, ClaimRequested};
+use couponctl::app::Role;
+
+use crate::harness::{eventually, eventually_ok, release, App, TestEnv};
+
+/// One claim over HTTP with its own request id: (status, error or code).
+async fn claim(http: &reqwest::Client, app: &App, user: &str, request_id: &str) -> (u16, String) {
+    let response = http
+        .get(app.url(&format!("/api/v1/coupon?id={user}")))
+        .header("x-request-id", request_id)
+        .send()
+        .await
+        .expect("claim request");
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    let what = body["coupon_code"]
+        .as_str()
+        .or(body["error"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    (status, what)
+}
+
+/// Every decision on `coupons.claim-results`, by request id: the outcomes
+/// of its distinct events (a republished decision keeps its event id).
+async fn decisions(env: &TestEnv) -> HashMap<String, HashMap<String, (i32, String)>> {
+    let mut by_request: HashMap<String, HashMap<String, (i32, String)>> = HashMap::new();
+    for record in env.read_topic(&env.topics.claim_results()).await {
+        let event = decode::<ClaimDecided>(&record).expect("decision");
+        let id = event.envelope.map(|e| e.event_id).unwrap_or_default();
+        by_request
+            .entry(event.request_id)
+            .or_default()
+            .insert(id, (event.outcome, event.coupon_code));
+    }
+    by_request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sold_out_is_answered_without_the_claim_processor_and_decided_on_the_log() {
+    let env = TestEnv::new().await;
+    let long_marks = |c: &mut couponctl::app::AppConfig| {
+        c.policy.sold_out_mark_ttl = Duration::from_secs(300);
+    };
+    let processor = env.start(&[Role::Coupons, Role::Claims], long_marks).await;
+    let gateway = env
+        .start(&[Role::Gateway], |c| {
+            c.gateway.reply_timeout = Duration::from_secs(4);
+        })
+        .await;
+    let http = TestEnv::http_client();
+    release(&env, "Books", 1).await;
+    assert_eq!(claim(&http, &gateway, "holder", "r-holder").await.0, 200);
+    // Found empty by the processor: the pool is marked sold out.
+    assert_eq!(
+        claim(&http, &gateway, "drain", "r-drain").await,
+        (404, "sold_out".to_owned())
+    );
+    processor.stop().await;
+
+    // No processor runs: the gateway still answers sold out, at once.
+    let mut fast = Vec::new();
+    for i in 0..5 {
+        let request_id = format!("r-fast-{i}");
+        let started = Instant::now();
+        let answer = claim(&http, &gateway, &format!("late-{i}"), &request_id).await;
+        assert_eq!(answer, (404, "sold_out".to_owned()), "claim {i}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "answered in {:?}, not from the mark",
+            started.elapsed()
+        );
+        fast.push(request_id);
+    }
+    // A user who holds a coupon is never told sold out: that claim waits
+    // for the (stopped) processor, which would return the user's coupon.
+    let (status, _) = claim(&http, &gateway, "holder", "r-holder-again").await;
+    assert_eq!(status, 504, "the holder's claim must go to the processor");
+    assert_eq!(
+        env.count("SELECT count(*) FROM claim_decisions WHERE request_id LIKE 'r-fast-%'")
+            .await,
+        0,
+        "nothing decided while the processor is down"
+    );
+
+    // A coupon comes back before the processor sees the flagged claims:
+    // they stay sold out all the same.
+    sqlx::query(
+        "UPDATE coupons SET status = 'available', holder_user_id = NULL, hold_id = NULL,
+                            held_until = NULL",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM quota_grants")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let _processor = env.start(&[Role::Claims], |_| {}).await;
+    eventually_ok(
+        "the fast answers are decided on the log",
+        Duration::from_secs(60),
+        || async {
+            let found = decisions(&env).await;
+            for request_id in &fast {
+                match found
+                    .get(request_id)
+                    .map(|d| d.values().collect::<Vec<_>>())
+                {
+                    Some(d) if d.len() == 1 && d[0].0 == ClaimOutcome::SoldOut as i32 => {}
+                    other => return Err(format!("{request_id}: {other:?}")),
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
+    let stored: Vec<(String, String)> = sqlx::query_as(
+        "SELECT request_id, outcome FROM claim_decisions WHERE request_id LIKE 'r-fast-%'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), fast.len());
+    assert!(stored.iter().all(|(_, outcome)| outcome == "sold_out"));
+    assert_eq!(
+        env.count("SELECT count(*) FROM coupons WHERE holder_user_id LIKE 'late-%'")
+            .await,
+        0,
+        "no user told sold out holds a coupon"
+    );
+}
+
+/// A claim the gateway answered sold out is decided sold out even though a
+/// coupon is available when the processor sees it; redelivered, the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_answered_sold_out_is_never_allocated() {
+    let env = TestEnv::new().await;
+    let app = env.start(&[Role::Coupons], |_| {}).await;
+    release(&env, "Toys", 2).await;
+    app.stop().await;
+    let ctx = couponctl::app::connect(&env.config()).await.unwrap();
+    let publisher = Publisher::new(&env.kafka, "test").unwrap();
+    let record = |offset: i64, request_id: &str, user: &str, answered: bool| {
+        let event = ClaimRequested {
+            envelope: Some(publisher.envelope::<ClaimRequested>(request_id)),
+            request_id: request_id.into(),
+            user_id: user.into(),
+            category: String::new(),
+            answered_sold_out: answered,
+        };
+        coupon_platform::kafka::Record {
+            topic: env.topics.claims(),
+            partition: 0,
+            offset,
+            key: Some(user.as_bytes().to_vec()),
+            value: Some(prost::Message::encode_to_vec(&event)),
+            timestamp_ms: None,
+        }
+    };
+    let batch = vec![
+        record(0, "told", "u1", true),
+        record(1, "asks", "u1", false),
+        record(2, "told-2", "u2", true),
+    ];
+    for _ in 0..2 {
+        coupon_consumers::claims::handle_batch(&ctx, &batch)
+            .await
+            .unwrap();
+    }
+    let outcome = |request_id: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT outcome FROM claim_decisions WHERE request_id = $1",
+            )
+            .bind(request_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(outcome("told").await, "sold_out");
+    assert_eq!(outcome("told-2").await, "sold_out");
+    assert_eq!(outcome("asks").await, "granted", "sold out used no quota");
+    assert_eq!(
+        env.count("SELECT count(*) FROM coupons WHERE status = 'held'")
+            .await,
+        1
+    );
+    let found = decisions(&env).await;
+    for request_id in ["told", "asks", "told-2"] {
+        assert_eq!(found[request_id].len(), 1, "{request_id}: one decision");
+    }
+}
+
+/// What the claim stream saw: (gateway, user, sent at, status).
+type Seen = Arc<Mutex<Vec<(usize, String, Instant, u16)>>>;
+
+/// A drained pool, a stream of claims through two gateways, and coupons
+/// coming back twice (a new batch, then expired holds) while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_race_a_drained_pool_across_two_gateways() {
+    let env = TestEnv::new().await;
+    let short_holds = |c: &mut couponctl::app::AppConfig| {
+        c.policy.hold_ttl = Duration::from_secs(4);
+        c.policy.hold_grace = Duration::from_secs(1);
+        c.policy.sold_out_mark_ttl = Duration::from_secs(300);
+        c.gateway.reply_timeout = Duration::from_secs(20);
+    };
+    let one = env
+        .start(
+            &[Role::Gateway, Role::Coupons, Role::Claims, Role::Expiry],
+            short_holds,
+        )
+        .await;
+    let two = env.start(&[Role::Gateway], short_holds).await;
+    let gateways = Arc::new([one, two]);
+    let http = TestEnv::http_client();
+    release(&env, "Games", 3).await;
+    for i in 0..3 {
+        assert_eq!(
+            claim(
+                &http,
+                &gateways[0],
+                &format!("first-{i}"),
+                &format!("first-{i}")
+            )
+            .await
+            .0,
+            200
+        );
+    }
+
+    let seen: Seen = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..6 {
+        let (http, gateways, seen, stop) =
+            (http.clone(), gateways.clone(), seen.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let gateway = (worker + n) % 2;
+                let user = format!("w{worker}-{n}");
+                let sent = Instant::now();
+                let (status, _) = claim(&http, &gateways[gateway], &user, &user).await;
+                seen.lock().unwrap().push((gateway, user, sent, status));
+                n += 1;
+            }
+        }));
+    }
+    let statuses = |since: Instant| {
+        let seen = seen.lock().unwrap();
+        seen.iter()
+            .filter(|(_, _, sent, _)| *sent >= since)
+            .map(|(g, _, _, s)| (*g, *s))
+            .collect::<Vec<_>>()
+    };
+    // Drained: both gateways answer sold out.
+    let drained = Instant::now();
+    eventually(
+        "both gateways answer sold out",
+        Duration::from_secs(30),
+        || async {
+            let s = statuses(drained);
+            (0..2).all(|g| s.contains(&(g, 404)))
+        },
+    )
+    .await;
+
+    // A new batch lands while the stream runs.
+    let releasing = Instant::now();
+    release(&env, "Cards", 4).await;
+    let available = Instant::now();
+    eventually(
+        "the new batch is granted",
+        Duration::from_secs(30),
+        || async {
+            env.count("SELECT count(*) FROM coupons WHERE status = 'available'")
+                .await
+                == 0
+        },
+    )
+    .await;
+    // Once the coupons were there (the release saw them projected), a claim
+    // sent within the bound got one: the sold-out marks did not hide them.
+    let first_grant = {
+        let seen = seen.lock().unwrap();
+        seen.iter()
+            .filter(|(_, _, sent, status)| *sent >= releasing && *status == 200)
+            .map(|(_, _, sent, _)| *sent)
+            .min()
+    };
+    let first_grant = first_grant.expect("a claim after the release was granted");
+    assert!(
+        first_grant <= available + Duration::from_secs(1),
+        "the first grant went to a claim sent {:?} after the coupons were available",
+        first_grant.saturating_duration_since(available)
+    );
+    // The first holders' holds expire: their coupons come back and are
+    // granted again through the stream.
+    eventually("expired holds are granted again", Duration::from_secs(30), || async {
+        env.count(
+            "SELECT count(*) FROM coupons WHERE status = 'held' AND holder_user_id LIKE 'w%'",
+        )
+        .await
+            >= 7
+            || env.count("SELECT count(*) FROM claim_decisions WHERE outcome = 'granted' AND user_id LIKE 'w%'").await >= 7
+    })
+    .await;
+    let after_expiry = Instant::now();
+    eventually(
+        "sold out again on both gateways",
+        Duration::from_secs(30),
+        || async {
+            let s = statuses(after_expiry);
+            (0..2).all(|g| s.contains(&(g, 404)))
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+
+    // Both gateways granted after the release, and answered sold out from
+    // the mark (the fast path ran).
+    let granted_by: HashSet<usize> = seen
+        .iter()
+        .filter(|(_, _, sent, s)| *sent >= releasing && *s == 200)
+        .map(|(g, ..)| *g)
+        .collect();
+    assert_eq!(
+        granted_by.len(),
+        2,
+        "both gateways granted after the release"
+    );
+    let metrics = http
+        .get(gateways[1].url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let fast: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("coupon_claims_sold_out_fast_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(fast > 0.0, "no claim took the sold-out fast path");
+
+    // Every claim has exactly one decision on the log; none answered sold
+    // out was granted, and no such user holds a coupon.
+    let sold_out: Vec<&String> = seen
+        .iter()
+        .filter(|(.., s)| *s == 404)
+        .map(|(_, user, ..)| user)
+        .collect();
+    eventually_ok(
+        "every claim is decided once",
+        Duration::from_secs(60),
+        || async {
+            let found = decisions(&env).await;
+            for (_, user, _, status) in &seen {
+                let Some(d) = found.get(user) else {
+                    return Err(format!("{user} ({status}) has no decision"));
+                };
+                if d.len() != 1 {
+                    return Err(format!("{user} has {} decisions: {d:?}", d.len()));
+                }
+                let (outcome, _) = d.values().next().unwrap();
+                let expected = match status {
+                    200 => ClaimOutcome::Granted,
+                    404 => ClaimOutcome::SoldOut,
+                    other => panic!("{user}: unexpected status {other}"),
+                };
+                if *outcome != expected as i32 {
+                    panic!("{user} answered {status} but decided {outcome}");
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
+    let holders: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM claim_decisions WHERE outcome = 'granted'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let holders: HashSet<String> = holders.into_iter().collect();
+    for user in sold_out {
+        assert!(
+            !holders.contains(user),
+            "{user} was told sold out but granted"
+        );
+    }
+    crate::harness::assert_invariants(&env, 7).await;
+}
