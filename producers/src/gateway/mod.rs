@@ -9,6 +9,15 @@
 //! The gateway holds no coupon state, so any number of instances can run side
 //! by side behind a load balancer.
 //!
+//! Sold out is answered at the speed of a cache read: when the claim's pool is
+//! marked sold out in Redis as of the current supply version and the user
+//! neither holds a coupon nor is blocked (`coupon_domain::sold_out`), the claim
+//! is answered `404` at once and published flagged `answered_sold_out`, which
+//! the claim processor honours. The marks are read per claim rather than kept
+//! as a local copy: the user's hold must be read per claim anyway (a holder
+//! gets the coupon back, never `sold_out`), so a copy would save no round trip
+//! and would only add staleness and disagreement between instances.
+//!
 //! Every route is in one table ([`routes`]): the router is built from it and
 //! the OpenAPI document ([`openapi`], served at `/api/v1/openapi.json`) is
 //! checked against it by the integration tests. The request id (the client's
