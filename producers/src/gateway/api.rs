@@ -22,8 +22,9 @@ pub const OPTIONAL_ID_PATTERN: &str = r"^([^\x00-\x20\x7f-\xa0\u1680\u2000-\u200
 /// A coupon code as a purchase names it: no control characters. Anything
 /// else that is not a code is `unknown_coupon`.
 pub const CODE_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]+$";
-/// The `x-request-id` header: 1 to 64 visible ASCII characters; another value
-/// is replaced by a generated id.
+/// The `x-request-id` header the gateway uses: 1 to 64 visible ASCII
+/// characters; any other value is replaced by a generated id (so it is told
+/// in the description, not a constraint).
 pub const REQUEST_ID_PATTERN: &str = r"^[\x21-\x7e]{1,64}$";
 
 /// `GET /api/v1/coupon` query. `id` is optional in the type only so that a
@@ -135,8 +136,33 @@ pub struct CreateCoupons {
     )]
     pub category: String,
     /// How many coupons (1 to 100,000; `couponctl issue` goes higher).
+    /// An integer, as JSON Schema counts them: `100.0` is one too.
+    #[serde(default, deserialize_with = "integral_count")]
     #[schema(minimum = 1, maximum = 100_000, example = 100)]
     pub count: Option<u32>,
+}
+
+/// `count` as JSON Schema's `integer`: any number with no fractional part
+/// (`100` or `100.0`); a fraction, a negative or an out-of-range number is
+/// refused.
+fn integral_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    let Some(number) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(n) = number.as_u64() {
+        return u32::try_from(n)
+            .map(Some)
+            .map_err(|_| D::Error::custom("count: out of range"));
+    }
+    match number.as_f64() {
+        Some(f) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
+            Ok(Some(f as u32))
+        }
+        _ => Err(D::Error::custom(format!(
+            "count: {number} is not a whole number of coupons"
+        ))),
+    }
 }
 
 /// A released batch: the coupons are published and become available as soon
@@ -198,4 +224,30 @@ pub struct Health {
     pub redis: bool,
     /// HTTP requests waiting for their decision in this gateway.
     pub waiting_requests: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(json: &str) -> Result<Option<u32>, String> {
+        serde_json::from_str::<CreateCoupons>(json)
+            .map(|c| c.count)
+            .map_err(|e| e.to_string())
+    }
+
+    /// JSON Schema calls `33718.0` an integer, so the document allows it.
+    #[test]
+    fn count_is_any_whole_number() {
+        let body = |n: &str| format!(r#"{{"id":"e1","category":"c","count":{n}}}"#);
+        assert_eq!(count(&body("100")), Ok(Some(100)));
+        assert_eq!(count(&body("33718.0")), Ok(Some(33718)));
+        assert_eq!(count(&body("1e3")), Ok(Some(1000)));
+        assert_eq!(count(&body("null")), Ok(None));
+        assert_eq!(count(r#"{"id":"e1","category":"c"}"#), Ok(None));
+        assert!(count(&body("1.5")).is_err());
+        assert!(count(&body("-1")).is_err());
+        assert!(count(&body("\"3\"")).is_err());
+        assert!(count(&body("5000000000")).is_err());
+    }
 }

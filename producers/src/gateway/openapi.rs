@@ -148,7 +148,12 @@ fn contract(doc: &mut serde_json::Value) {
         for operation in item.values_mut() {
             // Error answers: `error` is one of the codes this status can
             // carry here (the examples name each of them).
-            for (status, response) in operation["responses"].as_object_mut().into_iter().flatten() {
+            for (status, response) in operation
+                .get_mut("responses")
+                .and_then(Value::as_object_mut)
+                .into_iter()
+                .flatten()
+            {
                 if !status.starts_with('4') && !status.starts_with('5') {
                     continue;
                 }
@@ -181,13 +186,23 @@ fn contract(doc: &mut serde_json::Value) {
                     }
                 });
             }
-            for parameter in operation["parameters"].as_array_mut().into_iter().flatten() {
+            // `get_mut`: indexing a missing key would add it as `null`.
+            for parameter in operation
+                .get_mut("parameters")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
                 match (parameter["in"].as_str(), parameter["name"].as_str()) {
+                    // Any value is accepted: one that does not match is
+                    // replaced by a generated id, so the pattern is told,
+                    // not a constraint.
                     (Some("header"), Some("x-request-id")) => {
-                        parameter["schema"] = json!({
-                            "type": "string",
-                            "pattern": super::api::REQUEST_ID_PATTERN,
-                        });
+                        parameter["description"] = json!(format!(
+                            "{} Used when it matches `{}`; otherwise replaced by a generated id.",
+                            parameter["description"].as_str().unwrap_or_default(),
+                            super::api::REQUEST_ID_PATTERN
+                        ));
                     }
                     (Some("path"), Some("code")) => {
                         parameter["schema"] = json!({
@@ -468,6 +483,17 @@ mod tests {
             ["unavailable"]
         );
         assert_eq!(codes("/api/v1/coupon", "post", "504"), ["timeout"]);
+        // Nothing the edits did not mean to add (indexing adds `null`s).
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for key in ["parameters", "responses", "requestBody"] {
+                    assert!(
+                        op.get(key) != Some(&serde_json::Value::Null),
+                        "{method} {path} {key} is null"
+                    );
+                }
+            }
+        }
         // No error answer is left with the open ErrorBody.
         let text = doc["paths"].to_string();
         assert!(
