@@ -35,12 +35,17 @@ test: up ## every test, against the real services
 	cargo build --bin couponctl
 	tests/broker_restart.sh
 	cargo test --workspace --no-fail-fast
+	tests/contract/run.sh
 
 demo: up build ## a coupon release, a burst of users, purchases and expirations
 	target/release/couponctl demo
 
 chaos: up ## the long fault-injection run; prints a table (CHAOS_USERS, CHAOS_RATE, CHAOS_SUSTAINED)
 	cargo test --test chaos -- --long
+
+.PHONY: fuzz
+fuzz: up ## the storefront contract with a random seed and more examples (CONTRACT_EXAMPLES, CONTRACT_MAX_TIME)
+	CONTRACT_SEED=random CONTRACT_EXAMPLES=$${CONTRACT_EXAMPLES:-100} CONTRACT_MAX_TIME=$${CONTRACT_MAX_TIME:-600} tests/contract/run.sh
 
 bench: up build ## the benchmarks (BENCH_QUICK=1 for a short run)
 	target/release/couponctl bench
