@@ -252,6 +252,10 @@ async fn scenario(
             coupon_producers::blacklist::Source::Manual,
         )
         .await?;
+    // The gateways reread the blacklist every BLACKLIST_REFRESH for the
+    // sold-out fast path; the burst starts once they have seen mallory.
+    tokio::time::sleep(coupon_producers::gateway::BLACKLIST_REFRESH + Duration::from_millis(500))
+        .await;
 
     // 3. The burst: every user at once; every third asks for Books.
     let bar = progress(options.users as u64 + 1, "burst of claims");

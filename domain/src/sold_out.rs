@@ -16,8 +16,10 @@
 //! marked (a category is also empty when the whole pool is) and nothing
 //! about the user could make the processor answer otherwise in a way the
 //! user must see: a user who holds a coupon gets that coupon back (the
-//! processor returns it), and a blocked user gets `403`. Everything else,
-//! including any doubt (Redis unreachable), takes the normal path.
+//! processor returns it), a blocked user gets `403`, and a user whose quota
+//! this window is used gets `429` with its retry time (the quota is checked
+//! before the pool). Everything else, including any doubt (Redis
+//! unreachable), takes the normal path.
 
 /// The supply version of a pool state that has never been versioned (no
 /// release recorded since Redis was empty).
@@ -42,6 +44,9 @@ pub struct FastPathFacts {
     pub holds_coupon: bool,
     /// The user is blocked (blacklisted) in the cache.
     pub blocked: bool,
+    /// The user's quota for the current window is used (the cache has the
+    /// mark the processor writes with a grant or a `rate_limited` answer).
+    pub quota_used: bool,
 }
 
 /// The gateway's choice for one claim.
@@ -62,9 +67,9 @@ pub fn pool_sold_out(facts: &FastPathFacts) -> bool {
 }
 
 /// The gateway's rule: sold out now only for a marked pool and a user
-/// who neither holds a coupon nor is blocked.
+/// who neither holds a coupon, nor is blocked, nor has used the quota.
 pub fn fast_path(facts: &FastPathFacts) -> FastPath {
-    if !facts.holds_coupon && !facts.blocked && pool_sold_out(facts) {
+    if !facts.holds_coupon && !facts.blocked && !facts.quota_used && pool_sold_out(facts) {
         FastPath::SoldOut
     } else {
         FastPath::Ask
@@ -82,6 +87,14 @@ mod tests {
             category_mark: category.map(str::to_owned),
             ..FastPathFacts::default()
         }
+    }
+
+    #[test]
+    fn a_user_past_the_quota_is_asked_for_the_rate_limit_answer() {
+        let mut facts = marked(Some("v1"), Some("v1"), None);
+        assert_eq!(fast_path(&facts), FastPath::SoldOut);
+        facts.quota_used = true;
+        assert_eq!(fast_path(&facts), FastPath::Ask);
     }
 
     #[test]

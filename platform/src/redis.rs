@@ -160,6 +160,43 @@ impl Cache {
         Ok(exists > 0)
     }
 
+    fn quota_key(&self, user_id: &str) -> String {
+        format!("{}:user:{user_id}:quota-used", self.prefix)
+    }
+
+    /// Notes that each user's quota is used until the end of the window
+    /// given beside it (a grant, or a `rate_limited` answer), so the sold-out
+    /// fast path leaves them to the processor's `429`. A cache: a lost mark
+    /// only lets such a user be told `sold_out` instead (never a coupon).
+    pub async fn put_quota_used(
+        &self,
+        users: &[(String, DateTime<Utc>)],
+    ) -> Result<(), CacheError> {
+        let now = Utc::now();
+        let pipeline = self.client.pipeline();
+        let mut queued = 0;
+        for (user_id, until) in users {
+            let ttl_ms = (*until - now).num_milliseconds();
+            if ttl_ms <= 0 {
+                continue;
+            }
+            let _: () = pipeline
+                .set(
+                    self.quota_key(user_id),
+                    "1",
+                    Some(Expiration::PX(ttl_ms)),
+                    None,
+                    false,
+                )
+                .await?;
+            queued += 1;
+        }
+        if queued > 0 {
+            let _: Vec<Value> = pipeline.all().await?;
+        }
+        Ok(())
+    }
+
     fn supply_key(&self) -> String {
         format!("{}:pool:supply", self.prefix)
     }
@@ -235,10 +272,12 @@ impl Cache {
         };
         let _: () = pipeline.exists(self.user_hold_key(user_id)).await?;
         let _: () = pipeline.exists(self.blocked_key(user_id)).await?;
-        let (version, any_mark, category_mark, holds, blocked): (
+        let _: () = pipeline.exists(self.quota_key(user_id)).await?;
+        let (version, any_mark, category_mark, holds, blocked, quota_used): (
             Option<String>,
             Option<String>,
             Option<String>,
+            i64,
             i64,
             i64,
         ) = pipeline.all().await?;
@@ -248,6 +287,7 @@ impl Cache {
             category_mark: category.and(category_mark),
             holds_coupon: holds > 0,
             blocked: blocked > 0,
+            quota_used: quota_used > 0,
         })
     }
 

@@ -533,9 +533,22 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
 
     // Counted after the commit, so a retried batch is not counted twice.
     let mut new_holds = Vec::new();
+    let mut quota_used = Vec::new();
     for decision in &fresh {
         metrics::counter!("coupon_claim_decisions_total", "outcome" => decision.outcome.clone())
             .increment(1);
+        match decision.outcome.as_str() {
+            "granted" if !decision.repeated => quota_used.push((
+                decision.user_id.clone(),
+                ctx.policy.quota_window.end_of(decision.decided_at),
+            )),
+            "rate_limited" => {
+                if let Some(retry_at) = decision.retry_at {
+                    quota_used.push((decision.user_id.clone(), retry_at));
+                }
+            }
+            _ => {}
+        }
         if decision.outcome == "granted" && !decision.repeated {
             if let (Some(code), Some(category), Some(expires_at)) = (
                 &decision.coupon_code,
@@ -554,6 +567,9 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     // Redis mirrors the holds; it is a cache, so a failure here only costs speed.
     if let Err(error) = ctx.cache.put_holds(&new_holds).await {
         tracing::warn!(%error, holds = new_holds.len(), "could not mirror holds to Redis");
+    }
+    if let Err(error) = ctx.cache.put_quota_used(&quota_used).await {
+        tracing::warn!(%error, users = quota_used.len(), "could not mirror used quotas to Redis");
     }
     let topic = ctx.topics.claim_results();
     ctx.publisher.send_all(&topic, &decisions).await?;

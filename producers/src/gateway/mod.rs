@@ -164,7 +164,16 @@ pub struct GatewayState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     in_flight: Arc<Semaphore>,
     addresses: AddressLimiter,
+    /// The users blacklisted now, as read from Postgres at most
+    /// [`BLACKLIST_REFRESH`] ago; `None` until read (or while Postgres does
+    /// not answer), when no claim takes the sold-out fast path.
+    blacklisted: std::sync::RwLock<Option<Arc<std::collections::HashSet<String>>>>,
 }
+
+/// How often a gateway rereads the blacklist for the sold-out fast path: a
+/// user blacklisted within this long may still be told `sold_out` (never
+/// given a coupon) instead of `403`.
+pub const BLACKLIST_REFRESH: Duration = Duration::from_secs(1);
 
 impl GatewayState {
     /// `replies` should be [`Replies::bounded`] by `config.max_waiting`.
@@ -180,6 +189,7 @@ impl GatewayState {
         Self {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             addresses: AddressLimiter::new(config.address_limit_per_sec),
+            blacklisted: std::sync::RwLock::new(None),
             pool,
             cache,
             publisher,
@@ -187,6 +197,49 @@ impl GatewayState {
             replies,
             config,
             metrics,
+        }
+    }
+
+    /// Whether `user` may be blacklisted: true when on the list last read,
+    /// and when no list could be read.
+    fn maybe_blacklisted(&self, user: &str) -> bool {
+        match self.blacklisted.read() {
+            Ok(list) => list.as_ref().is_none_or(|users| users.contains(user)),
+            Err(_) => true,
+        }
+    }
+
+    /// Rereads the blacklist every [`BLACKLIST_REFRESH`] while the gateway
+    /// runs (until the state is dropped).
+    async fn refresh_blacklist(state: std::sync::Weak<GatewayState>) {
+        let mut tick = tokio::time::interval(BLACKLIST_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(state) = state.upgrade() else { return };
+            let read: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+                "SELECT user_id FROM users
+                 WHERE blacklisted AND (blacklisted_until IS NULL OR blacklisted_until > now())",
+            )
+            .fetch_all(&state.pool)
+            .await;
+            let list = match read {
+                Ok(users) => Some(Arc::new(users.into_iter().collect())),
+                Err(error) => {
+                    tracing::debug!(%error, "cannot read the blacklist; no sold-out fast path");
+                    None
+                }
+            };
+            let stored = match state.blacklisted.write() {
+                Ok(mut slot) => {
+                    *slot = list;
+                    true
+                }
+                Err(_) => false,
+            };
+            if !stored {
+                return;
+            }
         }
     }
 
@@ -293,6 +346,7 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::Service as _;
 
+    tokio::spawn(GatewayState::refresh_blacklist(Arc::downgrade(&state)));
     let connections = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
     let drain = state.config.request_deadline() + Duration::from_secs(1);
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -677,14 +731,18 @@ async fn claim_inner(
 
 /// Whether this claim may be answered `sold_out` by the gateway itself
 /// (`coupon_domain::sold_out`): its pool is marked sold out as of the
-/// current supply, and the user neither holds a coupon nor is blocked.
-/// One Redis round trip; when Redis does not answer, the claim takes the
-/// normal path.
+/// current supply, and the user neither holds a coupon, nor is blocked or
+/// blacklisted, nor has used the quota. One Redis round trip and a look at
+/// the blacklist read every second; when either is unknown, the claim takes
+/// the normal path.
 async fn sold_out_fast_path(
     state: &GatewayState,
     user: &UserId,
     category: Option<&Category>,
 ) -> FastPath {
+    if state.maybe_blacklisted(user.as_str()) {
+        return FastPath::Ask;
+    }
     match state
         .cache
         .fast_path_facts(user.as_str(), category.map(Category::as_str))
