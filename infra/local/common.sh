@@ -86,9 +86,9 @@ share.coordinator.state.topic.min.isr=$isr
 auto.create.topics.enable=false
 group.initial.rebalance.delay.ms=0
 # A consumer that dies (kill -9) gives its partitions up after this long,
-# under either group protocol (classic: the client asks for 10 s).
+# under either group protocol (classic: the client asks for 6 s).
 group.consumer.min.session.timeout.ms=6000
-group.consumer.session.timeout.ms=10000
+group.consumer.session.timeout.ms=6000
 group.consumer.heartbeat.interval.ms=1000
 group.consumer.min.heartbeat.interval.ms=500
 # A crashed node is fenced by the controllers (and leaves every ISR) after

@@ -353,7 +353,9 @@ pub fn group_consumer(
             config
                 .set("group.protocol", "classic")
                 .set("partition.assignment.strategy", "cooperative-sticky")
-                .set("session.timeout.ms", "10000")
+                // A killed instance's partitions move after 6 s, Kafka's
+                // smallest default session (group.min.session.timeout.ms).
+                .set("session.timeout.ms", "6000")
                 .set("heartbeat.interval.ms", "1000");
         }
     }

@@ -71,6 +71,9 @@ impl KafkaSettings {
         config
             .set("bootstrap.servers", &self.brokers)
             .set("socket.keepalive.enable", "true")
+            // After a broker restart, reconnect within a second instead of
+            // librdkafka's default back-off of up to 10 s.
+            .set("reconnect.backoff.max.ms", "1000")
             .set("log_level", "4");
         for (key, value) in &self.extra {
             config.set(key, value);
