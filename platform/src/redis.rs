@@ -70,27 +70,32 @@ impl Cache {
     /// Writes holds (pipelined) with a TTL that ends at each hold's deadline.
     /// Holds already past their deadline are skipped.
     pub async fn put_holds(&self, holds: &[CachedHold]) -> Result<(), CacheError> {
+        let mut entries = Vec::with_capacity(holds.len() * 2);
+        for hold in holds {
+            let value = encode_hold(hold);
+            entries.push((self.hold_key(&hold.code), value.clone(), hold.expires_at));
+            entries.push((self.user_hold_key(&hold.user_id), value, hold.expires_at));
+        }
+        self.set_until(&entries).await
+    }
+
+    /// Sets each key to its value until its deadline, in one pipeline;
+    /// entries already past their deadline are skipped.
+    async fn set_until(
+        &self,
+        entries: &[(String, String, DateTime<Utc>)],
+    ) -> Result<(), CacheError> {
         let now = Utc::now();
         let pipeline = self.client.pipeline();
         let mut queued = 0;
-        for hold in holds {
-            let ttl_ms = (hold.expires_at - now).num_milliseconds();
+        for (key, value, until) in entries {
+            let ttl_ms = (*until - now).num_milliseconds();
             if ttl_ms <= 0 {
                 continue;
             }
-            let value = encode_hold(hold);
             let _: () = pipeline
                 .set(
-                    self.hold_key(&hold.code),
-                    value.as_str(),
-                    Some(Expiration::PX(ttl_ms)),
-                    None,
-                    false,
-                )
-                .await?;
-            let _: () = pipeline
-                .set(
-                    self.user_hold_key(&hold.user_id),
+                    key.as_str(),
                     value.as_str(),
                     Some(Expiration::PX(ttl_ms)),
                     None,
@@ -172,29 +177,11 @@ impl Cache {
         &self,
         users: &[(String, DateTime<Utc>)],
     ) -> Result<(), CacheError> {
-        let now = Utc::now();
-        let pipeline = self.client.pipeline();
-        let mut queued = 0;
-        for (user_id, until) in users {
-            let ttl_ms = (*until - now).num_milliseconds();
-            if ttl_ms <= 0 {
-                continue;
-            }
-            let _: () = pipeline
-                .set(
-                    self.quota_key(user_id),
-                    "1",
-                    Some(Expiration::PX(ttl_ms)),
-                    None,
-                    false,
-                )
-                .await?;
-            queued += 1;
-        }
-        if queued > 0 {
-            let _: Vec<Value> = pipeline.all().await?;
-        }
-        Ok(())
+        let entries: Vec<_> = users
+            .iter()
+            .map(|(user_id, until)| (self.quota_key(user_id), "1".to_owned(), *until))
+            .collect();
+        self.set_until(&entries).await
     }
 
     fn supply_key(&self) -> String {
