@@ -1000,42 +1000,33 @@ async fn write_quota(target: &PgPool, projection: &Projection) -> Result<u64, sq
     Ok(written)
 }
 
+/// Writes the stored claim decisions with the claim processor's own insert,
+/// so the rebuilt rows are the rows the processor writes.
 async fn write_claim_decisions(
     target: &PgPool,
     projection: &Projection,
 ) -> Result<u64, sqlx::Error> {
-    let rows: Vec<&ClaimDecisionRow> = projection.claim_decisions.values().collect();
+    let rows: Vec<coupon_consumers::claims::StoredDecision> = projection
+        .claim_decisions
+        .values()
+        .map(|r| coupon_consumers::claims::StoredDecision {
+            request_id: r.request_id.clone(),
+            event_id: r.event_id,
+            user_id: r.user_id.clone(),
+            outcome: r.outcome.to_owned(),
+            coupon_code: r.coupon_code.clone(),
+            category: r.category.clone(),
+            expires_at: r.expires_at,
+            repeated: r.repeated,
+            retry_at: r.retry_at,
+            blacklisted_until: r.blacklisted_until,
+            decided_at: r.decided_at,
+        })
+        .collect();
+    let mut conn = target.acquire().await?;
     let mut written = 0;
     for chunk in rows.chunks(WRITE_CHUNK) {
-        let text = |f: fn(&ClaimDecisionRow) -> Option<&str>| -> Vec<Option<&str>> {
-            chunk.iter().map(|r| f(r)).collect()
-        };
-        let time =
-            |f: fn(&ClaimDecisionRow) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
-                chunk.iter().map(|r| f(r)).collect()
-            };
-        written += sqlx::query(
-            "INSERT INTO claim_decisions (request_id, event_id, user_id, outcome, coupon_code,
-                                          category, expires_at, repeated, retry_at,
-                                          blacklisted_until, decided_at)
-             SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-                                  $6::text[], $7::timestamptz[], $8::bool[], $9::timestamptz[],
-                                  $10::timestamptz[], $11::timestamptz[])",
-        )
-        .bind(text(|r| Some(r.request_id.as_str())))
-        .bind(chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>())
-        .bind(text(|r| Some(r.user_id.as_str())))
-        .bind(text(|r| Some(r.outcome)))
-        .bind(text(|r| r.coupon_code.as_deref()))
-        .bind(text(|r| r.category.as_deref()))
-        .bind(time(|r| r.expires_at))
-        .bind(chunk.iter().map(|r| r.repeated).collect::<Vec<bool>>())
-        .bind(time(|r| r.retry_at))
-        .bind(time(|r| r.blacklisted_until))
-        .bind(time(|r| Some(r.decided_at)))
-        .execute(target)
-        .await?
-        .rows_affected();
+        written += coupon_consumers::claims::insert_decisions(&mut conn, chunk).await?;
     }
     Ok(written)
 }

@@ -60,7 +60,7 @@ use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
 use crate::history::HistoryRow;
 use crate::{dead_letter_all, Context, Decided, PollSettings};
 
-pub use store::StoredDecision;
+pub use store::{insert_decisions, StoredDecision};
 
 pub const ROLE: &str = "claims";
 
