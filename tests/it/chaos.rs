@@ -50,21 +50,24 @@ async fn publish_claims(topic: &str, publisher: &Publisher, ids: impl Iterator<I
 /// results topic carries that decision (same event id in every copy) for each.
 /// Returns the request ids.
 async fn assert_every_claim_decided_once(env: &TestEnv, within: Duration) -> HashSet<String> {
-    let requests: HashSet<String> = env
-        .read_topic(&env.topics.claims())
-        .await
-        .iter()
-        .map(|r| {
-            decode::<ClaimRequested>(r)
-                .expect("a claim we published")
-                .request_id
-        })
-        .collect();
-    let ids: Vec<String> = requests.iter().cloned().collect();
+    // A claim answered `sold_out` by the gateway reaches the topic after its
+    // answer, so the topic is read again until it and the decisions agree.
+    let read_requests = || async {
+        env.read_topic(&env.topics.claims())
+            .await
+            .iter()
+            .map(|r| {
+                decode::<ClaimRequested>(r)
+                    .expect("a claim we published")
+                    .request_id
+            })
+            .collect::<HashSet<String>>()
+    };
     eventually(
         "every published claim has a stored decision",
         within,
         || async {
+            let ids: Vec<String> = read_requests().await.into_iter().collect();
             let decided: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM claim_decisions WHERE request_id = ANY($1)",
             )
@@ -73,9 +76,11 @@ async fn assert_every_claim_decided_once(env: &TestEnv, within: Duration) -> Has
             .await
             .expect("count decisions");
             decided == ids.len() as i64
+                && env.count("SELECT count(*) FROM claim_decisions").await == decided
         },
     )
     .await;
+    let requests = read_requests().await;
     let stored: HashMap<String, uuid::Uuid> =
         sqlx::query_as("SELECT request_id, event_id FROM claim_decisions")
             .fetch_all(&env.pool)
