@@ -7,7 +7,6 @@
 //! in-flight requests.
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +14,7 @@ use anyhow::{bail, Context as _};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use coupon_consumers::{
-    claims, coupons, expiry, history, purchases, Context, Policy, PollSettings,
-};
+use coupon_consumers::{expiry, Context, Policy, PollSettings};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
 use coupon_platform::reach;
@@ -27,55 +24,8 @@ use coupon_producers::gateway::{self, GatewayConfig, GatewayState, Replies};
 
 use crate::gauges::{self, Gauges};
 
-/// One role a process can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Gateway,
-    Coupons,
-    Claims,
-    Purchases,
-    Expiry,
-    History,
-}
-
-impl Role {
-    pub const ALL: [Role; 6] = [
-        Role::Gateway,
-        Role::Coupons,
-        Role::Claims,
-        Role::Purchases,
-        Role::Expiry,
-        Role::History,
-    ];
-    pub const CONSUMERS: [Role; 5] = [
-        Role::Coupons,
-        Role::Claims,
-        Role::Purchases,
-        Role::Expiry,
-        Role::History,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Gateway => "gateway",
-            Role::Coupons => "coupons",
-            Role::Claims => "claims",
-            Role::Purchases => "purchases",
-            Role::Expiry => "expiry",
-            Role::History => "history",
-        }
-    }
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.name() == s)
-            .ok_or_else(|| format!("unknown role {s:?}"))
-    }
-}
+/// One role a process can run (defined with its topics in the catalogue).
+pub use coupon_schemas::Role;
 
 /// Everything a process needs, already parsed.
 #[derive(Debug, Clone)]
@@ -239,7 +189,7 @@ pub async fn create_topics(
 /// (`LogAppendTime`): the processors judge a request at that time
 /// (`coupon_domain::clock`), so no producer may set it.
 pub fn topic_configs(topics: &Topics, name: &str) -> Vec<(String, String)> {
-    if name == topics.claims() || name == topics.purchases() {
+    if topics.kind_of(name).is_some_and(|k| k.broker_timestamped()) {
         vec![("message.timestamp.type".into(), "LogAppendTime".into())]
     } else {
         Vec::new()
@@ -262,11 +212,7 @@ pub async fn start(
     let metrics = coupon_platform::metrics::prometheus();
     let ctx = connect(&config).await?;
     let mut tasks = JoinSet::new();
-    let consumer_roles: Vec<&'static str> = roles
-        .iter()
-        .filter(|r| **r != Role::Gateway)
-        .map(|r| r.name())
-        .collect();
+    let consumer_roles: Vec<Role> = roles.iter().copied().filter(|r| r.is_consumer()).collect();
     gauges::register(&consumer_roles);
     let refresher = Gauges::new(
         ctx.pool.clone(),
@@ -303,36 +249,17 @@ pub async fn start(
             }
         }
     }
-    for role in roles {
+    for &role in &consumer_roles {
         let ctx = ctx.clone();
         let stop = shutdown.clone();
-        match role {
-            Role::Gateway => {}
-            Role::Coupons => {
-                tasks.spawn(
-                    async move { Ok(coupons::run(ctx, slow, stop.cancelled_owned()).await?) },
-                );
-            }
-            Role::Claims => {
-                tasks.spawn(
-                    async move { Ok(claims::run(ctx, fast, stop.cancelled_owned()).await?) },
-                );
-            }
-            Role::Purchases => {
-                tasks.spawn(
-                    async move { Ok(purchases::run(ctx, fast, stop.cancelled_owned()).await?) },
-                );
-            }
-            Role::Expiry => {
-                let interval = config.sweep_interval;
-                tasks.spawn(async move { Ok(expiry::run(ctx, slow, interval, stop).await?) });
-            }
-            Role::History => {
-                tasks.spawn(
-                    async move { Ok(history::run(ctx, slow, stop.cancelled_owned()).await?) },
-                );
-            }
-        }
+        let poll = match role {
+            Role::Claims | Role::Purchases => fast,
+            _ => slow,
+        };
+        let interval = config.sweep_interval;
+        tasks.spawn(
+            async move { Ok(coupon_consumers::run(role, ctx, poll, interval, stop).await?) },
+        );
     }
     let mut http_addr = None;
     if roles.contains(&Role::Gateway) {
@@ -479,13 +406,5 @@ mod tests {
     fn passwords_are_redacted() {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-    }
-
-    #[test]
-    fn roles_parse_by_name() {
-        for role in Role::ALL {
-            assert_eq!(role.name().parse::<Role>().unwrap(), role);
-        }
-        assert!("bogus".parse::<Role>().is_err());
     }
 }

@@ -37,7 +37,7 @@ use sqlx::PgPool;
 use coupon_domain::{CouponCode, QuotaWindow};
 use coupon_platform::kafka::Record;
 use coupon_platform::{KafkaSettings, Topics};
-use coupon_schemas::ClaimOutcome;
+use coupon_schemas::{ClaimOutcome, Role};
 
 use crate::rebuild::{self, LogRecord, RebuildStats};
 use crate::replay::{
@@ -46,12 +46,7 @@ use crate::replay::{
 
 /// The live groups whose committed offsets cut the log, with the topic each
 /// one's offsets are read on.
-const CUTS: [(&str, TopicKind); 4] = [
-    (coupon_consumers::coupons::ROLE, TopicKind::Created),
-    (coupon_consumers::claims::ROLE, TopicKind::Claims),
-    (coupon_consumers::purchases::ROLE, TopicKind::Purchases),
-    (coupon_consumers::expiry::ROLE, TopicKind::Expirations),
-];
+const CUTS: [Role; 4] = [Role::Coupons, Role::Claims, Role::Purchases, Role::Expiry];
 
 /// The outcome of an audit.
 #[derive(Debug, Clone, Default)]
@@ -192,9 +187,11 @@ fn read_cut_log(
 ) -> anyhow::Result<CutLog> {
     // Offsets first: everything they cover is then below the ends read next.
     let mut cuts: HashMap<(TopicKind, i32), Option<i64>> = HashMap::new();
-    for (role, kind) in CUTS {
+    for role in CUTS {
+        // Each of these roles reads exactly one topic.
+        let kind = role.topics()[0];
         let group = topics.group(role);
-        for (partition, offset) in committed_offsets(kafka, &group, &kind.topic(topics))? {
+        for (partition, offset) in committed_offsets(kafka, &group, &topics.of(kind))? {
             cuts.insert((kind, partition), offset);
         }
     }
@@ -206,7 +203,7 @@ fn read_cut_log(
         .into_iter()
         .filter(|k| *k != TopicKind::DeadLetter)
     {
-        let topic = kind.topic(topics);
+        let topic = topics.of(kind);
         for partition in reader.partitions(&topic)? {
             let (low, high) = reader.watermarks(&topic, partition)?;
             let start = match kind {

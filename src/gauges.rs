@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use coupon_platform::kafka::lag::LagProbe;
 use coupon_platform::{stats, KafkaSettings, Topics};
+use coupon_schemas::Role;
 
 /// Claim outcomes as the `outcome` label of `coupon_claim_decisions_total`.
 pub const CLAIM_OUTCOMES: [&str; 4] = ["granted", "sold_out", "rate_limited", "blacklisted"];
@@ -31,7 +32,7 @@ pub const PURCHASE_OUTCOMES: [&str; 5] = [
 ];
 
 /// Describes the metrics and registers the counters of `roles` at zero.
-pub fn register(roles: &[&'static str]) {
+pub fn register(roles: &[Role]) {
     metrics::describe_gauge!(
         "coupon_consumer_lag",
         "Records published to a partition and not yet committed by the consumer group"
@@ -58,13 +59,13 @@ pub fn register(roles: &[&'static str]) {
         "Records sent to the dead-letter topic, by consumer"
     );
     for role in roles {
-        metrics::counter!("coupon_dead_letters_total", "consumer" => *role).absolute(0);
-        if *role == coupon_consumers::claims::ROLE {
+        metrics::counter!("coupon_dead_letters_total", "consumer" => role.name()).absolute(0);
+        if *role == Role::Claims {
             for outcome in CLAIM_OUTCOMES {
                 metrics::counter!("coupon_claim_decisions_total", "outcome" => outcome).absolute(0);
             }
         }
-        if *role == coupon_consumers::purchases::ROLE {
+        if *role == Role::Purchases {
             for outcome in PURCHASE_OUTCOMES {
                 metrics::counter!("coupon_purchase_decisions_total", "outcome" => outcome)
                     .absolute(0);
@@ -90,13 +91,13 @@ impl Gauges {
         pool: PgPool,
         kafka: &KafkaSettings,
         topics: &Topics,
-        roles: &[&'static str],
+        roles: &[Role],
     ) -> anyhow::Result<Self> {
         let mut probes = Vec::new();
-        for role in roles {
-            let names = coupon_consumers::role_topics(role, topics);
+        for role in roles.iter().filter(|r| r.is_consumer()) {
+            let names = topics.read_by(*role);
             if !names.is_empty() {
-                probes.push((LagProbe::new(kafka, &topics.group(role))?, names));
+                probes.push((LagProbe::new(kafka, &topics.group(*role))?, names));
             }
         }
         Ok(Self {

@@ -263,6 +263,13 @@ fn parse_assignment(raw: &str) -> Result<Assignment, String> {
     Ok(Assignment::Static { index, count })
 }
 
+/// A consumer role by name (the catalogue's `Role::CONSUMERS`).
+fn consumer_role() -> impl clap::builder::TypedValueParser<Value = Role> {
+    use clap::builder::TypedValueParser as _;
+    let names = Role::CONSUMERS.map(Role::name);
+    clap::builder::PossibleValuesParser::new(names).try_map(|name| name.parse::<Role>())
+}
+
 fn parse_window(raw: &str) -> Result<QuotaWindow, String> {
     let duration = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
     QuotaWindow::new(duration).map_err(|e| e.to_string())
@@ -281,8 +288,8 @@ enum Command {
         after_help = "Example:\n  couponctl consume claims purchases --metrics-addr 127.0.0.1:9100"
     )]
     Consume {
-        #[arg(required = true, value_enum)]
-        roles: Vec<ConsumerRole>,
+        #[arg(required = true, value_parser = consumer_role())]
+        roles: Vec<Role>,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -470,27 +477,6 @@ enum ReplayFormat {
     Parquet,
 }
 
-#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
-enum ConsumerRole {
-    Coupons,
-    Claims,
-    Purchases,
-    Expiry,
-    History,
-}
-
-impl From<ConsumerRole> for Role {
-    fn from(role: ConsumerRole) -> Self {
-        match role {
-            ConsumerRole::Coupons => Role::Coupons,
-            ConsumerRole::Claims => Role::Claims,
-            ConsumerRole::Purchases => Role::Purchases,
-            ConsumerRole::Expiry => Role::Expiry,
-            ConsumerRole::History => Role::History,
-        }
-    }
-}
-
 #[derive(Subcommand, Debug)]
 enum BlacklistCommand {
     /// Blacklist a user (indefinitely unless --for is given).
@@ -629,10 +615,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             serve.check_tokens()?;
             serve_roles(conn.app_config(&serve), &[Role::Gateway]).await
         }
-        Command::Consume { roles, serve } => {
-            let roles: Vec<Role> = roles.into_iter().map(Role::from).collect();
-            serve_roles(conn.app_config(&serve), &roles).await
-        }
+        Command::Consume { roles, serve } => serve_roles(conn.app_config(&serve), &roles).await,
         Command::Issue {
             employee,
             category,

@@ -1105,7 +1105,7 @@ mod tests {
 
     fn log<E: coupon_schemas::Event>(kind: TopicKind, offset: i64, event: E) -> LogRecord {
         let record = Record {
-            topic: kind.topic(&Topics::new("t")),
+            topic: Topics::new("t").of(kind),
             partition: 0,
             offset,
             key: None,

@@ -16,7 +16,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{IsTerminal as _, Write};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -42,94 +41,8 @@ const FETCH_WAIT_MS: &str = "50";
 /// skewed clocks sharing a partition lose nothing.
 const UNTIL_GRACE_MS: i64 = 60_000;
 
-/// One of the topics: the seven of the spec, plus `blacklist`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TopicKind {
-    Created,
-    Claims,
-    ClaimResults,
-    Purchases,
-    PurchaseResults,
-    Expirations,
-    DeadLetter,
-    Blacklist,
-}
-
-impl TopicKind {
-    pub const ALL: [TopicKind; 8] = [
-        TopicKind::Created,
-        TopicKind::Claims,
-        TopicKind::ClaimResults,
-        TopicKind::Purchases,
-        TopicKind::PurchaseResults,
-        TopicKind::Expirations,
-        TopicKind::DeadLetter,
-        TopicKind::Blacklist,
-    ];
-
-    /// The topic's name without the prefix, e.g. `claim-results`.
-    pub fn short(self) -> &'static str {
-        match self {
-            TopicKind::Created => "created",
-            TopicKind::Claims => "claims",
-            TopicKind::ClaimResults => "claim-results",
-            TopicKind::Purchases => "purchases",
-            TopicKind::PurchaseResults => "purchase-results",
-            TopicKind::Expirations => "expirations",
-            TopicKind::DeadLetter => "dead-letter",
-            TopicKind::Blacklist => "blacklist",
-        }
-    }
-
-    /// The full topic name under `topics`' prefix.
-    pub fn topic(self, topics: &Topics) -> String {
-        match self {
-            TopicKind::Created => topics.created(),
-            TopicKind::Claims => topics.claims(),
-            TopicKind::ClaimResults => topics.claim_results(),
-            TopicKind::Purchases => topics.purchases(),
-            TopicKind::PurchaseResults => topics.purchase_results(),
-            TopicKind::Expirations => topics.expirations(),
-            TopicKind::DeadLetter => topics.dead_letter(),
-            TopicKind::Blacklist => topics.blacklist(),
-        }
-    }
-
-    /// The protobuf message every record of this topic carries.
-    pub fn type_name(self) -> &'static str {
-        use coupon_schemas::Event as _;
-        match self {
-            TopicKind::Created => CouponsCreated::TYPE_NAME,
-            TopicKind::Claims => ClaimRequested::TYPE_NAME,
-            TopicKind::ClaimResults => ClaimDecided::TYPE_NAME,
-            TopicKind::Purchases => PurchaseRequested::TYPE_NAME,
-            TopicKind::PurchaseResults => PurchaseDecided::TYPE_NAME,
-            TopicKind::Expirations => coupon_schemas::HoldExpired::TYPE_NAME,
-            TopicKind::DeadLetter => DeadLetter::TYPE_NAME,
-            TopicKind::Blacklist => BlacklistChanged::TYPE_NAME,
-        }
-    }
-}
-
-impl fmt::Display for TopicKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.short())
-    }
-}
-
-impl FromStr for TopicKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let wanted = s.trim();
-        TopicKind::ALL
-            .into_iter()
-            .find(|k| k.short() == wanted)
-            .ok_or_else(|| {
-                let names: Vec<&str> = TopicKind::ALL.iter().map(|k| k.short()).collect();
-                format!("unknown topic {wanted:?} (one of: {})", names.join(", "))
-            })
-    }
-}
+/// One of the topics (the catalogue's).
+pub use coupon_schemas::TopicKind;
 
 /// A decoded record: the message its topic carries.
 #[derive(Debug, Clone, PartialEq)]
@@ -375,7 +288,7 @@ impl Reader {
     ) -> anyhow::Result<Vec<PartitionRange>> {
         let mut ranges = Vec::new();
         for &kind in kinds {
-            let topic = kind.topic(topics);
+            let topic = topics.of(kind);
             for partition in self.partitions(&topic)? {
                 let (low, high) = self.watermarks(&topic, partition)?;
                 let from = match start {
@@ -763,7 +676,7 @@ mod tests {
         }
         assert!("bogus".parse::<TopicKind>().is_err());
         let topics = Topics::new("p");
-        let names: Vec<String> = TopicKind::ALL.iter().map(|k| k.topic(&topics)).collect();
+        let names: Vec<String> = TopicKind::ALL.iter().map(|k| topics.of(*k)).collect();
         assert_eq!(names, topics.all());
     }
 

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 
 use coupon_platform::kafka::lag::group_lag;
 use coupon_platform::{reach, stats};
+use coupon_schemas::Role;
 
 use crate::app::AppConfig;
 
@@ -60,11 +61,11 @@ pub async fn report(config: &AppConfig) -> anyhow::Result<String> {
     let topics = config.topics();
     let kafka = config.kafka.clone();
     let lags = tokio::task::spawn_blocking(move || {
-        coupon_consumers::ROLES
+        Role::CONSUMERS
             .into_iter()
             .map(|role| {
-                let names = coupon_consumers::role_topics(role, &topics);
-                (role, group_lag(&kafka, &topics.group(role), &names))
+                let names = topics.read_by(role);
+                (role.name(), group_lag(&kafka, &topics.group(role), &names))
             })
             .collect::<Vec<_>>()
     })

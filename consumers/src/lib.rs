@@ -9,19 +9,28 @@
 //! | `expiry`    | `expirations` (+ the sweeper) | released holds, history                  |
 //! | `history`   | `created`, `*-results`        | `coupon_history`                         |
 //!
-//! Every role exposes `handle_batch` (one batch, callable from tests) and
-//! `run` (the loop, until shutdown). Module docs state each one's delivery
+//! Every role has the same shape: a `Handler` implementing
+//! [`coupon_platform::kafka::RoleHandler`] (its role, from
+//! `coupon_schemas::Role`, which owns the topics it reads), whose `handle`
+//! calls the module's `handle_batch` (one batch, callable from tests); one
+//! [`run`] drives any of them. Module docs state each one's delivery
 //! guarantee; all of them store offsets only after the batch is durable.
 
 use std::time::Duration;
 
 use sqlx::PgPool;
 
+use tokio_util::sync::CancellationToken;
+
 use coupon_domain::QuotaWindow;
-use coupon_platform::kafka::consumer::{Assignment, BatchError, DeadLetters};
+use coupon_platform::kafka::consumer::{BatchError, DeadLetters};
+use coupon_platform::kafka::role;
 use coupon_platform::kafka::{Publisher, Record};
 use coupon_platform::redis::Cache;
 use coupon_platform::{KafkaSettings, Topics};
+
+pub use coupon_platform::kafka::PollSettings;
+pub use coupon_schemas::Role;
 
 pub mod claims;
 pub mod coupons;
@@ -29,18 +38,6 @@ pub mod expiry;
 pub mod history;
 pub mod purchases;
 
-/// Every consumer role, by the name its consumer group carries.
-pub const ROLES: [&str; 5] = [
-    coupons::ROLE,
-    claims::ROLE,
-    purchases::ROLE,
-    expiry::ROLE,
-    history::ROLE,
-];
-
-/// The topics a role's consumer group reads. The roles subscribe to exactly
-/// these, and `couponctl status` and the lag gauges measure them, so this is
-/// the one place that says which group reads what.
 /// Coupons became available (after the commit that made them so): voids
 /// every sold-out mark in Redis (`coupon_domain::sold_out`). Redis trouble
 /// costs speed only: a mark it leaves standing expires within
@@ -50,21 +47,6 @@ pub async fn supply_changed(ctx: &Context) {
     if let Err(error) = ctx.cache.supply_changed().await {
         metrics::counter!("coupon_supply_signal_failures_total").increment(1);
         tracing::warn!(%error, "could not void the sold-out marks in Redis");
-    }
-}
-
-pub fn role_topics(role: &str, topics: &Topics) -> Vec<String> {
-    match role {
-        coupons::ROLE => vec![topics.created()],
-        claims::ROLE => vec![topics.claims()],
-        purchases::ROLE => vec![topics.purchases()],
-        expiry::ROLE => vec![topics.expirations()],
-        history::ROLE => vec![
-            topics.created(),
-            topics.claim_results(),
-            topics.purchase_results(),
-        ],
-        _ => Vec::new(),
     }
 }
 
@@ -112,17 +94,13 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn dead_letters(&self, consumer: &str) -> DeadLetters {
-        DeadLetters::new(self.publisher.clone(), self.topics.dead_letter(), consumer)
+    pub fn dead_letters(&self, role: Role) -> DeadLetters {
+        DeadLetters::new(
+            self.publisher.clone(),
+            self.topics.dead_letter(),
+            role.name(),
+        )
     }
-}
-
-/// Poll settings of one role.
-#[derive(Debug, Clone, Copy)]
-pub struct PollSettings {
-    pub fetch_wait_max_ms: u32,
-    pub max_batch: usize,
-    pub assignment: Assignment,
 }
 
 /// The user id of an invalid request as its answer repeats it (the answer
@@ -173,26 +151,15 @@ impl Decided {
     }
 }
 
-/// Sends every refused record of a batch to the dead-letter topic.
-pub(crate) async fn dead_letter_all(
-    letters: &DeadLetters,
-    refused: &[(&Record, String)],
-) -> Result<(), BatchError> {
-    for (record, reason) in refused {
-        letters.send(record, reason).await?;
-    }
-    Ok(())
-}
-
 /// The `reject` of roles whose records have no requester to answer: the
 /// record goes to the dead-letter topic with the reason.
 pub(crate) async fn dead_letter_one(
     ctx: &Context,
-    role: &str,
-    record: Record,
-    reason: String,
+    role: Role,
+    record: &Record,
+    reason: &str,
 ) -> Result<(), BatchError> {
-    ctx.dead_letters(role).send(&record, &reason).await?;
+    ctx.dead_letters(role).send(record, reason).await?;
     Ok(())
 }
 
@@ -204,39 +171,24 @@ pub(crate) async fn db_now(
     sqlx::query_scalar("SELECT now()").fetch_one(conn).await
 }
 
-/// Runs one role's batch loop with its own group consumer. `reject` sets
-/// aside a record that fails on its own (see
-/// [`coupon_platform::kafka::consumer::settle`]).
-pub(crate) async fn run_role<F, Fut, R, RFut>(
-    ctx: &Context,
-    role: &'static str,
-    topics: Vec<String>,
+/// Runs one consumer role until `shutdown` is cancelled (the expiry role
+/// runs its sweeper beside its consumer).
+pub async fn run(
+    role: Role,
+    ctx: Context,
     poll: PollSettings,
-    handle: F,
-    reject: R,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), rdkafka::error::KafkaError>
-where
-    F: FnMut(Vec<Record>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), BatchError>>,
-    R: FnMut(Record, String) -> RFut,
-    RFut: std::future::Future<Output = Result<(), BatchError>>,
-{
-    use coupon_platform::kafka::consumer::{group_consumer, run_batches, ConsumerSettings};
-    let settings = ConsumerSettings {
-        group_id: ctx.topics.group(role),
-        topics,
-        fetch_wait_max_ms: poll.fetch_wait_max_ms,
-        max_batch: poll.max_batch,
-        assignment: poll.assignment,
-    };
-    let kafka = ctx.kafka.clone();
-    let create = settings.clone();
-    let consumer = tokio::task::spawn_blocking(move || group_consumer(&kafka, &create))
-        .await
-        .map_err(|_| rdkafka::error::KafkaError::Canceled)??;
-    tracing::info!(role, group = %settings.group_id, topics = ?settings.topics, assignment = ?settings.assignment, "consumer started");
-    run_batches(role, consumer, poll.max_batch, handle, reject, shutdown).await;
-    tracing::info!(role, "consumer stopped");
-    Ok(())
+    sweep_interval: std::time::Duration,
+    shutdown: CancellationToken,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let (kafka, topics) = (ctx.kafka.clone(), ctx.topics.clone());
+    let stop = shutdown.clone().cancelled_owned();
+    match role {
+        Role::Coupons => role::run(&coupons::Handler(ctx), &kafka, &topics, poll, stop).await,
+        Role::Claims => role::run(&claims::Handler(ctx), &kafka, &topics, poll, stop).await,
+        Role::Purchases => role::run(&purchases::Handler(ctx), &kafka, &topics, poll, stop).await,
+        Role::History => role::run(&history::Handler(ctx), &kafka, &topics, poll, stop).await,
+        Role::Expiry => expiry::run(ctx, poll, sweep_interval, shutdown).await,
+        // The gateway is no consumer role: nothing to run here.
+        Role::Gateway => Ok(()),
+    }
 }

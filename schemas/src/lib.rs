@@ -2,12 +2,16 @@
 //!
 //! [`Event`] ties each message to the topic that carries it and gives uniform
 //! access to its envelope, so the Kafka adapter can encode, decode and
-//! validate any event the same way.
+//! validate any event the same way. [`catalogue`] names every topic, the
+//! message it carries and its key, and the roles that read them.
 
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/coupons.v1.rs"));
 }
 
+pub mod catalogue;
+
+pub use catalogue::{RecordKey, Role, TopicKind};
 pub use v1::*;
 
 /// The version producers write into [`Envelope::schema_version`].

@@ -352,7 +352,7 @@ impl System {
                 let joined = spawn_consumers(env, protocol, &format!("consumers-{generation}"));
                 // The newcomer must really hold claims partitions before the
                 // first dies, or this would be a plain restart.
-                let group = env.topics.group("claims");
+                let group = env.topics.group(couponctl::app::Role::Claims);
                 let claims = format!("{}[", env.topics.claims());
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !joined.log_text().lines().any(|line| {
@@ -664,7 +664,7 @@ async fn sustained_load(profile: Profile) -> Row {
         let (samples, stop, pid) = (samples.clone(), stop.clone(), run.pid());
         let (kafka, group, topic) = (
             env.kafka.clone(),
-            env.topics.group("claims"),
+            env.topics.group(couponctl::app::Role::Claims),
             env.topics.claims(),
         );
         tokio::spawn(async move {

@@ -179,7 +179,7 @@ impl TestEnv {
     /// of `topic`: everything published so far has been processed.
     pub async fn wait_caught_up(&self, role: &str, topic: &str, within: Duration) {
         let kafka = self.kafka.clone();
-        let group = self.topics.group(role);
+        let group = self.topics.group(role.parse().expect("a role name"));
         let topic = topic.to_owned();
         let deadline = Instant::now() + within;
         loop {

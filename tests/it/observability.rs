@@ -254,7 +254,7 @@ async fn check_metrics(
     if holds != Some(counts.held as f64) {
         problems.push(format!("holds {holds:?} vs db {}", counts.held));
     }
-    let group = env.topics.group("claims");
+    let group = env.topics.group(couponctl::app::Role::Claims);
     let topic = env.topics.claims();
     for partition in ["0", "1"] {
         let lag = m.value(
@@ -360,7 +360,7 @@ async fn metrics_count_every_decision_and_gauges_match_the_database() {
     }
     // Lag is reported for every consumer group of the process, per partition.
     for role in ["coupons", "claims", "purchases", "expiry", "history"] {
-        let group = env.topics.group(role);
+        let group = env.topics.group(role.parse().unwrap());
         let partitions: Vec<&Sample> = m
             .all("coupon_consumer_lag")
             .into_iter()

@@ -648,7 +648,7 @@ async fn live_offsets(env: &TestEnv) -> Vec<(String, String, BTreeMap<i32, Optio
         ]
         .into_iter()
         .map(|(role, topic)| {
-            let group = topics.group(role);
+            let group = topics.group(role.parse().unwrap());
             let offsets = committed_offsets(&kafka, &group, &topic).unwrap();
             (group, topic, offsets)
         })
@@ -690,7 +690,7 @@ async fn replay_writes_every_event_as_json_lines_rebuilds_and_leaves_live_groups
     let all = lines_of(&std::fs::read_to_string(&all_path).unwrap());
     let mut outcomes = HashSet::new();
     for kind in TopicKind::ALL {
-        let topic = kind.topic(&env.topics);
+        let topic = env.topics.of(kind);
         let records = env.read_topic(&topic).await;
         assert!(!records.is_empty(), "{topic} has records");
         let in_file = all.keys().filter(|(t, _, _)| *t == topic).count();

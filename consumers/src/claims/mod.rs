@@ -58,11 +58,13 @@ use coupon_platform::time::to_ms;
 use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
 
 use crate::history::HistoryRow;
-use crate::{dead_letter_all, Context, Decided, PollSettings};
+use coupon_platform::kafka::role::dead_letter_all;
+
+use crate::{Context, Decided, Role};
 
 pub use store::{insert_decisions, StoredDecision};
 
-pub const ROLE: &str = "claims";
+pub const ROLE: Role = Role::Claims;
 
 /// A claim request that passed validation.
 #[derive(Debug, Clone)]
@@ -751,26 +753,17 @@ impl StoredDecision {
     }
 }
 
-pub async fn run(
-    ctx: Context,
-    poll: PollSettings,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), rdkafka::error::KafkaError> {
-    let topics = crate::role_topics(ROLE, &ctx.topics);
-    crate::run_role(
-        &ctx,
-        ROLE,
-        topics,
-        poll,
-        |batch| {
-            let ctx = ctx.clone();
-            async move { handle_batch(&ctx, &batch).await }
-        },
-        |record, reason| {
-            let ctx = ctx.clone();
-            async move { reject(&ctx, &record, &reason).await }
-        },
-        shutdown,
-    )
-    .await
+/// The claims role, as the batch loop drives it.
+pub struct Handler(pub Context);
+
+impl coupon_platform::kafka::RoleHandler for Handler {
+    const ROLE: Role = ROLE;
+
+    async fn handle(&self, batch: Vec<Record>) -> Result<(), BatchError> {
+        handle_batch(&self.0, &batch).await
+    }
+
+    async fn reject(&self, record: Record, reason: String) -> Result<(), BatchError> {
+        reject(&self.0, &record, &reason).await
+    }
 }

@@ -12,9 +12,11 @@ use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::kafka::{decode, Record};
 use coupon_schemas::CouponsCreated;
 
-use crate::{dead_letter_all, Context, PollSettings};
+use coupon_platform::kafka::role::dead_letter_all;
 
-pub const ROLE: &str = "coupons";
+use crate::{Context, Role};
+
+pub const ROLE: Role = Role::Coupons;
 
 /// One coupon ready to insert.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,26 +114,17 @@ pub async fn insert_coupons(
     Ok(inserted)
 }
 
-pub async fn run(
-    ctx: Context,
-    poll: PollSettings,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), rdkafka::error::KafkaError> {
-    let topics = crate::role_topics(ROLE, &ctx.topics);
-    crate::run_role(
-        &ctx,
-        ROLE,
-        topics,
-        poll,
-        |batch| {
-            let ctx = ctx.clone();
-            async move { handle_batch(&ctx, &batch).await }
-        },
-        |record, reason| {
-            let ctx = ctx.clone();
-            async move { crate::dead_letter_one(&ctx, ROLE, record, reason).await }
-        },
-        shutdown,
-    )
-    .await
+/// The coupons role, as the batch loop drives it.
+pub struct Handler(pub Context);
+
+impl coupon_platform::kafka::RoleHandler for Handler {
+    const ROLE: Role = ROLE;
+
+    async fn handle(&self, batch: Vec<Record>) -> Result<(), BatchError> {
+        handle_batch(&self.0, &batch).await
+    }
+
+    async fn reject(&self, record: Record, reason: String) -> Result<(), BatchError> {
+        crate::dead_letter_one(&self.0, ROLE, &record, &reason).await
+    }
 }

@@ -36,9 +36,11 @@ use coupon_platform::time::{from_ms, to_ms};
 use coupon_schemas::HoldExpired;
 
 use crate::history::{append, HistoryRow};
-use crate::{dead_letter_all, Context, PollSettings};
+use coupon_platform::kafka::role::dead_letter_all;
 
-pub const ROLE: &str = "expiry";
+use crate::{Context, Role};
+
+pub const ROLE: Role = Role::Expiry;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OverdueHold {
@@ -240,7 +242,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
 /// Runs the sweeper and the expirations consumer until shutdown.
 pub async fn run(
     ctx: Context,
-    poll: PollSettings,
+    poll: coupon_platform::kafka::PollSettings,
     sweep_interval: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), rdkafka::error::KafkaError> {
@@ -249,25 +251,32 @@ pub async fn run(
         sweep_interval,
         shutdown.clone().cancelled_owned(),
     ));
-    let topics = crate::role_topics(ROLE, &ctx.topics);
-    let result = crate::run_role(
-        &ctx,
-        ROLE,
-        topics,
+    let (kafka, topics) = (ctx.kafka.clone(), ctx.topics.clone());
+    let result = coupon_platform::kafka::role::run(
+        &Handler(ctx),
+        &kafka,
+        &topics,
         poll,
-        |batch| {
-            let ctx = ctx.clone();
-            async move { handle_batch(&ctx, &batch).await }
-        },
-        |record, reason| {
-            let ctx = ctx.clone();
-            async move { crate::dead_letter_one(&ctx, ROLE, record, reason).await }
-        },
         shutdown.cancelled_owned(),
     )
     .await;
     let _ = sweeper.await;
     result
+}
+
+/// The expirations consumer, as the batch loop drives it.
+pub struct Handler(pub Context);
+
+impl coupon_platform::kafka::RoleHandler for Handler {
+    const ROLE: Role = ROLE;
+
+    async fn handle(&self, batch: Vec<Record>) -> Result<(), BatchError> {
+        handle_batch(&self.0, &batch).await
+    }
+
+    async fn reject(&self, record: Record, reason: String) -> Result<(), BatchError> {
+        crate::dead_letter_one(&self.0, ROLE, &record, &reason).await
+    }
 }
 
 /// Puts every live hold from Postgres into Redis: run at start-up and by

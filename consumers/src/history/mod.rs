@@ -27,9 +27,11 @@ use coupon_schemas::{
     ClaimDecided, ClaimOutcome, CouponsCreated, Envelope, PurchaseDecided, PurchaseOutcome,
 };
 
-use crate::{dead_letter_all, Context, PollSettings};
+use coupon_platform::kafka::role::dead_letter_all;
 
-pub const ROLE: &str = "history";
+use crate::{Context, Role};
+
+pub const ROLE: Role = Role::History;
 
 /// One history row.
 #[derive(Debug, Clone, PartialEq)]
@@ -211,26 +213,17 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 
-pub async fn run(
-    ctx: Context,
-    poll: PollSettings,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), rdkafka::error::KafkaError> {
-    let topics = crate::role_topics(ROLE, &ctx.topics);
-    crate::run_role(
-        &ctx,
-        ROLE,
-        topics,
-        poll,
-        |batch| {
-            let ctx = ctx.clone();
-            async move { handle_batch(&ctx, &batch).await }
-        },
-        |record, reason| {
-            let ctx = ctx.clone();
-            async move { crate::dead_letter_one(&ctx, ROLE, record, reason).await }
-        },
-        shutdown,
-    )
-    .await
+/// The history role, as the batch loop drives it.
+pub struct Handler(pub Context);
+
+impl coupon_platform::kafka::RoleHandler for Handler {
+    const ROLE: Role = ROLE;
+
+    async fn handle(&self, batch: Vec<Record>) -> Result<(), BatchError> {
+        handle_batch(&self.0, &batch).await
+    }
+
+    async fn reject(&self, record: Record, reason: String) -> Result<(), BatchError> {
+        crate::dead_letter_one(&self.0, ROLE, &record, &reason).await
+    }
 }

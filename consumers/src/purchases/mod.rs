@@ -30,9 +30,11 @@ use coupon_platform::kafka::{decode, Record};
 use coupon_platform::time::to_ms;
 use coupon_schemas::{PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested};
 
-use crate::{dead_letter_all, Context, Decided, PollSettings};
+use coupon_platform::kafka::role::dead_letter_all;
 
-pub const ROLE: &str = "purchases";
+use crate::{Context, Decided, Role};
+
+pub const ROLE: Role = Role::Purchases;
 
 #[derive(Debug, Clone)]
 pub struct Purchase {
@@ -395,26 +397,17 @@ pub async fn reject(ctx: &Context, record: &Record, reason: &str) -> Result<(), 
     Ok(())
 }
 
-pub async fn run(
-    ctx: Context,
-    poll: PollSettings,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), rdkafka::error::KafkaError> {
-    let topics = crate::role_topics(ROLE, &ctx.topics);
-    crate::run_role(
-        &ctx,
-        ROLE,
-        topics,
-        poll,
-        |batch| {
-            let ctx = ctx.clone();
-            async move { handle_batch(&ctx, &batch).await }
-        },
-        |record, reason| {
-            let ctx = ctx.clone();
-            async move { reject(&ctx, &record, &reason).await }
-        },
-        shutdown,
-    )
-    .await
+/// The purchases role, as the batch loop drives it.
+pub struct Handler(pub Context);
+
+impl coupon_platform::kafka::RoleHandler for Handler {
+    const ROLE: Role = ROLE;
+
+    async fn handle(&self, batch: Vec<Record>) -> Result<(), BatchError> {
+        handle_batch(&self.0, &batch).await
+    }
+
+    async fn reject(&self, record: Record, reason: String) -> Result<(), BatchError> {
+        reject(&self.0, &record, &reason).await
+    }
 }

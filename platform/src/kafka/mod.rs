@@ -12,10 +12,14 @@ pub mod admin;
 pub mod consumer;
 pub mod lag;
 pub mod producer;
+pub mod role;
 
 pub use admin::{ensure_topics, TopicSpec};
 pub use consumer::{decode, DecodeError, Record};
 pub use producer::{PublishError, Publisher};
+pub use role::{PollSettings, RoleHandler};
+
+use coupon_schemas::{Role, TopicKind};
 
 /// How to reach the brokers. Extra librdkafka properties may be given as
 /// `key=value` pairs (e.g. security settings for a managed cluster).
@@ -105,48 +109,54 @@ impl Topics {
         format!("{}.{suffix}", self.prefix)
     }
 
+    /// The full name of a topic of the catalogue (`coupon_schemas::catalogue`).
+    pub fn of(&self, kind: TopicKind) -> String {
+        self.name(kind.short())
+    }
+
     pub fn created(&self) -> String {
-        self.name("created")
+        self.of(TopicKind::Created)
     }
     pub fn claims(&self) -> String {
-        self.name("claims")
+        self.of(TopicKind::Claims)
     }
     pub fn claim_results(&self) -> String {
-        self.name("claim-results")
+        self.of(TopicKind::ClaimResults)
     }
     pub fn purchases(&self) -> String {
-        self.name("purchases")
+        self.of(TopicKind::Purchases)
     }
     pub fn purchase_results(&self) -> String {
-        self.name("purchase-results")
+        self.of(TopicKind::PurchaseResults)
     }
     pub fn expirations(&self) -> String {
-        self.name("expirations")
+        self.of(TopicKind::Expirations)
     }
     pub fn dead_letter(&self) -> String {
-        self.name("dead-letter")
+        self.of(TopicKind::DeadLetter)
     }
     /// Blacklist changes (`BlacklistChanged`), so a rebuild restores them.
     pub fn blacklist(&self) -> String {
-        self.name("blacklist")
+        self.of(TopicKind::Blacklist)
     }
 
     pub fn all(&self) -> Vec<String> {
-        vec![
-            self.created(),
-            self.claims(),
-            self.claim_results(),
-            self.purchases(),
-            self.purchase_results(),
-            self.expirations(),
-            self.dead_letter(),
-            self.blacklist(),
-        ]
+        TopicKind::ALL.into_iter().map(|k| self.of(k)).collect()
+    }
+
+    /// The topics `role` reads.
+    pub fn read_by(&self, role: Role) -> Vec<String> {
+        role.topics().iter().map(|k| self.of(*k)).collect()
+    }
+
+    /// The kind of a topic of this deployment, by its full name.
+    pub fn kind_of(&self, topic: &str) -> Option<TopicKind> {
+        TopicKind::ALL.into_iter().find(|k| self.of(*k) == topic)
     }
 
     /// The consumer group of a role, e.g. `coupons.claims-processor`.
-    pub fn group(&self, role: &str) -> String {
-        self.name(&format!("{role}-processor"))
+    pub fn group(&self, role: Role) -> String {
+        self.name(&format!("{}-processor", role.name()))
     }
 }
 

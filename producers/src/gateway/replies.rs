@@ -224,7 +224,7 @@ pub async fn results_consumer(
         .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
         .set("enable.partition.eof", "false");
     let consumer: StreamConsumer = config.create()?;
-    let names = [topics.claim_results(), topics.purchase_results()];
+    let names = topics.read_by(coupon_schemas::Role::Gateway);
     // Metadata and watermark look-ups block; keep them off the async workers.
     let consumer = tokio::task::spawn_blocking(move || -> Result<StreamConsumer, KafkaError> {
         let mut assignment = TopicPartitionList::new();
