@@ -34,7 +34,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use coupon_domain::{CouponCode, QuotaWindow};
+use coupon_domain::{ClaimOutcomeKind, CouponCode, CouponStatus, PurchaseOutcome, QuotaWindow};
 use coupon_platform::kafka::Record;
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_schemas::{ClaimOutcome, Role};
@@ -262,7 +262,7 @@ fn read_cut_log(
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 struct CouponRow {
     code: String,
-    status: String,
+    status: CouponStatus,
     holder_user_id: Option<String>,
     redeemed_order_id: Option<String>,
 }
@@ -281,8 +281,9 @@ impl CouponRow {
 /// Whether two coupons agree on what the audit checks.
 fn same_coupon(live: &CouponRow, log: &CouponRow) -> bool {
     live.status == log.status
-        && (live.status == "available" || live.holder_user_id == log.holder_user_id)
-        && (live.status != "redeemed" || live.redeemed_order_id == log.redeemed_order_id)
+        && (live.status == CouponStatus::Available || live.holder_user_id == log.holder_user_id)
+        && (live.status != CouponStatus::Redeemed
+            || live.redeemed_order_id == log.redeemed_order_id)
 }
 
 async fn coupons_of(pool: &PgPool) -> Result<HashMap<String, CouponRow>, sqlx::Error> {
@@ -342,7 +343,7 @@ async fn quota_of(pool: &PgPool) -> Result<HashMap<(String, i64), QuotaRow>, sql
 struct ClaimDecisionRow {
     event_id: uuid::Uuid,
     user_id: String,
-    outcome: String,
+    outcome: ClaimOutcomeKind,
     coupon_code: Option<String>,
     category: Option<String>,
     expires_at_ms: Option<i64>,
@@ -354,7 +355,7 @@ struct ClaimDecisionRow {
 
 impl ClaimDecisionRow {
     fn describe(&self) -> String {
-        let mut text = self.outcome.clone();
+        let mut text = self.outcome.to_string();
         if let Some(code) = &self.coupon_code {
             text.push_str(&format!(" coupon={code}"));
         }
@@ -377,7 +378,7 @@ type ClaimDecisionDb = (
     String,
     uuid::Uuid,
     String,
-    String,
+    ClaimOutcomeKind,
     Option<String>,
     Option<String>,
     Option<DateTime<Utc>>,
@@ -426,7 +427,7 @@ struct PurchaseDecisionRow {
     event_id: uuid::Uuid,
     user_id: String,
     coupon_code: String,
-    outcome: String,
+    outcome: PurchaseOutcome,
     decided_at_ms: i64,
 }
 
@@ -453,7 +454,7 @@ async fn purchase_decisions_of(
         uuid::Uuid,
         String,
         String,
-        String,
+        PurchaseOutcome,
         DateTime<Utc>,
     );
     let rows: Vec<Row> = sqlx::query_as(
@@ -871,7 +872,7 @@ mod tests {
     fn row(status: &str, holder: Option<&str>, order: Option<&str>) -> CouponRow {
         CouponRow {
             code: "C".into(),
-            status: status.into(),
+            status: status.parse().unwrap(),
             holder_user_id: holder.map(Into::into),
             redeemed_order_id: order.map(Into::into),
         }

@@ -16,20 +16,10 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use coupon_domain::{ClaimOutcomeKind, PurchaseOutcome};
 use coupon_platform::kafka::lag::LagProbe;
 use coupon_platform::{stats, KafkaSettings, Topics};
 use coupon_schemas::Role;
-
-/// Claim outcomes as the `outcome` label of `coupon_claim_decisions_total`.
-pub const CLAIM_OUTCOMES: [&str; 4] = ["granted", "sold_out", "rate_limited", "blacklisted"];
-/// Purchase outcomes as the `outcome` label of `coupon_purchase_decisions_total`.
-pub const PURCHASE_OUTCOMES: [&str; 5] = [
-    "redeemed",
-    "hold_expired",
-    "not_holder",
-    "already_redeemed",
-    "unknown_coupon",
-];
 
 /// Describes the metrics and registers the counters of `roles` at zero.
 pub fn register(roles: &[Role]) {
@@ -61,13 +51,14 @@ pub fn register(roles: &[Role]) {
     for role in roles {
         metrics::counter!("coupon_dead_letters_total", "consumer" => role.name()).absolute(0);
         if *role == Role::Claims {
-            for outcome in CLAIM_OUTCOMES {
-                metrics::counter!("coupon_claim_decisions_total", "outcome" => outcome).absolute(0);
+            for outcome in ClaimOutcomeKind::ALL {
+                metrics::counter!("coupon_claim_decisions_total", "outcome" => outcome.as_str())
+                    .absolute(0);
             }
         }
         if *role == Role::Purchases {
-            for outcome in PURCHASE_OUTCOMES {
-                metrics::counter!("coupon_purchase_decisions_total", "outcome" => outcome)
+            for outcome in PurchaseOutcome::ALL {
+                metrics::counter!("coupon_purchase_decisions_total", "outcome" => outcome.as_str())
                     .absolute(0);
             }
         }

@@ -50,7 +50,7 @@ use uuid::Uuid;
 
 use coupon_consumers::coupons::{self, NewCoupon};
 use coupon_consumers::history::{self, HistoryRow};
-use coupon_domain::QuotaWindow;
+use coupon_domain::{ClaimOutcomeKind, CouponStatus, QuotaWindow};
 use coupon_platform::kafka::Record;
 use coupon_platform::time::from_ms;
 use coupon_platform::{KafkaSettings, Topics};
@@ -122,28 +122,11 @@ pub fn sort(records: &mut [LogRecord]) {
     records.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Available,
-    Held,
-    Redeemed,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Available => "available",
-            Status::Held => "held",
-            Status::Redeemed => "redeemed",
-        }
-    }
-}
-
 /// A coupon as the log says it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CouponState {
     pub coupon: NewCoupon,
-    pub status: Status,
+    pub status: CouponStatus,
     pub holder_user_id: Option<String>,
     pub hold_id: Option<String>,
     pub held_until: Option<DateTime<Utc>>,
@@ -151,21 +134,9 @@ pub struct CouponState {
     pub redeemed_order_id: Option<String>,
 }
 
-/// A stored claim decision (a `claim_decisions` row) as the log says it is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClaimDecisionRow {
-    pub request_id: String,
-    pub event_id: Uuid,
-    pub user_id: String,
-    pub outcome: &'static str,
-    pub coupon_code: Option<String>,
-    pub category: Option<String>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub repeated: bool,
-    pub retry_at: Option<DateTime<Utc>>,
-    pub blacklisted_until: Option<DateTime<Utc>>,
-    pub decided_at: DateTime<Utc>,
-}
+/// A stored claim decision (a `claim_decisions` row) as the log says it is:
+/// the claim processor's own row type.
+pub type ClaimDecisionRow = coupon_consumers::claims::StoredDecision;
 
 /// The row the claim processor stored for the decision `event` (published
 /// at `at`): `Ok(None)` for outcomes it never stores (`invalid`, unknown).
@@ -174,15 +145,11 @@ pub fn claim_decision_row(
     event: &ClaimDecided,
     at: DateTime<Utc>,
 ) -> Result<Option<ClaimDecisionRow>, String> {
-    let outcome = match ClaimOutcome::try_from(event.outcome) {
-        Ok(ClaimOutcome::Granted) => "granted",
-        Ok(ClaimOutcome::RateLimited) => "rate_limited",
-        Ok(ClaimOutcome::Blacklisted) => "blacklisted",
-        Ok(ClaimOutcome::SoldOut) => "sold_out",
-        _ => return Ok(None),
+    let Some(outcome) = ClaimOutcome::of(event.outcome).kind() else {
+        return Ok(None);
     };
     let event_id = event_id_of(event.envelope.as_ref())?;
-    let granted = outcome == "granted";
+    let granted = outcome == ClaimOutcomeKind::Granted;
     let time = |ms: i64, applies: bool| {
         if applies && ms != 0 {
             from_ms(ms)
@@ -199,23 +166,18 @@ pub fn claim_decision_row(
         category: granted.then(|| event.category.clone()),
         expires_at: time(event.expires_at_ms, granted),
         repeated: event.repeated,
-        retry_at: time(event.retry_at_ms, outcome == "rate_limited"),
-        blacklisted_until: time(event.blacklisted_until_ms, outcome == "blacklisted"),
+        retry_at: time(event.retry_at_ms, outcome == ClaimOutcomeKind::RateLimited),
+        blacklisted_until: time(
+            event.blacklisted_until_ms,
+            outcome == ClaimOutcomeKind::Blacklisted,
+        ),
         decided_at: at,
     }))
 }
 
-/// A stored purchase decision (a `purchase_decisions` row).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PurchaseDecisionRow {
-    pub order_id: String,
-    pub request_id: String,
-    pub event_id: Uuid,
-    pub user_id: String,
-    pub coupon_code: String,
-    pub outcome: &'static str,
-    pub decided_at: DateTime<Utc>,
-}
+/// A stored purchase decision (a `purchase_decisions` row): the purchase
+/// processor's own row type.
+pub type PurchaseDecisionRow = coupon_consumers::purchases::StoredPurchase;
 
 /// The row the purchase processor stored for `event`: `Ok(None)` for
 /// decisions it never stores (`repeated` answers to another request for a
@@ -224,18 +186,14 @@ pub fn purchase_decision_row(
     event: &PurchaseDecided,
     at: DateTime<Utc>,
 ) -> Result<Option<PurchaseDecisionRow>, String> {
-    let outcome = match PurchaseOutcome::try_from(event.outcome) {
-        Ok(PurchaseOutcome::Redeemed) => "redeemed",
-        Ok(PurchaseOutcome::HoldExpired) => "hold_expired",
-        Ok(PurchaseOutcome::NotHolder) => "not_holder",
-        Ok(PurchaseOutcome::AlreadyRedeemed) => "already_redeemed",
-        Ok(PurchaseOutcome::UnknownCoupon) => "unknown_coupon",
-        _ => return Ok(None),
+    let Some(outcome) = PurchaseOutcome::of(event.outcome).decision() else {
+        return Ok(None);
     };
     if event.repeated {
         return Ok(None);
     }
     Ok(Some(PurchaseDecisionRow {
+        repeated: false,
         order_id: event.order_id.clone(),
         request_id: event.request_id.clone(),
         event_id: event_id_of(event.envelope.as_ref())?,
@@ -418,7 +376,7 @@ impl Projection {
                             code,
                             CouponState {
                                 coupon,
-                                status: Status::Available,
+                                status: CouponStatus::Available,
                                 holder_user_id: None,
                                 hold_id: None,
                                 held_until: None,
@@ -449,13 +407,13 @@ impl Projection {
                         ),
                         Some(state) => {
                             let was = state.status;
-                            state.status = Status::Held;
+                            state.status = CouponStatus::Held;
                             state.holder_user_id = Some(event.user_id.clone());
                             state.hold_id = Some(event.request_id.clone());
                             state.held_until = Some(until);
                             state.redeemed_at = None;
                             state.redeemed_order_id = None;
-                            if was != Status::Available {
+                            if was != CouponStatus::Available {
                                 self.anomaly(
                                     record,
                                     format!(
@@ -489,9 +447,9 @@ impl Projection {
                             format!("redemption of unknown coupon {}", event.coupon_code),
                         ),
                         Some(state) => {
-                            let fits = state.status == Status::Held
+                            let fits = state.status == CouponStatus::Held
                                 && state.holder_user_id.as_deref() == Some(&event.user_id);
-                            state.status = Status::Redeemed;
+                            state.status = CouponStatus::Redeemed;
                             state.redeemed_at = Some(at);
                             state.redeemed_order_id = Some(event.order_id.clone());
                             if !fits {
@@ -510,12 +468,12 @@ impl Projection {
             }
             Event::HoldExpired(event) => {
                 if let Some(state) = self.coupons.get_mut(&event.coupon_code) {
-                    if state.status == Status::Held
+                    if state.status == CouponStatus::Held
                         && state.hold_id.as_deref() == Some(event.hold_id.as_str())
                     {
                         let user = state.holder_user_id.take();
                         let held_until = state.held_until.take();
-                        state.status = Status::Available;
+                        state.status = CouponStatus::Available;
                         state.hold_id = None;
                         let event_id = event
                             .envelope
@@ -599,12 +557,12 @@ impl Projection {
             return None;
         }
         let state = self.coupons.get_mut(&code)?;
-        if state.status != Status::Held || state.holder_user_id.as_deref() != Some(user) {
+        if state.status != CouponStatus::Held || state.holder_user_id.as_deref() != Some(user) {
             return None;
         }
         let hold_id = state.hold_id.take().unwrap_or_default();
         let held_until = state.held_until.take();
-        state.status = Status::Available;
+        state.status = CouponStatus::Available;
         state.holder_user_id = None;
         if held_until.is_some_and(|until| until > at) {
             self.anomaly(
@@ -871,9 +829,9 @@ pub async fn project(
     stats.blacklisted = projection.blacklisted_count() as u64;
     for state in projection.coupons() {
         match state.status {
-            Status::Available => stats.available += 1,
-            Status::Held => stats.held += 1,
-            Status::Redeemed => stats.redeemed += 1,
+            CouponStatus::Available => stats.available += 1,
+            CouponStatus::Held => stats.held += 1,
+            CouponStatus::Redeemed => stats.redeemed += 1,
         }
     }
     stats.events = projection.applied;
@@ -887,11 +845,11 @@ pub async fn project(
 async fn write_states(target: &PgPool, projection: &Projection) -> Result<(), sqlx::Error> {
     let changed: Vec<&CouponState> = projection
         .coupons()
-        .filter(|c| c.status != Status::Available)
+        .filter(|c| c.status != CouponStatus::Available)
         .collect();
     for chunk in changed.chunks(20_000) {
         let codes: Vec<String> = chunk.iter().map(|c| c.coupon.code.to_string()).collect();
-        let statuses: Vec<&str> = chunk.iter().map(|c| c.status.as_str()).collect();
+        let statuses: Vec<CouponStatus> = chunk.iter().map(|c| c.status).collect();
         let holders: Vec<Option<&str>> =
             chunk.iter().map(|c| c.holder_user_id.as_deref()).collect();
         let holds: Vec<Option<&str>> = chunk.iter().map(|c| c.hold_id.as_deref()).collect();
@@ -1006,23 +964,7 @@ async fn write_claim_decisions(
     target: &PgPool,
     projection: &Projection,
 ) -> Result<u64, sqlx::Error> {
-    let rows: Vec<coupon_consumers::claims::StoredDecision> = projection
-        .claim_decisions
-        .values()
-        .map(|r| coupon_consumers::claims::StoredDecision {
-            request_id: r.request_id.clone(),
-            event_id: r.event_id,
-            user_id: r.user_id.clone(),
-            outcome: r.outcome.to_owned(),
-            coupon_code: r.coupon_code.clone(),
-            category: r.category.clone(),
-            expires_at: r.expires_at,
-            repeated: r.repeated,
-            retry_at: r.retry_at,
-            blacklisted_until: r.blacklisted_until,
-            decided_at: r.decided_at,
-        })
-        .collect();
+    let rows: Vec<ClaimDecisionRow> = projection.claim_decisions.values().cloned().collect();
     let mut conn = target.acquire().await?;
     let mut written = 0;
     for chunk in rows.chunks(WRITE_CHUNK) {
@@ -1052,7 +994,7 @@ async fn write_purchase_decisions(
         .bind(chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>())
         .bind(text(|r| r.user_id.as_str()))
         .bind(text(|r| r.coupon_code.as_str()))
-        .bind(text(|r| r.outcome))
+        .bind(chunk.iter().map(|r| r.outcome).collect::<Vec<_>>())
         .bind(chunk.iter().map(|r| r.decided_at).collect::<Vec<_>>())
         .execute(target)
         .await?
@@ -1223,11 +1165,11 @@ mod tests {
         }
         assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
         let c1_state = projection.coupon(&c1).unwrap();
-        assert_eq!(c1_state.status, Status::Held);
+        assert_eq!(c1_state.status, CouponStatus::Held);
         assert_eq!(c1_state.holder_user_id.as_deref(), Some("carol"));
         assert_eq!(c1_state.hold_id.as_deref(), Some("r3"));
         let c2_state = projection.coupon(&c2).unwrap();
-        assert_eq!(c2_state.status, Status::Redeemed);
+        assert_eq!(c2_state.status, CouponStatus::Redeemed);
         assert_eq!(c2_state.redeemed_order_id.as_deref(), Some("o-1"));
         assert_eq!(c2_state.holder_user_id.as_deref(), Some("bob"));
         assert_eq!(
@@ -1272,7 +1214,7 @@ mod tests {
         assert_eq!(rows, 2, "one created and one granted row");
         assert_eq!((projection.applied, projection.duplicates), (2, 1));
         assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
-        assert_eq!(projection.coupon(&c1).unwrap().status, Status::Held);
+        assert_eq!(projection.coupon(&c1).unwrap().status, CouponStatus::Held);
     }
 
     #[test]
@@ -1358,7 +1300,7 @@ mod tests {
         );
 
         let first = projection.claim_decision("r1").unwrap();
-        assert_eq!(first.outcome, "granted");
+        assert_eq!(first.outcome, ClaimOutcomeKind::Granted);
         assert_eq!(first.coupon_code.as_deref(), Some(c1.as_str()));
         assert_eq!(first.category.as_deref(), Some("Shoes"));
         assert_eq!(
@@ -1369,7 +1311,7 @@ mod tests {
         let sold_out = projection.claim_decision("r3").unwrap();
         assert_eq!(
             (sold_out.outcome, sold_out.coupon_code.as_deref()),
-            ("sold_out", None)
+            (ClaimOutcomeKind::SoldOut, None)
         );
         let limited = projection.claim_decision("r4").unwrap();
         assert_eq!(
@@ -1481,8 +1423,11 @@ mod tests {
             .map(|r| r.kind)
             .collect();
         assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
-        assert_eq!(projection.coupon(&c1).unwrap().status, Status::Available);
-        assert_eq!(projection.coupon(&c2).unwrap().status, Status::Held);
+        assert_eq!(
+            projection.coupon(&c1).unwrap().status,
+            CouponStatus::Available
+        );
+        assert_eq!(projection.coupon(&c2).unwrap().status, CouponStatus::Held);
         assert_eq!(
             kinds,
             ["created", "created", "granted", "granted", "released"]
@@ -1549,7 +1494,15 @@ mod tests {
             ..Default::default()
         };
         let row = purchase_decision_row(&decision, at).unwrap().unwrap();
-        assert_eq!((row.outcome, row.order_id.as_str()), ("not_holder", "o-1"));
+        assert_eq!(
+            (row.outcome, row.order_id.as_str()),
+            (
+                coupon_domain::PurchaseOutcome::Rejected(
+                    coupon_domain::purchase::PurchaseRejection::NotHolder
+                ),
+                "o-1"
+            )
+        );
         let repeated = PurchaseDecided {
             repeated: true,
             ..decision.clone()

@@ -128,7 +128,7 @@ pub(crate) fn log_request_id<'a>(correlation_id: &'a str, request_id: &'a str) -
 pub(crate) struct Decided {
     pub request_id: String,
     pub user_id: String,
-    pub outcome: String,
+    pub outcome: &'static str,
     pub coupon_code: Option<String>,
     /// The request was decided before (a redelivery or a client's retry):
     /// this is the stored decision again.

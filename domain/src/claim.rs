@@ -56,14 +56,58 @@ pub enum ClaimOutcome {
 }
 
 impl ClaimOutcome {
-    /// The stable name used in events, metrics, history and the database.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ClaimOutcomeKind {
         match self {
-            Self::Granted { .. } => "granted",
-            Self::RateLimited { .. } => "rate_limited",
-            Self::Blacklisted { .. } => "blacklisted",
+            Self::Granted { .. } => ClaimOutcomeKind::Granted,
+            Self::RateLimited { .. } => ClaimOutcomeKind::RateLimited,
+            Self::Blacklisted { .. } => ClaimOutcomeKind::Blacklisted,
+            Self::SoldOut => ClaimOutcomeKind::SoldOut,
+        }
+    }
+}
+
+/// Which of the outcomes a claim decision is, without its data: what the
+/// `claim_decisions.outcome` column, the metrics and the history name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClaimOutcomeKind {
+    Granted,
+    RateLimited,
+    Blacklisted,
+    SoldOut,
+}
+
+impl ClaimOutcomeKind {
+    pub const ALL: [ClaimOutcomeKind; 4] = [
+        Self::Granted,
+        Self::RateLimited,
+        Self::Blacklisted,
+        Self::SoldOut,
+    ];
+
+    /// The stable name used in events, metrics, history and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Granted => "granted",
+            Self::RateLimited => "rate_limited",
+            Self::Blacklisted => "blacklisted",
             Self::SoldOut => "sold_out",
         }
+    }
+}
+
+text_enum!(ClaimOutcomeKind);
+
+impl std::str::FromStr for ClaimOutcomeKind {
+    type Err = crate::UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| crate::UnknownName {
+                what: "claim outcome",
+                name: s.to_owned(),
+            })
     }
 }
 

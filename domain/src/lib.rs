@@ -5,6 +5,9 @@
 //! (`coupon-platform`) and the processes (`coupon-producers`, `coupon-consumers`)
 //! only move data in and out of these types and carry the decisions out atomically.
 
+#[macro_use]
+mod text;
+
 pub mod claim;
 pub mod clock;
 pub mod code;
@@ -15,10 +18,10 @@ pub mod quota;
 pub mod snowflake;
 pub mod sold_out;
 
-pub use claim::{ClaimOutcome, ClaimPrecheck, UserClaimState};
+pub use claim::{ClaimOutcome, ClaimOutcomeKind, ClaimPrecheck, UserClaimState};
 pub use code::CouponCode;
 pub use ids::{Category, EmployeeId, InvalidInput, OrderId, RequestId, UserId};
-pub use lifecycle::CouponStatus;
+pub use lifecycle::{CouponStatus, UnknownName};
 pub use purchase::{PurchaseOutcome, PurchaseRejection};
 pub use quota::QuotaWindow;
 pub use snowflake::{SnowflakeGenerator, SnowflakeId};

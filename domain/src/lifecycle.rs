@@ -2,7 +2,6 @@
 //! → `redeemed` (bought in time), or back to `available` when the hold ends
 //! unbought. Nothing else moves a coupon, and `redeemed` is final.
 
-use std::fmt;
 use std::str::FromStr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,24 +33,27 @@ impl CouponStatus {
     }
 }
 
-impl fmt::Display for CouponStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+text_enum!(CouponStatus);
+
+/// A stored name that none of a domain enum's values has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {name:?}")]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub name: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown coupon status {0:?}")]
-pub struct UnknownStatus(pub String);
-
 impl FromStr for CouponStatus {
-    type Err = UnknownStatus;
+    type Err = UnknownName;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::ALL
             .into_iter()
             .find(|status| status.as_str() == s)
-            .ok_or_else(|| UnknownStatus(s.to_owned()))
+            .ok_or_else(|| UnknownName {
+                what: "coupon status",
+                name: s.to_owned(),
+            })
     }
 }
 

@@ -24,6 +24,13 @@ pub enum PurchaseRejection {
 }
 
 impl PurchaseRejection {
+    pub const ALL: [PurchaseRejection; 4] = [
+        Self::HoldExpired,
+        Self::NotHolder,
+        Self::AlreadyRedeemed,
+        Self::UnknownCoupon,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::HoldExpired => "hold_expired",
@@ -34,14 +41,7 @@ impl PurchaseRejection {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::HoldExpired,
-            Self::NotHolder,
-            Self::AlreadyRedeemed,
-            Self::UnknownCoupon,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == s)
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
 
@@ -52,11 +52,37 @@ pub enum PurchaseOutcome {
 }
 
 impl PurchaseOutcome {
-    pub fn kind(self) -> &'static str {
+    pub const ALL: [PurchaseOutcome; 5] = [
+        Self::Redeemed,
+        Self::Rejected(PurchaseRejection::HoldExpired),
+        Self::Rejected(PurchaseRejection::NotHolder),
+        Self::Rejected(PurchaseRejection::AlreadyRedeemed),
+        Self::Rejected(PurchaseRejection::UnknownCoupon),
+    ];
+
+    /// The stable name used in events, metrics, history and the database
+    /// (`purchase_decisions.outcome`).
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Redeemed => "redeemed",
             Self::Rejected(r) => r.as_str(),
         }
+    }
+}
+
+text_enum!(PurchaseOutcome);
+
+impl std::str::FromStr for PurchaseOutcome {
+    type Err = crate::UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| crate::UnknownName {
+                what: "purchase outcome",
+                name: s.to_owned(),
+            })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod v1 {
 }
 
 pub mod catalogue;
+mod outcomes;
 
 pub use catalogue::{RecordKey, Role, TopicKind};
 pub use v1::*;

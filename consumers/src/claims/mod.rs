@@ -47,7 +47,8 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use coupon_domain::claim::{
-    allocation_groups, precheck, ClaimOutcome, ClaimPrecheck, PoolKnowledge, UserClaimState,
+    allocation_groups, precheck, ClaimOutcome, ClaimOutcomeKind, ClaimPrecheck, PoolKnowledge,
+    UserClaimState,
 };
 use coupon_domain::clock::judged_at;
 use coupon_domain::{Category, RequestId, UserId};
@@ -475,7 +476,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
                         request_id: crate::log_request_id(&claim.correlation_id, &claim.request_id)
                             .to_owned(),
                         user_id: claim.user_id.as_str().to_owned(),
-                        outcome: "invalid".into(),
+                        outcome: "invalid",
                         coupon_code: None,
                         redelivered: false,
                         reason: Some(reason),
@@ -489,7 +490,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
                 request_id: crate::log_request_id(&claim.correlation_id, &claim.request_id)
                     .to_owned(),
                 user_id: decision.user_id.clone(),
-                outcome: decision.outcome.clone(),
+                outcome: decision.outcome.as_str(),
                 coupon_code: decision.coupon_code.clone(),
                 redelivered: !is_new,
                 reason: None,
@@ -537,21 +538,21 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     let mut new_holds = Vec::new();
     let mut quota_used = Vec::new();
     for decision in &fresh {
-        metrics::counter!("coupon_claim_decisions_total", "outcome" => decision.outcome.clone())
+        metrics::counter!("coupon_claim_decisions_total", "outcome" => decision.outcome.as_str())
             .increment(1);
-        match decision.outcome.as_str() {
-            "granted" if !decision.repeated => quota_used.push((
+        match decision.outcome {
+            ClaimOutcomeKind::Granted if !decision.repeated => quota_used.push((
                 decision.user_id.clone(),
                 ctx.policy.quota_window.end_of(decision.decided_at),
             )),
-            "rate_limited" => {
+            ClaimOutcomeKind::RateLimited => {
                 if let Some(retry_at) = decision.retry_at {
                     quota_used.push((decision.user_id.clone(), retry_at));
                 }
             }
             _ => {}
         }
-        if decision.outcome == "granted" && !decision.repeated {
+        if decision.outcome == ClaimOutcomeKind::Granted && !decision.repeated {
             if let (Some(code), Some(category), Some(expires_at)) = (
                 &decision.coupon_code,
                 &decision.category,
@@ -681,7 +682,7 @@ fn invalid_logged(request: &ClaimRequested, user_id: &str, reason: &str) -> Deci
         )
         .to_owned(),
         user_id: user_id.to_owned(),
-        outcome: "invalid".into(),
+        outcome: "invalid",
         coupon_code: None,
         redelivered: false,
         reason: Some(reason.to_owned()),
@@ -694,7 +695,7 @@ impl StoredDecision {
             request_id: claim.request_id.clone(),
             event_id: uuid::Uuid::new_v4(),
             user_id: claim.user_id.as_str().to_owned(),
-            outcome: outcome.kind().to_owned(),
+            outcome: outcome.kind(),
             coupon_code: None,
             category: None,
             expires_at: None,
@@ -725,13 +726,7 @@ impl StoredDecision {
     /// The event for this decision; a stored decision always yields the same
     /// event id, so consumers can deduplicate republished decisions.
     pub fn to_event(&self, producer: &str, correlation_id: &str) -> ClaimDecided {
-        let outcome = match self.outcome.as_str() {
-            "granted" => WireOutcome::Granted,
-            "rate_limited" => WireOutcome::RateLimited,
-            "blacklisted" => WireOutcome::Blacklisted,
-            "sold_out" => WireOutcome::SoldOut,
-            _ => WireOutcome::Unspecified,
-        };
+        let outcome = WireOutcome::from(self.outcome);
         ClaimDecided {
             envelope: Some(coupon_schemas::new_envelope::<ClaimDecided>(
                 self.event_id.to_string(),

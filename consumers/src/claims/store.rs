@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use coupon_domain::claim::{ActiveHold, UserClaimState};
+use coupon_domain::claim::{ActiveHold, ClaimOutcomeKind, UserClaimState};
 
 use super::Claim;
 
@@ -19,7 +19,7 @@ pub struct StoredDecision {
     pub request_id: String,
     pub event_id: Uuid,
     pub user_id: String,
-    pub outcome: String,
+    pub outcome: ClaimOutcomeKind,
     pub coupon_code: Option<String>,
     pub category: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -78,7 +78,7 @@ pub async fn insert_decisions(
     .bind(column(|d| Some(d.request_id.clone())))
     .bind(decisions.iter().map(|d| d.event_id).collect::<Vec<Uuid>>())
     .bind(column(|d| Some(d.user_id.clone())))
-    .bind(column(|d| Some(d.outcome.clone())))
+    .bind(decisions.iter().map(|d| d.outcome).collect::<Vec<_>>())
     .bind(column(|d| d.coupon_code.clone()))
     .bind(column(|d| d.category.clone()))
     .bind(time(|d| d.expires_at))

@@ -87,7 +87,7 @@ pub fn rows_of(
     if record.topic == ctx_topics.claim_results() {
         let event = decode::<ClaimDecided>(record).map_err(|e| e.to_string())?;
         let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
-        let outcome = ClaimOutcome::try_from(event.outcome).unwrap_or(ClaimOutcome::Unspecified);
+        let outcome = ClaimOutcome::of(event.outcome);
         // A repeated grant returns an existing hold: no state changed.
         if outcome == ClaimOutcome::Granted && event.repeated {
             return Ok(Vec::new());
@@ -99,7 +99,7 @@ pub fn rows_of(
             ),
             other => (
                 "rejected",
-                json!({"request_id": event.request_id, "reason": claim_reason(other), "detail": event.reason}),
+                json!({"request_id": event.request_id, "reason": other.name(), "detail": event.reason}),
             ),
         };
         return Ok(vec![HistoryRow {
@@ -115,8 +115,7 @@ pub fn rows_of(
     if record.topic == ctx_topics.purchase_results() {
         let event = decode::<PurchaseDecided>(record).map_err(|e| e.to_string())?;
         let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
-        let outcome =
-            PurchaseOutcome::try_from(event.outcome).unwrap_or(PurchaseOutcome::Unspecified);
+        let outcome = PurchaseOutcome::of(event.outcome);
         // A repeated answer for an order decided before changes nothing.
         if event.repeated {
             return Ok(Vec::new());
@@ -133,36 +132,13 @@ pub fn rows_of(
             coupon_code: non_empty(&event.coupon_code),
             user_id: non_empty(&event.user_id),
             kind,
-            detail: json!({"order_id": event.order_id, "request_id": event.request_id, "outcome": purchase_reason(outcome)}),
+            detail: json!({"order_id": event.order_id, "request_id": event.request_id, "outcome": outcome.name()}),
         }]);
     }
     Err(format!(
         "the history sink does not read topic {}",
         record.topic
     ))
-}
-
-pub fn claim_reason(outcome: ClaimOutcome) -> &'static str {
-    match outcome {
-        ClaimOutcome::Granted => "granted",
-        ClaimOutcome::RateLimited => "rate_limited",
-        ClaimOutcome::Blacklisted => "blacklisted",
-        ClaimOutcome::SoldOut => "sold_out",
-        ClaimOutcome::Invalid => "invalid",
-        ClaimOutcome::Unspecified => "unspecified",
-    }
-}
-
-pub fn purchase_reason(outcome: PurchaseOutcome) -> &'static str {
-    match outcome {
-        PurchaseOutcome::Redeemed => "redeemed",
-        PurchaseOutcome::HoldExpired => "hold_expired",
-        PurchaseOutcome::NotHolder => "not_holder",
-        PurchaseOutcome::AlreadyRedeemed => "already_redeemed",
-        PurchaseOutcome::UnknownCoupon => "unknown_coupon",
-        PurchaseOutcome::Invalid => "invalid",
-        PurchaseOutcome::Unspecified => "unspecified",
-    }
 }
 
 /// Appends rows; rows already present are skipped. Returns how many were new.

@@ -80,20 +80,13 @@ pub struct StoredPurchase {
     pub event_id: Uuid,
     pub user_id: String,
     pub coupon_code: String,
-    pub outcome: String,
+    pub outcome: PurchaseOutcome,
     pub decided_at: DateTime<Utc>,
 }
 
 impl StoredPurchase {
     pub fn to_event(&self, producer: &str, correlation_id: &str) -> PurchaseDecided {
-        let outcome = match self.outcome.as_str() {
-            "redeemed" => WireOutcome::Redeemed,
-            "hold_expired" => WireOutcome::HoldExpired,
-            "not_holder" => WireOutcome::NotHolder,
-            "already_redeemed" => WireOutcome::AlreadyRedeemed,
-            "unknown_coupon" => WireOutcome::UnknownCoupon,
-            _ => WireOutcome::Unspecified,
-        };
+        let outcome = WireOutcome::from(self.outcome);
         PurchaseDecided {
             envelope: Some(coupon_schemas::new_envelope::<PurchaseDecided>(
                 self.event_id.to_string(),
@@ -119,7 +112,7 @@ impl StoredPurchase {
 
 #[derive(sqlx::FromRow)]
 struct CouponRow {
-    status: String,
+    status: CouponStatus,
     holder_user_id: Option<String>,
     held_until: Option<DateTime<Utc>>,
 }
@@ -199,7 +192,7 @@ async fn decide_one(
             None => None,
         };
     let view = row.map(|r| CouponView {
-        status: r.status.parse().unwrap_or(CouponStatus::Available),
+        status: r.status,
         holder_user_id: r.holder_user_id,
         held_until: r.held_until,
     });
@@ -236,7 +229,7 @@ async fn decide_one(
         event_id: Uuid::new_v4(),
         user_id: user.to_owned(),
         coupon_code: canonical_code,
-        outcome: outcome.kind().to_owned(),
+        outcome,
         decided_at: now,
     };
     let inserted = sqlx::query(
@@ -248,7 +241,7 @@ async fn decide_one(
     .bind(decision.event_id)
     .bind(&decision.user_id)
     .bind(&decision.coupon_code)
-    .bind(&decision.outcome)
+    .bind(decision.outcome)
     .bind(decision.decided_at)
     .execute(&mut *tx)
     .await?
@@ -303,7 +296,7 @@ fn invalid_logged(request: &PurchaseRequested, user_id: &str, reason: &str) -> D
     Decided {
         request_id: crate::log_request_id(correlation_id, &request.request_id).to_owned(),
         user_id: user_id.to_owned(),
-        outcome: "invalid".into(),
+        outcome: "invalid",
         coupon_code: None,
         redelivered: false,
         reason: Some(reason.to_owned()),
@@ -349,9 +342,9 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
             }
         };
         if is_new {
-            metrics::counter!("coupon_purchase_decisions_total", "outcome" => decision.outcome.clone())
+            metrics::counter!("coupon_purchase_decisions_total", "outcome" => decision.outcome.as_str())
                 .increment(1);
-            if decision.outcome == "redeemed" {
+            if decision.outcome == PurchaseOutcome::Redeemed {
                 ended_holds.push((decision.coupon_code.clone(), decision.user_id.clone()));
             }
         }
@@ -359,7 +352,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
             request_id: crate::log_request_id(&purchase.correlation_id, &purchase.request_id)
                 .to_owned(),
             user_id: decision.user_id.clone(),
-            outcome: decision.outcome.clone(),
+            outcome: decision.outcome.as_str(),
             coupon_code: Some(decision.coupon_code.clone()),
             redelivered: !is_new,
             reason: None,

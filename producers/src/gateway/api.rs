@@ -188,6 +188,19 @@ pub enum CouponState {
     Redeemed,
 }
 
+/// The API's names are the domain's (`coupon_domain::CouponStatus`); this
+/// type only carries them into the OpenAPI document.
+impl From<coupon_domain::CouponStatus> for CouponState {
+    fn from(status: coupon_domain::CouponStatus) -> Self {
+        use coupon_domain::CouponStatus as S;
+        match status {
+            S::Available => CouponState::Available,
+            S::Held => CouponState::Held,
+            S::Redeemed => CouponState::Redeemed,
+        }
+    }
+}
+
 /// One coupon as Postgres has it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CouponStatus {

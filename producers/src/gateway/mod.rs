@@ -1122,7 +1122,7 @@ async fn create_coupons(
 struct CouponRow {
     code: String,
     category: String,
-    status: String,
+    status: coupon_domain::CouponStatus,
     holder_user_id: Option<String>,
     held_until: Option<DateTime<Utc>>,
     redeemed_at: Option<DateTime<Utc>>,
@@ -1179,18 +1179,7 @@ async fn coupon_status(
             "no coupon has this code",
         )
     })?;
-    let status = match row.status.as_str() {
-        "available" => CouponState::Available,
-        "held" => CouponState::Held,
-        "redeemed" => CouponState::Redeemed,
-        // The table's CHECK constraint rules this out.
-        other => {
-            tracing::error!(status = other, code = %row.code, "unexpected coupon status");
-            return Err(ApiError::unavailable(
-                "the coupon store is not available; retrying is safe",
-            ));
-        }
-    };
+    let status = CouponState::from(row.status);
     let millis = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     Ok(Json(CouponStatus {
         coupon_code: row.code,
