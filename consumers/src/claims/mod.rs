@@ -39,17 +39,15 @@
 //! are not stored (invalid requests) take their event id from the request
 //! and their time from the record, so a redelivery repeats them exactly.
 
+mod decide;
 mod store;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use coupon_domain::claim::{
-    allocation_groups, precheck, ClaimOutcome, ClaimOutcomeKind, ClaimPrecheck, PoolKnowledge,
-    UserClaimState,
-};
+use coupon_domain::claim::{allocation_groups, ClaimOutcome, ClaimOutcomeKind, PoolKnowledge};
 use coupon_domain::clock::judged_at;
 use coupon_domain::{Category, RequestId, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
@@ -64,6 +62,8 @@ use coupon_platform::kafka::role::dead_letter_all;
 use crate::{Context, Decided, Role};
 
 pub use store::{insert_decisions, StoredDecision};
+
+use decide::{apply_rules, category_of, classify, BatchView, Candidate, Step};
 
 pub const ROLE: Role = Role::Claims;
 
@@ -139,117 +139,6 @@ impl From<ClaimsError> for BatchError {
     }
 }
 
-/// What the batch transaction knows while it decides its claims.
-struct BatchView {
-    /// Decisions stored before this batch, and those made in it so far.
-    decided: HashMap<String, StoredDecision>,
-    /// The user each request id belongs to: the one of its stored decision,
-    /// or of the first claim in this batch that used it.
-    owners: HashMap<String, String>,
-    /// Each user's state as read at the start of the batch.
-    states: HashMap<String, UserClaimState>,
-    /// Users with a claim decided (or waiting for a coupon) in this batch:
-    /// their state above is stale, so a second request of theirs is decided
-    /// after the batch's grants, on a fresh read.
-    touched: HashSet<String>,
-    pool: PoolKnowledge,
-    /// Overdue holds released by this batch's grants.
-    released: Vec<store::Released>,
-}
-
-impl BatchView {
-    fn record(&mut self, claim: &Claim, outcome: ClaimOutcome) -> (StoredDecision, bool) {
-        let decision = StoredDecision::new(claim, outcome);
-        self.decided
-            .insert(claim.request_id.clone(), decision.clone());
-        (decision, true)
-    }
-}
-
-/// Where a claim stands after the rules ran on the batch's first read.
-enum Step<'a> {
-    /// `true` with a decision made now, `false` with one stored earlier (a
-    /// redelivery or a retry).
-    Decided(StoredDecision, bool),
-    /// Passed the rules; waits for a coupon from the batch's grant.
-    Waiting(store::Candidate<'a>),
-    /// The user already has a claim in this batch: decided after the grants.
-    Deferred,
-    /// The request id belongs to another user's claim.
-    IdTaken,
-}
-
-/// Sorts `claim` with what the batch read up front. No I/O.
-fn classify<'a>(ctx: &Context, claim: &'a Claim, view: &mut BatchView) -> Step<'a> {
-    let user = claim.user_id.as_str();
-    match view.owners.get(&claim.request_id) {
-        Some(owner) if owner != user => return Step::IdTaken,
-        Some(_) => {}
-        None => {
-            view.owners
-                .insert(claim.request_id.clone(), user.to_owned());
-        }
-    }
-    if let Some(stored) = view.decided.get(&claim.request_id) {
-        return Step::Decided(stored.clone(), false);
-    }
-    if claim.answered_sold_out {
-        // The user was told sold out: that is the decision, whatever the
-        // pool holds now. It changes nothing about the user (sold out uses
-        // no quota), so the user's other claims are decided as usual.
-        let (decision, is_new) = view.record(claim, ClaimOutcome::SoldOut);
-        return Step::Decided(decision, is_new);
-    }
-    if !view.touched.insert(user.to_owned()) {
-        return Step::Deferred;
-    }
-    let state = view.states.get(user).cloned().unwrap_or_default();
-    match apply_rules(ctx, claim, &state, &view.pool) {
-        Ok(outcome) => {
-            let (decision, is_new) = view.record(claim, outcome);
-            Step::Decided(decision, is_new)
-        }
-        Err(candidate) => Step::Waiting(candidate),
-    }
-}
-
-/// The claim rules on the user's `state`, at the claim's time: a decision,
-/// or a candidate for a coupon.
-fn apply_rules<'a>(
-    ctx: &Context,
-    claim: &'a Claim,
-    state: &UserClaimState,
-    pool: &PoolKnowledge,
-) -> Result<ClaimOutcome, store::Candidate<'a>> {
-    match precheck(
-        state,
-        claim.at,
-        ctx.policy.quota_window,
-        ctx.policy.hold_ttl,
-    ) {
-        ClaimPrecheck::Decided(outcome) => Ok(outcome),
-        // The flash-sale shortcut: once this batch found the pool empty,
-        // further claims are sold out without touching the database.
-        ClaimPrecheck::Allocate { .. } if pool.known_empty(category_of(claim)) => {
-            Ok(ClaimOutcome::SoldOut)
-        }
-        ClaimPrecheck::Allocate {
-            window_start,
-            hold_until,
-            releases,
-        } => Err(store::Candidate {
-            claim,
-            window_start,
-            hold_until,
-            releases,
-        }),
-    }
-}
-
-fn category_of(claim: &Claim) -> Option<&str> {
-    claim.category.as_ref().map(|c| c.as_str())
-}
-
 /// Grants coupons from one pool to its waiting claims in one statement
 /// (after releasing their overdue holds); those left without one are sold
 /// out.
@@ -257,12 +146,12 @@ async fn grant_group(
     tx: &mut sqlx::PgConnection,
     view: &mut BatchView,
     category: Option<&str>,
-    waiting: Vec<(usize, store::Candidate<'_>)>,
+    waiting: Vec<(usize, Candidate<'_>)>,
 ) -> Result<Vec<(usize, StoredDecision)>, sqlx::Error> {
     let granted: HashMap<String, store::Granted> = if view.pool.known_empty(category) {
         HashMap::new()
     } else {
-        let releasing: Vec<&store::Candidate<'_>> = waiting
+        let releasing: Vec<&Candidate<'_>> = waiting
             .iter()
             .map(|(_, c)| c)
             .filter(|c| c.releases.is_some())
@@ -280,8 +169,7 @@ async fn grant_group(
             crate::history::append(&mut *tx, &rows).await?;
             view.released.extend(released);
         }
-        let candidates: Vec<store::Candidate<'_>> =
-            waiting.iter().map(|(_, c)| c.clone()).collect();
+        let candidates: Vec<Candidate<'_>> = waiting.iter().map(|(_, c)| c.clone()).collect();
         store::grant(tx, category, &candidates)
             .await?
             .into_iter()
@@ -345,7 +233,7 @@ async fn decide_deferred(
         .await?
         .remove(user)
         .unwrap_or_default();
-    match apply_rules(ctx, claim, &state, &view.pool) {
+    match apply_rules(&ctx.policy, claim, &state, &view.pool) {
         Ok(outcome) => Ok(view.record(claim, outcome)),
         Err(candidate) => {
             let category = category_of(claim);
@@ -400,23 +288,12 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
         let request_ids: Vec<&str> = claims.iter().map(|c| c.request_id.as_str()).collect();
         let user_ids: Vec<&str> = claims.iter().map(|c| c.user_id.as_str()).collect();
         let stored = store::find_decisions(&mut tx, &request_ids).await?;
-        let owners = stored
-            .iter()
-            .map(|(id, d)| (id.clone(), d.user_id.clone()))
-            .collect();
-        let mut view = BatchView {
-            decided: stored,
-            owners,
-            states: store::user_states(&mut tx, &user_ids).await?,
-            touched: HashSet::new(),
-            pool: PoolKnowledge::default(),
-            released: Vec::new(),
-        };
+        let mut view = BatchView::new(stored, store::user_states(&mut tx, &user_ids).await?);
         let mut answers: Vec<Option<Answer>> = Vec::with_capacity(claims.len());
         let mut waiting = Vec::new();
         let mut deferred = Vec::new();
         for (index, claim) in claims.iter().enumerate() {
-            answers.push(match classify(ctx, claim, &mut view) {
+            answers.push(match classify(&ctx.policy, claim, &mut view) {
                 Step::Decided(decision, is_new) => Some(Answer::Decision(decision, is_new)),
                 Step::IdTaken => Some(Answer::IdTaken),
                 Step::Waiting(candidate) => {
@@ -690,39 +567,6 @@ fn invalid_logged(request: &ClaimRequested, user_id: &str, reason: &str) -> Deci
 }
 
 impl StoredDecision {
-    fn new(claim: &Claim, outcome: ClaimOutcome) -> Self {
-        let mut decision = StoredDecision {
-            request_id: claim.request_id.clone(),
-            event_id: uuid::Uuid::new_v4(),
-            user_id: claim.user_id.as_str().to_owned(),
-            outcome: outcome.kind(),
-            coupon_code: None,
-            category: None,
-            expires_at: None,
-            repeated: false,
-            retry_at: None,
-            blacklisted_until: None,
-            decided_at: claim.at,
-        };
-        match outcome {
-            ClaimOutcome::Granted {
-                code,
-                category,
-                expires_at,
-                repeated,
-            } => {
-                decision.coupon_code = Some(code);
-                decision.category = Some(category);
-                decision.expires_at = Some(expires_at);
-                decision.repeated = repeated;
-            }
-            ClaimOutcome::RateLimited { retry_at } => decision.retry_at = Some(retry_at),
-            ClaimOutcome::Blacklisted { until } => decision.blacklisted_until = until,
-            ClaimOutcome::SoldOut => {}
-        }
-        decision
-    }
-
     /// The event for this decision; a stored decision always yields the same
     /// event id, so consumers can deduplicate republished decisions.
     pub fn to_event(&self, producer: &str, correlation_id: &str) -> ClaimDecided {

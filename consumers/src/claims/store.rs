@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use coupon_domain::claim::{ActiveHold, ClaimOutcomeKind, UserClaimState};
 
-use super::Claim;
+use super::decide::Candidate;
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredDecision {
@@ -148,16 +148,6 @@ pub async fn user_states(
             (row.user_id, state)
         })
         .collect())
-}
-
-/// A claim that passed the rules and waits for a coupon.
-#[derive(Clone)]
-pub struct Candidate<'a> {
-    pub claim: &'a Claim,
-    pub window_start: DateTime<Utc>,
-    pub hold_until: DateTime<Utc>,
-    /// The user's overdue hold, which the grant releases first.
-    pub releases: Option<ActiveHold>,
 }
 
 /// An overdue hold [`release_overdue`] ended.

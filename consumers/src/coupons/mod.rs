@@ -9,10 +9,10 @@ use uuid::Uuid;
 
 use coupon_domain::{Category, CouponCode, EmployeeId, SnowflakeId};
 use coupon_platform::kafka::consumer::BatchError;
-use coupon_platform::kafka::{decode, Record};
+use coupon_platform::kafka::Record;
 use coupon_schemas::CouponsCreated;
 
-use coupon_platform::kafka::role::dead_letter_all;
+use coupon_platform::kafka::role::{self, dead_letter_all};
 
 use crate::{Context, Role};
 
@@ -57,17 +57,12 @@ pub fn coupons_of(event: &CouponsCreated) -> Result<Vec<NewCoupon>, String> {
 }
 
 pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
-    let mut coupons = Vec::new();
-    let mut refused = Vec::new();
-    for record in batch {
-        match decode::<CouponsCreated>(record)
-            .map_err(|e| e.to_string())
-            .and_then(|event| coupons_of(&event))
-        {
-            Ok(mut more) => coupons.append(&mut more),
-            Err(reason) => refused.push((record, reason)),
-        }
-    }
+    let split = role::split::<CouponsCreated, _>(batch, |_, event| coupons_of(&event));
+    let coupons: Vec<NewCoupon> = split
+        .accepted
+        .into_iter()
+        .flat_map(|(_, coupons)| coupons)
+        .collect();
     let inserted = insert_coupons(&ctx.pool, &coupons).await?;
     metrics::counter!("coupon_coupons_projected_total").increment(inserted);
     // New coupons void every sold-out mark (`coupon_domain::sold_out`), after
@@ -76,7 +71,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     if inserted > 0 {
         crate::supply_changed(ctx).await;
     }
-    dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+    dead_letter_all(&ctx.dead_letters(ROLE), &split.refused).await
 }
 
 /// Inserts coupons in one statement; returns how many were new.

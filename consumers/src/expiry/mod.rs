@@ -31,12 +31,12 @@ use uuid::Uuid;
 
 use coupon_domain::{CouponCode, RequestId};
 use coupon_platform::kafka::consumer::BatchError;
-use coupon_platform::kafka::{decode, Record};
-use coupon_platform::time::{from_ms, to_ms};
+use coupon_platform::kafka::Record;
+use coupon_platform::time::to_ms;
 use coupon_schemas::HoldExpired;
 
 use crate::history::{append, HistoryRow};
-use coupon_platform::kafka::role::dead_letter_all;
+use coupon_platform::kafka::role::{self, dead_letter_all};
 
 use crate::{Context, Role};
 
@@ -157,46 +157,43 @@ pub async fn run_sweeper(
     }
 }
 
-/// The coupon an expiry event names, in canonical form. Anything else is
-/// refused: a NUL in a code or hold id would fail the release query forever.
-fn validate(event: &HoldExpired) -> Result<String, String> {
+/// A release an expiry event asks for, validated.
+#[derive(Debug, PartialEq)]
+struct Release {
+    event_id: Uuid,
+    /// The coupon, in canonical form.
+    code: String,
+    hold_id: String,
+}
+
+/// Validates an expiry event. Anything else is refused: a NUL in a code or
+/// hold id would fail the release query forever. The event's deadline is
+/// not read: the database's decides.
+fn release_of(event: &HoldExpired) -> Result<Release, String> {
+    let event_id = event
+        .envelope
+        .as_ref()
+        .map(|e| Uuid::parse_str(&e.event_id))
+        .transpose()
+        .map_err(|_| "event_id is not a UUID".to_owned())?
+        .unwrap_or_default();
     let code = CouponCode::parse(&event.coupon_code).map_err(|e| format!("coupon_code: {e}"))?;
     RequestId::parse(event.hold_id.as_str()).map_err(|e| format!("hold_id: {e}"))?;
-    Ok(code.to_string())
+    Ok(Release {
+        event_id,
+        code: code.to_string(),
+        hold_id: event.hold_id.clone(),
+    })
 }
 
 pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
-    let mut refused = Vec::new();
+    let split = role::split::<HoldExpired, _>(batch, |_, event| release_of(&event));
     let mut released = Vec::new();
     let mut history = Vec::new();
     let mut tx = ctx.pool.begin().await?;
     let now = crate::db_now(&mut tx).await?;
     let grace = chrono::Duration::from_std(ctx.policy.hold_grace).unwrap_or_default();
-    for record in batch {
-        let event = match decode::<HoldExpired>(record) {
-            Ok(event) => event,
-            Err(error) => {
-                refused.push((record, error.to_string()));
-                continue;
-            }
-        };
-        let Ok(event_id) = event
-            .envelope
-            .as_ref()
-            .map(|e| Uuid::parse_str(&e.event_id))
-            .transpose()
-            .map(|id| id.unwrap_or_default())
-        else {
-            refused.push((record, "event_id is not a UUID".to_owned()));
-            continue;
-        };
-        let code = match validate(&event) {
-            Ok(code) => code,
-            Err(reason) => {
-                refused.push((record, reason));
-                continue;
-            }
-        };
+    for (_, release) in &split.accepted {
         let row: Option<(String, String, DateTime<Utc>)> = sqlx::query_as(
             "UPDATE coupons c
              SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL
@@ -206,25 +203,23 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
              WHERE c.code = old.code
              RETURNING c.code, old.holder_user_id, old.held_until",
         )
-        .bind(&code)
-        .bind(&event.hold_id)
+        .bind(&release.code)
+        .bind(&release.hold_id)
         .bind(now - grace)
         .fetch_optional(&mut *tx)
         .await?;
         if let Some((code, user_id, held_until)) = row {
             history.push(HistoryRow {
                 occurred_at: now,
-                event_id,
+                event_id: release.event_id,
                 item: 0,
                 coupon_code: Some(code.clone()),
                 user_id: Some(user_id.clone()),
                 kind: "released",
-                detail: json!({"hold_id": event.hold_id, "held_until_ms": to_ms(held_until), "reason": "hold_expired"}),
+                detail: json!({"hold_id": release.hold_id, "held_until_ms": to_ms(held_until), "reason": "hold_expired"}),
             });
             released.push((code, user_id));
         }
-        // Unknown time in the event is fine: the database's deadline decides.
-        let _ = from_ms(event.held_until_ms);
     }
     append(&mut *tx, &history).await?;
     tx.commit().await?;
@@ -236,7 +231,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     if !released.is_empty() {
         crate::supply_changed(ctx).await;
     }
-    dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+    dead_letter_all(&ctx.dead_letters(ROLE), &split.refused).await
 }
 
 /// Runs the sweeper and the expirations consumer until shutdown.
@@ -306,4 +301,45 @@ pub async fn rebuild_cache(ctx: &Context) -> Result<usize, BatchError> {
             .map_err(BatchError::transient)?;
     }
     Ok(holds.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(code: &str, hold_id: &str, event_id: &str) -> HoldExpired {
+        HoldExpired {
+            envelope: Some(coupon_schemas::new_envelope::<HoldExpired>(
+                event_id.into(),
+                0,
+                "test",
+                "",
+            )),
+            coupon_code: code.into(),
+            hold_id: hold_id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn releases_name_the_canonical_code_and_refuse_what_postgres_would() {
+        let code = CouponCode::from_id(coupon_domain::SnowflakeId::from_raw(1 << 40).unwrap());
+        let id = expiry_event_id("h1", &code.to_string());
+        let release = release_of(&event(
+            &code.to_string().to_lowercase(),
+            "h1",
+            &id.to_string(),
+        ));
+        assert_eq!(
+            release,
+            Ok(Release {
+                event_id: id,
+                code: code.to_string(),
+                hold_id: "h1".into(),
+            })
+        );
+        assert!(release_of(&event("not a code", "h1", &id.to_string())).is_err());
+        assert!(release_of(&event(&code.to_string(), "h\0", &id.to_string())).is_err());
+        assert!(release_of(&event(&code.to_string(), "h1", "nope")).is_err());
+    }
 }

@@ -140,6 +140,7 @@ impl From<DecideError> for BatchError {
 }
 
 /// What a purchase gets.
+#[derive(Debug, PartialEq)]
 enum Answer {
     /// `true` with a decision made now, `false` with one stored earlier.
     Decided(StoredPurchase, bool),
@@ -147,6 +148,32 @@ enum Answer {
     Invalid(String),
 }
 
+/// The answer to `purchase` when its order was decided before (read
+/// state → this pure step → nothing to write): the stored decision again,
+/// addressed to this request, or `invalid` when the order is another user's.
+fn answer_stored(purchase: &Purchase, mut stored: StoredPurchase) -> Answer {
+    if stored.user_id != purchase.user_id.as_str() {
+        return Answer::Invalid(format!(
+            "order id {} was already used by another user",
+            purchase.order_id
+        ));
+    }
+    if stored.request_id != purchase.request_id {
+        // Another request for an order already decided: the same answer,
+        // addressed to this request (with its own, stable event id).
+        stored.event_id = Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("purchase:{}:{}", stored.order_id, purchase.request_id).as_bytes(),
+        );
+        stored.request_id = purchase.request_id.clone();
+        stored.repeated = true;
+    }
+    Answer::Decided(stored, false)
+}
+
+/// Decides one purchase in the batch transaction: read the stored decision
+/// and the coupon (locked), decide with `coupon_domain::purchase::decide`
+/// (pure), write the redemption and the decision.
 async fn decide_one(
     tx: &mut PgConnection,
     purchase: &Purchase,
@@ -159,24 +186,8 @@ async fn decide_one(
     .bind(purchase.order_id.as_str())
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some(mut stored) = stored {
-        if stored.user_id != purchase.user_id.as_str() {
-            return Ok(Answer::Invalid(format!(
-                "order id {} was already used by another user",
-                purchase.order_id
-            )));
-        }
-        if stored.request_id != purchase.request_id {
-            // Another request for an order already decided: the same answer,
-            // addressed to this request (with its own, stable event id).
-            stored.event_id = Uuid::new_v5(
-                &Uuid::NAMESPACE_OID,
-                format!("purchase:{}:{}", stored.order_id, purchase.request_id).as_bytes(),
-            );
-            stored.request_id = purchase.request_id.clone();
-            stored.repeated = true;
-        }
-        return Ok(Answer::Decided(stored, false));
+    if let Some(stored) = stored {
+        return Ok(answer_stored(purchase, stored));
     }
     let code = CouponCode::parse(&purchase.coupon_code)
         .ok()
@@ -402,5 +413,64 @@ impl coupon_platform::kafka::RoleHandler for Handler {
 
     async fn reject(&self, record: Record, reason: String) -> Result<(), BatchError> {
         reject(&self.0, &record, &reason).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn purchase(request: &str, user: &str, order: &str) -> Purchase {
+        Purchase {
+            request_id: request.into(),
+            user_id: UserId::parse(user).unwrap(),
+            coupon_code: "C1".into(),
+            order_id: OrderId::parse(order).unwrap(),
+            correlation_id: String::new(),
+        }
+    }
+
+    fn stored(request: &str, user: &str, order: &str) -> StoredPurchase {
+        StoredPurchase {
+            repeated: false,
+            order_id: order.into(),
+            request_id: request.into(),
+            event_id: Uuid::from_u128(7),
+            user_id: user.into(),
+            coupon_code: "C1".into(),
+            outcome: PurchaseOutcome::Redeemed,
+            decided_at: "2026-11-25T12:00:00Z".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_redelivered_purchase_gets_its_stored_decision_unchanged() {
+        let decision = stored("r1", "u1", "o1");
+        assert_eq!(
+            answer_stored(&purchase("r1", "u1", "o1"), decision.clone()),
+            Answer::Decided(decision, false)
+        );
+    }
+
+    #[test]
+    fn another_request_for_a_decided_order_repeats_its_answer_under_a_stable_id() {
+        let first = answer_stored(&purchase("r2", "u1", "o1"), stored("r1", "u1", "o1"));
+        let again = answer_stored(&purchase("r2", "u1", "o1"), stored("r1", "u1", "o1"));
+        assert_eq!(first, again, "a redelivery of the retry repeats it exactly");
+        let Answer::Decided(answer, false) = first else {
+            panic!("the stored decision is answered again")
+        };
+        assert!(answer.repeated);
+        assert_eq!(answer.request_id, "r2");
+        assert_eq!(answer.outcome, PurchaseOutcome::Redeemed);
+        assert_ne!(answer.event_id, Uuid::from_u128(7));
+    }
+
+    #[test]
+    fn an_order_of_another_user_is_invalid_and_reveals_nothing() {
+        match answer_stored(&purchase("r9", "u2", "o1"), stored("r1", "u1", "o1")) {
+            Answer::Invalid(reason) => assert!(!reason.contains("u1"), "{reason}"),
+            other => panic!("expected invalid, got {other:?}"),
+        }
     }
 }

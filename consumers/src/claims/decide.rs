@@ -1,0 +1,385 @@
+//! The claim rules over one batch, without I/O: the batch's stored state is
+//! read up front (into a [`BatchView`], by the store), each claim is sorted
+//! here ([`classify`]) into a decision, a wait for a coupon, a deferral or a
+//! refusal, and the store then carries out the grants. Everything in this
+//! file is plain Rust, so it is unit- and property-tested below without
+//! Postgres or Kafka.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use coupon_domain::claim::{
+    precheck, ActiveHold, ClaimOutcome, ClaimPrecheck, PoolKnowledge, UserClaimState,
+};
+
+use super::store::{Released, StoredDecision};
+use super::Claim;
+use crate::Policy;
+
+/// A claim that passed the rules and waits for a coupon.
+#[derive(Clone)]
+pub struct Candidate<'a> {
+    pub claim: &'a Claim,
+    pub window_start: DateTime<Utc>,
+    pub hold_until: DateTime<Utc>,
+    /// The user's overdue hold, which the grant releases first.
+    pub releases: Option<ActiveHold>,
+}
+
+/// What the batch transaction knows while it decides its claims.
+pub(super) struct BatchView {
+    /// Decisions stored before this batch, and those made in it so far.
+    pub(super) decided: HashMap<String, StoredDecision>,
+    /// The user each request id belongs to: the one of its stored decision,
+    /// or of the first claim in this batch that used it.
+    pub(super) owners: HashMap<String, String>,
+    /// Each user's state as read at the start of the batch.
+    pub(super) states: HashMap<String, UserClaimState>,
+    /// Users with a claim decided (or waiting for a coupon) in this batch:
+    /// their state above is stale, so a second request of theirs is decided
+    /// after the batch's grants, on a fresh read.
+    pub(super) touched: HashSet<String>,
+    pub(super) pool: PoolKnowledge,
+    /// Overdue holds released by this batch's grants.
+    pub(super) released: Vec<Released>,
+}
+
+impl BatchView {
+    /// The view of a batch from the decisions stored for its request ids and
+    /// its users' states, as the store read them.
+    pub(super) fn new(
+        stored: HashMap<String, StoredDecision>,
+        states: HashMap<String, UserClaimState>,
+    ) -> Self {
+        let owners = stored
+            .iter()
+            .map(|(id, d)| (id.clone(), d.user_id.clone()))
+            .collect();
+        Self {
+            decided: stored,
+            owners,
+            states,
+            touched: HashSet::new(),
+            pool: PoolKnowledge::default(),
+            released: Vec::new(),
+        }
+    }
+
+    pub(super) fn record(
+        &mut self,
+        claim: &Claim,
+        outcome: ClaimOutcome,
+    ) -> (StoredDecision, bool) {
+        let decision = StoredDecision::new(claim, outcome);
+        self.decided
+            .insert(claim.request_id.clone(), decision.clone());
+        (decision, true)
+    }
+}
+
+/// Where a claim stands after the rules ran on the batch's first read.
+pub(super) enum Step<'a> {
+    /// `true` with a decision made now, `false` with one stored earlier (a
+    /// redelivery or a retry).
+    Decided(StoredDecision, bool),
+    /// Passed the rules; waits for a coupon from the batch's grant.
+    Waiting(Candidate<'a>),
+    /// The user already has a claim in this batch: decided after the grants.
+    Deferred,
+    /// The request id belongs to another user's claim.
+    IdTaken,
+}
+
+/// Sorts `claim` with what the batch read up front. No I/O.
+pub(super) fn classify<'a>(policy: &Policy, claim: &'a Claim, view: &mut BatchView) -> Step<'a> {
+    let user = claim.user_id.as_str();
+    match view.owners.get(&claim.request_id) {
+        Some(owner) if owner != user => return Step::IdTaken,
+        Some(_) => {}
+        None => {
+            view.owners
+                .insert(claim.request_id.clone(), user.to_owned());
+        }
+    }
+    if let Some(stored) = view.decided.get(&claim.request_id) {
+        return Step::Decided(stored.clone(), false);
+    }
+    if claim.answered_sold_out {
+        // The user was told sold out: that is the decision, whatever the
+        // pool holds now. It changes nothing about the user (sold out uses
+        // no quota), so the user's other claims are decided as usual.
+        let (decision, is_new) = view.record(claim, ClaimOutcome::SoldOut);
+        return Step::Decided(decision, is_new);
+    }
+    if !view.touched.insert(user.to_owned()) {
+        return Step::Deferred;
+    }
+    let state = view.states.get(user).cloned().unwrap_or_default();
+    match apply_rules(policy, claim, &state, &view.pool) {
+        Ok(outcome) => {
+            let (decision, is_new) = view.record(claim, outcome);
+            Step::Decided(decision, is_new)
+        }
+        Err(candidate) => Step::Waiting(candidate),
+    }
+}
+
+/// The claim rules on the user's `state`, at the claim's time: a decision,
+/// or a candidate for a coupon.
+pub(super) fn apply_rules<'a>(
+    policy: &Policy,
+    claim: &'a Claim,
+    state: &UserClaimState,
+    pool: &PoolKnowledge,
+) -> Result<ClaimOutcome, Candidate<'a>> {
+    match precheck(state, claim.at, policy.quota_window, policy.hold_ttl) {
+        ClaimPrecheck::Decided(outcome) => Ok(outcome),
+        // The flash-sale shortcut: once this batch found the pool empty,
+        // further claims are sold out without touching the database.
+        ClaimPrecheck::Allocate { .. } if pool.known_empty(category_of(claim)) => {
+            Ok(ClaimOutcome::SoldOut)
+        }
+        ClaimPrecheck::Allocate {
+            window_start,
+            hold_until,
+            releases,
+        } => Err(Candidate {
+            claim,
+            window_start,
+            hold_until,
+            releases,
+        }),
+    }
+}
+
+pub(super) fn category_of(claim: &Claim) -> Option<&str> {
+    claim.category.as_ref().map(|c| c.as_str())
+}
+
+impl StoredDecision {
+    /// The decision `outcome` for `claim`, under a new event id.
+    pub fn new(claim: &Claim, outcome: ClaimOutcome) -> Self {
+        let mut decision = StoredDecision {
+            request_id: claim.request_id.clone(),
+            event_id: uuid::Uuid::new_v4(),
+            user_id: claim.user_id.as_str().to_owned(),
+            outcome: outcome.kind(),
+            coupon_code: None,
+            category: None,
+            expires_at: None,
+            repeated: false,
+            retry_at: None,
+            blacklisted_until: None,
+            decided_at: claim.at,
+        };
+        match outcome {
+            ClaimOutcome::Granted {
+                code,
+                category,
+                expires_at,
+                repeated,
+            } => {
+                decision.coupon_code = Some(code);
+                decision.category = Some(category);
+                decision.expires_at = Some(expires_at);
+                decision.repeated = repeated;
+            }
+            ClaimOutcome::RateLimited { retry_at } => decision.retry_at = Some(retry_at),
+            ClaimOutcome::Blacklisted { until } => decision.blacklisted_until = until,
+            ClaimOutcome::SoldOut => {}
+        }
+        decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use chrono::Duration;
+    use coupon_domain::claim::ClaimOutcomeKind;
+    use coupon_domain::UserId;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-25T12:00:00Z".parse().unwrap()
+    }
+
+    fn claim(request: &str, user: &str) -> Claim {
+        Claim {
+            request_id: request.into(),
+            user_id: UserId::parse(user).unwrap(),
+            category: None,
+            correlation_id: String::new(),
+            at: now(),
+            received_ms: 0,
+            answered_sold_out: false,
+        }
+    }
+
+    fn view() -> BatchView {
+        BatchView::new(HashMap::new(), HashMap::new())
+    }
+
+    fn outcome(step: &Step<'_>) -> Option<(ClaimOutcomeKind, bool)> {
+        match step {
+            Step::Decided(d, is_new) => Some((d.outcome, *is_new)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_fresh_user_waits_for_a_coupon_and_a_second_request_is_deferred() {
+        let policy = Policy::default();
+        let mut view = view();
+        let (a, b) = (claim("r1", "u1"), claim("r2", "u1"));
+        assert!(matches!(classify(&policy, &a, &mut view), Step::Waiting(_)));
+        assert!(matches!(classify(&policy, &b, &mut view), Step::Deferred));
+    }
+
+    #[test]
+    fn a_request_id_of_another_user_is_refused_and_a_stored_one_repeats() {
+        let policy = Policy::default();
+        let first = claim("r1", "u1");
+        let stored = StoredDecision::new(&first, ClaimOutcome::SoldOut);
+        let mut view = BatchView::new(
+            HashMap::from([("r1".to_owned(), stored.clone())]),
+            HashMap::new(),
+        );
+        let theft = claim("r1", "u2");
+        assert!(matches!(
+            classify(&policy, &theft, &mut view),
+            Step::IdTaken
+        ));
+        match classify(&policy, &first, &mut view) {
+            Step::Decided(decision, false) => assert_eq!(decision, stored),
+            _ => panic!("a redelivery must get the stored decision"),
+        }
+    }
+
+    #[test]
+    fn blacklisted_users_live_holds_and_answered_sold_out_are_decided_at_once() {
+        let policy = Policy::default();
+        let until = now() + Duration::hours(1);
+        let states = HashMap::from([
+            (
+                "banned".to_owned(),
+                UserClaimState {
+                    blacklisted: Some(None),
+                    ..Default::default()
+                },
+            ),
+            (
+                "holder".to_owned(),
+                UserClaimState {
+                    hold: Some(ActiveHold {
+                        code: "C1".into(),
+                        category: "Books".into(),
+                        expires_at: until,
+                    }),
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let mut view = BatchView::new(HashMap::new(), states);
+        let banned = claim("r1", "banned");
+        assert_eq!(
+            outcome(&classify(&policy, &banned, &mut view)),
+            Some((ClaimOutcomeKind::Blacklisted, true))
+        );
+        let holder = claim("r2", "holder");
+        match classify(&policy, &holder, &mut view) {
+            Step::Decided(d, true) => {
+                assert_eq!(d.coupon_code.as_deref(), Some("C1"));
+                assert!(d.repeated);
+            }
+            _ => panic!("a live hold is granted again"),
+        }
+        let mut told = claim("r3", "fresh");
+        told.answered_sold_out = true;
+        assert_eq!(
+            outcome(&classify(&policy, &told, &mut view)),
+            Some((ClaimOutcomeKind::SoldOut, true))
+        );
+    }
+
+    #[test]
+    fn a_pool_known_empty_answers_sold_out_without_waiting() {
+        let policy = Policy::default();
+        let mut view = view();
+        view.pool.record_empty(None);
+        assert_eq!(
+            outcome(&classify(&policy, &claim("r1", "u1"), &mut view)),
+            Some((ClaimOutcomeKind::SoldOut, true))
+        );
+    }
+
+    proptest! {
+        /// Whatever mix of users, reused request ids, blacklists and holds a
+        /// batch brings: every decision is for the claim's own user, a request
+        /// id gets at most one new decision (or one wait), a user waits for
+        /// at most one coupon, and a request id is refused exactly when
+        /// another user used it first. (A request id's `answered_sold_out`
+        /// is the same on every copy, as a redelivery's is: a retry that
+        /// differs in it, within one batch, gets two decisions and is settled
+        /// by the batch loop's isolation instead.)
+        #[test]
+        fn classify_keeps_the_batch_invariants(
+            claims in proptest::collection::vec((0..4u8, 0..6u8), 0..40),
+            banned in proptest::collection::vec(any::<bool>(), 4),
+            told_sold_out in proptest::collection::vec(any::<bool>(), 6),
+        ) {
+            let policy = Policy::default();
+            let states: HashMap<String, UserClaimState> = banned
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b)
+                .map(|(u, _)| (format!("u{u}"), UserClaimState {
+                    blacklisted: Some(None),
+                    ..Default::default()
+                }))
+                .collect();
+            let claims: Vec<Claim> = claims
+                .iter()
+                .map(|(u, r)| {
+                    let mut c = claim(&format!("r{r}"), &format!("u{u}"));
+                    c.answered_sold_out = told_sold_out[usize::from(*r)];
+                    c
+                })
+                .collect();
+            let mut view = BatchView::new(HashMap::new(), states);
+            let mut first_user: HashMap<String, String> = HashMap::new();
+            let mut new_per_request: HashMap<String, u32> = HashMap::new();
+            let mut waits_per_user: HashMap<String, u32> = HashMap::new();
+            for c in &claims {
+                let user = c.user_id.as_str().to_owned();
+                let owner = first_user.entry(c.request_id.clone()).or_insert(user.clone()).clone();
+                let step = classify(&policy, c, &mut view);
+                prop_assert_eq!(matches!(step, Step::IdTaken), owner != user);
+                match step {
+                    Step::Decided(d, is_new) => {
+                        prop_assert_eq!(&d.user_id, &user);
+                        if is_new {
+                            *new_per_request.entry(c.request_id.clone()).or_default() += 1;
+                        }
+                        if banned[usize::from(c.user_id.as_str()[1..].parse::<u8>().unwrap())]
+                            && !c.answered_sold_out && is_new {
+                            prop_assert_eq!(d.outcome, ClaimOutcomeKind::Blacklisted);
+                        }
+                    }
+                    Step::Waiting(candidate) => {
+                        prop_assert_eq!(candidate.claim.user_id.as_str(), user.as_str());
+                        *new_per_request.entry(c.request_id.clone()).or_default() += 1;
+                        *waits_per_user.entry(user).or_default() += 1;
+                    }
+                    Step::Deferred | Step::IdTaken => {}
+                }
+            }
+            prop_assert!(new_per_request.values().all(|n| *n <= 1), "{:?}", new_per_request);
+            prop_assert!(waits_per_user.values().all(|n| *n <= 1), "{:?}", waits_per_user);
+        }
+    }
+}
