@@ -1,0 +1,326 @@
+//! What several commands share: how to reach the services ([`Connections`],
+//! global flags) and how a serving process is configured ([`ServeArgs`]),
+//! with the parsers of their values. Every flag has an environment fallback.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser};
+
+use coupon_consumers::Policy;
+use coupon_domain::QuotaWindow;
+use coupon_platform::kafka::consumer::Assignment;
+use coupon_platform::kafka::GroupProtocol;
+use coupon_platform::{reach, KafkaSettings};
+use coupon_producers::gateway::{GatewayConfig, Secret};
+use couponctl::app::{self, AppConfig, Role};
+
+#[derive(Args, Debug, Clone)]
+pub struct Connections {
+    /// Postgres connection URL.
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/coupons"
+    )]
+    pub database_url: String,
+    /// Redis connection URL.
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub kafka_brokers: String,
+    /// Prefix of every topic (`<prefix>.claims`, ...) and consumer group.
+    #[arg(
+        long,
+        global = true,
+        env = "COUPON_TOPIC_PREFIX",
+        default_value = "coupons"
+    )]
+    pub topic_prefix: String,
+    /// Prefix of every Redis key [default: the topic prefix].
+    #[arg(long, global = true, env = "COUPON_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Turn off the idempotent producer (for brokers without InitProducerId).
+    #[arg(long, global = true, env = "KAFKA_NO_IDEMPOTENCE")]
+    pub kafka_no_idempotence: bool,
+    /// Extra librdkafka properties, `key=value,key=value` (e.g. security.protocol=SSL).
+    #[arg(long, global = true, env = "KAFKA_EXTRA", value_parser = parse_kafka_extra, default_value = "")]
+    pub kafka_extra: KafkaExtra,
+    /// Consumer-group protocol: `classic` (cooperative-sticky, any broker) or
+    /// `consumer` (KIP-848, Kafka 4.0+).
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_GROUP_PROTOCOL",
+        default_value = "classic"
+    )]
+    pub kafka_group_protocol: GroupProtocol,
+    /// Replicas of topics this process creates [default: the broker's
+    /// default.replication.factor].
+    #[arg(long, global = true, env = "TOPIC_REPLICATION", value_parser = clap::value_parser!(i32).range(1..))]
+    pub topic_replication: Option<i32>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct KafkaExtra(Vec<(String, String)>);
+
+fn parse_kafka_extra(raw: &str) -> Result<KafkaExtra, String> {
+    raw.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| format!("{pair:?} is not key=value"))
+        })
+        .collect::<Result<_, _>>()
+        .map(KafkaExtra)
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address of the HTTP gateway (port 0 picks a free port).
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// How long a granted coupon is held for its user (e.g. 5m, 30s).
+    #[arg(long, env = "HOLD_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub hold_ttl: Duration,
+    /// The quota window: one coupon per user per window, aligned to UTC (1d = calendar day).
+    #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
+    pub quota_window: QuotaWindow,
+    /// How late a request may be decided and still be judged at the time the
+    /// broker accepted it; holds are released this long after their deadline.
+    #[arg(long, env = "HOLD_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub hold_grace: Duration,
+    /// Bearer token for admin routes (POST /api/v1/coupon, coupon holders):
+    /// from the environment (COUPON_ADMIN_TOKEN), never from argv, which
+    /// every local user can read. Unset closes the admin routes.
+    #[arg(skip = secret_from_env("COUPON_ADMIN_TOKEN"))]
+    pub admin_token: Option<Secret>,
+    /// A file holding the admin bearer token (instead of COUPON_ADMIN_TOKEN).
+    #[arg(long, env = "COUPON_ADMIN_TOKEN_FILE", value_parser = secret_from_file)]
+    pub admin_token_file: Option<Secret>,
+    /// Bearer token for the storefront routes, from the environment
+    /// (COUPON_API_TOKEN), never from argv. Unset leaves them open, which
+    /// only a loopback HTTP_ADDR allows.
+    #[arg(skip = secret_from_env("COUPON_API_TOKEN"))]
+    pub api_token: Option<Secret>,
+    /// A file holding the storefront bearer token (instead of COUPON_API_TOKEN).
+    #[arg(long, env = "COUPON_API_TOKEN_FILE", value_parser = secret_from_file)]
+    pub api_token_file: Option<Secret>,
+    /// Serve the storefront routes without COUPON_API_TOKEN on a non-loopback
+    /// HTTP_ADDR: anyone who reaches it can claim and buy under any user id.
+    #[arg(long, env = "COUPON_INSECURE_OPEN_STOREFRONT")]
+    pub insecure_open_storefront: bool,
+    /// How long the gateway waits for a decision (publishing included)
+    /// before answering 504.
+    #[arg(long, env = "REPLY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reply_timeout: Duration,
+    /// Deadline of a whole HTTP request, body included (never shorter than
+    /// REPLY_TIMEOUT + 1s); past it, 504.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// A client must send a request's headers within this; idle keep-alive
+    /// connections are closed after it too.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// HTTP requests handled at once; beyond, 503 with Retry-After.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+    /// Requests waiting for their decision at once; beyond, 503 with Retry-After.
+    #[arg(long, env = "MAX_WAITING_REPLIES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waiting_replies: u32,
+    /// Open HTTP connections; beyond, new ones are closed at once.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Without COUPON_API_TOKEN: requests per second per client address
+    /// beyond which the gateway answers 429.
+    #[arg(long, env = "ADDRESS_LIMIT", default_value_t = 1000)]
+    pub address_limit: u64,
+    /// With COUPON_API_TOKEN: claims per second per user beyond which the
+    /// user is blocked (blacklisted for FLOOD_BLOCK).
+    #[arg(long, env = "FLOOD_LIMIT", default_value_t = 20)]
+    pub flood_limit: u64,
+    /// How long a flooding user stays blocked.
+    #[arg(long, env = "FLOOD_BLOCK", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub flood_block: Duration,
+    /// Partitions of topics created at start-up.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
+    pub partitions: i32,
+    /// Broker long-poll (ms) for claims, purchases and gateway replies. Kafka
+    /// answers as soon as a record arrives, so this bounds idle polling only.
+    #[arg(long, env = "FAST_FETCH_WAIT_MS", default_value_t = 100)]
+    pub fast_fetch_wait_ms: u32,
+    /// Broker long-poll (ms) for coupons, expiry and history.
+    #[arg(long, env = "SLOW_FETCH_WAIT_MS", default_value_t = 500)]
+    pub slow_fetch_wait_ms: u32,
+    /// Largest batch a consumer processes in one transaction.
+    #[arg(long, env = "MAX_BATCH", default_value_t = 500)]
+    pub max_batch: usize,
+    /// How instances of a role share partitions: `group` (Kafka's consumer
+    /// groups: run any number, partitions move as instances come and go) or a
+    /// static share `INDEX/COUNT` (e.g. 0/2 and 1/2; no rebalancing).
+    #[arg(long, env = "CONSUMER_INSTANCE", default_value = "group", value_parser = parse_assignment)]
+    pub instance: Assignment,
+    /// How often the expiry sweeper looks for overdue holds.
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+    /// Postgres connections per process.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
+    pub db_max_connections: u32,
+    /// Snowflake datacenter id (0-31) for coupons created through HTTP.
+    #[arg(long, env = "COUPON_DATACENTER_ID", default_value_t = 0)]
+    pub datacenter_id: u16,
+    /// How often the metrics that need a query (pool, holds, consumer lag) are refreshed.
+    #[arg(long, env = "METRICS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub metrics_interval: Duration,
+    /// Without the gateway (`consume`): serve GET /metrics on this address.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// A token from the environment variable `name` (`None` when unset or empty).
+fn secret_from_env(name: &str) -> Option<Secret> {
+    std::env::var(name).ok().and_then(Secret::new)
+}
+
+/// A token from a file (surrounding whitespace, e.g. the final newline, is
+/// not part of it).
+fn secret_from_file(path: &str) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    Secret::new(text).ok_or_else(|| format!("{path} is empty"))
+}
+
+impl ServeArgs {
+    /// A token comes from the environment or from a file, not both.
+    pub fn check_tokens(&self) -> anyhow::Result<()> {
+        if self.api_token.is_some() && self.api_token_file.is_some() {
+            anyhow::bail!("set COUPON_API_TOKEN or COUPON_API_TOKEN_FILE, not both");
+        }
+        if self.admin_token.is_some() && self.admin_token_file.is_some() {
+            anyhow::bail!("set COUPON_ADMIN_TOKEN or COUPON_ADMIN_TOKEN_FILE, not both");
+        }
+        Ok(())
+    }
+}
+
+fn parse_assignment(raw: &str) -> Result<Assignment, String> {
+    if raw == "group" {
+        return Ok(Assignment::Group);
+    }
+    let (index, count) = raw
+        .split_once('/')
+        .ok_or_else(|| format!("{raw:?} is not INDEX/COUNT or 'group'"))?;
+    let index: u32 = index
+        .parse()
+        .map_err(|_| format!("bad instance index {index:?}"))?;
+    let count: u32 = count
+        .parse()
+        .map_err(|_| format!("bad instance count {count:?}"))?;
+    if count == 0 || index >= count {
+        return Err(format!(
+            "instance index must be below the count (got {index}/{count})"
+        ));
+    }
+    Ok(Assignment::Static { index, count })
+}
+
+/// A consumer role by name (the catalogue's `Role::CONSUMERS`).
+pub fn consumer_role() -> impl clap::builder::TypedValueParser<Value = Role> {
+    use clap::builder::TypedValueParser as _;
+    let names = Role::CONSUMERS.map(Role::name);
+    clap::builder::PossibleValuesParser::new(names).try_map(|name| name.parse::<Role>())
+}
+
+pub fn parse_window(raw: &str) -> Result<QuotaWindow, String> {
+    let duration = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
+    QuotaWindow::new(duration).map_err(|e| e.to_string())
+}
+
+impl Connections {
+    pub fn kafka(&self) -> KafkaSettings {
+        let mut kafka = KafkaSettings::new(&self.kafka_brokers);
+        kafka.idempotent_producer = !self.kafka_no_idempotence;
+        kafka.extra = self.kafka_extra.0.clone();
+        kafka.group_protocol = self.kafka_group_protocol;
+        kafka
+    }
+
+    pub fn app_config(&self, serve: &ServeArgs) -> AppConfig {
+        let mut config = AppConfig::local(&self.topic_prefix);
+        config.database_url = self.database_url.clone();
+        config.redis_url = self.redis_url.clone();
+        config.kafka = self.kafka();
+        config.redis_prefix = self
+            .redis_prefix
+            .clone()
+            .unwrap_or_else(|| self.topic_prefix.clone());
+        config.http_addr = serve.http_addr;
+        config.policy = Policy {
+            hold_ttl: serve.hold_ttl,
+            quota_window: serve.quota_window,
+            hold_grace: serve.hold_grace,
+            ..Policy::default()
+        };
+        config.gateway = GatewayConfig {
+            api_token: serve.api_token_file.clone().or(serve.api_token.clone()),
+            admin_token: serve.admin_token_file.clone().or(serve.admin_token.clone()),
+            insecure_open_storefront: serve.insecure_open_storefront,
+            reply_timeout: serve.reply_timeout,
+            request_timeout: serve.request_timeout,
+            header_read_timeout: serve.header_read_timeout,
+            max_in_flight: serve.max_in_flight as usize,
+            max_waiting: serve.max_waiting_replies as usize,
+            max_connections: serve.max_connections as usize,
+            address_limit_per_sec: serve.address_limit,
+            flood_limit_per_sec: serve.flood_limit,
+            flood_block: serve.flood_block,
+            datacenter_id: serve.datacenter_id,
+        };
+        config.partitions = serve.partitions;
+        config.replication = self.topic_replication;
+        config.fast_fetch_wait_ms = serve.fast_fetch_wait_ms;
+        config.slow_fetch_wait_ms = serve.slow_fetch_wait_ms;
+        config.max_batch = serve.max_batch.max(1);
+        config.assignment = serve.instance;
+        config.sweep_interval = serve.sweep_interval;
+        config.db_max_connections = serve.db_max_connections.max(2);
+        config.producer_name = format!("couponctl@{}", std::process::id());
+        config.metrics_interval = serve.metrics_interval.max(Duration::from_millis(100));
+        config.metrics_addr = serve.metrics_addr;
+        config
+    }
+}
+
+pub fn default_serve_args() -> ServeArgs {
+    #[derive(Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+    Defaults::parse_from(["couponctl"]).serve
+}
+
+pub async fn database(conn: &Connections) -> anyhow::Result<sqlx::PgPool> {
+    reach::postgres(&conn.database_url).await?;
+    coupon_platform::db::connect(&conn.database_url, 4)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to Postgres at {}",
+                app::redact(&conn.database_url)
+            )
+        })
+}

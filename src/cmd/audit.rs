@@ -1,0 +1,61 @@
+//! `couponctl audit`: the state rebuilt from the log, compared with the
+//! live database; exit code 1 on any difference.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use coupon_domain::QuotaWindow;
+use coupon_platform::reach;
+use couponctl::{audit, replay};
+
+use super::args::{parse_window, Connections};
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    /// The quota window the claim processors run with (quota slots are named
+    /// by their window's start).
+    #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
+    pub quota_window: QuotaWindow,
+    /// How late a request may be decided and still be judged at the time the
+    /// broker accepted it; holds are released this long after their deadline.
+    #[arg(long, env = "HOLD_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub hold_grace: Duration,
+}
+
+pub async fn run(conn: &Connections, args: AuditArgs) -> anyhow::Result<()> {
+    let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+    reach::kafka(&conn.kafka_brokers).await?;
+    reach::postgres(&conn.database_url).await?;
+    let bar = replay::progress_bar(0, "reading the log");
+    let report = audit::audit(
+        &conn.kafka(),
+        &topics,
+        args.quota_window,
+        &conn.database_url,
+        bar,
+    )
+    .await?;
+    eprintln!("{}", report.rebuild);
+    for example in &report.rebuild.anomaly_examples {
+        eprintln!("warning: {example}");
+    }
+    if report.in_flight_records > 0 {
+        eprintln!(
+            "{} records still in flight: {} coupons and {} users left out",
+            report.in_flight_records, report.coupons_skipped, report.users_skipped
+        );
+    }
+    let mut stdout = std::io::stdout().lock();
+    for line in &report.differences {
+        writeln!(stdout, "{line}").context("writing the report")?;
+    }
+    if report.is_clean() {
+        writeln!(stdout, "no differences ({})", report.checked()).context("writing the report")?;
+        return Ok(());
+    }
+    let n = report.differences.len();
+    anyhow::bail!("{n} difference{}", if n == 1 { "" } else { "s" })
+}

@@ -1,0 +1,36 @@
+//! `couponctl bench`: the benchmarks, against a fresh database.
+
+use clap::Args;
+
+use super::args::{default_serve_args, Connections};
+
+/// `couponctl bench`'s arguments.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A short run (20,000 users) instead of the full 1,000,000.
+    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::FalseyValueParser::new())]
+    pub quick: bool,
+    /// Override the number of flash-sale users.
+    #[arg(long, env = "BENCH_USERS")]
+    pub users: Option<usize>,
+    /// HTTP requests in flight at once.
+    #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 128)]
+    pub concurrency: usize,
+}
+
+pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
+    let config = conn.app_config(&default_serve_args());
+    let mut options = if args.quick {
+        couponctl::bench::BenchOptions::quick()
+    } else {
+        couponctl::bench::BenchOptions::full()
+    };
+    if let Some(users) = args.users {
+        options.users = users;
+    }
+    options.concurrency = args.concurrency.max(1);
+    let rows = couponctl::bench::run(config, options).await?;
+    println!("{}", couponctl::bench::render(&rows));
+    println!("{}", couponctl::bench::render_targets(&rows));
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! `couponctl blacklist add|remove|list`. Every change is published on the
+//! blacklist topic too, so a rebuild from the log restores it.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+use coupon_domain::UserId;
+use coupon_platform::{reach, KafkaSettings};
+
+use super::args::{database, Connections};
+
+#[derive(Subcommand, Debug)]
+pub enum BlacklistCommand {
+    /// Blacklist a user (indefinitely unless --for is given).
+    #[command(
+        after_help = "Example:\n  couponctl blacklist add user-42 --for 24h --reason 'chargeback fraud'"
+    )]
+    Add {
+        user: String,
+        /// How long, e.g. 24h; omitted: until removed.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        #[arg(long, default_value = "manual")]
+        reason: String,
+    },
+    /// Lift a user's blacklisting.
+    #[command(after_help = "Example:\n  couponctl blacklist remove user-42")]
+    Remove { user: String },
+    /// List blacklisted users.
+    #[command(after_help = "Example:\n  couponctl blacklist list")]
+    List,
+}
+
+/// A producer for blacklist changes, once the broker answers (a producer
+/// made first would log every failed connection before the one-line error).
+async fn blacklist_publisher(
+    kafka: &KafkaSettings,
+) -> anyhow::Result<coupon_platform::kafka::Publisher> {
+    reach::kafka(&kafka.brokers).await?;
+    Ok(coupon_platform::kafka::Publisher::new(
+        kafka,
+        &format!("couponctl-blacklist@{}", std::process::id()),
+    )?)
+}
+
+pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Result<()> {
+    let pool = database(conn).await?;
+    coupon_platform::db::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    // Every change goes on the log too, so a rebuild restores it.
+    let kafka = conn.kafka();
+    let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+    let manual = coupon_producers::blacklist::Source::Manual;
+    match command {
+        BlacklistCommand::Add {
+            user,
+            duration,
+            reason,
+        } => {
+            let user = UserId::parse(user)?;
+            let publisher = blacklist_publisher(&kafka).await?;
+            let blacklist = coupon_producers::blacklist::Blacklist {
+                pool: &pool,
+                publisher: &publisher,
+                topics: &topics,
+            };
+            let until = match duration {
+                Some(d) => Some(
+                    chrono::Utc::now()
+                        + chrono::Duration::from_std(d).context("--for is too long")?,
+                ),
+                None => None,
+            };
+            let entry = blacklist.add(user.as_str(), until, &reason, manual).await?;
+            match entry.blacklisted_until {
+                Some(until) => println!("{user} blacklisted until {}", until.to_rfc3339()),
+                None => println!("{user} blacklisted until removed"),
+            }
+        }
+        BlacklistCommand::Remove { user } => {
+            let user = UserId::parse(user)?;
+            let publisher = blacklist_publisher(&kafka).await?;
+            let blacklist = coupon_producers::blacklist::Blacklist {
+                pool: &pool,
+                publisher: &publisher,
+                topics: &topics,
+            };
+            if blacklist.remove(user.as_str(), manual).await? {
+                println!("{user} removed from the blacklist");
+            } else {
+                anyhow::bail!("{user} is not blacklisted");
+            }
+        }
+        BlacklistCommand::List => {
+            let entries = coupon_producers::blacklist::list(&pool).await?;
+            if entries.is_empty() {
+                println!("no blacklisted users");
+            }
+            for e in entries {
+                let until = e
+                    .blacklisted_until
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "until removed".into());
+                println!(
+                    "{}\t{}\t{}",
+                    e.user_id,
+                    until,
+                    e.blacklist_reason.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}

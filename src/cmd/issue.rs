@@ -1,0 +1,132 @@
+//! `couponctl issue`: the employee tool. Publishes a batch of new coupons
+//! with a progress bar.
+
+use anyhow::Context as _;
+use clap::Args;
+
+use coupon_domain::{Category, EmployeeId};
+use couponctl::app;
+
+use super::args::{database, Connections};
+
+/// `couponctl issue`'s arguments.
+#[derive(Args, Debug)]
+pub struct IssueArgs {
+    /// The employee releasing the batch.
+    #[arg(long)]
+    pub employee: String,
+    /// The coupons' category.
+    #[arg(long)]
+    pub category: String,
+    /// How many coupons (1 to 1,000,000).
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    /// Snowflake datacenter id (0-31).
+    #[arg(long, env = "COUPON_DATACENTER_ID", default_value_t = 0)]
+    pub datacenter_id: u16,
+    /// Print every code (one per line) after the summary.
+    #[arg(long)]
+    pub print_codes: bool,
+    /// Partitions of topics created if missing.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
+    pub partitions: i32,
+}
+
+pub async fn run(conn: &Connections, args: IssueArgs) -> anyhow::Result<()> {
+    let IssueArgs {
+        employee,
+        category,
+        count,
+        datacenter_id,
+        print_codes,
+        partitions,
+    } = args;
+    issue(
+        conn,
+        employee,
+        category,
+        count,
+        datacenter_id,
+        print_codes,
+        partitions,
+    )
+    .await
+}
+
+async fn issue(
+    conn: &Connections,
+    employee: String,
+    category: String,
+    count: u32,
+    datacenter_id: u16,
+    print_codes: bool,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let request = coupon_producers::issue::IssueRequest {
+        employee: EmployeeId::parse(employee)?,
+        category: Category::parse(category)?,
+        count,
+    };
+    if count == 0 || count > coupon_producers::issue::MAX_COUNT {
+        anyhow::bail!(
+            "--count must be between 1 and {}",
+            coupon_producers::issue::MAX_COUNT
+        );
+    }
+    let pool = database(conn).await?;
+    coupon_platform::db::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    let kafka = conn.kafka();
+    let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+    app::create_topics(&kafka, &topics, partitions, conn.topic_replication).await?;
+    let publisher = coupon_platform::kafka::Publisher::new(
+        &kafka,
+        &format!("couponctl-issue@{}", std::process::id()),
+    )?;
+    let bar = indicatif::ProgressBar::new(u64::from(count));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} publishing [{bar:40}] {pos}/{len} coupons ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let batch = coupon_producers::issue::issue(
+        &pool,
+        &publisher,
+        &topics,
+        datacenter_id,
+        &request,
+        |done| bar.set_position(done),
+    )
+    .await
+    .with_context(|| format!("publishing to {} at {}", topics.created(), kafka.brokers))?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "issued {} {} coupons as batch {} in {:.2}s ({:.0}/s); first {}, last {}",
+        batch.codes.len(),
+        request.category,
+        batch.batch_id,
+        secs,
+        batch.codes.len() as f64 / secs.max(1e-9),
+        batch
+            .codes
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        batch
+            .codes
+            .last()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+    );
+    if print_codes {
+        for code in &batch.codes {
+            println!("{code}");
+        }
+    }
+    Ok(())
+}
