@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
+use coupon_analyst::{audit, replay};
 use coupon_domain::QuotaWindow;
 use coupon_platform::reach;
-use couponctl::{audit, replay};
 
 use super::args::{parse_window, Connections};
 

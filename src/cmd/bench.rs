@@ -21,16 +21,16 @@ pub struct BenchArgs {
 pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
     let config = conn.app_config(&default_serve_args());
     let mut options = if args.quick {
-        couponctl::bench::BenchOptions::quick()
+        couponctl::dev::bench::BenchOptions::quick()
     } else {
-        couponctl::bench::BenchOptions::full()
+        couponctl::dev::bench::BenchOptions::full()
     };
     if let Some(users) = args.users {
         options.users = users;
     }
     options.concurrency = args.concurrency.max(1);
-    let rows = couponctl::bench::run(config, options).await?;
-    println!("{}", couponctl::bench::render(&rows));
-    println!("{}", couponctl::bench::render_targets(&rows));
+    let rows = couponctl::dev::bench::run(config, options).await?;
+    println!("{}", couponctl::dev::bench::render(&rows));
+    println!("{}", couponctl::dev::bench::render_targets(&rows));
     Ok(())
 }

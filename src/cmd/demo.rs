@@ -29,7 +29,7 @@ pub struct DemoArgs {
 
 pub async fn run(conn: &Connections, args: DemoArgs) -> anyhow::Result<()> {
     let config = conn.app_config(&default_serve_args());
-    let options = couponctl::demo::DemoOptions {
+    let options = couponctl::dev::demo::DemoOptions {
         users: args.users,
         electronics: args.electronics,
         books: args.books,
@@ -37,7 +37,7 @@ pub async fn run(conn: &Connections, args: DemoArgs) -> anyhow::Result<()> {
         keep: args.keep,
     };
     let started = std::time::Instant::now();
-    let summary = couponctl::demo::run(config, options).await?;
+    let summary = couponctl::dev::demo::run(config, options).await?;
     println!("{summary}");
     match &summary.database_url {
         Some(url) => println!("kept the demo database: {url}"),

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::{ArgGroup, Args};
 
-use couponctl::{history, replay};
+use coupon_analyst::{history, replay};
 
 use super::args::{database, Connections};
 

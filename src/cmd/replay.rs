@@ -9,11 +9,11 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::{Args, ValueEnum};
 
+use coupon_analyst::rebuild;
+use coupon_analyst::replay::{self, ReplayOptions, StartAt, TopicKind};
 use coupon_domain::QuotaWindow;
 use coupon_platform::reach;
 use couponctl::app;
-use couponctl::rebuild;
-use couponctl::replay::{self, ReplayOptions, StartAt, TopicKind};
 
 use super::args::{parse_window, Connections};
 
@@ -104,7 +104,7 @@ pub async fn run(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
     let summary = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let bar = replay::progress_bar(0, "replaying");
         if let (true, Some(path)) = (parquet, &output) {
-            let mut sink = couponctl::parquet_export::ParquetSink::create(path)?;
+            let mut sink = coupon_analyst::parquet_export::ParquetSink::create(path)?;
             let summary = replay::replay_into(&kafka, &topics, &options, &mut sink, &bar);
             bar.finish_and_clear();
             return summary;

@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 
 use coupon_platform::kafka::decode;
 use coupon_schemas::{ClaimDecided, ClaimRequested};
-use couponctl::bench::profile::{self, MemoryProfile};
+use couponctl::dev::bench::profile::{self, MemoryProfile};
 
 use crate::harness::{free_port, invariant_violations, release, Child, TestEnv, CONSUME_ALL};
 use crate::processes::{claim_with_retries, Progress};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use couponctl::demo::{self, DemoOptions};
+use couponctl::dev::demo::{self, DemoOptions};
 
 use crate::harness::TestEnv;
 

@@ -10,13 +10,13 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
+use coupon_analyst::replay::{committed_offsets, TopicKind};
 use coupon_platform::kafka::{decode, Publisher, Record};
 use coupon_schemas::{
     BlacklistChanged, ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated, DeadLetter,
     HoldExpired, PurchaseDecided, PurchaseOutcome, PurchaseRequested,
 };
 use couponctl::app::Role;
-use couponctl::replay::{committed_offsets, TopicKind};
 
 use crate::harness::{eventually, release, App, TestEnv};
 

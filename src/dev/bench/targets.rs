@@ -107,8 +107,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::bench::profile::MemoryProfile;
-    use crate::bench::Latencies;
+    use crate::dev::bench::profile::MemoryProfile;
+    use crate::dev::bench::Latencies;
 
     fn row(kind: Scenario, operations: u64, seconds: f64) -> Row {
         Row {

@@ -771,7 +771,7 @@ pub async fn audit(
         .with_context(|| {
             format!(
                 "connecting to Postgres at {}",
-                crate::app::redact(database_url)
+                coupon_platform::db::redact(database_url)
             )
         })?;
 

@@ -725,7 +725,7 @@ async fn rebuild(config: &AppConfig) -> anyhow::Result<Row> {
     )
     .await?;
     let pool = coupon_platform::db::connect(&scratch.url, 4).await?;
-    let stats = crate::rebuild::rebuild(
+    let stats = coupon_analyst::rebuild::rebuild(
         &config.kafka,
         &config.topics(),
         config.policy.quota_window,

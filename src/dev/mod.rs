@@ -1,0 +1,7 @@
+//! Developer tooling that runs the product but is not part of it: the
+//! benchmarks (`couponctl bench`, `make bench`) and the demo (`couponctl
+//! demo`, `make demo`). Each starts the whole system in-process on a scratch
+//! database through [`crate::app`], as the integration tests do.
+
+pub mod bench;
+pub mod demo;
