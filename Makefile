@@ -2,9 +2,11 @@
 # Everything else is here for operators and contributors.
 
 SHELL := /bin/bash
-export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/coupons
-export REDIS_URL ?= redis://127.0.0.1:6379
-export KAFKA_BROKERS ?= 127.0.0.1:9092
+# The connection defaults are written once, in platform/src/settings.rs.
+setting = $(shell sed -n 's/^pub const $(1): &str = "\(.*\)";$$/\1/p' platform/src/settings.rs)
+export DATABASE_URL ?= $(call setting,DATABASE_URL)
+export REDIS_URL ?= $(call setting,REDIS_URL)
+export KAFKA_BROKERS ?= $(call setting,KAFKA_BROKERS)
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: setup up down cluster-up cluster-down build test lint fmt demo bench chaos clean-state
@@ -52,3 +54,7 @@ bench: up build ## the benchmarks (BENCH_QUICK=1 for a short run)
 
 clean-state: down cluster-down
 	rm -rf .state
+
+.PHONY: print-settings
+print-settings: ## the connection settings make passes on (defaults from platform/src/settings.rs)
+	@echo "DATABASE_URL=$$DATABASE_URL REDIS_URL=$$REDIS_URL KAFKA_BROKERS=$$KAFKA_BROKERS"

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use coupon_consumers::{expiry, Context, Policy, PollSettings};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
-use coupon_platform::reach;
 use coupon_platform::redis::Cache;
+use coupon_platform::{reach, settings};
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_producers::gateway::{self, GatewayConfig, GatewayState, Replies};
 
@@ -64,24 +64,24 @@ impl AppConfig {
     /// Settings for the local services, as `make up` starts them.
     pub fn local(topic_prefix: &str) -> Self {
         Self {
-            database_url: "postgres://postgres@127.0.0.1:5432/coupons".into(),
-            redis_url: "redis://127.0.0.1:6379".into(),
-            kafka: KafkaSettings::new("127.0.0.1:9092"),
+            database_url: settings::DATABASE_URL.into(),
+            redis_url: settings::REDIS_URL.into(),
+            kafka: KafkaSettings::new(settings::KAFKA_BROKERS),
             topic_prefix: topic_prefix.into(),
             redis_prefix: topic_prefix.into(),
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            http_addr: settings::HTTP_ADDR,
             policy: Policy::default(),
             gateway: GatewayConfig::default(),
-            partitions: 4,
+            partitions: settings::TOPIC_PARTITIONS,
             replication: None,
-            fast_fetch_wait_ms: 100,
-            slow_fetch_wait_ms: 500,
-            max_batch: 500,
+            fast_fetch_wait_ms: settings::FAST_FETCH_WAIT_MS,
+            slow_fetch_wait_ms: settings::SLOW_FETCH_WAIT_MS,
+            max_batch: settings::MAX_BATCH,
             assignment: Assignment::Group,
-            sweep_interval: Duration::from_secs(1),
-            db_max_connections: 10,
+            sweep_interval: settings::SWEEP_INTERVAL,
+            db_max_connections: settings::DB_MAX_CONNECTIONS,
             producer_name: "couponctl".into(),
-            metrics_interval: Duration::from_secs(5),
+            metrics_interval: settings::METRICS_INTERVAL,
             metrics_addr: None,
         }
     }

@@ -66,18 +66,15 @@ pub struct Policy {
     pub sold_out_mark_ttl: Duration,
 }
 
-impl Policy {
-    pub const DEFAULT_HOLD_GRACE: Duration = Duration::from_secs(5);
-    pub const DEFAULT_SOLD_OUT_MARK_TTL: Duration = Duration::from_secs(10);
-}
-
 impl Default for Policy {
+    /// The defaults of `coupon_platform::settings`.
     fn default() -> Self {
+        use coupon_platform::settings;
         Self {
-            hold_ttl: Duration::from_secs(300),
-            quota_window: QuotaWindow::DAY,
-            hold_grace: Self::DEFAULT_HOLD_GRACE,
-            sold_out_mark_ttl: Self::DEFAULT_SOLD_OUT_MARK_TTL,
+            hold_ttl: settings::HOLD_TTL,
+            quota_window: settings::QUOTA_WINDOW,
+            hold_grace: settings::HOLD_GRACE,
+            sold_out_mark_ttl: settings::SOLD_OUT_MARK_TTL,
         }
     }
 }

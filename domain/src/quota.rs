@@ -59,10 +59,51 @@ impl Default for QuotaWindow {
     }
 }
 
+/// As a flag value would say it, e.g. `1d`.
+impl std::fmt::Display for QuotaWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&compact_duration(self.length()))
+    }
+}
+
+/// `d` in the largest unit that divides it exactly (`1d`, `5m`, `30s`,
+/// `250ms`): how the flags and their defaults write durations, and what
+/// `humantime` parses back.
+pub fn compact_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= size && ms.checked_rem(size) == Some(0) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn durations_are_written_in_their_largest_exact_unit() {
+        let cases = [
+            (86_400, "1d"),
+            (300, "5m"),
+            (5, "5s"),
+            (600, "10m"),
+            (3_600, "1h"),
+        ];
+        for (secs, text) in cases {
+            assert_eq!(compact_duration(Duration::from_secs(secs)), text);
+        }
+        assert_eq!(compact_duration(Duration::from_millis(1_500)), "1500ms");
+        assert_eq!(QuotaWindow::DAY.to_string(), "1d");
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

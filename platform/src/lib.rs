@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod reach;
 pub mod redis;
+pub mod settings;
 pub mod stats;
 pub mod time;
 

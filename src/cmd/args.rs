@@ -12,6 +12,7 @@ use coupon_consumers::Policy;
 use coupon_domain::QuotaWindow;
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::GroupProtocol;
+use coupon_platform::settings::{self, Flag};
 use coupon_platform::{reach, KafkaSettings};
 use coupon_producers::gateway::{GatewayConfig, Secret};
 use couponctl::app::{self, AppConfig, Role};
@@ -23,7 +24,7 @@ pub struct Connections {
         long,
         global = true,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/coupons"
+        default_value = settings::DATABASE_URL
     )]
     pub database_url: String,
     /// Redis connection URL.
@@ -31,7 +32,7 @@ pub struct Connections {
         long,
         global = true,
         env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
+        default_value = settings::REDIS_URL
     )]
     pub redis_url: String,
     /// Kafka bootstrap servers, comma separated.
@@ -39,7 +40,7 @@ pub struct Connections {
         long,
         global = true,
         env = "KAFKA_BROKERS",
-        default_value = "127.0.0.1:9092"
+        default_value = settings::KAFKA_BROKERS
     )]
     pub kafka_brokers: String,
     /// Prefix of every topic (`<prefix>.claims`, ...) and consumer group.
@@ -47,7 +48,7 @@ pub struct Connections {
         long,
         global = true,
         env = "COUPON_TOPIC_PREFIX",
-        default_value = "coupons"
+        default_value = settings::TOPIC_PREFIX
     )]
     pub topic_prefix: String,
     /// Prefix of every Redis key [default: the topic prefix].
@@ -92,18 +93,18 @@ fn parse_kafka_extra(raw: &str) -> Result<KafkaExtra, String> {
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Address of the HTTP gateway (port 0 picks a free port).
-    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "HTTP_ADDR", default_value_t = settings::HTTP_ADDR)]
     pub http_addr: SocketAddr,
     /// How long a granted coupon is held for its user (e.g. 5m, 30s).
-    #[arg(long, env = "HOLD_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub hold_ttl: Duration,
+    #[arg(long, env = "HOLD_TTL", default_value_t = Flag(settings::HOLD_TTL))]
+    pub hold_ttl: Flag,
     /// The quota window: one coupon per user per window, aligned to UTC (1d = calendar day).
-    #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
+    #[arg(long, env = "QUOTA_WINDOW", default_value_t = settings::QUOTA_WINDOW, value_parser = parse_window)]
     pub quota_window: QuotaWindow,
     /// How late a request may be decided and still be judged at the time the
     /// broker accepted it; holds are released this long after their deadline.
-    #[arg(long, env = "HOLD_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub hold_grace: Duration,
+    #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE))]
+    pub hold_grace: Flag,
     /// Bearer token for admin routes (POST /api/v1/coupon, coupon holders):
     /// from the environment (COUPON_ADMIN_TOKEN), never from argv, which
     /// every local user can read. Unset closes the admin routes.
@@ -126,48 +127,48 @@ pub struct ServeArgs {
     pub insecure_open_storefront: bool,
     /// How long the gateway waits for a decision (publishing included)
     /// before answering 504.
-    #[arg(long, env = "REPLY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub reply_timeout: Duration,
+    #[arg(long, env = "REPLY_TIMEOUT", default_value_t = Flag(settings::REPLY_TIMEOUT))]
+    pub reply_timeout: Flag,
     /// Deadline of a whole HTTP request, body included (never shorter than
     /// REPLY_TIMEOUT + 1s); past it, 504.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value_t = Flag(settings::REQUEST_TIMEOUT))]
+    pub request_timeout: Flag,
     /// A client must send a request's headers within this; idle keep-alive
     /// connections are closed after it too.
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub header_read_timeout: Duration,
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value_t = Flag(settings::HEADER_READ_TIMEOUT))]
+    pub header_read_timeout: Flag,
     /// HTTP requests handled at once; beyond, 503 with Retry-After.
-    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = settings::MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
     /// Requests waiting for their decision at once; beyond, 503 with Retry-After.
-    #[arg(long, env = "MAX_WAITING_REPLIES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MAX_WAITING_REPLIES", default_value_t = settings::MAX_WAITING_REPLIES, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_waiting_replies: u32,
     /// Open HTTP connections; beyond, new ones are closed at once.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = settings::MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Without COUPON_API_TOKEN: requests per second per client address
     /// beyond which the gateway answers 429.
-    #[arg(long, env = "ADDRESS_LIMIT", default_value_t = 1000)]
+    #[arg(long, env = "ADDRESS_LIMIT", default_value_t = settings::ADDRESS_LIMIT)]
     pub address_limit: u64,
     /// With COUPON_API_TOKEN: claims per second per user beyond which the
     /// user is blocked (blacklisted for FLOOD_BLOCK).
-    #[arg(long, env = "FLOOD_LIMIT", default_value_t = 20)]
+    #[arg(long, env = "FLOOD_LIMIT", default_value_t = settings::FLOOD_LIMIT)]
     pub flood_limit: u64,
     /// How long a flooding user stays blocked.
-    #[arg(long, env = "FLOOD_BLOCK", default_value = "10m", value_parser = humantime::parse_duration)]
-    pub flood_block: Duration,
+    #[arg(long, env = "FLOOD_BLOCK", default_value_t = Flag(settings::FLOOD_BLOCK))]
+    pub flood_block: Flag,
     /// Partitions of topics created at start-up.
-    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = settings::TOPIC_PARTITIONS)]
     pub partitions: i32,
     /// Broker long-poll (ms) for claims, purchases and gateway replies. Kafka
     /// answers as soon as a record arrives, so this bounds idle polling only.
-    #[arg(long, env = "FAST_FETCH_WAIT_MS", default_value_t = 100)]
+    #[arg(long, env = "FAST_FETCH_WAIT_MS", default_value_t = settings::FAST_FETCH_WAIT_MS)]
     pub fast_fetch_wait_ms: u32,
     /// Broker long-poll (ms) for coupons, expiry and history.
-    #[arg(long, env = "SLOW_FETCH_WAIT_MS", default_value_t = 500)]
+    #[arg(long, env = "SLOW_FETCH_WAIT_MS", default_value_t = settings::SLOW_FETCH_WAIT_MS)]
     pub slow_fetch_wait_ms: u32,
     /// Largest batch a consumer processes in one transaction.
-    #[arg(long, env = "MAX_BATCH", default_value_t = 500)]
+    #[arg(long, env = "MAX_BATCH", default_value_t = settings::MAX_BATCH)]
     pub max_batch: usize,
     /// How instances of a role share partitions: `group` (Kafka's consumer
     /// groups: run any number, partitions move as instances come and go) or a
@@ -175,17 +176,17 @@ pub struct ServeArgs {
     #[arg(long, env = "CONSUMER_INSTANCE", default_value = "group", value_parser = parse_assignment)]
     pub instance: Assignment,
     /// How often the expiry sweeper looks for overdue holds.
-    #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub sweep_interval: Duration,
+    #[arg(long, env = "SWEEP_INTERVAL", default_value_t = Flag(settings::SWEEP_INTERVAL))]
+    pub sweep_interval: Flag,
     /// Postgres connections per process.
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = settings::DB_MAX_CONNECTIONS)]
     pub db_max_connections: u32,
     /// Snowflake datacenter id (0-31) for coupons created through HTTP.
     #[arg(long, env = "COUPON_DATACENTER_ID", default_value_t = 0)]
     pub datacenter_id: u16,
     /// How often the metrics that need a query (pool, holds, consumer lag) are refreshed.
-    #[arg(long, env = "METRICS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub metrics_interval: Duration,
+    #[arg(long, env = "METRICS_INTERVAL", default_value_t = Flag(settings::METRICS_INTERVAL))]
+    pub metrics_interval: Flag,
     /// Without the gateway (`consume`): serve GET /metrics on this address.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -269,24 +270,24 @@ impl Connections {
             .unwrap_or_else(|| self.topic_prefix.clone());
         config.http_addr = serve.http_addr;
         config.policy = Policy {
-            hold_ttl: serve.hold_ttl,
+            hold_ttl: serve.hold_ttl.0,
             quota_window: serve.quota_window,
-            hold_grace: serve.hold_grace,
+            hold_grace: serve.hold_grace.0,
             ..Policy::default()
         };
         config.gateway = GatewayConfig {
             api_token: serve.api_token_file.clone().or(serve.api_token.clone()),
             admin_token: serve.admin_token_file.clone().or(serve.admin_token.clone()),
             insecure_open_storefront: serve.insecure_open_storefront,
-            reply_timeout: serve.reply_timeout,
-            request_timeout: serve.request_timeout,
-            header_read_timeout: serve.header_read_timeout,
+            reply_timeout: serve.reply_timeout.0,
+            request_timeout: serve.request_timeout.0,
+            header_read_timeout: serve.header_read_timeout.0,
             max_in_flight: serve.max_in_flight as usize,
             max_waiting: serve.max_waiting_replies as usize,
             max_connections: serve.max_connections as usize,
             address_limit_per_sec: serve.address_limit,
             flood_limit_per_sec: serve.flood_limit,
-            flood_block: serve.flood_block,
+            flood_block: serve.flood_block.0,
             datacenter_id: serve.datacenter_id,
         };
         config.partitions = serve.partitions;
@@ -295,10 +296,10 @@ impl Connections {
         config.slow_fetch_wait_ms = serve.slow_fetch_wait_ms;
         config.max_batch = serve.max_batch.max(1);
         config.assignment = serve.instance;
-        config.sweep_interval = serve.sweep_interval;
+        config.sweep_interval = serve.sweep_interval.0;
         config.db_max_connections = serve.db_max_connections.max(2);
         config.producer_name = format!("couponctl@{}", std::process::id());
-        config.metrics_interval = serve.metrics_interval.max(Duration::from_millis(100));
+        config.metrics_interval = serve.metrics_interval.0.max(Duration::from_millis(100));
         config.metrics_addr = serve.metrics_addr;
         config
     }

@@ -2,7 +2,6 @@
 //! live database; exit code 1 on any difference.
 
 use std::io::Write as _;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
@@ -11,18 +10,20 @@ use coupon_analyst::{audit, replay};
 use coupon_domain::QuotaWindow;
 use coupon_platform::reach;
 
+use coupon_platform::settings::{self, Flag};
+
 use super::args::{parse_window, Connections};
 
 #[derive(Args, Debug)]
 pub struct AuditArgs {
     /// The quota window the claim processors run with (quota slots are named
     /// by their window's start).
-    #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
+    #[arg(long, env = "QUOTA_WINDOW", default_value_t = settings::QUOTA_WINDOW, value_parser = parse_window)]
     pub quota_window: QuotaWindow,
     /// How late a request may be decided and still be judged at the time the
     /// broker accepted it; holds are released this long after their deadline.
-    #[arg(long, env = "HOLD_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub hold_grace: Duration,
+    #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE))]
+    pub hold_grace: Flag,
 }
 
 pub async fn run(conn: &Connections, args: AuditArgs) -> anyhow::Result<()> {

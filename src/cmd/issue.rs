@@ -7,6 +7,8 @@ use clap::Args;
 use coupon_domain::{Category, EmployeeId};
 use couponctl::app;
 
+use coupon_platform::settings;
+
 use super::args::{database, Connections};
 
 /// `couponctl issue`'s arguments.
@@ -28,7 +30,7 @@ pub struct IssueArgs {
     #[arg(long)]
     pub print_codes: bool,
     /// Partitions of topics created if missing.
-    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = settings::TOPIC_PARTITIONS)]
     pub partitions: i32,
 }
 

@@ -3,7 +3,6 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
@@ -14,6 +13,8 @@ use coupon_analyst::replay::{self, ReplayOptions, StartAt, TopicKind};
 use coupon_domain::QuotaWindow;
 use coupon_platform::reach;
 use couponctl::app;
+
+use coupon_platform::settings::{self, Flag};
 
 use super::args::{parse_window, Connections};
 
@@ -48,12 +49,12 @@ pub struct ReplayArgs {
     pub rebuild: Option<String>,
     /// With --rebuild: the quota window the claim processors ran with (quota
     /// slots are named by their window's start).
-    #[arg(long, env = "QUOTA_WINDOW", default_value = "1d", value_parser = parse_window)]
+    #[arg(long, env = "QUOTA_WINDOW", default_value_t = settings::QUOTA_WINDOW, value_parser = parse_window)]
     pub quota_window: QuotaWindow,
     /// How late a request may be decided and still be judged at the time the
     /// broker accepted it; holds are released this long after their deadline.
-    #[arg(long, env = "HOLD_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub hold_grace: Duration,
+    #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE))]
+    pub hold_grace: Flag,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]

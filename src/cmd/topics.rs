@@ -4,12 +4,14 @@ use clap::Args;
 
 use couponctl::app;
 
+use coupon_platform::settings;
+
 use super::args::Connections;
 
 /// `couponctl topics`' arguments.
 #[derive(Args, Debug)]
 pub struct TopicsArgs {
-    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 4)]
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = settings::TOPIC_PARTITIONS)]
     pub partitions: i32,
 }
 

@@ -17,20 +17,19 @@ use tokio_util::sync::CancellationToken;
 
 use coupon_domain::QuotaWindow;
 use coupon_platform::kafka::Record;
-use coupon_platform::{KafkaSettings, Topics};
+use coupon_platform::{settings, KafkaSettings, Topics};
 use couponctl::app::{self, AppConfig, Role, Running};
 
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/coupons".into())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| settings::DATABASE_URL.into())
 }
 
 pub fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    std::env::var("REDIS_URL").unwrap_or_else(|_| settings::REDIS_URL.into())
 }
 
 pub fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| settings::KAFKA_BROKERS.into())
 }
 
 pub struct TestEnv {

@@ -93,7 +93,7 @@ pub struct Topics {
 }
 
 impl Topics {
-    pub const DEFAULT_PREFIX: &'static str = "coupons";
+    pub const DEFAULT_PREFIX: &'static str = crate::settings::TOPIC_PREFIX;
 
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {

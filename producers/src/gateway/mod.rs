@@ -107,20 +107,22 @@ pub struct GatewayConfig {
 }
 
 impl Default for GatewayConfig {
+    /// The defaults of `coupon_platform::settings`.
     fn default() -> Self {
+        use coupon_platform::settings;
         Self {
             api_token: None,
             admin_token: None,
             insecure_open_storefront: false,
-            reply_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(5),
-            max_in_flight: 1024,
-            max_waiting: 1024,
-            max_connections: 4096,
-            address_limit_per_sec: 1000,
-            flood_limit_per_sec: 20,
-            flood_block: Duration::from_secs(600),
+            reply_timeout: settings::REPLY_TIMEOUT,
+            request_timeout: settings::REQUEST_TIMEOUT,
+            header_read_timeout: settings::HEADER_READ_TIMEOUT,
+            max_in_flight: settings::MAX_IN_FLIGHT as usize,
+            max_waiting: settings::MAX_WAITING_REPLIES as usize,
+            max_connections: settings::MAX_CONNECTIONS as usize,
+            address_limit_per_sec: settings::ADDRESS_LIMIT,
+            flood_limit_per_sec: settings::FLOOD_LIMIT,
+            flood_block: settings::FLOOD_BLOCK,
             datacenter_id: 0,
         }
     }

@@ -1,0 +1,90 @@
+//! Every configuration default, written once.
+//!
+//! `couponctl`'s flags show and use these (`default_value_t`), the library's
+//! `Default`s and `AppConfig::local` start from them, the test harness takes
+//! its fallbacks from them, and the Makefile reads the connection URLs from
+//! this file. To change a default, change it here.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use coupon_domain::quota::compact_duration;
+use coupon_domain::QuotaWindow;
+
+// Connections (the local services `make up` starts).
+pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/coupons";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const KAFKA_BROKERS: &str = "127.0.0.1:9092";
+pub const TOPIC_PREFIX: &str = "coupons";
+pub const HTTP_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+
+// The rules.
+pub const HOLD_TTL: Duration = Duration::from_secs(300);
+pub const QUOTA_WINDOW: QuotaWindow = QuotaWindow::DAY;
+pub const HOLD_GRACE: Duration = Duration::from_secs(5);
+pub const SOLD_OUT_MARK_TTL: Duration = Duration::from_secs(10);
+
+// Topics and consumers.
+pub const TOPIC_PARTITIONS: i32 = 4;
+pub const FAST_FETCH_WAIT_MS: u32 = 100;
+pub const SLOW_FETCH_WAIT_MS: u32 = 500;
+pub const MAX_BATCH: usize = 500;
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+pub const DB_MAX_CONNECTIONS: u32 = 10;
+pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);
+
+// The gateway.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_IN_FLIGHT: u32 = 1024;
+pub const MAX_WAITING_REPLIES: u32 = 1024;
+pub const MAX_CONNECTIONS: u32 = 4096;
+pub const ADDRESS_LIMIT: u64 = 1000;
+pub const FLOOD_LIMIT: u64 = 20;
+pub const FLOOD_BLOCK: Duration = Duration::from_secs(600);
+
+/// A duration flag: parsed by `humantime` (`5m`, `30s`), shown as
+/// [`compact_duration`] writes it, so `--help` prints a default as the
+/// operator would type it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flag(pub Duration);
+
+impl std::fmt::Display for Flag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&compact_duration(self.0))
+    }
+}
+
+impl std::str::FromStr for Flag {
+    type Err = humantime::DurationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s).map(Flag)
+    }
+}
+
+impl From<Flag> for Duration {
+    fn from(flag: Flag) -> Self {
+        flag.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_defaults_read_back_as_written() {
+        for d in [
+            HOLD_TTL,
+            HOLD_GRACE,
+            REPLY_TIMEOUT,
+            FLOOD_BLOCK,
+            METRICS_INTERVAL,
+        ] {
+            assert_eq!(Flag(d).to_string().parse::<Flag>().unwrap(), Flag(d));
+        }
+        assert_eq!(Flag(HOLD_TTL).to_string(), "5m");
+        assert_eq!(HTTP_ADDR.to_string(), "127.0.0.1:8080");
+    }
+}
