@@ -9,7 +9,7 @@ export REDIS_URL ?= $(call setting,REDIS_URL)
 export KAFKA_BROKERS ?= $(call setting,KAFKA_BROKERS)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup up down cluster-up cluster-down build test lint fmt demo bench chaos clean-state
+.PHONY: setup up down cluster-up cluster-down build unit test lint fmt demo bench chaos clean-state
 
 setup: ## install what this machine lacks (Postgres, Redis, a JDK, Apache Kafka from Maven Central)
 	infra/local/setup.sh
@@ -32,6 +32,10 @@ build:
 lint: ## formatting and clippy, warnings are errors
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+unit: ## the unit and property tests of every crate: no service needed
+	cargo test --workspace --lib --bins
+	cargo test -p coupon-schemas --tests
 
 test: up ## every test, against the real services
 	cargo build --bin couponctl
