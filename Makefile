@@ -9,7 +9,7 @@ export REDIS_URL ?= $(call setting,REDIS_URL)
 export KAFKA_BROKERS ?= $(call setting,KAFKA_BROKERS)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup up down cluster-up cluster-down build unit test lint fmt demo bench chaos clean-state
+.PHONY: setup up down cluster-up cluster-down build unit sqlx test lint fmt demo bench chaos clean-state
 
 setup: ## install what this machine lacks (Postgres, Redis, a JDK, Apache Kafka from Maven Central)
 	infra/local/setup.sh
@@ -28,6 +28,9 @@ cluster-down: ## stop the 3-node cluster
 
 build:
 	cargo build --release --bin couponctl
+
+sqlx: ## regenerate .sqlx/ (the compile-checked queries' offline data) against a fresh migrated database
+	infra/local/sqlx-prepare.sh
 
 lint: ## formatting and clippy, warnings are errors
 	cargo fmt --all --check

@@ -12,6 +12,7 @@ pub mod reach;
 pub mod redis;
 pub mod settings;
 pub mod stats;
+pub mod store;
 pub mod time;
 
 pub use kafka::{KafkaSettings, Topics};

@@ -36,6 +36,7 @@ use sqlx::PgPool;
 
 use coupon_domain::{ClaimOutcomeKind, CouponCode, CouponStatus, PurchaseOutcome, QuotaWindow};
 use coupon_platform::kafka::Record;
+use coupon_platform::store;
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_schemas::{ClaimOutcome, Role};
 
@@ -287,21 +288,25 @@ fn same_coupon(live: &CouponRow, log: &CouponRow) -> bool {
 }
 
 async fn coupons_of(pool: &PgPool) -> Result<HashMap<String, CouponRow>, sqlx::Error> {
-    let rows: Vec<CouponRow> =
-        sqlx::query_as("SELECT code, status, holder_user_id, redeemed_order_id FROM coupons")
-            .fetch_all(pool)
-            .await?;
-    Ok(rows.into_iter().map(|r| (r.code.clone(), r)).collect())
+    Ok(store::coupons::outcomes(pool)
+        .await?
+        .into_iter()
+        .map(|c| {
+            let row = CouponRow {
+                code: c.code,
+                status: c.status,
+                holder_user_id: c.holder_user_id,
+                redeemed_order_id: c.redeemed_order_id,
+            };
+            (row.code.clone(), row)
+        })
+        .collect())
 }
 
 /// Users with a `last_coupon_at`, in milliseconds.
 async fn users_of(pool: &PgPool) -> Result<HashMap<String, i64>, sqlx::Error> {
-    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT user_id, last_coupon_at FROM users WHERE last_coupon_at IS NOT NULL",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
+    Ok(store::users::last_coupon_times(pool)
+        .await?
         .into_iter()
         .map(|(user, at)| (user, at.timestamp_millis()))
         .collect())
@@ -322,18 +327,15 @@ struct QuotaRow {
 
 /// Quota slots by (user, window start in milliseconds).
 async fn quota_of(pool: &PgPool) -> Result<HashMap<(String, i64), QuotaRow>, sqlx::Error> {
-    let rows: Vec<(String, DateTime<Utc>, String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT user_id, window_start, request_id, granted_at FROM quota_grants")
-            .fetch_all(pool)
-            .await?;
-    Ok(rows
+    Ok(store::decisions::quota_grants(pool)
+        .await?
         .into_iter()
-        .map(|(user, window, request_id, at)| {
+        .map(|g| {
             let row = QuotaRow {
-                request_id,
-                granted_at_ms: at.timestamp_millis(),
+                request_id: g.request_id,
+                granted_at_ms: g.granted_at.timestamp_millis(),
             };
-            ((user, window.timestamp_millis()), row)
+            ((g.user_id, g.window_start.timestamp_millis()), row)
         })
         .collect())
 }
@@ -374,48 +376,28 @@ impl ClaimDecisionRow {
     }
 }
 
-type ClaimDecisionDb = (
-    String,
-    uuid::Uuid,
-    String,
-    ClaimOutcomeKind,
-    Option<String>,
-    Option<String>,
-    Option<DateTime<Utc>>,
-    bool,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    DateTime<Utc>,
-);
-
 /// Stored claim decisions by request id.
 async fn claim_decisions_of(
     pool: &PgPool,
 ) -> Result<HashMap<String, ClaimDecisionRow>, sqlx::Error> {
-    let rows: Vec<ClaimDecisionDb> = sqlx::query_as(
-        "SELECT request_id, event_id, user_id, outcome, coupon_code, category, expires_at,
-                repeated, retry_at, blacklisted_until, decided_at
-         FROM claim_decisions",
-    )
-    .fetch_all(pool)
-    .await?;
     let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
-    Ok(rows
+    Ok(store::decisions::claim_decisions(pool)
+        .await?
         .into_iter()
         .map(|r| {
             let row = ClaimDecisionRow {
-                event_id: r.1,
-                user_id: r.2,
-                outcome: r.3,
-                coupon_code: r.4,
-                category: r.5,
-                expires_at_ms: ms(r.6),
-                repeated: r.7,
-                retry_at_ms: ms(r.8),
-                blacklisted_until_ms: ms(r.9),
-                decided_at_ms: r.10.timestamp_millis(),
+                event_id: r.event_id,
+                user_id: r.user_id,
+                outcome: r.outcome,
+                coupon_code: r.coupon_code,
+                category: r.category,
+                expires_at_ms: ms(r.expires_at),
+                repeated: r.repeated,
+                retry_at_ms: ms(r.retry_at),
+                blacklisted_until_ms: ms(r.blacklisted_until),
+                decided_at_ms: r.decided_at.timestamp_millis(),
             };
-            (r.0, row)
+            (r.request_id, row)
         })
         .collect())
 }
@@ -448,33 +430,19 @@ impl PurchaseDecisionRow {
 async fn purchase_decisions_of(
     pool: &PgPool,
 ) -> Result<HashMap<String, PurchaseDecisionRow>, sqlx::Error> {
-    type Row = (
-        String,
-        String,
-        uuid::Uuid,
-        String,
-        String,
-        PurchaseOutcome,
-        DateTime<Utc>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at
-             FROM purchase_decisions",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
+    Ok(store::decisions::purchase_decisions(pool)
+        .await?
         .into_iter()
         .map(|r| {
             let row = PurchaseDecisionRow {
-                request_id: r.1,
-                event_id: r.2,
-                user_id: r.3,
-                coupon_code: r.4,
-                outcome: r.5,
-                decided_at_ms: r.6.timestamp_millis(),
+                request_id: r.request_id,
+                event_id: r.event_id,
+                user_id: r.user_id,
+                coupon_code: r.coupon_code,
+                outcome: r.outcome,
+                decided_at_ms: r.decided_at.timestamp_millis(),
             };
-            (r.0, row)
+            (r.order_id, row)
         })
         .collect())
 }
@@ -513,31 +481,17 @@ impl BlacklistRow {
 
 /// Users whose blacklist columns are not all empty.
 async fn blacklist_of(pool: &PgPool) -> Result<HashMap<String, BlacklistRow>, sqlx::Error> {
-    type Row = (
-        String,
-        bool,
-        Option<DateTime<Utc>>,
-        Option<String>,
-        Option<DateTime<Utc>>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at
-         FROM users
-         WHERE blacklisted OR blacklisted_until IS NOT NULL OR blacklist_reason IS NOT NULL
-            OR blacklisted_at IS NOT NULL",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
+    Ok(store::users::blacklist_columns(pool)
+        .await?
         .into_iter()
-        .map(|(user, blacklisted, until, reason, at)| {
+        .map(|u| {
             let row = BlacklistRow {
-                blacklisted,
-                until_ms: until.map(|t| t.timestamp_millis()),
-                reason,
-                at_ms: at.map(|t| t.timestamp_millis()),
+                blacklisted: u.blacklisted,
+                until_ms: u.blacklisted_until.map(|t| t.timestamp_millis()),
+                reason: u.blacklist_reason,
+                at_ms: u.blacklisted_at.map(|t| t.timestamp_millis()),
             };
-            (user, row)
+            (u.user_id, row)
         })
         .collect())
 }

@@ -51,6 +51,7 @@ use coupon_domain::sold_out::FastPath;
 use coupon_domain::{Category, CouponCode, EmployeeId, OrderId, UserId};
 use coupon_platform::kafka::Publisher;
 use coupon_platform::redis::Cache;
+use coupon_platform::store;
 use coupon_platform::time::from_ms;
 use coupon_platform::Topics;
 use coupon_schemas::{
@@ -219,12 +220,7 @@ impl GatewayState {
         loop {
             tick.tick().await;
             let Some(state) = state.upgrade() else { return };
-            let read: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
-                "SELECT user_id FROM users
-                 WHERE blacklisted AND (blacklisted_until IS NULL OR blacklisted_until > now())",
-            )
-            .fetch_all(&state.pool)
-            .await;
+            let read = store::users::blacklisted_now(&state.pool).await;
             let list = match read {
                 Ok(users) => Some(Arc::new(users.into_iter().collect())),
                 Err(error) => {
@@ -1120,16 +1116,6 @@ async fn create_coupons(
         .into_response())
 }
 
-#[derive(sqlx::FromRow)]
-struct CouponRow {
-    code: String,
-    category: String,
-    status: coupon_domain::CouponStatus,
-    holder_user_id: Option<String>,
-    held_until: Option<DateTime<Utc>>,
-    redeemed_at: Option<DateTime<Utc>>,
-}
-
 /// Look up one coupon.
 #[utoipa::path(
     get,
@@ -1164,16 +1150,12 @@ async fn coupon_status(
     let caller = storefront_caller(&state, &headers, client)?;
     let Path(raw) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
     let code = CouponCode::parse(&raw).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let row: Option<CouponRow> = sqlx::query_as(
-        "SELECT code, category, status, holder_user_id, held_until, redeemed_at FROM coupons WHERE code = $1",
-    )
-    .bind(code.to_string())
-    .fetch_optional(&state.pool)
-    .await
-    .map_err(|error| {
-        tracing::warn!(%error, "reading a coupon failed");
-        ApiError::unavailable("the coupon store is not available; retrying is safe")
-    })?;
+    let row = store::coupons::find(&state.pool, &code.to_string())
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "reading a coupon failed");
+            ApiError::unavailable("the coupon store is not available; retrying is safe")
+        })?;
     let row = row.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -1215,7 +1197,7 @@ async fn coupon_status(
     )
 )]
 async fn healthz(State(state): State<Arc<GatewayState>>) -> Response {
-    let postgres = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+    let postgres = store::ping(&state.pool).await;
     let redis = state.cache.ping().await.is_ok();
     // Redis is a cache: the service still answers correctly without it.
     let (status, health) = match (postgres, redis) {

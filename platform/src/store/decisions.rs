@@ -1,0 +1,80 @@
+//! The decisions: `claim_decisions` (one per claim request id),
+//! `purchase_decisions` (one per order) and `quota_grants` (one per user and
+//! quota window). The processors write them in their batch transactions
+//! (`consumers/src/claims/store.rs`, `consumers/src/purchases`); these are
+//! the reads of the whole tables the audit compares with the log.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use coupon_domain::{ClaimOutcomeKind, PurchaseOutcome};
+
+/// A `quota_grants` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaGrant {
+    pub user_id: String,
+    pub window_start: DateTime<Utc>,
+    pub request_id: String,
+    pub granted_at: DateTime<Utc>,
+}
+
+pub async fn quota_grants(pool: &PgPool) -> Result<Vec<QuotaGrant>, sqlx::Error> {
+    sqlx::query_as!(
+        QuotaGrant,
+        "SELECT user_id, window_start, request_id, granted_at FROM quota_grants"
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A `claim_decisions` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimDecisionRecord {
+    pub request_id: String,
+    pub event_id: Uuid,
+    pub user_id: String,
+    pub outcome: ClaimOutcomeKind,
+    pub coupon_code: Option<String>,
+    pub category: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub repeated: bool,
+    pub retry_at: Option<DateTime<Utc>>,
+    pub blacklisted_until: Option<DateTime<Utc>>,
+    pub decided_at: DateTime<Utc>,
+}
+
+pub async fn claim_decisions(pool: &PgPool) -> Result<Vec<ClaimDecisionRecord>, sqlx::Error> {
+    sqlx::query_as!(
+        ClaimDecisionRecord,
+        r#"SELECT request_id, event_id, user_id, outcome AS "outcome: ClaimOutcomeKind",
+                  coupon_code, category, expires_at, repeated, retry_at, blacklisted_until,
+                  decided_at
+           FROM claim_decisions"#
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A `purchase_decisions` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurchaseDecisionRecord {
+    pub order_id: String,
+    pub request_id: String,
+    pub event_id: Uuid,
+    pub user_id: String,
+    pub coupon_code: String,
+    pub outcome: PurchaseOutcome,
+    pub decided_at: DateTime<Utc>,
+}
+
+pub async fn purchase_decisions(pool: &PgPool) -> Result<Vec<PurchaseDecisionRecord>, sqlx::Error> {
+    sqlx::query_as!(
+        PurchaseDecisionRecord,
+        r#"SELECT order_id, request_id, event_id, user_id, coupon_code,
+                  outcome AS "outcome: PurchaseOutcome", decided_at
+           FROM purchase_decisions"#
+    )
+    .fetch_all(pool)
+    .await
+}
