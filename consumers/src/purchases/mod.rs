@@ -23,10 +23,12 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use coupon_domain::clock::judged_at;
-use coupon_domain::purchase::{decide, CouponView, PurchaseOutcome};
-use coupon_domain::{CouponCode, CouponStatus, OrderId, RequestId, UserId};
+use coupon_domain::purchase::{decide, PurchaseOutcome};
+use coupon_domain::{CouponCode, OrderId, RequestId, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
+use coupon_platform::store::decisions::PurchaseDecisionRecord;
+use coupon_platform::store::{coupons, decisions};
 use coupon_platform::time::to_ms;
 use coupon_schemas::{PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested};
 
@@ -70,10 +72,9 @@ pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
     })
 }
 
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredPurchase {
     /// Set when the decision answers a later request for the same order.
-    #[sqlx(skip)]
     pub repeated: bool,
     pub order_id: String,
     pub request_id: String,
@@ -84,7 +85,35 @@ pub struct StoredPurchase {
     pub decided_at: DateTime<Utc>,
 }
 
+impl From<PurchaseDecisionRecord> for StoredPurchase {
+    fn from(r: PurchaseDecisionRecord) -> Self {
+        Self {
+            repeated: false,
+            order_id: r.order_id,
+            request_id: r.request_id,
+            event_id: r.event_id,
+            user_id: r.user_id,
+            coupon_code: r.coupon_code,
+            outcome: r.outcome,
+            decided_at: r.decided_at,
+        }
+    }
+}
+
 impl StoredPurchase {
+    /// The `purchase_decisions` row of this decision.
+    pub fn record(&self) -> PurchaseDecisionRecord {
+        PurchaseDecisionRecord {
+            order_id: self.order_id.clone(),
+            request_id: self.request_id.clone(),
+            event_id: self.event_id,
+            user_id: self.user_id.clone(),
+            coupon_code: self.coupon_code.clone(),
+            outcome: self.outcome,
+            decided_at: self.decided_at,
+        }
+    }
+
     pub fn to_event(&self, producer: &str, correlation_id: &str) -> PurchaseDecided {
         let outcome = WireOutcome::from(self.outcome);
         PurchaseDecided {
@@ -108,13 +137,6 @@ impl StoredPurchase {
             repeated: self.repeated,
         }
     }
-}
-
-#[derive(sqlx::FromRow)]
-struct CouponRow {
-    status: CouponStatus,
-    holder_user_id: Option<String>,
-    held_until: Option<DateTime<Utc>>,
 }
 
 /// Why deciding a purchase failed.
@@ -179,59 +201,29 @@ async fn decide_one(
     purchase: &Purchase,
     now: DateTime<Utc>,
 ) -> Result<Answer, DecideError> {
-    let stored: Option<StoredPurchase> = sqlx::query_as(
-        "SELECT order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at
-         FROM purchase_decisions WHERE order_id = $1",
-    )
-    .bind(purchase.order_id.as_str())
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(stored) = stored {
-        return Ok(answer_stored(purchase, stored));
+    if let Some(stored) = decisions::find_purchase(&mut *tx, purchase.order_id.as_str()).await? {
+        return Ok(answer_stored(purchase, StoredPurchase::from(stored)));
     }
     let code = CouponCode::parse(&purchase.coupon_code)
         .ok()
         .map(|c| c.to_string());
-    let row: Option<CouponRow> =
-        match &code {
-            Some(code) => sqlx::query_as(
-                "SELECT status, holder_user_id, held_until FROM coupons WHERE code = $1 FOR UPDATE",
-            )
-            .bind(code)
-            .fetch_optional(&mut *tx)
-            .await?,
-            None => None,
-        };
-    let view = row.map(|r| CouponView {
-        status: r.status,
-        holder_user_id: r.holder_user_id,
-        held_until: r.held_until,
-    });
+    let view = match &code {
+        Some(code) => coupons::lock_for_purchase(&mut *tx, code).await?,
+        None => None,
+    };
     let user = purchase.user_id.as_str();
     let mut outcome = decide(view.as_ref(), user, false, now);
     if outcome != PurchaseOutcome::Redeemed && view.is_some() {
         // Tell a late buyer "your hold expired" rather than "not yours".
-        let held_before: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM claim_decisions
-                            WHERE user_id = $1 AND coupon_code = $2 AND outcome = 'granted')",
-        )
-        .bind(user)
-        .bind(&code)
-        .fetch_one(&mut *tx)
-        .await?;
+        let held_before = match &code {
+            Some(code) => decisions::was_granted(&mut *tx, user, code).await?,
+            None => false,
+        };
         outcome = decide(view.as_ref(), user, held_before, now);
     }
     let canonical_code = code.unwrap_or_else(|| purchase.coupon_code.clone());
     if outcome == PurchaseOutcome::Redeemed {
-        sqlx::query(
-            "UPDATE coupons SET status = 'redeemed', redeemed_at = $2, redeemed_order_id = $3
-             WHERE code = $1 AND status = 'held'",
-        )
-        .bind(&canonical_code)
-        .bind(now)
-        .bind(purchase.order_id.as_str())
-        .execute(&mut *tx)
-        .await?;
+        coupons::redeem(&mut *tx, &canonical_code, now, purchase.order_id.as_str()).await?;
     }
     let decision = StoredPurchase {
         repeated: false,
@@ -243,21 +235,7 @@ async fn decide_one(
         outcome,
         decided_at: now,
     };
-    let inserted = sqlx::query(
-        "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(&decision.order_id)
-    .bind(&decision.request_id)
-    .bind(decision.event_id)
-    .bind(&decision.user_id)
-    .bind(&decision.coupon_code)
-    .bind(decision.outcome)
-    .bind(decision.decided_at)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
+    if !decisions::insert_purchase(&mut *tx, &decision.record()).await? {
         return Err(DecideError::Concurrent(decision.order_id));
     }
     Ok(Answer::Decided(decision, true))

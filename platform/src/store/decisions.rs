@@ -78,3 +78,61 @@ pub async fn purchase_decisions(pool: &PgPool) -> Result<Vec<PurchaseDecisionRec
     .fetch_all(pool)
     .await
 }
+
+/// The decision stored for `order_id`, if any (the purchase processor, in
+/// its batch transaction).
+pub async fn find_purchase(
+    conn: &mut sqlx::PgConnection,
+    order_id: &str,
+) -> Result<Option<PurchaseDecisionRecord>, sqlx::Error> {
+    sqlx::query_as!(
+        PurchaseDecisionRecord,
+        r#"SELECT order_id, request_id, event_id, user_id, coupon_code,
+                  outcome AS "outcome: PurchaseOutcome", decided_at
+           FROM purchase_decisions WHERE order_id = $1"#,
+        order_id
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Stores a purchase decision unless the order already has one; returns
+/// whether it was stored (`false`: another processor decided it meanwhile).
+pub async fn insert_purchase(
+    conn: &mut sqlx::PgConnection,
+    decision: &PurchaseDecisionRecord,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query!(
+        "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO NOTHING",
+        decision.order_id,
+        decision.request_id,
+        decision.event_id,
+        decision.user_id,
+        decision.coupon_code,
+        decision.outcome as PurchaseOutcome,
+        decision.decided_at,
+    )
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Whether `user_id` was ever granted `coupon_code` (so a late buyer hears
+/// "your hold expired" rather than "not yours").
+pub async fn was_granted(
+    conn: &mut sqlx::PgConnection,
+    user_id: &str,
+    coupon_code: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM claim_decisions
+                          WHERE user_id = $1 AND coupon_code = $2 AND outcome = 'granted')
+           AS "granted!""#,
+        user_id,
+        coupon_code
+    )
+    .fetch_one(conn)
+    .await
+}
