@@ -25,13 +25,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
 use coupon_domain::{CouponCode, RequestId};
 use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::kafka::Record;
+use coupon_platform::store::coupons;
 use coupon_platform::time::to_ms;
 use coupon_schemas::HoldExpired;
 
@@ -42,13 +42,7 @@ use crate::{Context, Role};
 
 pub const ROLE: Role = Role::Expiry;
 
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct OverdueHold {
-    pub code: String,
-    pub holder_user_id: String,
-    pub hold_id: String,
-    pub held_until: DateTime<Utc>,
-}
+pub use coupon_platform::store::coupons::{overdue_holds, OverdueHold};
 
 /// The event id of a hold's expiry is derived from the hold, so every sweeper
 /// that sees the same overdue hold publishes the same event.
@@ -57,32 +51,6 @@ pub fn expiry_event_id(hold_id: &str, code: &str) -> Uuid {
         &Uuid::NAMESPACE_OID,
         format!("expiry:{code}:{hold_id}").as_bytes(),
     )
-}
-
-/// Holds whose deadline passed more than `grace` ago by the database's clock.
-pub async fn overdue_holds(
-    pool: &sqlx::PgPool,
-    grace: Duration,
-    limit: i64,
-) -> Result<Vec<OverdueHold>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT code, holder_user_id, hold_id, held_until FROM coupons
-         WHERE status = 'held' AND held_until <= now() - $1
-         ORDER BY held_until LIMIT $2",
-    )
-    .bind(grace_interval(grace))
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-}
-
-/// `grace` as a Postgres interval (whole microseconds).
-fn grace_interval(grace: Duration) -> sqlx::postgres::types::PgInterval {
-    sqlx::postgres::types::PgInterval {
-        months: 0,
-        days: 0,
-        microseconds: i64::try_from(grace.as_micros()).unwrap_or(i64::MAX),
-    }
 }
 
 /// One sweep: publishes expiry events for overdue holds not announced in the
@@ -194,21 +162,14 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     let now = crate::db_now(&mut tx).await?;
     let grace = chrono::Duration::from_std(ctx.policy.hold_grace).unwrap_or_default();
     for (_, release) in &split.accepted {
-        let row: Option<(String, String, DateTime<Utc>)> = sqlx::query_as(
-            "UPDATE coupons c
-             SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL
-             FROM (SELECT code, holder_user_id, held_until FROM coupons
-                   WHERE code = $1 AND status = 'held' AND hold_id = $2 AND held_until <= $3
-                   FOR UPDATE) AS old
-             WHERE c.code = old.code
-             RETURNING c.code, old.holder_user_id, old.held_until",
-        )
-        .bind(&release.code)
-        .bind(&release.hold_id)
-        .bind(now - grace)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((code, user_id, held_until)) = row {
+        let row =
+            coupons::release_hold(&mut tx, &release.code, &release.hold_id, now - grace).await?;
+        if let Some(coupons::ReleasedHold {
+            code,
+            holder_user_id: user_id,
+            held_until,
+        }) = row
+        {
             history.push(HistoryRow {
                 occurred_at: now,
                 event_id: release.event_id,
@@ -277,22 +238,15 @@ impl coupon_platform::kafka::RoleHandler for Handler {
 /// Puts every live hold from Postgres into Redis: run at start-up and by
 /// `couponctl holds rebuild`, so a Redis restart loses nothing.
 pub async fn rebuild_cache(ctx: &Context) -> Result<usize, BatchError> {
-    let rows: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT code, holder_user_id, category, held_until FROM coupons
-         WHERE status = 'held' AND held_until > now()",
-    )
-    .fetch_all(&ctx.pool)
-    .await?;
-    let holds: Vec<_> = rows
+    let holds: Vec<_> = coupons::live_holds(&ctx.pool)
+        .await?
         .into_iter()
-        .map(
-            |(code, user_id, category, expires_at)| coupon_platform::redis::CachedHold {
-                code,
-                user_id,
-                category,
-                expires_at,
-            },
-        )
+        .map(|h| coupon_platform::redis::CachedHold {
+            code: h.code,
+            user_id: h.holder_user_id,
+            category: h.category,
+            expires_at: h.held_until,
+        })
         .collect();
     for chunk in holds.chunks(1_000) {
         ctx.cache

@@ -85,3 +85,99 @@ pub async fn redeem(
     .await?;
     Ok(())
 }
+
+/// A hold past its deadline that nothing released yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverdueHold {
+    pub code: String,
+    pub holder_user_id: String,
+    pub hold_id: String,
+    pub held_until: DateTime<Utc>,
+}
+
+/// Holds whose deadline passed more than `grace` ago by the database's
+/// clock, oldest first, at most `limit`.
+pub async fn overdue_holds(
+    pool: &PgPool,
+    grace: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<OverdueHold>, sqlx::Error> {
+    // A held row has its holder, hold and deadline (CHECK constraints).
+    sqlx::query_as!(
+        OverdueHold,
+        r#"SELECT code, holder_user_id AS "holder_user_id!", hold_id AS "hold_id!",
+                  held_until AS "held_until!"
+           FROM coupons
+           WHERE status = 'held' AND held_until <= now() - $1::interval
+           ORDER BY held_until LIMIT $2"#,
+        interval(grace),
+        limit
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// `d` as a Postgres interval (whole microseconds).
+fn interval(d: std::time::Duration) -> sqlx::postgres::types::PgInterval {
+    sqlx::postgres::types::PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// A hold a release ended: the coupon, its former holder and deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleasedHold {
+    pub code: String,
+    pub holder_user_id: String,
+    pub held_until: DateTime<Utc>,
+}
+
+/// Makes `code` available again if it is still held under `hold_id` with a
+/// deadline at or before `deadline`; `None` when it is not (a purchase or
+/// another release came first).
+pub async fn release_hold(
+    conn: &mut sqlx::PgConnection,
+    code: &str,
+    hold_id: &str,
+    deadline: DateTime<Utc>,
+) -> Result<Option<ReleasedHold>, sqlx::Error> {
+    sqlx::query_as!(
+        ReleasedHold,
+        r#"UPDATE coupons c
+           SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL
+           FROM (SELECT code, holder_user_id, held_until FROM coupons
+                 WHERE code = $1 AND status = 'held' AND hold_id = $2 AND held_until <= $3
+                 FOR UPDATE) AS old
+           WHERE c.code = old.code
+           RETURNING c.code, old.holder_user_id AS "holder_user_id!",
+                     old.held_until AS "held_until!""#,
+        code,
+        hold_id,
+        deadline
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// A live hold, as Redis mirrors it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveHold {
+    pub code: String,
+    pub holder_user_id: String,
+    pub category: String,
+    pub held_until: DateTime<Utc>,
+}
+
+/// Every hold whose deadline has not passed.
+pub async fn live_holds(pool: &PgPool) -> Result<Vec<LiveHold>, sqlx::Error> {
+    sqlx::query_as!(
+        LiveHold,
+        r#"SELECT code, holder_user_id AS "holder_user_id!", category,
+                  held_until AS "held_until!"
+           FROM coupons WHERE status = 'held' AND held_until > now()"#
+    )
+    .fetch_all(pool)
+    .await
+}
