@@ -35,6 +35,57 @@ impl CouponStatus {
 
 text_enum!(CouponStatus);
 
+/// What a `coupon_history` row records: one state change of a coupon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HistoryKind {
+    /// Issued (`available`).
+    Created,
+    /// Held by a user.
+    Granted,
+    /// A claim or purchase refused (no state changed).
+    Rejected,
+    /// Bought in time.
+    Redeemed,
+    /// A hold ended unbought (back to `available`).
+    Released,
+}
+
+impl HistoryKind {
+    pub const ALL: [HistoryKind; 5] = [
+        Self::Created,
+        Self::Granted,
+        Self::Rejected,
+        Self::Redeemed,
+        Self::Released,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Granted => "granted",
+            Self::Rejected => "rejected",
+            Self::Redeemed => "redeemed",
+            Self::Released => "released",
+        }
+    }
+}
+
+text_enum!(HistoryKind);
+
+impl FromStr for HistoryKind {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                what: "history kind",
+                name: s.to_owned(),
+            })
+    }
+}
+
 /// A stored name that none of a domain enum's values has.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown {what} {name:?}")]
@@ -67,6 +118,10 @@ mod tests {
             assert_eq!(status.as_str().parse::<CouponStatus>().unwrap(), status);
         }
         assert!("used".parse::<CouponStatus>().is_err());
+        for kind in HistoryKind::ALL {
+            assert_eq!(kind.as_str().parse::<HistoryKind>().unwrap(), kind);
+        }
+        assert!("expired".parse::<HistoryKind>().is_err());
     }
 
     #[test]

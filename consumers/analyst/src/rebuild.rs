@@ -50,7 +50,7 @@ use uuid::Uuid;
 
 use coupon_consumers::coupons::{self, NewCoupon};
 use coupon_consumers::history::{self, HistoryRow};
-use coupon_domain::{ClaimOutcomeKind, CouponStatus, QuotaWindow};
+use coupon_domain::{ClaimOutcomeKind, CouponStatus, HistoryKind, QuotaWindow};
 use coupon_platform::kafka::Record;
 use coupon_platform::time::from_ms;
 use coupon_platform::{KafkaSettings, Topics};
@@ -487,7 +487,7 @@ impl Projection {
                                 item: 0,
                                 coupon_code: Some(event.coupon_code.clone()),
                                 user_id: user,
-                                kind: "released",
+                                kind: HistoryKind::Released,
                                 detail: json!({
                                     "hold_id": event.hold_id,
                                     "held_until_ms": held_until.map(|t| t.timestamp_millis()),
@@ -576,7 +576,7 @@ impl Projection {
             item: 0,
             coupon_code: Some(code),
             user_id: Some(user.to_owned()),
-            kind: "released",
+            kind: HistoryKind::Released,
             detail: json!({
                 "hold_id": hold_id,
                 "held_until_ms": held_until.map(|t| t.timestamp_millis()),
@@ -1160,7 +1160,7 @@ mod tests {
                 projection
                     .apply(&topics, record)
                     .into_iter()
-                    .map(|r| r.kind),
+                    .map(|r| r.kind.as_str()),
             );
         }
         assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
@@ -1420,7 +1420,7 @@ mod tests {
         let kinds: Vec<&str> = records
             .iter()
             .flat_map(|r| projection.apply(&topics, r))
-            .map(|r| r.kind)
+            .map(|r| r.kind.as_str())
             .collect();
         assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
         assert_eq!(

@@ -49,7 +49,7 @@ use serde_json::json;
 
 use coupon_domain::claim::{allocation_groups, ClaimOutcome, ClaimOutcomeKind, PoolKnowledge};
 use coupon_domain::clock::judged_at;
-use coupon_domain::{Category, RequestId, UserId};
+use coupon_domain::{Category, HistoryKind, RequestId, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::redis::CachedHold;
@@ -207,7 +207,7 @@ fn release_history(released: &store::Released, at: Option<DateTime<Utc>>) -> His
         item: 0,
         coupon_code: Some(released.code.clone()),
         user_id: Some(released.user_id.clone()),
-        kind: "released",
+        kind: HistoryKind::Released,
         detail: json!({
             "hold_id": released.hold_id,
             "held_until_ms": to_ms(released.held_until),

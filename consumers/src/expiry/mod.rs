@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use uuid::Uuid;
 
-use coupon_domain::{CouponCode, RequestId};
+use coupon_domain::{CouponCode, HistoryKind, RequestId};
 use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::kafka::Record;
 use coupon_platform::store::coupons;
@@ -176,7 +176,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
                 item: 0,
                 coupon_code: Some(code.clone()),
                 user_id: Some(user_id.clone()),
-                kind: "released",
+                kind: HistoryKind::Released,
                 detail: json!({"hold_id": release.hold_id, "held_until_ms": to_ms(held_until), "reason": "hold_expired"}),
             });
             released.push((code, user_id));

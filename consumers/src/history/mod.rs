@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
+use coupon_domain::HistoryKind;
 use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::time::from_ms;
@@ -41,7 +42,7 @@ pub struct HistoryRow {
     pub item: i32,
     pub coupon_code: Option<String>,
     pub user_id: Option<String>,
-    pub kind: &'static str,
+    pub kind: HistoryKind,
     pub detail: serde_json::Value,
 }
 
@@ -75,7 +76,7 @@ pub fn rows_of(
                 item: item as i32,
                 coupon_code: Some(coupon.code.to_string()),
                 user_id: None,
-                kind: "created",
+                kind: HistoryKind::Created,
                 detail: json!({
                     "batch_id": event.batch_id,
                     "employee_id": event.employee_id,
@@ -94,11 +95,11 @@ pub fn rows_of(
         }
         let (kind, detail) = match outcome {
             ClaimOutcome::Granted => (
-                "granted",
+                HistoryKind::Granted,
                 json!({"request_id": event.request_id, "category": event.category, "expires_at_ms": event.expires_at_ms}),
             ),
             other => (
-                "rejected",
+                HistoryKind::Rejected,
                 json!({"request_id": event.request_id, "reason": other.name(), "detail": event.reason}),
             ),
         };
@@ -121,9 +122,9 @@ pub fn rows_of(
             return Ok(Vec::new());
         }
         let kind = if outcome == PurchaseOutcome::Redeemed {
-            "redeemed"
+            HistoryKind::Redeemed
         } else {
-            "rejected"
+            HistoryKind::Rejected
         };
         return Ok(vec![HistoryRow {
             occurred_at,
@@ -154,7 +155,7 @@ pub async fn append<'e>(
     let items: Vec<i32> = rows.iter().map(|r| r.item).collect();
     let codes: Vec<Option<String>> = rows.iter().map(|r| r.coupon_code.clone()).collect();
     let users: Vec<Option<String>> = rows.iter().map(|r| r.user_id.clone()).collect();
-    let kinds: Vec<&str> = rows.iter().map(|r| r.kind).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
     let details: Vec<serde_json::Value> = rows.iter().map(|r| r.detail.clone()).collect();
     let result = sqlx::query(
         "INSERT INTO coupon_history (occurred_at, event_id, item, coupon_code, user_id, kind, detail)
