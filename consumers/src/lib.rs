@@ -148,9 +148,51 @@ impl Decided {
     }
 }
 
+/// Declares a role module's `Handler` and its
+/// [`coupon_platform::kafka::RoleHandler`] implementation, the same for every
+/// role: `handle` is the module's `handle_batch`; `reject` sends the record to
+/// the dead-letter topic, or, with `answers`, calls the module's own `reject`
+/// (which also answers the requester, so a gateway waiting for the decision
+/// does not time out).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! role_handler {
+    ($role:expr) => {
+        $crate::role_handler!(@impl $role, |ctx, record, reason| $crate::dead_letter_one(ctx, $role, record, reason));
+    };
+    ($role:expr, answers) => {
+        $crate::role_handler!(@impl $role, |ctx, record, reason| reject(ctx, record, reason));
+    };
+    (@impl $role:expr, |$ctx:ident, $record:ident, $reason:ident| $reject:expr) => {
+        /// This role, as the batch loop drives it.
+        pub struct Handler(pub $crate::Context);
+
+        impl coupon_platform::kafka::RoleHandler for Handler {
+            const ROLE: $crate::Role = $role;
+
+            async fn handle(
+                &self,
+                batch: Vec<coupon_platform::kafka::Record>,
+            ) -> Result<(), coupon_platform::kafka::consumer::BatchError> {
+                handle_batch(&self.0, &batch).await
+            }
+
+            async fn reject(
+                &self,
+                record: coupon_platform::kafka::Record,
+                reason: String,
+            ) -> Result<(), coupon_platform::kafka::consumer::BatchError> {
+                let ($ctx, $record, $reason) = (&self.0, &record, reason.as_str());
+                $reject.await
+            }
+        }
+    };
+}
+
 /// The `reject` of roles whose records have no requester to answer: the
 /// record goes to the dead-letter topic with the reason.
-pub(crate) async fn dead_letter_one(
+#[doc(hidden)]
+pub async fn dead_letter_one(
     ctx: &Context,
     role: Role,
     record: &Record,

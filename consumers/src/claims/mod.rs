@@ -592,17 +592,4 @@ impl StoredDecision {
     }
 }
 
-/// The claims role, as the batch loop drives it.
-pub struct Handler(pub Context);
-
-impl coupon_platform::kafka::RoleHandler for Handler {
-    const ROLE: Role = ROLE;
-
-    async fn handle(&self, batch: Vec<Record>) -> Result<(), BatchError> {
-        handle_batch(&self.0, &batch).await
-    }
-
-    async fn reject(&self, record: Record, reason: String) -> Result<(), BatchError> {
-        reject(&self.0, &record, &reason).await
-    }
-}
+crate::role_handler!(ROLE, answers);

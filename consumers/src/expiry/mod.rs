@@ -220,20 +220,7 @@ pub async fn run(
     result
 }
 
-/// The expirations consumer, as the batch loop drives it.
-pub struct Handler(pub Context);
-
-impl coupon_platform::kafka::RoleHandler for Handler {
-    const ROLE: Role = ROLE;
-
-    async fn handle(&self, batch: Vec<Record>) -> Result<(), BatchError> {
-        handle_batch(&self.0, &batch).await
-    }
-
-    async fn reject(&self, record: Record, reason: String) -> Result<(), BatchError> {
-        crate::dead_letter_one(&self.0, ROLE, &record, &reason).await
-    }
-}
+crate::role_handler!(ROLE);
 
 /// Puts every live hold from Postgres into Redis: run at start-up and by
 /// `couponctl holds rebuild`, so a Redis restart loses nothing.
