@@ -140,7 +140,7 @@ pub type ClaimDecisionRow = coupon_consumers::claims::StoredDecision;
 
 /// The row the claim processor stored for the decision `event` (published
 /// at `at`): `Ok(None)` for outcomes it never stores (`invalid`, unknown).
-/// The inverse of the processor's `StoredDecision::to_event`.
+/// The inverse of the processor's `claims::event_of`.
 pub fn claim_decision_row(
     event: &ClaimDecided,
     at: DateTime<Utc>,

@@ -71,7 +71,7 @@ impl BatchView {
         claim: &Claim,
         outcome: ClaimOutcome,
     ) -> (StoredDecision, bool) {
-        let decision = StoredDecision::new(claim, outcome);
+        let decision = decision_of(claim, outcome);
         self.decided
             .insert(claim.request_id.clone(), decision.clone());
         (decision, true)
@@ -157,40 +157,38 @@ pub(super) fn category_of(claim: &Claim) -> Option<&str> {
     claim.category.as_ref().map(|c| c.as_str())
 }
 
-impl StoredDecision {
-    /// The decision `outcome` for `claim`, under a new event id.
-    pub fn new(claim: &Claim, outcome: ClaimOutcome) -> Self {
-        let mut decision = StoredDecision {
-            request_id: claim.request_id.clone(),
-            event_id: uuid::Uuid::new_v4(),
-            user_id: claim.user_id.as_str().to_owned(),
-            outcome: outcome.kind(),
-            coupon_code: None,
-            category: None,
-            expires_at: None,
-            repeated: false,
-            retry_at: None,
-            blacklisted_until: None,
-            decided_at: claim.at,
-        };
-        match outcome {
-            ClaimOutcome::Granted {
-                code,
-                category,
-                expires_at,
-                repeated,
-            } => {
-                decision.coupon_code = Some(code);
-                decision.category = Some(category);
-                decision.expires_at = Some(expires_at);
-                decision.repeated = repeated;
-            }
-            ClaimOutcome::RateLimited { retry_at } => decision.retry_at = Some(retry_at),
-            ClaimOutcome::Blacklisted { until } => decision.blacklisted_until = until,
-            ClaimOutcome::SoldOut => {}
+/// The decision `outcome` for `claim`, under a new event id.
+pub fn decision_of(claim: &Claim, outcome: ClaimOutcome) -> StoredDecision {
+    let mut decision = StoredDecision {
+        request_id: claim.request_id.clone(),
+        event_id: uuid::Uuid::new_v4(),
+        user_id: claim.user_id.as_str().to_owned(),
+        outcome: outcome.kind(),
+        coupon_code: None,
+        category: None,
+        expires_at: None,
+        repeated: false,
+        retry_at: None,
+        blacklisted_until: None,
+        decided_at: claim.at,
+    };
+    match outcome {
+        ClaimOutcome::Granted {
+            code,
+            category,
+            expires_at,
+            repeated,
+        } => {
+            decision.coupon_code = Some(code);
+            decision.category = Some(category);
+            decision.expires_at = Some(expires_at);
+            decision.repeated = repeated;
         }
-        decision
+        ClaimOutcome::RateLimited { retry_at } => decision.retry_at = Some(retry_at),
+        ClaimOutcome::Blacklisted { until } => decision.blacklisted_until = until,
+        ClaimOutcome::SoldOut => {}
     }
+    decision
 }
 
 #[cfg(test)]
@@ -244,7 +242,7 @@ mod tests {
     fn a_request_id_of_another_user_is_refused_and_a_stored_one_repeats() {
         let policy = Policy::default();
         let first = claim("r1", "u1");
-        let stored = StoredDecision::new(&first, ClaimOutcome::SoldOut);
+        let stored = decision_of(&first, ClaimOutcome::SoldOut);
         let mut view = BatchView::new(
             HashMap::from([("r1".to_owned(), stored.clone())]),
             HashMap::new(),

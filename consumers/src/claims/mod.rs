@@ -374,7 +374,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
             });
             decisions.push((
                 decision.user_id.clone(),
-                decision.to_event(ctx.publisher.name(), &claim.correlation_id),
+                event_of(&decision, ctx.publisher.name(), &claim.correlation_id),
             ));
             if is_new {
                 fresh.push(decision);
@@ -566,29 +566,27 @@ fn invalid_logged(request: &ClaimRequested, user_id: &str, reason: &str) -> Deci
     }
 }
 
-impl StoredDecision {
-    /// The event for this decision; a stored decision always yields the same
-    /// event id, so consumers can deduplicate republished decisions.
-    pub fn to_event(&self, producer: &str, correlation_id: &str) -> ClaimDecided {
-        let outcome = WireOutcome::from(self.outcome);
-        ClaimDecided {
-            envelope: Some(coupon_schemas::new_envelope::<ClaimDecided>(
-                self.event_id.to_string(),
-                to_ms(self.decided_at),
-                producer,
-                correlation_id,
-            )),
-            request_id: self.request_id.clone(),
-            user_id: self.user_id.clone(),
-            outcome: outcome as i32,
-            coupon_code: self.coupon_code.clone().unwrap_or_default(),
-            category: self.category.clone().unwrap_or_default(),
-            expires_at_ms: self.expires_at.map(to_ms).unwrap_or(0),
-            repeated: self.repeated,
-            retry_at_ms: self.retry_at.map(to_ms).unwrap_or(0),
-            blacklisted_until_ms: self.blacklisted_until.map(to_ms).unwrap_or(0),
-            reason: String::new(),
-        }
+/// The event for a stored decision; a stored decision always yields the
+/// same event id, so consumers can deduplicate republished decisions.
+pub fn event_of(decision: &StoredDecision, producer: &str, correlation_id: &str) -> ClaimDecided {
+    let outcome = WireOutcome::from(decision.outcome);
+    ClaimDecided {
+        envelope: Some(coupon_schemas::new_envelope::<ClaimDecided>(
+            decision.event_id.to_string(),
+            to_ms(decision.decided_at),
+            producer,
+            correlation_id,
+        )),
+        request_id: decision.request_id.clone(),
+        user_id: decision.user_id.clone(),
+        outcome: outcome as i32,
+        coupon_code: decision.coupon_code.clone().unwrap_or_default(),
+        category: decision.category.clone().unwrap_or_default(),
+        expires_at_ms: decision.expires_at.map(to_ms).unwrap_or(0),
+        repeated: decision.repeated,
+        retry_at_ms: decision.retry_at.map(to_ms).unwrap_or(0),
+        blacklisted_until_ms: decision.blacklisted_until.map(to_ms).unwrap_or(0),
+        reason: String::new(),
     }
 }
 

@@ -10,24 +10,12 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use coupon_domain::claim::{ActiveHold, ClaimOutcomeKind, UserClaimState};
+use coupon_domain::claim::{ActiveHold, UserClaimState};
 
 use super::decide::Candidate;
 
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct StoredDecision {
-    pub request_id: String,
-    pub event_id: Uuid,
-    pub user_id: String,
-    pub outcome: ClaimOutcomeKind,
-    pub coupon_code: Option<String>,
-    pub category: Option<String>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub repeated: bool,
-    pub retry_at: Option<DateTime<Utc>>,
-    pub blacklisted_until: Option<DateTime<Utc>>,
-    pub decided_at: DateTime<Utc>,
-}
+/// A stored claim decision: the store's `claim_decisions` row.
+pub use coupon_platform::store::decisions::ClaimDecisionRecord as StoredDecision;
 
 /// The decisions already stored for any of `request_ids` (redeliveries and
 /// client retries), in one round trip for the whole batch.

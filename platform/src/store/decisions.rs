@@ -29,7 +29,7 @@ pub async fn quota_grants(pool: &PgPool) -> Result<Vec<QuotaGrant>, sqlx::Error>
 }
 
 /// A `claim_decisions` row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ClaimDecisionRecord {
     pub request_id: String,
     pub event_id: Uuid,
