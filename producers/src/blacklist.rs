@@ -20,18 +20,12 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use coupon_platform::kafka::{PublishError, Publisher};
+use coupon_platform::store::users;
 use coupon_platform::time::to_ms;
 use coupon_platform::Topics;
 use coupon_schemas::BlacklistChanged;
 
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
-pub struct BlacklistEntry {
-    pub user_id: String,
-    /// `None`: until removed.
-    pub blacklisted_until: Option<DateTime<Utc>>,
-    pub blacklist_reason: Option<String>,
-    pub blacklisted_at: Option<DateTime<Utc>>,
-}
+pub use coupon_platform::store::users::BlacklistEntry;
 
 /// Who changed an entry; written into the event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,37 +99,11 @@ impl Blacklist<'_> {
         source: Source,
     ) -> Result<BlacklistEntry, BlacklistError> {
         let mut tx = self.pool.begin().await?;
-        let written: Option<BlacklistEntry> = sqlx::query_as(
-            "INSERT INTO users (user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at)
-             VALUES ($1, true, $2, $3, now())
-             ON CONFLICT (user_id) DO UPDATE SET
-                blacklisted = true,
-                blacklisted_until = CASE
-                    WHEN users.blacklisted AND users.blacklisted_until > now() AND EXCLUDED.blacklisted_until IS NOT NULL
-                        THEN GREATEST(users.blacklisted_until, EXCLUDED.blacklisted_until)
-                    WHEN users.blacklisted AND users.blacklisted_until IS NULL THEN NULL
-                    ELSE EXCLUDED.blacklisted_until END,
-                blacklist_reason = EXCLUDED.blacklist_reason,
-                blacklisted_at = now()
-             WHERE NOT $4 OR NOT (users.blacklisted
-                 AND (users.blacklisted_until IS NULL OR users.blacklisted_until > now()))
-             RETURNING user_id, blacklisted_until, blacklist_reason, blacklisted_at",
-        )
-        .bind(user_id)
-        .bind(until)
-        .bind(reason)
-        .bind(source == Source::Automatic)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let written =
+            users::blacklist(&mut tx, user_id, until, reason, source == Source::Automatic).await?;
         let Some(entry) = written else {
             // An automatic block of a user with a current entry: keep it.
-            let current: BlacklistEntry = sqlx::query_as(
-                "SELECT user_id, blacklisted_until, blacklist_reason, blacklisted_at
-                 FROM users WHERE user_id = $1",
-            )
-            .bind(user_id)
-            .fetch_one(&mut *tx)
-            .await?;
+            let current = users::blacklist_entry(&mut tx, user_id).await?;
             return Ok(current);
         };
         let event = change_event(self.publisher, user_id, Some(&entry), source);
@@ -150,16 +118,7 @@ impl Blacklist<'_> {
     /// event when not).
     pub async fn remove(&self, user_id: &str, source: Source) -> Result<bool, BlacklistError> {
         let mut tx = self.pool.begin().await?;
-        let lifted = sqlx::query(
-            "UPDATE users SET blacklisted = false, blacklisted_until = NULL, blacklist_reason = NULL,
-                              blacklisted_at = NULL
-             WHERE user_id = $1 AND blacklisted",
-        )
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
+        let lifted = users::lift_blacklist(&mut tx, user_id).await?;
         if !lifted {
             return Ok(false);
         }
@@ -174,13 +133,7 @@ impl Blacklist<'_> {
 
 /// Current entries (expired ones are left out).
 pub async fn list(pool: &PgPool) -> Result<Vec<BlacklistEntry>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT user_id, blacklisted_until, blacklist_reason, blacklisted_at FROM users
-         WHERE blacklisted AND (blacklisted_until IS NULL OR blacklisted_until > now())
-         ORDER BY user_id",
-    )
-    .fetch_all(pool)
-    .await
+    users::blacklist_entries(pool).await
 }
 
 #[cfg(test)]

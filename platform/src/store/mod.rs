@@ -14,11 +14,13 @@
 //! needs no database. After changing a query or a migration, `make sqlx`
 //! regenerates `.sqlx/` against a fresh migrated database.
 //!
-//! Not here yet (see DEVELOPING.md): the consumers' batch statements
-//! (`consumers/src/claims/store.rs`, the coupon projector's and the history
-//! sink's bulk inserts, the purchase and expiry statements), the
-//! producers' blacklist and machine-id leases, the rebuild's bulk writes and
-//! the benchmarks' probes; they still use unchecked `sqlx::query`.
+//! Here: the purchase processor's and the expiry's statements, the
+//! blacklist, the gateway's reads and the audit's. Not here yet: the claim
+//! processor's batch statements (`consumers/src/claims/store.rs`, already a
+//! store module of its own), the coupon projector's and the history sink's
+//! bulk inserts, the machine-id leases (`producers/src/keygen.rs`), the
+//! rebuild's bulk writes, the benchmarks' probes and the platform's counts
+//! (`stats`); they still use unchecked `sqlx::query`.
 
 pub mod coupons;
 pub mod decisions;

@@ -49,3 +49,93 @@ pub async fn blacklist_columns(pool: &PgPool) -> Result<Vec<BlacklistColumns>, s
     .fetch_all(pool)
     .await
 }
+
+/// A user's blacklist entry.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BlacklistEntry {
+    pub user_id: String,
+    /// `None`: until removed.
+    pub blacklisted_until: Option<DateTime<Utc>>,
+    pub blacklist_reason: Option<String>,
+    pub blacklisted_at: Option<DateTime<Utc>>,
+}
+
+/// Blacklists `user_id` until `until` (`None`: until removed). A current
+/// entry is extended, never shortened; with `keep_current`, a current entry
+/// is left as it is and `None` is returned (an automatic block of a user an
+/// operator already blacklisted).
+pub async fn blacklist(
+    conn: &mut sqlx::PgConnection,
+    user_id: &str,
+    until: Option<DateTime<Utc>>,
+    reason: &str,
+    keep_current: bool,
+) -> Result<Option<BlacklistEntry>, sqlx::Error> {
+    sqlx::query_as!(
+        BlacklistEntry,
+        "INSERT INTO users (user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at)
+         VALUES ($1, true, $2, $3, now())
+         ON CONFLICT (user_id) DO UPDATE SET
+            blacklisted = true,
+            blacklisted_until = CASE
+                WHEN users.blacklisted AND users.blacklisted_until > now() AND EXCLUDED.blacklisted_until IS NOT NULL
+                    THEN GREATEST(users.blacklisted_until, EXCLUDED.blacklisted_until)
+                WHEN users.blacklisted AND users.blacklisted_until IS NULL THEN NULL
+                ELSE EXCLUDED.blacklisted_until END,
+            blacklist_reason = EXCLUDED.blacklist_reason,
+            blacklisted_at = now()
+         WHERE NOT $4 OR NOT (users.blacklisted
+             AND (users.blacklisted_until IS NULL OR users.blacklisted_until > now()))
+         RETURNING user_id, blacklisted_until, blacklist_reason, blacklisted_at",
+        user_id,
+        until,
+        reason,
+        keep_current
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// `user_id`'s blacklist columns as they are.
+pub async fn blacklist_entry(
+    conn: &mut sqlx::PgConnection,
+    user_id: &str,
+) -> Result<BlacklistEntry, sqlx::Error> {
+    sqlx::query_as!(
+        BlacklistEntry,
+        "SELECT user_id, blacklisted_until, blacklist_reason, blacklisted_at
+         FROM users WHERE user_id = $1",
+        user_id
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// Lifts `user_id`'s blacklisting; `false` when there was none.
+pub async fn lift_blacklist(
+    conn: &mut sqlx::PgConnection,
+    user_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let lifted = sqlx::query!(
+        "UPDATE users SET blacklisted = false, blacklisted_until = NULL, blacklist_reason = NULL,
+                          blacklisted_at = NULL
+         WHERE user_id = $1 AND blacklisted",
+        user_id
+    )
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(lifted > 0)
+}
+
+/// Current entries (expired ones are left out), by user id.
+pub async fn blacklist_entries(pool: &PgPool) -> Result<Vec<BlacklistEntry>, sqlx::Error> {
+    sqlx::query_as!(
+        BlacklistEntry,
+        "SELECT user_id, blacklisted_until, blacklist_reason, blacklisted_at FROM users
+         WHERE blacklisted AND (blacklisted_until IS NULL OR blacklisted_until > now())
+         ORDER BY user_id"
+    )
+    .fetch_all(pool)
+    .await
+}
