@@ -14,6 +14,7 @@ use sqlx::PgPool;
 
 use coupon_domain::snowflake::{SnowflakeError, SystemClock, MAX_DATACENTER};
 use coupon_domain::{SnowflakeGenerator, SnowflakeId};
+use coupon_platform::store::leases;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeygenError {
@@ -65,24 +66,7 @@ pub async fn lease(
     // point spreads concurrent leasers over the free ids.
     for attempt in 0..64u32 {
         let start = (uuid::Uuid::new_v4().as_u128() % 32) as i32;
-        let row: Option<(i16, i64)> = sqlx::query_as(
-            "INSERT INTO snowflake_leases (datacenter_id, machine_id, owner, expires_at)
-             SELECT $1, m, $2, now() + $3 * interval '1 millisecond'
-             FROM generate_series(0, 31) AS m
-             WHERE NOT EXISTS (SELECT 1 FROM snowflake_leases l
-                               WHERE l.datacenter_id = $1 AND l.machine_id = m AND l.expires_at > now())
-             ORDER BY (m + $4) % 32 LIMIT 1
-             ON CONFLICT (datacenter_id, machine_id) DO UPDATE
-                SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
-                WHERE snowflake_leases.expires_at <= now()
-             RETURNING machine_id, last_ms",
-        )
-        .bind(datacenter as i16)
-        .bind(&owner)
-        .bind(ttl.as_millis() as i64)
-        .bind(start)
-        .fetch_optional(pool)
-        .await?;
+        let row = leases::take(pool, datacenter as i16, &owner, ttl, start).await?;
         if let Some((machine, last_ms)) = row {
             let generator = SnowflakeGenerator::new(datacenter, machine as u16)?
                 .resume_after(last_ms.max(0) as u64);
@@ -92,12 +76,7 @@ pub async fn lease(
                 generator,
             });
         }
-        let free: bool = sqlx::query_scalar(
-            "SELECT count(*) < 32 FROM snowflake_leases WHERE datacenter_id = $1 AND expires_at > now()",
-        )
-        .bind(datacenter as i16)
-        .fetch_one(pool)
-        .await?;
+        let free = leases::any_free(pool, datacenter as i16).await?;
         if !free {
             return Err(KeygenError::NoFreeMachineId(datacenter));
         }
@@ -126,19 +105,16 @@ impl LeasedGenerator {
 
     /// Extends the lease; fails if another owner took it (our lease expired).
     pub async fn renew(&self, ttl: Duration) -> Result<(), KeygenError> {
-        let updated = sqlx::query(
-            "UPDATE snowflake_leases SET expires_at = now() + $4 * interval '1 millisecond', last_ms = $5
-             WHERE datacenter_id = $1 AND machine_id = $2 AND owner = $3",
+        let renewed = leases::renew(
+            &self.pool,
+            self.datacenter() as i16,
+            self.machine() as i16,
+            &self.owner,
+            ttl,
+            self.generator.last_ms() as i64,
         )
-        .bind(self.datacenter() as i16)
-        .bind(self.machine() as i16)
-        .bind(&self.owner)
-        .bind(ttl.as_millis() as i64)
-        .bind(self.generator.last_ms() as i64)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if updated == 0 {
+        .await?;
+        if !renewed {
             return Err(KeygenError::LeaseLost {
                 datacenter: self.datacenter(),
                 machine: self.machine(),
@@ -149,15 +125,13 @@ impl LeasedGenerator {
 
     /// Gives the machine id back, recording the last millisecond used.
     pub async fn release(self) -> Result<(), KeygenError> {
-        sqlx::query(
-            "UPDATE snowflake_leases SET expires_at = now(), last_ms = GREATEST(last_ms, $4)
-             WHERE datacenter_id = $1 AND machine_id = $2 AND owner = $3",
+        leases::release(
+            &self.pool,
+            self.datacenter() as i16,
+            self.machine() as i16,
+            &self.owner,
+            self.generator.last_ms() as i64,
         )
-        .bind(self.datacenter() as i16)
-        .bind(self.machine() as i16)
-        .bind(&self.owner)
-        .bind(self.generator.last_ms() as i64)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! | [`coupons`]   | `coupons`                                           |
 //! | [`users`]     | `users` (the blacklist, `last_coupon_at`)           |
 //! | [`decisions`] | `claim_decisions`, `purchase_decisions`, `quota_grants` |
+//! | [`leases`]    | `snowflake_leases` (machine ids of the Snowflake ids) |
 //!
 //! The statements here are compile-checked (`sqlx::query!`, `query_as!`)
 //! against the migrations: their offline data is committed in `.sqlx/`, and
@@ -18,12 +19,13 @@
 //! blacklist, the gateway's reads and the audit's. Not here yet: the claim
 //! processor's batch statements (`consumers/src/claims/store.rs`, already a
 //! store module of its own), the coupon projector's and the history sink's
-//! bulk inserts, the machine-id leases (`producers/src/keygen.rs`), the
+//! bulk inserts, the
 //! rebuild's bulk writes, the benchmarks' probes and the platform's counts
 //! (`stats`); they still use unchecked `sqlx::query`.
 
 pub mod coupons;
 pub mod decisions;
+pub mod leases;
 pub mod users;
 
 /// Whether Postgres answers a trivial statement (the health check).
