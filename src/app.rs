@@ -356,8 +356,7 @@ impl ScratchDatabase {
         let admin = coupon_platform::db::connect(database_url, 2)
             .await
             .with_context(|| format!("connecting to Postgres at {}", redact(database_url)))?;
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&admin)
+        coupon_platform::db::create_database(&admin, name)
             .await
             .with_context(|| format!("creating database {name}"))?;
         Ok(Self {
@@ -368,13 +367,9 @@ impl ScratchDatabase {
     }
 
     pub async fn drop_now(self) -> anyhow::Result<()> {
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
-        ))
-        .execute(&self.admin)
-        .await
-        .with_context(|| format!("dropping database {}", self.name))?;
+        coupon_platform::db::drop_database(&self.admin, &self.name)
+            .await
+            .with_context(|| format!("dropping database {}", self.name))?;
         Ok(())
     }
 }

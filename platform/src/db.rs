@@ -67,6 +67,40 @@ pub fn is_permanent(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Creates the database `name` on `admin`'s server (scratch databases of
+/// the audit, the demo and the benchmarks; the role needs CREATEDB).
+pub async fn create_database(admin: &PgPool, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(admin)
+        .await
+        .map(|_| ())
+}
+
+/// Drops the database `name` at once, closing its connections.
+pub async fn drop_database(admin: &PgPool, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(admin)
+        .await
+        .map(|_| ())
+}
+
+/// Drops the database `name` once its last connection is gone (a closed pool
+/// may still be finishing a connection's release), forcing it after a while.
+pub async fn drop_database_when_idle(admin: &PgPool, name: &str) -> Result<(), sqlx::Error> {
+    let plain = format!("DROP DATABASE IF EXISTS \"{name}\"");
+    for _ in 0..20 {
+        match sqlx::query(&plain).execute(admin).await {
+            Ok(_) => return Ok(()),
+            // 55006: object_in_use (another session is still connected).
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55006") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    drop_database(admin, name).await
+}
+
 /// Hides the password in a connection URL for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

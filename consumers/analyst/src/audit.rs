@@ -743,8 +743,7 @@ pub async fn audit(
     let read_seconds = started.elapsed().as_secs_f64();
 
     let scratch = format!("audit_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    sqlx::query(&format!("CREATE DATABASE \"{scratch}\""))
-        .execute(&live)
+    coupon_platform::db::create_database(&live, &scratch)
         .await
         .with_context(|| {
             format!("creating the scratch database {scratch} (the role needs CREATEDB)")
@@ -759,7 +758,7 @@ pub async fn audit(
         &blacklist_before,
     )
     .await;
-    let dropped = drop_database(&live, &scratch).await;
+    let dropped = coupon_platform::db::drop_database_when_idle(&live, &scratch).await;
     live.close().await;
     let mut report = result?;
     dropped.with_context(|| format!("dropping the scratch database {scratch}"))?;
@@ -767,26 +766,6 @@ pub async fn audit(
     report.rebuild.undecodable = log.undecodable;
     report.in_flight_records = log.in_flight;
     Ok(report)
-}
-
-/// Drops a database once its last connection is gone (a closed pool may
-/// still be finishing a connection's release), forcing it after a while.
-async fn drop_database(admin: &PgPool, name: &str) -> Result<(), sqlx::Error> {
-    let plain = format!("DROP DATABASE IF EXISTS \"{name}\"");
-    for _ in 0..20 {
-        match sqlx::query(&plain).execute(admin).await {
-            Ok(_) => return Ok(()),
-            // 55006: object_in_use (another session is still connected).
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55006") => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    sqlx::query(&format!("{plain} WITH (FORCE)"))
-        .execute(admin)
-        .await
-        .map(|_| ())
 }
 
 async fn audit_in(
