@@ -73,7 +73,7 @@ impl BatchView {
     ) -> (StoredDecision, bool) {
         let decision = decision_of(claim, outcome);
         self.decided
-            .insert(claim.request_id.clone(), decision.clone());
+            .insert(claim.request_id.to_string(), decision.clone());
         (decision, true)
     }
 }
@@ -94,15 +94,15 @@ pub(super) enum Step<'a> {
 /// Sorts `claim` with what the batch read up front. No I/O.
 pub(super) fn classify<'a>(policy: &Policy, claim: &'a Claim, view: &mut BatchView) -> Step<'a> {
     let user = claim.user_id.as_str();
-    match view.owners.get(&claim.request_id) {
+    match view.owners.get(claim.request_id.as_str()) {
         Some(owner) if owner != user => return Step::IdTaken,
         Some(_) => {}
         None => {
             view.owners
-                .insert(claim.request_id.clone(), user.to_owned());
+                .insert(claim.request_id.to_string(), user.to_owned());
         }
     }
-    if let Some(stored) = view.decided.get(&claim.request_id) {
+    if let Some(stored) = view.decided.get(claim.request_id.as_str()) {
         return Step::Decided(stored.clone(), false);
     }
     if claim.answered_sold_out {
@@ -160,7 +160,7 @@ pub(super) fn category_of(claim: &Claim) -> Option<&str> {
 /// The decision `outcome` for `claim`, under a new event id.
 pub fn decision_of(claim: &Claim, outcome: ClaimOutcome) -> StoredDecision {
     let mut decision = StoredDecision {
-        request_id: claim.request_id.clone(),
+        request_id: claim.request_id.to_string(),
         event_id: uuid::Uuid::new_v4(),
         user_id: claim.user_id.as_str().to_owned(),
         outcome: outcome.kind(),
@@ -197,7 +197,7 @@ mod tests {
 
     use chrono::Duration;
     use coupon_domain::claim::ClaimOutcomeKind;
-    use coupon_domain::UserId;
+    use coupon_domain::{RequestId, UserId};
     use proptest::prelude::*;
 
     use super::*;
@@ -208,7 +208,7 @@ mod tests {
 
     fn claim(request: &str, user: &str) -> Claim {
         Claim {
-            request_id: request.into(),
+            request_id: RequestId::parse(request).unwrap(),
             user_id: UserId::parse(user).unwrap(),
             category: None,
             correlation_id: String::new(),
@@ -354,14 +354,14 @@ mod tests {
             let mut waits_per_user: HashMap<String, u32> = HashMap::new();
             for c in &claims {
                 let user = c.user_id.as_str().to_owned();
-                let owner = first_user.entry(c.request_id.clone()).or_insert(user.clone()).clone();
+                let owner = first_user.entry(c.request_id.to_string()).or_insert(user.clone()).clone();
                 let step = classify(&policy, c, &mut view);
                 prop_assert_eq!(matches!(step, Step::IdTaken), owner != user);
                 match step {
                     Step::Decided(d, is_new) => {
                         prop_assert_eq!(&d.user_id, &user);
                         if is_new {
-                            *new_per_request.entry(c.request_id.clone()).or_default() += 1;
+                            *new_per_request.entry(c.request_id.to_string()).or_default() += 1;
                         }
                         if banned[usize::from(c.user_id.as_str()[1..].parse::<u8>().unwrap())]
                             && !c.answered_sold_out && is_new {
@@ -370,7 +370,7 @@ mod tests {
                     }
                     Step::Waiting(candidate) => {
                         prop_assert_eq!(candidate.claim.user_id.as_str(), user.as_str());
-                        *new_per_request.entry(c.request_id.clone()).or_default() += 1;
+                        *new_per_request.entry(c.request_id.to_string()).or_default() += 1;
                         *waits_per_user.entry(user).or_default() += 1;
                     }
                     Step::Deferred | Step::IdTaken => {}

@@ -70,7 +70,7 @@ pub const ROLE: Role = Role::Claims;
 /// A claim request that passed validation.
 #[derive(Debug, Clone)]
 pub struct Claim {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub user_id: UserId,
     pub category: Option<Category>,
     pub correlation_id: String,
@@ -102,7 +102,7 @@ pub fn validate(
     };
     let envelope = request.envelope.as_ref();
     Ok(Claim {
-        request_id: request_id.into_string(),
+        request_id,
         user_id,
         category,
         correlation_id: envelope
@@ -182,7 +182,7 @@ async fn grant_group(
     Ok(waiting
         .into_iter()
         .map(|(index, candidate)| {
-            let outcome = match granted.get(&candidate.claim.request_id) {
+            let outcome = match granted.get(candidate.claim.request_id.as_str()) {
                 Some(g) => ClaimOutcome::Granted {
                     code: g.code.clone(),
                     category: g.category.clone(),
@@ -225,7 +225,7 @@ async fn decide_deferred(
     claim: &Claim,
     view: &mut BatchView,
 ) -> Result<(StoredDecision, bool), sqlx::Error> {
-    if let Some(stored) = view.decided.get(&claim.request_id) {
+    if let Some(stored) = view.decided.get(claim.request_id.as_str()) {
         return Ok((stored.clone(), false));
     }
     let user = claim.user_id.as_str();
@@ -343,15 +343,18 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
                     );
                     let answer = invalid_event(
                         ctx,
-                        &claim.request_id,
+                        claim.request_id.as_str(),
                         claim.user_id.as_str(),
                         &claim.correlation_id,
                         claim.received_ms,
                         &reason,
                     );
                     decided.push(Decided {
-                        request_id: crate::log_request_id(&claim.correlation_id, &claim.request_id)
-                            .to_owned(),
+                        request_id: crate::log_request_id(
+                            &claim.correlation_id,
+                            claim.request_id.as_str(),
+                        )
+                        .to_owned(),
                         user_id: claim.user_id.as_str().to_owned(),
                         outcome: "invalid",
                         coupon_code: None,
@@ -361,10 +364,10 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
                     decisions.push(answer);
                     continue;
                 }
-                None => return Err(ClaimsError::Undecided(claim.request_id.clone()).into()),
+                None => return Err(ClaimsError::Undecided(claim.request_id.to_string()).into()),
             };
             decided.push(Decided {
-                request_id: crate::log_request_id(&claim.correlation_id, &claim.request_id)
+                request_id: crate::log_request_id(&claim.correlation_id, claim.request_id.as_str())
                     .to_owned(),
                 user_id: decision.user_id.clone(),
                 outcome: decision.outcome.as_str(),

@@ -40,7 +40,7 @@ pub const ROLE: Role = Role::Purchases;
 
 #[derive(Debug, Clone)]
 pub struct Purchase {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub user_id: UserId,
     /// As given; may not be a valid code (then the answer is `unknown_coupon`).
     pub coupon_code: String,
@@ -60,7 +60,7 @@ pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
         return Err("coupon code must not contain control characters".into());
     }
     Ok(Purchase {
-        request_id: request_id.into_string(),
+        request_id,
         user_id: UserId::parse(request.user_id.clone()).map_err(|e| e.to_string())?,
         coupon_code: request.coupon_code.clone(),
         order_id: OrderId::parse(request.order_id.clone()).map_err(|e| e.to_string())?,
@@ -180,14 +180,14 @@ fn answer_stored(purchase: &Purchase, mut stored: StoredPurchase) -> Answer {
             purchase.order_id
         ));
     }
-    if stored.request_id != purchase.request_id {
+    if stored.request_id != purchase.request_id.as_str() {
         // Another request for an order already decided: the same answer,
         // addressed to this request (with its own, stable event id).
         stored.event_id = Uuid::new_v5(
             &Uuid::NAMESPACE_OID,
             format!("purchase:{}:{}", stored.order_id, purchase.request_id).as_bytes(),
         );
-        stored.request_id = purchase.request_id.clone();
+        stored.request_id = purchase.request_id.to_string();
         stored.repeated = true;
     }
     Answer::Decided(stored, false)
@@ -228,7 +228,7 @@ async fn decide_one(
     let decision = StoredPurchase {
         repeated: false,
         order_id: purchase.order_id.as_str().to_owned(),
-        request_id: purchase.request_id.clone(),
+        request_id: purchase.request_id.to_string(),
         event_id: Uuid::new_v4(),
         user_id: user.to_owned(),
         coupon_code: canonical_code,
@@ -338,8 +338,11 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
             }
         }
         decided.push(Decided {
-            request_id: crate::log_request_id(&purchase.correlation_id, &purchase.request_id)
-                .to_owned(),
+            request_id: crate::log_request_id(
+                &purchase.correlation_id,
+                purchase.request_id.as_str(),
+            )
+            .to_owned(),
             user_id: decision.user_id.clone(),
             outcome: decision.outcome.as_str(),
             coupon_code: Some(decision.coupon_code.clone()),
@@ -387,7 +390,7 @@ mod tests {
 
     fn purchase(request: &str, user: &str, order: &str) -> Purchase {
         Purchase {
-            request_id: request.into(),
+            request_id: RequestId::parse(request).unwrap(),
             user_id: UserId::parse(user).unwrap(),
             coupon_code: "C1".into(),
             order_id: OrderId::parse(order).unwrap(),
