@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates .sqlx/, the offline data of the compile-checked queries
-# (`sqlx::query!` in platform/src/store/), against a fresh database migrated
+# (`sqlx::query!`, mostly in platform/src/store/), against a fresh database migrated
 # from migrations/ on the DATABASE_URL server. No sqlx-cli needed: with
 # SQLX_OFFLINE_DIR set and SQLX_OFFLINE=false, the macros describe each query
 # against DATABASE_URL and write its data there. The database is dropped after.
@@ -16,8 +16,9 @@ for migration in migrations/*.sql; do
 done
 mkdir -p .sqlx
 rm -f .sqlx/query-*.json
-# The macros run when their crate compiles: make sure it does.
-find platform/src/store -name '*.rs' -exec touch {} +
+# The macros run when their crate compiles: make sure every file with one does.
+grep -rlE --include='*.rs' 'sqlx::query(_as|_scalar)?!' domain schemas platform producers consumers src \
+    | xargs touch
 SQLX_OFFLINE=false SQLX_OFFLINE_DIR="$PWD/.sqlx" DATABASE_URL="$server/$db" \
     cargo check --workspace --all-targets --quiet
 echo "wrote $(ls .sqlx | wc -l) query files to .sqlx/"

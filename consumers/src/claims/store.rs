@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use coupon_domain::claim::{ActiveHold, UserClaimState};
+use coupon_domain::claim::{ActiveHold, ClaimOutcomeKind, UserClaimState};
 
 use super::decide::Candidate;
 
@@ -23,12 +23,15 @@ pub async fn find_decisions(
     conn: &mut PgConnection,
     request_ids: &[&str],
 ) -> Result<HashMap<String, StoredDecision>, sqlx::Error> {
-    let found: Vec<StoredDecision> = sqlx::query_as(
-        "SELECT request_id, event_id, user_id, outcome, coupon_code, category, expires_at,
-                repeated, retry_at, blacklisted_until, decided_at
-         FROM claim_decisions WHERE request_id = ANY($1)",
+    let request_ids: Vec<String> = request_ids.iter().map(|id| (*id).to_owned()).collect();
+    let found = sqlx::query_as!(
+        StoredDecision,
+        r#"SELECT request_id, event_id, user_id, outcome AS "outcome: ClaimOutcomeKind",
+                  coupon_code, category, expires_at, repeated, retry_at, blacklisted_until,
+                  decided_at
+           FROM claim_decisions WHERE request_id = ANY($1)"#,
+        &request_ids
     )
-    .bind(request_ids)
     .fetch_all(conn)
     .await?;
     Ok(found
@@ -55,31 +58,31 @@ pub async fn insert_decisions(
     let time = |f: fn(&StoredDecision) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
         decisions.iter().map(f).collect()
     };
-    let result = sqlx::query(
+    let result = sqlx::query!(
         "INSERT INTO claim_decisions (request_id, event_id, user_id, outcome, coupon_code, category,
                                       expires_at, repeated, retry_at, blacklisted_until, decided_at)
          SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                               $6::text[], $7::timestamptz[], $8::bool[], $9::timestamptz[],
                               $10::timestamptz[], $11::timestamptz[])
          ON CONFLICT (request_id) DO NOTHING",
+        &decisions.iter().map(|d| d.request_id.clone()).collect::<Vec<String>>(),
+        &decisions.iter().map(|d| d.event_id).collect::<Vec<Uuid>>(),
+        &decisions.iter().map(|d| d.user_id.clone()).collect::<Vec<String>>(),
+        // Stored as text through the domain enum's sqlx::Type.
+        decisions.iter().map(|d| d.outcome).collect::<Vec<_>>() as _,
+        column(|d| d.coupon_code.clone()) as _,
+        column(|d| d.category.clone()) as _,
+        time(|d| d.expires_at) as _,
+        &decisions.iter().map(|d| d.repeated).collect::<Vec<bool>>(),
+        time(|d| d.retry_at) as _,
+        time(|d| d.blacklisted_until) as _,
+        &decisions.iter().map(|d| d.decided_at).collect::<Vec<DateTime<Utc>>>(),
     )
-    .bind(column(|d| Some(d.request_id.clone())))
-    .bind(decisions.iter().map(|d| d.event_id).collect::<Vec<Uuid>>())
-    .bind(column(|d| Some(d.user_id.clone())))
-    .bind(decisions.iter().map(|d| d.outcome).collect::<Vec<_>>())
-    .bind(column(|d| d.coupon_code.clone()))
-    .bind(column(|d| d.category.clone()))
-    .bind(time(|d| d.expires_at))
-    .bind(decisions.iter().map(|d| d.repeated).collect::<Vec<bool>>())
-    .bind(time(|d| d.retry_at))
-    .bind(time(|d| d.blacklisted_until))
-    .bind(time(|d| Some(d.decided_at)))
     .execute(conn)
     .await?;
     Ok(result.rows_affected())
 }
 
-#[derive(sqlx::FromRow)]
 struct StateRow {
     user_id: String,
     blacklisted: Option<bool>,
@@ -98,19 +101,23 @@ pub async fn user_states(
     conn: &mut PgConnection,
     user_ids: &[&str],
 ) -> Result<HashMap<String, UserClaimState>, sqlx::Error> {
-    let rows: Vec<StateRow> = sqlx::query_as(
-        "SELECT x.user_id, u.blacklisted, u.blacklisted_until,
-                h.code AS hold_code, h.category AS hold_category, h.held_until AS hold_until,
-                (SELECT max(q.window_start) FROM quota_grants q
-                  WHERE q.user_id = x.user_id) AS last_grant_window
-         FROM (SELECT DISTINCT user_id FROM unnest($1::text[]) AS ids(user_id)) AS x
-         LEFT JOIN users u ON u.user_id = x.user_id
-         LEFT JOIN LATERAL (
-             SELECT code, category, held_until FROM coupons
-             WHERE holder_user_id = x.user_id AND status = 'held'
-             ORDER BY held_until DESC LIMIT 1) h ON true",
+    let user_ids: Vec<String> = user_ids.iter().map(|id| (*id).to_owned()).collect();
+    let rows = sqlx::query_as!(
+        StateRow,
+        r#"SELECT x.user_id AS "user_id!", u.blacklisted AS "blacklisted?",
+                  u.blacklisted_until AS "blacklisted_until?",
+                  h.code AS "hold_code?", h.category AS "hold_category?",
+                  h.held_until AS "hold_until?",
+                  (SELECT max(q.window_start) FROM quota_grants q
+                    WHERE q.user_id = x.user_id) AS last_grant_window
+           FROM (SELECT DISTINCT user_id FROM unnest($1::text[]) AS ids(user_id)) AS x
+           LEFT JOIN users u ON u.user_id = x.user_id
+           LEFT JOIN LATERAL (
+               SELECT code, category, held_until FROM coupons
+               WHERE holder_user_id = x.user_id AND status = 'held'
+               ORDER BY held_until DESC LIMIT 1) h ON true"#,
+        &user_ids
     )
-    .bind(user_ids)
     .fetch_all(conn)
     .await?;
     Ok(rows
