@@ -146,7 +146,7 @@ pub async fn user_states(
 }
 
 /// An overdue hold [`release_overdue`] ended.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Released {
     pub code: String,
     pub user_id: String,
@@ -168,8 +168,15 @@ pub async fn release_overdue(
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(
-        "WITH want AS (
+    let users: Vec<String> = candidates
+        .iter()
+        .map(|c| c.claim.user_id.as_str().to_owned())
+        .collect();
+    let at: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.claim.at).collect();
+    // The rows `old` returns are held ones: holder, hold and deadline are set.
+    sqlx::query_as!(
+        Released,
+        r#"WITH want AS (
              SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS w(user_id, at)),
          old AS MATERIALIZED (
              SELECT c.code, c.holder_user_id, c.hold_id, c.held_until
@@ -180,21 +187,17 @@ pub async fn release_overdue(
          SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL
          FROM old
          WHERE c.code = old.code
-         RETURNING old.code, old.holder_user_id AS user_id, old.hold_id, old.held_until",
+         RETURNING old.code AS "code!", old.holder_user_id AS "user_id!",
+                   old.hold_id AS "hold_id!", old.held_until AS "held_until!""#,
+        &users,
+        &at
     )
-    .bind(
-        candidates
-            .iter()
-            .map(|c| c.claim.user_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(candidates.iter().map(|c| c.claim.at).collect::<Vec<_>>())
     .fetch_all(conn)
     .await
 }
 
 /// A coupon held for a claim by [`grant`].
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Granted {
     pub request_id: String,
     pub code: String,
@@ -223,11 +226,23 @@ pub async fn grant(
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(
+    let users: Vec<String> = candidates
+        .iter()
+        .map(|c| c.claim.user_id.as_str().to_owned())
+        .collect();
+    let requests: Vec<String> = candidates
+        .iter()
+        .map(|c| c.claim.request_id.to_string())
+        .collect();
+    let windows: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.window_start).collect();
+    let until: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.hold_until).collect();
+    let at: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.claim.at).collect();
+    sqlx::query_as!(
+        Granted,
         // `pick` is a materialized CTE: evaluated exactly once. (Inlined, the
         // planner may rescan it and hold several coupons for one user.) Data-
         // modifying CTEs run whether or not they are referenced.
-        "WITH want AS (
+        r#"WITH want AS (
              SELECT user_id, request_id, window_start, hold_until, at, ord AS n
              FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
                          $7::timestamptz[])
@@ -251,30 +266,16 @@ pub async fn grant(
              held_until = pair.hold_until
          FROM pair
          WHERE c.code = pair.code AND c.status = 'available'
-         RETURNING pair.request_id, c.code, c.category, c.held_until",
+         RETURNING pair.request_id AS "request_id!", c.code, c.category,
+                   c.held_until AS "held_until!""#,
+        &users,
+        &requests,
+        &windows,
+        &until,
+        category,
+        candidates.len() as i64,
+        &at
     )
-    .bind(
-        candidates
-            .iter()
-            .map(|c| c.claim.user_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        candidates
-            .iter()
-            .map(|c| c.claim.request_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        candidates
-            .iter()
-            .map(|c| c.window_start)
-            .collect::<Vec<_>>(),
-    )
-    .bind(candidates.iter().map(|c| c.hold_until).collect::<Vec<_>>())
-    .bind(category)
-    .bind(candidates.len() as i64)
-    .bind(candidates.iter().map(|c| c.claim.at).collect::<Vec<_>>())
     .fetch_all(conn)
     .await
 }
