@@ -207,7 +207,9 @@ pub async fn dead_letter_one(
 pub(crate) async fn db_now(
     conn: &mut sqlx::PgConnection,
 ) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
-    sqlx::query_scalar("SELECT now()").fetch_one(conn).await
+    sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(conn)
+        .await
 }
 
 /// Runs one consumer role until `shutdown` is cancelled (the expiry role

@@ -19,39 +19,35 @@ pub struct CategoryPool {
 
 /// Every category with its coupons by status, ordered by category.
 pub async fn pool_by_category(pool: &PgPool) -> Result<Vec<CategoryPool>, sqlx::Error> {
-    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-        "SELECT category,
-                count(*) FILTER (WHERE status = 'available'),
-                count(*) FILTER (WHERE status = 'held'),
-                count(*) FILTER (WHERE status = 'redeemed')
-           FROM coupons GROUP BY category ORDER BY category",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(category, available, held, redeemed)| CategoryPool {
-            category,
-            available,
-            held,
-            redeemed,
-        })
-        .collect())
-}
-
-/// Available coupons per category (categories with none are absent).
-pub async fn available_by_category(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT category, count(*) FROM coupons WHERE status = 'available'
-          GROUP BY category ORDER BY category",
+    sqlx::query_as!(
+        CategoryPool,
+        r#"SELECT category,
+                  count(*) FILTER (WHERE status = 'available') AS "available!",
+                  count(*) FILTER (WHERE status = 'held') AS "held!",
+                  count(*) FILTER (WHERE status = 'redeemed') AS "redeemed!"
+             FROM coupons GROUP BY category ORDER BY category"#
     )
     .fetch_all(pool)
     .await
 }
 
+/// Available coupons per category (categories with none are absent).
+pub async fn available_by_category(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT category, count(*) AS "available!" FROM coupons WHERE status = 'available'
+            GROUP BY category ORDER BY category"#
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.category, r.available))
+        .collect())
+}
+
 /// Coupons held right now (including overdue holds not released yet).
 pub async fn active_holds(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM coupons WHERE status = 'held'")
+    sqlx::query_scalar!(r#"SELECT count(*) AS "held!" FROM coupons WHERE status = 'held'"#)
         .fetch_one(pool)
         .await
 }
@@ -59,7 +55,9 @@ pub async fn active_holds(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// Holds past their deadline that the sweeper has not released yet (a few
 /// for a second at most while the expiry role runs).
 pub async fn overdue_holds(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM coupons WHERE status = 'held' AND held_until <= now()")
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "overdue!" FROM coupons WHERE status = 'held' AND held_until <= now()"#
+    )
+    .fetch_one(pool)
+    .await
 }

@@ -16,12 +16,12 @@
 //! regenerates `.sqlx/` against a fresh migrated database.
 //!
 //! Here: the purchase processor's and the expiry's statements, the
-//! blacklist, the gateway's reads and the audit's. Not here yet: the claim
-//! processor's batch statements (`consumers/src/claims/store.rs`, already a
-//! store module of its own), the coupon projector's and the history sink's
-//! bulk inserts, the
-//! rebuild's bulk writes, the benchmarks' probes and the platform's counts
-//! (`stats`); they still use unchecked `sqlx::query`.
+//! blacklist, the machine-id leases, the gateway's reads and the audit's.
+//! Compile-checked too, in modules of their own: the claim processor's batch
+//! statements (`consumers/src/claims/store.rs`) and the counts of
+//! `coupon_platform::stats`. Not yet: the coupon projector's and the history
+//! sink's bulk inserts, the rebuild's bulk writes, the history query and the
+//! benchmarks' probes; they still use unchecked `sqlx::query`.
 
 pub mod coupons;
 pub mod decisions;
