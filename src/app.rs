@@ -366,7 +366,11 @@ pub async fn start(
             replies,
             config.gateway.clone(),
             metrics.clone(),
-        ));
+        )
+        .with_exporter(Arc::new(crate::console_export::ReplayExporter {
+            kafka: config.kafka.clone(),
+            topics: ctx.topics.clone(),
+        })));
         let stop = shutdown.clone();
         tasks.spawn(async move {
             gateway::serve(listener, state, stop.cancelled_owned())

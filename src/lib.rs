@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod console_export;
 pub mod bench;
 pub mod demo;
 pub mod gauges;

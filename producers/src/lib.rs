@@ -8,6 +8,7 @@
 //!   gateway waits for their decisions (request/reply over Kafka).
 
 pub mod blacklist;
+pub mod console_store;
 pub mod gateway;
 pub mod issue;
 pub mod keygen;
