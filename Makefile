@@ -31,11 +31,12 @@ lint: ## formatting and clippy, warnings are errors
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: up ## every test, against the real services
+test: up ## every test, against the real services (the console in Debian's chromium last)
 	cargo build --bin couponctl
 	tests/broker_restart.sh
 	cargo test --workspace --no-fail-fast
 	tests/contract/run.sh
+	tests/console/run.sh
 
 demo: up build ## a coupon release, a burst of users, purchases and expirations
 	target/release/couponctl demo

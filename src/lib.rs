@@ -8,8 +8,8 @@
 
 pub mod app;
 pub mod audit;
-pub mod console_export;
 pub mod bench;
+pub mod console_export;
 pub mod demo;
 pub mod gauges;
 pub mod history;

@@ -325,5 +325,5 @@ async function main() {
 
 await main().catch((error) => bad("the console test", error.stack || error.message));
 for (const f of failures) console.log(`failed: ${f}`);
-console.log(`console: ${passed} passed, ${failed} failed`);
+console.log(`browser: ${passed} passed, ${failed} failed`);
 process.exit(failed === 0 ? 0 : 1);

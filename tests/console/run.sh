@@ -67,11 +67,20 @@ if [[ -z "$healthy" ]]; then
 fi
 
 mkdir -p "$CONSOLE_SCREENSHOTS"
-node tests/console/console.mjs
-status=$?
+node tests/console/console.mjs | tee "$TOOLS/browser.log"
+counts="$(sed -n 's/^browser: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$TOOLS/browser.log" | tail -n 1)"
+read -r passed failed <<<"${counts:-0 1}"
+
+echo "== console: the monitoring files (infra/monitoring) against this server's /metrics"
+if infra/monitoring/check.sh "$CONSOLE_BASE/metrics"; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1))
+fi
 if ! kill -0 "$server" 2>/dev/null; then
   echo "FAILED: the server did not stay up"
   tail -n 30 "$log"
-  status=1
+  failed=$((failed + 1))
 fi
-exit $status
+summary "$passed" "$failed"
+((failed == 0))

@@ -168,7 +168,9 @@ fn integral_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>,
 /// A duration in whole seconds as JSON Schema's `integer` (`86400` or
 /// `86400.0`); a fraction or a negative number is refused, the range is the
 /// caller's to check.
-pub(super) fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+pub(super) fn whole_seconds<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
     use serde::de::Error;
     let Some(number) = Option::<serde_json::Number>::deserialize(d)? else {
         return Ok(None);

@@ -222,6 +222,7 @@ pub struct BatchQuery {
     /// its projection has got.
     #[param(
         value_type = String,
+        required = false,
         pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
         example = "0b5d1c3e-8f7a-4d2b-9c6e-1a2b3c4d5e6f"
     )]
@@ -910,8 +911,8 @@ pub(super) async fn analytics_export(
         since.timestamp(),
         until.timestamp()
     );
-    let disposition = HeaderValue::from_str(&name)
-        .unwrap_or_else(|_| HeaderValue::from_static("attachment"));
+    let disposition =
+        HeaderValue::from_str(&name).unwrap_or_else(|_| HeaderValue::from_static("attachment"));
     Ok((
         StatusCode::OK,
         [
@@ -964,6 +965,47 @@ mod tests {
         assert!(resolve_range(Some(MAX_UNIX_SECONDS), Some(MAX_UNIX_SECONDS), now).is_ok());
         assert!(resolve_range(Some(MAX_UNIX_SECONDS + 1), None, now).is_err());
         assert!(resolve_range(None, Some(MAX_UNIX_SECONDS + 1), now).is_err());
+    }
+
+    /// What the document says is required is what the handlers require.
+    #[test]
+    fn the_documented_parameters_are_optional_but_the_user_to_remove() {
+        let doc = super::super::openapi::document_json();
+        let required = |path: &str, method: &str| -> Vec<(String, bool)> {
+            let pointer = format!("/paths/{}/{method}/parameters", path.replace('/', "~1"));
+            doc.pointer(&pointer)
+                .and_then(serde_json::Value::as_array)
+                .unwrap_or_else(|| panic!("{pointer}"))
+                .iter()
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap().to_owned(),
+                        p["required"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect()
+        };
+        for (path, method) in [
+            ("/api/v1/batches", "get"),
+            ("/api/v1/analytics/claims", "get"),
+            ("/api/v1/analytics/funnel", "get"),
+            ("/api/v1/analytics/export", "get"),
+        ] {
+            for (name, required) in required(path, method) {
+                assert!(
+                    !required,
+                    "{method} {path}: {name} is documented as required"
+                );
+            }
+        }
+        assert_eq!(
+            required("/api/v1/blacklist", "delete"),
+            [("user_id".to_owned(), true)]
+        );
+        let limit = doc
+            .pointer("/paths/~1api~1v1~1analytics~1claims/get/parameters/0/schema/maximum")
+            .and_then(serde_json::Value::as_f64);
+        assert_eq!(limit, Some(MAX_UNIX_SECONDS as f64));
     }
 
     #[test]

@@ -330,9 +330,21 @@ fn route_table() -> Vec<(Route, Endpoint)> {
         route(Verb::Get, "/api/v1/blacklist", console::blacklist_list),
         route(Verb::Post, "/api/v1/blacklist", console::blacklist_add),
         route(Verb::Delete, "/api/v1/blacklist", console::blacklist_remove),
-        route(Verb::Get, "/api/v1/analytics/claims", console::analytics_claims),
-        route(Verb::Get, "/api/v1/analytics/funnel", console::analytics_funnel),
-        route(Verb::Get, "/api/v1/analytics/export", console::analytics_export),
+        route(
+            Verb::Get,
+            "/api/v1/analytics/claims",
+            console::analytics_claims,
+        ),
+        route(
+            Verb::Get,
+            "/api/v1/analytics/funnel",
+            console::analytics_funnel,
+        ),
+        route(
+            Verb::Get,
+            "/api/v1/analytics/export",
+            console::analytics_export,
+        ),
     ]
 }
 

@@ -125,7 +125,8 @@ impl Modify for Limits {
         for item in openapi.paths.paths.values_mut() {
             for operation in [&mut item.get, &mut item.post, &mut item.delete]
                 .into_iter()
-                .flatten() {
+                .flatten()
+            {
                 let responses = &mut operation.responses.responses;
                 responses
                     .entry("503".into())
