@@ -202,8 +202,6 @@ impl Replies {
     }
 }
 
-/// Creates the results consumer, positioned at the current end of every
-/// partition of both results topics.
 /// How long the gateway waits at start for its results topics to have
 /// leaders.
 const TOPIC_READY_WAIT: Duration = Duration::from_secs(30);
@@ -230,6 +228,8 @@ fn partition_ends(consumer: &StreamConsumer, topic: &str) -> Result<Vec<(i32, i6
     Ok(ends)
 }
 
+/// Creates the results consumer, positioned at the current end of every
+/// partition of both results topics.
 pub async fn results_consumer(
     kafka: &KafkaSettings,
     topics: &Topics,
