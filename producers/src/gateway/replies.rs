@@ -227,29 +227,47 @@ pub async fn results_consumer(
     let names = [topics.claim_results(), topics.purchase_results()];
     // Metadata and watermark look-ups block; keep them off the async workers.
     let consumer = tokio::task::spawn_blocking(move || -> Result<StreamConsumer, KafkaError> {
-        let mut assignment = TopicPartitionList::new();
-        for topic in &names {
-            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-            for t in metadata.topics() {
-                if let Some(error) = t.error() {
-                    return Err(KafkaError::MetadataFetch(error.into()));
-                }
-                for partition in t.partitions() {
-                    let (_, high) = consumer.fetch_watermarks(
-                        topic,
-                        partition.id(),
-                        Duration::from_secs(10),
-                    )?;
-                    assignment.add_partition_offset(topic, partition.id(), Offset::Offset(high))?;
+        // A topic created a moment ago may not have its leaders yet on a
+        // busy broker (NotLeaderForPartition): ask again for up to 10 s.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let assignment = loop {
+            match current_ends(&consumer, &names) {
+                Ok(assignment) => break assignment,
+                Err(error) if std::time::Instant::now() >= deadline => return Err(error),
+                Err(error) => {
+                    tracing::debug!(%error, "results topics not ready; asking again");
+                    std::thread::sleep(Duration::from_millis(200));
                 }
             }
-        }
+        };
         consumer.assign(&assignment)?;
         Ok(consumer)
     })
     .await
     .map_err(|_| KafkaError::Canceled)??;
     Ok(consumer)
+}
+
+/// Every partition of `names` at its current end (blocking calls).
+fn current_ends(
+    consumer: &StreamConsumer,
+    names: &[String],
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut assignment = TopicPartitionList::new();
+    for topic in names {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for t in metadata.topics() {
+            if let Some(error) = t.error() {
+                return Err(KafkaError::MetadataFetch(error.into()));
+            }
+            for partition in t.partitions() {
+                let (_, high) =
+                    consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10))?;
+                assignment.add_partition_offset(topic, partition.id(), Offset::Offset(high))?;
+            }
+        }
+    }
+    Ok(assignment)
 }
 
 /// Delivers decisions to waiters until shutdown.
