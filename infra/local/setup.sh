@@ -19,6 +19,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # rdkafka is built with TLS (`ssl`), linked against the system OpenSSL; sqlx and
 # fred use it too (native-tls). keytool (the JDK's) makes the TLS test's keystore.
 dpkg -s libssl-dev >/dev/null 2>&1 || need_apt+=(libssl-dev)
+# `make bench` drives /healthz with wrk too, to show its own generator is not the bound.
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
