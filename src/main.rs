@@ -345,6 +345,13 @@ enum Command {
         /// HTTP requests in flight at once.
         #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 128)]
         concurrency: usize,
+        /// Where to write the flash sale over time (SVG: answers/s, p50, p99).
+        #[arg(
+            long,
+            env = "BENCH_PLOT",
+            default_value = "target/bench/flash-sale.svg"
+        )]
+        plot: PathBuf,
     },
     /// Run the whole system on a fresh database and play a flash sale through it.
     #[command(after_help = "Example:\n  couponctl demo --users 2000 --hold 5s")]
@@ -712,6 +719,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             quick,
             users,
             concurrency,
+            plot,
         } => {
             let config = conn.app_config(&default_serve_args());
             let mut options = if quick {
@@ -723,6 +731,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 options.users = users;
             }
             options.concurrency = concurrency.max(1);
+            options.plot = Some(plot);
             let rows = couponctl::bench::run(config, options).await?;
             println!("{}", couponctl::bench::render(&rows));
             println!("{}", couponctl::bench::render_targets(&rows));
