@@ -285,15 +285,21 @@ pub async fn start(
             .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
         let addr = listener.local_addr()?;
         http_addr = Some(addr);
-        let state = Arc::new(GatewayState::new(
-            ctx.pool.clone(),
-            ctx.cache.clone(),
-            ctx.publisher.clone(),
-            ctx.topics.clone(),
-            replies,
-            config.gateway.clone(),
-            metrics.clone(),
-        ));
+        let state = Arc::new(
+            GatewayState::new(
+                ctx.pool.clone(),
+                ctx.cache.clone(),
+                ctx.publisher.clone(),
+                ctx.topics.clone(),
+                replies,
+                config.gateway.clone(),
+                metrics.clone(),
+            )
+            .with_exporter(Arc::new(crate::console_export::ReplayExporter {
+                kafka: config.kafka.clone(),
+                topics: ctx.topics.clone(),
+            })),
+        );
         let stop = shutdown.clone();
         tasks.spawn(async move {
             gateway::serve(listener, state, stop.cancelled_owned())

@@ -27,6 +27,7 @@
 //!   subcommand, gathered by one `enum Command`.
 
 pub mod app;
+pub mod console_export;
 pub mod dev;
 pub mod gauges;
 pub mod status;

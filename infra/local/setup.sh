@@ -19,6 +19,16 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # rdkafka is built with TLS (`ssl`), linked against the system OpenSSL; sqlx and
 # fred use it too (native-tls). keytool (the JDK's) makes the TLS test's keystore.
 dpkg -s libssl-dev >/dev/null 2>&1 || need_apt+=(libssl-dev)
+# The console's browser test (tests/console/run.sh) drives Debian's chromium
+# with playwright-core (npm, needs node and npm); the monitoring rules are
+# checked with promtool (Debian's prometheus package; the package's service is
+# not started here).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+# `make bench` drives /healthz with wrk too, to show its own generator is not the bound.
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -8,6 +8,7 @@
 pub mod db;
 pub mod kafka;
 pub mod metrics;
+pub mod pgcopy;
 pub mod reach;
 pub mod redis;
 pub mod settings;

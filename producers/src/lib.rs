@@ -8,6 +8,8 @@
 //!   gateway waits for their decisions (request/reply over Kafka).
 
 pub mod blacklist;
+/// The console's reads live with the other stores.
+pub use coupon_platform::store::console as console_store;
 pub mod gateway;
 pub mod issue;
 pub mod keygen;

@@ -1,5 +1,7 @@
 //! `couponctl bench`: the benchmarks, against a fresh database.
 
+use std::path::PathBuf;
+
 use clap::Args;
 
 use super::args::{default_serve_args, Connections};
@@ -16,6 +18,13 @@ pub struct BenchArgs {
     /// HTTP requests in flight at once.
     #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 128)]
     pub concurrency: usize,
+    /// Where to write the flash sale over time (SVG: answers/s, p50, p99).
+    #[arg(
+        long,
+        env = "BENCH_PLOT",
+        default_value = "target/bench/flash-sale.svg"
+    )]
+    pub plot: PathBuf,
 }
 
 pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
@@ -29,6 +38,7 @@ pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
         options.users = users;
     }
     options.concurrency = args.concurrency.max(1);
+    options.plot = Some(args.plot);
     let rows = couponctl::dev::bench::run(config, options).await?;
     println!("{}", couponctl::dev::bench::render(&rows));
     println!("{}", couponctl::dev::bench::render_targets(&rows));

@@ -8,6 +8,7 @@ mod chaos;
 mod claims;
 mod cli;
 mod clocks;
+mod console;
 mod demo;
 mod edge;
 mod invariants;

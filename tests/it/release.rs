@@ -6,7 +6,7 @@ use std::time::Duration;
 use prost::Message;
 use serde_json::Value;
 
-use coupon_consumers::coupons;
+use coupon_consumers::{coupons, history};
 use coupon_domain::CouponCode;
 use coupon_platform::kafka::{decode, Publisher, Record};
 use coupon_producers::keygen::{self, KeygenError};
@@ -340,4 +340,99 @@ async fn machine_id_leases_are_exclusive_and_resume_after_the_last_id() {
         "a new owner starts after the previous owner's last id"
     );
     assert!(next.parts().unix_ms > last_id.parts().unix_ms);
+}
+
+/// The projector and the history sink write with `COPY`, which a row already
+/// there makes fail whole: a chunk that is partly new (a redelivery that
+/// overlaps a batch already written) must still add exactly the new rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_writes_fall_back_to_skipping_known_rows() {
+    let env = TestEnv::new().await;
+    let publisher = Publisher::new(&env.kafka, "test").unwrap();
+    let request = coupon_producers::issue::IssueRequest {
+        employee: coupon_domain::EmployeeId::parse("e3").unwrap(),
+        category: coupon_domain::Category::parse("Garden").unwrap(),
+        count: 1_500,
+    };
+    let mut generator = keygen::lease(&env.pool, 4, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let codes: Vec<CouponCode> = generator
+        .generate(1_500)
+        .unwrap()
+        .into_iter()
+        .map(CouponCode::from_id)
+        .collect();
+    generator.release().await.unwrap();
+    let events =
+        coupon_producers::issue::batch_events(&publisher, uuid::Uuid::new_v4(), &request, &codes);
+    let all: Vec<coupons::NewCoupon> = events
+        .iter()
+        .flat_map(|(_, e)| coupons::coupons_of(e).unwrap())
+        .collect();
+
+    assert_eq!(
+        coupons::insert_coupons(&env.pool, &all[..500])
+            .await
+            .unwrap(),
+        500
+    );
+    assert_eq!(
+        coupons::insert_coupons(&env.pool, &all).await.unwrap(),
+        1_000,
+        "only the new coupons are added"
+    );
+    assert_eq!(coupons::insert_coupons(&env.pool, &all).await.unwrap(), 0);
+    assert_eq!(env.count("SELECT count(*) FROM coupons").await, 1_500);
+
+    let records: Vec<Record> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (_, e))| Record {
+            topic: env.topics.created(),
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            value: Some(e.encode_to_vec()),
+            timestamp_ms: None,
+        })
+        .collect();
+    let rows: Vec<history::HistoryRow> = records
+        .iter()
+        .flat_map(|r| history::rows_of(&env.topics, r).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1_500);
+    assert_eq!(
+        history::append_bulk(&env.pool, &rows[..700]).await.unwrap(),
+        700
+    );
+    assert_eq!(
+        history::append_bulk(&env.pool, &rows).await.unwrap(),
+        800,
+        "only the new history rows are added"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM coupon_history").await,
+        1_500
+    );
+    // What COPY wrote reads back as the statement would have written it.
+    type Written = (
+        String,
+        String,
+        Value,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    );
+    let (code, employee, detail, generated_at, occurred_at): Written = sqlx::query_as(
+        "SELECT h.coupon_code, c.employee_id, h.detail, c.generated_at, h.occurred_at
+         FROM coupon_history h JOIN coupons c ON c.code = h.coupon_code ORDER BY c.id LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(code, all[0].code.to_string());
+    assert_eq!(generated_at, all[0].generated_at);
+    assert_eq!(occurred_at, rows[0].occurred_at);
+    assert_eq!(employee, "e3");
+    assert_eq!(detail["category"], "Garden");
 }

@@ -259,7 +259,14 @@ impl Reader {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", FETCH_WAIT_MS);
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS)
+            // A replay reads whole logs: fetch big and keep a deep local
+            // queue, so the broker round trips overlap the encoding instead
+            // of stalling it (librdkafka's defaults, 1 MiB per partition and
+            // fetch, suit a consumer that keeps up with a live topic).
+            .set("max.partition.fetch.bytes", "16777216")
+            .set("fetch.max.bytes", "67108864")
+            .set("queued.min.messages", "1000000");
         let consumer: BaseConsumer = config
             .create()
             .with_context(|| format!("creating a Kafka reader for {}", kafka.brokers))?;

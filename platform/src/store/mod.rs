@@ -8,6 +8,7 @@
 //! | [`users`]     | `users` (the blacklist, `last_coupon_at`)           |
 //! | [`decisions`] | `claim_decisions`, `purchase_decisions`, `quota_grants` |
 //! | [`leases`]    | `snowflake_leases` (machine ids of the Snowflake ids) |
+//! | [`console`]   | the web console's reads of `coupons` (batches) and `coupon_history` (analytics) |
 //!
 //! The statements here are compile-checked (`sqlx::query!`, `query_as!`)
 //! against the migrations: their offline data is committed in `.sqlx/`, and
@@ -20,9 +21,10 @@
 //! Compile-checked too, in modules of their own: the claim processor's batch
 //! statements (`consumers/src/claims/store.rs`) and the counts of
 //! `coupon_platform::stats`. Not yet: the coupon projector's and the history
-//! sink's bulk inserts, the rebuild's bulk writes, the history query and the
-//! benchmarks' probes; they still use unchecked `sqlx::query`.
+//! sink's bulk inserts, the rebuild's bulk writes, the history query, the
+//! console's reads and the benchmarks' probes; they still use unchecked `sqlx::query`.
 
+pub mod console;
 pub mod coupons;
 pub mod decisions;
 pub mod leases;

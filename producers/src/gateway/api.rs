@@ -165,6 +165,27 @@ fn integral_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>,
     }
 }
 
+/// A duration in whole seconds as JSON Schema's `integer` (`86400` or
+/// `86400.0`); a fraction or a negative number is refused, the range is the
+/// caller's to check.
+pub(super) fn whole_seconds<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    let Some(number) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(n) = number.as_u64() {
+        return Ok(Some(n));
+    }
+    match number.as_f64() {
+        Some(f) if f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&f) => Ok(Some(f as u64)),
+        _ => Err(D::Error::custom(format!(
+            "{number} is not a whole number of seconds"
+        ))),
+    }
+}
+
 /// A released batch: the coupons are published and become available as soon
 /// as the projector has stored them.
 #[derive(Debug, Serialize, ToSchema)]

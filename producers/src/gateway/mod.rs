@@ -27,6 +27,7 @@
 
 mod api;
 pub mod auth;
+pub mod console;
 mod error;
 pub mod openapi;
 pub mod replies;
@@ -171,6 +172,9 @@ pub struct GatewayState {
     /// [`BLACKLIST_REFRESH`] ago; `None` until read (or while Postgres does
     /// not answer), when no claim takes the sold-out fast path.
     blacklisted: std::sync::RwLock<Option<Arc<std::collections::HashSet<String>>>>,
+    /// What `GET /api/v1/analytics/export` reads the log with (none: that
+    /// route answers `503`); the binary provides it ([`GatewayState::with_exporter`]).
+    exporter: Option<Arc<dyn console::Exporter>>,
 }
 
 /// How often a gateway rereads the blacklist for the sold-out fast path: a
@@ -193,6 +197,7 @@ impl GatewayState {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             addresses: AddressLimiter::new(config.address_limit_per_sec),
             blacklisted: std::sync::RwLock::new(None),
+            exporter: None,
             pool,
             cache,
             publisher,
@@ -201,6 +206,12 @@ impl GatewayState {
             config,
             metrics,
         }
+    }
+
+    /// Lets the console download ranges of the log with `exporter`.
+    pub fn with_exporter(mut self, exporter: Arc<dyn console::Exporter>) -> Self {
+        self.exporter = Some(exporter);
+        self
     }
 
     /// Whether `user` may be blacklisted: true when on the list last read,
@@ -255,6 +266,7 @@ impl GatewayState {
 pub enum Verb {
     Get,
     Post,
+    Delete,
 }
 
 impl Verb {
@@ -262,6 +274,7 @@ impl Verb {
         match self {
             Verb::Get => "GET",
             Verb::Post => "POST",
+            Verb::Delete => "DELETE",
         }
     }
 
@@ -269,6 +282,7 @@ impl Verb {
         match self {
             Verb::Get => MethodFilter::GET,
             Verb::Post => MethodFilter::POST,
+            Verb::Delete => MethodFilter::DELETE,
         }
     }
 }
@@ -306,6 +320,29 @@ fn route_table() -> Vec<(Route, Endpoint)> {
         route(Verb::Get, "/api/v1/openapi.json", openapi_json),
         route(Verb::Get, "/healthz", healthz),
         route(Verb::Get, "/metrics", metrics_text),
+        // The web console and the admin routes it calls.
+        route(Verb::Get, "/console", console::console_page),
+        route(Verb::Get, "/console/console.js", console::console_script),
+        route(Verb::Get, "/api/v1/pool", console::pool),
+        route(Verb::Get, "/api/v1/batches", console::batches),
+        route(Verb::Get, "/api/v1/blacklist", console::blacklist_list),
+        route(Verb::Post, "/api/v1/blacklist", console::blacklist_add),
+        route(Verb::Delete, "/api/v1/blacklist", console::blacklist_remove),
+        route(
+            Verb::Get,
+            "/api/v1/analytics/claims",
+            console::analytics_claims,
+        ),
+        route(
+            Verb::Get,
+            "/api/v1/analytics/funnel",
+            console::analytics_funnel,
+        ),
+        route(
+            Verb::Get,
+            "/api/v1/analytics/export",
+            console::analytics_export,
+        ),
     ]
 }
 

@@ -27,6 +27,16 @@ Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
         super::healthz,
         super::metrics_text,
         super::openapi_json,
+        super::console::console_page,
+        super::console::console_script,
+        super::console::pool,
+        super::console::batches,
+        super::console::blacklist_list,
+        super::console::blacklist_add,
+        super::console::blacklist_remove,
+        super::console::analytics_claims,
+        super::console::analytics_funnel,
+        super::console::analytics_export,
     ),
     components(schemas(ErrorBody, ErrorCode)),
     modifiers(&BearerTokens, &Limits),
@@ -34,6 +44,7 @@ Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
         (name = "storefront", description = "Claims, purchases and coupon look-ups (COUPON_API_TOKEN, when set)"),
         (name = "employees", description = "Releasing coupons (COUPON_ADMIN_TOKEN)"),
         (name = "operations", description = "Health, metrics and this document"),
+        (name = "console", description = "The web console (`/console`) and the admin routes it calls: the pool, batches, the blacklist, analytics (COUPON_ADMIN_TOKEN)"),
     )
 )]
 pub struct ApiDoc;
@@ -112,7 +123,10 @@ impl Modify for Limits {
             )
             .build();
         for item in openapi.paths.paths.values_mut() {
-            for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+            for operation in [&mut item.get, &mut item.post, &mut item.delete]
+                .into_iter()
+                .flatten()
+            {
                 let responses = &mut operation.responses.responses;
                 responses
                     .entry("503".into())

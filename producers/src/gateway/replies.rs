@@ -202,6 +202,32 @@ impl Replies {
     }
 }
 
+/// How long the gateway waits at start for its results topics to have
+/// leaders.
+const TOPIC_READY_WAIT: Duration = Duration::from_secs(30);
+
+/// Each partition of `topic` with its high watermark.
+fn partition_ends(consumer: &StreamConsumer, topic: &str) -> Result<Vec<(i32, i64)>, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut ends = Vec::new();
+    for t in metadata.topics() {
+        if let Some(error) = t.error() {
+            return Err(KafkaError::MetadataFetch(error.into()));
+        }
+        for partition in t.partitions() {
+            let (_, high) =
+                consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10))?;
+            ends.push((partition.id(), high));
+        }
+    }
+    if ends.is_empty() {
+        return Err(KafkaError::MetadataFetch(
+            rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+        ));
+    }
+    Ok(ends)
+}
+
 /// Creates the results consumer, positioned at the current end of every
 /// partition of both results topics.
 pub async fn results_consumer(
@@ -227,21 +253,25 @@ pub async fn results_consumer(
     let names = topics.read_by(coupon_schemas::Role::Gateway);
     // Metadata and watermark look-ups block; keep them off the async workers.
     let consumer = tokio::task::spawn_blocking(move || -> Result<StreamConsumer, KafkaError> {
+        // Topics created a moment ago (a fresh prefix) may have no leader
+        // yet: the broker answers UnknownTopicOrPartition or
+        // NotLeaderForPartition for a while, so the look-up is retried
+        // until TOPIC_READY_WAIT has passed.
+        let deadline = std::time::Instant::now() + TOPIC_READY_WAIT;
         let mut assignment = TopicPartitionList::new();
         for topic in &names {
-            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-            for t in metadata.topics() {
-                if let Some(error) = t.error() {
-                    return Err(KafkaError::MetadataFetch(error.into()));
+            let ends = loop {
+                match partition_ends(&consumer, topic) {
+                    Ok(ends) => break ends,
+                    Err(error) if std::time::Instant::now() < deadline => {
+                        tracing::debug!(%error, topic = %topic, "results topic not ready; retrying");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(error) => return Err(error),
                 }
-                for partition in t.partitions() {
-                    let (_, high) = consumer.fetch_watermarks(
-                        topic,
-                        partition.id(),
-                        Duration::from_secs(10),
-                    )?;
-                    assignment.add_partition_offset(topic, partition.id(), Offset::Offset(high))?;
-                }
+            };
+            for (partition, high) in ends {
+                assignment.add_partition_offset(topic, partition, Offset::Offset(high))?;
             }
         }
         consumer.assign(&assignment)?;

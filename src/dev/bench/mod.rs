@@ -30,8 +30,10 @@ use coupon_schemas::{ClaimDecided, ClaimRequested, CouponsCreated};
 
 use crate::app::{self, AppConfig, Role};
 
+mod plot;
 pub mod profile;
 mod targets;
+mod wrk;
 
 pub use targets::render_targets;
 
@@ -50,6 +52,8 @@ pub struct BenchOptions {
     pub concurrency: usize,
     /// How long the steady day runs.
     pub steady: Duration,
+    /// Where to write the flash sale's plot over time (SVG), if anywhere.
+    pub plot: Option<std::path::PathBuf>,
 }
 
 impl BenchOptions {
@@ -60,6 +64,7 @@ impl BenchOptions {
             release: 100_000,
             concurrency: 128,
             steady: Duration::from_secs(10),
+            plot: None,
         }
     }
 
@@ -83,6 +88,9 @@ pub enum Scenario {
     SteadyDay,
     Replay,
     Rebuild,
+    /// `/healthz` driven by `wrk`, when it is installed: the check that our
+    /// generator is not what bounds the HTTP rows.
+    Wrk,
 }
 
 /// One row of the results table.
@@ -164,7 +172,29 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
         .pool_max_idle_per_host(options.concurrency)
         .timeout(Duration::from_secs(120))
         .build()?;
-    rows.push(profiled(http_baseline(&http, &base, 20_000, options.concurrency)).await?);
+    // The HTTP load generator runs on threads of its own (named
+    // `bench-gen`), so each row can say how much of the machine it took.
+    let generator = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(profile::GENERATOR_THREAD)
+        .enable_all()
+        .build()
+        .context("starting the load generator's runtime")?;
+    let on_generator = generator.handle().clone();
+    let (gen_http, gen_base, concurrency) = (http.clone(), base.clone(), options.concurrency);
+    rows.push(
+        profiled(async {
+            on_generator
+                .spawn(
+                    async move { http_baseline(&gen_http, &gen_base, 20_000, concurrency).await },
+                )
+                .await?
+        })
+        .await?,
+    );
+    if let Some(row) = wrk_baseline(&base, options.concurrency).await? {
+        rows.push(row);
+    }
 
     eprintln!("bench: release of {} coupons", options.release);
     rows.push(profiled(release(config, &pool, "Release", options.release)).await?);
@@ -175,7 +205,14 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
         options.users, options.coupons
     );
     release(config, &pool, "Flash", options.coupons).await?;
-    let flash = profiled(flash_sale(&http, &base, &pool, options)).await?;
+    let (gen_http, gen_base, gen_pool, gen_options) =
+        (http.clone(), base.clone(), pool.clone(), options.clone());
+    let flash = profiled(async {
+        on_generator
+            .spawn(async move { flash_sale(&gen_http, &gen_base, &gen_pool, &gen_options).await })
+            .await?
+    })
+    .await?;
     // The latency target is at 5,000 claims/s; a system that cannot sustain
     // that is measured at half its flash-sale rate instead (an open load
     // above capacity only measures the queue).
@@ -194,6 +231,8 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
         ))
         .await?,
     );
+
+    generator.shutdown_background();
 
     eprintln!("bench: replay");
     rows.push(profiled(replay(config)).await?);
@@ -354,6 +393,51 @@ async fn assigned_consumer(config: &AppConfig, topic: &str) -> anyhow::Result<St
     .await?
 }
 
+/// `wrk` on `/healthz` for 10 s with as many connections as our generator
+/// keeps in flight; `None` when `wrk` is not installed (`make setup`
+/// installs it). Its own CPU share is in the row's note (`wrk`).
+async fn wrk_baseline(base: &str, concurrency: usize) -> anyhow::Result<Option<Row>> {
+    let url = format!("{base}/healthz");
+    let connections = concurrency.max(2).to_string();
+    let before = profile::CpuSample::now();
+    let output = match tokio::process::Command::new("wrk")
+        .args(["-t2", "-c", &connections, "-d10s", "--latency", &url])
+        .output()
+        .await
+    {
+        Ok(output) => output,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).context("running wrk"),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "wrk failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let Some(summary) = wrk::parse(&stdout) else {
+        bail!("could not read wrk's output: {stdout}");
+    };
+    let mut note = format!("wrk -t2 -c{connections} -d10s; {} non-2xx", summary.non_2xx);
+    if let (Some(before), Some(after)) = (before, profile::CpuSample::now()) {
+        note = format!("{note}; {}", after.since(&before));
+    }
+    Ok(Some(Row {
+        kind: Scenario::Wrk,
+        memory: None,
+        scenario: "baseline: /healthz driven by wrk".into(),
+        operations: summary.requests,
+        seconds: summary.requests as f64 / summary.per_second.max(1e-9),
+        latencies: Some(Latencies {
+            p50: summary.p50,
+            p99: summary.p99,
+            max: summary.max,
+        }),
+        note,
+    }))
+}
+
 async fn http_baseline(
     http: &reqwest::Client,
     base: &str,
@@ -366,6 +450,7 @@ async fn http_baseline(
         (0..requests).map(|_| format!("{base}/healthz")),
         concurrency,
         |s| s == 200,
+        None,
     )
     .await?;
     Ok(Row {
@@ -389,6 +474,7 @@ async fn load(
     urls: impl ExactSizeIterator<Item = String>,
     concurrency: usize,
     ok: impl Fn(u16) -> bool + Copy,
+    mut timeline: Option<&mut plot::Timeline>,
 ) -> anyhow::Result<Vec<Duration>> {
     let total = urls.len();
     let bar = indicatif::ProgressBar::new(total as u64);
@@ -410,7 +496,11 @@ async fn load(
         .buffer_unordered(concurrency);
     let mut latencies = Vec::with_capacity(total);
     while let Some(answer) = answers.next().await {
-        latencies.push(answer?);
+        let latency = answer?;
+        if let Some(timeline) = timeline.as_deref_mut() {
+            timeline.record(latency);
+        }
+        latencies.push(latency);
     }
     bar.finish_and_clear();
     Ok(latencies)
@@ -511,7 +601,15 @@ async fn flash_sale(
         (0..options.users).map(|i| format!("{base}/api/v1/coupon?id=fan-{i}&category=Flash"));
     let memory = profile::MemorySampler::start(Duration::from_millis(500));
     let started = Instant::now();
-    let latencies = load(http, urls, options.concurrency, |s| s == 200 || s == 404).await?;
+    let mut timeline = plot::Timeline::new(started);
+    let latencies = load(
+        http,
+        urls,
+        options.concurrency,
+        |s| s == 200 || s == 404,
+        Some(&mut timeline),
+    )
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     let memory = memory.finish().await;
     let granted: i64 = sqlx::query_scalar(
@@ -541,6 +639,19 @@ async fn flash_sale(
     // is stored, not only answered.
     let answered_in = seconds;
     let seconds = started.elapsed().as_secs_f64();
+    let mut plotted = String::new();
+    if let Some(path) = &options.plot {
+        let title = format!(
+            "flash sale: {} users, {} coupons, {} in flight, answers/s and latency per second",
+            options.users, options.coupons, options.concurrency
+        );
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(path, plot::svg(&title, &timeline.seconds()))
+            .with_context(|| format!("writing the plot to {}", path.display()))?;
+        plotted = format!("; plot in {}", path.display());
+    }
     let expected = options.users.min(options.coupons as usize) as i64;
     if granted != expected || distinct_holders != granted || decisions != options.users as i64 {
         bail!("flash sale broke an invariant: {granted} held (expected {expected}), {distinct_holders} holders, {decisions} decisions");
@@ -556,7 +667,7 @@ async fn flash_sale(
         seconds,
         latencies: Latencies::of(latencies),
         note: format!(
-            "{granted} granted to {distinct_holders} users, 0 double allocations, 0 lost; all answered in {answered_in:.1} s, all decided in {seconds:.1} s; {memory}"
+            "{granted} granted to {distinct_holders} users, 0 double allocations, 0 lost; all answered in {answered_in:.1} s, all decided in {seconds:.1} s; {memory}{plotted}"
         ),
     })
 }

@@ -19,12 +19,17 @@ use std::collections::BTreeMap;
 /// The components, by the starts of the process names (`comm`) that make them up.
 /// The Kafka broker is a JVM (`java`): while a benchmark runs it is the only
 /// one on the machine.
-const COMPONENTS: [(&str, &[&str]); 4] = [
+const COMPONENTS: [(&str, &[&str]); 5] = [
     ("broker", &["java", "redpanda"]),
     ("postgres", &["postgres"]),
     ("redis", &["redis-server"]),
     ("couponctl", &["couponctl"]),
+    ("wrk", &["wrk"]),
 ];
+
+/// The name of the bench's load-generator threads: their ticks, read from
+/// `/proc/self/task`, are the generator's own share, inside `couponctl`'s.
+pub const GENERATOR_THREAD: &str = "bench-gen";
 
 /// CPU ticks used so far: by the whole machine, idle, and per component.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -32,6 +37,7 @@ pub struct CpuSample {
     machine: u64,
     idle: u64,
     components: BTreeMap<&'static str, u64>,
+    generator: u64,
 }
 
 impl CpuSample {
@@ -58,10 +64,15 @@ impl CpuSample {
                 }
             }
         }
+        // `wrk` is the bench's only child process, and it has exited by
+        // the time its row is sampled: its ticks are this process's
+        // reaped children's (`cutime` + `cstime`).
+        *components.entry("wrk").or_default() += children_ticks();
         Some(Self {
             machine,
             idle,
             components,
+            generator: generator_ticks(),
         })
     }
 
@@ -73,14 +84,52 @@ impl CpuSample {
         let mut parts: Vec<String> = self
             .components
             .iter()
-            .map(|(name, ticks)| {
+            .filter_map(|(name, ticks)| {
                 let then = earlier.components.get(name).copied().unwrap_or(0);
-                format!("{name} {:.0}%", share(*ticks, then))
+                // wrk only runs in its own row.
+                let generator = share(self.generator, earlier.generator);
+                (*name != "wrk" || *ticks > then).then(|| match *name {
+                    "couponctl" if generator > 0.0 => format!(
+                        "couponctl {:.0}% (load generator {generator:.0}%)",
+                        share(*ticks, then)
+                    ),
+                    _ => format!("{name} {:.0}%", share(*ticks, then)),
+                })
             })
             .collect();
         parts.push(format!("idle {:.0}%", share(self.idle, earlier.idle)));
         format!("cpu: {}", parts.join(", "))
     }
+}
+
+/// User + system ticks of this process's children that have exited.
+fn children_ticks() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return 0;
+    };
+    let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    // cutime and cstime are fields 16 and 17 (1-based).
+    let field = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(13) + field(14)
+}
+
+/// User + system ticks of this process's load-generator threads.
+fn generator_ticks() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter_map(|stat| {
+            process_ticks(&stat)
+                .filter(|(comm, _)| comm.starts_with(GENERATOR_THREAD))
+                .map(|(_, ticks)| ticks)
+        })
+        .sum()
 }
 
 /// The component a process belongs to, by the start of its name, so that a
@@ -246,6 +295,7 @@ mod tests {
             machine: 1_000,
             idle: 500,
             components: COMPONENTS.iter().map(|(n, _)| (*n, 0)).collect(),
+            generator: 0,
         };
         let mut after = before.clone();
         after.machine = 1_200;
@@ -256,6 +306,13 @@ mod tests {
         assert_eq!(
             after.since(&before),
             "cpu: broker 50%, couponctl 20%, postgres 0%, redis 0%, idle 10%"
+        );
+        // wrk shows when it ran; the generator's threads as part of couponctl.
+        after.components.insert("wrk", 30);
+        after.generator = 16;
+        assert_eq!(
+            after.since(&before),
+            "cpu: broker 50%, couponctl 20% (load generator 8%), postgres 0%, redis 0%, wrk 15%, idle 10%"
         );
     }
 }
