@@ -181,3 +181,60 @@ pub async fn live_holds(pool: &PgPool) -> Result<Vec<LiveHold>, sqlx::Error> {
     .fetch_all(pool)
     .await
 }
+
+/// Coupons of `category` (the benchmarks wait for a release's projection).
+pub async fn count_in_category(pool: &PgPool, category: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM coupons WHERE category = $1"#,
+        category
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Held coupons of `category`, and how many distinct users hold them.
+pub async fn held_in_category(pool: &PgPool, category: &str) -> Result<(i64, i64), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT count(*) AS "held!", count(DISTINCT holder_user_id) AS "holders!"
+           FROM coupons WHERE category = $1 AND status = 'held'"#,
+        category
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((row.held, row.holders))
+}
+
+/// The allocation step alone, as the benchmarks' baseline measures it:
+/// the oldest available coupon of `category`, held for `holder` for five
+/// minutes (no quota, no decision).
+pub async fn hold_one(
+    conn: &mut sqlx::PgConnection,
+    category: &str,
+    holder: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar!(
+        "WITH pick AS MATERIALIZED (
+             SELECT code FROM coupons WHERE status = 'available' AND category = $2
+             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+         UPDATE coupons c SET status = 'held', holder_user_id = $1, hold_id = $1,
+                held_until = now() + interval '5 minutes'
+         FROM pick WHERE c.code = pick.code RETURNING c.code",
+        holder,
+        category
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Makes every held coupon of `category` available again (after a baseline).
+pub async fn release_all_held(pool: &PgPool, category: &str) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE coupons SET status = 'available', holder_user_id = NULL, hold_id = NULL,
+                held_until = NULL
+         WHERE category = $1 AND status = 'held'",
+        category
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}

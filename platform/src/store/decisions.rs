@@ -136,3 +136,17 @@ pub async fn was_granted(
     .fetch_one(conn)
     .await
 }
+
+/// Claim decisions of users whose id starts with `prefix` (the benchmarks'
+/// simulated users).
+pub async fn claim_decisions_of_users_like(
+    pool: &PgPool,
+    prefix: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM claim_decisions WHERE user_id LIKE $1 || '%'"#,
+        prefix
+    )
+    .fetch_one(pool)
+    .await
+}

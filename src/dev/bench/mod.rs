@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
+use coupon_platform::store;
 use coupon_schemas::{ClaimDecided, ClaimRequested, CouponsCreated};
 
 use crate::app::{self, AppConfig, Role};
@@ -521,9 +522,8 @@ async fn release(
     let started = Instant::now();
     coupon_producers::issue::issue(pool, &publisher, &config.topics(), 2, &request, |_| {}).await?;
     let published = started.elapsed();
-    let sql = format!("SELECT count(*) FROM coupons WHERE category = '{category}'");
     loop {
-        let projected: i64 = sqlx::query_scalar(&sql).fetch_one(pool).await?;
+        let projected = store::coupons::count_in_category(pool, category).await?;
         if projected == i64::from(count) {
             break;
         }
@@ -546,12 +546,6 @@ async fn release(
 /// The allocation statement straight against Postgres: one claim per
 /// transaction, then 500 per transaction (as the claim processor batches).
 async fn allocation_baselines(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
-    const SQL: &str = "WITH pick AS MATERIALIZED (
-             SELECT code FROM coupons WHERE status = 'available' AND category = 'Release'
-             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-         UPDATE coupons c SET status = 'held', holder_user_id = $1, hold_id = $1,
-                held_until = now() + interval '5 minutes'
-         FROM pick WHERE c.code = pick.code RETURNING c.code";
     let mut rows = Vec::new();
     for (label, per_tx, total) in [
         (
@@ -567,10 +561,7 @@ async fn allocation_baselines(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
             let mut tx = pool.begin().await?;
             for _ in 0..per_tx {
                 let holder = format!("alloc-bench-{per_tx}-{done}");
-                sqlx::query(SQL)
-                    .bind(&holder)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                store::coupons::hold_one(&mut tx, "Release", &holder).await?;
                 done += 1;
             }
             tx.commit().await?;
@@ -585,9 +576,7 @@ async fn allocation_baselines(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
             note: "SKIP LOCKED pick + conditional update".into(),
         });
     }
-    sqlx::query("UPDATE coupons SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL WHERE category = 'Release' AND status = 'held'")
-        .execute(pool)
-        .await?;
+    store::coupons::release_all_held(pool, "Release").await?;
     Ok(rows)
 }
 
@@ -612,24 +601,12 @@ async fn flash_sale(
     .await?;
     let seconds = started.elapsed().as_secs_f64();
     let memory = memory.finish().await;
-    let granted: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM coupons WHERE category = 'Flash' AND status = 'held'",
-    )
-    .fetch_one(pool)
-    .await?;
-    let distinct_holders: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT holder_user_id) FROM coupons WHERE category = 'Flash' AND status = 'held'",
-    )
-    .fetch_one(pool)
-    .await?;
+    let (granted, distinct_holders) = store::coupons::held_in_category(pool, "Flash").await?;
     // A claim answered sold out from the cache is decided on the log after
     // its answer: give the processor a moment to record the last of them.
     let deadline = Instant::now() + Duration::from_secs(60);
     let decisions: i64 = loop {
-        let decisions: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM claim_decisions WHERE user_id LIKE 'fan-%'")
-                .fetch_one(pool)
-                .await?;
+        let decisions = store::decisions::claim_decisions_of_users_like(pool, "fan-").await?;
         if decisions >= options.users as i64 || Instant::now() > deadline {
             break decisions;
         }
