@@ -7,6 +7,7 @@
 //! | [`coupons`]   | `coupons`                                           |
 //! | [`users`]     | `users` (the blacklist, `last_coupon_at`)           |
 //! | [`decisions`] | `claim_decisions`, `purchase_decisions`, `quota_grants` |
+//! | [`history`]   | `coupon_history` (the sink's appends, the analysts' reads) |
 //! | [`leases`]    | `snowflake_leases` (machine ids of the Snowflake ids) |
 //! | [`console`]   | the web console's reads of `coupons` (batches) and `coupon_history` (analytics) |
 //!
@@ -17,16 +18,19 @@
 //! regenerates `.sqlx/` against a fresh migrated database.
 //!
 //! Here: the purchase processor's and the expiry's statements, the
-//! blacklist, the machine-id leases, the gateway's reads and the audit's.
-//! Compile-checked too, in modules of their own: the claim processor's batch
-//! statements (`consumers/src/claims/store.rs`) and the counts of
-//! `coupon_platform::stats`. Not yet: the coupon projector's and the history
-//! sink's bulk inserts, the rebuild's bulk writes, the history query, the
-//! console's reads and the benchmarks' probes; they still use unchecked `sqlx::query`.
+//! blacklist, the machine-id leases, the history sink's appends and the
+//! analysts' history query, the gateway's reads, the audit's and the
+//! benchmarks'. Compile-checked too, in modules of their own: the claim
+//! processor's batch statements (`consumers/src/claims/store.rs`) and the
+//! counts of `coupon_platform::stats`. Not yet compile-checked: the bulk
+//! inserts of the coupon projector and of the history sink (`append`), the
+//! rebuild's bulk writes and the console's reads; they still use unchecked
+//! `sqlx::query`.
 
 pub mod console;
 pub mod coupons;
 pub mod decisions;
+pub mod history;
 pub mod leases;
 pub mod users;
 
