@@ -6,7 +6,6 @@
 //! rows then go through `INSERT ... ON CONFLICT DO NOTHING` on the code, which
 //! adds nothing that exists. Offsets are stored after the write commits.
 
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use coupon_domain::{Category, CouponCode, EmployeeId, SnowflakeId};
@@ -20,15 +19,7 @@ use crate::{Context, Role};
 
 pub const ROLE: Role = Role::Coupons;
 
-/// One coupon ready to insert.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewCoupon {
-    pub code: CouponCode,
-    pub batch_id: Uuid,
-    pub employee_id: EmployeeId,
-    pub category: Category,
-    pub generated_at: DateTime<Utc>,
-}
+pub use coupon_platform::store::coupons::{insert_coupons, NewCoupon};
 
 /// Validates a decoded event and expands it into coupons.
 pub fn coupons_of(event: &CouponsCreated) -> Result<Vec<NewCoupon>, String> {
@@ -74,70 +65,6 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
         crate::supply_changed(ctx).await;
     }
     dead_letter_all(&ctx.dead_letters(ROLE), &split.refused).await
-}
-
-/// Inserts coupons in one statement; returns how many were new.
-pub async fn insert_coupons(
-    pool: &sqlx::PgPool,
-    coupons: &[NewCoupon],
-) -> Result<u64, sqlx::Error> {
-    if coupons.is_empty() {
-        return Ok(0);
-    }
-    let mut inserted = 0;
-    // Chunked to keep each statement's arrays moderate.
-    for chunk in coupons.chunks(20_000) {
-        // The fast path: a binary COPY. A redelivered chunk (a code already
-        // there) makes Postgres refuse it whole, and the statement below,
-        // which skips what exists, decides instead.
-        match coupon_platform::pgcopy::copy_in(pool, COPY_COUPONS, copy_rows(chunk)).await {
-            Ok(rows) => {
-                inserted += rows;
-                continue;
-            }
-            Err(error) if coupon_platform::pgcopy::refused(&error) => {
-                tracing::debug!(%error, "COPY refused; inserting what is new");
-            }
-            Err(error) => return Err(error),
-        }
-        let codes: Vec<String> = chunk.iter().map(|c| c.code.to_string()).collect();
-        let ids: Vec<i64> = chunk.iter().map(|c| c.code.id().as_i64()).collect();
-        let batches: Vec<Uuid> = chunk.iter().map(|c| c.batch_id).collect();
-        let employees: Vec<&str> = chunk.iter().map(|c| c.employee_id.as_str()).collect();
-        let categories: Vec<&str> = chunk.iter().map(|c| c.category.as_str()).collect();
-        let generated: Vec<DateTime<Utc>> = chunk.iter().map(|c| c.generated_at).collect();
-        inserted += sqlx::query(
-            "INSERT INTO coupons (code, id, batch_id, employee_id, category, generated_at)
-             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&codes)
-        .bind(&ids)
-        .bind(&batches)
-        .bind(&employees)
-        .bind(&categories)
-        .bind(&generated)
-        .execute(pool)
-        .await?
-        .rows_affected();
-    }
-    Ok(inserted)
-}
-
-const COPY_COUPONS: &str = "COPY coupons (code, id, batch_id, employee_id, category, generated_at) FROM STDIN (FORMAT binary)";
-
-fn copy_rows(coupons: &[NewCoupon]) -> coupon_platform::pgcopy::BinaryRows {
-    let mut rows = coupon_platform::pgcopy::BinaryRows::new(6, coupons.len() * 110);
-    for c in coupons {
-        rows.row()
-            .text(&c.code.to_string())
-            .int8(c.code.id().as_i64())
-            .uuid(&c.batch_id)
-            .text(c.employee_id.as_str())
-            .text(c.category.as_str())
-            .timestamptz(&c.generated_at);
-    }
-    rows
 }
 
 crate::role_handler!(ROLE);

@@ -3,8 +3,10 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use uuid::Uuid;
+
 use coupon_domain::purchase::CouponView;
-use coupon_domain::CouponStatus;
+use coupon_domain::{Category, CouponCode, CouponStatus, EmployeeId};
 
 /// One coupon as the gateway shows it (`GET /api/v1/coupon/<code>`).
 #[derive(Debug, Clone, PartialEq)]
@@ -237,4 +239,78 @@ pub async fn release_all_held(pool: &PgPool, category: &str) -> Result<(), sqlx:
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// One coupon ready to insert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewCoupon {
+    pub code: CouponCode,
+    pub batch_id: Uuid,
+    pub employee_id: EmployeeId,
+    pub category: Category,
+    pub generated_at: DateTime<Utc>,
+}
+
+/// Inserts coupons in one statement; returns how many were new.
+pub async fn insert_coupons(
+    pool: &sqlx::PgPool,
+    coupons: &[NewCoupon],
+) -> Result<u64, sqlx::Error> {
+    if coupons.is_empty() {
+        return Ok(0);
+    }
+    let mut inserted = 0;
+    // Chunked to keep each statement's arrays moderate.
+    for chunk in coupons.chunks(20_000) {
+        // The fast path: a binary COPY. A redelivered chunk (a code already
+        // there) makes Postgres refuse it whole, and the statement below,
+        // which skips what exists, decides instead.
+        match crate::pgcopy::copy_in(pool, COPY_COUPONS, copy_rows(chunk)).await {
+            Ok(rows) => {
+                inserted += rows;
+                continue;
+            }
+            Err(error) if crate::pgcopy::refused(&error) => {
+                tracing::debug!(%error, "COPY refused; inserting what is new");
+            }
+            Err(error) => return Err(error),
+        }
+        let codes: Vec<String> = chunk.iter().map(|c| c.code.to_string()).collect();
+        let ids: Vec<i64> = chunk.iter().map(|c| c.code.id().as_i64()).collect();
+        let batches: Vec<Uuid> = chunk.iter().map(|c| c.batch_id).collect();
+        let employees: Vec<&str> = chunk.iter().map(|c| c.employee_id.as_str()).collect();
+        let categories: Vec<&str> = chunk.iter().map(|c| c.category.as_str()).collect();
+        let generated: Vec<DateTime<Utc>> = chunk.iter().map(|c| c.generated_at).collect();
+        inserted += sqlx::query(
+            "INSERT INTO coupons (code, id, batch_id, employee_id, category, generated_at)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&codes)
+        .bind(&ids)
+        .bind(&batches)
+        .bind(&employees)
+        .bind(&categories)
+        .bind(&generated)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(inserted)
+}
+
+const COPY_COUPONS: &str = "COPY coupons (code, id, batch_id, employee_id, category, generated_at) FROM STDIN (FORMAT binary)";
+
+fn copy_rows(coupons: &[NewCoupon]) -> crate::pgcopy::BinaryRows {
+    let mut rows = crate::pgcopy::BinaryRows::new(6, coupons.len() * 110);
+    for c in coupons {
+        rows.row()
+            .text(&c.code.to_string())
+            .int8(c.code.id().as_i64())
+            .uuid(&c.batch_id)
+            .text(c.employee_id.as_str())
+            .text(c.category.as_str())
+            .timestamptz(&c.generated_at);
+    }
+    rows
 }

@@ -17,14 +17,16 @@
 //! needs no database. After changing a query or a migration, `make sqlx`
 //! regenerates `.sqlx/` against a fresh migrated database.
 //!
-//! Here: the purchase processor's and the expiry's statements, the
-//! blacklist, the machine-id leases, the history sink's appends and the
+//! Here: the coupon projector's bulk insert, the purchase processor's and
+//! the expiry's statements, the blacklist, the machine-id leases, the
+//! history sink's appends and the
 //! analysts' history query, the gateway's reads, the audit's and the
 //! benchmarks'. Compile-checked too, in modules of their own: the claim
 //! processor's batch statements (`consumers/src/claims/store.rs`) and the
 //! counts of `coupon_platform::stats`. Not yet compile-checked: the bulk
-//! inserts of the coupon projector and of the history sink (`append`), the
-//! rebuild's bulk writes and the console's reads; they still use unchecked
+//! inserts of the coupon projector (`insert_coupons`) and of the history sink
+//! (`append`, their COPY fast paths included), the rebuild's bulk writes and
+//! the console's reads; they still use unchecked
 //! `sqlx::query`.
 
 pub mod console;
