@@ -425,3 +425,85 @@ async fn releases_race_a_drained_pool_across_two_gateways() {
     }
     crate::harness::assert_invariants(&env, 7).await;
 }
+
+/// While claims keep arriving for an empty pool, its sold-out mark is renewed
+/// and never lapses: every claim after the first mark is answered from it
+/// (flagged on the log), for several times the mark's TTL. Without renewal
+/// the mark would lapse every TTL and claims in flight would take the full
+/// path (a p99 spike in the flash sale every 10 s). A release still voids
+/// the renewed mark at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sold_out_mark_is_renewed_while_claims_keep_coming() {
+    let env = TestEnv::new().await;
+    let mark_ttl = Duration::from_secs(3);
+    let _processor = env
+        .start(&[Role::Coupons, Role::Claims], |c| {
+            c.policy.sold_out_mark_ttl = mark_ttl;
+        })
+        .await;
+    let gateway = env.start(&[Role::Gateway], |_| {}).await;
+    let http = TestEnv::http_client();
+    release(&env, "Books", 1).await;
+    assert_eq!(claim(&http, &gateway, "holder", "r-holder").await.0, 200);
+    assert_eq!(
+        claim(&http, &gateway, "drain", "r-drain").await,
+        (404, "sold_out".to_owned())
+    );
+
+    // Claims for 4 TTLs, four a second, each from a new user.
+    let mut pace = tokio::time::interval(Duration::from_millis(250));
+    let steady: Vec<String> = (0..(4 * mark_ttl.as_millis() / 250))
+        .map(|i| format!("r-steady-{i}"))
+        .collect();
+    for (i, request_id) in steady.iter().enumerate() {
+        pace.tick().await;
+        assert_eq!(
+            claim(&http, &gateway, &format!("steady-{i}"), request_id).await,
+            (404, "sold_out".to_owned()),
+            "claim {i}"
+        );
+    }
+    let read_flags = || async {
+        let mut flags = HashMap::new();
+        for record in env.read_topic(&env.topics.claims()).await {
+            let request = decode::<ClaimRequested>(&record).expect("claim request");
+            if request.request_id.starts_with("r-steady-") {
+                flags.insert(request.request_id, request.answered_sold_out);
+            }
+        }
+        flags
+    };
+    eventually_ok(
+        "every steady claim is on the log",
+        Duration::from_secs(30),
+        || async {
+            let on_log = read_flags().await.len();
+            if on_log == steady.len() {
+                Ok(())
+            } else {
+                Err(format!("{on_log} of {} on the log", steady.len()))
+            }
+        },
+    )
+    .await;
+    let flags = read_flags().await;
+    let slow: Vec<&String> = steady.iter().filter(|id| !flags[*id]).collect();
+    assert!(
+        slow.is_empty(),
+        "claims that found no mark and took the full path: {slow:?}"
+    );
+
+    // A release voids the renewed mark at once: the next claim wins.
+    release(&env, "Books", 1).await;
+    let attempt = std::sync::atomic::AtomicUsize::new(0);
+    eventually(
+        "a claim after the release gets the new coupon",
+        Duration::from_secs(20),
+        || async {
+            let n = attempt.fetch_add(1, Ordering::Relaxed);
+            let (user, request_id) = (format!("after-{n}"), format!("r-after-{n}"));
+            claim(&http, &gateway, &user, &request_id).await.0 == 200
+        },
+    )
+    .await;
+}

@@ -410,6 +410,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
         if let Some(version) = supply {
             mark_sold_out(ctx, &view.pool, version.as_deref()).await;
         }
+        rearm_sold_out(ctx, &claims).await;
     } else {
         drop(tx);
     }
@@ -478,6 +479,54 @@ async fn mark_sold_out(ctx: &Context, pool: &PoolKnowledge, version: Option<&str
     {
         Ok(()) => metrics::counter!("coupon_sold_out_marks_total").increment(pools.len() as u64),
         Err(error) => tracing::warn!(%error, "could not mark pools sold out in Redis"),
+    }
+}
+
+/// Renews the sold-out marks that claims of this batch were answered from,
+/// while their pools are still empty. A mark's TTL is only a safety net (a
+/// supply whose Redis write was lost); without renewal it would lapse in the
+/// middle of a sale and send every claim in flight down the full path at
+/// once, a p99 spike every TTL. As for any mark, the supply version is read
+/// before Postgres is asked: a supply landing in between changes the version
+/// and voids the renewed mark at once, and a supply whose Redis write was
+/// lost shows in Postgres, so its pool is not renewed and lapses as before.
+async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
+    let mut pools: Vec<Option<&str>> = claims
+        .iter()
+        .filter(|claim| claim.answered_sold_out)
+        .map(category_of)
+        .collect();
+    pools.sort_unstable();
+    pools.dedup();
+    if pools.is_empty() {
+        return;
+    }
+    let version = match ctx.cache.supply_version().await {
+        Ok(version) => version,
+        Err(error) => {
+            tracing::debug!(%error, "no supply version; renewing no sold-out mark");
+            return;
+        }
+    };
+    let mut empty = Vec::with_capacity(pools.len());
+    for pool in pools {
+        match coupon_platform::store::coupons::any_available(&ctx.pool, pool).await {
+            Ok(false) => empty.push(pool),
+            Ok(true) => {}
+            Err(error) => {
+                tracing::debug!(%error, "pool not readable; renewing no sold-out mark");
+                return;
+            }
+        }
+    }
+    let version = coupon_domain::sold_out::supply_version(version.as_deref());
+    match ctx
+        .cache
+        .mark_sold_out(&empty, version, ctx.policy.sold_out_mark_ttl)
+        .await
+    {
+        Ok(()) => metrics::counter!("coupon_sold_out_marks_total").increment(empty.len() as u64),
+        Err(error) => tracing::debug!(%error, "could not renew sold-out marks in Redis"),
     }
 }
 

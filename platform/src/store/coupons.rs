@@ -184,6 +184,31 @@ pub async fn live_holds(pool: &PgPool) -> Result<Vec<LiveHold>, sqlx::Error> {
     .await
 }
 
+/// Whether any coupon of `category` (`None`: of any category) is available.
+/// One probe of a partial index: the claim processor asks it to keep a
+/// sold-out mark alive while claims still arrive for an empty pool.
+pub async fn any_available(pool: &PgPool, category: Option<&str>) -> Result<bool, sqlx::Error> {
+    // Two statements, so that each probes its own partial index.
+    match category {
+        Some(category) => {
+            sqlx::query_scalar!(
+                r#"SELECT EXISTS (SELECT 1 FROM coupons
+                                   WHERE status = 'available' AND category = $1) AS "any!""#,
+                category
+            )
+            .fetch_one(pool)
+            .await
+        }
+        None => {
+            sqlx::query_scalar!(
+                r#"SELECT EXISTS (SELECT 1 FROM coupons WHERE status = 'available') AS "any!""#
+            )
+            .fetch_one(pool)
+            .await
+        }
+    }
+}
+
 /// Coupons of `category` (the benchmarks wait for a release's projection).
 pub async fn count_in_category(pool: &PgPool, category: &str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar!(
