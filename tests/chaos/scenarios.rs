@@ -523,13 +523,29 @@ async fn burst(fault: Fault, profile: Profile) -> Row {
 /// Scores a scenario from the claims topic, the results topic and the
 /// database, after giving the system up to a minute to drain.
 async fn score(env: &TestEnv, scenario: &str, issued: i64, answers: &[Answer]) -> Row {
-    let requested: HashSet<String> = env
-        .read_topic(&env.topics.claims())
-        .await
+    // A claim answered from a sold-out mark is answered before its record is
+    // delivered (the gateway does not wait for that produce), and a leader
+    // failover can hold the delivery for seconds: wait for every answered
+    // request to reach the log before calling one "never requested".
+    let answered: HashSet<&str> = answers
         .iter()
-        .filter_map(|record| decode::<ClaimRequested>(record).ok())
-        .map(|claim| claim.request_id)
+        .filter(|a| a.answer.is_some())
+        .map(|a| a.request_id.as_str())
         .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let requested: HashSet<String> = loop {
+        let requested: HashSet<String> = env
+            .read_topic(&env.topics.claims())
+            .await
+            .iter()
+            .filter_map(|record| decode::<ClaimRequested>(record).ok())
+            .map(|claim| claim.request_id)
+            .collect();
+        if answered.iter().all(|id| requested.contains(*id)) || Instant::now() > deadline {
+            break requested;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let ids: Vec<String> = requested.iter().cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     let stored: HashMap<String, (String, Option<String>, uuid::Uuid)> = loop {
