@@ -63,7 +63,7 @@ use crate::{Context, Decided, Role};
 
 pub use store::{insert_decisions, StoredDecision};
 
-use decide::{apply_rules, category_of, classify, BatchView, Candidate, Step};
+use decide::{apply_rules, category_of, classify, users_to_read, BatchView, Candidate, Step};
 
 pub const ROLE: Role = Role::Claims;
 
@@ -286,9 +286,14 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     let mut fresh = Vec::new();
     if !claims.is_empty() {
         let request_ids: Vec<&str> = claims.iter().map(|c| c.request_id.as_str()).collect();
-        let user_ids: Vec<&str> = claims.iter().map(|c| c.user_id.as_str()).collect();
+        let user_ids = users_to_read(&claims);
         let stored = store::find_decisions(&mut tx, &request_ids).await?;
-        let mut view = BatchView::new(stored, store::user_states(&mut tx, &user_ids).await?);
+        let states = if user_ids.is_empty() {
+            HashMap::new()
+        } else {
+            store::user_states(&mut tx, &user_ids).await?
+        };
+        let mut view = BatchView::new(stored, states);
         let mut answers: Vec<Option<Answer>> = Vec::with_capacity(claims.len());
         let mut waiting = Vec::new();
         let mut deferred = Vec::new();
