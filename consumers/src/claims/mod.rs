@@ -472,19 +472,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
 /// `version` (read before the batch's allocations). Redis trouble costs
 /// only speed: unmarked pools are decided here as before.
 async fn mark_sold_out(ctx: &Context, pool: &PoolKnowledge, version: Option<&str>) {
-    let pools = pool.empty_pools();
-    if pools.is_empty() {
-        return;
-    }
-    let version = coupon_domain::sold_out::supply_version(version);
-    match ctx
-        .cache
-        .mark_sold_out(&pools, version, ctx.policy.sold_out_mark_ttl)
-        .await
-    {
-        Ok(()) => metrics::counter!("coupon_sold_out_marks_total").increment(pools.len() as u64),
-        Err(error) => tracing::warn!(%error, "could not mark pools sold out in Redis"),
-    }
+    put_sold_out_marks(ctx, &pool.empty_pools(), version).await;
 }
 
 /// Renews the sold-out marks that claims of this batch were answered from,
@@ -524,14 +512,23 @@ async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
             }
         }
     }
-    let version = coupon_domain::sold_out::supply_version(version.as_deref());
+    put_sold_out_marks(ctx, &empty, version.as_deref()).await;
+}
+
+/// Writes the sold-out marks of `pools` as of supply `version`. Redis
+/// trouble costs only speed, so it is logged, never returned.
+async fn put_sold_out_marks(ctx: &Context, pools: &[Option<&str>], version: Option<&str>) {
+    if pools.is_empty() {
+        return;
+    }
+    let version = coupon_domain::sold_out::supply_version(version);
     match ctx
         .cache
-        .mark_sold_out(&empty, version, ctx.policy.sold_out_mark_ttl)
+        .mark_sold_out(pools, version, ctx.policy.sold_out_mark_ttl)
         .await
     {
-        Ok(()) => metrics::counter!("coupon_sold_out_marks_total").increment(empty.len() as u64),
-        Err(error) => tracing::debug!(%error, "could not renew sold-out marks in Redis"),
+        Ok(()) => metrics::counter!("coupon_sold_out_marks_total").increment(pools.len() as u64),
+        Err(error) => tracing::warn!(%error, "could not mark pools sold out in Redis"),
     }
 }
 

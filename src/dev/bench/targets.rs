@@ -52,7 +52,7 @@ pub fn render_targets(rows: &[Row]) -> String {
             });
         }
     }
-    if let Some(steady) = find(Scenario::SteadyDay) {
+    if let Some(steady) = find(Scenario::SteadySale).or_else(|| find(Scenario::SteadyDay)) {
         let p99 = steady.latencies.map(|l| l.p99.as_secs_f64() * 1000.0);
         let at_target_rate = steady.throughput() >= super::STEADY_TARGET_RATE * 0.95;
         targets.push(Target {
