@@ -223,9 +223,7 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     // The latency target: 5,000 claims/s, open loop, on a sale that goes
     // on: one claim in ten wins, with coupons released every second.
     let mut steady = Vec::new();
-    let sale = Mix::SALE;
-    eprintln!("bench: {} at {STEADY_TARGET_RATE:.0} claims/s", sale.label);
-    steady.push((sale, STEADY_TARGET_RATE));
+    steady.push((Mix::SALE, STEADY_TARGET_RATE));
     // Half the claims winning is the grant path's own figure. An open load
     // above capacity only measures the queue, so it runs at the rate the
     // batched allocation statement alone sustains for its grants (and at
