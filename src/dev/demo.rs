@@ -246,7 +246,7 @@ async fn scenario(
     };
     blacklist
         .add(
-            "mallory",
+            &coupon_domain::UserId::parse("mallory")?,
             None,
             "demo: known abuser",
             coupon_producers::blacklist::Source::Manual,

@@ -50,7 +50,9 @@ use uuid::Uuid;
 
 use coupon_consumers::coupons::{self, NewCoupon};
 use coupon_consumers::history::{self, HistoryRow};
-use coupon_domain::{ClaimOutcomeKind, CouponStatus, HistoryKind, QuotaWindow};
+use coupon_domain::{
+    ClaimOutcomeKind, CouponStatus, HistoryKind, OrderId, QuotaWindow, RequestId, UserId,
+};
 use coupon_platform::kafka::Record;
 use coupon_platform::time::from_ms;
 use coupon_platform::{KafkaSettings, Topics};
@@ -194,10 +196,10 @@ pub fn purchase_decision_row(
     }
     Ok(Some(PurchaseDecisionRow {
         repeated: false,
-        order_id: event.order_id.clone(),
-        request_id: event.request_id.clone(),
+        order_id: OrderId::parse(event.order_id.as_str()).map_err(|e| e.to_string())?,
+        request_id: RequestId::parse(event.request_id.as_str()).map_err(|e| e.to_string())?,
         event_id: event_id_of(event.envelope.as_ref())?,
-        user_id: event.user_id.clone(),
+        user_id: UserId::parse(event.user_id.as_str()).map_err(|e| e.to_string())?,
         coupon_code: event.coupon_code.clone(),
         outcome,
         decided_at: at,
@@ -621,14 +623,15 @@ impl Projection {
         match purchase_decision_row(event, at) {
             Ok(None) => {}
             Ok(Some(row)) => {
-                if self.purchase_decisions.contains_key(&row.order_id) {
+                if self.purchase_decisions.contains_key(row.order_id.as_str()) {
                     let what = format!(
                         "a second decision for order {}; the first stands",
                         row.order_id
                     );
                     self.anomaly(record, what);
                 } else {
-                    self.purchase_decisions.insert(row.order_id.clone(), row);
+                    self.purchase_decisions
+                        .insert(row.order_id.to_string(), row);
                 }
             }
             Err(reason) => self.anomaly(record, format!("purchase decision not stored: {reason}")),

@@ -229,7 +229,7 @@ async fn decide_deferred(
         return Ok((stored.clone(), false));
     }
     let user = claim.user_id.as_str();
-    let state = store::user_states(&mut *tx, &[user])
+    let state = store::user_states(&mut *tx, &[&claim.user_id])
         .await?
         .remove(user)
         .unwrap_or_default();
@@ -285,8 +285,8 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
 
     let mut fresh = Vec::new();
     if !claims.is_empty() {
-        let request_ids: Vec<&str> = claims.iter().map(|c| c.request_id.as_str()).collect();
-        let user_ids: Vec<&str> = claims.iter().map(|c| c.user_id.as_str()).collect();
+        let request_ids: Vec<&RequestId> = claims.iter().map(|c| &c.request_id).collect();
+        let user_ids: Vec<&UserId> = claims.iter().map(|c| &c.user_id).collect();
         let stored = store::find_decisions(&mut tx, &request_ids).await?;
         let mut view = BatchView::new(stored, store::user_states(&mut tx, &user_ids).await?);
         let mut answers: Vec<Option<Answer>> = Vec::with_capacity(claims.len());

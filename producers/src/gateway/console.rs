@@ -369,7 +369,7 @@ pub struct BlacklistItem {
 impl From<blacklist::BlacklistEntry> for BlacklistItem {
     fn from(e: blacklist::BlacklistEntry) -> Self {
         Self {
-            user_id: e.user_id,
+            user_id: e.user_id.into_string(),
             reason: e.blacklist_reason,
             blacklisted_at: e.blacklisted_at.map(millis),
             expires_at: e.blacklisted_until.map(millis),
@@ -494,7 +494,7 @@ pub(super) async fn blacklist_add(
         topics: &state.topics,
     };
     let entry = list
-        .add(user.as_str(), until, &body.reason, Source::Manual)
+        .add(&user, until, &body.reason, Source::Manual)
         .await
         .map_err(|error| {
             tracing::warn!(%error, "blacklisting from the console failed");
@@ -559,13 +559,10 @@ pub(super) async fn blacklist_remove(
         publisher: &state.publisher,
         topics: &state.topics,
     };
-    let removed = list
-        .remove(user.as_str(), Source::Manual)
-        .await
-        .map_err(|error| {
-            tracing::warn!(%error, "lifting a blacklisting from the console failed");
-            ApiError::unavailable("the blacklist could not be changed; retrying is safe")
-        })?;
+    let removed = list.remove(&user, Source::Manual).await.map_err(|error| {
+        tracing::warn!(%error, "lifting a blacklisting from the console failed");
+        ApiError::unavailable("the blacklist could not be changed; retrying is safe")
+    })?;
     Ok(Json(BlacklistRemoved {
         user_id: user.as_str().to_owned(),
         removed,

@@ -233,7 +233,9 @@ impl GatewayState {
             let Some(state) = state.upgrade() else { return };
             let read = store::users::blacklisted_now(&state.pool).await;
             let list = match read {
-                Ok(users) => Some(Arc::new(users.into_iter().collect())),
+                Ok(users) => Some(Arc::new(
+                    users.into_iter().map(UserId::into_string).collect(),
+                )),
                 Err(error) => {
                     tracing::debug!(%error, "cannot read the blacklist; no sold-out fast path");
                     None
@@ -634,7 +636,7 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
         };
         if let Err(error) = blacklist
             .add(
-                user.as_str(),
+                user,
                 Some(until),
                 "flooding the gateway",
                 crate::blacklist::Source::Automatic,
@@ -1187,7 +1189,7 @@ async fn coupon_status(
     let caller = storefront_caller(&state, &headers, client)?;
     let Path(raw) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
     let code = CouponCode::parse(&raw).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let row = store::coupons::find(&state.pool, &code.to_string())
+    let row = store::coupons::find(&state.pool, code)
         .await
         .map_err(|error| {
             tracing::warn!(%error, "reading a coupon failed");
@@ -1203,8 +1205,8 @@ async fn coupon_status(
     let status = CouponState::from(row.status);
     let millis = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     Ok(Json(CouponStatus {
-        coupon_code: row.code,
-        category: row.category,
+        coupon_code: row.code.to_string(),
+        category: row.category.into_string(),
         expires_at: if matches!(status, CouponState::Held) {
             row.held_until.map(millis)
         } else {
@@ -1214,7 +1216,7 @@ async fn coupon_status(
         // Who holds a coupon is for operators only: codes are sequential,
         // so anyone could otherwise list who holds what.
         holder: if caller == Caller::Admin {
-            row.holder_user_id
+            row.holder_user_id.map(UserId::into_string)
         } else {
             None
         },
