@@ -30,13 +30,12 @@ use uuid::Uuid;
 
 use coupon_domain::{CouponCode, HistoryKind, RequestId};
 use coupon_platform::kafka::consumer::BatchError;
-use coupon_platform::kafka::Record;
 use coupon_platform::store::coupons;
 use coupon_platform::time::to_ms;
 use coupon_schemas::HoldExpired;
 
 use crate::history::{append, HistoryRow};
-use coupon_platform::kafka::role::{self, dead_letter_all};
+use coupon_platform::kafka::role::{self, dead_letter_all, Decoded};
 
 use crate::{Context, Role};
 
@@ -153,8 +152,11 @@ fn release_of(event: &HoldExpired) -> Result<Release, String> {
     })
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
-    let split = role::split::<HoldExpired, _>(batch, |_, event| release_of(&event));
+pub async fn handle_events(
+    ctx: &Context,
+    batch: &[Decoded<HoldExpired>],
+) -> Result<(), BatchError> {
+    let split = role::split(batch, |_, event| release_of(event));
     let mut released = Vec::new();
     let mut history = Vec::new();
     let mut tx = ctx.pool.begin().await?;
@@ -219,7 +221,7 @@ pub async fn run(
     result
 }
 
-crate::role_handler!(ROLE);
+crate::role_handler!(ROLE, HoldExpired);
 
 /// Puts every live hold from Postgres into Redis: run at start-up and by
 /// `couponctl holds rebuild`, so a Redis restart loses nothing.

@@ -32,7 +32,7 @@ use coupon_platform::store::{coupons, decisions};
 use coupon_platform::time::to_ms;
 use coupon_schemas::{PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested};
 
-use coupon_platform::kafka::role::dead_letter_all;
+use coupon_platform::kafka::role::{dead_letter_all, Decoded};
 
 use crate::{Context, Decided, Role};
 
@@ -290,7 +290,10 @@ fn invalid_logged(request: &PurchaseRequested, user_id: &str, reason: &str) -> D
     }
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
+pub async fn handle_events(
+    ctx: &Context,
+    batch: &[Decoded<PurchaseRequested>],
+) -> Result<(), BatchError> {
     let mut decisions: Vec<(String, PurchaseDecided)> = Vec::new();
     let mut ended_holds = Vec::new();
     let mut refused = Vec::new();
@@ -298,19 +301,12 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     let mut decided: Vec<Decided> = Vec::new();
     let mut tx = ctx.pool.begin().await?;
     let db_now = crate::db_now(&mut tx).await?;
-    for record in batch {
-        let request = match decode::<PurchaseRequested>(record) {
-            Ok(request) => request,
-            Err(error) => {
-                refused.push((record, error.to_string()));
-                continue;
-            }
-        };
-        let purchase = match validate(&request) {
+    for (record, request) in batch {
+        let purchase = match validate(request) {
             Ok(purchase) => purchase,
             Err(reason) => {
-                if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
-                    decided.push(invalid_logged(&request, &decision.0, &reason));
+                if let Some(decision) = invalid_decision(ctx, record, request, &reason) {
+                    decided.push(invalid_logged(request, &decision.0, &reason));
                     decisions.push(decision);
                 }
                 refused.push((record, reason));
@@ -321,8 +317,8 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
         let (decision, is_new) = match decide_one(&mut tx, &purchase, at).await? {
             Answer::Decided(decision, is_new) => (decision, is_new),
             Answer::Invalid(reason) => {
-                if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
-                    decided.push(invalid_logged(&request, &decision.0, &reason));
+                if let Some(decision) = invalid_decision(ctx, record, request, &reason) {
+                    decided.push(invalid_logged(request, &decision.0, &reason));
                     decisions.push(decision);
                 }
                 continue;
@@ -380,7 +376,7 @@ pub async fn reject(ctx: &Context, record: &Record, reason: &str) -> Result<(), 
     Ok(())
 }
 
-crate::role_handler!(ROLE, answers);
+crate::role_handler!(ROLE, PurchaseRequested, answers);
 
 #[cfg(test)]
 mod tests {
