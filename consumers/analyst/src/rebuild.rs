@@ -749,9 +749,10 @@ pub async fn prepare_target(target: &PgPool) -> anyhow::Result<()> {
     coupon_platform::db::migrate(target)
         .await
         .context("applying migrations to the rebuild database")?;
-    let has_rows: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM quota_grants)
-             OR EXISTS (SELECT 1 FROM claim_decisions) OR EXISTS (SELECT 1 FROM purchase_decisions)",
+    let has_rows: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM quota_grants)
+             OR EXISTS (SELECT 1 FROM claim_decisions) OR EXISTS (SELECT 1 FROM purchase_decisions)
+             AS "has_rows!""#
     )
     .fetch_one(target)
     .await
@@ -862,7 +863,7 @@ async fn write_states(target: &PgPool, projection: &Projection) -> Result<(), sq
             .iter()
             .map(|c| c.redeemed_order_id.as_deref())
             .collect();
-        sqlx::query(
+        sqlx::query!(
             "UPDATE coupons c
              SET status = u.status, holder_user_id = u.holder, hold_id = u.hold_id,
                  held_until = u.held_until, redeemed_at = u.redeemed_at,
@@ -871,14 +872,15 @@ async fn write_states(target: &PgPool, projection: &Projection) -> Result<(), sq
                          $6::timestamptz[], $7::text[])
                   AS u(code, status, holder, hold_id, held_until, redeemed_at, order_id)
              WHERE c.code = u.code",
+            &codes,
+            // Stored as text through the domain enum's sqlx::Type.
+            &statuses as _,
+            &holders as _,
+            &holds as _,
+            &until as _,
+            &redeemed as _,
+            &orders as _,
         )
-        .bind(&codes)
-        .bind(&statuses)
-        .bind(&holders)
-        .bind(&holds)
-        .bind(&until)
-        .bind(&redeemed)
-        .bind(&orders)
         .execute(target)
         .await?;
     }
@@ -914,7 +916,7 @@ async fn write_users(target: &PgPool, projection: &Projection) -> Result<u64, sq
             .iter()
             .map(|u| blacklist(u).and_then(|b| b.at))
             .collect();
-        written += sqlx::query(
+        written += sqlx::query!(
             "INSERT INTO users (user_id, last_coupon_at, blacklisted, blacklisted_until,
                                 blacklist_reason, blacklisted_at)
              SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::bool[], $4::timestamptz[],
@@ -924,13 +926,13 @@ async fn write_users(target: &PgPool, projection: &Projection) -> Result<u64, sq
                 blacklisted_until = EXCLUDED.blacklisted_until,
                 blacklist_reason = EXCLUDED.blacklist_reason,
                 blacklisted_at = EXCLUDED.blacklisted_at",
+            &ids as _,
+            &at as _,
+            &on,
+            &until as _,
+            &reason as _,
+            &since as _,
         )
-        .bind(&ids)
-        .bind(&at)
-        .bind(&on)
-        .bind(&until)
-        .bind(&reason)
-        .bind(&since)
         .execute(target)
         .await?
         .rows_affected();
@@ -946,14 +948,14 @@ async fn write_quota(target: &PgPool, projection: &Projection) -> Result<u64, sq
         let windows: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.window_start).collect();
         let requests: Vec<&str> = chunk.iter().map(|g| g.request_id.as_str()).collect();
         let at: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.granted_at).collect();
-        written += sqlx::query(
+        written += sqlx::query!(
             "INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
              SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::timestamptz[])",
+            &users as _,
+            &windows,
+            &requests as _,
+            &at,
         )
-        .bind(&users)
-        .bind(&windows)
-        .bind(&requests)
-        .bind(&at)
         .execute(target)
         .await?
         .rows_affected();
@@ -986,22 +988,24 @@ async fn write_purchase_decisions(
         let text = |f: fn(&PurchaseDecisionRow) -> &str| -> Vec<&str> {
             chunk.iter().map(|r| f(r)).collect()
         };
-        written += sqlx::query(
+        written +=
+            sqlx::query!(
             "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code,
                                              outcome, decided_at)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
                                   $6::text[], $7::timestamptz[])",
+            text(|r| r.order_id.as_str()) as _,
+            text(|r| r.request_id.as_str()) as _,
+            &chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>(),
+            text(|r| r.user_id.as_str()) as _,
+            text(|r| r.coupon_code.as_str()) as _,
+            // Stored as text through the domain enum's sqlx::Type.
+            chunk.iter().map(|r| r.outcome).collect::<Vec<_>>() as _,
+            &chunk.iter().map(|r| r.decided_at).collect::<Vec<DateTime<Utc>>>(),
         )
-        .bind(text(|r| r.order_id.as_str()))
-        .bind(text(|r| r.request_id.as_str()))
-        .bind(chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>())
-        .bind(text(|r| r.user_id.as_str()))
-        .bind(text(|r| r.coupon_code.as_str()))
-        .bind(chunk.iter().map(|r| r.outcome).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| r.decided_at).collect::<Vec<_>>())
-        .execute(target)
-        .await?
-        .rows_affected();
+            .execute(target)
+            .await?
+            .rows_affected();
     }
     Ok(written)
 }

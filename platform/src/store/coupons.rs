@@ -311,23 +311,23 @@ pub async fn insert_coupons(
             }
             Err(error) => return Err(error),
         }
-        let codes: Vec<String> = chunk.iter().map(|c| c.code.to_string()).collect();
+        let codes: Vec<CouponCode> = chunk.iter().map(|c| c.code).collect();
         let ids: Vec<i64> = chunk.iter().map(|c| c.code.id().as_i64()).collect();
         let batches: Vec<Uuid> = chunk.iter().map(|c| c.batch_id).collect();
-        let employees: Vec<&str> = chunk.iter().map(|c| c.employee_id.as_str()).collect();
-        let categories: Vec<&str> = chunk.iter().map(|c| c.category.as_str()).collect();
+        let employees: Vec<EmployeeId> = chunk.iter().map(|c| c.employee_id.clone()).collect();
+        let categories: Vec<Category> = chunk.iter().map(|c| c.category.clone()).collect();
         let generated: Vec<DateTime<Utc>> = chunk.iter().map(|c| c.generated_at).collect();
-        inserted += sqlx::query(
+        inserted += sqlx::query!(
             "INSERT INTO coupons (code, id, batch_id, employee_id, category, generated_at)
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
              ON CONFLICT DO NOTHING",
+            &codes as &[CouponCode],
+            &ids,
+            &batches,
+            &employees as &[EmployeeId],
+            &categories as &[Category],
+            &generated,
         )
-        .bind(&codes)
-        .bind(&ids)
-        .bind(&batches)
-        .bind(&employees)
-        .bind(&categories)
-        .bind(&generated)
         .execute(pool)
         .await?
         .rows_affected();
