@@ -5,10 +5,10 @@
 //! so the adapters bind and read the enum itself, never its name.
 //! The rules do no I/O either way: the feature only adds the encoding.
 //!
-//! Ids and codes are stored as text too: [`text_column!`] gives a type with
-//! `as_str`-like text and a way back from it the same encoding, so the store
-//! functions take and return `UserId`, `CouponCode`, ... and an id stays typed
-//! from the boundary to the row.
+//! Ids and codes are stored as text too: [`text_column!`] gives any type with
+//! a text form and a way back from it the same encoding (`text_enum!` uses
+//! it), so the store functions take and return `UserId`, `CouponCode`, ...
+//! and an id stays typed from the boundary to the row.
 
 /// Implements `Display` (and, with the `sqlx` feature, Postgres text
 /// encoding and decoding) for an enum with `as_str` and `FromStr`.
@@ -21,42 +21,7 @@ macro_rules! text_enum {
             }
         }
 
-        #[cfg(feature = "sqlx")]
-        impl ::sqlx::Type<::sqlx::Postgres> for $ty {
-            fn type_info() -> ::sqlx::postgres::PgTypeInfo {
-                <String as ::sqlx::Type<::sqlx::Postgres>>::type_info()
-            }
-            fn compatible(ty: &::sqlx::postgres::PgTypeInfo) -> bool {
-                <String as ::sqlx::Type<::sqlx::Postgres>>::compatible(ty)
-            }
-        }
-
-        #[cfg(feature = "sqlx")]
-        impl ::sqlx::postgres::PgHasArrayType for $ty {
-            fn array_type_info() -> ::sqlx::postgres::PgTypeInfo {
-                <String as ::sqlx::postgres::PgHasArrayType>::array_type_info()
-            }
-        }
-
-        #[cfg(feature = "sqlx")]
-        impl<'q> ::sqlx::Encode<'q, ::sqlx::Postgres> for $ty {
-            fn encode_by_ref(
-                &self,
-                buf: &mut ::sqlx::postgres::PgArgumentBuffer,
-            ) -> Result<::sqlx::encode::IsNull, ::sqlx::error::BoxDynError> {
-                <&str as ::sqlx::Encode<'q, ::sqlx::Postgres>>::encode_by_ref(&self.as_str(), buf)
-            }
-        }
-
-        #[cfg(feature = "sqlx")]
-        impl<'r> ::sqlx::Decode<'r, ::sqlx::Postgres> for $ty {
-            fn decode(
-                value: ::sqlx::postgres::PgValueRef<'r>,
-            ) -> Result<Self, ::sqlx::error::BoxDynError> {
-                let text = <&str as ::sqlx::Decode<'r, ::sqlx::Postgres>>::decode(value)?;
-                Ok(text.parse::<$ty>()?)
-            }
-        }
+        $crate::text_column!($ty, |s| s.as_str(), |t| t.parse::<$ty>()?);
     };
 }
 

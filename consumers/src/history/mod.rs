@@ -74,6 +74,25 @@ impl RoleEvent for HistoryEvent {
     }
 }
 
+/// The one row of a claim's or a purchase's decision.
+fn decision_row(
+    (event_id, occurred_at): (Uuid, DateTime<Utc>),
+    coupon_code: &str,
+    user_id: &str,
+    kind: HistoryKind,
+    detail: serde_json::Value,
+) -> HistoryRow {
+    HistoryRow {
+        occurred_at,
+        event_id,
+        item: 0,
+        coupon_code: non_empty(coupon_code),
+        user_id: non_empty(user_id),
+        kind,
+        detail,
+    }
+}
+
 /// Turns one record into history rows, or a reason to dead-letter it.
 pub fn rows_of(topics: &Topics, record: &Record) -> Result<Vec<HistoryRow>, String> {
     let event = HistoryEvent::decode(topics, record).map_err(|e| e.to_string())?;
@@ -105,7 +124,7 @@ pub fn rows_of_event(event: &HistoryEvent) -> Result<Vec<HistoryRow>, String> {
                 .collect())
         }
         HistoryEvent::ClaimDecided(event) => {
-            let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
+            let keys = envelope_keys(event.envelope.as_ref())?;
             let outcome = ClaimOutcome::of(event.outcome);
             // A repeated grant returns an existing hold: no state changed.
             if outcome == ClaimOutcome::Granted && event.repeated {
@@ -121,18 +140,11 @@ pub fn rows_of_event(event: &HistoryEvent) -> Result<Vec<HistoryRow>, String> {
                     json!({"request_id": event.request_id, "reason": other.name(), "detail": event.reason}),
                 ),
             };
-            Ok(vec![HistoryRow {
-                occurred_at,
-                event_id,
-                item: 0,
-                coupon_code: non_empty(&event.coupon_code),
-                user_id: non_empty(&event.user_id),
-                kind,
-                detail,
-            }])
+            let row = decision_row(keys, &event.coupon_code, &event.user_id, kind, detail);
+            Ok(vec![row])
         }
         HistoryEvent::PurchaseDecided(event) => {
-            let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
+            let keys = envelope_keys(event.envelope.as_ref())?;
             let outcome = PurchaseOutcome::of(event.outcome);
             // A repeated answer for an order decided before changes nothing.
             if event.repeated {
@@ -143,15 +155,9 @@ pub fn rows_of_event(event: &HistoryEvent) -> Result<Vec<HistoryRow>, String> {
             } else {
                 HistoryKind::Rejected
             };
-            Ok(vec![HistoryRow {
-                occurred_at,
-                event_id,
-                item: 0,
-                coupon_code: non_empty(&event.coupon_code),
-                user_id: non_empty(&event.user_id),
-                kind,
-                detail: json!({"order_id": event.order_id, "request_id": event.request_id, "outcome": outcome.name()}),
-            }])
+            let detail = json!({"order_id": event.order_id, "request_id": event.request_id, "outcome": outcome.name()});
+            let row = decision_row(keys, &event.coupon_code, &event.user_id, kind, detail);
+            Ok(vec![row])
         }
     }
 }
