@@ -150,31 +150,35 @@ impl Decided {
 
 /// Declares a role module's `Handler` and its
 /// [`coupon_platform::kafka::RoleHandler`] implementation, the same for every
-/// role: `handle` is the module's `handle_batch`; `reject` sends the record to
-/// the dead-letter topic, or, with `answers`, calls the module's own `reject`
-/// (which also answers the requester, so a gateway waiting for the decision
-/// does not time out).
+/// role: its `Event` is the given type, `handle` is the module's
+/// `handle_events` (the batch's decoded events); `reject` sends the record
+/// to the dead-letter topic, or, with `answers`, calls the module's own
+/// `reject` (which also answers the requester, so a gateway waiting for the
+/// decision does not time out). Also declares the module's `handle_batch`:
+/// one batch of raw records through the shared decode → handle →
+/// dead-letter step, as the consumer loop runs it (the tests drive it).
 #[macro_export]
 #[doc(hidden)]
 macro_rules! role_handler {
-    ($role:expr) => {
-        $crate::role_handler!(@impl $role, |ctx, record, reason| $crate::dead_letter_one(ctx, $role, record, reason));
+    ($role:expr, $event:ty) => {
+        $crate::role_handler!(@impl $role, $event, |ctx, record, reason| $crate::dead_letter_one(ctx, $role, record, reason));
     };
-    ($role:expr, answers) => {
-        $crate::role_handler!(@impl $role, |ctx, record, reason| reject(ctx, record, reason));
+    ($role:expr, $event:ty, answers) => {
+        $crate::role_handler!(@impl $role, $event, |ctx, record, reason| reject(ctx, record, reason));
     };
-    (@impl $role:expr, |$ctx:ident, $record:ident, $reason:ident| $reject:expr) => {
+    (@impl $role:expr, $event:ty, |$ctx:ident, $record:ident, $reason:ident| $reject:expr) => {
         /// This role, as the batch loop drives it.
         pub struct Handler(pub $crate::Context);
 
         impl coupon_platform::kafka::RoleHandler for Handler {
             const ROLE: $crate::Role = $role;
+            type Event = $event;
 
             async fn handle(
                 &self,
-                batch: Vec<coupon_platform::kafka::Record>,
+                batch: Vec<coupon_platform::kafka::role::Decoded<$event>>,
             ) -> Result<(), coupon_platform::kafka::consumer::BatchError> {
-                handle_batch(&self.0, &batch).await
+                handle_events(&self.0, &batch).await
             }
 
             async fn reject(
@@ -185,6 +189,20 @@ macro_rules! role_handler {
                 let ($ctx, $record, $reason) = (&self.0, &record, reason.as_str());
                 $reject.await
             }
+        }
+
+        /// One batch of records as the consumer loop handles it: decoded,
+        /// handled, the undecodable ones set aside.
+        pub async fn handle_batch(
+            ctx: &$crate::Context,
+            batch: &[coupon_platform::kafka::Record],
+        ) -> Result<(), coupon_platform::kafka::consumer::BatchError> {
+            coupon_platform::kafka::role::handle_records(
+                &Handler(ctx.clone()),
+                &ctx.topics,
+                batch.to_vec(),
+            )
+            .await
         }
     };
 }

@@ -92,6 +92,10 @@ impl serde::Serialize for CouponCode {
     }
 }
 
+// Stored as the code people see (`coupons.code`, the decisions'
+// `coupon_code`); a row that is not a code fails to decode.
+text_column!(CouponCode, |s| s.to_string(), |t| CouponCode::parse(t)?);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -87,6 +87,10 @@ macro_rules! text_id {
                 &self.0
             }
         }
+
+        // Stored as the text it was parsed from. A row is read back as it
+        // is, without validating it again: only parsed ids are written.
+        text_column!($name, |s| s.as_str(), |t| $name(t.to_owned()));
     };
 }
 

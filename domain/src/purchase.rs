@@ -5,13 +5,14 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::ids::UserId;
 use crate::lifecycle::CouponStatus;
 
 /// The coupon as the purchase processor sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CouponView {
     pub status: CouponStatus,
-    pub holder_user_id: Option<String>,
+    pub holder_user_id: Option<UserId>,
     pub held_until: Option<DateTime<Utc>>,
 }
 
@@ -90,7 +91,7 @@ impl std::str::FromStr for PurchaseOutcome {
 /// late buyer hears "your hold expired" rather than "not yours".
 pub fn decide(
     coupon: Option<&CouponView>,
-    user_id: &str,
+    user_id: &UserId,
     user_held_it_before: bool,
     now: DateTime<Utc>,
 ) -> PurchaseOutcome {
@@ -98,7 +99,7 @@ pub fn decide(
     let Some(coupon) = coupon else {
         return PurchaseOutcome::Rejected(UnknownCoupon);
     };
-    let holds_it = coupon.holder_user_id.as_deref() == Some(user_id);
+    let holds_it = coupon.holder_user_id.as_ref() == Some(user_id);
     match coupon.status {
         CouponStatus::Redeemed => PurchaseOutcome::Rejected(AlreadyRedeemed),
         CouponStatus::Held if holds_it => match coupon.held_until {
@@ -120,10 +121,14 @@ mod tests {
         "2026-11-25T12:00:00Z".parse().unwrap()
     }
 
+    fn u(id: &str) -> UserId {
+        UserId::parse(id).unwrap()
+    }
+
     fn held_by(user: &str, secs_left: i64) -> CouponView {
         CouponView {
             status: CouponStatus::Held,
-            holder_user_id: Some(user.into()),
+            holder_user_id: Some(u(user)),
             held_until: Some(now() + chrono::Duration::seconds(secs_left)),
         }
     }
@@ -131,7 +136,7 @@ mod tests {
     #[test]
     fn holder_within_deadline_redeems() {
         assert_eq!(
-            decide(Some(&held_by("u", 10)), "u", true, now()),
+            decide(Some(&held_by("u", 10)), &u("u"), true, now()),
             PurchaseOutcome::Redeemed
         );
     }
@@ -139,7 +144,7 @@ mod tests {
     #[test]
     fn deadline_is_exclusive() {
         assert_eq!(
-            decide(Some(&held_by("u", 0)), "u", true, now()),
+            decide(Some(&held_by("u", 0)), &u("u"), true, now()),
             PurchaseOutcome::Rejected(PurchaseRejection::HoldExpired)
         );
     }
@@ -148,24 +153,24 @@ mod tests {
     fn others_and_late_buyers_are_told_apart() {
         let regranted = held_by("v", 100);
         assert_eq!(
-            decide(Some(&regranted), "u", true, now()),
+            decide(Some(&regranted), &u("u"), true, now()),
             PurchaseOutcome::Rejected(PurchaseRejection::HoldExpired)
         );
         assert_eq!(
-            decide(Some(&regranted), "w", false, now()),
+            decide(Some(&regranted), &u("w"), false, now()),
             PurchaseOutcome::Rejected(PurchaseRejection::NotHolder)
         );
         let redeemed = CouponView {
             status: CouponStatus::Redeemed,
-            holder_user_id: Some("u".into()),
+            holder_user_id: Some(u("u")),
             held_until: None,
         };
         assert_eq!(
-            decide(Some(&redeemed), "u", true, now()),
+            decide(Some(&redeemed), &u("u"), true, now()),
             PurchaseOutcome::Rejected(PurchaseRejection::AlreadyRedeemed)
         );
         assert_eq!(
-            decide(None, "u", false, now()),
+            decide(None, &u("u"), false, now()),
             PurchaseOutcome::Rejected(PurchaseRejection::UnknownCoupon)
         );
     }

@@ -4,6 +4,11 @@
 //! such an enum a `sqlx::Type` for Postgres text columns (and text arrays),
 //! so the adapters bind and read the enum itself, never its name.
 //! The rules do no I/O either way: the feature only adds the encoding.
+//!
+//! Ids and codes are stored as text too: [`text_column!`] gives any type with
+//! a text form and a way back from it the same encoding (`text_enum!` uses
+//! it), so the store functions take and return `UserId`, `CouponCode`, ...
+//! and an id stays typed from the boundary to the row.
 
 /// Implements `Display` (and, with the `sqlx` feature, Postgres text
 /// encoding and decoding) for an enum with `as_str` and `FromStr`.
@@ -16,6 +21,16 @@ macro_rules! text_enum {
             }
         }
 
+        $crate::text_column!($ty, |s| s.as_str(), |t| t.parse::<$ty>()?);
+    };
+}
+
+/// Postgres text encoding (and text arrays) for a type written as
+/// `$to_text(&self)` and read back with `$from_text(&str)`, which may refuse
+/// (a decode error: a row the type cannot hold). Only with the `sqlx` feature.
+#[macro_export]
+macro_rules! text_column {
+    ($ty:ty, |$s:ident| $to_text:expr, |$t:ident| $from_text:expr) => {
         #[cfg(feature = "sqlx")]
         impl ::sqlx::Type<::sqlx::Postgres> for $ty {
             fn type_info() -> ::sqlx::postgres::PgTypeInfo {
@@ -39,7 +54,8 @@ macro_rules! text_enum {
                 &self,
                 buf: &mut ::sqlx::postgres::PgArgumentBuffer,
             ) -> Result<::sqlx::encode::IsNull, ::sqlx::error::BoxDynError> {
-                <&str as ::sqlx::Encode<'q, ::sqlx::Postgres>>::encode_by_ref(&self.as_str(), buf)
+                let $s = self;
+                <&str as ::sqlx::Encode<'q, ::sqlx::Postgres>>::encode_by_ref(&&*$to_text, buf)
             }
         }
 
@@ -48,8 +64,8 @@ macro_rules! text_enum {
             fn decode(
                 value: ::sqlx::postgres::PgValueRef<'r>,
             ) -> Result<Self, ::sqlx::error::BoxDynError> {
-                let text = <&str as ::sqlx::Decode<'r, ::sqlx::Postgres>>::decode(value)?;
-                Ok(text.parse::<$ty>()?)
+                let $t = <&str as ::sqlx::Decode<'r, ::sqlx::Postgres>>::decode(value)?;
+                Ok($from_text)
             }
         }
     };

@@ -13,6 +13,11 @@
 //!
 //! The encoder is plain code without I/O (unit tested below); [`copy_in`] is
 //! the thin adapter.
+//!
+//! The `COPY` statements are the only SQL not compile-checked: sqlx's
+//! `query!` cannot describe a `COPY` (it is not a prepared statement), so
+//! they stay plain text (`COPY_COUPONS` in `store::coupons`, `COPY_HISTORY`
+//! in `store::history`). The `INSERT` each falls back to is checked.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;

@@ -19,6 +19,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use coupon_domain::UserId;
 use coupon_platform::kafka::{PublishError, Publisher};
 use coupon_platform::store::users;
 use coupon_platform::time::to_ms;
@@ -64,13 +65,13 @@ pub struct Blacklist<'a> {
 /// The event for `user_id`'s entry after a change (`None`: lifted). No I/O.
 pub fn change_event(
     publisher: &Publisher,
-    user_id: &str,
+    user_id: &UserId,
     entry: Option<&BlacklistEntry>,
     source: Source,
 ) -> BlacklistChanged {
     BlacklistChanged {
         envelope: Some(publisher.envelope::<BlacklistChanged>("")),
-        user_id: user_id.to_owned(),
+        user_id: user_id.to_string(),
         blacklisted: entry.is_some(),
         blacklisted_until_ms: entry
             .and_then(|e| e.blacklisted_until)
@@ -93,7 +94,7 @@ impl Blacklist<'_> {
     /// its time), and changes nothing (no event) when one exists.
     pub async fn add(
         &self,
-        user_id: &str,
+        user_id: &UserId,
         until: Option<DateTime<Utc>>,
         reason: &str,
         source: Source,
@@ -108,7 +109,7 @@ impl Blacklist<'_> {
         };
         let event = change_event(self.publisher, user_id, Some(&entry), source);
         self.publisher
-            .send(&self.topics.blacklist(), user_id, &event)
+            .send(&self.topics.blacklist(), user_id.as_str(), &event)
             .await?;
         tx.commit().await?;
         Ok(entry)
@@ -116,7 +117,7 @@ impl Blacklist<'_> {
 
     /// Lifts a blacklisting. Returns whether the user was blacklisted (no
     /// event when not).
-    pub async fn remove(&self, user_id: &str, source: Source) -> Result<bool, BlacklistError> {
+    pub async fn remove(&self, user_id: &UserId, source: Source) -> Result<bool, BlacklistError> {
         let mut tx = self.pool.begin().await?;
         let lifted = users::lift_blacklist(&mut tx, user_id).await?;
         if !lifted {
@@ -124,7 +125,7 @@ impl Blacklist<'_> {
         }
         let event = change_event(self.publisher, user_id, None, source);
         self.publisher
-            .send(&self.topics.blacklist(), user_id, &event)
+            .send(&self.topics.blacklist(), user_id.as_str(), &event)
             .await?;
         tx.commit().await?;
         Ok(true)
@@ -147,13 +148,14 @@ mod tests {
         // Creating a producer does not connect.
         let publisher = Publisher::new(&KafkaSettings::new("127.0.0.1:1"), "test").unwrap();
         let at = Utc.timestamp_millis_opt(1_795_564_800_123).unwrap();
+        let mallory = UserId::parse("mallory").unwrap();
         let entry = BlacklistEntry {
-            user_id: "mallory".into(),
+            user_id: mallory.clone(),
             blacklisted_until: Some(at + chrono::Duration::hours(1)),
             blacklist_reason: Some("fraud".into()),
             blacklisted_at: Some(at),
         };
-        let added = change_event(&publisher, "mallory", Some(&entry), Source::Manual);
+        let added = change_event(&publisher, &mallory, Some(&entry), Source::Manual);
         assert!(added.blacklisted);
         assert_eq!(added.blacklisted_until_ms, 1_795_568_400_123);
         assert_eq!(added.blacklisted_at_ms, 1_795_564_800_123);
@@ -165,9 +167,9 @@ mod tests {
             blacklisted_until: None,
             ..entry
         };
-        let added = change_event(&publisher, "mallory", Some(&forever), Source::Automatic);
+        let added = change_event(&publisher, &mallory, Some(&forever), Source::Automatic);
         assert_eq!(added.blacklisted_until_ms, 0, "0 = until removed");
-        let lifted = change_event(&publisher, "mallory", None, Source::Manual);
+        let lifted = change_event(&publisher, &mallory, None, Source::Manual);
         assert!(!lifted.blacklisted);
         assert_eq!(lifted.reason, "");
         assert_eq!(

@@ -74,7 +74,7 @@ pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Resul
                 ),
                 None => None,
             };
-            let entry = blacklist.add(user.as_str(), until, &reason, manual).await?;
+            let entry = blacklist.add(&user, until, &reason, manual).await?;
             match entry.blacklisted_until {
                 Some(until) => println!("{user} blacklisted until {}", until.to_rfc3339()),
                 None => println!("{user} blacklisted until removed"),
@@ -88,7 +88,7 @@ pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Resul
                 publisher: &publisher,
                 topics: &topics,
             };
-            if blacklist.remove(user.as_str(), manual).await? {
+            if blacklist.remove(&user, manual).await? {
                 println!("{user} removed from the blacklist");
             } else {
                 anyhow::bail!("{user} is not blacklisted");

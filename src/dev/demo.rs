@@ -137,11 +137,15 @@ async fn wait_for(
     Ok(())
 }
 
-async fn count(pool: &PgPool, sql: &str) -> anyhow::Result<i64> {
-    sqlx::query_scalar(sql)
-        .fetch_one(pool)
-        .await
-        .with_context(|| sql.to_owned())
+/// One compile-checked count (`count(*)` is never NULL; sqlx cannot tell).
+macro_rules! count {
+    ($pool:expr, $sql:literal) => {
+        sqlx::query_scalar!($sql)
+            .fetch_one($pool)
+            .await
+            .map(Option::unwrap_or_default)
+            .context($sql)
+    };
 }
 
 /// Runs the demo. `base` says where the services are; the demo uses its own
@@ -229,7 +233,7 @@ async fn scenario(
     wait_for(
         "the release to be projected",
         Duration::from_secs(60),
-        async || Ok(count(pool, "SELECT count(*) FROM coupons").await? == issued),
+        async || Ok(count!(pool, "SELECT count(*) FROM coupons")? == issued),
     )
     .await?;
     summary.issued = issued;
@@ -246,7 +250,7 @@ async fn scenario(
     };
     blacklist
         .add(
-            "mallory",
+            &coupon_domain::UserId::parse("mallory")?,
             None,
             "demo: known abuser",
             coupon_producers::blacklist::Source::Manual,
@@ -343,14 +347,13 @@ async fn scenario(
     wait_for(
         "unbought holds to expire",
         options.hold_ttl + Duration::from_secs(30),
-        async || Ok(count(pool, "SELECT count(*) FROM coupons WHERE status = 'held'").await? == 0),
+        async || Ok(count!(pool, "SELECT count(*) FROM coupons WHERE status = 'held'")? == 0),
     )
     .await?;
-    summary.expired = count(
+    summary.expired = count!(
         pool,
-        "SELECT count(*) FROM coupon_history WHERE kind = 'released'",
-    )
-    .await?;
+        "SELECT count(*) FROM coupon_history WHERE kind = 'released'"
+    )?;
     eprintln!(
         "demo: {} holds expired and went back to the pool",
         summary.expired
@@ -402,23 +405,20 @@ async fn scenario(
     }
 
     // 8. What the database says.
-    summary.db_available = count(
+    summary.db_available = count!(
         pool,
-        "SELECT count(*) FROM coupons WHERE status = 'available'",
-    )
-    .await?;
-    summary.db_held = count(pool, "SELECT count(*) FROM coupons WHERE status = 'held'").await?;
-    summary.db_redeemed = count(
+        "SELECT count(*) FROM coupons WHERE status = 'available'"
+    )?;
+    summary.db_held = count!(pool, "SELECT count(*) FROM coupons WHERE status = 'held'")?;
+    summary.db_redeemed = count!(
         pool,
-        "SELECT count(*) FROM coupons WHERE status = 'redeemed'",
-    )
-    .await?;
+        "SELECT count(*) FROM coupons WHERE status = 'redeemed'"
+    )?;
     summary.db_released = summary.expired;
-    summary.db_granted = count(
+    summary.db_granted = count!(
         pool,
-        "SELECT count(*) FROM claim_decisions WHERE outcome = 'granted' AND NOT repeated",
-    )
-    .await?;
+        "SELECT count(*) FROM claim_decisions WHERE outcome = 'granted' AND NOT repeated"
+    )?;
     if summary.db_granted != summary.granted + late_granted {
         bail!(
             "the database recorded {} grants, the users were told {}",
@@ -434,16 +434,8 @@ async fn check_invariants(pool: &PgPool, s: &DemoSummary) -> anyhow::Result<()> 
     if s.db_available + s.db_held + s.db_redeemed != s.issued {
         bail!("invariant broken: available + held + redeemed != issued");
     }
-    let double_holds = count(
-        pool,
-        "SELECT count(*) FROM (SELECT holder_user_id FROM coupons WHERE status = 'held' GROUP BY 1 HAVING count(*) > 1) d",
-    )
-    .await?;
-    let double_grants = count(
-        pool,
-        "SELECT count(*) FROM (SELECT user_id FROM quota_grants GROUP BY user_id, window_start HAVING count(*) > 1) d",
-    )
-    .await?;
+    let double_holds = count!(pool, "SELECT count(*) FROM (SELECT holder_user_id FROM coupons WHERE status = 'held' GROUP BY 1 HAVING count(*) > 1) d")?;
+    let double_grants = count!(pool, "SELECT count(*) FROM (SELECT user_id FROM quota_grants GROUP BY user_id, window_start HAVING count(*) > 1) d")?;
     if double_holds + double_grants > 0 {
         bail!(
             "invariant broken: {double_holds} users with two holds, {double_grants} double grants"

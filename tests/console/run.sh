@@ -20,48 +20,21 @@ echo "== console: tools (pinned, cached in .state/console)"
 if ! tests/console/tools.sh; then summary 0 1; exit 1; fi
 cargo build -q --bin couponctl || { summary 0 1; exit 1; }
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-run_id="console_$$_$RANDOM"
-database="$run_id"
-export DATABASE_URL="${PG_ADMIN%/*}/$database"
-export COUPON_TOPIC_PREFIX="$run_id"
-export COUPON_API_TOKEN="console-api-$RANDOM$RANDOM"
-export COUPON_ADMIN_TOKEN="console-admin-$RANDOM$RANDOM"
-export HTTP_ADDR="127.0.0.1:$port"
-export FLOOD_LIMIT=1000000 ADDRESS_LIMIT=1000000
+# shellcheck source=tests/live_server.sh
+source tests/live_server.sh
+live_server_env console
 # Short holds, so that the funnel shows expirations within the run.
 export HOLD_TTL="${CONSOLE_HOLD_TTL:-5s}" REPLY_TIMEOUT=10s REQUEST_TIMEOUT=30s
 export METRICS_INTERVAL=1s
-export RUST_LOG="${RUST_LOG:-warn}"
-export CONSOLE_BASE="http://$HTTP_ADDR"
+export CONSOLE_BASE="$base"
 export CONSOLE_SCREENSHOTS="${CONSOLE_SCREENSHOTS:-$ROOT/docs/console}"
 export CONSOLE_TOOLS="$TOOLS"
 export CONSOLE_CATEGORY="Console-$RANDOM"
 log="$TOOLS/server.log"
-server=""
+trap live_server_stop EXIT
 
-cleanup() {
-  if [[ -n "$server" ]]; then
-    kill "$server" 2>/dev/null
-    wait "$server" 2>/dev/null
-  fi
-  psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS \"$database\" WITH (FORCE)" >/dev/null 2>&1
-  # The run's topics ($run_id.*) stay on the broker, as in tests/contract/run.sh.
-}
-trap cleanup EXIT
-
-psql -q "$PG_ADMIN" -c "CREATE DATABASE \"$database\"" >/dev/null || { summary 0 1; exit 1; }
 echo "== console: couponctl run on $CONSOLE_BASE (database $database, topics $run_id.*)"
-target/debug/couponctl run >"$log" 2>&1 &
-server=$!
-healthy=""
-for _ in $(seq 1 120); do
-  if curl -fsS "$CONSOLE_BASE/healthz" >/dev/null 2>&1; then healthy=1; break; fi
-  kill -0 "$server" 2>/dev/null || break
-  sleep 0.5
-done
-if [[ -z "$healthy" ]]; then
-  tail -n 30 "$log"
+if ! live_server_start "$log"; then
   summary 0 1
   exit 1
 fi

@@ -38,48 +38,20 @@ fi
 
 cargo build -q --bin couponctl || { echo "contract: $passed passed, $((failed + 1)) failed"; exit 1; }
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-run_id="contract_$$_$RANDOM"
-database="${run_id}"
-export DATABASE_URL="${PG_ADMIN%/*}/$database"
-export COUPON_TOPIC_PREFIX="$run_id"
-export COUPON_API_TOKEN="contract-api-$RANDOM$RANDOM"
-export COUPON_ADMIN_TOKEN="contract-admin-$RANDOM$RANDOM"
-export HTTP_ADDR="127.0.0.1:$port"
-export FLOOD_LIMIT=1000000 ADDRESS_LIMIT=1000000
+# shellcheck source=tests/live_server.sh
+source tests/live_server.sh
+live_server_env contract
 export HOLD_TTL="${CONTRACT_HOLD_TTL:-60s}" REPLY_TIMEOUT=10s REQUEST_TIMEOUT=15s
-export RUST_LOG="${RUST_LOG:-warn}"
-base="http://$HTTP_ADDR"
 log="$TOOLS/server.log"
-server=""
+trap live_server_stop EXIT
 
-cleanup() {
-  if [[ -n "$server" ]]; then
-    kill "$server" 2>/dev/null
-    wait "$server" 2>/dev/null
-  fi
-  psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS \"$database\" WITH (FORCE)" >/dev/null 2>&1
-  # The run's topics ($run_id.*) stay on the broker: couponctl has no
-  # command to delete topics and the broker install has no admin tools.
-}
-trap cleanup EXIT
-
-psql -q "$PG_ADMIN" -c "CREATE DATABASE \"$database\"" >/dev/null || { bad "create database"; echo "contract: $passed passed, $failed failed"; exit 1; }
 step "couponctl run on $base (database $database, topics $run_id.*)"
-target/debug/couponctl run >"$log" 2>&1 &
-server=$!
-healthy=""
-for _ in $(seq 1 120); do
-  if curl -fsS "$base/healthz" >/dev/null 2>&1; then healthy=1; break; fi
-  kill -0 "$server" 2>/dev/null || break
-  sleep 0.5
-done
-if [[ -z "$healthy" ]]; then
-  tail -n 30 "$log"
-  bad "server start"
-  echo "contract: $passed passed, $failed failed"
-  exit 1
-fi
+live_server_start "$log"
+case $? in
+  0) ;;
+  2) bad "create database"; echo "contract: $passed passed, $failed failed"; exit 1 ;;
+  *) bad "server start"; echo "contract: $passed passed, $failed failed"; exit 1 ;;
+esac
 curl -fsS "$base/api/v1/openapi.json" -o "$TOOLS/openapi.json" || bad "fetch the document"
 
 # Coupons to claim (the fuzzers also release some of their own).

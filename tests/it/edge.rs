@@ -289,7 +289,12 @@ async fn an_automatic_block_never_overwrites_a_manual_entry() {
     };
     let until = chrono::Utc::now() + chrono::Duration::hours(1);
     blacklist
-        .add("villain", Some(until), "chargeback fraud", Source::Manual)
+        .add(
+            &coupon_domain::UserId::parse("villain").unwrap(),
+            Some(until),
+            "chargeback fraud",
+            Source::Manual,
+        )
         .await
         .unwrap();
     let manual = blacklist_row(&env, "villain").await;

@@ -34,7 +34,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use coupon_domain::{ClaimOutcomeKind, CouponCode, CouponStatus, PurchaseOutcome, QuotaWindow};
+use coupon_domain::{
+    ClaimOutcomeKind, CouponCode, CouponStatus, OrderId, PurchaseOutcome, QuotaWindow, UserId,
+};
 use coupon_platform::kafka::Record;
 use coupon_platform::store;
 use coupon_platform::{KafkaSettings, Topics};
@@ -293,10 +295,10 @@ async fn coupons_of(pool: &PgPool) -> Result<HashMap<String, CouponRow>, sqlx::E
         .into_iter()
         .map(|c| {
             let row = CouponRow {
-                code: c.code,
+                code: c.code.to_string(),
                 status: c.status,
-                holder_user_id: c.holder_user_id,
-                redeemed_order_id: c.redeemed_order_id,
+                holder_user_id: c.holder_user_id.map(UserId::into_string),
+                redeemed_order_id: c.redeemed_order_id.map(OrderId::into_string),
             };
             (row.code.clone(), row)
         })
@@ -308,7 +310,7 @@ async fn users_of(pool: &PgPool) -> Result<HashMap<String, i64>, sqlx::Error> {
     Ok(store::users::last_coupon_times(pool)
         .await?
         .into_iter()
-        .map(|(user, at)| (user, at.timestamp_millis()))
+        .map(|(user, at)| (user.into_string(), at.timestamp_millis()))
         .collect())
 }
 
@@ -332,10 +334,13 @@ async fn quota_of(pool: &PgPool) -> Result<HashMap<(String, i64), QuotaRow>, sql
         .into_iter()
         .map(|g| {
             let row = QuotaRow {
-                request_id: g.request_id,
+                request_id: g.request_id.into_string(),
                 granted_at_ms: g.granted_at.timestamp_millis(),
             };
-            ((g.user_id, g.window_start.timestamp_millis()), row)
+            (
+                (g.user_id.into_string(), g.window_start.timestamp_millis()),
+                row,
+            )
         })
         .collect())
 }
@@ -435,14 +440,14 @@ async fn purchase_decisions_of(
         .into_iter()
         .map(|r| {
             let row = PurchaseDecisionRow {
-                request_id: r.request_id,
+                request_id: r.request_id.into_string(),
                 event_id: r.event_id,
-                user_id: r.user_id,
+                user_id: r.user_id.into_string(),
                 coupon_code: r.coupon_code,
                 outcome: r.outcome,
                 decided_at_ms: r.decided_at.timestamp_millis(),
             };
-            (r.order_id, row)
+            (r.order_id.into_string(), row)
         })
         .collect())
 }
@@ -491,7 +496,7 @@ async fn blacklist_of(pool: &PgPool) -> Result<HashMap<String, BlacklistRow>, sq
                 reason: u.blacklist_reason,
                 at_ms: u.blacklisted_at.map(|t| t.timestamp_millis()),
             };
-            (u.user_id, row)
+            (u.user_id.into_string(), row)
         })
         .collect())
 }

@@ -50,7 +50,9 @@ use uuid::Uuid;
 
 use coupon_consumers::coupons::{self, NewCoupon};
 use coupon_consumers::history::{self, HistoryRow};
-use coupon_domain::{ClaimOutcomeKind, CouponStatus, HistoryKind, QuotaWindow};
+use coupon_domain::{
+    ClaimOutcomeKind, CouponStatus, HistoryKind, OrderId, QuotaWindow, RequestId, UserId,
+};
 use coupon_platform::kafka::Record;
 use coupon_platform::time::from_ms;
 use coupon_platform::{KafkaSettings, Topics};
@@ -194,10 +196,10 @@ pub fn purchase_decision_row(
     }
     Ok(Some(PurchaseDecisionRow {
         repeated: false,
-        order_id: event.order_id.clone(),
-        request_id: event.request_id.clone(),
+        order_id: OrderId::parse(event.order_id.as_str()).map_err(|e| e.to_string())?,
+        request_id: RequestId::parse(event.request_id.as_str()).map_err(|e| e.to_string())?,
         event_id: event_id_of(event.envelope.as_ref())?,
-        user_id: event.user_id.clone(),
+        user_id: UserId::parse(event.user_id.as_str()).map_err(|e| e.to_string())?,
         coupon_code: event.coupon_code.clone(),
         outcome,
         decided_at: at,
@@ -621,14 +623,15 @@ impl Projection {
         match purchase_decision_row(event, at) {
             Ok(None) => {}
             Ok(Some(row)) => {
-                if self.purchase_decisions.contains_key(&row.order_id) {
+                if self.purchase_decisions.contains_key(row.order_id.as_str()) {
                     let what = format!(
                         "a second decision for order {}; the first stands",
                         row.order_id
                     );
                     self.anomaly(record, what);
                 } else {
-                    self.purchase_decisions.insert(row.order_id.clone(), row);
+                    self.purchase_decisions
+                        .insert(row.order_id.to_string(), row);
                 }
             }
             Err(reason) => self.anomaly(record, format!("purchase decision not stored: {reason}")),
@@ -746,9 +749,10 @@ pub async fn prepare_target(target: &PgPool) -> anyhow::Result<()> {
     coupon_platform::db::migrate(target)
         .await
         .context("applying migrations to the rebuild database")?;
-    let has_rows: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM quota_grants)
-             OR EXISTS (SELECT 1 FROM claim_decisions) OR EXISTS (SELECT 1 FROM purchase_decisions)",
+    let has_rows: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM quota_grants)
+             OR EXISTS (SELECT 1 FROM claim_decisions) OR EXISTS (SELECT 1 FROM purchase_decisions)
+             AS "has_rows!""#
     )
     .fetch_one(target)
     .await
@@ -859,7 +863,7 @@ async fn write_states(target: &PgPool, projection: &Projection) -> Result<(), sq
             .iter()
             .map(|c| c.redeemed_order_id.as_deref())
             .collect();
-        sqlx::query(
+        sqlx::query!(
             "UPDATE coupons c
              SET status = u.status, holder_user_id = u.holder, hold_id = u.hold_id,
                  held_until = u.held_until, redeemed_at = u.redeemed_at,
@@ -868,14 +872,15 @@ async fn write_states(target: &PgPool, projection: &Projection) -> Result<(), sq
                          $6::timestamptz[], $7::text[])
                   AS u(code, status, holder, hold_id, held_until, redeemed_at, order_id)
              WHERE c.code = u.code",
+            &codes,
+            // Stored as text through the domain enum's sqlx::Type.
+            &statuses as _,
+            &holders as _,
+            &holds as _,
+            &until as _,
+            &redeemed as _,
+            &orders as _,
         )
-        .bind(&codes)
-        .bind(&statuses)
-        .bind(&holders)
-        .bind(&holds)
-        .bind(&until)
-        .bind(&redeemed)
-        .bind(&orders)
         .execute(target)
         .await?;
     }
@@ -911,7 +916,7 @@ async fn write_users(target: &PgPool, projection: &Projection) -> Result<u64, sq
             .iter()
             .map(|u| blacklist(u).and_then(|b| b.at))
             .collect();
-        written += sqlx::query(
+        written += sqlx::query!(
             "INSERT INTO users (user_id, last_coupon_at, blacklisted, blacklisted_until,
                                 blacklist_reason, blacklisted_at)
              SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::bool[], $4::timestamptz[],
@@ -921,13 +926,13 @@ async fn write_users(target: &PgPool, projection: &Projection) -> Result<u64, sq
                 blacklisted_until = EXCLUDED.blacklisted_until,
                 blacklist_reason = EXCLUDED.blacklist_reason,
                 blacklisted_at = EXCLUDED.blacklisted_at",
+            &ids as _,
+            &at as _,
+            &on,
+            &until as _,
+            &reason as _,
+            &since as _,
         )
-        .bind(&ids)
-        .bind(&at)
-        .bind(&on)
-        .bind(&until)
-        .bind(&reason)
-        .bind(&since)
         .execute(target)
         .await?
         .rows_affected();
@@ -943,14 +948,14 @@ async fn write_quota(target: &PgPool, projection: &Projection) -> Result<u64, sq
         let windows: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.window_start).collect();
         let requests: Vec<&str> = chunk.iter().map(|g| g.request_id.as_str()).collect();
         let at: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.granted_at).collect();
-        written += sqlx::query(
+        written += sqlx::query!(
             "INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
              SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::timestamptz[])",
+            &users as _,
+            &windows,
+            &requests as _,
+            &at,
         )
-        .bind(&users)
-        .bind(&windows)
-        .bind(&requests)
-        .bind(&at)
         .execute(target)
         .await?
         .rows_affected();
@@ -983,22 +988,24 @@ async fn write_purchase_decisions(
         let text = |f: fn(&PurchaseDecisionRow) -> &str| -> Vec<&str> {
             chunk.iter().map(|r| f(r)).collect()
         };
-        written += sqlx::query(
+        written +=
+            sqlx::query!(
             "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code,
                                              outcome, decided_at)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
                                   $6::text[], $7::timestamptz[])",
+            text(|r| r.order_id.as_str()) as _,
+            text(|r| r.request_id.as_str()) as _,
+            &chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>(),
+            text(|r| r.user_id.as_str()) as _,
+            text(|r| r.coupon_code.as_str()) as _,
+            // Stored as text through the domain enum's sqlx::Type.
+            chunk.iter().map(|r| r.outcome).collect::<Vec<_>>() as _,
+            &chunk.iter().map(|r| r.decided_at).collect::<Vec<DateTime<Utc>>>(),
         )
-        .bind(text(|r| r.order_id.as_str()))
-        .bind(text(|r| r.request_id.as_str()))
-        .bind(chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>())
-        .bind(text(|r| r.user_id.as_str()))
-        .bind(text(|r| r.coupon_code.as_str()))
-        .bind(chunk.iter().map(|r| r.outcome).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|r| r.decided_at).collect::<Vec<_>>())
-        .execute(target)
-        .await?
-        .rows_affected();
+            .execute(target)
+            .await?
+            .rows_affected();
     }
     Ok(written)
 }

@@ -16,6 +16,7 @@ use coupon_domain::claim::{
 use super::store::{Released, StoredDecision};
 use super::Claim;
 use crate::Policy;
+use coupon_domain::UserId;
 
 /// A claim that passed the rules and waits for a coupon.
 #[derive(Clone)]
@@ -96,11 +97,11 @@ pub(super) enum Step<'a> {
 /// decided without its user's state; in a flash sale that is nearly every
 /// claim, and their three look-ups each would be most of what such a batch
 /// costs Postgres.
-pub(super) fn users_to_read(claims: &[Claim]) -> Vec<&str> {
+pub(super) fn users_to_read(claims: &[Claim]) -> Vec<&UserId> {
     claims
         .iter()
         .filter(|c| !c.answered_sold_out)
-        .map(|c| c.user_id.as_str())
+        .map(|c| &c.user_id)
         .collect()
 }
 
@@ -330,7 +331,7 @@ mod tests {
         };
         let batch = [told.clone(), asks.clone(), alone];
         // u1 is read for its unanswered claim; u2 is not read at all.
-        assert_eq!(users_to_read(&batch), vec!["u1"]);
+        assert_eq!(users_to_read(&batch), vec![&UserId::parse("u1").unwrap()]);
         // Without any state read, the told claim is still decided sold out,
         // and the user's own claim after it waits for a coupon rather than
         // being deferred as a second request of a touched user.

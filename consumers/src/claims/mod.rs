@@ -57,7 +57,7 @@ use coupon_platform::time::to_ms;
 use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
 
 use crate::history::HistoryRow;
-use coupon_platform::kafka::role::dead_letter_all;
+use coupon_platform::kafka::role::{dead_letter_all, Decoded};
 
 use crate::{Context, Decided, Role};
 
@@ -229,7 +229,7 @@ async fn decide_deferred(
         return Ok((stored.clone(), false));
     }
     let user = claim.user_id.as_str();
-    let state = store::user_states(&mut *tx, &[user])
+    let state = store::user_states(&mut *tx, &[&claim.user_id])
         .await?
         .remove(user)
         .unwrap_or_default();
@@ -254,7 +254,10 @@ enum Answer {
     IdTaken,
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
+pub async fn handle_events(
+    ctx: &Context,
+    batch: &[Decoded<ClaimRequested>],
+) -> Result<(), BatchError> {
     let mut decisions: Vec<(String, ClaimDecided)> = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
     let mut claims = Vec::with_capacity(batch.len());
@@ -263,19 +266,12 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     let mut decided: Vec<Decided> = Vec::with_capacity(batch.len());
     let mut tx = ctx.pool.begin().await?;
     let db_now = crate::db_now(&mut tx).await?;
-    for record in batch {
-        let request = match decode::<ClaimRequested>(record) {
-            Ok(request) => request,
-            Err(error) => {
-                refused.push((record, error.to_string()));
-                continue;
-            }
-        };
-        match validate(&request, record, db_now, ctx.policy.hold_grace) {
+    for (record, request) in batch {
+        match validate(request, record, db_now, ctx.policy.hold_grace) {
             Ok(claim) => claims.push(claim),
             Err(reason) => {
-                if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
-                    decided.push(invalid_logged(&request, &decision.0, &reason));
+                if let Some(decision) = invalid_decision(ctx, record, request, &reason) {
+                    decided.push(invalid_logged(request, &decision.0, &reason));
                     decisions.push(decision);
                 }
                 refused.push((record, reason));
@@ -285,7 +281,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
 
     let mut fresh = Vec::new();
     if !claims.is_empty() {
-        let request_ids: Vec<&str> = claims.iter().map(|c| c.request_id.as_str()).collect();
+        let request_ids: Vec<&RequestId> = claims.iter().map(|c| &c.request_id).collect();
         let user_ids = users_to_read(&claims);
         let stored = store::find_decisions(&mut tx, &request_ids).await?;
         let states = if user_ids.is_empty() {
@@ -644,4 +640,4 @@ pub fn event_of(decision: &StoredDecision, producer: &str, correlation_id: &str)
     }
 }
 
-crate::role_handler!(ROLE, answers);
+crate::role_handler!(ROLE, ClaimRequested, answers);

@@ -11,6 +11,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use coupon_domain::claim::{ActiveHold, ClaimOutcomeKind, UserClaimState};
+use coupon_domain::{RequestId, UserId};
 
 use super::decide::Candidate;
 
@@ -21,16 +22,16 @@ pub use coupon_platform::store::decisions::ClaimDecisionRecord as StoredDecision
 /// client retries), in one round trip for the whole batch.
 pub async fn find_decisions(
     conn: &mut PgConnection,
-    request_ids: &[&str],
+    request_ids: &[&RequestId],
 ) -> Result<HashMap<String, StoredDecision>, sqlx::Error> {
-    let request_ids: Vec<String> = request_ids.iter().map(|id| (*id).to_owned()).collect();
+    let request_ids: Vec<RequestId> = request_ids.iter().map(|id| (*id).clone()).collect();
     let found = sqlx::query_as!(
         StoredDecision,
         r#"SELECT request_id, event_id, user_id, outcome AS "outcome: ClaimOutcomeKind",
                   coupon_code, category, expires_at, repeated, retry_at, blacklisted_until,
                   decided_at
            FROM claim_decisions WHERE request_id = ANY($1)"#,
-        &request_ids
+        &request_ids as &[RequestId]
     )
     .fetch_all(conn)
     .await?;
@@ -99,9 +100,9 @@ struct StateRow {
 /// judge these facts at each request's own time.
 pub async fn user_states(
     conn: &mut PgConnection,
-    user_ids: &[&str],
+    user_ids: &[&UserId],
 ) -> Result<HashMap<String, UserClaimState>, sqlx::Error> {
-    let user_ids: Vec<String> = user_ids.iter().map(|id| (*id).to_owned()).collect();
+    let user_ids: Vec<UserId> = user_ids.iter().map(|id| (*id).clone()).collect();
     let rows = sqlx::query_as!(
         StateRow,
         r#"SELECT x.user_id AS "user_id!", u.blacklisted AS "blacklisted?",
@@ -116,7 +117,7 @@ pub async fn user_states(
                SELECT code, category, held_until FROM coupons
                WHERE holder_user_id = x.user_id AND status = 'held'
                ORDER BY held_until DESC LIMIT 1) h ON true"#,
-        &user_ids
+        &user_ids as &[UserId]
     )
     .fetch_all(conn)
     .await?;
@@ -168,10 +169,7 @@ pub async fn release_overdue(
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
-    let users: Vec<String> = candidates
-        .iter()
-        .map(|c| c.claim.user_id.as_str().to_owned())
-        .collect();
+    let users: Vec<UserId> = candidates.iter().map(|c| c.claim.user_id.clone()).collect();
     let at: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.claim.at).collect();
     // The rows `old` returns are held ones: holder, hold and deadline are set.
     sqlx::query_as!(
@@ -189,7 +187,7 @@ pub async fn release_overdue(
          WHERE c.code = old.code
          RETURNING old.code AS "code!", old.holder_user_id AS "user_id!",
                    old.hold_id AS "hold_id!", old.held_until AS "held_until!""#,
-        &users,
+        &users as &[UserId],
         &at
     )
     .fetch_all(conn)
@@ -226,13 +224,10 @@ pub async fn grant(
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
-    let users: Vec<String> = candidates
+    let users: Vec<UserId> = candidates.iter().map(|c| c.claim.user_id.clone()).collect();
+    let requests: Vec<RequestId> = candidates
         .iter()
-        .map(|c| c.claim.user_id.as_str().to_owned())
-        .collect();
-    let requests: Vec<String> = candidates
-        .iter()
-        .map(|c| c.claim.request_id.to_string())
+        .map(|c| c.claim.request_id.clone())
         .collect();
     let windows: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.window_start).collect();
     let until: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.hold_until).collect();
@@ -268,8 +263,8 @@ pub async fn grant(
          WHERE c.code = pair.code AND c.status = 'available'
          RETURNING pair.request_id AS "request_id!", c.code, c.category,
                    c.held_until AS "held_until!""#,
-        &users,
-        &requests,
+        &users as &[UserId],
+        &requests as &[RequestId],
         &windows,
         &until,
         category,

@@ -10,10 +10,9 @@ use uuid::Uuid;
 
 use coupon_domain::{Category, CouponCode, EmployeeId, SnowflakeId};
 use coupon_platform::kafka::consumer::BatchError;
-use coupon_platform::kafka::Record;
 use coupon_schemas::CouponsCreated;
 
-use coupon_platform::kafka::role::{self, dead_letter_all};
+use coupon_platform::kafka::role::{self, dead_letter_all, Decoded};
 
 use crate::{Context, Role};
 
@@ -49,8 +48,11 @@ pub fn coupons_of(event: &CouponsCreated) -> Result<Vec<NewCoupon>, String> {
         .collect()
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
-    let split = role::split::<CouponsCreated, _>(batch, |_, event| coupons_of(&event));
+pub async fn handle_events(
+    ctx: &Context,
+    batch: &[Decoded<CouponsCreated>],
+) -> Result<(), BatchError> {
+    let split = role::split(batch, |_, event| coupons_of(event));
     let coupons: Vec<NewCoupon> = split
         .accepted
         .into_iter()
@@ -67,4 +69,4 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     dead_letter_all(&ctx.dead_letters(ROLE), &split.refused).await
 }
 
-crate::role_handler!(ROLE);
+crate::role_handler!(ROLE, CouponsCreated);

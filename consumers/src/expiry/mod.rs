@@ -30,13 +30,12 @@ use uuid::Uuid;
 
 use coupon_domain::{CouponCode, HistoryKind, RequestId};
 use coupon_platform::kafka::consumer::BatchError;
-use coupon_platform::kafka::Record;
 use coupon_platform::store::coupons;
 use coupon_platform::time::to_ms;
 use coupon_schemas::HoldExpired;
 
 use crate::history::{append, HistoryRow};
-use coupon_platform::kafka::role::{self, dead_letter_all};
+use coupon_platform::kafka::role::{self, dead_letter_all, Decoded};
 
 use crate::{Context, Role};
 
@@ -73,17 +72,17 @@ pub async fn sweep_once(
         .iter()
         .map(|hold| {
             let envelope = coupon_schemas::new_envelope::<HoldExpired>(
-                expiry_event_id(&hold.hold_id, &hold.code).to_string(),
+                expiry_event_id(&hold.hold_id, &hold.code.to_string()).to_string(),
                 to_ms(hold.held_until),
                 ctx.publisher.name(),
                 &hold.hold_id,
             );
             (
-                hold.code.clone(),
+                hold.code.to_string(),
                 HoldExpired {
                     envelope: Some(envelope),
-                    coupon_code: hold.code.clone(),
-                    user_id: hold.holder_user_id.clone(),
+                    coupon_code: hold.code.to_string(),
+                    user_id: hold.holder_user_id.to_string(),
                     hold_id: hold.hold_id.clone(),
                     held_until_ms: to_ms(hold.held_until),
                 },
@@ -129,8 +128,7 @@ pub async fn run_sweeper(
 #[derive(Debug, PartialEq)]
 struct Release {
     event_id: Uuid,
-    /// The coupon, in canonical form.
-    code: String,
+    code: CouponCode,
     hold_id: String,
 }
 
@@ -149,13 +147,16 @@ fn release_of(event: &HoldExpired) -> Result<Release, String> {
     RequestId::parse(event.hold_id.as_str()).map_err(|e| format!("hold_id: {e}"))?;
     Ok(Release {
         event_id,
-        code: code.to_string(),
+        code,
         hold_id: event.hold_id.clone(),
     })
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
-    let split = role::split::<HoldExpired, _>(batch, |_, event| release_of(&event));
+pub async fn handle_events(
+    ctx: &Context,
+    batch: &[Decoded<HoldExpired>],
+) -> Result<(), BatchError> {
+    let split = role::split(batch, |_, event| release_of(event));
     let mut released = Vec::new();
     let mut history = Vec::new();
     let mut tx = ctx.pool.begin().await?;
@@ -163,7 +164,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     let grace = chrono::Duration::from_std(ctx.policy.hold_grace).unwrap_or_default();
     for (_, release) in &split.accepted {
         let row =
-            coupons::release_hold(&mut tx, &release.code, &release.hold_id, now - grace).await?;
+            coupons::release_hold(&mut tx, release.code, &release.hold_id, now - grace).await?;
         if let Some(coupons::ReleasedHold {
             code,
             holder_user_id: user_id,
@@ -174,12 +175,12 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
                 occurred_at: now,
                 event_id: release.event_id,
                 item: 0,
-                coupon_code: Some(code.clone()),
-                user_id: Some(user_id.clone()),
+                coupon_code: Some(code.to_string()),
+                user_id: Some(user_id.to_string()),
                 kind: HistoryKind::Released,
                 detail: json!({"hold_id": release.hold_id, "held_until_ms": to_ms(held_until), "reason": "hold_expired"}),
             });
-            released.push((code, user_id));
+            released.push((code.to_string(), user_id.into_string()));
         }
     }
     append(&mut *tx, &history).await?;
@@ -220,7 +221,7 @@ pub async fn run(
     result
 }
 
-crate::role_handler!(ROLE);
+crate::role_handler!(ROLE, HoldExpired);
 
 /// Puts every live hold from Postgres into Redis: run at start-up and by
 /// `couponctl holds rebuild`, so a Redis restart loses nothing.
@@ -229,9 +230,9 @@ pub async fn rebuild_cache(ctx: &Context) -> Result<usize, BatchError> {
         .await?
         .into_iter()
         .map(|h| coupon_platform::redis::CachedHold {
-            code: h.code,
-            user_id: h.holder_user_id,
-            category: h.category,
+            code: h.code.to_string(),
+            user_id: h.holder_user_id.into_string(),
+            category: h.category.into_string(),
             expires_at: h.held_until,
         })
         .collect();
@@ -275,7 +276,7 @@ mod tests {
             release,
             Ok(Release {
                 event_id: id,
-                code: code.to_string(),
+                code,
                 hold_id: "h1".into(),
             })
         );

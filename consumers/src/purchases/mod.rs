@@ -32,7 +32,7 @@ use coupon_platform::store::{coupons, decisions};
 use coupon_platform::time::to_ms;
 use coupon_schemas::{PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested};
 
-use coupon_platform::kafka::role::dead_letter_all;
+use coupon_platform::kafka::role::{dead_letter_all, Decoded};
 
 use crate::{Context, Decided, Role};
 
@@ -76,10 +76,10 @@ pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
 pub struct StoredPurchase {
     /// Set when the decision answers a later request for the same order.
     pub repeated: bool,
-    pub order_id: String,
-    pub request_id: String,
+    pub order_id: OrderId,
+    pub request_id: RequestId,
     pub event_id: Uuid,
-    pub user_id: String,
+    pub user_id: UserId,
     pub coupon_code: String,
     pub outcome: PurchaseOutcome,
     pub decided_at: DateTime<Utc>,
@@ -123,10 +123,10 @@ impl StoredPurchase {
                 producer,
                 correlation_id,
             )),
-            request_id: self.request_id.clone(),
-            user_id: self.user_id.clone(),
+            request_id: self.request_id.to_string(),
+            user_id: self.user_id.to_string(),
             coupon_code: self.coupon_code.clone(),
-            order_id: self.order_id.clone(),
+            order_id: self.order_id.to_string(),
             outcome: outcome as i32,
             redeemed_at_ms: if outcome == WireOutcome::Redeemed {
                 to_ms(self.decided_at)
@@ -149,7 +149,7 @@ enum DecideError {
     /// reported as permanent so that the batch loop's isolation bounds it
     /// should it ever recur.
     #[error("order {0} was decided concurrently by another processor")]
-    Concurrent(String),
+    Concurrent(OrderId),
 }
 
 impl From<DecideError> for BatchError {
@@ -174,20 +174,20 @@ enum Answer {
 /// state → this pure step → nothing to write): the stored decision again,
 /// addressed to this request, or `invalid` when the order is another user's.
 fn answer_stored(purchase: &Purchase, mut stored: StoredPurchase) -> Answer {
-    if stored.user_id != purchase.user_id.as_str() {
+    if stored.user_id != purchase.user_id {
         return Answer::Invalid(format!(
             "order id {} was already used by another user",
             purchase.order_id
         ));
     }
-    if stored.request_id != purchase.request_id.as_str() {
+    if stored.request_id != purchase.request_id {
         // Another request for an order already decided: the same answer,
         // addressed to this request (with its own, stable event id).
         stored.event_id = Uuid::new_v5(
             &Uuid::NAMESPACE_OID,
             format!("purchase:{}:{}", stored.order_id, purchase.request_id).as_bytes(),
         );
-        stored.request_id = purchase.request_id.to_string();
+        stored.request_id = purchase.request_id.clone();
         stored.repeated = true;
     }
     Answer::Decided(stored, false)
@@ -201,37 +201,35 @@ async fn decide_one(
     purchase: &Purchase,
     now: DateTime<Utc>,
 ) -> Result<Answer, DecideError> {
-    if let Some(stored) = decisions::find_purchase(&mut *tx, purchase.order_id.as_str()).await? {
+    if let Some(stored) = decisions::find_purchase(&mut *tx, &purchase.order_id).await? {
         return Ok(answer_stored(purchase, StoredPurchase::from(stored)));
     }
-    let code = CouponCode::parse(&purchase.coupon_code)
-        .ok()
-        .map(|c| c.to_string());
-    let view = match &code {
+    let code = CouponCode::parse(&purchase.coupon_code).ok();
+    let view = match code {
         Some(code) => coupons::lock_for_purchase(&mut *tx, code).await?,
         None => None,
     };
-    let user = purchase.user_id.as_str();
+    let user = &purchase.user_id;
     let mut outcome = decide(view.as_ref(), user, false, now);
     if outcome != PurchaseOutcome::Redeemed && view.is_some() {
         // Tell a late buyer "your hold expired" rather than "not yours".
-        let held_before = match &code {
+        let held_before = match code {
             Some(code) => decisions::was_granted(&mut *tx, user, code).await?,
             None => false,
         };
         outcome = decide(view.as_ref(), user, held_before, now);
     }
-    let canonical_code = code.unwrap_or_else(|| purchase.coupon_code.clone());
-    if outcome == PurchaseOutcome::Redeemed {
-        coupons::redeem(&mut *tx, &canonical_code, now, purchase.order_id.as_str()).await?;
+    if let (PurchaseOutcome::Redeemed, Some(code)) = (outcome, code) {
+        coupons::redeem(&mut *tx, code, now, &purchase.order_id).await?;
     }
     let decision = StoredPurchase {
         repeated: false,
-        order_id: purchase.order_id.as_str().to_owned(),
-        request_id: purchase.request_id.to_string(),
+        order_id: purchase.order_id.clone(),
+        request_id: purchase.request_id.clone(),
         event_id: Uuid::new_v4(),
-        user_id: user.to_owned(),
-        coupon_code: canonical_code,
+        user_id: user.clone(),
+        // Canonical when it is a code; else as given (`unknown_coupon`).
+        coupon_code: code.map_or_else(|| purchase.coupon_code.clone(), |c| c.to_string()),
         outcome,
         decided_at: now,
     };
@@ -292,7 +290,10 @@ fn invalid_logged(request: &PurchaseRequested, user_id: &str, reason: &str) -> D
     }
 }
 
-pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchError> {
+pub async fn handle_events(
+    ctx: &Context,
+    batch: &[Decoded<PurchaseRequested>],
+) -> Result<(), BatchError> {
     let mut decisions: Vec<(String, PurchaseDecided)> = Vec::new();
     let mut ended_holds = Vec::new();
     let mut refused = Vec::new();
@@ -300,19 +301,12 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
     let mut decided: Vec<Decided> = Vec::new();
     let mut tx = ctx.pool.begin().await?;
     let db_now = crate::db_now(&mut tx).await?;
-    for record in batch {
-        let request = match decode::<PurchaseRequested>(record) {
-            Ok(request) => request,
-            Err(error) => {
-                refused.push((record, error.to_string()));
-                continue;
-            }
-        };
-        let purchase = match validate(&request) {
+    for (record, request) in batch {
+        let purchase = match validate(request) {
             Ok(purchase) => purchase,
             Err(reason) => {
-                if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
-                    decided.push(invalid_logged(&request, &decision.0, &reason));
+                if let Some(decision) = invalid_decision(ctx, record, request, &reason) {
+                    decided.push(invalid_logged(request, &decision.0, &reason));
                     decisions.push(decision);
                 }
                 refused.push((record, reason));
@@ -323,8 +317,8 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
         let (decision, is_new) = match decide_one(&mut tx, &purchase, at).await? {
             Answer::Decided(decision, is_new) => (decision, is_new),
             Answer::Invalid(reason) => {
-                if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
-                    decided.push(invalid_logged(&request, &decision.0, &reason));
+                if let Some(decision) = invalid_decision(ctx, record, request, &reason) {
+                    decided.push(invalid_logged(request, &decision.0, &reason));
                     decisions.push(decision);
                 }
                 continue;
@@ -334,7 +328,7 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
             metrics::counter!("coupon_purchase_decisions_total", "outcome" => decision.outcome.as_str())
                 .increment(1);
             if decision.outcome == PurchaseOutcome::Redeemed {
-                ended_holds.push((decision.coupon_code.clone(), decision.user_id.clone()));
+                ended_holds.push((decision.coupon_code.clone(), decision.user_id.to_string()));
             }
         }
         decided.push(Decided {
@@ -343,14 +337,14 @@ pub async fn handle_batch(ctx: &Context, batch: &[Record]) -> Result<(), BatchEr
                 purchase.request_id.as_str(),
             )
             .to_owned(),
-            user_id: decision.user_id.clone(),
+            user_id: decision.user_id.to_string(),
             outcome: decision.outcome.as_str(),
             coupon_code: Some(decision.coupon_code.clone()),
             redelivered: !is_new,
             reason: None,
         });
         decisions.push((
-            decision.user_id.clone(),
+            decision.user_id.to_string(),
             decision.to_event(ctx.publisher.name(), &purchase.correlation_id),
         ));
     }
@@ -382,7 +376,7 @@ pub async fn reject(ctx: &Context, record: &Record, reason: &str) -> Result<(), 
     Ok(())
 }
 
-crate::role_handler!(ROLE, answers);
+crate::role_handler!(ROLE, PurchaseRequested, answers);
 
 #[cfg(test)]
 mod tests {
@@ -401,10 +395,10 @@ mod tests {
     fn stored(request: &str, user: &str, order: &str) -> StoredPurchase {
         StoredPurchase {
             repeated: false,
-            order_id: order.into(),
-            request_id: request.into(),
+            order_id: OrderId::parse(order).unwrap(),
+            request_id: RequestId::parse(request).unwrap(),
             event_id: Uuid::from_u128(7),
-            user_id: user.into(),
+            user_id: UserId::parse(user).unwrap(),
             coupon_code: "C1".into(),
             outcome: PurchaseOutcome::Redeemed,
             decided_at: "2026-11-25T12:00:00Z".parse().unwrap(),
@@ -429,7 +423,7 @@ mod tests {
             panic!("the stored decision is answered again")
         };
         assert!(answer.repeated);
-        assert_eq!(answer.request_id, "r2");
+        assert_eq!(answer.request_id.as_str(), "r2");
         assert_eq!(answer.outcome, PurchaseOutcome::Redeemed);
         assert_ne!(answer.event_id, Uuid::from_u128(7));
     }

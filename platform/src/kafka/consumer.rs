@@ -86,6 +86,9 @@ pub enum DecodeError {
     NoEventId,
     #[error("occurred_at_ms {0} is not a time between 2000 and 2100")]
     TimeOutOfRange(i64),
+    /// A record of a topic the role does not read (its event names them).
+    #[error("the {role} does not read topic {topic}")]
+    NotRead { role: &'static str, topic: String },
 }
 
 /// Envelope times outside 2000-01-01..2100-01-01 (UTC) are refused. No event

@@ -1,14 +1,21 @@
 //! One shape for every consumer role: a [`RoleHandler`] says which role it
-//! is (its group and topics come from `coupon_schemas::catalogue`), handles
-//! a batch and sets aside a record that fails on its own; [`run`] is the one
-//! loop that drives any of them. [`split`] and [`dead_letter_all`] are the
-//! decode → validate → dead-letter steps every handler starts and ends with.
+//! is (its group and topics come from `coupon_schemas::catalogue`) and what
+//! event its topics carry ([`RoleHandler::Event`]), handles a batch of
+//! decoded events and sets aside a record that fails on its own; [`run`] is
+//! the one loop that drives any of them. The loop decodes every record
+//! (by the catalogue: the message of the record's topic), hands the
+//! decoded ones to `handle` and, once `handle` has returned, sets aside
+//! the undecodable ones with `reject` (the dead-letter topic); offsets are
+//! stored only after both. [`split`] and [`dead_letter_all`] are the
+//! validate → dead-letter steps a handler does with what it was given.
 
 use std::future::Future;
 
 use rdkafka::error::KafkaError;
 
 use coupon_schemas::{Event, Role};
+
+pub use super::consumer::DecodeError;
 
 use super::consumer::{
     decode, group_consumer, run_batches, Assignment, BatchError, ConsumerSettings, DeadLetters,
@@ -24,18 +31,45 @@ pub struct PollSettings {
     pub assignment: Assignment,
 }
 
-/// A consumer role: what it does with a batch of its topics' records.
+/// What a role's records decode to: the protobuf message of its topic for a
+/// role that reads one topic (every [`Event`] is one), an enum over its
+/// topics' messages for a role that reads several (the history sink).
+pub trait RoleEvent: Sized + Send + Sync {
+    /// Decodes `record` as the message of its topic (`topics` names the
+    /// topics of this deployment); an error is the reason it is refused.
+    fn decode(topics: &Topics, record: &Record) -> Result<Self, DecodeError>;
+}
+
+impl<E: Event + Send + Sync> RoleEvent for E {
+    fn decode(_: &Topics, record: &Record) -> Result<Self, DecodeError> {
+        decode::<E>(record)
+    }
+}
+
+/// One decoded record: the record (its topic, key, offset and time) and
+/// what it carried.
+pub type Decoded<E> = (Record, E);
+
+/// A consumer role: what it does with a batch of its topics' events.
 ///
 /// `handle` decides and writes a batch atomically and stores nothing on
 /// failure (the batch loop retries or isolates records, see
 /// [`super::consumer::settle`]); `reject` sets aside one record that keeps
-/// failing on its own (dead-letter it, and answer its requester if any).
+/// failing on its own, or does not decode (dead-letter it, and answer its
+/// requester if any).
 pub trait RoleHandler: Send + Sync {
     /// The role: its consumer group is `<prefix>.<name>-processor` and it
     /// reads `ROLE.topics()`.
     const ROLE: Role;
 
-    fn handle(&self, batch: Vec<Record>) -> impl Future<Output = Result<(), BatchError>> + Send;
+    /// What its topics carry (see `coupon_schemas::catalogue`).
+    type Event: RoleEvent;
+
+    /// The batch's records that decoded, in order.
+    fn handle(
+        &self,
+        batch: Vec<Decoded<Self::Event>>,
+    ) -> impl Future<Output = Result<(), BatchError>> + Send;
 
     fn reject(
         &self,
@@ -71,12 +105,36 @@ pub async fn run<H: RoleHandler>(
         name,
         consumer,
         poll.max_batch,
-        |batch| handler.handle(batch),
+        |batch| handle_records(handler, topics, batch),
         |record, reason| handler.reject(record, reason),
         shutdown,
     )
     .await;
     tracing::info!(role = name, "consumer stopped");
+    Ok(())
+}
+
+/// Decodes `batch`, has `handler` handle what decoded, then sets aside
+/// what did not (after the batch's effects, as a handler's own refusals:
+/// a retried batch sets nothing aside twice). The loop stores the offsets
+/// only once this returns `Ok`.
+pub async fn handle_records<H: RoleHandler>(
+    handler: &H,
+    topics: &Topics,
+    batch: Vec<Record>,
+) -> Result<(), BatchError> {
+    let mut decoded = Vec::with_capacity(batch.len());
+    let mut refused = Vec::new();
+    for record in batch {
+        match H::Event::decode(topics, &record) {
+            Ok(event) => decoded.push((record, event)),
+            Err(error) => refused.push((record, error.to_string())),
+        }
+    }
+    handler.handle(decoded).await?;
+    for (record, reason) in refused {
+        handler.reject(record, reason).await?;
+    }
     Ok(())
 }
 
@@ -87,19 +145,15 @@ pub struct Split<'a, T> {
     pub refused: Vec<(&'a Record, String)>,
 }
 
-/// Decodes every record of `batch` as `E` and validates it. An undecodable
-/// record is refused with the decode error; `validate` refuses the others.
-pub fn split<'a, E: Event, T>(
-    batch: &'a [Record],
-    mut validate: impl FnMut(&'a Record, E) -> Result<T, String>,
+/// Validates every decoded event of `batch`; `validate` refuses some.
+pub fn split<'a, E, T>(
+    batch: &'a [Decoded<E>],
+    mut validate: impl FnMut(&'a Record, &'a E) -> Result<T, String>,
 ) -> Split<'a, T> {
     let mut accepted = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
-    for record in batch {
-        match decode::<E>(record)
-            .map_err(|e| e.to_string())
-            .and_then(|event| validate(record, event))
-        {
+    for (record, event) in batch {
+        match validate(record, event) {
             Ok(item) => accepted.push((record, item)),
             Err(reason) => refused.push((record, reason)),
         }

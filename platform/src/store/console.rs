@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 /// One batch as projected so far: its coupons by status.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchRow {
     pub batch_id: Uuid,
     pub employee_id: String,
@@ -41,29 +41,30 @@ pub struct BatchFilter {
 /// The most recent batches (newest first), as far as they are projected:
 /// a batch appears with its first stored coupon.
 pub async fn batches(pool: &PgPool, filter: &BatchFilter) -> Result<Vec<BatchRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT batch_id, employee_id, category,
-                count(*) AS projected,
-                count(*) FILTER (WHERE status = 'available') AS available,
-                count(*) FILTER (WHERE status = 'held') AS held,
-                count(*) FILTER (WHERE status = 'redeemed') AS redeemed,
-                min(generated_at) AS generated_at
+    sqlx::query_as!(
+        BatchRow,
+        r#"SELECT batch_id, employee_id, category,
+                count(*) AS "projected!",
+                count(*) FILTER (WHERE status = 'available') AS "available!",
+                count(*) FILTER (WHERE status = 'held') AS "held!",
+                count(*) FILTER (WHERE status = 'redeemed') AS "redeemed!",
+                min(generated_at) AS "generated_at!"
            FROM coupons
           WHERE ($1::text IS NULL OR employee_id = $1)
             AND ($2::uuid IS NULL OR batch_id = $2)
           GROUP BY batch_id, employee_id, category
           ORDER BY min(generated_at) DESC, batch_id
-          LIMIT $3",
+          LIMIT $3"#,
+        filter.employee.as_deref(),
+        filter.batch_id,
+        filter.limit
     )
-    .bind(filter.employee.as_deref())
-    .bind(filter.batch_id)
-    .bind(filter.limit)
     .fetch_all(pool)
     .await
 }
 
 /// Claim decisions of one bucket, by outcome.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimBucket {
     pub bucket_start: DateTime<Utc>,
     pub granted: i64,
@@ -86,23 +87,25 @@ pub async fn claims_per_bucket(
     until: DateTime<Utc>,
     bucket_seconds: i64,
 ) -> Result<Vec<ClaimBucket>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT to_timestamp(floor(extract(epoch FROM occurred_at) / $3) * $3) AS bucket_start,
-                count(*) FILTER (WHERE kind = 'granted') AS granted,
-                count(*) FILTER (WHERE kind = 'rejected' AND detail->>'reason' = 'sold_out') AS sold_out,
-                count(*) FILTER (WHERE kind = 'rejected' AND detail->>'reason' = 'rate_limited') AS rate_limited,
-                count(*) FILTER (WHERE kind = 'rejected' AND detail->>'reason' = 'blacklisted') AS blacklisted,
+    sqlx::query_as!(
+        ClaimBucket,
+        r#"SELECT to_timestamp(floor(extract(epoch FROM occurred_at) / $3::float8) * $3::float8)
+                    AS "bucket_start!",
+                count(*) FILTER (WHERE kind = 'granted') AS "granted!",
+                count(*) FILTER (WHERE kind = 'rejected' AND detail->>'reason' = 'sold_out') AS "sold_out!",
+                count(*) FILTER (WHERE kind = 'rejected' AND detail->>'reason' = 'rate_limited') AS "rate_limited!",
+                count(*) FILTER (WHERE kind = 'rejected' AND detail->>'reason' = 'blacklisted') AS "blacklisted!",
                 count(*) FILTER (WHERE kind = 'rejected'
-                                   AND detail->>'reason' NOT IN ('sold_out', 'rate_limited', 'blacklisted')) AS other
+                                   AND detail->>'reason' NOT IN ('sold_out', 'rate_limited', 'blacklisted')) AS "other!"
            FROM coupon_history
           WHERE occurred_at >= $1 AND occurred_at <= $2
             AND (kind = 'granted' OR (kind = 'rejected' AND detail ? 'reason'))
           GROUP BY 1
-          ORDER BY 1",
+          ORDER BY 1"#,
+        since,
+        until,
+        bucket_seconds as f64
     )
-    .bind(since)
-    .bind(until)
-    .bind(bucket_seconds as f64)
     .fetch_all(pool)
     .await
 }
@@ -110,7 +113,7 @@ pub async fn claims_per_bucket(
 /// The redemption funnel of one batch: holds granted on its coupons in the
 /// range, and how many of the coupons were redeemed or released (the hold
 /// expired) in the range.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunnelRow {
     pub batch_id: Uuid,
     pub employee_id: String,
@@ -128,20 +131,21 @@ pub async fn funnel(
     since: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> Result<Vec<FunnelRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT c.batch_id, c.employee_id, c.category,
-                count(*) FILTER (WHERE h.kind = 'granted') AS granted,
-                count(*) FILTER (WHERE h.kind = 'redeemed') AS redeemed,
-                count(*) FILTER (WHERE h.kind = 'released') AS expired
+    sqlx::query_as!(
+        FunnelRow,
+        r#"SELECT c.batch_id, c.employee_id, c.category,
+                count(*) FILTER (WHERE h.kind = 'granted') AS "granted!",
+                count(*) FILTER (WHERE h.kind = 'redeemed') AS "redeemed!",
+                count(*) FILTER (WHERE h.kind = 'released') AS "expired!"
            FROM coupon_history h
            JOIN coupons c ON c.code = h.coupon_code
           WHERE h.occurred_at >= $1 AND h.occurred_at <= $2
             AND h.kind IN ('granted', 'redeemed', 'released')
           GROUP BY c.batch_id, c.employee_id, c.category
-          ORDER BY c.category, min(c.generated_at), c.batch_id",
+          ORDER BY c.category, min(c.generated_at), c.batch_id"#,
+        since,
+        until
     )
-    .bind(since)
-    .bind(until)
     .fetch_all(pool)
     .await
 }

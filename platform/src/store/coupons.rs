@@ -6,27 +6,28 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use coupon_domain::purchase::CouponView;
-use coupon_domain::{Category, CouponCode, CouponStatus, EmployeeId};
+use coupon_domain::{Category, CouponCode, CouponStatus, EmployeeId, OrderId, UserId};
 
 /// One coupon as the gateway shows it (`GET /api/v1/coupon/<code>`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CouponRecord {
-    pub code: String,
-    pub category: String,
+    pub code: CouponCode,
+    pub category: Category,
     pub status: CouponStatus,
-    pub holder_user_id: Option<String>,
+    pub holder_user_id: Option<UserId>,
     pub held_until: Option<DateTime<Utc>>,
     pub redeemed_at: Option<DateTime<Utc>>,
 }
 
-/// The coupon with this (canonical) code.
-pub async fn find(pool: &PgPool, code: &str) -> Result<Option<CouponRecord>, sqlx::Error> {
+/// The coupon with this code.
+pub async fn find(pool: &PgPool, code: CouponCode) -> Result<Option<CouponRecord>, sqlx::Error> {
     sqlx::query_as!(
         CouponRecord,
-        r#"SELECT code, category, status AS "status: CouponStatus", holder_user_id,
+        r#"SELECT code AS "code: CouponCode", category AS "category: Category",
+                  status AS "status: CouponStatus", holder_user_id AS "holder_user_id: UserId",
                   held_until, redeemed_at
            FROM coupons WHERE code = $1"#,
-        code
+        code as CouponCode
     )
     .fetch_optional(pool)
     .await
@@ -35,17 +36,19 @@ pub async fn find(pool: &PgPool, code: &str) -> Result<Option<CouponRecord>, sql
 /// Where a coupon ended up: what the audit compares with the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CouponOutcome {
-    pub code: String,
+    pub code: CouponCode,
     pub status: CouponStatus,
-    pub holder_user_id: Option<String>,
-    pub redeemed_order_id: Option<String>,
+    pub holder_user_id: Option<UserId>,
+    pub redeemed_order_id: Option<OrderId>,
 }
 
 /// Every coupon's outcome.
 pub async fn outcomes(pool: &PgPool) -> Result<Vec<CouponOutcome>, sqlx::Error> {
     sqlx::query_as!(
         CouponOutcome,
-        r#"SELECT code, status AS "status: CouponStatus", holder_user_id, redeemed_order_id
+        r#"SELECT code AS "code: CouponCode", status AS "status: CouponStatus",
+                  holder_user_id AS "holder_user_id: UserId",
+                  redeemed_order_id AS "redeemed_order_id: OrderId"
            FROM coupons"#
     )
     .fetch_all(pool)
@@ -57,13 +60,14 @@ pub async fn outcomes(pool: &PgPool) -> Result<Vec<CouponOutcome>, sqlx::Error> 
 /// serialised.
 pub async fn lock_for_purchase(
     conn: &mut sqlx::PgConnection,
-    code: &str,
+    code: CouponCode,
 ) -> Result<Option<CouponView>, sqlx::Error> {
     sqlx::query_as!(
         CouponView,
-        r#"SELECT status AS "status: CouponStatus", holder_user_id, held_until
+        r#"SELECT status AS "status: CouponStatus", holder_user_id AS "holder_user_id: UserId",
+                  held_until
            FROM coupons WHERE code = $1 FOR UPDATE"#,
-        code
+        code as CouponCode
     )
     .fetch_optional(conn)
     .await
@@ -72,16 +76,16 @@ pub async fn lock_for_purchase(
 /// Marks a held coupon redeemed by `order_id` at `at`.
 pub async fn redeem(
     conn: &mut sqlx::PgConnection,
-    code: &str,
+    code: CouponCode,
     at: DateTime<Utc>,
-    order_id: &str,
+    order_id: &OrderId,
 ) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "UPDATE coupons SET status = 'redeemed', redeemed_at = $2, redeemed_order_id = $3
          WHERE code = $1 AND status = 'held'",
-        code,
+        code as CouponCode,
         at,
-        order_id
+        order_id as &OrderId
     )
     .execute(conn)
     .await?;
@@ -91,8 +95,8 @@ pub async fn redeem(
 /// A hold past its deadline that nothing released yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverdueHold {
-    pub code: String,
-    pub holder_user_id: String,
+    pub code: CouponCode,
+    pub holder_user_id: UserId,
     pub hold_id: String,
     pub held_until: DateTime<Utc>,
 }
@@ -107,7 +111,8 @@ pub async fn overdue_holds(
     // A held row has its holder, hold and deadline (CHECK constraints).
     sqlx::query_as!(
         OverdueHold,
-        r#"SELECT code, holder_user_id AS "holder_user_id!", hold_id AS "hold_id!",
+        r#"SELECT code AS "code: CouponCode", holder_user_id AS "holder_user_id!: UserId",
+                  hold_id AS "hold_id!",
                   held_until AS "held_until!"
            FROM coupons
            WHERE status = 'held' AND held_until <= now() - $1::interval
@@ -131,8 +136,8 @@ fn interval(d: std::time::Duration) -> sqlx::postgres::types::PgInterval {
 /// A hold a release ended: the coupon, its former holder and deadline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleasedHold {
-    pub code: String,
-    pub holder_user_id: String,
+    pub code: CouponCode,
+    pub holder_user_id: UserId,
     pub held_until: DateTime<Utc>,
 }
 
@@ -141,7 +146,7 @@ pub struct ReleasedHold {
 /// another release came first).
 pub async fn release_hold(
     conn: &mut sqlx::PgConnection,
-    code: &str,
+    code: CouponCode,
     hold_id: &str,
     deadline: DateTime<Utc>,
 ) -> Result<Option<ReleasedHold>, sqlx::Error> {
@@ -153,9 +158,9 @@ pub async fn release_hold(
                  WHERE code = $1 AND status = 'held' AND hold_id = $2 AND held_until <= $3
                  FOR UPDATE) AS old
            WHERE c.code = old.code
-           RETURNING c.code, old.holder_user_id AS "holder_user_id!",
+           RETURNING c.code AS "code: CouponCode", old.holder_user_id AS "holder_user_id!: UserId",
                      old.held_until AS "held_until!""#,
-        code,
+        code as CouponCode,
         hold_id,
         deadline
     )
@@ -166,9 +171,9 @@ pub async fn release_hold(
 /// A live hold, as Redis mirrors it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveHold {
-    pub code: String,
-    pub holder_user_id: String,
-    pub category: String,
+    pub code: CouponCode,
+    pub holder_user_id: UserId,
+    pub category: Category,
     pub held_until: DateTime<Utc>,
 }
 
@@ -176,8 +181,8 @@ pub struct LiveHold {
 pub async fn live_holds(pool: &PgPool) -> Result<Vec<LiveHold>, sqlx::Error> {
     sqlx::query_as!(
         LiveHold,
-        r#"SELECT code, holder_user_id AS "holder_user_id!", category,
-                  held_until AS "held_until!"
+        r#"SELECT code AS "code: CouponCode", holder_user_id AS "holder_user_id!: UserId",
+                  category AS "category: Category", held_until AS "held_until!"
            FROM coupons WHERE status = 'held' AND held_until > now()"#
     )
     .fetch_all(pool)
@@ -187,6 +192,9 @@ pub async fn live_holds(pool: &PgPool) -> Result<Vec<LiveHold>, sqlx::Error> {
 /// Whether any coupon of `category` (`None`: of any category) is available.
 /// One probe of a partial index: the claim processor asks it to keep a
 /// sold-out mark alive while claims still arrive for an empty pool.
+///
+/// The category stays `&str` here: the claim processor's sold-out marks
+/// name their pools by text (`coupon_domain::sold_out`).
 pub async fn any_available(pool: &PgPool, category: Option<&str>) -> Result<bool, sqlx::Error> {
     // Two statements, so that each probes its own partial index.
     match category {
@@ -210,21 +218,24 @@ pub async fn any_available(pool: &PgPool, category: Option<&str>) -> Result<bool
 }
 
 /// Coupons of `category` (the benchmarks wait for a release's projection).
-pub async fn count_in_category(pool: &PgPool, category: &str) -> Result<i64, sqlx::Error> {
+pub async fn count_in_category(pool: &PgPool, category: &Category) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar!(
         r#"SELECT count(*) AS "n!" FROM coupons WHERE category = $1"#,
-        category
+        category as &Category
     )
     .fetch_one(pool)
     .await
 }
 
 /// Held coupons of `category`, and how many distinct users hold them.
-pub async fn held_in_category(pool: &PgPool, category: &str) -> Result<(i64, i64), sqlx::Error> {
+pub async fn held_in_category(
+    pool: &PgPool,
+    category: &Category,
+) -> Result<(i64, i64), sqlx::Error> {
     let row = sqlx::query!(
         r#"SELECT count(*) AS "held!", count(DISTINCT holder_user_id) AS "holders!"
            FROM coupons WHERE category = $1 AND status = 'held'"#,
-        category
+        category as &Category
     )
     .fetch_one(pool)
     .await?;
@@ -236,30 +247,30 @@ pub async fn held_in_category(pool: &PgPool, category: &str) -> Result<(i64, i64
 /// minutes (no quota, no decision).
 pub async fn hold_one(
     conn: &mut sqlx::PgConnection,
-    category: &str,
-    holder: &str,
-) -> Result<Option<String>, sqlx::Error> {
+    category: &Category,
+    holder: &UserId,
+) -> Result<Option<CouponCode>, sqlx::Error> {
     sqlx::query_scalar!(
-        "WITH pick AS MATERIALIZED (
+        r#"WITH pick AS MATERIALIZED (
              SELECT code FROM coupons WHERE status = 'available' AND category = $2
              ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
          UPDATE coupons c SET status = 'held', holder_user_id = $1, hold_id = $1,
                 held_until = now() + interval '5 minutes'
-         FROM pick WHERE c.code = pick.code RETURNING c.code",
-        holder,
-        category
+         FROM pick WHERE c.code = pick.code RETURNING c.code AS "code: CouponCode""#,
+        holder as &UserId,
+        category as &Category
     )
     .fetch_optional(conn)
     .await
 }
 
 /// Makes every held coupon of `category` available again (after a baseline).
-pub async fn release_all_held(pool: &PgPool, category: &str) -> Result<(), sqlx::Error> {
+pub async fn release_all_held(pool: &PgPool, category: &Category) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "UPDATE coupons SET status = 'available', holder_user_id = NULL, hold_id = NULL,
                 held_until = NULL
          WHERE category = $1 AND status = 'held'",
-        category
+        category as &Category
     )
     .execute(pool)
     .await?;
@@ -300,23 +311,23 @@ pub async fn insert_coupons(
             }
             Err(error) => return Err(error),
         }
-        let codes: Vec<String> = chunk.iter().map(|c| c.code.to_string()).collect();
+        let codes: Vec<CouponCode> = chunk.iter().map(|c| c.code).collect();
         let ids: Vec<i64> = chunk.iter().map(|c| c.code.id().as_i64()).collect();
         let batches: Vec<Uuid> = chunk.iter().map(|c| c.batch_id).collect();
-        let employees: Vec<&str> = chunk.iter().map(|c| c.employee_id.as_str()).collect();
-        let categories: Vec<&str> = chunk.iter().map(|c| c.category.as_str()).collect();
+        let employees: Vec<EmployeeId> = chunk.iter().map(|c| c.employee_id.clone()).collect();
+        let categories: Vec<Category> = chunk.iter().map(|c| c.category.clone()).collect();
         let generated: Vec<DateTime<Utc>> = chunk.iter().map(|c| c.generated_at).collect();
-        inserted += sqlx::query(
+        inserted += sqlx::query!(
             "INSERT INTO coupons (code, id, batch_id, employee_id, category, generated_at)
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
              ON CONFLICT DO NOTHING",
+            &codes as &[CouponCode],
+            &ids,
+            &batches,
+            &employees as &[EmployeeId],
+            &categories as &[Category],
+            &generated,
         )
-        .bind(&codes)
-        .bind(&ids)
-        .bind(&batches)
-        .bind(&employees)
-        .bind(&categories)
-        .bind(&generated)
         .execute(pool)
         .await?
         .rows_affected();

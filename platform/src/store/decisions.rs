@@ -8,21 +8,23 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use coupon_domain::{ClaimOutcomeKind, PurchaseOutcome};
+use coupon_domain::{ClaimOutcomeKind, CouponCode, OrderId, PurchaseOutcome, RequestId, UserId};
 
 /// A `quota_grants` row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaGrant {
-    pub user_id: String,
+    pub user_id: UserId,
     pub window_start: DateTime<Utc>,
-    pub request_id: String,
+    pub request_id: RequestId,
     pub granted_at: DateTime<Utc>,
 }
 
 pub async fn quota_grants(pool: &PgPool) -> Result<Vec<QuotaGrant>, sqlx::Error> {
     sqlx::query_as!(
         QuotaGrant,
-        "SELECT user_id, window_start, request_id, granted_at FROM quota_grants"
+        r#"SELECT user_id AS "user_id: UserId", window_start,
+                  request_id AS "request_id: RequestId", granted_at
+           FROM quota_grants"#
     )
     .fetch_all(pool)
     .await
@@ -59,10 +61,12 @@ pub async fn claim_decisions(pool: &PgPool) -> Result<Vec<ClaimDecisionRecord>, 
 /// A `purchase_decisions` row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PurchaseDecisionRecord {
-    pub order_id: String,
-    pub request_id: String,
+    pub order_id: OrderId,
+    pub request_id: RequestId,
     pub event_id: Uuid,
-    pub user_id: String,
+    pub user_id: UserId,
+    /// The code as the request gave it, canonical when it was a valid code
+    /// (an `unknown_coupon` answer keeps what was asked for).
     pub coupon_code: String,
     pub outcome: PurchaseOutcome,
     pub decided_at: DateTime<Utc>,
@@ -71,7 +75,8 @@ pub struct PurchaseDecisionRecord {
 pub async fn purchase_decisions(pool: &PgPool) -> Result<Vec<PurchaseDecisionRecord>, sqlx::Error> {
     sqlx::query_as!(
         PurchaseDecisionRecord,
-        r#"SELECT order_id, request_id, event_id, user_id, coupon_code,
+        r#"SELECT order_id AS "order_id: OrderId", request_id AS "request_id: RequestId",
+                  event_id, user_id AS "user_id: UserId", coupon_code,
                   outcome AS "outcome: PurchaseOutcome", decided_at
            FROM purchase_decisions"#
     )
@@ -83,14 +88,15 @@ pub async fn purchase_decisions(pool: &PgPool) -> Result<Vec<PurchaseDecisionRec
 /// its batch transaction).
 pub async fn find_purchase(
     conn: &mut sqlx::PgConnection,
-    order_id: &str,
+    order_id: &OrderId,
 ) -> Result<Option<PurchaseDecisionRecord>, sqlx::Error> {
     sqlx::query_as!(
         PurchaseDecisionRecord,
-        r#"SELECT order_id, request_id, event_id, user_id, coupon_code,
+        r#"SELECT order_id AS "order_id: OrderId", request_id AS "request_id: RequestId",
+                  event_id, user_id AS "user_id: UserId", coupon_code,
                   outcome AS "outcome: PurchaseOutcome", decided_at
            FROM purchase_decisions WHERE order_id = $1"#,
-        order_id
+        order_id as &OrderId
     )
     .fetch_optional(conn)
     .await
@@ -105,10 +111,10 @@ pub async fn insert_purchase(
     let inserted = sqlx::query!(
         "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO NOTHING",
-        decision.order_id,
-        decision.request_id,
+        &decision.order_id as &OrderId,
+        &decision.request_id as &RequestId,
         decision.event_id,
-        decision.user_id,
+        &decision.user_id as &UserId,
         decision.coupon_code,
         decision.outcome as PurchaseOutcome,
         decision.decided_at,
@@ -123,15 +129,15 @@ pub async fn insert_purchase(
 /// "your hold expired" rather than "not yours").
 pub async fn was_granted(
     conn: &mut sqlx::PgConnection,
-    user_id: &str,
-    coupon_code: &str,
+    user_id: &UserId,
+    coupon_code: CouponCode,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar!(
         r#"SELECT EXISTS (SELECT 1 FROM claim_decisions
                           WHERE user_id = $1 AND coupon_code = $2 AND outcome = 'granted')
            AS "granted!""#,
-        user_id,
-        coupon_code
+        user_id as &UserId,
+        coupon_code as CouponCode
     )
     .fetch_one(conn)
     .await

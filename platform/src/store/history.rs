@@ -36,18 +36,18 @@ pub async fn append<'e>(
     let users: Vec<Option<String>> = rows.iter().map(|r| r.user_id.clone()).collect();
     let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
     let details: Vec<serde_json::Value> = rows.iter().map(|r| r.detail.clone()).collect();
-    let result = sqlx::query(
+    let result = sqlx::query!(
         "INSERT INTO coupon_history (occurred_at, event_id, item, coupon_code, user_id, kind, detail)
          SELECT * FROM UNNEST($1::timestamptz[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::jsonb[])
          ON CONFLICT DO NOTHING",
+        &occurred,
+        &events,
+        &items,
+        &codes as _,
+        &users as _,
+        &kinds as _,
+        &details as _,
     )
-    .bind(&occurred)
-    .bind(&events)
-    .bind(&items)
-    .bind(&codes)
-    .bind(&users)
-    .bind(&kinds)
-    .bind(&details)
     .execute(executor)
     .await?;
     Ok(result.rows_affected())

@@ -3,20 +3,22 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use coupon_domain::UserId;
+
 /// Users blacklisted right now (by the database's clock).
-pub async fn blacklisted_now(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+pub async fn blacklisted_now(pool: &PgPool) -> Result<Vec<UserId>, sqlx::Error> {
     sqlx::query_scalar!(
-        "SELECT user_id FROM users
-         WHERE blacklisted AND (blacklisted_until IS NULL OR blacklisted_until > now())"
+        r#"SELECT user_id AS "user_id: UserId" FROM users
+         WHERE blacklisted AND (blacklisted_until IS NULL OR blacklisted_until > now())"#
     )
     .fetch_all(pool)
     .await
 }
 
 /// Every user's `last_coupon_at`, where set.
-pub async fn last_coupon_times(pool: &PgPool) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
+pub async fn last_coupon_times(pool: &PgPool) -> Result<Vec<(UserId, DateTime<Utc>)>, sqlx::Error> {
     let rows = sqlx::query!(
-        r#"SELECT user_id, last_coupon_at AS "last_coupon_at!"
+        r#"SELECT user_id AS "user_id: UserId", last_coupon_at AS "last_coupon_at!"
            FROM users WHERE last_coupon_at IS NOT NULL"#
     )
     .fetch_all(pool)
@@ -30,7 +32,7 @@ pub async fn last_coupon_times(pool: &PgPool) -> Result<Vec<(String, DateTime<Ut
 /// A user's blacklist columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlacklistColumns {
-    pub user_id: String,
+    pub user_id: UserId,
     pub blacklisted: bool,
     pub blacklisted_until: Option<DateTime<Utc>>,
     pub blacklist_reason: Option<String>,
@@ -41,10 +43,11 @@ pub struct BlacklistColumns {
 pub async fn blacklist_columns(pool: &PgPool) -> Result<Vec<BlacklistColumns>, sqlx::Error> {
     sqlx::query_as!(
         BlacklistColumns,
-        "SELECT user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at
-         FROM users
-         WHERE blacklisted OR blacklisted_until IS NOT NULL OR blacklist_reason IS NOT NULL
-            OR blacklisted_at IS NOT NULL"
+        r#"SELECT user_id AS "user_id: UserId", blacklisted, blacklisted_until, blacklist_reason,
+                  blacklisted_at
+           FROM users
+           WHERE blacklisted OR blacklisted_until IS NOT NULL OR blacklist_reason IS NOT NULL
+              OR blacklisted_at IS NOT NULL"#
     )
     .fetch_all(pool)
     .await
@@ -53,7 +56,7 @@ pub async fn blacklist_columns(pool: &PgPool) -> Result<Vec<BlacklistColumns>, s
 /// A user's blacklist entry.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BlacklistEntry {
-    pub user_id: String,
+    pub user_id: UserId,
     /// `None`: until removed.
     pub blacklisted_until: Option<DateTime<Utc>>,
     pub blacklist_reason: Option<String>,
@@ -66,14 +69,14 @@ pub struct BlacklistEntry {
 /// operator already blacklisted).
 pub async fn blacklist(
     conn: &mut sqlx::PgConnection,
-    user_id: &str,
+    user_id: &UserId,
     until: Option<DateTime<Utc>>,
     reason: &str,
     keep_current: bool,
 ) -> Result<Option<BlacklistEntry>, sqlx::Error> {
     sqlx::query_as!(
         BlacklistEntry,
-        "INSERT INTO users (user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at)
+        r#"INSERT INTO users (user_id, blacklisted, blacklisted_until, blacklist_reason, blacklisted_at)
          VALUES ($1, true, $2, $3, now())
          ON CONFLICT (user_id) DO UPDATE SET
             blacklisted = true,
@@ -86,8 +89,8 @@ pub async fn blacklist(
             blacklisted_at = now()
          WHERE NOT $4 OR NOT (users.blacklisted
              AND (users.blacklisted_until IS NULL OR users.blacklisted_until > now()))
-         RETURNING user_id, blacklisted_until, blacklist_reason, blacklisted_at",
-        user_id,
+         RETURNING user_id AS "user_id: UserId", blacklisted_until, blacklist_reason, blacklisted_at"#,
+        user_id as &UserId,
         until,
         reason,
         keep_current
@@ -99,13 +102,13 @@ pub async fn blacklist(
 /// `user_id`'s blacklist columns as they are.
 pub async fn blacklist_entry(
     conn: &mut sqlx::PgConnection,
-    user_id: &str,
+    user_id: &UserId,
 ) -> Result<BlacklistEntry, sqlx::Error> {
     sqlx::query_as!(
         BlacklistEntry,
-        "SELECT user_id, blacklisted_until, blacklist_reason, blacklisted_at
-         FROM users WHERE user_id = $1",
-        user_id
+        r#"SELECT user_id AS "user_id: UserId", blacklisted_until, blacklist_reason, blacklisted_at
+           FROM users WHERE user_id = $1"#,
+        user_id as &UserId
     )
     .fetch_one(conn)
     .await
@@ -114,13 +117,13 @@ pub async fn blacklist_entry(
 /// Lifts `user_id`'s blacklisting; `false` when there was none.
 pub async fn lift_blacklist(
     conn: &mut sqlx::PgConnection,
-    user_id: &str,
+    user_id: &UserId,
 ) -> Result<bool, sqlx::Error> {
     let lifted = sqlx::query!(
         "UPDATE users SET blacklisted = false, blacklisted_until = NULL, blacklist_reason = NULL,
                           blacklisted_at = NULL
          WHERE user_id = $1 AND blacklisted",
-        user_id
+        user_id as &UserId
     )
     .execute(conn)
     .await?
@@ -132,9 +135,10 @@ pub async fn lift_blacklist(
 pub async fn blacklist_entries(pool: &PgPool) -> Result<Vec<BlacklistEntry>, sqlx::Error> {
     sqlx::query_as!(
         BlacklistEntry,
-        "SELECT user_id, blacklisted_until, blacklist_reason, blacklisted_at FROM users
-         WHERE blacklisted AND (blacklisted_until IS NULL OR blacklisted_until > now())
-         ORDER BY user_id"
+        r#"SELECT user_id AS "user_id: UserId", blacklisted_until, blacklist_reason, blacklisted_at
+           FROM users
+           WHERE blacklisted AND (blacklisted_until IS NULL OR blacklisted_until > now())
+           ORDER BY user_id"#
     )
     .fetch_all(pool)
     .await

@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 // The constraints the gateway enforces on text ids (`coupon_domain::ids`),
-// as the document states them. utoipa takes only literals in `pattern`, so
-// the attributes below repeat these; `openapi::tests` checks that they do and
-// that the patterns accept exactly what the parsers accept.
+// as the document states them, each written once. utoipa takes only string
+// literals in `pattern`, so the attributes name a pattern by a placeholder
+// (`pattern = "{ID_PATTERN}"`) and `openapi::contract` puts the constant in
+// its place ([`PATTERNS`]); `openapi::tests` checks that the patterns accept
+// exactly what the parsers accept.
 
 /// A user, employee, order id or category: no control characters (Unicode
 /// `Cc`), and neither first nor last character is white space (Unicode
@@ -26,6 +28,18 @@ pub const CODE_PATTERN: &str = r"^[^\x00-\x1f\x7f-\x9f]+$";
 /// characters; any other value is replaced by a generated id (so it is told
 /// in the description, not a constraint).
 pub const REQUEST_ID_PATTERN: &str = r"^[\x21-\x7e]{1,64}$";
+/// A UUID in its hyphenated form (a batch id).
+pub const UUID_PATTERN: &str =
+    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+
+/// The placeholders of the `pattern` attributes and the patterns they stand
+/// for.
+pub const PATTERNS: [(&str, &str); 4] = [
+    ("{ID_PATTERN}", ID_PATTERN),
+    ("{OPTIONAL_ID_PATTERN}", OPTIONAL_ID_PATTERN),
+    ("{CODE_PATTERN}", CODE_PATTERN),
+    ("{UUID_PATTERN}", UUID_PATTERN),
+];
 
 /// `GET /api/v1/coupon` query. `id` is optional in the type only so that a
 /// missing id is answered with the JSON error shape (`invalid_request`)
@@ -36,14 +50,14 @@ pub struct ClaimQuery {
     /// The user claiming a coupon: 1 to 128 characters, no control
     /// characters, no white space first or last.
     #[param(required = true, value_type = String, min_length = 1, max_length = 128,
-        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$", example = "user-42")]
+        pattern = "{ID_PATTERN}", example = "user-42")]
     pub id: Option<String>,
     /// Only a coupon of this category (at most 64 characters, no control
     /// characters, no white space first or last); any category when absent
     /// or empty.
     #[param(
         max_length = 64,
-        pattern = r"^([^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?)?$",
+        pattern = "{OPTIONAL_ID_PATTERN}",
         example = "Electronics"
     )]
     pub category: Option<String>,
@@ -71,7 +85,7 @@ pub struct PurchaseBody {
     #[schema(
         min_length = 1,
         max_length = 128,
-        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        pattern = "{ID_PATTERN}",
         example = "user-42"
     )]
     pub user_id: String,
@@ -80,7 +94,7 @@ pub struct PurchaseBody {
     #[schema(
         min_length = 1,
         max_length = 64,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$",
+        pattern = "{CODE_PATTERN}",
         example = "0AN35HST00000"
     )]
     pub coupon_code: String,
@@ -89,7 +103,7 @@ pub struct PurchaseBody {
     #[schema(
         min_length = 1,
         max_length = 128,
-        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        pattern = "{ID_PATTERN}",
         example = "order-1"
     )]
     pub order_id: String,
@@ -122,7 +136,7 @@ pub struct CreateCoupons {
     #[schema(
         min_length = 1,
         max_length = 64,
-        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        pattern = "{ID_PATTERN}",
         example = "e1"
     )]
     pub id: String,
@@ -131,7 +145,7 @@ pub struct CreateCoupons {
     #[schema(
         min_length = 1,
         max_length = 64,
-        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        pattern = "{ID_PATTERN}",
         example = "Electronics"
     )]
     pub category: String,

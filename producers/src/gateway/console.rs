@@ -28,6 +28,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use coupon_domain::{EmployeeId, UserId};
 
+use super::responses;
 use super::{check_admin_token, json_rejection, ApiError, ErrorBody, GatewayState};
 use crate::blacklist::{self, Blacklist, Source};
 use crate::console_store::{self, BatchFilter};
@@ -167,11 +168,8 @@ fn store_unavailable(error: sqlx::Error) -> ApiError {
     tag = "console",
     responses(
         (status = 200, description = "Every category with its coupons by status.", body = PoolAnswer),
-        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
-        (status = 503, description = "Postgres is not available, or the gateway is at its limit of requests in flight.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "unavailable", "message": "the coupon store is not available; retrying is safe"})),
+        responses::AdminUnauthorized,
+        responses::StoreUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -214,7 +212,7 @@ pub struct BatchQuery {
     #[param(
         min_length = 1,
         max_length = 64,
-        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        pattern = "{ID_PATTERN}",
         example = "e1"
     )]
     pub employee: Option<String>,
@@ -223,7 +221,7 @@ pub struct BatchQuery {
     #[param(
         value_type = String,
         required = false,
-        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        pattern = "{UUID_PATTERN}",
         example = "0b5d1c3e-8f7a-4d2b-9c6e-1a2b3c4d5e6f"
     )]
     pub batch_id: Option<String>,
@@ -298,11 +296,8 @@ fn query_rejection(rejection: QueryRejection) -> ApiError {
         (status = 200, description = "The batches, newest first.", body = BatchesAnswer),
         (status = 400, description = "An invalid employee id, batch id or limit.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "limit must be between 1 and 500"})),
-        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
-        (status = 503, description = "Postgres is not available, or the gateway is at its limit of requests in flight.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "unavailable", "message": "the coupon store is not available; retrying is safe"})),
+        responses::AdminUnauthorized,
+        responses::StoreUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -369,7 +364,7 @@ pub struct BlacklistItem {
 impl From<blacklist::BlacklistEntry> for BlacklistItem {
     fn from(e: blacklist::BlacklistEntry) -> Self {
         Self {
-            user_id: e.user_id,
+            user_id: e.user_id.into_string(),
             reason: e.blacklist_reason,
             blacklisted_at: e.blacklisted_at.map(millis),
             expires_at: e.blacklisted_until.map(millis),
@@ -390,11 +385,8 @@ pub struct BlacklistAnswer {
     tag = "console",
     responses(
         (status = 200, description = "Current entries, by user id.", body = BlacklistAnswer),
-        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
-        (status = 503, description = "Postgres is not available, or the gateway is at its limit of requests in flight.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "unavailable", "message": "the coupon store is not available; retrying is safe"})),
+        responses::AdminUnauthorized,
+        responses::StoreUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -419,7 +411,7 @@ pub struct BlacklistAdd {
     #[schema(
         min_length = 1,
         max_length = 128,
-        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$",
+        pattern = "{ID_PATTERN}",
         example = "user-42"
     )]
     pub user_id: String,
@@ -428,7 +420,7 @@ pub struct BlacklistAdd {
     #[schema(
         min_length = 1,
         max_length = 200,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$",
+        pattern = "{CODE_PATTERN}",
         example = "chargeback fraud"
     )]
     pub reason: String,
@@ -451,15 +443,9 @@ pub struct BlacklistAdd {
         (status = 200, description = "The entry as it now is (an existing one may end later than asked).", body = BlacklistItem),
         (status = 400, description = "An invalid user id, reason or duration.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "for_seconds must be between 1 and 315360000"})),
-        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
-        (status = 413, description = "The body is larger than 64 KiB.",
-            body = ErrorBody, example = json!({"error": "payload_too_large", "message": "request body is larger than 64 KiB"})),
-        (status = 415, description = "The body is not sent as application/json.",
-            body = ErrorBody, example = json!({"error": "unsupported_media_type", "message": "send 'Content-Type: application/json'"})),
-        (status = 503, description = "Postgres or the broker is not available (nothing was changed), or the gateway is at its limit of requests in flight.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "unavailable", "message": "the blacklist could not be changed; retrying is safe"})),
+        responses::AdminUnauthorized,
+        responses::BodyRefused,
+        responses::BlacklistUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -494,7 +480,7 @@ pub(super) async fn blacklist_add(
         topics: &state.topics,
     };
     let entry = list
-        .add(user.as_str(), until, &body.reason, Source::Manual)
+        .add(&user, until, &body.reason, Source::Manual)
         .await
         .map_err(|error| {
             tracing::warn!(%error, "blacklisting from the console failed");
@@ -511,7 +497,7 @@ pub struct BlacklistRemove {
     /// The user whose entry ends now. Optional in the type only so that a
     /// missing one is answered with the JSON error shape.
     #[param(required = true, value_type = String, min_length = 1, max_length = 128,
-        pattern = r"^[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]([^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?$", example = "user-42")]
+        pattern = "{ID_PATTERN}", example = "user-42")]
     pub user_id: Option<String>,
 }
 
@@ -535,11 +521,8 @@ pub struct BlacklistRemoved {
         (status = 200, description = "Whether an entry was lifted.", body = BlacklistRemoved),
         (status = 400, description = "A missing or invalid user id.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "missing query parameter 'user_id'"})),
-        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
-        (status = 503, description = "Postgres or the broker is not available (nothing was changed), or the gateway is at its limit of requests in flight.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "unavailable", "message": "the blacklist could not be changed; retrying is safe"})),
+        responses::AdminUnauthorized,
+        responses::BlacklistUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -559,13 +542,10 @@ pub(super) async fn blacklist_remove(
         publisher: &state.publisher,
         topics: &state.topics,
     };
-    let removed = list
-        .remove(user.as_str(), Source::Manual)
-        .await
-        .map_err(|error| {
-            tracing::warn!(%error, "lifting a blacklisting from the console failed");
-            ApiError::unavailable("the blacklist could not be changed; retrying is safe")
-        })?;
+    let removed = list.remove(&user, Source::Manual).await.map_err(|error| {
+        tracing::warn!(%error, "lifting a blacklisting from the console failed");
+        ApiError::unavailable("the blacklist could not be changed; retrying is safe")
+    })?;
     Ok(Json(BlacklistRemoved {
         user_id: user.as_str().to_owned(),
         removed,
@@ -666,11 +646,8 @@ pub struct ClaimsAnswer {
         (status = 200, description = "Decisions per bucket and in total.", body = ClaimsAnswer),
         (status = 400, description = "A bound that is not Unix seconds between 0 and 253402300799.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "since must be Unix seconds between 0 and 253402300799"})),
-        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
-        (status = 503, description = "Postgres is not available, or the gateway is at its limit of requests in flight.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "unavailable", "message": "the coupon store is not available; retrying is safe"})),
+        responses::AdminUnauthorized,
+        responses::StoreUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -765,11 +742,8 @@ pub struct FunnelAnswer {
         (status = 200, description = "The funnel per category and per batch.", body = FunnelAnswer),
         (status = 400, description = "A bound that is not Unix seconds between 0 and 253402300799.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "since must be Unix seconds between 0 and 253402300799"})),
-        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
-        (status = 503, description = "Postgres is not available, or the gateway is at its limit of requests in flight.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "unavailable", "message": "the coupon store is not available; retrying is safe"})),
+        responses::AdminUnauthorized,
+        responses::StoreUnavailable,
     ),
     security(("admin_token" = []))
 )]
@@ -858,8 +832,7 @@ pub struct ExportQuery {
             )),
         (status = 400, description = "A bound that is not Unix seconds between 0 and 253402300799, or an unknown format.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "since must be Unix seconds between 0 and 253402300799"})),
-        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
+        responses::AdminUnauthorized,
         (status = 503, description = "The broker is not available (or this process cannot export), or the gateway is at its limit of requests in flight.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "unavailable", "message": "the log could not be read; retrying is safe"})),

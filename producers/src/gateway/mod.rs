@@ -31,6 +31,7 @@ pub mod console;
 mod error;
 pub mod openapi;
 pub mod replies;
+mod responses;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -233,7 +234,9 @@ impl GatewayState {
             let Some(state) = state.upgrade() else { return };
             let read = store::users::blacklisted_now(&state.pool).await;
             let list = match read {
-                Ok(users) => Some(Arc::new(users.into_iter().collect())),
+                Ok(users) => Some(Arc::new(
+                    users.into_iter().map(UserId::into_string).collect(),
+                )),
                 Err(error) => {
                     tracing::debug!(%error, "cannot read the blacklist; no sold-out fast path");
                     None
@@ -634,7 +637,7 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
         };
         if let Err(error) = blacklist
             .add(
-                user.as_str(),
+                user,
                 Some(until),
                 "flooding the gateway",
                 crate::blacklist::Source::Automatic,
@@ -674,8 +677,7 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
             headers(("x-request-id" = String, description = "The request id"))),
         (status = 400, description = "Invalid user id or category, or an x-request-id already used by another user.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "user_id must not be empty"})),
-        (status = 401, description = "COUPON_API_TOKEN is set and the bearer token is missing or wrong.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong API token"})),
+        responses::ApiUnauthorized,
         (status = 403, description = "The user is blacklisted (manually, or for flooding the gateway).",
             body = ErrorBody, example = json!({"error": "blacklisted", "message": "this user may not claim coupons"})),
         (status = 404, description = "No coupon (of the category) is available.",
@@ -932,8 +934,7 @@ fn claim_response(decision: &ClaimDecided) -> Response {
         (status = 200, description = "Redeemed.", body = PurchaseRedeemed),
         (status = 400, description = "Invalid ids, or an order_id already used by another user.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "order_id must not be empty"})),
-        (status = 401, description = "COUPON_API_TOKEN is set and the bearer token is missing or wrong.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong API token"})),
+        responses::ApiUnauthorized,
         (status = 404, description = "No coupon has this code.",
             body = ErrorBody, example = json!({"error": "unknown_coupon", "message": "no coupon has this code"})),
         (status = 409, description = "The coupon cannot be bought by this user now.", body = ErrorBody,
@@ -942,10 +943,7 @@ fn claim_response(decision: &ClaimDecided) -> Response {
                 ("not_holder" = (summary = "another user holds it, or nobody", value = json!({"error": "not_holder", "message": "this coupon is not held by this user"}))),
                 ("already_redeemed" = (summary = "bought before", value = json!({"error": "already_redeemed", "message": "this coupon was already redeemed"})))
             )),
-        (status = 413, description = "The body is larger than 64 KiB.",
-            body = ErrorBody, example = json!({"error": "payload_too_large", "message": "request body is larger than 64 KiB"})),
-        (status = 415, description = "The body is not sent as application/json.",
-            body = ErrorBody, example = json!({"error": "unsupported_media_type", "message": "send 'Content-Type: application/json'"})),
+        responses::BodyRefused,
         (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "rate_limited", "message": "too many requests from this address; slow down"})),
@@ -1096,12 +1094,8 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         (status = 202, description = "Published: the batch id and the codes.", body = CouponBatch),
         (status = 400, description = "Invalid employee id, category or count.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "count must be between 1 and 100000 (use `couponctl issue` for more)"})),
-        (status = 401, description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong admin token"})),
-        (status = 413, description = "The body is larger than 64 KiB.",
-            body = ErrorBody, example = json!({"error": "payload_too_large", "message": "request body is larger than 64 KiB"})),
-        (status = 415, description = "The body is not sent as application/json.",
-            body = ErrorBody, example = json!({"error": "unsupported_media_type", "message": "send 'Content-Type: application/json'"})),
+        responses::AdminUnauthorized,
+        responses::BodyRefused,
         (status = 503, description = "The batch could not be published (or no machine id could be leased), or the gateway is at its limit of requests in flight.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "unavailable", "message": "publishing to coupons.created failed"})),
@@ -1165,16 +1159,13 @@ async fn create_coupons(
         (status = 200, description = "The coupon as Postgres has it. `holder` is shown to admin callers (COUPON_ADMIN_TOKEN) only, `null` to everyone else.", body = CouponStatus),
         (status = 400, description = "Not a coupon code.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "not a coupon code"})),
-        (status = 401, description = "COUPON_API_TOKEN is set and the bearer token is missing or wrong.",
-            body = ErrorBody, example = json!({"error": "unauthorized", "message": "wrong API token"})),
+        responses::ApiUnauthorized,
         (status = 404, description = "No coupon has this code.",
             body = ErrorBody, example = json!({"error": "unknown_coupon", "message": "no coupon has this code"})),
         (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "rate_limited", "message": "too many requests from this address; slow down"})),
-        (status = 503, description = "Postgres is not available, or the gateway is at its limit of requests in flight.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "unavailable", "message": "the coupon store is not available; retrying is safe"})),
+        responses::StoreUnavailable,
     ),
     security((), ("api_token" = []), ("admin_token" = []))
 )]
@@ -1187,7 +1178,7 @@ async fn coupon_status(
     let caller = storefront_caller(&state, &headers, client)?;
     let Path(raw) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
     let code = CouponCode::parse(&raw).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let row = store::coupons::find(&state.pool, &code.to_string())
+    let row = store::coupons::find(&state.pool, code)
         .await
         .map_err(|error| {
             tracing::warn!(%error, "reading a coupon failed");
@@ -1203,8 +1194,8 @@ async fn coupon_status(
     let status = CouponState::from(row.status);
     let millis = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     Ok(Json(CouponStatus {
-        coupon_code: row.code,
-        category: row.category,
+        coupon_code: row.code.to_string(),
+        category: row.category.into_string(),
         expires_at: if matches!(status, CouponState::Held) {
             row.held_until.map(millis)
         } else {
@@ -1214,7 +1205,7 @@ async fn coupon_status(
         // Who holds a coupon is for operators only: codes are sequential,
         // so anyone could otherwise list who holds what.
         holder: if caller == Caller::Admin {
-            row.holder_user_id
+            row.holder_user_id.map(UserId::into_string)
         } else {
             None
         },

@@ -145,13 +145,38 @@ impl Modify for Limits {
 pub const PATH_CODE_PATTERN: &str =
     "^-*[0-7IiLlOo](-*[0-9A-HJKMNP-TV-Za-hjkmnp-tv-zIiLlOo]){12}-*$";
 
+/// Puts each pattern in place of its placeholder (`api::PATTERNS`), in
+/// every schema of the document.
+fn patterns(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                match value {
+                    Value::String(text) if key == "pattern" => {
+                        if let Some((_, pattern)) =
+                            super::api::PATTERNS.iter().find(|(name, _)| name == text)
+                        {
+                            *text = (*pattern).to_owned();
+                        }
+                    }
+                    other => patterns(other),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(patterns),
+        _ => {}
+    }
+}
+
 /// What the derive cannot say, added to the JSON form of the document
-/// (utoipa's builders have no setter for links' request bodies): the exact
-/// error codes of each status, the constraints of the path and header
-/// parameters, and the links a client follows (a granted claim's code into
-/// the purchase and the status route).
+/// (utoipa's builders have no setter for links' request bodies): the id
+/// patterns (`api::PATTERNS`), the exact error codes of each status, the
+/// constraints of the path and header parameters, and the links a client
+/// follows (a granted claim's code into the purchase and the status route).
 fn contract(doc: &mut serde_json::Value) {
     use serde_json::{json, Value};
+    patterns(doc);
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
     };

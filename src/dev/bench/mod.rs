@@ -25,6 +25,7 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use coupon_domain::{Category, UserId};
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
 use coupon_platform::store;
 use coupon_schemas::{ClaimDecided, ClaimRequested, CouponsCreated};
@@ -551,8 +552,9 @@ async fn release(
     let started = Instant::now();
     issue(config, pool, &publisher, category, count).await?;
     let published = started.elapsed();
+    let category = coupon_domain::Category::parse(category)?;
     loop {
-        let projected = store::coupons::count_in_category(pool, category).await?;
+        let projected = store::coupons::count_in_category(pool, &category).await?;
         if projected == i64::from(count) {
             break;
         }
@@ -576,6 +578,7 @@ async fn release(
 /// transaction, then 500 per transaction (as the claim processor batches).
 async fn allocation_baselines(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
+    let release = Category::parse("Release")?;
     for (label, per_tx, total) in [
         (
             "single-row allocation, 1 per transaction",
@@ -589,8 +592,8 @@ async fn allocation_baselines(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
         while done < total {
             let mut tx = pool.begin().await?;
             for _ in 0..per_tx {
-                let holder = format!("alloc-bench-{per_tx}-{done}");
-                store::coupons::hold_one(&mut tx, "Release", &holder).await?;
+                let holder = UserId::parse(format!("alloc-bench-{per_tx}-{done}"))?;
+                store::coupons::hold_one(&mut tx, &release, &holder).await?;
                 done += 1;
             }
             tx.commit().await?;
@@ -605,7 +608,7 @@ async fn allocation_baselines(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
             note: "SKIP LOCKED pick + conditional update".into(),
         });
     }
-    store::coupons::release_all_held(pool, "Release").await?;
+    store::coupons::release_all_held(pool, &release).await?;
     Ok(rows)
 }
 
@@ -630,7 +633,8 @@ async fn flash_sale(
     .await?;
     let seconds = started.elapsed().as_secs_f64();
     let memory = memory.finish().await;
-    let (granted, distinct_holders) = store::coupons::held_in_category(pool, "Flash").await?;
+    let (granted, distinct_holders) =
+        store::coupons::held_in_category(pool, &Category::parse("Flash")?).await?;
     // A claim answered sold out from the cache is decided on the log after
     // its answer: give the processor a moment to record the last of them.
     let deadline = Instant::now() + Duration::from_secs(60);
