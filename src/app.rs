@@ -48,6 +48,8 @@ pub struct AppConfig {
     /// Broker long-poll for coupons, expiry and history.
     pub slow_fetch_wait_ms: u32,
     pub max_batch: usize,
+    /// Claim processors in this process (with `Assignment::Group`).
+    pub claim_processors: usize,
     /// How this instance shares partitions with other instances of its roles.
     pub assignment: Assignment,
     pub sweep_interval: Duration,
@@ -77,6 +79,7 @@ impl AppConfig {
             fast_fetch_wait_ms: settings::FAST_FETCH_WAIT_MS,
             slow_fetch_wait_ms: settings::SLOW_FETCH_WAIT_MS,
             max_batch: settings::MAX_BATCH,
+            claim_processors: settings::CLAIM_PROCESSORS,
             assignment: Assignment::Group,
             sweep_interval: settings::SWEEP_INTERVAL,
             db_max_connections: settings::DB_MAX_CONNECTIONS,
@@ -250,16 +253,26 @@ pub async fn start(
         }
     }
     for &role in &consumer_roles {
-        let ctx = ctx.clone();
-        let stop = shutdown.clone();
-        let poll = match role {
-            Role::Claims | Role::Purchases => fast,
-            _ => slow,
+        // Several claim processors share the claims group's partitions, so
+        // batches of different partitions are decided side by side (the
+        // processor is safe with any number of instances). A static share
+        // names its partitions, which a second instance would only repeat.
+        let instances = match (role, config.assignment) {
+            (Role::Claims, Assignment::Group) => config.claim_processors.max(1),
+            _ => 1,
         };
-        let interval = config.sweep_interval;
-        tasks.spawn(
-            async move { Ok(coupon_consumers::run(role, ctx, poll, interval, stop).await?) },
-        );
+        for _ in 0..instances {
+            let ctx = ctx.clone();
+            let stop = shutdown.clone();
+            let poll = match role {
+                Role::Claims | Role::Purchases => fast,
+                _ => slow,
+            };
+            let interval = config.sweep_interval;
+            tasks.spawn(async move {
+                Ok(coupon_consumers::run(role, ctx, poll, interval, stop).await?)
+            });
+        }
     }
     let mut http_addr = None;
     if roles.contains(&Role::Gateway) {

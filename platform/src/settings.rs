@@ -29,6 +29,9 @@ pub const TOPIC_PARTITIONS: i32 = 4;
 pub const FAST_FETCH_WAIT_MS: u32 = 100;
 pub const SLOW_FETCH_WAIT_MS: u32 = 500;
 pub const MAX_BATCH: usize = 500;
+/// Claim processors per process (consumers of the claims group): batches of
+/// different partitions are decided side by side.
+pub const CLAIM_PROCESSORS: usize = 1;
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub const DB_MAX_CONNECTIONS: u32 = 10;
 pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);

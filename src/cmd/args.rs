@@ -170,6 +170,11 @@ pub struct ServeArgs {
     /// Largest batch a consumer processes in one transaction.
     #[arg(long, env = "MAX_BATCH", default_value_t = settings::MAX_BATCH)]
     pub max_batch: usize,
+    /// Claim processors in this process, each a member of the claims
+    /// consumer group with its own partitions (`group` assignment only: a
+    /// static share runs one).
+    #[arg(long, env = "CLAIM_PROCESSORS", default_value_t = settings::CLAIM_PROCESSORS)]
+    pub claim_processors: usize,
     /// How instances of a role share partitions: `group` (Kafka's consumer
     /// groups: run any number, partitions move as instances come and go) or a
     /// static share `INDEX/COUNT` (e.g. 0/2 and 1/2; no rebalancing).
@@ -295,6 +300,7 @@ impl Connections {
         config.fast_fetch_wait_ms = serve.fast_fetch_wait_ms;
         config.slow_fetch_wait_ms = serve.slow_fetch_wait_ms;
         config.max_batch = serve.max_batch.max(1);
+        config.claim_processors = serve.claim_processors.max(1);
         config.assignment = serve.instance;
         config.sweep_interval = serve.sweep_interval.0;
         config.db_max_connections = serve.db_max_connections.max(2);
