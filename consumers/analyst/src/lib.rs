@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod history;
+pub mod jsonl;
 pub mod parquet_export;
 pub mod rebuild;
 pub mod replay;

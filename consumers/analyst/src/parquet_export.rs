@@ -15,9 +15,7 @@ use parquet::data_type::{ByteArray, ByteArrayType, Int32Type, Int64Type};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
-use serde_json::Value;
-
-use crate::replay::Sink;
+use crate::replay::{Line, Sink};
 
 const SCHEMA: &str = "
 message coupon_event {
@@ -143,44 +141,36 @@ fn write_optional_text(
         .map(|_| ())
 }
 
-fn text(value: &Value) -> Option<String> {
-    match value {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
+fn text(value: &str) -> Option<String> {
+    Some(value.to_owned())
 }
 
 impl Sink for ParquetSink {
-    fn write(&mut self, line: &Value) -> anyhow::Result<()> {
+    fn write(&mut self, line: &Line<'_>) -> anyhow::Result<()> {
         let rows = &mut self.rows;
-        rows.topic.push(ByteArray::from(
-            line["topic"]
-                .as_str()
-                .unwrap_or_default()
-                .as_bytes()
-                .to_vec(),
-        ));
-        rows.partition
-            .push(line["partition"].as_i64().unwrap_or(-1) as i32);
-        rows.offset.push(line["offset"].as_i64().unwrap_or(-1));
-        rows.timestamp_ms.push(line["timestamp_ms"].as_i64());
-        rows.key.push(text(&line["key"]));
-        let envelope = &line["envelope"];
-        rows.event_type.push(text(&envelope["event_type"]));
-        rows.event_id.push(text(&envelope["event_id"]));
-        rows.occurred_at_ms
-            .push(envelope["occurred_at_ms"].as_i64());
+        rows.topic.push(ByteArray::from(line.topic.as_bytes().to_vec()));
+        rows.partition.push(line.partition);
+        rows.offset.push(line.offset);
+        rows.timestamp_ms.push(line.timestamp_ms);
+        rows.key.push(line.key.and_then(text));
+        let envelope = line.envelope;
+        rows.event_type
+            .push(envelope.and_then(|e| text(&e.event_type)));
+        rows.event_id.push(envelope.and_then(|e| text(&e.event_id)));
+        rows.occurred_at_ms.push(envelope.map(|e| e.occurred_at_ms));
         rows.payload_json.push(
-            line.get("payload")
-                .filter(|p| !p.is_null())
-                .map(Value::to_string),
+            line.payload_json
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
         );
-        rows.error.push(text(&line["error"]));
+        rows.error.push(line.error.and_then(text));
         if rows.topic.len() >= ROW_GROUP {
             self.flush_row_group()?;
         }
         Ok(())
+    }
+
+    fn columns(&self) -> bool {
+        true
     }
 
     fn finish(&mut self) -> anyhow::Result<()> {
