@@ -377,10 +377,7 @@ fn int(out: &mut Vec<u8>, value: impl itoa::Integer) {
 
 /// A JSON string, escaped exactly as `serde_json` escapes it.
 fn string(out: &mut Vec<u8>, value: &str) {
-    if value
-        .bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\')
-    {
+    if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
         out.reserve(value.len() + 2);
         out.push(b'"');
         out.extend_from_slice(value.as_bytes());
@@ -395,7 +392,10 @@ fn string(out: &mut Vec<u8>, value: &str) {
 fn base64(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
     let start = out.len();
-    out.resize(start + base64::encoded_len(bytes.len(), true).unwrap_or(0), 0);
+    out.resize(
+        start + base64::encoded_len(bytes.len(), true).unwrap_or(0),
+        0,
+    );
     let written = base64::engine::general_purpose::STANDARD
         .encode_slice(bytes, &mut out[start..])
         .unwrap_or(0);
@@ -433,9 +433,8 @@ mod tests {
             Some(name) => Value::String(name.to_owned()),
             None => Value::from(raw),
         };
-        let b64 = |bytes: &[u8]| {
-            Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
-        };
+        let b64 =
+            |bytes: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
         match event {
             Event::ClaimDecided(e) => {
                 let n = ClaimOutcome::try_from(e.outcome)
@@ -463,9 +462,8 @@ mod tests {
         record: &Record,
         decoded: &Result<Event, DecodeError>,
     ) -> Vec<u8> {
-        let b64 = |bytes: &[u8]| {
-            Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
-        };
+        let b64 =
+            |bytes: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
         let mut line = Map::new();
         line.insert("topic".into(), Value::String(record.topic.clone()));
         line.insert("topic_kind".into(), Value::String(kind.short().to_owned()));
@@ -659,7 +657,12 @@ mod tests {
         }
     }
 
-    fn record(kind: TopicKind, key: Option<&[u8]>, value: Option<Vec<u8>>, ts: Option<i64>) -> Record {
+    fn record(
+        kind: TopicKind,
+        key: Option<&[u8]>,
+        value: Option<Vec<u8>>,
+        ts: Option<i64>,
+    ) -> Record {
         Record {
             topic: format!("p \"{}\".{}", AWKWARD, kind.short()),
             partition: 3,

@@ -88,7 +88,6 @@ impl Event {
             Event::BlacklistChanged(e) => e.envelope.as_ref(),
         }
     }
-
 }
 
 /// Decodes a record's value, borrowed, as the message type of `kind` (see
@@ -137,7 +136,11 @@ fn time_ms(timestamp_ms: Option<i64>, event: Option<&Event>) -> Option<i64> {
 
 /// One JSON line for a record (without the trailing newline): see
 /// [`crate::jsonl`] for the format.
-pub fn json_line(kind: TopicKind, record: &Record, decoded: &Result<Event, DecodeError>) -> Vec<u8> {
+pub fn json_line(
+    kind: TopicKind,
+    record: &Record,
+    decoded: &Result<Event, DecodeError>,
+) -> Vec<u8> {
     let mut out = Vec::new();
     let raw = RawRecord {
         topic: &record.topic,
@@ -1107,6 +1110,9 @@ mod tests {
         assert!(parse_time("yesterday").is_err());
     }
 
+    /// (range, timestamp, key, value)
+    type LogEntry = (usize, Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>);
+
     /// The writer gets the batches back in any order and must give the sink
     /// exactly what one thread reading, decoding, filtering and writing each
     /// record in turn gave it (the code this pipeline replaced, below):
@@ -1156,12 +1162,12 @@ mod tests {
             .encode_to_vec()
         };
         // (range, timestamp, key, value), in the order the client delivered them.
-        let mut log: Vec<(usize, Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>)> = Vec::new();
+        let mut log: Vec<LogEntry> = Vec::new();
         for i in 0..200i64 {
             let at = match i {
-                0..=9 => base + i,                     // before --since
-                150 => until + UNTIL_GRACE_MS + 1,     // partition 1 is left here
-                140..=149 => until + 10,               // past --until, within the grace
+                0..=9 => base + i,                 // before --since
+                150 => until + UNTIL_GRACE_MS + 1, // partition 1 is left here
+                140..=149 => until + 10,           // past --until, within the grace
                 _ => base + 1_000 + i,
             };
             let partition = (i % 3) as usize;
@@ -1176,8 +1182,7 @@ mod tests {
             let partition = if i == 150 { 1 } else { partition };
             log.push((partition, timestamp, key, value));
         }
-        let record_of = |(range, ts, key, value): &(usize, Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>),
-                         offset: i64| Record {
+        let record_of = |(range, ts, key, value): &LogEntry, offset: i64| Record {
             topic: ranges[*range].topic.clone(),
             partition: ranges[*range].partition,
             offset,
