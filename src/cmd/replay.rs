@@ -110,12 +110,18 @@ pub async fn run(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
             bar.finish_and_clear();
             return summary;
         }
+        // Big writes: a replay writes hundreds of megabytes a minute.
+        const OUT_BUFFER: usize = 1 << 20;
         let mut out: Box<dyn std::io::Write> = match &output {
-            Some(path) => Box::new(std::io::BufWriter::new(
+            Some(path) => Box::new(std::io::BufWriter::with_capacity(
+                OUT_BUFFER,
                 std::fs::File::create(path)
                     .with_context(|| format!("creating {}", path.display()))?,
             )),
-            None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            None => Box::new(std::io::BufWriter::with_capacity(
+                OUT_BUFFER,
+                std::io::stdout().lock(),
+            )),
         };
         let summary = replay::replay_json(&kafka, &topics, &options, &mut *out, &bar);
         bar.finish_and_clear();

@@ -2,7 +2,8 @@
 //! outside any consumer group and without touching the live state:
 //!
 //! - [`replay`]: topics to JSON lines (or Parquet through
-//!   [`parquet_export`]), from the start, an offset or a time;
+//!   [`parquet_export`]), from the start, an offset or a time, each line
+//!   written by [`jsonl`];
 //! - [`rebuild`]: the outcome topics projected into a fresh database;
 //! - [`audit`]: that rebuild compared with the live database;
 //! - [`history`]: the history sink's rows by user, coupon and time.
@@ -11,6 +12,7 @@
 
 pub mod audit;
 pub mod history;
+pub mod jsonl;
 pub mod parquet_export;
 pub mod rebuild;
 pub mod replay;

@@ -16,21 +16,24 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{IsTerminal as _, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{Map, Value};
 
-use coupon_platform::kafka::{decode, DecodeError, Record};
+use coupon_platform::kafka::{decode, decode_value, DecodeError, Record};
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_schemas::{
-    BlacklistChanged, ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated, DeadLetter,
-    Envelope, PurchaseDecided, PurchaseOutcome, PurchaseRequested,
+    BlacklistChanged, ClaimDecided, ClaimRequested, CouponsCreated, DeadLetter, Envelope,
+    PurchaseDecided, PurchaseRequested,
 };
+
+use crate::jsonl::{self, PayloadSpan, RawRecord};
 
 /// How long a read may go without a single record before it is declared stuck.
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -85,63 +88,45 @@ impl Event {
             Event::BlacklistChanged(e) => e.envelope.as_ref(),
         }
     }
+}
 
-    /// The envelope and the rest of the message as JSON. Enum fields are
-    /// written as their protobuf names and bytes fields as base64 (as in the
-    /// protobuf JSON mapping); field names stay snake_case.
-    pub fn to_json(&self) -> Result<(Value, Value), serde_json::Error> {
-        let mut value = match self {
-            Event::Created(e) => serde_json::to_value(e)?,
-            Event::ClaimRequested(e) => serde_json::to_value(e)?,
-            Event::ClaimDecided(e) => serde_json::to_value(e)?,
-            Event::PurchaseRequested(e) => serde_json::to_value(e)?,
-            Event::PurchaseDecided(e) => serde_json::to_value(e)?,
-            Event::HoldExpired(e) => serde_json::to_value(e)?,
-            Event::DeadLetter(e) => serde_json::to_value(e)?,
-            Event::BlacklistChanged(e) => serde_json::to_value(e)?,
-        };
-        let Some(fields) = value.as_object_mut() else {
-            return Ok((Value::Null, value));
-        };
-        let envelope = fields.remove("envelope").unwrap_or(Value::Null);
+/// Decodes a record's value, borrowed, as the message type of `kind` (see
+/// [`decode_event`]).
+pub fn decode_event_value(kind: TopicKind, value: Option<&[u8]>) -> Result<Event, DecodeError> {
+    Ok(match kind {
+        TopicKind::Created => Event::Created(decode_value(value)?),
+        TopicKind::Claims => Event::ClaimRequested(decode_value(value)?),
+        TopicKind::ClaimResults => Event::ClaimDecided(decode_value(value)?),
+        TopicKind::Purchases => Event::PurchaseRequested(decode_value(value)?),
+        TopicKind::PurchaseResults => Event::PurchaseDecided(decode_value(value)?),
+        TopicKind::Expirations => Event::HoldExpired(decode_value(value)?),
+        TopicKind::DeadLetter => Event::DeadLetter(decode_value(value)?),
+        TopicKind::Blacklist => Event::BlacklistChanged(decode_value(value)?),
+    })
+}
+
+impl Event {
+    fn take_envelope(self) -> Option<Envelope> {
         match self {
-            Event::ClaimDecided(e) => {
-                let name = ClaimOutcome::try_from(e.outcome)
-                    .ok()
-                    .map(|o| o.as_str_name());
-                fields.insert("outcome".into(), enum_json(name, e.outcome));
-            }
-            Event::PurchaseDecided(e) => {
-                let name = PurchaseOutcome::try_from(e.outcome)
-                    .ok()
-                    .map(|o| o.as_str_name());
-                fields.insert("outcome".into(), enum_json(name, e.outcome));
-            }
-            Event::DeadLetter(e) => {
-                fields.insert("original_key".into(), base64_json(&e.original_key));
-                fields.insert("original_value".into(), base64_json(&e.original_value));
-            }
-            _ => {}
+            Event::Created(e) => e.envelope,
+            Event::ClaimRequested(e) => e.envelope,
+            Event::ClaimDecided(e) => e.envelope,
+            Event::PurchaseRequested(e) => e.envelope,
+            Event::PurchaseDecided(e) => e.envelope,
+            Event::HoldExpired(e) => e.envelope,
+            Event::DeadLetter(e) => e.envelope,
+            Event::BlacklistChanged(e) => e.envelope,
         }
-        Ok((envelope, value))
     }
-}
-
-/// An enum value as its name; a value this schema does not know stays a number.
-fn enum_json(name: Option<&'static str>, raw: i32) -> Value {
-    match name {
-        Some(name) => Value::String(name.to_owned()),
-        None => Value::from(raw),
-    }
-}
-
-fn base64_json(bytes: &[u8]) -> Value {
-    Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
 /// When a record happened: its Kafka timestamp, else its envelope's time.
 pub fn record_time_ms(record: &Record, event: Option<&Event>) -> Option<i64> {
-    record.timestamp_ms.filter(|t| *t >= 0).or_else(|| {
+    time_ms(record.timestamp_ms, event)
+}
+
+fn time_ms(timestamp_ms: Option<i64>, event: Option<&Event>) -> Option<i64> {
+    timestamp_ms.filter(|t| *t >= 0).or_else(|| {
         event
             .and_then(Event::envelope)
             .map(|e| e.occurred_at_ms)
@@ -149,58 +134,24 @@ pub fn record_time_ms(record: &Record, event: Option<&Event>) -> Option<i64> {
     })
 }
 
-/// One JSON line for a record (without the trailing newline).
-pub fn json_line(kind: TopicKind, record: &Record, decoded: &Result<Event, DecodeError>) -> Value {
-    let mut line = Map::new();
-    line.insert("topic".into(), Value::String(record.topic.clone()));
-    line.insert("topic_kind".into(), Value::String(kind.short().to_owned()));
-    line.insert("partition".into(), Value::from(record.partition));
-    line.insert("offset".into(), Value::from(record.offset));
-    line.insert(
-        "timestamp_ms".into(),
-        record
-            .timestamp_ms
-            .filter(|t| *t >= 0)
-            .map(Value::from)
-            .unwrap_or(Value::Null),
-    );
-    match record.key.as_deref() {
-        None => {
-            line.insert("key".into(), Value::Null);
-        }
-        Some(key) => match std::str::from_utf8(key) {
-            Ok(text) => {
-                line.insert("key".into(), Value::String(text.to_owned()));
-            }
-            Err(_) => {
-                line.insert("key".into(), Value::Null);
-                line.insert("key_base64".into(), base64_json(key));
-            }
-        },
-    }
-    let error = match decoded {
-        Ok(event) => match event.to_json() {
-            Ok((envelope, payload)) => {
-                line.insert("envelope".into(), envelope);
-                line.insert("payload".into(), payload);
-                None
-            }
-            Err(error) => Some(format!("cannot write the event as JSON: {error}")),
-        },
-        Err(error) => Some(error.to_string()),
+/// One JSON line for a record (without the trailing newline): see
+/// [`crate::jsonl`] for the format.
+pub fn json_line(
+    kind: TopicKind,
+    record: &Record,
+    decoded: &Result<Event, DecodeError>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let raw = RawRecord {
+        topic: &record.topic,
+        partition: record.partition,
+        offset: record.offset,
+        key: record.key.as_deref(),
+        value: record.value.as_deref(),
+        timestamp_ms: record.timestamp_ms,
     };
-    if let Some(error) = error {
-        line.insert("error".into(), Value::String(error));
-        line.insert(
-            "value_base64".into(),
-            record
-                .value
-                .as_deref()
-                .map(base64_json)
-                .unwrap_or(Value::Null),
-        );
-    }
-    Value::Object(line)
+    jsonl::write_line(&mut out, kind, &raw, decoded);
+    out
 }
 
 /// Where each partition's read starts.
@@ -321,14 +272,30 @@ impl Reader {
         ranges: &[PartitionRange],
         mut each: impl FnMut(TopicKind, Record) -> anyhow::Result<Flow>,
     ) -> anyhow::Result<u64> {
-        let mut open: HashMap<(String, i32), (TopicKind, i64)> = HashMap::new();
+        self.read_raw(ranges, |range, message| {
+            each(ranges[range].kind, Record::from_message(message))
+        })
+    }
+
+    /// [`Reader::read`] without copying the records: `each` gets the index
+    /// of the record's range in `ranges` and the message, borrowed from the
+    /// client's buffers.
+    pub fn read_raw(
+        &self,
+        ranges: &[PartitionRange],
+        mut each: impl FnMut(usize, &BorrowedMessage<'_>) -> anyhow::Result<Flow>,
+    ) -> anyhow::Result<u64> {
+        // Topic, then partition, to the range: looked up per record without
+        // building an owned key.
+        let mut index: HashMap<&str, HashMap<i32, usize>> = HashMap::new();
+        let mut open = vec![false; ranges.len()];
+        let mut left = 0usize;
         let mut tpl = TopicPartitionList::new();
-        for range in ranges.iter().filter(|r| !r.is_empty()) {
-            if open
-                .insert(
-                    (range.topic.clone(), range.partition),
-                    (range.kind, range.end),
-                )
+        for (i, range) in ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            if index
+                .entry(range.topic.as_str())
+                .or_default()
+                .insert(range.partition, i)
                 .is_some()
             {
                 bail!(
@@ -337,10 +304,12 @@ impl Reader {
                     range.partition
                 );
             }
+            open[i] = true;
+            left += 1;
             tpl.add_partition_offset(&range.topic, range.partition, Offset::Offset(range.start))
                 .with_context(|| format!("assigning {}[{}]", range.topic, range.partition))?;
         }
-        if open.is_empty() {
+        if left == 0 {
             return Ok(0);
         }
         self.consumer
@@ -348,52 +317,53 @@ impl Reader {
             .context("assigning the partitions to read")?;
         let mut read = 0u64;
         let mut last_progress = Instant::now();
-        while !open.is_empty() {
+        while left > 0 {
             match self.consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(message)) => {
                     last_progress = Instant::now();
-                    let record = Record::from_message(&message);
-                    drop(message);
-                    let key = (record.topic.clone(), record.partition);
-                    let Some(&(kind, end)) = open.get(&key) else {
+                    let Some(&i) = index
+                        .get(message.topic())
+                        .and_then(|partitions| partitions.get(&message.partition()))
+                    else {
                         continue;
                     };
-                    if record.offset >= end {
-                        open.remove(&key);
-                        self.unassign(&key.0, key.1)?;
+                    if !open[i] {
                         continue;
                     }
-                    let last = record.offset + 1 >= end;
+                    let end = ranges[i].end;
+                    if message.offset() >= end {
+                        self.close(ranges, i, &mut open, &mut left)?;
+                        continue;
+                    }
+                    let last = message.offset() + 1 >= end;
                     read += 1;
-                    let flow = each(kind, record)?;
+                    let flow = each(i, &message)?;
                     if last || flow == Flow::StopPartition {
-                        open.remove(&key);
-                        self.unassign(&key.0, key.1)?;
+                        self.close(ranges, i, &mut open, &mut left)?;
                     }
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "error while reading; continuing");
-                    self.check_stall(&open, last_progress)?;
+                    self.check_stall(ranges, &open, last_progress)?;
                 }
                 None => {
                     // Records past the end may never come (e.g. a trailing
                     // control record): a position at the end closes the range.
                     let positions = self.consumer.position().context("reading positions")?;
-                    let done: Vec<(String, i32)> = open
-                        .iter()
-                        .filter(|((topic, partition), (_, end))| {
-                            matches!(
-                                positions.find_partition(topic, *partition).map(|e| e.offset()),
-                                Some(Offset::Offset(at)) if at >= *end
+                    for i in 0..ranges.len() {
+                        let range = &ranges[i];
+                        if open[i]
+                            && matches!(
+                                positions
+                                    .find_partition(&range.topic, range.partition)
+                                    .map(|e| e.offset()),
+                                Some(Offset::Offset(at)) if at >= range.end
                             )
-                        })
-                        .map(|(key, _)| key.clone())
-                        .collect();
-                    for key in done {
-                        open.remove(&key);
-                        self.unassign(&key.0, key.1)?;
+                        {
+                            self.close(ranges, i, &mut open, &mut left)?;
+                        }
                     }
-                    self.check_stall(&open, last_progress)?;
+                    self.check_stall(ranges, &open, last_progress)?;
                 }
             }
         }
@@ -402,18 +372,36 @@ impl Reader {
 
     fn check_stall(
         &self,
-        open: &HashMap<(String, i32), (TopicKind, i64)>,
+        ranges: &[PartitionRange],
+        open: &[bool],
         last_progress: Instant,
     ) -> anyhow::Result<()> {
-        if open.is_empty() || last_progress.elapsed() <= STALL_TIMEOUT {
+        if !open.iter().any(|o| *o) || last_progress.elapsed() <= STALL_TIMEOUT {
             return Ok(());
         }
-        let mut waiting: Vec<String> = open.keys().map(|(t, p)| format!("{t}[{p}]")).collect();
+        let mut waiting: Vec<String> = ranges
+            .iter()
+            .zip(open)
+            .filter(|(_, open)| **open)
+            .map(|(r, _)| format!("{}[{}]", r.topic, r.partition))
+            .collect();
         waiting.sort();
         bail!(
             "no record for {STALL_TIMEOUT:?} while still expecting some from {}",
             waiting.join(", ")
         )
+    }
+
+    fn close(
+        &self,
+        ranges: &[PartitionRange],
+        i: usize,
+        open: &mut [bool],
+        left: &mut usize,
+    ) -> anyhow::Result<()> {
+        open[i] = false;
+        *left -= 1;
+        self.unassign(&ranges[i].topic, ranges[i].partition)
     }
 
     /// Stops fetching a finished partition (records already fetched for it
@@ -552,20 +540,46 @@ impl fmt::Display for ReplaySummary {
     }
 }
 
+/// One replayed record as a [`Sink`] gets it.
+#[derive(Debug, Clone, Copy)]
+pub struct Line<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// The record's timestamp, if it has one.
+    pub timestamp_ms: Option<i64>,
+    /// The key as text; `None` when there is none or it is not UTF-8.
+    pub key: Option<&'a str>,
+    /// The JSON line, with its newline (see [`crate::jsonl`]).
+    pub json: &'a [u8],
+    /// The payload object of the JSON line; `None` for an undecodable record.
+    pub payload_json: Option<&'a [u8]>,
+    /// The decoded envelope; only given to a sink that asks for
+    /// [`Sink::columns`].
+    pub envelope: Option<&'a Envelope>,
+    /// Why the record does not decode; only given to a sink that asks for
+    /// [`Sink::columns`].
+    pub error: Option<&'a str>,
+}
+
 /// Where replayed records go: JSON lines, or Parquet (`crate::parquet_export`).
 pub trait Sink {
-    /// One record, as [`json_line`] shapes it.
-    fn write(&mut self, line: &Value) -> anyhow::Result<()>;
+    /// One record, in the order of its partition.
+    fn write(&mut self, line: &Line<'_>) -> anyhow::Result<()>;
     fn finish(&mut self) -> anyhow::Result<()>;
+    /// Whether this sink reads [`Line::envelope`] and [`Line::error`]
+    /// (keeping them costs a little per record).
+    fn columns(&self) -> bool {
+        false
+    }
 }
 
 /// One JSON object per line.
 pub struct JsonLines<'a>(pub &'a mut dyn Write);
 
 impl Sink for JsonLines<'_> {
-    fn write(&mut self, line: &Value) -> anyhow::Result<()> {
-        serde_json::to_writer(&mut *self.0, line).context("writing the output")?;
-        self.0.write_all(b"\n").context("writing the output")
+    fn write(&mut self, line: &Line<'_>) -> anyhow::Result<()> {
+        self.0.write_all(line.json).context("writing the output")
     }
 
     fn finish(&mut self) -> anyhow::Result<()> {
@@ -585,8 +599,22 @@ pub fn replay_json(
     replay_into(kafka, topics, options, &mut JsonLines(out), bar)
 }
 
+/// Records a reader hands to the encoders at once.
+const BATCH: usize = 2_048;
+/// Batches read but not yet written, at most (bounds the memory held when
+/// the sink is slower than the reader).
+const IN_FLIGHT_PER_WORKER: usize = 4;
+
 /// Reads the chosen topics and hands every selected record to `sink`.
 /// Blocking: call it from a blocking-safe place.
+///
+/// Three stages on threads of their own, so a replay uses every core: the
+/// caller's thread reads the log into batches (copying each record once,
+/// into the batch's buffer), worker threads decode, filter and encode a
+/// batch each, and the caller's thread hands the batches to the sink in the
+/// order they were read. The sink sees exactly what one thread doing it all
+/// in turn would give it: each partition in log order, and partitions
+/// interleaved as the client delivered them.
 pub fn replay_into(
     kafka: &KafkaSettings,
     topics: &Topics,
@@ -612,39 +640,329 @@ pub fn replay_into(
     let reader = Reader::new(kafka)?;
     let ranges = reader.plan(topics, &kinds, options.start)?;
     bar.set_length(ranges.iter().map(PartitionRange::len).sum());
-    let since_ms = options.since.map(|t| t.timestamp_millis());
-    let until_ms = options.until.map(|t| t.timestamp_millis());
-    let mut summary = ReplaySummary::default();
-    summary.read = reader.read(&ranges, |kind, record| {
-        bar.inc(1);
-        let decoded = decode_event(kind, &record);
-        if since_ms.is_some() || until_ms.is_some() {
-            let Some(at) = record_time_ms(&record, decoded.as_ref().ok()) else {
-                // A record with no time cannot be placed in a time range.
-                return Ok(Flow::Continue);
-            };
-            if since_ms.is_some_and(|since| at < since) {
-                return Ok(Flow::Continue);
-            }
-            if let Some(until) = until_ms {
-                if at > until {
-                    return Ok(if at > until.saturating_add(UNTIL_GRACE_MS) {
-                        Flow::StopPartition
-                    } else {
-                        Flow::Continue
-                    });
-                }
-            }
-        }
-        if decoded.is_err() {
-            summary.undecodable += 1;
-        }
-        sink.write(&json_line(kind, &record, &decoded))?;
-        summary.written += 1;
-        Ok(Flow::Continue)
-    })?;
+    let filter = TimeFilter {
+        since_ms: options.since.map(|t| t.timestamp_millis()),
+        until_ms: options.until.map(|t| t.timestamp_millis()),
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8);
+    let mut summary = pipeline(&reader, &ranges, filter, workers, sink, bar)?;
     sink.finish()?;
     summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// `--since`/`--until` on the record time.
+#[derive(Debug, Clone, Copy, Default)]
+struct TimeFilter {
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+}
+
+/// What becomes of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Write,
+    /// Outside the time range.
+    Skip,
+    /// Past `--until` by more than the grace: neither this record nor the
+    /// rest of its partition is written.
+    Stop,
+}
+
+impl TimeFilter {
+    fn verdict(&self, timestamp_ms: Option<i64>, event: Option<&Event>) -> Verdict {
+        if self.since_ms.is_none() && self.until_ms.is_none() {
+            return Verdict::Write;
+        }
+        let Some(at) = time_ms(timestamp_ms, event) else {
+            // A record with no time cannot be placed in a time range.
+            return Verdict::Skip;
+        };
+        if self.since_ms.is_some_and(|since| at < since) {
+            return Verdict::Skip;
+        }
+        match self.until_ms {
+            Some(until) if at > until.saturating_add(UNTIL_GRACE_MS) => Verdict::Stop,
+            Some(until) if at > until => Verdict::Skip,
+            _ => Verdict::Write,
+        }
+    }
+}
+
+/// Records as read, copied back to back into one buffer.
+#[derive(Debug, Default)]
+struct RawBatch {
+    bytes: Vec<u8>,
+    records: Vec<RawMeta>,
+}
+
+#[derive(Debug)]
+struct RawMeta {
+    /// Index of the record's range.
+    range: usize,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<std::ops::Range<usize>>,
+    value: Option<std::ops::Range<usize>>,
+}
+
+impl RawBatch {
+    fn push(&mut self, range: usize, message: &BorrowedMessage<'_>) {
+        self.push_parts(
+            range,
+            message.offset(),
+            message.timestamp().to_millis(),
+            message.key(),
+            message.payload(),
+        );
+    }
+
+    fn push_parts(
+        &mut self,
+        range: usize,
+        offset: i64,
+        timestamp_ms: Option<i64>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) {
+        let mut copy = |bytes: Option<&[u8]>| {
+            bytes.map(|b| {
+                let start = self.bytes.len();
+                self.bytes.extend_from_slice(b);
+                start..self.bytes.len()
+            })
+        };
+        let key = copy(key);
+        let value = copy(value);
+        self.records.push(RawMeta {
+            range,
+            offset,
+            timestamp_ms,
+            key,
+            value,
+        });
+    }
+
+    fn record<'a>(&'a self, ranges: &'a [PartitionRange], meta: &RawMeta) -> RawRecord<'a> {
+        let range = &ranges[meta.range];
+        RawRecord {
+            topic: &range.topic,
+            partition: range.partition,
+            offset: meta.offset,
+            key: meta.key.clone().map(|r| &self.bytes[r]),
+            value: meta.value.clone().map(|r| &self.bytes[r]),
+            timestamp_ms: meta.timestamp_ms,
+        }
+    }
+}
+
+/// A batch decoded and encoded: its lines back to back in `out`.
+struct EncodedBatch {
+    raw: RawBatch,
+    out: Vec<u8>,
+    records: Vec<Encoded>,
+}
+
+struct Encoded {
+    verdict: Verdict,
+    undecodable: bool,
+    /// Where this record's line ends in `out` (it starts where the
+    /// previous one ended).
+    end: usize,
+    payload: PayloadSpan,
+    /// For a sink that asks for [`Sink::columns`].
+    columns: Option<Box<Columns>>,
+}
+
+struct Columns {
+    envelope: Option<Envelope>,
+    error: Option<String>,
+}
+
+fn encode_batch(
+    ranges: &[PartitionRange],
+    raw: RawBatch,
+    filter: TimeFilter,
+    columns: bool,
+) -> EncodedBatch {
+    let mut out = Vec::with_capacity(raw.bytes.len() * 2 + raw.records.len() * 160);
+    let mut records = Vec::with_capacity(raw.records.len());
+    for meta in &raw.records {
+        let record = raw.record(ranges, meta);
+        let kind = ranges[meta.range].kind;
+        let decoded = decode_event_value(kind, record.value);
+        let verdict = filter.verdict(record.timestamp_ms, decoded.as_ref().ok());
+        let mut payload = None;
+        if verdict == Verdict::Write {
+            payload = jsonl::write_line(&mut out, kind, &record, &decoded);
+            out.push(b'\n');
+        }
+        let undecodable = decoded.is_err();
+        let columns = (columns && verdict == Verdict::Write).then(|| {
+            Box::new(match decoded {
+                Ok(event) => Columns {
+                    envelope: event.take_envelope(),
+                    error: None,
+                },
+                Err(error) => Columns {
+                    envelope: None,
+                    error: Some(error.to_string()),
+                },
+            })
+        });
+        records.push(Encoded {
+            verdict,
+            undecodable,
+            end: out.len(),
+            payload,
+            columns,
+        });
+    }
+    EncodedBatch { raw, out, records }
+}
+
+/// The reader, the encoders and the writer (see [`replay_into`]).
+fn pipeline(
+    reader: &Reader,
+    ranges: &[PartitionRange],
+    filter: TimeFilter,
+    workers: usize,
+    sink: &mut dyn Sink,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<ReplaySummary> {
+    let columns = sink.columns();
+    // Partitions the writer has seen a record past `--until` in: the
+    // reader leaves them, and their later records are dropped.
+    let stopped: Vec<AtomicBool> = ranges.iter().map(|_| AtomicBool::new(false)).collect();
+    let in_flight = workers * IN_FLIGHT_PER_WORKER;
+    // A batch is read only with a free slot, so the queue to the encoders
+    // never blocks the reader and the writer's reorder buffer stays small.
+    let (slot_tx, slot_rx) = mpsc::sync_channel::<()>(in_flight);
+    for _ in 0..in_flight {
+        let _ = slot_tx.send(());
+    }
+    let (work_tx, work_rx) = mpsc::sync_channel::<(u64, RawBatch)>(in_flight);
+    let work_rx = Mutex::new(work_rx);
+    let (done_tx, done_rx) = mpsc::channel::<(u64, EncodedBatch)>();
+    std::thread::scope(|scope| -> anyhow::Result<ReplaySummary> {
+        for n in 0..workers {
+            let (work_rx, done_tx) = (&work_rx, done_tx.clone());
+            std::thread::Builder::new()
+                .name(format!("replay-encode-{n}"))
+                .spawn_scoped(scope, move || loop {
+                    let job = match work_rx.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((seq, raw)) = job else { return };
+                    let batch = encode_batch(ranges, raw, filter, columns);
+                    if done_tx.send((seq, batch)).is_err() {
+                        return;
+                    }
+                })
+                .context("starting an encoding thread")?;
+        }
+        drop(done_tx);
+        let stopped = &stopped;
+        let reading = std::thread::Builder::new()
+            .name("replay-read".into())
+            .spawn_scoped(scope, move || -> anyhow::Result<()> {
+                let mut batch = RawBatch::default();
+                let mut seq = 0u64;
+                let mut send = |batch: RawBatch| -> anyhow::Result<()> {
+                    slot_rx
+                        .recv()
+                        .map_err(|_| anyhow::anyhow!("the replay's writer stopped"))?;
+                    work_tx
+                        .send((seq, batch))
+                        .map_err(|_| anyhow::anyhow!("the replay's encoders stopped"))?;
+                    seq += 1;
+                    Ok(())
+                };
+                reader.read_raw(ranges, |range, message| {
+                    if stopped[range].load(Ordering::Relaxed) {
+                        return Ok(Flow::StopPartition);
+                    }
+                    batch.push(range, message);
+                    if batch.records.len() >= BATCH {
+                        send(std::mem::take(&mut batch))?;
+                    }
+                    Ok(Flow::Continue)
+                })?;
+                if !batch.records.is_empty() {
+                    send(batch)?;
+                }
+                Ok(())
+            })
+            .context("starting the reading thread")?;
+        let written = write_in_order(ranges, done_rx, slot_tx, stopped, sink, bar);
+        let read = reading
+            .join()
+            .map_err(|_| anyhow::anyhow!("the replay's reader panicked"))?;
+        // The writer's error first: it is why the reader stopped.
+        let summary = written?;
+        read?;
+        Ok(summary)
+    })
+}
+
+/// The writer: batches back in the order they were read, each record
+/// handed to the sink (or dropped, if its partition was left).
+fn write_in_order(
+    ranges: &[PartitionRange],
+    done: mpsc::Receiver<(u64, EncodedBatch)>,
+    slots: mpsc::SyncSender<()>,
+    stopped: &[AtomicBool],
+    sink: &mut dyn Sink,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<ReplaySummary> {
+    let mut summary = ReplaySummary::default();
+    let mut pending: BTreeMap<u64, EncodedBatch> = BTreeMap::new();
+    let mut next = 0u64;
+    for (seq, batch) in done {
+        pending.insert(seq, batch);
+        while let Some(batch) = pending.remove(&next) {
+            next += 1;
+            let mut start = 0;
+            for (meta, encoded) in batch.raw.records.iter().zip(&batch.records) {
+                let line = start..encoded.end;
+                start = encoded.end;
+                if stopped[meta.range].load(Ordering::Relaxed) {
+                    continue;
+                }
+                summary.read += 1;
+                match encoded.verdict {
+                    Verdict::Skip => continue,
+                    Verdict::Stop => {
+                        stopped[meta.range].store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    Verdict::Write => {}
+                }
+                let record = batch.raw.record(ranges, meta);
+                let columns = encoded.columns.as_deref();
+                sink.write(&Line {
+                    topic: record.topic,
+                    partition: record.partition,
+                    offset: record.offset,
+                    timestamp_ms: record.timestamp_ms.filter(|t| *t >= 0),
+                    key: record.key.and_then(|k| std::str::from_utf8(k).ok()),
+                    json: &batch.out[line],
+                    payload_json: encoded.payload.clone().map(|p| &batch.out[p]),
+                    envelope: columns.and_then(|c| c.envelope.as_ref()),
+                    error: columns.and_then(|c| c.error.as_deref()),
+                })?;
+                summary.written += 1;
+                summary.undecodable += u64::from(encoded.undecodable);
+            }
+            bar.inc(batch.records.len() as u64);
+            // The reader may read one more batch.
+            let _ = slots.send(());
+        }
+    }
     Ok(summary)
 }
 
@@ -663,7 +981,14 @@ pub fn parse_kind(raw: &str) -> Result<TopicKind, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use coupon_schemas::ClaimOutcome;
     use prost::Message as _;
+    use serde_json::Value;
+
+    fn line_value(kind: TopicKind, record: &Record, decoded: &Result<Event, DecodeError>) -> Value {
+        serde_json::from_slice(&json_line(kind, record, decoded)).unwrap()
+    }
 
     fn record(topic: &str, value: Vec<u8>) -> Record {
         Record {
@@ -705,7 +1030,7 @@ mod tests {
         };
         let rec = record("p.claim-results", event.encode_to_vec());
         let decoded = decode_event(TopicKind::ClaimResults, &rec);
-        let line = json_line(TopicKind::ClaimResults, &rec, &decoded);
+        let line = line_value(TopicKind::ClaimResults, &rec, &decoded);
         assert_eq!(line["payload"]["outcome"], "CLAIM_OUTCOME_GRANTED");
         assert_eq!(line["payload"]["request_id"], "r1");
         assert_eq!(line["payload"]["expires_at_ms"], 99);
@@ -720,7 +1045,7 @@ mod tests {
     fn undecodable_records_keep_their_bytes() {
         let rec = record("p.claims", vec![0xff, 0x00, 0x13]);
         let decoded = decode_event(TopicKind::Claims, &rec);
-        let line = json_line(TopicKind::Claims, &rec, &decoded);
+        let line = line_value(TopicKind::Claims, &rec, &decoded);
         assert!(line["error"].as_str().unwrap().contains("protobuf"));
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(line["value_base64"].as_str().unwrap())
@@ -745,15 +1070,17 @@ mod tests {
         let letter = DeadLetter {
             envelope: Some(coupon_schemas::new_envelope::<DeadLetter>(
                 "e".into(),
-                1,
+                1_795_564_800_000,
                 "t",
                 "",
             )),
             original_value: vec![1, 2, 3],
             ..Default::default()
         };
-        let (_, payload) = Event::DeadLetter(letter).to_json().unwrap();
-        assert_eq!(payload["original_value"], "AQID");
+        let rec = record("p.dead-letter", letter.encode_to_vec());
+        let decoded = decode_event(TopicKind::DeadLetter, &rec);
+        let line = line_value(TopicKind::DeadLetter, &rec, &decoded);
+        assert_eq!(line["payload"]["original_value"], "AQID");
     }
 
     #[test]
@@ -781,5 +1108,160 @@ mod tests {
             1_795_564_800
         );
         assert!(parse_time("yesterday").is_err());
+    }
+
+    /// (range, timestamp, key, value)
+    type LogEntry = (usize, Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+    /// The writer gets the batches back in any order and must give the sink
+    /// exactly what one thread reading, decoding, filtering and writing each
+    /// record in turn gave it (the code this pipeline replaced, below):
+    /// the same bytes, in the same order, with the same counts, and nothing
+    /// of a partition after its first record past `--until` and the grace.
+    #[test]
+    fn batches_are_written_in_read_order_and_a_partition_past_until_is_left() {
+        let range = |kind: TopicKind, topic: &str, partition| PartitionRange {
+            kind,
+            topic: topic.into(),
+            partition,
+            start: 0,
+            end: 1_000,
+        };
+        let ranges = vec![
+            range(TopicKind::Claims, "p.claims", 0),
+            range(TopicKind::Claims, "p.claims", 1),
+            range(TopicKind::DeadLetter, "p.dead-letter", 0),
+        ];
+        let base = 1_795_564_800_000i64;
+        let (since, until) = (base + 1_000, base + 100_000);
+        let claim = |i: i64, at: i64| {
+            ClaimRequested {
+                envelope: Some(coupon_schemas::new_envelope::<ClaimRequested>(
+                    format!("e{i}"),
+                    at,
+                    "t",
+                    "",
+                )),
+                request_id: format!("r{i}"),
+                user_id: format!("user-{i}"),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let letter = |i: i64| {
+            DeadLetter {
+                envelope: Some(coupon_schemas::new_envelope::<DeadLetter>(
+                    format!("d{i}"),
+                    base + 2_000,
+                    "t",
+                    "",
+                )),
+                original_value: vec![0xff, i as u8],
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        // (range, timestamp, key, value), in the order the client delivered them.
+        let mut log: Vec<LogEntry> = Vec::new();
+        for i in 0..200i64 {
+            let at = match i {
+                0..=9 => base + i,                 // before --since
+                150 => until + UNTIL_GRACE_MS + 1, // partition 1 is left here
+                140..=149 => until + 10,           // past --until, within the grace
+                _ => base + 1_000 + i,
+            };
+            let partition = (i % 3) as usize;
+            let (key, value) = match (partition, i % 7) {
+                (2, _) => (Some(b"\xfe\xff".to_vec()), Some(letter(i))),
+                (_, 0) => (Some(b"user".to_vec()), Some(b"\xff not protobuf".to_vec())),
+                (_, 1) => (None, None),
+                _ => (Some(format!("user-{i}").into_bytes()), Some(claim(i, at))),
+            };
+            // A record with no timestamp falls back to its envelope's time.
+            let timestamp = (i % 5 != 0).then_some(at);
+            let partition = if i == 150 { 1 } else { partition };
+            log.push((partition, timestamp, key, value));
+        }
+        let record_of = |(range, ts, key, value): &LogEntry, offset: i64| Record {
+            topic: ranges[*range].topic.clone(),
+            partition: ranges[*range].partition,
+            offset,
+            key: key.clone(),
+            value: value.clone(),
+            timestamp_ms: *ts,
+        };
+
+        // The reference: one record at a time, as replay_into did it.
+        let mut expected = Vec::new();
+        let mut reference = ReplaySummary::default();
+        let mut left = std::collections::HashSet::new();
+        for (offset, entry) in log.iter().enumerate() {
+            if left.contains(&entry.0) {
+                continue;
+            }
+            let record = record_of(entry, offset as i64);
+            let kind = ranges[entry.0].kind;
+            reference.read += 1;
+            let decoded = decode_event(kind, &record);
+            let Some(at) = record_time_ms(&record, decoded.as_ref().ok()) else {
+                continue;
+            };
+            if at < since {
+                continue;
+            }
+            if at > until {
+                if at > until + UNTIL_GRACE_MS {
+                    left.insert(entry.0);
+                }
+                continue;
+            }
+            reference.undecodable += u64::from(decoded.is_err());
+            expected.extend(json_line(kind, &record, &decoded));
+            expected.push(b'\n');
+            reference.written += 1;
+        }
+        assert!(left.contains(&1) && reference.undecodable > 0 && reference.written > 100);
+
+        for batch_size in [1, 7, 64, 1_000] {
+            let filter = TimeFilter {
+                since_ms: Some(since),
+                until_ms: Some(until),
+            };
+            let mut batches = Vec::new();
+            for (n, chunk) in log.chunks(batch_size).enumerate() {
+                let mut raw = RawBatch::default();
+                for (i, (range, ts, key, value)) in chunk.iter().enumerate() {
+                    let offset = (n * batch_size + i) as i64;
+                    raw.push_parts(*range, offset, *ts, key.as_deref(), value.as_deref());
+                }
+                batches.push((n as u64, encode_batch(&ranges, raw, filter, false)));
+            }
+            // Finished out of order: last first, then the rest.
+            batches.rotate_right(1);
+            let (done_tx, done_rx) = mpsc::channel();
+            for batch in batches {
+                done_tx.send(batch).unwrap();
+            }
+            drop(done_tx);
+            let (slot_tx, _slot_rx) = mpsc::sync_channel(log.len());
+            let stopped: Vec<AtomicBool> = ranges.iter().map(|_| AtomicBool::new(false)).collect();
+            let mut out = Vec::new();
+            let summary = write_in_order(
+                &ranges,
+                done_rx,
+                slot_tx,
+                &stopped,
+                &mut JsonLines(&mut out),
+                &indicatif::ProgressBar::hidden(),
+            )
+            .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&expected),
+                "batches of {batch_size}"
+            );
+            assert_eq!(summary, reference, "batches of {batch_size}");
+            assert!(stopped[1].load(Ordering::Relaxed));
+        }
     }
 }

@@ -100,7 +100,13 @@ pub const EVENT_TIME_RANGE_MS: std::ops::Range<i64> = 946_684_800_000..4_102_444
 
 /// Decodes a record as event `E` and checks its envelope.
 pub fn decode<E: Event>(record: &Record) -> Result<E, DecodeError> {
-    let bytes = record.value.as_deref().ok_or(DecodeError::Empty)?;
+    decode_value(record.value.as_deref())
+}
+
+/// [`decode`] on a record's value, borrowed (the replay decodes records
+/// without copying them out of the client's buffers).
+pub fn decode_value<E: Event>(value: Option<&[u8]>) -> Result<E, DecodeError> {
+    let bytes = value.ok_or(DecodeError::Empty)?;
     let event = E::decode(bytes).map_err(|e| DecodeError::Protobuf {
         expected: E::TYPE_NAME,
         detail: e.to_string(),

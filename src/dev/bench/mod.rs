@@ -9,7 +9,7 @@
 //! Scenarios: a bare request/reply echo through the broker (the floor of any
 //! claim: two broker hops), a bare HTTP handler doing `SELECT 1`, the
 //! allocation statement alone and batched, the flash sale through HTTP, a
-//! 100,000-coupon release, and decoding the topics back (replay).
+//! 100,000-coupon release, and replaying the topics to JSON lines and Parquet.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use futures::stream::{self, StreamExt};
-use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
@@ -28,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use coupon_domain::{Category, UserId};
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
 use coupon_platform::store;
-use coupon_schemas::{ClaimDecided, ClaimRequested, CouponsCreated};
 
 use crate::app::{self, AppConfig, Role};
 
@@ -91,7 +89,10 @@ pub enum Scenario {
     SteadySale,
     /// Half the claims winning, at the rate the grant path sustains.
     SteadyDay,
+    /// `couponctl replay` to JSON lines.
     Replay,
+    /// `couponctl replay` to Parquet.
+    ReplayParquet,
     Rebuild,
     /// `/healthz` driven by `wrk`, when it is installed: the check that our
     /// generator is not what bounds the HTTP rows.
@@ -271,7 +272,8 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     generator.shutdown_background();
 
     eprintln!("bench: replay");
-    rows.push(profiled(replay(config)).await?);
+    rows.push(profiled(replay(config, false)).await?);
+    rows.push(profiled(replay(config, true)).await?);
     token.cancel();
     running.wait().await?;
     eprintln!("bench: rebuild");
@@ -550,27 +552,54 @@ async fn release(
 ) -> anyhow::Result<Row> {
     let publisher = Publisher::new(&config.kafka, "bench-release")?;
     let started = Instant::now();
-    issue(config, pool, &publisher, category, count).await?;
+    let batch = issue(config, pool, &publisher, category, count).await?;
     let published = started.elapsed();
-    let category = coupon_domain::Category::parse(category)?;
+    // Projected into `coupons` and into the history. A batch is one
+    // partition, which the projector and the history sink each write in
+    // order, so the last coupon in a table means the batch is: watch for it
+    // with a look-up by key (counting the category while it fills cost
+    // Postgres more than a tenth of a core), then count once to be sure.
+    let last = *batch.codes.last().context("an empty release")?;
+    let last_text = last.to_string();
+    let category = Category::parse(category)?;
+    let (mut in_coupons, mut in_history) = (None, None);
     loop {
-        let projected = store::coupons::count_in_category(pool, &category).await?;
-        if projected == i64::from(count) {
-            break;
+        if in_coupons.is_none() && store::coupons::find(pool, last).await?.is_some() {
+            in_coupons = Some(started.elapsed());
+        }
+        if in_history.is_none()
+            && !store::history::entries(pool, None, Some(&last_text), None, None)
+                .await?
+                .is_empty()
+        {
+            in_history = Some(started.elapsed());
+        }
+        if in_coupons.is_some() && in_history.is_some() {
+            let projected = store::coupons::count_in_category(pool, &category).await?;
+            if projected == i64::from(count) {
+                break;
+            }
         }
         if started.elapsed() > Duration::from_secs(600) {
-            bail!("release not projected after 10 minutes ({projected}/{count})");
+            bail!("release not projected after 10 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let seconds = started.elapsed().as_secs_f64();
+    let at = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
     Ok(Row {
         kind: Scenario::Release,
         memory: None,
         scenario: format!("release: issue {count} until projected"),
         operations: u64::from(count),
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         latencies: None,
-        note: format!("published in {:.2}s", published.as_secs_f64()),
+        note: format!(
+            "published in {:.2}s, in coupons at {:.2}s, in the history at {:.2}s",
+            published.as_secs_f64(),
+            at(in_coupons),
+            at(in_history)
+        ),
     })
 }
 
@@ -840,78 +869,65 @@ async fn issue(
     publisher: &Publisher,
     category: &str,
     count: u32,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<coupon_producers::issue::IssuedBatch> {
     let request = coupon_producers::issue::IssueRequest {
         employee: coupon_domain::EmployeeId::parse("bench")?,
         category: coupon_domain::Category::parse(category)?,
         count,
     };
-    coupon_producers::issue::issue(pool, publisher, &config.topics(), 2, &request, |_| {}).await?;
-    Ok(())
+    Ok(
+        coupon_producers::issue::issue(pool, publisher, &config.topics(), 2, &request, |_| {})
+            .await?,
+    )
 }
 
-/// Decodes every event of the claim path and the release from the broker.
-async fn replay(config: &AppConfig) -> anyhow::Result<Row> {
+/// `couponctl replay` of the claim path and the release (created, claims,
+/// claim-results) as an analyst runs it: every record decoded and written
+/// out, as JSON lines (to a writer that drops them, so no disk is measured)
+/// or as a Parquet file (in the temporary directory, removed after).
+async fn replay(config: &AppConfig, parquet: bool) -> anyhow::Result<Row> {
+    use coupon_analyst::replay::{self, JsonLines, ReplayOptions, TopicKind};
     let topics = config.topics();
     let kafka = config.kafka.clone();
-    let partitions = config.partitions;
-    let names = [topics.created(), topics.claims(), topics.claim_results()];
     tokio::task::spawn_blocking(move || -> anyhow::Result<Row> {
-        let mut client = kafka.client_config();
-        client
-            .set(
-                "group.id",
-                format!("bench-replay-{}", uuid::Uuid::new_v4().simple()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10");
-        let consumer: rdkafka::consumer::BaseConsumer = client.create()?;
-        let mut tpl = TopicPartitionList::new();
-        let mut ends = HashMap::new();
-        for topic in &names {
-            for p in 0..partitions {
-                let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-                if high > low {
-                    tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
-                    ends.insert((topic.clone(), p), high);
-                }
-            }
-        }
-        consumer.assign(&tpl)?;
-        let started = Instant::now();
-        let mut events = 0u64;
-        let mut finished = 0;
-        while finished < ends.len() {
-            if started.elapsed() > Duration::from_secs(600) {
-                bail!("replay did not finish in 10 minutes");
-            }
-            let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let message = message?;
-            let payload = message.payload().unwrap_or_default();
-            let topic = message.topic();
-            events += if topic == names[0] {
-                CouponsCreated::decode(payload)
-                    .map(|e| e.coupon_ids.len() as u64)
-                    .unwrap_or(0)
-            } else if topic == names[1] {
-                u64::from(ClaimRequested::decode(payload).is_ok())
-            } else {
-                u64::from(ClaimDecided::decode(payload).is_ok())
-            };
-            if ends.get(&(topic.to_owned(), message.partition())) == Some(&(message.offset() + 1)) {
-                finished += 1;
-            }
-        }
+        let options = ReplayOptions {
+            kinds: vec![
+                TopicKind::Created,
+                TopicKind::Claims,
+                TopicKind::ClaimResults,
+            ],
+            ..ReplayOptions::default()
+        };
+        let bar = indicatif::ProgressBar::hidden();
+        let (summary, format) = if parquet {
+            let path = std::env::temp_dir().join(format!(
+                "couponctl-bench-replay-{}.parquet",
+                uuid::Uuid::new_v4().simple()
+            ));
+            let summary =
+                coupon_analyst::parquet_export::ParquetSink::create(&path).and_then(|mut sink| {
+                    replay::replay_into(&kafka, &topics, &options, &mut sink, &bar)
+                });
+            let _ = std::fs::remove_file(&path);
+            (summary?, "Parquet")
+        } else {
+            let mut out = std::io::sink();
+            let summary =
+                replay::replay_into(&kafka, &topics, &options, &mut JsonLines(&mut out), &bar)?;
+            (summary, "JSON lines")
+        };
         Ok(Row {
-            kind: Scenario::Replay,
+            kind: if parquet {
+                Scenario::ReplayParquet
+            } else {
+                Scenario::Replay
+            },
             memory: None,
-            scenario: "replay: decode created + claims + claim-results".into(),
-            operations: events,
-            seconds: started.elapsed().as_secs_f64(),
+            scenario: format!("replay: created + claims + claim-results to {format}"),
+            operations: summary.read,
+            seconds: summary.seconds,
             latencies: None,
-            note: "events (a created chunk counts its coupons)".into(),
+            note: "records read, decoded and written".into(),
         })
     })
     .await?
