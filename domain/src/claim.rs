@@ -12,12 +12,13 @@
 use chrono::{DateTime, Utc};
 
 use crate::quota::QuotaWindow;
+use crate::{Category, CouponCode};
 
 /// A coupon the user holds right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveHold {
-    pub code: String,
-    pub category: String,
+    pub code: CouponCode,
+    pub category: Category,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -40,8 +41,8 @@ pub struct UserClaimState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOutcome {
     Granted {
-        code: String,
-        category: String,
+        code: CouponCode,
+        category: Category,
         expires_at: DateTime<Utc>,
         /// True when this is the user's existing hold returned again.
         repeated: bool,
@@ -142,7 +143,7 @@ pub fn precheck(
     if let Some(hold) = &state.hold {
         if hold.expires_at > now {
             return ClaimPrecheck::Decided(ClaimOutcome::Granted {
-                code: hold.code.clone(),
+                code: hold.code,
                 category: hold.category.clone(),
                 expires_at: hold.expires_at,
                 repeated: true,
@@ -237,6 +238,14 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn code(n: u64) -> CouponCode {
+        CouponCode::from_id(crate::SnowflakeId::from_raw(n).unwrap())
+    }
+
+    fn category() -> Category {
+        Category::parse("x").unwrap()
+    }
+
     fn now() -> DateTime<Utc> {
         "2026-11-25T12:00:00Z".parse().unwrap()
     }
@@ -259,8 +268,8 @@ mod tests {
     #[test]
     fn blacklist_wins_over_everything_until_it_ends() {
         let hold = ActiveHold {
-            code: "C".into(),
-            category: "x".into(),
+            code: code(1),
+            category: category(),
             expires_at: now() + chrono::Duration::minutes(1),
         };
         let mut state = UserClaimState {
@@ -342,8 +351,8 @@ mod tests {
         let state = UserClaimState {
             blacklisted: None,
             hold: Some(ActiveHold {
-                code: "C".into(),
-                category: "x".into(),
+                code: code(1),
+                category: category(),
                 expires_at: now(),
             }),
             last_grant_window: Some(QuotaWindow::DAY.start_of(now())),
@@ -360,8 +369,8 @@ mod tests {
     fn an_overdue_hold_in_a_new_window_is_released_by_the_grant() {
         let window = QuotaWindow::new(Duration::from_secs(60)).unwrap();
         let overdue = ActiveHold {
-            code: "OLD".into(),
-            category: "x".into(),
+            code: code(2),
+            category: category(),
             expires_at: now() - chrono::Duration::seconds(30),
         };
         let state = UserClaimState {
@@ -403,8 +412,8 @@ mod tests {
         ) {
             let window = QuotaWindow::new(Duration::from_secs(window_secs)).unwrap();
             let hold = hold_offset.map(|s| ActiveHold {
-                code: "H".into(),
-                category: "x".into(),
+                code: code(3),
+                category: category(),
                 expires_at: now() + chrono::Duration::seconds(s),
             });
             let last_grant_window = grant_offset.map(|k| {

@@ -284,7 +284,7 @@ async fn releases_race_a_drained_pool_across_two_gateways() {
 
     // A new batch lands while the stream runs.
     let releasing = Instant::now();
-    release(&env, "Cards", 4).await;
+    let cards = release(&env, "Cards", 4).await;
     let available = Instant::now();
     eventually(
         "the new batch is granted",
@@ -298,14 +298,46 @@ async fn releases_race_a_drained_pool_across_two_gateways() {
     .await;
     // Once the coupons were there (the release saw them projected), a claim
     // sent within the bound got one: the sold-out marks did not hide them.
-    let first_grant = {
+    // The claims that won them are known from their decisions; their
+    // answers reach the workers after the processor's commit (decision on
+    // the log, gateway, HTTP), so wait for those answers before reading
+    // when they were sent.
+    let winners: Vec<String> = sqlx::query_scalar(
+        "SELECT request_id FROM claim_decisions
+          WHERE outcome = 'granted' AND NOT repeated AND coupon_code = ANY($1)",
+    )
+    .bind(&cards)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(winners.len(), cards.len(), "one grant per new coupon");
+    let sent_by_winners = || {
         let seen = seen.lock().unwrap();
-        seen.iter()
-            .filter(|(_, _, sent, status)| *sent >= releasing && *status == 200)
-            .map(|(_, _, sent, _)| *sent)
-            .min()
+        winners
+            .iter()
+            .map(|winner| {
+                seen.iter()
+                    .find(|(_, user, ..)| user == winner)
+                    .map(|(_, _, sent, status)| (*sent, *status))
+            })
+            .collect::<Option<Vec<_>>>()
     };
-    let first_grant = first_grant.expect("a claim after the release was granted");
+    eventually(
+        "the claims granted the new batch are answered",
+        Duration::from_secs(30),
+        || async { sent_by_winners().is_some() },
+    )
+    .await;
+    let answered = sent_by_winners().unwrap_or_default();
+    assert!(
+        answered.iter().all(|(_, status)| *status == 200),
+        "a claim granted a new coupon was not answered 200: {answered:?}"
+    );
+    let first_grant = answered
+        .iter()
+        .map(|(sent, _)| *sent)
+        .min()
+        .expect("the new batch was granted");
     assert!(
         first_grant <= available + Duration::from_secs(1),
         "the first grant went to a claim sent {:?} after the coupons were available",

@@ -35,7 +35,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 use coupon_domain::{
-    ClaimOutcomeKind, CouponCode, CouponStatus, OrderId, PurchaseOutcome, QuotaWindow, UserId,
+    Category, ClaimOutcomeKind, CouponCode, CouponStatus, OrderId, PurchaseOutcome, QuotaWindow,
+    RequestId, UserId,
 };
 use coupon_platform::kafka::Record;
 use coupon_platform::store;
@@ -349,10 +350,10 @@ async fn quota_of(pool: &PgPool) -> Result<HashMap<(String, i64), QuotaRow>, sql
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ClaimDecisionRow {
     event_id: uuid::Uuid,
-    user_id: String,
+    user_id: UserId,
     outcome: ClaimOutcomeKind,
-    coupon_code: Option<String>,
-    category: Option<String>,
+    coupon_code: Option<CouponCode>,
+    category: Option<Category>,
     expires_at_ms: Option<i64>,
     repeated: bool,
     retry_at_ms: Option<i64>,
@@ -384,7 +385,7 @@ impl ClaimDecisionRow {
 /// Stored claim decisions by request id.
 async fn claim_decisions_of(
     pool: &PgPool,
-) -> Result<HashMap<String, ClaimDecisionRow>, sqlx::Error> {
+) -> Result<HashMap<RequestId, ClaimDecisionRow>, sqlx::Error> {
     let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
     Ok(store::decisions::claim_decisions(pool)
         .await?
@@ -572,7 +573,7 @@ async fn compare_decisions(
     let log_claims = claim_decisions_of(rebuilt)
         .await
         .context("reading the rebuilt claim decisions")?;
-    let requests: BTreeSet<&String> = live_claims.keys().chain(log_claims.keys()).collect();
+    let requests: BTreeSet<&RequestId> = live_claims.keys().chain(log_claims.keys()).collect();
     for request in requests {
         let (l, r) = (live_claims.get(request), log_claims.get(request));
         let user = l.or(r).map(|d| d.user_id.as_str()).unwrap_or_default();

@@ -51,7 +51,8 @@ use uuid::Uuid;
 use coupon_consumers::coupons::{self, NewCoupon};
 use coupon_consumers::history::{self, HistoryRow};
 use coupon_domain::{
-    ClaimOutcomeKind, CouponStatus, HistoryKind, OrderId, QuotaWindow, RequestId, UserId,
+    Category, ClaimOutcomeKind, CouponCode, CouponStatus, HistoryKind, OrderId, QuotaWindow,
+    RequestId, UserId,
 };
 use coupon_platform::kafka::Record;
 use coupon_platform::time::from_ms;
@@ -159,13 +160,23 @@ pub fn claim_decision_row(
             None
         }
     };
+    let coupon_code = if granted {
+        Some(CouponCode::parse(&event.coupon_code).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let category = if granted {
+        Some(Category::parse(event.category.as_str()).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
     Ok(Some(ClaimDecisionRow {
-        request_id: event.request_id.clone(),
+        request_id: RequestId::parse(event.request_id.as_str()).map_err(|e| e.to_string())?,
         event_id,
-        user_id: event.user_id.clone(),
+        user_id: UserId::parse(event.user_id.as_str()).map_err(|e| e.to_string())?,
         outcome,
-        coupon_code: granted.then(|| event.coupon_code.clone()),
-        category: granted.then(|| event.category.clone()),
+        coupon_code,
+        category,
         expires_at: time(event.expires_at_ms, granted),
         repeated: event.repeated,
         retry_at: time(event.retry_at_ms, outcome == ClaimOutcomeKind::RateLimited),
@@ -274,7 +285,7 @@ pub struct Projection {
     /// By (user, window start).
     quota: HashMap<(String, DateTime<Utc>), QuotaGrant>,
     /// By request id.
-    claim_decisions: HashMap<String, ClaimDecisionRow>,
+    claim_decisions: HashMap<RequestId, ClaimDecisionRow>,
     /// By order id.
     purchase_decisions: HashMap<String, PurchaseDecisionRow>,
     /// Event ids applied so far: a republished event (same id, e.g. a
@@ -301,7 +312,8 @@ impl Projection {
     }
 
     pub fn claim_decision(&self, request_id: &str) -> Option<&ClaimDecisionRow> {
-        self.claim_decisions.get(request_id)
+        let request_id = RequestId::parse(request_id).ok()?;
+        self.claim_decisions.get(&request_id)
     }
 
     pub fn purchase_decision(&self, order_id: &str) -> Option<&PurchaseDecisionRow> {
@@ -1308,8 +1320,11 @@ mod tests {
 
         let first = projection.claim_decision("r1").unwrap();
         assert_eq!(first.outcome, ClaimOutcomeKind::Granted);
-        assert_eq!(first.coupon_code.as_deref(), Some(c1.as_str()));
-        assert_eq!(first.category.as_deref(), Some("Shoes"));
+        assert_eq!(
+            first.coupon_code.map(|code| code.to_string()).as_deref(),
+            Some(c1.as_str())
+        );
+        assert_eq!(first.category.as_ref().map(Category::as_str), Some("Shoes"));
         assert_eq!(
             first.expires_at.map(|t| t.timestamp_millis()),
             Some(T0 + 1_100)
@@ -1317,7 +1332,7 @@ mod tests {
         assert!(projection.claim_decision("r2").unwrap().repeated);
         let sold_out = projection.claim_decision("r3").unwrap();
         assert_eq!(
-            (sold_out.outcome, sold_out.coupon_code.as_deref()),
+            (sold_out.outcome, sold_out.coupon_code),
             (ClaimOutcomeKind::SoldOut, None)
         );
         let limited = projection.claim_decision("r4").unwrap();

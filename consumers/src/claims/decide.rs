@@ -16,7 +16,7 @@ use coupon_domain::claim::{
 use super::store::{Released, StoredDecision};
 use super::Claim;
 use crate::Policy;
-use coupon_domain::UserId;
+use coupon_domain::{RequestId, UserId};
 
 /// A claim that passed the rules and waits for a coupon.
 #[derive(Clone)]
@@ -31,16 +31,16 @@ pub struct Candidate<'a> {
 /// What the batch transaction knows while it decides its claims.
 pub(super) struct BatchView {
     /// Decisions stored before this batch, and those made in it so far.
-    pub(super) decided: HashMap<String, StoredDecision>,
+    pub(super) decided: HashMap<RequestId, StoredDecision>,
     /// The user each request id belongs to: the one of its stored decision,
     /// or of the first claim in this batch that used it.
-    pub(super) owners: HashMap<String, String>,
+    pub(super) owners: HashMap<RequestId, UserId>,
     /// Each user's state as read at the start of the batch.
-    pub(super) states: HashMap<String, UserClaimState>,
+    pub(super) states: HashMap<UserId, UserClaimState>,
     /// Users with a claim decided (or waiting for a coupon) in this batch:
     /// their state above is stale, so a second request of theirs is decided
     /// after the batch's grants, on a fresh read.
-    pub(super) touched: HashSet<String>,
+    pub(super) touched: HashSet<UserId>,
     pub(super) pool: PoolKnowledge,
     /// Overdue holds released by this batch's grants.
     pub(super) released: Vec<Released>,
@@ -50,8 +50,8 @@ impl BatchView {
     /// The view of a batch from the decisions stored for its request ids and
     /// its users' states, as the store read them.
     pub(super) fn new(
-        stored: HashMap<String, StoredDecision>,
-        states: HashMap<String, UserClaimState>,
+        stored: HashMap<RequestId, StoredDecision>,
+        states: HashMap<UserId, UserClaimState>,
     ) -> Self {
         let owners = stored
             .iter()
@@ -74,7 +74,7 @@ impl BatchView {
     ) -> (StoredDecision, bool) {
         let decision = decision_of(claim, outcome);
         self.decided
-            .insert(claim.request_id.to_string(), decision.clone());
+            .insert(claim.request_id.clone(), decision.clone());
         (decision, true)
     }
 }
@@ -107,16 +107,15 @@ pub(super) fn users_to_read(claims: &[Claim]) -> Vec<&UserId> {
 
 /// Sorts `claim` with what the batch read up front. No I/O.
 pub(super) fn classify<'a>(policy: &Policy, claim: &'a Claim, view: &mut BatchView) -> Step<'a> {
-    let user = claim.user_id.as_str();
-    match view.owners.get(claim.request_id.as_str()) {
+    let user = &claim.user_id;
+    match view.owners.get(&claim.request_id) {
         Some(owner) if owner != user => return Step::IdTaken,
         Some(_) => {}
         None => {
-            view.owners
-                .insert(claim.request_id.to_string(), user.to_owned());
+            view.owners.insert(claim.request_id.clone(), user.clone());
         }
     }
-    if let Some(stored) = view.decided.get(claim.request_id.as_str()) {
+    if let Some(stored) = view.decided.get(&claim.request_id) {
         return Step::Decided(stored.clone(), false);
     }
     if claim.answered_sold_out {
@@ -126,7 +125,7 @@ pub(super) fn classify<'a>(policy: &Policy, claim: &'a Claim, view: &mut BatchVi
         let (decision, is_new) = view.record(claim, ClaimOutcome::SoldOut);
         return Step::Decided(decision, is_new);
     }
-    if !view.touched.insert(user.to_owned()) {
+    if !view.touched.insert(user.clone()) {
         return Step::Deferred;
     }
     let state = view.states.get(user).cloned().unwrap_or_default();
@@ -174,9 +173,9 @@ pub(super) fn category_of(claim: &Claim) -> Option<&str> {
 /// The decision `outcome` for `claim`, under a new event id.
 pub fn decision_of(claim: &Claim, outcome: ClaimOutcome) -> StoredDecision {
     let mut decision = StoredDecision {
-        request_id: claim.request_id.to_string(),
+        request_id: claim.request_id.clone(),
         event_id: uuid::Uuid::new_v4(),
-        user_id: claim.user_id.as_str().to_owned(),
+        user_id: claim.user_id.clone(),
         outcome: outcome.kind(),
         coupon_code: None,
         category: None,
@@ -211,7 +210,7 @@ mod tests {
 
     use chrono::Duration;
     use coupon_domain::claim::ClaimOutcomeKind;
-    use coupon_domain::{RequestId, UserId};
+    use coupon_domain::{Category, CouponCode, SnowflakeId};
     use proptest::prelude::*;
 
     use super::*;
@@ -258,7 +257,7 @@ mod tests {
         let first = claim("r1", "u1");
         let stored = decision_of(&first, ClaimOutcome::SoldOut);
         let mut view = BatchView::new(
-            HashMap::from([("r1".to_owned(), stored.clone())]),
+            HashMap::from([(RequestId::parse("r1").unwrap(), stored.clone())]),
             HashMap::new(),
         );
         let theft = claim("r1", "u2");
@@ -276,20 +275,21 @@ mod tests {
     fn blacklisted_users_live_holds_and_answered_sold_out_are_decided_at_once() {
         let policy = Policy::default();
         let until = now() + Duration::hours(1);
+        let code = CouponCode::from_id(SnowflakeId::from_raw(1).unwrap());
         let states = HashMap::from([
             (
-                "banned".to_owned(),
+                UserId::parse("banned").unwrap(),
                 UserClaimState {
                     blacklisted: Some(None),
                     ..Default::default()
                 },
             ),
             (
-                "holder".to_owned(),
+                UserId::parse("holder").unwrap(),
                 UserClaimState {
                     hold: Some(ActiveHold {
-                        code: "C1".into(),
-                        category: "Books".into(),
+                        code,
+                        category: Category::parse("Books").unwrap(),
                         expires_at: until,
                     }),
                     ..Default::default()
@@ -305,7 +305,7 @@ mod tests {
         let holder = claim("r2", "holder");
         match classify(&policy, &holder, &mut view) {
             Step::Decided(d, true) => {
-                assert_eq!(d.coupon_code.as_deref(), Some("C1"));
+                assert_eq!(d.coupon_code, Some(code));
                 assert!(d.repeated);
             }
             _ => panic!("a live hold is granted again"),
@@ -373,11 +373,11 @@ mod tests {
             told_sold_out in proptest::collection::vec(any::<bool>(), 6),
         ) {
             let policy = Policy::default();
-            let states: HashMap<String, UserClaimState> = banned
+            let states: HashMap<UserId, UserClaimState> = banned
                 .iter()
                 .enumerate()
                 .filter(|(_, b)| **b)
-                .map(|(u, _)| (format!("u{u}"), UserClaimState {
+                .map(|(u, _)| (UserId::parse(format!("u{u}")).unwrap(), UserClaimState {
                     blacklisted: Some(None),
                     ..Default::default()
                 }))
@@ -401,7 +401,7 @@ mod tests {
                 prop_assert_eq!(matches!(step, Step::IdTaken), owner != user);
                 match step {
                     Step::Decided(d, is_new) => {
-                        prop_assert_eq!(&d.user_id, &user);
+                        prop_assert_eq!(d.user_id.as_str(), user.as_str());
                         if is_new {
                             *new_per_request.entry(c.request_id.to_string()).or_default() += 1;
                         }

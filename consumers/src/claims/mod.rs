@@ -148,7 +148,7 @@ async fn grant_group(
     category: Option<&str>,
     waiting: Vec<(usize, Candidate<'_>)>,
 ) -> Result<Vec<(usize, StoredDecision)>, sqlx::Error> {
-    let granted: HashMap<String, store::Granted> = if view.pool.known_empty(category) {
+    let granted: HashMap<RequestId, store::Granted> = if view.pool.known_empty(category) {
         HashMap::new()
     } else {
         let releasing: Vec<&Candidate<'_>> = waiting
@@ -158,13 +158,13 @@ async fn grant_group(
             .collect();
         let released = store::release_overdue(tx, &releasing).await?;
         if !released.is_empty() {
-            let at: HashMap<&str, DateTime<Utc>> = releasing
+            let at: HashMap<&UserId, DateTime<Utc>> = releasing
                 .iter()
-                .map(|c| (c.claim.user_id.as_str(), c.claim.at))
+                .map(|c| (&c.claim.user_id, c.claim.at))
                 .collect();
             let rows: Vec<HistoryRow> = released
                 .iter()
-                .map(|r| release_history(r, at.get(r.user_id.as_str()).copied()))
+                .map(|r| release_history(r, at.get(&r.user_id).copied()))
                 .collect();
             crate::history::append(&mut *tx, &rows).await?;
             view.released.extend(released);
@@ -182,9 +182,9 @@ async fn grant_group(
     Ok(waiting
         .into_iter()
         .map(|(index, candidate)| {
-            let outcome = match granted.get(candidate.claim.request_id.as_str()) {
+            let outcome = match granted.get(&candidate.claim.request_id) {
                 Some(g) => ClaimOutcome::Granted {
-                    code: g.code.clone(),
+                    code: g.code,
                     category: g.category.clone(),
                     expires_at: g.held_until,
                     repeated: false,
@@ -201,12 +201,13 @@ async fn grant_group(
 /// the one the expiry would have used for the same hold, so the hold has one
 /// release in the history whichever path ended it.
 fn release_history(released: &store::Released, at: Option<DateTime<Utc>>) -> HistoryRow {
+    let code = released.code.to_string();
     HistoryRow {
         occurred_at: at.unwrap_or(released.held_until),
-        event_id: crate::expiry::expiry_event_id(&released.hold_id, &released.code),
+        event_id: crate::expiry::expiry_event_id(&released.hold_id, &code),
         item: 0,
-        coupon_code: Some(released.code.clone()),
-        user_id: Some(released.user_id.clone()),
+        coupon_code: Some(code),
+        user_id: Some(released.user_id.to_string()),
         kind: HistoryKind::Released,
         detail: json!({
             "hold_id": released.hold_id,
@@ -225,13 +226,12 @@ async fn decide_deferred(
     claim: &Claim,
     view: &mut BatchView,
 ) -> Result<(StoredDecision, bool), sqlx::Error> {
-    if let Some(stored) = view.decided.get(claim.request_id.as_str()) {
+    if let Some(stored) = view.decided.get(&claim.request_id) {
         return Ok((stored.clone(), false));
     }
-    let user = claim.user_id.as_str();
     let state = store::user_states(&mut *tx, &[&claim.user_id])
         .await?
-        .remove(user)
+        .remove(&claim.user_id)
         .unwrap_or_default();
     match apply_rules(&ctx.policy, claim, &state, &view.pool) {
         Ok(outcome) => Ok(view.record(claim, outcome)),
@@ -370,14 +370,14 @@ pub async fn handle_events(
             decided.push(Decided {
                 request_id: crate::log_request_id(&claim.correlation_id, claim.request_id.as_str())
                     .to_owned(),
-                user_id: decision.user_id.clone(),
+                user_id: decision.user_id.to_string(),
                 outcome: decision.outcome.as_str(),
-                coupon_code: decision.coupon_code.clone(),
+                coupon_code: decision.coupon_code.map(|code| code.to_string()),
                 redelivered: !is_new,
                 reason: None,
             });
             decisions.push((
-                decision.user_id.clone(),
+                decision.user_id.to_string(),
                 event_of(&decision, ctx.publisher.name(), &claim.correlation_id),
             ));
             if is_new {
@@ -396,7 +396,7 @@ pub async fn handle_events(
         let ended: Vec<(String, String)> = view
             .released
             .iter()
-            .map(|r| (r.code.clone(), r.user_id.clone()))
+            .map(|r| (r.code.to_string(), r.user_id.to_string()))
             .collect();
         // Redis mirrors the holds; it is a cache, so a failure only costs speed.
         if let Err(error) = ctx.cache.remove_holds(&ended).await {
@@ -424,12 +424,12 @@ pub async fn handle_events(
             .increment(1);
         match decision.outcome {
             ClaimOutcomeKind::Granted if !decision.repeated => quota_used.push((
-                decision.user_id.clone(),
+                decision.user_id.to_string(),
                 ctx.policy.quota_window.end_of(decision.decided_at),
             )),
             ClaimOutcomeKind::RateLimited => {
                 if let Some(retry_at) = decision.retry_at {
-                    quota_used.push((decision.user_id.clone(), retry_at));
+                    quota_used.push((decision.user_id.to_string(), retry_at));
                 }
             }
             _ => {}
@@ -441,9 +441,9 @@ pub async fn handle_events(
                 decision.expires_at,
             ) {
                 new_holds.push(CachedHold {
-                    code: code.clone(),
-                    user_id: decision.user_id.clone(),
-                    category: category.clone(),
+                    code: code.to_string(),
+                    user_id: decision.user_id.to_string(),
+                    category: category.to_string(),
                     expires_at,
                 });
             }
@@ -480,10 +480,10 @@ async fn mark_sold_out(ctx: &Context, pool: &PoolKnowledge, version: Option<&str
 /// and voids the renewed mark at once, and a supply whose Redis write was
 /// lost shows in Postgres, so its pool is not renewed and lapses as before.
 async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
-    let mut pools: Vec<Option<&str>> = claims
+    let mut pools: Vec<Option<&Category>> = claims
         .iter()
         .filter(|claim| claim.answered_sold_out)
-        .map(category_of)
+        .map(|claim| claim.category.as_ref())
         .collect();
     pools.sort_unstable();
     pools.dedup();
@@ -500,7 +500,8 @@ async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
     let mut empty = Vec::with_capacity(pools.len());
     for pool in pools {
         match coupon_platform::store::coupons::any_available(&ctx.pool, pool).await {
-            Ok(false) => empty.push(pool),
+            // The marks name their pools by text (Redis keys).
+            Ok(false) => empty.push(pool.map(Category::as_str)),
             Ok(true) => {}
             Err(error) => {
                 tracing::debug!(%error, "pool not readable; renewing no sold-out mark");
@@ -627,11 +628,18 @@ pub fn event_of(decision: &StoredDecision, producer: &str, correlation_id: &str)
             producer,
             correlation_id,
         )),
-        request_id: decision.request_id.clone(),
-        user_id: decision.user_id.clone(),
+        request_id: decision.request_id.to_string(),
+        user_id: decision.user_id.to_string(),
         outcome: outcome as i32,
-        coupon_code: decision.coupon_code.clone().unwrap_or_default(),
-        category: decision.category.clone().unwrap_or_default(),
+        coupon_code: decision
+            .coupon_code
+            .map(|code| code.to_string())
+            .unwrap_or_default(),
+        category: decision
+            .category
+            .as_ref()
+            .map(|category| category.to_string())
+            .unwrap_or_default(),
         expires_at_ms: decision.expires_at.map(to_ms).unwrap_or(0),
         repeated: decision.repeated,
         retry_at_ms: decision.retry_at.map(to_ms).unwrap_or(0),

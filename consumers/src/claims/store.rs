@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use coupon_domain::claim::{ActiveHold, ClaimOutcomeKind, UserClaimState};
-use coupon_domain::{RequestId, UserId};
+use coupon_domain::{Category, CouponCode, RequestId, UserId};
 
 use super::decide::Candidate;
 
@@ -23,13 +23,14 @@ pub use coupon_platform::store::decisions::ClaimDecisionRecord as StoredDecision
 pub async fn find_decisions(
     conn: &mut PgConnection,
     request_ids: &[&RequestId],
-) -> Result<HashMap<String, StoredDecision>, sqlx::Error> {
+) -> Result<HashMap<RequestId, StoredDecision>, sqlx::Error> {
     let request_ids: Vec<RequestId> = request_ids.iter().map(|id| (*id).clone()).collect();
     let found = sqlx::query_as!(
         StoredDecision,
-        r#"SELECT request_id, event_id, user_id, outcome AS "outcome: ClaimOutcomeKind",
-                  coupon_code, category, expires_at, repeated, retry_at, blacklisted_until,
-                  decided_at
+        r#"SELECT request_id AS "request_id: RequestId", event_id, user_id AS "user_id: UserId",
+                  outcome AS "outcome: ClaimOutcomeKind",
+                  coupon_code AS "coupon_code: CouponCode", category AS "category: Category",
+                  expires_at, repeated, retry_at, blacklisted_until, decided_at
            FROM claim_decisions WHERE request_id = ANY($1)"#,
         &request_ids as &[RequestId]
     )
@@ -53,9 +54,6 @@ pub async fn insert_decisions(
     if decisions.is_empty() {
         return Ok(0);
     }
-    let column = |f: fn(&StoredDecision) -> Option<String>| -> Vec<Option<String>> {
-        decisions.iter().map(f).collect()
-    };
     let time = |f: fn(&StoredDecision) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
         decisions.iter().map(f).collect()
     };
@@ -66,13 +64,14 @@ pub async fn insert_decisions(
                               $6::text[], $7::timestamptz[], $8::bool[], $9::timestamptz[],
                               $10::timestamptz[], $11::timestamptz[])
          ON CONFLICT (request_id) DO NOTHING",
-        &decisions.iter().map(|d| d.request_id.clone()).collect::<Vec<String>>(),
+        // Ids, codes and the outcome are stored as text through their
+        // domain types' sqlx::Type.
+        &decisions.iter().map(|d| &d.request_id).collect::<Vec<_>>() as &[&RequestId],
         &decisions.iter().map(|d| d.event_id).collect::<Vec<Uuid>>(),
-        &decisions.iter().map(|d| d.user_id.clone()).collect::<Vec<String>>(),
-        // Stored as text through the domain enum's sqlx::Type.
+        &decisions.iter().map(|d| &d.user_id).collect::<Vec<_>>() as &[&UserId],
         decisions.iter().map(|d| d.outcome).collect::<Vec<_>>() as _,
-        column(|d| d.coupon_code.clone()) as _,
-        column(|d| d.category.clone()) as _,
+        decisions.iter().map(|d| d.coupon_code).collect::<Vec<_>>() as _,
+        decisions.iter().map(|d| d.category.as_ref()).collect::<Vec<_>>() as _,
         time(|d| d.expires_at) as _,
         &decisions.iter().map(|d| d.repeated).collect::<Vec<bool>>(),
         time(|d| d.retry_at) as _,
@@ -85,11 +84,11 @@ pub async fn insert_decisions(
 }
 
 struct StateRow {
-    user_id: String,
+    user_id: UserId,
     blacklisted: Option<bool>,
     blacklisted_until: Option<DateTime<Utc>>,
-    hold_code: Option<String>,
-    hold_category: Option<String>,
+    hold_code: Option<CouponCode>,
+    hold_category: Option<Category>,
     hold_until: Option<DateTime<Utc>>,
     last_grant_window: Option<DateTime<Utc>>,
 }
@@ -101,13 +100,13 @@ struct StateRow {
 pub async fn user_states(
     conn: &mut PgConnection,
     user_ids: &[&UserId],
-) -> Result<HashMap<String, UserClaimState>, sqlx::Error> {
+) -> Result<HashMap<UserId, UserClaimState>, sqlx::Error> {
     let user_ids: Vec<UserId> = user_ids.iter().map(|id| (*id).clone()).collect();
     let rows = sqlx::query_as!(
         StateRow,
-        r#"SELECT x.user_id AS "user_id!", u.blacklisted AS "blacklisted?",
+        r#"SELECT x.user_id AS "user_id!: UserId", u.blacklisted AS "blacklisted?",
                   u.blacklisted_until AS "blacklisted_until?",
-                  h.code AS "hold_code?", h.category AS "hold_category?",
+                  h.code AS "hold_code?: CouponCode", h.category AS "hold_category?: Category",
                   h.held_until AS "hold_until?",
                   (SELECT max(q.window_start) FROM quota_grants q
                     WHERE q.user_id = x.user_id) AS last_grant_window
@@ -149,8 +148,8 @@ pub async fn user_states(
 /// An overdue hold [`release_overdue`] ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Released {
-    pub code: String,
-    pub user_id: String,
+    pub code: CouponCode,
+    pub user_id: UserId,
     pub hold_id: String,
     pub held_until: DateTime<Utc>,
 }
@@ -185,7 +184,7 @@ pub async fn release_overdue(
          SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL
          FROM old
          WHERE c.code = old.code
-         RETURNING old.code AS "code!", old.holder_user_id AS "user_id!",
+         RETURNING old.code AS "code!: CouponCode", old.holder_user_id AS "user_id!: UserId",
                    old.hold_id AS "hold_id!", old.held_until AS "held_until!""#,
         &users as &[UserId],
         &at
@@ -197,9 +196,9 @@ pub async fn release_overdue(
 /// A coupon held for a claim by [`grant`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Granted {
-    pub request_id: String,
-    pub code: String,
-    pub category: String,
+    pub request_id: RequestId,
+    pub code: CouponCode,
+    pub category: Category,
     pub held_until: DateTime<Utc>,
 }
 
@@ -261,7 +260,8 @@ pub async fn grant(
              held_until = pair.hold_until
          FROM pair
          WHERE c.code = pair.code AND c.status = 'available'
-         RETURNING pair.request_id AS "request_id!", c.code, c.category,
+         RETURNING pair.request_id AS "request_id!: RequestId", c.code AS "code: CouponCode",
+                   c.category AS "category: Category",
                    c.held_until AS "held_until!""#,
         &users as &[UserId],
         &requests as &[RequestId],

@@ -192,17 +192,17 @@ pub async fn live_holds(pool: &PgPool) -> Result<Vec<LiveHold>, sqlx::Error> {
 /// Whether any coupon of `category` (`None`: of any category) is available.
 /// One probe of a partial index: the claim processor asks it to keep a
 /// sold-out mark alive while claims still arrive for an empty pool.
-///
-/// The category stays `&str` here: the claim processor's sold-out marks
-/// name their pools by text (`coupon_domain::sold_out`).
-pub async fn any_available(pool: &PgPool, category: Option<&str>) -> Result<bool, sqlx::Error> {
+pub async fn any_available(
+    pool: &PgPool,
+    category: Option<&Category>,
+) -> Result<bool, sqlx::Error> {
     // Two statements, so that each probes its own partial index.
     match category {
         Some(category) => {
             sqlx::query_scalar!(
                 r#"SELECT EXISTS (SELECT 1 FROM coupons
                                    WHERE status = 'available' AND category = $1) AS "any!""#,
-                category
+                category as &Category
             )
             .fetch_one(pool)
             .await

@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use coupon_domain::{ClaimOutcomeKind, CouponCode, OrderId, PurchaseOutcome, RequestId, UserId};
+use coupon_domain::{
+    Category, ClaimOutcomeKind, CouponCode, OrderId, PurchaseOutcome, RequestId, UserId,
+};
 
 /// A `quota_grants` row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,15 +32,16 @@ pub async fn quota_grants(pool: &PgPool) -> Result<Vec<QuotaGrant>, sqlx::Error>
     .await
 }
 
-/// A `claim_decisions` row.
+/// A `claim_decisions` row. The code and category are those of a granted
+/// coupon (`None` for every other outcome).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ClaimDecisionRecord {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub event_id: Uuid,
-    pub user_id: String,
+    pub user_id: UserId,
     pub outcome: ClaimOutcomeKind,
-    pub coupon_code: Option<String>,
-    pub category: Option<String>,
+    pub coupon_code: Option<CouponCode>,
+    pub category: Option<Category>,
     pub expires_at: Option<DateTime<Utc>>,
     pub repeated: bool,
     pub retry_at: Option<DateTime<Utc>>,
@@ -49,9 +52,10 @@ pub struct ClaimDecisionRecord {
 pub async fn claim_decisions(pool: &PgPool) -> Result<Vec<ClaimDecisionRecord>, sqlx::Error> {
     sqlx::query_as!(
         ClaimDecisionRecord,
-        r#"SELECT request_id, event_id, user_id, outcome AS "outcome: ClaimOutcomeKind",
-                  coupon_code, category, expires_at, repeated, retry_at, blacklisted_until,
-                  decided_at
+        r#"SELECT request_id AS "request_id: RequestId", event_id, user_id AS "user_id: UserId",
+                  outcome AS "outcome: ClaimOutcomeKind",
+                  coupon_code AS "coupon_code: CouponCode", category AS "category: Category",
+                  expires_at, repeated, retry_at, blacklisted_until, decided_at
            FROM claim_decisions"#
     )
     .fetch_all(pool)
