@@ -125,6 +125,16 @@ fn envelope(out: &mut Vec<u8>, envelope: Option<&Envelope>) {
     o.close();
 }
 
+/// Appends only the payload object of a decoded record to `out` (the bytes
+/// [`write_line`] puts under `payload`), and returns where it is: all a
+/// Parquet row keeps of the line. `None` for an undecodable record.
+pub fn write_payload(out: &mut Vec<u8>, decoded: &Result<Event, DecodeError>) -> PayloadSpan {
+    let event = decoded.as_ref().ok()?;
+    let start = out.len();
+    event_payload(out, event);
+    Some(start..out.len())
+}
+
 /// The message without its envelope.
 fn event_payload(out: &mut Vec<u8>, event: &Event) {
     let mut o = Obj::open(out);
@@ -755,8 +765,15 @@ mod tests {
             let mut out = b"previous line\n".to_vec();
             let span = write_line(&mut out, kind, &raw, &Ok(event.clone())).unwrap();
             let line: Value = serde_json::from_slice(&out[14..]).unwrap();
-            let payload: Value = serde_json::from_slice(&out[span]).unwrap();
+            let payload: Value = serde_json::from_slice(&out[span.clone()]).unwrap();
             assert_eq!(payload, line["payload"]);
+            // What a Parquet row gets: the very same bytes, without the line.
+            let mut alone = b"previous".to_vec();
+            let alone_span = write_payload(&mut alone, &Ok(event)).unwrap();
+            assert_eq!(alone_span.start, 8);
+            assert_eq!(&alone[alone_span], &out[span]);
         }
+        let undecodable = Err(DecodeError::Empty);
+        assert_eq!(write_payload(&mut Vec::new(), &undecodable), None);
     }
 }
