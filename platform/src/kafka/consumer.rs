@@ -348,6 +348,10 @@ pub fn group_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
+        // A processor that lags (the claim processor behind a flash sale's
+        // sold-out answers) would otherwise prefetch up to librdkafka's
+        // 64 MiB; 16 MiB is still hundreds of batches ahead.
+        .set("queued.max.messages.kbytes", "16384")
         .set("enable.partition.eof", "false");
     match kafka.group_protocol {
         // KIP-848: the broker computes assignments and owns the session

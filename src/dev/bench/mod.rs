@@ -536,7 +536,7 @@ async fn load(
             }
         })
         .buffer_unordered(concurrency);
-    let mut latencies = Vec::with_capacity(total);
+    let mut latencies = plot::touched_buffer(total);
     while let Some(answer) = answers.next().await {
         let latency = answer?;
         if let Some(timeline) = timeline.as_deref_mut() {
@@ -655,7 +655,7 @@ async fn flash_sale(
         (0..options.users).map(|i| format!("{base}/api/v1/coupon?id=fan-{i}&category=Flash"));
     let memory = profile::MemorySampler::start(Duration::from_millis(500));
     let started = Instant::now();
-    let mut timeline = plot::Timeline::new(started);
+    let mut timeline = plot::Timeline::new(started, options.users);
     let latencies = load(
         http,
         urls,

@@ -3,17 +3,17 @@
 //!
 //! Why our own few lines of SVG: a plotting crate would pull in fonts and
 //! image codecs for two polylines, and the bench runs offline. The timeline
-//! keeps each answer's latency (4 bytes) in the bucket of the second it
-//! arrived in; the rendering is pure and unit tested.
+//! keeps each answer's latency and second (8 bytes, room taken up front);
+//! the rendering is pure and unit tested.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-/// Latencies (µs) bucketed by the second, since `start`, they were answered in.
+/// Each answer's latency (µs) with the second, since `start`, it arrived in.
 #[derive(Debug)]
 pub struct Timeline {
     start: Instant,
-    seconds: Vec<Vec<u32>>,
+    samples: Vec<(u32, u32)>,
 }
 
 /// One second of the run.
@@ -25,10 +25,13 @@ pub struct Second {
 }
 
 impl Timeline {
-    pub fn new(start: Instant) -> Self {
+    /// A timeline with room for `expected` answers, taken up front (see
+    /// [`touched_buffer`]) so that it does not show as the system's memory
+    /// growing during the run.
+    pub fn new(start: Instant, expected: usize) -> Self {
         Self {
             start,
-            seconds: Vec::new(),
+            samples: touched_buffer(expected),
         }
     }
 
@@ -38,20 +41,21 @@ impl Timeline {
     }
 
     fn record_at(&mut self, since_start: Duration, latency: Duration) {
-        let second = since_start.as_secs() as usize;
-        if self.seconds.len() <= second {
-            self.seconds.resize_with(second + 1, Vec::new);
-        }
+        let second = u32::try_from(since_start.as_secs()).unwrap_or(u32::MAX);
         let us = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX);
-        self.seconds[second].push(us);
+        self.samples.push((second, us));
     }
 
     /// Per second: answers, p50 and p99 (0 for a second without answers).
     pub fn seconds(&self) -> Vec<Second> {
-        self.seconds
-            .iter()
-            .map(|bucket| {
-                let mut sorted = bucket.clone();
+        let last = self.samples.iter().map(|(s, _)| *s).max();
+        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); last.map_or(0, |s| s as usize + 1)];
+        for (second, us) in &self.samples {
+            buckets[*second as usize].push(*us);
+        }
+        buckets
+            .into_iter()
+            .map(|mut sorted| {
                 sorted.sort_unstable();
                 let at = |q: f64| {
                     sorted
@@ -66,6 +70,16 @@ impl Timeline {
             })
             .collect()
     }
+}
+
+/// An empty vector with room for `capacity` items whose pages are already
+/// written: the load generator's sample buffers are then part of the warm
+/// memory, not growth the memory target would charge to the system.
+pub fn touched_buffer<T: Copy + Default>(capacity: usize) -> Vec<T> {
+    let mut buffer = Vec::with_capacity(capacity);
+    buffer.resize(capacity, T::default());
+    buffer.clear();
+    buffer
 }
 
 /// A round axis maximum at or above `value` (1, 2 or 5 times a power of ten).
@@ -216,7 +230,7 @@ mod tests {
 
     #[test]
     fn answers_land_in_the_second_they_arrived_in() {
-        let mut timeline = Timeline::new(Instant::now());
+        let mut timeline = Timeline::new(Instant::now(), 0);
         for ms in [1, 2, 3, 4] {
             timeline.record_at(Duration::from_millis(100), Duration::from_millis(ms));
         }
