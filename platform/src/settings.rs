@@ -28,7 +28,7 @@ pub const SOLD_OUT_MARK_TTL: Duration = Duration::from_secs(10);
 pub const TOPIC_PARTITIONS: i32 = 4;
 pub const FAST_FETCH_WAIT_MS: u32 = 100;
 pub const SLOW_FETCH_WAIT_MS: u32 = 500;
-pub const MAX_BATCH: usize = 500;
+pub const MAX_BATCH: usize = 2_000;
 /// Claim processors per process (consumers of the claims group): batches of
 /// different partitions are decided side by side.
 pub const CLAIM_PROCESSORS: usize = 1;
