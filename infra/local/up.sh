@@ -46,15 +46,24 @@ fi
 
 # Broker: a single Apache Kafka node in KRaft mode (broker and controller in
 # one process), replication factor 1.
+# A node with a big data directory (every test and bench run's topics) takes
+# longer to load its logs: BROKER_START_TIMEOUT seconds, 300 by default.
+start_timeout="${BROKER_START_TIMEOUT:-300}"
 if port_open "$BROKER_HOST" "$BROKER_PORT"; then
   say "broker: reusing ${BROKER_HOST}:${BROKER_PORT}"
+elif [[ -f "$STATE_DIR/kafka/kafka.pid" ]] && kill -0 "$(cat "$STATE_DIR/kafka/kafka.pid")" 2>/dev/null; then
+  # A start that timed out left its node loading: wait for it rather than
+  # start a second one on the same data directory.
+  say "broker: a node is still starting (pid $(cat "$STATE_DIR/kafka/kafka.pid")); waiting for it"
+  kafka_wait_started "$STATE_DIR/kafka" "$BROKER_PORT" "$start_timeout"
+  say "broker: serving; log at $STATE_DIR/kafka/logs/server.log"
 else
   dir="$STATE_DIR/kafka"
   kafka_configure "$dir" 1 "$BROKER_PORT" "$CONTROLLER_PORT" "1@${BROKER_HOST}:${CONTROLLER_PORT}" 1 1
   say "broker: starting Apache Kafka ${KAFKA_VERSION} (KRaft, 1 node) on ${BROKER_HOST}:${BROKER_PORT}"
   started=$SECONDS
   kafka_start "$dir" "$KAFKA_HEAP"
-  kafka_wait_started "$dir" "$BROKER_PORT" 120
+  kafka_wait_started "$dir" "$BROKER_PORT" "$start_timeout"
   say "broker: serving after $((SECONDS - started))s; data in $dir/data, log at $dir/logs/server.log"
 fi
 
