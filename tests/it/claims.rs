@@ -85,6 +85,15 @@ async fn flash_sale_of_1000_coupons_to_3000_users_is_exact() {
     assert_eq!(again[0].2["coupon_code"], code.as_str());
 
     assert_eq!(env.status_counts().await.held, 1_000);
+    // A claim answered from the sold-out mark is decided on the log after
+    // its answer: wait for the last of them, then exactly one decision per
+    // request must be stored.
+    eventually(
+        "every claim is decided on the log",
+        Duration::from_secs(30),
+        || async { env.count("SELECT count(*) FROM claim_decisions").await >= 3_001 },
+    )
+    .await;
     assert_eq!(
         env.count("SELECT count(*) FROM claim_decisions").await,
         3_001
