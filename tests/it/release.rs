@@ -212,17 +212,22 @@ async fn http_release_requires_the_admin_token_and_answers_with_codes() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn projector_batches_are_idempotent_and_poison_goes_to_dead_letter() {
-    let env = TestEnv::new().await;
-    let ctx = app::connect(&env.config()).await.unwrap();
-    let publisher = Publisher::new(&env.kafka, "test").unwrap();
+/// The `coupons.created` events of a 1,500-coupon release by `employee`, as
+/// `couponctl issue` would publish them, with codes from a generator lease
+/// of the given datacenter id (each test its own, so their codes differ).
+async fn release_events(
+    env: &TestEnv,
+    publisher: &Publisher,
+    employee: &str,
+    category: &str,
+    datacenter: u16,
+) -> Vec<(String, coupon_schemas::CouponsCreated)> {
     let request = coupon_producers::issue::IssueRequest {
-        employee: coupon_domain::EmployeeId::parse("e2").unwrap(),
-        category: coupon_domain::Category::parse("Toys").unwrap(),
+        employee: coupon_domain::EmployeeId::parse(employee).unwrap(),
+        category: coupon_domain::Category::parse(category).unwrap(),
         count: 1_500,
     };
-    let mut generator = keygen::lease(&env.pool, 3, Duration::from_secs(10))
+    let mut generator = keygen::lease(&env.pool, datacenter, Duration::from_secs(10))
         .await
         .unwrap();
     let codes: Vec<CouponCode> = generator
@@ -232,8 +237,15 @@ async fn projector_batches_are_idempotent_and_poison_goes_to_dead_letter() {
         .map(CouponCode::from_id)
         .collect();
     generator.release().await.unwrap();
-    let events =
-        coupon_producers::issue::batch_events(&publisher, uuid::Uuid::new_v4(), &request, &codes);
+    coupon_producers::issue::batch_events(publisher, uuid::Uuid::new_v4(), &request, &codes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projector_batches_are_idempotent_and_poison_goes_to_dead_letter() {
+    let env = TestEnv::new().await;
+    let ctx = app::connect(&env.config()).await.unwrap();
+    let publisher = Publisher::new(&env.kafka, "test").unwrap();
+    let events = release_events(&env, &publisher, "e2", "Toys", 3).await;
     let as_record = |offset: i64, value: Vec<u8>| Record {
         topic: env.topics.created(),
         partition: 0,
@@ -349,23 +361,7 @@ async fn machine_id_leases_are_exclusive_and_resume_after_the_last_id() {
 async fn copy_writes_fall_back_to_skipping_known_rows() {
     let env = TestEnv::new().await;
     let publisher = Publisher::new(&env.kafka, "test").unwrap();
-    let request = coupon_producers::issue::IssueRequest {
-        employee: coupon_domain::EmployeeId::parse("e3").unwrap(),
-        category: coupon_domain::Category::parse("Garden").unwrap(),
-        count: 1_500,
-    };
-    let mut generator = keygen::lease(&env.pool, 4, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let codes: Vec<CouponCode> = generator
-        .generate(1_500)
-        .unwrap()
-        .into_iter()
-        .map(CouponCode::from_id)
-        .collect();
-    generator.release().await.unwrap();
-    let events =
-        coupon_producers::issue::batch_events(&publisher, uuid::Uuid::new_v4(), &request, &codes);
+    let events = release_events(&env, &publisher, "e3", "Garden", 4).await;
     let all: Vec<coupons::NewCoupon> = events
         .iter()
         .flat_map(|(_, e)| coupons::coupons_of(e).unwrap())
