@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use coupon_consumers::{expiry, Context, Policy, PollSettings};
+use coupon_consumers::{Context, Policy, PollSettings};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
 use coupon_platform::redis::Cache;
@@ -158,6 +158,7 @@ pub async fn connect(config: &AppConfig) -> anyhow::Result<Context> {
         topics,
         kafka: config.kafka.clone(),
         policy: config.policy,
+        restoring: Default::default(),
     })
 }
 
@@ -245,10 +246,15 @@ pub async fn start(
         .any(|r| matches!(r, Role::Claims | Role::Expiry))
     {
         // Redis is a cache of Postgres: refill it before deciding anything.
-        match expiry::rebuild_cache(&ctx).await {
-            Ok(holds) => tracing::info!(holds, "Redis holds rebuilt from Postgres"),
+        match coupon_consumers::restore::restore(&ctx).await {
+            Ok(restored) => tracing::info!(
+                holds = restored.holds,
+                used_quotas = restored.used_quotas,
+                complete = restored.complete,
+                "Redis refilled from Postgres"
+            ),
             Err(error) => {
-                tracing::warn!(%error, "could not rebuild Redis holds; continuing without the cache")
+                tracing::warn!(%error, "could not refill Redis; continuing without the cache")
             }
         }
     }

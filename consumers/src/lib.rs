@@ -37,6 +37,7 @@ pub mod coupons;
 pub mod expiry;
 pub mod history;
 pub mod purchases;
+pub mod restore;
 
 /// Coupons became available (after the commit that made them so): voids
 /// every sold-out mark in Redis (`coupon_domain::sold_out`). Redis trouble
@@ -88,6 +89,8 @@ pub struct Context {
     pub topics: Topics,
     pub kafka: KafkaSettings,
     pub policy: Policy,
+    /// Keeps this process to one Redis restore at a time (`restore`).
+    pub restoring: restore::RestoreGuard,
 }
 
 impl Context {

@@ -20,20 +20,18 @@
 //! this window is used gets `429` with its retry time (the quota is checked
 //! before the pool). Everything else, including any doubt (Redis
 //! unreachable), takes the normal path.
-
-/// The supply version of a pool state that has never been versioned (no
-/// release recorded since Redis was empty).
-pub const UNVERSIONED: &str = "0";
-
-/// The current supply version as read (`None`: the key is absent).
-pub fn supply_version(read: Option<&str>) -> &str {
-    read.filter(|v| !v.is_empty()).unwrap_or(UNVERSIONED)
-}
+//!
+//! Those user facts are read as absent keys, which proves nothing of a
+//! cache that lost data. So the supply version is also the cache's proof
+//! of completeness: it exists only once the holds and used quotas were
+//! refilled since the cache was last empty, and without it no mark is
+//! current.
 
 /// What the gateway read about one claim, in one round trip.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FastPathFacts {
-    /// The supply version (`None`: absent).
+    /// The supply version (`None`: absent, the cache is not known to be
+    /// complete).
     pub version: Option<String>,
     /// The version in the "any category" pool's sold-out mark, if marked.
     pub any_mark: Option<String>,
@@ -59,9 +57,12 @@ pub enum FastPath {
 }
 
 /// Whether the pool a claim draws from (`category_mark` for its category,
-/// `any_mark` for the whole pool) is currently marked sold out.
+/// `any_mark` for the whole pool) is currently marked sold out: its mark
+/// carries the supply version, and there is one.
 pub fn pool_sold_out(facts: &FastPathFacts) -> bool {
-    let version = supply_version(facts.version.as_deref());
+    let Some(version) = facts.version.as_deref().filter(|v| !v.is_empty()) else {
+        return false;
+    };
     let current = |mark: &Option<String>| mark.as_deref() == Some(version);
     current(&facts.any_mark) || current(&facts.category_mark)
 }
@@ -124,16 +125,15 @@ mod tests {
     }
 
     #[test]
-    fn an_absent_version_is_the_unversioned_state() {
-        assert_eq!(
-            fast_path(&marked(None, Some(UNVERSIONED), None)),
-            FastPath::SoldOut
-        );
-        assert_eq!(
-            fast_path(&marked(Some(""), Some(UNVERSIONED), None)),
-            FastPath::SoldOut
-        );
-        assert_eq!(fast_path(&marked(None, Some("v1"), None)), FastPath::Ask);
+    fn without_a_supply_version_nothing_is_sold_out() {
+        // A cache that lost its data: whatever marks were written since,
+        // the users' holds and quotas may be missing from it.
+        for any in [None, Some(""), Some("0"), Some("v1")] {
+            for category in [None, Some(""), Some("v1")] {
+                assert_eq!(fast_path(&marked(None, any, category)), FastPath::Ask);
+                assert_eq!(fast_path(&marked(Some(""), any, category)), FastPath::Ask);
+            }
+        }
     }
 
     #[test]

@@ -38,7 +38,10 @@ else
   command -v redis-server >/dev/null 2>&1 || fail "no Redis on ${REDIS_HOST}:${REDIS_PORT} and none installed: run 'make setup'"
   mkdir -p "$STATE_DIR/redis"
   say "redis: starting on ${REDIS_HOST}:${REDIS_PORT}"
+  # noeviction: the sold-out answers read a missing hold or quota key as a
+  # fact (consumers/src/restore.rs), so keys may be lost only all at once.
   redis-server --daemonize yes --bind "$REDIS_HOST" --port "$REDIS_PORT" --save "" --appendonly no \
+    --maxmemory-policy noeviction \
     --dir "$STATE_DIR/redis" --logfile "$STATE_DIR/redis.log" --pidfile "$STATE_DIR/redis.pid"
   wait_for redis 15 bash -c "redis-cli -h $REDIS_HOST -p $REDIS_PORT ping | grep -q PONG"
   say "redis: log at $STATE_DIR/redis.log"

@@ -4,6 +4,16 @@
 //! Redis mirrors them with a TTL so a hold can be looked up without a database
 //! round trip, and is rebuilt from Postgres at start-up (and by `couponctl
 //! holds rebuild`). Losing Redis therefore costs speed, never correctness.
+//!
+//! The gateway's sold-out answer reads the *absence* of a user's hold and
+//! used-quota keys as "nothing the user must be told instead", which is only
+//! true of a complete cache. So the supply version that every sold-out mark
+//! must match doubles as the cache's proof of completeness: it is written
+//! only by a restore that refilled the holds and used quotas from Postgres
+//! (guarded by a token that a loss in the middle takes with it), replaced
+//! only while it exists, and deleted when a hold or quota write fails. A
+//! Redis that lost its data has no version, so nothing is answered sold out
+//! from it until a restore has run.
 
 use std::time::Duration;
 
@@ -195,22 +205,89 @@ impl Cache {
         }
     }
 
+    fn restore_token_key(&self) -> String {
+        format!("{}:pool:restore-token", self.prefix)
+    }
+
     /// Records that coupons became available (a batch projected, holds
     /// released): a new supply version, which voids every sold-out mark
     /// (`coupon_domain::sold_out`). Call it after the commit that made them
-    /// available.
+    /// available. Only an existing version is replaced: an absent one means
+    /// the cache lost what the sold-out answers rest on, and only
+    /// [`Cache::finish_restore`] may bring it back.
     pub async fn supply_changed(&self) -> Result<(), CacheError> {
-        let version = uuid::Uuid::new_v4().simple().to_string();
-        let _: () = self
+        let version = new_version();
+        let _: Option<String> = self
             .client
-            .set(self.supply_key(), version.as_str(), None, None, false)
+            .set(
+                self.supply_key(),
+                version.as_str(),
+                None,
+                Some(SetOptions::XX),
+                false,
+            )
             .await?;
         Ok(())
     }
 
-    /// The supply version now (`None`: never set).
+    /// The supply version now (`None`: the cache is not known to be
+    /// complete; nothing may be answered sold out from it).
     pub async fn supply_version(&self) -> Result<Option<String>, CacheError> {
         Ok(self.client.get(self.supply_key()).await?)
+    }
+
+    /// Turns the sold-out answers off until the next restore: called when a
+    /// hold or a used quota could not be written, since the gateway reads
+    /// their absence as "this user may be told sold out". A restore already
+    /// running may have read Postgres before that write's commit, so its
+    /// token goes too.
+    pub async fn forget_supply(&self) -> Result<(), CacheError> {
+        let _: i64 = self
+            .client
+            .del(vec![self.supply_key(), self.restore_token_key()])
+            .await?;
+        Ok(())
+    }
+
+    /// Starts refilling the cache from Postgres: returns a token that
+    /// [`Cache::finish_restore`] checks, so that a restore the cache was
+    /// lost again in the middle of (the token went with it) brings nothing
+    /// back. Read Postgres only after this.
+    pub async fn begin_restore(&self) -> Result<String, CacheError> {
+        let token = new_version();
+        let _: () = self
+            .client
+            .set(
+                self.restore_token_key(),
+                token.as_str(),
+                Some(Expiration::EX(3_600)),
+                None,
+                false,
+            )
+            .await?;
+        Ok(token)
+    }
+
+    /// Ends a restore whose holds and used quotas are written: sets a supply
+    /// version (so sold-out answers may start again) if the token is still
+    /// the one `begin_restore` wrote, i.e. nothing of the cache was lost
+    /// since, and no version exists. One script, so the check and the write
+    /// are atomic. `false`: the cache was lost (or another restore began)
+    /// meanwhile; the version stays absent.
+    pub async fn finish_restore(&self, token: &str) -> Result<bool, CacheError> {
+        const SCRIPT: &str = r#"
+            if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+            redis.call('SET', KEYS[2], ARGV[2], 'NX')
+            return 1"#;
+        let restored: i64 = self
+            .client
+            .eval(
+                SCRIPT,
+                vec![self.restore_token_key(), self.supply_key()],
+                vec![token.to_owned(), new_version()],
+            )
+            .await?;
+        Ok(restored == 1)
     }
 
     /// Marks `pools` (`None`: any category) sold out as of supply
@@ -283,38 +360,39 @@ impl Cache {
         Ok(())
     }
 
-    /// Deletes every key under this prefix (tests and `holds rebuild --clear`).
+    /// Deletes every key under this prefix at once, as losing Redis would
+    /// (tests, and the demo's reset). One script, so nothing written
+    /// meanwhile survives half a wipe; it blocks Redis for the scan, so it is
+    /// not for a production keyspace.
     pub async fn clear(&self) -> Result<u64, CacheError> {
-        let mut cursor = "0".to_owned();
-        let mut deleted = 0u64;
-        loop {
-            let (next, keys): (String, Vec<String>) = self
-                .client
-                .custom(
-                    fred::cmd!("SCAN"),
-                    vec![
-                        cursor.clone(),
-                        "MATCH".into(),
-                        format!("{}:*", self.prefix),
-                        "COUNT".into(),
-                        "1000".into(),
-                    ],
-                )
-                .await?;
-            if !keys.is_empty() {
-                let n: i64 = self.client.del(keys).await?;
-                deleted += n as u64;
-            }
-            if next == "0" {
-                return Ok(deleted);
-            }
-            cursor = next;
-        }
+        const SCRIPT: &str = r#"
+            local cursor, deleted = '0', 0
+            repeat
+                local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+                cursor = page[1]
+                for _, key in ipairs(page[2]) do
+                    deleted = deleted + redis.call('DEL', key)
+                end
+            until cursor == '0'
+            return deleted"#;
+        let deleted: i64 = self
+            .client
+            .eval(
+                SCRIPT,
+                Vec::<String>::new(),
+                vec![format!("{}:*", self.prefix)],
+            )
+            .await?;
+        Ok(deleted as u64)
     }
 
     pub async fn quit(&self) {
         let _ = self.client.quit().await;
     }
+}
+
+fn new_version() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]

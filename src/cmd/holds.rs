@@ -1,5 +1,6 @@
-//! `couponctl holds rebuild`: rewrite every live hold from Postgres into
-//! Redis (every start does it too).
+//! `couponctl holds rebuild`: rewrite every live hold and used quota from
+//! Postgres into Redis (every start does it too, and the claim processor
+//! whenever Redis lost its data).
 
 use clap::Subcommand;
 
@@ -9,7 +10,7 @@ use super::args::{default_serve_args, Connections};
 
 #[derive(Subcommand, Debug)]
 pub enum HoldsCommand {
-    /// Rewrite every live hold from Postgres into Redis.
+    /// Rewrite every live hold and used quota from Postgres into Redis.
     #[command(
         after_help = "Example:\n  couponctl holds rebuild   # after Redis lost its data; every start does it too"
     )]
@@ -21,8 +22,17 @@ pub async fn run(conn: &Connections, command: HoldsCommand) -> anyhow::Result<()
         HoldsCommand::Rebuild => {
             let config = conn.app_config(&default_serve_args());
             let ctx = app::connect(&config).await?;
-            let holds = coupon_consumers::expiry::rebuild_cache(&ctx).await?;
-            println!("{holds} live holds written to Redis");
+            let restored = coupon_consumers::restore::restore(&ctx).await?;
+            println!(
+                "{} live holds and {} used quotas written to Redis{}",
+                restored.holds,
+                restored.used_quotas,
+                if restored.complete {
+                    ""
+                } else {
+                    " (Redis lost data meanwhile: run it again)"
+                }
+            );
             Ok(())
         }
     }

@@ -14,7 +14,7 @@ use coupon_platform::kafka::{decode, Publisher};
 use coupon_schemas::{ClaimDecided, ClaimOutcome, ClaimRequested};
 use couponctl::app::Role;
 
-use crate::harness::{eventually, eventually_ok, release, App, TestEnv};
+use crate::harness::{eventually, eventually_ok, redis_url, release, App, TestEnv};
 
 /// One claim over HTTP with its own request id: (status, error or code).
 async fn claim(http: &reqwest::Client, app: &App, user: &str, request_id: &str) -> (u16, String) {
@@ -142,6 +142,120 @@ async fn sold_out_is_answered_without_the_claim_processor_and_decided_on_the_log
         0,
         "no user told sold out holds a coupon"
     );
+}
+
+/// Redis loses its data under a sold-out pool. The claims that keep coming
+/// find the pool empty and would mark it sold out again at once, but the
+/// users' holds and used quotas went with the data: read as absent, they
+/// would tell a holder `sold_out` instead of giving the coupon back, and a
+/// buyer `sold_out` instead of `429`. No mark counts until the cache is
+/// refilled from Postgres; then newcomers get the fast answer again while
+/// the holder and the buyer get theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_loses_its_data_no_holder_or_buyer_is_told_sold_out() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(
+            &[Role::Gateway, Role::Coupons, Role::Claims, Role::Purchases],
+            |c| c.policy.sold_out_mark_ttl = Duration::from_secs(300),
+        )
+        .await;
+    let http = TestEnv::http_client();
+    release(&env, "Books", 2).await;
+    let (status, held) = claim(&http, &app, "holder", "r-holder").await;
+    assert_eq!(status, 200, "{held}");
+    let (status, bought) = claim(&http, &app, "buyer", "r-buyer").await;
+    assert_eq!(status, 200, "{bought}");
+    let response = http
+        .post(app.url("/api/v1/purchase"))
+        .json(&serde_json::json!({"user_id": "buyer", "coupon_code": bought, "order_id": "o-1"}))
+        .send()
+        .await
+        .expect("purchase");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        claim(&http, &app, "drain", "r-drain").await,
+        (404, "sold_out".to_owned())
+    );
+
+    let cache = coupon_platform::redis::Cache::connect(&redis_url(), &env.name)
+        .await
+        .expect("redis");
+    assert!(
+        cache.clear().await.expect("wipe") > 0,
+        "Redis had the holds"
+    );
+    // Newcomers keep claiming until the gateway answers them from a mark
+    // again: the pool has been marked since the loss.
+    let newcomer = std::sync::atomic::AtomicUsize::new(0);
+    eventually(
+        "sold-out answers come back after the loss",
+        Duration::from_secs(30),
+        || async {
+            let n = newcomer.fetch_add(1, Ordering::Relaxed);
+            let user = format!("newcomer-{n}");
+            assert_eq!(
+                claim(&http, &app, &user, &user).await,
+                (404, "sold_out".to_owned())
+            );
+            let facts = cache
+                .fast_path_facts("someone-new", None)
+                .await
+                .expect("facts");
+            coupon_domain::sold_out::pool_sold_out(&facts)
+        },
+    )
+    .await;
+    assert_eq!(
+        claim(&http, &app, "holder", "r-holder-again").await,
+        (200, held),
+        "the holder gets the held coupon back"
+    );
+    assert_eq!(
+        claim(&http, &app, "buyer", "r-buyer-again").await,
+        (429, "rate_limited".to_owned()),
+        "the buyer's quota is used"
+    );
+    app.stop().await;
+}
+
+/// The supply version is the cache's proof of completeness: only a restore
+/// that nothing was lost in the middle of writes it, a supply only replaces
+/// it, and a failed hold write takes it (and a restore under way) away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_restore_no_loss_interrupted_turns_sold_out_answers_on() {
+    let env = TestEnv::new().await;
+    let cache = coupon_platform::redis::Cache::connect(&redis_url(), &env.name)
+        .await
+        .expect("redis");
+    let version = || async { cache.supply_version().await.expect("version") };
+    cache.supply_changed().await.expect("supply");
+    assert_eq!(
+        version().await,
+        None,
+        "a supply does not vouch for the cache"
+    );
+
+    let token = cache.begin_restore().await.expect("begin");
+    cache.clear().await.expect("lost again");
+    assert!(!cache.finish_restore(&token).await.expect("finish"));
+    assert_eq!(version().await, None);
+
+    let token = cache.begin_restore().await.expect("begin");
+    assert!(cache.finish_restore(&token).await.expect("finish"));
+    let restored = version().await.expect("a version after the restore");
+    cache.supply_changed().await.expect("supply");
+    let supplied = version().await.expect("a version after the supply");
+    assert_ne!(supplied, restored, "a supply voids the marks");
+
+    let token = cache.begin_restore().await.expect("begin");
+    cache.forget_supply().await.expect("forget");
+    assert_eq!(version().await, None);
+    assert!(
+        !cache.finish_restore(&token).await.expect("finish"),
+        "a restore under way may have missed the write that failed"
+    );
+    assert_eq!(version().await, None);
 }
 
 /// A claim the gateway answered sold out is decided sold out even though a

@@ -309,18 +309,12 @@ pub async fn handle_events(
         }
         // The supply version before any allocation statement of the batch
         // starts: the version its sold-out marks carry (see
-        // `coupon_domain::sold_out`). `None` when Redis did not answer: then
-        // nothing is marked.
+        // `coupon_domain::sold_out`). `None` when Redis did not answer or
+        // has no version (it lost its data): then nothing is marked.
         let supply = if waiting.is_empty() && deferred.is_empty() {
             None
         } else {
-            match ctx.cache.supply_version().await {
-                Ok(version) => Some(version),
-                Err(error) => {
-                    tracing::debug!(%error, "no supply version; marking nothing sold out");
-                    None
-                }
-            }
+            current_supply_version(ctx).await
         };
         for (category, group) in allocation_groups(waiting) {
             for (index, decision) in
@@ -408,8 +402,11 @@ pub async fn handle_events(
         if !ended.is_empty() {
             crate::supply_changed(ctx).await;
         }
+        // Before any mark: the gateway reads a missing hold or quota key as
+        // "may be told sold out", so a winner's keys must be there first.
+        mirror_users(ctx, &fresh).await;
         if let Some(version) = supply {
-            mark_sold_out(ctx, &view.pool, version.as_deref()).await;
+            mark_sold_out(ctx, &view.pool, &version).await;
         }
         rearm_sold_out(ctx, &claims).await;
     } else {
@@ -417,11 +414,26 @@ pub async fn handle_events(
     }
 
     // Counted after the commit, so a retried batch is not counted twice.
-    let mut new_holds = Vec::new();
-    let mut quota_used = Vec::new();
     for decision in &fresh {
         metrics::counter!("coupon_claim_decisions_total", "outcome" => decision.outcome.as_str())
             .increment(1);
+    }
+    let topic = ctx.topics.claim_results();
+    ctx.publisher.send_all(&topic, &decisions).await?;
+    for d in &decided {
+        d.log("claim");
+    }
+    dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
+}
+
+/// Mirrors the holds and used quotas of a batch's new decisions to Redis.
+/// The gateway's sold-out answer reads their absence, so a write that fails
+/// forgets the supply version too: sold-out answers stop until a restore
+/// has refilled the cache (`crate::restore`).
+async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) {
+    let mut new_holds = Vec::new();
+    let mut quota_used = Vec::new();
+    for decision in fresh {
         match decision.outcome {
             ClaimOutcomeKind::Granted if !decision.repeated => quota_used.push((
                 decision.user_id.to_string(),
@@ -449,25 +461,42 @@ pub async fn handle_events(
             }
         }
     }
-    // Redis mirrors the holds; it is a cache, so a failure here only costs speed.
-    if let Err(error) = ctx.cache.put_holds(&new_holds).await {
-        tracing::warn!(%error, holds = new_holds.len(), "could not mirror holds to Redis");
+    let written = match ctx.cache.put_holds(&new_holds).await {
+        Ok(()) => ctx.cache.put_quota_used(&quota_used).await,
+        Err(error) => Err(error),
+    };
+    if let Err(error) = written {
+        tracing::warn!(%error, holds = new_holds.len(), users = quota_used.len(),
+            "could not mirror holds and used quotas to Redis; sold-out answers stop until it is refilled");
+        if let Err(error) = ctx.cache.forget_supply().await {
+            // Redis is unreachable, so the gateway cannot read marks either;
+            // a mark that outlives this lapses within its TTL.
+            tracing::warn!(%error, "could not forget the supply version");
+        }
     }
-    if let Err(error) = ctx.cache.put_quota_used(&quota_used).await {
-        tracing::warn!(%error, users = quota_used.len(), "could not mirror used quotas to Redis");
+}
+
+/// The supply version now; `None` when Redis does not answer or has none.
+/// Without one, Redis lost its data since the last restore: one is started
+/// (in the background; claims take the full path meanwhile).
+async fn current_supply_version(ctx: &Context) -> Option<String> {
+    match ctx.cache.supply_version().await {
+        Ok(Some(version)) => Some(version),
+        Ok(None) => {
+            crate::restore::restore_in_background(ctx);
+            None
+        }
+        Err(error) => {
+            tracing::debug!(%error, "no supply version; marking nothing sold out");
+            None
+        }
     }
-    let topic = ctx.topics.claim_results();
-    ctx.publisher.send_all(&topic, &decisions).await?;
-    for d in &decided {
-        d.log("claim");
-    }
-    dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 
 /// Marks the pools this batch found empty as sold out as of supply
 /// `version` (read before the batch's allocations). Redis trouble costs
 /// only speed: unmarked pools are decided here as before.
-async fn mark_sold_out(ctx: &Context, pool: &PoolKnowledge, version: Option<&str>) {
+async fn mark_sold_out(ctx: &Context, pool: &PoolKnowledge, version: &str) {
     put_sold_out_marks(ctx, &pool.empty_pools(), version).await;
 }
 
@@ -490,12 +519,8 @@ async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
     if pools.is_empty() {
         return;
     }
-    let version = match ctx.cache.supply_version().await {
-        Ok(version) => version,
-        Err(error) => {
-            tracing::debug!(%error, "no supply version; renewing no sold-out mark");
-            return;
-        }
+    let Some(version) = current_supply_version(ctx).await else {
+        return;
     };
     let mut empty = Vec::with_capacity(pools.len());
     for pool in pools {
@@ -509,16 +534,15 @@ async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
             }
         }
     }
-    put_sold_out_marks(ctx, &empty, version.as_deref()).await;
+    put_sold_out_marks(ctx, &empty, &version).await;
 }
 
 /// Writes the sold-out marks of `pools` as of supply `version`. Redis
 /// trouble costs only speed, so it is logged, never returned.
-async fn put_sold_out_marks(ctx: &Context, pools: &[Option<&str>], version: Option<&str>) {
+async fn put_sold_out_marks(ctx: &Context, pools: &[Option<&str>], version: &str) {
     if pools.is_empty() {
         return;
     }
-    let version = coupon_domain::sold_out::supply_version(version);
     match ctx
         .cache
         .mark_sold_out(pools, version, ctx.policy.sold_out_mark_ttl)

@@ -223,28 +223,6 @@ pub async fn run(
 
 crate::role_handler!(ROLE, HoldExpired);
 
-/// Puts every live hold from Postgres into Redis: run at start-up and by
-/// `couponctl holds rebuild`, so a Redis restart loses nothing.
-pub async fn rebuild_cache(ctx: &Context) -> Result<usize, BatchError> {
-    let holds: Vec<_> = coupons::live_holds(&ctx.pool)
-        .await?
-        .into_iter()
-        .map(|h| coupon_platform::redis::CachedHold {
-            code: h.code.to_string(),
-            user_id: h.holder_user_id.into_string(),
-            category: h.category.into_string(),
-            expires_at: h.held_until,
-        })
-        .collect();
-    for chunk in holds.chunks(1_000) {
-        ctx.cache
-            .put_holds(chunk)
-            .await
-            .map_err(BatchError::transient)?;
-    }
-    Ok(holds.len())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,20 @@ pub async fn quota_grants(pool: &PgPool) -> Result<Vec<QuotaGrant>, sqlx::Error>
     .await
 }
 
+/// The users whose quota of the window that starts at `window_start` is
+/// used: what the Redis cache is refilled with after a loss.
+pub async fn quota_users(
+    pool: &PgPool,
+    window_start: DateTime<Utc>,
+) -> Result<Vec<UserId>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT user_id AS "user_id: UserId" FROM quota_grants WHERE window_start = $1"#,
+        window_start
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// A `claim_decisions` row. The code and category are those of a granted
 /// coupon (`None` for every other outcome).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
