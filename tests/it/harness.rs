@@ -233,34 +233,9 @@ fn left_over(name: &str) -> bool {
 /// Deletes the topics whose name `doomed` picks. Best effort: a topic that
 /// stays behind only costs the broker a little disk.
 async fn delete_topics(brokers: &str, doomed: impl Fn(&str) -> bool) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let kafka = KafkaSettings::new(brokers);
-    let Ok(admin) = kafka
-        .client_config()
-        .create::<AdminClient<DefaultClientContext>>()
-    else {
-        return;
-    };
-    let names: Vec<String> = match admin.inner().fetch_metadata(None, Duration::from_secs(10)) {
-        Ok(metadata) => metadata
-            .topics()
-            .iter()
-            .map(|t| t.name().to_owned())
-            .filter(|name| doomed(name))
-            .collect(),
-        Err(_) => return,
-    };
-    if names.is_empty() {
-        return;
-    }
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let _ = admin
-        .delete_topics(
-            &refs,
-            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
-        )
-        .await;
+    let _ =
+        coupon_platform::kafka::admin::delete_topics_where(&KafkaSettings::new(brokers), doomed)
+            .await;
 }
 
 impl Drop for TestEnv {

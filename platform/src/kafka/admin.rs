@@ -1,7 +1,9 @@
 //! Topic creation through the admin API. The local broker does not create
 //! topics on first use (`auto.create.topics.enable=false`, as production
 //! clusters should run), so every process that needs topics ensures them at
-//! start-up; existing ones are kept as they are.
+//! start-up; existing ones are kept as they are. Runs that make their own
+//! topics (tests, the benchmarks) delete them when they end, since every
+//! partition left behind lengthens the broker's next start.
 
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ pub enum AdminError {
     Client { brokers: String, source: KafkaError },
     #[error("creating topics on {brokers} failed: {source}")]
     Request { brokers: String, source: KafkaError },
+    #[error("listing or deleting topics on {brokers} failed: {source}")]
+    Delete { brokers: String, source: KafkaError },
     #[error("creating topic {topic} failed: {code}")]
     Topic {
         topic: String,
@@ -41,14 +45,7 @@ pub async fn ensure_topics(
     settings: &KafkaSettings,
     topics: &[TopicSpec],
 ) -> Result<Vec<String>, AdminError> {
-    let admin: AdminClient<DefaultClientContext> =
-        settings
-            .client_config()
-            .create()
-            .map_err(|source| AdminError::Client {
-                brokers: settings.brokers.clone(),
-                source,
-            })?;
+    let admin = admin_client(settings)?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
@@ -80,4 +77,48 @@ pub async fn ensure_topics(
         }
     }
     Ok(created)
+}
+
+fn admin_client(settings: &KafkaSettings) -> Result<AdminClient<DefaultClientContext>, AdminError> {
+    settings
+        .client_config()
+        .create()
+        .map_err(|source| AdminError::Client {
+            brokers: settings.brokers.clone(),
+            source,
+        })
+}
+
+/// Deletes every topic whose name `doomed` picks; returns how many were
+/// asked to go. A topic that fails to go is left (it costs disk only).
+pub async fn delete_topics_where(
+    settings: &KafkaSettings,
+    doomed: impl Fn(&str) -> bool,
+) -> Result<usize, AdminError> {
+    let failed = |source| AdminError::Delete {
+        brokers: settings.brokers.clone(),
+        source,
+    };
+    let admin = admin_client(settings)?;
+    let names: Vec<String> = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(failed)?
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .filter(|name| doomed(name))
+        .collect();
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    admin
+        .delete_topics(
+            &refs,
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .map_err(failed)?;
+    Ok(names.len())
 }

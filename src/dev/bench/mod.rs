@@ -162,7 +162,28 @@ pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<R
 
     let result = scenarios(&config, &options).await;
     scratch.drop_now().await?;
+    forget_run(&config).await;
     result
+}
+
+/// Deletes the run's topics and Redis keys: with its database gone they
+/// are of no use, and a broker keeping every run's partitions (a full run
+/// writes gigabytes) takes minutes to start. Best effort.
+async fn forget_run(config: &AppConfig) {
+    let own = format!("{}.", config.topic_prefix);
+    match coupon_platform::kafka::admin::delete_topics_where(&config.kafka, |name| {
+        name.starts_with(&own)
+    })
+    .await
+    {
+        Ok(deleted) => eprintln!("bench: deleted the run's {deleted} topics"),
+        Err(error) => eprintln!("bench: the run's topics stay on the broker: {error}"),
+    }
+    if let Ok(cache) =
+        coupon_platform::redis::Cache::connect(&config.redis_url, &config.redis_prefix).await
+    {
+        let _ = cache.clear().await;
+    }
 }
 
 async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
