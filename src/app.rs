@@ -158,7 +158,7 @@ pub async fn connect(config: &AppConfig) -> anyhow::Result<Context> {
         topics,
         kafka: config.kafka.clone(),
         policy: config.policy,
-        restoring: Default::default(),
+        mirror: Default::default(),
     })
 }
 

@@ -89,8 +89,8 @@ pub struct Context {
     pub topics: Topics,
     pub kafka: KafkaSettings,
     pub policy: Policy,
-    /// Keeps this process to one Redis restore at a time (`restore`).
-    pub restoring: restore::RestoreGuard,
+    /// What this process knows of the Redis mirror (`restore`).
+    pub mirror: restore::MirrorState,
 }
 
 impl Context {

@@ -42,9 +42,36 @@ pub struct Restored {
     pub complete: bool,
 }
 
-/// One process's guard: a restore already running is not started twice.
+/// What this process knows about the cache that Redis cannot say itself.
 #[derive(Debug, Clone, Default)]
-pub struct RestoreGuard(Arc<AtomicBool>);
+pub struct MirrorState(Arc<MirrorFlags>);
+
+#[derive(Debug, Default)]
+struct MirrorFlags {
+    /// A restore runs: none is started twice.
+    restoring: AtomicBool,
+    /// A hold or used quota of ours could not be written, and the supply
+    /// version that vouches for the cache could not be deleted either
+    /// (Redis stalled or unreachable): until it is, this process writes no
+    /// sold-out mark, since a Redis that comes back still has the version.
+    unmirrored: AtomicBool,
+}
+
+impl MirrorState {
+    pub fn note_unmirrored(&self) {
+        self.0.unmirrored.store(true, Ordering::Release);
+    }
+
+    pub fn is_unmirrored(&self) -> bool {
+        self.0.unmirrored.load(Ordering::Acquire)
+    }
+
+    /// The supply version is gone: the cache no longer vouches for
+    /// anything, so nothing of ours is missing from what it vouches for.
+    pub fn note_version_gone(&self) {
+        self.0.unmirrored.store(false, Ordering::Release);
+    }
+}
 
 /// Refills every live hold and every used quota of the current window from
 /// Postgres, then sets the supply version unless the cache was lost again
@@ -101,7 +128,7 @@ pub async fn restore(ctx: &Context) -> Result<Restored, BatchError> {
 
 /// Starts [`restore`] on its own task unless this process runs one already.
 pub fn restore_in_background(ctx: &Context) {
-    if ctx.restoring.0.swap(true, Ordering::AcqRel) {
+    if ctx.mirror.0.restoring.swap(true, Ordering::AcqRel) {
         return;
     }
     let ctx = ctx.clone();
@@ -118,6 +145,6 @@ pub fn restore_in_background(ctx: &Context) {
             }
             Err(error) => tracing::warn!(%error, "could not refill Redis from Postgres"),
         }
-        ctx.restoring.0.store(false, Ordering::Release);
+        ctx.mirror.0.restoring.store(false, Ordering::Release);
     });
 }

@@ -1,11 +1,36 @@
 #!/usr/bin/env bash
 # restart.sh broker|postgres|redis: stops one service hard and starts it
-# again, as an outage would. Used by the fault-injection suite (`make chaos`
+# again, as an outage would. restart.sh freeze broker|postgres|redis SECONDS:
+# stops its processes (SIGSTOP) for that long and lets them go on (SIGCONT),
+# as a long GC pause, a stalled disk or a hung VM would: connections stay
+# open, nothing answers. Used by the fault-injection suite (`make chaos`
 # and the quick version in `make test`); it disturbs every client of that
 # service on this machine, so nothing else should be running tests meanwhile.
 source "$(dirname "$0")/common.sh"
 
+# The processes of one service, for freeze.
+service_pids() {
+  case "$1" in
+    broker) kafka_running "$STATE_DIR/kafka" && cat "$STATE_DIR/kafka/kafka.pid" ;;
+    postgres) pgrep -x postgres || true ;;
+    redis) pgrep -x redis-server || true ;;
+  esac
+}
+
 case "${1:-}" in
+  freeze)
+    service="${2:-}"; seconds="${3:-5}"
+    pids="$(service_pids "$service")"
+    [[ -n "$pids" ]] || fail "no running $service to freeze"
+    # Whatever happens meanwhile, the service goes on afterwards.
+    trap 'kill -CONT $pids 2>/dev/null || true' EXIT
+    kill -STOP $pids
+    say "stopped $service"
+    sleep "$seconds"
+    kill -CONT $pids
+    say "froze $service for ${seconds}s"
+    exit 0
+    ;;
   broker)
     dir="$STATE_DIR/kafka"
     kafka_running "$dir" || fail "the broker was not started by make up, so it cannot be restarted here"
@@ -37,7 +62,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    fail "usage: $0 broker|postgres|redis"
+    fail "usage: $0 broker|postgres|redis, or $0 freeze broker|postgres|redis SECONDS"
     ;;
 esac
 say "restarted $1"

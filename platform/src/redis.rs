@@ -15,14 +15,34 @@
 //! Redis that lost its data has no version, so nothing is answered sold out
 //! from it until a restore has run.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fred::prelude::*;
 
+/// How long one command may take. Redis answers in well under a
+/// millisecond; a command this slow means it is stalled (a pause, a hung
+/// host), and every caller has a way on without it.
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// After a command timed out or the connection failed, how long every
+/// command fails at once instead of waiting: a frozen Redis keeps its
+/// connections open, so without this each request on the hot path would
+/// wait out the timeout (the gateway's several reads add up past the reply
+/// deadline), and the claim processor's per-batch writes would stall every
+/// batch. The first command after it probes again.
+const UNRESPONSIVE_PAUSE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
-#[error("redis: {0}")]
-pub struct CacheError(#[from] fred::error::Error);
+pub enum CacheError {
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error("redis: not answering (a command timed out or the connection failed less than {} ms ago)", UNRESPONSIVE_PAUSE.as_millis())]
+    Unresponsive,
+}
 
 /// A hold as mirrored in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,16 +57,19 @@ pub struct CachedHold {
 pub struct Cache {
     client: Client,
     prefix: String,
+    /// Until when (ms since the epoch) commands fail at once.
+    unresponsive_until_ms: Arc<AtomicI64>,
 }
 
 impl Cache {
     /// Connects and keeps reconnecting in the background if Redis goes away;
-    /// commands fail fast (2 s) meanwhile instead of piling up.
+    /// commands fail fast meanwhile (`COMMAND_TIMEOUT`, `UNRESPONSIVE_PAUSE`)
+    /// instead of piling up.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, CacheError> {
         let config = Config::from_url(url)?;
         let client = Builder::from_config(config)
             .with_performance_config(|perf| {
-                perf.default_command_timeout = Duration::from_secs(2);
+                perf.default_command_timeout = COMMAND_TIMEOUT;
             })
             .with_connection_config(|conn| {
                 conn.connection_timeout = Duration::from_secs(2);
@@ -58,6 +81,31 @@ impl Cache {
         Ok(Self {
             client,
             prefix: prefix.to_owned(),
+            unresponsive_until_ms: Arc::default(),
+        })
+    }
+
+    /// Runs one command (or pipeline) unless Redis was found unresponsive
+    /// within `UNRESPONSIVE_PAUSE`; a timeout or a failed connection starts
+    /// such a pause.
+    async fn call<T>(
+        &self,
+        command: impl Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, CacheError> {
+        if Utc::now().timestamp_millis() < self.unresponsive_until_ms.load(Ordering::Relaxed) {
+            return Err(CacheError::Unresponsive);
+        }
+        command.await.map_err(|error| {
+            if matches!(
+                error.kind(),
+                fred::error::ErrorKind::Timeout
+                    | fred::error::ErrorKind::IO
+                    | fred::error::ErrorKind::Canceled
+            ) {
+                let until = Utc::now().timestamp_millis() + UNRESPONSIVE_PAUSE.as_millis() as i64;
+                self.unresponsive_until_ms.store(until, Ordering::Relaxed);
+            }
+            CacheError::Redis(error)
         })
     }
 
@@ -115,7 +163,7 @@ impl Cache {
             queued += 1;
         }
         if queued > 0 {
-            let _: Vec<Value> = pipeline.all().await?;
+            let _: Vec<Value> = self.call(pipeline.all()).await?;
         }
         Ok(())
     }
@@ -129,18 +177,20 @@ impl Cache {
             .iter()
             .flat_map(|(code, user)| [self.hold_key(code), self.user_hold_key(user)])
             .collect();
-        let _: i64 = self.client.del(keys).await?;
+        let _: i64 = self.call(self.client.del(keys)).await?;
         Ok(())
     }
 
     /// The user's current hold, if Redis has it.
     pub async fn user_hold(&self, user_id: &str) -> Result<Option<CachedHold>, CacheError> {
-        let value: Option<String> = self.client.get(self.user_hold_key(user_id)).await?;
+        let value: Option<String> = self
+            .call(self.client.get(self.user_hold_key(user_id)))
+            .await?;
         Ok(value.and_then(|v| parse_hold(&v)))
     }
 
     pub async fn hold(&self, code: &str) -> Result<Option<CachedHold>, CacheError> {
-        let value: Option<String> = self.client.get(self.hold_key(code)).await?;
+        let value: Option<String> = self.call(self.client.get(self.hold_key(code))).await?;
         Ok(value.and_then(|v| parse_hold(&v)))
     }
 
@@ -151,27 +201,28 @@ impl Cache {
         let pipeline = self.client.pipeline();
         let _: () = pipeline.incr(&key).await?;
         let _: () = pipeline.expire(&key, 2, None).await?;
-        let (count, _): (u64, i64) = pipeline.all().await?;
+        let (count, _): (u64, i64) = self.call(pipeline.all()).await?;
         Ok(count)
     }
 
     pub async fn block(&self, client_id: &str, for_how_long: Duration) -> Result<(), CacheError> {
         let ms = for_how_long.as_millis().max(1) as i64;
         let _: () = self
-            .client
-            .set(
+            .call(self.client.set(
                 self.blocked_key(client_id),
                 "1",
                 Some(Expiration::PX(ms)),
                 None,
                 false,
-            )
+            ))
             .await?;
         Ok(())
     }
 
     pub async fn is_blocked(&self, client_id: &str) -> Result<bool, CacheError> {
-        let exists: i64 = self.client.exists(self.blocked_key(client_id)).await?;
+        let exists: i64 = self
+            .call(self.client.exists(self.blocked_key(client_id)))
+            .await?;
         Ok(exists > 0)
     }
 
@@ -195,7 +246,9 @@ impl Cache {
     }
 
     fn supply_key(&self) -> String {
-        format!("{}:pool:supply", self.prefix)
+        // `{pool}`: the restore's script writes this key and reads the
+        // token in one call, which Redis Cluster allows in one hash slot.
+        format!("{}:{{pool}}:supply", self.prefix)
     }
 
     fn sold_out_key(&self, category: Option<&str>) -> String {
@@ -206,7 +259,7 @@ impl Cache {
     }
 
     fn restore_token_key(&self) -> String {
-        format!("{}:pool:restore-token", self.prefix)
+        format!("{}:{{pool}}:restore-token", self.prefix)
     }
 
     /// Records that coupons became available (a batch projected, holds
@@ -218,14 +271,13 @@ impl Cache {
     pub async fn supply_changed(&self) -> Result<(), CacheError> {
         let version = new_version();
         let _: Option<String> = self
-            .client
-            .set(
+            .call(self.client.set(
                 self.supply_key(),
                 version.as_str(),
                 None,
                 Some(SetOptions::XX),
                 false,
-            )
+            ))
             .await?;
         Ok(())
     }
@@ -233,7 +285,7 @@ impl Cache {
     /// The supply version now (`None`: the cache is not known to be
     /// complete; nothing may be answered sold out from it).
     pub async fn supply_version(&self) -> Result<Option<String>, CacheError> {
-        Ok(self.client.get(self.supply_key()).await?)
+        self.call(self.client.get(self.supply_key())).await
     }
 
     /// Turns the sold-out answers off until the next restore: called when a
@@ -243,8 +295,10 @@ impl Cache {
     /// token goes too.
     pub async fn forget_supply(&self) -> Result<(), CacheError> {
         let _: i64 = self
-            .client
-            .del(vec![self.supply_key(), self.restore_token_key()])
+            .call(
+                self.client
+                    .del(vec![self.supply_key(), self.restore_token_key()]),
+            )
             .await?;
         Ok(())
     }
@@ -256,14 +310,13 @@ impl Cache {
     pub async fn begin_restore(&self) -> Result<String, CacheError> {
         let token = new_version();
         let _: () = self
-            .client
-            .set(
+            .call(self.client.set(
                 self.restore_token_key(),
                 token.as_str(),
                 Some(Expiration::EX(3_600)),
                 None,
                 false,
-            )
+            ))
             .await?;
         Ok(token)
     }
@@ -280,12 +333,11 @@ impl Cache {
             redis.call('SET', KEYS[2], ARGV[2], 'NX')
             return 1"#;
         let restored: i64 = self
-            .client
-            .eval(
+            .call(self.client.eval(
                 SCRIPT,
                 vec![self.restore_token_key(), self.supply_key()],
                 vec![token.to_owned(), new_version()],
-            )
+            ))
             .await?;
         Ok(restored == 1)
     }
@@ -315,7 +367,7 @@ impl Cache {
                 )
                 .await?;
         }
-        let _: Vec<Value> = pipeline.all().await?;
+        let _: Vec<Value> = self.call(pipeline.all()).await?;
         Ok(())
     }
 
@@ -344,7 +396,7 @@ impl Cache {
             i64,
             i64,
             i64,
-        ) = pipeline.all().await?;
+        ) = self.call(pipeline.all()).await?;
         Ok(coupon_domain::sold_out::FastPathFacts {
             version,
             any_mark,
@@ -356,7 +408,7 @@ impl Cache {
     }
 
     pub async fn ping(&self) -> Result<(), CacheError> {
-        let _: String = self.client.ping(None).await?;
+        let _: String = self.call(self.client.ping(None)).await?;
         Ok(())
     }
 
@@ -376,12 +428,11 @@ impl Cache {
             until cursor == '0'
             return deleted"#;
         let deleted: i64 = self
-            .client
-            .eval(
+            .call(self.client.eval(
                 SCRIPT,
                 Vec::<String>::new(),
                 vec![format!("{}:*", self.prefix)],
-            )
+            ))
             .await?;
         Ok(deleted as u64)
     }

@@ -74,6 +74,13 @@ pub enum Fault {
     CrashBroker,
     RestartPostgres,
     RestartRedis,
+    /// Redis stops answering for `FREEZE` (SIGSTOP, then SIGCONT): its
+    /// connections stay open, so only timeouts tell.
+    FreezeRedis,
+    /// Every Postgres process stops for `FREEZE`.
+    FreezePostgres,
+    /// The broker stops for `FREEZE`.
+    FreezeBroker,
     /// A second consumers process joins the groups mid-burst (classic
     /// protocol, cooperative-sticky); once it holds partitions, the first is
     /// killed with `kill -9` and not restarted: the second takes over all.
@@ -93,12 +100,15 @@ pub enum Fault {
 
 impl Fault {
     /// The faults of the single-node services.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 10] = [
         Fault::KillConsumers,
         Fault::KillGateway,
         Fault::CrashBroker,
         Fault::RestartPostgres,
         Fault::RestartRedis,
+        Fault::FreezeRedis,
+        Fault::FreezePostgres,
+        Fault::FreezeBroker,
         Fault::ScaleOutThenKill,
         Fault::ScaleOutThenKillKip848,
     ];
@@ -116,6 +126,9 @@ impl Fault {
             Fault::CrashBroker => "broker crash + restart",
             Fault::RestartPostgres => "postgres restart",
             Fault::RestartRedis => "redis restart (data lost)",
+            Fault::FreezeRedis => "redis frozen 5 s",
+            Fault::FreezePostgres => "postgres frozen 5 s",
+            Fault::FreezeBroker => "broker frozen 5 s",
             Fault::ScaleOutThenKill => "join + kill -9 (cooperative)",
             Fault::ScaleOutThenKillKip848 => "join + kill -9 (KIP-848)",
             Fault::ClusterKillLeader => "cluster: kill -9 leader",
@@ -301,6 +314,8 @@ struct System {
     /// A cluster node the fault stopped, to start again once the system
     /// answers without it.
     stopped_node: Option<i32>,
+    /// A freeze under way: ends (SIGCONT) when this task does.
+    frozen: Option<tokio::task::JoinHandle<Result<(), String>>>,
     /// `KAFKA_GROUP_PROTOCOL` of every consumers process.
     protocol: &'static str,
 }
@@ -326,6 +341,7 @@ impl System {
             base,
             generation: 0,
             stopped_node: None,
+            frozen: None,
             protocol,
         }
     }
@@ -340,6 +356,7 @@ impl System {
             base,
             generation,
             mut stopped_node,
+            mut frozen,
             protocol,
         } = self;
         let generation = generation + 1;
@@ -379,6 +396,11 @@ impl System {
             Fault::CrashBroker => restart_service("broker").await?,
             Fault::RestartPostgres => restart_service("postgres").await?,
             Fault::RestartRedis => restart_service("redis").await?,
+            // The probe claims while the service is stopped: a frozen cache
+            // should cost speed only, a frozen authority an answer after it.
+            Fault::FreezeRedis => frozen = Some(freeze_service("redis").await?),
+            Fault::FreezePostgres => frozen = Some(freeze_service("postgres").await?),
+            Fault::FreezeBroker => frozen = Some(freeze_service("broker").await?),
             Fault::ClusterKillLeader | Fault::ClusterKillFollower | Fault::ClusterRestartBroker => {
                 let leaders = partition_leaders(env, &env.topics.claims())?;
                 let leader = *leaders
@@ -409,12 +431,16 @@ impl System {
             base,
             generation,
             stopped_node,
+            frozen,
             protocol,
         })
     }
 
     /// Starts the cluster node the fault stopped, if any.
     async fn heal(&mut self) -> Result<(), String> {
+        if let Some(freeze) = self.frozen.take() {
+            freeze.await.map_err(|e| e.to_string())??;
+        }
         if let Some(node) = self.stopped_node.take() {
             cluster(&["start", &node.to_string()]).await?;
         }
@@ -427,10 +453,61 @@ impl System {
     }
 }
 
+/// How long a frozen service stays stopped.
+const FREEZE: Duration = Duration::from_secs(5);
+
 async fn restart_service(service: &str) -> Result<(), String> {
+    service_fault(&[service]).await
+}
+
+/// Stops `service`'s processes for `FREEZE`; returns once they are
+/// stopped, with the task that ends when they go on again.
+async fn freeze_service(
+    service: &str,
+) -> Result<tokio::task::JoinHandle<Result<(), String>>, String> {
+    use tokio::io::AsyncBufReadExt as _;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/local/restart.sh");
+    let mut child = tokio::process::Command::new(&script)
+        .args(["freeze", service, &FREEZE.as_secs().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", script.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = lines.next_line().await.map_err(|e| e.to_string())?;
+    let stopped = first.as_deref().is_some_and(|l| l.contains("stopped"));
+    let service = service.to_owned();
+    let thawed = tokio::spawn(async move {
+        // Read to the end, or the script's last line would meet a closed pipe.
+        while let Ok(Some(_)) = lines.next_line().await {}
+        let output = child.wait_with_output().await.map_err(|e| e.to_string())?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "freezing {service} failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    });
+    if stopped {
+        Ok(thawed)
+    } else {
+        Err(thawed
+            .await
+            .map_err(|e| e.to_string())?
+            .err()
+            .unwrap_or_else(|| format!("the freeze script said {first:?}")))
+    }
+}
+
+async fn service_fault(args: &[&str]) -> Result<(), String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/local/restart.sh");
+    let service = args.join(" ");
     let output = tokio::process::Command::new(&script)
-        .arg(service)
+        .args(args)
         .output()
         .await
         .map_err(|e| format!("{}: {e}", script.display()))?;
@@ -438,7 +515,7 @@ async fn restart_service(service: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "restarting {service} failed: {}",
+            "{service} failed: {}",
             String::from_utf8_lossy(&output.stderr).trim()
         ))
     }
@@ -516,6 +593,12 @@ async fn burst(fault: Fault, profile: Profile) -> Row {
 
     let mut row = score(&env, fault.name(), i64::from(issued), &answers).await;
     row.recovery = recovered;
+    // Redis is a cache: while it is stopped, claims are decided without it.
+    if fault == Fault::FreezeRedis && recovered.is_none_or(|r| r >= FREEZE) {
+        row.error.get_or_insert_with(|| {
+            format!("no claim was answered while Redis was frozen (recovery {recovered:?})")
+        });
+    }
     system.assert_alive();
     row
 }

@@ -404,11 +404,12 @@ pub async fn handle_events(
         }
         // Before any mark: the gateway reads a missing hold or quota key as
         // "may be told sold out", so a winner's keys must be there first.
-        mirror_users(ctx, &fresh).await;
-        if let Some(version) = supply {
-            mark_sold_out(ctx, &view.pool, &version).await;
+        if mirror_users(ctx, &fresh).await {
+            if let Some(version) = supply {
+                mark_sold_out(ctx, &view.pool, &version).await;
+            }
+            rearm_sold_out(ctx, &claims).await;
         }
-        rearm_sold_out(ctx, &claims).await;
     } else {
         drop(tx);
     }
@@ -426,11 +427,13 @@ pub async fn handle_events(
     dead_letter_all(&ctx.dead_letters(ROLE), &refused).await
 }
 
-/// Mirrors the holds and used quotas of a batch's new decisions to Redis.
-/// The gateway's sold-out answer reads their absence, so a write that fails
-/// forgets the supply version too: sold-out answers stop until a restore
-/// has refilled the cache (`crate::restore`).
-async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) {
+/// Mirrors the holds and used quotas of a batch's new decisions to Redis;
+/// `false` if that failed. The gateway's sold-out answer reads their
+/// absence, so a write that fails forgets the supply version too: sold-out
+/// answers stop until a restore has refilled the cache (`crate::restore`).
+/// Should even that fail (Redis stalled or unreachable), this process
+/// writes no mark until it has deleted the version.
+async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) -> bool {
     let mut new_holds = Vec::new();
     let mut quota_used = Vec::new();
     for decision in fresh {
@@ -465,14 +468,21 @@ async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) {
         Ok(()) => ctx.cache.put_quota_used(&quota_used).await,
         Err(error) => Err(error),
     };
-    if let Err(error) = written {
-        tracing::warn!(%error, holds = new_holds.len(), users = quota_used.len(),
-            "could not mirror holds and used quotas to Redis; sold-out answers stop until it is refilled");
-        if let Err(error) = ctx.cache.forget_supply().await {
-            // Redis is unreachable, so the gateway cannot read marks either;
-            // a mark that outlives this lapses within its TTL.
-            tracing::warn!(%error, "could not forget the supply version");
-        }
+    let Err(error) = written else {
+        return true;
+    };
+    tracing::warn!(%error, holds = new_holds.len(), users = quota_used.len(),
+        "could not mirror holds and used quotas to Redis; sold-out answers stop until it is refilled");
+    ctx.mirror.note_unmirrored();
+    forget_supply(ctx).await;
+    false
+}
+
+/// Deletes the supply version after a failed mirror write.
+async fn forget_supply(ctx: &Context) {
+    match ctx.cache.forget_supply().await {
+        Ok(()) => ctx.mirror.note_version_gone(),
+        Err(error) => tracing::debug!(%error, "could not forget the supply version yet"),
     }
 }
 
@@ -480,6 +490,10 @@ async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) {
 /// Without one, Redis lost its data since the last restore: one is started
 /// (in the background; claims take the full path meanwhile).
 async fn current_supply_version(ctx: &Context) -> Option<String> {
+    if ctx.mirror.is_unmirrored() {
+        forget_supply(ctx).await;
+        return None;
+    }
     match ctx.cache.supply_version().await {
         Ok(Some(version)) => Some(version),
         Ok(None) => {
