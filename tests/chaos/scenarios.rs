@@ -456,8 +456,29 @@ impl System {
 /// How long a frozen service stays stopped.
 const FREEZE: Duration = Duration::from_secs(5);
 
+fn fault_script() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/local/restart.sh")
+}
+
+/// `Ok` if the fault script succeeded, else its reason.
+fn script_outcome(what: &str, output: &std::process::Output) -> Result<(), String> {
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
 async fn restart_service(service: &str) -> Result<(), String> {
-    service_fault(&[service]).await
+    let output = tokio::process::Command::new(fault_script())
+        .arg(service)
+        .output()
+        .await
+        .map_err(|e| format!("{}: {e}", fault_script().display()))?;
+    script_outcome(&format!("restarting {service}"), &output)
 }
 
 /// Stops `service`'s processes for `FREEZE`; returns once they are
@@ -466,31 +487,22 @@ async fn freeze_service(
     service: &str,
 ) -> Result<tokio::task::JoinHandle<Result<(), String>>, String> {
     use tokio::io::AsyncBufReadExt as _;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/local/restart.sh");
-    let mut child = tokio::process::Command::new(&script)
+    let mut child = tokio::process::Command::new(fault_script())
         .args(["freeze", service, &FREEZE.as_secs().to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(false)
         .spawn()
-        .map_err(|e| format!("{}: {e}", script.display()))?;
+        .map_err(|e| format!("{}: {e}", fault_script().display()))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let first = lines.next_line().await.map_err(|e| e.to_string())?;
     let stopped = first.as_deref().is_some_and(|l| l.contains("stopped"));
-    let service = service.to_owned();
+    let what = format!("freezing {service}");
     let thawed = tokio::spawn(async move {
         // Read to the end, or the script's last line would meet a closed pipe.
         while let Ok(Some(_)) = lines.next_line().await {}
         let output = child.wait_with_output().await.map_err(|e| e.to_string())?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "freezing {service} failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
+        script_outcome(&what, &output)
     });
     if stopped {
         Ok(thawed)
@@ -500,24 +512,6 @@ async fn freeze_service(
             .map_err(|e| e.to_string())?
             .err()
             .unwrap_or_else(|| format!("the freeze script said {first:?}")))
-    }
-}
-
-async fn service_fault(args: &[&str]) -> Result<(), String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/local/restart.sh");
-    let service = args.join(" ");
-    let output = tokio::process::Command::new(&script)
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("{}: {e}", script.display()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{service} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
     }
 }
 
