@@ -25,8 +25,11 @@ use fred::prelude::*;
 
 /// How long one command may take. Redis answers in well under a
 /// millisecond; a command this slow means it is stalled (a pause, a hung
-/// host), and every caller has a way on without it.
-const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// host), and every caller has a way on without it. Not shorter: the answer
+/// is timed by this process, and a process saturated by a flash sale reads
+/// answers late; a timeout there would turn the sold-out answers off for
+/// `UNRESPONSIVE_PAUSE` exactly when they are needed most.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// After a command timed out or the connection failed, how long every
 /// command fails at once instead of waiting: a frozen Redis keeps its
