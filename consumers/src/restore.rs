@@ -50,27 +50,60 @@ pub struct MirrorState(Arc<MirrorFlags>);
 struct MirrorFlags {
     /// A restore runs: none is started twice.
     restoring: AtomicBool,
-    /// A hold or used quota of ours could not be written, and the supply
-    /// version that vouches for the cache could not be deleted either
-    /// (Redis stalled or unreachable): until it is, this process writes no
-    /// sold-out mark, since a Redis that comes back still has the version.
-    unmirrored: AtomicBool,
+    /// A hold or used quota of ours is missing from Redis and the supply
+    /// version may still vouch for it: [`forget_supply`] is deleting the
+    /// version, and until it has, this process writes no sold-out mark.
+    forgetting: AtomicBool,
+    /// Another write failed while the deletion was under way: delete again.
+    again: AtomicBool,
 }
 
 impl MirrorState {
-    pub fn note_unmirrored(&self) {
-        self.0.unmirrored.store(true, Ordering::Release);
-    }
-
+    /// Whether a hold or used quota of ours may be missing from a cache
+    /// whose version still stands (no sold-out mark may be written).
     pub fn is_unmirrored(&self) -> bool {
-        self.0.unmirrored.load(Ordering::Acquire)
+        self.0.forgetting.load(Ordering::SeqCst)
     }
+}
 
-    /// The supply version is gone: the cache no longer vouches for
-    /// anything, so nothing of ours is missing from what it vouches for.
-    pub fn note_version_gone(&self) {
-        self.0.unmirrored.store(false, Ordering::Release);
+/// How often a failed deletion of the supply version is tried again.
+const FORGET_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A hold or used quota could not be written to Redis: deletes the supply
+/// version, so that no gateway answers `sold_out` from a cache that lacks
+/// it (and a restore refills it). Redis failed a moment ago, so the
+/// deletion is retried on its own task until Redis takes it: a stalled
+/// Redis that comes back still has the version, and waiting for the next
+/// batch would leave it standing for as long as no claim arrives.
+pub fn forget_supply(ctx: &Context) {
+    let flags = &ctx.mirror.0;
+    flags.again.store(true, Ordering::SeqCst);
+    if flags.forgetting.swap(true, Ordering::SeqCst) {
+        return;
     }
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let flags = &ctx.mirror.0;
+        loop {
+            // A failure noted from here on is covered only by a later delete.
+            flags.again.store(false, Ordering::SeqCst);
+            if let Err(error) = ctx.cache.forget_supply().await {
+                tracing::debug!(%error, "could not delete the supply version yet");
+                flags.again.store(true, Ordering::SeqCst);
+                tokio::time::sleep(FORGET_RETRY).await;
+                continue;
+            }
+            if flags.again.load(Ordering::SeqCst) {
+                continue;
+            }
+            flags.forgetting.store(false, Ordering::SeqCst);
+            // A failure noted just now found this task still running.
+            if !flags.again.load(Ordering::SeqCst) || flags.forgetting.swap(true, Ordering::SeqCst)
+            {
+                break;
+            }
+        }
+    });
 }
 
 /// Refills every live hold and every used quota of the current window from

@@ -219,6 +219,110 @@ async fn after_redis_loses_its_data_no_holder_or_buyer_is_told_sold_out() {
     app.stop().await;
 }
 
+/// A Redis server of this test's own, so that it can be frozen without
+/// stopping the one every other test shares. Killed when dropped.
+struct OwnRedis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl OwnRedis {
+    async fn start() -> Self {
+        let port = crate::harness::free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (make setup installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let own = Self { child, url };
+        eventually(
+            "the test's own Redis answers",
+            Duration::from_secs(10),
+            || async {
+                coupon_platform::redis::Cache::connect(&own.url, "probe")
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+        own
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Redis freezes (connections open, nothing answers) while a user wins the
+/// last coupon: the claim is decided without Redis, and the winner's hold
+/// never reaches it (the writes are skipped while Redis does not answer).
+/// When Redis goes on it still has the supply version, so the next claims,
+/// finding the pool empty, would mark it sold out and the winner asking
+/// again would be told `sold_out`. The claim processor writes no mark
+/// until it has deleted that version; a restore then refills the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winner_during_a_redis_freeze_is_not_told_sold_out_after_it() {
+    let env = TestEnv::new().await;
+    let redis = OwnRedis::start().await;
+    let app = env
+        .start(&[Role::Gateway, Role::Coupons, Role::Claims], |c| {
+            c.redis_url = redis.url.clone();
+            c.policy.sold_out_mark_ttl = Duration::from_secs(300);
+        })
+        .await;
+    let http = TestEnv::http_client();
+    release(&env, "Books", 1).await;
+
+    redis.signal("-STOP");
+    let (status, held) = claim(&http, &app, "winner", "r-winner").await;
+    assert_eq!(status, 200, "decided without Redis: {held}");
+    redis.signal("-CONT");
+
+    // Newcomers claim until they are answered from a mark again.
+    let cache = coupon_platform::redis::Cache::connect(&redis.url, &env.name)
+        .await
+        .expect("redis");
+    let newcomer = std::sync::atomic::AtomicUsize::new(0);
+    eventually(
+        "the pool is marked sold out again after the freeze",
+        Duration::from_secs(30),
+        || async {
+            let n = newcomer.fetch_add(1, Ordering::Relaxed);
+            let user = format!("newcomer-{n}");
+            assert_eq!(
+                claim(&http, &app, &user, &user).await,
+                (404, "sold_out".to_owned())
+            );
+            let facts = cache
+                .fast_path_facts("someone-new", None)
+                .await
+                .expect("facts");
+            coupon_domain::sold_out::pool_sold_out(&facts)
+        },
+    )
+    .await;
+    assert_eq!(
+        claim(&http, &app, "winner", "r-winner-again").await,
+        (200, held),
+        "the winner gets the held coupon back"
+    );
+    app.stop().await;
+}
+
 /// The supply version is the cache's proof of completeness: only a restore
 /// that nothing was lost in the middle of writes it, a supply only replaces
 /// it, and a failed hold write takes it (and a restore under way) away.

@@ -430,9 +430,8 @@ pub async fn handle_events(
 /// Mirrors the holds and used quotas of a batch's new decisions to Redis;
 /// `false` if that failed. The gateway's sold-out answer reads their
 /// absence, so a write that fails forgets the supply version too: sold-out
-/// answers stop until a restore has refilled the cache (`crate::restore`).
-/// Should even that fail (Redis stalled or unreachable), this process
-/// writes no mark until it has deleted the version.
+/// answers stop until a restore has refilled the cache (`crate::restore`);
+/// this process writes no mark until the version is deleted.
 async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) -> bool {
     let mut new_holds = Vec::new();
     let mut quota_used = Vec::new();
@@ -473,17 +472,8 @@ async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) -> bool {
     };
     tracing::warn!(%error, holds = new_holds.len(), users = quota_used.len(),
         "could not mirror holds and used quotas to Redis; sold-out answers stop until it is refilled");
-    ctx.mirror.note_unmirrored();
-    forget_supply(ctx).await;
+    crate::restore::forget_supply(ctx);
     false
-}
-
-/// Deletes the supply version after a failed mirror write.
-async fn forget_supply(ctx: &Context) {
-    match ctx.cache.forget_supply().await {
-        Ok(()) => ctx.mirror.note_version_gone(),
-        Err(error) => tracing::debug!(%error, "could not forget the supply version yet"),
-    }
 }
 
 /// The supply version now; `None` when Redis does not answer or has none.
@@ -491,7 +481,6 @@ async fn forget_supply(ctx: &Context) {
 /// (in the background; claims take the full path meanwhile).
 async fn current_supply_version(ctx: &Context) -> Option<String> {
     if ctx.mirror.is_unmirrored() {
-        forget_supply(ctx).await;
         return None;
     }
     match ctx.cache.supply_version().await {
