@@ -144,6 +144,36 @@ async fn sold_out_is_answered_without_the_claim_processor_and_decided_on_the_log
     );
 }
 
+/// New users claim from an empty pool, each answered `sold_out`, until the
+/// pool is marked sold out again (after Redis lost or missed writes): the
+/// point from which the gateway answers from the mark and the users' keys
+/// in Redis decide who is asked instead.
+async fn newcomers_until_marked_sold_out(
+    http: &reqwest::Client,
+    app: &App,
+    cache: &coupon_platform::redis::Cache,
+) {
+    let newcomer = std::sync::atomic::AtomicUsize::new(0);
+    eventually(
+        "the empty pool is marked sold out again",
+        Duration::from_secs(30),
+        || async {
+            let n = newcomer.fetch_add(1, Ordering::Relaxed);
+            let user = format!("newcomer-{n}");
+            assert_eq!(
+                claim(http, app, &user, &user).await,
+                (404, "sold_out".to_owned())
+            );
+            let facts = cache
+                .fast_path_facts("someone-new", None)
+                .await
+                .expect("facts");
+            coupon_domain::sold_out::pool_sold_out(&facts)
+        },
+    )
+    .await;
+}
+
 /// Redis loses its data under a sold-out pool. The claims that keep coming
 /// find the pool empty and would mark it sold out again at once, but the
 /// users' holds and used quotas went with the data: read as absent, they
@@ -185,27 +215,7 @@ async fn after_redis_loses_its_data_no_holder_or_buyer_is_told_sold_out() {
         cache.clear().await.expect("wipe") > 0,
         "Redis had the holds"
     );
-    // Newcomers keep claiming until the gateway answers them from a mark
-    // again: the pool has been marked since the loss.
-    let newcomer = std::sync::atomic::AtomicUsize::new(0);
-    eventually(
-        "sold-out answers come back after the loss",
-        Duration::from_secs(30),
-        || async {
-            let n = newcomer.fetch_add(1, Ordering::Relaxed);
-            let user = format!("newcomer-{n}");
-            assert_eq!(
-                claim(&http, &app, &user, &user).await,
-                (404, "sold_out".to_owned())
-            );
-            let facts = cache
-                .fast_path_facts("someone-new", None)
-                .await
-                .expect("facts");
-            coupon_domain::sold_out::pool_sold_out(&facts)
-        },
-    )
-    .await;
+    newcomers_until_marked_sold_out(&http, &app, &cache).await;
     assert_eq!(
         claim(&http, &app, "holder", "r-holder-again").await,
         (200, held),
@@ -292,29 +302,10 @@ async fn a_winner_during_a_redis_freeze_is_not_told_sold_out_after_it() {
     assert_eq!(status, 200, "decided without Redis: {held}");
     redis.signal("-CONT");
 
-    // Newcomers claim until they are answered from a mark again.
     let cache = coupon_platform::redis::Cache::connect(&redis.url, &env.name)
         .await
         .expect("redis");
-    let newcomer = std::sync::atomic::AtomicUsize::new(0);
-    eventually(
-        "the pool is marked sold out again after the freeze",
-        Duration::from_secs(30),
-        || async {
-            let n = newcomer.fetch_add(1, Ordering::Relaxed);
-            let user = format!("newcomer-{n}");
-            assert_eq!(
-                claim(&http, &app, &user, &user).await,
-                (404, "sold_out".to_owned())
-            );
-            let facts = cache
-                .fast_path_facts("someone-new", None)
-                .await
-                .expect("facts");
-            coupon_domain::sold_out::pool_sold_out(&facts)
-        },
-    )
-    .await;
+    newcomers_until_marked_sold_out(&http, &app, &cache).await;
     assert_eq!(
         claim(&http, &app, "winner", "r-winner-again").await,
         (200, held),
