@@ -247,12 +247,7 @@ pub async fn start(
     {
         // Redis is a cache of Postgres: refill it before deciding anything.
         match coupon_consumers::restore::restore(&ctx).await {
-            Ok(restored) => tracing::info!(
-                holds = restored.holds,
-                used_quotas = restored.used_quotas,
-                complete = restored.complete,
-                "Redis refilled from Postgres"
-            ),
+            Ok(restored) => restored.log(),
             Err(error) => {
                 tracing::warn!(%error, "could not refill Redis; continuing without the cache")
             }

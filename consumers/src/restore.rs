@@ -42,6 +42,18 @@ pub struct Restored {
     pub complete: bool,
 }
 
+impl Restored {
+    /// The log line of a restore, at start-up or after a loss.
+    pub fn log(&self) {
+        tracing::info!(
+            holds = self.holds,
+            used_quotas = self.used_quotas,
+            complete = self.complete,
+            "Redis refilled from Postgres"
+        );
+    }
+}
+
 /// What this process knows about the cache that Redis cannot say itself.
 #[derive(Debug, Clone, Default)]
 pub struct MirrorState(Arc<MirrorFlags>);
@@ -169,12 +181,7 @@ pub fn restore_in_background(ctx: &Context) {
         match restore(&ctx).await {
             Ok(restored) => {
                 metrics::counter!("coupon_cache_restores_total").increment(1);
-                tracing::info!(
-                    holds = restored.holds,
-                    used_quotas = restored.used_quotas,
-                    complete = restored.complete,
-                    "Redis refilled from Postgres"
-                );
+                restored.log();
             }
             Err(error) => tracing::warn!(%error, "could not refill Redis from Postgres"),
         }
