@@ -223,6 +223,25 @@ pub async fn dead_letter_one(
     Ok(())
 }
 
+/// Publishes the `invalid` answer to a request being set aside. An answer
+/// the broker refuses for good (it cannot be made to fit) is given up, so
+/// that the record still reaches the dead-letter topic: its requester times
+/// out instead of waiting on a partition that never moves again.
+pub(crate) async fn answer_if_possible<E: coupon_schemas::Event>(
+    ctx: &Context,
+    topic: &str,
+    answer: (String, E),
+) -> Result<(), BatchError> {
+    match ctx.publisher.send_all(topic, &[answer]).await {
+        Ok(()) => Ok(()),
+        Err(error) if error.is_permanent() => {
+            tracing::error!(%error, "the answer to a record set aside cannot be published; dead-lettering it unanswered");
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// The database's clock, read in the batch's transaction: `now()` is the
 /// transaction's start, so every statement of the batch agrees on it.
 pub(crate) async fn db_now(

@@ -22,14 +22,22 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub trait Event: prost::Message + Default + serde::Serialize + Sized {
     /// Fully qualified protobuf name, as written into `Envelope::event_type`.
     const TYPE_NAME: &'static str;
+    /// The largest encoded record a consumer accepts for this message; a
+    /// larger one is refused (dead-lettered) before anything reads it. The
+    /// bound keeps whatever a consumer stores, echoes or publishes from the
+    /// record well inside the broker's record size limit (1 MB by default):
+    /// an answer that can never be published would otherwise be retried
+    /// forever and stall its partition.
+    const MAX_BYTES: usize;
     fn envelope(&self) -> Option<&Envelope>;
     fn envelope_mut(&mut self) -> &mut Option<Envelope>;
 }
 
 macro_rules! event {
-    ($($ty:ident),* $(,)?) => {$(
+    ($($ty:ident: $max:expr),* $(,)?) => {$(
         impl Event for $ty {
             const TYPE_NAME: &'static str = concat!("coupons.v1.", stringify!($ty));
+            const MAX_BYTES: usize = $max;
             fn envelope(&self) -> Option<&Envelope> {
                 self.envelope.as_ref()
             }
@@ -40,15 +48,20 @@ macro_rules! event {
     )*};
 }
 
+/// Requests, answers and the other small events: a few ids and a reason.
+const SMALL_EVENT: usize = 16 * 1024;
+
+// A chunk of CouponsCreated holds at most 1,000 ids (about 10 KB); a dead
+// letter carries up to 256 KiB of the original (see the dead-letter bounds).
 event!(
-    CouponsCreated,
-    ClaimRequested,
-    ClaimDecided,
-    PurchaseRequested,
-    PurchaseDecided,
-    HoldExpired,
-    DeadLetter,
-    BlacklistChanged,
+    CouponsCreated: 256 * 1024,
+    ClaimRequested: SMALL_EVENT,
+    ClaimDecided: SMALL_EVENT,
+    PurchaseRequested: SMALL_EVENT,
+    PurchaseDecided: SMALL_EVENT,
+    HoldExpired: SMALL_EVENT,
+    DeadLetter: 512 * 1024,
+    BlacklistChanged: SMALL_EVENT,
 );
 
 /// Builds an envelope for a new event of type `E`.

@@ -374,3 +374,432 @@ async fn redelivered_invalid_requests_add_no_second_history_row_or_dead_letter()
         "a redelivered record repeats its dead letter"
     );
 }
+
+/// The broker's record size limit (Kafka's `message.max.bytes`, 1,048,588
+/// bytes for a record batch) less room for the key and the batch's own
+/// framing: a record this size is one the broker takes from a foreign
+/// producer (the Java client's `max.request.size` is 1 MiB), and more than
+/// our own producer sends (librdkafka's `message.max.bytes`, 1,000,000).
+const BROKER_LIMIT: usize = 1_048_588;
+const AT_THE_LIMIT: usize = BROKER_LIMIT - 1_024;
+
+type Fill<E> = Box<dyn Fn(&mut E, String)>;
+
+/// The envelope's fields, each a way to fill an event of type `E`.
+fn envelope_fields<E: coupon_schemas::Event + 'static>() -> Vec<(&'static str, Fill<E>)> {
+    fn with<E: coupon_schemas::Event>(set: fn(&mut coupon_schemas::Envelope, String)) -> Fill<E> {
+        Box::new(move |event: &mut E, text| {
+            set(
+                event.envelope_mut().get_or_insert_with(Default::default),
+                text,
+            )
+        })
+    }
+    vec![
+        ("envelope.event_id", with::<E>(|e, t| e.event_id = t)),
+        ("envelope.producer", with::<E>(|e, t| e.producer = t)),
+        ("envelope.event_type", with::<E>(|e, t| e.event_type = t)),
+        (
+            "envelope.correlation_id",
+            with::<E>(|e, t| e.correlation_id = t),
+        ),
+    ]
+}
+
+/// One record per field of `base`, that field padded until the record is
+/// [`AT_THE_LIMIT`] bytes long.
+fn at_the_limit<E: coupon_schemas::Event + Clone + 'static>(
+    base: &E,
+    fields: Vec<(&'static str, Fill<E>)>,
+) -> Vec<(String, Vec<u8>)> {
+    envelope_fields::<E>()
+        .into_iter()
+        .chain(fields)
+        .map(|(name, fill)| {
+            let mut event = base.clone();
+            fill(&mut event, String::new());
+            let rest = event.encoded_len();
+            // The field's tag and its length's varint take a few bytes, and
+            // a nested envelope's own length grows too: shrink to fit.
+            let mut pad = AT_THE_LIMIT - rest;
+            let bytes = loop {
+                fill(&mut event, "x".repeat(pad));
+                let bytes = event.encode_to_vec();
+                if bytes.len() <= AT_THE_LIMIT {
+                    break bytes;
+                }
+                pad -= bytes.len() - AT_THE_LIMIT;
+            };
+            assert!(
+                bytes.len() <= AT_THE_LIMIT && bytes.len() > AT_THE_LIMIT - 8,
+                "{name}: {} bytes",
+                bytes.len()
+            );
+            (format!("{} {name}", E::TYPE_NAME), bytes)
+        })
+        .collect()
+}
+
+/// One key per partition of the test's topics (they all have the same
+/// count), found by where probes land on the dead-letter topic, which no
+/// role reads.
+async fn a_key_per_partition(env: &TestEnv, publisher: &Publisher) -> Vec<String> {
+    let mut keys: HashMap<i32, String> = HashMap::new();
+    for i in 0..64 {
+        let key = format!("probe-{i}");
+        let landed = publisher
+            .send_bytes(&env.topics.dead_letter(), Some(key.as_bytes()), b"probe")
+            .await
+            .expect("probe");
+        keys.entry(landed.partition).or_insert(key);
+        if keys.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(keys.len(), 2, "probes reached every partition: {keys:?}");
+    keys.into_values().collect()
+}
+
+/// Issue #24, item 1: on every topic a consumer reads, a record with each of
+/// its fields in turn at the broker's record size limit, on every partition.
+/// Before, a claim whose correlation id filled the record was decided, its
+/// answer (which echoes the id) could never be published, and the batch was
+/// retried forever: no later claim of that partition was answered. Now each
+/// such record is refused at the boundary (dead-lettered, bounded) and every
+/// partition goes on deciding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_at_the_size_limit_in_any_field_stall_no_partition() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(
+            &[
+                Role::Gateway,
+                Role::Coupons,
+                Role::Claims,
+                Role::Purchases,
+                Role::Expiry,
+                Role::History,
+            ],
+            |c| c.gateway.reply_timeout = Duration::from_secs(20),
+        )
+        .await;
+    let mut foreign = env.kafka.clone();
+    foreign
+        .extra
+        .push(("message.max.bytes".into(), BROKER_LIMIT.to_string()));
+    let publisher = Publisher::new(&foreign, "foreign-producer").unwrap();
+    let keys = a_key_per_partition(&env, &publisher).await;
+
+    let claim = ClaimRequested {
+        envelope: Some(new_envelope::<ClaimRequested>(
+            uuid::Uuid::new_v4().to_string(),
+            coupon_platform::time::now_ms(),
+            "foreign",
+            "corr",
+        )),
+        request_id: "big-claim".into(),
+        user_id: "big-user".into(),
+        category: String::new(),
+        answered_sold_out: false,
+    };
+    let purchase = PurchaseRequested {
+        envelope: Some(new_envelope::<PurchaseRequested>(
+            uuid::Uuid::new_v4().to_string(),
+            coupon_platform::time::now_ms(),
+            "foreign",
+            "corr",
+        )),
+        request_id: "big-purchase".into(),
+        user_id: "big-user".into(),
+        coupon_code: "0AN35HST00000".into(),
+        order_id: "big-order".into(),
+    };
+    let created = coupon_schemas::CouponsCreated {
+        envelope: Some(new_envelope::<coupon_schemas::CouponsCreated>(
+            uuid::Uuid::new_v4().to_string(),
+            coupon_platform::time::now_ms(),
+            "foreign",
+            "",
+        )),
+        batch_id: "big-batch".into(),
+        employee_id: "e-big".into(),
+        category: "Big".into(),
+        coupon_ids: vec![],
+        chunk_index: 0,
+        chunk_count: 1,
+    };
+    let expired = coupon_schemas::HoldExpired {
+        envelope: Some(new_envelope::<coupon_schemas::HoldExpired>(
+            uuid::Uuid::new_v4().to_string(),
+            coupon_platform::time::now_ms(),
+            "foreign",
+            "",
+        )),
+        coupon_code: "0AN35HST00000".into(),
+        user_id: "big-user".into(),
+        hold_id: "big-hold".into(),
+        held_until_ms: coupon_platform::time::now_ms(),
+    };
+    let decided = ClaimDecided {
+        outcome: ClaimOutcome::Granted as i32,
+        coupon_code: "0AN35HST00000".into(),
+        ..claim_decided(uuid::Uuid::new_v4(), "big-claim", "big-user")
+    };
+    let purchase_decided = PurchaseDecided {
+        envelope: Some(new_envelope::<PurchaseDecided>(
+            uuid::Uuid::new_v4().to_string(),
+            coupon_platform::time::now_ms(),
+            "foreign",
+            "",
+        )),
+        request_id: "big-purchase".into(),
+        user_id: "big-user".into(),
+        coupon_code: "0AN35HST00000".into(),
+        order_id: "big-order".into(),
+        outcome: coupon_schemas::PurchaseOutcome::Redeemed as i32,
+        ..Default::default()
+    };
+    let mut poison: Vec<(String, String, Vec<u8>)> = Vec::new();
+    let mut add = |topic: String, records: Vec<(String, Vec<u8>)>| {
+        poison.extend(records.into_iter().map(|(n, b)| (topic.clone(), n, b)));
+    };
+    add(
+        env.topics.claims(),
+        at_the_limit(
+            &claim,
+            vec![
+                (
+                    "request_id",
+                    Box::new(|e: &mut ClaimRequested, t| e.request_id = t),
+                ),
+                (
+                    "user_id",
+                    Box::new(|e: &mut ClaimRequested, t| e.user_id = t),
+                ),
+                (
+                    "category",
+                    Box::new(|e: &mut ClaimRequested, t| e.category = t),
+                ),
+            ],
+        ),
+    );
+    add(
+        env.topics.purchases(),
+        at_the_limit(
+            &purchase,
+            vec![
+                (
+                    "request_id",
+                    Box::new(|e: &mut PurchaseRequested, t| e.request_id = t),
+                ),
+                (
+                    "user_id",
+                    Box::new(|e: &mut PurchaseRequested, t| e.user_id = t),
+                ),
+                (
+                    "coupon_code",
+                    Box::new(|e: &mut PurchaseRequested, t| e.coupon_code = t),
+                ),
+                (
+                    "order_id",
+                    Box::new(|e: &mut PurchaseRequested, t| e.order_id = t),
+                ),
+            ],
+        ),
+    );
+    add(
+        env.topics.created(),
+        at_the_limit(
+            &created,
+            vec![
+                (
+                    "batch_id",
+                    Box::new(|e: &mut coupon_schemas::CouponsCreated, t| e.batch_id = t),
+                ),
+                (
+                    "employee_id",
+                    Box::new(|e: &mut coupon_schemas::CouponsCreated, t| e.employee_id = t),
+                ),
+                (
+                    "category",
+                    Box::new(|e: &mut coupon_schemas::CouponsCreated, t| e.category = t),
+                ),
+                // The repeated ids, filled with one id as often as it fits.
+                (
+                    "coupon_ids",
+                    Box::new(|e: &mut coupon_schemas::CouponsCreated, t: String| {
+                        e.coupon_ids = vec![1; t.len()]
+                    }),
+                ),
+            ],
+        ),
+    );
+    add(
+        env.topics.expirations(),
+        at_the_limit(
+            &expired,
+            vec![
+                (
+                    "coupon_code",
+                    Box::new(|e: &mut coupon_schemas::HoldExpired, t| e.coupon_code = t),
+                ),
+                (
+                    "user_id",
+                    Box::new(|e: &mut coupon_schemas::HoldExpired, t| e.user_id = t),
+                ),
+                (
+                    "hold_id",
+                    Box::new(|e: &mut coupon_schemas::HoldExpired, t| e.hold_id = t),
+                ),
+            ],
+        ),
+    );
+    add(
+        env.topics.claim_results(),
+        at_the_limit(
+            &decided,
+            vec![
+                (
+                    "request_id",
+                    Box::new(|e: &mut ClaimDecided, t| e.request_id = t),
+                ),
+                ("user_id", Box::new(|e: &mut ClaimDecided, t| e.user_id = t)),
+                (
+                    "coupon_code",
+                    Box::new(|e: &mut ClaimDecided, t| e.coupon_code = t),
+                ),
+                (
+                    "category",
+                    Box::new(|e: &mut ClaimDecided, t| e.category = t),
+                ),
+                ("reason", Box::new(|e: &mut ClaimDecided, t| e.reason = t)),
+            ],
+        ),
+    );
+    add(
+        env.topics.purchase_results(),
+        at_the_limit(
+            &purchase_decided,
+            vec![
+                (
+                    "request_id",
+                    Box::new(|e: &mut PurchaseDecided, t| e.request_id = t),
+                ),
+                (
+                    "user_id",
+                    Box::new(|e: &mut PurchaseDecided, t| e.user_id = t),
+                ),
+                (
+                    "coupon_code",
+                    Box::new(|e: &mut PurchaseDecided, t| e.coupon_code = t),
+                ),
+                (
+                    "order_id",
+                    Box::new(|e: &mut PurchaseDecided, t| e.order_id = t),
+                ),
+                (
+                    "reason",
+                    Box::new(|e: &mut PurchaseDecided, t| e.reason = t),
+                ),
+            ],
+        ),
+    );
+    let mut published = 0;
+    for (topic, name, bytes) in &poison {
+        for key in &keys {
+            publisher
+                .send_bytes(topic, Some(key.as_bytes()), bytes)
+                .await
+                .unwrap_or_else(|e| panic!("the broker takes {name} ({} bytes): {e}", bytes.len()));
+            published += 1;
+        }
+    }
+
+    // Every partition of every role keeps deciding: a release is projected,
+    // every claim (users over every partition) and a purchase are answered.
+    let codes = release(&env, "After", 30).await;
+    let http = TestEnv::http_client();
+    let answers = join_all((0..40).map(|i| {
+        let http = &http;
+        let url = app.url(&format!("/api/v1/coupon?id=after-{i}"));
+        async move {
+            let response = http.get(url).send().await.expect("claim");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    }))
+    .await;
+    let granted: Vec<&Value> = answers
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(granted.len(), 30, "30 coupons for 40 users: {answers:?}");
+    assert_eq!(
+        answers.iter().filter(|(s, _)| *s == 404).count(),
+        10,
+        "{answers:?}"
+    );
+    let bought = http
+        .post(app.url("/api/v1/purchase"))
+        .json(&serde_json::json!({
+            "user_id": granted[0]["user_id"],
+            "coupon_code": granted[0]["coupon_code"],
+            "order_id": "after-order",
+        }))
+        .send()
+        .await
+        .expect("purchase");
+    assert_eq!(bought.status().as_u16(), 200);
+    for (role, topic) in [
+        ("coupons", env.topics.created()),
+        ("claims", env.topics.claims()),
+        ("purchases", env.topics.purchases()),
+        ("expiry", env.topics.expirations()),
+        ("history", env.topics.claim_results()),
+        ("history", env.topics.purchase_results()),
+    ] {
+        env.wait_caught_up(role, &topic, Duration::from_secs(60))
+            .await;
+    }
+    // Each refused record is set aside once per role that reads it (the
+    // history sink reads the created and both results topics too), each
+    // letter within the topic's limit.
+    let letters: Vec<DeadLetter> = env
+        .read_topic(&env.topics.dead_letter())
+        .await
+        .iter()
+        .filter_map(|record| decode::<DeadLetter>(record).ok())
+        .collect();
+    let readers = |topic: &str| {
+        if *topic == env.topics.created() {
+            2
+        } else if *topic == env.topics.claims()
+            || *topic == env.topics.purchases()
+            || *topic == env.topics.expirations()
+            || *topic == env.topics.claim_results()
+            || *topic == env.topics.purchase_results()
+        {
+            1
+        } else {
+            0
+        }
+    };
+    let expected: usize = poison
+        .iter()
+        .map(|(topic, _, _)| readers(topic) * keys.len())
+        .sum();
+    assert_eq!(published, poison.len() * keys.len());
+    assert_eq!(
+        letters.len(),
+        expected,
+        "one dead letter per refused record and reader"
+    );
+    assert!(letters.iter().all(|l| l.encoded_len() < 300 * 1024));
+    assert!(codes.len() == 30);
+    assert_invariants(&env, 30).await;
+    app.stop().await;
+}

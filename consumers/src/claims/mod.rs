@@ -563,9 +563,7 @@ pub async fn reject(ctx: &Context, record: &Record, reason: &str) -> Result<(), 
     if let Ok(request) = decode::<ClaimRequested>(record) {
         let reason = format!("the claim could not be decided: {reason}");
         if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
-            ctx.publisher
-                .send_all(&ctx.topics.claim_results(), &[decision])
-                .await?;
+            crate::answer_if_possible(ctx, &ctx.topics.claim_results(), decision).await?;
         }
     }
     ctx.dead_letters(ROLE).send(record, reason).await?;

@@ -367,9 +367,7 @@ pub async fn reject(ctx: &Context, record: &Record, reason: &str) -> Result<(), 
     if let Ok(request) = decode::<PurchaseRequested>(record) {
         let reason = format!("the purchase could not be decided: {reason}");
         if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
-            ctx.publisher
-                .send_all(&ctx.topics.purchase_results(), &[decision])
-                .await?;
+            crate::answer_if_possible(ctx, &ctx.topics.purchase_results(), decision).await?;
         }
     }
     ctx.dead_letters(ROLE).send(record, reason).await?;

@@ -89,6 +89,39 @@ pub enum DecodeError {
     /// A record of a topic the role does not read (its event names them).
     #[error("the {role} does not read topic {topic}")]
     NotRead { role: &'static str, topic: String },
+    #[error("record of {size} bytes is larger than the {max} bytes a {expected} may have")]
+    TooLarge {
+        expected: &'static str,
+        size: usize,
+        max: usize,
+    },
+    #[error("envelope {field} is {len} bytes long; at most {max} are accepted")]
+    EnvelopeFieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+}
+
+/// The most bytes each free-text envelope field may have. The gateway's
+/// request ids (the correlation id) have at most 64 characters and event
+/// ids are UUIDs; the bounds leave room for foreign producers' own schemes.
+/// Every answer echoes the correlation id, so it must stay small.
+pub const MAX_ENVELOPE_ID: usize = 128;
+pub const MAX_ENVELOPE_PRODUCER: usize = 256;
+
+/// Checks one envelope field against its bound. What the field holds is
+/// the reader's business (a NUL that Postgres refuses fails one record,
+/// which the batch loop isolates); only its size concerns everyone.
+fn check_envelope_field(field: &'static str, value: &str, max: usize) -> Result<(), DecodeError> {
+    if value.len() > max {
+        return Err(DecodeError::EnvelopeFieldTooLong {
+            field,
+            len: value.len(),
+            max,
+        });
+    }
+    Ok(())
 }
 
 /// Envelope times outside 2000-01-01..2100-01-01 (UTC) are refused. No event
@@ -107,6 +140,13 @@ pub fn decode<E: Event>(record: &Record) -> Result<E, DecodeError> {
 /// without copying them out of the client's buffers).
 pub fn decode_value<E: Event>(value: Option<&[u8]>) -> Result<E, DecodeError> {
     let bytes = value.ok_or(DecodeError::Empty)?;
+    if bytes.len() > E::MAX_BYTES {
+        return Err(DecodeError::TooLarge {
+            expected: E::TYPE_NAME,
+            size: bytes.len(),
+            max: E::MAX_BYTES,
+        });
+    }
     let event = E::decode(bytes).map_err(|e| DecodeError::Protobuf {
         expected: E::TYPE_NAME,
         detail: e.to_string(),
@@ -115,7 +155,7 @@ pub fn decode_value<E: Event>(value: Option<&[u8]>) -> Result<E, DecodeError> {
     if envelope.event_type != E::TYPE_NAME {
         return Err(DecodeError::WrongType {
             expected: E::TYPE_NAME,
-            found: envelope.event_type.clone(),
+            found: truncate_str(&envelope.event_type, 128).to_owned(),
         });
     }
     if envelope.schema_version == 0 || envelope.schema_version > coupon_schemas::SCHEMA_VERSION {
@@ -124,6 +164,9 @@ pub fn decode_value<E: Event>(value: Option<&[u8]>) -> Result<E, DecodeError> {
     if envelope.event_id.is_empty() {
         return Err(DecodeError::NoEventId);
     }
+    check_envelope_field("event_id", &envelope.event_id, MAX_ENVELOPE_ID)?;
+    check_envelope_field("correlation_id", &envelope.correlation_id, MAX_ENVELOPE_ID)?;
+    check_envelope_field("producer", &envelope.producer, MAX_ENVELOPE_PRODUCER)?;
     if !EVENT_TIME_RANGE_MS.contains(&envelope.occurred_at_ms) {
         return Err(DecodeError::TimeOutOfRange(envelope.occurred_at_ms));
     }
@@ -485,9 +528,16 @@ impl BatchError {
 }
 
 impl From<PublishError> for BatchError {
-    /// The broker did not confirm: it is down, slow or electing a leader.
+    /// The broker did not confirm: it is down, slow or electing a leader,
+    /// and the same send succeeds later. Unless the broker (or the client's
+    /// own check) refused the record itself: then no retry can succeed and
+    /// the batch loop must isolate the record ([`PublishError::is_permanent`]).
     fn from(error: PublishError) -> Self {
-        Self::transient(error)
+        if error.is_permanent() {
+            Self::permanent(error)
+        } else {
+            Self::transient(error)
+        }
     }
 }
 

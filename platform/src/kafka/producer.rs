@@ -26,6 +26,32 @@ pub enum PublishError {
     Canceled { topic: String },
 }
 
+impl PublishError {
+    /// Whether the record itself was refused (too large, malformed, a
+    /// timestamp or value the broker will never take), so that sending it
+    /// again can never succeed. Everything else (timeouts, a broker down or
+    /// electing a leader, a full queue, missing permissions that an
+    /// operator fixes) may succeed later.
+    pub fn is_permanent(&self) -> bool {
+        let Self::Send { source, .. } = self else {
+            return false;
+        };
+        let code = match source {
+            KafkaError::MessageProduction(code) => *code,
+            _ => return false,
+        };
+        matches!(
+            code,
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidTimestamp
+                | RDKafkaErrorCode::InvalidArgument
+        )
+    }
+}
+
 /// Where a record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {
@@ -191,5 +217,40 @@ impl Publisher {
     /// Waits for everything in flight to be delivered (used at shutdown).
     pub fn flush(&self, timeout: Duration) {
         let _ = self.producer.flush(timeout);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::consumer::BatchError;
+
+    fn send_error(code: RDKafkaErrorCode) -> PublishError {
+        PublishError::Send {
+            topic: "t".into(),
+            source: KafkaError::MessageProduction(code),
+        }
+    }
+
+    #[test]
+    fn a_record_the_broker_refuses_is_permanent_and_an_outage_is_not() {
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::InvalidRecord,
+            RDKafkaErrorCode::MessageBatchTooLarge,
+        ] {
+            assert!(send_error(code).is_permanent(), "{code:?}");
+            assert!(BatchError::from(send_error(code)).is_permanent());
+        }
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::QueueFull,
+        ] {
+            assert!(!send_error(code).is_permanent(), "{code:?}");
+        }
+        let canceled = PublishError::Canceled { topic: "t".into() };
+        assert!(!canceled.is_permanent());
     }
 }
