@@ -40,6 +40,7 @@ pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_IN_FLIGHT: u32 = 1024;
 pub const MAX_WAITING_REPLIES: u32 = 1024;
 pub const MAX_CONNECTIONS: u32 = 4096;

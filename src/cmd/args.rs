@@ -137,6 +137,10 @@ pub struct ServeArgs {
     /// connections are closed after it too.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value_t = Flag(settings::HEADER_READ_TIMEOUT))]
     pub header_read_timeout: Flag,
+    /// A client must send a request's body within this once its headers are
+    /// in; past it, 408. The body is read before the request takes a slot.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value_t = Flag(settings::BODY_READ_TIMEOUT))]
+    pub body_read_timeout: Flag,
     /// HTTP requests handled at once; beyond, 503 with Retry-After.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = settings::MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
@@ -287,6 +291,7 @@ impl Connections {
             reply_timeout: serve.reply_timeout.0,
             request_timeout: serve.request_timeout.0,
             header_read_timeout: serve.header_read_timeout.0,
+            body_read_timeout: serve.body_read_timeout.0,
             max_in_flight: serve.max_in_flight as usize,
             max_waiting: serve.max_waiting_replies as usize,
             max_connections: serve.max_connections as usize,

@@ -378,6 +378,77 @@ async fn requests_in_flight_with_one_request_id_are_each_answered() {
     app.stop().await;
 }
 
+/// Issue #24, item 2: more slow unauthenticated clients than
+/// `MAX_IN_FLIGHT`, each trickling a purchase body, take none of the slots
+/// the storefront needs: they are answered `401` from their headers, before
+/// their body is read. Before, each held a slot until the request deadline
+/// and every storefront call carrying the token was answered `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_unauthenticated_clients_take_no_slot_from_the_storefront() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(&[Role::Gateway, Role::Coupons, Role::Claims], |c| {
+            c.gateway.api_token = Some("store-token".into());
+            c.gateway.max_in_flight = 4;
+            c.gateway.body_read_timeout = Duration::from_secs(60);
+            c.gateway.request_timeout = Duration::from_secs(60);
+        })
+        .await;
+    release(&env, "Slots", 5).await;
+    let addr = app.http.unwrap();
+    let mut slow = Vec::new();
+    for i in 0..12 {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let token = if i % 2 == 0 {
+            ""
+        } else {
+            "Authorization: Bearer wrong\r\n"
+        };
+        socket
+            .write_all(
+                format!(
+                    "POST /api/v1/purchase HTTP/1.1\r\nHost: x\r\n{token}content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        slow.push(socket);
+    }
+    // And public routes, which have slots of their own.
+    let http = TestEnv::http_client();
+    let health = join_all((0..40).map(|_| http.get(app.url("/healthz")).send())).await;
+    assert!(health.iter().all(|r| r.is_ok()));
+
+    // One after another: the four slots are the storefront's alone.
+    let mut claims = Vec::new();
+    for i in 0..10 {
+        let response = http
+            .get(app.url(&format!("/api/v1/coupon?id=paying-{i}")))
+            .bearer_auth("store-token")
+            .send()
+            .await
+            .expect("claim");
+        claims.push(response.status().as_u16());
+    }
+    let mut sorted = claims.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        [200, 200, 200, 200, 200, 404, 404, 404, 404, 404],
+        "every storefront call is decided beside the slow clients: {claims:?}"
+    );
+    for mut socket in slow {
+        let (took, answer) = closed_within(&mut socket, Duration::from_secs(10))
+            .await
+            .expect("an unauthenticated slow body was answered and closed");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(took < Duration::from_secs(5), "after {took:?}");
+    }
+    app.stop().await;
+}
+
 /// Reads from `socket` until the server closes it; how long that took
 /// (`None` if it stayed open for `within`).
 async fn closed_within(
@@ -405,6 +476,7 @@ async fn slow_clients_are_cut_off_and_metrics_labels_are_a_closed_set() {
     let app = env
         .start(&[Role::Gateway], |c| {
             c.gateway.header_read_timeout = Duration::from_secs(1);
+            c.gateway.body_read_timeout = Duration::from_secs(1);
             c.gateway.reply_timeout = Duration::from_secs(1);
             c.gateway.request_timeout = Duration::from_secs(2);
         })
@@ -427,7 +499,7 @@ async fn slow_clients_are_cut_off_and_metrics_labels_are_a_closed_set() {
         .await
         .expect("a silent connection stayed open");
 
-    // A body that never comes: 504 at the request deadline.
+    // A body that never comes: 408 at the body's deadline.
     let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
     socket
         .write_all(
@@ -439,7 +511,7 @@ async fn slow_clients_are_cut_off_and_metrics_labels_are_a_closed_set() {
         .await
         .expect("a request with an unfinished body stayed open");
     let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(took < Duration::from_secs(5), "answered after {took:?}");
 
     let http = TestEnv::http_client();

@@ -25,6 +25,7 @@
 //! handler's log span, the events' correlation id and the consumers'
 //! `request_id` log field, so one `grep` follows a request end to end.
 
+mod admission;
 mod api;
 pub mod auth;
 pub mod console;
@@ -65,6 +66,7 @@ pub use auth::Secret;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use replies::Replies;
 
+use admission::Audience;
 use auth::{AddressLimiter, Caller, ClientAddr};
 
 use crate::issue::{self, IssueRequest};
@@ -93,6 +95,10 @@ pub struct GatewayConfig {
     /// A client must send a request's headers within this; it also closes
     /// idle keep-alive connections.
     pub header_read_timeout: Duration,
+    /// A client must send a request's body within this once its headers
+    /// are in (`408` past it); the body is read before the request takes
+    /// one of the `max_in_flight` slots.
+    pub body_read_timeout: Duration,
     /// Requests handled at once; beyond, `503` with `Retry-After`.
     pub max_in_flight: usize,
     /// Requests waiting for a decision at once; beyond, `503`.
@@ -120,6 +126,7 @@ impl Default for GatewayConfig {
             reply_timeout: settings::REPLY_TIMEOUT,
             request_timeout: settings::REQUEST_TIMEOUT,
             header_read_timeout: settings::HEADER_READ_TIMEOUT,
+            body_read_timeout: settings::BODY_READ_TIMEOUT,
             max_in_flight: settings::MAX_IN_FLIGHT as usize,
             max_waiting: settings::MAX_WAITING_REPLIES as usize,
             max_connections: settings::MAX_CONNECTIONS as usize,
@@ -281,6 +288,14 @@ impl Verb {
         }
     }
 
+    fn method(self) -> axum::http::Method {
+        match self {
+            Verb::Get => axum::http::Method::GET,
+            Verb::Post => axum::http::Method::POST,
+            Verb::Delete => axum::http::Method::DELETE,
+        }
+    }
+
     fn filter(self) -> MethodFilter {
         match self {
             Verb::Get => MethodFilter::GET,
@@ -299,51 +314,86 @@ pub struct Route {
 
 type Endpoint = MethodRouter<Arc<GatewayState>>;
 
-/// A table row: the route and its handler, bound to exactly that method.
-fn route<H, T>(verb: Verb, path: &'static str, handler: H) -> (Route, Endpoint)
+/// A table row: the route, who it is for, and its handler, bound to exactly
+/// that method.
+fn route<H, T>(verb: Verb, path: &'static str, audience: Audience, handler: H) -> Row
 where
     H: axum::handler::Handler<T, Arc<GatewayState>>,
     T: 'static,
 {
     (
         Route { verb, path },
+        audience,
         axum::routing::on(verb.filter(), handler),
     )
 }
 
+type Row = (Route, Audience, Endpoint);
+
 /// Every route the gateway serves. [`router`] is built from this table alone,
 /// so a route cannot be served without being listed here, and the OpenAPI
-/// test fails when this list and the published document differ.
-fn route_table() -> Vec<(Route, Endpoint)> {
+/// test fails when this list and the published document differ. The
+/// audience decides what a request must carry before its body is read
+/// ([`admission`]).
+fn route_table() -> Vec<Row> {
+    use Audience::{Admin, Public, Storefront};
     vec![
-        route(Verb::Get, "/api/v1/coupon", claim),
-        route(Verb::Post, "/api/v1/coupon", create_coupons),
-        route(Verb::Get, "/api/v1/coupon/{code}", coupon_status),
-        route(Verb::Post, "/api/v1/purchase", purchase),
-        route(Verb::Get, "/api/v1/openapi.json", openapi_json),
-        route(Verb::Get, "/healthz", healthz),
-        route(Verb::Get, "/metrics", metrics_text),
+        route(Verb::Get, "/api/v1/coupon", Storefront, claim),
+        route(Verb::Post, "/api/v1/coupon", Admin, create_coupons),
+        route(
+            Verb::Get,
+            "/api/v1/coupon/{code}",
+            Storefront,
+            coupon_status,
+        ),
+        route(Verb::Post, "/api/v1/purchase", Storefront, purchase),
+        route(Verb::Get, "/api/v1/openapi.json", Public, openapi_json),
+        route(Verb::Get, "/healthz", Public, healthz),
+        route(Verb::Get, "/metrics", Public, metrics_text),
         // The web console and the admin routes it calls.
-        route(Verb::Get, "/console", console::console_page),
-        route(Verb::Get, "/console/console.js", console::console_script),
-        route(Verb::Get, "/api/v1/pool", console::pool),
-        route(Verb::Get, "/api/v1/batches", console::batches),
-        route(Verb::Get, "/api/v1/blacklist", console::blacklist_list),
-        route(Verb::Post, "/api/v1/blacklist", console::blacklist_add),
-        route(Verb::Delete, "/api/v1/blacklist", console::blacklist_remove),
+        route(Verb::Get, "/console", Public, console::console_page),
+        route(
+            Verb::Get,
+            "/console/console.js",
+            Public,
+            console::console_script,
+        ),
+        route(Verb::Get, "/api/v1/pool", Admin, console::pool),
+        route(Verb::Get, "/api/v1/batches", Admin, console::batches),
+        route(
+            Verb::Get,
+            "/api/v1/blacklist",
+            Admin,
+            console::blacklist_list,
+        ),
+        route(
+            Verb::Post,
+            "/api/v1/blacklist",
+            Admin,
+            console::blacklist_add,
+        ),
+        route(
+            Verb::Delete,
+            "/api/v1/blacklist",
+            Admin,
+            console::blacklist_remove,
+        ),
         route(
             Verb::Get,
             "/api/v1/analytics/claims",
+            Admin,
             console::analytics_claims,
         ),
         route(
             Verb::Get,
             "/api/v1/analytics/funnel",
+            Admin,
             console::analytics_funnel,
         ),
         route(
             Verb::Get,
             "/api/v1/analytics/export",
+            Admin,
             console::analytics_export,
         ),
     ]
@@ -351,21 +401,30 @@ fn route_table() -> Vec<(Route, Endpoint)> {
 
 /// The routes of [`router`], for tests and tools.
 pub fn routes() -> Vec<Route> {
-    route_table().into_iter().map(|(route, _)| route).collect()
+    route_table()
+        .into_iter()
+        .map(|(route, _, _)| route)
+        .collect()
 }
 
 pub fn router(state: Arc<GatewayState>) -> Router {
     let mut router = Router::new();
-    for (route, endpoint) in route_table() {
+    let mut audiences = Vec::new();
+    for (route, audience, endpoint) in route_table() {
+        audiences.push((route.verb.method(), route.path, audience));
         router = router.route(route.path, endpoint);
     }
+    let admission = Arc::new(admission::Admission::new(state.clone(), audiences));
     router
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
         })
-        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(DefaultBodyLimit::max(admission::MAX_BODY))
         .layer(axum::middleware::from_fn(error::json_errors))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), bounded))
+        .layer(axum::middleware::from_fn_with_state(
+            admission,
+            admission::admit,
+        ))
         .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
@@ -433,35 +492,6 @@ pub async fn serve(
         tracing::warn!("connections still open after {drain:?}; closing them");
     }
     Ok(())
-}
-
-/// Bounds every request: at most `max_in_flight` at once (beyond, `503`
-/// with `Retry-After` rather than a queue) and each within
-/// [`GatewayConfig::request_deadline`] (then `504`).
-async fn bounded(
-    State(state): State<Arc<GatewayState>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
-        metrics::counter!("coupon_http_shed_total", "reason" => "in_flight").increment(1);
-        return ApiError::overloaded("too many requests in flight").into_response();
-    };
-    let deadline = state.config.request_deadline();
-    let response = match tokio::time::timeout(deadline, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            metrics::counter!("coupon_http_deadline_exceeded_total").increment(1);
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                ErrorCode::Timeout,
-                "the request took longer than its deadline; retrying is safe",
-            )
-            .into_response()
-        }
-    };
-    drop(permit);
-    response
 }
 
 /// The `method` label: one of a fixed set, so no request can add a series.

@@ -1,0 +1,209 @@
+//! Admission: who may use the gateway's capacity, decided from the headers
+//! alone, before a byte of the body is read.
+//!
+//! Every route has an [`Audience`] in the route table. A request for a
+//! storefront or admin route whose token is missing or wrong is answered
+//! `401` here, at once: it never takes one of the `max_in_flight` slots
+//! the paying callers need, and its body is never read (the connection is
+//! closed after the answer). Public routes (`/healthz`, `/metrics`, the
+//! OpenAPI document, the console's page) have a small pool of slots of their
+//! own ([`PUBLIC_IN_FLIGHT`]), so a flood of them cannot take the
+//! storefront's either.
+//!
+//! An admitted request's body is read here, within `body_read_timeout`
+//! (`408` past it) and before a slot is taken: a client that trickles its
+//! body holds a connection, never a slot. Then the request runs within
+//! [`GatewayConfig::request_deadline`](super::GatewayConfig::request_deadline)
+//! (`504` past it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
+
+use super::{auth, ApiError, ErrorCode, GatewayState};
+
+/// Who a route is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Anyone: health, metrics, the OpenAPI document, the console's page.
+    Public,
+    /// The storefront: its token (or the admin's) when COUPON_API_TOKEN is
+    /// set, anyone otherwise (then limited per address by the route).
+    Storefront,
+    /// Employees and operators: the admin token.
+    Admin,
+}
+
+/// Requests of public routes handled at once; beyond, `503`.
+pub const PUBLIC_IN_FLIGHT: usize = 64;
+
+/// The most a request body may be (the JSON bodies are a few hundred
+/// bytes; a release is one small object).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the admission step needs: the audience of every route, and the
+/// slots of the public routes.
+pub(super) struct Admission {
+    state: Arc<GatewayState>,
+    audiences: HashMap<(Method, &'static str), Audience>,
+    public: Arc<Semaphore>,
+}
+
+impl Admission {
+    pub(super) fn new(
+        state: Arc<GatewayState>,
+        audiences: impl IntoIterator<Item = (Method, &'static str, Audience)>,
+    ) -> Self {
+        Self {
+            state,
+            audiences: audiences
+                .into_iter()
+                .map(|(method, path, audience)| ((method, path), audience))
+                .collect(),
+            public: Arc::new(Semaphore::new(PUBLIC_IN_FLIGHT)),
+        }
+    }
+
+    /// The audience of the matched route; an unmatched path (answered
+    /// `404`/`405`) is public.
+    fn audience(&self, method: &Method, path: Option<&str>) -> Audience {
+        path.and_then(|path| {
+            self.audiences
+                .iter()
+                .find(|((m, p), _)| m == method && *p == path)
+                .map(|(_, audience)| *audience)
+        })
+        .unwrap_or(Audience::Public)
+    }
+
+    /// Whether the headers carry what `audience` requires.
+    fn authenticate(&self, audience: Audience, request: &Request) -> Result<(), ApiError> {
+        let config = &self.state.config;
+        let headers = request.headers();
+        match audience {
+            Audience::Public => Ok(()),
+            Audience::Admin => super::check_admin_token(&self.state, headers),
+            Audience::Storefront => {
+                let Some(expected) = &config.api_token else {
+                    return Ok(());
+                };
+                let given = auth::bearer(headers);
+                let admin = config.admin_token.as_ref();
+                match given {
+                    Some(given) if expected.matches(given) => Ok(()),
+                    Some(given) if admin.is_some_and(|admin| admin.matches(given)) => Ok(()),
+                    Some(_) => Err(ApiError::unauthorized("wrong API token")),
+                    None => Err(ApiError::unauthorized(
+                        "missing 'Authorization: Bearer <COUPON_API_TOKEN>'",
+                    )),
+                }
+            }
+        }
+    }
+}
+
+/// Refuses what the headers do not authorise, reads the body within its
+/// deadline, then runs the request in a slot of its audience within the
+/// request deadline.
+pub(super) async fn admit(
+    State(admission): State<Arc<Admission>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let audience = admission.audience(request.method(), path.as_deref());
+    if let Err(error) = admission.authenticate(audience, &request) {
+        metrics::counter!("coupon_http_shed_total", "reason" => "unauthenticated").increment(1);
+        let mut response = error.into_response();
+        // The body was not read: the connection cannot carry another request.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
+    let state = &admission.state;
+    let request = match read_body(request, state.config.body_read_timeout).await {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let slots = match audience {
+        Audience::Public => &admission.public,
+        Audience::Storefront | Audience::Admin => &state.in_flight,
+    };
+    let Ok(permit) = slots.clone().try_acquire_owned() else {
+        metrics::counter!("coupon_http_shed_total", "reason" => "in_flight").increment(1);
+        return ApiError::overloaded("too many requests in flight").into_response();
+    };
+    let deadline = state.config.request_deadline();
+    let response = match tokio::time::timeout(deadline, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("coupon_http_deadline_exceeded_total").increment(1);
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::Timeout,
+                "the request took longer than its deadline; retrying is safe",
+            )
+            .into_response()
+        }
+    };
+    drop(permit);
+    response
+}
+
+/// The request with its body read into memory, within `within` and at most
+/// [`MAX_BODY`] bytes.
+async fn read_body(request: Request, within: std::time::Duration) -> Result<Request, ApiError> {
+    let (parts, body) = request.into_parts();
+    let bytes = match tokio::time::timeout(within, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) if too_large(&error) => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                format!("the request body must be at most {MAX_BODY} bytes"),
+            ))
+        }
+        Ok(Err(error)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("the request body could not be read: {error}"),
+            ))
+        }
+        Err(_) => {
+            metrics::counter!("coupon_http_shed_total", "reason" => "slow_body").increment(1);
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::Timeout,
+                format!(
+                    "the request body did not arrive within {within:?} (BODY_READ_TIMEOUT); \
+                     nothing was done, retrying is safe"
+                ),
+            ));
+        }
+    };
+    Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+/// Whether reading a body failed because it passed [`MAX_BODY`].
+fn too_large(error: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
