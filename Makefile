@@ -40,11 +40,12 @@ unit: ## the unit and property tests of every crate: no service needed
 	cargo test --workspace --lib --bins
 	cargo test -p coupon-schemas --tests
 
-test: up ## every test, against the real services (the console in Debian's chromium last)
+test: up ## every test, against the real services (the Java storefront example, the console in Debian's chromium last)
 	cargo build --bin couponctl
 	tests/broker_restart.sh
 	cargo test --workspace --no-fail-fast
 	tests/contract/run.sh
+	tests/java/run.sh
 	tests/console/run.sh
 
 demo: up build ## a coupon release, a burst of users, purchases and expirations

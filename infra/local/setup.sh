@@ -14,6 +14,9 @@ command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v perl >/dev/null 2>&1 || need_apt+=(perl)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
+# javac: the Java storefront example (examples/java-storefront) and the
+# partitioner test's Murmur.java (tests/java) are compiled.
+command -v javac >/dev/null 2>&1 || need_apt+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # rdkafka is built with TLS (`ssl`), linked against the system OpenSSL; sqlx and
@@ -54,5 +57,29 @@ else
   rm -rf "$KAFKA_LIBS"
   mv "$staging/libs" "$KAFKA_LIBS"
   say "Apache Kafka ${KAFKA_VERSION}: $(ls "$KAFKA_LIBS" | wc -l) jars in $((SECONDS - started))s"
+fi
+
+# The Java storefront example (tests/java/run.sh, in `make test`) builds with
+# Maven: its plugins, the protoc executable and its jars are fetched into
+# ~/.m2 once (a build, since protoc is resolved by the plugin, not declared),
+# so `make test` downloads nothing. The stamp holds the pom's hash: a changed
+# pom fetches again.
+example_pom="$REPO_ROOT/examples/java-storefront/pom.xml"
+example_stamp="$STATE_DIR/java-storefront.fetched"
+example_hash="$(sha256sum "$example_pom" | cut -d' ' -f1)"
+if [[ "$(cat "$example_stamp" 2>/dev/null)" == "$example_hash" ]]; then
+  say "the Java storefront example's Maven artifacts already fetched"
+else
+  say "fetching the Java storefront example's Maven artifacts (kafka-clients, protobuf-java, protoc)"
+  started=$SECONDS
+  mkdir -p "$STATE_DIR"
+  if ! mvn -B -q -f "$example_pom" dependency:go-offline compile dependency:build-classpath \
+      -Dmdep.outputFile="$REPO_ROOT/examples/java-storefront/target/classpath.txt" \
+      >"$STATE_DIR/java-storefront-fetch.log" 2>&1; then
+    tail -n 30 "$STATE_DIR/java-storefront-fetch.log" >&2
+    fail "Maven could not fetch the Java storefront example's artifacts (see $STATE_DIR/java-storefront-fetch.log)"
+  fi
+  echo "$example_hash" >"$example_stamp"
+  say "the Java storefront example's Maven artifacts fetched in $((SECONDS - started))s"
 fi
 say "setup complete"

@@ -284,7 +284,12 @@ async fn a_producer_cannot_set_the_time_a_request_is_judged_at() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     let env = TestEnv::new().await;
-    let producer: FutureProducer = env.kafka.client_config().create().unwrap();
+    let producer: FutureProducer = env
+        .kafka
+        .client_config()
+        .set("partitioner", coupon_platform::kafka::producer::PARTITIONER)
+        .create()
+        .unwrap();
     let forged = (Utc::now() - chrono::Duration::hours(1)).timestamp_millis();
     let before = Utc::now().timestamp_millis();
     for topic in [env.topics.claims(), env.topics.purchases()] {

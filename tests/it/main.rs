@@ -14,6 +14,7 @@ mod edge;
 mod invariants;
 mod observability;
 mod openapi;
+mod partitioner;
 mod poison;
 mod purchases;
 mod release;

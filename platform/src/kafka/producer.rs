@@ -52,6 +52,15 @@ impl PublishError {
     }
 }
 
+/// librdkafka's partitioner for every producer of the system: keyed records
+/// go to `murmur2(key) % partitions`, exactly where the Java client's default
+/// partitioner puts them (librdkafka's own default hashes with CRC32), so a
+/// storefront publishing claims with the Java client reaches the partition
+/// our gateway publishes the same user's claims to. Records without a key go
+/// to a random partition. Checked against Apache Kafka's `Utils.murmur2` by
+/// `tests/it/partitioner.rs`.
+pub const PARTITIONER: &str = "murmur2_random";
+
 /// Where a record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {
@@ -72,6 +81,7 @@ impl Publisher {
         let mut config = settings.client_config();
         config
             .set("acks", "all")
+            .set("partitioner", PARTITIONER)
             .set("linger.ms", "2")
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "1000000")
