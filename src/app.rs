@@ -43,6 +43,9 @@ pub struct AppConfig {
     pub partitions: i32,
     /// Replicas of topics created at start-up (`None`: the broker's default).
     pub replication: Option<i32>,
+    /// `retention.ms` of every topic (`LOG_RETENTION_MS`; -1 keeps records
+    /// for ever, as replay, rebuild and audit need).
+    pub retention_ms: i64,
     /// Broker long-poll on the latency-sensitive path (claims, purchases, replies).
     pub fast_fetch_wait_ms: u32,
     /// Broker long-poll for coupons, expiry and history.
@@ -76,6 +79,7 @@ impl AppConfig {
             gateway: GatewayConfig::default(),
             partitions: settings::TOPIC_PARTITIONS,
             replication: None,
+            retention_ms: coupon_platform::settings::LOG_RETENTION_MS,
             fast_fetch_wait_ms: settings::FAST_FETCH_WAIT_MS,
             slow_fetch_wait_ms: settings::SLOW_FETCH_WAIT_MS,
             max_batch: settings::MAX_BATCH,
@@ -148,6 +152,7 @@ pub async fn connect(config: &AppConfig) -> anyhow::Result<Context> {
         &topics,
         config.partitions,
         config.replication,
+        config.retention_ms,
     )
     .await?;
     let publisher = Publisher::new(&config.kafka, &config.producer_name)?;
@@ -168,36 +173,70 @@ pub async fn create_topics(
     topics: &Topics,
     partitions: i32,
     replication: Option<i32>,
+    retention_ms: i64,
 ) -> anyhow::Result<Vec<String>> {
     reach::kafka(&kafka.brokers).await?;
     let specs: Vec<TopicSpec> = topics
         .all()
         .into_iter()
         .map(|name| TopicSpec {
-            configs: topic_configs(topics, &name),
+            configs: topic_configs(topics, &name, retention_ms),
             name,
             partitions,
             replication,
         })
         .collect();
-    ensure_topics(kafka, &specs).await.with_context(|| {
+    let created = ensure_topics(kafka, &specs).await.with_context(|| {
         format!(
             "creating topics on the broker at {} (is it running? `make up` starts the local one)",
             kafka.brokers
         )
-    })
+    })?;
+    for (topic, kept) in retention_mismatches(kafka, topics, retention_ms).await? {
+        tracing::warn!(
+            topic = %topic,
+            retention_ms = kept.as_deref().unwrap_or("the broker's default"),
+            wanted = retention_ms,
+            "this topic deletes records that replay, rebuild and audit need \
+             (LOG_RETENTION_MS); `couponctl topics` sets it"
+        );
+    }
+    Ok(created)
 }
 
-/// The configs a topic is created with. The request topics (claims and
-/// purchases) stamp each record with the time the broker appended it
-/// (`LogAppendTime`): the processors judge a request at that time
-/// (`coupon_domain::clock`), so no producer may set it.
-pub fn topic_configs(topics: &Topics, name: &str) -> Vec<(String, String)> {
+/// The topics whose `retention.ms` is not `retention_ms`, with what they
+/// keep: topics created before the setting, or by hand.
+pub async fn retention_mismatches(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    retention_ms: i64,
+) -> anyhow::Result<Vec<(String, Option<String>)>> {
+    let names = topics.all();
+    let kept = coupon_platform::kafka::admin::topic_config(kafka, &names, RETENTION)
+        .await
+        .context("reading the topics' retention")?;
+    let wanted = retention_ms.to_string();
+    Ok(kept
+        .into_iter()
+        .filter(|(_, value)| value.as_deref() != Some(wanted.as_str()))
+        .collect())
+}
+
+const RETENTION: &str = "retention.ms";
+
+/// The configs a topic is created with. Every topic keeps its records for
+/// `retention_ms` (`LOG_RETENTION_MS`, default -1: for ever): the log is
+/// what `replay`, `rebuild` and `audit` treat as the whole truth, and a
+/// broker's default (7 days) would delete the batches a rebuild needs. The
+/// request topics (claims and purchases) stamp each record with the time
+/// the broker appended it (`LogAppendTime`): the processors judge a request
+/// at that time (`coupon_domain::clock`), so no producer may set it.
+pub fn topic_configs(topics: &Topics, name: &str, retention_ms: i64) -> Vec<(String, String)> {
+    let mut configs = vec![(RETENTION.to_owned(), retention_ms.to_string())];
     if topics.kind_of(name).is_some_and(|k| k.broker_timestamped()) {
-        vec![("message.timestamp.type".into(), "LogAppendTime".into())]
-    } else {
-        Vec::new()
+        configs.push(("message.timestamp.type".into(), "LogAppendTime".into()));
     }
+    configs
 }
 
 /// Starts `roles`; they run until `shutdown` is cancelled.

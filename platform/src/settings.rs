@@ -26,6 +26,9 @@ pub const SOLD_OUT_MARK_TTL: Duration = Duration::from_secs(10);
 
 // Topics and consumers.
 pub const TOPIC_PARTITIONS: i32 = 4;
+/// `retention.ms` of every topic: -1, for ever (the log is the truth that
+/// replay, rebuild and audit read).
+pub const LOG_RETENTION_MS: i64 = -1;
 pub const FAST_FETCH_WAIT_MS: u32 = 100;
 pub const SLOW_FETCH_WAIT_MS: u32 = 500;
 pub const MAX_BATCH: usize = 2_000;

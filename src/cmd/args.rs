@@ -73,6 +73,12 @@ pub struct Connections {
     /// default.replication.factor].
     #[arg(long, global = true, env = "TOPIC_REPLICATION", value_parser = clap::value_parser!(i32).range(1..))]
     pub topic_replication: Option<i32>,
+    /// `retention.ms` of the topics this process creates (and that
+    /// `couponctl topics` sets on existing ones): -1 keeps records for ever,
+    /// which replay, rebuild and audit need; a finite value makes them
+    /// refuse a log whose beginning is gone.
+    #[arg(long, global = true, env = "LOG_RETENTION_MS", default_value_t = settings::LOG_RETENTION_MS, allow_hyphen_values = true, value_parser = clap::value_parser!(i64).range(-1..))]
+    pub log_retention_ms: i64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -302,6 +308,7 @@ impl Connections {
         };
         config.partitions = serve.partitions;
         config.replication = self.topic_replication;
+        config.retention_ms = self.log_retention_ms;
         config.fast_fetch_wait_ms = serve.fast_fetch_wait_ms;
         config.slow_fetch_wait_ms = serve.slow_fetch_wait_ms;
         config.max_batch = serve.max_batch.max(1);

@@ -81,7 +81,14 @@ async fn issue(
         .context("applying migrations")?;
     let kafka = conn.kafka();
     let topics = coupon_platform::Topics::new(&conn.topic_prefix);
-    app::create_topics(&kafka, &topics, partitions, conn.topic_replication).await?;
+    app::create_topics(
+        &kafka,
+        &topics,
+        partitions,
+        conn.topic_replication,
+        conn.log_retention_ms,
+    )
+    .await?;
     let publisher = coupon_platform::kafka::Publisher::new(
         &kafka,
         &format!("couponctl-issue@{}", std::process::id()),

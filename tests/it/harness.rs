@@ -95,9 +95,15 @@ impl TestEnv {
         coupon_platform::db::migrate(&pool).await.expect("migrate");
         let topics = Topics::new(&name);
         let kafka = KafkaSettings::new(brokers);
-        app::create_topics(&kafka, &topics, 2, None)
-            .await
-            .expect("create topics");
+        app::create_topics(
+            &kafka,
+            &topics,
+            2,
+            None,
+            coupon_platform::settings::LOG_RETENTION_MS,
+        )
+        .await
+        .expect("create topics");
         Self {
             name,
             database_url,

@@ -1161,3 +1161,108 @@ async fn replay_and_rebuild_a_20k_event_log_exactly_and_report_their_rates() {
         number_before(&rebuild.stdout, "events/s")
     );
 }
+
+/// Issue #24, item 7: the log lives as long as what it rebuilds. Every
+/// topic is created keeping its records for ever; a topic that keeps them
+/// for less (made by hand, or before the setting) is set right by
+/// `couponctl topics`; and an audit or rebuild over a log whose beginning
+/// was deleted says so instead of reporting the loss as differences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_keeps_its_records_and_a_cut_log_is_refused_not_compared() {
+    use coupon_platform::kafka::admin::{set_topic_configs, topic_config};
+    let env = TestEnv::new().await;
+    let names = env.topics.all();
+    let kept = topic_config(&env.kafka, &names, "retention.ms")
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), names.len());
+    for (topic, value) in &kept {
+        assert_eq!(value.as_deref(), Some("-1"), "{topic}");
+    }
+
+    // A topic made with the broker's 7 days: `couponctl topics` fixes it.
+    let created = env.topics.created();
+    set_topic_configs(
+        &env.kafka,
+        &created,
+        &[("retention.ms".into(), "604800000".into())],
+    )
+    .await
+    .unwrap();
+    let topics = run(&env, &["topics"]).await;
+    assert_eq!(topics.code, Some(0), "{}", topics.stderr);
+    assert!(
+        topics
+            .stdout
+            .contains(&format!("{created}\texists; retention.ms 604800000 -> -1")),
+        "{}",
+        topics.stdout
+    );
+    let kept = topic_config(&env.kafka, std::slice::from_ref(&created), "retention.ms")
+        .await
+        .unwrap();
+    assert_eq!(kept[0].1.as_deref(), Some("-1"));
+    // The request topics keep their broker time stamps through the change.
+    let stamps = topic_config(&env.kafka, &[env.topics.claims()], "message.timestamp.type")
+        .await
+        .unwrap();
+    assert_eq!(stamps[0].1.as_deref(), Some("LogAppendTime"));
+
+    let app = env.start(&[Role::Coupons], |_| {}).await;
+    release(&env, "Kept", 5).await;
+    let whole = run(&env, &["audit"]).await;
+    assert_eq!(whole.code, Some(0), "{}\n{}", whole.stdout, whole.stderr);
+
+    // The first records of the created topic go, as retention would take them.
+    let partitions = {
+        let kafka = env.kafka.clone();
+        let topic = created.clone();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::{BaseConsumer, Consumer as _};
+            let consumer: BaseConsumer = kafka.client_config().create().unwrap();
+            (0..2)
+                .map(|p| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                        .unwrap();
+                    (p, high)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap()
+    };
+    let mut list = rdkafka::TopicPartitionList::new();
+    for (partition, high) in &partitions {
+        if *high > 0 {
+            list.add_partition_offset(&created, *partition, rdkafka::Offset::Offset(*high))
+                .unwrap();
+        }
+    }
+    assert!(
+        list.count() > 0,
+        "the release is on the log: {partitions:?}"
+    );
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        env.kafka.client_config().create().unwrap();
+    admin
+        .delete_records(&list, &rdkafka::admin::AdminOptions::new())
+        .await
+        .expect("delete the first records");
+
+    let cut = run(&env, &["audit"]).await;
+    assert_ne!(cut.code, Some(0), "{}", cut.stdout);
+    assert!(
+        cut.stderr
+            .contains("needs the whole log, but its beginning was deleted")
+            && cut.stderr.contains(&format!("{created}[")),
+        "{}",
+        cut.stderr
+    );
+    assert!(
+        !cut.stdout.contains("coupon "),
+        "no differences reported from a cut log: {}",
+        cut.stdout
+    );
+    app.stop().await;
+}

@@ -200,13 +200,15 @@ fn read_cut_log(
         }
     }
     let reader = Reader::new(kafka)?;
+    let kinds: Vec<TopicKind> = TopicKind::ALL
+        .into_iter()
+        .filter(|k| *k != TopicKind::DeadLetter)
+        .collect();
+    reader.ensure_whole(topics, &kinds, "an audit")?;
     let mut ranges = Vec::new();
     let mut cut_at: HashMap<(String, i32), i64> = HashMap::new();
     // Dead letters change no state: everything else is read.
-    for kind in TopicKind::ALL
-        .into_iter()
-        .filter(|k| *k != TopicKind::DeadLetter)
-    {
+    for kind in kinds {
         let topic = topics.of(kind);
         for partition in reader.partitions(&topic)? {
             let (low, high) = reader.watermarks(&topic, partition)?;

@@ -1037,6 +1037,7 @@ pub async fn rebuild(
     let read_bar = bar.clone();
     let (records, undecodable) = tokio::task::spawn_blocking(move || {
         let reader = Reader::new(&kafka)?;
+        reader.ensure_whole(&read_topics, &OUTCOME_TOPICS, "a rebuild")?;
         let ranges = reader.plan(&read_topics, &OUTCOME_TOPICS, StartAt::Beginning)?;
         read_bar.set_length(ranges.iter().map(PartitionRange::len).sum());
         read_outcomes(&reader, &ranges, &read_bar)

@@ -236,6 +236,38 @@ impl Reader {
             .with_context(|| format!("reading the watermarks of {topic}[{partition}]"))
     }
 
+    /// Refuses a log whose beginning is gone: a partition of `kinds` whose
+    /// first offset is past 0 lost records to retention (or a
+    /// delete-records), and `what` (a rebuild, an audit) would otherwise
+    /// report that loss as differences, or build a database without it.
+    pub fn ensure_whole(
+        &self,
+        topics: &Topics,
+        kinds: &[TopicKind],
+        what: &str,
+    ) -> anyhow::Result<()> {
+        let mut cut = Vec::new();
+        for &kind in kinds {
+            let topic = topics.of(kind);
+            for partition in self.partitions(&topic)? {
+                let (low, _) = self.watermarks(&topic, partition)?;
+                if low > 0 {
+                    cut.push(format!("{topic}[{partition}] starts at offset {low}"));
+                }
+            }
+        }
+        if cut.is_empty() {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "{what} needs the whole log, but its beginning was deleted ({}): the topics \
+             keep records for retention.ms only (LOG_RETENTION_MS=-1, the default for \
+             topics this system creates, keeps them; `couponctl topics` sets it on \
+             existing ones)",
+            cut.join(", ")
+        )
+    }
+
     /// The ranges to read for `kinds`: from `start` to each partition's
     /// current end (the high watermark snapshot).
     pub fn plan(

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -38,6 +40,80 @@ pub enum AdminError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error("reading or changing the configs of topics on {brokers} failed: {source}")]
+    Configs { brokers: String, source: KafkaError },
+    #[error("reading or changing the configs of topic {topic} failed: {code}")]
+    TopicConfigs {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// The value of config `key` of each of `topics` as the broker has it
+/// (`None` where the broker reports none).
+pub async fn topic_config(
+    settings: &KafkaSettings,
+    topics: &[String],
+    key: &str,
+) -> Result<Vec<(String, Option<String>)>, AdminError> {
+    let failed = |source| AdminError::Configs {
+        brokers: settings.brokers.clone(),
+        source,
+    };
+    let admin = admin_client(settings)?;
+    let specifiers: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
+    let results = admin
+        .describe_configs(specifiers.iter(), &options)
+        .await
+        .map_err(failed)?;
+    topics
+        .iter()
+        .zip(results)
+        .map(|(topic, result)| match result {
+            Ok(resource) => Ok((
+                topic.clone(),
+                resource.get(key).and_then(|entry| entry.value.clone()),
+            )),
+            Err(code) => Err(AdminError::TopicConfigs {
+                topic: topic.clone(),
+                code,
+            }),
+        })
+        .collect()
+}
+
+/// Sets the configs of an existing topic to `configs`. The admin API's
+/// (non-incremental) alter replaces every config the topic had set, so
+/// `configs` must be all of them (what the topic was created with).
+pub async fn set_topic_configs(
+    settings: &KafkaSettings,
+    topic: &str,
+    configs: &[(String, String)],
+) -> Result<(), AdminError> {
+    let admin = admin_client(settings)?;
+    let alter = configs.iter().fold(
+        AlterConfig::new(ResourceSpecifier::Topic(topic)),
+        |alter, (key, value)| alter.set(key, value),
+    );
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
+    let results = admin
+        .alter_configs([&alter], &options)
+        .await
+        .map_err(|source| AdminError::Configs {
+            brokers: settings.brokers.clone(),
+            source,
+        })?;
+    for result in results {
+        if let Err((_, code)) = result {
+            return Err(AdminError::TopicConfigs {
+                topic: topic.to_owned(),
+                code,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Creates the topics that do not exist yet. Returns the names it created.
