@@ -104,23 +104,48 @@ pub struct Running {
     pub http_addr: Option<SocketAddr>,
     pub context: Context,
     tasks: JoinSet<anyhow::Result<()>>,
+    shutdown: CancellationToken,
 }
 
 impl Running {
     /// Waits until every role has stopped; the first failure is returned.
-    pub async fn wait(mut self) -> anyhow::Result<()> {
-        let mut first_error = None;
-        while let Some(result) = self.tasks.join_next().await {
-            let outcome = result.map_err(anyhow::Error::from).and_then(|r| r);
-            if let Err(error) = outcome {
-                first_error.get_or_insert(error);
-            }
-        }
+    /// A role that stops before shutdown was asked for stops all the others
+    /// ([`supervise`]): the process never serves with half its roles.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let result = supervise(self.tasks, &self.shutdown).await;
         self.context.publisher.flush(Duration::from_secs(5));
-        match first_error {
-            Some(error) => Err(error),
-            None => Ok(()),
+        result
+    }
+}
+
+/// Joins every task. The first one to end while `shutdown` is not yet
+/// cancelled (with an error, a panic, or not at all) is a role that died:
+/// `shutdown` is cancelled so that the others stop too (a gateway without
+/// its claim processor would answer every claim `504`, a processor without
+/// its gateway would hold partitions for nobody), and its failure is
+/// returned, which makes the process exit non-zero for its supervisor to
+/// restart it.
+pub async fn supervise(
+    mut tasks: JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut first_error = None;
+    while let Some(result) = tasks.join_next().await {
+        let outcome = result.map_err(anyhow::Error::from).and_then(|r| r);
+        if !shutdown.is_cancelled() {
+            let error = outcome
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("a role stopped on its own"));
+            tracing::error!(error = %format!("{error:#}"), "a role stopped; stopping every role of this process");
+            first_error.get_or_insert(error);
+            shutdown.cancel();
+        } else if let Err(error) = outcome {
+            first_error.get_or_insert(error);
         }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(()),
     }
 }
 
@@ -310,7 +335,9 @@ pub async fn start(
             };
             let interval = config.sweep_interval;
             tasks.spawn(async move {
-                Ok(coupon_consumers::run(role, ctx, poll, interval, stop).await?)
+                coupon_consumers::run(role, ctx, poll, interval, stop)
+                    .await
+                    .with_context(|| format!("the {role} consumer stopped"))
             });
         }
     }
@@ -374,6 +401,7 @@ pub async fn start(
         http_addr,
         context: ctx,
         tasks,
+        shutdown,
     })
 }
 
@@ -435,3 +463,46 @@ impl ScratchDatabase {
 
 /// Hides the password in a connection URL for messages.
 pub use coupon_platform::db::redact;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_role_that_dies_stops_the_others_and_fails_the_process() {
+        let shutdown = CancellationToken::new();
+        let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+        let stop = shutdown.clone();
+        // A role that runs until shutdown, and one that fails at once.
+        tasks.spawn(async move {
+            stop.cancelled().await;
+            Ok(())
+        });
+        tasks.spawn(async { anyhow::bail!("the claims consumer stopped: broken") });
+        let result = tokio::time::timeout(Duration::from_secs(10), supervise(tasks, &shutdown))
+            .await
+            .expect("the surviving role was stopped");
+        let error = result.expect_err("the process fails");
+        assert!(format!("{error:#}").contains("broken"), "{error:#}");
+        assert!(shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_role_that_returns_early_counts_as_dead_and_a_clean_stop_is_ok() {
+        let shutdown = CancellationToken::new();
+        let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+        tasks.spawn(async { Ok(()) });
+        let error = supervise(tasks, &shutdown).await.expect_err("died");
+        assert!(error.to_string().contains("stopped on its own"));
+
+        let shutdown = CancellationToken::new();
+        let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            stop.cancelled().await;
+            Ok(())
+        });
+        shutdown.cancel();
+        supervise(tasks, &shutdown).await.expect("a clean stop");
+    }
+}

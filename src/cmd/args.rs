@@ -219,14 +219,117 @@ fn secret_from_file(path: &str) -> Result<Secret, String> {
     Secret::new(text).ok_or_else(|| format!("{path} is empty"))
 }
 
+/// The sane range of each duration setting: below it a role spins or
+/// answers nothing in time, above it a deadline overflows the clock or a
+/// hold outlives every window.
+const DURATION_BOUNDS: [(&str, Duration, Duration); 10] = [
+    (
+        "HOLD_TTL",
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+    ),
+    ("HOLD_GRACE", Duration::ZERO, Duration::from_secs(600)),
+    (
+        "REPLY_TIMEOUT",
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    ),
+    (
+        "REQUEST_TIMEOUT",
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    ),
+    (
+        "HEADER_READ_TIMEOUT",
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    ),
+    (
+        "BODY_READ_TIMEOUT",
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    ),
+    (
+        "FLOOD_BLOCK",
+        Duration::from_secs(1),
+        Duration::from_secs(30 * 86_400),
+    ),
+    (
+        "SWEEP_INTERVAL",
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+    ),
+    (
+        "METRICS_INTERVAL",
+        Duration::from_millis(100),
+        Duration::from_secs(3_600),
+    ),
+    (
+        "QUOTA_WINDOW",
+        Duration::from_secs(60),
+        Duration::from_secs(366 * 86_400),
+    ),
+];
+
 impl ServeArgs {
-    /// A token comes from the environment or from a file, not both.
+    /// Every setting is checked before anything starts: each refusal names
+    /// the setting, its value and what it may be, in one line.
+    pub fn check(&self, roles: &[Role]) -> anyhow::Result<()> {
+        let values = [
+            self.hold_ttl.0,
+            self.hold_grace.0,
+            self.reply_timeout.0,
+            self.request_timeout.0,
+            self.header_read_timeout.0,
+            self.body_read_timeout.0,
+            self.flood_block.0,
+            self.sweep_interval.0,
+            self.metrics_interval.0,
+            self.quota_window.length(),
+        ];
+        for ((name, min, max), value) in DURATION_BOUNDS.into_iter().zip(values) {
+            if value < min || value > max {
+                anyhow::bail!(
+                    "{name}={}: must be between {} and {}",
+                    Flag(value),
+                    Flag(min),
+                    Flag(max)
+                );
+            }
+        }
+        if self.hold_ttl.0 >= self.quota_window.length() {
+            anyhow::bail!(
+                "HOLD_TTL={} must be shorter than QUOTA_WINDOW={}: a hold that outlives \
+                 its window lets a user hold a coupon into the next one",
+                self.hold_ttl,
+                Flag(self.quota_window.length())
+            );
+        }
+        if roles.contains(&Role::Gateway) {
+            self.check_tokens()?;
+        }
+        Ok(())
+    }
+
+    /// A token comes from the environment or from a file, not both, and the
+    /// storefront's is never the admin's (a storefront holding it could
+    /// release coupons and read holders).
     pub fn check_tokens(&self) -> anyhow::Result<()> {
         if self.api_token.is_some() && self.api_token_file.is_some() {
             anyhow::bail!("set COUPON_API_TOKEN or COUPON_API_TOKEN_FILE, not both");
         }
         if self.admin_token.is_some() && self.admin_token_file.is_some() {
             anyhow::bail!("set COUPON_ADMIN_TOKEN or COUPON_ADMIN_TOKEN_FILE, not both");
+        }
+        let api = self.api_token_file.as_ref().or(self.api_token.as_ref());
+        let admin = self.admin_token_file.as_ref().or(self.admin_token.as_ref());
+        if let (Some(api), Some(admin)) = (api, admin) {
+            if admin.matches(api.expose()) {
+                anyhow::bail!(
+                    "COUPON_API_TOKEN and COUPON_ADMIN_TOKEN are the same: the storefront's \
+                     token must not open the admin routes"
+                );
+            }
         }
         Ok(())
     }

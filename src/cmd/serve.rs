@@ -20,9 +20,7 @@ pub struct ConsumeArgs {
 
 /// Runs `roles` with the serving settings `serve`.
 pub async fn run(conn: &Connections, serve: &ServeArgs, roles: &[Role]) -> anyhow::Result<()> {
-    if roles.contains(&Role::Gateway) {
-        serve.check_tokens()?;
-    }
+    serve.check(roles)?;
     serve_roles(conn.app_config(serve), roles).await
 }
 

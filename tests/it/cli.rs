@@ -145,6 +145,69 @@ async fn an_unreachable_service_is_one_line_and_a_quick_exit() {
     assert!(checked > 30, "{checked} refusals checked");
 }
 
+/// Issue #24, item 10: settings are checked before anything starts. Each
+/// absurd value is refused with exit 1 and one line naming the setting, for
+/// every serving command; before, `HOLD_TTL=0s` started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_settings_are_refused_in_one_line_before_anything_starts() {
+    let env = TestEnv::new().await;
+    let cases: [(&str, &str, &str); 8] = [
+        ("HOLD_TTL", "0s", "must be between 1s and 1d"),
+        ("HOLD_TTL", "99999999999d", "must be between 1s and 1d"),
+        ("REPLY_TIMEOUT", "0s", "must be between 100ms and 5m"),
+        ("SWEEP_INTERVAL", "1ns", "must be between 10ms and 1m"),
+        ("FLOOD_BLOCK", "400d", "must be between 1s and 30d"),
+        ("BODY_READ_TIMEOUT", "0s", "must be between 100ms and 5m"),
+        ("HOLD_TTL", "2h", "must be shorter than QUOTA_WINDOW=1h"),
+        (
+            "COUPON_ADMIN_TOKEN",
+            "same-token",
+            "COUPON_API_TOKEN and COUPON_ADMIN_TOKEN are the same",
+        ),
+    ];
+    for args in [&["run"][..], &["gateway"], &["consume", "claims"]] {
+        for (var, value, expected) in cases {
+            if var == "COUPON_ADMIN_TOKEN" && args[0] == "consume" {
+                continue; // a consumer serves no tokens
+            }
+            let started = Instant::now();
+            let mut child = env
+                .couponctl()
+                .args(args)
+                .env(var, value)
+                .env("QUOTA_WINDOW", "1h")
+                .env("COUPON_API_TOKEN", "same-token")
+                .env("HTTP_ADDR", "127.0.0.1:0")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run couponctl");
+            // A setting let through starts the server, which never exits.
+            while child.try_wait().expect("wait").is_none() {
+                if started.elapsed() > Duration::from_secs(8) {
+                    let _ = child.kill();
+                    panic!("{args:?} with {var}={value} started instead of refusing");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let output = child.wait_with_output().expect("couponctl output");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert_ne!(output.status.code(), Some(0), "{args:?} {var}={value}");
+            // The line names the setting (clap's own refusals quote the
+            // flag and the variable).
+            assert!(
+                lines.first().is_some_and(|l| l.starts_with("error: ")
+                    && l.contains(expected)
+                    && (l.contains(var) || l.contains("--"))),
+                "{args:?} {var}={value}: {stderr}"
+            );
+            assert_eq!(lines.len(), 1, "{args:?} {var}={value}: {stderr}");
+            assert!(started.elapsed() < Duration::from_secs(8));
+        }
+    }
+}
+
 /// The subcommands listed under `Commands:` in a help text (without `help`).
 fn subcommands(help: &str) -> Vec<String> {
     help.lines()
