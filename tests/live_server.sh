@@ -29,7 +29,7 @@ live_server_env() {
   export COUPON_API_TOKEN="$name-api-$RANDOM$RANDOM"
   export COUPON_ADMIN_TOKEN="$name-admin-$RANDOM$RANDOM"
   export HTTP_ADDR="127.0.0.1:$port"
-  export FLOOD_LIMIT=1000000 ADDRESS_LIMIT=1000000
+  export FLOOD_LIMIT=1000000
   export RUST_LOG="${RUST_LOG:-warn}"
   base="http://$HTTP_ADDR"
 }

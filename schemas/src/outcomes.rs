@@ -30,7 +30,7 @@ impl ClaimOutcome {
             ClaimOutcome::RateLimited => Some(ClaimOutcomeKind::RateLimited),
             ClaimOutcome::Blacklisted => Some(ClaimOutcomeKind::Blacklisted),
             ClaimOutcome::SoldOut => Some(ClaimOutcomeKind::SoldOut),
-            ClaimOutcome::Invalid | ClaimOutcome::Unspecified => None,
+            ClaimOutcome::Invalid | ClaimOutcome::Conflict | ClaimOutcome::Unspecified => None,
         }
     }
 
@@ -43,6 +43,7 @@ impl ClaimOutcome {
     pub fn name(self) -> &'static str {
         match self {
             ClaimOutcome::Invalid => "invalid",
+            ClaimOutcome::Conflict => "conflict",
             ClaimOutcome::Unspecified => "unspecified",
             other => other.kind().map_or("unspecified", ClaimOutcomeKind::as_str),
         }
@@ -80,6 +81,7 @@ impl PurchaseOutcome {
     pub fn name(self) -> &'static str {
         match self {
             PurchaseOutcome::Invalid => "invalid",
+            PurchaseOutcome::Conflict => "conflict",
             PurchaseOutcome::Unspecified => "unspecified",
             other => other.decision().map_or("unspecified", Purchase::as_str),
         }

@@ -405,6 +405,7 @@ impl Connections {
             max_waiting: serve.max_waiting_replies as usize,
             max_connections: serve.max_connections as usize,
             address_limit_per_sec: serve.address_limit,
+            address_limit_loopback: false,
             flood_limit_per_sec: serve.flood_limit,
             flood_block: serve.flood_block.0,
             datacenter_id: serve.datacenter_id,

@@ -2,7 +2,7 @@
 
 Two ids are state the document cannot describe in a schema: a request id
 (`x-request-id`) or an order id already used by another user is refused
-(`400`, documented). Generated values, and the document's examples, repeat
+(`409 request_id_conflict` / `order_id_conflict`, documented). Generated values, and the document's examples, repeat
 across users (`"0"`, `"order-1"`...), so before each call a valid one is
 replaced by a fresh UUID; invalid ones (negative cases) are sent as
 generated.

@@ -1368,8 +1368,8 @@ async fn hostile_http_input_gets_json_errors_and_never_a_5xx() {
         second["coupon_code"], first["coupon_code"],
         "the thief got the victim's coupon ({status})"
     );
-    assert_eq!(status, 400, "{second}");
-    assert_eq!(second["error"], "invalid_request");
+    assert_eq!(status, 409, "{second}");
+    assert_eq!(second["error"], "request_id_conflict");
 
     // After all that, the gateway still serves ordinary requests.
     let body = expect!(

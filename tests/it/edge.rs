@@ -232,6 +232,8 @@ async fn an_open_storefront_limits_addresses_and_never_blocks_the_named_user() {
         .start(&[Role::Gateway, Role::Coupons, Role::Claims], |c| {
             c.gateway.flood_limit_per_sec = 3;
             c.gateway.address_limit_per_sec = 10;
+            // This machine's clients are all loopback ones: count them.
+            c.gateway.address_limit_loopback = true;
         })
         .await;
     release(&env, "Open", 5).await;
@@ -250,6 +252,13 @@ async fn an_open_storefront_limits_addresses_and_never_blocks_the_named_user() {
     let limited: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 429).collect();
     assert!(!limited.is_empty(), "{answers:?}");
     assert!(limited.iter().all(|(_, retry, _)| *retry), "{limited:?}");
+    // The address limit's own code: never the quota's `rate_limited`.
+    assert!(
+        limited
+            .iter()
+            .all(|(_, _, body)| body["error"] == "address_limited"),
+        "{limited:?}"
+    );
     assert!(
         answers.iter().all(|(s, _, _)| *s != 403),
         "the victim was blocked: {answers:?}"
@@ -267,6 +276,24 @@ async fn an_open_storefront_limits_addresses_and_never_blocks_the_named_user() {
             .is_ok_and(|r| r.status() == 200)
     })
     .await;
+    app.stop().await;
+
+    // By default a local load generator is not capped by the address limit
+    // (issue #24, item 11): 60 distinct users at once from loopback.
+    let app = env
+        .start(&[Role::Gateway, Role::Coupons, Role::Claims], |c| {
+            c.gateway.address_limit_per_sec = 10;
+        })
+        .await;
+    let answers = join_all((0..60).map(|i| {
+        let request = http.get(app.url(&format!("/api/v1/coupon?id=local-{i}")));
+        async move { request.send().await.expect("claim").status().as_u16() }
+    }))
+    .await;
+    assert!(
+        answers.iter().all(|s| *s == 200 || *s == 404),
+        "{answers:?}"
+    );
     app.stop().await;
 }
 

@@ -95,7 +95,7 @@ async fn two_users_sharing_a_request_id_in_one_burst_stall_nothing() {
             .collect();
         let invalid: Vec<&&ClaimDecided> = pair
             .iter()
-            .filter(|d| d.outcome == ClaimOutcome::Invalid as i32)
+            .filter(|d| d.outcome == ClaimOutcome::Conflict as i32)
             .collect();
         assert_eq!((granted.len(), invalid.len()), (1, 1), "{pair:?}");
         assert!(invalid[0].coupon_code.is_empty());
@@ -154,7 +154,7 @@ async fn a_request_id_reused_by_another_user_never_gets_the_first_users_decision
     let (record, second) = by_key("bob").expect("an answer keyed by bob");
     assert_eq!(second.user_id, "bob", "addressed to bob: {second:?}");
     assert_eq!(record.key_str(), Some("bob"));
-    assert_eq!(second.outcome, ClaimOutcome::Invalid as i32);
+    assert_eq!(second.outcome, ClaimOutcome::Conflict as i32);
     assert!(second.coupon_code.is_empty(), "never alice's coupon");
     assert_eq!(
         env.count("SELECT count(*) FROM coupons WHERE status = 'held'")
@@ -166,7 +166,7 @@ async fn a_request_id_reused_by_another_user_never_gets_the_first_users_decision
 }
 
 /// Over HTTP: pairs of users sending the same `x-request-id` at the same
-/// moment each get their own answer (one coupon, one `invalid_request`), and
+/// moment each get their own answer (one coupon, one `request_id_conflict`), and
 /// everyone after them is served. Before, these answers and every later
 /// claim timed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,9 +207,9 @@ async fn concurrent_http_claims_sharing_an_x_request_id_are_each_answered() {
     for (pair, answers) in &per_pair {
         let mut statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
         statuses.sort_unstable();
-        assert_eq!(statuses, [200, 400], "{pair}: {answers:?}");
-        let refused = answers.iter().find(|(s, _)| *s == 400).unwrap();
-        assert_eq!(refused.1["error"], "invalid_request");
+        assert_eq!(statuses, [200, 409], "{pair}: {answers:?}");
+        let refused = answers.iter().find(|(s, _)| *s == 409).unwrap();
+        assert_eq!(refused.1["error"], "request_id_conflict");
     }
     let later = join_all((0..5).map(|i| claim(format!("after-{i}"), None))).await;
     for (user, status, body) in later {

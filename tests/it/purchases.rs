@@ -74,7 +74,7 @@ async fn purchase_inside_the_hold_redeems_once_per_order() {
     let (status, body) = purchase(&http, &app, "bystander", &code, "o-1").await;
     assert_eq!(
         (status, body["error"].as_str()),
-        (400, Some("invalid_request"))
+        (409, Some("order_id_conflict"))
     );
     assert!(
         !body.to_string().contains(&code),

@@ -336,8 +336,9 @@ pub async fn handle_events(
                         "request id {} was already used by another user; send a new one",
                         claim.request_id
                     );
-                    let answer = invalid_event(
+                    let answer = refusal_event(
                         ctx,
+                        WireOutcome::Conflict,
                         claim.request_id.as_str(),
                         claim.user_id.as_str(),
                         &claim.correlation_id,
@@ -351,7 +352,7 @@ pub async fn handle_events(
                         )
                         .to_owned(),
                         user_id: claim.user_id.as_str().to_owned(),
-                        outcome: "invalid",
+                        outcome: WireOutcome::Conflict.name(),
                         coupon_code: None,
                         redelivered: false,
                         reason: Some(reason),
@@ -580,8 +581,9 @@ fn invalid_decision(
 ) -> Option<(String, ClaimDecided)> {
     RequestId::parse(request.request_id.as_str()).ok()?;
     let envelope = request.envelope.as_ref();
-    Some(invalid_event(
+    Some(refusal_event(
         ctx,
+        WireOutcome::Invalid,
         &request.request_id,
         &crate::echoed_user_id(&request.user_id),
         envelope.map_or("", |e| e.correlation_id.as_str()),
@@ -590,11 +592,14 @@ fn invalid_decision(
     ))
 }
 
-/// An `invalid` answer to `user_key`'s request `request_id`. Never stored,
-/// so its event id comes from the request and the user, and its time from
-/// the record: a redelivery publishes the very same event.
-fn invalid_event(
+/// An answer that decides nothing (`invalid`, or `conflict`: the request
+/// id is another user's) to `user_key`'s request `request_id`. Never
+/// stored, so its event id comes from the request and the user, and its
+/// time from the record: a redelivery publishes the very same event.
+#[allow(clippy::too_many_arguments)]
+fn refusal_event(
     ctx: &Context,
+    outcome: WireOutcome,
     request_id: &str,
     user_key: &str,
     correlation_id: &str,
@@ -617,8 +622,9 @@ fn invalid_event(
             envelope: Some(envelope),
             request_id: request_id.to_owned(),
             user_id: user_key.to_owned(),
-            outcome: WireOutcome::Invalid as i32,
-            reason: reason.to_owned(),
+            outcome: outcome as i32,
+            // The reason may quote the request: bounded like any echo.
+            reason: reason.chars().take(1024).collect(),
             ..Default::default()
         },
     )

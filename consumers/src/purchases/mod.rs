@@ -167,15 +167,15 @@ enum Answer {
     /// `true` with a decision made now, `false` with one stored earlier.
     Decided(StoredPurchase, bool),
     /// Refused without a decision of its own (the order is another user's).
-    Invalid(String),
+    Conflict(String),
 }
 
 /// The answer to `purchase` when its order was decided before (read
 /// state → this pure step → nothing to write): the stored decision again,
-/// addressed to this request, or `invalid` when the order is another user's.
+/// addressed to this request, or `conflict` when the order is another user's.
 fn answer_stored(purchase: &Purchase, mut stored: StoredPurchase) -> Answer {
     if stored.user_id != purchase.user_id {
-        return Answer::Invalid(format!(
+        return Answer::Conflict(format!(
             "order id {} was already used by another user",
             purchase.order_id
         ));
@@ -243,10 +243,11 @@ async fn decide_one(
 /// (else there is no one to answer), keyed by the user id it gave. Its event
 /// id and time come from the request and the record, so a redelivery
 /// publishes the very same event (and the history sink adds no second row).
-fn invalid_decision(
+fn refusal(
     ctx: &Context,
     record: &Record,
     request: &PurchaseRequested,
+    outcome: WireOutcome,
     reason: &str,
 ) -> Option<(String, PurchaseDecided)> {
     RequestId::parse(request.request_id.as_str()).ok()?;
@@ -268,14 +269,20 @@ fn invalid_decision(
             envelope: Some(event),
             request_id: request.request_id.clone(),
             user_id: key,
-            outcome: WireOutcome::Invalid as i32,
-            reason: reason.to_owned(),
+            outcome: outcome as i32,
+            // The reason may quote the request: bounded like any echo.
+            reason: reason.chars().take(1024).collect(),
             ..Default::default()
         },
     ))
 }
 
-fn invalid_logged(request: &PurchaseRequested, user_id: &str, reason: &str) -> Decided {
+fn refusal_logged(
+    request: &PurchaseRequested,
+    user_id: &str,
+    outcome: WireOutcome,
+    reason: &str,
+) -> Decided {
     let correlation_id = request
         .envelope
         .as_ref()
@@ -283,7 +290,7 @@ fn invalid_logged(request: &PurchaseRequested, user_id: &str, reason: &str) -> D
     Decided {
         request_id: crate::log_request_id(correlation_id, &request.request_id).to_owned(),
         user_id: user_id.to_owned(),
-        outcome: "invalid",
+        outcome: outcome.name(),
         coupon_code: None,
         redelivered: false,
         reason: Some(reason.to_owned()),
@@ -305,8 +312,14 @@ pub async fn handle_events(
         let purchase = match validate(request) {
             Ok(purchase) => purchase,
             Err(reason) => {
-                if let Some(decision) = invalid_decision(ctx, record, request, &reason) {
-                    decided.push(invalid_logged(request, &decision.0, &reason));
+                if let Some(decision) = refusal(ctx, record, request, WireOutcome::Invalid, &reason)
+                {
+                    decided.push(refusal_logged(
+                        request,
+                        &decision.0,
+                        WireOutcome::Invalid,
+                        &reason,
+                    ));
                     decisions.push(decision);
                 }
                 refused.push((record, reason));
@@ -316,9 +329,10 @@ pub async fn handle_events(
         let at = judged_at(record.timestamp_ms, db_now, ctx.policy.hold_grace);
         let (decision, is_new) = match decide_one(&mut tx, &purchase, at).await? {
             Answer::Decided(decision, is_new) => (decision, is_new),
-            Answer::Invalid(reason) => {
-                if let Some(decision) = invalid_decision(ctx, record, request, &reason) {
-                    decided.push(invalid_logged(request, &decision.0, &reason));
+            Answer::Conflict(reason) => {
+                let conflict = WireOutcome::Conflict;
+                if let Some(decision) = refusal(ctx, record, request, conflict, &reason) {
+                    decided.push(refusal_logged(request, &decision.0, conflict, &reason));
                     decisions.push(decision);
                 }
                 continue;
@@ -366,7 +380,7 @@ pub async fn handle_events(
 pub async fn reject(ctx: &Context, record: &Record, reason: &str) -> Result<(), BatchError> {
     if let Ok(request) = decode::<PurchaseRequested>(record) {
         let reason = format!("the purchase could not be decided: {reason}");
-        if let Some(decision) = invalid_decision(ctx, record, &request, &reason) {
+        if let Some(decision) = refusal(ctx, record, &request, WireOutcome::Invalid, &reason) {
             crate::answer_if_possible(ctx, &ctx.topics.purchase_results(), decision).await?;
         }
     }
@@ -427,10 +441,10 @@ mod tests {
     }
 
     #[test]
-    fn an_order_of_another_user_is_invalid_and_reveals_nothing() {
+    fn an_order_of_another_user_is_a_conflict_and_reveals_nothing() {
         match answer_stored(&purchase("r9", "u2", "o1"), stored("r1", "u1", "o1")) {
-            Answer::Invalid(reason) => assert!(!reason.contains("u1"), "{reason}"),
-            other => panic!("expected invalid, got {other:?}"),
+            Answer::Conflict(reason) => assert!(!reason.contains("u1"), "{reason}"),
+            other => panic!("expected a conflict, got {other:?}"),
         }
     }
 }

@@ -39,6 +39,10 @@ pub enum ErrorCode {
     NotHolder,
     /// 409: the coupon was already redeemed.
     AlreadyRedeemed,
+    /// 409: the x-request-id is another user's request; send a new one.
+    RequestIdConflict,
+    /// 409: the order_id is another user's order.
+    OrderIdConflict,
     /// 413: the body is larger than 64 KiB.
     PayloadTooLarge,
     /// 414: the URI is too long.
@@ -47,8 +51,14 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// 429: one coupon per user per quota window; see `Retry-After`.
     RateLimited,
+    /// 429: too many requests from this client address (storefront routes
+    /// open without COUPON_API_TOKEN); not the quota. See `Retry-After`.
+    AddressLimited,
     /// 503: a store or the broker is not available; retrying is safe.
     Unavailable,
+    /// 503: the gateway sheds load (too many requests in flight or waiting
+    /// for a decision); see `Retry-After`.
+    Overloaded,
     /// 504: no decision in time; the request may still complete and retrying is safe.
     Timeout,
     /// 500: a bug.
@@ -104,7 +114,13 @@ impl ApiError {
     /// `503` because the gateway is at one of its limits (requests in
     /// flight, waiting requests): shed rather than queued.
     pub fn overloaded(what: impl std::fmt::Display) -> Self {
-        Self::unavailable(format!("the gateway is overloaded ({what}); retry later"))
+        let mut error = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Overloaded,
+            format!("the gateway is overloaded ({what}); retry later"),
+        );
+        error.retry_after_secs = Some(1);
+        error
     }
 
     pub fn timeout() -> Self {

@@ -108,6 +108,12 @@ pub struct GatewayConfig {
     /// Requests per second per client address when the storefront routes
     /// are open (no `api_token`); beyond, `429`.
     pub address_limit_per_sec: u64,
+    /// Count loopback clients against `address_limit_per_sec` too. Off by
+    /// default: a local load test or a proxy on the same host is not what
+    /// the limit is for (the open storefront serves loopback only unless
+    /// told otherwise, so off, the limit bites only with
+    /// `insecure_open_storefront`).
+    pub address_limit_loopback: bool,
     /// Claims per second per user beyond which the user is blocked (with
     /// `api_token` only: open routes never block the users they name).
     pub flood_limit_per_sec: u64,
@@ -131,6 +137,7 @@ impl Default for GatewayConfig {
             max_waiting: settings::MAX_WAITING_REPLIES as usize,
             max_connections: settings::MAX_CONNECTIONS as usize,
             address_limit_per_sec: settings::ADDRESS_LIMIT,
+            address_limit_loopback: false,
             flood_limit_per_sec: settings::FLOOD_LIMIT,
             flood_block: settings::FLOOD_BLOCK,
             datacenter_id: 0,
@@ -562,11 +569,15 @@ fn storefront_caller(
     }
     let Some(expected) = &state.config.api_token else {
         let second = Utc::now().timestamp();
-        if !state.addresses.allow(client.0, second) {
+        // Loopback callers are this machine's own (a local load test, a
+        // proxy on the host): the limit is for the addresses of others.
+        let local =
+            !state.config.address_limit_loopback && client.0.is_some_and(|ip| ip.is_loopback());
+        if !local && !state.addresses.allow(client.0, second) {
             metrics::counter!("coupon_http_shed_total", "reason" => "address").increment(1);
             let mut error = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited,
+                ErrorCode::AddressLimited,
                 "too many requests from this address; slow down",
             );
             error.retry_after_secs = Some(1);
@@ -705,16 +716,22 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
         (status = 200, description = "Granted: the coupon is held for this user until `expires_at`.",
             body = ClaimGranted,
             headers(("x-request-id" = String, description = "The request id"))),
-        (status = 400, description = "Invalid user id or category, or an x-request-id already used by another user.",
+        (status = 400, description = "Invalid user id or category.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "user_id must not be empty"})),
         responses::ApiUnauthorized,
         (status = 403, description = "The user is blacklisted (manually, or for flooding the gateway).",
             body = ErrorBody, example = json!({"error": "blacklisted", "message": "this user may not claim coupons"})),
         (status = 404, description = "No coupon (of the category) is available.",
             body = ErrorBody, example = json!({"error": "sold_out", "message": "no coupon is available right now"})),
-        (status = 429, description = "The user already had a coupon in this quota window; or, on a gateway without COUPON_API_TOKEN, too many requests from this address.",
-            headers(("Retry-After" = u64, description = "Seconds until the next quota window")),
-            body = ErrorBody, example = json!({"error": "rate_limited", "message": "one coupon per user per quota window; try again after 2026-11-26T00:00:00.000Z"})),
+        (status = 409, description = "The x-request-id was already used for another user's claim: nothing was decided for this one; send a new request id.",
+            body = ErrorBody, example = json!({"error": "request_id_conflict", "message": "this x-request-id was already used for another user; send a new one"})),
+        (status = 429, description = "`rate_limited`: the user already had a coupon in this quota window (`Retry-After`: seconds until the next window). `address_limited`: on a gateway without COUPON_API_TOKEN, too many requests from one non-loopback client address.",
+            headers(("Retry-After" = u64, description = "Seconds until the next quota window, or until the address may send again")),
+            body = ErrorBody,
+            examples(
+                ("rate_limited" = (summary = "the quota: one coupon per user per window", value = json!({"error": "rate_limited", "message": "one coupon per user per quota window; try again after 2026-11-26T00:00:00.000Z"}))),
+                ("address_limited" = (summary = "too many requests from this address", value = json!({"error": "address_limited", "message": "too many requests from this address; slow down"})))
+            )),
         (status = 503, description = "The claim could not be published, or the gateway is at its limit of requests in flight or waiting; retrying is safe.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "unavailable", "message": "could not publish the claim"})),
@@ -789,9 +806,7 @@ async fn claim_inner(
     if decision.user_id != user.as_str() {
         // The client's request id was used before, by another user: the
         // stored decision is that user's and must not be shown to this one.
-        return Err(ApiError::invalid(
-            "this x-request-id was already used for another user; send a new one",
-        ));
+        return Err(request_id_conflict());
     }
     Ok(claim_response(&decision))
 }
@@ -902,6 +917,25 @@ async fn publish_and_wait<E: coupon_schemas::Event, R>(
         .ok_or_else(ApiError::timeout)
 }
 
+/// A request id that is another user's request: decided for that user,
+/// never shown to this one.
+fn request_id_conflict() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        ErrorCode::RequestIdConflict,
+        "this x-request-id was already used for another user; send a new one",
+    )
+}
+
+/// An order id that is another user's order.
+fn order_id_conflict() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        ErrorCode::OrderIdConflict,
+        "this order_id was already used by another user",
+    )
+}
+
 fn claim_response(decision: &ClaimDecided) -> Response {
     let outcome = ClaimOutcome::try_from(decision.outcome).unwrap_or(ClaimOutcome::Unspecified);
     match outcome {
@@ -941,6 +975,7 @@ fn claim_response(decision: &ClaimDecided) -> Response {
             "no coupon is available right now",
         )
         .into_response(),
+        ClaimOutcome::Conflict => request_id_conflict().into_response(),
         ClaimOutcome::Invalid | ClaimOutcome::Unspecified => {
             ApiError::invalid(decision.reason.clone()).into_response()
         }
@@ -962,7 +997,7 @@ fn claim_response(decision: &ClaimDecided) -> Response {
     request_body = PurchaseBody,
     responses(
         (status = 200, description = "Redeemed.", body = PurchaseRedeemed),
-        (status = 400, description = "Invalid ids, or an order_id already used by another user.",
+        (status = 400, description = "Invalid ids.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "order_id must not be empty"})),
         responses::ApiUnauthorized,
         (status = 404, description = "No coupon has this code.",
@@ -971,12 +1006,13 @@ fn claim_response(decision: &ClaimDecided) -> Response {
             examples(
                 ("hold_expired" = (summary = "the hold ended before the purchase", value = json!({"error": "hold_expired", "message": "the hold on this coupon ended before the purchase"}))),
                 ("not_holder" = (summary = "another user holds it, or nobody", value = json!({"error": "not_holder", "message": "this coupon is not held by this user"}))),
-                ("already_redeemed" = (summary = "bought before", value = json!({"error": "already_redeemed", "message": "this coupon was already redeemed"})))
+                ("already_redeemed" = (summary = "bought before", value = json!({"error": "already_redeemed", "message": "this coupon was already redeemed"}))),
+                ("order_id_conflict" = (summary = "the order_id is another user's order", value = json!({"error": "order_id_conflict", "message": "this order_id was already used by another user"})))
             )),
         responses::BodyRefused,
         (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "rate_limited", "message": "too many requests from this address; slow down"})),
+            body = ErrorBody, example = json!({"error": "address_limited", "message": "too many requests from this address; slow down"})),
         (status = 503, description = "The purchase could not be published, or the gateway is at its limit of requests in flight or waiting; retrying is safe.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "unavailable", "message": "could not publish the purchase"})),
@@ -1046,9 +1082,7 @@ async fn purchase_inner(
     if decision.user_id != user.as_str() {
         // Purchases are idempotent on order_id: the stored answer for this
         // order is another user's and must not be shown to this one.
-        return Err(ApiError::invalid(
-            "this order_id was already used by another user",
-        ));
+        return Err(order_id_conflict());
     }
     Ok(purchase_response(&decision))
 }
@@ -1086,6 +1120,7 @@ fn purchase_response(decision: &PurchaseDecided) -> Response {
             "no coupon has this code",
         )
         .into_response(),
+        PurchaseOutcome::Conflict => order_id_conflict().into_response(),
         PurchaseOutcome::Invalid | PurchaseOutcome::Unspecified => {
             ApiError::invalid(decision.reason.clone()).into_response()
         }
@@ -1194,7 +1229,7 @@ async fn create_coupons(
             body = ErrorBody, example = json!({"error": "unknown_coupon", "message": "no coupon has this code"})),
         (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "rate_limited", "message": "too many requests from this address; slow down"})),
+            body = ErrorBody, example = json!({"error": "address_limited", "message": "too many requests from this address; slow down"})),
         responses::StoreUnavailable,
     ),
     security((), ("api_token" = []), ("admin_token" = []))

@@ -112,7 +112,7 @@ impl Modify for Limits {
             )
             .content(
                 "application/json",
-                error(serde_json::json!({"error": "unavailable", "message": "the gateway is overloaded (too many requests in flight); retry later"})),
+                error(serde_json::json!({"error": "overloaded", "message": "the gateway is overloaded (too many requests in flight); retry later"})),
             )
             .build();
         let late = ResponseBuilder::new()
@@ -211,6 +211,10 @@ fn contract(doc: &mut serde_json::Value) {
                     if let Some(code) = example.1.pointer("/value/error") {
                         codes.push(code.clone());
                     }
+                }
+                // Every route is shed when the gateway is at MAX_IN_FLIGHT.
+                if status == "503" && !codes.contains(&json!("overloaded")) {
+                    codes.push(json!("overloaded"));
                 }
                 if codes.is_empty() {
                     continue;
@@ -510,16 +514,28 @@ mod tests {
         conflicts.sort();
         assert_eq!(
             conflicts,
-            ["already_redeemed", "hold_expired", "not_holder"]
+            [
+                "already_redeemed",
+                "hold_expired",
+                "not_holder",
+                "order_id_conflict"
+            ]
         );
         assert_eq!(codes("/api/v1/purchase", "post", "404"), ["unknown_coupon"]);
-        assert_eq!(codes("/api/v1/coupon", "get", "429"), ["rate_limited"]);
+        assert_eq!(
+            codes("/api/v1/coupon", "get", "429"),
+            ["address_limited", "rate_limited"]
+        );
+        assert_eq!(
+            codes("/api/v1/coupon", "get", "409"),
+            ["request_id_conflict"]
+        );
         assert_eq!(codes("/api/v1/coupon", "get", "404"), ["sold_out"]);
         assert_eq!(codes("/api/v1/coupon", "get", "403"), ["blacklisted"]);
         assert_eq!(codes("/api/v1/coupon", "get", "400"), ["invalid_request"]);
         assert_eq!(
             codes("/api/v1/coupon/{code}", "get", "503"),
-            ["unavailable"]
+            ["unavailable", "overloaded"]
         );
         assert_eq!(codes("/api/v1/coupon", "post", "504"), ["timeout"]);
         // Nothing the edits did not mean to add (indexing adds `null`s).

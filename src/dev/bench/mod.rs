@@ -155,7 +155,6 @@ pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<R
     config.gateway.admin_token = Some(uuid::Uuid::new_v4().to_string().into());
     config.gateway.reply_timeout = Duration::from_secs(60);
     config.gateway.flood_limit_per_sec = u64::MAX;
-    config.gateway.address_limit_per_sec = u64::MAX;
     config.gateway.max_in_flight = 1 << 20;
     config.gateway.max_waiting = 1 << 20;
     config.db_max_connections = 16;
