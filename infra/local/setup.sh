@@ -38,8 +38,10 @@ command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 # Patroni's etcd client library: Debian's patroni depends on one of several
 # configuration stores' clients; ha.sh uses etcd.
 dpkg -s python3-etcd >/dev/null 2>&1 || need_apt+=(python3-etcd)
-# ha.sh asks Patroni's REST API and etcd's health endpoint with curl.
+# ha.sh asks Patroni's REST API and etcd's health endpoint with curl and
+# reads the answers with jq.
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
