@@ -19,8 +19,8 @@
 #   ha.sh start M           start member M's Patroni again
 #   ha.sh freeze M SECONDS  SIGSTOP member M's Patroni and Postgres, SIGCONT after
 #   ha.sh switchover [M]    patronictl switchover to M (default: the sync standby)
-#   ha.sh freeze-receivers SECONDS
-#                           SIGSTOP every replica's WAL receiver (a lagging standby)
+#   ha.sh stop-receivers    SIGSTOP every replica's WAL receiver (lagging standbys)
+#   ha.sh kill-receivers    kill -9 them (with what their sockets held)
 #   ha.sh set-config JSON   PATCH Patroni's dynamic configuration (e.g.
 #                           '{"synchronous_mode": false}'), wait until applied
 #   ha.sh url [DB]          the DATABASE_URL of the write port
@@ -412,19 +412,19 @@ case "$cmd" in
     kill -CONT $pids
     say "froze pg$n for ${seconds}s"
     ;;
-  freeze-receivers)
-    seconds="${2:-15}"
+  stop-receivers)
     pids="$(pgrep -f 'postgres: .*walreceiver' || true)"
     [[ -n "$pids" ]] || fail "no WAL receiver runs"
-    # shellcheck disable=SC2064
-    trap "kill -CONT $(echo $pids) 2>/dev/null || true" EXIT
     # shellcheck disable=SC2086
     kill -STOP $pids
-    say "stopped the WAL receivers"
-    sleep "$seconds"
+    say "ha: WAL receivers stopped: $(echo $pids)"
+    ;;
+  kill-receivers)
+    # SIGKILL also ends a stopped process; what its socket still held is lost.
+    pids="$(pgrep -f 'postgres: .*walreceiver' || true)"
     # shellcheck disable=SC2086
-    kill -CONT $pids
-    say "froze the WAL receivers for ${seconds}s"
+    [[ -z "$pids" ]] || kill -9 $pids
+    say "ha: WAL receivers killed: $(echo $pids)"
     ;;
   switchover)
     lead="$(leader)" || fail "no leader to switch over from"
@@ -456,6 +456,6 @@ case "$cmd" in
     echo "postgres://postgres@$HA_HOST:$HA_WRITE_PORT/${2:-coupons}"
     ;;
   *)
-    fail "usage: $0 up|down|status|wait-healthy [S]|leader|sync-standby|kill-postmaster M|kill M|start M|freeze M S|freeze-receivers S|switchover [M]|set-config JSON|url [DB]"
+    fail "usage: $0 up|down|status|wait-healthy [S]|leader|sync-standby|kill-postmaster M|kill M|start M|freeze M S|stop-receivers|kill-receivers|switchover [M]|set-config JSON|url [DB]"
     ;;
 esac

@@ -28,6 +28,7 @@ mod harness;
 #[path = "../it/processes.rs"]
 mod processes;
 
+mod ha;
 mod scenarios;
 
 use std::process::ExitCode;
@@ -112,6 +113,42 @@ fn main() -> ExitCode {
     }
     if let Err(error) = runtime.block_on(scenarios::cluster(&["down"])) {
         eprintln!("chaos: {error}");
+    }
+    // Postgres under Patroni (infra/local/ha.sh, started here): the quick
+    // run kills the leader's postmaster; the long one also freezes the
+    // leader, switches over and loses the leader's machine. The negative
+    // control runs only with CHAOS_HA_NEGATIVE=1.
+    let negative = std::env::var_os("CHAOS_HA_NEGATIVE").is_some();
+    let ha_faults: Vec<ha::HaFault> = ha::HaFault::ALL[..if long { 4 } else { 1 }]
+        .iter()
+        .copied()
+        .chain(negative.then_some(ha::HaFault::AsyncLaggingStandby))
+        .filter(|f| chosen(f.name()))
+        .collect();
+    if !ha_faults.is_empty() {
+        eprintln!("chaos: starting Postgres under Patroni (make ha-up) ...");
+        match runtime.block_on(ha::ha(&["up"])) {
+            Ok(started) => {
+                eprintln!("chaos: {}", started.lines().last().unwrap_or_default());
+                for fault in ha_faults {
+                    eprintln!("chaos: {} ...", fault.name());
+                    let row = runtime.block_on(ha::burst_with_fault(fault, &profile));
+                    eprintln!("chaos: {}", row.summary());
+                    rows.push(row);
+                }
+            }
+            Err(error) => rows.push(scenarios::Row {
+                scenario: "Patroni cluster".into(),
+                error: Some(error),
+                ..Default::default()
+            }),
+        }
+        // CHAOS_HA_KEEP=1 leaves it running for a look.
+        if std::env::var_os("CHAOS_HA_KEEP").is_none() {
+            if let Err(error) = runtime.block_on(ha::ha(&["down"])) {
+                eprintln!("chaos: {error}");
+            }
+        }
     }
     if chosen("sustained mixed load") {
         eprintln!("chaos: sustained load ...");
