@@ -85,8 +85,7 @@ pub fn is_permanent(error: &sqlx::Error) -> bool {
 pub fn is_failover(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            matches!(code.as_ref(), "25006" | "57P01" | "57P02" | "57P03")
-                || code.starts_with("08")
+            matches!(code.as_ref(), "25006" | "57P01" | "57P02" | "57P03") || code.starts_with("08")
         }),
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::PoolTimedOut => true,
         sqlx::Error::Tls(_) => true,
