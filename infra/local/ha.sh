@@ -83,7 +83,7 @@ start_etcd() {
       --listen-client-urls "$client" --advertise-client-urls "$client" \
       --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
       --initial-cluster "ha-etcd=$peer" --initial-cluster-token "$HA_SCOPE" --initial-cluster-state new \
-      --heartbeat-interval 100 --election-timeout 1000 --log-outputs stderr) \
+      --heartbeat-interval 100 --election-timeout 1000 --enable-v2=true --log-outputs stderr) \
       >>"$ETCD_DIR/etcd.log" 2>&1 </dev/null &
     echo $! >"$ETCD_DIR/etcd.pid"
   fi
@@ -115,7 +115,12 @@ log:
 restapi:
   listen: $HA_HOST:$(rest_port "$n")
   connect_address: $HA_HOST:$(rest_port "$n")
-etcd3:
+# etcd's v2 API: Patroni 3.0.2's etcd3 client keeps a watch-fed cache that
+# was seen to go stale after a failover here (every write of the /sync key
+# then failed its compare-and-set, "Synchronous replication key updated by
+# someone else", and the cluster stayed without a synchronous standby); the
+# v2 client reads the cluster from etcd on every loop.
+etcd:
   hosts: $HA_HOST:$HA_ETCD_PORT
 bootstrap:
   dcs:

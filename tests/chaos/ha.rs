@@ -165,7 +165,7 @@ fn watch_split_brain(
 ) -> tokio::task::JoinHandle<(usize, usize)> {
     tokio::spawn(async move {
         let Ok(http) = reqwest::Client::builder()
-            .timeout(Duration::from_millis(300))
+            .timeout(Duration::from_millis(500))
             .build()
         else {
             return (0, 0);
@@ -178,7 +178,8 @@ fn watch_split_brain(
                 let http = http.clone();
                 async move {
                     let url = format!("http://127.0.0.1:{}/primary", REST_BASE_PORT + i);
-                    http.get(url)
+                    // OPTIONS: Patroni answers with the status code only.
+                    http.request(reqwest::Method::OPTIONS, url)
                         .send()
                         .await
                         .is_ok_and(|r| r.status().as_u16() == 200)
