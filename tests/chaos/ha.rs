@@ -366,6 +366,11 @@ async fn burst(fault: HaFault, profile: Profile) -> Row {
     let mut row = score(&env, name, i64::from(issued), &answers).await;
     row.recovery = recovered;
     row.expect_loss = negative;
+    if negative {
+        row.notes.push(
+            "negative control: asynchronous and lagging, so it must lose grants (the row fails if it does not)".into(),
+        );
+    }
     let (twice, example) = granted_twice(&env, &answers).await;
     row.granted_twice = Some(twice);
     if let Some(example) = example {
