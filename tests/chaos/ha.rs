@@ -231,6 +231,39 @@ async fn granted_twice(env: &TestEnv, answers: &[Answer]) -> (usize, Option<Stri
     (forgotten.len(), forgotten.into_iter().next())
 }
 
+/// `couponctl audit` with DATABASE_READ_URL on HAProxy's read port: the
+/// live state read from a replica (once it replayed what the leader had
+/// written) must match the log. 1 when it does not.
+async fn audit_on_replica(env: &TestEnv, notes: &mut Vec<String>) -> usize {
+    let read_url = format!("postgres://postgres@127.0.0.1:5439/{}", env.name);
+    let mut command = tokio::process::Command::from(env.couponctl());
+    command.arg("audit").env("DATABASE_READ_URL", &read_url);
+    match command.output().await {
+        Ok(output) if output.status.success() => {
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            notes.push(format!(
+                "audit on a replica: {}",
+                stdout.lines().last().unwrap_or_default()
+            ));
+            0
+        }
+        Ok(output) => {
+            let text = String::from_utf8_lossy(&output.stdout);
+            let err = String::from_utf8_lossy(&output.stderr);
+            let lines: Vec<&str> = text.lines().chain(err.lines()).collect();
+            notes.push(format!(
+                "audit on a replica failed: {}",
+                lines[lines.len().saturating_sub(3)..].join(" / ")
+            ));
+            1
+        }
+        Err(error) => {
+            notes.push(format!("couponctl audit: {error}"));
+            1
+        }
+    }
+}
+
 pub async fn burst_with_fault(fault: HaFault, profile: &Profile) -> Row {
     let profile = profile.clone();
     guarded(fault.name(), burst(fault, profile)).await
@@ -377,6 +410,8 @@ async fn burst(fault: HaFault, profile: Profile) -> Row {
         row.notes.push(format!("granted twice, e.g. {example}"));
     }
     row.violations += split;
+    // The state on the new leader, as a replica serves it, against the log.
+    row.violations += audit_on_replica(&env, &mut row.notes).await;
     row.notes.push(format!(
         "leader {old_leader} -> {new_leader}; whole again (old leader a replica, synchronous) after {:.1} s, pg_rewind {}; {split} of {samples} samples saw two primaries",
         whole_after.as_secs_f64(),
