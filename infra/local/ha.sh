@@ -24,6 +24,7 @@
 #   ha.sh set-config JSON   PATCH Patroni's dynamic configuration (e.g.
 #                           '{"synchronous_mode": false}'), wait until applied
 #   ha.sh url [DB]          the DATABASE_URL of the write port
+#   ha.sh dir               where the members' data and logs are
 #
 # Member pgN serves Postgres on HA_PG_BASE_PORT+N (5441..5443) and Patroni's
 # REST API on HA_REST_BASE_PORT+N-1 (8008..8010); etcd listens on
@@ -33,7 +34,6 @@
 # Development only: loopback connections need no password, as in up.sh.
 source "$(dirname "$0")/common.sh"
 
-HA_DIR="${HA_DIR:-$STATE_DIR/ha}"
 HA_MEMBERS="${HA_MEMBERS:-3}"
 HA_SCOPE="${HA_SCOPE:-coupons-ha}"
 HA_WRITE_PORT="${HA_WRITE_PORT:-5440}"
@@ -43,6 +43,15 @@ HA_REST_BASE_PORT="${HA_REST_BASE_PORT:-8008}"
 HA_ETCD_PORT="${HA_ETCD_PORT:-2391}"
 HA_HOST=127.0.0.1
 HA_USER="${HA_USER:-postgres}"
+# The members' folders: .state/ha, unless the Postgres user cannot reach the
+# clone (one under a private home such as /root): then beside its home.
+if [[ -z "${HA_DIR:-}" ]]; then
+  HA_DIR="$STATE_DIR/ha"
+  if id "$HA_USER" >/dev/null 2>&1 \
+      && ! setpriv --reuid="$HA_USER" --regid="$HA_USER" --init-groups -- test -x "$REPO_ROOT" 2>/dev/null; then
+    HA_DIR="$(getent passwd "$HA_USER" | cut -d: -f6)/coupons-ha-$(printf '%s' "$REPO_ROOT" | md5sum | cut -c1-8)"
+  fi
+fi
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 # Failure detection, sized in README "Operations": the leader key lives TTL
 # seconds; Patroni's loop runs every LOOP_WAIT; a store or Postgres call is
@@ -457,10 +466,13 @@ case "$cmd" in
     esac
     say "ha: configuration patched: $2"
     ;;
+  dir)
+    echo "$HA_DIR"
+    ;;
   url)
     echo "postgres://postgres@$HA_HOST:$HA_WRITE_PORT/${2:-coupons}"
     ;;
   *)
-    fail "usage: $0 up|down|status|wait-healthy [S]|leader|sync-standby|kill-postmaster M|kill M|start M|freeze M S|stop-receivers|kill-receivers|switchover [M]|set-config JSON|url [DB]"
+    fail "usage: $0 up|down|status|wait-healthy [S]|leader|sync-standby|kill-postmaster M|kill M|start M|freeze M S|stop-receivers|kill-receivers|switchover [M]|set-config JSON|url [DB]|dir"
     ;;
 esac

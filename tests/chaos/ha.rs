@@ -139,11 +139,23 @@ async fn ha_background(
     }
 }
 
+/// Where `ha.sh` keeps the members' data and logs (`ha.sh dir`).
+fn ha_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        std::process::Command::new(script())
+            .arg("dir")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".state/ha"))
+    })
+    .clone()
+}
+
 fn member_log(member: &str) -> PathBuf {
-    let state = std::env::var_os("STATE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".state"));
-    state.join("ha").join(member).join("log/patroni.log")
+    ha_dir().join(member).join("log/patroni.log")
 }
 
 fn log_len(member: &str) -> u64 {

@@ -8,7 +8,10 @@
 //! consumers or of the gateway, a broker crash, a Postgres or Redis restart;
 //! and on a 3-node Kafka cluster (replication factor 3, min.insync.replicas
 //! 2, started here with `infra/local/cluster.sh`), `kill -9` of the claims
-//! partitions' leader or of a follower, and a broker's controlled restart.
+//! partitions' leader or of a follower, and a broker's controlled restart;
+//! and on Postgres under Patroni (`infra/local/ha.sh`, started here), the
+//! leader's failover (`ha.rs`: kill -9 of its postmaster in the quick run; a
+//! frozen leader, a switchover and a lost leader rejoining in the long one).
 //! Then it checks, from the event log and the database, that every request
 //! got exactly one decision, that every HTTP answer is the decision the
 //! database holds, and that the spec's invariants hold. A last scenario holds
