@@ -25,6 +25,9 @@
 #                           '{"synchronous_mode": false}'), wait until applied
 #   ha.sh url [DB]          the DATABASE_URL of the write port
 #   ha.sh dir               where the members' data and logs are
+#   ha.sh backup            pg_basebackup of the sync standby into .state/ha/backups, verified
+#   ha.sh restore [DIR] [T] that backup plus the WAL archive, to time T, on port 5450
+#   ha.sh restore-stop      stop the restored server
 #
 # Member pgN serves Postgres on HA_PG_BASE_PORT+N (5441..5443) and Patroni's
 # REST API on HA_REST_BASE_PORT+N-1 (8008..8010); etcd listens on
@@ -59,6 +62,9 @@ PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 HA_TTL="${HA_TTL:-10}"
 HA_LOOP_WAIT="${HA_LOOP_WAIT:-2}"
 HA_RETRY_TIMEOUT="${HA_RETRY_TIMEOUT:-4}"
+# A replica whose replay is more than this much WAL behind the leader leaves
+# the read port (Patroni's `/replica?lag=`); with none left, reads go to the leader.
+HA_READ_MAX_LAG="${HA_READ_MAX_LAG:-16MB}"
 ETCD_DIR="$HA_DIR/etcd"
 ARCHIVE_DIR="$HA_DIR/archive"
 HAPROXY_CFG="$HA_DIR/haproxy.cfg"
@@ -294,7 +300,7 @@ frontend reads
 
 backend replicas
   balance leastconn
-  option httpchk OPTIONS /replica
+  option httpchk OPTIONS /replica?lag=$HA_READ_MAX_LAG
   http-check expect status 200
 $servers
 backend leader_for_reads
@@ -469,10 +475,60 @@ case "$cmd" in
   dir)
     echo "$HA_DIR"
     ;;
+  backup)
+    # A base backup from the synchronous standby (no load on the leader):
+    # plain format with the WAL it needs and a manifest, then verified.
+    src="$(sync_standby)" || fail "no synchronous standby to back up from"
+    dest="$HA_DIR/backups/$(date -u +%Y%m%dT%H%M%SZ)"
+    mkdir -p "$HA_DIR/backups"; chown "$HA_USER:$HA_USER" "$HA_DIR/backups"
+    started=$SECONDS
+    as_pg "$PG_BIN/pg_basebackup" -h "$HA_HOST" -p "$(member_port "${src#pg}")" -U replicator \
+      -D "$dest" -X stream -c fast --checkpoint=fast 2>&1 | tail -n 5 >&2 || true
+    [[ -f "$dest/backup_manifest" ]] || fail "pg_basebackup from $src failed"
+    as_pg "$PG_BIN/pg_verifybackup" -q "$dest" || fail "pg_verifybackup found $dest damaged"
+    say "ha: base backup of $src in $dest ($(du -sh "$dest" | cut -f1), $((SECONDS - started))s), verified"
+    ;;
+  restore)
+    # ha.sh restore [BACKUP_DIR] [TARGET_TIME]: a copy of a base backup
+    # (default: the newest) replaying the archive up to TARGET_TIME (default:
+    # all of it), then promoted, on 127.0.0.1:$HA_RESTORE_PORT (5450).
+    backup="${2:-$(ls -d "$HA_DIR"/backups/*/ 2>/dev/null | sort | tail -n 1)}"
+    [[ -n "$backup" && -f "$backup/backup_manifest" ]] || fail "no base backup: run '$0 backup' first"
+    port="${HA_RESTORE_PORT:-5450}"; dir="$HA_DIR/restore"
+    if [[ -f "$dir/postmaster.pid" ]]; then as_pg "$PG_BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 || true; fi
+    rm -rf "$dir"; cp -a "$backup" "$dir"; rm -f "$dir/backup_manifest"
+    {
+      echo "# ha.sh restore: point-in-time recovery from $backup"
+      echo "restore_command = 'cp $ARCHIVE_DIR/%f %p'"
+      [[ -z "${3:-}" ]] || echo "recovery_target_time = '$3'"
+      echo "recovery_target_action = 'promote'"
+      echo "archive_mode = off"
+      echo "primary_conninfo = ''"
+      echo "port = $port"
+      echo "listen_addresses = '$HA_HOST'"
+      echo "unix_socket_directories = '$HA_DIR/run'"
+      echo "logging_collector = off"
+    } >>"$dir/postgresql.auto.conf"
+    rm -f "$dir/standby.signal"; touch "$dir/recovery.signal"; chown -R "$HA_USER:$HA_USER" "$dir"
+    # The leader closes its current segment so the archive holds every commit so far.
+    seg="$(psql -h "$HA_HOST" -p "$HA_WRITE_PORT" -U postgres -d postgres -tAXc 'SELECT pg_walfile_name(pg_switch_wal())')"
+    wait_for "the archive to take $seg" 60 test -f "$ARCHIVE_DIR/$seg"
+    started=$SECONDS
+    as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$dir/restore.log" -w -t 120 start >/dev/null \
+      || fail "the restored server did not start: see $dir/restore.log"
+    wait_for "the restore to finish recovery" 120 bash -c \
+      "[[ \"\$(psql -h $HA_HOST -p $port -U postgres -d postgres -tAXc 'SELECT pg_is_in_recovery()')\" == f ]]"
+    say "ha: restored $backup${3:+ to $3} on $HA_HOST:$port after $((SECONDS - started))s (stop it with '$0 restore-stop')"
+    ;;
+  restore-stop)
+    dir="$HA_DIR/restore"
+    [[ ! -f "$dir/postmaster.pid" ]] || as_pg "$PG_BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
+    say "ha: restored server stopped"
+    ;;
   url)
     echo "postgres://postgres@$HA_HOST:$HA_WRITE_PORT/${2:-coupons}"
     ;;
   *)
-    fail "usage: $0 up|down|status|wait-healthy [S]|leader|sync-standby|kill-postmaster M|kill M|start M|freeze M S|stop-receivers|kill-receivers|switchover [M]|set-config JSON|url [DB]|dir"
+    fail "usage: $0 up|down|status|wait-healthy [S]|leader|sync-standby|kill-postmaster M|kill M|start M|freeze M S|stop-receivers|kill-receivers|switchover [M]|set-config JSON|url [DB]|dir|backup|restore [DIR] [TIME]|restore-stop"
     ;;
 esac
