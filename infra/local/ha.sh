@@ -45,12 +45,15 @@ HA_PG_BASE_PORT="${HA_PG_BASE_PORT:-5440}"
 HA_REST_BASE_PORT="${HA_REST_BASE_PORT:-8008}"
 HA_ETCD_PORT="${HA_ETCD_PORT:-2391}"
 HA_HOST=127.0.0.1
-HA_USER="${HA_USER:-postgres}"
+# Postgres refuses to run as root: as root, the members run as `postgres`;
+# as anyone else, as that user.
+if ((EUID == 0)); then HA_USER="${HA_USER:-postgres}"; else HA_USER="$(id -un)"; fi
+HA_GROUP="$(id -gn "$HA_USER" 2>/dev/null || echo "$HA_USER")"
 # The members' folders: .state/ha, unless the Postgres user cannot reach the
 # clone (one under a private home such as /root): then beside its home.
 if [[ -z "${HA_DIR:-}" ]]; then
   HA_DIR="$STATE_DIR/ha"
-  if id "$HA_USER" >/dev/null 2>&1 \
+  if ((EUID == 0)) && id "$HA_USER" >/dev/null 2>&1 \
       && ! setpriv --reuid="$HA_USER" --regid="$HA_USER" --init-groups -- test -x "$REPO_ROOT" 2>/dev/null; then
     HA_DIR="$(getent passwd "$HA_USER" | cut -d: -f6)/coupons-ha-$(printf '%s' "$REPO_ROOT" | md5sum | cut -c1-8)"
   fi
@@ -83,7 +86,9 @@ check_member() {
 
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 # Runs a command as the Postgres user, in the foreground.
-as_pg() { setpriv --reuid="$HA_USER" --regid="$HA_USER" --init-groups -- "$@"; }
+as_pg() {
+  if ((EUID == 0)); then setpriv --reuid="$HA_USER" --regid="$HA_USER" --init-groups -- "$@"; else "$@"; fi
+}
 
 etcd_healthy() { curl -sf --max-time 2 "http://$HA_HOST:$HA_ETCD_PORT/health" | grep -q '"health":"true"'; }
 
@@ -205,7 +210,7 @@ postgresql:
     - host replication replicator 127.0.0.1/32 trust
     - host all all 127.0.0.1/32 md5
 YAML
-  chown -R "$HA_USER:$HA_USER" "$dir"
+  chown -R "$HA_USER:$HA_GROUP" "$dir"
 }
 
 member_running() { pid_alive "$(member_dir "$1")/patroni.pid"; }
@@ -215,10 +220,11 @@ start_member() {
   if member_running "$n"; then return 0; fi
   mkdir -p "$dir"
   write_member_config "$n"
-  chown "$HA_USER:$HA_USER" "$ARCHIVE_DIR" "$HA_DIR/run"
-  (exec setsid setpriv --reuid="$HA_USER" --regid="$HA_USER" --init-groups -- \
-    env HOME="$dir" PATH="$PG_BIN:$PATH" patroni "$dir/patroni.yml") \
-    >>"$dir/log/stdout.log" 2>&1 </dev/null &
+  chown "$HA_USER:$HA_GROUP" "$ARCHIVE_DIR" "$HA_DIR/run"
+  local run=(env HOME="$dir" PATH="$PG_BIN:$PATH" patroni "$dir/patroni.yml")
+  ((EUID != 0)) || run=(setpriv --reuid="$HA_USER" --regid="$HA_USER" --init-groups -- "${run[@]}")
+  # exec all the way down: the pid written is Patroni's.
+  (exec setsid "${run[@]}") >>"$dir/log/stdout.log" 2>&1 </dev/null &
   echo $! >"$dir/patroni.pid"
 }
 
@@ -261,7 +267,10 @@ wait_healthy() {
   done
 }
 
-as_status() { patronictl -c "$(member_dir 1)/patroni.yml" list 2>&1; }
+as_status() {
+  etcd_healthy || { echo "etcd is not serving on $HA_HOST:$HA_ETCD_PORT (make ha-up starts it)"; return 1; }
+  timeout 15 patronictl -c "$(member_dir 1)/patroni.yml" list 2>&1
+}
 
 write_haproxy_config() {
   local n servers=""
@@ -480,7 +489,7 @@ case "$cmd" in
     # plain format with the WAL it needs and a manifest, then verified.
     src="$(sync_standby)" || fail "no synchronous standby to back up from"
     dest="$HA_DIR/backups/$(date -u +%Y%m%dT%H%M%SZ)"
-    mkdir -p "$HA_DIR/backups"; chown "$HA_USER:$HA_USER" "$HA_DIR/backups"
+    mkdir -p "$HA_DIR/backups"; chown "$HA_USER:$HA_GROUP" "$HA_DIR/backups"
     started=$SECONDS
     as_pg "$PG_BIN/pg_basebackup" -h "$HA_HOST" -p "$(member_port "${src#pg}")" -U replicator \
       -D "$dest" -X stream -c fast --checkpoint=fast 2>&1 | tail -n 5 >&2 || true
@@ -509,7 +518,7 @@ case "$cmd" in
       echo "unix_socket_directories = '$HA_DIR/run'"
       echo "logging_collector = off"
     } >>"$dir/postgresql.auto.conf"
-    rm -f "$dir/standby.signal"; touch "$dir/recovery.signal"; chown -R "$HA_USER:$HA_USER" "$dir"
+    rm -f "$dir/standby.signal"; touch "$dir/recovery.signal"; chown -R "$HA_USER:$HA_GROUP" "$dir"
     # The leader closes its current segment so the archive holds every commit so far.
     seg="$(psql -h "$HA_HOST" -p "$HA_WRITE_PORT" -U postgres -d postgres -tAXc 'SELECT pg_walfile_name(pg_switch_wal())')"
     wait_for "the archive to take $seg" 60 test -f "$ARCHIVE_DIR/$seg"

@@ -40,10 +40,6 @@ pub struct TestEnv {
     pub kafka: KafkaSettings,
 }
 
-async fn admin_pool() -> PgPool {
-    admin_pool_at(&database_url()).await
-}
-
 /// The `postgres` database of the server `url` names.
 async fn admin_pool_at(url: &str) -> PgPool {
     let options: PgConnectOptions = url.parse().expect("DATABASE_URL");
