@@ -9,7 +9,7 @@ export REDIS_URL ?= $(call setting,REDIS_URL)
 export KAFKA_BROKERS ?= $(call setting,KAFKA_BROKERS)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup up down cluster-up cluster-down build unit sqlx test lint fmt demo bench chaos clean-state
+.PHONY: setup up down cluster-up cluster-down ha-up ha-down build unit sqlx test lint fmt demo bench chaos clean-state
 
 setup: ## install what this machine lacks (Postgres, Redis, a JDK, Apache Kafka from Maven Central)
 	infra/local/setup.sh
@@ -25,6 +25,12 @@ cluster-up: setup ## start the 3-node Kafka cluster (RF 3, min.insync.replicas 2
 
 cluster-down: ## stop the 3-node cluster
 	infra/local/cluster.sh down
+
+ha-up: setup ## Postgres under Patroni (3 members, synchronous, etcd, HAProxy): writes on 127.0.0.1:5440, reads on 5439
+	infra/local/ha.sh up
+
+ha-down: ## stop what `make ha-up` started (state kept in .state/ha)
+	infra/local/ha.sh down
 
 build:
 	cargo build --release --bin couponctl
@@ -61,7 +67,7 @@ fuzz: up ## the storefront contract with a random seed and more examples (CONTRA
 bench: up build ## the benchmarks (BENCH_QUICK=1 for a short run)
 	target/release/couponctl bench
 
-clean-state: down cluster-down
+clean-state: down cluster-down ha-down
 	rm -rf .state
 
 .PHONY: print-settings

@@ -31,6 +31,9 @@ pub use coupon_schemas::Role;
 #[derive(Debug, Clone)]
 pub struct AppConfig {
     pub database_url: String,
+    /// Where the read-only routes read (the coupon status route, the
+    /// console's analytics): replicas; `None` reads from `database_url`.
+    pub database_read_url: Option<String>,
     pub redis_url: String,
     pub kafka: KafkaSettings,
     pub topic_prefix: String,
@@ -70,6 +73,7 @@ impl AppConfig {
     pub fn local(topic_prefix: &str) -> Self {
         Self {
             database_url: settings::DATABASE_URL.into(),
+            database_read_url: None,
             redis_url: settings::REDIS_URL.into(),
             kafka: KafkaSettings::new(settings::KAFKA_BROKERS),
             topic_prefix: topic_prefix.into(),
@@ -365,6 +369,15 @@ pub async fn start(
             .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
         let addr = listener.local_addr()?;
         http_addr = Some(addr);
+        let read_pool = match config.database_read_url.as_deref() {
+            Some(url) if url != config.database_url => {
+                reach::postgres(url).await?;
+                coupon_platform::db::connect(url, config.db_max_connections)
+                    .await
+                    .with_context(|| format!("connecting to Postgres at {}", redact(url)))?
+            }
+            _ => ctx.pool.clone(),
+        };
         let state = Arc::new(
             GatewayState::new(
                 ctx.pool.clone(),
@@ -375,6 +388,7 @@ pub async fn start(
                 config.gateway.clone(),
                 metrics.clone(),
             )
+            .with_read_pool(read_pool)
             .with_exporter(Arc::new(crate::console_export::ReplayExporter {
                 kafka: config.kafka.clone(),
                 topics: ctx.topics.clone(),

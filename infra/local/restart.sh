@@ -12,7 +12,15 @@ source "$(dirname "$0")/common.sh"
 service_pids() {
   case "$1" in
     broker) kafka_running "$STATE_DIR/kafka" && cat "$STATE_DIR/kafka/kafka.pid" ;;
-    postgres) pgrep -x postgres || true ;;
+    # The cluster of `make up` only (its postmaster and children), not the
+    # members of `make ha-up`, which have faults of their own (ha.sh).
+    postgres)
+      local version pm
+      version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+      pm="$(head -n 1 "/var/run/postgresql/$version-main.pid" 2>/dev/null)" || return 0
+      kill -0 "$pm" 2>/dev/null || return 0
+      echo "$pm"; pgrep -P "$pm" || true
+      ;;
     redis) pgrep -x redis-server || true ;;
   esac
 }

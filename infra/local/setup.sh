@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks: Postgres and Redis (Debian packages, if
-# absent), a JDK and Maven if absent, and the Apache Kafka broker with its
+# absent), Patroni, etcd and HAProxy for `make ha-up`, a JDK and Maven if absent, and the Apache Kafka broker with its
 # runtime jars from Maven Central (pinned in infra/kafka/pom.xml). Safe to
 # run again: it skips what is already there.
 source "$(dirname "$0")/common.sh"
@@ -32,6 +32,19 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 # `make bench` drives /healthz with wrk too, to show its own generator is not the bound.
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+# `make ha-up` (infra/local/ha.sh): Postgres under Patroni with etcd as its
+# configuration store and HAProxy in front. Debian's packages ship services
+# that are not started here; ha.sh runs its own processes on its own ports.
+command -v patroni >/dev/null 2>&1 || need_apt+=(patroni)
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
+# Patroni's etcd client library: Debian's patroni depends on one of several
+# configuration stores' clients; ha.sh uses etcd.
+dpkg -s python3-etcd >/dev/null 2>&1 || need_apt+=(python3-etcd)
+# ha.sh asks Patroni's REST API and etcd's health endpoint with curl and
+# reads the answers with jq.
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -67,6 +67,32 @@ pub fn is_permanent(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether `error` is what a Postgres failover looks like to a client (the
+/// leader crashed, was demoted or is being switched over, and HAProxy moves
+/// the write port to the new leader): the connection was refused, reset or
+/// cut (`Io`, a protocol message cut short, a pool whose connections all
+/// failed), or the server said so: `25006` read_only_sql_transaction (a
+/// write reached a member that is, or just became, a replica), `57P01`
+/// admin_shutdown, `57P02` crash_shutdown, `57P03` cannot_connect_now (a
+/// member starting or in recovery), or any connection exception (class
+/// `08`). All of them are transient ([`is_permanent`] is false): the batch
+/// loop retries the batch with backoff, and a batch re-run on the new leader
+/// decides nothing twice (decisions are stored by request id, in the same
+/// transaction as their effects). With synchronous replication a commit the
+/// client saw succeed is on the standby Patroni promotes; a commit whose
+/// answer was lost with the connection either is there too (the re-run finds
+/// its decision) or is not (the re-run decides it for the first time).
+pub fn is_failover(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            matches!(code.as_ref(), "25006" | "57P01" | "57P02" | "57P03") || code.starts_with("08")
+        }),
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Tls(_) => true,
+        _ => false,
+    }
+}
+
 /// Creates the database `name` on `admin`'s server (scratch databases of
 /// the audit, the demo and the benchmarks; the role needs CREATEDB).
 pub async fn create_database(admin: &PgPool, name: &str) -> Result<(), sqlx::Error> {
@@ -123,6 +149,91 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server error with a SQLSTATE, as Postgres sends one.
+    #[derive(Debug)]
+    struct ServerError(&'static str);
+
+    impl std::fmt::Display for ServerError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for ServerError {}
+
+    impl sqlx::error::DatabaseError for ServerError {
+        fn message(&self) -> &str {
+            "server error"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn server(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(ServerError(code)))
+    }
+
+    fn io(kind: std::io::ErrorKind) -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::from(kind))
+    }
+
+    #[test]
+    fn what_a_failover_produces_is_transient() {
+        let failover = [
+            io(std::io::ErrorKind::ConnectionRefused),
+            io(std::io::ErrorKind::ConnectionReset),
+            io(std::io::ErrorKind::ConnectionAborted),
+            io(std::io::ErrorKind::UnexpectedEof),
+            io(std::io::ErrorKind::BrokenPipe),
+            sqlx::Error::Protocol("unexpected end of message".into()),
+            sqlx::Error::PoolTimedOut,
+            // read_only_sql_transaction: a write on a member that is a replica now.
+            server("25006"),
+            // admin_shutdown (fast shutdown: switchover, demotion), crash_shutdown,
+            // cannot_connect_now (starting up, in recovery).
+            server("57P01"),
+            server("57P02"),
+            server("57P03"),
+            // connection_exception and its subclasses.
+            server("08000"),
+            server("08003"),
+            server("08006"),
+            server("08001"),
+            server("08004"),
+        ];
+        for error in &failover {
+            assert!(is_failover(error), "{error:?} is a failover");
+            assert!(!is_permanent(error), "{error:?} must be retried");
+        }
+    }
+
+    #[test]
+    fn conflicts_are_transient_and_bad_values_permanent_but_neither_is_a_failover() {
+        for code in ["40001", "40P01", "55P03", "57014"] {
+            assert!(!is_permanent(&server(code)), "{code} is retried");
+            assert!(!is_failover(&server(code)), "{code} is no failover");
+        }
+        for code in ["22001", "22P02", "23505", "23503", "54000"] {
+            assert!(is_permanent(&server(code)), "{code} fails again");
+            assert!(!is_failover(&server(code)), "{code} is no failover");
+        }
+        assert!(is_permanent(&sqlx::Error::Decode("bad".into())));
+        assert!(!is_failover(&sqlx::Error::RowNotFound));
+    }
 
     #[test]
     fn passwords_are_redacted() {

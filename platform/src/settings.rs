@@ -15,6 +15,11 @@ use coupon_domain::QuotaWindow;
 pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/coupons";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const KAFKA_BROKERS: &str = "127.0.0.1:9092";
+// Postgres under Patroni (`make ha-up`): HAProxy's write port (the leader)
+// and read port (the replicas, the leader when none is up). Point
+// DATABASE_URL and DATABASE_READ_URL at them to run on the HA cluster.
+pub const HA_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5440/coupons";
+pub const HA_DATABASE_READ_URL: &str = "postgres://postgres@127.0.0.1:5439/coupons";
 pub const TOPIC_PREFIX: &str = "coupons";
 pub const HTTP_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
 

@@ -27,6 +27,11 @@ pub struct Connections {
         default_value = settings::DATABASE_URL
     )]
     pub database_url: String,
+    /// Postgres for what only reads: the coupon status route, the console's
+    /// analytics, `history` and `audit` (replicas: `make ha-up` serves them
+    /// on 127.0.0.1:5439) [default: DATABASE_URL].
+    #[arg(long, global = true, env = "DATABASE_READ_URL")]
+    pub database_read_url: Option<String>,
     /// Redis connection URL.
     #[arg(
         long,
@@ -380,6 +385,7 @@ impl Connections {
     pub fn app_config(&self, serve: &ServeArgs) -> AppConfig {
         let mut config = AppConfig::local(&self.topic_prefix);
         config.database_url = self.database_url.clone();
+        config.database_read_url = self.database_read_url.clone();
         config.redis_url = self.redis_url.clone();
         config.kafka = self.kafka();
         config.redis_prefix = self
@@ -437,13 +443,23 @@ pub fn default_serve_args() -> ServeArgs {
 }
 
 pub async fn database(conn: &Connections) -> anyhow::Result<sqlx::PgPool> {
-    reach::postgres(&conn.database_url).await?;
-    coupon_platform::db::connect(&conn.database_url, 4)
+    connect_to(&conn.database_url).await
+}
+
+/// The pool of a tool that only reads: DATABASE_READ_URL (replicas, whose
+/// answers may lag the leader by their replay delay), else DATABASE_URL.
+pub async fn read_database(conn: &Connections) -> anyhow::Result<sqlx::PgPool> {
+    connect_to(
+        conn.database_read_url
+            .as_deref()
+            .unwrap_or(&conn.database_url),
+    )
+    .await
+}
+
+async fn connect_to(url: &str) -> anyhow::Result<sqlx::PgPool> {
+    reach::postgres(url).await?;
+    coupon_platform::db::connect(url, 4)
         .await
-        .with_context(|| {
-            format!(
-                "connecting to Postgres at {}",
-                app::redact(&conn.database_url)
-            )
-        })
+        .with_context(|| format!("connecting to Postgres at {}", app::redact(url)))
 }

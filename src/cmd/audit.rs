@@ -36,6 +36,7 @@ pub async fn run(conn: &Connections, args: AuditArgs) -> anyhow::Result<()> {
         &topics,
         args.quota_window,
         &conn.database_url,
+        conn.database_read_url.as_deref(),
         bar,
     )
     .await?;

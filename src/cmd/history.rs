@@ -8,7 +8,7 @@ use clap::{ArgGroup, Args};
 
 use coupon_analyst::{history, replay};
 
-use super::args::{database, Connections};
+use super::args::{read_database, Connections};
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("subject").required(true).multiple(true).args(["user", "coupon"])))]
@@ -28,7 +28,7 @@ pub struct HistoryArgs {
 }
 
 pub async fn run(conn: &Connections, args: HistoryArgs) -> anyhow::Result<()> {
-    let pool = database(conn).await?;
+    let pool = read_database(conn).await?;
     let filter = history::HistoryFilter {
         user: args.user,
         coupon: args.coupon,

@@ -8,7 +8,10 @@
 //! consumers or of the gateway, a broker crash, a Postgres or Redis restart;
 //! and on a 3-node Kafka cluster (replication factor 3, min.insync.replicas
 //! 2, started here with `infra/local/cluster.sh`), `kill -9` of the claims
-//! partitions' leader or of a follower, and a broker's controlled restart.
+//! partitions' leader or of a follower, and a broker's controlled restart;
+//! and on Postgres under Patroni (`infra/local/ha.sh`, started here), the
+//! leader's failover (`ha.rs`: kill -9 of its postmaster in the quick run; a
+//! frozen leader, a switchover and a lost leader rejoining in the long one).
 //! Then it checks, from the event log and the database, that every request
 //! got exactly one decision, that every HTTP answer is the decision the
 //! database holds, and that the spec's invariants hold. A last scenario holds
@@ -28,6 +31,7 @@ mod harness;
 #[path = "../it/processes.rs"]
 mod processes;
 
+mod ha;
 mod scenarios;
 
 use std::process::ExitCode;
@@ -112,6 +116,42 @@ fn main() -> ExitCode {
     }
     if let Err(error) = runtime.block_on(scenarios::cluster(&["down"])) {
         eprintln!("chaos: {error}");
+    }
+    // Postgres under Patroni (infra/local/ha.sh, started here): the quick
+    // run kills the leader's postmaster; the long one also freezes the
+    // leader, switches over and loses the leader's machine. The negative
+    // control runs only with CHAOS_HA_NEGATIVE=1.
+    let negative = std::env::var_os("CHAOS_HA_NEGATIVE").is_some();
+    let ha_faults: Vec<ha::HaFault> = ha::HaFault::ALL[..if long { 4 } else { 1 }]
+        .iter()
+        .copied()
+        .chain(negative.then_some(ha::HaFault::AsyncLaggingStandby))
+        .filter(|f| chosen(f.name()))
+        .collect();
+    if !ha_faults.is_empty() {
+        eprintln!("chaos: starting Postgres under Patroni (make ha-up) ...");
+        match runtime.block_on(ha::ha(&["up"])) {
+            Ok(started) => {
+                eprintln!("chaos: {}", started.lines().last().unwrap_or_default());
+                for fault in ha_faults {
+                    eprintln!("chaos: {} ...", fault.name());
+                    let row = runtime.block_on(ha::burst_with_fault(fault, &profile));
+                    eprintln!("chaos: {}", row.summary());
+                    rows.push(row);
+                }
+            }
+            Err(error) => rows.push(scenarios::Row {
+                scenario: "Patroni cluster".into(),
+                error: Some(error),
+                ..Default::default()
+            }),
+        }
+        // CHAOS_HA_KEEP=1 leaves it running for a look.
+        if std::env::var_os("CHAOS_HA_KEEP").is_none() {
+            if let Err(error) = runtime.block_on(ha::ha(&["down"])) {
+                eprintln!("chaos: {error}");
+            }
+        }
     }
     if chosen("sustained mixed load") {
         eprintln!("chaos: sustained load ...");

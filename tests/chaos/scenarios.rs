@@ -200,13 +200,20 @@ pub struct Row {
     pub violations: usize,
     /// From the fault to the first fresh claim answered again.
     pub recovery: Option<Duration>,
+    /// The Patroni scenarios only: answered grants the new leader does not
+    /// hold (the user was told "yours", the database forgot it, so the
+    /// coupon can be granted again), plus coupons answered to two users.
+    pub granted_twice: Option<usize>,
+    /// A negative control: the scenario must lose something, or the check
+    /// could not tell a loss (then the row fails).
+    pub expect_loss: bool,
     pub notes: Vec<String>,
     /// Set when the scenario itself broke (a panic, a timeout, a script).
     pub error: Option<String>,
 }
 
 impl Row {
-    fn failed(scenario: &str, error: String) -> Self {
+    pub fn failed(scenario: &str, error: String) -> Self {
         Self {
             scenario: scenario.to_owned(),
             error: Some(error),
@@ -214,8 +221,21 @@ impl Row {
         }
     }
 
+    /// Whether anything was lost, duplicated, broken or granted twice.
+    pub fn lossy(&self) -> bool {
+        self.lost > 0
+            || self.duplicated > 0
+            || self.violations > 0
+            || self.granted_twice.unwrap_or(0) > 0
+            || self.decisions != self.requests
+    }
+
     pub fn clean(&self) -> bool {
+        if self.expect_loss {
+            return self.error.is_none() && self.requests > 0 && self.lossy();
+        }
         self.error.is_none()
+            && self.granted_twice.unwrap_or(0) == 0
             && self.lost == 0
             && self.duplicated == 0
             && self.violations == 0
@@ -227,13 +247,14 @@ impl Row {
         match &self.error {
             Some(error) => format!("{}: FAILED: {error}", self.scenario),
             None => format!(
-                "{}: {} requests, {} decisions, {} lost, {} duplicated, {} violations, recovery {}{}",
+                "{}: {} requests, {} decisions, {} lost, {} duplicated, {} violations, {} granted twice, recovery {}{}",
                 self.scenario,
                 self.requests,
                 self.decisions,
                 self.lost,
                 self.duplicated,
                 self.violations,
+                twice(self.granted_twice),
                 recovery(self.recovery),
                 self.notes
                     .iter()
@@ -244,33 +265,39 @@ impl Row {
     }
 }
 
+fn twice(count: Option<usize>) -> String {
+    count.map_or("-".into(), |n| n.to_string())
+}
+
 fn recovery(duration: Option<Duration>) -> String {
     duration.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
 }
 
 pub fn render(rows: &[Row]) -> String {
     let mut out = format!(
-        "\n| {:<26} | {:>8} | {:>9} | {:>4} | {:>10} | {:>10} | {:>8} |\n|{}|\n",
+        "\n| {:<26} | {:>8} | {:>9} | {:>4} | {:>10} | {:>10} | {:>13} | {:>8} |\n|{}|\n",
         "scenario",
         "requests",
         "decisions",
         "lost",
         "duplicated",
         "violations",
+        "granted twice",
         "recovery",
-        "---|".repeat(7).trim_end_matches('|')
+        "---|".repeat(8).trim_end_matches('|')
     );
     for row in rows {
         match &row.error {
             Some(error) => out.push_str(&format!("| {:<26} | FAILED: {error} |\n", row.scenario)),
             None => out.push_str(&format!(
-                "| {:<26} | {:>8} | {:>9} | {:>4} | {:>10} | {:>10} | {:>8} |\n",
+                "| {:<26} | {:>8} | {:>9} | {:>4} | {:>10} | {:>10} | {:>13} | {:>8} |\n",
                 row.scenario,
                 row.requests,
                 row.decisions,
                 row.lost,
                 row.duplicated,
                 row.violations,
+                twice(row.granted_twice),
                 recovery(row.recovery)
             )),
         }
@@ -283,7 +310,7 @@ pub fn render(rows: &[Row]) -> String {
 
 /// Runs a scenario on its own task, so a panic in it (a harness assertion)
 /// becomes a failed row instead of ending the whole run.
-async fn guarded<F>(name: &str, scenario: F) -> Row
+pub async fn guarded<F>(name: &str, scenario: F) -> Row
 where
     F: std::future::Future<Output = Row> + Send + 'static,
 {
@@ -305,11 +332,11 @@ where
 }
 
 /// The system under test as two processes, so either can be killed alone.
-struct System {
-    consumers: Child,
-    gateway: Child,
+pub struct System {
+    pub consumers: Child,
+    pub gateway: Child,
     port: u16,
-    base: String,
+    pub base: String,
     generation: u32,
     /// A cluster node the fault stopped, to start again once the system
     /// answers without it.
@@ -328,7 +355,7 @@ fn spawn_consumers(env: &TestEnv, protocol: &'static str, label: &str) -> Child 
 }
 
 impl System {
-    async fn start(env: &TestEnv, protocol: &'static str) -> Self {
+    pub async fn start(env: &TestEnv, protocol: &'static str) -> Self {
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
         let consumers = spawn_consumers(env, protocol, "consumers-0");
@@ -447,7 +474,7 @@ impl System {
         Ok(())
     }
 
-    fn assert_alive(&mut self) {
+    pub fn assert_alive(&mut self) {
         self.consumers.assert_alive();
         self.gateway.assert_alive();
     }
@@ -516,13 +543,13 @@ async fn freeze_service(
 }
 
 /// One user's claim and the final answer it got, if any.
-struct Answer {
-    user: String,
-    request_id: String,
-    answer: Option<(u16, Value)>,
+pub struct Answer {
+    pub user: String,
+    pub request_id: String,
+    pub answer: Option<(u16, Value)>,
 }
 
-async fn claim(http: &reqwest::Client, base: &str, user: String, request_id: String) -> Answer {
+pub async fn claim(http: &reqwest::Client, base: &str, user: String, request_id: String) -> Answer {
     let deadline = Instant::now() + CLIENT_PATIENCE;
     let (answer, _) = claim_with_retries(http, base, &user, &request_id, deadline).await;
     Answer {
@@ -599,7 +626,7 @@ async fn burst(fault: Fault, profile: Profile) -> Row {
 
 /// Scores a scenario from the claims topic, the results topic and the
 /// database, after giving the system up to a minute to drain.
-async fn score(env: &TestEnv, scenario: &str, issued: i64, answers: &[Answer]) -> Row {
+pub async fn score(env: &TestEnv, scenario: &str, issued: i64, answers: &[Answer]) -> Row {
     // A claim answered from a sold-out mark is answered before its record is
     // delivered (the gateway does not wait for that produce), and a leader
     // failover can hold the delivery for seconds: wait for every answered

@@ -40,8 +40,9 @@ pub struct TestEnv {
     pub kafka: KafkaSettings,
 }
 
-async fn admin_pool() -> PgPool {
-    let options: PgConnectOptions = database_url().parse().expect("DATABASE_URL");
+/// The `postgres` database of the server `url` names.
+async fn admin_pool_at(url: &str) -> PgPool {
+    let options: PgConnectOptions = url.parse().expect("DATABASE_URL");
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect_with(options.database("postgres"))
@@ -74,19 +75,26 @@ impl TestEnv {
     /// 3-node cluster of the fault-injection run), created with the
     /// brokers' default replication factor.
     pub async fn on_brokers(brokers: String) -> Self {
+        Self::on_server(&database_url(), brokers).await
+    }
+
+    /// A test environment whose database lives on the Postgres server of
+    /// `server_url` (the HA cluster's write port in the fault-injection run)
+    /// and whose topics live on `brokers`.
+    pub async fn on_server(server_url: &str, brokers: String) -> Self {
         let name = format!(
             "it_{}_{}",
             chrono::Utc::now().timestamp(),
             &uuid::Uuid::new_v4().simple().to_string()[..10]
         );
-        let admin = admin_pool().await;
+        let admin = admin_pool_at(server_url).await;
         sweep_leftovers(&admin).await;
         sqlx::query(&format!("CREATE DATABASE \"{name}\""))
             .execute(&admin)
             .await
             .expect("create test database");
         admin.close().await;
-        let options: PgConnectOptions = database_url().parse().expect("DATABASE_URL");
+        let options: PgConnectOptions = server_url.parse().expect("DATABASE_URL");
         let options = options.database(&name);
         let database_url = options.to_url_lossy().to_string();
         let pool = coupon_platform::db::connect(&database_url, 5)
@@ -250,6 +258,7 @@ impl Drop for TestEnv {
         // topics, and those of test runs that died an hour ago or more.
         let name = self.name.clone();
         let brokers = self.kafka.brokers.clone();
+        let server = self.database_url.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -258,7 +267,7 @@ impl Drop for TestEnv {
                 return;
             };
             rt.block_on(async move {
-                let admin = admin_pool().await;
+                let admin = admin_pool_at(&server).await;
                 let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                     .execute(&admin)
                     .await;

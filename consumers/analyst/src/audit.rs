@@ -714,28 +714,44 @@ async fn compare(
 }
 
 /// Runs an audit of the deployment under `topics` whose live database is
-/// `database_url`.
+/// `database_url`. With `read_url` (a replica of it), the live state is read
+/// there, once the replica has replayed everything the primary had written
+/// when the log was read; the scratch database is made on the primary.
 pub async fn audit(
     kafka: &KafkaSettings,
     topics: &Topics,
     window: QuotaWindow,
     database_url: &str,
+    read_url: Option<&str>,
     bar: indicatif::ProgressBar,
 ) -> anyhow::Result<AuditReport> {
     let options: PgConnectOptions = database_url
         .parse()
         .context("the database URL is not a valid Postgres URL")?;
-    let live = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to Postgres at {}",
-                coupon_platform::db::redact(database_url)
-            )
-        })?;
+    let connect = |options: PgConnectOptions, url: &str, connections: u32| {
+        let url = coupon_platform::db::redact(url);
+        async move {
+            PgPoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options)
+                .await
+                .with_context(|| format!("connecting to Postgres at {url}"))
+        }
+    };
+    let primary = connect(options.clone(), database_url, 2).await?;
+    let replica = match read_url.filter(|url| *url != database_url) {
+        Some(url) => {
+            let replica_options: PgConnectOptions = url
+                .parse()
+                .context("the read database URL is not a valid Postgres URL")?;
+            // One connection: behind a balancer another could reach a
+            // replica that has not caught up.
+            Some(connect(replica_options, url, 1).await?)
+        }
+        None => None,
+    };
+    let live = replica.clone().unwrap_or_else(|| primary.clone());
 
     // Before the log: a change published then is in the log, or still
     // changing (then the second read differs and the user is left out).
@@ -749,9 +765,12 @@ pub async fn audit(
         .context("the log reader stopped")??;
     bar.finish_and_clear();
     let read_seconds = started.elapsed().as_secs_f64();
+    if let Some(replica) = &replica {
+        wait_replayed(&primary, replica, Duration::from_secs(60)).await?;
+    }
 
     let scratch = format!("audit_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    coupon_platform::db::create_database(&live, &scratch)
+    coupon_platform::db::create_database(&primary, &scratch)
         .await
         .with_context(|| {
             format!("creating the scratch database {scratch} (the role needs CREATEDB)")
@@ -766,14 +785,44 @@ pub async fn audit(
         &blacklist_before,
     )
     .await;
-    let dropped = coupon_platform::db::drop_database_when_idle(&live, &scratch).await;
+    let dropped = coupon_platform::db::drop_database_when_idle(&primary, &scratch).await;
     live.close().await;
+    primary.close().await;
     let mut report = result?;
     dropped.with_context(|| format!("dropping the scratch database {scratch}"))?;
     report.rebuild.read_seconds = read_seconds;
     report.rebuild.undecodable = log.undecodable;
     report.in_flight_records = log.in_flight;
     Ok(report)
+}
+
+/// Waits until `replica` has replayed the primary's WAL as of now, so that
+/// what it answers is at least as new as the log just read.
+async fn wait_replayed(primary: &PgPool, replica: &PgPool, within: Duration) -> anyhow::Result<()> {
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(primary)
+        .await
+        .context("reading the primary's WAL position")?;
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let replayed: Option<bool> = sqlx::query_scalar(
+            "SELECT CASE WHEN pg_is_in_recovery()
+                         THEN pg_last_wal_replay_lsn() >= $1::pg_lsn ELSE true END",
+        )
+        .bind(&lsn)
+        .fetch_one(replica)
+        .await
+        .context("reading the replica's replay position")?;
+        if replayed == Some(true) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the read replica did not replay the primary's WAL up to {lsn} within {within:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn audit_in(

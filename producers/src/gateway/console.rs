@@ -663,7 +663,7 @@ pub(super) async fn analytics_claims(
     let rows = if until < since {
         Vec::new()
     } else {
-        console_store::claims_per_bucket(&state.pool, since, until, width)
+        console_store::claims_per_bucket(&state.read_pool, since, until, width)
             .await
             .map_err(store_unavailable)?
     };
@@ -758,7 +758,7 @@ pub(super) async fn analytics_funnel(
     let rows = if until < since {
         Vec::new()
     } else {
-        console_store::funnel(&state.pool, since, until)
+        console_store::funnel(&state.read_pool, since, until)
             .await
             .map_err(store_unavailable)?
     };

@@ -175,6 +175,9 @@ impl GatewayConfig {
 
 pub struct GatewayState {
     pub pool: PgPool,
+    /// What the read-only routes read (coupon status, the console's
+    /// analytics): replicas when DATABASE_READ_URL is set, else `pool`.
+    pub read_pool: PgPool,
     pub cache: Cache,
     pub publisher: Publisher,
     pub topics: Topics,
@@ -213,6 +216,7 @@ impl GatewayState {
             addresses: AddressLimiter::new(config.address_limit_per_sec),
             blacklisted: std::sync::RwLock::new(None),
             exporter: None,
+            read_pool: pool.clone(),
             pool,
             cache,
             publisher,
@@ -221,6 +225,12 @@ impl GatewayState {
             config,
             metrics,
         }
+    }
+
+    /// Reads the read-only routes from `pool` (replicas).
+    pub fn with_read_pool(mut self, pool: PgPool) -> Self {
+        self.read_pool = pool;
+        self
     }
 
     /// Lets the console download ranges of the log with `exporter`.
@@ -1243,7 +1253,7 @@ async fn coupon_status(
     let caller = storefront_caller(&state, &headers, client)?;
     let Path(raw) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
     let code = CouponCode::parse(&raw).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let row = store::coupons::find(&state.pool, code)
+    let row = store::coupons::find(&state.read_pool, code)
         .await
         .map_err(|error| {
             tracing::warn!(%error, "reading a coupon failed");
