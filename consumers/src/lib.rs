@@ -103,11 +103,12 @@ impl Context {
     }
 }
 
-/// The user id of an invalid request as its answer repeats it (the answer
-/// is keyed by it and the history stores it): bounded, and without control
-/// characters, because a NUL reaching Postgres fails the history sink's batch
-/// on every retry.
-pub(crate) fn echoed_user_id(raw: &str) -> String {
+/// An id of an invalid request as its answer repeats it (the answer is
+/// keyed by the user id, a waiting purchase is matched by its order id, and
+/// the history stores both): bounded, and without control characters,
+/// because a NUL reaching Postgres fails the history sink's batch on every
+/// retry.
+pub(crate) fn echoed_id(raw: &str) -> String {
     raw.chars().filter(|c| !c.is_control()).take(128).collect()
 }
 

@@ -585,7 +585,7 @@ fn invalid_decision(
         ctx,
         WireOutcome::Invalid,
         &request.request_id,
-        &crate::echoed_user_id(&request.user_id),
+        &crate::echoed_id(&request.user_id),
         envelope.map_or("", |e| e.correlation_id.as_str()),
         stable_time_ms(record, envelope.map(|e| e.occurred_at_ms)),
         reason,

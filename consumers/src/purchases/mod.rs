@@ -251,7 +251,7 @@ fn refusal(
     reason: &str,
 ) -> Option<(String, PurchaseDecided)> {
     RequestId::parse(request.request_id.as_str()).ok()?;
-    let key = crate::echoed_user_id(&request.user_id);
+    let key = crate::echoed_id(&request.user_id);
     let envelope = request.envelope.as_ref();
     let event = coupon_schemas::new_envelope::<PurchaseDecided>(
         Uuid::new_v5(
@@ -269,6 +269,9 @@ fn refusal(
             envelope: Some(event),
             request_id: request.request_id.clone(),
             user_id: key,
+            // The gateway hands an answer to the waiter buying this order
+            // only, so a refusal names it too.
+            order_id: crate::echoed_id(&request.order_id),
             outcome: outcome as i32,
             // The reason may quote the request: bounded like any echo.
             reason: reason.chars().take(1024).collect(),

@@ -102,10 +102,11 @@ impl<T> Drop for Pending<'_, T> {
     }
 }
 
-/// Hands `value` to the waiters of `user_id`'s request `request_id`: all of
-/// them for a claim or a decision that names no order (an invalid
-/// purchase), only those buying `order_id` otherwise, so two purchases of
-/// different orders under one request id each get their own answer.
+/// Hands `value` to the waiters of `user_id`'s request `request_id` that
+/// buy `order_id` (empty for a claim): two purchases of different orders
+/// under one request id each get their own answer, refusals included (they
+/// name the order they refuse), and an answer naming no order reaches no
+/// purchase.
 fn deliver<T: Clone>(
     waiters: &Waiters<T>,
     request_id: &str,
@@ -117,10 +118,9 @@ fn deliver<T: Clone>(
     let mut ready = Vec::new();
     if let Ok(mut map) = waiters.lock() {
         if let Some(list) = map.get_mut(&key) {
-            let (matching, others): (Vec<_>, Vec<_>) =
-                std::mem::take(list).into_iter().partition(|waiter| {
-                    order_id.is_empty() || waiter.order_id.is_empty() || waiter.order_id == order_id
-                });
+            let (matching, others): (Vec<_>, Vec<_>) = std::mem::take(list)
+                .into_iter()
+                .partition(|waiter| waiter.order_id == order_id);
             ready = matching;
             *list = others;
             if list.is_empty() {
@@ -432,6 +432,39 @@ mod tests {
             one.wait(wait).await.map(|d| d.order_id),
             Some("order-1".into())
         );
+    }
+
+    /// Issue #24, item 4: a refusal reaches only the request it refuses.
+    /// Before, an answer naming no order (the processor's `invalid` and
+    /// `conflict` answers named none) went to every purchase waiting under
+    /// the request id, so one user's second order got the first's refusal.
+    #[tokio::test]
+    async fn a_refusal_reaches_only_the_order_it_refuses() {
+        let replies = Replies::default();
+        let taken = replies.expect_purchase("p", "bob", "order-taken").unwrap();
+        let own = replies.expect_purchase("p", "bob", "order-own").unwrap();
+        let refused = PurchaseDecided {
+            request_id: "p".into(),
+            user_id: "bob".into(),
+            order_id: "order-taken".into(),
+            outcome: coupon_schemas::PurchaseOutcome::Conflict as i32,
+            ..Default::default()
+        };
+        deliver(&replies.purchases, "p", "bob", "order-taken", refused);
+        // An answer that names no order is no purchase's.
+        deliver(
+            &replies.purchases,
+            "p",
+            "bob",
+            "",
+            PurchaseDecided::default(),
+        );
+        let wait = Duration::from_millis(200);
+        assert_eq!(
+            taken.wait(wait).await.map(|d| d.outcome),
+            Some(coupon_schemas::PurchaseOutcome::Conflict as i32)
+        );
+        assert!(own.wait(wait).await.is_none(), "order-own is still waiting");
     }
 
     #[test]
