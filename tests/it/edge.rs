@@ -616,6 +616,17 @@ async fn a_broker_outage_answers_every_request_within_its_deadline() {
     let nowhere = format!("127.0.0.1:{}", free_port());
     let publisher = Publisher::new(&KafkaSettings::new(nowhere), "outage").unwrap();
     let cache = Cache::connect(&redis_url(), &env.name).await.unwrap();
+    // Every pool is marked sold out as of a complete cache: claims of new
+    // users take the sold-out fast path. Its answer needs the claim on the
+    // log (issue #24, item 5): without a broker it is never `404`, which
+    // before was answered at once and lost with the broker's outage.
+    let token = cache.begin_restore().await.unwrap();
+    assert!(cache.finish_restore(&token).await.unwrap());
+    let version = cache.supply_version().await.unwrap().unwrap();
+    cache
+        .mark_sold_out(&[None], &version, Duration::from_secs(300))
+        .await
+        .unwrap();
     let config = GatewayConfig {
         reply_timeout: Duration::from_secs(2),
         address_limit_per_sec: 1_000_000,

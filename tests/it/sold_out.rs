@@ -17,13 +17,33 @@ use couponctl::app::Role;
 use crate::harness::{eventually, eventually_ok, redis_url, release, App, TestEnv};
 
 /// One claim over HTTP with its own request id: (status, error or code).
-async fn claim(http: &reqwest::Client, app: &App, user: &str, request_id: &str) -> (u16, String) {
-    let response = http
-        .get(app.url(&format!("/api/v1/coupon?id={user}")))
-        .header("x-request-id", request_id)
-        .send()
-        .await
-        .expect("claim request");
+/// A claim as a storefront sends it, without an `x-request-id` of its own
+/// (only an id the gateway generates is answered from the sold-out mark);
+/// `_label` names the claim in the test.
+async fn claim(http: &reqwest::Client, app: &App, user: &str, _label: &str) -> (u16, String) {
+    let (status, what, _) = claim_with_id(http, app, user, None).await;
+    (status, what)
+}
+
+/// A claim with the client's `x-request-id` when given; the answer's
+/// status, coupon code or error, and the request id the gateway echoed.
+async fn claim_with_id(
+    http: &reqwest::Client,
+    app: &App,
+    user: &str,
+    request_id: Option<&str>,
+) -> (u16, String, String) {
+    let mut request = http.get(app.url(&format!("/api/v1/coupon?id={user}")));
+    if let Some(id) = request_id {
+        request = request.header("x-request-id", id);
+    }
+    let response = request.send().await.expect("claim request");
+    let echoed = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let status = response.status().as_u16();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     let what = body["coupon_code"]
@@ -31,22 +51,35 @@ async fn claim(http: &reqwest::Client, app: &App, user: &str, request_id: &str) 
         .or(body["error"].as_str())
         .unwrap_or_default()
         .to_owned();
-    (status, what)
+    (status, what, echoed)
 }
 
 /// Every decision on `coupons.claim-results`, by request id: the outcomes
 /// of its distinct events (a republished decision keeps its event id).
 async fn decisions(env: &TestEnv) -> HashMap<String, HashMap<String, (i32, String)>> {
-    let mut by_request: HashMap<String, HashMap<String, (i32, String)>> = HashMap::new();
+    decisions_by(env, |event| event.request_id.clone()).await
+}
+
+/// The same, by what `key` makes of each decision (e.g. its user, when
+/// every claim is a user of its own).
+async fn decisions_by(
+    env: &TestEnv,
+    key: impl Fn(&ClaimDecided) -> String,
+) -> HashMap<String, HashMap<String, (i32, String)>> {
+    let mut by_key: HashMap<String, HashMap<String, (i32, String)>> = HashMap::new();
     for record in env.read_topic(&env.topics.claim_results()).await {
         let event = decode::<ClaimDecided>(&record).expect("decision");
-        let id = event.envelope.map(|e| e.event_id).unwrap_or_default();
-        by_request
-            .entry(event.request_id)
+        let id = event
+            .envelope
+            .as_ref()
+            .map(|e| e.event_id.clone())
+            .unwrap_or_default();
+        by_key
+            .entry(key(&event))
             .or_default()
             .insert(id, (event.outcome, event.coupon_code));
     }
-    by_request
+    by_key
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,10 +107,10 @@ async fn sold_out_is_answered_without_the_claim_processor_and_decided_on_the_log
     // No processor runs: the gateway still answers sold out, at once.
     let mut fast = Vec::new();
     for i in 0..5 {
-        let request_id = format!("r-fast-{i}");
         let started = Instant::now();
-        let answer = claim(&http, &gateway, &format!("late-{i}"), &request_id).await;
-        assert_eq!(answer, (404, "sold_out".to_owned()), "claim {i}");
+        let (status, what, request_id) =
+            claim_with_id(&http, &gateway, &format!("late-{i}"), None).await;
+        assert_eq!((status, what), (404, "sold_out".to_owned()), "claim {i}");
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "answered in {:?}, not from the mark",
@@ -89,10 +122,14 @@ async fn sold_out_is_answered_without_the_claim_processor_and_decided_on_the_log
     // for the (stopped) processor, which would return the user's coupon.
     let (status, _) = claim(&http, &gateway, "holder", "r-holder-again").await;
     assert_eq!(status, 504, "the holder's claim must go to the processor");
+    let decided_fast: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM claim_decisions WHERE request_id = ANY($1)")
+            .bind(&fast)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(
-        env.count("SELECT count(*) FROM claim_decisions WHERE request_id LIKE 'r-fast-%'")
-            .await,
-        0,
+        decided_fast, 0,
         "nothing decided while the processor is down"
     );
 
@@ -129,8 +166,9 @@ async fn sold_out_is_answered_without_the_claim_processor_and_decided_on_the_log
     )
     .await;
     let stored: Vec<(String, String)> = sqlx::query_as(
-        "SELECT request_id, outcome FROM claim_decisions WHERE request_id LIKE 'r-fast-%'",
+        "SELECT request_id, outcome FROM claim_decisions WHERE request_id = ANY($1)",
     )
+    .bind(&fast)
     .fetch_all(&env.pool)
     .await
     .unwrap();
@@ -511,8 +549,10 @@ async fn releases_race_a_drained_pool_across_two_gateways() {
     // answers reach the workers after the processor's commit (decision on
     // the log, gateway, HTTP), so wait for those answers before reading
     // when they were sent.
+    // By user: each claim of the stream is a user of its own (their
+    // request ids are the gateways').
     let winners: Vec<String> = sqlx::query_scalar(
-        "SELECT request_id FROM claim_decisions
+        "SELECT user_id FROM claim_decisions
           WHERE outcome = 'granted' AND NOT repeated AND coupon_code = ANY($1)",
     )
     .bind(&cards)
@@ -630,7 +670,7 @@ async fn releases_race_a_drained_pool_across_two_gateways() {
         "every claim is decided once",
         Duration::from_secs(60),
         || async {
-            let found = decisions(&env).await;
+            let found = decisions_by(&env, |event| event.user_id.clone()).await;
             for (_, user, _, status) in &seen {
                 let Some(d) = found.get(user) else {
                     return Err(format!("{user} ({status}) has no decision"));
@@ -693,22 +733,19 @@ async fn a_sold_out_mark_is_renewed_while_claims_keep_coming() {
 
     // Claims for 4 TTLs, four a second, each from a new user.
     let mut pace = tokio::time::interval(Duration::from_millis(250));
-    let steady: Vec<String> = (0..(4 * mark_ttl.as_millis() / 250))
-        .map(|i| format!("r-steady-{i}"))
-        .collect();
-    for (i, request_id) in steady.iter().enumerate() {
+    let mut steady: Vec<String> = Vec::new();
+    for i in 0..(4 * mark_ttl.as_millis() / 250) {
         pace.tick().await;
-        assert_eq!(
-            claim(&http, &gateway, &format!("steady-{i}"), request_id).await,
-            (404, "sold_out".to_owned()),
-            "claim {i}"
-        );
+        let (status, what, request_id) =
+            claim_with_id(&http, &gateway, &format!("steady-{i}"), None).await;
+        assert_eq!((status, what), (404, "sold_out".to_owned()), "claim {i}");
+        steady.push(request_id);
     }
     let read_flags = || async {
         let mut flags = HashMap::new();
         for record in env.read_topic(&env.topics.claims()).await {
             let request = decode::<ClaimRequested>(&record).expect("claim request");
-            if request.request_id.starts_with("r-steady-") {
+            if steady.contains(&request.request_id) {
                 flags.insert(request.request_id, request.answered_sold_out);
             }
         }
@@ -747,4 +784,77 @@ async fn a_sold_out_mark_is_renewed_while_claims_keep_coming() {
         },
     )
     .await;
+}
+
+/// Issue #24, item 3: one request id, one answer, on every path. Each user
+/// sends one request id twice at once, for a sold-out pool (marked) and for
+/// one in stock. Before, the first copy was answered `404` from the mark
+/// while the second was granted: 4 of 5 users got both. Now a client's own
+/// request id is never answered from the mark: both copies get the one
+/// decision stored (and published) for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_id_gets_one_answer_whatever_its_category() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(&[Role::Gateway, Role::Coupons, Role::Claims], |c| {
+            c.policy.sold_out_mark_ttl = Duration::from_secs(300);
+        })
+        .await;
+    let http = TestEnv::http_client();
+    // Both pools first: a release voids every sold-out mark.
+    release(&env, "Kept", 5).await;
+    release(&env, "Gone", 1).await;
+    let gone = |user: &'static str| {
+        http.get(app.url(&format!("/api/v1/coupon?id={user}&category=Gone")))
+            .send()
+    };
+    assert_eq!(gone("first").await.unwrap().status().as_u16(), 200);
+    let cache = coupon_platform::redis::Cache::connect(&crate::harness::redis_url(), &env.name)
+        .await
+        .unwrap();
+    eventually(
+        "the empty pool is marked",
+        Duration::from_secs(30),
+        || async {
+            assert_eq!(gone("drain").await.unwrap().status().as_u16(), 404);
+            let facts = cache
+                .fast_path_facts("someone-new", Some("Gone"))
+                .await
+                .unwrap();
+            coupon_domain::sold_out::pool_sold_out(&facts)
+        },
+    )
+    .await;
+    for i in 0..5 {
+        let (user, id) = (format!("twice-{i}"), format!("same-id-{i}"));
+        let gone = http
+            .get(app.url(&format!("/api/v1/coupon?id={user}&category=Gone")))
+            .header("x-request-id", &id)
+            .send();
+        let kept = http
+            .get(app.url(&format!("/api/v1/coupon?id={user}&category=Kept")))
+            .header("x-request-id", &id)
+            .send();
+        let (gone, kept) = tokio::join!(gone, kept);
+        let answer = |r: reqwest::Response| async move {
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (status, body["coupon_code"].clone(), body["error"].clone())
+        };
+        let (gone, kept) = (answer(gone.unwrap()).await, answer(kept.unwrap()).await);
+        assert_eq!(gone, kept, "{user}: one request id, two answers");
+        let stored: String =
+            sqlx::query_scalar("SELECT outcome FROM claim_decisions WHERE request_id = $1")
+                .bind(&id)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        let expected = if gone.0 == 200 { "granted" } else { "sold_out" };
+        assert_eq!(
+            stored, expected,
+            "{user}: the answer is the stored decision"
+        );
+    }
+    crate::harness::assert_invariants(&env, 6).await;
+    app.stop().await;
 }

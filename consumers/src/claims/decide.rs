@@ -105,11 +105,35 @@ pub(super) fn users_to_read(claims: &[Claim]) -> Vec<&UserId> {
         .collect()
 }
 
+/// A user told `sold_out` never ends up holding a coupon from that request:
+/// when any copy of a request (one request id, one user) in the batch was
+/// answered sold out by a gateway, every copy of it is.
+pub(super) fn told_sold_out_wins(claims: &mut [Claim]) {
+    let told: HashSet<(RequestId, UserId)> = claims
+        .iter()
+        .filter(|c| c.answered_sold_out)
+        .map(|c| (c.request_id.clone(), c.user_id.clone()))
+        .collect();
+    if told.is_empty() {
+        return;
+    }
+    for claim in claims {
+        if told.contains(&(claim.request_id.clone(), claim.user_id.clone())) {
+            claim.answered_sold_out = true;
+        }
+    }
+}
+
 /// Sorts `claim` with what the batch read up front. No I/O.
 pub(super) fn classify<'a>(policy: &Policy, claim: &'a Claim, view: &mut BatchView) -> Step<'a> {
     let user = &claim.user_id;
     match view.owners.get(&claim.request_id) {
         Some(owner) if owner != user => return Step::IdTaken,
+        // A copy of a request earlier in this batch, not decided yet (it
+        // waits for a coupon): this copy gets that copy's decision after the
+        // grants. Deciding it now would put two decisions under one request
+        // id, which the batch could only roll back, for ever.
+        Some(_) if !view.decided.contains_key(&claim.request_id) => return Step::Deferred,
         Some(_) => {}
         None => {
             view.owners.insert(claim.request_id.clone(), user.clone());
@@ -249,6 +273,35 @@ mod tests {
         let (a, b) = (claim("r1", "u1"), claim("r2", "u1"));
         assert!(matches!(classify(&policy, &a, &mut view), Step::Waiting(_)));
         assert!(matches!(classify(&policy, &b, &mut view), Step::Deferred));
+    }
+
+    /// Issue #24, item 3: copies of one request in one batch get one
+    /// decision, whichever flag they carry, and a copy a gateway answered
+    /// sold out makes them all sold out.
+    #[test]
+    fn copies_of_one_request_in_a_batch_share_one_decision_and_sold_out_wins() {
+        let policy = Policy::default();
+        let mut view = view();
+        let mut copies = vec![claim("r1", "u1"), claim("r1", "u1")];
+        copies[1].answered_sold_out = true;
+        told_sold_out_wins(&mut copies);
+        assert!(copies.iter().all(|c| c.answered_sold_out));
+        let first = classify(&policy, &copies[0], &mut view);
+        assert_eq!(outcome(&first), Some((ClaimOutcomeKind::SoldOut, true)));
+        let second = classify(&policy, &copies[1], &mut view);
+        assert_eq!(outcome(&second), Some((ClaimOutcomeKind::SoldOut, false)));
+
+        // Unflagged copies: the second waits for the first's decision.
+        let mut view = super::tests::view();
+        let (a, b) = (claim("r2", "u2"), claim("r2", "u2"));
+        assert!(matches!(classify(&policy, &a, &mut view), Step::Waiting(_)));
+        assert!(matches!(classify(&policy, &b, &mut view), Step::Deferred));
+        // Another user's copy of r2 is still refused, not deferred.
+        let theft = claim("r2", "u3");
+        assert!(matches!(
+            classify(&policy, &theft, &mut view),
+            Step::IdTaken
+        ));
     }
 
     #[test]

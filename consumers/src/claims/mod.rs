@@ -280,6 +280,7 @@ pub async fn handle_events(
     }
 
     let mut fresh = Vec::new();
+    decide::told_sold_out_wins(&mut claims);
     if !claims.is_empty() {
         let request_ids: Vec<&RequestId> = claims.iter().map(|c| &c.request_id).collect();
         let user_ids = users_to_read(&claims);

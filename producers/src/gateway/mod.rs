@@ -619,13 +619,19 @@ fn check_admin_token(state: &GatewayState, headers: &HeaderMap) -> Result<(), Ap
     }
 }
 
+/// The request id: the client's `x-request-id` when it sent a usable one,
+/// else one generated here.
 fn request_id(headers: &HeaderMap) -> String {
+    client_request_id(headers).unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// The client's own `x-request-id` (1-64 visible ASCII characters), if any.
+fn client_request_id(headers: &HeaderMap) -> Option<String> {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_graphic()))
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
 fn rfc3339(ms: i64) -> Option<String> {
@@ -756,11 +762,13 @@ async fn claim(
     headers: HeaderMap,
     query: Result<Query<ClaimQuery>, QueryRejection>,
 ) -> Response {
-    let request_id = request_id(&headers);
+    let chosen = client_request_id(&headers);
+    let ours = chosen.is_none();
+    let request_id = chosen.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     traced(
         "claim",
         &request_id,
-        claim_inner(&state, client, &headers, query, &request_id),
+        claim_inner(&state, client, &headers, query, &request_id, ours),
     )
     .await
 }
@@ -771,6 +779,7 @@ async fn claim_inner(
     headers: &HeaderMap,
     query: Result<Query<ClaimQuery>, QueryRejection>,
     request_id: &str,
+    id_is_ours: bool,
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + state.config.reply_timeout;
     let caller = storefront_caller(state, headers, client)?;
@@ -788,7 +797,15 @@ async fn claim_inner(
         // the victim blocked.
         flood_check(state, &user).await?;
     }
-    let fast = sold_out_fast_path(state, &user, category.as_ref()).await;
+    // One request id, one answer on every path: an id the client chose may
+    // be in flight on the broker path already (a retry, a second tab, a
+    // copy with another category or user), so only an id generated here,
+    // which no other request can carry, is answered from the cache.
+    let fast = if id_is_ours {
+        sold_out_fast_path(state, &user, category.as_ref()).await
+    } else {
+        FastPath::Ask
+    };
     let event = ClaimRequested {
         envelope: Some(state.publisher.envelope::<ClaimRequested>(request_id)),
         request_id: request_id.to_owned(),
@@ -797,7 +814,7 @@ async fn claim_inner(
         answered_sold_out: fast == FastPath::SoldOut,
     };
     if fast == FastPath::SoldOut {
-        return answer_sold_out(state, &user, &event).await;
+        return answer_sold_out(state, &user, &event, deadline).await;
     }
     let pending = state
         .replies
@@ -850,15 +867,17 @@ async fn sold_out_fast_path(
 
 /// The sold-out fast path: the claim goes on the log flagged
 /// `answered_sold_out` (the claim processor records `sold_out` for it and
-/// never allocates it a coupon) and is answered `404` without waiting for
-/// the broker or the decision. Only putting it in the producer's queue is
-/// awaited; should that fail, the claim takes no fast path (`503`, retrying
-/// is safe). The producer retries delivery itself; a final failure is
-/// logged and counted.
+/// never allocates it a coupon) and is answered `404` once the broker has
+/// the record, without waiting for the decision. Every answer is on the
+/// log: a broker outage or a `kill -9` of the gateway can cost the answer
+/// (`503`/`504`, and retrying is safe), never leave an answered claim
+/// without its record. The wait is one produce round trip, not the
+/// processor's batch.
 async fn answer_sold_out(
     state: &GatewayState,
     user: &UserId,
     event: &ClaimRequested,
+    deadline: tokio::time::Instant,
 ) -> Result<Response, ApiError> {
     let topic = state.topics.claims();
     let delivery = state
@@ -869,16 +888,20 @@ async fn answer_sold_out(
             tracing::warn!(%error, "could not publish the sold-out claim");
             ApiError::unavailable("could not publish the claim; retrying is safe")
         })?;
-    let span = tracing::Span::current();
-    tokio::spawn(
-        async move {
-            if let Err(error) = delivery.await {
-                metrics::counter!("coupon_claims_sold_out_fast_lost_total").increment(1);
-                tracing::error!(%error, "a claim answered sold_out was not delivered to the log");
-            }
+    match tokio::time::timeout_at(deadline, delivery).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            metrics::counter!("coupon_claims_sold_out_fast_lost_total").increment(1);
+            tracing::warn!(%error, "a sold-out claim was not delivered to the log; not answered");
+            return Err(ApiError::unavailable(
+                "could not publish the claim; retrying is safe",
+            ));
         }
-        .instrument(span),
-    );
+        Err(_) => {
+            tracing::warn!("the broker did not acknowledge the sold-out claim in time");
+            return Err(ApiError::timeout());
+        }
+    }
     metrics::counter!("coupon_claims_sold_out_fast_total").increment(1);
     Ok(ApiError::new(
         StatusCode::NOT_FOUND,
