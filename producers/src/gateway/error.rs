@@ -39,6 +39,11 @@ pub enum ErrorCode {
     NotHolder,
     /// 409: the coupon was already redeemed.
     AlreadyRedeemed,
+    /// 409: a release with this `Idempotency-Key` is still being published;
+    /// repeat it (same key, same body) after `Retry-After` for its answer.
+    IdempotencyKeyInProgress,
+    /// 422: this `Idempotency-Key` was used for a release with another body.
+    IdempotencyKeyReused,
     /// 413: the body is larger than 64 KiB.
     PayloadTooLarge,
     /// 414: the URI is too long.
@@ -47,7 +52,8 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// 429: one coupon per user per quota window; see `Retry-After`.
     RateLimited,
-    /// 503: a store or the broker is not available; retrying is safe.
+    /// 503: a store or the broker is not available (the message says whether
+    /// retrying is safe).
     Unavailable,
     /// 504: no decision in time; the request may still complete and retrying is safe.
     Timeout,
