@@ -252,6 +252,8 @@ pub async fn release(
                 published_at: None,
             };
             if releases::insert(pool, &fresh).await? {
+                // Counted once, when minted (whoever then publishes it).
+                metrics::counter!("coupon_coupons_issued_total").increment(codes.len() as u64);
                 (fresh, true)
             } else {
                 // A concurrent call with this key stored first: its batch
@@ -322,9 +324,6 @@ pub async fn release(
     .await?;
     releases::mark_published(&mut tx, key.as_str()).await?;
     tx.commit().await?;
-    if minted {
-        metrics::counter!("coupon_coupons_issued_total").increment(codes.len() as u64);
-    }
     tracing::info!(%batch_id, %key, employee = %request.employee, category = %request.category,
         count = codes.len(), completed_earlier_release = !minted, "batch issued");
     Ok(answer(!minted))
