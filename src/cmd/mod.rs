@@ -41,7 +41,7 @@ pub enum Command {
     Consume(serve::ConsumeArgs),
     /// Release a batch of new coupons (employee tool).
     #[command(
-        after_help = "Example:\n  couponctl issue --employee e1 --category Electronics --count 10000"
+        after_help = "Examples:\n  couponctl issue --employee e1 --category Electronics --count 10000\n  couponctl issue --employee e1 --category Electronics --count 10000 --idempotency-key xmas-electronics\n    (run it again after a failure: it completes that batch, never a second one)"
     )]
     Issue(issue::IssueArgs),
     /// Create the topics that are missing, then list them.

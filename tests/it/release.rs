@@ -432,3 +432,425 @@ async fn copy_writes_fall_back_to_skipping_known_rows() {
     assert_eq!(employee, "e3");
     assert_eq!(detail["category"], "Garden");
 }
+
+// Idempotent releases (issue #24, item 9).
+
+/// POSTs a release (with `key` as its `Idempotency-Key`): its status and body.
+async fn post_release(
+    http: &reqwest::Client,
+    app: &crate::harness::App,
+    key: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
+    let mut request = http
+        .post(app.url("/api/v1/coupon"))
+        .bearer_auth("admin-secret")
+        .json(body);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let response = request.send().await.expect("release request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The coupon ids on `coupons.created`: every one (a chunk published twice
+/// counts twice) and the distinct ones.
+async fn ids_on_the_log(env: &TestEnv) -> (usize, HashSet<i64>) {
+    let mut all = 0;
+    let mut distinct = HashSet::new();
+    for record in env.read_topic(&env.topics.created()).await {
+        let event = decode::<CouponsCreated>(&record).expect("a CouponsCreated");
+        all += event.coupon_ids.len();
+        distinct.extend(event.coupon_ids);
+    }
+    (all, distinct)
+}
+
+/// Watches the record count of `coupons.created` by its partitions'
+/// watermarks (made before the release it watches, so that polling starts
+/// at once).
+struct Watermarks {
+    consumer: std::sync::Arc<rdkafka::consumer::BaseConsumer>,
+    topic: String,
+    partitions: Vec<i32>,
+}
+
+impl Watermarks {
+    async fn new(env: &TestEnv) -> Self {
+        use rdkafka::consumer::Consumer;
+        let kafka = env.kafka.clone();
+        let topic = env.topics.created();
+        tokio::task::spawn_blocking(move || {
+            let mut config = kafka.client_config();
+            config.set(
+                "group.id",
+                format!("it-watermarks-{}", uuid::Uuid::new_v4().simple()),
+            );
+            let consumer: rdkafka::consumer::BaseConsumer = config.create().expect("consumer");
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .expect("metadata");
+            let partitions = metadata.topics()[0]
+                .partitions()
+                .iter()
+                .map(|p| p.id())
+                .collect();
+            Watermarks {
+                consumer: std::sync::Arc::new(consumer),
+                topic,
+                partitions,
+            }
+        })
+        .await
+        .expect("watermarks")
+    }
+
+    /// Waits (at most `within`) until the topic holds at least `at_least`
+    /// records; returns how many it holds.
+    async fn wait_for(&self, at_least: i64, within: Duration) -> i64 {
+        use rdkafka::consumer::Consumer;
+        let (consumer, topic, partitions) = (
+            self.consumer.clone(),
+            self.topic.clone(),
+            self.partitions.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + within;
+            loop {
+                let records: i64 = partitions
+                    .iter()
+                    .map(|&p| {
+                        let (low, high) = consumer
+                            .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                            .expect("watermarks");
+                        high - low
+                    })
+                    .sum();
+                if records >= at_least {
+                    return records;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{topic} has {records} records after {within:?}, waited for {at_least}"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .await
+        .expect("watermark poller")
+    }
+}
+
+async fn coupons_of(env: &TestEnv, category: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM coupons WHERE category = $1")
+        .bind(category)
+        .fetch_one(&env.pool)
+        .await
+        .expect("count coupons")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_release_with_one_key_answers_the_first_batch() {
+    let env = TestEnv::new().await;
+    let app = env.start(&[Role::Gateway, Role::Coupons], |_| {}).await;
+    let http = TestEnv::http_client();
+    let body = serde_json::json!({"id": "e1", "category": "Books", "count": 1_500});
+
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let (status, answer) = post_release(&http, &app, Some("books-2026-12-02"), &body).await;
+        assert_eq!(status, 202, "{answer}");
+        answers.push(answer);
+    }
+    assert_eq!(answers[0]["codes"].as_array().map(Vec::len), Some(1_500));
+    assert_eq!(answers[0], answers[1], "a repeat answers the first batch");
+    assert_eq!(answers[0], answers[2], "a repeat answers the first batch");
+
+    eventually("1,500 Books coupons", Duration::from_secs(60), || async {
+        coupons_of(&env, "Books").await == 1_500
+    })
+    .await;
+    env.wait_caught_up("coupons", &env.topics.created(), Duration::from_secs(60))
+        .await;
+    assert_eq!(env.count("SELECT count(*) FROM coupons").await, 1_500);
+    let (all, distinct) = ids_on_the_log(&env).await;
+    assert_eq!(
+        (all, distinct.len()),
+        (1_500, 1_500),
+        "the batch is on the log once"
+    );
+
+    // Keys that are not 1-128 visible ASCII characters are refused.
+    for bad in ["", "a b", &"k".repeat(129)] {
+        let (status, answer) = post_release(&http, &app, Some(bad), &body).await;
+        assert_eq!(status, 400, "{bad:?}: {answer}");
+        assert_eq!(answer["error"], "invalid_request");
+    }
+    let response = http
+        .post(app.url("/api/v1/coupon"))
+        .bearer_auth("admin-secret")
+        .header(
+            "Idempotency-Key",
+            reqwest::header::HeaderValue::from_bytes(b"cl\xe9").unwrap(),
+        )
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    // A new key is a new batch.
+    let (status, other) = post_release(&http, &app, Some("books-2"), &body).await;
+    assert_eq!(status, 202, "{other}");
+    assert_ne!(other["batch_id"], answers[0]["batch_id"]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_with_another_body_is_refused_and_mints_nothing() {
+    let env = TestEnv::new().await;
+    let app = env.start(&[Role::Gateway, Role::Coupons], |_| {}).await;
+    let http = TestEnv::http_client();
+    let body = serde_json::json!({"id": "e1", "category": "Toys", "count": 100});
+    let (status, first) = post_release(&http, &app, Some("toys"), &body).await;
+    assert_eq!(status, 202, "{first}");
+
+    for other in [
+        serde_json::json!({"id": "e1", "category": "Toys", "count": 101}),
+        serde_json::json!({"id": "e1", "category": "Games", "count": 100}),
+        serde_json::json!({"id": "e2", "category": "Toys", "count": 100}),
+    ] {
+        let (status, answer) = post_release(&http, &app, Some("toys"), &other).await;
+        assert_eq!(status, 422, "{other}: {answer}");
+        assert_eq!(answer["error"], "idempotency_key_reused", "{answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("toys") && message.contains("new key"),
+            "{message}"
+        );
+    }
+    eventually("100 Toys coupons", Duration::from_secs(60), || async {
+        coupons_of(&env, "Toys").await == 100
+    })
+    .await;
+    env.wait_caught_up("coupons", &env.topics.created(), Duration::from_secs(60))
+        .await;
+    assert_eq!(env.count("SELECT count(*) FROM coupons").await, 100);
+    assert_eq!(ids_on_the_log(&env).await.0, 100, "nothing else was minted");
+    app.stop().await;
+}
+
+/// A client that goes away mid-release: with a key, two repeats answer the
+/// one batch, completed; without a key the cut release completes on its own.
+/// (Before: the handler was dropped mid-publish, and the repeats each minted
+/// a new batch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_cut_mid_way_completes_and_repeats_add_nothing() {
+    let env = TestEnv::new().await;
+    let app = env.start(&[Role::Gateway, Role::Coupons], |_| {}).await;
+    let http = TestEnv::http_client();
+    const COUNT: i64 = 50_000;
+    const CHUNKS: i64 = COUNT / 1_000;
+
+    // With a key: cut once the first chunks are on the log.
+    let marks = Watermarks::new(&env).await;
+    let body = serde_json::json!({"id": "e1", "category": "Keyed", "count": COUNT});
+    let cut = tokio::spawn({
+        let (http, url, body) = (http.clone(), app.url("/api/v1/coupon"), body.clone());
+        async move {
+            http.post(url)
+                .bearer_auth("admin-secret")
+                .header("Idempotency-Key", "keyed-50k")
+                .json(&body)
+                .send()
+                .await
+        }
+    });
+    let on_log = marks.wait_for(1, Duration::from_secs(60)).await;
+    cut.abort();
+    assert!(
+        on_log < CHUNKS,
+        "the release was over ({on_log} chunks) before it could be cut"
+    );
+    let _ = cut.await;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let (status, answer) = post_release(&http, &app, Some("keyed-50k"), &body).await;
+        assert_eq!(status, 202, "{answer}");
+        answers.push(answer);
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0]["count"], COUNT);
+    eventually(
+        "the keyed release is complete",
+        Duration::from_secs(120),
+        || async { coupons_of(&env, "Keyed").await >= COUNT },
+    )
+    .await;
+
+    // Without a key: cut the same way; it completes all the same.
+    let before = marks.wait_for(0, Duration::from_secs(1)).await;
+    let body = serde_json::json!({"id": "e1", "category": "Keyless", "count": COUNT});
+    let cut = tokio::spawn({
+        let (http, url) = (http.clone(), app.url("/api/v1/coupon"));
+        async move {
+            http.post(url)
+                .bearer_auth("admin-secret")
+                .json(&body)
+                .send()
+                .await
+        }
+    });
+    let on_log = marks.wait_for(before + 1, Duration::from_secs(60)).await;
+    cut.abort();
+    assert!(
+        on_log - before < CHUNKS,
+        "the release was over before it could be cut"
+    );
+    let _ = cut.await;
+    eventually(
+        "the keyless release completes though its client left",
+        Duration::from_secs(120),
+        || async { coupons_of(&env, "Keyless").await >= COUNT },
+    )
+    .await;
+
+    env.wait_caught_up("coupons", &env.topics.created(), Duration::from_secs(120))
+        .await;
+    assert_eq!(coupons_of(&env, "Keyed").await, COUNT, "one keyed batch");
+    assert_eq!(coupons_of(&env, "Keyless").await, COUNT);
+    assert_eq!(env.count("SELECT count(*) FROM coupons").await, 2 * COUNT);
+    let (_, distinct) = ids_on_the_log(&env).await;
+    assert_eq!(distinct.len() as i64, 2 * COUNT, "nothing else on the log");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_repeats_of_one_key_release_one_batch() {
+    let env = TestEnv::new().await;
+    let app = env.start(&[Role::Gateway, Role::Coupons], |_| {}).await;
+    let http = TestEnv::http_client();
+    let body = serde_json::json!({"id": "e1", "category": "Garden", "count": 5_000});
+    let answers = futures::future::join_all(
+        (0..8).map(|_| post_release(&http, &app, Some("garden-once"), &body)),
+    )
+    .await;
+    for (status, answer) in &answers {
+        assert_eq!(*status, 202, "{answer}");
+        assert_eq!(answer, &answers[0].1, "every repeat answers the one batch");
+    }
+    eventually("5,000 Garden coupons", Duration::from_secs(60), || async {
+        coupons_of(&env, "Garden").await == 5_000
+    })
+    .await;
+    env.wait_caught_up("coupons", &env.topics.created(), Duration::from_secs(60))
+        .await;
+    assert_eq!(env.count("SELECT count(*) FROM coupons").await, 5_000);
+    let (all, distinct) = ids_on_the_log(&env).await;
+    assert_eq!((all, distinct.len()), (5_000, 5_000));
+    app.stop().await;
+}
+
+/// `couponctl issue --idempotency-key`, killed (`kill -9`) mid-publish, then
+/// run again: the second run publishes the stored codes again and the
+/// release is exactly its count, in `coupons` and in the history (the
+/// republished chunks keep their event ids); a third run prints the same
+/// batch and mints nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_cli_release_is_completed_by_running_it_again() {
+    let env = TestEnv::new().await;
+    let app = env.start(&[Role::Coupons, Role::History], |_| {}).await;
+    const COUNT: i64 = 100_000;
+    let args = [
+        "issue",
+        "--employee",
+        "e1",
+        "--category",
+        "Electronics",
+        "--count",
+        "100000",
+        "--idempotency-key",
+        "xmas-electronics",
+    ];
+    let marks = Watermarks::new(&env).await;
+    let mut first = env
+        .couponctl()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run couponctl issue");
+    let on_log = marks.wait_for(1, Duration::from_secs(60)).await;
+    first.kill().expect("kill -9 couponctl issue");
+    let _ = first.wait();
+    assert!(on_log < COUNT / 1_000, "the run was over before its kill");
+
+    let mut printed = Vec::new();
+    for _ in 0..2 {
+        let output = env.couponctl().args(args).output().expect("run again");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("issued 100000 Electronics coupons"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("nothing new was minted"), "{stdout}");
+        let batch = stdout
+            .split("as batch ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_default()
+            .to_owned();
+        printed.push(batch);
+    }
+    assert_eq!(printed[0], printed[1]);
+
+    // Another body under the key: refused, nothing minted.
+    let output = env
+        .couponctl()
+        .args([
+            "issue",
+            "--employee",
+            "e1",
+            "--category",
+            "Toys",
+            "--count",
+            "5",
+        ])
+        .args(["--idempotency-key", "xmas-electronics"])
+        .output()
+        .expect("run with another body");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("already used"));
+
+    eventually(
+        "100,000 coupons and 100,000 created rows in the history",
+        Duration::from_secs(180),
+        || async {
+            env.count("SELECT count(*) FROM coupons").await >= COUNT
+                && env
+                    .count("SELECT count(*) FROM coupon_history WHERE kind = 'created'")
+                    .await
+                    >= COUNT
+        },
+    )
+    .await;
+    env.wait_caught_up("coupons", &env.topics.created(), Duration::from_secs(120))
+        .await;
+    env.wait_caught_up("history", &env.topics.created(), Duration::from_secs(120))
+        .await;
+    assert_eq!(env.count("SELECT count(*) FROM coupons").await, COUNT);
+    assert_eq!(
+        env.count("SELECT count(*) FROM coupon_history WHERE kind = 'created'")
+            .await,
+        COUNT,
+        "republished chunks add no history"
+    );
+    let (_, distinct) = ids_on_the_log(&env).await;
+    assert_eq!(distinct.len() as i64, COUNT);
+    app.stop().await;
+}

@@ -9,6 +9,7 @@
 //! | [`decisions`] | `claim_decisions`, `purchase_decisions`, `quota_grants` |
 //! | [`history`]   | `coupon_history` (the sink's appends, the analysts' reads) |
 //! | [`leases`]    | `snowflake_leases` (machine ids of the Snowflake ids) |
+//! | [`releases`]  | `releases` (batches released with an idempotency key) |
 //! | [`console`]   | the web console's reads of `coupons` (batches) and `coupon_history` (analytics) |
 //!
 //! The statements here are compile-checked (`sqlx::query!`, `query_as!`)
@@ -35,6 +36,7 @@ pub mod coupons;
 pub mod decisions;
 pub mod history;
 pub mod leases;
+pub mod releases;
 pub mod users;
 
 /// Whether Postgres answers a trivial statement (the health check).

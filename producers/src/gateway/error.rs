@@ -43,6 +43,11 @@ pub enum ErrorCode {
     RequestIdConflict,
     /// 409: the order_id is another user's order.
     OrderIdConflict,
+    /// 409: a release with this `Idempotency-Key` is still being published;
+    /// repeat it (same key, same body) after `Retry-After` for its answer.
+    IdempotencyKeyInProgress,
+    /// 422: this `Idempotency-Key` was used for a release with another body.
+    IdempotencyKeyReused,
     /// 413: the body is larger than 64 KiB.
     PayloadTooLarge,
     /// 414: the URI is too long.
@@ -54,7 +59,8 @@ pub enum ErrorCode {
     /// 429: too many requests from this client address (storefront routes
     /// open without COUPON_API_TOKEN); not the quota. See `Retry-After`.
     AddressLimited,
-    /// 503: a store or the broker is not available; retrying is safe.
+    /// 503: a store or the broker is not available (the message says whether
+    /// retrying is safe).
     Unavailable,
     /// 503: the gateway sheds load (too many requests in flight or waiting
     /// for a decision); see `Retry-After`.

@@ -145,6 +145,9 @@ impl Modify for Limits {
 pub const PATH_CODE_PATTERN: &str =
     "^-*[0-7IiLlOo](-*[0-9A-HJKMNP-TV-Za-hjkmnp-tv-zIiLlOo]){12}-*$";
 
+/// An `Idempotency-Key`: visible ASCII (`crate::issue::IdempotencyKey`).
+pub const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,128}$";
+
 /// Puts each pattern in place of its placeholder (`api::PATTERNS`), in
 /// every schema of the document.
 fn patterns(value: &mut serde_json::Value) {
@@ -246,6 +249,15 @@ fn contract(doc: &mut serde_json::Value) {
                             parameter["description"].as_str().unwrap_or_default(),
                             super::api::REQUEST_ID_PATTERN
                         ));
+                    }
+                    // Checked: anything else is `400`.
+                    (Some("header"), Some("Idempotency-Key")) => {
+                        parameter["schema"] = json!({
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": crate::issue::MAX_KEY_LEN,
+                            "pattern": IDEMPOTENCY_KEY_PATTERN,
+                        });
                     }
                     (Some("path"), Some("code")) => {
                         parameter["schema"] = json!({
@@ -538,6 +550,37 @@ mod tests {
             ["unavailable", "overloaded"]
         );
         assert_eq!(codes("/api/v1/coupon", "post", "504"), ["timeout"]);
+        assert_eq!(
+            codes("/api/v1/coupon", "post", "409"),
+            ["idempotency_key_in_progress"]
+        );
+        assert_eq!(
+            codes("/api/v1/coupon", "post", "422"),
+            ["idempotency_key_reused"]
+        );
+        let key = doc
+            .pointer("/paths/~1api~1v1~1coupon/post/parameters")
+            .and_then(|p| p.as_array())
+            .and_then(|p| p.iter().find(|p| p["name"] == "Idempotency-Key"))
+            .expect("the Idempotency-Key header is documented");
+        assert_eq!(key["in"], "header");
+        assert_eq!(key["required"], false);
+        let re = regex::Regex::new(key["schema"]["pattern"].as_str().unwrap()).unwrap();
+        for probe in [
+            "",
+            "a",
+            "a b",
+            "é",
+            "\u{7f}",
+            &"k".repeat(128),
+            &"k".repeat(129),
+        ] {
+            assert_eq!(
+                re.is_match(probe),
+                crate::issue::IdempotencyKey::parse(probe).is_ok(),
+                "Idempotency-Key {probe:?}"
+            );
+        }
         // Nothing the edits did not mean to add (indexing adds `null`s).
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
