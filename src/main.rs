@@ -31,16 +31,29 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat, default_filter: &str) {
+/// Logs go to stderr through a writer thread of their own: a request never
+/// waits for a terminal or a pipe (a full buffer drops lines rather than
+/// stall the request path; the returned guard flushes what is left at
+/// exit). Colours only on a terminal: a file or a collector gets plain text
+/// (`text`) or one JSON object a line (`json`, for production).
+fn init_logging(
+    format: LogFormat,
+    default_filter: &str,
+) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let terminal = std::io::stderr().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(terminal)
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 #[tokio::main]
@@ -53,8 +66,9 @@ async fn main() {
     } else {
         "info,rdkafka=warn,sqlx=warn"
     };
-    init_logging(cli.log_format, default_filter);
+    let logs = init_logging(cli.log_format, default_filter);
     if let Err(error) = cli.command.run(&cli.connections).await {
+        drop(logs);
         eprintln!("error: {}", one_line(&error));
         std::process::exit(1);
     }

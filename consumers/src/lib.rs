@@ -125,7 +125,8 @@ pub(crate) fn log_request_id<'a>(correlation_id: &'a str, request_id: &'a str) -
 }
 
 /// One decision of a batch, for the log: `grep <request id>` on the logs
-/// follows a claim or purchase from the gateway to its decision.
+/// follows a claim or purchase from the gateway to its decision. At `debug`:
+/// the default level writes one line per request, the gateway's answer.
 pub(crate) struct Decided {
     pub request_id: String,
     pub user_id: String,
@@ -140,7 +141,7 @@ pub(crate) struct Decided {
 
 impl Decided {
     pub fn log(&self, kind: &'static str) {
-        tracing::info!(
+        tracing::debug!(
             request_id = %self.request_id,
             user = %self.user_id,
             outcome = %self.outcome,

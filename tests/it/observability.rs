@@ -394,9 +394,15 @@ async fn one_request_id_follows_a_claim_from_http_to_its_decision() {
     let env = TestEnv::new().await;
     let port = free_port();
     let mut child = Child::spawn_with(&env, &["run"], port, "request-ids", |command| {
+        // The received and decided lines are at debug: the default level
+        // writes one line per request.
         command
             .env("LOG_FORMAT", "json")
-            .env("REPLY_TIMEOUT", "30s");
+            .env("REPLY_TIMEOUT", "30s")
+            .env(
+                "RUST_LOG",
+                "info,coupon_producers=debug,coupon_consumers=debug,rdkafka=warn,sqlx=warn",
+            );
     });
     let base = format!("http://127.0.0.1:{port}");
     child.wait_healthy(&base, Duration::from_secs(60)).await;
@@ -452,5 +458,43 @@ async fn one_request_id_follows_a_claim_from_http_to_its_decision() {
         },
     )
     .await;
+    child.kill_9().await;
+}
+
+/// Issue #27, item 1: at the default level a claim costs one log line (the
+/// gateway's answer), written without colour codes into a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_level_writes_one_plain_line_per_request() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let mut child = Child::spawn_with(&env, &["run"], port, "one-line", |command| {
+        command.env_remove("RUST_LOG").env("REPLY_TIMEOUT", "30s");
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    child.wait_healthy(&base, Duration::from_secs(60)).await;
+    let http = TestEnv::http_client();
+    let ids: Vec<String> = (0..5)
+        .map(|_| format!("one-line-{}", uuid::Uuid::new_v4().simple()))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let (status, body) = claim(&http, &base, &format!("quiet-{i}"), id).await;
+        assert_eq!(status, 404, "{body}");
+    }
+    eventually("every answer is logged", Duration::from_secs(20), || {
+        let log = child.log_text();
+        let ids = &ids;
+        async move {
+            ids.iter()
+                .all(|id| log.lines().filter(|l| l.contains(id.as_str())).count() == 1)
+        }
+    })
+    .await;
+    let log = child.log_text();
+    for id in &ids {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(id.as_str())).collect();
+        assert_eq!(lines.len(), 1, "{id}: {lines:?}");
+        assert!(lines[0].contains("claim answered"), "{}", lines[0]);
+    }
+    assert!(!log.contains('\u{1b}'), "colour codes in a file");
     child.kill_9().await;
 }

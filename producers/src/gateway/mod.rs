@@ -790,7 +790,7 @@ async fn claim_inner(
         None | Some("") => None,
         Some(raw) => Some(Category::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))?),
     };
-    tracing::info!(user = %user, category = category.as_ref().map_or("", |c| c.as_str()), "claim received");
+    tracing::debug!(user = %user, category = category.as_ref().map_or("", |c| c.as_str()), "claim received");
     if caller != Caller::Open {
         // Only an authenticated storefront vouches for the user ids it
         // sends: without a token, anyone could name a victim's id and get
@@ -1090,7 +1090,7 @@ async fn purchase_inner(
             "coupon code must not contain control characters",
         ));
     }
-    tracing::info!(user = %user, order = %order, coupon = %body.coupon_code, "purchase received");
+    tracing::debug!(user = %user, order = %order, coupon = %body.coupon_code, "purchase received");
     let event = PurchaseRequested {
         envelope: Some(state.publisher.envelope::<PurchaseRequested>(request_id)),
         request_id: request_id.to_owned(),
