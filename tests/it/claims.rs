@@ -540,3 +540,67 @@ async fn a_batch_grants_pool_by_pool_in_arrival_order() {
     assert_eq!(first_user_sequence, ["r0", "r3", "r0", "r0", "r3", "r0"]);
     assert!(per_request.values().all(|ids| ids.len() == 1));
 }
+
+/// Issue #24, item 6: a skipped lock is not an empty pool. The only
+/// available coupon is locked by another transaction (as a purchase of it,
+/// or a second processor, would) when a claim arrives: `SKIP LOCKED` passes
+/// over it. Before, the claim was stored and answered `sold_out` (and the
+/// pool marked) while the coupon was there; now the batch waits for the
+/// lock and the claim gets the coupon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coupon_locked_by_another_transaction_is_not_sold_out() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(&[Role::Gateway, Role::Coupons, Role::Claims], |_| {})
+        .await;
+    let codes = release(&env, "Locked", 1).await;
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT code FROM coupons WHERE code = $1 FOR UPDATE")
+        .bind(&codes[0])
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let http = TestEnv::http_client();
+    let claim = tokio::spawn({
+        let url = app.url("/api/v1/coupon?id=patient&category=Locked");
+        let http = http.clone();
+        async move {
+            let response = http.get(url).send().await.expect("claim");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    });
+    // The processor met the lock and is retrying its batch.
+    let metrics_url = app.url("/metrics");
+    eventually(
+        "the claims batch is retried",
+        Duration::from_secs(20),
+        || {
+            let (http, url) = (&http, &metrics_url);
+            async move {
+                let text = http.get(url).send().await.unwrap().text().await.unwrap();
+                text.lines().any(|l| {
+                    l.starts_with("coupon_batch_retries_total")
+                        && l.contains("claims")
+                        && l.split_whitespace().last() != Some("0")
+                })
+            }
+        },
+    )
+    .await;
+    assert!(!claim.is_finished(), "the claim waits for the lock");
+    lock.commit().await.unwrap();
+    let (status, body) = claim.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["coupon_code"], codes[0].as_str());
+    assert_eq!(
+        env.count("SELECT count(*) FROM claim_decisions WHERE outcome = 'sold_out'")
+            .await,
+        0
+    );
+    assert_invariants(&env, 1).await;
+    app.stop().await;
+}

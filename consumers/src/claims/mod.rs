@@ -128,12 +128,19 @@ enum ClaimsError {
     Concurrent { conflicting: u64, of: usize },
     #[error("claim {0} was left undecided")]
     Undecided(String),
+    /// An allocation came up short while the pool still has available
+    /// coupons: `SKIP LOCKED` passed over rows another transaction holds (a
+    /// purchase, a second processor). Not an empty pool: the batch is tried
+    /// again once those locks are gone, instead of storing `sold_out`.
+    #[error("available coupons of pool {0:?} were locked by another transaction")]
+    Contended(Option<String>),
 }
 
 impl From<ClaimsError> for BatchError {
     fn from(error: ClaimsError) -> Self {
         match error {
             ClaimsError::Db(error) => error.into(),
+            ClaimsError::Contended(_) => BatchError::transient(error),
             other => BatchError::permanent(other),
         }
     }
@@ -147,7 +154,7 @@ async fn grant_group(
     view: &mut BatchView,
     category: Option<&str>,
     waiting: Vec<(usize, Candidate<'_>)>,
-) -> Result<Vec<(usize, StoredDecision)>, sqlx::Error> {
+) -> Result<Vec<(usize, StoredDecision)>, ClaimsError> {
     let granted: HashMap<RequestId, store::Granted> = if view.pool.known_empty(category) {
         HashMap::new()
     } else {
@@ -177,6 +184,14 @@ async fn grant_group(
             .collect()
     };
     if granted.len() < waiting.len() {
+        // A skipped lock is not an empty pool: only a pool without
+        // available rows is recorded (and marked) sold out.
+        let pool = waiting.first().and_then(|(_, c)| c.claim.category.as_ref());
+        if !view.pool.known_empty(category)
+            && coupon_platform::store::coupons::any_available(&mut *tx, pool).await?
+        {
+            return Err(ClaimsError::Contended(category.map(str::to_owned)));
+        }
         view.pool.record_empty(category);
     }
     Ok(waiting
@@ -225,7 +240,7 @@ async fn decide_deferred(
     ctx: &Context,
     claim: &Claim,
     view: &mut BatchView,
-) -> Result<(StoredDecision, bool), sqlx::Error> {
+) -> Result<(StoredDecision, bool), ClaimsError> {
     if let Some(stored) = view.decided.get(&claim.request_id) {
         return Ok((stored.clone(), false));
     }

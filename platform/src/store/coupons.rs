@@ -191,9 +191,12 @@ pub async fn live_holds(pool: &PgPool) -> Result<Vec<LiveHold>, sqlx::Error> {
 
 /// Whether any coupon of `category` (`None`: of any category) is available.
 /// One probe of a partial index: the claim processor asks it to keep a
-/// sold-out mark alive while claims still arrive for an empty pool.
-pub async fn any_available(
-    pool: &PgPool,
+/// sold-out mark alive while claims still arrive for an empty pool, and,
+/// in its batch's transaction, whether an allocation that came up short
+/// skipped rows other transactions hold locked (a plain read does not wait
+/// for row locks and still sees such rows as available).
+pub async fn any_available<'e>(
+    pool: impl sqlx::PgExecutor<'e>,
     category: Option<&Category>,
 ) -> Result<bool, sqlx::Error> {
     // Two statements, so that each probes its own partial index.
