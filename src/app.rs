@@ -268,6 +268,15 @@ pub fn topic_configs(topics: &Topics, name: &str, retention_ms: i64) -> Vec<(Str
     configs
 }
 
+/// Connections of the gateway's pool for reads (the status route, the
+/// console) when they go to the primary.
+const READ_POOL_CONNECTIONS: u32 = 4;
+
+/// How often a process running the history sink creates the coming months'
+/// history partitions, so that no month's rows settle in the default
+/// partition of a process that runs for months.
+const PARTITIONS_AHEAD_EVERY: Duration = Duration::from_secs(3_600);
+
 /// Starts `roles`; they run until `shutdown` is cancelled.
 pub async fn start(
     config: AppConfig,
@@ -320,6 +329,22 @@ pub async fn start(
                 tracing::warn!(%error, "could not refill Redis; continuing without the cache")
             }
         }
+    }
+    if roles.contains(&Role::History) {
+        let (pool, stop) = (ctx.pool.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(PARTITIONS_AHEAD_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tick.tick() => {}
+                }
+                if let Err(error) = coupon_platform::db::partitions_ahead(&pool).await {
+                    tracing::warn!(%error, "could not create the coming history partitions");
+                }
+            }
+        });
     }
     for &role in &consumer_roles {
         // Several claim processors share the claims group's partitions, so
@@ -376,7 +401,14 @@ pub async fn start(
                     .await
                     .with_context(|| format!("connecting to Postgres at {}", redact(url)))?
             }
-            _ => ctx.pool.clone(),
+            // The same server, but a pool of its own: the console's scans
+            // and the status route can never take the connections the
+            // consumers of this process decide coupons with.
+            _ => coupon_platform::db::connect(&config.database_url, READ_POOL_CONNECTIONS)
+                .await
+                .with_context(|| {
+                    format!("connecting to Postgres at {}", redact(&config.database_url))
+                })?,
         };
         let state = Arc::new(
             GatewayState::new(

@@ -43,6 +43,13 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
 /// advisory lock) and makes sure history partitions exist ahead of time.
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await?;
+    partitions_ahead(pool).await?;
+    Ok(())
+}
+
+/// Creates the history partitions of this month and the next three if
+/// they are missing (the history sink's process repeats it while running).
+pub async fn partitions_ahead(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT ensure_history_partitions(now()::date, 3)")
         .execute(pool)
         .await?;
