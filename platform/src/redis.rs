@@ -199,8 +199,7 @@ impl Cache {
 
     /// Counts one request by `client_id` in the current second; returns the count.
     pub async fn count_request(&self, client_id: &str) -> Result<u64, CacheError> {
-        let second = Utc::now().timestamp();
-        let key = format!("{}:flood:{client_id}:{second}", self.prefix);
+        let key = self.flood_key(client_id, Utc::now().timestamp());
         let pipeline = self.client.pipeline();
         let _: () = pipeline.incr(&key).await?;
         let _: () = pipeline.expire(&key, 2, None).await?;
@@ -220,6 +219,25 @@ impl Cache {
             ))
             .await?;
         Ok(())
+    }
+
+    /// Lifts a flood block at once, for every gateway (they all read this
+    /// key): an operator's lifting must not wait for the block's TTL.
+    /// The counts of the last seconds go too, or the client's next request
+    /// would find them over the limit and be blocked again.
+    pub async fn unblock(&self, client_id: &str) -> Result<(), CacheError> {
+        let second = Utc::now().timestamp();
+        let keys = vec![
+            self.blocked_key(client_id),
+            self.flood_key(client_id, second),
+            self.flood_key(client_id, second - 1),
+        ];
+        let _: i64 = self.call(self.client.del(keys)).await?;
+        Ok(())
+    }
+
+    fn flood_key(&self, client_id: &str, second: i64) -> String {
+        format!("{}:flood:{client_id}:{second}", self.prefix)
     }
 
     pub async fn is_blocked(&self, client_id: &str) -> Result<bool, CacheError> {

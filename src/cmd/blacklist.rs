@@ -88,7 +88,18 @@ pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Resul
                 publisher: &publisher,
                 topics: &topics,
             };
-            if blacklist.remove(&user, manual).await? {
+            let removed = blacklist.remove(&user, manual).await?;
+            // A flood block (Redis) lifts at once on every gateway too.
+            let prefix = conn.redis_prefix.as_deref().unwrap_or(&conn.topic_prefix);
+            let unblocked =
+                match coupon_platform::redis::Cache::connect(&conn.redis_url, prefix).await {
+                    Ok(cache) => cache.unblock(user.as_str()).await.is_ok(),
+                    Err(_) => false,
+                };
+            if !unblocked {
+                eprintln!("warning: Redis not reached; a flood block of {user} ends at its TTL");
+            }
+            if removed {
                 println!("{user} removed from the blacklist");
             } else {
                 anyhow::bail!("{user} is not blacklisted");

@@ -675,3 +675,53 @@ async fn a_broker_outage_answers_every_request_within_its_deadline() {
     stop.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// Issue #24, item 13: lifting a flood block lifts it at once, on every
+/// gateway (the block lives in Redis, which they share). Before, the
+/// operator's lifting removed the Postgres entry while the gateways kept
+/// answering `403` until the block's TTL (`FLOOD_BLOCK`, 10 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifting_a_flood_block_lifts_it_at_once_on_every_gateway() {
+    let env = TestEnv::new().await;
+    let storefront = |c: &mut couponctl::app::AppConfig| {
+        c.gateway.api_token = Some("store-token".into());
+        c.gateway.flood_limit_per_sec = 3;
+    };
+    let one = env
+        .start(&[Role::Gateway, Role::Coupons, Role::Claims], storefront)
+        .await;
+    let two = env.start(&[Role::Gateway], storefront).await;
+    release(&env, "Lift", 5).await;
+    let http = TestEnv::http_client();
+    let claim = |app: &crate::harness::App| {
+        http.get(app.url("/api/v1/coupon?id=flooder"))
+            .bearer_auth("store-token")
+            .send()
+    };
+    let mut blocked = false;
+    for _ in 0..20 {
+        if claim(&one).await.unwrap().status() == 403 {
+            blocked = true;
+            break;
+        }
+    }
+    assert!(blocked, "the flood was blocked");
+    assert_eq!(
+        claim(&two).await.unwrap().status(),
+        403,
+        "on the other gateway too"
+    );
+    let lifted = http
+        .delete(one.url("/api/v1/blacklist?user_id=flooder"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lifted.status(), 200);
+    for app in [&one, &two] {
+        let status = claim(app).await.unwrap().status().as_u16();
+        assert_ne!(status, 403, "still blocked after the lifting");
+    }
+    one.stop().await;
+    two.stop().await;
+}

@@ -546,6 +546,11 @@ pub(super) async fn blacklist_remove(
         tracing::warn!(%error, "lifting a blacklisting from the console failed");
         ApiError::unavailable("the blacklist could not be changed; retrying is safe")
     })?;
+    // A flood block lifts at once on every gateway, not at its TTL.
+    let unblocked = state.cache.unblock(user.as_str()).await;
+    if let Err(error) = unblocked {
+        tracing::warn!(%error, "could not lift the flood block in Redis; it ends at its TTL");
+    }
     Ok(Json(BlacklistRemoved {
         user_id: user.as_str().to_owned(),
         removed,

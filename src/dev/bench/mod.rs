@@ -153,8 +153,10 @@ pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<R
     config.redis_prefix = config.topic_prefix.clone();
     config.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.gateway.admin_token = Some(uuid::Uuid::new_v4().to_string().into());
+    // As wherever the storefront is not open: every claim carries the token
+    // (and pays for its check and the flood check).
+    config.gateway.api_token = Some(uuid::Uuid::new_v4().to_string().into());
     config.gateway.reply_timeout = Duration::from_secs(60);
-    config.gateway.flood_limit_per_sec = u64::MAX;
     config.gateway.max_in_flight = 1 << 20;
     config.gateway.max_waiting = 1 << 20;
     config.db_max_connections = 16;
@@ -188,25 +190,40 @@ async fn forget_run(config: &AppConfig) {
 async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     eprintln!("bench: baselines");
-    rows.push(profiled(echo(config, 20_000, options.concurrency)).await?);
+    rows.push(
+        profiled(echo(config, 20_000, options.concurrency))
+            .await
+            .context("the broker echo baseline")?,
+    );
 
     let token = CancellationToken::new();
     let running = app::start(config.clone(), &Role::ALL, token.clone()).await?;
     let pool = running.context.pool.clone();
     let base = format!("http://{}", running.http_addr.context("no gateway")?);
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &config.gateway.api_token {
+        let bearer = format!("Bearer {}", token.expose());
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&bearer).context("the storefront token")?,
+        );
+    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(options.concurrency)
         .timeout(Duration::from_secs(120))
+        .default_headers(headers)
         .build()?;
     // The HTTP load generator runs on threads of its own (named
     // `bench-gen`), so each row can say how much of the machine it took.
-    let generator = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name(profile::GENERATOR_THREAD)
-        .enable_all()
-        .build()
-        .context("starting the load generator's runtime")?;
-    let on_generator = generator.handle().clone();
+    let generator = Generator(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(profile::GENERATOR_THREAD)
+            .enable_all()
+            .build()
+            .context("starting the load generator's runtime")?,
+    ));
+    let on_generator = generator.handle().context("the load generator")?;
     let (gen_http, gen_base, concurrency) = (http.clone(), base.clone(), options.concurrency);
     rows.push(
         profiled(async {
@@ -223,7 +240,11 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     }
 
     eprintln!("bench: release of {} coupons", options.release);
-    rows.push(profiled(release(config, &pool, "Release", options.release)).await?);
+    rows.push(
+        profiled(release(config, &pool, "Release", options.release))
+            .await
+            .context("the release")?,
+    );
     rows.extend(allocation_baselines(&pool).await?);
 
     eprintln!(
@@ -238,7 +259,8 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
             .spawn(async move { flash_sale(&gen_http, &gen_base, &gen_pool, &gen_options).await })
             .await?
     })
-    .await?;
+    .await
+    .context("the flash sale")?;
     let flash_rate = flash.throughput();
     rows.push(flash);
 
@@ -293,7 +315,7 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
         );
     }
 
-    generator.shutdown_background();
+    drop(generator);
 
     eprintln!("bench: replay");
     rows.push(profiled(replay(config, false)).await?);
@@ -303,6 +325,25 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     eprintln!("bench: rebuild");
     rows.push(rebuild(config).await?);
     Ok(rows)
+}
+
+/// The load generator's runtime, shut down without blocking when dropped:
+/// a step that fails (its `?`) drops it inside async code, where dropping a
+/// runtime the ordinary way panics and would hide the step's own error.
+struct Generator(Option<tokio::runtime::Runtime>);
+
+impl Generator {
+    fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.0.as_ref().map(|runtime| runtime.handle().clone())
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Runs one scenario and notes, in its row, where the machine's CPU went
