@@ -6,9 +6,10 @@
 //! `401` here, at once: it never takes one of the `max_in_flight` slots
 //! the paying callers need, and its body is never read (the connection is
 //! closed after the answer). Public routes (`/healthz`, `/metrics`, the
-//! OpenAPI document, the console's page) have a small pool of slots of their
-//! own ([`PUBLIC_IN_FLIGHT`]), so a flood of them cannot take the
-//! storefront's either.
+//! OpenAPI document, the console's page) have slots of their own (as many
+//! as `max_in_flight`: a load balancer's health checks and a load test of
+//! `/healthz` are served), so a flood of them cannot take the storefront's
+//! either.
 //!
 //! An admitted request's body is read here, within `body_read_timeout`
 //! (`408` past it) and before a slot is taken: a client that trickles its
@@ -40,9 +41,6 @@ pub enum Audience {
     Admin,
 }
 
-/// Requests of public routes handled at once; beyond, `503`.
-pub const PUBLIC_IN_FLIGHT: usize = 64;
-
 /// The most a request body may be (the JSON bodies are a few hundred
 /// bytes; a release is one small object).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -60,13 +58,14 @@ impl Admission {
         state: Arc<GatewayState>,
         audiences: impl IntoIterator<Item = (Method, &'static str, Audience)>,
     ) -> Self {
+        let public = Arc::new(Semaphore::new(state.config.max_in_flight.max(1)));
         Self {
             state,
             audiences: audiences
                 .into_iter()
                 .map(|(method, path, audience)| ((method, path), audience))
                 .collect(),
-            public: Arc::new(Semaphore::new(PUBLIC_IN_FLIGHT)),
+            public,
         }
     }
 
