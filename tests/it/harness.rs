@@ -211,6 +211,17 @@ impl TestEnv {
         }
     }
 
+    /// [`TestEnv::wait_caught_up`] for every consumer role on every topic
+    /// it reads (the catalogue's).
+    pub async fn wait_every_role_caught_up(&self, within: Duration) {
+        for role in Role::CONSUMERS {
+            for kind in role.topics() {
+                self.wait_caught_up(role.name(), &self.topics.of(*kind), within)
+                    .await;
+            }
+        }
+    }
+
     /// The real `couponctl` binary, pointed at this test's database, topic
     /// prefix, Redis and broker.
     pub fn couponctl(&self) -> std::process::Command {

@@ -471,17 +471,9 @@ async fn a_key_per_partition(env: &TestEnv, publisher: &Publisher) -> Vec<String
 async fn records_at_the_size_limit_in_any_field_stall_no_partition() {
     let env = TestEnv::new().await;
     let app = env
-        .start(
-            &[
-                Role::Gateway,
-                Role::Coupons,
-                Role::Claims,
-                Role::Purchases,
-                Role::Expiry,
-                Role::History,
-            ],
-            |c| c.gateway.reply_timeout = Duration::from_secs(20),
-        )
+        .start(&Role::ALL, |c| {
+            c.gateway.reply_timeout = Duration::from_secs(20)
+        })
         .await;
     let mut foreign = env.kafka.clone();
     foreign
@@ -754,17 +746,7 @@ async fn records_at_the_size_limit_in_any_field_stall_no_partition() {
         .await
         .expect("purchase");
     assert_eq!(bought.status().as_u16(), 200);
-    for (role, topic) in [
-        ("coupons", env.topics.created()),
-        ("claims", env.topics.claims()),
-        ("purchases", env.topics.purchases()),
-        ("expiry", env.topics.expirations()),
-        ("history", env.topics.claim_results()),
-        ("history", env.topics.purchase_results()),
-    ] {
-        env.wait_caught_up(role, &topic, Duration::from_secs(60))
-            .await;
-    }
+    env.wait_every_role_caught_up(Duration::from_secs(60)).await;
     // Each refused record is set aside once per role that reads it (the
     // history sink reads the created and both results topics too), each
     // letter within the topic's limit.

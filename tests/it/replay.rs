@@ -125,17 +125,7 @@ async fn scenario(env: &TestEnv) -> Scenario {
         assert_eq!(status, 200, "{body}");
     }
 
-    for (role, topic) in [
-        ("coupons", env.topics.created()),
-        ("claims", env.topics.claims()),
-        ("purchases", env.topics.purchases()),
-        ("expiry", env.topics.expirations()),
-        ("history", env.topics.claim_results()),
-        ("history", env.topics.purchase_results()),
-    ] {
-        env.wait_caught_up(role, &topic, Duration::from_secs(20))
-            .await;
-    }
+    env.wait_every_role_caught_up(Duration::from_secs(20)).await;
     let redeemed = "SELECT count(*) FROM coupons WHERE status = 'redeemed'";
     assert_eq!(env.count(redeemed).await, 2);
     assert_eq!(
