@@ -1060,8 +1060,12 @@ mod tests {
 
     const T0: i64 = 1_795_564_800_000;
 
+    /// Ids generated at `T0`: the projector's rule (and so the rebuild's)
+    /// takes ids made shortly before their chunk was published.
+    const BASE_ID: u64 = (T0 as u64 - coupon_domain::snowflake::EPOCH_MS) << 22;
+
     fn code(n: u64) -> String {
-        let id = SnowflakeId::from_raw((1u64 << 40) + n).unwrap();
+        let id = SnowflakeId::from_raw(BASE_ID + n).unwrap();
         CouponCode::from_id(id).to_string()
     }
 
@@ -1092,7 +1096,7 @@ mod tests {
             batch_id: Uuid::new_v4().to_string(),
             employee_id: "e1".into(),
             category: "Shoes".into(),
-            coupon_ids: ids.iter().map(|n| ((1u64 << 40) + n) as i64).collect(),
+            coupon_ids: ids.iter().map(|n| (BASE_ID + n) as i64).collect(),
             chunk_index: 0,
             chunk_count: 1,
         }
