@@ -1,8 +1,10 @@
 """schemathesis hooks for tests/contract/run.sh.
 
-Two ids are state the document cannot describe in a schema: a request id
+Three ids are state the document cannot describe in a schema: a request id
 (`x-request-id`) or an order id already used by another user is refused
-(`409 request_id_conflict` / `order_id_conflict`, documented). Generated values, and the document's examples, repeat
+(`409 request_id_conflict` / `order_id_conflict`, documented), and an
+`Idempotency-Key` already used for another release is `422
+idempotency_key_reused` (documented). Generated values, and the document's examples, repeat
 across users (`"0"`, `"order-1"`...), so before each call a valid one is
 replaced by a fresh UUID; invalid ones (negative cases) are sent as
 generated.
@@ -13,6 +15,7 @@ import uuid
 import schemathesis
 
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,64}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 def valid_id(text):
@@ -30,6 +33,9 @@ def before_call(context, case, kwargs):
     if headers and isinstance(headers.get("x-request-id"), str):
         if REQUEST_ID.match(headers["x-request-id"]):
             headers["x-request-id"] = str(uuid.uuid4())
+    if headers and isinstance(headers.get("Idempotency-Key"), str):
+        if IDEMPOTENCY_KEY.match(headers["Idempotency-Key"]):
+            headers["Idempotency-Key"] = str(uuid.uuid4())
     body = case.body
     if isinstance(body, dict) and valid_id(body.get("order_id")):
         body["order_id"] = str(uuid.uuid4())
