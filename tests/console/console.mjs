@@ -119,6 +119,9 @@ async function main() {
       () => sqlNumber("SELECT count(*) FROM coupons WHERE batch_id = :'p1'", batchId));
     const projected = sqlNumber("SELECT count(*) FROM coupons WHERE batch_id = :'p1'", batchId);
     projected === count ? ok(`the database has the ${count} coupons of the batch`) : bad("the batch is projected", `${projected} of ${count}`);
+    // The page sent the release with an Idempotency-Key (a retried click completes it, never doubles it).
+    const keyed = sql("SELECT idempotency_key FROM releases WHERE batch_id = :'p1'", batchId);
+    keyed.startsWith("console-") ? ok("the release carried an Idempotency-Key") : bad("the release carried an Idempotency-Key", `stored key ${JSON.stringify(keyed)}`);
     // The pool grows to the batch's size.
     const poolRow = `#pool-table tr[data-category="${CATEGORY}"]`;
     await agree(`the pool of ${CATEGORY} shows ${count} available`, () => cell(`${poolRow} [data-field="available"]`), () => count, 15000);

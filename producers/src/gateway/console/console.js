@@ -24,8 +24,8 @@ class ApiError extends Error {
 }
 
 // One call to the API with the admin token; JSON answers are parsed.
-async function api(method, path, body) {
-  const headers = { Authorization: `Bearer ${token()}` };
+async function api(method, path, body, extraHeaders = {}) {
+  const headers = { ...extraHeaders, Authorization: `Bearer ${token()}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {
     method, headers, body: body === undefined ? undefined : JSON.stringify(body),
@@ -141,17 +141,33 @@ async function refreshBatches() {
 }
 $("batches-form").addEventListener("submit", (e) => { e.preventDefault(); refreshBatches(); });
 
+// A release that failed (a 5xx, a timeout, the network) is sent again with
+// the same Idempotency-Key while the form is unchanged: the server then
+// completes and answers the first batch instead of minting a second one.
+let pendingRelease = null;
+
+function newIdempotencyKey() {
+  // getRandomValues works outside secure contexts too (randomUUID does not).
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return "console-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 $("release-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const button = $("release-button");
   button.disabled = true;
   $("release-error").textContent = "";
+  const body = {
+    id: $("release-employee").value.trim(),
+    category: $("release-category").value.trim(),
+    count: Number($("release-count").value),
+  };
+  if (!pendingRelease || JSON.stringify(pendingRelease.body) !== JSON.stringify(body)) {
+    pendingRelease = { body, key: newIdempotencyKey() };
+  }
   try {
-    const batch = await api("POST", "/api/v1/coupon", {
-      id: $("release-employee").value.trim(),
-      category: $("release-category").value.trim(),
-      count: Number($("release-count").value),
-    });
+    const batch = await api("POST", "/api/v1/coupon", body, { "Idempotency-Key": pendingRelease.key });
+    pendingRelease = null;
     $("release-status").hidden = false;
     $("release-batch").textContent = batch.batch_id;
     $("release-count-shown").textContent = fmt(batch.count);
