@@ -21,7 +21,7 @@ Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
     ),
     paths(
         super::claim,
-        super::create_coupons,
+        super::release::create_coupons,
         super::coupon_status,
         super::purchase,
         super::healthz,

@@ -1,0 +1,200 @@
+//! `POST /api/v1/coupon`: an employee's release, idempotent with an
+//! `Idempotency-Key`, run to completion whatever the client does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tracing::Instrument as _;
+
+use coupon_domain::{Category, EmployeeId};
+
+use super::{
+    check_admin_token, json_rejection, responses, ApiError, CouponBatch, CreateCoupons, ErrorBody,
+    ErrorCode, GatewayState, MAX_HTTP_ISSUE,
+};
+use crate::issue::{self, IssueRequest};
+
+/// Release a batch of coupons (employees).
+///
+/// Generates the codes and publishes them; they become claimable as soon as
+/// the coupon projector has stored them.
+///
+/// The release runs in a task of its own, which the handler awaits: a client
+/// that goes away (or a request past its deadline) does not cut it, it
+/// completes. With an `Idempotency-Key` the batch is stored before it is
+/// published (`crate::issue`): a repeat with the key and the same body
+/// answers that batch (the same batch id and codes) and mints nothing, and
+/// completes it if it was cut (e.g. the process died mid-publish); the key
+/// with another body is `422`. A repeat while the first is still publishing
+/// waits for it (up to REPLY_TIMEOUT, then `409` with `Retry-After`). Without
+/// a key a repeat is another batch, and a process that dies mid-publish
+/// leaves the chunks it published.
+#[utoipa::path(
+    post,
+    path = "/api/v1/coupon",
+    tag = "employees",
+    request_body = CreateCoupons,
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "Your name for this release (1-128 visible ASCII characters). A repeat with the same key and body answers the first release (same batch id and codes) and mints nothing; it also completes a release that was cut mid-way. The same key with another body is refused (422). Without a key, every request releases a new batch.",
+            example = "release-2026-12-02-electronics")
+    ),
+    responses(
+        (status = 202, description = "Published: the batch id and the codes (for a repeat with the same Idempotency-Key: those of the first release).", body = CouponBatch),
+        (status = 400, description = "Invalid employee id, category, count or Idempotency-Key.",
+            body = ErrorBody, example = json!({"error": "invalid_request", "message": "count must be between 1 and 100000 (use `couponctl issue` for more)"})),
+        responses::AdminUnauthorized,
+        (status = 409, description = "A release with this Idempotency-Key is still being published by another request and did not end within REPLY_TIMEOUT; repeat the request (same key and body) after Retry-After for its answer.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before repeating")),
+            body = ErrorBody, example = json!({"error": "idempotency_key_in_progress", "message": "the release with idempotency key \"k1\" is still being published; repeat the request (same key, same body) in a moment for its answer"})),
+        responses::BodyRefused,
+        (status = 422, description = "This Idempotency-Key was already used for a release with another employee, category or count; nothing was released.",
+            body = ErrorBody, example = json!({"error": "idempotency_key_reused", "message": "idempotency key \"k1\" was already used for another release (100 Books coupons by employee e1); a new release needs a new key"})),
+        (status = 503, description = "The batch could not be published (or no machine id could be leased), or the gateway is at its limit of requests in flight. The message says whether repeating is safe: always with an Idempotency-Key (the repeat completes the stored batch); without one, only when nothing was published.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
+            body = ErrorBody, example = json!({"error": "unavailable", "message": "the release failed part-way: some of its coupons may already be claimable; repeating it without an Idempotency-Key releases another batch"})),
+        (status = 504, description = "The release took longer than REPLY_TIMEOUT; it goes on and completes. With an Idempotency-Key, repeat the request for its answer; without one, do not repeat it: that would release another batch.",
+            body = ErrorBody, example = json!({"error": "timeout", "message": "the release is still being published and will complete; repeat the request with the same Idempotency-Key and body for its answer"})),
+    ),
+    security(("admin_token" = []))
+)]
+pub(super) async fn create_coupons(
+    State(state): State<Arc<GatewayState>>,
+    headers: HeaderMap,
+    body: Result<Json<CreateCoupons>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    use issue::{IdempotencyKey, IssueError};
+
+    check_admin_token(&state, &headers)?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|raw| IdempotencyKey::parse(raw).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "Idempotency-Key must be 1 to 128 visible ASCII characters ('!' to '~')",
+                    )
+                })?,
+        ),
+    };
+    let Json(body) = body.map_err(json_rejection)?;
+    let count = body.count.unwrap_or(1);
+    if count == 0 || count > MAX_HTTP_ISSUE {
+        return Err(ApiError::invalid(format!(
+            "count must be between 1 and {MAX_HTTP_ISSUE} (use `couponctl issue` for more)"
+        )));
+    }
+    let request = IssueRequest {
+        employee: EmployeeId::parse(body.id).map_err(|e| ApiError::invalid(e.to_string()))?,
+        category: Category::parse(body.category).map_err(|e| ApiError::invalid(e.to_string()))?,
+        count,
+    };
+    // The release is not this request's to cut: it runs in its own task,
+    // which goes on when the client leaves or this handler stops waiting.
+    let wait = state.config.reply_timeout;
+    let lock_wait = wait
+        .saturating_sub(Duration::from_millis(500))
+        .max(Duration::from_millis(100));
+    let task = tokio::spawn({
+        let state = Arc::clone(&state);
+        let request = request.clone();
+        let key = key.clone();
+        async move {
+            issue::release(
+                &state.pool,
+                &state.publisher,
+                &state.topics,
+                state.config.datacenter_id,
+                &request,
+                key.as_ref(),
+                lock_wait,
+                |_| {},
+            )
+            .await
+        }
+        .in_current_span()
+    });
+    let keyed = key.is_some();
+    let outcome = match tokio::time::timeout(wait, task).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "the release task failed");
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                if keyed {
+                    "the release failed unexpectedly; repeating the request with the same \
+                     Idempotency-Key and body completes it"
+                } else {
+                    "the release failed unexpectedly; some of its coupons may already be \
+                     claimable, and repeating it without an Idempotency-Key releases another batch"
+                },
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::Timeout,
+                if keyed {
+                    "the release is still being published and will complete; repeat the request \
+                     with the same Idempotency-Key and body for its answer"
+                } else {
+                    "the release is still being published and will complete; do not repeat it \
+                     without an Idempotency-Key: that would release another batch"
+                },
+            ));
+        }
+    };
+    let batch = outcome.map_err(|error| {
+        tracing::warn!(%error, "releasing coupons failed");
+        match error {
+            IssueError::KeyReused { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::IdempotencyKeyReused,
+                error.to_string(),
+            ),
+            IssueError::InProgress(_) => {
+                let mut answer = ApiError::new(
+                    StatusCode::CONFLICT,
+                    ErrorCode::IdempotencyKeyInProgress,
+                    error.to_string(),
+                );
+                answer.retry_after_secs = Some(1);
+                answer
+            }
+            IssueError::BadCount(_) => ApiError::invalid(error.to_string()),
+            _ if keyed => ApiError::unavailable(
+                "the coupons could not be released now; the batch is stored: repeating the \
+                 request with the same Idempotency-Key and body completes it",
+            ),
+            // Nothing was published before the codes were generated.
+            IssueError::Keygen(_) | IssueError::Store(_) => ApiError::unavailable(
+                "no machine id could be leased, so no coupon was released; retrying is safe",
+            ),
+            _ => ApiError::unavailable(
+                "the release failed part-way: some of its coupons may already be claimable; \
+                 repeating it without an Idempotency-Key releases another batch",
+            ),
+        }
+    })?;
+    let codes: Vec<String> = batch.codes.iter().map(ToString::to_string).collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(CouponBatch {
+            batch_id: batch.batch_id.to_string(),
+            employee_id: request.employee.as_str().to_owned(),
+            category: request.category.as_str().to_owned(),
+            count: codes.len(),
+            codes,
+        }),
+    )
+        .into_response())
+}
