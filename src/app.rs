@@ -514,16 +514,18 @@ pub use coupon_platform::db::redact;
 mod tests {
     use super::*;
 
+    /// A role that runs until it is asked to stop.
+    async fn until_shutdown(stop: CancellationToken) -> anyhow::Result<()> {
+        stop.cancelled().await;
+        Ok(())
+    }
+
     #[tokio::test]
     async fn a_role_that_dies_stops_the_others_and_fails_the_process() {
         let shutdown = CancellationToken::new();
         let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
-        let stop = shutdown.clone();
         // A role that runs until shutdown, and one that fails at once.
-        tasks.spawn(async move {
-            stop.cancelled().await;
-            Ok(())
-        });
+        tasks.spawn(until_shutdown(shutdown.clone()));
         tasks.spawn(async { anyhow::bail!("the claims consumer stopped: broken") });
         let result = tokio::time::timeout(Duration::from_secs(10), supervise(tasks, &shutdown))
             .await
@@ -543,11 +545,7 @@ mod tests {
 
         let shutdown = CancellationToken::new();
         let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            stop.cancelled().await;
-            Ok(())
-        });
+        tasks.spawn(until_shutdown(shutdown.clone()));
         shutdown.cancel();
         supervise(tasks, &shutdown).await.expect("a clean stop");
     }
