@@ -612,7 +612,6 @@ fn invalid_decision(
 /// id is another user's) to `user_key`'s request `request_id`. Never
 /// stored, so its event id comes from the request and the user, and its
 /// time from the record: a redelivery publishes the very same event.
-#[allow(clippy::too_many_arguments)]
 fn refusal_event(
     ctx: &Context,
     outcome: WireOutcome,
