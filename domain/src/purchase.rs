@@ -14,6 +14,30 @@ pub struct CouponView {
     pub status: CouponStatus,
     pub holder_user_id: Option<UserId>,
     pub held_until: Option<DateTime<Utc>>,
+    /// When the current hold was granted (its claim's decision time), if
+    /// the coupon is held under a known grant.
+    pub held_since: Option<DateTime<Utc>>,
+}
+
+/// The time a purchase is judged at, and its redemption dated at: the time
+/// it was requested (see `crate::clock::judged_at`), but never before the
+/// grant of the hold it finds.
+///
+/// A purchase can be sent before its grant and decided after it: an order
+/// retried with a code the user held before (a released coupon is often
+/// granted to the same user again), a code guessed from an earlier release.
+/// Dated at its request, the log would say the coupon was redeemed before it
+/// was held, and a rebuild, which applies the log in time order, would
+/// disagree with the live database. Judged at the grant instead, it is
+/// decided against the hold it actually found, which is what happened.
+pub fn judged_at(coupon: Option<&CouponView>, requested_at: DateTime<Utc>) -> DateTime<Utc> {
+    match coupon.filter(|c| c.status == CouponStatus::Held) {
+        Some(CouponView {
+            held_since: Some(since),
+            ..
+        }) if *since > requested_at => *since,
+        _ => requested_at,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -130,7 +154,29 @@ mod tests {
             status: CouponStatus::Held,
             holder_user_id: Some(u(user)),
             held_until: Some(now() + chrono::Duration::seconds(secs_left)),
+            held_since: Some(now() - chrono::Duration::seconds(60)),
         }
+    }
+
+    #[test]
+    fn a_purchase_is_never_judged_before_the_grant_it_finds() {
+        let mut coupon = held_by("u", 240);
+        let granted = now() + chrono::Duration::seconds(2);
+        coupon.held_since = Some(granted);
+        assert_eq!(
+            judged_at(Some(&coupon), now()),
+            granted,
+            "sent before the grant"
+        );
+        let later = granted + chrono::Duration::seconds(1);
+        assert_eq!(judged_at(Some(&coupon), later), later, "sent after it");
+        coupon.status = CouponStatus::Redeemed;
+        assert_eq!(
+            judged_at(Some(&coupon), now()),
+            now(),
+            "no hold: its own time"
+        );
+        assert_eq!(judged_at(None, now()), now());
     }
 
     #[test]
@@ -164,6 +210,7 @@ mod tests {
             status: CouponStatus::Redeemed,
             holder_user_id: Some(u("u")),
             held_until: None,
+            held_since: None,
         };
         assert_eq!(
             decide(Some(&redeemed), &u("u"), true, now()),

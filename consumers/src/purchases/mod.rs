@@ -7,7 +7,10 @@
 //! exclusive, and a purchase is judged at the time the broker accepted it,
 //! not when this processor got to it (`coupon_domain::clock`): a purchase
 //! made in time is honoured even if this consumer lags, within the grace
-//! the expiry waits before releasing a hold.
+//! the expiry waits before releasing a hold. Never before the grant of the
+//! hold it finds, though (`coupon_domain::purchase::judged_at`): a purchase
+//! sent before its grant and decided after it is judged at the grant, so the
+//! log never dates a redemption before the hold it redeems.
 //!
 //! An order is one user's: a request for an order already decided for
 //! another user is answered `invalid` (addressed to the requester, with no
@@ -23,7 +26,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use coupon_domain::clock::judged_at;
-use coupon_domain::purchase::{decide, PurchaseOutcome};
+use coupon_domain::purchase::{self as rules, decide, PurchaseOutcome};
 use coupon_domain::{CouponCode, OrderId, RequestId, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
@@ -195,7 +198,10 @@ fn answer_stored(purchase: &Purchase, mut stored: StoredPurchase) -> Answer {
 
 /// Decides one purchase in the batch transaction: read the stored decision
 /// and the coupon (locked), decide with `coupon_domain::purchase::decide`
-/// (pure), write the redemption and the decision.
+/// (pure), write the redemption and the decision. `now` is the time the
+/// request is judged at; a purchase that finds a hold granted after it is
+/// judged at that grant instead (`coupon_domain::purchase::judged_at`), so
+/// no redemption is dated before the grant it redeems.
 async fn decide_one(
     tx: &mut PgConnection,
     purchase: &Purchase,
@@ -210,6 +216,7 @@ async fn decide_one(
         None => None,
     };
     let user = &purchase.user_id;
+    let now = rules::judged_at(view.as_ref(), now);
     let mut outcome = decide(view.as_ref(), user, false, now);
     if outcome != PurchaseOutcome::Redeemed && view.is_some() {
         // Tell a late buyer "your hold expired" rather than "not yours".

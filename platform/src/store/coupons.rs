@@ -64,9 +64,11 @@ pub async fn lock_for_purchase(
 ) -> Result<Option<CouponView>, sqlx::Error> {
     sqlx::query_as!(
         CouponView,
-        r#"SELECT status AS "status: CouponStatus", holder_user_id AS "holder_user_id: UserId",
-                  held_until
-           FROM coupons WHERE code = $1 FOR UPDATE"#,
+        r#"SELECT c.status AS "status: CouponStatus",
+                  c.holder_user_id AS "holder_user_id: UserId",
+                  c.held_until, d.decided_at AS "held_since?"
+           FROM coupons c LEFT JOIN claim_decisions d ON d.request_id = c.hold_id
+           WHERE c.code = $1 FOR UPDATE OF c"#,
         code as CouponCode
     )
     .fetch_optional(conn)
