@@ -4,6 +4,7 @@
 mod harness;
 mod processes;
 
+mod causal;
 mod chaos;
 mod claims;
 mod cli;
