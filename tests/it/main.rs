@@ -4,6 +4,7 @@
 mod harness;
 mod processes;
 
+mod acl;
 mod chaos;
 mod claims;
 mod cli;
