@@ -105,12 +105,24 @@ fn the_acl_table_follows_the_catalogue() {
             "{principal} in its group {group}"
         );
         assert!(
-            allowed(&table, &principal, "topic", &topic(TopicKind::DeadLetter), "Write"),
+            allowed(
+                &table,
+                &principal,
+                "topic",
+                &topic(TopicKind::DeadLetter),
+                "Write"
+            ),
             "{principal} sets records aside"
         );
     }
     for kind in Role::Gateway.topics() {
-        assert!(allowed(&table, "storefront", "topic", &topic(*kind), "Read"));
+        assert!(allowed(
+            &table,
+            "storefront",
+            "topic",
+            &topic(*kind),
+            "Read"
+        ));
     }
     // Who may write each topic, and nobody else. Minting and answering
     // are one principal each.
@@ -131,7 +143,10 @@ fn the_acl_table_follows_the_catalogue() {
         set(&["purchases-processor"])
     );
     assert_eq!(writers(TopicKind::Expirations), set(&["expiry-processor"]));
-    assert_eq!(writers(TopicKind::Blacklist), set(&["issuer", "storefront"]));
+    assert_eq!(
+        writers(TopicKind::Blacklist),
+        set(&["issuer", "storefront"])
+    );
     assert_eq!(
         writers(TopicKind::DeadLetter),
         Role::CONSUMERS.iter().map(|r| processor(*r)).collect()
@@ -139,8 +154,16 @@ fn the_acl_table_follows_the_catalogue() {
     // Nobody but the operator creates topics, nobody deletes them, and
     // nothing is granted on the cluster (ACL changes are the super user's).
     for acl in &table {
-        assert!(matches!(acl.resource.as_str(), "topic" | "group"), "{acl:?}");
-        assert!(!acl.operations.iter().any(|op| op == "Delete" || op == "All"), "{acl:?}");
+        assert!(
+            matches!(acl.resource.as_str(), "topic" | "group"),
+            "{acl:?}"
+        );
+        assert!(
+            !acl.operations
+                .iter()
+                .any(|op| op == "Delete" || op == "All"),
+            "{acl:?}"
+        );
         if acl.operations.iter().any(|op| op == "Create") {
             assert_eq!(acl.principal, "operator", "{acl:?}");
         }
@@ -198,7 +221,10 @@ impl SaslBroker {
         command
             .arg(Self::script())
             .env("SASL_KAFKA_PORT", self.port.to_string())
-            .env("SASL_KAFKA_CONTROLLER_PORT", self.controller_port.to_string());
+            .env(
+                "SASL_KAFKA_CONTROLLER_PORT",
+                self.controller_port.to_string(),
+            );
         command
     }
 
@@ -257,7 +283,9 @@ fn assert_refused(result: Result<(), PublishError>, who: &str, topic: &str) {
             source: KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed),
             ..
         }) => {}
-        other => panic!("{who} publishing to {topic}: want TopicAuthorizationFailed, got {other:?}"),
+        other => {
+            panic!("{who} publishing to {topic}: want TopicAuthorizationFailed, got {other:?}")
+        }
     }
 }
 
@@ -299,7 +327,11 @@ async fn the_storefront_principal_writes_requests_and_reads_answers_only() {
         TopicKind::PurchaseResults,
     ] {
         let topic = topics.of(kind);
-        assert_refused(publish(&as_storefront, &topic).await, "the storefront", &topic);
+        assert_refused(
+            publish(&as_storefront, &topic).await,
+            "the storefront",
+            &topic,
+        );
     }
     // It starts on topics that exist, but may not make one.
     let extra = TopicSpec {
@@ -375,7 +407,15 @@ async fn the_storefront_principal_writes_requests_and_reads_answers_only() {
     let mut issue = env.couponctl();
     with_role("issuer")(&mut issue);
     let output = issue
-        .args(["issue", "--employee", "e-acl", "--category", "Acl", "--count", "2"])
+        .args([
+            "issue",
+            "--employee",
+            "e-acl",
+            "--category",
+            "Acl",
+            "--count",
+            "2",
+        ])
         .output()
         .expect("couponctl issue");
     assert!(
@@ -433,7 +473,9 @@ async fn the_storefront_principal_writes_requests_and_reads_answers_only() {
     };
     assert_eq!(granted["category"], "Acl", "{granted}");
     assert!(
-        granted["coupon_code"].as_str().is_some_and(|c| !c.is_empty()),
+        granted["coupon_code"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty()),
         "{granted}"
     );
     gateway.kill_9().await;

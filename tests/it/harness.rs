@@ -82,12 +82,7 @@ impl TestEnv {
     /// `server_url` (the HA cluster's write port in the fault-injection run)
     /// and whose topics live on `brokers`.
     pub async fn on_server(server_url: &str, brokers: String) -> Self {
-        Self::named(
-            Self::fresh_name(),
-            server_url,
-            KafkaSettings::new(brokers),
-        )
-        .await
+        Self::named(Self::fresh_name(), server_url, KafkaSettings::new(brokers)).await
     }
 
     /// A fresh name for a test's database and topic prefix.
