@@ -147,6 +147,9 @@ fn the_acl_table_follows_the_catalogue() {
         writers(TopicKind::Blacklist),
         set(&["issuer", "storefront"])
     );
+    for kind in TopicKind::ALL {
+        assert!(!writers(kind).is_empty(), "nobody may write {kind}");
+    }
     assert_eq!(
         writers(TopicKind::DeadLetter),
         Role::CONSUMERS.iter().map(|r| processor(*r)).collect()
@@ -393,8 +396,9 @@ async fn the_storefront_principal_writes_requests_and_reads_answers_only() {
     drop(results);
 
     // The product's own processes, one principal each: the issuer
-    // releases, the projector and the claim processor run as their roles,
-    // the storefront's gateway (no admin token) answers a claim.
+    // releases, the projector and the claim and purchase processors run as
+    // their roles, the storefront's gateway (no admin token) answers a
+    // claim and its purchase.
     let with_role = |role: &'static str| {
         let brokers = broker.brokers();
         move |command: &mut Command| {
@@ -437,6 +441,13 @@ async fn the_storefront_principal_writes_requests_and_reads_answers_only() {
         "acl-claims",
         with_role("claims-processor"),
     );
+    let mut purchases = Child::spawn_with(
+        &env,
+        &["consume", "purchases"],
+        free_port(),
+        "acl-purchases",
+        with_role("purchases-processor"),
+    );
     let port = free_port();
     let storefront_role = with_role("storefront");
     let mut gateway = Child::spawn_with(&env, &["gateway"], port, "acl-gateway", move |c| {
@@ -451,6 +462,7 @@ async fn the_storefront_principal_writes_requests_and_reads_answers_only() {
     let granted: Value = loop {
         coupons.assert_alive();
         claims.assert_alive();
+        purchases.assert_alive();
         gateway.assert_alive();
         let response = http
             .get(format!("{base}/api/v1/coupon?id=acl-user"))
@@ -478,7 +490,23 @@ async fn the_storefront_principal_writes_requests_and_reads_answers_only() {
             .is_some_and(|c| !c.is_empty()),
         "{granted}"
     );
+    let code = granted["coupon_code"].as_str().unwrap_or_default();
+    let bought = http
+        .post(format!("{base}/api/v1/purchase"))
+        .json(&serde_json::json!({"user_id": "acl-user", "coupon_code": code, "order_id": "acl-order"}))
+        .send()
+        .await
+        .expect("purchase");
+    let status = bought.status();
+    assert_eq!(
+        status,
+        200,
+        "a purchase with a principal per role: {:?}\npurchases:\n{}",
+        bought.text().await,
+        purchases.log_tail()
+    );
     gateway.kill_9().await;
+    purchases.kill_9().await;
     claims.kill_9().await;
     coupons.kill_9().await;
     drop(env);
