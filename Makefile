@@ -9,7 +9,7 @@ export REDIS_URL ?= $(call setting,REDIS_URL)
 export KAFKA_BROKERS ?= $(call setting,KAFKA_BROKERS)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup up down cluster-up cluster-down ha-up ha-down build unit sqlx test lint fmt demo bench chaos clean-state
+.PHONY: setup up down cluster-up cluster-down ha-up ha-down sasl-up sasl-down build unit sqlx test lint fmt demo bench chaos clean-state
 
 setup: ## install what this machine lacks (Postgres, Redis, a JDK, Apache Kafka from Maven Central)
 	infra/local/setup.sh
@@ -31,6 +31,12 @@ ha-up: setup ## Postgres under Patroni (3 members, synchronous, etcd, HAProxy): 
 
 ha-down: ## stop what `make ha-up` started (state kept in .state/ha)
 	infra/local/ha.sh down
+
+sasl-up: setup ## a Kafka node with SASL/PLAIN and ACLs (infra/kafka/acls.tsv for prefix coupons) on 127.0.0.1:19094
+	infra/local/sasl.sh up
+
+sasl-down: ## stop what `make sasl-up` started (state kept in .state/sasl)
+	infra/local/sasl.sh down
 
 build:
 	cargo build --release --bin couponctl
@@ -67,7 +73,7 @@ fuzz: up ## the storefront contract with a random seed and more examples (CONTRA
 bench: up build ## the benchmarks (BENCH_QUICK=1 for a short run)
 	target/release/couponctl bench
 
-clean-state: down cluster-down ha-down
+clean-state: down cluster-down ha-down sasl-down
 	rm -rf .state
 
 .PHONY: print-settings

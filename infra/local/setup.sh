@@ -15,7 +15,8 @@ command -v perl >/dev/null 2>&1 || need_apt+=(perl)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 # javac: the Java storefront example (examples/java-storefront) and the
-# partitioner test's Murmur.java (tests/java) are compiled.
+# partitioner test's Murmur.java (tests/java) are compiled, and
+# infra/kafka/Acls.java runs in the JDK's source-file mode.
 command -v javac >/dev/null 2>&1 || need_apt+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)

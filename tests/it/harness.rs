@@ -82,11 +82,22 @@ impl TestEnv {
     /// `server_url` (the HA cluster's write port in the fault-injection run)
     /// and whose topics live on `brokers`.
     pub async fn on_server(server_url: &str, brokers: String) -> Self {
-        let name = format!(
+        Self::named(Self::fresh_name(), server_url, KafkaSettings::new(brokers)).await
+    }
+
+    /// A fresh name for a test's database and topic prefix.
+    pub fn fresh_name() -> String {
+        format!(
             "it_{}_{}",
             chrono::Utc::now().timestamp(),
             &uuid::Uuid::new_v4().simple().to_string()[..10]
-        );
+        )
+    }
+
+    /// A test environment named `name` whose topics are made through
+    /// `kafka` (its brokers and credentials: the SASL broker's operator in
+    /// `acl.rs`), who also cleans them up.
+    pub async fn named(name: String, server_url: &str, kafka: KafkaSettings) -> Self {
         let admin = admin_pool_at(server_url).await;
         sweep_leftovers(&admin).await;
         sqlx::query(&format!("CREATE DATABASE \"{name}\""))
@@ -102,7 +113,6 @@ impl TestEnv {
             .expect("connect test database");
         coupon_platform::db::migrate(&pool).await.expect("migrate");
         let topics = Topics::new(&name);
-        let kafka = KafkaSettings::new(brokers);
         app::create_topics(
             &kafka,
             &topics,
@@ -257,10 +267,8 @@ fn left_over(name: &str) -> bool {
 
 /// Deletes the topics whose name `doomed` picks. Best effort: a topic that
 /// stays behind only costs the broker a little disk.
-async fn delete_topics(brokers: &str, doomed: impl Fn(&str) -> bool) {
-    let _ =
-        coupon_platform::kafka::admin::delete_topics_where(&KafkaSettings::new(brokers), doomed)
-            .await;
+async fn delete_topics(kafka: &KafkaSettings, doomed: impl Fn(&str) -> bool) {
+    let _ = coupon_platform::kafka::admin::delete_topics_where(kafka, doomed).await;
 }
 
 impl Drop for TestEnv {
@@ -268,7 +276,7 @@ impl Drop for TestEnv {
         // Best effort, off the runtime: drop the database and this test's
         // topics, and those of test runs that died an hour ago or more.
         let name = self.name.clone();
-        let brokers = self.kafka.brokers.clone();
+        let kafka = self.kafka.clone();
         let server = self.database_url.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -283,7 +291,7 @@ impl Drop for TestEnv {
                     .execute(&admin)
                     .await;
                 let own = format!("{name}.");
-                delete_topics(&brokers, |topic| {
+                delete_topics(&kafka, |topic| {
                     topic.starts_with(&own) || left_over(topic.split('.').next().unwrap_or(""))
                 })
                 .await;

@@ -4,6 +4,7 @@
 mod harness;
 mod processes;
 
+mod acl;
 mod causal;
 mod chaos;
 mod claims;

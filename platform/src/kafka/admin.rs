@@ -35,6 +35,12 @@ pub enum AdminError {
     Request { brokers: String, source: KafkaError },
     #[error("listing or deleting topics on {brokers} failed: {source}")]
     Delete { brokers: String, source: KafkaError },
+    #[error(
+        "topic {topic} does not exist (or this principal may not describe it) and this \
+         principal may not create it: create the topics with `couponctl topics` as the \
+         operator (infra/kafka/acls.tsv)"
+    )]
+    NotAllowed { topic: String },
     #[error("creating topic {topic} failed: {code}")]
     Topic {
         topic: String,
@@ -117,13 +123,31 @@ pub async fn set_topic_configs(
 }
 
 /// Creates the topics that do not exist yet. Returns the names it created.
+///
+/// The topics that exist are read from the cluster's metadata first and
+/// only the missing ones are asked for: on a cluster with ACLs the broker
+/// answers a create with `TopicAuthorizationFailed` for every topic the
+/// principal may not create, whether it exists or not, and the services'
+/// principals may only describe their topics (`infra/kafka/acls.tsv`).
 pub async fn ensure_topics(
     settings: &KafkaSettings,
     topics: &[TopicSpec],
 ) -> Result<Vec<String>, AdminError> {
     let admin = admin_client(settings)?;
+    let existing: std::collections::HashSet<String> = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(15))
+        .map_err(|source| AdminError::Request {
+            brokers: settings.brokers.clone(),
+            source,
+        })?
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .collect();
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
+        .filter(|t| !existing.contains(&t.name))
         .map(|t| {
             let topic = NewTopic::new(
                 &t.name,
@@ -136,6 +160,9 @@ pub async fn ensure_topics(
                 .fold(topic, |topic, (key, value)| topic.set(key, value))
         })
         .collect();
+    if new_topics.is_empty() {
+        return Ok(Vec::new());
+    }
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
     let results = admin
         .create_topics(new_topics.iter(), &options)
@@ -149,6 +176,9 @@ pub async fn ensure_topics(
         match result {
             Ok(topic) => created.push(topic),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, RDKafkaErrorCode::TopicAuthorizationFailed)) => {
+                return Err(AdminError::NotAllowed { topic })
+            }
             Err((topic, code)) => return Err(AdminError::Topic { topic, code }),
         }
     }
