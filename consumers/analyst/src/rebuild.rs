@@ -1876,8 +1876,7 @@ mod tests {
                         );
                     }
                     Step::Sweep => {
-                        for n in 1..=3 {
-                            let c = &coupons[n];
+                        for (n, c) in coupons.iter_mut().enumerate().skip(1) {
                             if c.status == Some(CouponStatus::Held) && c.held_until + GRACE <= now {
                                 let event = expired(
                                     c.held_until,
@@ -1890,7 +1889,7 @@ mod tests {
                                     TopicKind::Expirations,
                                     super::log(TopicKind::Expirations, 0, event),
                                 );
-                                coupons[n] = Coupon {
+                                *c = Coupon {
                                     status: Some(CouponStatus::Available),
                                     ..Coupon::default()
                                 };
