@@ -6,6 +6,7 @@ mod processes;
 
 mod chaos;
 mod claims;
+mod blacklist;
 mod cli;
 mod clocks;
 mod console;
