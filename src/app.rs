@@ -111,6 +111,8 @@ impl AppConfig {
 pub struct Running {
     pub http_addr: Option<SocketAddr>,
     pub context: Context,
+    /// The gateway's downloads (none without the gateway).
+    pub exports: Option<Arc<gateway::console::ExportStats>>,
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
 }
@@ -375,6 +377,7 @@ pub async fn start(
         }
     }
     let mut http_addr = None;
+    let mut exports = None;
     if roles.contains(&Role::Gateway) {
         // The gateways change the blacklist: they also lift the expired
         // entries and publish the changes a failed publish left waiting
@@ -442,6 +445,7 @@ pub async fn start(
                 topics: ctx.topics.clone(),
             })),
         );
+        exports = Some(state.exports.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
             gateway::serve(listener, state, stop.cancelled_owned())
@@ -462,6 +466,7 @@ pub async fn start(
     Ok(Running {
         http_addr,
         context: ctx,
+        exports,
         tasks,
         shutdown,
     })

@@ -4,12 +4,13 @@
 mod harness;
 mod processes;
 
+mod blacklist;
 mod chaos;
 mod claims;
-mod blacklist;
 mod cli;
 mod clocks;
 mod console;
+mod console_load;
 mod demo;
 mod edge;
 mod invariants;
