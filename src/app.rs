@@ -339,17 +339,14 @@ pub async fn start(
     if roles.contains(&Role::History) {
         let (pool, stop) = (ctx.pool.clone(), shutdown.clone());
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(PARTITIONS_AHEAD_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tick.tick() => {}
-                }
-                if let Err(error) = coupon_platform::db::partitions_ahead(&pool).await {
-                    tracing::warn!(%error, "could not create the coming history partitions");
-                }
-            }
+            partitions_ahead(
+                &pool,
+                PARTITIONS_AHEAD_EVERY,
+                || chrono::Utc::now().date_naive(),
+                stop,
+            )
+            .await;
+            Ok(())
         });
     }
     for &role in &consumer_roles {
@@ -470,6 +467,30 @@ pub async fn start(
         tasks,
         shutdown,
     })
+}
+
+/// Creates the history partitions of the month `today()` falls in and the
+/// next two every `every` ([`coupon_platform::db::partitions_ahead_from`]),
+/// until `stop`: a process running for months never lets a month's rows
+/// settle in the default partition (where they would stay: a partition
+/// cannot be made for a month the default partition holds rows of).
+pub async fn partitions_ahead(
+    pool: &sqlx::PgPool,
+    every: Duration,
+    today: impl Fn() -> chrono::NaiveDate,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = coupon_platform::db::partitions_ahead_from(pool, today()).await {
+            tracing::warn!(%error, "could not create the coming history partitions");
+        }
+    }
 }
 
 /// Runs [`coupon_producers::blacklist::Blacklist::upkeep`] every `every`

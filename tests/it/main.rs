@@ -13,6 +13,7 @@ mod console;
 mod console_load;
 mod demo;
 mod edge;
+mod history_partitions;
 mod invariants;
 mod observability;
 mod openapi;
