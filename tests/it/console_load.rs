@@ -1,16 +1,18 @@
 //! The console under load (issue #24, item 13): its download is bounded in
-//! memory and stops when its client goes.
+//! memory and stops when its client goes; its reads cannot take the
+//! connections the consumers decide claims with.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use futures::stream::{self, StreamExt};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use coupon_platform::kafka::Publisher;
 use coupon_schemas::BlacklistChanged;
 use couponctl::app::Role;
 
-use crate::harness::{eventually, TestEnv};
+use crate::harness::{eventually, release, TestEnv};
 
 const ADMIN: &str = "admin-secret";
 /// Records in the log, and the size of each one's reason.
@@ -158,6 +160,85 @@ async fn a_download_holds_little_while_its_client_reads_slowly_and_stops_when_it
     assert!(
         produced < total / 4,
         "{produced} of {total} bytes produced for a client that left"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_reads_cannot_take_the_connections_claims_are_decided_with() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(&[Role::Gateway, Role::Coupons, Role::Claims], |c| {
+            c.gateway.reply_timeout = Duration::from_secs(10);
+        })
+        .await;
+    release(&env, "Books", 20).await;
+    // The console's claims chart reads `coupon_history`, which claims do
+    // not touch (no history sink runs here); a lock held on it makes every
+    // such read wait, holding its connection.
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE coupon_history IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let http = TestEnv::http_client();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut readers = Vec::new();
+    for _ in 0..40 {
+        let (http, url, stop) = (
+            http.clone(),
+            app.url("/api/v1/analytics/claims"),
+            stop.clone(),
+        );
+        readers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let request = http.get(&url).bearer_auth(ADMIN).send();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = request => {}
+                }
+            }
+        }));
+    }
+    // The console's reads wait on the lock, as many as their pool allows.
+    eventually(
+        "console reads waiting on the lock",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            waiting >= 4
+        },
+    )
+    .await;
+    // Claims are still decided.
+    let started = Instant::now();
+    let answers: Vec<u16> = stream::iter(0..10)
+        .map(|i| {
+            let (http, url) = (
+                http.clone(),
+                app.url(&format!("/api/v1/coupon?id=reader-{i}")),
+            );
+            async move { http.get(url).send().await.unwrap().status().as_u16() }
+        })
+        .buffer_unordered(10)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    stop.cancel();
+    for reader in readers {
+        let _ = reader.await;
+    }
+    lock.rollback().await.unwrap();
+    assert_eq!(
+        answers,
+        vec![200; 10],
+        "claims while the console's reads hang (after {took:?})"
     );
     app.stop().await;
 }
