@@ -56,7 +56,7 @@ async fn the_coming_months_partitions_are_made_while_the_process_runs() {
     eventually(
         "the month's partition made",
         Duration::from_secs(30),
-        || exists(),
+        exists,
     )
     .await;
     stop.cancel();
