@@ -59,6 +59,9 @@ pub struct AppConfig {
     /// How this instance shares partitions with other instances of its roles.
     pub assignment: Assignment,
     pub sweep_interval: Duration,
+    /// How often a process with the gateway lifts expired blacklist entries
+    /// and publishes the blacklist changes waiting for the log.
+    pub blacklist_upkeep_interval: Duration,
     pub db_max_connections: u32,
     /// Written into every event's envelope.
     pub producer_name: String,
@@ -90,6 +93,7 @@ impl AppConfig {
             claim_processors: settings::CLAIM_PROCESSORS,
             assignment: Assignment::Group,
             sweep_interval: settings::SWEEP_INTERVAL,
+            blacklist_upkeep_interval: settings::BLACKLIST_UPKEEP_INTERVAL,
             db_max_connections: settings::DB_MAX_CONNECTIONS,
             producer_name: "couponctl".into(),
             metrics_interval: settings::METRICS_INTERVAL,
@@ -107,6 +111,8 @@ impl AppConfig {
 pub struct Running {
     pub http_addr: Option<SocketAddr>,
     pub context: Context,
+    /// The gateway's downloads (none without the gateway).
+    pub exports: Option<Arc<gateway::console::ExportStats>>,
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
 }
@@ -333,17 +339,14 @@ pub async fn start(
     if roles.contains(&Role::History) {
         let (pool, stop) = (ctx.pool.clone(), shutdown.clone());
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(PARTITIONS_AHEAD_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tick.tick() => {}
-                }
-                if let Err(error) = coupon_platform::db::partitions_ahead(&pool).await {
-                    tracing::warn!(%error, "could not create the coming history partitions");
-                }
-            }
+            partitions_ahead(
+                &pool,
+                PARTITIONS_AHEAD_EVERY,
+                || chrono::Utc::now().date_naive(),
+                stop,
+            )
+            .await;
+            Ok(())
         });
     }
     for &role in &consumer_roles {
@@ -371,7 +374,20 @@ pub async fn start(
         }
     }
     let mut http_addr = None;
+    let mut exports = None;
     if roles.contains(&Role::Gateway) {
+        // The gateways change the blacklist: they also lift the expired
+        // entries and publish the changes a failed publish left waiting
+        // (several gateways doing it at once wait for each other's rows).
+        let (ctx2, stop, every) = (
+            ctx.clone(),
+            shutdown.clone(),
+            config.blacklist_upkeep_interval,
+        );
+        tasks.spawn(async move {
+            blacklist_upkeep(&ctx2, every, stop).await;
+            Ok(())
+        });
         let replies = Arc::new(Replies::bounded(config.gateway.max_waiting.max(1)));
         let results = gateway::replies::results_consumer(
             &config.kafka,
@@ -426,6 +442,7 @@ pub async fn start(
                 topics: ctx.topics.clone(),
             })),
         );
+        exports = Some(state.exports.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
             gateway::serve(listener, state, stop.cancelled_owned())
@@ -446,9 +463,65 @@ pub async fn start(
     Ok(Running {
         http_addr,
         context: ctx,
+        exports,
         tasks,
         shutdown,
     })
+}
+
+/// Creates the history partitions of the month `today()` falls in and the
+/// next two every `every` ([`coupon_platform::db::partitions_ahead_from`]),
+/// until `stop`: a process running for months never lets a month's rows
+/// settle in the default partition (where they would stay: a partition
+/// cannot be made for a month the default partition holds rows of).
+pub async fn partitions_ahead(
+    pool: &sqlx::PgPool,
+    every: Duration,
+    today: impl Fn() -> chrono::NaiveDate,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = coupon_platform::db::partitions_ahead_from(pool, today()).await {
+            tracing::warn!(%error, "could not create the coming history partitions");
+        }
+    }
+}
+
+/// Runs [`coupon_producers::blacklist::Blacklist::upkeep`] every `every`
+/// until `stop`; a failed round is logged and tried again at the next.
+pub async fn blacklist_upkeep(ctx: &Context, every: Duration, stop: CancellationToken) {
+    let blacklist = coupon_producers::blacklist::Blacklist {
+        pool: &ctx.pool,
+        publisher: &ctx.publisher,
+        topics: &ctx.topics,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let round = tokio::select! {
+            _ = stop.cancelled() => return,
+            round = blacklist.upkeep() => round,
+        };
+        match round {
+            Ok(done) if done.lifted + done.published > 0 => tracing::info!(
+                lifted = done.lifted,
+                published = done.published,
+                "blacklist upkeep: expired entries lifted, waiting changes published"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "blacklist upkeep failed; trying again later"),
+        }
+    }
 }
 
 async fn axum_serve_metrics(

@@ -47,10 +47,20 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Creates the history partitions of this month and the next three if
+/// Creates the history partitions of this month and the next two if
 /// they are missing (the history sink's process repeats it while running).
 pub async fn partitions_ahead(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT ensure_history_partitions(now()::date, 3)")
+    partitions_ahead_from(pool, chrono::Utc::now().date_naive()).await
+}
+
+/// [`partitions_ahead`] as it runs on `today` (UTC): the partitions of
+/// `today`'s month and the next two.
+pub async fn partitions_ahead_from(
+    pool: &PgPool,
+    today: chrono::NaiveDate,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT ensure_history_partitions($1, 3)")
+        .bind(today)
         .execute(pool)
         .await?;
     Ok(())

@@ -43,6 +43,9 @@ pub const CLAIM_PROCESSORS: usize = 1;
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub const DB_MAX_CONNECTIONS: u32 = 10;
 pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a gateway's process lifts the blacklist entries whose end has
+/// passed and publishes the blacklist changes still waiting for the log.
+pub const BLACKLIST_UPKEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 // The gateway.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);

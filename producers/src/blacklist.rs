@@ -6,15 +6,36 @@
 //! Every change is also an event on `<prefix>.blacklist` (`BlacklistChanged`,
 //! keyed by user), so a database rebuilt from the log refuses the same users.
 //! The event carries the entry as it stands *after* the change (the outcome,
-//! not the request), and is published inside the Postgres transaction that
-//! makes the change, before its commit:
+//! not the request). It reaches the log only with its commit, and always
+//! with it (a transactional outbox, `blacklist_outbox`):
 //!
-//! - the row stays locked until the commit, so two changes of one user reach
-//!   the log (one partition: the key is the user) in the order they commit;
-//! - a failed publish rolls the change back: no entry exists only in
-//!   Postgres. The one gap left is a commit that fails after the publish
-//!   (the log then has a change Postgres lacks); the caller gets the error,
-//!   and `couponctl audit` shows the user until the change is made again.
+//! - the change writes its event, encoded with its envelope, into the
+//!   outbox in the transaction that changes `users`. A transaction that
+//!   fails (at any statement, or at its commit) leaves neither: nothing is
+//!   published that Postgres did not make;
+//! - after the commit the change publishes its user's waiting events, and
+//!   deletes them once the broker confirmed. A publish that fails (or takes
+//!   longer than [`PUBLISH_WAIT`]: the caller is answered, the change is
+//!   made) leaves the row; the relay ([`Blacklist::upkeep`], run by every
+//!   serving process) publishes it later. A change on the log is therefore
+//!   a change Postgres made, and every change Postgres made reaches the log;
+//! - a row published twice (confirmed, but the process died before
+//!   deleting it; or a timed-out send that librdkafka still delivered) is
+//!   the same record with the same event id: the rebuild and the audit drop
+//!   the second copy;
+//! - the user's row lock is held from the write until the commit, and the
+//!   outbox row is numbered (`seq`) under that lock, so `seq` is the commit
+//!   order of one user's changes; the events of a user are published in
+//!   `seq` order, the pending rows locked while they are, and a failed one
+//!   stops the rest (a later change never overtakes an earlier one on the
+//!   log, where the last change of a user is the one that counts).
+//!
+//! Entries with an end are lifted when it has passed ([`Blacklist::upkeep`]):
+//! the claim processor already treats them as over, but the row, the
+//! console's list and the log would otherwise keep them for ever; the lift
+//! is a change like any other (source `expired`), so a rebuild agrees.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -25,6 +46,7 @@ use coupon_platform::store::users;
 use coupon_platform::time::to_ms;
 use coupon_platform::Topics;
 use coupon_schemas::BlacklistChanged;
+use prost::Message as _;
 
 pub use coupon_platform::store::users::BlacklistEntry;
 
@@ -35,6 +57,8 @@ pub enum Source {
     Manual,
     /// The gateway's flood control.
     Automatic,
+    /// The entry's end passed ([`Blacklist::upkeep`] lifted it).
+    Expired,
 }
 
 impl Source {
@@ -42,6 +66,7 @@ impl Source {
         match self {
             Source::Manual => "manual",
             Source::Automatic => "automatic",
+            Source::Expired => "expired",
         }
     }
 }
@@ -50,8 +75,35 @@ impl Source {
 pub enum BlacklistError {
     #[error("changing the blacklist in Postgres: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("putting the blacklist change on the log (nothing was changed): {0}")]
+    #[error("putting committed blacklist changes on the log (the relay retries): {0}")]
     Publish(#[from] PublishError),
+    #[error(
+        "the broker did not confirm a committed blacklist change within {0:?} (the relay retries)"
+    )]
+    NotConfirmed(Duration),
+}
+
+/// How long a change waits for its event's delivery after the commit before
+/// it answers anyway (the relay publishes what is left).
+pub const PUBLISH_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the relay waits for one change's delivery (the producer's own
+/// `message.timeout.ms`).
+const RELAY_WAIT: Duration = Duration::from_secs(30);
+
+/// Outbox rows published per relay transaction.
+const RELAY_BATCH: i64 = 500;
+
+/// Expired entries lifted per upkeep transaction.
+const LIFT_BATCH: i64 = 500;
+
+/// What one [`Blacklist::upkeep`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Upkeep {
+    /// Entries lifted because their end had passed.
+    pub lifted: usize,
+    /// Waiting changes put on the log.
+    pub published: usize,
 }
 
 /// Where blacklist changes go: Postgres, and the log.
@@ -108,10 +160,9 @@ impl Blacklist<'_> {
             return Ok(current);
         };
         let event = change_event(self.publisher, user_id, Some(&entry), source);
-        self.publisher
-            .send(&self.topics.blacklist(), user_id.as_str(), &event)
-            .await?;
+        queue(&mut tx, user_id, event).await?;
         tx.commit().await?;
+        self.publish_committed(user_id).await;
         Ok(entry)
     }
 
@@ -124,12 +175,110 @@ impl Blacklist<'_> {
             return Ok(false);
         }
         let event = change_event(self.publisher, user_id, None, source);
-        self.publisher
-            .send(&self.topics.blacklist(), user_id.as_str(), &event)
-            .await?;
+        queue(&mut tx, user_id, event).await?;
         tx.commit().await?;
+        self.publish_committed(user_id).await;
         Ok(true)
     }
+
+    /// After a commit: puts `user_id`'s waiting changes on the log, waiting
+    /// at most [`PUBLISH_WAIT`] (for the broker, or for a relay publishing
+    /// them already). A failure is logged, not returned: the change is
+    /// made, and the relay publishes it.
+    async fn publish_committed(&self, user_id: &UserId) {
+        let publishing = self.publish_pending(Some(user_id), PUBLISH_WAIT);
+        let error = match tokio::time::timeout(PUBLISH_WAIT, publishing).await {
+            Ok(Ok(_)) => return,
+            Ok(Err(error)) => error,
+            // Dropped mid-way: its transaction rolls back, the rows stay.
+            Err(_) => BlacklistError::NotConfirmed(PUBLISH_WAIT),
+        };
+        tracing::warn!(
+            user = %user_id, %error,
+            "a blacklist change is committed but not yet on the log; the relay publishes it"
+        );
+    }
+
+    /// Publishes the committed changes waiting in the outbox (only
+    /// `user_id`'s, when given), oldest first, and deletes each one the
+    /// broker confirmed. Stops at the first send that failed or was not
+    /// confirmed within `wait` (it may still be delivered: its copy from the
+    /// next attempt has the same event id), so no later change of a user
+    /// overtakes it. Returns how many were published.
+    pub async fn publish_pending(
+        &self,
+        user_id: Option<&UserId>,
+        wait: Duration,
+    ) -> Result<usize, BlacklistError> {
+        let topic = self.topics.blacklist();
+        let mut published = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let rows = users::outbox_pending(&mut tx, user_id, RELAY_BATCH).await?;
+            let mut done = Vec::with_capacity(rows.len());
+            let mut failed = None;
+            for row in &rows {
+                let key = row.user_id.as_str().as_bytes();
+                let sent = self.publisher.send_bytes(&topic, Some(key), &row.payload);
+                match tokio::time::timeout(wait, sent).await {
+                    Ok(Ok(_)) => done.push(row.seq),
+                    Ok(Err(error)) => {
+                        failed = Some(BlacklistError::Publish(error));
+                        break;
+                    }
+                    Err(_) => {
+                        failed = Some(BlacklistError::NotConfirmed(wait));
+                        break;
+                    }
+                }
+            }
+            users::outbox_done(&mut tx, &done).await?;
+            tx.commit().await?;
+            published += done.len();
+            if let Some(error) = failed {
+                return Err(error);
+            }
+            if (rows.len() as i64) < RELAY_BATCH {
+                return Ok(published);
+            }
+        }
+    }
+
+    /// The periodic upkeep of the blacklist: lifts the entries whose end has
+    /// passed (each lift a change with its event, source `expired`), then
+    /// publishes every change still waiting for the log (the relay).
+    pub async fn upkeep(&self) -> Result<Upkeep, BlacklistError> {
+        let mut lifted = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let users = users::lift_expired(&mut tx, LIFT_BATCH).await?;
+            for user_id in &users {
+                let event = change_event(self.publisher, user_id, None, Source::Expired);
+                queue(&mut tx, user_id, event).await?;
+            }
+            tx.commit().await?;
+            lifted += users.len();
+            if (users.len() as i64) < LIFT_BATCH {
+                break;
+            }
+        }
+        let published = self.publish_pending(None, RELAY_WAIT).await?;
+        Ok(Upkeep { lifted, published })
+    }
+}
+
+/// Writes `event` into the outbox in the change's transaction, with an event
+/// id of its own that every publish of it keeps.
+async fn queue(
+    conn: &mut sqlx::PgConnection,
+    user_id: &UserId,
+    mut event: BlacklistChanged,
+) -> Result<(), sqlx::Error> {
+    let event_id = uuid::Uuid::new_v4();
+    if let Some(envelope) = event.envelope.as_mut() {
+        envelope.event_id = event_id.to_string();
+    }
+    users::outbox_add(conn, event_id, user_id, &event.encode_to_vec()).await
 }
 
 /// Current entries (expired ones are left out).

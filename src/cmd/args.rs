@@ -198,6 +198,10 @@ pub struct ServeArgs {
     /// How often the expiry sweeper looks for overdue holds.
     #[arg(long, env = "SWEEP_INTERVAL", default_value_t = Flag(settings::SWEEP_INTERVAL))]
     pub sweep_interval: Flag,
+    /// How often a gateway lifts blacklist entries whose end has passed and
+    /// publishes blacklist changes still waiting for the log.
+    #[arg(long, env = "BLACKLIST_UPKEEP_INTERVAL", default_value_t = Flag(settings::BLACKLIST_UPKEEP_INTERVAL))]
+    pub blacklist_upkeep_interval: Flag,
     /// Postgres connections per process.
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = settings::DB_MAX_CONNECTIONS)]
     pub db_max_connections: u32,
@@ -227,7 +231,7 @@ fn secret_from_file(path: &str) -> Result<Secret, String> {
 /// The sane range of each duration setting: below it a role spins or
 /// answers nothing in time, above it a deadline overflows the clock or a
 /// hold outlives every window.
-const DURATION_BOUNDS: [(&str, Duration, Duration); 10] = [
+const DURATION_BOUNDS: [(&str, Duration, Duration); 11] = [
     (
         "HOLD_TTL",
         Duration::from_secs(1),
@@ -265,6 +269,11 @@ const DURATION_BOUNDS: [(&str, Duration, Duration); 10] = [
         Duration::from_secs(60),
     ),
     (
+        "BLACKLIST_UPKEEP_INTERVAL",
+        Duration::from_millis(100),
+        Duration::from_secs(3_600),
+    ),
+    (
         "METRICS_INTERVAL",
         Duration::from_millis(100),
         Duration::from_secs(3_600),
@@ -289,6 +298,7 @@ impl ServeArgs {
             self.body_read_timeout.0,
             self.flood_block.0,
             self.sweep_interval.0,
+            self.blacklist_upkeep_interval.0,
             self.metrics_interval.0,
             self.quota_window.length(),
         ];
@@ -425,6 +435,7 @@ impl Connections {
         config.claim_processors = serve.claim_processors.max(1);
         config.assignment = serve.instance;
         config.sweep_interval = serve.sweep_interval.0;
+        config.blacklist_upkeep_interval = serve.blacklist_upkeep_interval.0;
         config.db_max_connections = serve.db_max_connections.max(2);
         config.producer_name = format!("couponctl@{}", std::process::id());
         config.metrics_interval = serve.metrics_interval.0.max(Duration::from_millis(100));

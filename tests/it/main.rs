@@ -5,14 +5,17 @@ mod harness;
 mod processes;
 
 mod acl;
+mod blacklist;
 mod causal;
 mod chaos;
 mod claims;
 mod cli;
 mod clocks;
 mod console;
+mod console_load;
 mod demo;
 mod edge;
+mod history_partitions;
 mod invariants;
 mod observability;
 mod openapi;

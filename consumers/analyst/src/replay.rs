@@ -607,6 +607,12 @@ pub trait Sink {
     fn columns(&self) -> bool {
         false
     }
+    /// Whether nobody reads the output any more (a download whose client
+    /// left): the replay stops at its next batch instead of reading the
+    /// rest of the log, even when none of it would be written.
+    fn closed(&self) -> bool {
+        false
+    }
 }
 
 /// One JSON object per line.
@@ -636,6 +642,10 @@ pub fn replay_json(
 
 /// Records a reader hands to the encoders at once.
 const BATCH: usize = 2_048;
+/// Bytes of records a reader hands to the encoders at once, at most (a
+/// batch of large records is cut sooner, so the batches in flight hold a
+/// few MiB whatever the records).
+const BATCH_BYTES: usize = 1 << 20;
 /// Batches read but not yet written, at most (bounds the memory held when
 /// the sink is slower than the reader).
 const IN_FLIGHT_PER_WORKER: usize = 4;
@@ -928,7 +938,7 @@ fn pipeline(
                         return Ok(Flow::StopPartition);
                     }
                     batch.push(range, message);
-                    if batch.records.len() >= BATCH {
+                    if batch.records.len() >= BATCH || batch.bytes.len() >= BATCH_BYTES {
                         send(std::mem::take(&mut batch))?;
                     }
                     Ok(Flow::Continue)
@@ -964,6 +974,9 @@ fn write_in_order(
     let mut pending: BTreeMap<u64, EncodedBatch> = BTreeMap::new();
     let mut next = 0u64;
     for (seq, batch) in done {
+        if sink.closed() {
+            bail!("the output was closed");
+        }
         pending.insert(seq, batch);
         while let Some(batch) = pending.remove(&next) {
             next += 1;

@@ -1,4 +1,6 @@
-//! The `users` table: the blacklist and the time of each user's last coupon.
+//! The `users` table: the blacklist and the time of each user's last coupon;
+//! and `blacklist_outbox`, the blacklist changes committed but not yet on the
+//! log (`coupon_producers::blacklist` says why).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -141,5 +143,92 @@ pub async fn blacklist_entries(pool: &PgPool) -> Result<Vec<BlacklistEntry>, sql
            ORDER BY user_id"#
     )
     .fetch_all(pool)
+    .await
+}
+
+/// A committed blacklist change waiting for the log: its `BlacklistChanged`,
+/// encoded with its envelope (the event id is fixed when it is written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub event_id: uuid::Uuid,
+    pub user_id: UserId,
+    pub payload: Vec<u8>,
+}
+
+/// Writes a change's event into the outbox, in the change's transaction.
+pub async fn outbox_add(
+    conn: &mut sqlx::PgConnection,
+    event_id: uuid::Uuid,
+    user_id: &UserId,
+    payload: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "INSERT INTO blacklist_outbox (event_id, user_id, payload) VALUES ($1, $2, $3)",
+        event_id,
+        user_id as &UserId,
+        payload
+    )
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Up to `limit` changes waiting for the log (only `user_id`'s, when given),
+/// oldest first, locked until the transaction ends: a second relay waits for
+/// them and then finds them gone, and never publishes a later change of a
+/// user before an earlier one.
+pub async fn outbox_pending(
+    conn: &mut sqlx::PgConnection,
+    user_id: Option<&UserId>,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    sqlx::query_as!(
+        OutboxRow,
+        r#"SELECT seq, event_id, user_id AS "user_id: UserId", payload FROM blacklist_outbox
+           WHERE $1::text IS NULL OR user_id = $1
+           ORDER BY seq LIMIT $2 FOR UPDATE"#,
+        user_id as Option<&UserId>,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Removes changes that are on the log.
+pub async fn outbox_done(conn: &mut sqlx::PgConnection, seqs: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query!("DELETE FROM blacklist_outbox WHERE seq = ANY($1)", seqs)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// How many changes wait for the log.
+pub async fn outbox_len(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM blacklist_outbox"#)
+        .fetch_one(pool)
+        .await
+}
+
+/// Lifts up to `limit` entries whose end has passed (by the database's
+/// clock) and returns their users. Rows another transaction holds are
+/// skipped (a change of that user decides them); an entry extended in the
+/// meantime is left, as the end is checked again on the locked row.
+pub async fn lift_expired(
+    conn: &mut sqlx::PgConnection,
+    limit: i64,
+) -> Result<Vec<UserId>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"UPDATE users SET blacklisted = false, blacklisted_until = NULL,
+                            blacklist_reason = NULL, blacklisted_at = NULL
+           WHERE user_id IN (
+               SELECT user_id FROM users
+               WHERE blacklisted AND blacklisted_until IS NOT NULL AND blacklisted_until <= now()
+               ORDER BY blacklisted_until LIMIT $1 FOR UPDATE SKIP LOCKED)
+             AND blacklisted AND blacklisted_until <= now()
+           RETURNING user_id AS "user_id: UserId""#,
+        limit
+    )
+    .fetch_all(conn)
     .await
 }

@@ -49,14 +49,99 @@ pub const UUID_PATTERN: &str =
 
 /// What the binary provides to download a time range of the log.
 pub trait Exporter: Send + Sync + 'static {
-    /// Every record of every topic with a time in `[since, until]`, encoded
-    /// as `format`. Blocking (it reads the broker).
+    /// Writes every record of every topic with a time in `[since, until]`,
+    /// encoded as `format`, to `out` as it goes. Blocking (it reads the
+    /// broker); it should stop soon after `out` reports the client gone
+    /// ([`ExportOut::send`] fails, [`ExportOut::is_closed`]).
     fn export(
         &self,
         since: DateTime<Utc>,
         until: DateTime<Utc>,
         format: ExportFormat,
-    ) -> Result<Vec<u8>, String>;
+        out: &ExportOut,
+    ) -> Result<(), String>;
+}
+
+/// Chunks of a download in flight between the exporter and the client:
+/// with [`EXPORT_CHUNK`] bytes each, a download holds this many chunks
+/// (plus the socket's buffers and the replay's own batches) whatever its
+/// length, and an exporter whose client reads nothing waits.
+pub const EXPORT_CHUNKS_IN_FLIGHT: usize = 8;
+
+/// The size an exporter should cut its output into.
+pub const EXPORT_CHUNK: usize = 64 * 1024;
+
+/// The client of a download went away (or the body was dropped).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the client of the download went away")]
+pub struct ClientGone;
+
+/// What is known of this gateway's downloads (read by tests and logs).
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Exports whose exporter has not returned yet.
+    pub running: std::sync::atomic::AtomicUsize,
+    /// Bytes the exporters offered to their clients' bodies.
+    pub produced_bytes: std::sync::atomic::AtomicU64,
+    /// Exporters waiting now because their client has not read what it was
+    /// given (the channel is full).
+    pub waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Where an exporter writes a download: the HTTP body, through a channel of
+/// [`EXPORT_CHUNKS_IN_FLIGHT`] chunks.
+pub struct ExportOut {
+    tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    stats: Arc<ExportStats>,
+}
+
+impl ExportOut {
+    /// Hands `chunk` to the body, waiting while the client has not read
+    /// what it was given. Blocking: call it from the exporter's thread.
+    pub fn send(&self, chunk: Vec<u8>) -> Result<(), ClientGone> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.stats
+            .produced_bytes
+            .fetch_add(chunk.len() as u64, Relaxed);
+        let chunk = match self.tx.try_send(Ok(chunk.into())) {
+            Ok(()) => return Ok(()),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return Err(ClientGone),
+            Err(tokio::sync::mpsc::error::TrySendError::Full(chunk)) => chunk,
+        };
+        self.stats.waiting.fetch_add(1, Relaxed);
+        let sent = self.tx.blocking_send(chunk);
+        self.stats.waiting.fetch_sub(1, Relaxed);
+        sent.map_err(|_| ClientGone)
+    }
+
+    /// Whether the client went away (an exporter that reads without writing
+    /// for a while checks it).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Counts an export as running until dropped.
+struct RunningExport(Arc<ExportStats>);
+
+impl RunningExport {
+    fn start(stats: &Arc<ExportStats>) -> Self {
+        stats
+            .running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(stats.clone())
+    }
+}
+
+impl Drop for RunningExport {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How a download is encoded.
@@ -823,7 +908,11 @@ pub struct ExportQuery {
 /// as JSON lines or Parquet (what `couponctl replay --since --until` writes).
 ///
 /// Reads the topics from their start (like the replay), so it takes longer
-/// the longer the log; for large exports use `couponctl replay`.
+/// the longer the log; for large exports use `couponctl replay`. The body is
+/// streamed (chunked) as the log is read: a download's memory does not grow
+/// with its length, and it stops when its client goes. A failure after the
+/// first bytes ends the body early, without its last chunk, so a client
+/// cannot take a cut download for a whole one.
 #[utoipa::path(
     get,
     path = "/api/v1/analytics/export",
@@ -858,28 +947,70 @@ pub(super) async fn analytics_export(
             "this process cannot export; use `couponctl replay`",
         ));
     };
-    let bytes = if until < since {
-        match format {
-            ExportFormat::Jsonl => Ok(Vec::new()),
-            // An empty range is still a valid (empty) file.
-            ExportFormat::Parquet => {
-                let exporter = exporter.clone();
-                tokio::task::spawn_blocking(move || exporter.export(since, since, format))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
+    if until < since && format == ExportFormat::Jsonl {
+        // An empty range: no lines (a Parquet file is still a file).
+        return Ok(export_response(
+            format,
+            since,
+            until,
+            axum::body::Body::empty(),
+        ));
+    }
+    let range_until = until.max(since);
+    // The exporter writes into a bounded channel from a blocking thread;
+    // the body reads it. A client that reads nothing makes the exporter
+    // wait; a client gone drops the body and the channel, and the exporter
+    // stops at its next write (or batch of the log).
+    let (tx, mut rx) = tokio::sync::mpsc::channel(EXPORT_CHUNKS_IN_FLIGHT);
+    let out = ExportOut {
+        tx,
+        stats: state.exports.clone(),
+    };
+    let running = RunningExport::start(&state.exports);
+    tokio::task::spawn_blocking(move || {
+        let _running = running;
+        if let Err(error) = exporter.export(since, range_until, format, &out) {
+            if out.is_closed() {
+                tracing::debug!(%error, "the client left its download; the export stopped");
+            } else {
+                tracing::warn!(%error, "exporting from the console failed");
+                let _ = out.tx.blocking_send(Err(std::io::Error::other(error)));
             }
         }
-    } else {
-        tokio::task::spawn_blocking(move || exporter.export(since, until, format))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
+    });
+    // The first chunk (or the end, or a failure) before the answer: a
+    // broker that cannot be read is still a 503, not a 200 with no body.
+    let first = match rx.recv().await {
+        None => bytes::Bytes::new(),
+        Some(Ok(chunk)) => chunk,
+        Some(Err(_)) => {
+            return Err(ApiError::unavailable(
+                "the log could not be read; retrying is safe",
+            ))
+        }
     };
-    let bytes = bytes.map_err(|error| {
-        tracing::warn!(%error, "exporting from the console failed");
-        ApiError::unavailable("the log could not be read; retrying is safe")
-    })?;
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    let body = futures::stream::StreamExt::chain(
+        futures::stream::once(std::future::ready(Ok::<_, std::io::Error>(first))),
+        rest,
+    );
+    Ok(export_response(
+        format,
+        since,
+        until,
+        axum::body::Body::from_stream(body),
+    ))
+}
+
+/// The download's answer: its type, its file name, and `body`.
+fn export_response(
+    format: ExportFormat,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+    body: axum::body::Body,
+) -> Response {
     let (content_type, extension) = match format {
         ExportFormat::Jsonl => ("application/x-ndjson", "jsonl"),
         ExportFormat::Parquet => ("application/vnd.apache.parquet", "parquet"),
@@ -891,15 +1022,15 @@ pub(super) async fn analytics_export(
     );
     let disposition =
         HeaderValue::from_str(&name).unwrap_or_else(|_| HeaderValue::from_static("attachment"));
-    Ok((
+    (
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
             (header::CONTENT_DISPOSITION, disposition),
         ],
-        bytes,
+        body,
     )
-        .into_response())
+        .into_response()
 }
 
 #[cfg(test)]

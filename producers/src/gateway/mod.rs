@@ -192,6 +192,8 @@ pub struct GatewayState {
     /// What `GET /api/v1/analytics/export` reads the log with (none: that
     /// route answers `503`); the binary provides it ([`GatewayState::with_exporter`]).
     exporter: Option<Arc<dyn console::Exporter>>,
+    /// This gateway's downloads: how many run, what they produced.
+    pub exports: Arc<console::ExportStats>,
 }
 
 /// How often a gateway rereads the blacklist for the sold-out fast path: a
@@ -215,6 +217,7 @@ impl GatewayState {
             addresses: AddressLimiter::new(config.address_limit_per_sec),
             blacklisted: std::sync::RwLock::new(None),
             exporter: None,
+            exports: Arc::default(),
             read_pool: pool.clone(),
             pool,
             cache,

@@ -55,11 +55,11 @@ pub enum BodyRefused {
 )]
 pub struct StoreUnavailable(ErrorBody);
 
-/// 503 of a blacklist change (Postgres and the log).
+/// 503 of a blacklist change (Postgres; the log follows the commit).
 #[derive(IntoResponses)]
 #[response(
     status = 503,
-    description = "Postgres or the broker is not available (nothing was changed), or the gateway is at its limit of requests in flight.",
+    description = "Postgres is not available (nothing was changed), or the gateway is at its limit of requests in flight. A change made while the broker is away is answered 200 and reaches the log later.",
     headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
     example = json!({"error": "unavailable", "message": "the blacklist could not be changed; retrying is safe"})
 )]
