@@ -128,7 +128,11 @@ impl Blacklist<'_> {
 
     /// Lifts a blacklisting. Returns whether the user was blacklisted (no
     /// event when not).
-    pub async fn remove(&self, user_id: &UserId, source: Source<'_>) -> Result<bool, BlacklistError> {
+    pub async fn remove(
+        &self,
+        user_id: &UserId,
+        source: Source<'_>,
+    ) -> Result<bool, BlacklistError> {
         let mut tx = self.pool.begin().await?;
         let lifted = users::lift_blacklist(&mut tx, user_id).await?;
         if !lifted {

@@ -11,6 +11,7 @@ mod clocks;
 mod console;
 mod demo;
 mod edge;
+mod identity;
 mod invariants;
 mod observability;
 mod openapi;

@@ -159,11 +159,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     /// The storefront caller admission found; a handler of a route that was
     /// not admitted as a storefront route gets `401`.
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<Caller>()
-            .copied()
-            .ok_or_else(|| ApiError::unauthorized("this route was not admitted as a storefront route"))
+        parts.extensions.get::<Caller>().copied().ok_or_else(|| {
+            ApiError::unauthorized("this route was not admitted as a storefront route")
+        })
     }
 }
 
@@ -198,8 +196,7 @@ pub(super) async fn admit(
     let admitted = match admission.authenticate(audience, &request) {
         Ok(admitted) => admitted,
         Err(error) => {
-            metrics::counter!("coupon_http_shed_total", "reason" => "unauthenticated")
-                .increment(1);
+            metrics::counter!("coupon_http_shed_total", "reason" => "unauthenticated").increment(1);
             let mut response = error.into_response();
             // The body was not read: the connection cannot carry another request.
             response.headers_mut().insert(

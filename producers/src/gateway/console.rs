@@ -541,10 +541,13 @@ pub(super) async fn blacklist_remove(
         topics: &state.topics,
     };
     let author = caller.author();
-    let removed = list.remove(&user, Source::Manual(&author)).await.map_err(|error| {
-        tracing::warn!(%error, "lifting a blacklisting from the console failed");
-        ApiError::unavailable("the blacklist could not be changed; retrying is safe")
-    })?;
+    let removed = list
+        .remove(&user, Source::Manual(&author))
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "lifting a blacklisting from the console failed");
+            ApiError::unavailable("the blacklist could not be changed; retrying is safe")
+        })?;
     // A flood block lifts at once on every gateway, not at its TTL.
     let unblocked = state.cache.unblock(user.as_str()).await;
     if let Err(error) = unblocked {

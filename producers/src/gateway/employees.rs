@@ -175,7 +175,10 @@ impl EmployeeTokens {
             }
             let digest = match token.strip_prefix("sha256:") {
                 Some(hex) => parse_digest(hex).ok_or_else(|| {
-                    bad("a sha256: digest is 64 hexadecimal digits (`sha256sum` of the token)".into())
+                    bad(
+                        "a sha256: digest is 64 hexadecimal digits (`sha256sum` of the token)"
+                            .into(),
+                    )
                 })?,
                 None => Sha256::digest(token.as_bytes()).into(),
             };
@@ -291,8 +294,8 @@ impl OidcVerifier {
         if settings.issuer.trim().is_empty() || settings.audience.trim().is_empty() {
             return Err("an issuer and an audience are required".into());
         }
-        let set: JwkSet =
-            serde_json::from_str(json).map_err(|e| format!("not a JWKS ({{\"keys\": [...]}}): {e}"))?;
+        let set: JwkSet = serde_json::from_str(json)
+            .map_err(|e| format!("not a JWKS ({{\"keys\": [...]}}): {e}"))?;
         let mut keys = Vec::new();
         for (index, jwk) in set.keys.iter().enumerate() {
             let name = jwk
@@ -518,7 +521,10 @@ mod tests {
         let mismatch = caller.release_employee(bob).unwrap_err();
         assert_eq!(mismatch.caller, "alice");
         assert_eq!(caller.author(), alice);
-        assert_eq!(AdminCaller::SharedToken.author().as_str(), SHARED_TOKEN_AUTHOR);
+        assert_eq!(
+            AdminCaller::SharedToken.author().as_str(),
+            SHARED_TOKEN_AUTHOR
+        );
     }
 
     fn settings() -> OidcSettings {
@@ -558,11 +564,7 @@ mod tests {
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSJ9.";
         assert!(verifier.verify(none).is_err());
         let hs256 = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSJ9.c2ln";
-        assert!(verifier
-            .verify(hs256)
-            .unwrap_err()
-            .0
-            .contains("algorithm"));
+        assert!(verifier.verify(hs256).unwrap_err().0.contains("algorithm"));
         let mut missing = settings();
         missing.audience = " ".into();
         assert!(OidcVerifier::from_jwks(&one, missing).is_err());
