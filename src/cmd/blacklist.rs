@@ -5,7 +5,8 @@
 //! operator's credentials for them: whoever can run it is trusted as the
 //! gateway is, and no employee credential is checked. The author a change
 //! is recorded under (`changed_by` on the log) is the one `--by` names
-//! (COUPON_EMPLOYEE), else the login name running it: an attestation by the
+//! (COUPON_EMPLOYEE), else the login name running it (`operator` when
+//! there is none): an attestation by the
 //! operator, not a proof. The gateway's `/api/v1/blacklist` records the
 //! employee its credential proves.
 
@@ -63,12 +64,13 @@ async fn blacklist_publisher(
     )?)
 }
 
-/// The author of a change: `--by`, else the login name.
+/// The author of a change: `--by`, else the login name ($USER, $LOGNAME),
+/// else `operator` (a service account or container has neither).
 fn author(by: Option<String>) -> anyhow::Result<EmployeeId> {
     let name = by
-        .or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("LOGNAME").ok())
-        .context("no author for the change: name the employee with --by (or COUPON_EMPLOYEE)")?;
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "operator".to_owned());
     EmployeeId::parse(name).context("--by (COUPON_EMPLOYEE)")
 }
 
