@@ -58,6 +58,10 @@ pub const MAX_CONNECTIONS: u32 = 4096;
 pub const ADDRESS_LIMIT: u64 = 1000;
 pub const FLOOD_LIMIT: u64 = 20;
 pub const FLOOD_BLOCK: Duration = Duration::from_secs(600);
+/// The claim of an employee's OIDC token that names the employee.
+pub const OIDC_EMPLOYEE_CLAIM: &str = "sub";
+/// Clock skew allowed on an OIDC token's `exp` and `nbf`.
+pub const OIDC_LEEWAY: Duration = Duration::from_secs(30);
 
 /// A duration flag: parsed by `humantime` (`5m`, `30s`), shown as
 /// [`compact_duration`] writes it, so `--help` prints a default as the

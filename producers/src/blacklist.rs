@@ -40,7 +40,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use coupon_domain::UserId;
+use coupon_domain::{EmployeeId, UserId};
 use coupon_platform::kafka::{PublishError, Publisher};
 use coupon_platform::store::users;
 use coupon_platform::time::to_ms;
@@ -50,23 +50,33 @@ use prost::Message as _;
 
 pub use coupon_platform::store::users::BlacklistEntry;
 
-/// Who changed an entry; written into the event.
+/// Who changed an entry; written into the event (`source`, and the
+/// author as `changed_by`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// An operator (`couponctl blacklist`).
-    Manual,
+pub enum Source<'a> {
+    /// A person: the employee of an admin call's credential (the console's
+    /// routes), or the operator running `couponctl blacklist`.
+    Manual(&'a EmployeeId),
     /// The gateway's flood control.
     Automatic,
     /// The entry's end passed ([`Blacklist::upkeep`] lifted it).
     Expired,
 }
 
-impl Source {
+impl<'a> Source<'a> {
     pub fn as_str(self) -> &'static str {
         match self {
-            Source::Manual => "manual",
+            Source::Manual(_) => "manual",
             Source::Automatic => "automatic",
             Source::Expired => "expired",
+        }
+    }
+
+    /// Who made the change (none: the flood control).
+    pub fn author(self) -> Option<&'a EmployeeId> {
+        match self {
+            Source::Manual(by) => Some(by),
+            Source::Automatic => None,
         }
     }
 }
@@ -134,6 +144,7 @@ pub fn change_event(
             .unwrap_or_default(),
         blacklisted_at_ms: entry.and_then(|e| e.blacklisted_at).map(to_ms).unwrap_or(0),
         source: source.as_str().to_owned(),
+        changed_by: source.author().map(|by| by.to_string()).unwrap_or_default(),
     }
 }
 
@@ -149,7 +160,7 @@ impl Blacklist<'_> {
         user_id: &UserId,
         until: Option<DateTime<Utc>>,
         reason: &str,
-        source: Source,
+        source: Source<'_>,
     ) -> Result<BlacklistEntry, BlacklistError> {
         let mut tx = self.pool.begin().await?;
         let written =
@@ -168,7 +179,11 @@ impl Blacklist<'_> {
 
     /// Lifts a blacklisting. Returns whether the user was blacklisted (no
     /// event when not).
-    pub async fn remove(&self, user_id: &UserId, source: Source) -> Result<bool, BlacklistError> {
+    pub async fn remove(
+        &self,
+        user_id: &UserId,
+        source: Source<'_>,
+    ) -> Result<bool, BlacklistError> {
         let mut tx = self.pool.begin().await?;
         let lifted = users::lift_blacklist(&mut tx, user_id).await?;
         if !lifted {
@@ -304,7 +319,8 @@ mod tests {
             blacklist_reason: Some("fraud".into()),
             blacklisted_at: Some(at),
         };
-        let added = change_event(&publisher, &mallory, Some(&entry), Source::Manual);
+        let alice = EmployeeId::parse("alice").unwrap();
+        let added = change_event(&publisher, &mallory, Some(&entry), Source::Manual(&alice));
         assert!(added.blacklisted);
         assert_eq!(added.blacklisted_until_ms, 1_795_568_400_123);
         assert_eq!(added.blacklisted_at_ms, 1_795_564_800_123);
@@ -312,13 +328,16 @@ mod tests {
             (added.reason.as_str(), added.source.as_str()),
             ("fraud", "manual")
         );
+        assert_eq!(added.changed_by, "alice");
         let forever = BlacklistEntry {
             blacklisted_until: None,
             ..entry
         };
         let added = change_event(&publisher, &mallory, Some(&forever), Source::Automatic);
         assert_eq!(added.blacklisted_until_ms, 0, "0 = until removed");
-        let lifted = change_event(&publisher, &mallory, None, Source::Manual);
+        assert_eq!(added.changed_by, "", "the flood control is no one");
+        let lifted = change_event(&publisher, &mallory, None, Source::Manual(&alice));
+        assert_eq!(lifted.changed_by, "alice");
         assert!(!lifted.blacklisted);
         assert_eq!(lifted.reason, "");
         assert_eq!(

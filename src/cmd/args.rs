@@ -3,6 +3,8 @@
 //! with the parsers of their values. Every flag has an environment fallback.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -14,7 +16,8 @@ use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::GroupProtocol;
 use coupon_platform::settings::{self, Flag};
 use coupon_platform::{reach, KafkaSettings};
-use coupon_producers::gateway::{GatewayConfig, Secret};
+use coupon_producers::gateway::employees::{EmployeeTokens, OidcSettings, OidcVerifier};
+use coupon_producers::gateway::{EmployeeAuth, GatewayConfig, Secret};
 use couponctl::app::{self, AppConfig, Role};
 
 #[derive(Args, Debug, Clone)]
@@ -127,6 +130,23 @@ pub struct ServeArgs {
     /// Bearer token for the storefront routes, from the environment
     /// (COUPON_API_TOKEN), never from argv. Unset leaves them open, which
     /// only a loopback HTTP_ADDR allows.
+    /// Per-employee admin tokens: a file of `employee_id sha256:<hex>` (or
+    /// `employee_id token`) lines.
+    #[arg(long, env = "COUPON_EMPLOYEE_TOKENS")]
+    pub employee_tokens: Option<PathBuf>,
+    /// The identity provider's public keys (a JWKS file) that employees'
+    /// OIDC bearer tokens are verified against.
+    #[arg(long, env = "COUPON_OIDC_JWKS")]
+    pub oidc_jwks: Option<PathBuf>,
+    /// The `iss` employees' OIDC tokens must carry (with COUPON_OIDC_JWKS).
+    #[arg(long, env = "COUPON_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+    /// The `aud` employees' OIDC tokens must include (with COUPON_OIDC_JWKS).
+    #[arg(long, env = "COUPON_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+    /// The OIDC claim that names the employee.
+    #[arg(long, env = "COUPON_OIDC_EMPLOYEE_CLAIM", default_value = settings::OIDC_EMPLOYEE_CLAIM)]
+    pub oidc_employee_claim: String,
     #[arg(skip = secret_from_env("COUPON_API_TOKEN"))]
     pub api_token: Option<Secret>,
     /// A file holding the storefront bearer token (instead of COUPON_API_TOKEN).
@@ -322,8 +342,65 @@ impl ServeArgs {
         }
         if roles.contains(&Role::Gateway) {
             self.check_tokens()?;
+            self.employee_auth()?;
         }
         Ok(())
+    }
+
+    /// The per-employee credentials: the token file and the OIDC verifier,
+    /// read and checked (one line naming the setting when they cannot be
+    /// used). Also refuses a storefront or admin token that is an
+    /// employee's too: one token, one identity.
+    pub fn employee_auth(&self) -> anyhow::Result<EmployeeAuth> {
+        let mut auth = EmployeeAuth::default();
+        if let Some(path) = &self.employee_tokens {
+            let tokens = EmployeeTokens::from_file(path)
+                .map_err(|e| anyhow::anyhow!("COUPON_EMPLOYEE_TOKENS: {e}"))?;
+            let api = self.api_token_file.as_ref().or(self.api_token.as_ref());
+            if let Some(holder) = api.and_then(|api| tokens.holder_of(api)) {
+                anyhow::bail!(
+                    "COUPON_API_TOKEN is employee {holder}'s token in COUPON_EMPLOYEE_TOKENS: \
+                     the storefront's token must not open the admin routes"
+                );
+            }
+            let admin = self.admin_token_file.as_ref().or(self.admin_token.as_ref());
+            if let Some(holder) = admin.and_then(|admin| tokens.holder_of(admin)) {
+                anyhow::bail!(
+                    "COUPON_ADMIN_TOKEN is employee {holder}'s token in COUPON_EMPLOYEE_TOKENS: \
+                     the shared token and an employee's must differ"
+                );
+            }
+            auth.tokens = Some(Arc::new(tokens));
+        }
+        match (&self.oidc_jwks, &self.oidc_issuer, &self.oidc_audience) {
+            (None, None, None) => {}
+            (None, _, _) => anyhow::bail!(
+                "COUPON_OIDC_ISSUER and COUPON_OIDC_AUDIENCE need COUPON_OIDC_JWKS (the keys \
+                 the tokens are verified against)"
+            ),
+            (Some(_), None, _) | (Some(_), _, None) => anyhow::bail!(
+                "COUPON_OIDC_JWKS needs COUPON_OIDC_ISSUER and COUPON_OIDC_AUDIENCE: a token \
+                 of another issuer or for another service must not be accepted"
+            ),
+            (Some(jwks), Some(issuer), Some(audience)) => {
+                let claim = self.oidc_employee_claim.trim();
+                if claim.is_empty() {
+                    anyhow::bail!("COUPON_OIDC_EMPLOYEE_CLAIM is empty");
+                }
+                let verifier = OidcVerifier::from_jwks_file(
+                    jwks,
+                    OidcSettings {
+                        issuer: issuer.clone(),
+                        audience: audience.clone(),
+                        employee_claim: claim.to_owned(),
+                        leeway: settings::OIDC_LEEWAY,
+                    },
+                )
+                .map_err(|e| anyhow::anyhow!("COUPON_OIDC_JWKS: {e}"))?;
+                auth.oidc = Some(Arc::new(verifier));
+            }
+        }
+        Ok(auth)
     }
 
     /// A token comes from the environment or from a file, not both, and the
@@ -412,6 +489,9 @@ impl Connections {
         config.gateway = GatewayConfig {
             api_token: serve.api_token_file.clone().or(serve.api_token.clone()),
             admin_token: serve.admin_token_file.clone().or(serve.admin_token.clone()),
+            // Read by `serve`, after `ServeArgs::check` (files are read once
+            // the settings are known good).
+            employees: EmployeeAuth::default(),
             insecure_open_storefront: serve.insecure_open_storefront,
             reply_timeout: serve.reply_timeout.0,
             request_timeout: serve.request_timeout.0,

@@ -1,12 +1,21 @@
 //! `couponctl blacklist add|remove|list`. Every change is published on the
 //! blacklist topic too, so a rebuild from the log restores it.
+//!
+//! The command talks to Postgres and the broker directly, with the
+//! operator's credentials for them: whoever can run it is trusted as the
+//! gateway is, and no employee credential is checked. The author a change
+//! is recorded under (`changed_by` on the log) is the one `--by` names
+//! (COUPON_EMPLOYEE), else the login name running it (`operator` when
+//! there is none): an attestation by the
+//! operator, not a proof. The gateway's `/api/v1/blacklist` records the
+//! employee its credential proves.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Subcommand;
 
-use coupon_domain::UserId;
+use coupon_domain::{EmployeeId, UserId};
 use coupon_platform::{reach, KafkaSettings};
 
 use super::args::{database, Connections};
@@ -24,10 +33,20 @@ pub enum BlacklistCommand {
         duration: Option<Duration>,
         #[arg(long, default_value = "manual")]
         reason: String,
+        /// The employee recorded as the change's author (default: the
+        /// login name, $USER).
+        #[arg(long, env = "COUPON_EMPLOYEE")]
+        by: Option<String>,
     },
     /// Lift a user's blacklisting.
     #[command(after_help = "Example:\n  couponctl blacklist remove user-42")]
-    Remove { user: String },
+    Remove {
+        user: String,
+        /// The employee recorded as the change's author (default: the
+        /// login name, $USER).
+        #[arg(long, env = "COUPON_EMPLOYEE")]
+        by: Option<String>,
+    },
     /// List blacklisted users.
     #[command(after_help = "Example:\n  couponctl blacklist list")]
     List,
@@ -45,6 +64,16 @@ async fn blacklist_publisher(
     )?)
 }
 
+/// The author of a change: `--by`, else the login name ($USER, $LOGNAME),
+/// else `operator` (a service account or container has neither).
+fn author(by: Option<String>) -> anyhow::Result<EmployeeId> {
+    let name = by
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "operator".to_owned());
+    EmployeeId::parse(name).context("--by (COUPON_EMPLOYEE)")
+}
+
 pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Result<()> {
     let pool = database(conn).await?;
     coupon_platform::db::migrate(&pool)
@@ -53,14 +82,16 @@ pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Resul
     // Every change goes on the log too, so a rebuild restores it.
     let kafka = conn.kafka();
     let topics = coupon_platform::Topics::new(&conn.topic_prefix);
-    let manual = coupon_producers::blacklist::Source::Manual;
+    use coupon_producers::blacklist::Source;
     match command {
         BlacklistCommand::Add {
             user,
             duration,
             reason,
+            by,
         } => {
             let user = UserId::parse(user)?;
+            let by = author(by)?;
             let publisher = blacklist_publisher(&kafka).await?;
             let blacklist = coupon_producers::blacklist::Blacklist {
                 pool: &pool,
@@ -74,21 +105,24 @@ pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Resul
                 ),
                 None => None,
             };
-            let entry = blacklist.add(&user, until, &reason, manual).await?;
+            let entry = blacklist
+                .add(&user, until, &reason, Source::Manual(&by))
+                .await?;
             match entry.blacklisted_until {
                 Some(until) => println!("{user} blacklisted until {}", until.to_rfc3339()),
                 None => println!("{user} blacklisted until removed"),
             }
         }
-        BlacklistCommand::Remove { user } => {
+        BlacklistCommand::Remove { user, by } => {
             let user = UserId::parse(user)?;
+            let by = author(by)?;
             let publisher = blacklist_publisher(&kafka).await?;
             let blacklist = coupon_producers::blacklist::Blacklist {
                 pool: &pool,
                 publisher: &publisher,
                 topics: &topics,
             };
-            let removed = blacklist.remove(&user, manual).await?;
+            let removed = blacklist.remove(&user, Source::Manual(&by)).await?;
             // A flood block (Redis) lifts at once on every gateway too.
             let prefix = conn.redis_prefix.as_deref().unwrap_or(&conn.topic_prefix);
             let unblocked =

@@ -21,7 +21,11 @@ pub struct ConsumeArgs {
 /// Runs `roles` with the serving settings `serve`.
 pub async fn run(conn: &Connections, serve: &ServeArgs, roles: &[Role]) -> anyhow::Result<()> {
     serve.check(roles)?;
-    serve_roles(conn.app_config(serve), roles).await
+    let mut config = conn.app_config(serve);
+    if roles.contains(&Role::Gateway) {
+        config.gateway.employees = serve.employee_auth()?;
+    }
+    serve_roles(config, roles).await
 }
 
 async fn serve_roles(config: AppConfig, roles: &[Role]) -> anyhow::Result<()> {

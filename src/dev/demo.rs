@@ -253,7 +253,7 @@ async fn scenario(
             &coupon_domain::UserId::parse("mallory")?,
             None,
             "demo: known abuser",
-            coupon_producers::blacklist::Source::Manual,
+            coupon_producers::blacklist::Source::Manual(&coupon_domain::EmployeeId::parse("demo")?),
         )
         .await?;
     // The gateways reread the blacklist every BLACKLIST_REFRESH for the

@@ -320,7 +320,7 @@ async fn an_automatic_block_never_overwrites_a_manual_entry() {
             &coupon_domain::UserId::parse("villain").unwrap(),
             Some(until),
             "chargeback fraud",
-            Source::Manual,
+            Source::Manual(&coupon_domain::EmployeeId::parse("e-test").unwrap()),
         )
         .await
         .unwrap();

@@ -16,6 +16,7 @@ mod console_load;
 mod demo;
 mod edge;
 mod history_partitions;
+mod identity;
 mod invariants;
 mod observability;
 mod openapi;

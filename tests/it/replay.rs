@@ -602,6 +602,7 @@ fn assert_round_trip(kind: TopicKind, record: &Record, line: &Value) {
             assert_eq!(payload["blacklisted_until_ms"], e.blacklisted_until_ms);
             assert_eq!(payload["reason"], e.reason.as_str());
             assert_eq!(payload["source"], e.source.as_str());
+            assert_eq!(payload["changed_by"], e.changed_by.as_str());
             e.envelope
         }
         TopicKind::DeadLetter => {

@@ -310,10 +310,12 @@ fn blacklist_changed(o: &mut Obj<'_>, e: &BlacklistChanged) {
         reason,
         blacklisted_at_ms,
         source,
+        changed_by,
     } = e;
     o.bool("blacklisted", *blacklisted);
     o.int("blacklisted_at_ms", *blacklisted_at_ms);
     o.int("blacklisted_until_ms", *blacklisted_until_ms);
+    o.str("changed_by", changed_by);
     o.str("reason", reason);
     o.str("source", source);
     o.str("user_id", user_id);
@@ -649,6 +651,7 @@ mod tests {
                     reason: s(),
                     blacklisted_at_ms: 4,
                     source: s(),
+                    changed_by: s(),
                 }),
             ),
         ]

@@ -1991,6 +1991,7 @@ mod tests {
             reason: reason.into(),
             blacklisted_at_ms: if reason.is_empty() { 0 } else { at },
             source: "manual".into(),
+            changed_by: "e1".into(),
         }
     }
 

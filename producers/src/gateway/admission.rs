@@ -11,6 +11,11 @@
 //! `/healthz` are served), so a flood of them cannot take the storefront's
 //! either.
 //!
+//! What the headers proved is passed on, resolved once: the storefront
+//! [`Caller`] and, for an employee or the admin token, the [`AdminCaller`]
+//! ride on the request's extensions, and handlers take them as extractors
+//! instead of checking tokens again.
+//!
 //! An admitted request's body is read here, within `body_read_timeout`
 //! (`408` past it) and before a slot is taken: a client that trickles its
 //! body holds a connection, never a slot. Then the request runs within
@@ -21,13 +26,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
-use super::{auth, ApiError, ErrorCode, GatewayState};
+use super::auth::{self, Caller};
+use super::employees::AdminCaller;
+use super::{ApiError, ErrorCode, GatewayConfig, GatewayState};
 
 /// Who a route is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +45,8 @@ pub enum Audience {
     /// The storefront: its token (or the admin's) when COUPON_API_TOKEN is
     /// set, anyone otherwise (then limited per address by the route).
     Storefront,
-    /// Employees and operators: the admin token.
+    /// Employees and operators: an employee's credential, or the shared
+    /// admin token ([`super::employees`]).
     Admin,
 }
 
@@ -81,29 +90,92 @@ impl Admission {
         .unwrap_or(Audience::Public)
     }
 
-    /// Whether the headers carry what `audience` requires.
-    fn authenticate(&self, audience: Audience, request: &Request) -> Result<(), ApiError> {
+    /// Who the headers say the caller is, when `audience` admits them.
+    fn authenticate(&self, audience: Audience, request: &Request) -> Result<Admitted, ApiError> {
         let config = &self.state.config;
         let headers = request.headers();
         match audience {
-            Audience::Public => Ok(()),
-            Audience::Admin => super::check_admin_token(&self.state, headers),
+            Audience::Public => Ok(Admitted::Public),
+            Audience::Admin => admin_caller(config, auth::bearer(headers)).map(Admitted::Admin),
             Audience::Storefront => {
-                let Some(expected) = &config.api_token else {
-                    return Ok(());
-                };
                 let given = auth::bearer(headers);
-                let admin = config.admin_token.as_ref();
-                match given {
-                    Some(given) if expected.matches(given) => Ok(()),
-                    Some(given) if admin.is_some_and(|admin| admin.matches(given)) => Ok(()),
-                    Some(_) => Err(ApiError::unauthorized("wrong API token")),
-                    None => Err(ApiError::unauthorized(
+                // A storefront's own token first: the common case costs one
+                // comparison, never a JWT verification.
+                if let (Some(expected), Some(given)) = (&config.api_token, given) {
+                    if expected.matches(given) {
+                        return Ok(Admitted::Storefront(Caller::Storefront, None));
+                    }
+                }
+                let admin = given
+                    .filter(|_| config.admin_routes_open())
+                    .map(|given| admin_caller(config, Some(given)));
+                match (admin, &config.api_token) {
+                    (Some(Ok(who)), _) => Ok(Admitted::Storefront(Caller::Admin, Some(who))),
+                    // Open routes: a token that is not the admin's changes nothing.
+                    (_, None) => Ok(Admitted::Storefront(Caller::Open, None)),
+                    (Some(Err(_)), Some(_)) => Err(ApiError::unauthorized("wrong API token")),
+                    (None, Some(_)) if given.is_some() => {
+                        Err(ApiError::unauthorized("wrong API token"))
+                    }
+                    (None, Some(_)) => Err(ApiError::unauthorized(
                         "missing 'Authorization: Bearer <COUPON_API_TOKEN>'",
                     )),
                 }
             }
         }
+    }
+}
+
+/// What admission learnt of the caller; the handlers read it from the
+/// request's extensions ([`Caller`], [`AdminCaller`]).
+enum Admitted {
+    Public,
+    Storefront(Caller, Option<AdminCaller>),
+    Admin(AdminCaller),
+}
+
+/// The admin caller `given` (the bearer token) is, or why it is refused.
+fn admin_caller(config: &GatewayConfig, given: Option<&str>) -> Result<AdminCaller, ApiError> {
+    if !config.admin_routes_open() {
+        return Err(ApiError::unauthorized(
+            "admin routes are closed: the server has none of COUPON_ADMIN_TOKEN, \
+             COUPON_EMPLOYEE_TOKENS, COUPON_OIDC_JWKS",
+        ));
+    }
+    let Some(given) = given else {
+        return Err(ApiError::unauthorized(
+            "missing 'Authorization: Bearer <token>' (an employee's token, or COUPON_ADMIN_TOKEN)",
+        ));
+    };
+    config
+        .employees
+        .resolve(config.admin_token.as_ref(), given)
+        .map_err(|refused| ApiError::unauthorized(refused.0))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    /// The storefront caller admission found; a handler of a route that was
+    /// not admitted as a storefront route gets `401`.
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<Caller>().copied().ok_or_else(|| {
+            ApiError::unauthorized("this route was not admitted as a storefront route")
+        })
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AdminCaller {
+    type Rejection = ApiError;
+
+    /// The admin caller admission resolved; none (a route not admitted as
+    /// an admin route) is `401`, never a default identity.
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<AdminCaller>()
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("this route was not admitted as an admin route"))
     }
 }
 
@@ -120,15 +192,31 @@ pub(super) async fn admit(
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned());
     let audience = admission.audience(request.method(), path.as_deref());
-    if let Err(error) = admission.authenticate(audience, &request) {
-        metrics::counter!("coupon_http_shed_total", "reason" => "unauthenticated").increment(1);
-        let mut response = error.into_response();
-        // The body was not read: the connection cannot carry another request.
-        response.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        return response;
+    let mut request = request;
+    let admitted = match admission.authenticate(audience, &request) {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            metrics::counter!("coupon_http_shed_total", "reason" => "unauthenticated").increment(1);
+            let mut response = error.into_response();
+            // The body was not read: the connection cannot carry another request.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return response;
+        }
+    };
+    match admitted {
+        Admitted::Public => {}
+        Admitted::Storefront(caller, admin) => {
+            request.extensions_mut().insert(caller);
+            if let Some(admin) = admin {
+                request.extensions_mut().insert(admin);
+            }
+        }
+        Admitted::Admin(admin) => {
+            request.extensions_mut().insert(admin);
+        }
     }
     let state = &admission.state;
     let request = match read_body(request, state.config.body_read_timeout).await {

@@ -93,7 +93,8 @@ pub enum Caller {
     Open,
     /// The storefront, with COUPON_API_TOKEN.
     Storefront,
-    /// An operator, with COUPON_ADMIN_TOKEN.
+    /// An employee or operator, with an admin credential (an employee's
+    /// token, or COUPON_ADMIN_TOKEN; see [`super::employees`]).
     Admin,
 }
 

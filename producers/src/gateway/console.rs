@@ -2,8 +2,10 @@
 //!
 //! The console is a page and a script embedded in the binary (nothing is
 //! fetched from elsewhere at run time); it holds no secret of its own: the
-//! person types the admin token, the page keeps it in `sessionStorage` and
-//! sends it as `Authorization: Bearer` on every call. It uses only the public
+//! person types their token (an employee's, or the shared admin token), the
+//! page keeps it in `sessionStorage` and sends it as `Authorization: Bearer`
+//! on every call. Blacklist changes made here are authored by the token's
+//! employee ([`AdminCaller::author`]). It uses only the public
 //! API below (documented in the OpenAPI document, callable by any script)
 //! plus `GET /metrics`, so every number it shows is what these routes and
 //! `/metrics` say.
@@ -19,7 +21,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, TimeZone as _, Utc};
@@ -29,7 +31,7 @@ use utoipa::{IntoParams, ToSchema};
 use coupon_domain::{EmployeeId, UserId};
 
 use super::responses;
-use super::{check_admin_token, json_rejection, ApiError, ErrorBody, GatewayState};
+use super::{json_rejection, AdminCaller, ApiError, ErrorBody, GatewayState};
 use crate::blacklist::{self, Blacklist, Source};
 use crate::console_store::{self, BatchFilter};
 
@@ -260,9 +262,8 @@ fn store_unavailable(error: sqlx::Error) -> ApiError {
 )]
 pub(super) async fn pool(
     State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
+    _caller: AdminCaller,
 ) -> Result<Json<PoolAnswer>, ApiError> {
-    check_admin_token(&state, &headers)?;
     let rows = coupon_platform::stats::pool_by_category(&state.pool)
         .await
         .map_err(store_unavailable)?;
@@ -388,10 +389,9 @@ fn query_rejection(rejection: QueryRejection) -> ApiError {
 )]
 pub(super) async fn batches(
     State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
+    _caller: AdminCaller,
     query: Result<Query<BatchQuery>, QueryRejection>,
 ) -> Result<Json<BatchesAnswer>, ApiError> {
-    check_admin_token(&state, &headers)?;
     let Query(query) = query.map_err(query_rejection)?;
     let limit = query.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_BATCHES {
@@ -477,9 +477,8 @@ pub struct BlacklistAnswer {
 )]
 pub(super) async fn blacklist_list(
     State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
+    _caller: AdminCaller,
 ) -> Result<Json<BlacklistAnswer>, ApiError> {
-    check_admin_token(&state, &headers)?;
     let entries = blacklist::list(&state.pool)
         .await
         .map_err(store_unavailable)?;
@@ -536,10 +535,9 @@ pub struct BlacklistAdd {
 )]
 pub(super) async fn blacklist_add(
     State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
+    caller: AdminCaller,
     body: Result<Json<BlacklistAdd>, JsonRejection>,
 ) -> Result<Json<BlacklistItem>, ApiError> {
-    check_admin_token(&state, &headers)?;
     let Json(body) = body.map_err(json_rejection)?;
     let user = UserId::parse(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let reason_chars = body.reason.chars().count();
@@ -564,14 +562,15 @@ pub(super) async fn blacklist_add(
         publisher: &state.publisher,
         topics: &state.topics,
     };
+    let author = caller.author();
     let entry = list
-        .add(&user, until, &body.reason, Source::Manual)
+        .add(&user, until, &body.reason, Source::Manual(&author))
         .await
         .map_err(|error| {
             tracing::warn!(%error, "blacklisting from the console failed");
             ApiError::unavailable("the blacklist could not be changed; retrying is safe")
         })?;
-    tracing::info!(user = %user, reason = %body.reason, "blacklisted from the console");
+    tracing::info!(user = %user, reason = %body.reason, by = %author, "blacklisted from the console");
     Ok(Json(entry.into()))
 }
 
@@ -613,10 +612,9 @@ pub struct BlacklistRemoved {
 )]
 pub(super) async fn blacklist_remove(
     State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
+    caller: AdminCaller,
     query: Result<Query<BlacklistRemove>, QueryRejection>,
 ) -> Result<Json<BlacklistRemoved>, ApiError> {
-    check_admin_token(&state, &headers)?;
     let Query(query) = query.map_err(query_rejection)?;
     let raw = query
         .user_id
@@ -627,10 +625,14 @@ pub(super) async fn blacklist_remove(
         publisher: &state.publisher,
         topics: &state.topics,
     };
-    let removed = list.remove(&user, Source::Manual).await.map_err(|error| {
-        tracing::warn!(%error, "lifting a blacklisting from the console failed");
-        ApiError::unavailable("the blacklist could not be changed; retrying is safe")
-    })?;
+    let author = caller.author();
+    let removed = list
+        .remove(&user, Source::Manual(&author))
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "lifting a blacklisting from the console failed");
+            ApiError::unavailable("the blacklist could not be changed; retrying is safe")
+        })?;
     // A flood block lifts at once on every gateway, not at its TTL.
     let unblocked = state.cache.unblock(user.as_str()).await;
     if let Err(error) = unblocked {
@@ -743,10 +745,9 @@ pub struct ClaimsAnswer {
 )]
 pub(super) async fn analytics_claims(
     State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
+    _caller: AdminCaller,
     query: Result<Query<RangeQuery>, QueryRejection>,
 ) -> Result<Json<ClaimsAnswer>, ApiError> {
-    check_admin_token(&state, &headers)?;
     let Query(query) = query.map_err(query_rejection)?;
     let (since, until) = resolve_range(query.since, query.until, Utc::now())?;
     let width = bucket_seconds(since, until);
@@ -839,10 +840,9 @@ pub struct FunnelAnswer {
 )]
 pub(super) async fn analytics_funnel(
     State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
+    _caller: AdminCaller,
     query: Result<Query<RangeQuery>, QueryRejection>,
 ) -> Result<Json<FunnelAnswer>, ApiError> {
-    check_admin_token(&state, &headers)?;
     let Query(query) = query.map_err(query_rejection)?;
     let (since, until) = resolve_range(query.since, query.until, Utc::now())?;
     let rows = if until < since {
@@ -935,10 +935,9 @@ pub struct ExportQuery {
 )]
 pub(super) async fn analytics_export(
     State(state): State<Arc<GatewayState>>,
-    headers: HeaderMap,
+    _caller: AdminCaller,
     query: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    check_admin_token(&state, &headers)?;
     let Query(query) = query.map_err(query_rejection)?;
     let (since, until) = resolve_range(query.since, query.until, Utc::now())?;
     let format = query.format.unwrap_or_default();

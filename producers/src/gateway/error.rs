@@ -25,6 +25,8 @@ pub enum ErrorCode {
     Blacklisted,
     /// 403: refused for another reason.
     Forbidden,
+    /// 403: a release names another employee than the caller's credential.
+    EmployeeMismatch,
     /// 404: no route has this path.
     NotFound,
     /// 404: no coupon is available right now.

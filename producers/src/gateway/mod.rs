@@ -29,6 +29,7 @@ mod admission;
 mod api;
 pub mod auth;
 pub mod console;
+pub mod employees;
 mod error;
 pub mod openapi;
 mod release;
@@ -64,6 +65,7 @@ use coupon_schemas::{
 
 pub use api::*;
 pub use auth::Secret;
+pub use employees::{AdminCaller, Credential, EmployeeAuth};
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use replies::Replies;
 
@@ -80,8 +82,13 @@ pub struct GatewayConfig {
     /// allows on a loopback address only (or when
     /// `insecure_open_storefront` says so).
     pub api_token: Option<Secret>,
-    /// Admin routes require it; with none set they are closed.
+    /// The shared operator token (legacy, development): admits to the admin
+    /// routes as [`AdminCaller::SharedToken`], whose releases name their
+    /// employee in the body.
     pub admin_token: Option<Secret>,
+    /// The per-employee credentials (a token file, OIDC). With neither
+    /// these nor `admin_token`, the admin routes are closed.
+    pub employees: EmployeeAuth,
     /// Serve open storefront routes (no `api_token`) on a non-loopback
     /// address anyway.
     pub insecure_open_storefront: bool,
@@ -127,6 +134,7 @@ impl Default for GatewayConfig {
         Self {
             api_token: None,
             admin_token: None,
+            employees: EmployeeAuth::default(),
             insecure_open_storefront: false,
             reply_timeout: settings::REPLY_TIMEOUT,
             request_timeout: settings::REQUEST_TIMEOUT,
@@ -162,6 +170,11 @@ impl GatewayConfig {
         } else {
             Err(Exposed(addr))
         }
+    }
+
+    /// Whether any admin credential is configured.
+    pub fn admin_routes_open(&self) -> bool {
+        self.admin_token.is_some() || !self.employees.is_empty()
     }
 
     /// The deadline of a whole request: `request_timeout`, but never
@@ -565,21 +578,15 @@ async fn observe(request: axum::extract::Request, next: axum::middleware::Next) 
     response
 }
 
-/// Who may call a storefront route: with COUPON_API_TOKEN set, its bearer
-/// (or the admin's); without, anyone ([`Caller::Open`]), limited per
-/// client address.
+/// Who may call a storefront route, as admission found it from the token:
+/// with COUPON_API_TOKEN set, its bearer (or an admin's); without, anyone
+/// ([`Caller::Open`]), limited here per client address.
 fn storefront_caller(
     state: &GatewayState,
-    headers: &HeaderMap,
+    caller: Caller,
     client: ClientAddr,
 ) -> Result<Caller, ApiError> {
-    let given = auth::bearer(headers);
-    if let (Some(admin), Some(given)) = (&state.config.admin_token, given) {
-        if admin.matches(given) {
-            return Ok(Caller::Admin);
-        }
-    }
-    let Some(expected) = &state.config.api_token else {
+    if caller == Caller::Open {
         let second = Utc::now().timestamp();
         // Loopback callers are this machine's own (a local load test, a
         // proxy on the host): the limit is for the addresses of others.
@@ -595,30 +602,8 @@ fn storefront_caller(
             error.retry_after_secs = Some(1);
             return Err(error);
         }
-        return Ok(Caller::Open);
-    };
-    match given {
-        Some(given) if expected.matches(given) => Ok(Caller::Storefront),
-        Some(_) => Err(ApiError::unauthorized("wrong API token")),
-        None => Err(ApiError::unauthorized(
-            "missing 'Authorization: Bearer <COUPON_API_TOKEN>'",
-        )),
     }
-}
-
-fn check_admin_token(state: &GatewayState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.config.admin_token else {
-        return Err(ApiError::unauthorized(
-            "admin routes are closed: the server has no COUPON_ADMIN_TOKEN",
-        ));
-    };
-    match auth::bearer(headers) {
-        Some(given) if expected.matches(given) => Ok(()),
-        Some(_) => Err(ApiError::unauthorized("wrong admin token")),
-        None => Err(ApiError::unauthorized(
-            "missing 'Authorization: Bearer <COUPON_ADMIN_TOKEN>'",
-        )),
-    }
+    Ok(caller)
 }
 
 /// The request id: the client's `x-request-id` when it sent a usable one,
@@ -761,6 +746,7 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
 async fn claim(
     State(state): State<Arc<GatewayState>>,
     client: ClientAddr,
+    caller: Caller,
     headers: HeaderMap,
     query: Result<Query<ClaimQuery>, QueryRejection>,
 ) -> Response {
@@ -770,7 +756,7 @@ async fn claim(
     traced(
         "claim",
         &request_id,
-        claim_inner(&state, client, &headers, query, &request_id, ours),
+        claim_inner(&state, client, caller, query, &request_id, ours),
     )
     .await
 }
@@ -778,13 +764,13 @@ async fn claim(
 async fn claim_inner(
     state: &GatewayState,
     client: ClientAddr,
-    headers: &HeaderMap,
+    caller: Caller,
     query: Result<Query<ClaimQuery>, QueryRejection>,
     request_id: &str,
     id_is_ours: bool,
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + state.config.reply_timeout;
-    let caller = storefront_caller(state, headers, client)?;
+    let caller = storefront_caller(state, caller, client)?;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let user = UserId::parse(query.id.unwrap_or_default())
         .map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -1059,6 +1045,7 @@ fn claim_response(decision: &ClaimDecided) -> Response {
 async fn purchase(
     State(state): State<Arc<GatewayState>>,
     client: ClientAddr,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<PurchaseBody>, JsonRejection>,
 ) -> Response {
@@ -1066,7 +1053,7 @@ async fn purchase(
     traced(
         "purchase",
         &request_id,
-        purchase_inner(&state, client, &headers, body, &request_id),
+        purchase_inner(&state, client, caller, body, &request_id),
     )
     .await
 }
@@ -1074,12 +1061,12 @@ async fn purchase(
 async fn purchase_inner(
     state: &GatewayState,
     client: ClientAddr,
-    headers: &HeaderMap,
+    caller: Caller,
     body: Result<Json<PurchaseBody>, JsonRejection>,
     request_id: &str,
 ) -> Result<Response, ApiError> {
     let deadline = tokio::time::Instant::now() + state.config.reply_timeout;
-    storefront_caller(state, headers, client)?;
+    storefront_caller(state, caller, client)?;
     let Json(body) = body.map_err(json_rejection)?;
     let user = UserId::parse(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let order = OrderId::parse(body.order_id).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -1206,10 +1193,10 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
 async fn coupon_status(
     State(state): State<Arc<GatewayState>>,
     client: ClientAddr,
-    headers: HeaderMap,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = storefront_caller(&state, &headers, client)?;
+    let caller = storefront_caller(&state, caller, client)?;
     let Path(raw) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
     let code = CouponCode::parse(&raw).map_err(|e| ApiError::invalid(e.to_string()))?;
     let row = store::coupons::find(&state.read_pool, code)

@@ -74,8 +74,13 @@ impl Modify for BearerTokens {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "`Authorization: Bearer <COUPON_ADMIN_TOKEN>`; without COUPON_ADMIN_TOKEN \
-                         on the server the admin routes are closed",
+                        "`Authorization: Bearer <token>`: an employee's own token (from the \
+                         server's COUPON_EMPLOYEE_TOKENS), an employee's OIDC token (a JWT the \
+                         server verifies against COUPON_OIDC_JWKS, COUPON_OIDC_ISSUER and \
+                         COUPON_OIDC_AUDIENCE), or the shared COUPON_ADMIN_TOKEN (legacy: it \
+                         names no employee). The employee of a per-employee token is the one a \
+                         release and a blacklist change are recorded under. With none of them \
+                         configured the admin routes are closed",
                     ))
                     .build(),
             ),
@@ -557,6 +562,10 @@ mod tests {
         assert_eq!(
             codes("/api/v1/coupon", "post", "422"),
             ["idempotency_key_reused"]
+        );
+        assert_eq!(
+            codes("/api/v1/coupon", "post", "403"),
+            ["employee_mismatch"]
         );
         let key = doc
             .pointer("/paths/~1api~1v1~1coupon/post/parameters")

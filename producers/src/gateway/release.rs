@@ -1,5 +1,11 @@
 //! `POST /api/v1/coupon`: an employee's release, idempotent with an
 //! `Idempotency-Key`, run to completion whatever the client does.
+//!
+//! The batch's employee is the caller's ([`AdminCaller`], resolved by
+//! admission from the credential): the body's `id` must name that same
+//! employee (`403 employee_mismatch` otherwise). Only the shared
+//! COUPON_ADMIN_TOKEN, which proves no one in particular, releases under
+//! the employee the body names (the legacy and development mode).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +20,7 @@ use tracing::Instrument as _;
 use coupon_domain::{Category, EmployeeId};
 
 use super::{
-    check_admin_token, json_rejection, responses, ApiError, CouponBatch, CreateCoupons, ErrorBody,
+    json_rejection, responses, AdminCaller, ApiError, CouponBatch, CreateCoupons, ErrorBody,
     ErrorCode, GatewayState, MAX_HTTP_ISSUE,
 };
 use crate::issue::{self, IssueRequest};
@@ -49,6 +55,8 @@ use crate::issue::{self, IssueRequest};
         (status = 400, description = "Invalid employee id, category, count or Idempotency-Key.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "count must be between 1 and 100000 (use `couponctl issue` for more)"})),
         responses::AdminUnauthorized,
+        (status = 403, description = "The body's `id` names another employee than the caller's credential (a per-employee token or OIDC token): an employee releases under their own id only. Nothing was released.",
+            body = ErrorBody, example = json!({"error": "employee_mismatch", "message": "this credential is employee \"alice\"'s, but the release names employee \"bob\": an employee releases under their own id only (send \"id\": \"alice\")"})),
         (status = 409, description = "A release with this Idempotency-Key is still being published by another request and did not end within REPLY_TIMEOUT; repeat the request (same key and body) after Retry-After for its answer.",
             headers(("Retry-After" = u64, description = "Seconds to wait before repeating")),
             body = ErrorBody, example = json!({"error": "idempotency_key_in_progress", "message": "the release with idempotency key \"k1\" is still being published; repeat the request (same key, same body) in a moment for its answer"})),
@@ -65,12 +73,12 @@ use crate::issue::{self, IssueRequest};
 )]
 pub(super) async fn create_coupons(
     State(state): State<Arc<GatewayState>>,
+    caller: AdminCaller,
     headers: HeaderMap,
     body: Result<Json<CreateCoupons>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     use issue::{IdempotencyKey, IssueError};
 
-    check_admin_token(&state, &headers)?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(
@@ -92,8 +100,17 @@ pub(super) async fn create_coupons(
             "count must be between 1 and {MAX_HTTP_ISSUE} (use `couponctl issue` for more)"
         )));
     }
+    let named = EmployeeId::parse(body.id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let employee = caller.release_employee(named).map_err(|mismatch| {
+        tracing::warn!(%mismatch, "a release naming another employee was refused");
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::EmployeeMismatch,
+            mismatch.to_string(),
+        )
+    })?;
     let request = IssueRequest {
-        employee: EmployeeId::parse(body.id).map_err(|e| ApiError::invalid(e.to_string()))?,
+        employee,
         category: Category::parse(body.category).map_err(|e| ApiError::invalid(e.to_string()))?,
         count,
     };

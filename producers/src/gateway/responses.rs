@@ -14,7 +14,7 @@ use super::error::ErrorBody;
 #[derive(IntoResponses)]
 #[response(
     status = 401,
-    description = "The admin token is missing or wrong, or the server has no COUPON_ADMIN_TOKEN.",
+    description = "The bearer token is missing, is no employee's token, an OIDC token that does not verify (expired, another issuer or audience, an unknown key or a bad signature) nor COUPON_ADMIN_TOKEN; or the server has no admin credential configured.",
     example = json!({"error": "unauthorized", "message": "wrong admin token"})
 )]
 pub struct AdminUnauthorized(ErrorBody);
