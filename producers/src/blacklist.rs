@@ -72,11 +72,11 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// Who made the change (none: the flood control).
+    /// Who made the change (none: the flood control, or the entry's end).
     pub fn author(self) -> Option<&'a EmployeeId> {
         match self {
             Source::Manual(by) => Some(by),
-            Source::Automatic => None,
+            Source::Automatic | Source::Expired => None,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use prost::Message as _;
 
-use coupon_domain::UserId;
+use coupon_domain::{EmployeeId, UserId};
 use coupon_platform::kafka::Publisher;
 use coupon_platform::store::users;
 use coupon_platform::KafkaSettings;
@@ -16,6 +16,11 @@ use coupon_schemas::BlacklistChanged;
 use couponctl::app::Role;
 
 use crate::harness::{eventually_ok, TestEnv};
+
+/// The employee the test's manual changes are made by.
+fn operator() -> EmployeeId {
+    EmployeeId::parse("e-test").unwrap()
+}
 
 fn user(id: &str) -> UserId {
     UserId::parse(id).unwrap()
@@ -59,13 +64,13 @@ async fn a_change_whose_commit_fails_is_not_on_the_log() {
     };
     let until = Some(Utc::now() + chrono::Duration::hours(1));
     let failed = blacklist
-        .add(&user("doomed"), until, "fraud", Source::Manual)
+        .add(&user("doomed"), until, "fraud", Source::Manual(&operator()))
         .await;
     let error = failed.expect_err("the commit fails");
     assert!(format!("{error}").contains("doomed"), "{error}");
     // A change that commits, published after the failed one.
     blacklist
-        .add(&user("marker"), until, "fraud", Source::Manual)
+        .add(&user("marker"), until, "fraud", Source::Manual(&operator()))
         .await
         .expect("a change that commits");
 
@@ -101,16 +106,21 @@ async fn a_change_committed_while_the_broker_is_unreachable_reaches_the_log_late
     let mallory = user("mallory");
     let until = Some(Utc::now() + chrono::Duration::hours(1));
     let entry = blacklist
-        .add(&mallory, until, "chargeback fraud", Source::Manual)
+        .add(
+            &mallory,
+            until,
+            "chargeback fraud",
+            Source::Manual(&operator()),
+        )
         .await
         .expect("the change is made though the broker is away");
     assert_eq!(entry.blacklist_reason.as_deref(), Some("chargeback fraud"));
     assert!(blacklist
-        .remove(&mallory, Source::Manual)
+        .remove(&mallory, Source::Manual(&operator()))
         .await
         .expect("lifted though the broker is away"));
     blacklist
-        .add(&mallory, None, "again", Source::Manual)
+        .add(&mallory, None, "again", Source::Manual(&operator()))
         .await
         .expect("blacklisted again");
     assert_eq!(
@@ -191,12 +201,12 @@ async fn an_entry_whose_end_passed_is_lifted_and_the_lift_is_on_the_log() {
             &user("later"),
             Some(now + chrono::Duration::hours(1)),
             "fraud",
-            Source::Manual,
+            Source::Manual(&operator()),
         )
         .await
         .unwrap();
     blacklist
-        .add(&user("forever"), None, "fraud", Source::Manual)
+        .add(&user("forever"), None, "fraud", Source::Manual(&operator()))
         .await
         .unwrap();
 

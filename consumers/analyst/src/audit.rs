@@ -19,9 +19,10 @@
 //!   are skipped, with every coupon a skipped user holds on either side
 //!   (its decision may be committed but not yet published). Their quota
 //!   slots and stored decisions are skipped too.
-//! - `blacklist` is applied up to its end: a change is published before its
-//!   transaction commits. The live entries are read before the log and again
-//!   at the end; a user whose entry changed in between is left out.
+//! - `blacklist` is applied up to its end: a change is published after its
+//!   transaction commits (through an outbox, so a committed change may reach
+//!   the log a little later). The live entries are read before the log and
+//!   again at the end; a user whose entry changed in between is left out.
 //!
 //! The scratch database `audit_<random>` lives on the same server as the
 //! live one and is dropped afterwards, whatever happened.
