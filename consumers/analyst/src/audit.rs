@@ -22,7 +22,8 @@
 //! - `blacklist` is applied up to its end: a change is published after its
 //!   transaction commits (through an outbox, so a committed change may reach
 //!   the log a little later). The live entries are read before the log and
-//!   again at the end; a user whose entry changed in between is left out.
+//!   again at the end; a user whose entry changed in between, or whose change
+//!   still waits in the outbox, is left out.
 //!
 //! The scratch database `audit_<random>` lives on the same server as the
 //! live one and is dropped afterwards, whatever happened.
@@ -623,10 +624,17 @@ async fn compare_decisions(
         .chain(log_blacklist.keys())
         .chain(blacklist_before.keys())
         .collect();
+    // Read after the log: a change committed but still waiting in the
+    // outbox is not on the log yet, and is left out like one that changed.
+    let pending: HashSet<String> = store::users::blacklist_pending_users(live)
+        .await
+        .context("reading the blacklist changes not yet on the log")?
+        .into_iter()
+        .collect();
     let none = BlacklistRow::default();
     for user in users {
         let now = live_blacklist.get(user).unwrap_or(&none);
-        if blacklist_before.get(user).unwrap_or(&none) != now {
+        if blacklist_before.get(user).unwrap_or(&none) != now || pending.contains(user.as_str()) {
             report.blacklist_skipped += 1;
             continue;
         }

@@ -232,3 +232,11 @@ pub async fn lift_expired(
     .fetch_all(conn)
     .await
 }
+
+/// Users with committed blacklist changes not yet on the log: an audit
+/// leaves them out (the log will catch up with the live entry).
+pub async fn blacklist_pending_users(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar!("SELECT DISTINCT user_id FROM blacklist_outbox")
+        .fetch_all(pool)
+        .await
+}
