@@ -16,11 +16,11 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use coupon_platform::kafka::{Publisher, Record};
+use coupon_platform::kafka::Publisher;
 use coupon_schemas::{ClaimRequested, PurchaseRequested};
 use couponctl::app::Role;
 
-use crate::harness::{release, TestEnv};
+use crate::harness::{record_at as record, release, TestEnv};
 
 /// Requests reach their consumer up to this long after the broker took
 /// them, and are still judged at the broker's time.
@@ -56,17 +56,6 @@ fn draw(rng: &mut StdRng) -> Vec<Step> {
         });
     }
     steps
-}
-
-fn record(topic: String, offset: i64, key: &str, value: Vec<u8>, broker_ms: i64) -> Record {
-    Record {
-        topic,
-        partition: 0,
-        offset,
-        key: Some(key.as_bytes().to_vec()),
-        value: Some(value),
-        timestamp_ms: Some(broker_ms),
-    }
 }
 
 /// Runs `steps` against the real consumers and audits the result.

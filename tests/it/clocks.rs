@@ -9,11 +9,11 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use coupon_domain::QuotaWindow;
-use coupon_platform::kafka::{Publisher, Record};
+use coupon_platform::kafka::Publisher;
 use coupon_schemas::{HoldExpired, PurchaseRequested};
 use couponctl::app::Role;
 
-use crate::harness::{assert_invariants_in, eventually, release, TestEnv};
+use crate::harness::{assert_invariants_in, eventually, record_at as record, release, TestEnv};
 
 async fn claim(http: &reqwest::Client, app: &crate::harness::App, user: &str) -> (u16, Value) {
     let response = http
@@ -110,17 +110,6 @@ async fn db_now(env: &TestEnv) -> DateTime<Utc> {
         .fetch_one(&env.pool)
         .await
         .expect("now")
-}
-
-fn record(topic: String, offset: i64, key: &str, value: Vec<u8>, broker_ms: i64) -> Record {
-    Record {
-        topic,
-        partition: 0,
-        offset,
-        key: Some(key.as_bytes().to_vec()),
-        value: Some(value),
-        timestamp_ms: Some(broker_ms),
-    }
 }
 
 /// Purchases are judged at the time the broker accepted them: one accepted

@@ -713,3 +713,22 @@ impl Child {
         self.process.kill().await.expect("kill -9");
     }
 }
+
+/// A record of `topic` (partition 0) as a consumer receives it, with the
+/// broker time `broker_ms`: for driving a role's `handle_batch` directly.
+pub fn record_at(
+    topic: String,
+    offset: i64,
+    key: &str,
+    value: Vec<u8>,
+    broker_ms: i64,
+) -> coupon_platform::kafka::Record {
+    coupon_platform::kafka::Record {
+        topic,
+        partition: 0,
+        offset,
+        key: Some(key.as_bytes().to_vec()),
+        value: Some(value),
+        timestamp_ms: Some(broker_ms),
+    }
+}
