@@ -480,17 +480,12 @@ pub async fn partitions_ahead(
     today: impl Fn() -> chrono::NaiveDate,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    every_until(every, &stop, || async {
         if let Err(error) = coupon_platform::db::partitions_ahead_from(pool, today()).await {
             tracing::warn!(%error, "could not create the coming history partitions");
         }
-    }
+    })
+    .await;
 }
 
 /// Runs [`coupon_producers::blacklist::Blacklist::upkeep`] every `every`
@@ -501,18 +496,8 @@ pub async fn blacklist_upkeep(ctx: &Context, every: Duration, stop: Cancellation
         publisher: &ctx.publisher,
         topics: &ctx.topics,
     };
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let round = tokio::select! {
-            _ = stop.cancelled() => return,
-            round = blacklist.upkeep() => round,
-        };
-        match round {
+    every_until(every, &stop, || async {
+        match blacklist.upkeep().await {
             Ok(done) if done.lifted + done.published > 0 => tracing::info!(
                 lifted = done.lifted,
                 published = done.published,
@@ -520,6 +505,29 @@ pub async fn blacklist_upkeep(ctx: &Context, every: Duration, stop: Cancellation
             ),
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "blacklist upkeep failed; trying again later"),
+        }
+    })
+    .await;
+}
+
+/// Runs `round` at once and then every `every` (a slow round delays the
+/// next rather than piling rounds up) until `stop`, which also ends a round
+/// in progress.
+async fn every_until<F, Fut>(every: Duration, stop: &CancellationToken, mut round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = round() => {}
         }
     }
 }
