@@ -30,7 +30,9 @@ use coupon_platform::settings;
 
 use crate::harness::{brokers, release, TestEnv};
 use crate::processes::Progress;
-use crate::scenarios::{claim, guarded, score, Answer, Profile, Row, System};
+use crate::profile::Profile;
+use crate::score::{claim, guarded, score, Answer, Row};
+use crate::system::System;
 
 /// How long the frozen leader stays stopped: past Patroni's TTL (10 s).
 const FREEZE: Duration = Duration::from_secs(15);

@@ -24,20 +24,21 @@
 //! `make chaos`: scenario, requests, decisions, lost, duplicated, invariant
 //! violations, recovery time. Any non-zero count fails the run.
 
-#[allow(dead_code)]
-#[path = "../it/harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "../it/processes.rs"]
-mod processes;
+use coupon_test_support::{harness, processes};
 
+mod burst;
 mod ha;
-mod scenarios;
+mod profile;
+mod score;
+mod sustained;
+mod system;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use scenarios::{Fault, Profile, Row};
+use burst::Fault;
+use profile::Profile;
+use score::Row;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -82,7 +83,7 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     for fault in Fault::ALL.into_iter().filter(|f| chosen(f.name())) {
         eprintln!("chaos: {} ...", fault.name());
-        let row = runtime.block_on(scenarios::burst_with_fault(fault, &profile));
+        let row = runtime.block_on(burst::burst_with_fault(fault, &profile));
         eprintln!("chaos: {}", row.summary());
         rows.push(row);
     }
@@ -96,25 +97,25 @@ fn main() -> ExitCode {
         Ok(String::new())
     } else {
         eprintln!("chaos: starting the 3-node cluster ...");
-        runtime.block_on(scenarios::cluster(&["up"]))
+        runtime.block_on(burst::cluster(&["up"]))
     };
     match cluster {
         Ok(started) => {
             eprintln!("chaos: {started}");
             for fault in cluster_faults {
                 eprintln!("chaos: {} ...", fault.name());
-                let row = runtime.block_on(scenarios::burst_with_fault(fault, &profile));
+                let row = runtime.block_on(burst::burst_with_fault(fault, &profile));
                 eprintln!("chaos: {}", row.summary());
                 rows.push(row);
             }
         }
-        Err(error) => rows.push(scenarios::Row {
+        Err(error) => rows.push(Row {
             scenario: "3-node cluster".into(),
             error: Some(error),
             ..Default::default()
         }),
     }
-    if let Err(error) = runtime.block_on(scenarios::cluster(&["down"])) {
+    if let Err(error) = runtime.block_on(burst::cluster(&["down"])) {
         eprintln!("chaos: {error}");
     }
     // Postgres under Patroni (infra/local/ha.sh, started here): the quick
@@ -140,7 +141,7 @@ fn main() -> ExitCode {
                     rows.push(row);
                 }
             }
-            Err(error) => rows.push(scenarios::Row {
+            Err(error) => rows.push(Row {
                 scenario: "Patroni cluster".into(),
                 error: Some(error),
                 ..Default::default()
@@ -155,13 +156,13 @@ fn main() -> ExitCode {
     }
     if chosen("sustained mixed load") {
         eprintln!("chaos: sustained load ...");
-        let row = runtime.block_on(scenarios::sustained(&profile));
+        let row = runtime.block_on(sustained::sustained(&profile));
         eprintln!("chaos: {}", row.summary());
         rows.push(row);
     }
     runtime.shutdown_timeout(Duration::from_secs(5));
 
-    println!("{}", scenarios::render(&rows));
+    println!("{}", score::render(&rows));
     if rows.iter().all(Row::clean) {
         println!("chaos: {} scenarios, 0 failed", rows.len());
         ExitCode::SUCCESS

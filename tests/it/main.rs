@@ -1,13 +1,11 @@
 //! Integration tests against the real Postgres, Redis and Kafka-compatible
 //! broker (`make up`). One binary, so the suite links once.
 
-mod harness;
-mod processes;
+use coupon_test_support::harness;
 
 mod acl;
 mod blacklist;
 mod causal;
-mod chaos;
 mod claims;
 mod cli;
 mod clocks;

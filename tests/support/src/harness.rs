@@ -32,6 +32,33 @@ pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| settings::KAFKA_BROKERS.into())
 }
 
+/// The profile's folder of the target dir (`target/debug`): a test binary
+/// runs from its `deps/` (cargo's layout), and cargo builds the package's
+/// binaries before its integration tests. This crate is a library, so it
+/// cannot name them at compile time as a test can (`CARGO_BIN_EXE_*`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let deps = exe.parent().expect("the test binary's folder");
+    deps.parent().unwrap_or(deps).to_path_buf()
+}
+
+/// The `couponctl` binary of this build (`COUPONCTL_BIN` overrides).
+pub fn couponctl_binary() -> PathBuf {
+    std::env::var_os("COUPONCTL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| profile_dir().join("couponctl"))
+}
+
+/// `target/tmp`, where the children's logs stay after a run.
+fn target_tmp_dir() -> PathBuf {
+    let dir = profile_dir()
+        .parent()
+        .map(|t| t.join("tmp"))
+        .unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&dir).expect("target/tmp");
+    dir
+}
+
 pub struct TestEnv {
     pub name: String,
     pub database_url: String,
@@ -235,7 +262,7 @@ impl TestEnv {
     /// The real `couponctl` binary, pointed at this test's database, topic
     /// prefix, Redis and broker.
     pub fn couponctl(&self) -> std::process::Command {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_couponctl"));
+        let mut command = std::process::Command::new(couponctl_binary());
         command
             .env("DATABASE_URL", &self.database_url)
             .env("COUPON_TOPIC_PREFIX", &self.name)
@@ -623,8 +650,7 @@ impl Child {
         tweak: impl FnOnce(&mut std::process::Command),
     ) -> Self {
         // Kept after the run (in the target dir) for a look when a test fails.
-        let log =
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{label}.log", env.name));
+        let log = target_tmp_dir().join(format!("{}-{label}.log", env.name));
         let file = std::fs::File::create(&log).expect("child log file");
         let mut command = env.couponctl();
         command
