@@ -4,7 +4,7 @@
 //! One task per process refreshes them every `interval` (5 s by default)
 //! rather than on every scrape, so any number of scrapers cost the database
 //! and the broker nothing extra. The queries are the ones `couponctl status`
-//! runs (`coupon_platform::stats`, `coupon_platform::kafka::lag`). Counters
+//! runs (`coupon_platform::store::stats`, `coupon_platform::kafka::lag`). Counters
 //! (decisions by outcome, dead letters) are recorded where they happen; this
 //! module only registers them at zero so that a dashboard sees every series
 //! from the start.
@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use coupon_domain::{ClaimOutcomeKind, PurchaseOutcome};
 use coupon_platform::kafka::lag::LagProbe;
-use coupon_platform::{stats, KafkaSettings, Topics};
+use coupon_platform::store::stats;
+use coupon_platform::{KafkaSettings, Topics};
 use coupon_schemas::Role;
 
 /// Describes the metrics and registers the counters of `roles` at zero.

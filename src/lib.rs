@@ -3,17 +3,10 @@
 //!
 //! # Layout
 //!
-//! The workspace, from the rules outwards (see DEVELOPING.md):
-//!
-//! | crate / folder          | what it holds                                                  |
-//! |-------------------------|----------------------------------------------------------------|
-//! | `domain/`               | the coupon rules, no I/O (claims, purchases, quota, ids, codes) |
-//! | `schemas/`              | the protobuf events, the topic catalogue and the roles          |
-//! | `platform/`             | thin adapters: Kafka, Postgres, Redis, metrics; the consumer loop |
-//! | `producers/`            | what publishes events: the HTTP gateway, the release tool        |
-//! | `consumers/`            | the consumer roles (coupons, claims, purchases, expiry, history) |
-//! | `consumers/analyst/`    | the analysts' tools: replay, rebuild, audit, history queries    |
-//! | `src/` (this crate)     | the `couponctl` binary and what it wires                        |
+//! The workspace's crates, from the rules outwards, and what lives in each
+//! are one table in `DEVELOPING.md` (section *Layout*): `domain`, `schemas`,
+//! `platform`, `producers`, `consumers`, `consumers/analyst`, and this crate,
+//! the `couponctl` binary and what it wires.
 //!
 //! In this crate:
 //! - [`app`] assembles the roles of one process (gateway and/or consumers)

@@ -3,7 +3,7 @@
 //! services answer.
 //!
 //! The numbers come from the same queries as the `/metrics` gauges
-//! (`coupon_platform::stats`, `coupon_platform::kafka::lag`), so the two
+//! (`coupon_platform::store::stats`, `coupon_platform::kafka::lag`), so the two
 //! never disagree about what "lag" or "available" means.
 
 use std::fmt::Write as _;
@@ -11,7 +11,8 @@ use std::fmt::Write as _;
 use anyhow::Context as _;
 
 use coupon_platform::kafka::lag::group_lag;
-use coupon_platform::{reach, stats};
+use coupon_platform::reach;
+use coupon_platform::store::stats;
 use coupon_schemas::Role;
 
 use crate::app::AppConfig;

@@ -12,7 +12,6 @@ pub mod pgcopy;
 pub mod reach;
 pub mod redis;
 pub mod settings;
-pub mod stats;
 pub mod store;
 pub mod time;
 

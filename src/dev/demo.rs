@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use coupon_platform::store::stats;
+
 use crate::app::{self, AppConfig, Role};
 
 #[derive(Debug, Clone)]
@@ -137,17 +139,6 @@ async fn wait_for(
     Ok(())
 }
 
-/// One compile-checked count (`count(*)` is never NULL; sqlx cannot tell).
-macro_rules! count {
-    ($pool:expr, $sql:literal) => {
-        sqlx::query_scalar!($sql)
-            .fetch_one($pool)
-            .await
-            .map(Option::unwrap_or_default)
-            .context($sql)
-    };
-}
-
 /// Runs the demo. `base` says where the services are; the demo uses its own
 /// database on that server and its own topic and Redis prefixes.
 pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSummary> {
@@ -196,13 +187,13 @@ pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSu
             .map(|t| t.expose().to_owned())
             .unwrap_or_default(),
     };
-    let outcome = scenario(
-        &http,
-        &pool,
-        &running.context.publisher,
-        &running.context.topics,
-        &options,
-    )
+    let outcome = scenario(&Demo {
+        http: &http,
+        pool: &pool,
+        publisher: &running.context.publisher,
+        topics: &running.context.topics,
+        options: &options,
+    })
     .await;
     token.cancel();
     running.wait().await?;
@@ -217,23 +208,44 @@ pub async fn run(base: AppConfig, options: DemoOptions) -> anyhow::Result<DemoSu
     Ok(summary)
 }
 
-async fn scenario(
-    http: &Http,
-    pool: &PgPool,
-    publisher: &coupon_platform::kafka::Publisher,
-    topics: &coupon_platform::Topics,
-    options: &DemoOptions,
-) -> anyhow::Result<DemoSummary> {
-    let mut summary = DemoSummary::default();
-    let issued = i64::from(options.electronics + options.books);
+/// What every step of the scenario works with.
+struct Demo<'a> {
+    http: &'a Http,
+    pool: &'a PgPool,
+    publisher: &'a coupon_platform::kafka::Publisher,
+    topics: &'a coupon_platform::Topics,
+    options: &'a DemoOptions,
+}
 
-    // 1. Employees release two categories.
-    http.release("Electronics", options.electronics).await?;
-    http.release("Books", options.books).await?;
+/// A user and the code of the coupon they were granted.
+type Winner = (String, String);
+
+async fn scenario(demo: &Demo<'_>) -> anyhow::Result<DemoSummary> {
+    let mut summary = DemoSummary::default();
+    release(demo, &mut summary).await?;
+    blacklist_an_abuser(demo).await?;
+    let winners = burst(demo, &mut summary).await?;
+    double_clicks(demo, &winners, &mut summary).await?;
+    purchases(demo, &winners, &mut summary).await?;
+    expirations(demo, &mut summary).await?;
+    let late_granted = second_wave(demo, &winners, &mut summary).await?;
+    read_the_database(demo.pool, late_granted, &mut summary).await?;
+    check_invariants(demo.pool, &summary).await?;
+    Ok(summary)
+}
+
+/// Step 1: Employees release two categories.
+async fn release(demo: &Demo<'_>, summary: &mut DemoSummary) -> anyhow::Result<()> {
+    let options = demo.options;
+    let issued = i64::from(options.electronics + options.books);
+    demo.http
+        .release("Electronics", options.electronics)
+        .await?;
+    demo.http.release("Books", options.books).await?;
     wait_for(
         "the release to be projected",
         Duration::from_secs(60),
-        async || Ok(count!(pool, "SELECT count(*) FROM coupons")? == issued),
+        async || Ok(stats::status_counts(demo.pool).await?.total() == issued),
     )
     .await?;
     summary.issued = issued;
@@ -241,12 +253,15 @@ async fn scenario(
         "demo: released {} Electronics and {} Books coupons",
         options.electronics, options.books
     );
+    Ok(())
+}
 
-    // 2. One known abuser.
+/// Step 2: One known abuser.
+async fn blacklist_an_abuser(demo: &Demo<'_>) -> anyhow::Result<()> {
     let blacklist = coupon_producers::blacklist::Blacklist {
-        pool,
-        publisher,
-        topics,
+        pool: demo.pool,
+        publisher: demo.publisher,
+        topics: demo.topics,
     };
     blacklist
         .add(
@@ -260,10 +275,14 @@ async fn scenario(
     // sold-out fast path; the burst starts once they have seen mallory.
     tokio::time::sleep(coupon_producers::gateway::BLACKLIST_REFRESH + Duration::from_millis(500))
         .await;
+    Ok(())
+}
 
-    // 3. The burst: every user at once; every third asks for Books.
-    let bar = progress(options.users as u64 + 1, "burst of claims");
-    let mut users: Vec<(String, Option<&str>)> = (0..options.users)
+/// Step 3: The burst: every user at once; every third asks for Books.
+async fn burst(demo: &Demo<'_>, summary: &mut DemoSummary) -> anyhow::Result<Vec<Winner>> {
+    let users_count = demo.options.users;
+    let bar = progress(users_count as u64 + 1, "burst of claims");
+    let mut users: Vec<(String, Option<&str>)> = (0..users_count)
         .map(|i| (format!("user-{i:05}"), (i % 3 == 0).then_some("Books")))
         .collect();
     users.push(("mallory".into(), None));
@@ -271,7 +290,7 @@ async fn scenario(
         .map(|(user, category)| {
             let bar = bar.clone();
             async move {
-                let answer = http.claim(&user, category).await;
+                let answer = demo.http.claim(&user, category).await;
                 bar.inc(1);
                 (user, answer)
             }
@@ -280,7 +299,7 @@ async fn scenario(
         .collect()
         .await;
     bar.finish_and_clear();
-    let mut winners: Vec<(String, String)> = Vec::new();
+    let mut winners: Vec<Winner> = Vec::new();
     for (user, answer) in answers {
         let (status, body) = answer?;
         match status {
@@ -297,30 +316,44 @@ async fn scenario(
     summary.granted = winners.len() as i64;
     eprintln!(
         "demo: burst of {} claims: {} granted, {} sold out, {} blacklisted",
-        options.users + 1,
+        users_count + 1,
         summary.granted,
         summary.sold_out,
         summary.blacklisted
     );
+    Ok(winners)
+}
 
-    // 4. Every tenth winner double-clicks: the same coupon comes back.
+/// Step 4: Every tenth winner double-clicks: the same coupon comes back.
+async fn double_clicks(
+    demo: &Demo<'_>,
+    winners: &[Winner],
+    summary: &mut DemoSummary,
+) -> anyhow::Result<()> {
     for (user, code) in winners.iter().step_by(10) {
-        let (status, body) = http.claim(user, None).await?;
+        let (status, body) = demo.http.claim(user, None).await?;
         if status == 200 && body["coupon_code"].as_str() == Some(code.as_str()) {
             summary.retried_same_coupon += 1;
         } else {
             bail!("{user} retried and got {status} {body} instead of {code}");
         }
     }
+    Ok(())
+}
 
-    // 5. Half the winners buy in time; the others let the hold run out.
+/// Step 5: Half the winners buy in time; the others let the hold run out.
+async fn purchases(
+    demo: &Demo<'_>,
+    winners: &[Winner],
+    summary: &mut DemoSummary,
+) -> anyhow::Result<()> {
     let bar = progress(winners.len().div_ceil(2) as u64, "purchases");
-    let buyers: Vec<&(String, String)> = winners.iter().step_by(2).collect();
+    let buyers: Vec<&Winner> = winners.iter().step_by(2).collect();
     let bought: Vec<anyhow::Result<(u16, Value)>> = stream::iter(buyers.iter().enumerate())
         .map(|(i, (user, code))| {
             let bar = bar.clone();
             async move {
-                let answer = http.purchase(user, code, &format!("order-{i}")).await;
+                let answer = demo.http.purchase(user, code, &format!("order-{i}")).await;
                 bar.inc(1);
                 answer
             }
@@ -337,45 +370,52 @@ async fn scenario(
             other => bail!("unexpected purchase answer {other}: {body}"),
         }
     }
-    let expiring = summary.granted - summary.redeemed;
     eprintln!(
         "demo: {} bought, {} holds left to expire",
-        summary.redeemed, expiring
+        summary.redeemed,
+        summary.granted - summary.redeemed
     );
+    Ok(())
+}
 
-    // 6. The unbought holds end and their coupons return to the pool.
+/// Step 6: The unbought holds end and their coupons return to the pool.
+async fn expirations(demo: &Demo<'_>, summary: &mut DemoSummary) -> anyhow::Result<()> {
     wait_for(
         "unbought holds to expire",
-        options.hold_ttl + Duration::from_secs(30),
-        async || Ok(count!(pool, "SELECT count(*) FROM coupons WHERE status = 'held'")? == 0),
+        demo.options.hold_ttl + Duration::from_secs(30),
+        async || Ok(stats::active_holds(demo.pool).await? == 0),
     )
     .await?;
-    summary.expired = count!(
-        pool,
-        "SELECT count(*) FROM coupon_history WHERE kind = 'released'"
-    )?;
+    summary.expired = stats::released_holds(demo.pool).await?;
     eprintln!(
         "demo: {} holds expired and went back to the pool",
         summary.expired
     );
+    Ok(())
+}
 
-    // 7. A second wave takes the released coupons; the first wave's quota stays used.
-    let previous_holders: HashMap<String, String> = winners
+/// Step 7: A second wave takes the released coupons; the first wave's quota
+/// stays used. Returns how many of the second wave were granted.
+async fn second_wave(
+    demo: &Demo<'_>,
+    winners: &[Winner],
+    summary: &mut DemoSummary,
+) -> anyhow::Result<i64> {
+    let previous_holders: HashMap<&str, &str> = winners
         .iter()
-        .map(|(u, c)| (c.clone(), u.clone()))
+        .map(|(u, c)| (c.as_str(), u.as_str()))
         .collect();
     let late: Vec<String> = (0..summary.expired.max(1) + 20)
         .map(|i| format!("late-{i:05}"))
         .collect();
     let late_answers: Vec<(String, anyhow::Result<(u16, Value)>)> = stream::iter(late)
         .map(|user| async move {
-            let answer = http.claim(&user, None).await;
+            let answer = demo.http.claim(&user, None).await;
             (user, answer)
         })
         .buffer_unordered(64)
         .collect()
         .await;
-    let mut regranted = 0;
     let mut late_granted = 0;
     for (user, answer) in late_answers {
         let (status, body) = answer?;
@@ -387,38 +427,36 @@ async fn scenario(
                     .get(code)
                     .is_some_and(|first| *first != user)
                 {
-                    regranted += 1;
+                    summary.regranted += 1;
                 }
             }
             404 => summary.sold_out += 1,
             other => bail!("unexpected answer {other} for {user}: {body}"),
         }
     }
-    summary.regranted = regranted;
     for (user, _) in winners.iter().skip(1).step_by(2).take(20) {
-        let (status, _) = http.claim(user, None).await?;
+        let (status, _) = demo.http.claim(user, None).await?;
         if status == 429 {
             summary.rate_limited += 1;
         } else {
             bail!("{user} claimed twice in one window and got {status}");
         }
     }
+    Ok(late_granted)
+}
 
-    // 8. What the database says.
-    summary.db_available = count!(
-        pool,
-        "SELECT count(*) FROM coupons WHERE status = 'available'"
-    )?;
-    summary.db_held = count!(pool, "SELECT count(*) FROM coupons WHERE status = 'held'")?;
-    summary.db_redeemed = count!(
-        pool,
-        "SELECT count(*) FROM coupons WHERE status = 'redeemed'"
-    )?;
+/// Step 8: What the database says, next to what the users were told.
+async fn read_the_database(
+    pool: &PgPool,
+    late_granted: i64,
+    summary: &mut DemoSummary,
+) -> anyhow::Result<()> {
+    let counts = stats::status_counts(pool).await?;
+    summary.db_available = counts.available;
+    summary.db_held = counts.held;
+    summary.db_redeemed = counts.redeemed;
     summary.db_released = summary.expired;
-    summary.db_granted = count!(
-        pool,
-        "SELECT count(*) FROM claim_decisions WHERE outcome = 'granted' AND NOT repeated"
-    )?;
+    summary.db_granted = stats::first_grants(pool).await?;
     if summary.db_granted != summary.granted + late_granted {
         bail!(
             "the database recorded {} grants, the users were told {}",
@@ -426,19 +464,19 @@ async fn scenario(
             summary.granted + late_granted
         );
     }
-    check_invariants(pool, &summary).await?;
-    Ok(summary)
+    Ok(())
 }
 
 async fn check_invariants(pool: &PgPool, s: &DemoSummary) -> anyhow::Result<()> {
     if s.db_available + s.db_held + s.db_redeemed != s.issued {
         bail!("invariant broken: available + held + redeemed != issued");
     }
-    let double_holds = count!(pool, "SELECT count(*) FROM (SELECT holder_user_id FROM coupons WHERE status = 'held' GROUP BY 1 HAVING count(*) > 1) d")?;
-    let double_grants = count!(pool, "SELECT count(*) FROM (SELECT user_id FROM quota_grants GROUP BY user_id, window_start HAVING count(*) > 1) d")?;
-    if double_holds + double_grants > 0 {
+    let breaches = stats::allocation_breaches(pool).await?;
+    if breaches != stats::AllocationBreaches::default() {
         bail!(
-            "invariant broken: {double_holds} users with two holds, {double_grants} double grants"
+            "invariant broken: {} users with two holds, {} double grants",
+            breaches.users_holding_twice,
+            breaches.users_granted_twice
         );
     }
     if s.db_redeemed != s.redeemed {

@@ -5,7 +5,7 @@
 //! Every number comes straight from Postgres with one query, so what the
 //! console shows is what an operator gets from `psql` with the same query
 //! (the browser test compares them). The pool per category is
-//! `coupon_platform::stats::pool_by_category`, the query `couponctl status`
+//! `coupon_platform::store::stats::pool_by_category`, the query `couponctl status`
 //! runs, and the blacklist is `coupon_producers::blacklist`: neither is repeated here.
 //!
 //! The analytics read `coupon_history` (the history sink), bounded by time

@@ -10,6 +10,7 @@
 //! | [`history`]   | `coupon_history` (the sink's appends, the analysts' reads) |
 //! | [`leases`]    | `snowflake_leases` (machine ids of the Snowflake ids) |
 //! | [`releases`]  | `releases` (batches released with an idempotency key) |
+//! | [`stats`]     | counts of `coupons`, `coupon_history`, `claim_decisions`, `quota_grants` (`status`, the gauges, the demo) |
 //! | [`console`]   | the web console's reads of `coupons` (batches) and `coupon_history` (analytics) |
 //!
 //! The statements here are compile-checked (`sqlx::query!`, `query_as!`)
@@ -20,9 +21,9 @@
 //!
 //! Every statement on the tables is here and compile-checked, the claim
 //! processor's batch statements excepted (`consumers/src/claims/store.rs`,
-//! compile-checked too) and the counts of `coupon_platform::stats`; the
-//! rebuild's bulk writes (`coupon_analyst::rebuild`) and the demo's counts
-//! are checked where they are. Not checked: the binary `COPY` fast paths
+//! compile-checked too); the
+//! rebuild's bulk writes (`coupon_analyst::rebuild`) are checked where they
+//! are. Not checked: the binary `COPY` fast paths
 //! (`crate::pgcopy`; sqlx cannot describe a `COPY`) and the DDL on scratch
 //! databases (`crate::db`).
 //!
@@ -37,6 +38,7 @@ pub mod decisions;
 pub mod history;
 pub mod leases;
 pub mod releases;
+pub mod stats;
 pub mod users;
 
 /// Whether Postgres answers a trivial statement (the health check).

@@ -264,7 +264,7 @@ pub(super) async fn pool(
     State(state): State<Arc<GatewayState>>,
     _caller: AdminCaller,
 ) -> Result<Json<PoolAnswer>, ApiError> {
-    let rows = coupon_platform::stats::pool_by_category(&state.pool)
+    let rows = coupon_platform::store::stats::pool_by_category(&state.pool)
         .await
         .map_err(store_unavailable)?;
     let categories: Vec<CategoryPool> = rows
