@@ -116,9 +116,62 @@ text_id!(
     RequestId, "request id", 128
 );
 
+/// A coupon code as a purchase names it, checked only as far as every store
+/// takes it: 1 to 64 characters (as the OpenAPI document's `maxLength`
+/// counts them), no control characters (Postgres text refuses NUL). Whether
+/// it is a real code is the purchase's decision (`unknown_coupon`), not a
+/// refusal, so it is kept as given rather than parsed into a `CouponCode`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestedCode(String);
+
+impl RequestedCode {
+    /// The most characters it may have.
+    pub const MAX_CHARS: usize = 64;
+
+    pub fn parse(raw: impl Into<String>) -> Result<Self, InvalidInput> {
+        let raw = raw.into();
+        if raw.is_empty() || raw.chars().count() > Self::MAX_CHARS {
+            return Err(InvalidInput::new(
+                "coupon code",
+                format!("must be 1 to {} characters", Self::MAX_CHARS),
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(InvalidInput::new(
+                "coupon code",
+                "must not contain control characters",
+            ));
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_requested_code_is_kept_as_given_within_its_bounds() {
+        assert_eq!(RequestedCode::parse(" not-a-code ").unwrap().as_str(), " not-a-code ");
+        assert_eq!(
+            RequestedCode::parse("").unwrap_err().to_string(),
+            "coupon code must be 1 to 64 characters"
+        );
+        assert!(RequestedCode::parse("ユ".repeat(64)).is_ok());
+        assert!(RequestedCode::parse("ユ".repeat(65)).is_err());
+        assert_eq!(
+            RequestedCode::parse("0\0").unwrap_err().to_string(),
+            "coupon code must not contain control characters"
+        );
+    }
 
     #[test]
     fn accepts_ordinary_ids() {

@@ -20,7 +20,7 @@ pub mod sold_out;
 
 pub use claim::{ClaimOutcome, ClaimOutcomeKind, ClaimPrecheck, UserClaimState};
 pub use code::CouponCode;
-pub use ids::{Category, EmployeeId, InvalidInput, OrderId, RequestId, UserId};
+pub use ids::{Category, EmployeeId, InvalidInput, OrderId, RequestId, RequestedCode, UserId};
 pub use lifecycle::{CouponStatus, HistoryKind, UnknownName};
 pub use purchase::{PurchaseOutcome, PurchaseRejection};
 pub use quota::QuotaWindow;

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use coupon_domain::clock::judged_at;
 use coupon_domain::purchase::{self as rules, decide, PurchaseOutcome};
-use coupon_domain::{CouponCode, OrderId, RequestId, UserId};
+use coupon_domain::{CouponCode, OrderId, RequestId, RequestedCode, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::store::decisions::PurchaseDecisionRecord;
@@ -55,17 +55,12 @@ pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
     // Every id ends up in a Postgres text column, which refuses NUL: a NUL
     // let through here fails the batch forever instead of refusing one record.
     let request_id = RequestId::parse(request.request_id.clone()).map_err(|e| e.to_string())?;
-    let code = &request.coupon_code;
-    if code.is_empty() || code.chars().count() > 64 {
-        return Err("coupon code must be 1 to 64 characters".into());
-    }
-    if code.chars().any(char::is_control) {
-        return Err("coupon code must not contain control characters".into());
-    }
+    let coupon_code =
+        RequestedCode::parse(request.coupon_code.clone()).map_err(|e| e.to_string())?;
     Ok(Purchase {
         request_id,
         user_id: UserId::parse(request.user_id.clone()).map_err(|e| e.to_string())?,
-        coupon_code: request.coupon_code.clone(),
+        coupon_code: coupon_code.into_string(),
         order_id: OrderId::parse(request.order_id.clone()).map_err(|e| e.to_string())?,
         correlation_id: request
             .envelope

@@ -53,7 +53,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use coupon_domain::sold_out::FastPath;
-use coupon_domain::{Category, CouponCode, OrderId, UserId};
+use coupon_domain::{Category, CouponCode, OrderId, RequestedCode, UserId};
 use coupon_platform::kafka::Publisher;
 use coupon_platform::redis::Cache;
 use coupon_platform::store;
@@ -1070,21 +1070,14 @@ async fn purchase_inner(
     let Json(body) = body.map_err(json_rejection)?;
     let user = UserId::parse(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let order = OrderId::parse(body.order_id).map_err(|e| ApiError::invalid(e.to_string()))?;
-    // Characters, as the OpenAPI document's maxLength counts.
-    if body.coupon_code.is_empty() || body.coupon_code.chars().count() > 64 {
-        return Err(ApiError::invalid("coupon code must be 1 to 64 characters"));
-    }
-    if body.coupon_code.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            "coupon code must not contain control characters",
-        ));
-    }
-    tracing::debug!(user = %user, order = %order, coupon = %body.coupon_code, "purchase received");
+    let coupon_code =
+        RequestedCode::parse(body.coupon_code).map_err(|e| ApiError::invalid(e.to_string()))?;
+    tracing::debug!(user = %user, order = %order, coupon = %coupon_code.as_str(), "purchase received");
     let event = PurchaseRequested {
         envelope: Some(state.publisher.envelope::<PurchaseRequested>(request_id)),
         request_id: request_id.to_owned(),
         user_id: user.to_string(),
-        coupon_code: body.coupon_code,
+        coupon_code: coupon_code.into_string(),
         order_id: order.to_string(),
     };
     let pending = state
