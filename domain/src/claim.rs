@@ -159,7 +159,7 @@ pub fn precheck(
     {
         return ClaimPrecheck::Decided(rate_limited(now, window));
     }
-    let ttl = chrono::Duration::from_std(hold_ttl).unwrap_or(chrono::Duration::minutes(5));
+    let ttl = crate::clock::span(hold_ttl);
     ClaimPrecheck::Allocate {
         window_start,
         hold_until: now + ttl,

@@ -23,6 +23,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 
+/// A configured span as a calendar span, at most a thousand years: settings
+/// are bounded where they are read (`DURATION_BOUNDS`, 30 days at most), so
+/// the cap never bites in practice, and when it would, the span stays one
+/// that can be added to any date without overflowing, rather than falling
+/// back to a second, hidden default.
+pub fn span(duration: Duration) -> chrono::Duration {
+    const CAP: chrono::TimeDelta = chrono::TimeDelta::days(365_000);
+    chrono::Duration::from_std(duration).map_or(CAP, |span| span.min(CAP))
+}
+
 /// The time `record_ms` (the record's broker timestamp, if it has one) is
 /// judged at, when the database's clock reads `db_now`: the broker time,
 /// clamped into `[db_now - grace, db_now]`. Without a broker time, `db_now`.
@@ -49,6 +59,17 @@ mod tests {
     use proptest::prelude::*;
 
     const GRACE: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_span_is_the_duration_capped_so_any_date_can_take_it() {
+        assert_eq!(
+            super::span(Duration::from_secs(300)),
+            chrono::Duration::minutes(5)
+        );
+        let huge = super::span(Duration::MAX);
+        assert_eq!(huge, chrono::TimeDelta::days(365_000));
+        assert!(Utc::now().checked_add_signed(huge).is_some());
+    }
 
     fn db_now() -> DateTime<Utc> {
         "2026-11-25T12:00:00Z".parse().unwrap()

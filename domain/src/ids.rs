@@ -160,7 +160,10 @@ mod tests {
 
     #[test]
     fn a_requested_code_is_kept_as_given_within_its_bounds() {
-        assert_eq!(RequestedCode::parse(" not-a-code ").unwrap().as_str(), " not-a-code ");
+        assert_eq!(
+            RequestedCode::parse(" not-a-code ").unwrap().as_str(),
+            " not-a-code "
+        );
         assert_eq!(
             RequestedCode::parse("").unwrap_err().to_string(),
             "coupon code must be 1 to 64 characters"

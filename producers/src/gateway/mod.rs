@@ -672,8 +672,7 @@ async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError
     if count > state.config.flood_limit_per_sec {
         let block = state.config.flood_block;
         let _ = state.cache.block(user.as_str(), block).await;
-        let until =
-            Utc::now() + chrono::Duration::from_std(block).unwrap_or(chrono::Duration::minutes(10));
+        let until = Utc::now() + coupon_domain::clock::span(block);
         let blacklist = crate::blacklist::Blacklist {
             pool: &state.pool,
             publisher: &state.publisher,
