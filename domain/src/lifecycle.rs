@@ -35,6 +35,18 @@ impl CouponStatus {
 
 text_enum!(CouponStatus);
 
+/// The event id of a hold's release, derived from the hold: every sweeper
+/// that sees the same overdue hold publishes the same `HoldExpired` event,
+/// and a grant that ends the overdue hold first records its release under
+/// the same id, so the hold has one release in the history whichever path
+/// ended it.
+pub fn release_event_id(hold_id: &str, code: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("expiry:{code}:{hold_id}").as_bytes(),
+    )
+}
+
 /// What a `coupon_history` row records: one state change of a coupon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HistoryKind {

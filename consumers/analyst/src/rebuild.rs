@@ -60,17 +60,17 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
-use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use coupon_consumers::coupons::{self, NewCoupon};
-use coupon_consumers::history::{self, HistoryRow};
+use coupon_consumers::history;
+use coupon_domain::lifecycle::release_event_id;
 use coupon_domain::{
-    Category, ClaimOutcomeKind, CouponCode, CouponStatus, HistoryKind, OrderId, QuotaWindow,
-    RequestId, UserId,
+    Category, ClaimOutcomeKind, CouponCode, CouponStatus, OrderId, QuotaWindow, RequestId, UserId,
 };
 use coupon_platform::kafka::Record;
+use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 use coupon_platform::time::from_ms;
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_schemas::{
@@ -624,19 +624,17 @@ impl Projection {
                             .and_then(|e| Uuid::parse_str(&e.event_id).ok());
                         if let (Some(event_id), Some(at)) = (event_id, from_ms(log.occurred_at_ms))
                         {
-                            rows.push(HistoryRow {
-                                occurred_at: at,
+                            rows.push(HistoryRow::released(
+                                at,
                                 event_id,
-                                item: 0,
-                                coupon_code: Some(event.coupon_code.clone()),
-                                user_id: user,
-                                kind: HistoryKind::Released,
-                                detail: json!({
-                                    "hold_id": event.hold_id,
-                                    "held_until_ms": held_until.map(|t| t.timestamp_millis()),
-                                    "reason": "hold_expired",
-                                }),
-                            });
+                                HoldRelease {
+                                    code: event.coupon_code.clone(),
+                                    user,
+                                    hold_id: &event.hold_id,
+                                    held_until,
+                                    by: ReleasedBy::Expiry,
+                                },
+                            ));
                         }
                     }
                 }
@@ -716,20 +714,17 @@ impl Projection {
             );
         }
         self.touch(&code);
-        Some(HistoryRow {
-            occurred_at: at,
-            event_id: coupon_consumers::expiry::expiry_event_id(&hold_id, &code),
-            item: 0,
-            coupon_code: Some(code),
-            user_id: Some(user.to_owned()),
-            kind: HistoryKind::Released,
-            detail: json!({
-                "hold_id": hold_id,
-                "held_until_ms": held_until.map(|t| t.timestamp_millis()),
-                "reason": "hold_expired",
-                "released_by": "next_grant",
-            }),
-        })
+        Some(HistoryRow::released(
+            at,
+            release_event_id(&hold_id, &code),
+            HoldRelease {
+                code,
+                user: Some(user.to_owned()),
+                hold_id: &hold_id,
+                held_until,
+                by: ReleasedBy::NextGrant,
+            },
+        ))
     }
 
     /// Takes the user's quota slot for the window `at` falls in.

@@ -45,19 +45,19 @@ mod store;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 use coupon_domain::claim::{allocation_groups, ClaimOutcome, ClaimOutcomeKind, PoolKnowledge};
 use coupon_domain::clock::judged_at;
-use coupon_domain::{Category, HistoryKind, RequestId, UserId};
+use coupon_domain::{Category, RequestId, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::redis::CachedHold;
 use coupon_platform::time::to_ms;
 use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
 
-use crate::history::HistoryRow;
+use coupon_domain::lifecycle::release_event_id;
 use coupon_platform::kafka::role::{dead_letter_all, Decoded};
+use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 
 use crate::{Context, Decided, Role};
 
@@ -173,7 +173,7 @@ async fn grant_group(
                 .iter()
                 .map(|r| release_history(r, at.get(&r.user_id).copied()))
                 .collect();
-            crate::history::append(&mut *tx, &rows).await?;
+            coupon_platform::store::history::append(&mut *tx, &rows).await?;
             view.released.extend(released);
         }
         let candidates: Vec<Candidate<'_>> = waiting.iter().map(|(_, c)| c.clone()).collect();
@@ -217,20 +217,17 @@ async fn grant_group(
 /// release in the history whichever path ended it.
 fn release_history(released: &store::Released, at: Option<DateTime<Utc>>) -> HistoryRow {
     let code = released.code.to_string();
-    HistoryRow {
-        occurred_at: at.unwrap_or(released.held_until),
-        event_id: crate::expiry::expiry_event_id(&released.hold_id, &code),
-        item: 0,
-        coupon_code: Some(code),
-        user_id: Some(released.user_id.to_string()),
-        kind: HistoryKind::Released,
-        detail: json!({
-            "hold_id": released.hold_id,
-            "held_until_ms": to_ms(released.held_until),
-            "reason": "hold_expired",
-            "released_by": "next_grant",
-        }),
-    }
+    HistoryRow::released(
+        at.unwrap_or(released.held_until),
+        release_event_id(&released.hold_id, &code),
+        HoldRelease {
+            code,
+            user: Some(released.user_id.to_string()),
+            hold_id: &released.hold_id,
+            held_until: Some(released.held_until),
+            by: ReleasedBy::NextGrant,
+        },
+    )
 }
 
 /// Decides a user's second (or later) claim of the batch, after the grants,

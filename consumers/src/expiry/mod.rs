@@ -25,32 +25,23 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use uuid::Uuid;
 
-use coupon_domain::{CouponCode, HistoryKind, RequestId};
+use coupon_domain::lifecycle::release_event_id;
+use coupon_domain::{CouponCode, RequestId};
 use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::store::coupons;
 use coupon_platform::time::to_ms;
 use coupon_schemas::HoldExpired;
 
-use crate::history::{append, HistoryRow};
 use coupon_platform::kafka::role::{self, dead_letter_all, Decoded};
+use coupon_platform::store::history::{append, HistoryRow, HoldRelease, ReleasedBy};
 
 use crate::{Context, Role};
 
 pub const ROLE: Role = Role::Expiry;
 
 pub use coupon_platform::store::coupons::{overdue_holds, OverdueHold};
-
-/// The event id of a hold's expiry is derived from the hold, so every sweeper
-/// that sees the same overdue hold publishes the same event.
-pub fn expiry_event_id(hold_id: &str, code: &str) -> Uuid {
-    Uuid::new_v5(
-        &Uuid::NAMESPACE_OID,
-        format!("expiry:{code}:{hold_id}").as_bytes(),
-    )
-}
 
 /// One sweep: publishes expiry events for overdue holds not announced in the
 /// last `quiet` period. Returns how many it published.
@@ -72,7 +63,7 @@ pub async fn sweep_once(
         .iter()
         .map(|hold| {
             let envelope = coupon_schemas::new_envelope::<HoldExpired>(
-                expiry_event_id(&hold.hold_id, &hold.code.to_string()).to_string(),
+                release_event_id(&hold.hold_id, &hold.code.to_string()).to_string(),
                 to_ms(hold.held_until),
                 ctx.publisher.name(),
                 &hold.hold_id,
@@ -171,15 +162,17 @@ pub async fn handle_events(
             held_until,
         }) = row
         {
-            history.push(HistoryRow {
-                occurred_at: now,
-                event_id: release.event_id,
-                item: 0,
-                coupon_code: Some(code.to_string()),
-                user_id: Some(user_id.to_string()),
-                kind: HistoryKind::Released,
-                detail: json!({"hold_id": release.hold_id, "held_until_ms": to_ms(held_until), "reason": "hold_expired"}),
-            });
+            history.push(HistoryRow::released(
+                now,
+                release.event_id,
+                HoldRelease {
+                    code: code.to_string(),
+                    user: Some(user_id.to_string()),
+                    hold_id: &release.hold_id,
+                    held_until: Some(held_until),
+                    by: ReleasedBy::Expiry,
+                },
+            ));
             released.push((code.to_string(), user_id.into_string()));
         }
     }
@@ -244,7 +237,7 @@ mod tests {
     #[test]
     fn releases_name_the_canonical_code_and_refuse_what_postgres_would() {
         let code = CouponCode::from_id(coupon_domain::SnowflakeId::from_raw(1 << 40).unwrap());
-        let id = expiry_event_id("h1", &code.to_string());
+        let id = release_event_id("h1", &code.to_string());
         let release = release_of(&event(
             &code.to_string().to_lowercase(),
             "h1",

@@ -21,6 +21,49 @@ pub struct HistoryRow {
     pub detail: serde_json::Value,
 }
 
+/// What ended a hold unbought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleasedBy {
+    /// The expiry role, after the deadline and its grace.
+    Expiry,
+    /// A grant that found the user's overdue hold before the expiry did.
+    NextGrant,
+}
+
+/// A hold that ended unbought, as its `released` row tells it.
+#[derive(Debug, Clone)]
+pub struct HoldRelease<'a> {
+    pub code: String,
+    pub user: Option<String>,
+    pub hold_id: &'a str,
+    pub held_until: Option<DateTime<Utc>>,
+    pub by: ReleasedBy,
+}
+
+impl HistoryRow {
+    /// The `released` row of a hold: the one shape the live consumers and
+    /// the rebuild write, so a rebuilt history equals the live one.
+    pub fn released(occurred_at: DateTime<Utc>, event_id: Uuid, release: HoldRelease<'_>) -> Self {
+        let mut detail = serde_json::json!({
+            "hold_id": release.hold_id,
+            "held_until_ms": release.held_until.map(|t| t.timestamp_millis()),
+            "reason": "hold_expired",
+        });
+        if release.by == ReleasedBy::NextGrant {
+            detail["released_by"] = "next_grant".into();
+        }
+        Self {
+            occurred_at,
+            event_id,
+            item: 0,
+            coupon_code: Some(release.code),
+            user_id: release.user,
+            kind: HistoryKind::Released,
+            detail,
+        }
+    }
+}
+
 /// Appends rows; rows already present are skipped. Returns how many were new.
 pub async fn append<'e>(
     executor: impl sqlx::PgExecutor<'e>,
