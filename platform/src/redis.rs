@@ -21,7 +21,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use coupon_domain::{CouponCode, UserId};
 use fred::prelude::*;
+
+/// A hold that ended (redeemed or released): its coupon and its holder, named
+/// so the two cannot be swapped as a pair of strings could.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedHold {
+    pub code: CouponCode,
+    pub user: UserId,
+}
 
 /// How long one command may take. Redis answers in well under a
 /// millisecond; a command this slow means it is stalled (a pause, a hung
@@ -172,13 +181,18 @@ impl Cache {
     }
 
     /// Removes holds that ended (redeemed or released).
-    pub async fn remove_holds(&self, ended: &[(String, String)]) -> Result<(), CacheError> {
+    pub async fn remove_holds(&self, ended: &[EndedHold]) -> Result<(), CacheError> {
         if ended.is_empty() {
             return Ok(());
         }
         let keys: Vec<String> = ended
             .iter()
-            .flat_map(|(code, user)| [self.hold_key(code), self.user_hold_key(user)])
+            .flat_map(|hold| {
+                [
+                    self.hold_key(&hold.code.to_string()),
+                    self.user_hold_key(hold.user.as_str()),
+                ]
+            })
             .collect();
         let _: i64 = self.call(self.client.del(keys)).await?;
         Ok(())

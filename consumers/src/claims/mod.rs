@@ -51,7 +51,7 @@ use coupon_domain::clock::judged_at;
 use coupon_domain::{Category, RequestId, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
-use coupon_platform::redis::CachedHold;
+use coupon_platform::redis::{CachedHold, EndedHold};
 use coupon_platform::time::to_ms;
 use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
 
@@ -401,10 +401,13 @@ pub async fn handle_events(
             .into());
         }
         tx.commit().await?;
-        let ended: Vec<(String, String)> = view
+        let ended: Vec<EndedHold> = view
             .released
             .iter()
-            .map(|r| (r.code.to_string(), r.user_id.to_string()))
+            .map(|r| EndedHold {
+                code: r.code,
+                user: r.user_id.clone(),
+            })
             .collect();
         // Redis mirrors the holds; it is a cache, so a failure only costs speed.
         if let Err(error) = ctx.cache.remove_holds(&ended).await {

@@ -30,6 +30,7 @@ use uuid::Uuid;
 use coupon_domain::lifecycle::release_event_id;
 use coupon_domain::{CouponCode, RequestId};
 use coupon_platform::kafka::consumer::BatchError;
+use coupon_platform::redis::EndedHold;
 use coupon_platform::store::coupons;
 use coupon_platform::time::to_ms;
 use coupon_schemas::HoldExpired;
@@ -173,7 +174,10 @@ pub async fn handle_events(
                     by: ReleasedBy::Expiry,
                 },
             ));
-            released.push((code.to_string(), user_id.into_string()));
+            released.push(EndedHold {
+                code,
+                user: user_id,
+            });
         }
     }
     append(&mut *tx, &history).await?;

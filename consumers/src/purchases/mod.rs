@@ -30,6 +30,7 @@ use coupon_domain::purchase::{self as rules, decide, PurchaseOutcome};
 use coupon_domain::{CouponCode, OrderId, RequestId, RequestedCode, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
+use coupon_platform::redis::EndedHold;
 use coupon_platform::store::decisions::PurchaseDecisionRecord;
 use coupon_platform::store::{coupons, decisions};
 use coupon_platform::time::to_ms;
@@ -302,6 +303,20 @@ fn refusal_logged(
     }
 }
 
+/// The hold a decision ended, if it redeemed one. A redeemed coupon's code
+/// is a real one; the cache keys name it canonically, whatever spelling the
+/// buyer used.
+fn ended_hold(decision: &StoredPurchase) -> Option<EndedHold> {
+    if decision.outcome != PurchaseOutcome::Redeemed {
+        return None;
+    }
+    let code = CouponCode::parse(&decision.coupon_code).ok()?;
+    Some(EndedHold {
+        code,
+        user: decision.user_id.clone(),
+    })
+}
+
 pub async fn handle_events(
     ctx: &Context,
     batch: &[Decoded<PurchaseRequested>],
@@ -346,9 +361,7 @@ pub async fn handle_events(
         if is_new {
             metrics::counter!("coupon_purchase_decisions_total", "outcome" => decision.outcome.as_str())
                 .increment(1);
-            if decision.outcome == PurchaseOutcome::Redeemed {
-                ended_holds.push((decision.coupon_code.clone(), decision.user_id.to_string()));
-            }
+            ended_holds.extend(ended_hold(&decision));
         }
         decided.push(Decided {
             request_id: crate::log_request_id(
