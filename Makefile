@@ -9,7 +9,7 @@ export REDIS_URL ?= $(call setting,REDIS_URL)
 export KAFKA_BROKERS ?= $(call setting,KAFKA_BROKERS)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup up down cluster-up cluster-down ha-up ha-down sasl-up sasl-down build unit sqlx test lint fmt demo bench chaos clean-state
+.PHONY: setup up down cluster-up cluster-down ha-up ha-down sasl-up sasl-down shard-up shard-down build unit sqlx test lint fmt demo bench chaos clean-state
 
 setup: ## install what this machine lacks (Postgres, Redis, a JDK, Apache Kafka from Maven Central)
 	infra/local/setup.sh
@@ -37,6 +37,12 @@ sasl-up: setup ## a Kafka node with SASL/PLAIN and ACLs (infra/kafka/acls.tsv fo
 
 sasl-down: ## stop what `make sasl-up` started (state kept in .state/sasl)
 	infra/local/sasl.sh down
+
+shard-up: setup ## two more Postgres servers, the shards of README "Sharding", on 127.0.0.1:5451 and 5452 (state in .state/shard)
+	infra/local/shard.sh up
+
+shard-down: ## stop what `make shard-up` started
+	infra/local/shard.sh down
 
 build:
 	cargo build --release --bin couponctl
@@ -70,10 +76,10 @@ chaos: up ## the long fault-injection run; prints a table (CHAOS_USERS, CHAOS_RA
 fuzz: up ## the storefront contract with a random seed and more examples (CONTRACT_EXAMPLES, CONTRACT_MAX_TIME)
 	CONTRACT_SEED=random CONTRACT_EXAMPLES=$${CONTRACT_EXAMPLES:-100} CONTRACT_MAX_TIME=$${CONTRACT_MAX_TIME:-600} tests/contract/run.sh
 
-bench: up build ## the benchmarks (BENCH_QUICK=1 for a short run)
-	target/release/couponctl bench
+bench: up shard-up build ## the benchmarks (BENCH_QUICK=1 for a short run)
+	BENCH_SHARD_URLS=$${BENCH_SHARD_URLS:-$$(infra/local/shard.sh urls)} target/release/couponctl bench
 
-clean-state: down cluster-down ha-down sasl-down
+clean-state: down cluster-down ha-down sasl-down shard-down
 	rm -rf .state
 
 .PHONY: print-settings

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod lifecycle;
 pub mod purchase;
 pub mod quota;
+pub mod shard;
 pub mod snowflake;
 pub mod sold_out;
 

@@ -25,6 +25,11 @@ pub struct BenchArgs {
         default_value = "target/bench/flash-sale.svg"
     )]
     pub plot: PathBuf,
+    /// The Postgres servers of the sharding rows, comma-separated (`make
+    /// bench` passes those of `make shard-up`); fewer than two leave the
+    /// rows out.
+    #[arg(long, env = "BENCH_SHARD_URLS", value_delimiter = ',')]
+    pub shard_urls: Vec<String>,
 }
 
 pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
@@ -39,6 +44,7 @@ pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
     }
     options.concurrency = args.concurrency.max(1);
     options.plot = Some(args.plot);
+    options.shard_urls = args.shard_urls;
     let rows = couponctl::dev::bench::run(config, options).await?;
     println!("{}", couponctl::dev::bench::render(&rows));
     println!("{}", couponctl::dev::bench::render_targets(&rows));

@@ -23,5 +23,6 @@ mod poison;
 mod purchases;
 mod release;
 mod replay;
+mod shard;
 mod sold_out;
 mod tls;

@@ -178,6 +178,14 @@ async fn keyed_records_land_where_the_java_client_puts_them() {
             .send_bytes(&wide, Some(key), index.to_string().as_bytes())
             .await
             .expect("publish to the 12-partition topic");
+        let ours = coupon_domain::shard::partition_of(key, 12) as i32;
+        if ours != expected[index][0] {
+            mismatches.push(format!(
+                "shard::partition_of: key {} on {ours} (Java: {})",
+                shown(key),
+                expected[index][0]
+            ));
+        }
         if delivered.partition != expected[index][0] {
             mismatches.push(format!(
                 "{wide}: key {} on {} (Java: {})",

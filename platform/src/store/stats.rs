@@ -132,3 +132,47 @@ pub async fn allocation_breaches(pool: &PgPool) -> Result<AllocationBreaches, sq
     .fetch_one(pool)
     .await
 }
+
+/// Every user with a row in this database: a user, a quota slot, a claim
+/// decision or a held coupon (to check that a shard stores only its own).
+pub async fn users_with_rows(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT user_id FROM users UNION SELECT user_id FROM quota_grants \
+         UNION SELECT user_id FROM claim_decisions \
+         UNION SELECT holder_user_id FROM coupons WHERE holder_user_id IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Counts this database's statements in `pg_stat_statements` from now on;
+/// fails where the server does not load the module.
+pub async fn track_statements(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Forgets the statements `pg_stat_statements` counted (on the whole
+/// server); fails where the server does not load it.
+pub async fn reset_statements(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// The statements this database ran since [`reset_statements`], as
+/// (calls, normalized text), most called first; fails where the server does
+/// not load `pg_stat_statements`.
+pub async fn statements_run(pool: &PgPool) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT calls, query FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND query NOT ILIKE '%pg_stat_statements%' \
+         ORDER BY calls DESC, query",
+    )
+    .fetch_all(pool)
+    .await
+}

@@ -32,10 +32,14 @@ use crate::app::{self, AppConfig, Role};
 
 mod plot;
 pub mod profile;
+pub mod shard;
 mod targets;
 mod wrk;
 
 pub use targets::render_targets;
+
+/// Claims in each sharding row (fewer when the flash sale is smaller).
+const SHARD_CLAIMS: usize = 100_000;
 
 /// The rate of the latency target (claims/s, open loop).
 const STEADY_TARGET_RATE: f64 = 5_000.0;
@@ -54,6 +58,9 @@ pub struct BenchOptions {
     pub steady: Duration,
     /// Where to write the flash sale's plot over time (SVG), if anywhere.
     pub plot: Option<std::path::PathBuf>,
+    /// The Postgres servers of the sharding rows (`make shard-up`); with
+    /// fewer than two the rows are left out.
+    pub shard_urls: Vec<String>,
 }
 
 impl BenchOptions {
@@ -65,6 +72,7 @@ impl BenchOptions {
             concurrency: 128,
             steady: Duration::from_secs(10),
             plot: None,
+            shard_urls: Vec::new(),
         }
     }
 
@@ -94,6 +102,8 @@ pub enum Scenario {
     /// `couponctl replay` to Parquet.
     ReplayParquet,
     Rebuild,
+    /// The claim processor on one Postgres server, then on two shards.
+    Sharding,
     /// `/healthz` driven by `wrk`, when it is installed: the check that our
     /// generator is not what bounds the HTTP rows.
     Wrk,
@@ -316,6 +326,21 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     }
 
     drop(generator);
+
+    if options.shard_urls.len() >= 2 {
+        let claims = options.users.min(SHARD_CLAIMS);
+        eprintln!(
+            "bench: sharding, {claims} claims on 1 then {} Postgres servers",
+            options.shard_urls.len()
+        );
+        rows.extend(
+            shard::sharding(config, &running.context, &options.shard_urls, claims)
+                .await
+                .context("the sharding rows")?,
+        );
+    } else {
+        eprintln!("bench: no sharding rows (BENCH_SHARD_URLS names fewer than two servers)");
+    }
 
     eprintln!("bench: replay");
     rows.push(profiled(replay(config, false)).await?);
