@@ -1,0 +1,323 @@
+//! `GET /api/v1/coupon`: a claim. Flood control, the sold-out fast path, then
+//! request/reply over Kafka to the claim processor.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+
+use coupon_domain::sold_out::FastPath;
+use coupon_domain::{Category, UserId};
+use coupon_schemas::{ClaimDecided, ClaimOutcome, ClaimRequested};
+
+use super::api::{ClaimGranted, ClaimQuery};
+use super::auth::{Caller, ClientAddr};
+use super::responses;
+use super::GatewayState;
+use super::{
+    client_request_id, publish_and_wait, request_id_conflict, rfc3339, storefront_caller, traced,
+    waiting_full,
+};
+use super::{ApiError, ErrorBody, ErrorCode};
+
+/// Flood control: more than `flood_limit_per_sec` claims in one second from
+/// one user blocks that user for `flood_block` (Redis for the fast check,
+/// Postgres so the claim processor refuses too, and the blacklist topic so a
+/// rebuilt database does). Redis trouble disables the check rather than the
+/// API.
+async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError> {
+    let blocked = match state.cache.is_blocked(user.as_str()).await {
+        Ok(blocked) => blocked,
+        Err(error) => {
+            tracing::debug!(%error, "flood check skipped");
+            return Ok(());
+        }
+    };
+    if blocked {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Blacklisted,
+            "this user is temporarily blocked for flooding",
+        ));
+    }
+    let Ok(count) = state.cache.count_request(user.as_str()).await else {
+        return Ok(());
+    };
+    if count > state.config.flood_limit_per_sec {
+        let block = state.config.flood_block;
+        let _ = state.cache.block(user.as_str(), block).await;
+        let until = Utc::now() + coupon_domain::clock::span(block);
+        let blacklist = crate::blacklist::Blacklist {
+            pool: &state.pool,
+            publisher: &state.publisher,
+            topics: &state.topics,
+        };
+        if let Err(error) = blacklist
+            .add(
+                user,
+                Some(until),
+                "flooding the gateway",
+                crate::blacklist::Source::Automatic,
+            )
+            .await
+        {
+            tracing::warn!(%error, "could not record automatic blacklisting");
+        }
+        metrics::counter!("coupon_flood_blocks_total").increment(1);
+        tracing::warn!(user = %user, count, "user blocked for flooding");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Blacklisted,
+            "too many requests: this user is temporarily blocked",
+        ));
+    }
+    Ok(())
+}
+
+/// Claim a coupon.
+///
+/// Publishes a claim event and waits for its decision. A repeated claim while
+/// the user's hold lasts returns the same coupon; after the hold ended
+/// (bought or expired) the user waits for the next quota window.
+#[utoipa::path(
+    get,
+    path = "/api/v1/coupon",
+    tag = "storefront",
+    params(
+        ClaimQuery,
+        ("x-request-id" = Option<String>, Header,
+            description = "Your id for this request (1-64 visible ASCII characters); generated when absent. Echoed in the answer's x-request-id header; retrying with the same id returns the same decision.")
+    ),
+    responses(
+        (status = 200, description = "Granted: the coupon is held for this user until `expires_at`.",
+            body = ClaimGranted,
+            headers(("x-request-id" = String, description = "The request id"))),
+        (status = 400, description = "Invalid user id or category.",
+            body = ErrorBody, example = json!({"error": "invalid_request", "message": "user_id must not be empty"})),
+        responses::ApiUnauthorized,
+        (status = 403, description = "The user is blacklisted (manually, or for flooding the gateway).",
+            body = ErrorBody, example = json!({"error": "blacklisted", "message": "this user may not claim coupons"})),
+        (status = 404, description = "No coupon (of the category) is available.",
+            body = ErrorBody, example = json!({"error": "sold_out", "message": "no coupon is available right now"})),
+        (status = 409, description = "The x-request-id was already used for another user's claim: nothing was decided for this one; send a new request id.",
+            body = ErrorBody, example = json!({"error": "request_id_conflict", "message": "this x-request-id was already used for another user; send a new one"})),
+        (status = 429, description = "`rate_limited`: the user already had a coupon in this quota window (`Retry-After`: seconds until the next window). `address_limited`: on a gateway without COUPON_API_TOKEN, too many requests from one non-loopback client address.",
+            headers(("Retry-After" = u64, description = "Seconds until the next quota window, or until the address may send again")),
+            body = ErrorBody,
+            examples(
+                ("rate_limited" = (summary = "the quota: one coupon per user per window", value = json!({"error": "rate_limited", "message": "one coupon per user per quota window; try again after 2026-11-26T00:00:00.000Z"}))),
+                ("address_limited" = (summary = "too many requests from this address", value = json!({"error": "address_limited", "message": "too many requests from this address; slow down"})))
+            )),
+        (status = 503, description = "The claim could not be published, or the gateway is at its limit of requests in flight or waiting; retrying is safe.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
+            body = ErrorBody, example = json!({"error": "unavailable", "message": "could not publish the claim"})),
+        (status = 504, description = "No decision within REPLY_TIMEOUT (publishing included); the claim may still complete and retrying (same x-request-id) is safe.",
+            body = ErrorBody, example = json!({"error": "timeout", "message": "no decision in time; the request may still complete and retrying is safe"})),
+    ),
+    security((), ("api_token" = []))
+)]
+pub(super) async fn claim(
+    State(state): State<Arc<GatewayState>>,
+    client: ClientAddr,
+    caller: Caller,
+    headers: HeaderMap,
+    query: Result<Query<ClaimQuery>, QueryRejection>,
+) -> Response {
+    let chosen = client_request_id(&headers);
+    let ours = chosen.is_none();
+    let request_id = chosen.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    traced(
+        "claim",
+        &request_id,
+        claim_inner(&state, client, caller, query, &request_id, ours),
+    )
+    .await
+}
+
+async fn claim_inner(
+    state: &GatewayState,
+    client: ClientAddr,
+    caller: Caller,
+    query: Result<Query<ClaimQuery>, QueryRejection>,
+    request_id: &str,
+    id_is_ours: bool,
+) -> Result<Response, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.config.reply_timeout;
+    let caller = storefront_caller(state, caller, client)?;
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let user = UserId::parse(query.id.unwrap_or_default())
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let category = match query.category.as_deref() {
+        None | Some("") => None,
+        Some(raw) => Some(Category::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))?),
+    };
+    tracing::debug!(user = %user, category = category.as_ref().map_or("", |c| c.as_str()), "claim received");
+    if caller != Caller::Open {
+        // Only an authenticated storefront vouches for the user ids it
+        // sends: without a token, anyone could name a victim's id and get
+        // the victim blocked.
+        flood_check(state, &user).await?;
+    }
+    // One request id, one answer on every path: an id the client chose may
+    // be in flight on the broker path already (a retry, a second tab, a
+    // copy with another category or user), so only an id generated here,
+    // which no other request can carry, is answered from the cache.
+    let fast = if id_is_ours {
+        sold_out_fast_path(state, &user, category.as_ref()).await
+    } else {
+        FastPath::Ask
+    };
+    let event = ClaimRequested {
+        envelope: Some(state.publisher.envelope::<ClaimRequested>(request_id)),
+        request_id: request_id.to_owned(),
+        user_id: user.to_string(),
+        category: category.map(Category::into_string).unwrap_or_default(),
+        answered_sold_out: fast == FastPath::SoldOut,
+    };
+    if fast == FastPath::SoldOut {
+        return answer_sold_out(state, &user, &event, deadline).await;
+    }
+    let pending = state
+        .replies
+        .expect_claim(request_id, user.as_str())
+        .map_err(waiting_full)?;
+    let decision = publish_and_wait(
+        state,
+        &state.topics.claims(),
+        &user,
+        &event,
+        pending,
+        deadline,
+        "claim",
+    )
+    .await?;
+    if decision.user_id != user.as_str() {
+        // The client's request id was used before, by another user: the
+        // stored decision is that user's and must not be shown to this one.
+        return Err(request_id_conflict());
+    }
+    Ok(claim_response(&decision))
+}
+
+/// Whether this claim may be answered `sold_out` by the gateway itself
+/// (`coupon_domain::sold_out`): its pool is marked sold out as of the
+/// current supply, and the user neither holds a coupon, nor is blocked or
+/// blacklisted, nor has used the quota. One Redis round trip and a look at
+/// the blacklist read every second; when either is unknown, the claim takes
+/// the normal path.
+async fn sold_out_fast_path(
+    state: &GatewayState,
+    user: &UserId,
+    category: Option<&Category>,
+) -> FastPath {
+    if state.maybe_blacklisted(user.as_str()) {
+        return FastPath::Ask;
+    }
+    match state
+        .cache
+        .fast_path_facts(user.as_str(), category.map(Category::as_str))
+        .await
+    {
+        Ok(facts) => coupon_domain::sold_out::fast_path(&facts),
+        Err(error) => {
+            tracing::debug!(%error, "sold-out marks unreadable; asking the claim processor");
+            FastPath::Ask
+        }
+    }
+}
+
+/// The sold-out fast path: the claim goes on the log flagged
+/// `answered_sold_out` (the claim processor records `sold_out` for it and
+/// never allocates it a coupon) and is answered `404` once the broker has
+/// the record, without waiting for the decision. Every answer is on the
+/// log: a broker outage or a `kill -9` of the gateway can cost the answer
+/// (`503`/`504`, and retrying is safe), never leave an answered claim
+/// without its record. The wait is one produce round trip, not the
+/// processor's batch.
+async fn answer_sold_out(
+    state: &GatewayState,
+    user: &UserId,
+    event: &ClaimRequested,
+    deadline: tokio::time::Instant,
+) -> Result<Response, ApiError> {
+    let topic = state.topics.claims();
+    let delivery = state
+        .publisher
+        .enqueue_event(&topic, user.as_str(), event)
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "could not publish the sold-out claim");
+            ApiError::unavailable("could not publish the claim; retrying is safe")
+        })?;
+    match tokio::time::timeout_at(deadline, delivery).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            metrics::counter!("coupon_claims_sold_out_fast_lost_total").increment(1);
+            tracing::warn!(%error, "a sold-out claim was not delivered to the log; not answered");
+            return Err(ApiError::unavailable(
+                "could not publish the claim; retrying is safe",
+            ));
+        }
+        Err(_) => {
+            tracing::warn!("the broker did not acknowledge the sold-out claim in time");
+            return Err(ApiError::timeout());
+        }
+    }
+    metrics::counter!("coupon_claims_sold_out_fast_total").increment(1);
+    Ok(ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::SoldOut,
+        "no coupon is available right now",
+    )
+    .into_response())
+}
+
+fn claim_response(decision: &ClaimDecided) -> Response {
+    let outcome = ClaimOutcome::try_from(decision.outcome).unwrap_or(ClaimOutcome::Unspecified);
+    match outcome {
+        ClaimOutcome::Granted => (
+            StatusCode::OK,
+            Json(ClaimGranted {
+                coupon_code: decision.coupon_code.clone(),
+                category: decision.category.clone(),
+                user_id: decision.user_id.clone(),
+                expires_at: rfc3339(decision.expires_at_ms),
+            }),
+        )
+            .into_response(),
+        ClaimOutcome::RateLimited => {
+            let now = Utc::now().timestamp_millis();
+            let secs = ((decision.retry_at_ms - now).max(1) as u64).div_ceil(1000);
+            let mut error = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::RateLimited,
+                format!(
+                    "one coupon per user per quota window; try again after {}",
+                    rfc3339(decision.retry_at_ms).unwrap_or_default()
+                ),
+            );
+            error.retry_after_secs = Some(secs);
+            error.into_response()
+        }
+        ClaimOutcome::Blacklisted => ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Blacklisted,
+            "this user may not claim coupons",
+        )
+        .into_response(),
+        ClaimOutcome::SoldOut => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::SoldOut,
+            "no coupon is available right now",
+        )
+        .into_response(),
+        ClaimOutcome::Conflict => request_id_conflict().into_response(),
+        ClaimOutcome::Invalid | ClaimOutcome::Unspecified => {
+            ApiError::invalid(decision.reason.clone()).into_response()
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! `POST /api/v1/purchase`: a purchase, request/reply over Kafka to the
+//! purchase processor, idempotent on `order_id`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use coupon_domain::{OrderId, RequestedCode, UserId};
+use coupon_schemas::{PurchaseDecided, PurchaseOutcome, PurchaseRequested};
+
+use super::api::{PurchaseBody, PurchaseRedeemed, Redeemed};
+use super::auth::{Caller, ClientAddr};
+use super::responses;
+use super::GatewayState;
+use super::{
+    json_rejection, order_id_conflict, publish_and_wait, request_id, rfc3339, storefront_caller,
+    traced, waiting_full,
+};
+use super::{ApiError, ErrorBody, ErrorCode};
+
+/// Buy a held coupon.
+///
+/// Redeems the coupon if this user holds it and the hold has not ended.
+/// Idempotent on `order_id`: the same order again gets the same answer.
+#[utoipa::path(
+    post,
+    path = "/api/v1/purchase",
+    tag = "storefront",
+    params(
+        ("x-request-id" = Option<String>, Header,
+            description = "Your id for this request; generated when absent, echoed in the answer's x-request-id header.")
+    ),
+    request_body = PurchaseBody,
+    responses(
+        (status = 200, description = "Redeemed.", body = PurchaseRedeemed),
+        (status = 400, description = "Invalid ids.",
+            body = ErrorBody, example = json!({"error": "invalid_request", "message": "order_id must not be empty"})),
+        responses::ApiUnauthorized,
+        (status = 404, description = "No coupon has this code.",
+            body = ErrorBody, example = json!({"error": "unknown_coupon", "message": "no coupon has this code"})),
+        (status = 409, description = "The coupon cannot be bought by this user now.", body = ErrorBody,
+            examples(
+                ("hold_expired" = (summary = "the hold ended before the purchase", value = json!({"error": "hold_expired", "message": "the hold on this coupon ended before the purchase"}))),
+                ("not_holder" = (summary = "another user holds it, or nobody", value = json!({"error": "not_holder", "message": "this coupon is not held by this user"}))),
+                ("already_redeemed" = (summary = "bought before", value = json!({"error": "already_redeemed", "message": "this coupon was already redeemed"}))),
+                ("order_id_conflict" = (summary = "the order_id is another user's order", value = json!({"error": "order_id_conflict", "message": "this order_id was already used by another user"})))
+            )),
+        responses::BodyRefused,
+        (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
+            body = ErrorBody, example = json!({"error": "address_limited", "message": "too many requests from this address; slow down"})),
+        (status = 503, description = "The purchase could not be published, or the gateway is at its limit of requests in flight or waiting; retrying is safe.",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
+            body = ErrorBody, example = json!({"error": "unavailable", "message": "could not publish the purchase"})),
+        (status = 504, description = "No decision within REPLY_TIMEOUT (publishing included); retrying (same order_id) is safe.",
+            body = ErrorBody, example = json!({"error": "timeout", "message": "no decision in time; the request may still complete and retrying is safe"})),
+    ),
+    security((), ("api_token" = []))
+)]
+pub(super) async fn purchase(
+    State(state): State<Arc<GatewayState>>,
+    client: ClientAddr,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Json<PurchaseBody>, JsonRejection>,
+) -> Response {
+    let request_id = request_id(&headers);
+    traced(
+        "purchase",
+        &request_id,
+        purchase_inner(&state, client, caller, body, &request_id),
+    )
+    .await
+}
+
+async fn purchase_inner(
+    state: &GatewayState,
+    client: ClientAddr,
+    caller: Caller,
+    body: Result<Json<PurchaseBody>, JsonRejection>,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.config.reply_timeout;
+    storefront_caller(state, caller, client)?;
+    let Json(body) = body.map_err(json_rejection)?;
+    let user = UserId::parse(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let order = OrderId::parse(body.order_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let coupon_code =
+        RequestedCode::parse(body.coupon_code).map_err(|e| ApiError::invalid(e.to_string()))?;
+    tracing::debug!(user = %user, order = %order, coupon = %coupon_code.as_str(), "purchase received");
+    let event = PurchaseRequested {
+        envelope: Some(state.publisher.envelope::<PurchaseRequested>(request_id)),
+        request_id: request_id.to_owned(),
+        user_id: user.to_string(),
+        coupon_code: coupon_code.into_string(),
+        order_id: order.to_string(),
+    };
+    let pending = state
+        .replies
+        .expect_purchase(request_id, user.as_str(), order.as_str())
+        .map_err(waiting_full)?;
+    let decision = publish_and_wait(
+        state,
+        &state.topics.purchases(),
+        &user,
+        &event,
+        pending,
+        deadline,
+        "purchase",
+    )
+    .await?;
+    if decision.user_id != user.as_str() {
+        // Purchases are idempotent on order_id: the stored answer for this
+        // order is another user's and must not be shown to this one.
+        return Err(order_id_conflict());
+    }
+    Ok(purchase_response(&decision))
+}
+
+fn purchase_response(decision: &PurchaseDecided) -> Response {
+    let outcome =
+        PurchaseOutcome::try_from(decision.outcome).unwrap_or(PurchaseOutcome::Unspecified);
+    let conflict =
+        |code, message| ApiError::new(StatusCode::CONFLICT, code, message).into_response();
+    match outcome {
+        PurchaseOutcome::Redeemed => (
+            StatusCode::OK,
+            Json(PurchaseRedeemed {
+                status: Redeemed::Redeemed,
+                coupon_code: decision.coupon_code.clone(),
+                order_id: decision.order_id.clone(),
+                redeemed_at: rfc3339(decision.redeemed_at_ms),
+            }),
+        )
+            .into_response(),
+        PurchaseOutcome::HoldExpired => conflict(
+            ErrorCode::HoldExpired,
+            "the hold on this coupon ended before the purchase",
+        ),
+        PurchaseOutcome::NotHolder => {
+            conflict(ErrorCode::NotHolder, "this coupon is not held by this user")
+        }
+        PurchaseOutcome::AlreadyRedeemed => conflict(
+            ErrorCode::AlreadyRedeemed,
+            "this coupon was already redeemed",
+        ),
+        PurchaseOutcome::UnknownCoupon => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownCoupon,
+            "no coupon has this code",
+        )
+        .into_response(),
+        PurchaseOutcome::Conflict => order_id_conflict().into_response(),
+        PurchaseOutcome::Invalid | PurchaseOutcome::Unspecified => {
+            ApiError::invalid(decision.reason.clone()).into_response()
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The route table: every route with its audience and handler. The router
+//! is built from it alone, and the OpenAPI document is checked against it.
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{MethodFilter, MethodRouter};
+use axum::Router;
+
+use super::admission::Audience;
+use super::claims::claim;
+use super::purchases::purchase;
+use super::server::{healthz, metrics_text, observe, openapi_json};
+use super::status::coupon_status;
+use super::GatewayState;
+use super::{admission, console, error, release};
+use super::{ApiError, ErrorCode};
+
+/// The HTTP methods the gateway routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verb {
+    Get,
+    Post,
+    Delete,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "GET",
+            Verb::Post => "POST",
+            Verb::Delete => "DELETE",
+        }
+    }
+
+    fn method(self) -> axum::http::Method {
+        match self {
+            Verb::Get => axum::http::Method::GET,
+            Verb::Post => axum::http::Method::POST,
+            Verb::Delete => axum::http::Method::DELETE,
+        }
+    }
+
+    fn filter(self) -> MethodFilter {
+        match self {
+            Verb::Get => MethodFilter::GET,
+            Verb::Post => MethodFilter::POST,
+            Verb::Delete => MethodFilter::DELETE,
+        }
+    }
+}
+
+/// One route: a method on a path (in OpenAPI/axum syntax, `{param}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub verb: Verb,
+    pub path: &'static str,
+}
+
+type Endpoint = MethodRouter<Arc<GatewayState>>;
+
+/// A table row: the route, who it is for, and its handler, bound to exactly
+/// that method.
+fn route<H, T>(verb: Verb, path: &'static str, audience: Audience, handler: H) -> Row
+where
+    H: axum::handler::Handler<T, Arc<GatewayState>>,
+    T: 'static,
+{
+    (
+        Route { verb, path },
+        audience,
+        axum::routing::on(verb.filter(), handler),
+    )
+}
+
+type Row = (Route, Audience, Endpoint);
+
+/// Every route the gateway serves. [`router`] is built from this table alone,
+/// so a route cannot be served without being listed here, and the OpenAPI
+/// test fails when this list and the published document differ. The
+/// audience decides what a request must carry before its body is read
+/// ([`admission`]).
+fn route_table() -> Vec<Row> {
+    use Audience::{Admin, Public, Storefront};
+    vec![
+        route(Verb::Get, "/api/v1/coupon", Storefront, claim),
+        route(Verb::Post, "/api/v1/coupon", Admin, release::create_coupons),
+        route(
+            Verb::Get,
+            "/api/v1/coupon/{code}",
+            Storefront,
+            coupon_status,
+        ),
+        route(Verb::Post, "/api/v1/purchase", Storefront, purchase),
+        route(Verb::Get, "/api/v1/openapi.json", Public, openapi_json),
+        route(Verb::Get, "/healthz", Public, healthz),
+        route(Verb::Get, "/metrics", Public, metrics_text),
+        // The web console and the admin routes it calls.
+        route(Verb::Get, "/console", Public, console::console_page),
+        route(
+            Verb::Get,
+            "/console/console.js",
+            Public,
+            console::console_script,
+        ),
+        route(Verb::Get, "/api/v1/pool", Admin, console::pool),
+        route(Verb::Get, "/api/v1/batches", Admin, console::batches),
+        route(
+            Verb::Get,
+            "/api/v1/blacklist",
+            Admin,
+            console::blacklist_list,
+        ),
+        route(
+            Verb::Post,
+            "/api/v1/blacklist",
+            Admin,
+            console::blacklist_add,
+        ),
+        route(
+            Verb::Delete,
+            "/api/v1/blacklist",
+            Admin,
+            console::blacklist_remove,
+        ),
+        route(
+            Verb::Get,
+            "/api/v1/analytics/claims",
+            Admin,
+            console::analytics_claims,
+        ),
+        route(
+            Verb::Get,
+            "/api/v1/analytics/funnel",
+            Admin,
+            console::analytics_funnel,
+        ),
+        route(
+            Verb::Get,
+            "/api/v1/analytics/export",
+            Admin,
+            console::analytics_export,
+        ),
+    ]
+}
+
+/// The routes of [`router`], for tests and tools.
+pub fn routes() -> Vec<Route> {
+    route_table()
+        .into_iter()
+        .map(|(route, _, _)| route)
+        .collect()
+}
+
+pub fn router(state: Arc<GatewayState>) -> Router {
+    let mut router = Router::new();
+    let mut audiences = Vec::new();
+    for (route, audience, endpoint) in route_table() {
+        audiences.push((route.verb.method(), route.path, audience));
+        router = router.route(route.path, endpoint);
+    }
+    let admission = Arc::new(admission::Admission::new(state.clone(), audiences));
+    router
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
+        .layer(DefaultBodyLimit::max(admission::MAX_BODY))
+        .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            admission,
+            admission::admit,
+        ))
+        .layer(axum::middleware::from_fn(observe))
+        .with_state(state)
+}

@@ -1,0 +1,227 @@
+//! Serving: connections, their limits and graceful shutdown, request metrics,
+//! and the operational routes (`/healthz`, `/metrics`, the OpenAPI document).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use tokio::sync::Semaphore;
+
+use coupon_platform::store;
+
+use super::api::{Health, HealthState};
+use super::router;
+use super::GatewayState;
+use super::{auth, openapi};
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests.
+///
+/// Each connection must send a request's headers within
+/// `header_read_timeout` (which also ends idle keep-alive connections);
+/// beyond `max_connections` open connections, new ones are closed at once.
+/// The peer's address goes on every request ([`ClientAddr`]).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<GatewayState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::Service as _;
+
+    tokio::spawn(GatewayState::refresh_blacklist(Arc::downgrade(&state)));
+    let connections = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
+    let drain = state.config.request_deadline() + Duration::from_secs(1);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(state.config.header_read_timeout);
+    let app = router(state);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: let some close.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics::counter!("coupon_http_connections_refused_total").increment(1);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+            request.extensions_mut().insert(auth::Peer(peer));
+            app.clone().call(request)
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // In-flight requests end by their deadline; idle connections at once.
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {drain:?}; closing them");
+    }
+    Ok(())
+}
+
+/// The `method` label: one of a fixed set, so no request can add a series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The `status` label: the status if it is one the gateway sends, else its
+/// class (`4xx`, `5xx`).
+fn status_label(status: StatusCode) -> &'static str {
+    const SENT: [&str; 17] = [
+        "200", "202", "400", "401", "403", "404", "405", "408", "409", "413", "414", "415", "422",
+        "429", "500", "503", "504",
+    ];
+    let code = status.as_str();
+    SENT.into_iter()
+        .find(|sent| *sent == code)
+        .unwrap_or(match status.as_u16() / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        })
+}
+
+pub(super) async fn observe(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = Instant::now();
+    let method = method_label(request.method());
+    // Matched paths come from the route table: a closed set.
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let status = status_label(response.status());
+    metrics::counter!("coupon_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("coupon_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Liveness and readiness.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Serving (`degraded`: Redis is down, answers stay correct).", body = Health),
+        (status = 503, description = "Postgres is not available.", body = Health),
+    )
+)]
+pub(super) async fn healthz(State(state): State<Arc<GatewayState>>) -> Response {
+    let postgres = store::ping(&state.pool).await;
+    let redis = state.cache.ping().await.is_ok();
+    // Redis is a cache: the service still answers correctly without it.
+    let (status, health) = match (postgres, redis) {
+        (true, true) => (StatusCode::OK, HealthState::Ok),
+        (true, false) => (StatusCode::OK, HealthState::Degraded),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, HealthState::Unavailable),
+    };
+    (
+        status,
+        Json(Health {
+            status: health,
+            postgres,
+            redis,
+            waiting_requests: state.replies.waiting(),
+        }),
+    )
+        .into_response()
+}
+
+/// Prometheus metrics of this process.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format (version 0.0.4).", body = String, content_type = "text/plain"),
+    )
+)]
+pub(super) async fn metrics_text(State(state): State<Arc<GatewayState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The OpenAPI description of this API.", body = Object, content_type = "application/json"),
+    )
+)]
+pub(super) async fn openapi_json() -> Response {
+    static DOCUMENT: LazyLock<serde_json::Value> = LazyLock::new(openapi::document_json);
+    Json(&*DOCUMENT).into_response()
+}
+
+/// `GET /metrics` alone, for a process that runs consumers without the
+/// gateway (`couponctl consume ... --metrics-addr`); not part of the API.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = Router::new().route(
+        "/metrics",
+        axum::routing::get(move || async move {
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                metrics.render(),
+            )
+        }),
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The address a listener is bound to, for logs and tests.
+pub fn local_addr(listener: &tokio::net::TcpListener) -> std::io::Result<SocketAddr> {
+    listener.local_addr()
+}
