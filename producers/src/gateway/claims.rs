@@ -1,5 +1,5 @@
-//! `GET /api/v1/coupon`: a claim. Flood control, the sold-out fast path, then
-//! request/reply over Kafka to the claim processor.
+//! `GET /api/v1/coupon`: a claim. Flood control ([`super::flood`]), the
+//! sold-out fast path, then request/reply over Kafka to the claim processor.
 
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use coupon_schemas::{ClaimDecided, ClaimOutcome, ClaimRequested};
 
 use super::api::{ClaimGranted, ClaimQuery};
 use super::auth::{Caller, ClientAddr};
+use super::flood::flood_check;
 use super::responses;
 use super::GatewayState;
 use super::{
@@ -23,60 +24,6 @@ use super::{
     waiting_full,
 };
 use super::{ApiError, ErrorBody, ErrorCode};
-
-/// Flood control: more than `flood_limit_per_sec` claims in one second from
-/// one user blocks that user for `flood_block` (Redis for the fast check,
-/// Postgres so the claim processor refuses too, and the blacklist topic so a
-/// rebuilt database does). Redis trouble disables the check rather than the
-/// API.
-async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError> {
-    let blocked = match state.cache.is_blocked(user.as_str()).await {
-        Ok(blocked) => blocked,
-        Err(error) => {
-            tracing::debug!(%error, "flood check skipped");
-            return Ok(());
-        }
-    };
-    if blocked {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Blacklisted,
-            "this user is temporarily blocked for flooding",
-        ));
-    }
-    let Ok(count) = state.cache.count_request(user.as_str()).await else {
-        return Ok(());
-    };
-    if count > state.config.flood_limit_per_sec {
-        let block = state.config.flood_block;
-        let _ = state.cache.block(user.as_str(), block).await;
-        let until = Utc::now() + coupon_domain::clock::span(block);
-        let blacklist = crate::blacklist::Blacklist {
-            pool: &state.pool,
-            publisher: &state.publisher,
-            topics: &state.topics,
-        };
-        if let Err(error) = blacklist
-            .add(
-                user,
-                Some(until),
-                "flooding the gateway",
-                crate::blacklist::Source::Automatic,
-            )
-            .await
-        {
-            tracing::warn!(%error, "could not record automatic blacklisting");
-        }
-        metrics::counter!("coupon_flood_blocks_total").increment(1);
-        tracing::warn!(user = %user, count, "user blocked for flooding");
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Blacklisted,
-            "too many requests: this user is temporarily blocked",
-        ));
-    }
-    Ok(())
-}
 
 /// Claim a coupon.
 ///

@@ -41,6 +41,7 @@ mod config;
 pub mod console;
 pub mod employees;
 mod error;
+mod flood;
 pub mod openapi;
 mod purchases;
 mod release;

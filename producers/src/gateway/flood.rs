@@ -1,0 +1,63 @@
+//! Flood control for claims: a user claiming faster than the limit is
+//! blocked for a while, everywhere (Redis, Postgres, the blacklist topic).
+
+use axum::http::StatusCode;
+use chrono::Utc;
+
+use coupon_domain::UserId;
+
+use super::{ApiError, ErrorCode, GatewayState};
+
+/// Flood control: more than `flood_limit_per_sec` claims in one second from
+/// one user blocks that user for `flood_block` (Redis for the fast check,
+/// Postgres so the claim processor refuses too, and the blacklist topic so a
+/// rebuilt database does). Redis trouble disables the check rather than the
+/// API.
+pub(super) async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError> {
+    let blocked = match state.cache.is_blocked(user.as_str()).await {
+        Ok(blocked) => blocked,
+        Err(error) => {
+            tracing::debug!(%error, "flood check skipped");
+            return Ok(());
+        }
+    };
+    if blocked {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Blacklisted,
+            "this user is temporarily blocked for flooding",
+        ));
+    }
+    let Ok(count) = state.cache.count_request(user.as_str()).await else {
+        return Ok(());
+    };
+    if count > state.config.flood_limit_per_sec {
+        let block = state.config.flood_block;
+        let _ = state.cache.block(user.as_str(), block).await;
+        let until = Utc::now() + coupon_domain::clock::span(block);
+        let blacklist = crate::blacklist::Blacklist {
+            pool: &state.pool,
+            publisher: &state.publisher,
+            topics: &state.topics,
+        };
+        if let Err(error) = blacklist
+            .add(
+                user,
+                Some(until),
+                "flooding the gateway",
+                crate::blacklist::Source::Automatic,
+            )
+            .await
+        {
+            tracing::warn!(%error, "could not record automatic blacklisting");
+        }
+        metrics::counter!("coupon_flood_blocks_total").increment(1);
+        tracing::warn!(user = %user, count, "user blocked for flooding");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Blacklisted,
+            "too many requests: this user is temporarily blocked",
+        ));
+    }
+    Ok(())
+}
