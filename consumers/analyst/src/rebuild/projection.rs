@@ -1,66 +1,9 @@
-//! Rebuild: project the log into a fresh database.
-//!
-//! The rebuild applies *outcomes*, never re-decides requests (a decision
-//! depends on the time it was taken and on the state then):
-//!
-//! | topic              | effect                                                         |
-//! |--------------------|----------------------------------------------------------------|
-//! | `created`          | `coupons` rows, `available`                                    |
-//! | `claim-results`    | granted (not `repeated`): coupon `held` by the user until `expires_at`, `hold_id` = request id; `users.last_coupon_at` |
-//! | `purchase-results` | redeemed (not `repeated`): coupon `redeemed`, `redeemed_at`, `redeemed_order_id` |
-//! | `expirations`      | the coupon back to `available`, only if still held under that `hold_id` |
-//! | `blacklist`        | the user's blacklist entry (`users.blacklisted*`), as the change left it |
-//!
-//! Beyond the coupons, everything that decides a later request is restored,
-//! so a rebuilt database put live answers as the old one would:
-//!
-//! - every stored claim decision (`claim_decisions`: each decided claim but
-//!   `invalid` ones, which are never stored), so a redelivered claim gets the
-//!   same decision (same event id) instead of a new one;
-//! - a quota slot (`quota_grants`) per fresh grant, in the window its decision
-//!   time falls in (the deployment's `QUOTA_WINDOW`), so today's winners are
-//!   refused a second coupon;
-//! - every stored purchase decision (`purchase_decisions`: not `repeated`, not
-//!   `invalid`), so a redelivered order gets the same answer;
-//! - the blacklist: each user's last `BlacklistChanged` in log order (one
-//!   user's changes share a partition; the event carries the entry after the
-//!   change, so nothing is re-decided).
-//!
-//! Events are applied in their causal order. The base is one deterministic
-//! global order: envelope `occurred_at_ms`, then topic (created <
-//! claim-results < purchase-results < expirations < blacklist), then
-//! partition and offset. Time order alone is not causal order: event times
-//! come from different clocks (the release tool's host, the broker's
-//! timestamps of requests, bounded by the database's clock), and the live
-//! database serialised what touches one coupon by its row lock, not by those
-//! times. So an event that cannot have happened yet in the state rebuilt so
-//! far waits for the event it needs, and is applied right after it:
-//!
-//! - a grant waits for its coupon to exist and for any other holder's hold
-//!   to end (a coupon is granted only while available);
-//! - a redemption waits for its coupon to be held by its buyer (a purchase
-//!   sent before its grant and decided after it, logged by a version that
-//!   dated it at its request);
-//! - a release waits for the grant of the hold it names.
-//!
-//! What still waits when the log ends is applied then, in time order, and
-//! reported as an anomaly as before. An event republished under the same
-//! event id (e.g. a decision published again after a redelivery) is applied
-//! once. Every event also yields its
-//! `coupon_history` rows (the history sink's own [`history::rows_of`], plus a
-//! `released` row per released hold, dated at the hold's deadline).
-//!
-//! The state is computed in memory, then written in bulk: coupons through the
-//! projector's [`coupons::insert_coupons`], then the final holds and
-//! redemptions, then users, quota slots and decisions.
+//! The projection: the rebuilt state in memory, pure, no I/O. Each outcome
+//! event is applied once, in causal order (see the module doc of `rebuild`).
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
-use std::time::Instant;
 
-use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use coupon_consumers::coupons::{self, NewCoupon};
@@ -72,24 +15,13 @@ use coupon_domain::{
 use coupon_platform::kafka::Record;
 use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 use coupon_platform::time::from_ms;
-use coupon_platform::{KafkaSettings, Topics};
+use coupon_platform::Topics;
 use coupon_schemas::{
     BlacklistChanged, ClaimDecided, ClaimOutcome, PurchaseDecided, PurchaseOutcome,
 };
 
-use crate::replay::{decode_event, Event, PartitionRange, Reader, StartAt, TopicKind};
+use crate::replay::{decode_event, Event, TopicKind};
 
-/// The topics whose events change projected state, in tie-break order.
-pub const OUTCOME_TOPICS: [TopicKind; 5] = [
-    TopicKind::Created,
-    TopicKind::ClaimResults,
-    TopicKind::PurchaseResults,
-    TopicKind::Expirations,
-    TopicKind::Blacklist,
-];
-
-/// History rows are written in chunks of this many.
-const HISTORY_CHUNK: usize = 5_000;
 /// At most this many anomalies are kept for the report (all are counted).
 const ANOMALIES_KEPT: usize = 20;
 
@@ -289,30 +221,30 @@ impl BlacklistState {
 #[derive(Debug, Default)]
 pub struct Projection {
     /// Names quota slots: the deployment's `QUOTA_WINDOW`.
-    window: QuotaWindow,
-    coupons: HashMap<String, CouponState>,
+    pub(super) window: QuotaWindow,
+    pub(super) coupons: HashMap<String, CouponState>,
     /// Codes in the order they were created (the order rows are inserted in).
-    created: Vec<String>,
-    users: HashMap<String, DateTime<Utc>>,
-    blacklist: HashMap<String, BlacklistState>,
+    pub(super) created: Vec<String>,
+    pub(super) users: HashMap<String, DateTime<Utc>>,
+    pub(super) blacklist: HashMap<String, BlacklistState>,
     /// The coupon each user was last granted (checked against the coupon's
     /// state before use: it may have been redeemed or released since).
-    holding: HashMap<String, String>,
+    pub(super) holding: HashMap<String, String>,
     /// By (user, window start).
-    quota: HashMap<(String, DateTime<Utc>), QuotaGrant>,
+    pub(super) quota: HashMap<(String, DateTime<Utc>), QuotaGrant>,
     /// By request id.
-    claim_decisions: HashMap<RequestId, ClaimDecisionRow>,
+    pub(super) claim_decisions: HashMap<RequestId, ClaimDecisionRow>,
     /// By order id.
-    purchase_decisions: HashMap<String, PurchaseDecisionRow>,
+    pub(super) purchase_decisions: HashMap<String, PurchaseDecisionRow>,
     /// Event ids applied so far: a republished event (same id, e.g. a
     /// decision published again after a redelivery) is applied once.
-    seen: HashSet<String>,
+    pub(super) seen: HashSet<String>,
     /// Hold ids (claim request ids) whose grant was applied.
-    granted_holds: HashSet<String>,
+    pub(super) granted_holds: HashSet<String>,
     /// Events that cannot have happened yet, by the coupon they wait for.
-    waiting: HashMap<String, Vec<LogRecord>>,
+    pub(super) waiting: HashMap<String, Vec<LogRecord>>,
     /// Coupons whose state changed while events wait (to wake them).
-    touched: Vec<String>,
+    pub(super) touched: Vec<String>,
     pub applied: u64,
     /// Events applied later than their time order put them, after the
     /// event they waited for.
@@ -810,7 +742,7 @@ impl Projection {
     }
 
     /// Every user with a `last_coupon_at` or a blacklist entry, sorted.
-    fn user_ids(&self) -> Vec<&String> {
+    pub(super) fn user_ids(&self) -> Vec<&String> {
         let mut ids: Vec<&String> = self.users.keys().chain(self.blacklist.keys()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -821,394 +753,6 @@ impl Projection {
     pub fn blacklisted_count(&self) -> usize {
         self.blacklist.values().filter(|b| b.blacklisted).count()
     }
-}
-
-/// What a rebuild did.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RebuildStats {
-    /// Outcome events applied.
-    pub events: u64,
-    /// Records that could not be decoded (skipped, as the live consumers did).
-    pub undecodable: u64,
-    /// Republished events (an id already applied), skipped.
-    pub duplicates: u64,
-    /// Events applied after the event they waited for rather than at their
-    /// time (see the module doc).
-    pub reordered: u64,
-    pub coupons: u64,
-    pub available: u64,
-    pub held: u64,
-    pub redeemed: u64,
-    pub users: u64,
-    /// Quota slots (`quota_grants` rows).
-    pub quota_grants: u64,
-    /// Stored decisions (`claim_decisions` and `purchase_decisions` rows).
-    pub claim_decisions: u64,
-    pub purchase_decisions: u64,
-    /// Users blacklisted at the end of the log (expired entries included).
-    pub blacklisted: u64,
-    pub history_rows: u64,
-    pub anomalies: u64,
-    pub anomaly_examples: Vec<String>,
-    /// Reading the log.
-    pub read_seconds: f64,
-    /// Applying and writing.
-    pub write_seconds: f64,
-}
-
-impl RebuildStats {
-    pub fn seconds(&self) -> f64 {
-        self.read_seconds + self.write_seconds
-    }
-
-    /// Events per second, reading and writing included.
-    pub fn rate(&self) -> f64 {
-        self.events as f64 / self.seconds().max(1e-9)
-    }
-}
-
-impl fmt::Display for RebuildStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "rebuilt from {} events in {:.2}s ({:.0} events/s; read {:.2}s, applied and written {:.2}s): \
-             {} coupons ({} available, {} held, {} redeemed), {} users ({} blacklisted), \
-             {} quota grants, {} claim decisions, {} purchase decisions, {} history rows",
-            self.events,
-            self.seconds(),
-            self.rate(),
-            self.read_seconds,
-            self.write_seconds,
-            self.coupons,
-            self.available,
-            self.held,
-            self.redeemed,
-            self.users,
-            self.blacklisted,
-            self.quota_grants,
-            self.claim_decisions,
-            self.purchase_decisions,
-            self.history_rows,
-        )?;
-        if self.undecodable > 0 {
-            write!(f, "; {} undecodable records skipped", self.undecodable)?;
-        }
-        if self.duplicates > 0 {
-            write!(f, "; {} republished events applied once", self.duplicates)?;
-        }
-        if self.reordered > 0 {
-            write!(
-                f,
-                "; {} events applied after the event they waited for",
-                self.reordered
-            )?;
-        }
-        if self.anomalies > 0 {
-            write!(
-                f,
-                "; {} outcomes did not fit the rebuilt state",
-                self.anomalies
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// Migrates `target` and checks that it holds no coupons yet.
-pub async fn prepare_target(target: &PgPool) -> anyhow::Result<()> {
-    coupon_platform::db::migrate(target)
-        .await
-        .context("applying migrations to the rebuild database")?;
-    let has_rows: bool = sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM quota_grants)
-             OR EXISTS (SELECT 1 FROM claim_decisions) OR EXISTS (SELECT 1 FROM purchase_decisions)
-             AS "has_rows!""#
-    )
-    .fetch_one(target)
-    .await
-    .context("checking the rebuild database is empty")?;
-    if has_rows {
-        bail!(
-            "the rebuild database already has coupons or decisions; rebuild only into a fresh database"
-        );
-    }
-    Ok(())
-}
-
-/// Reads `ranges` (outcome topics) into records ready to apply. Blocking.
-pub fn read_outcomes(
-    reader: &Reader,
-    ranges: &[PartitionRange],
-    bar: &indicatif::ProgressBar,
-) -> anyhow::Result<(Vec<LogRecord>, u64)> {
-    let mut records = Vec::new();
-    let mut undecodable = 0;
-    reader.read(ranges, |kind, record| {
-        bar.inc(1);
-        match LogRecord::new(kind, record) {
-            Some(log) => records.push(log),
-            None => undecodable += 1,
-        }
-        Ok(crate::replay::Flow::Continue)
-    })?;
-    Ok((records, undecodable))
-}
-
-/// Applies `records` in order and writes the result into `target` (already
-/// prepared). Returns the statistics, without the read time.
-pub async fn project(
-    target: &PgPool,
-    topics: &Topics,
-    window: QuotaWindow,
-    mut records: Vec<LogRecord>,
-) -> anyhow::Result<(RebuildStats, Projection)> {
-    let started = Instant::now();
-    sort(&mut records);
-    let mut projection = Projection::new(window);
-    let mut stats = RebuildStats::default();
-    let mut rows = Vec::new();
-    for log in records {
-        rows.extend(projection.offer(topics, log));
-        if rows.len() >= HISTORY_CHUNK {
-            stats.history_rows += history::append(target, &rows)
-                .await
-                .context("writing history rows")?;
-            rows.clear();
-        }
-    }
-    rows.extend(projection.finish(topics));
-    stats.history_rows += history::append(target, &rows)
-        .await
-        .context("writing history rows")?;
-
-    let all: Vec<NewCoupon> = projection.coupons().map(|c| c.coupon.clone()).collect();
-    stats.coupons = coupons::insert_coupons(target, &all)
-        .await
-        .context("writing coupons")?;
-    write_states(target, &projection)
-        .await
-        .context("writing holds and redemptions")?;
-    stats.users = write_users(target, &projection)
-        .await
-        .context("writing users")?;
-    stats.quota_grants = write_quota(target, &projection)
-        .await
-        .context("writing quota grants")?;
-    stats.claim_decisions = write_claim_decisions(target, &projection)
-        .await
-        .context("writing claim decisions")?;
-    stats.purchase_decisions = write_purchase_decisions(target, &projection)
-        .await
-        .context("writing purchase decisions")?;
-    stats.blacklisted = projection.blacklisted_count() as u64;
-    for state in projection.coupons() {
-        match state.status {
-            CouponStatus::Available => stats.available += 1,
-            CouponStatus::Held => stats.held += 1,
-            CouponStatus::Redeemed => stats.redeemed += 1,
-        }
-    }
-    stats.events = projection.applied;
-    stats.duplicates = projection.duplicates;
-    stats.reordered = projection.reordered;
-    stats.anomalies = projection.anomalies;
-    stats.anomaly_examples = projection.anomaly_examples.clone();
-    stats.write_seconds = started.elapsed().as_secs_f64();
-    Ok((stats, projection))
-}
-
-async fn write_states(target: &PgPool, projection: &Projection) -> Result<(), sqlx::Error> {
-    let changed: Vec<&CouponState> = projection
-        .coupons()
-        .filter(|c| c.status != CouponStatus::Available)
-        .collect();
-    for chunk in changed.chunks(20_000) {
-        let codes: Vec<String> = chunk.iter().map(|c| c.coupon.code.to_string()).collect();
-        let statuses: Vec<CouponStatus> = chunk.iter().map(|c| c.status).collect();
-        let holders: Vec<Option<&str>> =
-            chunk.iter().map(|c| c.holder_user_id.as_deref()).collect();
-        let holds: Vec<Option<&str>> = chunk.iter().map(|c| c.hold_id.as_deref()).collect();
-        let until: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|c| c.held_until).collect();
-        let redeemed: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|c| c.redeemed_at).collect();
-        let orders: Vec<Option<&str>> = chunk
-            .iter()
-            .map(|c| c.redeemed_order_id.as_deref())
-            .collect();
-        sqlx::query!(
-            "UPDATE coupons c
-             SET status = u.status, holder_user_id = u.holder, hold_id = u.hold_id,
-                 held_until = u.held_until, redeemed_at = u.redeemed_at,
-                 redeemed_order_id = u.order_id
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-                         $6::timestamptz[], $7::text[])
-                  AS u(code, status, holder, hold_id, held_until, redeemed_at, order_id)
-             WHERE c.code = u.code",
-            &codes,
-            // Stored as text through the domain enum's sqlx::Type.
-            &statuses as _,
-            &holders as _,
-            &holds as _,
-            &until as _,
-            &redeemed as _,
-            &orders as _,
-        )
-        .execute(target)
-        .await?;
-    }
-    Ok(())
-}
-
-/// Rows are written in statements of at most this many.
-const WRITE_CHUNK: usize = 20_000;
-
-async fn write_users(target: &PgPool, projection: &Projection) -> Result<u64, sqlx::Error> {
-    let users = projection.user_ids();
-    let mut written = 0;
-    for chunk in users.chunks(WRITE_CHUNK) {
-        let blacklist = |id: &String| projection.blacklist.get(id);
-        let ids: Vec<&str> = chunk.iter().map(|u| u.as_str()).collect();
-        let at: Vec<Option<DateTime<Utc>>> = chunk
-            .iter()
-            .map(|u| projection.users.get(*u).copied())
-            .collect();
-        let on: Vec<bool> = chunk
-            .iter()
-            .map(|u| blacklist(u).is_some_and(|b| b.blacklisted))
-            .collect();
-        let until: Vec<Option<DateTime<Utc>>> = chunk
-            .iter()
-            .map(|u| blacklist(u).and_then(|b| b.until))
-            .collect();
-        let reason: Vec<Option<&str>> = chunk
-            .iter()
-            .map(|u| blacklist(u).and_then(|b| b.reason.as_deref()))
-            .collect();
-        let since: Vec<Option<DateTime<Utc>>> = chunk
-            .iter()
-            .map(|u| blacklist(u).and_then(|b| b.at))
-            .collect();
-        written += sqlx::query!(
-            "INSERT INTO users (user_id, last_coupon_at, blacklisted, blacklisted_until,
-                                blacklist_reason, blacklisted_at)
-             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::bool[], $4::timestamptz[],
-                                  $5::text[], $6::timestamptz[])
-             ON CONFLICT (user_id) DO UPDATE SET
-                last_coupon_at = EXCLUDED.last_coupon_at, blacklisted = EXCLUDED.blacklisted,
-                blacklisted_until = EXCLUDED.blacklisted_until,
-                blacklist_reason = EXCLUDED.blacklist_reason,
-                blacklisted_at = EXCLUDED.blacklisted_at",
-            &ids as _,
-            &at as _,
-            &on,
-            &until as _,
-            &reason as _,
-            &since as _,
-        )
-        .execute(target)
-        .await?
-        .rows_affected();
-    }
-    Ok(written)
-}
-
-async fn write_quota(target: &PgPool, projection: &Projection) -> Result<u64, sqlx::Error> {
-    let grants: Vec<&QuotaGrant> = projection.quota.values().collect();
-    let mut written = 0;
-    for chunk in grants.chunks(WRITE_CHUNK) {
-        let users: Vec<&str> = chunk.iter().map(|g| g.user_id.as_str()).collect();
-        let windows: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.window_start).collect();
-        let requests: Vec<&str> = chunk.iter().map(|g| g.request_id.as_str()).collect();
-        let at: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.granted_at).collect();
-        written += sqlx::query!(
-            "INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
-             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::timestamptz[])",
-            &users as _,
-            &windows,
-            &requests as _,
-            &at,
-        )
-        .execute(target)
-        .await?
-        .rows_affected();
-    }
-    Ok(written)
-}
-
-/// Writes the stored claim decisions with the claim processor's own insert,
-/// so the rebuilt rows are the rows the processor writes.
-async fn write_claim_decisions(
-    target: &PgPool,
-    projection: &Projection,
-) -> Result<u64, sqlx::Error> {
-    let rows: Vec<ClaimDecisionRow> = projection.claim_decisions.values().cloned().collect();
-    let mut conn = target.acquire().await?;
-    let mut written = 0;
-    for chunk in rows.chunks(WRITE_CHUNK) {
-        written += coupon_consumers::claims::insert_decisions(&mut conn, chunk).await?;
-    }
-    Ok(written)
-}
-
-async fn write_purchase_decisions(
-    target: &PgPool,
-    projection: &Projection,
-) -> Result<u64, sqlx::Error> {
-    let rows: Vec<&PurchaseDecisionRow> = projection.purchase_decisions.values().collect();
-    let mut written = 0;
-    for chunk in rows.chunks(WRITE_CHUNK) {
-        let text = |f: fn(&PurchaseDecisionRow) -> &str| -> Vec<&str> {
-            chunk.iter().map(|r| f(r)).collect()
-        };
-        written +=
-            sqlx::query!(
-            "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code,
-                                             outcome, decided_at)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-                                  $6::text[], $7::timestamptz[])",
-            text(|r| r.order_id.as_str()) as _,
-            text(|r| r.request_id.as_str()) as _,
-            &chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>(),
-            text(|r| r.user_id.as_str()) as _,
-            text(|r| r.coupon_code.as_str()) as _,
-            // Stored as text through the domain enum's sqlx::Type.
-            chunk.iter().map(|r| r.outcome).collect::<Vec<_>>() as _,
-            &chunk.iter().map(|r| r.decided_at).collect::<Vec<DateTime<Utc>>>(),
-        )
-            .execute(target)
-            .await?
-            .rows_affected();
-    }
-    Ok(written)
-}
-
-/// `couponctl replay --rebuild`: the whole log (up to its current end) into
-/// `target`, which must be a fresh database.
-pub async fn rebuild(
-    kafka: &KafkaSettings,
-    topics: &Topics,
-    window: QuotaWindow,
-    target: &PgPool,
-    bar: indicatif::ProgressBar,
-) -> anyhow::Result<RebuildStats> {
-    prepare_target(target).await?;
-    let started = Instant::now();
-    let (kafka, read_topics) = (kafka.clone(), topics.clone());
-    let read_bar = bar.clone();
-    let (records, undecodable) = tokio::task::spawn_blocking(move || {
-        let reader = Reader::new(&kafka)?;
-        reader.ensure_whole(&read_topics, &OUTCOME_TOPICS, "a rebuild")?;
-        let ranges = reader.plan(&read_topics, &OUTCOME_TOPICS, StartAt::Beginning)?;
-        read_bar.set_length(ranges.iter().map(PartitionRange::len).sum());
-        read_outcomes(&reader, &ranges, &read_bar)
-    })
-    .await
-    .context("the log reader stopped")??;
-    bar.finish_and_clear();
-    let read_seconds = started.elapsed().as_secs_f64();
-    let (mut stats, _) = project(target, topics, window, records).await?;
-    stats.read_seconds = read_seconds;
-    stats.undecodable = undecodable;
-    Ok(stats)
 }
 
 #[cfg(test)]

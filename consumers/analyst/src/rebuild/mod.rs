@@ -1,0 +1,315 @@
+//! Rebuild: project the log into a fresh database.
+//!
+//! The rebuild applies *outcomes*, never re-decides requests (a decision
+//! depends on the time it was taken and on the state then):
+//!
+//! | topic              | effect                                                         |
+//! |--------------------|----------------------------------------------------------------|
+//! | `created`          | `coupons` rows, `available`                                    |
+//! | `claim-results`    | granted (not `repeated`): coupon `held` by the user until `expires_at`, `hold_id` = request id; `users.last_coupon_at` |
+//! | `purchase-results` | redeemed (not `repeated`): coupon `redeemed`, `redeemed_at`, `redeemed_order_id` |
+//! | `expirations`      | the coupon back to `available`, only if still held under that `hold_id` |
+//! | `blacklist`        | the user's blacklist entry (`users.blacklisted*`), as the change left it |
+//!
+//! Beyond the coupons, everything that decides a later request is restored,
+//! so a rebuilt database put live answers as the old one would:
+//!
+//! - every stored claim decision (`claim_decisions`: each decided claim but
+//!   `invalid` ones, which are never stored), so a redelivered claim gets the
+//!   same decision (same event id) instead of a new one;
+//! - a quota slot (`quota_grants`) per fresh grant, in the window its decision
+//!   time falls in (the deployment's `QUOTA_WINDOW`), so today's winners are
+//!   refused a second coupon;
+//! - every stored purchase decision (`purchase_decisions`: not `repeated`, not
+//!   `invalid`), so a redelivered order gets the same answer;
+//! - the blacklist: each user's last `BlacklistChanged` in log order (one
+//!   user's changes share a partition; the event carries the entry after the
+//!   change, so nothing is re-decided).
+//!
+//! Events are applied in their causal order. The base is one deterministic
+//! global order: envelope `occurred_at_ms`, then topic (created <
+//! claim-results < purchase-results < expirations < blacklist), then
+//! partition and offset. Time order alone is not causal order: event times
+//! come from different clocks (the release tool's host, the broker's
+//! timestamps of requests, bounded by the database's clock), and the live
+//! database serialised what touches one coupon by its row lock, not by those
+//! times. So an event that cannot have happened yet in the state rebuilt so
+//! far waits for the event it needs, and is applied right after it:
+//!
+//! - a grant waits for its coupon to exist and for any other holder's hold
+//!   to end (a coupon is granted only while available);
+//! - a redemption waits for its coupon to be held by its buyer (a purchase
+//!   sent before its grant and decided after it, logged by a version that
+//!   dated it at its request);
+//! - a release waits for the grant of the hold it names.
+//!
+//! What still waits when the log ends is applied then, in time order, and
+//! reported as an anomaly as before. An event republished under the same
+//! event id (e.g. a decision published again after a redelivery) is applied
+//! once. Every event also yields its
+//! `coupon_history` rows (the history sink's own [`history::rows_of`], plus a
+//! `released` row per released hold, dated at the hold's deadline).
+//!
+//! The state is computed in memory, then written in bulk: coupons through the
+//! projector's [`coupons::insert_coupons`], then the final holds and
+//! redemptions, then users, quota slots and decisions.
+//!
+//! `projection` holds the in-memory state and its rules (pure, property
+//! tested against a simulation of the live system); `write` writes a finished
+//! projection in bulk; this file reads the log and drives both.
+
+mod projection;
+mod write;
+
+pub use projection::*;
+use write::{
+    write_claim_decisions, write_purchase_decisions, write_quota, write_states, write_users,
+};
+
+use std::fmt;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use sqlx::PgPool;
+
+use coupon_consumers::coupons::{self, NewCoupon};
+use coupon_consumers::history;
+use coupon_domain::{CouponStatus, QuotaWindow};
+use coupon_platform::{KafkaSettings, Topics};
+
+use crate::replay::{PartitionRange, Reader, StartAt, TopicKind};
+
+/// The topics whose events change projected state, in tie-break order.
+pub const OUTCOME_TOPICS: [TopicKind; 5] = [
+    TopicKind::Created,
+    TopicKind::ClaimResults,
+    TopicKind::PurchaseResults,
+    TopicKind::Expirations,
+    TopicKind::Blacklist,
+];
+
+/// History rows are written in chunks of this many.
+const HISTORY_CHUNK: usize = 5_000;
+/// What a rebuild did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RebuildStats {
+    /// Outcome events applied.
+    pub events: u64,
+    /// Records that could not be decoded (skipped, as the live consumers did).
+    pub undecodable: u64,
+    /// Republished events (an id already applied), skipped.
+    pub duplicates: u64,
+    /// Events applied after the event they waited for rather than at their
+    /// time (see the module doc).
+    pub reordered: u64,
+    pub coupons: u64,
+    pub available: u64,
+    pub held: u64,
+    pub redeemed: u64,
+    pub users: u64,
+    /// Quota slots (`quota_grants` rows).
+    pub quota_grants: u64,
+    /// Stored decisions (`claim_decisions` and `purchase_decisions` rows).
+    pub claim_decisions: u64,
+    pub purchase_decisions: u64,
+    /// Users blacklisted at the end of the log (expired entries included).
+    pub blacklisted: u64,
+    pub history_rows: u64,
+    pub anomalies: u64,
+    pub anomaly_examples: Vec<String>,
+    /// Reading the log.
+    pub read_seconds: f64,
+    /// Applying and writing.
+    pub write_seconds: f64,
+}
+
+impl RebuildStats {
+    pub fn seconds(&self) -> f64 {
+        self.read_seconds + self.write_seconds
+    }
+
+    /// Events per second, reading and writing included.
+    pub fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds().max(1e-9)
+    }
+}
+
+impl fmt::Display for RebuildStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rebuilt from {} events in {:.2}s ({:.0} events/s; read {:.2}s, applied and written {:.2}s): \
+             {} coupons ({} available, {} held, {} redeemed), {} users ({} blacklisted), \
+             {} quota grants, {} claim decisions, {} purchase decisions, {} history rows",
+            self.events,
+            self.seconds(),
+            self.rate(),
+            self.read_seconds,
+            self.write_seconds,
+            self.coupons,
+            self.available,
+            self.held,
+            self.redeemed,
+            self.users,
+            self.blacklisted,
+            self.quota_grants,
+            self.claim_decisions,
+            self.purchase_decisions,
+            self.history_rows,
+        )?;
+        if self.undecodable > 0 {
+            write!(f, "; {} undecodable records skipped", self.undecodable)?;
+        }
+        if self.duplicates > 0 {
+            write!(f, "; {} republished events applied once", self.duplicates)?;
+        }
+        if self.reordered > 0 {
+            write!(
+                f,
+                "; {} events applied after the event they waited for",
+                self.reordered
+            )?;
+        }
+        if self.anomalies > 0 {
+            write!(
+                f,
+                "; {} outcomes did not fit the rebuilt state",
+                self.anomalies
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Migrates `target` and checks that it holds no coupons yet.
+pub async fn prepare_target(target: &PgPool) -> anyhow::Result<()> {
+    coupon_platform::db::migrate(target)
+        .await
+        .context("applying migrations to the rebuild database")?;
+    let has_rows: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM quota_grants)
+             OR EXISTS (SELECT 1 FROM claim_decisions) OR EXISTS (SELECT 1 FROM purchase_decisions)
+             AS "has_rows!""#
+    )
+    .fetch_one(target)
+    .await
+    .context("checking the rebuild database is empty")?;
+    if has_rows {
+        bail!(
+            "the rebuild database already has coupons or decisions; rebuild only into a fresh database"
+        );
+    }
+    Ok(())
+}
+
+/// Reads `ranges` (outcome topics) into records ready to apply. Blocking.
+pub fn read_outcomes(
+    reader: &Reader,
+    ranges: &[PartitionRange],
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(Vec<LogRecord>, u64)> {
+    let mut records = Vec::new();
+    let mut undecodable = 0;
+    reader.read(ranges, |kind, record| {
+        bar.inc(1);
+        match LogRecord::new(kind, record) {
+            Some(log) => records.push(log),
+            None => undecodable += 1,
+        }
+        Ok(crate::replay::Flow::Continue)
+    })?;
+    Ok((records, undecodable))
+}
+
+/// Applies `records` in order and writes the result into `target` (already
+/// prepared). Returns the statistics, without the read time.
+pub async fn project(
+    target: &PgPool,
+    topics: &Topics,
+    window: QuotaWindow,
+    mut records: Vec<LogRecord>,
+) -> anyhow::Result<(RebuildStats, Projection)> {
+    let started = Instant::now();
+    sort(&mut records);
+    let mut projection = Projection::new(window);
+    let mut stats = RebuildStats::default();
+    let mut rows = Vec::new();
+    for log in records {
+        rows.extend(projection.offer(topics, log));
+        if rows.len() >= HISTORY_CHUNK {
+            stats.history_rows += history::append(target, &rows)
+                .await
+                .context("writing history rows")?;
+            rows.clear();
+        }
+    }
+    rows.extend(projection.finish(topics));
+    stats.history_rows += history::append(target, &rows)
+        .await
+        .context("writing history rows")?;
+
+    let all: Vec<NewCoupon> = projection.coupons().map(|c| c.coupon.clone()).collect();
+    stats.coupons = coupons::insert_coupons(target, &all)
+        .await
+        .context("writing coupons")?;
+    write_states(target, &projection)
+        .await
+        .context("writing holds and redemptions")?;
+    stats.users = write_users(target, &projection)
+        .await
+        .context("writing users")?;
+    stats.quota_grants = write_quota(target, &projection)
+        .await
+        .context("writing quota grants")?;
+    stats.claim_decisions = write_claim_decisions(target, &projection)
+        .await
+        .context("writing claim decisions")?;
+    stats.purchase_decisions = write_purchase_decisions(target, &projection)
+        .await
+        .context("writing purchase decisions")?;
+    stats.blacklisted = projection.blacklisted_count() as u64;
+    for state in projection.coupons() {
+        match state.status {
+            CouponStatus::Available => stats.available += 1,
+            CouponStatus::Held => stats.held += 1,
+            CouponStatus::Redeemed => stats.redeemed += 1,
+        }
+    }
+    stats.events = projection.applied;
+    stats.duplicates = projection.duplicates;
+    stats.reordered = projection.reordered;
+    stats.anomalies = projection.anomalies;
+    stats.anomaly_examples = projection.anomaly_examples.clone();
+    stats.write_seconds = started.elapsed().as_secs_f64();
+    Ok((stats, projection))
+}
+
+/// `couponctl replay --rebuild`: the whole log (up to its current end) into
+/// `target`, which must be a fresh database.
+pub async fn rebuild(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    window: QuotaWindow,
+    target: &PgPool,
+    bar: indicatif::ProgressBar,
+) -> anyhow::Result<RebuildStats> {
+    prepare_target(target).await?;
+    let started = Instant::now();
+    let (kafka, read_topics) = (kafka.clone(), topics.clone());
+    let read_bar = bar.clone();
+    let (records, undecodable) = tokio::task::spawn_blocking(move || {
+        let reader = Reader::new(&kafka)?;
+        reader.ensure_whole(&read_topics, &OUTCOME_TOPICS, "a rebuild")?;
+        let ranges = reader.plan(&read_topics, &OUTCOME_TOPICS, StartAt::Beginning)?;
+        read_bar.set_length(ranges.iter().map(PartitionRange::len).sum());
+        read_outcomes(&reader, &ranges, &read_bar)
+    })
+    .await
+    .context("the log reader stopped")??;
+    bar.finish_and_clear();
+    let read_seconds = started.elapsed().as_secs_f64();
+    let (mut stats, _) = project(target, topics, window, records).await?;
+    stats.read_seconds = read_seconds;
+    stats.undecodable = undecodable;
+    Ok(stats)
+}
