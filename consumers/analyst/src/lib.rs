@@ -12,7 +12,7 @@
 
 pub mod audit;
 pub mod history;
-pub mod jsonl;
-pub mod parquet_export;
+pub use replay::jsonl;
+pub use replay::parquet_export;
 pub mod rebuild;
 pub mod replay;
