@@ -244,15 +244,9 @@ pub(crate) async fn answer_if_possible<E: coupon_schemas::Event>(
     }
 }
 
-/// The database's clock, read in the batch's transaction: `now()` is the
-/// transaction's start, so every statement of the batch agrees on it.
-pub(crate) async fn db_now(
-    conn: &mut sqlx::PgConnection,
-) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
-    sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
-        .fetch_one(conn)
-        .await
-}
+/// The database's clock, read in the batch's transaction (see
+/// [`coupon_platform::store::db_now`]).
+pub(crate) use coupon_platform::store::db_now;
 
 /// Runs one consumer role until `shutdown` is cancelled (the expiry role
 /// runs its sweeper beside its consumer).

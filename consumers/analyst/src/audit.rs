@@ -808,21 +808,15 @@ pub async fn audit(
 /// Waits until `replica` has replayed the primary's WAL as of now, so that
 /// what it answers is at least as new as the log just read.
 async fn wait_replayed(primary: &PgPool, replica: &PgPool, within: Duration) -> anyhow::Result<()> {
-    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(primary)
+    let lsn = store::replication::wal_position(primary)
         .await
         .context("reading the primary's WAL position")?;
     let deadline = std::time::Instant::now() + within;
     loop {
-        let replayed: Option<bool> = sqlx::query_scalar(
-            "SELECT CASE WHEN pg_is_in_recovery()
-                         THEN pg_last_wal_replay_lsn() >= $1::pg_lsn ELSE true END",
-        )
-        .bind(&lsn)
-        .fetch_one(replica)
-        .await
-        .context("reading the replica's replay position")?;
-        if replayed == Some(true) {
+        let replayed = store::replication::replayed_up_to(replica, &lsn)
+            .await
+            .context("reading the replica's replay position")?;
+        if replayed {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {

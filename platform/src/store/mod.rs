@@ -12,6 +12,8 @@
 //! | [`releases`]  | `releases` (batches released with an idempotency key) |
 //! | [`stats`]     | counts of `coupons`, `coupon_history`, `claim_decisions`, `quota_grants` (`status`, the gauges, the demo) |
 //! | [`console`]   | the web console's reads of `coupons` (batches) and `coupon_history` (analytics) |
+//! | [`rebuild`]   | the rebuild's bulk writes of `coupons`, `users`, `quota_grants`, `purchase_decisions` |
+//! | [`replication`] | WAL positions (the audit waits for a replica to catch up) |
 //!
 //! The statements here are compile-checked (`sqlx::query!`, `query_as!`)
 //! against the migrations: their offline data is committed in `.sqlx/`, and
@@ -21,9 +23,7 @@
 //!
 //! Every statement on the tables is here and compile-checked, the claim
 //! processor's batch statements excepted (`consumers/src/claims/store.rs`,
-//! compile-checked too); the
-//! rebuild's bulk writes (`coupon_analyst::rebuild`) are checked where they
-//! are. Not checked: the binary `COPY` fast paths
+//! compile-checked too). Not checked: the binary `COPY` fast paths
 //! (`crate::pgcopy`; sqlx cannot describe a `COPY`) and the DDL on scratch
 //! databases (`crate::db`).
 //!
@@ -37,9 +37,21 @@ pub mod coupons;
 pub mod decisions;
 pub mod history;
 pub mod leases;
+pub mod rebuild;
 pub mod releases;
+pub mod replication;
 pub mod stats;
 pub mod users;
+
+/// The database's clock, read in a batch's transaction: `now()` is the
+/// transaction's start, so every statement of the batch agrees on it.
+pub async fn db_now(
+    conn: &mut sqlx::PgConnection,
+) -> Result<chrono::DateTime<chrono::Utc>, sqlx::Error> {
+    sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(conn)
+        .await
+}
 
 /// Whether Postgres answers a trivial statement (the health check).
 pub async fn ping(pool: &sqlx::PgPool) -> bool {

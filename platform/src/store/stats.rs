@@ -133,6 +133,18 @@ pub async fn allocation_breaches(pool: &PgPool) -> Result<AllocationBreaches, sq
     .await
 }
 
+/// Whether the database holds any coupon or decision (a rebuild writes only
+/// into one that holds none).
+pub async fn holds_any_state(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM quota_grants)
+             OR EXISTS (SELECT 1 FROM claim_decisions) OR EXISTS (SELECT 1 FROM purchase_decisions)
+             AS "has_rows!""#
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// Every user with a row in this database: a user, a quota slot, a claim
 /// decision or a held coupon (to check that a shard stores only its own).
 pub async fn users_with_rows(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {

@@ -186,14 +186,9 @@ pub async fn prepare_target(target: &PgPool) -> anyhow::Result<()> {
     coupon_platform::db::migrate(target)
         .await
         .context("applying migrations to the rebuild database")?;
-    let has_rows: bool = sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM coupons) OR EXISTS (SELECT 1 FROM quota_grants)
-             OR EXISTS (SELECT 1 FROM claim_decisions) OR EXISTS (SELECT 1 FROM purchase_decisions)
-             AS "has_rows!""#
-    )
-    .fetch_one(target)
-    .await
-    .context("checking the rebuild database is empty")?;
+    let has_rows = coupon_platform::store::stats::holds_any_state(target)
+        .await
+        .context("checking the rebuild database is empty")?;
     if has_rows {
         bail!(
             "the rebuild database already has coupons or decisions; rebuild only into a fresh database"

@@ -1,12 +1,16 @@
-//! Writing a finished projection into the target database, in bulk.
-
-use chrono::{DateTime, Utc};
-use sqlx::PgPool;
-use uuid::Uuid;
+//! Writing a finished projection into the target database, in bulk, through
+//! the store's column writes (`coupon_platform::store::rebuild`).
 
 use coupon_domain::CouponStatus;
+use coupon_platform::store::rebuild::{
+    self as store, CouponStates, PurchaseRows, QuotaRows, UserRows,
+};
+use sqlx::PgPool;
 
 use super::{ClaimDecisionRow, CouponState, Projection, PurchaseDecisionRow, QuotaGrant};
+
+/// Rows are written in statements of at most this many.
+const WRITE_CHUNK: usize = 20_000;
 
 pub(super) async fn write_states(
     target: &PgPool,
@@ -16,44 +20,23 @@ pub(super) async fn write_states(
         .coupons()
         .filter(|c| c.status != CouponStatus::Available)
         .collect();
-    for chunk in changed.chunks(20_000) {
-        let codes: Vec<String> = chunk.iter().map(|c| c.coupon.code.to_string()).collect();
-        let statuses: Vec<CouponStatus> = chunk.iter().map(|c| c.status).collect();
-        let holders: Vec<Option<&str>> =
-            chunk.iter().map(|c| c.holder_user_id.as_deref()).collect();
-        let holds: Vec<Option<&str>> = chunk.iter().map(|c| c.hold_id.as_deref()).collect();
-        let until: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|c| c.held_until).collect();
-        let redeemed: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|c| c.redeemed_at).collect();
-        let orders: Vec<Option<&str>> = chunk
-            .iter()
-            .map(|c| c.redeemed_order_id.as_deref())
-            .collect();
-        sqlx::query!(
-            "UPDATE coupons c
-             SET status = u.status, holder_user_id = u.holder, hold_id = u.hold_id,
-                 held_until = u.held_until, redeemed_at = u.redeemed_at,
-                 redeemed_order_id = u.order_id
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-                         $6::timestamptz[], $7::text[])
-                  AS u(code, status, holder, hold_id, held_until, redeemed_at, order_id)
-             WHERE c.code = u.code",
-            &codes,
-            // Stored as text through the domain enum's sqlx::Type.
-            &statuses as _,
-            &holders as _,
-            &holds as _,
-            &until as _,
-            &redeemed as _,
-            &orders as _,
-        )
-        .execute(target)
-        .await?;
+    for chunk in changed.chunks(WRITE_CHUNK) {
+        let states = CouponStates {
+            codes: chunk.iter().map(|c| c.coupon.code.to_string()).collect(),
+            statuses: chunk.iter().map(|c| c.status).collect(),
+            holders: chunk.iter().map(|c| c.holder_user_id.as_deref()).collect(),
+            holds: chunk.iter().map(|c| c.hold_id.as_deref()).collect(),
+            held_until: chunk.iter().map(|c| c.held_until).collect(),
+            redeemed_at: chunk.iter().map(|c| c.redeemed_at).collect(),
+            orders: chunk
+                .iter()
+                .map(|c| c.redeemed_order_id.as_deref())
+                .collect(),
+        };
+        store::update_coupon_states(target, &states).await?;
     }
     Ok(())
 }
-
-/// Rows are written in statements of at most this many.
-const WRITE_CHUNK: usize = 20_000;
 
 pub(super) async fn write_users(
     target: &PgPool,
@@ -63,47 +46,30 @@ pub(super) async fn write_users(
     let mut written = 0;
     for chunk in users.chunks(WRITE_CHUNK) {
         let blacklist = |id: &String| projection.blacklist.get(id);
-        let ids: Vec<&str> = chunk.iter().map(|u| u.as_str()).collect();
-        let at: Vec<Option<DateTime<Utc>>> = chunk
-            .iter()
-            .map(|u| projection.users.get(*u).copied())
-            .collect();
-        let on: Vec<bool> = chunk
-            .iter()
-            .map(|u| blacklist(u).is_some_and(|b| b.blacklisted))
-            .collect();
-        let until: Vec<Option<DateTime<Utc>>> = chunk
-            .iter()
-            .map(|u| blacklist(u).and_then(|b| b.until))
-            .collect();
-        let reason: Vec<Option<&str>> = chunk
-            .iter()
-            .map(|u| blacklist(u).and_then(|b| b.reason.as_deref()))
-            .collect();
-        let since: Vec<Option<DateTime<Utc>>> = chunk
-            .iter()
-            .map(|u| blacklist(u).and_then(|b| b.at))
-            .collect();
-        written += sqlx::query!(
-            "INSERT INTO users (user_id, last_coupon_at, blacklisted, blacklisted_until,
-                                blacklist_reason, blacklisted_at)
-             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::bool[], $4::timestamptz[],
-                                  $5::text[], $6::timestamptz[])
-             ON CONFLICT (user_id) DO UPDATE SET
-                last_coupon_at = EXCLUDED.last_coupon_at, blacklisted = EXCLUDED.blacklisted,
-                blacklisted_until = EXCLUDED.blacklisted_until,
-                blacklist_reason = EXCLUDED.blacklist_reason,
-                blacklisted_at = EXCLUDED.blacklisted_at",
-            &ids as _,
-            &at as _,
-            &on,
-            &until as _,
-            &reason as _,
-            &since as _,
-        )
-        .execute(target)
-        .await?
-        .rows_affected();
+        let rows = UserRows {
+            ids: chunk.iter().map(|u| u.as_str()).collect(),
+            last_coupon_at: chunk
+                .iter()
+                .map(|u| projection.users.get(*u).copied())
+                .collect(),
+            blacklisted: chunk
+                .iter()
+                .map(|u| blacklist(u).is_some_and(|b| b.blacklisted))
+                .collect(),
+            blacklisted_until: chunk
+                .iter()
+                .map(|u| blacklist(u).and_then(|b| b.until))
+                .collect(),
+            reasons: chunk
+                .iter()
+                .map(|u| blacklist(u).and_then(|b| b.reason.as_deref()))
+                .collect(),
+            blacklisted_at: chunk
+                .iter()
+                .map(|u| blacklist(u).and_then(|b| b.at))
+                .collect(),
+        };
+        written += store::upsert_users(target, &rows).await?;
     }
     Ok(written)
 }
@@ -115,21 +81,13 @@ pub(super) async fn write_quota(
     let grants: Vec<&QuotaGrant> = projection.quota.values().collect();
     let mut written = 0;
     for chunk in grants.chunks(WRITE_CHUNK) {
-        let users: Vec<&str> = chunk.iter().map(|g| g.user_id.as_str()).collect();
-        let windows: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.window_start).collect();
-        let requests: Vec<&str> = chunk.iter().map(|g| g.request_id.as_str()).collect();
-        let at: Vec<DateTime<Utc>> = chunk.iter().map(|g| g.granted_at).collect();
-        written += sqlx::query!(
-            "INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
-             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::timestamptz[])",
-            &users as _,
-            &windows,
-            &requests as _,
-            &at,
-        )
-        .execute(target)
-        .await?
-        .rows_affected();
+        let rows = QuotaRows {
+            users: chunk.iter().map(|g| g.user_id.as_str()).collect(),
+            windows: chunk.iter().map(|g| g.window_start).collect(),
+            requests: chunk.iter().map(|g| g.request_id.as_str()).collect(),
+            granted_at: chunk.iter().map(|g| g.granted_at).collect(),
+        };
+        written += store::insert_quota_grants(target, &rows).await?;
     }
     Ok(written)
 }
@@ -153,30 +111,19 @@ pub(super) async fn write_purchase_decisions(
     target: &PgPool,
     projection: &Projection,
 ) -> Result<u64, sqlx::Error> {
-    let rows: Vec<&PurchaseDecisionRow> = projection.purchase_decisions.values().collect();
+    let decisions: Vec<&PurchaseDecisionRow> = projection.purchase_decisions.values().collect();
     let mut written = 0;
-    for chunk in rows.chunks(WRITE_CHUNK) {
-        let text = |f: fn(&PurchaseDecisionRow) -> &str| -> Vec<&str> {
-            chunk.iter().map(|r| f(r)).collect()
+    for chunk in decisions.chunks(WRITE_CHUNK) {
+        let rows = PurchaseRows {
+            orders: chunk.iter().map(|r| r.order_id.as_str()).collect(),
+            requests: chunk.iter().map(|r| r.request_id.as_str()).collect(),
+            event_ids: chunk.iter().map(|r| r.event_id).collect(),
+            users: chunk.iter().map(|r| r.user_id.as_str()).collect(),
+            codes: chunk.iter().map(|r| r.coupon_code.as_str()).collect(),
+            outcomes: chunk.iter().map(|r| r.outcome).collect(),
+            decided_at: chunk.iter().map(|r| r.decided_at).collect(),
         };
-        written +=
-            sqlx::query!(
-            "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code,
-                                             outcome, decided_at)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-                                  $6::text[], $7::timestamptz[])",
-            text(|r| r.order_id.as_str()) as _,
-            text(|r| r.request_id.as_str()) as _,
-            &chunk.iter().map(|r| r.event_id).collect::<Vec<Uuid>>(),
-            text(|r| r.user_id.as_str()) as _,
-            text(|r| r.coupon_code.as_str()) as _,
-            // Stored as text through the domain enum's sqlx::Type.
-            chunk.iter().map(|r| r.outcome).collect::<Vec<_>>() as _,
-            &chunk.iter().map(|r| r.decided_at).collect::<Vec<DateTime<Utc>>>(),
-        )
-            .execute(target)
-            .await?
-            .rows_affected();
+        written += store::insert_purchase_decisions(target, &rows).await?;
     }
     Ok(written)
 }
