@@ -28,7 +28,7 @@
 //! One file per concern: `config` (limits, credentials, the exposure check),
 //! `state` (what handlers share), `routes` (the table and the router),
 //! `server` (connections, shutdown, metrics, the operational routes),
-//! `admission` (who may call what, before a body is read), `claims`,
+//! `admission` (who may call what, before a body is read), `flood`, `claims`,
 //! `purchases`, `status` and `release` (one storefront or admin route each),
 //! `console` (the web console and its admin routes); this file keeps what
 //! those handlers share (request ids, tracing, publish-and-wait, errors).
