@@ -1,0 +1,280 @@
+//! Audit: rebuild the state from the log into a scratch database and compare
+//! it with the live database: coupons, users (`last_coupon_at` and the
+//! blacklist), quota slots and stored claim and purchase decisions, that is
+//! everything that decides a later request.
+//!
+//! Only what the live consumers have finished counts. The cut is each live
+//! consumer group's committed offsets, read (before the log's ends are
+//! snapshotted) by a client that has the group's id but never subscribes,
+//! assigns or commits:
+//!
+//! - `created` below `<prefix>.coupons-processor`'s offsets and `expirations`
+//!   below `<prefix>.expiry-processor`'s are applied; the coupons (and users)
+//!   named by later records are skipped, as their effect may or may not be in
+//!   the live database yet;
+//! - `claim-results` and `purchase-results` are applied up to their ends (a
+//!   decision is published only after its effect committed), and users (and
+//!   coupons) named by `claims` and `purchases` records at or after
+//!   `<prefix>.claims-processor` / `<prefix>.purchases-processor`'s offsets
+//!   are skipped, with every coupon a skipped user holds on either side
+//!   (its decision may be committed but not yet published). Their quota
+//!   slots and stored decisions are skipped too.
+//! - `blacklist` is applied up to its end: a change is published after its
+//!   transaction commits (through an outbox, so a committed change may reach
+//!   the log a little later). The live entries are read before the log and
+//!   again at the end; a user whose entry changed in between, or whose change
+//!   still waits in the outbox, is left out.
+//!
+//! The scratch database `audit_<random>` lives on the same server as the
+//! live one and is dropped afterwards, whatever happened.
+//!
+//! `cut_log` reads the log up to the cut, `rows` reads both databases' rows
+//! through the store, `compare` lists what differs; this file runs them.
+
+mod compare;
+mod cut_log;
+mod rows;
+
+use compare::compare;
+use cut_log::{read_cut_log, CutLog};
+use rows::{blacklist_of, BlacklistRow};
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use coupon_domain::QuotaWindow;
+use coupon_platform::store;
+use coupon_platform::{KafkaSettings, Topics};
+use coupon_schemas::Role;
+
+use crate::rebuild::{self, RebuildStats};
+
+/// The live groups whose committed offsets cut the log, with the topic each
+/// one's offsets are read on.
+const CUTS: [Role; 4] = [Role::Coupons, Role::Claims, Role::Purchases, Role::Expiry];
+
+/// The outcome of an audit.
+#[derive(Debug, Clone, Default)]
+pub struct AuditReport {
+    /// One line per coupon or user that differs, sorted.
+    pub differences: Vec<String>,
+    pub coupons_checked: usize,
+    pub users_checked: usize,
+    pub quota_checked: usize,
+    pub claim_decisions_checked: usize,
+    pub purchase_decisions_checked: usize,
+    pub blacklist_checked: usize,
+    /// Left out because records still in flight name them.
+    pub coupons_skipped: usize,
+    pub users_skipped: usize,
+    /// Quota slots and stored decisions of users still in flight.
+    pub decisions_skipped: usize,
+    /// Blacklist entries that changed while the audit ran.
+    pub blacklist_skipped: usize,
+    /// Records past the live groups' committed offsets.
+    pub in_flight_records: u64,
+    pub rebuild: RebuildStats,
+}
+
+impl AuditReport {
+    pub fn is_clean(&self) -> bool {
+        self.differences.is_empty()
+    }
+
+    /// What was compared, e.g. `3 coupons, 3 users, ... checked`.
+    pub fn checked(&self) -> String {
+        format!(
+            "{} coupons, {} users, {} quota grants, {} claim decisions, {} purchase decisions, \
+             {} blacklist entries checked",
+            self.coupons_checked,
+            self.users_checked,
+            self.quota_checked,
+            self.claim_decisions_checked,
+            self.purchase_decisions_checked,
+            self.blacklist_checked
+        )
+    }
+}
+
+/// Runs an audit of the deployment under `topics` whose live database is
+/// `database_url`. With `read_url` (a replica of it), the live state is read
+/// there, once the replica has replayed everything the primary had written
+/// when the log was read; the scratch database is made on the primary.
+pub async fn audit(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    window: QuotaWindow,
+    database_url: &str,
+    read_url: Option<&str>,
+    bar: indicatif::ProgressBar,
+) -> anyhow::Result<AuditReport> {
+    let options: PgConnectOptions = database_url
+        .parse()
+        .context("the database URL is not a valid Postgres URL")?;
+    let connect = |options: PgConnectOptions, url: &str, connections: u32| {
+        let url = coupon_platform::db::redact(url);
+        async move {
+            PgPoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options)
+                .await
+                .with_context(|| format!("connecting to Postgres at {url}"))
+        }
+    };
+    let primary = connect(options.clone(), database_url, 2).await?;
+    let replica = match read_url.filter(|url| *url != database_url) {
+        Some(url) => {
+            let replica_options: PgConnectOptions = url
+                .parse()
+                .context("the read database URL is not a valid Postgres URL")?;
+            // One connection: behind a balancer another could reach a
+            // replica that has not caught up.
+            Some(connect(replica_options, url, 1).await?)
+        }
+        None => None,
+    };
+    let live = replica.clone().unwrap_or_else(|| primary.clone());
+
+    // Before the log: a change published then is in the log, or still
+    // changing (then the second read differs and the user is left out).
+    let blacklist_before = blacklist_of(&live)
+        .await
+        .context("reading the live blacklist")?;
+    let started = std::time::Instant::now();
+    let (k, t, b) = (kafka.clone(), topics.clone(), bar.clone());
+    let mut log = tokio::task::spawn_blocking(move || read_cut_log(&k, &t, &b))
+        .await
+        .context("the log reader stopped")??;
+    bar.finish_and_clear();
+    let read_seconds = started.elapsed().as_secs_f64();
+    if let Some(replica) = &replica {
+        wait_replayed(&primary, replica, Duration::from_secs(60)).await?;
+    }
+
+    let scratch = format!("audit_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    coupon_platform::db::create_database(&primary, &scratch)
+        .await
+        .with_context(|| {
+            format!("creating the scratch database {scratch} (the role needs CREATEDB)")
+        })?;
+    let scratch_options = options.database(&scratch);
+    let result = audit_in(
+        &live,
+        scratch_options,
+        topics,
+        window,
+        &mut log,
+        &blacklist_before,
+    )
+    .await;
+    let dropped = coupon_platform::db::drop_database_when_idle(&primary, &scratch).await;
+    live.close().await;
+    primary.close().await;
+    let mut report = result?;
+    dropped.with_context(|| format!("dropping the scratch database {scratch}"))?;
+    report.rebuild.read_seconds = read_seconds;
+    report.rebuild.undecodable = log.undecodable;
+    report.in_flight_records = log.in_flight;
+    Ok(report)
+}
+
+/// Waits until `replica` has replayed the primary's WAL as of now, so that
+/// what it answers is at least as new as the log just read.
+async fn wait_replayed(primary: &PgPool, replica: &PgPool, within: Duration) -> anyhow::Result<()> {
+    let lsn = store::replication::wal_position(primary)
+        .await
+        .context("reading the primary's WAL position")?;
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let replayed = store::replication::replayed_up_to(replica, &lsn)
+            .await
+            .context("reading the replica's replay position")?;
+        if replayed {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the read replica did not replay the primary's WAL up to {lsn} within {within:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn audit_in(
+    live: &PgPool,
+    scratch: PgConnectOptions,
+    topics: &Topics,
+    window: QuotaWindow,
+    log: &mut CutLog,
+    blacklist_before: &HashMap<String, BlacklistRow>,
+) -> anyhow::Result<AuditReport> {
+    let rebuilt = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(scratch)
+        .await
+        .context("connecting to the scratch database")?;
+    let result = async {
+        rebuild::prepare_target(&rebuilt).await?;
+        let outcomes = std::mem::take(&mut log.outcomes);
+        let (stats, _) = rebuild::project(&rebuilt, topics, window, outcomes).await?;
+        let mut report = AuditReport {
+            rebuild: stats,
+            ..AuditReport::default()
+        };
+        compare(live, &rebuilt, log, blacklist_before, &mut report).await?;
+        Ok(report)
+    }
+    .await;
+    rebuilt.close().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_log::canonical_code;
+    use super::rows::{same_coupon, CouponRow};
+    use coupon_domain::CouponCode;
+
+    fn row(status: &str, holder: Option<&str>, order: Option<&str>) -> CouponRow {
+        CouponRow {
+            code: "C".into(),
+            status: status.parse().unwrap(),
+            holder_user_id: holder.map(Into::into),
+            redeemed_order_id: order.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn coupons_are_compared_on_status_holder_and_order() {
+        let redeemed = row("redeemed", Some("bob"), Some("o-1"));
+        assert!(same_coupon(&redeemed, &redeemed.clone()));
+        assert!(!same_coupon(&redeemed, &row("available", None, None)));
+        assert!(!same_coupon(
+            &redeemed,
+            &row("redeemed", Some("bob"), Some("o-2"))
+        ));
+        assert!(!same_coupon(
+            &row("held", Some("bob"), None),
+            &row("held", Some("carol"), None)
+        ));
+        assert!(same_coupon(
+            &row("available", None, None),
+            &row("available", None, None)
+        ));
+    }
+
+    #[test]
+    fn codes_are_canonical_before_skipping() {
+        let code = CouponCode::from_id(coupon_domain::SnowflakeId::from_raw(1 << 40).unwrap());
+        let text = code.to_string();
+        assert_eq!(canonical_code(&text.to_lowercase()), text);
+        assert_eq!(canonical_code("not a code"), "not a code");
+    }
+}
