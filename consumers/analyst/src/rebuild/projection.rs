@@ -17,7 +17,8 @@ use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 use coupon_platform::time::from_ms;
 use coupon_platform::Topics;
 use coupon_schemas::{
-    BlacklistChanged, ClaimDecided, ClaimOutcome, PurchaseDecided, PurchaseOutcome,
+    BlacklistChanged, ClaimDecided, ClaimOutcome, CouponsCreated, HoldExpired, PurchaseDecided,
+    PurchaseOutcome,
 };
 
 use crate::replay::{decode_event, Event, TopicKind};
@@ -456,143 +457,10 @@ impl Projection {
             _ => Vec::new(),
         };
         match event {
-            Event::Created(event) => match coupons::coupons_of(&event) {
-                Ok(new) => {
-                    for coupon in new {
-                        let code = coupon.code.to_string();
-                        if self.coupons.contains_key(&code) {
-                            continue; // a replayed batch adds nothing
-                        }
-                        self.created.push(code.clone());
-                        self.touch(&code);
-                        self.coupons.insert(
-                            code,
-                            CouponState {
-                                coupon,
-                                status: CouponStatus::Available,
-                                holder_user_id: None,
-                                hold_id: None,
-                                held_until: None,
-                                redeemed_at: None,
-                                redeemed_order_id: None,
-                            },
-                        );
-                    }
-                }
-                Err(reason) => self.anomaly(record, format!("refused batch: {reason}")),
-            },
-            Event::ClaimDecided(event) => {
-                self.record_claim_decision(record, &event, log.occurred_at_ms);
-                let granted = ClaimOutcome::try_from(event.outcome) == Ok(ClaimOutcome::Granted);
-                if granted && !event.repeated {
-                    let at = from_ms(log.occurred_at_ms);
-                    let until = from_ms(event.expires_at_ms);
-                    let (Some(at), Some(until)) = (at, until) else {
-                        self.anomaly(record, "grant without valid times".into());
-                        return rows;
-                    };
-                    self.take_quota(record, &event, at);
-                    rows.extend(self.release_previous_hold(record, &event, at));
-                    match self.coupons.get_mut(&event.coupon_code) {
-                        None => self.anomaly(
-                            record,
-                            format!("grant of unknown coupon {}", event.coupon_code),
-                        ),
-                        Some(state) => {
-                            let was = state.status;
-                            self.granted_holds.insert(event.request_id.clone());
-                            state.status = CouponStatus::Held;
-                            state.holder_user_id = Some(event.user_id.clone());
-                            state.hold_id = Some(event.request_id.clone());
-                            state.held_until = Some(until);
-                            state.redeemed_at = None;
-                            state.redeemed_order_id = None;
-                            if was != CouponStatus::Available {
-                                self.anomaly(
-                                    record,
-                                    format!(
-                                        "grant of {} while it was {}",
-                                        event.coupon_code,
-                                        was.as_str()
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                    let last = self.users.entry(event.user_id.clone()).or_insert(at);
-                    *last = at;
-                    self.holding
-                        .insert(event.user_id.clone(), event.coupon_code.clone());
-                    self.touch(&event.coupon_code);
-                }
-            }
-            Event::PurchaseDecided(event) => {
-                self.record_purchase_decision(record, &event, log.occurred_at_ms);
-                let redeemed =
-                    PurchaseOutcome::try_from(event.outcome) == Ok(PurchaseOutcome::Redeemed);
-                if redeemed && !event.repeated {
-                    let at = from_ms(event.redeemed_at_ms).or_else(|| from_ms(log.occurred_at_ms));
-                    let Some(at) = at else {
-                        self.anomaly(record, "redemption without a valid time".into());
-                        return rows;
-                    };
-                    match self.coupons.get_mut(&event.coupon_code) {
-                        None => self.anomaly(
-                            record,
-                            format!("redemption of unknown coupon {}", event.coupon_code),
-                        ),
-                        Some(state) => {
-                            let fits = state.status == CouponStatus::Held
-                                && state.holder_user_id.as_deref() == Some(&event.user_id);
-                            state.status = CouponStatus::Redeemed;
-                            state.redeemed_at = Some(at);
-                            state.redeemed_order_id = Some(event.order_id.clone());
-                            if !fits {
-                                state.holder_user_id = Some(event.user_id.clone());
-                                self.anomaly(
-                                    record,
-                                    format!(
-                                        "redemption of {} by {}, who did not hold it",
-                                        event.coupon_code, event.user_id
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                    self.touch(&event.coupon_code);
-                }
-            }
-            Event::HoldExpired(event) => {
-                if let Some(state) = self.coupons.get_mut(&event.coupon_code) {
-                    if state.status == CouponStatus::Held
-                        && state.hold_id.as_deref() == Some(event.hold_id.as_str())
-                    {
-                        let user = state.holder_user_id.take();
-                        let held_until = state.held_until.take();
-                        state.status = CouponStatus::Available;
-                        state.hold_id = None;
-                        let event_id = event
-                            .envelope
-                            .as_ref()
-                            .and_then(|e| Uuid::parse_str(&e.event_id).ok());
-                        if let (Some(event_id), Some(at)) = (event_id, from_ms(log.occurred_at_ms))
-                        {
-                            rows.push(HistoryRow::released(
-                                at,
-                                event_id,
-                                HoldRelease {
-                                    code: event.coupon_code.clone(),
-                                    user,
-                                    hold_id: &event.hold_id,
-                                    held_until,
-                                    by: ReleasedBy::Expiry,
-                                },
-                            ));
-                        }
-                    }
-                }
-                self.touch(&event.coupon_code);
-            }
+            Event::Created(event) => self.apply_created(record, &event),
+            Event::ClaimDecided(event) => self.apply_claim_decision(log, &event, &mut rows),
+            Event::PurchaseDecided(event) => self.apply_purchase_decision(log, &event),
+            Event::HoldExpired(event) => self.apply_expiry(log, &event, &mut rows),
             Event::BlacklistChanged(event) => {
                 let state = BlacklistState::of(
                     &event,
@@ -610,6 +478,158 @@ impl Projection {
             }
         }
         rows
+    }
+
+    /// A batch's coupons, available (a replayed batch adds nothing).
+    fn apply_created(&mut self, record: &Record, event: &CouponsCreated) {
+        let new = match coupons::coupons_of(event) {
+            Ok(new) => new,
+            Err(reason) => return self.anomaly(record, format!("refused batch: {reason}")),
+        };
+        for coupon in new {
+            let code = coupon.code.to_string();
+            if self.coupons.contains_key(&code) {
+                continue;
+            }
+            self.created.push(code.clone());
+            self.touch(&code);
+            self.coupons.insert(
+                code,
+                CouponState {
+                    coupon,
+                    status: CouponStatus::Available,
+                    holder_user_id: None,
+                    hold_id: None,
+                    held_until: None,
+                    redeemed_at: None,
+                    redeemed_order_id: None,
+                },
+            );
+        }
+    }
+
+    /// A claim's decision; a fresh grant takes the user's quota slot, ends
+    /// their previous (overdue) hold and holds the coupon.
+    fn apply_claim_decision(
+        &mut self,
+        log: &LogRecord,
+        event: &ClaimDecided,
+        rows: &mut Vec<HistoryRow>,
+    ) {
+        let record = &log.record;
+        self.record_claim_decision(record, event, log.occurred_at_ms);
+        let granted = ClaimOutcome::try_from(event.outcome) == Ok(ClaimOutcome::Granted);
+        if !granted || event.repeated {
+            return;
+        }
+        let (Some(at), Some(until)) = (from_ms(log.occurred_at_ms), from_ms(event.expires_at_ms))
+        else {
+            return self.anomaly(record, "grant without valid times".into());
+        };
+        self.take_quota(record, event, at);
+        rows.extend(self.release_previous_hold(record, event, at));
+        match self.coupons.get_mut(&event.coupon_code) {
+            None => self.anomaly(
+                record,
+                format!("grant of unknown coupon {}", event.coupon_code),
+            ),
+            Some(state) => {
+                let was = state.status;
+                self.granted_holds.insert(event.request_id.clone());
+                state.status = CouponStatus::Held;
+                state.holder_user_id = Some(event.user_id.clone());
+                state.hold_id = Some(event.request_id.clone());
+                state.held_until = Some(until);
+                state.redeemed_at = None;
+                state.redeemed_order_id = None;
+                if !was.may_become(CouponStatus::Held) {
+                    self.anomaly(
+                        record,
+                        format!(
+                            "grant of {} while it was {}",
+                            event.coupon_code,
+                            was.as_str()
+                        ),
+                    );
+                }
+            }
+        }
+        let last = self.users.entry(event.user_id.clone()).or_insert(at);
+        *last = at;
+        self.holding
+            .insert(event.user_id.clone(), event.coupon_code.clone());
+        self.touch(&event.coupon_code);
+    }
+
+    /// A purchase's decision; a fresh redemption redeems the buyer's hold.
+    fn apply_purchase_decision(&mut self, log: &LogRecord, event: &PurchaseDecided) {
+        let record = &log.record;
+        self.record_purchase_decision(record, event, log.occurred_at_ms);
+        let redeemed = PurchaseOutcome::try_from(event.outcome) == Ok(PurchaseOutcome::Redeemed);
+        if !redeemed || event.repeated {
+            return;
+        }
+        let at = from_ms(event.redeemed_at_ms).or_else(|| from_ms(log.occurred_at_ms));
+        let Some(at) = at else {
+            return self.anomaly(record, "redemption without a valid time".into());
+        };
+        match self.coupons.get_mut(&event.coupon_code) {
+            None => self.anomaly(
+                record,
+                format!("redemption of unknown coupon {}", event.coupon_code),
+            ),
+            Some(state) => {
+                let fits = state.status.may_become(CouponStatus::Redeemed)
+                    && state.holder_user_id.as_deref() == Some(&event.user_id);
+                state.status = CouponStatus::Redeemed;
+                state.redeemed_at = Some(at);
+                state.redeemed_order_id = Some(event.order_id.clone());
+                if !fits {
+                    state.holder_user_id = Some(event.user_id.clone());
+                    self.anomaly(
+                        record,
+                        format!(
+                            "redemption of {} by {}, who did not hold it",
+                            event.coupon_code, event.user_id
+                        ),
+                    );
+                }
+            }
+        }
+        self.touch(&event.coupon_code);
+    }
+
+    /// An expired hold returns its coupon to the pool, if the coupon is still
+    /// held under that hold.
+    fn apply_expiry(&mut self, log: &LogRecord, event: &HoldExpired, rows: &mut Vec<HistoryRow>) {
+        if let Some(state) = self.coupons.get_mut(&event.coupon_code) {
+            if state.status.may_become(CouponStatus::Available)
+                && state.hold_id.as_deref() == Some(event.hold_id.as_str())
+            {
+                let user = state.holder_user_id.take();
+                let held_until = state.held_until.take();
+                state.status = CouponStatus::Available;
+                state.hold_id = None;
+                let event_id = event
+                    .envelope
+                    .as_ref()
+                    .and_then(|e| Uuid::parse_str(&e.event_id).ok());
+                if let (Some(event_id), Some(at)) = (event_id, from_ms(log.occurred_at_ms)) {
+                    rows.push(HistoryRow::released(
+                        at,
+                        event_id,
+                        HoldRelease {
+                            code: event.coupon_code.clone(),
+                            user,
+                            hold_id: &event.hold_id,
+                            held_until,
+                            by: ReleasedBy::Expiry,
+                        },
+                    ));
+                }
+            }
+        }
+        self.touch(&event.coupon_code);
     }
 
     /// Stores the decision as the claim processor did (one per request id).
@@ -650,7 +670,7 @@ impl Projection {
         let user = event.user_id.as_str();
         let code = self.holding.get(user)?.clone();
         let state = self.coupons.get_mut(&code)?;
-        if state.status != CouponStatus::Held
+        if !state.status.may_become(CouponStatus::Available)
             || state.holder_user_id.as_deref() != Some(user)
             || state.hold_id.as_deref() == Some(event.request_id.as_str())
         {
