@@ -55,13 +55,16 @@
 //! redemptions, then users, quota slots and decisions.
 //!
 //! `projection` holds the in-memory state and its rules (pure, property
-//! tested against a simulation of the live system); `write` writes a finished
+//! tested against a simulation of the live system), `state` the rows it
+//! builds and the order it reads the log in; `write` writes a finished
 //! projection in bulk; this file reads the log and drives both.
 
 mod projection;
+mod state;
 mod write;
 
 pub use projection::*;
+pub use state::*;
 use write::{
     write_claim_decisions, write_purchase_decisions, write_quota, write_states, write_users,
 };
