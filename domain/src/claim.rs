@@ -12,7 +12,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::quota::QuotaWindow;
-use crate::{Category, CouponCode};
+use crate::{Category, CouponCode, RequestId, UserId};
 
 /// A coupon the user holds right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +165,18 @@ pub fn precheck(
         hold_until: now + ttl,
         releases: state.hold.clone(),
     }
+}
+
+/// A claim that passed the rules, as the store needs it to draw a coupon:
+/// whose it is, which quota slot it takes, how long its hold lasts, and the
+/// time it is judged at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub user_id: UserId,
+    pub request_id: RequestId,
+    pub window_start: DateTime<Utc>,
+    pub hold_until: DateTime<Utc>,
+    pub at: DateTime<Utc>,
 }
 
 /// What one batch has learned about the pool: once an allocation found

@@ -10,13 +10,13 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use coupon_domain::claim::{
-    precheck, ActiveHold, ClaimOutcome, ClaimPrecheck, PoolKnowledge, UserClaimState,
+    precheck, ActiveHold, Allocation, ClaimOutcome, ClaimPrecheck, PoolKnowledge, UserClaimState,
 };
 
-use super::store::{Released, StoredDecision};
 use super::Claim;
 use crate::Policy;
 use coupon_domain::{RequestId, UserId};
+use coupon_platform::store::claims::{Released, StoredDecision};
 
 /// A claim that passed the rules and waits for a coupon.
 #[derive(Clone)]
@@ -26,6 +26,19 @@ pub struct Candidate<'a> {
     pub hold_until: DateTime<Utc>,
     /// The user's overdue hold, which the grant releases first.
     pub releases: Option<ActiveHold>,
+}
+
+impl Candidate<'_> {
+    /// What the store needs to draw this claim's coupon.
+    pub fn allocation(&self) -> Allocation {
+        Allocation {
+            user_id: self.claim.user_id.clone(),
+            request_id: self.claim.request_id.clone(),
+            window_start: self.window_start,
+            hold_until: self.hold_until,
+            at: self.claim.at,
+        }
+    }
 }
 
 /// What the batch transaction knows while it decides its claims.

@@ -40,13 +40,14 @@
 //! and their time from the record, so a redelivery repeats them exactly.
 
 mod decide;
-mod store;
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use coupon_domain::claim::{allocation_groups, ClaimOutcome, ClaimOutcomeKind, PoolKnowledge};
+use coupon_domain::claim::{
+    allocation_groups, Allocation, ClaimOutcome, ClaimOutcomeKind, PoolKnowledge,
+};
 use coupon_domain::clock::judged_at;
 use coupon_domain::{Category, RequestId, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
@@ -61,6 +62,7 @@ use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 
 use crate::{Context, Decided, Role};
 
+use coupon_platform::store::claims as store;
 pub use store::{insert_decisions, StoredDecision};
 
 use decide::{apply_rules, category_of, classify, users_to_read, BatchView, Candidate, Step};
@@ -158,17 +160,16 @@ async fn grant_group(
     let granted: HashMap<RequestId, store::Granted> = if view.pool.known_empty(category) {
         HashMap::new()
     } else {
-        let releasing: Vec<&Candidate<'_>> = waiting
+        let releasing: Vec<Allocation> = waiting
             .iter()
             .map(|(_, c)| c)
             .filter(|c| c.releases.is_some())
+            .map(Candidate::allocation)
             .collect();
         let released = store::release_overdue(tx, &releasing).await?;
         if !released.is_empty() {
-            let at: HashMap<&UserId, DateTime<Utc>> = releasing
-                .iter()
-                .map(|c| (&c.claim.user_id, c.claim.at))
-                .collect();
+            let at: HashMap<&UserId, DateTime<Utc>> =
+                releasing.iter().map(|c| (&c.user_id, c.at)).collect();
             let rows: Vec<HistoryRow> = released
                 .iter()
                 .map(|r| release_history(r, at.get(&r.user_id).copied()))
@@ -176,8 +177,8 @@ async fn grant_group(
             coupon_platform::store::history::append(&mut *tx, &rows).await?;
             view.released.extend(released);
         }
-        let candidates: Vec<Candidate<'_>> = waiting.iter().map(|(_, c)| c.clone()).collect();
-        store::grant(tx, category, &candidates)
+        let claims: Vec<Allocation> = waiting.iter().map(|(_, c)| c.allocation()).collect();
+        store::grant(tx, category, &claims)
             .await?
             .into_iter()
             .map(|g| (g.request_id.clone(), g))

@@ -1,7 +1,7 @@
 //! The decisions: `claim_decisions` (one per claim request id),
 //! `purchase_decisions` (one per order) and `quota_grants` (one per user and
 //! quota window). The processors write them in their batch transactions
-//! (`consumers/src/claims/store.rs`, `consumers/src/purchases`); these are
+//! ([`super::claims`], `consumers/src/purchases`); these are
 //! the reads of the whole tables the audit compares with the log.
 
 use chrono::{DateTime, Utc};

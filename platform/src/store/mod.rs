@@ -5,6 +5,7 @@
 //! | module        | tables                                              |
 //! |---------------|-----------------------------------------------------|
 //! | [`coupons`]   | `coupons`                                           |
+//! | [`claims`]    | the claim processor's batch: decisions, user states, overdue holds, grants |
 //! | [`users`]     | `users` (the blacklist, `last_coupon_at`)           |
 //! | [`decisions`] | `claim_decisions`, `purchase_decisions`, `quota_grants` |
 //! | [`history`]   | `coupon_history` (the sink's appends, the analysts' reads) |
@@ -21,9 +22,7 @@
 //! needs no database. After changing a query or a migration, `make sqlx`
 //! regenerates `.sqlx/` against a fresh migrated database.
 //!
-//! Every statement on the tables is here and compile-checked, the claim
-//! processor's batch statements excepted (`consumers/src/claims/store.rs`,
-//! compile-checked too). Not checked: the binary `COPY` fast paths
+//! Every statement on the tables is here and compile-checked. Not checked: the binary `COPY` fast paths
 //! (`crate::pgcopy`; sqlx cannot describe a `COPY`) and the DDL on scratch
 //! databases (`crate::db`).
 //!
@@ -32,6 +31,7 @@
 //! with `"col: Type"` overrides in the statements), so an id parsed at the
 //! boundary stays typed to the row.
 
+pub mod claims;
 pub mod console;
 pub mod coupons;
 pub mod decisions;

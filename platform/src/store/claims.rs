@@ -1,4 +1,5 @@
-//! The claim processor's SQL. Each statement is one atomic step; the batch
+//! The claim processor's SQL (`coupon_consumers::claims`). Each statement is
+//! one atomic step; the batch
 //! transaction around them makes a batch all-or-nothing. Every statement
 //! works on the whole batch at once (stored decisions, user states, grants,
 //! new decisions), so a batch costs a handful of round trips whatever its
@@ -10,13 +11,11 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use coupon_domain::claim::{ActiveHold, ClaimOutcomeKind, UserClaimState};
+use coupon_domain::claim::{ActiveHold, Allocation, ClaimOutcomeKind, UserClaimState};
 use coupon_domain::{Category, CouponCode, RequestId, UserId};
 
-use super::decide::Candidate;
-
 /// A stored claim decision: the store's `claim_decisions` row.
-pub use coupon_platform::store::decisions::ClaimDecisionRecord as StoredDecision;
+pub use super::decisions::ClaimDecisionRecord as StoredDecision;
 
 /// The decisions already stored for any of `request_ids` (redeliveries and
 /// client retries), in one round trip for the whole batch.
@@ -154,8 +153,8 @@ pub struct Released {
     pub held_until: DateTime<Utc>,
 }
 
-/// Releases the holds of `candidates` whose deadline has passed at each
-/// candidate's time, so that their grant cannot collide with a hold the
+/// Releases the holds of the users of `claims` whose deadline has passed at
+/// each claim's time, so that their grant cannot collide with a hold the
 /// expiry has not released yet (`coupons_one_hold_per_user`). A separate
 /// statement before the grant: a unique index is checked row by row, so the
 /// release must be done before the grant's update starts. The row lock and
@@ -163,13 +162,13 @@ pub struct Released {
 /// whichever comes second finds the coupon no longer held under that hold.
 pub async fn release_overdue(
     conn: &mut PgConnection,
-    candidates: &[&Candidate<'_>],
+    claims: &[Allocation],
 ) -> Result<Vec<Released>, sqlx::Error> {
-    if candidates.is_empty() {
+    if claims.is_empty() {
         return Ok(Vec::new());
     }
-    let users: Vec<UserId> = candidates.iter().map(|c| c.claim.user_id.clone()).collect();
-    let at: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.claim.at).collect();
+    let users: Vec<&UserId> = claims.iter().map(|c| &c.user_id).collect();
+    let at: Vec<DateTime<Utc>> = claims.iter().map(|c| c.at).collect();
     // The rows `old` returns are held ones: holder, hold and deadline are set.
     sqlx::query_as!(
         Released,
@@ -186,7 +185,7 @@ pub async fn release_overdue(
          WHERE c.code = old.code
          RETURNING old.code AS "code!: CouponCode", old.holder_user_id AS "user_id!: UserId",
                    old.hold_id AS "hold_id!", old.held_until AS "held_until!""#,
-        &users as &[UserId],
+        &users as &[&UserId],
         &at
     )
     .fetch_all(conn)
@@ -203,13 +202,13 @@ pub struct Granted {
 }
 
 /// Grants coupons from one pool (`category`, or any when `None`) to
-/// `candidates`, in one statement: the oldest available coupons go to the
-/// earliest candidates, each winner's quota slot is taken and its last grant
-/// recorded (at the claim's own time). Candidates left without a coupon
+/// `claims`, in one statement: the oldest available coupons go to the
+/// earliest claims, each winner's quota slot is taken and its last grant
+/// recorded (at the claim's own time). Claims left without a coupon
 /// (the pool ran out) get no row and keep their quota: sold out does not
 /// use it.
 ///
-/// The candidates must be distinct users, with their overdue holds released
+/// The claims must be of distinct users, with their overdue holds released
 /// ([`release_overdue`]). Rows locked by another transaction are skipped,
 /// never waited on, so concurrent processors take different coupons. A
 /// quota slot or a hold taken meanwhile by another processor (a rebalance)
@@ -218,19 +217,16 @@ pub struct Granted {
 pub async fn grant(
     conn: &mut PgConnection,
     category: Option<&str>,
-    candidates: &[Candidate<'_>],
+    claims: &[Allocation],
 ) -> Result<Vec<Granted>, sqlx::Error> {
-    if candidates.is_empty() {
+    if claims.is_empty() {
         return Ok(Vec::new());
     }
-    let users: Vec<UserId> = candidates.iter().map(|c| c.claim.user_id.clone()).collect();
-    let requests: Vec<RequestId> = candidates
-        .iter()
-        .map(|c| c.claim.request_id.clone())
-        .collect();
-    let windows: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.window_start).collect();
-    let until: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.hold_until).collect();
-    let at: Vec<DateTime<Utc>> = candidates.iter().map(|c| c.claim.at).collect();
+    let users: Vec<&UserId> = claims.iter().map(|c| &c.user_id).collect();
+    let requests: Vec<&RequestId> = claims.iter().map(|c| &c.request_id).collect();
+    let windows: Vec<DateTime<Utc>> = claims.iter().map(|c| c.window_start).collect();
+    let until: Vec<DateTime<Utc>> = claims.iter().map(|c| c.hold_until).collect();
+    let at: Vec<DateTime<Utc>> = claims.iter().map(|c| c.at).collect();
     sqlx::query_as!(
         Granted,
         // `pick` is a materialized CTE: evaluated exactly once. (Inlined, the
@@ -263,12 +259,12 @@ pub async fn grant(
          RETURNING pair.request_id AS "request_id!: RequestId", c.code AS "code: CouponCode",
                    c.category AS "category: Category",
                    c.held_until AS "held_until!""#,
-        &users as &[UserId],
-        &requests as &[RequestId],
+        &users as &[&UserId],
+        &requests as &[&RequestId],
         &windows,
         &until,
         category,
-        candidates.len() as i64,
+        claims.len() as i64,
         &at
     )
     .fetch_all(conn)
