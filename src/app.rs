@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use coupon_consumers::{Context, Policy, PollSettings};
+use coupon_consumers::{Context, Policy, PollSettings, RoleSpec};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
 use coupon_platform::redis::Cache;
@@ -292,42 +293,20 @@ pub async fn start(
     if roles.is_empty() {
         bail!("no roles to run");
     }
-    if roles.contains(&Role::Gateway) {
+    let serves_http = roles.contains(&Role::Gateway);
+    if serves_http {
         config.gateway.check_exposure(config.http_addr)?;
     }
     // The recorder first, so no role records into the void before it exists.
     let metrics = coupon_platform::metrics::prometheus();
     let ctx = connect(&config).await?;
     let mut tasks = JoinSet::new();
-    let consumer_roles: Vec<Role> = roles.iter().copied().filter(|r| r.is_consumer()).collect();
-    gauges::register(&consumer_roles);
-    let refresher = Gauges::new(
-        ctx.pool.clone(),
-        &config.kafka,
-        &ctx.topics,
-        &consumer_roles,
-    )
-    .context("creating the consumer-lag probes")?;
-    let interval = config.metrics_interval;
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
-        refresher.run(interval, stop).await;
-        Ok(())
-    });
-    let fast = PollSettings {
-        fetch_wait_max_ms: config.fast_fetch_wait_ms,
-        max_batch: config.max_batch,
-        assignment: config.assignment,
-    };
-    let slow = PollSettings {
-        fetch_wait_max_ms: config.slow_fetch_wait_ms,
-        max_batch: config.max_batch.max(1_000),
-        assignment: config.assignment,
-    };
-    if roles
+    let consumers: Vec<(Role, RoleSpec)> = roles
         .iter()
-        .any(|r| matches!(r, Role::Claims | Role::Expiry))
-    {
+        .filter_map(|&role| coupon_consumers::spec(role).map(|spec| (role, spec)))
+        .collect();
+    spawn_gauges(&config, &ctx, &consumers, &mut tasks, &shutdown)?;
+    if consumers.iter().any(|(_, spec)| spec.restores_cache) {
         // Redis is a cache of Postgres: refill it before deciding anything.
         match coupon_consumers::restore::restore(&ctx).await {
             Ok(restored) => restored.log(),
@@ -336,7 +315,7 @@ pub async fn start(
             }
         }
     }
-    if roles.contains(&Role::History) {
+    if consumers.iter().any(|(_, spec)| spec.writes_history) {
         let (pool, stop) = (ctx.pool.clone(), shutdown.clone());
         tasks.spawn(async move {
             partitions_ahead(
@@ -349,117 +328,22 @@ pub async fn start(
             Ok(())
         });
     }
-    for &role in &consumer_roles {
-        // Several claim processors share the claims group's partitions, so
-        // batches of different partitions are decided side by side (the
-        // processor is safe with any number of instances). A static share
-        // names its partitions, which a second instance would only repeat.
-        let instances = match (role, config.assignment) {
-            (Role::Claims, Assignment::Group) => config.claim_processors.max(1),
-            _ => 1,
-        };
-        for _ in 0..instances {
-            let ctx = ctx.clone();
-            let stop = shutdown.clone();
-            let poll = match role {
-                Role::Claims | Role::Purchases => fast,
-                _ => slow,
-            };
-            let interval = config.sweep_interval;
-            tasks.spawn(async move {
-                coupon_consumers::run(role, ctx, poll, interval, stop)
-                    .await
-                    .with_context(|| format!("the {role} consumer stopped"))
-            });
-        }
-    }
-    let mut http_addr = None;
-    let mut exports = None;
-    if roles.contains(&Role::Gateway) {
-        // The gateways change the blacklist: they also lift the expired
-        // entries and publish the changes a failed publish left waiting
-        // (several gateways doing it at once wait for each other's rows).
-        let (ctx2, stop, every) = (
-            ctx.clone(),
-            shutdown.clone(),
-            config.blacklist_upkeep_interval,
-        );
-        tasks.spawn(async move {
-            blacklist_upkeep(&ctx2, every, stop).await;
-            Ok(())
-        });
-        let replies = Arc::new(Replies::bounded(config.gateway.max_waiting.max(1)));
-        let results = gateway::replies::results_consumer(
-            &config.kafka,
-            &ctx.topics,
-            config.fast_fetch_wait_ms,
-        )
-        .await
-        .context("subscribing to the results topics")?;
-        tasks.spawn(
-            gateway::replies::dispatch(
-                results,
-                ctx.topics.clone(),
-                replies.clone(),
-                shutdown.clone().cancelled_owned(),
-            )
-            .map_ok(),
-        );
-        let listener = tokio::net::TcpListener::bind(config.http_addr)
-            .await
-            .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
-        let addr = listener.local_addr()?;
-        http_addr = Some(addr);
-        let read_pool = match config.database_read_url.as_deref() {
-            Some(url) if url != config.database_url => {
-                reach::postgres(url).await?;
-                coupon_platform::db::connect(url, config.db_max_connections)
-                    .await
-                    .with_context(|| format!("connecting to Postgres at {}", redact(url)))?
-            }
-            // The same server, but a pool of its own: the console's scans
-            // and the status route can never take the connections the
-            // consumers of this process decide coupons with.
-            _ => coupon_platform::db::connect(&config.database_url, READ_POOL_CONNECTIONS)
-                .await
-                .with_context(|| {
-                    format!("connecting to Postgres at {}", redact(&config.database_url))
-                })?,
-        };
-        let state = Arc::new(
-            GatewayState::new(
-                ctx.pool.clone(),
-                ctx.cache.clone(),
-                ctx.publisher.clone(),
-                ctx.topics.clone(),
-                replies,
-                config.gateway.clone(),
-                metrics.clone(),
-            )
-            .with_read_pool(read_pool)
-            .with_exporter(Arc::new(crate::console_export::ReplayExporter {
-                kafka: config.kafka.clone(),
-                topics: ctx.topics.clone(),
-            })),
-        );
-        exports = Some(state.exports.clone());
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            gateway::serve(listener, state, stop.cancelled_owned())
-                .await
-                .context("HTTP server")
-        });
-        tracing::info!(%addr, "gateway listening");
+    spawn_consumers(&config, &ctx, &consumers, &mut tasks, &shutdown);
+    let (http_addr, exports) = if serves_http {
+        let (addr, exports) = start_gateway(&config, &ctx, metrics, &mut tasks, &shutdown).await?;
+        (Some(addr), Some(exports))
     } else if let Some(metrics_addr) = config.metrics_addr {
         let listener = tokio::net::TcpListener::bind(metrics_addr)
             .await
             .with_context(|| format!("binding the metrics listener on {metrics_addr}"))?;
         let addr = listener.local_addr()?;
-        http_addr = Some(addr);
         let stop = shutdown.clone();
         tasks.spawn(async move { axum_serve_metrics(listener, metrics, stop).await });
         tracing::info!(%addr, "serving /metrics");
-    }
+        (Some(addr), None)
+    } else {
+        (None, None)
+    };
     Ok(Running {
         http_addr,
         context: ctx,
@@ -467,6 +351,150 @@ pub async fn start(
         tasks,
         shutdown,
     })
+}
+
+/// The gauges of this process's consumer roles, refreshed every
+/// `metrics_interval` until `shutdown`.
+fn spawn_gauges(
+    config: &AppConfig,
+    ctx: &Context,
+    consumers: &[(Role, RoleSpec)],
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let roles: Vec<Role> = consumers.iter().map(|(role, _)| *role).collect();
+    gauges::register(&roles);
+    let refresher = Gauges::new(ctx.pool.clone(), &config.kafka, &ctx.topics, &roles)
+        .context("creating the consumer-lag probes")?;
+    let (interval, stop) = (config.metrics_interval, shutdown.clone());
+    tasks.spawn(async move {
+        refresher.run(interval, stop).await;
+        Ok(())
+    });
+    Ok(())
+}
+
+/// Every consumer role, each as its spec says: polled fast when clients wait
+/// for it, as `claim_processors` instances when it scales out (in a group:
+/// a static share names its partitions, which a second instance would only
+/// repeat).
+fn spawn_consumers(
+    config: &AppConfig,
+    ctx: &Context,
+    consumers: &[(Role, RoleSpec)],
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) {
+    let fast = PollSettings {
+        fetch_wait_max_ms: config.fast_fetch_wait_ms,
+        max_batch: config.max_batch,
+        assignment: config.assignment,
+    };
+    let slow = PollSettings {
+        fetch_wait_max_ms: config.slow_fetch_wait_ms,
+        max_batch: config.max_batch.max(1_000),
+        assignment: config.assignment,
+    };
+    for &(role, spec) in consumers {
+        let instances = if spec.scales_out && config.assignment == Assignment::Group {
+            config.claim_processors.max(1)
+        } else {
+            1
+        };
+        let poll = if spec.answers_clients { fast } else { slow };
+        for _ in 0..instances {
+            let (ctx, stop, interval) = (ctx.clone(), shutdown.clone(), config.sweep_interval);
+            tasks.spawn(async move {
+                coupon_consumers::run(role, ctx, poll, interval, stop)
+                    .await
+                    .with_context(|| format!("the {role} consumer stopped"))
+            });
+        }
+    }
+}
+
+/// The gateway: the blacklist upkeep, the replies it waits for, and the HTTP
+/// server; returns the address it listens on and its downloads' counters.
+async fn start_gateway(
+    config: &AppConfig,
+    ctx: &Context,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(SocketAddr, Arc<gateway::console::ExportStats>)> {
+    // The gateways change the blacklist: they also lift the expired entries
+    // and publish the changes a failed publish left waiting (several
+    // gateways doing it at once wait for each other's rows).
+    let (upkeep_ctx, stop, every) = (
+        ctx.clone(),
+        shutdown.clone(),
+        config.blacklist_upkeep_interval,
+    );
+    tasks.spawn(async move {
+        blacklist_upkeep(&upkeep_ctx, every, stop).await;
+        Ok(())
+    });
+    let replies = Arc::new(Replies::bounded(config.gateway.max_waiting.max(1)));
+    let results =
+        gateway::replies::results_consumer(&config.kafka, &ctx.topics, config.fast_fetch_wait_ms)
+            .await
+            .context("subscribing to the results topics")?;
+    tasks.spawn(
+        gateway::replies::dispatch(
+            results,
+            ctx.topics.clone(),
+            replies.clone(),
+            shutdown.clone().cancelled_owned(),
+        )
+        .map_ok(),
+    );
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(
+        GatewayState::new(
+            ctx.pool.clone(),
+            ctx.cache.clone(),
+            ctx.publisher.clone(),
+            ctx.topics.clone(),
+            replies,
+            config.gateway.clone(),
+            metrics,
+        )
+        .with_read_pool(read_pool(config).await?)
+        .with_exporter(Arc::new(crate::console_export::ReplayExporter {
+            kafka: config.kafka.clone(),
+            topics: ctx.topics.clone(),
+        })),
+    );
+    let exports = state.exports.clone();
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        gateway::serve(listener, state, stop.cancelled_owned())
+            .await
+            .context("HTTP server")
+    });
+    tracing::info!(%addr, "gateway listening");
+    Ok((addr, exports))
+}
+
+/// What the gateway's read-only routes read: the replicas of
+/// `DATABASE_READ_URL`, or a pool of its own on the same server, so the
+/// console's scans and the status route can never take the connections the
+/// consumers of this process decide coupons with.
+async fn read_pool(config: &AppConfig) -> anyhow::Result<PgPool> {
+    match config.database_read_url.as_deref() {
+        Some(url) if url != config.database_url => {
+            reach::postgres(url).await?;
+            coupon_platform::db::connect(url, config.db_max_connections)
+                .await
+                .with_context(|| format!("connecting to Postgres at {}", redact(url)))
+        }
+        _ => coupon_platform::db::connect(&config.database_url, READ_POOL_CONNECTIONS)
+            .await
+            .with_context(|| format!("connecting to Postgres at {}", redact(&config.database_url))),
+    }
 }
 
 /// Creates the history partitions of the month `today()` falls in and the

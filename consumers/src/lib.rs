@@ -248,6 +248,54 @@ pub(crate) async fn answer_if_possible<E: coupon_schemas::Event>(
 /// [`coupon_platform::store::db_now`]).
 pub(crate) use coupon_platform::store::db_now;
 
+/// How a consumer role is run: what the binary reads to start it, instead
+/// of matching on role names (a new role must say, or it does not compile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoleSpec {
+    /// A client waits for its answers: it polls with the short fetch wait
+    /// (`FAST_FETCH_WAIT_MS`), the others with the long one.
+    pub answers_clients: bool,
+    /// Safe and useful as several instances in one process (batches of
+    /// different partitions decided side by side).
+    pub scales_out: bool,
+    /// Reads the Redis mirror: the process refills it before starting.
+    pub restores_cache: bool,
+    /// Writes the history: the process keeps its monthly partitions ahead.
+    pub writes_history: bool,
+}
+
+/// The spec of `role`; `None` for the gateway, which consumes nothing.
+pub fn spec(role: Role) -> Option<RoleSpec> {
+    let base = RoleSpec {
+        answers_clients: false,
+        scales_out: false,
+        restores_cache: false,
+        writes_history: false,
+    };
+    match role {
+        Role::Gateway => None,
+        Role::Coupons => Some(base),
+        Role::Claims => Some(RoleSpec {
+            answers_clients: true,
+            scales_out: true,
+            restores_cache: true,
+            ..base
+        }),
+        Role::Purchases => Some(RoleSpec {
+            answers_clients: true,
+            ..base
+        }),
+        Role::Expiry => Some(RoleSpec {
+            restores_cache: true,
+            ..base
+        }),
+        Role::History => Some(RoleSpec {
+            writes_history: true,
+            ..base
+        }),
+    }
+}
+
 /// Runs one consumer role until `shutdown` is cancelled (the expiry role
 /// runs its sweeper beside its consumer).
 pub async fn run(
