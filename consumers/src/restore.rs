@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
+use coupon_domain::UserId;
 use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::redis::CachedHold;
 use coupon_platform::store::{coupons, decisions};
@@ -141,11 +142,11 @@ pub async fn restore(ctx: &Context) -> Result<Restored, BatchError> {
     let now = Utc::now();
     let window = ctx.policy.quota_window;
     let window_end = window.end_of(now);
-    let used: Vec<(String, chrono::DateTime<Utc>)> =
+    let used: Vec<(UserId, chrono::DateTime<Utc>)> =
         decisions::quota_users(&ctx.pool, window.start_of(now))
             .await?
             .into_iter()
-            .map(|user| (user.into_string(), window_end))
+            .map(|user| (user, window_end))
             .collect();
     for chunk in holds.chunks(CHUNK) {
         ctx.cache

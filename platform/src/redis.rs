@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use coupon_domain::{CouponCode, UserId};
+use coupon_domain::{Category, CouponCode, UserId};
 use fred::prelude::*;
 
 /// A hold that ended (redeemed or released): its coupon and its holder, named
@@ -199,21 +199,23 @@ impl Cache {
     }
 
     /// The user's current hold, if Redis has it.
-    pub async fn user_hold(&self, user_id: &str) -> Result<Option<CachedHold>, CacheError> {
+    pub async fn user_hold(&self, user: &UserId) -> Result<Option<CachedHold>, CacheError> {
         let value: Option<String> = self
-            .call(self.client.get(self.user_hold_key(user_id)))
+            .call(self.client.get(self.user_hold_key(user.as_str())))
             .await?;
         Ok(value.and_then(|v| parse_hold(&v)))
     }
 
-    pub async fn hold(&self, code: &str) -> Result<Option<CachedHold>, CacheError> {
-        let value: Option<String> = self.call(self.client.get(self.hold_key(code))).await?;
+    pub async fn hold(&self, code: &CouponCode) -> Result<Option<CachedHold>, CacheError> {
+        let value: Option<String> = self
+            .call(self.client.get(self.hold_key(&code.to_string())))
+            .await?;
         Ok(value.and_then(|v| parse_hold(&v)))
     }
 
-    /// Counts one request by `client_id` in the current second; returns the count.
-    pub async fn count_request(&self, client_id: &str) -> Result<u64, CacheError> {
-        let key = self.flood_key(client_id, Utc::now().timestamp());
+    /// Counts one claim by `user` in the current second; returns the count.
+    pub async fn count_request(&self, user: &UserId) -> Result<u64, CacheError> {
+        let key = self.flood_key(user.as_str(), Utc::now().timestamp());
         let pipeline = self.client.pipeline();
         let _: () = pipeline.incr(&key).await?;
         let _: () = pipeline.expire(&key, 2, None).await?;
@@ -221,11 +223,11 @@ impl Cache {
         Ok(count)
     }
 
-    pub async fn block(&self, client_id: &str, for_how_long: Duration) -> Result<(), CacheError> {
+    pub async fn block(&self, user: &UserId, for_how_long: Duration) -> Result<(), CacheError> {
         let ms = for_how_long.as_millis().max(1) as i64;
         let _: () = self
             .call(self.client.set(
-                self.blocked_key(client_id),
+                self.blocked_key(user.as_str()),
                 "1",
                 Some(Expiration::PX(ms)),
                 None,
@@ -239,12 +241,12 @@ impl Cache {
     /// key): an operator's lifting must not wait for the block's TTL.
     /// The counts of the last seconds go too, or the client's next request
     /// would find them over the limit and be blocked again.
-    pub async fn unblock(&self, client_id: &str) -> Result<(), CacheError> {
-        let second = Utc::now().timestamp();
+    pub async fn unblock(&self, user: &UserId) -> Result<(), CacheError> {
+        let (user, second) = (user.as_str(), Utc::now().timestamp());
         let keys = vec![
-            self.blocked_key(client_id),
-            self.flood_key(client_id, second),
-            self.flood_key(client_id, second - 1),
+            self.blocked_key(user),
+            self.flood_key(user, second),
+            self.flood_key(user, second - 1),
         ];
         let _: i64 = self.call(self.client.del(keys)).await?;
         Ok(())
@@ -254,9 +256,9 @@ impl Cache {
         format!("{}:flood:{client_id}:{second}", self.prefix)
     }
 
-    pub async fn is_blocked(&self, client_id: &str) -> Result<bool, CacheError> {
+    pub async fn is_blocked(&self, user: &UserId) -> Result<bool, CacheError> {
         let exists: i64 = self
-            .call(self.client.exists(self.blocked_key(client_id)))
+            .call(self.client.exists(self.blocked_key(user.as_str())))
             .await?;
         Ok(exists > 0)
     }
@@ -271,11 +273,11 @@ impl Cache {
     /// only lets such a user be told `sold_out` instead (never a coupon).
     pub async fn put_quota_used(
         &self,
-        users: &[(String, DateTime<Utc>)],
+        users: &[(UserId, DateTime<Utc>)],
     ) -> Result<(), CacheError> {
         let entries: Vec<_> = users
             .iter()
-            .map(|(user_id, until)| (self.quota_key(user_id), "1".to_owned(), *until))
+            .map(|(user, until)| (self.quota_key(user.as_str()), "1".to_owned(), *until))
             .collect();
         self.set_until(&entries).await
     }
@@ -411,9 +413,10 @@ impl Cache {
     /// and whether the user holds a coupon or is blocked.
     pub async fn fast_path_facts(
         &self,
-        user_id: &str,
-        category: Option<&str>,
+        user: &UserId,
+        category: Option<&Category>,
     ) -> Result<coupon_domain::sold_out::FastPathFacts, CacheError> {
+        let (user_id, category) = (user.as_str(), category.map(Category::as_str));
         let pipeline = self.client.pipeline();
         let _: () = pipeline.get(self.supply_key()).await?;
         let _: () = pipeline.get(self.sold_out_key(None)).await?;

@@ -127,7 +127,7 @@ pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Resul
             let prefix = conn.redis_prefix.as_deref().unwrap_or(&conn.topic_prefix);
             let unblocked =
                 match coupon_platform::redis::Cache::connect(&conn.redis_url, prefix).await {
-                    Ok(cache) => cache.unblock(user.as_str()).await.is_ok(),
+                    Ok(cache) => cache.unblock(&user).await.is_ok(),
                     Err(_) => false,
                 };
             if !unblocked {

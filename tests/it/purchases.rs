@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use coupon_domain::CouponCode;
 use coupon_platform::redis::Cache;
 use couponctl::app::Role;
 
@@ -55,8 +56,9 @@ async fn purchase_inside_the_hold_redeems_once_per_order() {
     let (status, body) = claim(&http, &app, "buyer").await;
     assert_eq!(status, 200);
     let code = body["coupon_code"].as_str().unwrap().to_owned();
+    let typed_code = CouponCode::parse(&code).expect("a coupon code");
     assert!(
-        cache.hold(&code).await.unwrap().is_some(),
+        cache.hold(&typed_code).await.unwrap().is_some(),
         "the hold is mirrored in Redis"
     );
     let (_, other) = claim(&http, &app, "bystander").await;
@@ -119,7 +121,7 @@ async fn purchase_inside_the_hold_redeems_once_per_order() {
         .await;
     assert_eq!(redemptions, 1);
     assert!(
-        cache.hold(&code).await.unwrap().is_none(),
+        cache.hold(&typed_code).await.unwrap().is_none(),
         "a redeemed hold leaves Redis"
     );
     eventually("history shows the redemption", Duration::from_secs(20), || async {
@@ -137,7 +139,7 @@ async fn purchase_inside_the_hold_redeems_once_per_order() {
     );
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("1 live holds"));
     let rebuilt = cache
-        .hold(&other_code)
+        .hold(&CouponCode::parse(&other_code).expect("a coupon code"))
         .await
         .unwrap()
         .expect("rebuilt hold");

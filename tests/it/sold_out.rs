@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use coupon_domain::{Category, UserId};
 use coupon_platform::kafka::{decode, Publisher};
 use coupon_schemas::{ClaimDecided, ClaimOutcome, ClaimRequested};
 use couponctl::app::Role;
@@ -203,7 +204,7 @@ async fn newcomers_until_marked_sold_out(
                 (404, "sold_out".to_owned())
             );
             let facts = cache
-                .fast_path_facts("someone-new", None)
+                .fast_path_facts(&UserId::parse("someone-new").unwrap(), None)
                 .await
                 .expect("facts");
             coupon_domain::sold_out::pool_sold_out(&facts)
@@ -818,7 +819,10 @@ async fn one_request_id_gets_one_answer_whatever_its_category() {
         || async {
             assert_eq!(gone("drain").await.unwrap().status().as_u16(), 404);
             let facts = cache
-                .fast_path_facts("someone-new", Some("Gone"))
+                .fast_path_facts(
+                    &UserId::parse("someone-new").unwrap(),
+                    Some(&Category::parse("Gone").unwrap()),
+                )
                 .await
                 .unwrap();
             coupon_domain::sold_out::pool_sold_out(&facts)

@@ -58,12 +58,12 @@ pub(super) async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) -> boo
     for decision in fresh {
         match decision.outcome {
             ClaimOutcomeKind::Granted if !decision.repeated => quota_used.push((
-                decision.user_id.to_string(),
+                decision.user_id.clone(),
                 ctx.policy.quota_window.end_of(decision.decided_at),
             )),
             ClaimOutcomeKind::RateLimited => {
                 if let Some(retry_at) = decision.retry_at {
-                    quota_used.push((decision.user_id.to_string(), retry_at));
+                    quota_used.push((decision.user_id.clone(), retry_at));
                 }
             }
             _ => {}

@@ -164,11 +164,7 @@ async fn sold_out_fast_path(
     if state.maybe_blacklisted(user.as_str()) {
         return FastPath::Ask;
     }
-    match state
-        .cache
-        .fast_path_facts(user.as_str(), category.map(Category::as_str))
-        .await
-    {
+    match state.cache.fast_path_facts(user, category).await {
         Ok(facts) => coupon_domain::sold_out::fast_path(&facts),
         Err(error) => {
             tracing::debug!(%error, "sold-out marks unreadable; asking the claim processor");

@@ -14,7 +14,7 @@ use super::{ApiError, ErrorCode, GatewayState};
 /// rebuilt database does). Redis trouble disables the check rather than the
 /// API.
 pub(super) async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError> {
-    let blocked = match state.cache.is_blocked(user.as_str()).await {
+    let blocked = match state.cache.is_blocked(user).await {
         Ok(blocked) => blocked,
         Err(error) => {
             tracing::debug!(%error, "flood check skipped");
@@ -28,12 +28,12 @@ pub(super) async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(
             "this user is temporarily blocked for flooding",
         ));
     }
-    let Ok(count) = state.cache.count_request(user.as_str()).await else {
+    let Ok(count) = state.cache.count_request(user).await else {
         return Ok(());
     };
     if count > state.config.flood_limit_per_sec {
         let block = state.config.flood_block;
-        let _ = state.cache.block(user.as_str(), block).await;
+        let _ = state.cache.block(user, block).await;
         let until = Utc::now() + coupon_domain::clock::span(block);
         let blacklist = crate::blacklist::Blacklist {
             pool: &state.pool,

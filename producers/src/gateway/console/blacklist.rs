@@ -220,7 +220,7 @@ pub(crate) async fn blacklist_remove(
             ApiError::unavailable("the blacklist could not be changed; retrying is safe")
         })?;
     // A flood block lifts at once on every gateway, not at its TTL.
-    let unblocked = state.cache.unblock(user.as_str()).await;
+    let unblocked = state.cache.unblock(&user).await;
     if let Err(error) = unblocked {
         tracing::warn!(%error, "could not lift the flood block in Redis; it ends at its TTL");
     }
