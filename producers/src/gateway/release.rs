@@ -23,7 +23,7 @@ use super::{
     json_rejection, responses, AdminCaller, ApiError, CouponBatch, CreateCoupons, ErrorBody,
     ErrorCode, GatewayState, MAX_HTTP_ISSUE,
 };
-use crate::issue::{self, IssueRequest};
+use crate::issue::{self, IdempotencyKey, IssueError, IssueRequest};
 
 /// Release a batch of coupons (employees).
 ///
@@ -77,43 +77,9 @@ pub(super) async fn create_coupons(
     headers: HeaderMap,
     body: Result<Json<CreateCoupons>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    use issue::{IdempotencyKey, IssueError};
-
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|raw| IdempotencyKey::parse(raw).ok())
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "Idempotency-Key must be 1 to 128 visible ASCII characters ('!' to '~')",
-                    )
-                })?,
-        ),
-    };
+    let key = idempotency_key(&headers)?;
     let Json(body) = body.map_err(json_rejection)?;
-    let count = body.count.unwrap_or(1);
-    if count == 0 || count > MAX_HTTP_ISSUE {
-        return Err(ApiError::invalid(format!(
-            "count must be between 1 and {MAX_HTTP_ISSUE} (use `couponctl issue` for more)"
-        )));
-    }
-    let named = EmployeeId::parse(body.id).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let employee = caller.release_employee(named).map_err(|mismatch| {
-        tracing::warn!(%mismatch, "a release naming another employee was refused");
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::EmployeeMismatch,
-            mismatch.to_string(),
-        )
-    })?;
-    let request = IssueRequest {
-        employee,
-        category: Category::parse(body.category).map_err(|e| ApiError::invalid(e.to_string()))?,
-        count,
-    };
+    let request = release_request(caller, body)?;
     // The release is not this request's to cut: it runs in its own task,
     // which goes on when the client leaves or this handler stops waiting.
     let wait = state.config.reply_timeout;
@@ -144,63 +110,13 @@ pub(super) async fn create_coupons(
         Ok(Ok(outcome)) => outcome,
         Ok(Err(error)) => {
             tracing::error!(%error, "the release task failed");
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                if keyed {
-                    "the release failed unexpectedly; repeating the request with the same \
-                     Idempotency-Key and body completes it"
-                } else {
-                    "the release failed unexpectedly; some of its coupons may already be \
-                     claimable, and repeating it without an Idempotency-Key releases another batch"
-                },
-            ));
+            return Err(task_failed(keyed));
         }
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                ErrorCode::Timeout,
-                if keyed {
-                    "the release is still being published and will complete; repeat the request \
-                     with the same Idempotency-Key and body for its answer"
-                } else {
-                    "the release is still being published and will complete; do not repeat it \
-                     without an Idempotency-Key: that would release another batch"
-                },
-            ));
-        }
+        Err(_) => return Err(still_publishing(keyed)),
     };
     let batch = outcome.map_err(|error| {
         tracing::warn!(%error, "releasing coupons failed");
-        match error {
-            IssueError::KeyReused { .. } => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorCode::IdempotencyKeyReused,
-                error.to_string(),
-            ),
-            IssueError::InProgress(_) => {
-                let mut answer = ApiError::new(
-                    StatusCode::CONFLICT,
-                    ErrorCode::IdempotencyKeyInProgress,
-                    error.to_string(),
-                );
-                answer.retry_after_secs = Some(1);
-                answer
-            }
-            IssueError::BadCount(_) => ApiError::invalid(error.to_string()),
-            _ if keyed => ApiError::unavailable(
-                "the coupons could not be released now; the batch is stored: repeating the \
-                 request with the same Idempotency-Key and body completes it",
-            ),
-            // Nothing was published before the codes were generated.
-            IssueError::Keygen(_) | IssueError::Store(_) => ApiError::unavailable(
-                "no machine id could be leased, so no coupon was released; retrying is safe",
-            ),
-            _ => ApiError::unavailable(
-                "the release failed part-way: some of its coupons may already be claimable; \
-                 repeating it without an Idempotency-Key releases another batch",
-            ),
-        }
+        refused(error, keyed)
     })?;
     let codes: Vec<String> = batch.codes.iter().map(ToString::to_string).collect();
     Ok((
@@ -214,4 +130,110 @@ pub(super) async fn create_coupons(
         }),
     )
         .into_response())
+}
+
+/// The `Idempotency-Key` header, if sent; a key that is not 1 to 128
+/// visible ASCII characters is refused.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|raw| IdempotencyKey::parse(raw).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "Idempotency-Key must be 1 to 128 visible ASCII characters ('!' to '~')",
+            )
+        })
+}
+
+/// The release a body asks for, by the employee the caller may release as.
+fn release_request(caller: AdminCaller, body: CreateCoupons) -> Result<IssueRequest, ApiError> {
+    let count = body.count.unwrap_or(1);
+    if count == 0 || count > MAX_HTTP_ISSUE {
+        return Err(ApiError::invalid(format!(
+            "count must be between 1 and {MAX_HTTP_ISSUE} (use `couponctl issue` for more)"
+        )));
+    }
+    let named = EmployeeId::parse(body.id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let employee = caller.release_employee(named).map_err(|mismatch| {
+        tracing::warn!(%mismatch, "a release naming another employee was refused");
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::EmployeeMismatch,
+            mismatch.to_string(),
+        )
+    })?;
+    Ok(IssueRequest {
+        employee,
+        category: Category::parse(body.category).map_err(|e| ApiError::invalid(e.to_string()))?,
+        count,
+    })
+}
+
+/// The release's task died (a panic): what the client may do depends on
+/// whether the release was keyed.
+fn task_failed(keyed: bool) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Internal,
+        if keyed {
+            "the release failed unexpectedly; repeating the request with the same \
+             Idempotency-Key and body completes it"
+        } else {
+            "the release failed unexpectedly; some of its coupons may already be \
+             claimable, and repeating it without an Idempotency-Key releases another batch"
+        },
+    )
+}
+
+/// The release outlasted the reply timeout; it goes on in its task.
+fn still_publishing(keyed: bool) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::Timeout,
+        if keyed {
+            "the release is still being published and will complete; repeat the request \
+             with the same Idempotency-Key and body for its answer"
+        } else {
+            "the release is still being published and will complete; do not repeat it \
+             without an Idempotency-Key: that would release another batch"
+        },
+    )
+}
+
+/// The answer to a release that failed, by what a repeat would do.
+fn refused(error: IssueError, keyed: bool) -> ApiError {
+    match error {
+        IssueError::KeyReused { .. } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::IdempotencyKeyReused,
+            error.to_string(),
+        ),
+        IssueError::InProgress(_) => {
+            let mut answer = ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::IdempotencyKeyInProgress,
+                error.to_string(),
+            );
+            answer.retry_after_secs = Some(1);
+            answer
+        }
+        IssueError::BadCount(_) => ApiError::invalid(error.to_string()),
+        _ if keyed => ApiError::unavailable(
+            "the coupons could not be released now; the batch is stored: repeating the \
+             request with the same Idempotency-Key and body completes it",
+        ),
+        // Nothing was published before the codes were generated.
+        IssueError::Keygen(_) | IssueError::Store(_) => ApiError::unavailable(
+            "no machine id could be leased, so no coupon was released; retrying is safe",
+        ),
+        _ => ApiError::unavailable(
+            "the release failed part-way: some of its coupons may already be claimable; \
+             repeating it without an Idempotency-Key releases another batch",
+        ),
+    }
 }
