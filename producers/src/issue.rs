@@ -234,59 +234,9 @@ pub async fn release(
         return issue(pool, publisher, topics, datacenter, request, progress).await;
     };
     check_count(request.count)?;
-    let (stored, minted) = match releases::find(pool, key.as_str()).await? {
-        Some(stored) => (stored, false),
-        None => {
-            let codes = generate(pool, datacenter, request.count).await?;
-            let fresh = StoredRelease {
-                idempotency_key: key.as_str().to_owned(),
-                batch_id: Uuid::new_v4(),
-                employee_id: request.employee.clone(),
-                category: request.category.clone(),
-                count: i32::try_from(request.count)
-                    .map_err(|_| IssueError::BadCount(request.count))?,
-                coupon_ids: codes.iter().map(|c| c.id().as_i64()).collect(),
-                // Postgres keeps microseconds: stored and used as read back.
-                created_at: DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
-                    .unwrap_or_else(Utc::now),
-                published_at: None,
-            };
-            if releases::insert(pool, &fresh).await? {
-                // Counted once, when minted (whoever then publishes it).
-                metrics::counter!("coupon_coupons_issued_total").increment(codes.len() as u64);
-                (fresh, true)
-            } else {
-                // A concurrent call with this key stored first: its batch
-                // is the release (these ids are never used).
-                let stored = releases::find(pool, key.as_str())
-                    .await?
-                    .ok_or_else(|| IssueError::InProgress(key.to_string()))?;
-                (stored, false)
-            }
-        }
-    };
-    if stored.employee_id != request.employee
-        || stored.category != request.category
-        || i64::from(stored.count) != i64::from(request.count)
-    {
-        return Err(IssueError::KeyReused {
-            key: key.to_string(),
-            employee: stored.employee_id,
-            category: stored.category,
-            count: stored.count,
-        });
-    }
-    let codes = stored
-        .coupon_ids
-        .iter()
-        .map(|&id| {
-            u64::try_from(id)
-                .ok()
-                .and_then(|raw| SnowflakeId::from_raw(raw).ok())
-                .map(CouponCode::from_id)
-        })
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| IssueError::Corrupt(key.to_string()))?;
+    let (stored, minted) = stored_or_minted(pool, datacenter, request, key).await?;
+    check_same_request(&stored, request, key)?;
+    let codes = stored_codes(&stored, key)?;
     let batch_id = stored.batch_id;
     let answer = |repeated| IssuedBatch {
         batch_id,
@@ -327,6 +277,81 @@ pub async fn release(
     tracing::info!(%batch_id, %key, employee = %request.employee, category = %request.category,
         count = codes.len(), completed_earlier_release = !minted, "batch issued");
     Ok(answer(!minted))
+}
+
+/// The release stored under `key`, or a new one minted and stored (`true`);
+/// when a concurrent call stored first, its release (these ids are never
+/// used).
+async fn stored_or_minted(
+    pool: &PgPool,
+    datacenter: u16,
+    request: &IssueRequest,
+    key: &IdempotencyKey,
+) -> Result<(StoredRelease, bool), IssueError> {
+    if let Some(stored) = releases::find(pool, key.as_str()).await? {
+        return Ok((stored, false));
+    }
+    let codes = generate(pool, datacenter, request.count).await?;
+    let fresh = StoredRelease {
+        idempotency_key: key.as_str().to_owned(),
+        batch_id: Uuid::new_v4(),
+        employee_id: request.employee.clone(),
+        category: request.category.clone(),
+        count: i32::try_from(request.count).map_err(|_| IssueError::BadCount(request.count))?,
+        coupon_ids: codes.iter().map(|c| c.id().as_i64()).collect(),
+        // Postgres keeps microseconds: stored and used as read back.
+        created_at: DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
+            .unwrap_or_else(Utc::now),
+        published_at: None,
+    };
+    if releases::insert(pool, &fresh).await? {
+        // Counted once, when minted (whoever then publishes it).
+        metrics::counter!("coupon_coupons_issued_total").increment(codes.len() as u64);
+        return Ok((fresh, true));
+    }
+    let stored = releases::find(pool, key.as_str())
+        .await?
+        .ok_or_else(|| IssueError::InProgress(key.to_string()))?;
+    Ok((stored, false))
+}
+
+/// A key names one release: the same key with another body is refused.
+fn check_same_request(
+    stored: &StoredRelease,
+    request: &IssueRequest,
+    key: &IdempotencyKey,
+) -> Result<(), IssueError> {
+    if stored.employee_id != request.employee
+        || stored.category != request.category
+        || i64::from(stored.count) != i64::from(request.count)
+    {
+        return Err(IssueError::KeyReused {
+            key: key.to_string(),
+            employee: stored.employee_id.clone(),
+            category: stored.category.clone(),
+            count: stored.count,
+        });
+    }
+    Ok(())
+}
+
+/// The stored release's codes; a stored id that is no Snowflake id (an
+/// edited row) is refused.
+fn stored_codes(
+    stored: &StoredRelease,
+    key: &IdempotencyKey,
+) -> Result<Vec<CouponCode>, IssueError> {
+    stored
+        .coupon_ids
+        .iter()
+        .map(|&id| {
+            u64::try_from(id)
+                .ok()
+                .and_then(|raw| SnowflakeId::from_raw(raw).ok())
+                .map(CouponCode::from_id)
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| IssueError::Corrupt(key.to_string()))
 }
 
 fn check_count(count: u32) -> Result<(), IssueError> {
