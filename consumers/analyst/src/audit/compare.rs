@@ -48,8 +48,20 @@ pub(super) async fn compare_decisions(
     blacklist_before: &HashMap<String, BlacklistRow>,
     report: &mut AuditReport,
 ) -> anyhow::Result<()> {
-    let in_flight = |user: &str| log.skip_users.contains(user);
+    compare_quota(live, rebuilt, log, report).await?;
+    compare_claim_decisions(live, rebuilt, log, report).await?;
+    compare_purchase_decisions(live, rebuilt, log, report).await?;
+    compare_blacklist(live, rebuilt, blacklist_before, report).await
+}
 
+/// Quota slots, by user and window.
+async fn compare_quota(
+    live: &PgPool,
+    rebuilt: &PgPool,
+    log: &CutLog,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
+    let in_flight = |user: &str| log.skip_users.contains(user);
     let live_quota = quota_of(live).await.context("reading the live quota")?;
     let log_quota = quota_of(rebuilt)
         .await
@@ -79,7 +91,17 @@ pub(super) async fn compare_decisions(
             },
         ));
     }
+    Ok(())
+}
 
+/// Stored claim decisions, by request id.
+async fn compare_claim_decisions(
+    live: &PgPool,
+    rebuilt: &PgPool,
+    log: &CutLog,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
+    let in_flight = |user: &str| log.skip_users.contains(user);
     let live_claims = claim_decisions_of(live)
         .await
         .context("reading the live claim decisions")?;
@@ -100,7 +122,17 @@ pub(super) async fn compare_decisions(
             .differences
             .extend(difference(&what, l, r, ClaimDecisionRow::describe));
     }
+    Ok(())
+}
 
+/// Stored purchase decisions, by order id.
+async fn compare_purchase_decisions(
+    live: &PgPool,
+    rebuilt: &PgPool,
+    log: &CutLog,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
+    let in_flight = |user: &str| log.skip_users.contains(user);
     let live_purchases = purchase_decisions_of(live)
         .await
         .context("reading the live purchase decisions")?;
@@ -121,7 +153,16 @@ pub(super) async fn compare_decisions(
             .differences
             .extend(difference(&what, l, r, PurchaseDecisionRow::describe));
     }
+    Ok(())
+}
 
+/// Blacklist entries that did not change while the audit read the log.
+async fn compare_blacklist(
+    live: &PgPool,
+    rebuilt: &PgPool,
+    blacklist_before: &HashMap<String, BlacklistRow>,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
     let live_blacklist = blacklist_of(live)
         .await
         .context("reading the live blacklist")?;
