@@ -24,3 +24,4 @@ pub mod console_export;
 pub mod dev;
 pub mod gauges;
 pub mod status;
+pub mod upkeep;

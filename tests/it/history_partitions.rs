@@ -49,8 +49,13 @@ async fn the_coming_months_partitions_are_made_while_the_process_runs() {
     let task = {
         let (pool, stop) = (env.pool.clone(), stop.clone());
         tokio::spawn(async move {
-            couponctl::app::partitions_ahead(&pool, Duration::from_millis(50), move || later, stop)
-                .await
+            couponctl::upkeep::partitions_ahead(
+                &pool,
+                Duration::from_millis(50),
+                move || later,
+                stop,
+            )
+            .await
         })
     };
     eventually(

@@ -1,0 +1,72 @@
+//! The upkeep a serving process runs beside its roles, each round on a
+//! timer until shutdown: the history's partitions ahead of time, and the
+//! blacklist's expired entries and waiting changes.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use coupon_consumers::Context;
+
+/// Creates the history partitions of the month `today()` falls in and the
+/// next two every `every` ([`coupon_platform::db::partitions_ahead_from`]),
+/// until `stop`: a process running for months never lets a month's rows
+/// settle in the default partition (where they would stay: a partition
+/// cannot be made for a month the default partition holds rows of).
+pub async fn partitions_ahead(
+    pool: &sqlx::PgPool,
+    every: Duration,
+    today: impl Fn() -> chrono::NaiveDate,
+    stop: CancellationToken,
+) {
+    every_until(every, &stop, || async {
+        if let Err(error) = coupon_platform::db::partitions_ahead_from(pool, today()).await {
+            tracing::warn!(%error, "could not create the coming history partitions");
+        }
+    })
+    .await;
+}
+
+/// Runs [`coupon_producers::blacklist::Blacklist::upkeep`] every `every`
+/// until `stop`; a failed round is logged and tried again at the next.
+pub async fn blacklist_upkeep(ctx: &Context, every: Duration, stop: CancellationToken) {
+    let blacklist = coupon_producers::blacklist::Blacklist {
+        pool: &ctx.pool,
+        publisher: &ctx.publisher,
+        topics: &ctx.topics,
+    };
+    every_until(every, &stop, || async {
+        match blacklist.upkeep().await {
+            Ok(done) if done.lifted + done.published > 0 => tracing::info!(
+                lifted = done.lifted,
+                published = done.published,
+                "blacklist upkeep: expired entries lifted, waiting changes published"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "blacklist upkeep failed; trying again later"),
+        }
+    })
+    .await;
+}
+
+/// Runs `round` at once and then every `every` (a slow round delays the
+/// next rather than piling rounds up) until `stop`, which also ends a round
+/// in progress.
+async fn every_until<F, Fut>(every: Duration, stop: &CancellationToken, mut round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = round() => {}
+        }
+    }
+}
