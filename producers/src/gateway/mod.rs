@@ -26,31 +26,28 @@
 //! `request_id` log field, so one `grep` follows a request end to end.
 //!
 //! One file per concern: `config` (limits, credentials, the exposure check),
-//! `state` (what handlers share), `routes` (the table and the router),
-//! `server` (connections, shutdown, metrics, the operational routes),
-//! `admission` (who may call what, before a body is read), `flood`, `claims`,
-//! `purchases`, `status` and `release` (one storefront or admin route each),
-//! `console` (the web console and its admin routes); this file keeps what
-//! those handlers share (request ids, tracing, publish-and-wait, errors).
+//! `state` (what handlers share), `routes` (the table, the router and the
+//! handlers), `server` (connections, shutdown, the request metrics),
+//! `admission` (who may call what, before a body is read), `flood`,
+//! `routes/` (one file per storefront, admin or operational route: `claim`,
+//! `purchase`, `release`, `status`, `health`), `console/` (the web console
+//! and its admin routes); this file keeps what those handlers share (request
+//! ids, tracing, publish-and-wait, errors).
 
 mod admission;
 mod api;
 pub mod auth;
-mod claims;
 mod config;
 pub mod console;
 pub mod employees;
 mod error;
 mod flood;
 pub mod openapi;
-mod purchases;
-mod release;
 pub mod replies;
 mod responses;
 mod routes;
 mod server;
 mod state;
-mod status;
 
 use std::future::Future;
 

@@ -20,13 +20,13 @@ use super::{ErrorBody, ErrorCode};
 Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
     ),
     paths(
-        super::claims::claim,
-        super::release::create_coupons,
-        super::status::coupon_status,
-        super::purchases::purchase,
-        super::server::healthz,
-        super::server::metrics_text,
-        super::server::openapi_json,
+        super::routes::claim::claim,
+        super::routes::release::create_coupons,
+        super::routes::status::coupon_status,
+        super::routes::purchase::purchase,
+        super::routes::health::healthz,
+        super::routes::health::metrics_text,
+        super::routes::health::openapi_json,
         super::console::console_page,
         super::console::console_script,
         super::console::pool,
@@ -183,7 +183,7 @@ fn patterns(value: &mut serde_json::Value) {
 /// constraints of the path and header parameters, and the links a client
 /// follows (a granted claim's code into the purchase and the status route).
 fn contract(doc: &mut serde_json::Value) {
-    use serde_json::{json, Value};
+    use serde_json::Value;
     patterns(doc);
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
@@ -193,123 +193,139 @@ fn contract(doc: &mut serde_json::Value) {
             continue;
         };
         for operation in item.values_mut() {
-            // Error answers: `error` is one of the codes this status can
-            // carry here (the examples name each of them).
-            for (status, response) in operation
-                .get_mut("responses")
-                .and_then(Value::as_object_mut)
-                .into_iter()
-                .flatten()
-            {
-                if !status.starts_with('4') && !status.starts_with('5') {
-                    continue;
-                }
-                let Some(content) = response.pointer_mut("/content/application~1json") else {
-                    continue;
-                };
-                if content.pointer("/schema/$ref") != Some(&json!("#/components/schemas/ErrorBody"))
-                {
-                    continue;
-                }
-                let mut codes: Vec<Value> = Vec::new();
-                if let Some(code) = content.pointer("/example/error") {
-                    codes.push(code.clone());
-                }
-                for example in content["examples"].as_object().into_iter().flatten() {
-                    if let Some(code) = example.1.pointer("/value/error") {
-                        codes.push(code.clone());
-                    }
-                }
-                // Every route is shed when the gateway is at MAX_IN_FLIGHT.
-                if status == "503" && !codes.contains(&json!("overloaded")) {
-                    codes.push(json!("overloaded"));
-                }
-                if codes.is_empty() {
-                    continue;
-                }
-                content["schema"] = json!({
-                    "type": "object",
-                    "description": "The error body (`ErrorBody`) with the codes of this answer",
-                    "required": ["error", "message"],
-                    "properties": {
-                        "error": {"type": "string", "enum": codes},
-                        "message": {"type": "string", "description": "For people: what went wrong and what to do."}
-                    }
-                });
-            }
-            // `get_mut`: indexing a missing key would add it as `null`.
-            for parameter in operation
-                .get_mut("parameters")
-                .and_then(Value::as_array_mut)
-                .into_iter()
-                .flatten()
-            {
-                match (parameter["in"].as_str(), parameter["name"].as_str()) {
-                    // Any value is accepted: one that does not match is
-                    // replaced by a generated id, so the pattern is told,
-                    // not a constraint.
-                    (Some("header"), Some("x-request-id")) => {
-                        parameter["description"] = json!(format!(
-                            "{} Used when it matches `{}`; otherwise replaced by a generated id.",
-                            parameter["description"].as_str().unwrap_or_default(),
-                            super::api::REQUEST_ID_PATTERN
-                        ));
-                    }
-                    // Checked: anything else is `400`.
-                    (Some("header"), Some("Idempotency-Key")) => {
-                        parameter["schema"] = json!({
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": crate::issue::MAX_KEY_LEN,
-                            "pattern": IDEMPOTENCY_KEY_PATTERN,
-                        });
-                    }
-                    (Some("path"), Some("code")) => {
-                        parameter["schema"] = json!({
-                            "type": "string",
-                            "pattern": PATH_CODE_PATTERN,
-                        });
-                    }
-                    _ => {}
-                }
+            error_codes(operation);
+            parameter_constraints(operation);
+        }
+        links(path, item);
+    }
+}
+
+/// Error answers: `error` is one of the codes this status can carry here
+/// (the examples name each of them).
+fn error_codes(operation: &mut serde_json::Value) {
+    use serde_json::{json, Value};
+    for (status, response) in operation
+        .get_mut("responses")
+        .and_then(Value::as_object_mut)
+        .into_iter()
+        .flatten()
+    {
+        if !status.starts_with('4') && !status.starts_with('5') {
+            continue;
+        }
+        let Some(content) = response.pointer_mut("/content/application~1json") else {
+            continue;
+        };
+        if content.pointer("/schema/$ref") != Some(&json!("#/components/schemas/ErrorBody")) {
+            continue;
+        }
+        let mut codes: Vec<Value> = Vec::new();
+        if let Some(code) = content.pointer("/example/error") {
+            codes.push(code.clone());
+        }
+        for example in content["examples"].as_object().into_iter().flatten() {
+            if let Some(code) = example.1.pointer("/value/error") {
+                codes.push(code.clone());
             }
         }
-        if path == "/api/v1/coupon" {
-            if let Some(granted) = item
-                .get_mut("get")
-                .and_then(|get| get.pointer_mut("/responses/200"))
-            {
-                granted["links"] = json!({
-                    "Purchase": {
-                        "operationId": "purchase",
-                        "description": "Buy the coupon just granted: the claim's `user_id` and `coupon_code` (and, for a fresh order, its request id as `order_id`).",
-                        "requestBody": {
-                            "user_id": "$response.body#/user_id",
-                            "coupon_code": "$response.body#/coupon_code",
-                            "order_id": "$response.header.x-request-id"
-                        }
-                    },
-                    "CouponStatus": {
-                        "operationId": "coupon_status",
-                        "description": "Look the granted coupon up.",
-                        "parameters": {"path.code": "$response.body#/coupon_code"}
-                    }
-                });
-            }
+        // Every route is shed when the gateway is at MAX_IN_FLIGHT.
+        if status == "503" && !codes.contains(&json!("overloaded")) {
+            codes.push(json!("overloaded"));
         }
-        if path == "/api/v1/purchase" {
-            if let Some(redeemed) = item
-                .get_mut("post")
-                .and_then(|post| post.pointer_mut("/responses/200"))
-            {
-                redeemed["links"] = json!({
-                    "CouponStatus": {
-                        "operationId": "coupon_status",
-                        "description": "Look the redeemed coupon up.",
-                        "parameters": {"path.code": "$response.body#/coupon_code"}
-                    }
+        if codes.is_empty() {
+            continue;
+        }
+        content["schema"] = json!({
+            "type": "object",
+            "description": "The error body (`ErrorBody`) with the codes of this answer",
+            "required": ["error", "message"],
+            "properties": {
+                "error": {"type": "string", "enum": codes},
+                "message": {"type": "string", "description": "For people: what went wrong and what to do."}
+            }
+        });
+    }
+}
+
+/// The constraints of the path and header parameters.
+fn parameter_constraints(operation: &mut serde_json::Value) {
+    use serde_json::{json, Value};
+    for parameter in operation
+        .get_mut("parameters")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        match (parameter["in"].as_str(), parameter["name"].as_str()) {
+            // Any value is accepted: one that does not match is
+            // replaced by a generated id, so the pattern is told,
+            // not a constraint.
+            (Some("header"), Some("x-request-id")) => {
+                parameter["description"] = json!(format!(
+                    "{} Used when it matches `{}`; otherwise replaced by a generated id.",
+                    parameter["description"].as_str().unwrap_or_default(),
+                    super::api::REQUEST_ID_PATTERN
+                ));
+            }
+            // Checked: anything else is `400`.
+            (Some("header"), Some("Idempotency-Key")) => {
+                parameter["schema"] = json!({
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": crate::issue::MAX_KEY_LEN,
+                    "pattern": IDEMPOTENCY_KEY_PATTERN,
                 });
             }
+            (Some("path"), Some("code")) => {
+                parameter["schema"] = json!({
+                    "type": "string",
+                    "pattern": PATH_CODE_PATTERN,
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The links a client follows: a granted claim's code into the purchase
+/// and the status route, a redemption's into the status route.
+fn links(path: &str, item: &mut serde_json::Map<String, serde_json::Value>) {
+    use serde_json::json;
+    if path == "/api/v1/coupon" {
+        if let Some(granted) = item
+            .get_mut("get")
+            .and_then(|get| get.pointer_mut("/responses/200"))
+        {
+            granted["links"] = json!({
+                "Purchase": {
+                    "operationId": "purchase",
+                    "description": "Buy the coupon just granted: the claim's `user_id` and `coupon_code` (and, for a fresh order, its request id as `order_id`).",
+                    "requestBody": {
+                        "user_id": "$response.body#/user_id",
+                        "coupon_code": "$response.body#/coupon_code",
+                        "order_id": "$response.header.x-request-id"
+                    }
+                },
+                "CouponStatus": {
+                    "operationId": "coupon_status",
+                    "description": "Look the granted coupon up.",
+                    "parameters": {"path.code": "$response.body#/coupon_code"}
+                }
+            });
+        }
+    }
+    if path == "/api/v1/purchase" {
+        if let Some(redeemed) = item
+            .get_mut("post")
+            .and_then(|post| post.pointer_mut("/responses/200"))
+        {
+            redeemed["links"] = json!({
+                "CouponStatus": {
+                    "operationId": "coupon_status",
+                    "description": "Look the redeemed coupon up.",
+                    "parameters": {"path.code": "$response.body#/coupon_code"}
+                }
+            });
         }
     }
 }

@@ -1,22 +1,19 @@
-//! Serving: connections, their limits and graceful shutdown, request metrics,
-//! and the operational routes (`/healthz`, `/metrics`, the OpenAPI document).
+//! Serving: connections, their limits and graceful shutdown, and the request
+//! metrics every route is observed by (the operational routes themselves are
+//! in `routes/health.rs`).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
+use axum::response::Response;
+use axum::Router;
 use tokio::sync::Semaphore;
 
-use coupon_platform::store;
-
-use super::api::{Health, HealthState};
+use super::auth;
 use super::router;
 use super::GatewayState;
-use super::{auth, openapi};
 
 /// Serves until `shutdown` resolves, then finishes in-flight requests.
 ///
@@ -136,68 +133,6 @@ pub(super) async fn observe(
     metrics::histogram!("coupon_http_request_duration_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
-}
-
-/// Liveness and readiness.
-#[utoipa::path(
-    get,
-    path = "/healthz",
-    tag = "operations",
-    responses(
-        (status = 200, description = "Serving (`degraded`: Redis is down, answers stay correct).", body = Health),
-        (status = 503, description = "Postgres is not available.", body = Health),
-    )
-)]
-pub(super) async fn healthz(State(state): State<Arc<GatewayState>>) -> Response {
-    let postgres = store::ping(&state.pool).await;
-    let redis = state.cache.ping().await.is_ok();
-    // Redis is a cache: the service still answers correctly without it.
-    let (status, health) = match (postgres, redis) {
-        (true, true) => (StatusCode::OK, HealthState::Ok),
-        (true, false) => (StatusCode::OK, HealthState::Degraded),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, HealthState::Unavailable),
-    };
-    (
-        status,
-        Json(Health {
-            status: health,
-            postgres,
-            redis,
-            waiting_requests: state.replies.waiting(),
-        }),
-    )
-        .into_response()
-}
-
-/// Prometheus metrics of this process.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    responses(
-        (status = 200, description = "Prometheus text format (version 0.0.4).", body = String, content_type = "text/plain"),
-    )
-)]
-pub(super) async fn metrics_text(State(state): State<Arc<GatewayState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
-}
-
-/// This document.
-#[utoipa::path(
-    get,
-    path = "/api/v1/openapi.json",
-    tag = "operations",
-    responses(
-        (status = 200, description = "The OpenAPI description of this API.", body = Object, content_type = "application/json"),
-    )
-)]
-pub(super) async fn openapi_json() -> Response {
-    static DOCUMENT: LazyLock<serde_json::Value> = LazyLock::new(openapi::document_json);
-    Json(&*DOCUMENT).into_response()
 }
 
 /// `GET /metrics` alone, for a process that runs consumers without the

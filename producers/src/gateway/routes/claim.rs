@@ -14,16 +14,16 @@ use coupon_domain::sold_out::FastPath;
 use coupon_domain::{Category, UserId};
 use coupon_schemas::{ClaimDecided, ClaimOutcome, ClaimRequested};
 
-use super::api::{ClaimGranted, ClaimQuery};
-use super::auth::{Caller, ClientAddr};
-use super::flood::flood_check;
-use super::responses;
-use super::GatewayState;
-use super::{
+use crate::gateway::api::{ClaimGranted, ClaimQuery};
+use crate::gateway::auth::{Caller, ClientAddr};
+use crate::gateway::flood::flood_check;
+use crate::gateway::responses;
+use crate::gateway::GatewayState;
+use crate::gateway::{
     client_request_id, publish_and_wait, request_id_conflict, rfc3339, storefront_caller, traced,
     waiting_full,
 };
-use super::{ApiError, ErrorBody, ErrorCode};
+use crate::gateway::{ApiError, ErrorBody, ErrorCode};
 
 /// Claim a coupon.
 ///
@@ -67,7 +67,7 @@ use super::{ApiError, ErrorBody, ErrorCode};
     ),
     security((), ("api_token" = []))
 )]
-pub(super) async fn claim(
+pub(in crate::gateway) async fn claim(
     State(state): State<Arc<GatewayState>>,
     client: ClientAddr,
     caller: Caller,
@@ -262,5 +262,88 @@ fn claim_response(decision: &ClaimDecided) -> Response {
         ClaimOutcome::Invalid | ClaimOutcome::Unspecified => {
             ApiError::invalid(decision.reason.clone()).into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decided(outcome: ClaimOutcome) -> ClaimDecided {
+        ClaimDecided {
+            outcome: outcome as i32,
+            user_id: "u1".into(),
+            coupon_code: "0AN35HST00000".into(),
+            category: "Electronics".into(),
+            expires_at_ms: 1_780_000_000_000,
+            reason: "user_id must not be empty".into(),
+            ..Default::default()
+        }
+    }
+
+    async fn body_of(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        serde_json::from_slice(&bytes).expect("a JSON body")
+    }
+
+    #[tokio::test]
+    async fn a_grant_answers_the_coupon_and_its_deadline() {
+        let response = claim_response(&decided(ClaimOutcome::Granted));
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = body_of(response).await;
+        assert_eq!(body["coupon_code"], "0AN35HST00000");
+        assert_eq!(body["category"], "Electronics");
+        assert_eq!(body["user_id"], "u1");
+        assert_eq!(body["expires_at"], "2026-05-28T20:26:40.000Z");
+    }
+
+    #[tokio::test]
+    async fn the_quota_answers_429_with_the_seconds_to_the_next_window() {
+        let mut decision = decided(ClaimOutcome::RateLimited);
+        decision.retry_at_ms = Utc::now().timestamp_millis() + 90_500;
+        let response = claim_response(&decision);
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let retry: u64 = response.headers()["retry-after"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("seconds");
+        assert!((90..=91).contains(&retry), "Retry-After {retry}");
+        assert_eq!(body_of(response).await["error"], "rate_limited");
+    }
+
+    #[tokio::test]
+    async fn a_window_already_over_still_says_wait_one_second() {
+        let mut decision = decided(ClaimOutcome::RateLimited);
+        decision.retry_at_ms = Utc::now().timestamp_millis() - 5_000;
+        let response = claim_response(&decision);
+        assert_eq!(response.headers()["retry-after"], "1");
+    }
+
+    #[tokio::test]
+    async fn each_refusal_has_its_status_and_code() {
+        for (outcome, status, code) in [
+            (ClaimOutcome::Blacklisted, 403, "blacklisted"),
+            (ClaimOutcome::SoldOut, 404, "sold_out"),
+            (ClaimOutcome::Conflict, 409, "request_id_conflict"),
+            (ClaimOutcome::Invalid, 400, "invalid_request"),
+            (ClaimOutcome::Unspecified, 400, "invalid_request"),
+        ] {
+            let response = claim_response(&decided(outcome));
+            assert_eq!(response.status().as_u16(), status, "{outcome:?}");
+            let body = body_of(response).await;
+            assert_eq!(body["error"], code, "{outcome:?}");
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outcome_this_gateway_does_not_know_is_a_400_not_a_grant() {
+        let mut decision = decided(ClaimOutcome::Granted);
+        decision.outcome = 99;
+        let response = claim_response(&decision);
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     }
 }

@@ -1,5 +1,18 @@
 //! The route table: every route with its audience and handler. The router
 //! is built from it alone, and the OpenAPI document is checked against it.
+//!
+//! One file per storefront, admin or operational route, each with its
+//! handler, the answers it gives (its error cases) and their unit tests:
+//! `claim` (`GET /api/v1/coupon`), `purchase` (`POST /api/v1/purchase`),
+//! `release` (`POST /api/v1/coupon`), `status` (`GET /api/v1/coupon/{code}`),
+//! `health` (`/healthz`, `/metrics`, the OpenAPI document). The console's
+//! routes are in `console/`, by page.
+
+pub(super) mod claim;
+pub(super) mod health;
+pub(super) mod purchase;
+pub(super) mod release;
+pub(super) mod status;
 
 use std::sync::Arc;
 
@@ -8,14 +21,9 @@ use axum::http::StatusCode;
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 
-use super::admission::Audience;
-use super::claims::claim;
-use super::purchases::purchase;
-use super::server::{healthz, metrics_text, observe, openapi_json};
-use super::status::coupon_status;
-use super::GatewayState;
-use super::{admission, console, error, release};
-use super::{ApiError, ErrorCode};
+use crate::gateway::admission::{self, Audience};
+use crate::gateway::server::observe;
+use crate::gateway::{console, error, ApiError, ErrorCode, GatewayState};
 
 /// The HTTP methods the gateway routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,18 +92,28 @@ type Row = (Route, Audience, Endpoint);
 fn route_table() -> Vec<Row> {
     use Audience::{Admin, Public, Storefront};
     vec![
-        route(Verb::Get, "/api/v1/coupon", Storefront, claim),
+        route(Verb::Get, "/api/v1/coupon", Storefront, claim::claim),
         route(Verb::Post, "/api/v1/coupon", Admin, release::create_coupons),
         route(
             Verb::Get,
             "/api/v1/coupon/{code}",
             Storefront,
-            coupon_status,
+            status::coupon_status,
         ),
-        route(Verb::Post, "/api/v1/purchase", Storefront, purchase),
-        route(Verb::Get, "/api/v1/openapi.json", Public, openapi_json),
-        route(Verb::Get, "/healthz", Public, healthz),
-        route(Verb::Get, "/metrics", Public, metrics_text),
+        route(
+            Verb::Post,
+            "/api/v1/purchase",
+            Storefront,
+            purchase::purchase,
+        ),
+        route(
+            Verb::Get,
+            "/api/v1/openapi.json",
+            Public,
+            health::openapi_json,
+        ),
+        route(Verb::Get, "/healthz", Public, health::healthz),
+        route(Verb::Get, "/metrics", Public, health::metrics_text),
         // The web console and the admin routes it calls.
         route(Verb::Get, "/console", Public, console::console_page),
         route(

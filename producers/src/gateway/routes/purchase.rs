@@ -12,15 +12,15 @@ use axum::Json;
 use coupon_domain::{OrderId, RequestedCode, UserId};
 use coupon_schemas::{PurchaseDecided, PurchaseOutcome, PurchaseRequested};
 
-use super::api::{PurchaseBody, PurchaseRedeemed, Redeemed};
-use super::auth::{Caller, ClientAddr};
-use super::responses;
-use super::GatewayState;
-use super::{
+use crate::gateway::api::{PurchaseBody, PurchaseRedeemed, Redeemed};
+use crate::gateway::auth::{Caller, ClientAddr};
+use crate::gateway::responses;
+use crate::gateway::GatewayState;
+use crate::gateway::{
     json_rejection, order_id_conflict, publish_and_wait, request_id, rfc3339, storefront_caller,
     traced, waiting_full,
 };
-use super::{ApiError, ErrorBody, ErrorCode};
+use crate::gateway::{ApiError, ErrorBody, ErrorCode};
 
 /// Buy a held coupon.
 ///
@@ -61,7 +61,7 @@ use super::{ApiError, ErrorBody, ErrorCode};
     ),
     security((), ("api_token" = []))
 )]
-pub(super) async fn purchase(
+pub(in crate::gateway) async fn purchase(
     State(state): State<Arc<GatewayState>>,
     client: ClientAddr,
     caller: Caller,
@@ -158,5 +158,68 @@ fn purchase_response(decision: &PurchaseDecided) -> Response {
         PurchaseOutcome::Invalid | PurchaseOutcome::Unspecified => {
             ApiError::invalid(decision.reason.clone()).into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decided(outcome: PurchaseOutcome) -> PurchaseDecided {
+        PurchaseDecided {
+            outcome: outcome as i32,
+            user_id: "u1".into(),
+            coupon_code: "0AN35HST00000".into(),
+            order_id: "o-1".into(),
+            redeemed_at_ms: 1_780_000_000_000,
+            reason: "order_id must not be empty".into(),
+            ..Default::default()
+        }
+    }
+
+    async fn body_of(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        serde_json::from_slice(&bytes).expect("a JSON body")
+    }
+
+    #[tokio::test]
+    async fn a_redemption_answers_the_order_and_when() {
+        let response = purchase_response(&decided(PurchaseOutcome::Redeemed));
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = body_of(response).await;
+        assert_eq!(body["status"], "redeemed");
+        assert_eq!(body["coupon_code"], "0AN35HST00000");
+        assert_eq!(body["order_id"], "o-1");
+        assert_eq!(body["redeemed_at"], "2026-05-28T20:26:40.000Z");
+    }
+
+    #[tokio::test]
+    async fn each_refusal_has_its_status_and_code() {
+        for (outcome, status, code) in [
+            (PurchaseOutcome::HoldExpired, 409, "hold_expired"),
+            (PurchaseOutcome::NotHolder, 409, "not_holder"),
+            (PurchaseOutcome::AlreadyRedeemed, 409, "already_redeemed"),
+            (PurchaseOutcome::UnknownCoupon, 404, "unknown_coupon"),
+            (PurchaseOutcome::Conflict, 409, "order_id_conflict"),
+            (PurchaseOutcome::Invalid, 400, "invalid_request"),
+            (PurchaseOutcome::Unspecified, 400, "invalid_request"),
+        ] {
+            let response = purchase_response(&decided(outcome));
+            assert_eq!(response.status().as_u16(), status, "{outcome:?}");
+            let body = body_of(response).await;
+            assert_eq!(body["error"], code, "{outcome:?}");
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_invalid_purchase_says_why() {
+        let response = purchase_response(&decided(PurchaseOutcome::Invalid));
+        assert_eq!(
+            body_of(response).await["message"],
+            "order_id must not be empty"
+        );
     }
 }

@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 
 use coupon_domain::{Category, EmployeeId};
 
-use super::{
+use crate::gateway::{
     json_rejection, responses, AdminCaller, ApiError, CouponBatch, CreateCoupons, ErrorBody,
     ErrorCode, GatewayState, MAX_HTTP_ISSUE,
 };
@@ -71,7 +71,7 @@ use crate::issue::{self, IdempotencyKey, IssueError, IssueRequest};
     ),
     security(("admin_token" = []))
 )]
-pub(super) async fn create_coupons(
+pub(in crate::gateway) async fn create_coupons(
     State(state): State<Arc<GatewayState>>,
     caller: AdminCaller,
     headers: HeaderMap,
@@ -235,5 +235,71 @@ fn refused(error: IssueError, keyed: bool) -> ApiError {
             "the release failed part-way: some of its coupons may already be claimable; \
              repeating it without an Idempotency-Key releases another batch",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::Credential;
+
+    fn body(id: &str, count: Option<u32>) -> CreateCoupons {
+        CreateCoupons {
+            id: id.into(),
+            category: "Electronics".into(),
+            count,
+        }
+    }
+
+    fn employee(id: &str) -> AdminCaller {
+        AdminCaller::Employee(EmployeeId::parse(id).expect("an id"), Credential::TokenFile)
+    }
+
+    #[test]
+    fn an_idempotency_key_is_optional_but_must_be_visible_ascii() {
+        let mut headers = HeaderMap::new();
+        assert!(idempotency_key(&headers).expect("no key").is_none());
+        headers.insert("idempotency-key", "release-2026-12-05".parse().unwrap());
+        assert!(idempotency_key(&headers).expect("a key").is_some());
+        headers.insert("idempotency-key", "two words".parse().unwrap());
+        let refused = idempotency_key(&headers).expect_err("a space");
+        assert_eq!(refused.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn a_count_outside_the_http_limit_is_refused() {
+        for count in [0, MAX_HTTP_ISSUE + 1] {
+            let refused = release_request(AdminCaller::SharedToken, body("e1", Some(count)))
+                .expect_err("out of range");
+            assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{count}");
+            assert!(refused.message.contains("couponctl issue"), "{count}");
+        }
+        let one = release_request(AdminCaller::SharedToken, body("e1", None)).expect("one");
+        assert_eq!(one.count, 1);
+    }
+
+    #[test]
+    fn an_employee_releases_under_their_own_id_only() {
+        let own = release_request(employee("e1"), body("e1", Some(3))).expect("own id");
+        assert_eq!(own.employee.as_str(), "e1");
+        let other = release_request(employee("e1"), body("e2", Some(3))).expect_err("other");
+        assert_eq!(other.status, StatusCode::FORBIDDEN);
+        assert_eq!(other.code, ErrorCode::EmployeeMismatch);
+        let shared = release_request(AdminCaller::SharedToken, body("e2", Some(3)))
+            .expect("the shared token names anyone");
+        assert_eq!(shared.employee.as_str(), "e2");
+    }
+
+    #[test]
+    fn what_a_client_is_told_to_do_depends_on_whether_the_release_was_keyed() {
+        assert!(still_publishing(true)
+            .message
+            .contains("same Idempotency-Key"));
+        assert!(still_publishing(false).message.contains("do not repeat"));
+        assert!(task_failed(true).message.contains("completes it"));
+        assert!(task_failed(false).message.contains("another batch"));
+        let in_progress = refused(IssueError::InProgress("k".into()), true);
+        assert_eq!(in_progress.status, StatusCode::CONFLICT);
+        assert_eq!(in_progress.retry_after_secs, Some(1));
     }
 }

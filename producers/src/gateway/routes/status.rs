@@ -12,12 +12,12 @@ use chrono::{DateTime, Utc};
 use coupon_domain::{CouponCode, UserId};
 use coupon_platform::store;
 
-use super::api::{CouponState, CouponStatus};
-use super::auth::{Caller, ClientAddr};
-use super::responses;
-use super::storefront_caller;
-use super::GatewayState;
-use super::{ApiError, ErrorBody, ErrorCode};
+use crate::gateway::api::{CouponState, CouponStatus};
+use crate::gateway::auth::{Caller, ClientAddr};
+use crate::gateway::responses;
+use crate::gateway::storefront_caller;
+use crate::gateway::GatewayState;
+use crate::gateway::{ApiError, ErrorBody, ErrorCode};
 
 /// Look up one coupon.
 #[utoipa::path(
@@ -41,7 +41,7 @@ use super::{ApiError, ErrorBody, ErrorCode};
     ),
     security((), ("api_token" = []), ("admin_token" = []))
 )]
-pub(super) async fn coupon_status(
+pub(in crate::gateway) async fn coupon_status(
     State(state): State<Arc<GatewayState>>,
     client: ClientAddr,
     caller: Caller,
@@ -63,9 +63,16 @@ pub(super) async fn coupon_status(
             "no coupon has this code",
         )
     })?;
+    Ok(Json(coupon_status_of(row, caller == Caller::Admin)).into_response())
+}
+
+/// The answer for a coupon as the store has it: the deadline only while it
+/// is held, and its holder only for an admin caller (codes are sequential,
+/// so anyone could otherwise list who holds what).
+fn coupon_status_of(row: store::coupons::CouponRecord, admin: bool) -> CouponStatus {
     let status = CouponState::from(row.status);
     let millis = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    Ok(Json(CouponStatus {
+    CouponStatus {
         coupon_code: row.code.to_string(),
         category: row.category.into_string(),
         expires_at: if matches!(status, CouponState::Held) {
@@ -74,14 +81,58 @@ pub(super) async fn coupon_status(
             None
         },
         status,
-        // Who holds a coupon is for operators only: codes are sequential,
-        // so anyone could otherwise list who holds what.
-        holder: if caller == Caller::Admin {
+        holder: if admin {
             row.holder_user_id.map(UserId::into_string)
         } else {
             None
         },
         redeemed_at: row.redeemed_at.map(millis),
-    })
-    .into_response())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coupon_domain::{Category, CouponStatus as Lifecycle};
+
+    fn held() -> store::coupons::CouponRecord {
+        store::coupons::CouponRecord {
+            code: CouponCode::parse("0AN35HST00000").expect("a code"),
+            category: Category::parse("Electronics").expect("a category"),
+            status: Lifecycle::Held,
+            holder_user_id: Some(UserId::parse("u1").expect("an id")),
+            held_until: DateTime::from_timestamp_millis(1_780_000_000_000),
+            redeemed_at: None,
+        }
+    }
+
+    #[test]
+    fn the_holder_is_shown_to_admins_only() {
+        assert_eq!(coupon_status_of(held(), true).holder.as_deref(), Some("u1"));
+        assert_eq!(coupon_status_of(held(), false).holder, None);
+    }
+
+    #[test]
+    fn a_held_coupon_says_until_when() {
+        let answer = coupon_status_of(held(), false);
+        assert!(matches!(answer.status, CouponState::Held));
+        assert_eq!(
+            answer.expires_at.as_deref(),
+            Some("2026-05-28T20:26:40.000Z")
+        );
+        assert_eq!(answer.coupon_code, "0AN35HST00000");
+    }
+
+    #[test]
+    fn a_deadline_left_on_a_coupon_no_longer_held_is_not_shown() {
+        let mut row = held();
+        row.status = Lifecycle::Redeemed;
+        row.redeemed_at = DateTime::from_timestamp_millis(1_780_000_100_000);
+        let answer = coupon_status_of(row, true);
+        assert_eq!(answer.expires_at, None);
+        assert_eq!(
+            answer.redeemed_at.as_deref(),
+            Some("2026-05-28T20:28:20.000Z")
+        );
+    }
 }
