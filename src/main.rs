@@ -58,7 +58,7 @@ fn init_logging(
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|error| refuse_flags(error));
     // The demo and the benchmarks print their own progress; the services'
     // start/stop lines would drown it (RUST_LOG still overrides).
     let default_filter = if cli.command.prints_progress() {
@@ -72,6 +72,28 @@ async fn main() {
         eprintln!("error: {}", one_line(&error));
         std::process::exit(1);
     }
+}
+
+/// Help and version go out as clap writes them; a refused flag or value is
+/// one line (`error: invalid value '0s' for '--hold-ttl <HOLD_TTL>': must be
+/// between 1s and 1d`), like every other refusal, with clap's exit code.
+fn refuse_flags(error: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        error.exit();
+    }
+    let rendered = error.render().to_string();
+    let line = rendered
+        .lines()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("error: invalid arguments");
+    eprintln!("{line} (see --help)");
+    std::process::exit(error.exit_code());
 }
 
 /// The error as one line: the error and its causes, or, when a service could

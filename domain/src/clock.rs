@@ -24,7 +24,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 /// A configured span as a calendar span, at most a thousand years: settings
-/// are bounded where they are read (`DURATION_BOUNDS`, 30 days at most), so
+/// are bounded where they are read (the `*_SPAN` ranges of `settings.rs`, a year at most), so
 /// the cap never bites in practice, and when it would, the span stays one
 /// that can be added to any date without overflowing, rather than falling
 /// back to a second, hidden default.

@@ -1,5 +1,10 @@
 //! Every configuration default, written once.
 //!
+//! Each duration setting has its sane range beside it (`<NAME>_SPAN`): below
+//! it a role spins or answers nothing in time, above it a deadline overflows
+//! the clock or a hold outlives every window. The flag parses through it
+//! ([`Span::parser`]), so an absurd value is refused before anything starts.
+//!
 //! `couponctl`'s flags show and use these (`default_value_t`), the library's
 //! `Default`s and `AppConfig::local` start from them, the test harness takes
 //! its fallbacks from them, and the Makefile reads the connection URLs from
@@ -25,8 +30,11 @@ pub const HTTP_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOC
 
 // The rules.
 pub const HOLD_TTL: Duration = Duration::from_secs(300);
+pub const HOLD_TTL_SPAN: Span = Span::new(Duration::from_secs(1), DAY);
 pub const QUOTA_WINDOW: QuotaWindow = QuotaWindow::DAY;
+pub const QUOTA_WINDOW_SPAN: Span = Span::new(Duration::from_secs(60), days(366));
 pub const HOLD_GRACE: Duration = Duration::from_secs(5);
+pub const HOLD_GRACE_SPAN: Span = Span::new(Duration::ZERO, Duration::from_secs(600));
 pub const SOLD_OUT_MARK_TTL: Duration = Duration::from_secs(10);
 
 // Topics and consumers.
@@ -41,27 +49,80 @@ pub const MAX_BATCH: usize = 2_000;
 /// different partitions are decided side by side.
 pub const CLAIM_PROCESSORS: usize = 1;
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+pub const SWEEP_INTERVAL_SPAN: Span = Span::new(Duration::from_millis(10), Duration::from_secs(60));
 pub const DB_MAX_CONNECTIONS: u32 = 10;
 pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);
+pub const METRICS_INTERVAL_SPAN: Span = Span::new(Duration::from_millis(100), HOUR);
 /// How often a gateway's process lifts the blacklist entries whose end has
 /// passed and publishes the blacklist changes still waiting for the log.
 pub const BLACKLIST_UPKEEP_INTERVAL: Duration = Duration::from_secs(10);
+pub const BLACKLIST_UPKEEP_INTERVAL_SPAN: Span = Span::new(Duration::from_millis(100), HOUR);
 
 // The gateway.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REPLY_TIMEOUT_SPAN: Span =
+    Span::new(Duration::from_millis(100), Duration::from_secs(300));
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT_SPAN: Span =
+    Span::new(Duration::from_millis(100), Duration::from_secs(600));
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HEADER_READ_TIMEOUT_SPAN: Span =
+    Span::new(Duration::from_millis(100), Duration::from_secs(300));
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const BODY_READ_TIMEOUT_SPAN: Span =
+    Span::new(Duration::from_millis(100), Duration::from_secs(300));
 pub const MAX_IN_FLIGHT: u32 = 1024;
 pub const MAX_WAITING_REPLIES: u32 = 1024;
 pub const MAX_CONNECTIONS: u32 = 4096;
 pub const ADDRESS_LIMIT: u64 = 1000;
 pub const FLOOD_LIMIT: u64 = 20;
 pub const FLOOD_BLOCK: Duration = Duration::from_secs(600);
+pub const FLOOD_BLOCK_SPAN: Span = Span::new(Duration::from_secs(1), days(30));
 /// The claim of an employee's OIDC token that names the employee.
 pub const OIDC_EMPLOYEE_CLAIM: &str = "sub";
 /// Clock skew allowed on an OIDC token's `exp` and `nbf`.
 pub const OIDC_LEEWAY: Duration = Duration::from_secs(30);
+
+const HOUR: Duration = Duration::from_secs(3_600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+const fn days(n: u64) -> Duration {
+    Duration::from_secs(n * 86_400)
+}
+
+/// The range a duration setting may take, bounds included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Span {
+    pub const fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max }
+    }
+
+    /// `value` if it lies in the span, else why not, in words an operator
+    /// can act on (`must be between 1s and 1d`).
+    pub fn check(self, value: Duration) -> Result<Duration, String> {
+        if value < self.min || value > self.max {
+            return Err(format!(
+                "must be between {} and {}",
+                Flag(self.min),
+                Flag(self.max)
+            ));
+        }
+        Ok(value)
+    }
+
+    /// A flag's value parser: a duration (`5m`, `30s`) within the span.
+    pub fn parser(self) -> impl Fn(&str) -> Result<Flag, String> + Clone + Send + Sync + 'static {
+        move |raw| {
+            let value = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
+            self.check(value).map(Flag)
+        }
+    }
+}
 
 /// A duration flag: parsed by `humantime` (`5m`, `30s`), shown as
 /// [`compact_duration`] writes it, so `--help` prints a default as the
@@ -105,5 +166,35 @@ mod tests {
         }
         assert_eq!(Flag(HOLD_TTL).to_string(), "5m");
         assert_eq!(HTTP_ADDR.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn every_default_lies_in_its_span() {
+        for (default, span) in [
+            (HOLD_TTL, HOLD_TTL_SPAN),
+            (HOLD_GRACE, HOLD_GRACE_SPAN),
+            (QUOTA_WINDOW.length(), QUOTA_WINDOW_SPAN),
+            (SWEEP_INTERVAL, SWEEP_INTERVAL_SPAN),
+            (METRICS_INTERVAL, METRICS_INTERVAL_SPAN),
+            (BLACKLIST_UPKEEP_INTERVAL, BLACKLIST_UPKEEP_INTERVAL_SPAN),
+            (REPLY_TIMEOUT, REPLY_TIMEOUT_SPAN),
+            (REQUEST_TIMEOUT, REQUEST_TIMEOUT_SPAN),
+            (HEADER_READ_TIMEOUT, HEADER_READ_TIMEOUT_SPAN),
+            (BODY_READ_TIMEOUT, BODY_READ_TIMEOUT_SPAN),
+            (FLOOD_BLOCK, FLOOD_BLOCK_SPAN),
+        ] {
+            assert_eq!(span.check(default), Ok(default), "{}", Flag(default));
+            let parsed = span.parser()(&Flag(default).to_string());
+            assert_eq!(parsed, Ok(Flag(default)));
+        }
+    }
+
+    #[test]
+    fn a_value_outside_its_span_is_refused_with_the_bounds() {
+        let parse = HOLD_TTL_SPAN.parser();
+        assert_eq!(parse("0s"), Err("must be between 1s and 1d".to_owned()));
+        assert_eq!(parse("2d"), Err("must be between 1s and 1d".to_owned()));
+        assert_eq!(parse("1d"), Ok(Flag(DAY)));
+        assert!(parse("soon").is_err_and(|e| !e.is_empty()));
     }
 }

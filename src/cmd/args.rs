@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser};
@@ -110,14 +109,14 @@ pub struct ServeArgs {
     #[arg(long, env = "HTTP_ADDR", default_value_t = settings::HTTP_ADDR)]
     pub http_addr: SocketAddr,
     /// How long a granted coupon is held for its user (e.g. 5m, 30s).
-    #[arg(long, env = "HOLD_TTL", default_value_t = Flag(settings::HOLD_TTL))]
+    #[arg(long, env = "HOLD_TTL", default_value_t = Flag(settings::HOLD_TTL), value_parser = settings::HOLD_TTL_SPAN.parser())]
     pub hold_ttl: Flag,
     /// The quota window: one coupon per user per window, aligned to UTC (1d = calendar day).
     #[arg(long, env = "QUOTA_WINDOW", default_value_t = settings::QUOTA_WINDOW, value_parser = parse_window)]
     pub quota_window: QuotaWindow,
     /// How late a request may be decided and still be judged at the time the
     /// broker accepted it; holds are released this long after their deadline.
-    #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE))]
+    #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE), value_parser = settings::HOLD_GRACE_SPAN.parser())]
     pub hold_grace: Flag,
     /// Bearer token for admin routes (POST /api/v1/coupon, coupon holders):
     /// from the environment (COUPON_ADMIN_TOKEN), never from argv, which
@@ -158,19 +157,19 @@ pub struct ServeArgs {
     pub insecure_open_storefront: bool,
     /// How long the gateway waits for a decision (publishing included)
     /// before answering 504.
-    #[arg(long, env = "REPLY_TIMEOUT", default_value_t = Flag(settings::REPLY_TIMEOUT))]
+    #[arg(long, env = "REPLY_TIMEOUT", default_value_t = Flag(settings::REPLY_TIMEOUT), value_parser = settings::REPLY_TIMEOUT_SPAN.parser())]
     pub reply_timeout: Flag,
     /// Deadline of a whole HTTP request, body included (never shorter than
     /// REPLY_TIMEOUT + 1s); past it, 504.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value_t = Flag(settings::REQUEST_TIMEOUT))]
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value_t = Flag(settings::REQUEST_TIMEOUT), value_parser = settings::REQUEST_TIMEOUT_SPAN.parser())]
     pub request_timeout: Flag,
     /// A client must send a request's headers within this; idle keep-alive
     /// connections are closed after it too.
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value_t = Flag(settings::HEADER_READ_TIMEOUT))]
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value_t = Flag(settings::HEADER_READ_TIMEOUT), value_parser = settings::HEADER_READ_TIMEOUT_SPAN.parser())]
     pub header_read_timeout: Flag,
     /// A client must send a request's body within this once its headers are
     /// in; past it, 408. The body is read before the request takes a slot.
-    #[arg(long, env = "BODY_READ_TIMEOUT", default_value_t = Flag(settings::BODY_READ_TIMEOUT))]
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value_t = Flag(settings::BODY_READ_TIMEOUT), value_parser = settings::BODY_READ_TIMEOUT_SPAN.parser())]
     pub body_read_timeout: Flag,
     /// HTTP requests handled at once; beyond, 503 with Retry-After.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = settings::MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..))]
@@ -190,7 +189,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FLOOD_LIMIT", default_value_t = settings::FLOOD_LIMIT)]
     pub flood_limit: u64,
     /// How long a flooding user stays blocked.
-    #[arg(long, env = "FLOOD_BLOCK", default_value_t = Flag(settings::FLOOD_BLOCK))]
+    #[arg(long, env = "FLOOD_BLOCK", default_value_t = Flag(settings::FLOOD_BLOCK), value_parser = settings::FLOOD_BLOCK_SPAN.parser())]
     pub flood_block: Flag,
     /// Partitions of topics created at start-up.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = settings::TOPIC_PARTITIONS)]
@@ -216,11 +215,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CONSUMER_INSTANCE", default_value = "group", value_parser = parse_assignment)]
     pub instance: Assignment,
     /// How often the expiry sweeper looks for overdue holds.
-    #[arg(long, env = "SWEEP_INTERVAL", default_value_t = Flag(settings::SWEEP_INTERVAL))]
+    #[arg(long, env = "SWEEP_INTERVAL", default_value_t = Flag(settings::SWEEP_INTERVAL), value_parser = settings::SWEEP_INTERVAL_SPAN.parser())]
     pub sweep_interval: Flag,
     /// How often a gateway lifts blacklist entries whose end has passed and
     /// publishes blacklist changes still waiting for the log.
-    #[arg(long, env = "BLACKLIST_UPKEEP_INTERVAL", default_value_t = Flag(settings::BLACKLIST_UPKEEP_INTERVAL))]
+    #[arg(long, env = "BLACKLIST_UPKEEP_INTERVAL", default_value_t = Flag(settings::BLACKLIST_UPKEEP_INTERVAL), value_parser = settings::BLACKLIST_UPKEEP_INTERVAL_SPAN.parser())]
     pub blacklist_upkeep_interval: Flag,
     /// Postgres connections per process.
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = settings::DB_MAX_CONNECTIONS)]
@@ -229,7 +228,7 @@ pub struct ServeArgs {
     #[arg(long, env = "COUPON_DATACENTER_ID", default_value_t = 0)]
     pub datacenter_id: u16,
     /// How often the metrics that need a query (pool, holds, consumer lag) are refreshed.
-    #[arg(long, env = "METRICS_INTERVAL", default_value_t = Flag(settings::METRICS_INTERVAL))]
+    #[arg(long, env = "METRICS_INTERVAL", default_value_t = Flag(settings::METRICS_INTERVAL), value_parser = settings::METRICS_INTERVAL_SPAN.parser())]
     pub metrics_interval: Flag,
     /// Without the gateway (`consume`): serve GET /metrics on this address.
     #[arg(long, env = "METRICS_ADDR")]
@@ -248,90 +247,12 @@ fn secret_from_file(path: &str) -> Result<Secret, String> {
     Secret::new(text).ok_or_else(|| format!("{path} is empty"))
 }
 
-/// The sane range of each duration setting: below it a role spins or
-/// answers nothing in time, above it a deadline overflows the clock or a
-/// hold outlives every window.
-const DURATION_BOUNDS: [(&str, Duration, Duration); 11] = [
-    (
-        "HOLD_TTL",
-        Duration::from_secs(1),
-        Duration::from_secs(86_400),
-    ),
-    ("HOLD_GRACE", Duration::ZERO, Duration::from_secs(600)),
-    (
-        "REPLY_TIMEOUT",
-        Duration::from_millis(100),
-        Duration::from_secs(300),
-    ),
-    (
-        "REQUEST_TIMEOUT",
-        Duration::from_millis(100),
-        Duration::from_secs(600),
-    ),
-    (
-        "HEADER_READ_TIMEOUT",
-        Duration::from_millis(100),
-        Duration::from_secs(300),
-    ),
-    (
-        "BODY_READ_TIMEOUT",
-        Duration::from_millis(100),
-        Duration::from_secs(300),
-    ),
-    (
-        "FLOOD_BLOCK",
-        Duration::from_secs(1),
-        Duration::from_secs(30 * 86_400),
-    ),
-    (
-        "SWEEP_INTERVAL",
-        Duration::from_millis(10),
-        Duration::from_secs(60),
-    ),
-    (
-        "BLACKLIST_UPKEEP_INTERVAL",
-        Duration::from_millis(100),
-        Duration::from_secs(3_600),
-    ),
-    (
-        "METRICS_INTERVAL",
-        Duration::from_millis(100),
-        Duration::from_secs(3_600),
-    ),
-    (
-        "QUOTA_WINDOW",
-        Duration::from_secs(60),
-        Duration::from_secs(366 * 86_400),
-    ),
-];
-
 impl ServeArgs {
-    /// Every setting is checked before anything starts: each refusal names
-    /// the setting, its value and what it may be, in one line.
+    /// Every setting is checked before anything starts: each duration by its
+    /// flag's parser (its `settings::*_SPAN`), the rules between settings
+    /// here; each refusal names the setting, its value and what it may be,
+    /// in one line.
     pub fn check(&self, roles: &[Role]) -> anyhow::Result<()> {
-        let values = [
-            self.hold_ttl.0,
-            self.hold_grace.0,
-            self.reply_timeout.0,
-            self.request_timeout.0,
-            self.header_read_timeout.0,
-            self.body_read_timeout.0,
-            self.flood_block.0,
-            self.sweep_interval.0,
-            self.blacklist_upkeep_interval.0,
-            self.metrics_interval.0,
-            self.quota_window.length(),
-        ];
-        for ((name, min, max), value) in DURATION_BOUNDS.into_iter().zip(values) {
-            if value < min || value > max {
-                anyhow::bail!(
-                    "{name}={}: must be between {} and {}",
-                    Flag(value),
-                    Flag(min),
-                    Flag(max)
-                );
-            }
-        }
         if self.hold_ttl.0 >= self.quota_window.length() {
             anyhow::bail!(
                 "HOLD_TTL={} must be shorter than QUOTA_WINDOW={}: a hold that outlives \
@@ -457,6 +378,7 @@ pub fn consumer_role() -> impl clap::builder::TypedValueParser<Value = Role> {
 
 pub fn parse_window(raw: &str) -> Result<QuotaWindow, String> {
     let duration = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
+    let duration = settings::QUOTA_WINDOW_SPAN.check(duration)?;
     QuotaWindow::new(duration).map_err(|e| e.to_string())
 }
 
@@ -518,7 +440,7 @@ impl Connections {
         config.blacklist_upkeep_interval = serve.blacklist_upkeep_interval.0;
         config.db_max_connections = serve.db_max_connections.max(2);
         config.producer_name = format!("couponctl@{}", std::process::id());
-        config.metrics_interval = serve.metrics_interval.0.max(Duration::from_millis(100));
+        config.metrics_interval = serve.metrics_interval.0;
         config.metrics_addr = serve.metrics_addr;
         config
     }

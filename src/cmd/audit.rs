@@ -22,7 +22,7 @@ pub struct AuditArgs {
     pub quota_window: QuotaWindow,
     /// How late a request may be decided and still be judged at the time the
     /// broker accepted it; holds are released this long after their deadline.
-    #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE))]
+    #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE), value_parser = settings::HOLD_GRACE_SPAN.parser())]
     pub hold_grace: Flag,
 }
 
