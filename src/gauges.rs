@@ -16,7 +16,6 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use coupon_domain::{ClaimOutcomeKind, PurchaseOutcome};
 use coupon_platform::kafka::lag::LagProbe;
 use coupon_platform::store::stats;
 use coupon_platform::{KafkaSettings, Topics};
@@ -51,16 +50,10 @@ pub fn register(roles: &[Role]) {
     );
     for role in roles {
         metrics::counter!("coupon_dead_letters_total", "consumer" => role.name()).absolute(0);
-        if *role == Role::Claims {
-            for outcome in ClaimOutcomeKind::ALL {
-                metrics::counter!("coupon_claim_decisions_total", "outcome" => outcome.as_str())
-                    .absolute(0);
-            }
-        }
-        if *role == Role::Purchases {
-            for outcome in PurchaseOutcome::ALL {
-                metrics::counter!("coupon_purchase_decisions_total", "outcome" => outcome.as_str())
-                    .absolute(0);
+        let decisions = coupon_consumers::spec(*role).and_then(|spec| spec.decisions);
+        if let Some(counter) = decisions {
+            for outcome in (counter.outcomes)() {
+                metrics::counter!(counter.metric, "outcome" => outcome).absolute(0);
             }
         }
     }

@@ -250,7 +250,7 @@ pub(crate) use coupon_platform::store::db_now;
 
 /// How a consumer role is run: what the binary reads to start it, instead
 /// of matching on role names (a new role must say, or it does not compile).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct RoleSpec {
     /// A client waits for its answers: it polls with the short fetch wait
     /// (`FAST_FETCH_WAIT_MS`), the others with the long one.
@@ -262,6 +262,17 @@ pub struct RoleSpec {
     pub restores_cache: bool,
     /// Writes the history: the process keeps its monthly partitions ahead.
     pub writes_history: bool,
+    /// The counter of the decisions it makes, by outcome: registered at zero
+    /// for every outcome when the process starts, so a dashboard sees each
+    /// series before its first decision.
+    pub decisions: Option<DecisionCounter>,
+}
+
+/// A role's decision counter: its metric name and every outcome label.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionCounter {
+    pub metric: &'static str,
+    pub outcomes: fn() -> Vec<&'static str>,
 }
 
 /// The spec of `role`; `None` for the gateway, which consumes nothing.
@@ -271,6 +282,7 @@ pub fn spec(role: Role) -> Option<RoleSpec> {
         scales_out: false,
         restores_cache: false,
         writes_history: false,
+        decisions: None,
     };
     match role {
         Role::Gateway => None,
@@ -279,10 +291,12 @@ pub fn spec(role: Role) -> Option<RoleSpec> {
             answers_clients: true,
             scales_out: true,
             restores_cache: true,
+            decisions: Some(claims::DECISIONS),
             ..base
         }),
         Role::Purchases => Some(RoleSpec {
             answers_clients: true,
+            decisions: Some(purchases::DECISIONS),
             ..base
         }),
         Role::Expiry => Some(RoleSpec {

@@ -74,6 +74,17 @@ use mirror::{current_supply_version, mirror_batch};
 
 pub const ROLE: Role = Role::Claims;
 
+/// The decisions this role makes, by outcome (counted after their commit).
+pub const DECISIONS: crate::DecisionCounter = crate::DecisionCounter {
+    metric: "coupon_claim_decisions_total",
+    outcomes: || {
+        coupon_domain::ClaimOutcomeKind::ALL
+            .iter()
+            .map(|outcome| outcome.as_str())
+            .collect()
+    },
+};
+
 /// A claim request that passed validation.
 #[derive(Debug, Clone)]
 pub struct Claim {
@@ -312,8 +323,7 @@ pub async fn handle_events(
 
     // Counted after the commit, so a retried batch is not counted twice.
     for decision in &fresh {
-        metrics::counter!("coupon_claim_decisions_total", "outcome" => decision.outcome.as_str())
-            .increment(1);
+        metrics::counter!(DECISIONS.metric, "outcome" => decision.outcome.as_str()).increment(1);
     }
     let topic = ctx.topics.claim_results();
     ctx.publisher.send_all(&topic, &out.decisions).await?;

@@ -42,6 +42,12 @@ use crate::{Context, Decided, Role};
 
 pub const ROLE: Role = Role::Purchases;
 
+/// The decisions this role makes, by outcome (counted once per new order).
+pub const DECISIONS: crate::DecisionCounter = crate::DecisionCounter {
+    metric: "coupon_purchase_decisions_total",
+    outcomes: || PurchaseOutcome::ALL.iter().map(|o| o.as_str()).collect(),
+};
+
 #[derive(Debug, Clone)]
 pub struct Purchase {
     pub request_id: RequestId,
@@ -359,7 +365,7 @@ pub async fn handle_events(
             }
         };
         if is_new {
-            metrics::counter!("coupon_purchase_decisions_total", "outcome" => decision.outcome.as_str())
+            metrics::counter!(DECISIONS.metric, "outcome" => decision.outcome.as_str())
                 .increment(1);
             ended_holds.extend(ended_hold(&decision));
         }
