@@ -9,9 +9,9 @@ export REDIS_URL ?= $(call setting,REDIS_URL)
 export KAFKA_BROKERS ?= $(call setting,KAFKA_BROKERS)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup up down cluster-up cluster-down ha-up ha-down sasl-up sasl-down shard-up shard-down build unit sqlx test lint fmt demo bench chaos clean-state
+.PHONY: setup up down cluster-up cluster-down ha-up ha-down sasl-up sasl-down shard-up shard-down cassandra-up cassandra-down build unit sqlx test lint fmt demo bench chaos clean-state
 
-setup: ## install what this machine lacks (Postgres, Redis, a JDK, Apache Kafka from Maven Central)
+setup: ## install what this machine lacks (Postgres, Redis, a JDK, Apache Kafka and Apache Cassandra from Maven Central)
 	infra/local/setup.sh
 
 up: setup ## start Postgres, Redis and a single-node Kafka broker (reusing running ones)
@@ -43,6 +43,12 @@ shard-up: setup ## two more Postgres servers, the shards of README "Sharding", o
 
 shard-down: ## stop what `make shard-up` started
 	infra/local/shard.sh down
+
+cassandra-up: setup ## one Apache Cassandra node (the history store with HISTORY_STORE=cassandra) on 127.0.0.1:9042 (state in .state/cassandra)
+	infra/local/cassandra.sh up
+
+cassandra-down: ## stop what `make cassandra-up` started (data kept)
+	infra/local/cassandra.sh down
 
 build:
 	cargo build --release --bin couponctl
@@ -79,7 +85,7 @@ fuzz: up ## the storefront contract with a random seed and more examples (CONTRA
 bench: up shard-up build ## the benchmarks (BENCH_QUICK=1 for a short run)
 	BENCH_SHARD_URLS=$${BENCH_SHARD_URLS:-$$(infra/local/shard.sh urls)} target/release/couponctl bench
 
-clean-state: down cluster-down ha-down sasl-down shard-down
+clean-state: down cluster-down ha-down sasl-down shard-down cassandra-down
 	rm -rf .state
 
 .PHONY: print-settings

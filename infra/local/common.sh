@@ -9,6 +9,11 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 KAFKA_VERSION="$(sed -n 's#.*<kafka.version>\(.*\)</kafka.version>.*#\1#p' "$REPO_ROOT/infra/kafka/pom.xml")"
 KAFKA_ROOT="${KAFKA_ROOT:-/opt/kafka-${KAFKA_VERSION}}"
 KAFKA_LIBS="$KAFKA_ROOT/libs"
+# Apache Cassandra (`make cassandra-up`, the history sink's HISTORY_STORE=cassandra),
+# fetched the same way (infra/cassandra/pom.xml pins the version).
+CASSANDRA_VERSION="$(sed -n 's#.*<cassandra.version>\(.*\)</cassandra.version>.*#\1#p' "$REPO_ROOT/infra/cassandra/pom.xml")"
+CASSANDRA_ROOT="${CASSANDRA_ROOT:-/opt/cassandra-${CASSANDRA_VERSION}}"
+CASSANDRA_LIBS="$CASSANDRA_ROOT/libs"
 STATE_DIR="${STATE_DIR:-$REPO_ROOT/.state}"
 BROKER_HOST="${BROKER_HOST:-127.0.0.1}"
 BROKER_PORT="${BROKER_PORT:-9092}"
@@ -23,6 +28,8 @@ PG_HOST="${PG_HOST:-127.0.0.1}"
 PG_PORT="${PG_PORT:-5432}"
 REDIS_HOST="${REDIS_HOST:-127.0.0.1}"
 REDIS_PORT="${REDIS_PORT:-6379}"
+CASSANDRA_HOST="${CASSANDRA_HOST:-127.0.0.1}"
+CASSANDRA_PORT="${CASSANDRA_PORT:-9042}"
 
 say() { printf '==> %s\n' "$*"; }
 fail() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -39,6 +46,8 @@ wait_for() {
     sleep 0.2
   done
 }
+
+cassandra_installed() { [[ -f "$CASSANDRA_LIBS/cassandra-all-${CASSANDRA_VERSION}.jar" ]]; }
 
 kafka_installed() { [[ -f "$KAFKA_LIBS/kafka_2.13-${KAFKA_VERSION}.jar" ]]; }
 

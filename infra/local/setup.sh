@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks: Postgres and Redis (Debian packages, if
 # absent), Patroni, etcd and HAProxy for `make ha-up`, a JDK and Maven if absent, and the Apache Kafka broker with its
-# runtime jars from Maven Central (pinned in infra/kafka/pom.xml). Safe to
-# run again: it skips what is already there.
+# runtime jars from Maven Central (pinned in infra/kafka/pom.xml), and Apache
+# Cassandra for `make cassandra-up` the same way (infra/cassandra/pom.xml).
+# Safe to run again: it skips what is already there.
 source "$(dirname "$0")/common.sh"
 
 need_apt=()
@@ -71,6 +72,27 @@ else
   rm -rf "$KAFKA_LIBS"
   mv "$staging/libs" "$KAFKA_LIBS"
   say "Apache Kafka ${KAFKA_VERSION}: $(ls "$KAFKA_LIBS" | wc -l) jars in $((SECONDS - started))s"
+fi
+
+# Apache Cassandra for `make cassandra-up` (infra/local/cassandra.sh): the
+# cassandra-all jar and its runtime jars (logback among them), fetched like
+# Kafka's into /opt/cassandra-<version>/libs, once per machine.
+if cassandra_installed; then
+  say "Apache Cassandra ${CASSANDRA_VERSION} already installed in ${CASSANDRA_ROOT}"
+else
+  say "fetching Apache Cassandra ${CASSANDRA_VERSION} and its runtime jars from Maven Central into ${CASSANDRA_LIBS}"
+  started=$SECONDS
+  cassandra_staging="$(mktemp -d "${CASSANDRA_ROOT}.staging.XXXXXX")"
+  trap 'rm -rf "${staging:-}" "$cassandra_staging"' EXIT
+  if ! mvn -B -q -f "$REPO_ROOT/infra/cassandra/pom.xml" dependency:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$cassandra_staging/libs" >"$cassandra_staging/mvn.log" 2>&1; then
+    tail -n 30 "$cassandra_staging/mvn.log" >&2
+    fail "Maven could not fetch Apache Cassandra ${CASSANDRA_VERSION} (command: mvn -f infra/cassandra/pom.xml dependency:copy-dependencies -DincludeScope=runtime)"
+  fi
+  mkdir -p "$CASSANDRA_ROOT"
+  rm -rf "$CASSANDRA_LIBS"
+  mv "$cassandra_staging/libs" "$CASSANDRA_LIBS"
+  say "Apache Cassandra ${CASSANDRA_VERSION}: $(ls "$CASSANDRA_LIBS" | wc -l) jars ($(du -sh "$CASSANDRA_LIBS" | cut -f1)) in $((SECONDS - started))s"
 fi
 
 # The Java storefront example (tests/java/run.sh, in `make test`) builds with
