@@ -15,8 +15,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Subcommand;
 
+use sqlx::PgPool;
+
 use coupon_domain::{EmployeeId, UserId};
-use coupon_platform::{reach, KafkaSettings};
+use coupon_platform::kafka::Publisher;
+use coupon_platform::{reach, KafkaSettings, Topics};
+use coupon_producers::blacklist::{Blacklist, Source};
 
 use super::args::{database, Connections};
 
@@ -54,11 +58,9 @@ pub enum BlacklistCommand {
 
 /// A producer for blacklist changes, once the broker answers (a producer
 /// made first would log every failed connection before the one-line error).
-async fn blacklist_publisher(
-    kafka: &KafkaSettings,
-) -> anyhow::Result<coupon_platform::kafka::Publisher> {
+async fn blacklist_publisher(kafka: &KafkaSettings) -> anyhow::Result<Publisher> {
     reach::kafka(&kafka.brokers).await?;
-    Ok(coupon_platform::kafka::Publisher::new(
+    Ok(Publisher::new(
         kafka,
         &format!("couponctl-blacklist@{}", std::process::id()),
     )?)
@@ -79,84 +81,101 @@ pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Resul
     coupon_platform::db::migrate(&pool)
         .await
         .context("applying migrations")?;
-    // Every change goes on the log too, so a rebuild restores it.
-    let kafka = conn.kafka();
-    let topics = coupon_platform::Topics::new(&conn.topic_prefix);
-    use coupon_producers::blacklist::Source;
     match command {
         BlacklistCommand::Add {
             user,
             duration,
             reason,
             by,
-        } => {
-            let user = UserId::parse(user)?;
-            let by = author(by)?;
-            let publisher = blacklist_publisher(&kafka).await?;
-            let blacklist = coupon_producers::blacklist::Blacklist {
-                pool: &pool,
-                publisher: &publisher,
-                topics: &topics,
-            };
-            let until = match duration {
-                Some(d) => Some(
-                    chrono::Utc::now()
-                        + chrono::Duration::from_std(d).context("--for is too long")?,
-                ),
-                None => None,
-            };
-            let entry = blacklist
-                .add(&user, until, &reason, Source::Manual(&by))
-                .await?;
-            match entry.blacklisted_until {
-                Some(until) => println!("{user} blacklisted until {}", until.to_rfc3339()),
-                None => println!("{user} blacklisted until removed"),
-            }
+        } => add(conn, &pool, user, duration, &reason, by).await,
+        BlacklistCommand::Remove { user, by } => remove(conn, &pool, user, by).await,
+        BlacklistCommand::List => list(&pool).await,
+    }
+}
+
+async fn add(
+    conn: &Connections,
+    pool: &PgPool,
+    user: String,
+    duration: Option<Duration>,
+    reason: &str,
+    by: Option<String>,
+) -> anyhow::Result<()> {
+    let user = UserId::parse(user)?;
+    let by = author(by)?;
+    let until = match duration {
+        Some(d) => {
+            Some(chrono::Utc::now() + chrono::Duration::from_std(d).context("--for is too long")?)
         }
-        BlacklistCommand::Remove { user, by } => {
-            let user = UserId::parse(user)?;
-            let by = author(by)?;
-            let publisher = blacklist_publisher(&kafka).await?;
-            let blacklist = coupon_producers::blacklist::Blacklist {
-                pool: &pool,
-                publisher: &publisher,
-                topics: &topics,
-            };
-            let removed = blacklist.remove(&user, Source::Manual(&by)).await?;
-            // A flood block (Redis) lifts at once on every gateway too.
-            let prefix = conn.redis_prefix.as_deref().unwrap_or(&conn.topic_prefix);
-            let unblocked =
-                match coupon_platform::redis::Cache::connect(&conn.redis_url, prefix).await {
-                    Ok(cache) => cache.unblock(&user).await.is_ok(),
-                    Err(_) => false,
-                };
-            if !unblocked {
-                eprintln!("warning: Redis not reached; a flood block of {user} ends at its TTL");
-            }
-            if removed {
-                println!("{user} removed from the blacklist");
-            } else {
-                anyhow::bail!("{user} is not blacklisted");
-            }
-        }
-        BlacklistCommand::List => {
-            let entries = coupon_producers::blacklist::list(&pool).await?;
-            if entries.is_empty() {
-                println!("no blacklisted users");
-            }
-            for e in entries {
-                let until = e
-                    .blacklisted_until
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_else(|| "until removed".into());
-                println!(
-                    "{}\t{}\t{}",
-                    e.user_id,
-                    until,
-                    e.blacklist_reason.unwrap_or_default()
-                );
-            }
-        }
+        None => None,
+    };
+    let publisher = blacklist_publisher(&conn.kafka()).await?;
+    let topics = Topics::new(&conn.topic_prefix);
+    // Every change goes on the log too, so a rebuild restores it.
+    let blacklist = Blacklist {
+        pool,
+        publisher: &publisher,
+        topics: &topics,
+    };
+    let entry = blacklist
+        .add(&user, until, reason, Source::Manual(&by))
+        .await?;
+    match entry.blacklisted_until {
+        Some(until) => println!("{user} blacklisted until {}", until.to_rfc3339()),
+        None => println!("{user} blacklisted until removed"),
+    }
+    Ok(())
+}
+
+async fn remove(
+    conn: &Connections,
+    pool: &PgPool,
+    user: String,
+    by: Option<String>,
+) -> anyhow::Result<()> {
+    let user = UserId::parse(user)?;
+    let by = author(by)?;
+    let publisher = blacklist_publisher(&conn.kafka()).await?;
+    let topics = Topics::new(&conn.topic_prefix);
+    // Every change goes on the log too, so a rebuild restores it.
+    let blacklist = Blacklist {
+        pool,
+        publisher: &publisher,
+        topics: &topics,
+    };
+    let removed = blacklist.remove(&user, Source::Manual(&by)).await?;
+    // A flood block (Redis) lifts at once on every gateway too.
+    let prefix = conn.redis_prefix.as_deref().unwrap_or(&conn.topic_prefix);
+    let unblocked = match coupon_platform::redis::Cache::connect(&conn.redis_url, prefix).await {
+        Ok(cache) => cache.unblock(&user).await.is_ok(),
+        Err(_) => false,
+    };
+    if !unblocked {
+        eprintln!("warning: Redis not reached; a flood block of {user} ends at its TTL");
+    }
+    if !removed {
+        anyhow::bail!("{user} is not blacklisted");
+    }
+    println!("{user} removed from the blacklist");
+    Ok(())
+}
+
+async fn list(pool: &PgPool) -> anyhow::Result<()> {
+    let entries = coupon_producers::blacklist::list(pool).await?;
+    if entries.is_empty() {
+        println!("no blacklisted users");
+    }
+    for e in entries {
+        let until = e
+            .blacklisted_until
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "until removed".into());
+        println!(
+            "{}\t{}\t{}",
+            e.user_id,
+            until,
+            e.blacklist_reason.unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -8,9 +8,10 @@ use anyhow::Context as _;
 use clap::Args;
 
 use coupon_domain::{Category, EmployeeId};
+use coupon_platform::kafka::Publisher;
+use coupon_platform::{settings, Topics};
+use coupon_producers::issue::{self, IdempotencyKey, IssueError, IssueRequest};
 use couponctl::app;
-
-use coupon_platform::settings;
 
 use super::args::{database, Connections};
 
@@ -52,73 +53,66 @@ pub struct IssueArgs {
 const KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub async fn run(conn: &Connections, args: IssueArgs) -> anyhow::Result<()> {
-    let IssueArgs {
-        employee,
-        category,
-        count,
-        datacenter_id,
-        print_codes,
-        partitions,
-        idempotency_key,
-    } = args;
-    let key = idempotency_key
+    let key = args
+        .idempotency_key
         .as_deref()
-        .map(coupon_producers::issue::IdempotencyKey::parse)
+        .map(IdempotencyKey::parse)
         .transpose()
         .context("--idempotency-key")?;
-    issue(
-        conn,
-        employee,
-        category,
-        count,
-        datacenter_id,
-        print_codes,
-        partitions,
-        key,
-    )
-    .await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn issue(
-    conn: &Connections,
-    employee: String,
-    category: String,
-    count: u32,
-    datacenter_id: u16,
-    print_codes: bool,
-    partitions: i32,
-    key: Option<coupon_producers::issue::IdempotencyKey>,
-) -> anyhow::Result<()> {
-    let request = coupon_producers::issue::IssueRequest {
-        employee: EmployeeId::parse(employee)?,
-        category: Category::parse(category)?,
-        count,
+    let request = IssueRequest {
+        employee: EmployeeId::parse(args.employee)?,
+        category: Category::parse(args.category)?,
+        count: args.count,
     };
-    if count == 0 || count > coupon_producers::issue::MAX_COUNT {
-        anyhow::bail!(
-            "--count must be between 1 and {}",
-            coupon_producers::issue::MAX_COUNT
-        );
+    if request.count == 0 || request.count > issue::MAX_COUNT {
+        anyhow::bail!("--count must be between 1 and {}", issue::MAX_COUNT);
     }
     let pool = database(conn).await?;
     coupon_platform::db::migrate(&pool)
         .await
         .context("applying migrations")?;
     let kafka = conn.kafka();
-    let topics = coupon_platform::Topics::new(&conn.topic_prefix);
+    let topics = Topics::new(&conn.topic_prefix);
     app::create_topics(
         &kafka,
         &topics,
-        partitions,
+        args.partitions,
         conn.topic_replication,
         conn.log_retention_ms,
     )
     .await?;
-    let publisher = coupon_platform::kafka::Publisher::new(
-        &kafka,
-        &format!("couponctl-issue@{}", std::process::id()),
-    )?;
+    let publisher = Publisher::new(&kafka, &format!("couponctl-issue@{}", std::process::id()))?;
+    let bar = progress_bar(request.count);
+    let started = std::time::Instant::now();
+    let batch = issue::release(
+        &pool,
+        &publisher,
+        &topics,
+        args.datacenter_id,
+        &request,
+        key.as_ref(),
+        KEY_WAIT,
+        |done| bar.set_position(done),
+    )
+    .await;
+    bar.finish_and_clear();
+    let batch = batch.map_err(|error| {
+        let context = what_to_do(key.as_ref(), &topics, &kafka.brokers);
+        match error {
+            IssueError::KeyReused { .. } => anyhow::Error::new(error),
+            _ => anyhow::Error::new(error).context(context),
+        }
+    })?;
+    print_summary(&batch, &request, key.as_ref(), started.elapsed());
+    if args.print_codes {
+        for code in &batch.codes {
+            println!("{code}");
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(count: u32) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(u64::from(count));
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -127,47 +121,36 @@ async fn issue(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let started = std::time::Instant::now();
-    let batch = coupon_producers::issue::release(
-        &pool,
-        &publisher,
-        &topics,
-        datacenter_id,
-        &request,
-        key.as_ref(),
-        KEY_WAIT,
-        |done| bar.set_position(done),
-    )
-    .await;
-    bar.finish_and_clear();
-    let batch = match (batch, &key) {
-        (Ok(batch), _) => batch,
-        (Err(error @ coupon_producers::issue::IssueError::KeyReused { .. }), _) => {
-            return Err(error.into())
-        }
-        (Err(error), Some(key)) => {
-            return Err(anyhow::Error::new(error).context(format!(
-                "publishing to {} at {} (the batch is stored: run the same command with \
-                 --idempotency-key {key} again to complete it)",
-                topics.created(),
-                kafka.brokers
-            )))
-        }
-        (Err(error), None) => {
-            return Err(anyhow::Error::new(error).context(format!(
-                "publishing to {} at {}",
-                topics.created(),
-                kafka.brokers
-            )))
-        }
-    };
+    bar
+}
+
+/// Where a failed release was going and, for a keyed one, how to finish it.
+fn what_to_do(key: Option<&IdempotencyKey>, topics: &Topics, brokers: &str) -> String {
+    match key {
+        Some(key) => format!(
+            "publishing to {} at {brokers} (the batch is stored: run the same command with \
+             --idempotency-key {key} again to complete it)",
+            topics.created()
+        ),
+        None => format!("publishing to {} at {brokers}", topics.created()),
+    }
+}
+
+fn print_summary(
+    batch: &issue::IssuedBatch,
+    request: &IssueRequest,
+    key: Option<&IdempotencyKey>,
+    took: std::time::Duration,
+) {
     if batch.repeated {
         println!(
             "idempotency key {}: this is the batch released earlier with it; nothing new was minted",
-            key.as_ref().map(ToString::to_string).unwrap_or_default()
+            key.map(ToString::to_string).unwrap_or_default()
         );
     }
-    let secs = started.elapsed().as_secs_f64();
+    let secs = took.as_secs_f64();
+    let code =
+        |c: Option<&coupon_domain::CouponCode>| c.map(ToString::to_string).unwrap_or_default();
     println!(
         "issued {} {} coupons as batch {} in {:.2}s ({:.0}/s); first {}, last {}",
         batch.codes.len(),
@@ -175,21 +158,7 @@ async fn issue(
         batch.batch_id,
         secs,
         batch.codes.len() as f64 / secs.max(1e-9),
-        batch
-            .codes
-            .first()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        batch
-            .codes
-            .last()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
+        code(batch.codes.first()),
+        code(batch.codes.last()),
     );
-    if print_codes {
-        for code in &batch.codes {
-            println!("{code}");
-        }
-    }
-    Ok(())
 }

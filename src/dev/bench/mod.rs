@@ -210,44 +210,12 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     let running = app::start(config.clone(), &Role::ALL, token.clone()).await?;
     let pool = running.context.pool.clone();
     let base = format!("http://{}", running.http_addr.context("no gateway")?);
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(token) = &config.gateway.api_token {
-        let bearer = format!("Bearer {}", token.expose());
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            reqwest::header::HeaderValue::from_str(&bearer).context("the storefront token")?,
-        );
-    }
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.concurrency)
-        .timeout(Duration::from_secs(120))
-        .default_headers(headers)
-        .build()?;
+    let http = storefront_client(config, options.concurrency)?;
     // The HTTP load generator runs on threads of its own (named
     // `bench-gen`), so each row can say how much of the machine it took.
-    let generator = Generator(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name(profile::GENERATOR_THREAD)
-            .enable_all()
-            .build()
-            .context("starting the load generator's runtime")?,
-    ));
+    let generator = Generator::start()?;
     let on_generator = generator.handle().context("the load generator")?;
-    let (gen_http, gen_base, concurrency) = (http.clone(), base.clone(), options.concurrency);
-    rows.push(
-        profiled(async {
-            on_generator
-                .spawn(
-                    async move { http_baseline(&gen_http, &gen_base, 20_000, concurrency).await },
-                )
-                .await?
-        })
-        .await?,
-    );
-    if let Some(row) = wrk_baseline(&base, options.concurrency).await? {
-        rows.push(row);
-    }
+    rows.extend(http_baselines(&on_generator, &http, &base, options.concurrency).await?);
 
     eprintln!("bench: release of {} coupons", options.release);
     rows.push(
@@ -271,77 +239,24 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     })
     .await
     .context("the flash sale")?;
-    let flash_rate = flash.throughput();
+    let steady = steady_rates(&rows, flash.throughput());
     rows.push(flash);
-
-    // The latency target: 5,000 claims/s, open loop, on a sale that goes
-    // on: one claim in ten wins, with coupons released every second.
-    let mut steady = Vec::new();
-    steady.push((Mix::SALE, STEADY_TARGET_RATE));
-    // Half the claims winning is the grant path's own figure. An open load
-    // above capacity only measures the queue, so it runs at half the rate
-    // the batched allocation statement alone sustains: its grants then take
-    // a quarter of that, the rest going to what a grant costs beyond the
-    // statement (two broker hops, the batch, the purchase). At most half
-    // the flash sale's rate, at most the target rate.
-    let allocation = rows
-        .iter()
-        .rev()
-        .find(|r| r.kind == Scenario::Allocation)
-        .map_or(STEADY_TARGET_RATE, Row::throughput);
-    steady.push((
-        Mix::DAY,
-        STEADY_TARGET_RATE
-            .min(flash_rate / 2.0)
-            .min(allocation / 2.0),
-    ));
     for (mix, rate) in steady {
         eprintln!("bench: {} at {rate:.0} claims/s", mix.label);
-        let (gen_http, gen_base, gen_config, gen_pool, duration) = (
-            http.clone(),
-            base.clone(),
-            config.clone(),
-            pool.clone(),
-            options.steady,
-        );
-        rows.push(
-            profiled(async {
-                on_generator
-                    .spawn(async move {
-                        steady_day(
-                            &gen_http,
-                            &gen_base,
-                            &gen_config,
-                            &gen_pool,
-                            rate,
-                            duration,
-                            mix,
-                        )
-                        .await
-                    })
-                    .await?
-            })
-            .await?,
-        );
+        let steady = SteadyLoad {
+            http: http.clone(),
+            base: base.clone(),
+            config: config.clone(),
+            pool: pool.clone(),
+            rate,
+            duration: options.steady,
+            mix,
+        };
+        rows.push(profiled(async { on_generator.spawn(steady.run()).await? }).await?);
     }
-
     drop(generator);
 
-    if options.shard_urls.len() >= 2 {
-        let claims = options.users.min(SHARD_CLAIMS);
-        eprintln!(
-            "bench: sharding, {claims} claims on 1 then {} Postgres servers",
-            options.shard_urls.len()
-        );
-        rows.extend(
-            shard::sharding(config, &running.context, &options.shard_urls, claims)
-                .await
-                .context("the sharding rows")?,
-        );
-    } else {
-        eprintln!("bench: no sharding rows (BENCH_SHARD_URLS names fewer than two servers)");
-    }
-
+    rows.extend(sharding_rows(config, &running.context, options).await?);
     eprintln!("bench: replay");
     rows.push(profiled(replay(config, false)).await?);
     rows.push(profiled(replay(config, true)).await?);
@@ -352,12 +267,135 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     Ok(rows)
 }
 
+/// `/healthz` driven by the bench's own generator and by `wrk`: what the
+/// HTTP path costs before any claim, and proof the generator is not the
+/// bound.
+async fn http_baselines(
+    on_generator: &tokio::runtime::Handle,
+    http: &reqwest::Client,
+    base: &str,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Row>> {
+    let (gen_http, gen_base) = (http.clone(), base.to_owned());
+    let mut rows = vec![
+        profiled(async {
+            on_generator
+                .spawn(
+                    async move { http_baseline(&gen_http, &gen_base, 20_000, concurrency).await },
+                )
+                .await?
+        })
+        .await?,
+    ];
+    rows.extend(wrk_baseline(base, concurrency).await?);
+    Ok(rows)
+}
+
+/// The HTTP client of the load: the storefront's token on every request,
+/// as a storefront sends it.
+fn storefront_client(config: &AppConfig, concurrency: usize) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &config.gateway.api_token {
+        let bearer = format!("Bearer {}", token.expose());
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&bearer).context("the storefront token")?,
+        );
+    }
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(120))
+        .default_headers(headers)
+        .build()?)
+}
+
+/// The steady rows' mixes and rates. The latency target: 5,000 claims/s,
+/// open loop, on a sale that goes on: one claim in ten wins, with coupons
+/// released every second. Half the claims winning is the grant path's own
+/// figure. An open load above capacity only measures the queue, so it runs
+/// at half the rate the batched allocation statement alone sustains: its
+/// grants then take a quarter of that, the rest going to what a grant costs
+/// beyond the statement (two broker hops, the batch, the purchase). At most
+/// half the flash sale's rate, at most the target rate.
+fn steady_rates(rows: &[Row], flash_rate: f64) -> Vec<(Mix, f64)> {
+    let allocation = rows
+        .iter()
+        .rev()
+        .find(|r| r.kind == Scenario::Allocation)
+        .map_or(STEADY_TARGET_RATE, Row::throughput);
+    vec![
+        (Mix::SALE, STEADY_TARGET_RATE),
+        (
+            Mix::DAY,
+            STEADY_TARGET_RATE
+                .min(flash_rate / 2.0)
+                .min(allocation / 2.0),
+        ),
+    ]
+}
+
+/// One steady row's load, owned, so it can run on the generator's runtime.
+struct SteadyLoad {
+    http: reqwest::Client,
+    base: String,
+    config: AppConfig,
+    pool: sqlx::PgPool,
+    rate: f64,
+    duration: Duration,
+    mix: Mix,
+}
+
+impl SteadyLoad {
+    async fn run(self) -> anyhow::Result<Row> {
+        steady_day(
+            &self.http,
+            &self.base,
+            &self.config,
+            &self.pool,
+            self.rate,
+            self.duration,
+            self.mix,
+        )
+        .await
+    }
+}
+
+/// The sharding rows, when BENCH_SHARD_URLS names two servers or more.
+async fn sharding_rows(
+    config: &AppConfig,
+    context: &coupon_consumers::Context,
+    options: &BenchOptions,
+) -> anyhow::Result<Vec<Row>> {
+    if options.shard_urls.len() < 2 {
+        eprintln!("bench: no sharding rows (BENCH_SHARD_URLS names fewer than two servers)");
+        return Ok(Vec::new());
+    }
+    let claims = options.users.min(SHARD_CLAIMS);
+    eprintln!(
+        "bench: sharding, {claims} claims on 1 then {} Postgres servers",
+        options.shard_urls.len()
+    );
+    shard::sharding(config, context, &options.shard_urls, claims)
+        .await
+        .context("the sharding rows")
+}
+
 /// The load generator's runtime, shut down without blocking when dropped:
 /// a step that fails (its `?`) drops it inside async code, where dropping a
 /// runtime the ordinary way panics and would hide the step's own error.
 struct Generator(Option<tokio::runtime::Runtime>);
 
 impl Generator {
+    fn start() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(profile::GENERATOR_THREAD)
+            .enable_all()
+            .build()
+            .context("starting the load generator's runtime")?;
+        Ok(Generator(Some(runtime)))
+    }
+
     fn handle(&self) -> Option<tokio::runtime::Handle> {
         self.0.as_ref().map(|runtime| runtime.handle().clone())
     }
@@ -851,18 +889,7 @@ async fn steady_day(
     let total = (rate * duration.as_secs_f64()) as usize;
     let coupons = (total as u32 / mix.win_one_in).max(1);
     let supplier = if mix.every_second {
-        let per_second = ((rate as u32) / mix.win_one_in).max(1);
-        let seconds = duration.as_secs().max(1) as u32;
-        let (config, pool) = (config.clone(), pool.clone());
-        let publisher = Publisher::new(&config.kafka, "bench-supply")?;
-        Some(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            for _ in 0..seconds {
-                tick.tick().await;
-                issue(&config, &pool, &publisher, mix.category, per_second).await?;
-            }
-            anyhow::Ok(())
-        }))
+        Some(supply_every_second(config, pool, rate, duration, mix)?)
     } else {
         release(config, pool, mix.category, coupons).await?;
         None
@@ -874,52 +901,7 @@ async fn steady_day(
     for i in 0..total {
         pace.tick().await;
         let (http, base) = (http.clone(), base.to_owned());
-        clients.spawn(async move {
-            let user = format!("{}-{i}", mix.category.to_lowercase());
-            let sent = Instant::now();
-            // An open load beyond capacity meets the gateway's caps: a
-            // refused connection or a 503 is counted as shed, not a failure.
-            let Ok(response) = http
-                .get(format!(
-                    "{base}/api/v1/coupon?id={user}&category={}",
-                    mix.category
-                ))
-                .send()
-                .await
-            else {
-                return anyhow::Ok(None);
-            };
-            let status = response.status().as_u16();
-            if status == 503 {
-                return anyhow::Ok(None);
-            }
-            let body: serde_json::Value = response.json().await.unwrap_or_default();
-            let claimed = sent.elapsed();
-            let mut bought = false;
-            let won = body["coupon_code"].as_str();
-            match (status, won) {
-                (200, Some(code)) if i % 5 < 2 => {
-                    let order = serde_json::json!({
-                        "user_id": user, "coupon_code": code, "order_id": format!("{user}-order")
-                    });
-                    let answer = http
-                        .post(format!("{base}/api/v1/purchase"))
-                        .json(&order)
-                        .send()
-                        .await
-                        .map(|r| r.status().as_u16());
-                    match answer {
-                        Ok(200) => bought = true,
-                        // Shed by the caps: the hold simply expires.
-                        Err(_) | Ok(503) => {}
-                        Ok(other) => bail!("{user}'s purchase answered {other}"),
-                    }
-                }
-                (200 | 404, _) => {}
-                _ => bail!("{user}'s claim answered {status}"),
-            }
-            anyhow::Ok(Some((claimed, status == 200 && won.is_some(), bought)))
-        });
+        clients.spawn(async move { steady_client(&http, &base, mix, i).await });
     }
     let mut latencies = Vec::with_capacity(total);
     // Winners and sold-out answers take different paths (the broker and
@@ -967,6 +949,84 @@ async fn steady_day(
             if mix.every_second { "released second by second" } else { "released first" }
         ),
     })
+}
+
+/// The steady sale's supply: a release every second, for the claims of
+/// that second that win.
+fn supply_every_second(
+    config: &AppConfig,
+    pool: &PgPool,
+    rate: f64,
+    duration: Duration,
+    mix: Mix,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let per_second = ((rate as u32) / mix.win_one_in).max(1);
+    let seconds = duration.as_secs().max(1) as u32;
+    let (config, pool) = (config.clone(), pool.clone());
+    let publisher = Publisher::new(&config.kafka, "bench-supply")?;
+    Ok(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        for _ in 0..seconds {
+            tick.tick().await;
+            issue(&config, &pool, &publisher, mix.category, per_second).await?;
+        }
+        anyhow::Ok(())
+    }))
+}
+
+/// One user of the steady row: a claim, and for two winners in five a
+/// purchase at once. `None` when the gateway shed the claim; else the
+/// claim's latency, whether it won and whether it was bought.
+async fn steady_client(
+    http: &reqwest::Client,
+    base: &str,
+    mix: Mix,
+    i: usize,
+) -> anyhow::Result<Option<(Duration, bool, bool)>> {
+    let user = format!("{}-{i}", mix.category.to_lowercase());
+    let sent = Instant::now();
+    // An open load beyond capacity meets the gateway's caps: a refused
+    // connection or a 503 is counted as shed, not a failure.
+    let Ok(response) = http
+        .get(format!(
+            "{base}/api/v1/coupon?id={user}&category={}",
+            mix.category
+        ))
+        .send()
+        .await
+    else {
+        return Ok(None);
+    };
+    let status = response.status().as_u16();
+    if status == 503 {
+        return Ok(None);
+    }
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    let claimed = sent.elapsed();
+    let mut bought = false;
+    let won = body["coupon_code"].as_str();
+    match (status, won) {
+        (200, Some(code)) if i % 5 < 2 => {
+            let order = serde_json::json!({
+                "user_id": user, "coupon_code": code, "order_id": format!("{user}-order")
+            });
+            let answer = http
+                .post(format!("{base}/api/v1/purchase"))
+                .json(&order)
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            match answer {
+                Ok(200) => bought = true,
+                // Shed by the caps: the hold simply expires.
+                Err(_) | Ok(503) => {}
+                Ok(other) => bail!("{user}'s purchase answered {other}"),
+            }
+        }
+        (200 | 404, _) => {}
+        _ => bail!("{user}'s claim answered {status}"),
+    }
+    Ok(Some((claimed, status == 200 && won.is_some(), bought)))
 }
 
 /// Publishes a release of `count` coupons without waiting for it to be

@@ -177,31 +177,8 @@ impl Reader {
         ranges: &[PartitionRange],
         mut each: impl FnMut(usize, &BorrowedMessage<'_>) -> anyhow::Result<Flow>,
     ) -> anyhow::Result<u64> {
-        // Topic, then partition, to the range: looked up per record without
-        // building an owned key.
-        let mut index: HashMap<&str, HashMap<i32, usize>> = HashMap::new();
-        let mut open = vec![false; ranges.len()];
-        let mut left = 0usize;
-        let mut tpl = TopicPartitionList::new();
-        for (i, range) in ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-            if index
-                .entry(range.topic.as_str())
-                .or_default()
-                .insert(range.partition, i)
-                .is_some()
-            {
-                bail!(
-                    "{}[{}] is planned twice in one read",
-                    range.topic,
-                    range.partition
-                );
-            }
-            open[i] = true;
-            left += 1;
-            tpl.add_partition_offset(&range.topic, range.partition, Offset::Offset(range.start))
-                .with_context(|| format!("assigning {}[{}]", range.topic, range.partition))?;
-        }
-        if left == 0 {
+        let (mut open, tpl) = OpenRanges::plan(ranges)?;
+        if open.left == 0 {
             return Ok(0);
         }
         self.consumer
@@ -209,91 +186,61 @@ impl Reader {
             .context("assigning the partitions to read")?;
         let mut read = 0u64;
         let mut last_progress = Instant::now();
-        while left > 0 {
+        while open.left > 0 {
             match self.consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(message)) => {
                     last_progress = Instant::now();
-                    let Some(&i) = index
-                        .get(message.topic())
-                        .and_then(|partitions| partitions.get(&message.partition()))
-                    else {
+                    let Some(i) = open.range_of(&message) else {
                         continue;
                     };
-                    if !open[i] {
-                        continue;
-                    }
                     let end = ranges[i].end;
                     if message.offset() >= end {
-                        self.close(ranges, i, &mut open, &mut left)?;
+                        self.close(&mut open, i)?;
                         continue;
                     }
                     let last = message.offset() + 1 >= end;
                     read += 1;
                     let flow = each(i, &message)?;
                     if last || flow == Flow::StopPartition {
-                        self.close(ranges, i, &mut open, &mut left)?;
+                        self.close(&mut open, i)?;
                     }
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "error while reading; continuing");
-                    self.check_stall(ranges, &open, last_progress)?;
+                    open.check_stall(last_progress)?;
                 }
                 None => {
-                    // Records past the end may never come (e.g. a trailing
-                    // control record): a position at the end closes the range.
-                    let positions = self.consumer.position().context("reading positions")?;
-                    for i in 0..ranges.len() {
-                        let range = &ranges[i];
-                        if open[i]
-                            && matches!(
-                                positions
-                                    .find_partition(&range.topic, range.partition)
-                                    .map(|e| e.offset()),
-                                Some(Offset::Offset(at)) if at >= range.end
-                            )
-                        {
-                            self.close(ranges, i, &mut open, &mut left)?;
-                        }
-                    }
-                    self.check_stall(ranges, &open, last_progress)?;
+                    self.close_reached(&mut open)?;
+                    open.check_stall(last_progress)?;
                 }
             }
         }
         Ok(read)
     }
 
-    fn check_stall(
-        &self,
-        ranges: &[PartitionRange],
-        open: &[bool],
-        last_progress: Instant,
-    ) -> anyhow::Result<()> {
-        if !open.iter().any(|o| *o) || last_progress.elapsed() <= STALL_TIMEOUT {
-            return Ok(());
+    /// Records past the end may never come (e.g. a trailing control
+    /// record): a position at the end closes the range.
+    fn close_reached(&self, open: &mut OpenRanges<'_>) -> anyhow::Result<()> {
+        let positions = self.consumer.position().context("reading positions")?;
+        for i in 0..open.ranges.len() {
+            let range = &open.ranges[i];
+            let reached = matches!(
+                positions
+                    .find_partition(&range.topic, range.partition)
+                    .map(|e| e.offset()),
+                Some(Offset::Offset(at)) if at >= range.end
+            );
+            if open.open[i] && reached {
+                self.close(open, i)?;
+            }
         }
-        let mut waiting: Vec<String> = ranges
-            .iter()
-            .zip(open)
-            .filter(|(_, open)| **open)
-            .map(|(r, _)| format!("{}[{}]", r.topic, r.partition))
-            .collect();
-        waiting.sort();
-        bail!(
-            "no record for {STALL_TIMEOUT:?} while still expecting some from {}",
-            waiting.join(", ")
-        )
+        Ok(())
     }
 
-    fn close(
-        &self,
-        ranges: &[PartitionRange],
-        i: usize,
-        open: &mut [bool],
-        left: &mut usize,
-    ) -> anyhow::Result<()> {
-        open[i] = false;
-        *left -= 1;
-        self.unassign(&ranges[i].topic, ranges[i].partition)
+    fn close(&self, open: &mut OpenRanges<'_>, i: usize) -> anyhow::Result<()> {
+        open.open[i] = false;
+        open.left -= 1;
+        self.unassign(&open.ranges[i].topic, open.ranges[i].partition)
     }
 
     /// Stops fetching a finished partition (records already fetched for it
@@ -304,6 +251,70 @@ impl Reader {
         self.consumer
             .pause(&tpl)
             .with_context(|| format!("pausing {topic}[{partition}]"))
+    }
+}
+
+/// The ranges a read still expects records of, found per record by topic
+/// and partition without building an owned key.
+struct OpenRanges<'r> {
+    ranges: &'r [PartitionRange],
+    index: HashMap<&'r str, HashMap<i32, usize>>,
+    open: Vec<bool>,
+    left: usize,
+}
+
+impl<'r> OpenRanges<'r> {
+    /// Every non-empty range, open, and the assignment that reads them.
+    fn plan(ranges: &'r [PartitionRange]) -> anyhow::Result<(Self, TopicPartitionList)> {
+        let mut open = OpenRanges {
+            ranges,
+            index: HashMap::new(),
+            open: vec![false; ranges.len()],
+            left: 0,
+        };
+        let mut tpl = TopicPartitionList::new();
+        for (i, range) in ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            let planned = open.index.entry(range.topic.as_str()).or_default();
+            if planned.insert(range.partition, i).is_some() {
+                bail!(
+                    "{}[{}] is planned twice in one read",
+                    range.topic,
+                    range.partition
+                );
+            }
+            open.open[i] = true;
+            open.left += 1;
+            tpl.add_partition_offset(&range.topic, range.partition, Offset::Offset(range.start))
+                .with_context(|| format!("assigning {}[{}]", range.topic, range.partition))?;
+        }
+        Ok((open, tpl))
+    }
+
+    /// The open range `message` belongs to.
+    fn range_of(&self, message: &BorrowedMessage<'_>) -> Option<usize> {
+        let i = *self
+            .index
+            .get(message.topic())
+            .and_then(|partitions| partitions.get(&message.partition()))?;
+        self.open[i].then_some(i)
+    }
+
+    fn check_stall(&self, last_progress: Instant) -> anyhow::Result<()> {
+        if self.left == 0 || last_progress.elapsed() <= STALL_TIMEOUT {
+            return Ok(());
+        }
+        let mut waiting: Vec<String> = self
+            .ranges
+            .iter()
+            .zip(&self.open)
+            .filter(|(_, open)| **open)
+            .map(|(r, _)| format!("{}[{}]", r.topic, r.partition))
+            .collect();
+        waiting.sort();
+        bail!(
+            "no record for {STALL_TIMEOUT:?} while still expecting some from {}",
+            waiting.join(", ")
+        )
     }
 }
 
