@@ -34,6 +34,7 @@ pub use coupon_schemas::Role;
 
 pub mod claims;
 pub mod coupons;
+pub mod created;
 pub mod expiry;
 pub mod history;
 pub mod purchases;

@@ -104,7 +104,7 @@ pub fn rows_of_event(event: &HistoryEvent) -> Result<Vec<HistoryRow>, String> {
     match event {
         HistoryEvent::Created(event) => {
             let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
-            let coupons = crate::coupons::coupons_of(event)?;
+            let coupons = crate::created::coupons_of(event)?;
             Ok(coupons
                 .into_iter()
                 .enumerate()
