@@ -133,9 +133,9 @@ pub async fn restore(ctx: &Context) -> Result<Restored, BatchError> {
         .await?
         .into_iter()
         .map(|h| CachedHold {
-            code: h.code.to_string(),
-            user_id: h.holder_user_id.into_string(),
-            category: h.category.into_string(),
+            code: h.code,
+            user_id: h.holder_user_id,
+            category: h.category,
             expires_at: h.held_until,
         })
         .collect();

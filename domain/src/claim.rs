@@ -188,31 +188,31 @@ pub struct Allocation {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolKnowledge {
     all_empty: bool,
-    empty_categories: std::collections::HashSet<String>,
+    empty_categories: std::collections::HashSet<Category>,
 }
 
 impl PoolKnowledge {
     /// Whether an allocation for `category` (`None`: any) is known to fail.
-    pub fn known_empty(&self, category: Option<&str>) -> bool {
+    pub fn known_empty(&self, category: Option<&Category>) -> bool {
         self.all_empty || category.is_some_and(|c| self.empty_categories.contains(c))
     }
 
     /// The pools an allocation found empty (`None`: any category).
-    pub fn empty_pools(&self) -> Vec<Option<&str>> {
-        let mut pools: Vec<Option<&str>> = Vec::new();
+    pub fn empty_pools(&self) -> Vec<Option<&Category>> {
+        let mut pools: Vec<Option<&Category>> = Vec::new();
         if self.all_empty {
             pools.push(None);
         }
-        pools.extend(self.empty_categories.iter().map(|c| Some(c.as_str())));
+        pools.extend(self.empty_categories.iter().map(Some));
         pools
     }
 
     /// Records that an allocation for `category` found nothing.
-    pub fn record_empty(&mut self, category: Option<&str>) {
+    pub fn record_empty(&mut self, category: Option<&Category>) {
         match category {
             None => self.all_empty = true,
             Some(c) => {
-                self.empty_categories.insert(c.to_owned());
+                self.empty_categories.insert(c.clone());
             }
         }
     }
@@ -226,9 +226,9 @@ impl PoolKnowledge {
 /// with the earliest claims, so a batch is first come, first served just as
 /// the sequence of batches is.
 pub fn allocation_groups<T>(
-    waiting: impl IntoIterator<Item = (Option<String>, T)>,
-) -> Vec<(Option<String>, Vec<T>)> {
-    let mut groups: Vec<(Option<String>, Vec<T>)> = Vec::new();
+    waiting: impl IntoIterator<Item = (Option<Category>, T)>,
+) -> Vec<(Option<Category>, Vec<T>)> {
+    let mut groups: Vec<(Option<Category>, Vec<T>)> = Vec::new();
     for (category, claim) in waiting {
         match groups.iter_mut().find(|(c, _)| *c == category) {
             Some((_, members)) => members.push(claim),
@@ -249,6 +249,10 @@ pub fn rate_limited(now: DateTime<Utc>, window: QuotaWindow) -> ClaimOutcome {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn named(name: &str) -> Category {
+        Category::parse(name).expect("a category")
+    }
 
     fn code(n: u64) -> CouponCode {
         CouponCode::from_id(crate::SnowflakeId::from_raw(n).unwrap())
@@ -302,35 +306,36 @@ mod tests {
 
     #[test]
     fn an_empty_pool_is_empty_for_every_category_but_not_the_reverse() {
+        let (books, toys) = (named("Books"), named("Toys"));
         let mut pool = PoolKnowledge::default();
         assert!(!pool.known_empty(None));
-        pool.record_empty(Some("Books"));
-        assert!(pool.known_empty(Some("Books")));
-        assert!(!pool.known_empty(Some("Toys")));
+        pool.record_empty(Some(&books));
+        assert!(pool.known_empty(Some(&books)));
+        assert!(!pool.known_empty(Some(&toys)));
         assert!(
             !pool.known_empty(None),
             "Books being gone says nothing about the rest"
         );
         pool.record_empty(None);
-        assert!(pool.known_empty(Some("Toys")));
+        assert!(pool.known_empty(Some(&toys)));
         assert!(pool.known_empty(None));
     }
 
     #[test]
     fn allocation_groups_keep_first_asked_order_and_arrival_order() {
         let waiting = [
-            (Some("Toys".to_owned()), 1),
+            (Some(named("Toys")), 1),
             (None, 2),
-            (Some("Toys".to_owned()), 3),
-            (Some("Books".to_owned()), 4),
+            (Some(named("Toys")), 3),
+            (Some(named("Books")), 4),
             (None, 5),
         ];
         assert_eq!(
             allocation_groups(waiting),
             vec![
-                (Some("Toys".to_owned()), vec![1, 3]),
+                (Some(named("Toys")), vec![1, 3]),
                 (None, vec![2, 5]),
-                (Some("Books".to_owned()), vec![4]),
+                (Some(named("Books")), vec![4]),
             ]
         );
     }
@@ -340,10 +345,10 @@ mod tests {
         fn allocation_groups_lose_nothing_and_keep_arrival_order(
             categories in proptest::collection::vec(proptest::option::of(0u8..4), 0..60)
         ) {
-            let waiting: Vec<(Option<String>, usize)> = categories
+            let waiting: Vec<(Option<Category>, usize)> = categories
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (c.map(|c| format!("c{c}")), i))
+                .map(|(i, c)| (c.map(|c| named(&format!("c{c}"))), i))
                 .collect();
             let groups = allocation_groups(waiting.clone());
             let mut seen: Vec<usize> = groups.iter().flat_map(|(_, m)| m.clone()).collect();

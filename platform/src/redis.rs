@@ -59,9 +59,9 @@ pub enum CacheError {
 /// A hold as mirrored in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedHold {
-    pub code: String,
-    pub user_id: String,
-    pub category: String,
+    pub code: CouponCode,
+    pub user_id: UserId,
+    pub category: Category,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -125,15 +125,15 @@ impl Cache {
         &self.prefix
     }
 
-    fn hold_key(&self, code: &str) -> String {
+    fn hold_key(&self, code: &CouponCode) -> String {
         format!("{}:hold:{code}", self.prefix)
     }
 
-    fn user_hold_key(&self, user_id: &str) -> String {
+    fn user_hold_key(&self, user_id: &UserId) -> String {
         format!("{}:user-hold:{user_id}", self.prefix)
     }
 
-    fn blocked_key(&self, client_id: &str) -> String {
+    fn blocked_key(&self, client_id: &UserId) -> String {
         format!("{}:blocked:{client_id}", self.prefix)
     }
 
@@ -187,12 +187,7 @@ impl Cache {
         }
         let keys: Vec<String> = ended
             .iter()
-            .flat_map(|hold| {
-                [
-                    self.hold_key(&hold.code.to_string()),
-                    self.user_hold_key(hold.user.as_str()),
-                ]
-            })
+            .flat_map(|hold| [self.hold_key(&hold.code), self.user_hold_key(&hold.user)])
             .collect();
         let _: i64 = self.call(self.client.del(keys)).await?;
         Ok(())
@@ -200,22 +195,18 @@ impl Cache {
 
     /// The user's current hold, if Redis has it.
     pub async fn user_hold(&self, user: &UserId) -> Result<Option<CachedHold>, CacheError> {
-        let value: Option<String> = self
-            .call(self.client.get(self.user_hold_key(user.as_str())))
-            .await?;
+        let value: Option<String> = self.call(self.client.get(self.user_hold_key(user))).await?;
         Ok(value.and_then(|v| parse_hold(&v)))
     }
 
     pub async fn hold(&self, code: &CouponCode) -> Result<Option<CachedHold>, CacheError> {
-        let value: Option<String> = self
-            .call(self.client.get(self.hold_key(&code.to_string())))
-            .await?;
+        let value: Option<String> = self.call(self.client.get(self.hold_key(code))).await?;
         Ok(value.and_then(|v| parse_hold(&v)))
     }
 
     /// Counts one claim by `user` in the current second; returns the count.
     pub async fn count_request(&self, user: &UserId) -> Result<u64, CacheError> {
-        let key = self.flood_key(user.as_str(), Utc::now().timestamp());
+        let key = self.flood_key(user, Utc::now().timestamp());
         let pipeline = self.client.pipeline();
         let _: () = pipeline.incr(&key).await?;
         let _: () = pipeline.expire(&key, 2, None).await?;
@@ -227,7 +218,7 @@ impl Cache {
         let ms = for_how_long.as_millis().max(1) as i64;
         let _: () = self
             .call(self.client.set(
-                self.blocked_key(user.as_str()),
+                self.blocked_key(user),
                 "1",
                 Some(Expiration::PX(ms)),
                 None,
@@ -242,7 +233,7 @@ impl Cache {
     /// The counts of the last seconds go too, or the client's next request
     /// would find them over the limit and be blocked again.
     pub async fn unblock(&self, user: &UserId) -> Result<(), CacheError> {
-        let (user, second) = (user.as_str(), Utc::now().timestamp());
+        let second = Utc::now().timestamp();
         let keys = vec![
             self.blocked_key(user),
             self.flood_key(user, second),
@@ -252,18 +243,18 @@ impl Cache {
         Ok(())
     }
 
-    fn flood_key(&self, client_id: &str, second: i64) -> String {
+    fn flood_key(&self, client_id: &UserId, second: i64) -> String {
         format!("{}:flood:{client_id}:{second}", self.prefix)
     }
 
     pub async fn is_blocked(&self, user: &UserId) -> Result<bool, CacheError> {
         let exists: i64 = self
-            .call(self.client.exists(self.blocked_key(user.as_str())))
+            .call(self.client.exists(self.blocked_key(user)))
             .await?;
         Ok(exists > 0)
     }
 
-    fn quota_key(&self, user_id: &str) -> String {
+    fn quota_key(&self, user_id: &UserId) -> String {
         format!("{}:user:{user_id}:quota-used", self.prefix)
     }
 
@@ -277,7 +268,7 @@ impl Cache {
     ) -> Result<(), CacheError> {
         let entries: Vec<_> = users
             .iter()
-            .map(|(user, until)| (self.quota_key(user.as_str()), "1".to_owned(), *until))
+            .map(|(user, until)| (self.quota_key(user), "1".to_owned(), *until))
             .collect();
         self.set_until(&entries).await
     }
@@ -288,7 +279,7 @@ impl Cache {
         format!("{}:{{pool}}:supply", self.prefix)
     }
 
-    fn sold_out_key(&self, category: Option<&str>) -> String {
+    fn sold_out_key(&self, category: Option<&Category>) -> String {
         match category {
             None => format!("{}:pool:sold-out:any", self.prefix),
             Some(category) => format!("{}:pool:sold-out:category:{category}", self.prefix),
@@ -384,7 +375,7 @@ impl Cache {
     /// lost supply write longer than that).
     pub async fn mark_sold_out(
         &self,
-        pools: &[Option<&str>],
+        pools: &[Option<&Category>],
         version: &str,
         ttl: Duration,
     ) -> Result<(), CacheError> {
@@ -416,7 +407,6 @@ impl Cache {
         user: &UserId,
         category: Option<&Category>,
     ) -> Result<coupon_domain::sold_out::FastPathFacts, CacheError> {
-        let (user_id, category) = (user.as_str(), category.map(Category::as_str));
         let pipeline = self.client.pipeline();
         let _: () = pipeline.get(self.supply_key()).await?;
         let _: () = pipeline.get(self.sold_out_key(None)).await?;
@@ -424,9 +414,9 @@ impl Cache {
             Some(category) => pipeline.get(self.sold_out_key(Some(category))).await?,
             None => pipeline.get(self.supply_key()).await?,
         };
-        let _: () = pipeline.exists(self.user_hold_key(user_id)).await?;
-        let _: () = pipeline.exists(self.blocked_key(user_id)).await?;
-        let _: () = pipeline.exists(self.quota_key(user_id)).await?;
+        let _: () = pipeline.exists(self.user_hold_key(user)).await?;
+        let _: () = pipeline.exists(self.blocked_key(user)).await?;
+        let _: () = pipeline.exists(self.quota_key(user)).await?;
         let (version, any_mark, category_mark, holds, blocked, quota_used): (
             Option<String>,
             Option<String>,
@@ -497,7 +487,7 @@ struct HoldValue<'a> {
 
 fn encode_hold(hold: &CachedHold) -> String {
     serde_json::to_string(&HoldValue {
-        code: hold.code.as_str().into(),
+        code: hold.code.to_string().into(),
         user_id: hold.user_id.as_str().into(),
         category: hold.category.as_str().into(),
         expires_at_ms: hold.expires_at.timestamp_millis(),
@@ -509,9 +499,9 @@ fn encode_hold(hold: &CachedHold) -> String {
 fn parse_hold(value: &str) -> Option<CachedHold> {
     let v: HoldValue<'_> = serde_json::from_str(value).ok()?;
     Some(CachedHold {
-        code: v.code.into_owned(),
-        user_id: v.user_id.into_owned(),
-        category: v.category.into_owned(),
+        code: CouponCode::parse(&v.code).ok()?,
+        user_id: UserId::parse(v.user_id.into_owned()).ok()?,
+        category: Category::parse(v.category.into_owned()).ok()?,
         expires_at: crate::time::from_ms(v.expires_at_ms)?,
     })
 }
@@ -523,9 +513,9 @@ mod tests {
     #[test]
     fn hold_values_round_trip_whatever_the_ids_contain() {
         let hold = CachedHold {
-            code: "0ABC".into(),
-            user_id: "user|with\"quotes".into(),
-            category: "Home|Garden".into(),
+            code: CouponCode::parse("0AN35HST00000").unwrap(),
+            user_id: UserId::parse("user|with\"quotes").unwrap(),
+            category: Category::parse("Home|Garden").unwrap(),
             expires_at: crate::time::from_ms(1_764_000_000_000).unwrap(),
         };
         assert_eq!(parse_hold(&encode_hold(&hold)), Some(hold));

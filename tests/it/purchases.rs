@@ -143,7 +143,7 @@ async fn purchase_inside_the_hold_redeems_once_per_order() {
         .await
         .unwrap()
         .expect("rebuilt hold");
-    assert_eq!(rebuilt.user_id, "bystander");
+    assert_eq!(rebuilt.user_id.as_str(), "bystander");
 
     assert_invariants(&env, 3).await;
     app.stop().await;

@@ -9,7 +9,7 @@ use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
 
 use crate::{Context, Decided};
 
-use super::{StoredDecision, ROLE};
+use super::{ClaimDecisionRecord, ROLE};
 
 /// Sets aside a claim request that fails on its own: the requester is
 /// answered `invalid` with the reason (so the gateway does not time out),
@@ -103,7 +103,11 @@ pub(super) fn invalid_logged(request: &ClaimRequested, user_id: &str, reason: &s
 
 /// The event for a stored decision; a stored decision always yields the
 /// same event id, so consumers can deduplicate republished decisions.
-pub fn event_of(decision: &StoredDecision, producer: &str, correlation_id: &str) -> ClaimDecided {
+pub fn event_of(
+    decision: &ClaimDecisionRecord,
+    producer: &str,
+    correlation_id: &str,
+) -> ClaimDecided {
     let outcome = WireOutcome::from(decision.outcome);
     ClaimDecided {
         envelope: Some(coupon_schemas::new_envelope::<ClaimDecided>(

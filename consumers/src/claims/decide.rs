@@ -15,8 +15,8 @@ use coupon_domain::claim::{
 
 use super::Claim;
 use crate::Policy;
-use coupon_domain::{RequestId, UserId};
-use coupon_platform::store::claims::{Released, StoredDecision};
+use coupon_domain::{Category, RequestId, UserId};
+use coupon_platform::store::claims::{ClaimDecisionRecord, Released};
 
 /// A claim that passed the rules and waits for a coupon.
 #[derive(Clone)]
@@ -44,7 +44,7 @@ impl Candidate<'_> {
 /// What the batch transaction knows while it decides its claims.
 pub(super) struct BatchView {
     /// Decisions stored before this batch, and those made in it so far.
-    pub(super) decided: HashMap<RequestId, StoredDecision>,
+    pub(super) decided: HashMap<RequestId, ClaimDecisionRecord>,
     /// The user each request id belongs to: the one of its stored decision,
     /// or of the first claim in this batch that used it.
     pub(super) owners: HashMap<RequestId, UserId>,
@@ -63,7 +63,7 @@ impl BatchView {
     /// The view of a batch from the decisions stored for its request ids and
     /// its users' states, as the store read them.
     pub(super) fn new(
-        stored: HashMap<RequestId, StoredDecision>,
+        stored: HashMap<RequestId, ClaimDecisionRecord>,
         states: HashMap<UserId, UserClaimState>,
     ) -> Self {
         let owners = stored
@@ -84,7 +84,7 @@ impl BatchView {
         &mut self,
         claim: &Claim,
         outcome: ClaimOutcome,
-    ) -> (StoredDecision, bool) {
+    ) -> (ClaimDecisionRecord, bool) {
         let decision = decision_of(claim, outcome);
         self.decided
             .insert(claim.request_id.clone(), decision.clone());
@@ -96,7 +96,7 @@ impl BatchView {
 pub(super) enum Step<'a> {
     /// `true` with a decision made now, `false` with one stored earlier (a
     /// redelivery or a retry).
-    Decided(StoredDecision, bool),
+    Decided(ClaimDecisionRecord, bool),
     /// Passed the rules; waits for a coupon from the batch's grant.
     Waiting(Candidate<'a>),
     /// The user already has a claim in this batch: decided after the grants.
@@ -203,13 +203,13 @@ pub(super) fn apply_rules<'a>(
     }
 }
 
-pub(super) fn category_of(claim: &Claim) -> Option<&str> {
-    claim.category.as_ref().map(|c| c.as_str())
+pub(super) fn category_of(claim: &Claim) -> Option<&Category> {
+    claim.category.as_ref()
 }
 
 /// The decision `outcome` for `claim`, under a new event id.
-pub fn decision_of(claim: &Claim, outcome: ClaimOutcome) -> StoredDecision {
-    let mut decision = StoredDecision {
+pub fn decision_of(claim: &Claim, outcome: ClaimOutcome) -> ClaimDecisionRecord {
+    let mut decision = ClaimDecisionRecord {
         request_id: claim.request_id.clone(),
         event_id: uuid::Uuid::new_v4(),
         user_id: claim.user_id.clone(),

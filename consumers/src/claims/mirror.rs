@@ -8,7 +8,7 @@ use coupon_platform::redis::{CachedHold, EndedHold};
 
 use crate::Context;
 
-use super::{BatchView, Claim, StoredDecision};
+use super::{BatchView, Claim, ClaimDecisionRecord};
 
 /// After the commit: Redis loses the holds the batch released and mirrors
 /// its new holds and quotas, then the pools it found empty are marked sold
@@ -16,7 +16,7 @@ use super::{BatchView, Claim, StoredDecision};
 pub(super) async fn mirror_batch(
     ctx: &Context,
     view: &BatchView,
-    fresh: &[StoredDecision],
+    fresh: &[ClaimDecisionRecord],
     supply: Option<String>,
     claims: &[Claim],
 ) {
@@ -52,7 +52,7 @@ pub(super) async fn mirror_batch(
 /// absence, so a write that fails forgets the supply version too: sold-out
 /// answers stop until a restore has refilled the cache (`crate::restore`);
 /// this process writes no mark until the version is deleted.
-pub(super) async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) -> bool {
+pub(super) async fn mirror_users(ctx: &Context, fresh: &[ClaimDecisionRecord]) -> bool {
     let mut new_holds = Vec::new();
     let mut quota_used = Vec::new();
     for decision in fresh {
@@ -75,9 +75,9 @@ pub(super) async fn mirror_users(ctx: &Context, fresh: &[StoredDecision]) -> boo
                 decision.expires_at,
             ) {
                 new_holds.push(CachedHold {
-                    code: code.to_string(),
-                    user_id: decision.user_id.to_string(),
-                    category: category.to_string(),
+                    code: *code,
+                    user_id: decision.user_id.clone(),
+                    category: category.clone(),
                     expires_at,
                 });
             }
@@ -148,8 +148,7 @@ pub(super) async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
     let mut empty = Vec::with_capacity(pools.len());
     for pool in pools {
         match coupon_platform::store::coupons::any_available(&ctx.pool, pool).await {
-            // The marks name their pools by text (Redis keys).
-            Ok(false) => empty.push(pool.map(Category::as_str)),
+            Ok(false) => empty.push(pool),
             Ok(true) => {}
             Err(error) => {
                 tracing::debug!(%error, "pool not readable; renewing no sold-out mark");
@@ -162,7 +161,7 @@ pub(super) async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
 
 /// Writes the sold-out marks of `pools` as of supply `version`. Redis
 /// trouble costs only speed, so it is logged, never returned.
-pub(super) async fn put_sold_out_marks(ctx: &Context, pools: &[Option<&str>], version: &str) {
+pub(super) async fn put_sold_out_marks(ctx: &Context, pools: &[Option<&Category>], version: &str) {
     if pools.is_empty() {
         return;
     }

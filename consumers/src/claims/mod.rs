@@ -65,7 +65,7 @@ use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 use crate::{Context, Decided, Role};
 
 use coupon_platform::store::claims as store;
-pub use store::{insert_decisions, StoredDecision};
+pub use store::{insert_decisions, ClaimDecisionRecord};
 
 pub use answers::{event_of, reject};
 use answers::{invalid_decision, invalid_logged, refusal_event};
@@ -151,7 +151,7 @@ enum ClaimsError {
     /// purchase, a second processor). Not an empty pool: the batch is tried
     /// again once those locks are gone, instead of storing `sold_out`.
     #[error("available coupons of pool {0:?} were locked by another transaction")]
-    Contended(Option<String>),
+    Contended(Option<Category>),
 }
 
 impl From<ClaimsError> for BatchError {
@@ -170,9 +170,9 @@ impl From<ClaimsError> for BatchError {
 async fn grant_group(
     tx: &mut sqlx::PgConnection,
     view: &mut BatchView,
-    category: Option<&str>,
+    category: Option<&Category>,
     waiting: Vec<(usize, Candidate<'_>)>,
-) -> Result<Vec<(usize, StoredDecision)>, ClaimsError> {
+) -> Result<Vec<(usize, ClaimDecisionRecord)>, ClaimsError> {
     let granted: HashMap<RequestId, store::Granted> = if view.pool.known_empty(category) {
         HashMap::new()
     } else {
@@ -207,7 +207,7 @@ async fn grant_group(
         if !view.pool.known_empty(category)
             && coupon_platform::store::coupons::any_available(&mut *tx, pool).await?
         {
-            return Err(ClaimsError::Contended(category.map(str::to_owned)));
+            return Err(ClaimsError::Contended(category.cloned()));
         }
         view.pool.record_empty(category);
     }
@@ -254,7 +254,7 @@ async fn decide_deferred(
     ctx: &Context,
     claim: &Claim,
     view: &mut BatchView,
-) -> Result<(StoredDecision, bool), ClaimsError> {
+) -> Result<(ClaimDecisionRecord, bool), ClaimsError> {
     if let Some(stored) = view.decided.get(&claim.request_id) {
         return Ok((stored.clone(), false));
     }
@@ -279,7 +279,7 @@ async fn decide_deferred(
 
 /// What one valid claim of a batch gets.
 enum Answer {
-    Decision(StoredDecision, bool),
+    Decision(ClaimDecisionRecord, bool),
     IdTaken,
 }
 
@@ -352,7 +352,13 @@ impl<'a> Outbox<'a> {
     }
 
     /// A claim's decision, new or stored.
-    fn decision(&mut self, ctx: &Context, claim: &Claim, decision: &StoredDecision, is_new: bool) {
+    fn decision(
+        &mut self,
+        ctx: &Context,
+        claim: &Claim,
+        decision: &ClaimDecisionRecord,
+        is_new: bool,
+    ) {
         self.decided.push(Decided {
             request_id: crate::log_request_id(&claim.correlation_id, claim.request_id.as_str())
                 .to_owned(),
@@ -449,7 +455,7 @@ async fn decide_batch(
             Step::Decided(decision, is_new) => Some(Answer::Decision(decision, is_new)),
             Step::IdTaken => Some(Answer::IdTaken),
             Step::Waiting(candidate) => {
-                waiting.push((category_of(claim).map(str::to_owned), (index, candidate)));
+                waiting.push((category_of(claim).cloned(), (index, candidate)));
                 None
             }
             Step::Deferred => {
@@ -468,9 +474,7 @@ async fn decide_batch(
         current_supply_version(ctx).await
     };
     for (category, group) in allocation_groups(waiting) {
-        for (index, decision) in
-            grant_group(&mut *tx, &mut view, category.as_deref(), group).await?
-        {
+        for (index, decision) in grant_group(&mut *tx, &mut view, category.as_ref(), group).await? {
             answers[index] = Some(Answer::Decision(decision, true));
         }
     }

@@ -15,17 +15,17 @@ use coupon_domain::claim::{ActiveHold, Allocation, ClaimOutcomeKind, UserClaimSt
 use coupon_domain::{Category, CouponCode, RequestId, UserId};
 
 /// A stored claim decision: the store's `claim_decisions` row.
-pub use super::decisions::ClaimDecisionRecord as StoredDecision;
+pub use super::decisions::ClaimDecisionRecord;
 
 /// The decisions already stored for any of `request_ids` (redeliveries and
 /// client retries), in one round trip for the whole batch.
 pub async fn find_decisions(
     conn: &mut PgConnection,
     request_ids: &[&RequestId],
-) -> Result<HashMap<RequestId, StoredDecision>, sqlx::Error> {
+) -> Result<HashMap<RequestId, ClaimDecisionRecord>, sqlx::Error> {
     let request_ids: Vec<RequestId> = request_ids.iter().map(|id| (*id).clone()).collect();
     let found = sqlx::query_as!(
-        StoredDecision,
+        ClaimDecisionRecord,
         r#"SELECT request_id AS "request_id: RequestId", event_id, user_id AS "user_id: UserId",
                   outcome AS "outcome: ClaimOutcomeKind",
                   coupon_code AS "coupon_code: CouponCode", category AS "category: Category",
@@ -48,14 +48,15 @@ pub async fn find_decisions(
 /// processor answers a second user's claim under a used id `invalid`.)
 pub async fn insert_decisions(
     conn: &mut PgConnection,
-    decisions: &[StoredDecision],
+    decisions: &[ClaimDecisionRecord],
 ) -> Result<u64, sqlx::Error> {
     if decisions.is_empty() {
         return Ok(0);
     }
-    let time = |f: fn(&StoredDecision) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
-        decisions.iter().map(f).collect()
-    };
+    let time =
+        |f: fn(&ClaimDecisionRecord) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+            decisions.iter().map(f).collect()
+        };
     let result = sqlx::query!(
         "INSERT INTO claim_decisions (request_id, event_id, user_id, outcome, coupon_code, category,
                                       expires_at, repeated, retry_at, blacklisted_until, decided_at)
@@ -216,7 +217,7 @@ pub struct Granted {
 /// next attempt reads the slot as taken.
 pub async fn grant(
     conn: &mut PgConnection,
-    category: Option<&str>,
+    category: Option<&Category>,
     claims: &[Allocation],
 ) -> Result<Vec<Granted>, sqlx::Error> {
     if claims.is_empty() {
@@ -263,7 +264,7 @@ pub async fn grant(
         &requests as &[&RequestId],
         &windows,
         &until,
-        category,
+        category as Option<&Category>,
         claims.len() as i64,
         &at
     )

@@ -11,7 +11,7 @@ use coupon_platform::store;
 use super::cut_log::CutLog;
 use super::rows::{
     blacklist_of, claim_decisions_of, coupons_of, purchase_decisions_of, quota_of, same_coupon,
-    time_ms, users_of, BlacklistRow, ClaimDecisionRow, PurchaseDecisionRow,
+    time_ms, users_of, BlacklistRow, ComparedClaimDecision, ComparedPurchaseDecision,
 };
 use super::AuditReport;
 
@@ -120,7 +120,7 @@ async fn compare_claim_decisions(
         let what = format!("claim decision {request} (user {user})");
         report
             .differences
-            .extend(difference(&what, l, r, ClaimDecisionRow::describe));
+            .extend(difference(&what, l, r, ComparedClaimDecision::describe));
     }
     Ok(())
 }
@@ -151,7 +151,7 @@ async fn compare_purchase_decisions(
         let what = format!("purchase decision for order {order} (user {user})");
         report
             .differences
-            .extend(difference(&what, l, r, PurchaseDecisionRow::describe));
+            .extend(difference(&what, l, r, ComparedPurchaseDecision::describe));
     }
     Ok(())
 }

@@ -99,7 +99,7 @@ pub(super) async fn quota_of(
 
 /// A stored claim decision, times in milliseconds (what its event carries).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct ClaimDecisionRow {
+pub(super) struct ComparedClaimDecision {
     pub(super) event_id: uuid::Uuid,
     pub(super) user_id: UserId,
     pub(super) outcome: ClaimOutcomeKind,
@@ -112,7 +112,7 @@ pub(super) struct ClaimDecisionRow {
     pub(super) decided_at_ms: i64,
 }
 
-impl ClaimDecisionRow {
+impl ComparedClaimDecision {
     pub(super) fn describe(&self) -> String {
         let mut text = self.outcome.to_string();
         if let Some(code) = &self.coupon_code {
@@ -136,13 +136,13 @@ impl ClaimDecisionRow {
 /// Stored claim decisions by request id.
 pub(super) async fn claim_decisions_of(
     pool: &PgPool,
-) -> Result<HashMap<RequestId, ClaimDecisionRow>, sqlx::Error> {
+) -> Result<HashMap<RequestId, ComparedClaimDecision>, sqlx::Error> {
     let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
     Ok(store::decisions::claim_decisions(pool)
         .await?
         .into_iter()
         .map(|r| {
-            let row = ClaimDecisionRow {
+            let row = ComparedClaimDecision {
                 event_id: r.event_id,
                 user_id: r.user_id,
                 outcome: r.outcome,
@@ -161,7 +161,7 @@ pub(super) async fn claim_decisions_of(
 
 /// A stored purchase decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct PurchaseDecisionRow {
+pub(super) struct ComparedPurchaseDecision {
     pub(super) request_id: String,
     pub(super) event_id: uuid::Uuid,
     pub(super) user_id: String,
@@ -170,7 +170,7 @@ pub(super) struct PurchaseDecisionRow {
     pub(super) decided_at_ms: i64,
 }
 
-impl PurchaseDecisionRow {
+impl ComparedPurchaseDecision {
     pub(super) fn describe(&self) -> String {
         format!(
             "{} coupon={} request={} at={} event={}",
@@ -186,12 +186,12 @@ impl PurchaseDecisionRow {
 /// Stored purchase decisions by order id.
 pub(super) async fn purchase_decisions_of(
     pool: &PgPool,
-) -> Result<HashMap<String, PurchaseDecisionRow>, sqlx::Error> {
+) -> Result<HashMap<String, ComparedPurchaseDecision>, sqlx::Error> {
     Ok(store::decisions::purchase_decisions(pool)
         .await?
         .into_iter()
         .map(|r| {
-            let row = PurchaseDecisionRow {
+            let row = ComparedPurchaseDecision {
                 request_id: r.request_id.into_string(),
                 event_id: r.event_id,
                 user_id: r.user_id.into_string(),

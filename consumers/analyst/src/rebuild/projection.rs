@@ -18,11 +18,11 @@ use coupon_schemas::{
     ClaimDecided, ClaimOutcome, CouponsCreated, HoldExpired, PurchaseDecided, PurchaseOutcome,
 };
 
-use crate::replay::{decode_event, Event, TopicKind};
+use crate::replay::{decode_event, TopicEvent, TopicKind};
 
 use super::state::{
-    claim_decision_row, purchase_decision_row, sort, BlacklistState, ClaimDecisionRow, CouponState,
-    LogRecord, PurchaseDecisionRow, QuotaGrant,
+    claim_decision_row, purchase_decision_row, sort, BlacklistState, ClaimDecisionRecord,
+    CouponState, LogRecord, QuotaGrant, StoredPurchase,
 };
 
 /// At most this many anomalies are kept for the report (all are counted).
@@ -44,10 +44,10 @@ pub struct Projection {
     /// By (user, window start).
     pub(super) quota: HashMap<(String, DateTime<Utc>), QuotaGrant>,
     /// By request id.
-    pub(super) claim_decisions: HashMap<RequestId, ClaimDecisionRow>,
+    pub(super) claim_decisions: HashMap<RequestId, ClaimDecisionRecord>,
     /// By order id.
-    pub(super) purchase_decisions: HashMap<String, PurchaseDecisionRow>,
-    /// Event ids applied so far: a republished event (same id, e.g. a
+    pub(super) purchase_decisions: HashMap<String, StoredPurchase>,
+    /// TopicEvent ids applied so far: a republished event (same id, e.g. a
     /// decision published again after a redelivery) is applied once.
     pub(super) seen: HashSet<String>,
     /// Hold ids (claim request ids) whose grant was applied.
@@ -79,12 +79,12 @@ impl Projection {
         self.quota.get(&(user.to_owned(), window_start))
     }
 
-    pub fn claim_decision(&self, request_id: &str) -> Option<&ClaimDecisionRow> {
+    pub fn claim_decision(&self, request_id: &str) -> Option<&ClaimDecisionRecord> {
         let request_id = RequestId::parse(request_id).ok()?;
         self.claim_decisions.get(&request_id)
     }
 
-    pub fn purchase_decision(&self, order_id: &str) -> Option<&PurchaseDecisionRow> {
+    pub fn purchase_decision(&self, order_id: &str) -> Option<&StoredPurchase> {
         self.purchase_decisions.get(order_id)
     }
 
@@ -153,9 +153,9 @@ impl Projection {
     /// hold of another coupon to end: the live system grants nobody a second
     /// coupon while the first is held, so a redemption or release stamped
     /// the same millisecond as the grant happened before it.
-    fn waits_for(&self, log: &LogRecord, event: &Event) -> Option<String> {
+    fn waits_for(&self, log: &LogRecord, event: &TopicEvent) -> Option<String> {
         match event {
-            Event::ClaimDecided(e)
+            TopicEvent::ClaimDecided(e)
                 if !e.repeated
                     && ClaimOutcome::try_from(e.outcome) == Ok(ClaimOutcome::Granted) =>
             {
@@ -169,7 +169,7 @@ impl Projection {
                 }
                 self.live_hold_of(&e.user_id, &e.coupon_code, log.occurred_at_ms)
             }
-            Event::PurchaseDecided(e)
+            TopicEvent::PurchaseDecided(e)
                 if !e.repeated
                     && PurchaseOutcome::try_from(e.outcome) == Ok(PurchaseOutcome::Redeemed) =>
             {
@@ -180,7 +180,7 @@ impl Projection {
                 });
                 (!ready).then(|| e.coupon_code.clone())
             }
-            Event::HoldExpired(e) => {
+            TopicEvent::HoldExpired(e) => {
                 (!self.granted_holds.contains(&e.hold_id)).then(|| e.coupon_code.clone())
             }
             _ => None,
@@ -243,7 +243,12 @@ impl Projection {
         }
     }
 
-    fn apply_event(&mut self, topics: &Topics, log: &LogRecord, event: Event) -> Vec<HistoryRow> {
+    fn apply_event(
+        &mut self,
+        topics: &Topics,
+        log: &LogRecord,
+        event: TopicEvent,
+    ) -> Vec<HistoryRow> {
         let record = &log.record;
         let event_id = event
             .envelope()
@@ -267,11 +272,11 @@ impl Projection {
             _ => Vec::new(),
         };
         match event {
-            Event::Created(event) => self.apply_created(record, &event),
-            Event::ClaimDecided(event) => self.apply_claim_decision(log, &event, &mut rows),
-            Event::PurchaseDecided(event) => self.apply_purchase_decision(log, &event),
-            Event::HoldExpired(event) => self.apply_expiry(log, &event, &mut rows),
-            Event::BlacklistChanged(event) => {
+            TopicEvent::Created(event) => self.apply_created(record, &event),
+            TopicEvent::ClaimDecided(event) => self.apply_claim_decision(log, &event, &mut rows),
+            TopicEvent::PurchaseDecided(event) => self.apply_purchase_decision(log, &event),
+            TopicEvent::HoldExpired(event) => self.apply_expiry(log, &event, &mut rows),
+            TopicEvent::BlacklistChanged(event) => {
                 let state = BlacklistState::of(
                     &event,
                     (record.partition, record.offset, log.occurred_at_ms),
@@ -283,7 +288,9 @@ impl Projection {
                     }
                 }
             }
-            Event::ClaimRequested(_) | Event::PurchaseRequested(_) | Event::DeadLetter(_) => {
+            TopicEvent::ClaimRequested(_)
+            | TopicEvent::PurchaseRequested(_)
+            | TopicEvent::DeadLetter(_) => {
                 self.applied -= 1;
             }
         }

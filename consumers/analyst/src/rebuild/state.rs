@@ -78,7 +78,7 @@ pub struct CouponState {
 
 /// A stored claim decision (a `claim_decisions` row) as the log says it is:
 /// the claim processor's own row type.
-pub type ClaimDecisionRow = coupon_consumers::claims::StoredDecision;
+pub use coupon_consumers::claims::ClaimDecisionRecord;
 
 /// The row the claim processor stored for the decision `event` (published
 /// at `at`): `Ok(None)` for outcomes it never stores (`invalid`, unknown).
@@ -86,7 +86,7 @@ pub type ClaimDecisionRow = coupon_consumers::claims::StoredDecision;
 pub fn claim_decision_row(
     event: &ClaimDecided,
     at: DateTime<Utc>,
-) -> Result<Option<ClaimDecisionRow>, String> {
+) -> Result<Option<ClaimDecisionRecord>, String> {
     let Some(outcome) = ClaimOutcome::of(event.outcome).kind() else {
         return Ok(None);
     };
@@ -109,7 +109,7 @@ pub fn claim_decision_row(
     } else {
         None
     };
-    Ok(Some(ClaimDecisionRow {
+    Ok(Some(ClaimDecisionRecord {
         request_id: RequestId::parse(event.request_id.as_str()).map_err(|e| e.to_string())?,
         event_id,
         user_id: UserId::parse(event.user_id.as_str()).map_err(|e| e.to_string())?,
@@ -129,7 +129,7 @@ pub fn claim_decision_row(
 
 /// A stored purchase decision (a `purchase_decisions` row): the purchase
 /// processor's own row type.
-pub type PurchaseDecisionRow = coupon_consumers::purchases::StoredPurchase;
+pub use coupon_consumers::purchases::StoredPurchase;
 
 /// The row the purchase processor stored for `event`: `Ok(None)` for
 /// decisions it never stores (`repeated` answers to another request for a
@@ -137,14 +137,14 @@ pub type PurchaseDecisionRow = coupon_consumers::purchases::StoredPurchase;
 pub fn purchase_decision_row(
     event: &PurchaseDecided,
     at: DateTime<Utc>,
-) -> Result<Option<PurchaseDecisionRow>, String> {
+) -> Result<Option<StoredPurchase>, String> {
     let Some(outcome) = PurchaseOutcome::of(event.outcome).decision() else {
         return Ok(None);
     };
     if event.repeated {
         return Ok(None);
     }
-    Ok(Some(PurchaseDecisionRow {
+    Ok(Some(StoredPurchase {
         repeated: false,
         order_id: OrderId::parse(event.order_id.as_str()).map_err(|e| e.to_string())?,
         request_id: RequestId::parse(event.request_id.as_str()).map_err(|e| e.to_string())?,

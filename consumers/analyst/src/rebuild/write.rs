@@ -7,7 +7,7 @@ use coupon_platform::store::rebuild::{
 };
 use sqlx::PgPool;
 
-use super::{ClaimDecisionRow, CouponState, Projection, PurchaseDecisionRow, QuotaGrant};
+use super::{ClaimDecisionRecord, CouponState, Projection, QuotaGrant, StoredPurchase};
 
 /// Rows are written in statements of at most this many.
 const WRITE_CHUNK: usize = 20_000;
@@ -98,7 +98,7 @@ pub(super) async fn write_claim_decisions(
     target: &PgPool,
     projection: &Projection,
 ) -> Result<u64, sqlx::Error> {
-    let rows: Vec<ClaimDecisionRow> = projection.claim_decisions.values().cloned().collect();
+    let rows: Vec<ClaimDecisionRecord> = projection.claim_decisions.values().cloned().collect();
     let mut conn = target.acquire().await?;
     let mut written = 0;
     for chunk in rows.chunks(WRITE_CHUNK) {
@@ -111,7 +111,7 @@ pub(super) async fn write_purchase_decisions(
     target: &PgPool,
     projection: &Projection,
 ) -> Result<u64, sqlx::Error> {
-    let decisions: Vec<&PurchaseDecisionRow> = projection.purchase_decisions.values().collect();
+    let decisions: Vec<&StoredPurchase> = projection.purchase_decisions.values().collect();
     let mut written = 0;
     for chunk in decisions.chunks(WRITE_CHUNK) {
         let rows = PurchaseRows {
