@@ -28,6 +28,55 @@ pub enum TopicKind {
     Blacklist,
 }
 
+/// A record decoded as the message its topic carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TopicEvent {
+    Created(CouponsCreated),
+    ClaimRequested(ClaimRequested),
+    ClaimDecided(ClaimDecided),
+    PurchaseRequested(PurchaseRequested),
+    PurchaseDecided(PurchaseDecided),
+    HoldExpired(HoldExpired),
+    DeadLetter(DeadLetter),
+    BlacklistChanged(BlacklistChanged),
+}
+
+/// How a record's bytes become one message type (the platform's decoder
+/// checks size, protobuf and envelope); [`TopicKind::decode`] says which
+/// type.
+pub trait MessageDecoder {
+    type Error;
+    fn decode<E: Event>(self) -> Result<E, Self::Error>;
+}
+
+impl TopicEvent {
+    pub fn envelope(&self) -> Option<&crate::Envelope> {
+        match self {
+            TopicEvent::Created(e) => e.envelope(),
+            TopicEvent::ClaimRequested(e) => e.envelope(),
+            TopicEvent::ClaimDecided(e) => e.envelope(),
+            TopicEvent::PurchaseRequested(e) => e.envelope(),
+            TopicEvent::PurchaseDecided(e) => e.envelope(),
+            TopicEvent::HoldExpired(e) => e.envelope(),
+            TopicEvent::DeadLetter(e) => e.envelope(),
+            TopicEvent::BlacklistChanged(e) => e.envelope(),
+        }
+    }
+
+    pub fn take_envelope(self) -> Option<crate::Envelope> {
+        match self {
+            TopicEvent::Created(e) => e.envelope,
+            TopicEvent::ClaimRequested(e) => e.envelope,
+            TopicEvent::ClaimDecided(e) => e.envelope,
+            TopicEvent::PurchaseRequested(e) => e.envelope,
+            TopicEvent::PurchaseDecided(e) => e.envelope,
+            TopicEvent::HoldExpired(e) => e.envelope,
+            TopicEvent::DeadLetter(e) => e.envelope,
+            TopicEvent::BlacklistChanged(e) => e.envelope,
+        }
+    }
+}
+
 /// What a topic's records are keyed by (so one key's records stay in order
 /// on one partition).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,18 +117,34 @@ impl TopicKind {
         }
     }
 
-    /// The protobuf message every record of this topic carries.
+    /// The protobuf message every record of this topic carries, read off
+    /// [`TopicKind::decode`] (so the map is written once): a decoder that,
+    /// asked for a message type, answers with its name instead of a message.
     pub fn type_name(self) -> &'static str {
-        match self {
-            TopicKind::Created => CouponsCreated::TYPE_NAME,
-            TopicKind::Claims => ClaimRequested::TYPE_NAME,
-            TopicKind::ClaimResults => ClaimDecided::TYPE_NAME,
-            TopicKind::Purchases => PurchaseRequested::TYPE_NAME,
-            TopicKind::PurchaseResults => PurchaseDecided::TYPE_NAME,
-            TopicKind::Expirations => HoldExpired::TYPE_NAME,
-            TopicKind::DeadLetter => DeadLetter::TYPE_NAME,
-            TopicKind::Blacklist => BlacklistChanged::TYPE_NAME,
+        struct TypeName;
+        impl MessageDecoder for TypeName {
+            type Error = &'static str;
+            fn decode<E: Event>(self) -> Result<E, &'static str> {
+                Err(E::TYPE_NAME)
+            }
         }
+        self.decode(TypeName).err().unwrap_or_default()
+    }
+
+    /// Decodes a record of this topic as the message it carries: the one
+    /// map from a topic to its message that every reader of several topics
+    /// (the replay, the rebuild, the audit, the history sink) goes through.
+    pub fn decode<D: MessageDecoder>(self, decoder: D) -> Result<TopicEvent, D::Error> {
+        Ok(match self {
+            TopicKind::Created => TopicEvent::Created(decoder.decode()?),
+            TopicKind::Claims => TopicEvent::ClaimRequested(decoder.decode()?),
+            TopicKind::ClaimResults => TopicEvent::ClaimDecided(decoder.decode()?),
+            TopicKind::Purchases => TopicEvent::PurchaseRequested(decoder.decode()?),
+            TopicKind::PurchaseResults => TopicEvent::PurchaseDecided(decoder.decode()?),
+            TopicKind::Expirations => TopicEvent::HoldExpired(decoder.decode()?),
+            TopicKind::DeadLetter => TopicEvent::DeadLetter(decoder.decode()?),
+            TopicKind::Blacklist => TopicEvent::BlacklistChanged(decoder.decode()?),
+        })
     }
 
     /// What the topic's records are keyed by.
@@ -218,6 +283,36 @@ mod tests {
         }
         assert!("bogus".parse::<Role>().is_err());
         assert!("bogus".parse::<TopicKind>().is_err());
+    }
+
+    /// Decodes with prost alone: enough to see which message a topic maps to.
+    struct Prost<'a>(&'a [u8]);
+    impl MessageDecoder for Prost<'_> {
+        type Error = prost::DecodeError;
+        fn decode<E: Event>(self) -> Result<E, prost::DecodeError> {
+            E::decode(self.0)
+        }
+    }
+
+    #[test]
+    fn each_topic_decodes_as_the_message_it_names() {
+        let mut names = std::collections::HashSet::new();
+        for kind in TopicKind::ALL {
+            assert!(kind.type_name().starts_with("coupons.v1."), "{kind}");
+            assert!(names.insert(kind.type_name()), "{kind} shares its message");
+            let event = kind.decode(Prost(&[])).expect("an empty message decodes");
+            assert_eq!(event.envelope(), None, "{kind}");
+            assert_eq!(event.take_envelope(), None, "{kind}");
+        }
+        let created = crate::CouponsCreated {
+            batch_id: "b".into(),
+            ..Default::default()
+        };
+        let bytes = prost::Message::encode_to_vec(&created);
+        assert_eq!(
+            TopicKind::Created.decode(Prost(&bytes)),
+            Ok(TopicEvent::Created(created))
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod v1 {
 pub mod catalogue;
 mod outcomes;
 
-pub use catalogue::{RecordKey, Role, TopicKind};
+pub use catalogue::{MessageDecoder, RecordKey, Role, TopicEvent, TopicKind};
 pub use v1::*;
 
 /// The version producers write into [`Envelope::schema_version`].

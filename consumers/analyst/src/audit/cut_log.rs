@@ -10,7 +10,7 @@ use coupon_schemas::ClaimOutcome;
 
 use crate::rebuild::LogRecord;
 use crate::replay::{
-    committed_offsets, decode_event, Event, Flow, PartitionRange, Reader, TopicKind,
+    committed_offsets, decode_event, Flow, PartitionRange, Reader, TopicEvent, TopicKind,
 };
 
 use super::CUTS;
@@ -50,22 +50,22 @@ impl CutLog {
     pub(super) fn in_flight(&mut self, kind: TopicKind, record: &Record) {
         self.in_flight += 1;
         match decode_event(kind, record) {
-            Ok(Event::Created(event)) => {
-                if let Ok(coupons) = coupon_consumers::coupons::coupons_of(&event) {
+            Ok(TopicEvent::Created(event)) => {
+                if let Ok(coupons) = coupon_consumers::created::coupons_of(&event) {
                     for coupon in coupons {
                         self.skip_coupons.insert(coupon.code.to_string());
                     }
                 }
             }
-            Ok(Event::HoldExpired(event)) => {
+            Ok(TopicEvent::HoldExpired(event)) => {
                 self.skip_coupon(&event.coupon_code);
                 self.skip_user(&event.user_id);
             }
-            Ok(Event::ClaimRequested(event)) => {
+            Ok(TopicEvent::ClaimRequested(event)) => {
                 self.skip_user(&event.user_id);
                 self.pending_claims.insert(event.request_id);
             }
-            Ok(Event::PurchaseRequested(event)) => {
+            Ok(TopicEvent::PurchaseRequested(event)) => {
                 self.skip_user(&event.user_id);
                 self.skip_coupon(&event.coupon_code);
             }
@@ -89,7 +89,7 @@ impl CutLog {
             if log.kind != TopicKind::ClaimResults {
                 continue;
             }
-            if let Ok(Event::ClaimDecided(event)) = decode_event(log.kind, &log.record) {
+            if let Ok(TopicEvent::ClaimDecided(event)) = decode_event(log.kind, &log.record) {
                 if ClaimOutcome::try_from(event.outcome) == Ok(ClaimOutcome::Granted)
                     && self.pending_claims.contains(&event.request_id)
                 {
@@ -103,14 +103,16 @@ impl CutLog {
     }
 }
 
-/// Reads the committed offsets, then the log up to its current end. Blocking.
-pub(super) fn read_cut_log(
+/// The offset each cut partition (topic, partition) was cut at.
+type CutAt = HashMap<(String, i32), i64>;
+
+/// Where each consumer group of [`CUTS`] stands: its committed offset per
+/// partition (`None`: nothing committed there yet).
+fn committed_cuts(
     kafka: &KafkaSettings,
     topics: &Topics,
-    bar: &indicatif::ProgressBar,
-) -> anyhow::Result<CutLog> {
-    // Offsets first: everything they cover is then below the ends read next.
-    let mut cuts: HashMap<(TopicKind, i32), Option<i64>> = HashMap::new();
+) -> anyhow::Result<HashMap<(TopicKind, i32), Option<i64>>> {
+    let mut cuts = HashMap::new();
     for role in CUTS {
         // Each of these roles reads exactly one topic.
         let kind = role.topics()[0];
@@ -119,15 +121,24 @@ pub(super) fn read_cut_log(
             cuts.insert((kind, partition), offset);
         }
     }
-    let reader = Reader::new(kafka)?;
+    Ok(cuts)
+}
+
+/// The ranges to read, up to each partition's current end, and where each
+/// cut partition was cut. Dead letters change no state: everything else is
+/// read.
+fn plan_ranges(
+    reader: &Reader,
+    topics: &Topics,
+    cuts: &HashMap<(TopicKind, i32), Option<i64>>,
+) -> anyhow::Result<(Vec<PartitionRange>, CutAt)> {
     let kinds: Vec<TopicKind> = TopicKind::ALL
         .into_iter()
         .filter(|k| *k != TopicKind::DeadLetter)
         .collect();
     reader.ensure_whole(topics, &kinds, "an audit")?;
     let mut ranges = Vec::new();
-    let mut cut_at: HashMap<(String, i32), i64> = HashMap::new();
-    // Dead letters change no state: everything else is read.
+    let mut cut_at = CutAt::new();
     for kind in kinds {
         let topic = topics.of(kind);
         for partition in reader.partitions(&topic)? {
@@ -162,6 +173,19 @@ pub(super) fn read_cut_log(
             });
         }
     }
+    Ok((ranges, cut_at))
+}
+
+/// Reads the committed offsets, then the log up to its current end. Blocking.
+pub(super) fn read_cut_log(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<CutLog> {
+    // Offsets first: everything they cover is then below the ends read next.
+    let cuts = committed_cuts(kafka, topics)?;
+    let reader = Reader::new(kafka)?;
+    let (ranges, cut_at) = plan_ranges(&reader, topics, &cuts)?;
     bar.set_length(ranges.iter().map(PartitionRange::len).sum());
     let mut log = CutLog::default();
     reader.read(&ranges, |kind, record| {

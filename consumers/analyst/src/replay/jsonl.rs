@@ -23,7 +23,7 @@ use coupon_schemas::{
     Envelope, HoldExpired, PurchaseDecided, PurchaseOutcome, PurchaseRequested,
 };
 
-use crate::replay::{Event, TopicKind};
+use crate::replay::{TopicEvent, TopicKind};
 
 /// A record as read from the log, borrowed.
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +46,7 @@ pub fn write_line(
     out: &mut Vec<u8>,
     kind: TopicKind,
     record: &RawRecord<'_>,
-    decoded: &Result<Event, DecodeError>,
+    decoded: &Result<TopicEvent, DecodeError>,
 ) -> PayloadSpan {
     let mut o = Obj::open(out);
     let mut payload = None;
@@ -128,7 +128,7 @@ fn envelope(out: &mut Vec<u8>, envelope: Option<&Envelope>) {
 /// Appends only the payload object of a decoded record to `out` (the bytes
 /// [`write_line`] puts under `payload`), and returns where it is: all a
 /// Parquet row keeps of the line. `None` for an undecodable record.
-pub fn write_payload(out: &mut Vec<u8>, decoded: &Result<Event, DecodeError>) -> PayloadSpan {
+pub fn write_payload(out: &mut Vec<u8>, decoded: &Result<TopicEvent, DecodeError>) -> PayloadSpan {
     let event = decoded.as_ref().ok()?;
     let start = out.len();
     event_payload(out, event);
@@ -136,17 +136,17 @@ pub fn write_payload(out: &mut Vec<u8>, decoded: &Result<Event, DecodeError>) ->
 }
 
 /// The message without its envelope.
-fn event_payload(out: &mut Vec<u8>, event: &Event) {
+fn event_payload(out: &mut Vec<u8>, event: &TopicEvent) {
     let mut o = Obj::open(out);
     match event {
-        Event::Created(e) => created(&mut o, e),
-        Event::ClaimRequested(e) => claim_requested(&mut o, e),
-        Event::ClaimDecided(e) => claim_decided(&mut o, e),
-        Event::PurchaseRequested(e) => purchase_requested(&mut o, e),
-        Event::PurchaseDecided(e) => purchase_decided(&mut o, e),
-        Event::HoldExpired(e) => hold_expired(&mut o, e),
-        Event::DeadLetter(e) => dead_letter(&mut o, e),
-        Event::BlacklistChanged(e) => blacklist_changed(&mut o, e),
+        TopicEvent::Created(e) => created(&mut o, e),
+        TopicEvent::ClaimRequested(e) => claim_requested(&mut o, e),
+        TopicEvent::ClaimDecided(e) => claim_decided(&mut o, e),
+        TopicEvent::PurchaseRequested(e) => purchase_requested(&mut o, e),
+        TopicEvent::PurchaseDecided(e) => purchase_decided(&mut o, e),
+        TopicEvent::HoldExpired(e) => hold_expired(&mut o, e),
+        TopicEvent::DeadLetter(e) => dead_letter(&mut o, e),
+        TopicEvent::BlacklistChanged(e) => blacklist_changed(&mut o, e),
     }
     o.close();
 }
@@ -427,16 +427,16 @@ mod tests {
 
     use crate::replay::{decode_event, json_line};
 
-    fn reference_to_json(event: &Event) -> (Value, Value) {
+    fn reference_to_json(event: &TopicEvent) -> (Value, Value) {
         let mut value = match event {
-            Event::Created(e) => serde_json::to_value(e),
-            Event::ClaimRequested(e) => serde_json::to_value(e),
-            Event::ClaimDecided(e) => serde_json::to_value(e),
-            Event::PurchaseRequested(e) => serde_json::to_value(e),
-            Event::PurchaseDecided(e) => serde_json::to_value(e),
-            Event::HoldExpired(e) => serde_json::to_value(e),
-            Event::DeadLetter(e) => serde_json::to_value(e),
-            Event::BlacklistChanged(e) => serde_json::to_value(e),
+            TopicEvent::Created(e) => serde_json::to_value(e),
+            TopicEvent::ClaimRequested(e) => serde_json::to_value(e),
+            TopicEvent::ClaimDecided(e) => serde_json::to_value(e),
+            TopicEvent::PurchaseRequested(e) => serde_json::to_value(e),
+            TopicEvent::PurchaseDecided(e) => serde_json::to_value(e),
+            TopicEvent::HoldExpired(e) => serde_json::to_value(e),
+            TopicEvent::DeadLetter(e) => serde_json::to_value(e),
+            TopicEvent::BlacklistChanged(e) => serde_json::to_value(e),
         }
         .unwrap();
         let fields = value.as_object_mut().unwrap();
@@ -448,19 +448,19 @@ mod tests {
         let b64 =
             |bytes: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
         match event {
-            Event::ClaimDecided(e) => {
+            TopicEvent::ClaimDecided(e) => {
                 let n = ClaimOutcome::try_from(e.outcome)
                     .ok()
                     .map(|o| o.as_str_name());
                 fields.insert("outcome".into(), name(n, e.outcome));
             }
-            Event::PurchaseDecided(e) => {
+            TopicEvent::PurchaseDecided(e) => {
                 let n = PurchaseOutcome::try_from(e.outcome)
                     .ok()
                     .map(|o| o.as_str_name());
                 fields.insert("outcome".into(), name(n, e.outcome));
             }
-            Event::DeadLetter(e) => {
+            TopicEvent::DeadLetter(e) => {
                 fields.insert("original_key".into(), b64(&e.original_key));
                 fields.insert("original_value".into(), b64(&e.original_value));
             }
@@ -472,7 +472,7 @@ mod tests {
     fn reference_line(
         kind: TopicKind,
         record: &Record,
-        decoded: &Result<Event, DecodeError>,
+        decoded: &Result<TopicEvent, DecodeError>,
     ) -> Vec<u8> {
         let b64 =
             |bytes: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
@@ -535,12 +535,12 @@ mod tests {
 
     /// Every message type, once with every field set (awkward text) and
     /// once with the defaults.
-    fn events(text: &str) -> Vec<(TopicKind, Event)> {
+    fn events(text: &str) -> Vec<(TopicKind, TopicEvent)> {
         let s = || text.to_owned();
         vec![
             (
                 TopicKind::Created,
-                Event::Created(CouponsCreated {
+                TopicEvent::Created(CouponsCreated {
                     envelope: envelope::<CouponsCreated>(text),
                     batch_id: s(),
                     employee_id: s(),
@@ -552,7 +552,7 @@ mod tests {
             ),
             (
                 TopicKind::Claims,
-                Event::ClaimRequested(ClaimRequested {
+                TopicEvent::ClaimRequested(ClaimRequested {
                     envelope: envelope::<ClaimRequested>(text),
                     request_id: s(),
                     user_id: s(),
@@ -562,7 +562,7 @@ mod tests {
             ),
             (
                 TopicKind::ClaimResults,
-                Event::ClaimDecided(ClaimDecided {
+                TopicEvent::ClaimDecided(ClaimDecided {
                     envelope: envelope::<ClaimDecided>(text),
                     request_id: s(),
                     user_id: s(),
@@ -578,7 +578,7 @@ mod tests {
             ),
             (
                 TopicKind::ClaimResults,
-                Event::ClaimDecided(ClaimDecided {
+                TopicEvent::ClaimDecided(ClaimDecided {
                     envelope: envelope::<ClaimDecided>(text),
                     outcome: 99,
                     ..Default::default()
@@ -586,7 +586,7 @@ mod tests {
             ),
             (
                 TopicKind::Purchases,
-                Event::PurchaseRequested(PurchaseRequested {
+                TopicEvent::PurchaseRequested(PurchaseRequested {
                     envelope: envelope::<PurchaseRequested>(text),
                     request_id: s(),
                     user_id: s(),
@@ -596,7 +596,7 @@ mod tests {
             ),
             (
                 TopicKind::PurchaseResults,
-                Event::PurchaseDecided(PurchaseDecided {
+                TopicEvent::PurchaseDecided(PurchaseDecided {
                     envelope: envelope::<PurchaseDecided>(text),
                     request_id: s(),
                     user_id: s(),
@@ -610,7 +610,7 @@ mod tests {
             ),
             (
                 TopicKind::PurchaseResults,
-                Event::PurchaseDecided(PurchaseDecided {
+                TopicEvent::PurchaseDecided(PurchaseDecided {
                     envelope: envelope::<PurchaseDecided>(text),
                     outcome: -3,
                     ..Default::default()
@@ -618,7 +618,7 @@ mod tests {
             ),
             (
                 TopicKind::Expirations,
-                Event::HoldExpired(HoldExpired {
+                TopicEvent::HoldExpired(HoldExpired {
                     envelope: envelope::<HoldExpired>(text),
                     coupon_code: s(),
                     user_id: s(),
@@ -628,7 +628,7 @@ mod tests {
             ),
             (
                 TopicKind::DeadLetter,
-                Event::DeadLetter(DeadLetter {
+                TopicEvent::DeadLetter(DeadLetter {
                     envelope: envelope::<DeadLetter>(text),
                     source_topic: s(),
                     source_partition: -1,
@@ -643,7 +643,7 @@ mod tests {
             ),
             (
                 TopicKind::Blacklist,
-                Event::BlacklistChanged(BlacklistChanged {
+                TopicEvent::BlacklistChanged(BlacklistChanged {
                     envelope: envelope::<BlacklistChanged>(text),
                     user_id: s(),
                     blacklisted: true,
@@ -657,16 +657,16 @@ mod tests {
         ]
     }
 
-    fn encode(event: &Event) -> Vec<u8> {
+    fn encode(event: &TopicEvent) -> Vec<u8> {
         match event {
-            Event::Created(e) => e.encode_to_vec(),
-            Event::ClaimRequested(e) => e.encode_to_vec(),
-            Event::ClaimDecided(e) => e.encode_to_vec(),
-            Event::PurchaseRequested(e) => e.encode_to_vec(),
-            Event::PurchaseDecided(e) => e.encode_to_vec(),
-            Event::HoldExpired(e) => e.encode_to_vec(),
-            Event::DeadLetter(e) => e.encode_to_vec(),
-            Event::BlacklistChanged(e) => e.encode_to_vec(),
+            TopicEvent::Created(e) => e.encode_to_vec(),
+            TopicEvent::ClaimRequested(e) => e.encode_to_vec(),
+            TopicEvent::ClaimDecided(e) => e.encode_to_vec(),
+            TopicEvent::PurchaseRequested(e) => e.encode_to_vec(),
+            TopicEvent::PurchaseDecided(e) => e.encode_to_vec(),
+            TopicEvent::HoldExpired(e) => e.encode_to_vec(),
+            TopicEvent::DeadLetter(e) => e.encode_to_vec(),
+            TopicEvent::BlacklistChanged(e) => e.encode_to_vec(),
         }
     }
 
@@ -686,7 +686,7 @@ mod tests {
         }
     }
 
-    fn assert_same(kind: TopicKind, record: &Record, decoded: &Result<Event, DecodeError>) {
+    fn assert_same(kind: TopicKind, record: &Record, decoded: &Result<TopicEvent, DecodeError>) {
         let ours = json_line(kind, record, decoded);
         let reference = reference_line(kind, record, decoded);
         assert_eq!(
@@ -718,7 +718,7 @@ mod tests {
         assert_same(
             TopicKind::Claims,
             &rec,
-            &Ok(Event::ClaimRequested(ClaimRequested::default())),
+            &Ok(TopicEvent::ClaimRequested(ClaimRequested::default())),
         );
     }
 

@@ -208,7 +208,11 @@ mod tests {
     use prost::Message as _;
     use serde_json::Value;
 
-    fn line_value(kind: TopicKind, record: &Record, decoded: &Result<Event, DecodeError>) -> Value {
+    fn line_value(
+        kind: TopicKind,
+        record: &Record,
+        decoded: &Result<TopicEvent, DecodeError>,
+    ) -> Value {
         serde_json::from_slice(&json_line(kind, record, decoded)).unwrap()
     }
 
@@ -310,7 +314,7 @@ mod tests {
         let mut rec = record("p.claims", Vec::new());
         assert_eq!(record_time_ms(&rec, None), Some(1_000));
         rec.timestamp_ms = None;
-        let event = Event::ClaimRequested(ClaimRequested {
+        let event = TopicEvent::ClaimRequested(ClaimRequested {
             envelope: Some(coupon_schemas::new_envelope::<ClaimRequested>(
                 "e".into(),
                 5_000,

@@ -16,8 +16,8 @@ use coupon_schemas::Envelope;
 use crate::jsonl::{self, PayloadSpan, RawRecord};
 
 use super::{
-    decode_event_value, time_ms, Event, Flow, Line, PartitionRange, Reader, ReplayOptions,
-    ReplaySummary, Sink, TopicKind, UNTIL_GRACE_MS,
+    decode_event_value, time_ms, Flow, Line, PartitionRange, Reader, ReplayOptions, ReplaySummary,
+    Sink, TopicEvent, TopicKind, UNTIL_GRACE_MS,
 };
 
 /// Records a reader hands to the encoders at once.
@@ -98,7 +98,7 @@ pub(super) enum Verdict {
 }
 
 impl TimeFilter {
-    pub(super) fn verdict(&self, timestamp_ms: Option<i64>, event: Option<&Event>) -> Verdict {
+    pub(super) fn verdict(&self, timestamp_ms: Option<i64>, event: Option<&TopicEvent>) -> Verdict {
         if self.since_ms.is_none() && self.until_ms.is_none() {
             return Verdict::Write;
         }
@@ -304,33 +304,8 @@ pub(super) fn pipeline(
         let stopped = &stopped;
         let reading = std::thread::Builder::new()
             .name("replay-read".into())
-            .spawn_scoped(scope, move || -> anyhow::Result<()> {
-                let mut batch = RawBatch::default();
-                let mut seq = 0u64;
-                let mut send = |batch: RawBatch| -> anyhow::Result<()> {
-                    slot_rx
-                        .recv()
-                        .map_err(|_| anyhow::anyhow!("the replay's writer stopped"))?;
-                    work_tx
-                        .send((seq, batch))
-                        .map_err(|_| anyhow::anyhow!("the replay's encoders stopped"))?;
-                    seq += 1;
-                    Ok(())
-                };
-                reader.read_raw(ranges, |range, message| {
-                    if stopped[range].load(Ordering::Relaxed) {
-                        return Ok(Flow::StopPartition);
-                    }
-                    batch.push(range, message);
-                    if batch.records.len() >= BATCH || batch.bytes.len() >= BATCH_BYTES {
-                        send(std::mem::take(&mut batch))?;
-                    }
-                    Ok(Flow::Continue)
-                })?;
-                if !batch.records.is_empty() {
-                    send(batch)?;
-                }
-                Ok(())
+            .spawn_scoped(scope, move || {
+                read_batches(reader, ranges, stopped, &slot_rx, &work_tx)
             })
             .context("starting the reading thread")?;
         let written = write_in_order(ranges, done_rx, slot_tx, stopped, sink, bar);
@@ -342,6 +317,44 @@ pub(super) fn pipeline(
         read?;
         Ok(summary)
     })
+}
+
+/// The reader: records into batches of [`BATCH`] records or [`BATCH_BYTES`],
+/// each sent to the encoders once the writer has a free slot for it;
+/// partitions the writer left are left here too.
+fn read_batches(
+    reader: &Reader,
+    ranges: &[PartitionRange],
+    stopped: &[AtomicBool],
+    slot_rx: &mpsc::Receiver<()>,
+    work_tx: &mpsc::SyncSender<(u64, RawBatch)>,
+) -> anyhow::Result<()> {
+    let mut batch = RawBatch::default();
+    let mut seq = 0u64;
+    let mut send = |batch: RawBatch| -> anyhow::Result<()> {
+        slot_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the replay's writer stopped"))?;
+        work_tx
+            .send((seq, batch))
+            .map_err(|_| anyhow::anyhow!("the replay's encoders stopped"))?;
+        seq += 1;
+        Ok(())
+    };
+    reader.read_raw(ranges, |range, message| {
+        if stopped[range].load(Ordering::Relaxed) {
+            return Ok(Flow::StopPartition);
+        }
+        batch.push(range, message);
+        if batch.records.len() >= BATCH || batch.bytes.len() >= BATCH_BYTES {
+            send(std::mem::take(&mut batch))?;
+        }
+        Ok(Flow::Continue)
+    })?;
+    if !batch.records.is_empty() {
+        send(batch)?;
+    }
+    Ok(())
 }
 
 /// The writer: batches back in the order they were read, each record
