@@ -56,6 +56,15 @@ pub enum CacheError {
     Unresponsive,
 }
 
+/// What Redis says about one claim ([`Cache::claim_facts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimFacts {
+    pub fast_path: coupon_domain::sold_out::FastPathFacts,
+    /// The user's claims in the current second, this one included (`None`
+    /// when not counted).
+    pub claims_this_second: Option<u64>,
+}
+
 /// A hold as mirrored in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedHold {
@@ -204,16 +213,6 @@ impl Cache {
         Ok(value.and_then(|v| parse_hold(&v)))
     }
 
-    /// Counts one claim by `user` in the current second; returns the count.
-    pub async fn count_request(&self, user: &UserId) -> Result<u64, CacheError> {
-        let key = self.flood_key(user, Utc::now().timestamp());
-        let pipeline = self.client.pipeline();
-        let _: () = pipeline.incr(&key).await?;
-        let _: () = pipeline.expire(&key, 2, None).await?;
-        let (count, _): (u64, i64) = self.call(pipeline.all()).await?;
-        Ok(count)
-    }
-
     pub async fn block(&self, user: &UserId, for_how_long: Duration) -> Result<(), CacheError> {
         let ms = for_how_long.as_millis().max(1) as i64;
         let _: () = self
@@ -245,13 +244,6 @@ impl Cache {
 
     fn flood_key(&self, client_id: &UserId, second: i64) -> String {
         format!("{}:flood:{client_id}:{second}", self.prefix)
-    }
-
-    pub async fn is_blocked(&self, user: &UserId) -> Result<bool, CacheError> {
-        let exists: i64 = self
-            .call(self.client.exists(self.blocked_key(user)))
-            .await?;
-        Ok(exists > 0)
     }
 
     fn quota_key(&self, user_id: &UserId) -> String {
@@ -399,14 +391,17 @@ impl Cache {
         Ok(())
     }
 
-    /// What the gateway needs to answer a claim `sold_out` by itself, in
-    /// one round trip: the supply version, the marks of the claim's pools,
-    /// and whether the user holds a coupon or is blocked.
-    pub async fn fast_path_facts(
+    /// What the gateway reads for one claim, in one round trip: the facts
+    /// of the sold-out fast path (the supply version, the marks of the
+    /// claim's pools, and whether the user holds a coupon, is blocked or has
+    /// used the quota) and, with `count_claim`, this claim counted in the
+    /// user's count of the current second (flood control), returned.
+    pub async fn claim_facts(
         &self,
         user: &UserId,
         category: Option<&Category>,
-    ) -> Result<coupon_domain::sold_out::FastPathFacts, CacheError> {
+        count_claim: bool,
+    ) -> Result<ClaimFacts, CacheError> {
         let pipeline = self.client.pipeline();
         let _: () = pipeline.get(self.supply_key()).await?;
         let _: () = pipeline.get(self.sold_out_key(None)).await?;
@@ -417,22 +412,45 @@ impl Cache {
         let _: () = pipeline.exists(self.user_hold_key(user)).await?;
         let _: () = pipeline.exists(self.blocked_key(user)).await?;
         let _: () = pipeline.exists(self.quota_key(user)).await?;
-        let (version, any_mark, category_mark, holds, blocked, quota_used): (
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            i64,
-            i64,
-            i64,
-        ) = self.call(pipeline.all()).await?;
-        Ok(coupon_domain::sold_out::FastPathFacts {
-            version,
-            any_mark,
-            category_mark: category.and(category_mark),
-            holds_coupon: holds > 0,
-            blocked: blocked > 0,
-            quota_used: quota_used > 0,
+        if count_claim {
+            let key = self.flood_key(user, Utc::now().timestamp());
+            let _: () = pipeline.incr(&key).await?;
+            let _: () = pipeline.expire(&key, 2, None).await?;
+        }
+        let values: Vec<Value> = self.call(pipeline.all()).await?;
+        let mut values = values.into_iter();
+        let mut next = || values.next().unwrap_or(Value::Null);
+        let version: Option<String> = next().convert()?;
+        let any_mark: Option<String> = next().convert()?;
+        let category_mark: Option<String> = next().convert()?;
+        let holds: i64 = next().convert()?;
+        let blocked: i64 = next().convert()?;
+        let quota_used: i64 = next().convert()?;
+        let claims_this_second: Option<u64> = if count_claim {
+            Some(next().convert()?)
+        } else {
+            None
+        };
+        Ok(ClaimFacts {
+            fast_path: coupon_domain::sold_out::FastPathFacts {
+                version,
+                any_mark,
+                category_mark: category.and(category_mark),
+                holds_coupon: holds > 0,
+                blocked: blocked > 0,
+                quota_used: quota_used > 0,
+            },
+            claims_this_second,
         })
+    }
+
+    /// [`Cache::claim_facts`] without counting the claim.
+    pub async fn fast_path_facts(
+        &self,
+        user: &UserId,
+        category: Option<&Category>,
+    ) -> Result<coupon_domain::sold_out::FastPathFacts, CacheError> {
+        Ok(self.claim_facts(user, category, false).await?.fast_path)
     }
 
     pub async fn ping(&self) -> Result<(), CacheError> {

@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use chrono::Utc;
 
 use coupon_domain::UserId;
+use coupon_platform::redis::ClaimFacts;
 
 use super::{ApiError, ErrorCode, GatewayState};
 
@@ -13,24 +14,27 @@ use super::{ApiError, ErrorCode, GatewayState};
 /// Postgres so the claim processor refuses too, and the blacklist topic so a
 /// rebuilt database does). Redis trouble disables the check rather than the
 /// API.
-pub(super) async fn flood_check(state: &GatewayState, user: &UserId) -> Result<(), ApiError> {
-    let blocked = match state.cache.is_blocked(user).await {
-        Ok(blocked) => blocked,
-        Err(error) => {
-            tracing::debug!(%error, "flood check skipped");
-            return Ok(());
-        }
+///
+/// `facts` is what the claim's one Redis round trip read
+/// ([`coupon_platform::redis::Cache::claim_facts`], with the claim counted);
+/// `None` when Redis did not answer.
+pub(super) async fn flood_check(
+    state: &GatewayState,
+    user: &UserId,
+    facts: Option<&ClaimFacts>,
+) -> Result<(), ApiError> {
+    let Some(facts) = facts else {
+        tracing::debug!("flood check skipped: Redis did not answer");
+        return Ok(());
     };
-    if blocked {
+    if facts.fast_path.blocked {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorCode::Blacklisted,
             "this user is temporarily blocked for flooding",
         ));
     }
-    let Ok(count) = state.cache.count_request(user).await else {
-        return Ok(());
-    };
+    let count = facts.claims_this_second.unwrap_or(0);
     if count > state.config.flood_limit_per_sec {
         let block = state.config.flood_block;
         let _ = state.cache.block(user, block).await;

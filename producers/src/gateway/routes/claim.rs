@@ -103,20 +103,37 @@ async fn claim_inner(
         Some(raw) => Some(Category::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))?),
     };
     tracing::debug!(user = %user, category = category.as_ref().map_or("", |c| c.as_str()), "claim received");
-    if caller != Caller::Open {
-        // Only an authenticated storefront vouches for the user ids it
-        // sends: without a token, anyone could name a victim's id and get
-        // the victim blocked.
-        flood_check(state, &user).await?;
-    }
-    // One request id, one answer on every path: an id the client chose may
-    // be in flight on the broker path already (a retry, a second tab, a
-    // copy with another category or user), so only an id generated here,
-    // which no other request can carry, is answered from the cache.
-    let fast = if id_is_ours {
-        sold_out_fast_path(state, &user, category.as_ref()).await
+    // Only an authenticated storefront vouches for the user ids it sends:
+    // without a token, anyone could name a victim's id and get the victim
+    // blocked, so open callers are not counted. One request id, one answer
+    // on every path: an id the client chose may be in flight on the broker
+    // path already (a retry, a second tab, a copy with another category or
+    // user), so only an id generated here, which no other request can
+    // carry, is answered from the cache.
+    let vouched = caller != Caller::Open;
+    let may_answer_sold_out = id_is_ours && !state.maybe_blacklisted(user.as_str());
+    let facts = if vouched || may_answer_sold_out {
+        // The flood count and the fast path's facts in one round trip.
+        match state
+            .cache
+            .claim_facts(&user, category.as_ref(), vouched)
+            .await
+        {
+            Ok(facts) => Some(facts),
+            Err(error) => {
+                tracing::debug!(%error, "Redis unreadable; no flood check, no sold-out fast path");
+                None
+            }
+        }
     } else {
-        FastPath::Ask
+        None
+    };
+    if vouched {
+        flood_check(state, &user, facts.as_ref()).await?;
+    }
+    let fast = match &facts {
+        Some(facts) if may_answer_sold_out => coupon_domain::sold_out::fast_path(&facts.fast_path),
+        _ => FastPath::Ask,
     };
     let event = ClaimRequested {
         envelope: Some(state.publisher.envelope::<ClaimRequested>(request_id)),
@@ -148,29 +165,6 @@ async fn claim_inner(
         return Err(request_id_conflict());
     }
     Ok(claim_response(&decision))
-}
-
-/// Whether this claim may be answered `sold_out` by the gateway itself
-/// (`coupon_domain::sold_out`): its pool is marked sold out as of the
-/// current supply, and the user neither holds a coupon, nor is blocked or
-/// blacklisted, nor has used the quota. One Redis round trip and a look at
-/// the blacklist read every second; when either is unknown, the claim takes
-/// the normal path.
-async fn sold_out_fast_path(
-    state: &GatewayState,
-    user: &UserId,
-    category: Option<&Category>,
-) -> FastPath {
-    if state.maybe_blacklisted(user.as_str()) {
-        return FastPath::Ask;
-    }
-    match state.cache.fast_path_facts(user, category).await {
-        Ok(facts) => coupon_domain::sold_out::fast_path(&facts),
-        Err(error) => {
-            tracing::debug!(%error, "sold-out marks unreadable; asking the claim processor");
-            FastPath::Ask
-        }
-    }
 }
 
 /// The sold-out fast path: the claim goes on the log flagged
