@@ -81,21 +81,31 @@ pub async fn run(conn: &Connections, command: BlacklistCommand) -> anyhow::Resul
     coupon_platform::db::migrate(&pool)
         .await
         .context("applying migrations")?;
+    if let BlacklistCommand::List = command {
+        return list(&pool).await;
+    }
+    // Every change goes on the log too, so a rebuild restores it.
+    let publisher = blacklist_publisher(&conn.kafka()).await?;
+    let topics = Topics::new(&conn.topic_prefix);
+    let blacklist = Blacklist {
+        pool: &pool,
+        publisher: &publisher,
+        topics: &topics,
+    };
     match command {
         BlacklistCommand::Add {
             user,
             duration,
             reason,
             by,
-        } => add(conn, &pool, user, duration, &reason, by).await,
-        BlacklistCommand::Remove { user, by } => remove(conn, &pool, user, by).await,
-        BlacklistCommand::List => list(&pool).await,
+        } => add(&blacklist, user, duration, &reason, by).await,
+        BlacklistCommand::Remove { user, by } => remove(conn, &blacklist, user, by).await,
+        BlacklistCommand::List => Ok(()),
     }
 }
 
 async fn add(
-    conn: &Connections,
-    pool: &PgPool,
+    blacklist: &Blacklist<'_>,
     user: String,
     duration: Option<Duration>,
     reason: &str,
@@ -109,14 +119,6 @@ async fn add(
         }
         None => None,
     };
-    let publisher = blacklist_publisher(&conn.kafka()).await?;
-    let topics = Topics::new(&conn.topic_prefix);
-    // Every change goes on the log too, so a rebuild restores it.
-    let blacklist = Blacklist {
-        pool,
-        publisher: &publisher,
-        topics: &topics,
-    };
     let entry = blacklist
         .add(&user, until, reason, Source::Manual(&by))
         .await?;
@@ -129,20 +131,12 @@ async fn add(
 
 async fn remove(
     conn: &Connections,
-    pool: &PgPool,
+    blacklist: &Blacklist<'_>,
     user: String,
     by: Option<String>,
 ) -> anyhow::Result<()> {
     let user = UserId::parse(user)?;
     let by = author(by)?;
-    let publisher = blacklist_publisher(&conn.kafka()).await?;
-    let topics = Topics::new(&conn.topic_prefix);
-    // Every change goes on the log too, so a rebuild restores it.
-    let blacklist = Blacklist {
-        pool,
-        publisher: &publisher,
-        topics: &topics,
-    };
     let removed = blacklist.remove(&user, Source::Manual(&by)).await?;
     // A flood block (Redis) lifts at once on every gateway too.
     let prefix = conn.redis_prefix.as_deref().unwrap_or(&conn.topic_prefix);

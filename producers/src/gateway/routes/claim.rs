@@ -262,6 +262,7 @@ fn claim_response(decision: &ClaimDecided) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::routes::tests::body_of;
 
     fn decided(outcome: ClaimOutcome) -> ClaimDecided {
         ClaimDecided {
@@ -273,13 +274,6 @@ mod tests {
             reason: "user_id must not be empty".into(),
             ..Default::default()
         }
-    }
-
-    async fn body_of(response: Response) -> serde_json::Value {
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
-            .await
-            .expect("body");
-        serde_json::from_slice(&bytes).expect("a JSON body")
     }
 
     #[tokio::test]

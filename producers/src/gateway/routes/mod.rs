@@ -192,3 +192,16 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    /// The JSON body of an answer.
+    pub(in crate::gateway) async fn body_of(
+        response: axum::response::Response,
+    ) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        serde_json::from_slice(&bytes).expect("a JSON body")
+    }
+}

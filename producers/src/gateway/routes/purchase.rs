@@ -164,6 +164,7 @@ fn purchase_response(decision: &PurchaseDecided) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::routes::tests::body_of;
 
     fn decided(outcome: PurchaseOutcome) -> PurchaseDecided {
         PurchaseDecided {
@@ -175,13 +176,6 @@ mod tests {
             reason: "order_id must not be empty".into(),
             ..Default::default()
         }
-    }
-
-    async fn body_of(response: Response) -> serde_json::Value {
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
-            .await
-            .expect("body");
-        serde_json::from_slice(&bytes).expect("a JSON body")
     }
 
     #[tokio::test]
