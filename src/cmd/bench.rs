@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// rows out.
     #[arg(long, env = "BENCH_SHARD_URLS", value_delimiter = ',')]
     pub shard_urls: Vec<String>,
+    /// Only the rows of `couponctl run` driven by `wrk` from outside (the
+    /// product as users run it), a minute instead of the whole bench.
+    #[arg(long, env = "BENCH_AS_RUN_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
+    pub as_run_only: bool,
 }
 
 pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
@@ -45,6 +49,7 @@ pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
     options.concurrency = args.concurrency.max(1);
     options.plot = Some(args.plot);
     options.shard_urls = args.shard_urls;
+    options.as_run_only = args.as_run_only;
     let rows = couponctl::dev::bench::run(config, options).await?;
     println!("{}", couponctl::dev::bench::render(&rows));
     println!("{}", couponctl::dev::bench::render_targets(&rows));

@@ -65,7 +65,9 @@ pub enum Command {
     #[command(after_help = "Example:\n  couponctl status")]
     Status,
     /// Run the benchmarks against a fresh database (BENCH_QUICK=1 for a short run).
-    #[command(after_help = "Example:\n  BENCH_QUICK=1 couponctl bench")]
+    #[command(
+        after_help = "Examples:\n  BENCH_QUICK=1 couponctl bench\n  couponctl bench --as-run-only   # couponctl run driven by wrk, as users run it"
+    )]
     Bench(bench::BenchArgs),
     /// Run the whole system on a fresh database and play a flash sale through it.
     #[command(after_help = "Example:\n  couponctl demo --users 2000 --hold 5s")]

@@ -30,6 +30,7 @@ use coupon_platform::store;
 
 use crate::app::{self, AppConfig, Role};
 
+mod as_run;
 mod plot;
 pub mod profile;
 pub mod shard;
@@ -61,6 +62,8 @@ pub struct BenchOptions {
     /// The Postgres servers of the sharding rows (`make shard-up`); with
     /// fewer than two the rows are left out.
     pub shard_urls: Vec<String>,
+    /// Only the rows of `couponctl run` driven by `wrk` ([`as_run`]).
+    pub as_run_only: bool,
 }
 
 impl BenchOptions {
@@ -73,6 +76,7 @@ impl BenchOptions {
             steady: Duration::from_secs(10),
             plot: None,
             shard_urls: Vec::new(),
+            as_run_only: false,
         }
     }
 
@@ -107,6 +111,11 @@ pub enum Scenario {
     /// `/healthz` driven by `wrk`, when it is installed: the check that our
     /// generator is not what bounds the HTTP rows.
     Wrk,
+    /// `couponctl run` in its own process as the README starts it, claims
+    /// driven by `wrk` from outside (see `as_run`).
+    AsRunClaims,
+    /// `/healthz` of that same process, driven by `wrk`.
+    AsRunHealthz,
 }
 
 /// One row of the results table.
@@ -154,6 +163,9 @@ impl Row {
 pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<Row>> {
     // Before the scratch database exists, so a missing service leaves nothing behind.
     app::check_services(&base).await?;
+    if options.as_run_only {
+        return as_run::as_run(&base, options.coupons, options.concurrency.max(256)).await;
+    }
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let scratch =
         app::ScratchDatabase::create(&base.database_url, &format!("coupons_bench_{stamp}")).await?;
@@ -204,6 +216,13 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
         profiled(echo(config, 20_000, options.concurrency))
             .await
             .context("the broker echo baseline")?,
+    );
+
+    eprintln!("bench: couponctl run as users run it, driven by wrk");
+    rows.extend(
+        as_run::as_run(config, options.coupons, options.concurrency.max(256))
+            .await
+            .context("the rows of couponctl run driven by wrk")?,
     );
 
     let token = CancellationToken::new();
@@ -1137,7 +1156,10 @@ async fn rebuild(config: &AppConfig) -> anyhow::Result<Row> {
 
 /// The table, with each throughput as a ratio of the echo baseline.
 pub fn render(rows: &[Row]) -> String {
-    let echo = rows.first().map(Row::throughput).unwrap_or(1.0);
+    let echo = rows
+        .iter()
+        .find(|r| r.kind == Scenario::Echo)
+        .map(Row::throughput);
     let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
     let mut out = format!(
         "| {:<48} | {:>9} | {:>10} | {:>7} | {:>7} | {:>7} | {:>8} | {}\n|{}|\n",
@@ -1157,14 +1179,17 @@ pub fn render(rows: &[Row]) -> String {
             None => ("-".into(), "-".into(), "-".into()),
         };
         out.push_str(&format!(
-            "| {:<48} | {:>9} | {:>10.0} | {:>7} | {:>7} | {:>7} | {:>7.2}x | {}\n",
+            "| {:<48} | {:>9} | {:>10.0} | {:>7} | {:>7} | {:>7} | {:>8} | {}\n",
             row.scenario,
             row.operations,
             row.throughput(),
             p50,
             p99,
             max,
-            row.throughput() / echo,
+            echo.map_or("-".to_owned(), |echo| format!(
+                "{:.2}x",
+                row.throughput() / echo
+            )),
             row.note
         ));
     }

@@ -52,6 +52,21 @@ pub fn render_targets(rows: &[Row]) -> String {
             });
         }
     }
+    if let (Some(claims), Some(healthz)) =
+        (find(Scenario::AsRunClaims), find(Scenario::AsRunHealthz))
+    {
+        let ratio = claims.throughput() / healthz.throughput().max(1e-9);
+        targets.push(Target {
+            name: "flash sale as users run it (couponctl run, wrk)",
+            goal: ">= 0.9x wrk's /healthz on the same server".into(),
+            measured: format!("{:.0} claims/s, {ratio:.2}x", claims.throughput()),
+            baseline: format!(
+                "/healthz {:.0}/s, same server, same run",
+                healthz.throughput()
+            ),
+            met: Some(ratio >= 0.9),
+        });
+    }
     if let Some(steady) = find(Scenario::SteadySale).or_else(|| find(Scenario::SteadyDay)) {
         let p99 = steady.latencies.map(|l| l.p99.as_secs_f64() * 1000.0);
         let at_target_rate = steady.throughput() >= super::STEADY_TARGET_RATE * 0.95;
