@@ -15,6 +15,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use coupon_consumers::history::HistoryConfig;
 use coupon_consumers::{Context, Policy, PollSettings, RoleSpec};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
@@ -71,6 +72,8 @@ pub struct AppConfig {
     pub metrics_interval: Duration,
     /// Where a process without the gateway serves `GET /metrics` (none: not served).
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the history is kept (`HISTORY_STORE`, the Cassandra settings).
+    pub history: HistoryConfig,
 }
 
 impl AppConfig {
@@ -100,6 +103,7 @@ impl AppConfig {
             producer_name: "couponctl".into(),
             metrics_interval: settings::METRICS_INTERVAL,
             metrics_addr: None,
+            history: HistoryConfig::default(),
         }
     }
 
@@ -201,6 +205,7 @@ pub async fn connect(config: &AppConfig) -> anyhow::Result<Context> {
         kafka: config.kafka.clone(),
         policy: config.policy,
         mirror: Default::default(),
+        history: config.history.clone(),
     })
 }
 
