@@ -9,10 +9,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, Parser};
 
+use coupon_analyst::history::HistorySource;
 use coupon_consumers::history::{HistoryConfig, HistoryStore};
 use coupon_consumers::Policy;
 use coupon_domain::QuotaWindow;
-use coupon_platform::cassandra::CassandraSettings;
+use coupon_platform::cassandra::{CassandraHistory, CassandraSettings};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::GroupProtocol;
 use coupon_platform::settings::{self, Flag};
@@ -537,6 +538,25 @@ pub async fn read_database(conn: &Connections) -> anyhow::Result<sqlx::PgPool> {
             .unwrap_or(&conn.database_url),
     )
     .await
+}
+
+/// Where a tool reads the history: Postgres (DATABASE_READ_URL, else
+/// DATABASE_URL) or, with HISTORY_STORE=cassandra, Cassandra (one attempt:
+/// a tool fails with one line rather than wait for an outage to end).
+pub async fn history_source(conn: &Connections) -> anyhow::Result<HistorySource> {
+    Ok(match conn.history_store {
+        HistoryStore::Postgres => HistorySource::Postgres(read_database(conn).await?),
+        HistoryStore::Cassandra => {
+            let settings = conn.cassandra();
+            let store = CassandraHistory::connect(&settings).await.with_context(|| {
+                format!(
+                    "reaching the history in Cassandra at {} (is it running? `make cassandra-up` starts the local one)",
+                    settings.nodes.join(",")
+                )
+            })?;
+            HistorySource::Cassandra(store)
+        }
+    })
 }
 
 async fn connect_to(url: &str) -> anyhow::Result<sqlx::PgPool> {

@@ -215,6 +215,30 @@ async fn cassandra_history_of_a_burst_is_complete_once_and_redelivery_adds_nothi
         );
     }
 
+    // `couponctl history` reads the store that is configured.
+    let output = env
+        .couponctl()
+        .env("HISTORY_STORE", "cassandra")
+        .env("CASSANDRA_NODES", cassandra::nodes())
+        .env("CASSANDRA_KEYSPACE", &env.name)
+        .args(["history", "--user", "user-0"])
+        .output()
+        .expect("couponctl history");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let shown: Vec<String> = user.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines, shown,
+        "couponctl history --user shows the user's rows"
+    );
+
     // Every record of the history's topics again, as a redelivery would
     // bring them: nothing new.
     let mut ctx = app.running.as_ref().unwrap().context.clone();
