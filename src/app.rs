@@ -458,22 +458,24 @@ async fn start_gateway(
         .await
         .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(
-        GatewayState::new(
-            ctx.pool.clone(),
-            ctx.cache.clone(),
-            ctx.publisher.clone(),
-            ctx.topics.clone(),
-            replies,
-            config.gateway.clone(),
-            metrics,
-        )
-        .with_read_pool(read_pool(config).await?)
-        .with_exporter(Arc::new(crate::console_export::ReplayExporter {
-            kafka: config.kafka.clone(),
-            topics: ctx.topics.clone(),
-        })),
-    );
+    let mut state = GatewayState::new(
+        ctx.pool.clone(),
+        ctx.cache.clone(),
+        ctx.publisher.clone(),
+        ctx.topics.clone(),
+        replies,
+        config.gateway.clone(),
+        metrics,
+    )
+    .with_read_pool(read_pool(config).await?)
+    .with_exporter(Arc::new(crate::console_export::ReplayExporter {
+        kafka: config.kafka.clone(),
+        topics: ctx.topics.clone(),
+    }));
+    if let Some(settings) = config.history.cassandra.clone() {
+        state = state.with_cassandra_history(settings);
+    }
+    let state = Arc::new(state);
     let exports = state.exports.clone();
     let stop = shutdown.clone();
     tasks.spawn(async move {

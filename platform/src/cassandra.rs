@@ -534,6 +534,32 @@ impl CassandraHistory {
     }
 }
 
+/// A history store reached on first use: what a reader (the gateway's
+/// console) holds, so that a process starts and serves while Cassandra is
+/// down, and connects once it is asked and Cassandra answers.
+#[derive(Debug)]
+pub struct LazyCassandra {
+    settings: CassandraSettings,
+    store: tokio::sync::OnceCell<CassandraHistory>,
+}
+
+impl LazyCassandra {
+    pub fn new(settings: CassandraSettings) -> Self {
+        Self {
+            settings,
+            store: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The connected store; connects now if not yet (a failure is retried
+    /// on the next call).
+    pub async fn get(&self) -> Result<&CassandraHistory, CassandraError> {
+        self.store
+            .get_or_try_init(|| CassandraHistory::connect(&self.settings))
+            .await
+    }
+}
+
 /// The earliest and latest times a CQL `timestamp` bound takes here.
 fn epoch_min() -> DateTime<Utc> {
     Utc.timestamp_millis_opt(0).single().unwrap_or_default()

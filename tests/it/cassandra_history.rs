@@ -239,6 +239,33 @@ async fn cassandra_history_of_a_burst_is_complete_once_and_redelivery_adds_nothi
         "couponctl history --user shows the user's rows"
     );
 
+    // The console's analytics count the same rows, read from Cassandra.
+    let now = chrono::Utc::now().timestamp();
+    let range = format!("since={}&until={}", now - 3_600, now + 60);
+    let admin = |path: String| {
+        let url = app.url(&path);
+        async move {
+            let response = TestEnv::http_client()
+                .get(url)
+                .bearer_auth("admin-secret")
+                .send()
+                .await
+                .expect("analytics");
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.expect("analytics body")
+        }
+    };
+    let claims = admin(format!("/api/v1/analytics/claims?{range}")).await;
+    assert_eq!(
+        claims["totals"],
+        json!({"granted": expected.granted, "sold_out": 120 - expected.granted, "rate_limited": 0, "blacklisted": 0, "other": 0})
+    );
+    let funnel = admin(format!("/api/v1/analytics/funnel?{range}")).await;
+    assert_eq!(
+        funnel["by_category"],
+        json!([{"category": "Burst", "granted": expected.granted, "redeemed": expected.redeemed, "expired": expected.released}])
+    );
+
     // Every record of the history's topics again, as a redelivery would
     // bring them: nothing new.
     let mut ctx = app.running.as_ref().unwrap().context.clone();
