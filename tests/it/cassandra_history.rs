@@ -160,7 +160,15 @@ async fn wait_history(
         if got == want {
             Ok(())
         } else {
-            Err(format!("have {got:?}, want {want:?}"))
+            let decided: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT outcome, count(*) FROM claim_decisions GROUP BY 1 ORDER BY 1",
+            )
+            .fetch_all(&env.pool)
+            .await
+            .unwrap_or_default();
+            Err(format!(
+                "have {got:?}, want {want:?}; claims decided in Postgres: {decided:?}"
+            ))
         }
     })
     .await;
@@ -312,8 +320,22 @@ async fn cassandra_killed_mid_burst_loses_nothing_and_never_slows_the_claims() {
             c.policy.hold_grace = Duration::ZERO;
         })
         .await;
+    let watcher = cassandra::connect(&settings, Duration::from_secs(30)).await;
     let mut killed_at = None;
     let (expected, slowest) = burst(&env, &app, 60, 200, 10, async {
+        // The history role is connected and writing (the release's rows
+        // are in): the kill hits it mid-write.
+        eventually_ok(
+            "the release's history in Cassandra",
+            Duration::from_secs(60),
+            || async {
+                match cassandra::rows_by_kind(&watcher).await {
+                    Some(kinds) if kinds.get("created") == Some(&60) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
         node.kill_9().await;
         killed_at = Some(Instant::now());
     })

@@ -85,7 +85,9 @@ fn script() -> PathBuf {
 
 impl OwnNode {
     /// A node on `port` (CQL), `port - 2000` (storage) and `port + 100`
-    /// (JMX), its state in `target/tmp/<name>`. Pick ports no other test uses.
+    /// (JMX), its state in `target/tmp/<name>`. Pick ports no other test uses,
+    /// below the ephemeral range (32768 on Linux), where a client's socket
+    /// may hold the port.
     pub fn new(name: &str, port: u16) -> Self {
         Self {
             dir: crate::harness::target_tmp_dir().join(name),
