@@ -1,7 +1,9 @@
 //! The `coupon_history` table: the history sink's append-only record of
 //! every state change, partitioned by month on `occurred_at`. Rows are keyed
 //! by `(occurred_at, event_id, item)`, all taken from the event, so a replay
-//! appends nothing new.
+//! appends nothing new. With the history in Cassandra, the rows a role
+//! writes inside its own transaction (releases) wait in `history_outbox`
+//! instead, until the history role forwards them ([`append_in_tx`]).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::PgPool;
