@@ -307,6 +307,10 @@ async fn cassandra_history_of_a_burst_is_complete_once_and_redelivery_adds_nothi
 /// The node is the test's own (ports 29042/27042/29142), not the shared one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cassandra_killed_mid_burst_loses_nothing_and_never_slows_the_claims() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,scylla=error")
+        .with_test_writer()
+        .try_init();
     let env = TestEnv::new().await;
     let node = OwnNode::new(&format!("cassandra-{}", env.name), 29042);
     let booted = Instant::now();
@@ -363,4 +367,193 @@ async fn cassandra_killed_mid_burst_loses_nothing_and_never_slows_the_claims() {
     );
     app.stop().await;
     node.stop();
+}
+
+/// CPU seconds (user + system) used so far by the processes `pids`.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // clock ticks per second: 100 on Linux.
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            let after = stat.rsplit_once(") ")?.1;
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .sum()
+}
+
+/// The pids whose command line contains `needle`.
+fn pids_of(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Issue #29, item 5 (`-- --ignored`, a measurement, not a check): the same
+/// history rows (a release's 100,000 `created` rows in events of 1,000,
+/// then 100,000 claim decisions of distinct users) appended by the sink's
+/// own writers, in the sink's chunks, to Postgres (`append_bulk`, binary
+/// `COPY`) and to Cassandra (`CassandraHistory::append`), one after the
+/// other on the same machine; rows per second, and the CPU each store's
+/// processes and the writer used; then read latency by user and by coupon
+/// in each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn cassandra_history_throughput_against_postgres() {
+    use coupon_domain::HistoryKind;
+    use coupon_platform::store::history::{self, HistoryRow};
+    let env = TestEnv::new().await;
+    let settings = cassandra::settings_for(&env, &cassandra::nodes());
+    let store = cassandra::connect(&settings, Duration::from_secs(30)).await;
+    let n: usize = std::env::var("HISTORY_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let start = chrono::Utc::now();
+    let mut rows = Vec::with_capacity(2 * n);
+    for event in 0..n / 1_000 {
+        let event_id = uuid::Uuid::new_v4();
+        for item in 0..1_000 {
+            rows.push(HistoryRow {
+                occurred_at: start + chrono::Duration::milliseconds(event as i64),
+                event_id,
+                item,
+                coupon_code: Some(format!("C{:012}", event * 1_000 + item as usize)),
+                user_id: None,
+                kind: HistoryKind::Created,
+                detail: json!({"batch_id": event_id, "employee_id": "e-bench", "category": "Bench"}),
+            });
+        }
+    }
+    for i in 0..n {
+        rows.push(HistoryRow {
+            occurred_at: start + chrono::Duration::milliseconds(1_000 + i as i64 / 10),
+            event_id: uuid::Uuid::new_v4(),
+            item: 0,
+            coupon_code: Some(format!("C{i:012}")),
+            user_id: Some(format!("user-{i}")),
+            kind: HistoryKind::Granted,
+            detail: json!({"request_id": format!("req-{i}"), "category": "Bench", "expires_at_ms": 0}),
+        });
+    }
+    let me = [std::process::id()];
+    let postgres = pids_of("postgres");
+    // The node's processes: by its state directory (`HISTORY_BENCH_NODE_DIR`,
+    // default the shared node's `.state/cassandra`).
+    let node_dir = std::env::var("HISTORY_BENCH_NODE_DIR")
+        .unwrap_or_else(|_| format!("{}/.state/cassandra", env!("CARGO_MANIFEST_DIR")));
+    let cassandra_pids = pids_of(&format!("-Dcassandra.storagedir={node_dir}"));
+    assert!(
+        !cassandra_pids.is_empty(),
+        "no Cassandra process with state in {node_dir}"
+    );
+    let measure = |label: &'static str, pids: Vec<u32>| {
+        let (cpu_store, cpu_me, at) = (cpu_seconds(&pids), cpu_seconds(&me), Instant::now());
+        move |rows: usize| {
+            let wall = at.elapsed().as_secs_f64();
+            let store = cpu_seconds(&pids) - cpu_store;
+            let writer = cpu_seconds(&me) - cpu_me;
+            eprintln!(
+                "{label}: {rows} rows in {wall:.2} s = {:.0} rows/s; CPU: store {store:.1} s ({:.0}% of 2 cores), writer {writer:.1} s ({:.0}%)",
+                rows as f64 / wall,
+                100.0 * store / wall / 2.0,
+                100.0 * writer / wall / 2.0
+            );
+        }
+    };
+    let done = measure("postgres (COPY into coupon_history)", postgres);
+    for chunk in rows.chunks(20_000) {
+        history::append_bulk(&env.pool, chunk)
+            .await
+            .expect("postgres");
+    }
+    done(rows.len());
+    let done = measure(
+        "cassandra (3 tables, unlogged single-partition batches)",
+        cassandra_pids,
+    );
+    for chunk in rows.chunks(20_000) {
+        store.append(chunk).await.expect("cassandra");
+    }
+    done(rows.len());
+
+    let mut latencies: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    for i in (0..n).step_by((n / 500).max(1)) {
+        let (user, code) = (format!("user-{i}"), format!("C{i:012}"));
+        let at = Instant::now();
+        assert_eq!(
+            history::entries(&env.pool, Some(&user), None, None, None)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        latencies
+            .entry("postgres by user")
+            .or_default()
+            .push(at.elapsed());
+        let at = Instant::now();
+        assert_eq!(
+            history::entries(&env.pool, None, Some(&code), None, None)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        latencies
+            .entry("postgres by coupon")
+            .or_default()
+            .push(at.elapsed());
+        let at = Instant::now();
+        assert_eq!(
+            store
+                .entries(Some(&user), None, None, None)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        latencies
+            .entry("cassandra by user")
+            .or_default()
+            .push(at.elapsed());
+        let at = Instant::now();
+        assert_eq!(
+            store
+                .entries(None, Some(&code), None, None)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        latencies
+            .entry("cassandra by coupon")
+            .or_default()
+            .push(at.elapsed());
+    }
+    for (what, mut all) in latencies {
+        all.sort();
+        eprintln!(
+            "read {what}: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms ({} reads)",
+            percentile(&all, 0.5).as_secs_f64() * 1e3,
+            percentile(&all, 0.95).as_secs_f64() * 1e3,
+            percentile(&all, 0.99).as_secs_f64() * 1e3,
+            all.len()
+        );
+    }
+    store.drop_keyspace().await.expect("drop the keyspace");
 }
