@@ -342,9 +342,11 @@ impl CassandraHistory {
 
     /// Drops the keyspace and everything in it (a test's own).
     pub async fn drop_keyspace(&self) -> Result<(), CassandraError> {
-        self.session
-            .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), ())
-            .await?;
+        // A schema change waits for the tables' flush: longer than a write.
+        let mut drop =
+            scylla::statement::Statement::new(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace));
+        drop.set_request_timeout(Some(Duration::from_secs(60)));
+        self.session.query_unpaged(drop, ()).await?;
         Ok(())
     }
 

@@ -41,8 +41,10 @@ pub const CASSANDRA_REPLICATION: &str = "{'class': 'SimpleStrategy', 'replicatio
 /// data centre's replicas, so a read sees every acknowledged write and one
 /// replica of three may be down.
 pub const CASSANDRA_CONSISTENCY: &str = "local_quorum";
-/// Writes (single-partition batches) in flight at once per history batch.
-pub const CASSANDRA_CONCURRENCY: usize = 32;
+/// Writes (single-partition batches) in flight at once per history batch:
+/// with the commit log fsynced before an acknowledgement, the writes in
+/// flight share the fsyncs (measured: 2,779 rows/s at 32, 5,294 at 128).
+pub const CASSANDRA_CONCURRENCY: usize = 128;
 pub const CASSANDRA_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CASSANDRA_REQUEST_TIMEOUT_SPAN: Span =
     Span::new(Duration::from_millis(100), Duration::from_secs(120));

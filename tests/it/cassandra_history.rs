@@ -417,7 +417,14 @@ async fn cassandra_history_throughput_against_postgres() {
     use coupon_domain::HistoryKind;
     use coupon_platform::store::history::{self, HistoryRow};
     let env = TestEnv::new().await;
-    let settings = cassandra::settings_for(&env, &cassandra::nodes());
+    let mut settings = cassandra::settings_for(&env, &cassandra::nodes());
+    settings.request_timeout = Duration::from_secs(10);
+    if let Some(concurrency) = std::env::var("CASSANDRA_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        settings.concurrency = concurrency;
+    }
     let store = cassandra::connect(&settings, Duration::from_secs(30)).await;
     let n: usize = std::env::var("HISTORY_BENCH_ROWS")
         .ok()
