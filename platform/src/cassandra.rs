@@ -185,6 +185,14 @@ impl CassandraError {
     }
 }
 
+impl CassandraError {
+    /// Whether the settings themselves are wrong (a keyspace name, the TLS
+    /// CA file): no retry can help.
+    pub fn is_setup(&self) -> bool {
+        matches!(self, Self::Config(_) | Self::Tls(_) | Self::CaFile { .. })
+    }
+}
+
 impl From<scylla::errors::ExecutionError> for CassandraError {
     fn from(error: scylla::errors::ExecutionError) -> Self {
         Self::Execute(Box::new(error))

@@ -95,7 +95,7 @@ pub struct Connections {
     #[arg(long, global = true, env = "HISTORY_STORE", default_value = settings::HISTORY_STORE)]
     pub history_store: HistoryStore,
     /// Cassandra contact points, `host:port`, comma separated.
-    #[arg(long, global = true, env = "CASSANDRA_NODES", default_value = settings::CASSANDRA_NODES)]
+    #[arg(long, global = true, env = "CASSANDRA_NODES", default_value = settings::CASSANDRA_NODES, value_parser = parse_nodes)]
     pub cassandra_nodes: String,
     /// The Cassandra keyspace of the history (created at start-up if missing).
     #[arg(long, global = true, env = "CASSANDRA_KEYSPACE", default_value = settings::CASSANDRA_KEYSPACE, value_parser = parse_keyspace)]
@@ -128,6 +128,13 @@ pub struct Connections {
 
 #[derive(Debug, Clone, Default)]
 pub struct KafkaExtra(Vec<(String, String)>);
+
+fn parse_nodes(raw: &str) -> Result<String, String> {
+    if coupon_platform::cassandra::split_nodes(raw).is_empty() {
+        return Err("no Cassandra node: host:port, comma separated".into());
+    }
+    Ok(raw.to_owned())
+}
 
 fn parse_concurrency(raw: &str) -> Result<usize, String> {
     match raw.parse::<usize>() {

@@ -50,7 +50,7 @@
 
 use std::time::Duration;
 
-use coupon_platform::cassandra::{CassandraHistory, CassandraSettings};
+use coupon_platform::cassandra::{CassandraError, CassandraHistory, CassandraSettings};
 pub use coupon_platform::store::history::HistoryStore;
 use tokio_util::sync::CancellationToken;
 
@@ -310,18 +310,20 @@ async fn run_forwarder(ctx: Context, store: CassandraHistory, shutdown: Cancella
 }
 
 /// Connects to Cassandra, retrying with backoff until it answers or
-/// `shutdown` (then `None`).
+/// `shutdown` (then `Ok(None)`); settings no retry can fix (the TLS CA
+/// file) are an error at once.
 pub async fn connect_with_retry(
     settings: &CassandraSettings,
     shutdown: &CancellationToken,
-) -> Option<CassandraHistory> {
+) -> Result<Option<CassandraHistory>, CassandraError> {
     let mut backoff = Duration::from_millis(200);
     loop {
         match CassandraHistory::connect(settings).await {
             Ok(store) => {
                 tracing::info!(keyspace = store.keyspace(), nodes = ?settings.nodes, "history store: Cassandra");
-                return Some(store);
+                return Ok(Some(store));
             }
+            Err(error) if error.is_setup() => return Err(error),
             Err(error) => {
                 let report =
                     coupon_platform::kafka::consumer::BatchError::transient(error).report();
@@ -329,7 +331,7 @@ pub async fn connect_with_retry(
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -347,8 +349,14 @@ pub async fn run(
     if ctx.history.store() == HistoryStore::Cassandra {
         if let (None, Some(settings)) = (&ctx.history.connected, ctx.history.cassandra.clone()) {
             match connect_with_retry(&settings, &shutdown).await {
-                Some(store) => ctx.history.connected = Some(store),
-                None => return Ok(()),
+                Ok(Some(store)) => ctx.history.connected = Some(store),
+                Ok(None) => return Ok(()),
+                Err(error) => {
+                    // The role stops, and with it the process (its
+                    // supervisor shows why): the settings must change.
+                    tracing::error!(error = %BatchError::permanent(error).report(), "the history cannot use Cassandra with these settings");
+                    return Err(rdkafka::error::KafkaError::Canceled);
+                }
             }
         }
         if let Some(store) = ctx.history.connected.clone() {
