@@ -64,7 +64,7 @@ unit: ## the unit and property tests of every crate: no service needed
 	cargo test --workspace --lib --bins
 	cargo test -p coupon-schemas --tests
 
-test: up ## every test, against the real services (the Java storefront example, the console in Debian's chromium last)
+test: up cassandra-up ## every test, against the real services (Cassandra for the history's tests; the Java storefront example, the console in Debian's chromium last)
 	cargo build --bin couponctl
 	tests/broker_restart.sh
 	cargo test --workspace --no-fail-fast

@@ -15,6 +15,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use coupon_consumers::history::HistoryConfig;
 use coupon_consumers::{Context, Policy, PollSettings, RoleSpec};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
@@ -71,6 +72,8 @@ pub struct AppConfig {
     pub metrics_interval: Duration,
     /// Where a process without the gateway serves `GET /metrics` (none: not served).
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the history is kept (`HISTORY_STORE`, the Cassandra settings).
+    pub history: HistoryConfig,
 }
 
 impl AppConfig {
@@ -100,6 +103,7 @@ impl AppConfig {
             producer_name: "couponctl".into(),
             metrics_interval: settings::METRICS_INTERVAL,
             metrics_addr: None,
+            history: HistoryConfig::default(),
         }
     }
 
@@ -201,6 +205,7 @@ pub async fn connect(config: &AppConfig) -> anyhow::Result<Context> {
         kafka: config.kafka.clone(),
         policy: config.policy,
         mirror: Default::default(),
+        history: config.history.clone(),
     })
 }
 
@@ -453,22 +458,24 @@ async fn start_gateway(
         .await
         .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(
-        GatewayState::new(
-            ctx.pool.clone(),
-            ctx.cache.clone(),
-            ctx.publisher.clone(),
-            ctx.topics.clone(),
-            replies,
-            config.gateway.clone(),
-            metrics,
-        )
-        .with_read_pool(read_pool(config).await?)
-        .with_exporter(Arc::new(crate::console_export::ReplayExporter {
-            kafka: config.kafka.clone(),
-            topics: ctx.topics.clone(),
-        })),
-    );
+    let mut state = GatewayState::new(
+        ctx.pool.clone(),
+        ctx.cache.clone(),
+        ctx.publisher.clone(),
+        ctx.topics.clone(),
+        replies,
+        config.gateway.clone(),
+        metrics,
+    )
+    .with_read_pool(read_pool(config).await?)
+    .with_exporter(Arc::new(crate::console_export::ReplayExporter {
+        kafka: config.kafka.clone(),
+        topics: ctx.topics.clone(),
+    }));
+    if let Some(settings) = config.history.cassandra.clone() {
+        state = state.with_cassandra_history(settings);
+    }
+    let state = Arc::new(state);
     let exports = state.exports.clone();
     let stop = shutdown.clone();
     tasks.spawn(async move {

@@ -64,7 +64,7 @@ async fn main() {
     let default_filter = if cli.command.prints_progress() {
         "warn"
     } else {
-        "info,rdkafka=warn,sqlx=warn"
+        "info,rdkafka=warn,sqlx=warn,scylla=warn"
     };
     let logs = init_logging(cli.log_format, default_filter);
     if let Err(error) = cli.command.run(&cli.connections).await {

@@ -7,7 +7,7 @@
 //! | `claims`    | `claims`                      | holds, quota, `claim-results`            |
 //! | `purchases` | `purchases`                   | redemptions, `purchase-results`          |
 //! | `expiry`    | `expirations` (+ the sweeper) | released holds, history                  |
-//! | `history`   | `created`, `*-results`        | `coupon_history`                         |
+//! | `history`   | `created`, `*-results`        | `coupon_history`, or Cassandra           |
 //!
 //! Every role has the same shape: a `Handler` implementing
 //! [`coupon_platform::kafka::RoleHandler`] (its role, from
@@ -92,6 +92,8 @@ pub struct Context {
     pub policy: Policy,
     /// What this process knows of the Redis mirror (`restore`).
     pub mirror: restore::MirrorState,
+    /// Where the history is kept (`HISTORY_STORE`), see [`history`].
+    pub history: history::HistoryConfig,
 }
 
 impl Context {
@@ -326,7 +328,7 @@ pub async fn run(
         Role::Coupons => role::run(&coupons::Handler(ctx), &kafka, &topics, poll, stop).await,
         Role::Claims => role::run(&claims::Handler(ctx), &kafka, &topics, poll, stop).await,
         Role::Purchases => role::run(&purchases::Handler(ctx), &kafka, &topics, poll, stop).await,
-        Role::History => role::run(&history::Handler(ctx), &kafka, &topics, poll, stop).await,
+        Role::History => history::run(ctx, poll, shutdown).await,
         Role::Expiry => expiry::run(ctx, poll, sweep_interval, shutdown).await,
         // The gateway is no consumer role: nothing to run here.
         Role::Gateway => Ok(()),

@@ -5,6 +5,7 @@
 //! `coupon-domain`. These modules turn those decisions into records, rows and
 //! keys, and make the delivery guarantees explicit (see [`kafka::consumer`]).
 
+pub mod cassandra;
 pub mod db;
 pub mod kafka;
 pub mod metrics;

@@ -9,8 +9,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, Parser};
 
+use coupon_analyst::history::HistorySource;
+use coupon_consumers::history::{HistoryConfig, HistoryStore};
 use coupon_consumers::Policy;
 use coupon_domain::QuotaWindow;
+use coupon_platform::cassandra::{CassandraHistory, CassandraSettings};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::GroupProtocol;
 use coupon_platform::settings::{self, Flag};
@@ -86,10 +89,63 @@ pub struct Connections {
     /// refuse a log whose beginning is gone.
     #[arg(long, global = true, env = "LOG_RETENTION_MS", default_value_t = settings::LOG_RETENTION_MS, allow_hyphen_values = true, value_parser = clap::value_parser!(i64).range(-1..))]
     pub log_retention_ms: i64,
+    /// Where the history is kept: `postgres` (the `coupon_history` table) or
+    /// `cassandra` (CASSANDRA_NODES). The history role writes it, and
+    /// `history`, the console and `audit` read it.
+    #[arg(long, global = true, env = "HISTORY_STORE", default_value = settings::HISTORY_STORE)]
+    pub history_store: HistoryStore,
+    /// Cassandra contact points, `host:port`, comma separated.
+    #[arg(long, global = true, env = "CASSANDRA_NODES", default_value = settings::CASSANDRA_NODES, value_parser = parse_nodes)]
+    pub cassandra_nodes: String,
+    /// The Cassandra keyspace of the history (created at start-up if missing).
+    #[arg(long, global = true, env = "CASSANDRA_KEYSPACE", default_value = settings::CASSANDRA_KEYSPACE, value_parser = parse_keyspace)]
+    pub cassandra_keyspace: String,
+    /// Cassandra user (PasswordAuthenticator) [default: none].
+    #[arg(long, global = true, env = "CASSANDRA_USERNAME")]
+    pub cassandra_username: Option<String>,
+    /// Cassandra password.
+    #[arg(
+        long,
+        global = true,
+        env = "CASSANDRA_PASSWORD",
+        hide_env_values = true
+    )]
+    pub cassandra_password: Option<String>,
+    /// Connect to Cassandra with TLS, trusting the CA certificates of this
+    /// PEM file [default: no TLS].
+    #[arg(long, global = true, env = "CASSANDRA_TLS_CA")]
+    pub cassandra_tls_ca: Option<PathBuf>,
+    /// The replication the keyspace is created with when missing (a CQL map).
+    #[arg(long, global = true, env = "CASSANDRA_REPLICATION", default_value = settings::CASSANDRA_REPLICATION)]
+    pub cassandra_replication: String,
+    /// Consistency level of the history's writes and reads.
+    #[arg(long, global = true, env = "CASSANDRA_CONSISTENCY", default_value = settings::CASSANDRA_CONSISTENCY, value_parser = coupon_platform::cassandra::parse_consistency)]
+    pub cassandra_consistency: coupon_platform::cassandra::Consistency,
+    /// Writes to Cassandra in flight at once (single-partition batches).
+    #[arg(long, global = true, env = "CASSANDRA_CONCURRENCY", default_value_t = settings::CASSANDRA_CONCURRENCY, value_parser = parse_concurrency)]
+    pub cassandra_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct KafkaExtra(Vec<(String, String)>);
+
+fn parse_nodes(raw: &str) -> Result<String, String> {
+    if coupon_platform::cassandra::split_nodes(raw).is_empty() {
+        return Err("no Cassandra node: host:port, comma separated".into());
+    }
+    Ok(raw.to_owned())
+}
+
+fn parse_concurrency(raw: &str) -> Result<usize, String> {
+    match raw.parse::<usize>() {
+        Ok(n @ 1..=1024) => Ok(n),
+        _ => Err(format!("{raw:?}: must be a number from 1 to 1024")),
+    }
+}
+
+fn parse_keyspace(raw: &str) -> Result<String, String> {
+    coupon_platform::cassandra::check_keyspace(raw).map(|()| raw.to_owned())
+}
 
 fn parse_kafka_extra(raw: &str) -> Result<KafkaExtra, String> {
     raw.split(',')
@@ -391,8 +447,29 @@ impl Connections {
         kafka
     }
 
+    /// Where the history is kept, as the flags say.
+    pub fn history(&self) -> HistoryConfig {
+        match self.history_store {
+            HistoryStore::Postgres => HistoryConfig::default(),
+            HistoryStore::Cassandra => HistoryConfig::cassandra(self.cassandra()),
+        }
+    }
+
+    /// How to reach Cassandra, as the flags say.
+    pub fn cassandra(&self) -> CassandraSettings {
+        let mut settings = CassandraSettings::new(&self.cassandra_nodes, &self.cassandra_keyspace);
+        settings.username = self.cassandra_username.clone();
+        settings.password = self.cassandra_password.clone();
+        settings.tls_ca = self.cassandra_tls_ca.clone();
+        settings.replication = self.cassandra_replication.clone();
+        settings.consistency = self.cassandra_consistency;
+        settings.concurrency = self.cassandra_concurrency;
+        settings
+    }
+
     pub fn app_config(&self, serve: &ServeArgs) -> AppConfig {
         let mut config = AppConfig::local(&self.topic_prefix);
+        config.history = self.history();
         config.database_url = self.database_url.clone();
         config.database_read_url = self.database_read_url.clone();
         config.redis_url = self.redis_url.clone();
@@ -468,6 +545,25 @@ pub async fn read_database(conn: &Connections) -> anyhow::Result<sqlx::PgPool> {
             .unwrap_or(&conn.database_url),
     )
     .await
+}
+
+/// Where a tool reads the history: Postgres (DATABASE_READ_URL, else
+/// DATABASE_URL) or, with HISTORY_STORE=cassandra, Cassandra (one attempt:
+/// a tool fails with one line rather than wait for an outage to end).
+pub async fn history_source(conn: &Connections) -> anyhow::Result<HistorySource> {
+    Ok(match conn.history_store {
+        HistoryStore::Postgres => HistorySource::Postgres(read_database(conn).await?),
+        HistoryStore::Cassandra => {
+            let settings = conn.cassandra();
+            let store = CassandraHistory::connect(&settings).await.with_context(|| {
+                format!(
+                    "reaching the history in Cassandra at {} (is it running? `make cassandra-up` starts the local one)",
+                    settings.nodes.join(",")
+                )
+            })?;
+            HistorySource::Cassandra(store)
+        }
+    })
 }
 
 async fn connect_to(url: &str) -> anyhow::Result<sqlx::PgPool> {

@@ -1,4 +1,5 @@
-//! `couponctl history`: the history sink's rows of a user or a coupon.
+//! `couponctl history`: the history sink's rows of a user or a coupon, from
+//! the store the history is kept in (`HISTORY_STORE`).
 
 use std::io::Write as _;
 
@@ -8,7 +9,7 @@ use clap::{ArgGroup, Args};
 
 use coupon_analyst::{history, replay};
 
-use super::args::{read_database, Connections};
+use super::args::{history_source, Connections};
 
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("subject").required(true).multiple(true).args(["user", "coupon"])))]
@@ -28,16 +29,16 @@ pub struct HistoryArgs {
 }
 
 pub async fn run(conn: &Connections, args: HistoryArgs) -> anyhow::Result<()> {
-    let pool = read_database(conn).await?;
+    let source = history_source(conn).await?;
     let filter = history::HistoryFilter {
         user: args.user,
         coupon: args.coupon,
         since: args.since,
         until: args.until,
     };
-    let rows = history::query(&pool, &filter)
+    let rows = history::query(&source, &filter)
         .await
-        .context("reading coupon_history")?;
+        .context("reading the history")?;
     if rows.is_empty() {
         eprintln!("no history rows");
     }

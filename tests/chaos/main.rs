@@ -11,7 +11,9 @@
 //! partitions' leader or of a follower, and a broker's controlled restart;
 //! and on Postgres under Patroni (`infra/local/ha.sh`, started here), the
 //! leader's failover (`ha.rs`: kill -9 of its postmaster in the quick run; a
-//! frozen leader, a switchover and a lost leader rejoining in the long one).
+//! frozen leader, a switchover and a lost leader rejoining in the long one);
+//! and with the history in Cassandra, `kill -9` of Cassandra (`cassandra.rs`,
+//! scored on the history too: no row lost or duplicated).
 //! Then it checks, from the event log and the database, that every request
 //! got exactly one decision, that every HTTP answer is the decision the
 //! database holds, and that the spec's invariants hold. A last scenario holds
@@ -27,6 +29,7 @@
 use coupon_test_support::{harness, processes};
 
 mod burst;
+mod cassandra;
 mod ha;
 mod profile;
 mod score;
@@ -84,6 +87,14 @@ fn main() -> ExitCode {
     for fault in Fault::ALL.into_iter().filter(|f| chosen(f.name())) {
         eprintln!("chaos: {} ...", fault.name());
         let row = runtime.block_on(burst::burst_with_fault(fault, &profile));
+        eprintln!("chaos: {}", row.summary());
+        rows.push(row);
+    }
+    // The history store (HISTORY_STORE=cassandra) killed mid-burst, on a
+    // Cassandra node of the scenario's own.
+    if chosen(cassandra::NAME) {
+        eprintln!("chaos: {} ...", cassandra::NAME);
+        let row = runtime.block_on(cassandra::burst_with_cassandra_kill(&profile));
         eprintln!("chaos: {}", row.summary());
         rows.push(row);
     }

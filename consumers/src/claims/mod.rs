@@ -170,6 +170,7 @@ impl From<ClaimsError> for BatchError {
 async fn grant_group(
     tx: &mut sqlx::PgConnection,
     view: &mut BatchView,
+    history: coupon_platform::store::history::HistoryStore,
     category: Option<&Category>,
     waiting: Vec<(usize, Candidate<'_>)>,
 ) -> Result<Vec<(usize, ClaimDecisionRecord)>, ClaimsError> {
@@ -190,7 +191,7 @@ async fn grant_group(
                 .iter()
                 .map(|r| release_history(r, at.get(&r.user_id).copied()))
                 .collect();
-            coupon_platform::store::history::append(&mut *tx, &rows).await?;
+            coupon_platform::store::history::append_in_tx(&mut *tx, history, &rows).await?;
             view.released.extend(released);
         }
         let claims: Vec<Allocation> = waiting.iter().map(|(_, c)| c.allocation()).collect();
@@ -266,7 +267,14 @@ async fn decide_deferred(
         Ok(outcome) => Ok(view.record(claim, outcome)),
         Err(candidate) => {
             let category = category_of(claim);
-            let decided = grant_group(tx, view, category, vec![(0, candidate)]).await?;
+            let decided = grant_group(
+                tx,
+                view,
+                ctx.history.store(),
+                category,
+                vec![(0, candidate)],
+            )
+            .await?;
             let decision = decided
                 .into_iter()
                 .next()
@@ -474,7 +482,15 @@ async fn decide_batch(
         current_supply_version(ctx).await
     };
     for (category, group) in allocation_groups(waiting) {
-        for (index, decision) in grant_group(&mut *tx, &mut view, category.as_ref(), group).await? {
+        for (index, decision) in grant_group(
+            &mut *tx,
+            &mut view,
+            ctx.history.store(),
+            category.as_ref(),
+            group,
+        )
+        .await?
+        {
             answers[index] = Some(Answer::Decision(decision, true));
         }
     }

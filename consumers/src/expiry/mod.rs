@@ -11,7 +11,9 @@
 //! - the **expirations consumer** releases a coupon only if it is still held
 //!   under the very hold the event names (`hold_id`) and the deadline has
 //!   passed. A purchase that won the race has already made it `redeemed`, so
-//!   the release does nothing. The release and its history row commit together.
+//!   the release does nothing. The release and its history row commit together
+//!   (the row goes to `coupon_history`, or to `history_outbox` when the history
+//!   is in Cassandra: see `crate::history`).
 //!
 //! "Passed" is judged on the database's clock, never a host's: a hold is
 //! overdue once `held_until + grace <= now()` in Postgres. So a sweeper on a
@@ -36,7 +38,7 @@ use coupon_platform::time::to_ms;
 use coupon_schemas::HoldExpired;
 
 use coupon_platform::kafka::role::{self, dead_letter_all, Decoded};
-use coupon_platform::store::history::{append, HistoryRow, HoldRelease, ReleasedBy};
+use coupon_platform::store::history::{append_in_tx, HistoryRow, HoldRelease, ReleasedBy};
 
 use crate::{Context, Role};
 
@@ -180,7 +182,7 @@ pub async fn handle_events(
             });
         }
     }
-    append(&mut *tx, &history).await?;
+    append_in_tx(&mut *tx, ctx.history.store(), &history).await?;
     tx.commit().await?;
     metrics::counter!("coupon_holds_released_total").increment(released.len() as u64);
     if let Err(error) = ctx.cache.remove_holds(&released).await {

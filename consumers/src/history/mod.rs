@@ -3,18 +3,56 @@
 //!
 //! Reads `created`, `claim-results` and `purchase-results` in its own consumer
 //! group, so it can lag or be rebuilt without touching the processors.
-//! Releases are written by the expiry consumer in the same transaction as the
-//! release itself (only it knows whether the release happened).
+//! Releases are written by the roles that release (the expiry consumer, and
+//! the claim processor when a grant finds the user's overdue hold) in the
+//! same transaction as the release itself: only that transaction knows
+//! whether the release happened, and when.
+//!
+//! Where the rows go is `HISTORY_STORE`:
+//! - `postgres` (the default): the partitioned `coupon_history` table, the
+//!   releases inside their own transactions.
+//! - `cassandra`: Apache Cassandra (`coupon_platform::cassandra`: a table by
+//!   user, one by coupon, one by time bucket). This role writes the rows of
+//!   its topics there. The releases go, in their transactions, to
+//!   `history_outbox` in Postgres (a transactional outbox) instead of
+//!   `coupon_history`, and this role forwards them ([`forward_releases`]):
+//!   it takes queued rows under a row lock, writes them to Cassandra, and
+//!   deletes them in the same Postgres transaction once Cassandra has
+//!   acknowledged them. Why not build the release rows from the
+//!   `expirations` topic: an expiry event is a request, not a fact (a
+//!   purchase may have won the race, several sweepers announce the same
+//!   hold), its time is not the release's, and a release by the next grant
+//!   has no event at all; and publishing a release event after the commit
+//!   would lose it to a crash between the two. The outbox costs the
+//!   releasing transaction what the `coupon_history` insert cost before.
+//!
+//! In Cassandra mode this role is the only one that talks to Cassandra: it
+//! connects (retrying with backoff while Cassandra is down) before it
+//! consumes, and a failed write is a transient batch failure that the batch
+//! loop retries with backoff, for as long as it takes. Its lag grows,
+//! nothing is lost, and no other role waits for it: the claim path never
+//! touches Cassandra.
 //!
 //! Delivery guarantee: at least once, effect exactly once. Each row's key is
 //! `(occurred_at, event_id, item)`, all taken from the event, so a replay
-//! inserts nothing new (`ON CONFLICT DO NOTHING`). That is why every event
-//! carries a stable id *and time*, including decisions that are never stored
-//! (invalid requests): a redelivery must produce the very same key.
+//! inserts nothing new (Postgres: `ON CONFLICT DO NOTHING`; Cassandra: the
+//! same primary key and the same write timestamp, an identical rewrite).
+//! That is why every event carries a stable id *and time*, including
+//! decisions that are never stored (invalid requests): a redelivery must
+//! produce the very same key. Offsets are stored only after the batch's
+//! writes were acknowledged (Postgres committed, or every Cassandra write
+//! acknowledged at the configured consistency); an outbox row is deleted
+//! only after the same.
 //!
 //! A result record from a foreign producer may carry what Postgres refuses
 //! (a NUL in an id): the insert fails permanently, the batch loop isolates
 //! that record and dead-letters it, and the sink goes on.
+
+use std::time::Duration;
+
+use coupon_platform::cassandra::{CassandraError, CassandraHistory, CassandraSettings};
+pub use coupon_platform::store::history::HistoryStore;
+use tokio_util::sync::CancellationToken;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -173,10 +211,175 @@ pub async fn handle_events(
         .flat_map(|(_, rows)| rows)
         .collect();
     for chunk in rows.chunks(20_000) {
-        let added = append_bulk(&ctx.pool, chunk).await?;
+        let added = match ctx.history.store() {
+            HistoryStore::Postgres => append_bulk(&ctx.pool, chunk).await?,
+            HistoryStore::Cassandra => ctx.history.connected()?.append(chunk).await?,
+        };
         metrics::counter!("coupon_history_rows_total").increment(added);
     }
     dead_letter_all(&ctx.dead_letters(ROLE), &split.refused).await
+}
+
+/// Where the history is kept, as a process is configured.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryConfig {
+    /// How to reach Cassandra: the history is there when set, else in
+    /// Postgres.
+    pub cassandra: Option<CassandraSettings>,
+    /// The connected store: the history role sets it once it reached
+    /// Cassandra (no other role connects).
+    pub connected: Option<CassandraHistory>,
+}
+
+impl HistoryConfig {
+    /// The history in Cassandra, reached with `settings`.
+    pub fn cassandra(settings: CassandraSettings) -> Self {
+        Self {
+            cassandra: Some(settings),
+            connected: None,
+        }
+    }
+
+    /// Which store the history is in.
+    pub fn store(&self) -> HistoryStore {
+        if self.cassandra.is_some() || self.connected.is_some() {
+            HistoryStore::Cassandra
+        } else {
+            HistoryStore::Postgres
+        }
+    }
+
+    /// The connected Cassandra store, or a transient failure (the batch is
+    /// retried).
+    pub fn connected(&self) -> Result<&CassandraHistory, BatchError> {
+        self.connected
+            .as_ref()
+            .ok_or_else(|| BatchError::transient("the history role has not reached Cassandra yet"))
+    }
+}
+
+/// Rows forwarded from the outbox per Postgres transaction.
+const FORWARD_BATCH: i64 = 2_000;
+/// How often the outbox is looked at when it was found empty.
+const FORWARD_EVERY: Duration = Duration::from_millis(250);
+
+/// Forwards queued release rows to Cassandra: one batch of at most
+/// `limit`, taken under a row lock, written, acknowledged, deleted, committed.
+/// Returns how many rows it forwarded.
+pub async fn forward_releases(
+    ctx: &Context,
+    store: &CassandraHistory,
+    limit: i64,
+) -> Result<usize, BatchError> {
+    use coupon_platform::store::history::{outbox_delete, outbox_take};
+    let mut tx = ctx.pool.begin().await?;
+    let taken = outbox_take(&mut tx, limit).await?;
+    if taken.is_empty() {
+        return Ok(0);
+    }
+    let (seqs, rows): (Vec<i64>, Vec<HistoryRow>) = taken.into_iter().unzip();
+    store.append(&rows).await?;
+    outbox_delete(&mut tx, &seqs).await?;
+    tx.commit().await?;
+    metrics::counter!("coupon_history_rows_total").increment(rows.len() as u64);
+    Ok(rows.len())
+}
+
+/// Forwards the outbox until `shutdown`, retrying with backoff while
+/// Postgres or Cassandra fails.
+async fn run_forwarder(ctx: Context, store: CassandraHistory, shutdown: CancellationToken) {
+    let mut backoff = FORWARD_EVERY;
+    loop {
+        let pause = match forward_releases(&ctx, &store, FORWARD_BATCH).await {
+            Ok(n) if n as i64 == FORWARD_BATCH => Duration::ZERO,
+            Ok(_) => {
+                backoff = FORWARD_EVERY;
+                FORWARD_EVERY
+            }
+            Err(error) => {
+                tracing::warn!(error = %error.report(), "forwarding releases to Cassandra failed; will retry");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Connects to Cassandra, retrying with backoff until it answers or
+/// `shutdown` (then `Ok(None)`); settings no retry can fix (the TLS CA
+/// file) are an error at once.
+pub async fn connect_with_retry(
+    settings: &CassandraSettings,
+    shutdown: &CancellationToken,
+) -> Result<Option<CassandraHistory>, CassandraError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match CassandraHistory::connect(settings).await {
+            Ok(store) => {
+                tracing::info!(keyspace = store.keyspace(), nodes = ?settings.nodes, "history store: Cassandra");
+                return Ok(Some(store));
+            }
+            Err(error) if error.is_setup() => return Err(error),
+            Err(error) => {
+                let report =
+                    coupon_platform::kafka::consumer::BatchError::transient(error).report();
+                tracing::warn!(error = %report, ?backoff, "cannot reach Cassandra yet; the history waits (its lag grows)");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Runs the history role until `shutdown`: in Cassandra mode, reaches
+/// Cassandra first and forwards the releases' outbox beside the consumer.
+pub async fn run(
+    mut ctx: Context,
+    poll: coupon_platform::kafka::PollSettings,
+    shutdown: CancellationToken,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let mut forwarder = None;
+    if ctx.history.store() == HistoryStore::Cassandra {
+        if let (None, Some(settings)) = (&ctx.history.connected, ctx.history.cassandra.clone()) {
+            match connect_with_retry(&settings, &shutdown).await {
+                Ok(Some(store)) => ctx.history.connected = Some(store),
+                Ok(None) => return Ok(()),
+                Err(error) => {
+                    // The role stops, and with it the process (its
+                    // supervisor shows why): the settings must change.
+                    tracing::error!(error = %BatchError::permanent(error).report(), "the history cannot use Cassandra with these settings");
+                    return Err(rdkafka::error::KafkaError::Canceled);
+                }
+            }
+        }
+        if let Some(store) = ctx.history.connected.clone() {
+            forwarder = Some(tokio::spawn(run_forwarder(
+                ctx.clone(),
+                store,
+                shutdown.clone(),
+            )));
+        }
+    }
+    let (kafka, topics) = (ctx.kafka.clone(), ctx.topics.clone());
+    let result = role::run(
+        &Handler(ctx),
+        &kafka,
+        &topics,
+        poll,
+        shutdown.clone().cancelled_owned(),
+    )
+    .await;
+    if let Some(forwarder) = forwarder {
+        let _ = forwarder.await;
+    }
+    result
 }
 
 crate::role_handler!(ROLE, HistoryEvent);

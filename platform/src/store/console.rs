@@ -10,10 +10,16 @@
 //!
 //! The analytics read `coupon_history` (the history sink), bounded by time
 //! on `occurred_at` so that Postgres prunes the months outside the range.
+//! With the history in Cassandra (`HISTORY_STORE=cassandra`) the gateway
+//! reads the range's rows from its time table and counts them here with
+//! [`claims_per_bucket_of`] and [`funnel_of`], the same counts as the SQL
+//! (the console test's numbers hold for either store).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
+
+pub use crate::store::history::HistoryEntry;
 
 /// One batch as projected so far: its coupons by status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,4 +154,192 @@ pub async fn funnel(
     )
     .fetch_all(pool)
     .await
+}
+
+/// [`claims_per_bucket`] over history rows already read (from Cassandra):
+/// the same buckets and counts, without I/O.
+pub fn claims_per_bucket_of(
+    rows: &[crate::store::history::HistoryEntry],
+    bucket_seconds: i64,
+) -> Vec<ClaimBucket> {
+    use std::collections::BTreeMap;
+    let width_ms = bucket_seconds.max(1) * 1_000;
+    let mut buckets: BTreeMap<i64, ClaimBucket> = BTreeMap::new();
+    for row in rows {
+        let reason = row
+            .detail
+            .as_ref()
+            .and_then(|d| d.get("reason"))
+            .map(|r| r.as_str().unwrap_or_default());
+        let outcome = match (row.kind.as_str(), reason) {
+            ("granted", _) => 0,
+            ("rejected", Some("sold_out")) => 1,
+            ("rejected", Some("rate_limited")) => 2,
+            ("rejected", Some("blacklisted")) => 3,
+            ("rejected", Some(_)) => 4,
+            _ => continue,
+        };
+        let start_ms = row.occurred_at.timestamp_millis().div_euclid(width_ms) * width_ms;
+        let bucket = buckets.entry(start_ms).or_insert_with(|| ClaimBucket {
+            bucket_start: DateTime::from_timestamp_millis(start_ms).unwrap_or_default(),
+            granted: 0,
+            sold_out: 0,
+            rate_limited: 0,
+            blacklisted: 0,
+            other: 0,
+        });
+        match outcome {
+            0 => bucket.granted += 1,
+            1 => bucket.sold_out += 1,
+            2 => bucket.rate_limited += 1,
+            3 => bucket.blacklisted += 1,
+            _ => bucket.other += 1,
+        }
+    }
+    buckets.into_values().collect()
+}
+
+/// The batch a coupon belongs to, for [`funnel_of`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CouponBatch {
+    pub code: String,
+    pub batch_id: Uuid,
+    pub employee_id: String,
+    pub category: String,
+    pub generated_at: DateTime<Utc>,
+}
+
+/// The batches of `codes` (those that are projected).
+pub async fn coupon_batches(
+    pool: &PgPool,
+    codes: &[String],
+) -> Result<Vec<CouponBatch>, sqlx::Error> {
+    sqlx::query_as!(
+        CouponBatch,
+        "SELECT code, batch_id, employee_id, category, generated_at FROM coupons WHERE code = ANY($1)",
+        codes
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// [`funnel`] over history rows already read (from Cassandra) and the
+/// batches of their coupons: the same rows in the same order, without I/O.
+pub fn funnel_of(
+    rows: &[crate::store::history::HistoryEntry],
+    batches: &[CouponBatch],
+) -> Vec<FunnelRow> {
+    use std::collections::HashMap;
+    let of: HashMap<&str, &CouponBatch> = batches.iter().map(|b| (b.code.as_str(), b)).collect();
+    let mut funnel: HashMap<(Uuid, &str, &str), (FunnelRow, DateTime<Utc>)> = HashMap::new();
+    for row in rows {
+        let Some(batch) = row.coupon_code.as_deref().and_then(|c| of.get(c)) else {
+            continue;
+        };
+        let (step, first) = funnel
+            .entry((batch.batch_id, &batch.employee_id, &batch.category))
+            .or_insert_with(|| {
+                (
+                    FunnelRow {
+                        batch_id: batch.batch_id,
+                        employee_id: batch.employee_id.clone(),
+                        category: batch.category.clone(),
+                        granted: 0,
+                        redeemed: 0,
+                        expired: 0,
+                    },
+                    batch.generated_at,
+                )
+            });
+        match row.kind.as_str() {
+            "granted" => step.granted += 1,
+            "redeemed" => step.redeemed += 1,
+            "released" => step.expired += 1,
+            _ => continue,
+        }
+        *first = (*first).min(batch.generated_at);
+    }
+    let mut steps: Vec<(FunnelRow, DateTime<Utc>)> = funnel
+        .into_values()
+        .filter(|(s, _)| s.granted + s.redeemed + s.expired > 0)
+        .collect();
+    steps.sort_by(|(a, at), (b, bt)| {
+        (&a.category, at, a.batch_id).cmp(&(&b.category, bt, b.batch_id))
+    });
+    steps.into_iter().map(|(s, _)| s).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::history::HistoryEntry;
+
+    fn row(secs: i64, kind: &str, code: Option<&str>, detail: serde_json::Value) -> HistoryEntry {
+        HistoryEntry {
+            occurred_at: DateTime::from_timestamp(secs, 0).unwrap(),
+            kind: kind.into(),
+            coupon_code: code.map(Into::into),
+            user_id: None,
+            detail: Some(detail),
+        }
+    }
+
+    #[test]
+    fn rows_are_counted_as_the_sql_counts_them() {
+        let rows = vec![
+            row(60, "granted", Some("A"), serde_json::json!({})),
+            row(
+                61,
+                "rejected",
+                None,
+                serde_json::json!({"reason": "sold_out"}),
+            ),
+            row(
+                130,
+                "rejected",
+                None,
+                serde_json::json!({"reason": "invalid"}),
+            ),
+            // A refused purchase carries no reason: not a claim.
+            row(
+                131,
+                "rejected",
+                Some("A"),
+                serde_json::json!({"outcome": "not_holder"}),
+            ),
+            row(132, "redeemed", Some("A"), serde_json::json!({})),
+            row(133, "released", Some("B"), serde_json::json!({})),
+            row(134, "created", Some("C"), serde_json::json!({})),
+        ];
+        let buckets = claims_per_bucket_of(&rows, 60);
+        assert_eq!(buckets.len(), 2);
+        assert_eq!((buckets[0].granted, buckets[0].sold_out), (1, 1));
+        assert_eq!(buckets[0].bucket_start.timestamp(), 60);
+        assert_eq!(
+            (buckets[1].other, buckets[1].bucket_start.timestamp()),
+            (1, 120)
+        );
+
+        let batch = |code: &str, category: &str, n: u128| CouponBatch {
+            code: code.into(),
+            batch_id: Uuid::from_u128(n),
+            employee_id: "e".into(),
+            category: category.into(),
+            generated_at: DateTime::from_timestamp(n as i64, 0).unwrap(),
+        };
+        let batches = [
+            batch("A", "Shoes", 2),
+            batch("B", "Hats", 1),
+            batch("C", "Hats", 3),
+        ];
+        let funnel = funnel_of(&rows, &batches);
+        assert_eq!(
+            funnel.len(),
+            2,
+            "the batch with only a creation is left out"
+        );
+        assert_eq!(funnel[0].category, "Hats");
+        assert_eq!((funnel[0].granted, funnel[0].expired), (0, 1));
+        assert_eq!((funnel[1].granted, funnel[1].redeemed), (1, 1));
+    }
 }

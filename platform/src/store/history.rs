@@ -1,7 +1,9 @@
 //! The `coupon_history` table: the history sink's append-only record of
 //! every state change, partitioned by month on `occurred_at`. Rows are keyed
 //! by `(occurred_at, event_id, item)`, all taken from the event, so a replay
-//! appends nothing new.
+//! appends nothing new. With the history in Cassandra, the rows a role
+//! writes inside its own transaction (releases) wait in `history_outbox`
+//! instead, until the history role forwards them ([`append_in_tx`]).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::PgPool;
@@ -94,6 +96,142 @@ pub async fn append<'e>(
     .execute(executor)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// Where the history is kept (`HISTORY_STORE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HistoryStore {
+    /// The partitioned `coupon_history` table.
+    #[default]
+    Postgres,
+    /// Apache Cassandra (`crate::cassandra`); the rows written inside
+    /// another role's transaction (releases) wait in `history_outbox`.
+    Cassandra,
+}
+
+impl HistoryStore {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Cassandra => "cassandra",
+        }
+    }
+}
+
+impl std::str::FromStr for HistoryStore {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "postgres" => Ok(Self::Postgres),
+            "cassandra" => Ok(Self::Cassandra),
+            other => Err(format!(
+                "{other:?} is no history store (postgres or cassandra)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for HistoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Appends the rows a role writes inside its own transaction (the
+/// releases): to `coupon_history`, or, when the history is in Cassandra,
+/// to `history_outbox`, which the history role forwards. Either way they
+/// commit (or not) with the change they record.
+pub async fn append_in_tx<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    store: HistoryStore,
+    rows: &[HistoryRow],
+) -> Result<u64, sqlx::Error> {
+    match store {
+        HistoryStore::Postgres => append(executor, rows).await,
+        HistoryStore::Cassandra => outbox_push(executor, rows).await,
+    }
+}
+
+/// Queues rows for the Cassandra history; a row already queued is skipped.
+pub async fn outbox_push<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    rows: &[HistoryRow],
+) -> Result<u64, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.occurred_at).collect();
+    let events: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+    let items: Vec<i32> = rows.iter().map(|r| r.item).collect();
+    let codes: Vec<Option<String>> = rows.iter().map(|r| r.coupon_code.clone()).collect();
+    let users: Vec<Option<String>> = rows.iter().map(|r| r.user_id.clone()).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
+    let details: Vec<serde_json::Value> = rows.iter().map(|r| r.detail.clone()).collect();
+    let result = sqlx::query!(
+        "INSERT INTO history_outbox (occurred_at, event_id, item, coupon_code, user_id, kind, detail)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::jsonb[])
+         ON CONFLICT DO NOTHING",
+        &occurred,
+        &events,
+        &items,
+        &codes as _,
+        &users as _,
+        &kinds as _,
+        &details as _,
+    )
+    .execute(executor)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Takes up to `limit` queued rows, oldest first, locking them for this
+/// transaction (another forwarder skips them): the caller writes them to
+/// Cassandra, then [`outbox_delete`]s them and commits; a failure rolls
+/// back and leaves them queued.
+pub async fn outbox_take(
+    tx: &mut sqlx::PgConnection,
+    limit: i64,
+) -> Result<Vec<(i64, HistoryRow)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT seq, occurred_at, event_id, item, coupon_code, user_id, kind AS "kind: HistoryKind", detail
+           FROM history_outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"#,
+        limit
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.seq,
+                HistoryRow {
+                    occurred_at: r.occurred_at,
+                    event_id: r.event_id,
+                    item: r.item,
+                    coupon_code: r.coupon_code,
+                    user_id: r.user_id,
+                    kind: r.kind,
+                    detail: r.detail,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Deletes forwarded rows.
+pub async fn outbox_delete(tx: &mut sqlx::PgConnection, seqs: &[i64]) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query!("DELETE FROM history_outbox WHERE seq = ANY($1)", seqs)
+        .execute(&mut *tx)
+        .await?;
+    Ok(result.rows_affected())
+}
+
+/// Rows still waiting for Cassandra.
+pub async fn outbox_len(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM history_outbox"#)
+        .fetch_one(pool)
+        .await
 }
 
 /// [`append`] for a sink's batch on its own: a binary `COPY` first, the

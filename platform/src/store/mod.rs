@@ -8,7 +8,7 @@
 //! | [`claims`]    | the claim processor's batch: decisions, user states, overdue holds, grants |
 //! | [`users`]     | `users` (the blacklist, `last_coupon_at`)           |
 //! | [`decisions`] | `claim_decisions`, `purchase_decisions`, `quota_grants` |
-//! | [`history`]   | `coupon_history` (the sink's appends, the analysts' reads) |
+//! | [`history`]   | `coupon_history` (the sink's appends, the analysts' reads), `history_outbox` (releases on their way to Cassandra) |
 //! | [`leases`]    | `snowflake_leases` (machine ids of the Snowflake ids) |
 //! | [`releases`]  | `releases` (batches released with an idempotency key) |
 //! | [`stats`]     | counts of `coupons`, `coupon_history`, `claim_decisions`, `quota_grants` (`status`, the gauges, the demo) |

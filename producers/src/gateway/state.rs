@@ -40,6 +40,10 @@ pub struct GatewayState {
     pub(super) exporter: Option<Arc<dyn console::Exporter>>,
     /// This gateway's downloads: how many run, what they produced.
     pub exports: Arc<console::ExportStats>,
+    /// Where the console's analytics read the history when it is in
+    /// Cassandra (`HISTORY_STORE=cassandra`; none: `coupon_history` in
+    /// `read_pool`), reached on first use.
+    pub history: Option<Arc<coupon_platform::cassandra::LazyCassandra>>,
 }
 
 /// How often a gateway rereads the blacklist for the sold-out fast path: a
@@ -64,6 +68,7 @@ impl GatewayState {
             blacklisted: std::sync::RwLock::new(None),
             exporter: None,
             exports: Arc::default(),
+            history: None,
             read_pool: pool.clone(),
             pool,
             cache,
@@ -78,6 +83,17 @@ impl GatewayState {
     /// Reads the read-only routes from `pool` (replicas).
     pub fn with_read_pool(mut self, pool: PgPool) -> Self {
         self.read_pool = pool;
+        self
+    }
+
+    /// Reads the console's analytics from the history in Cassandra.
+    pub fn with_cassandra_history(
+        mut self,
+        settings: coupon_platform::cassandra::CassandraSettings,
+    ) -> Self {
+        self.history = Some(Arc::new(coupon_platform::cassandra::LazyCassandra::new(
+            settings,
+        )));
         self
     }
 

@@ -50,7 +50,7 @@ pub fn couponctl_binary() -> PathBuf {
 }
 
 /// `target/tmp`, where the children's logs stay after a run.
-fn target_tmp_dir() -> PathBuf {
+pub fn target_tmp_dir() -> PathBuf {
     let dir = profile_dir()
         .parent()
         .map(|t| t.join("tmp"))

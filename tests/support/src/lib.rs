@@ -6,5 +6,6 @@
 //! processes; `processes` holds the storefront-like clients and the waits
 //! with a deadline that the process-level tests use.
 
+pub mod cassandra;
 pub mod harness;
 pub mod processes;

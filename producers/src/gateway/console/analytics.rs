@@ -57,6 +57,32 @@ pub fn resolve_range(
     Ok((since, until))
 }
 
+/// The longest range the analytics read from Cassandra: each hour is
+/// [`coupon_platform::cassandra::TIME_SHARDS`] partitions to read.
+pub const CASSANDRA_MAX_RANGE_DAYS: i64 = 31;
+
+/// The history rows of `[since, until]` from Cassandra's time table.
+async fn cassandra_rows(
+    history: &coupon_platform::cassandra::LazyCassandra,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Vec<console_store::HistoryEntry>, ApiError> {
+    if until - since > chrono::Duration::days(CASSANDRA_MAX_RANGE_DAYS) {
+        return Err(ApiError::invalid(format!(
+            "the history is in Cassandra: a range of at most {CASSANDRA_MAX_RANGE_DAYS} days"
+        )));
+    }
+    let unavailable = |error: coupon_platform::cassandra::CassandraError| {
+        tracing::warn!(error = ?error, "a console read of the history in Cassandra failed");
+        ApiError::unavailable("the history store is not available; retrying is safe")
+    };
+    let store = history.get().await.map_err(unavailable)?;
+    store
+        .entries(None, None, Some(since), Some(until))
+        .await
+        .map_err(unavailable)
+}
+
 /// The bucket width of a claims chart over `[since, until]`: a minute, or
 /// whole minutes wide enough that the range has at most [`MAX_BUCKETS`].
 pub fn bucket_seconds(since: DateTime<Utc>, until: DateTime<Utc>) -> i64 {
@@ -125,6 +151,9 @@ pub(crate) async fn analytics_claims(
     let width = bucket_seconds(since, until);
     let rows = if until < since {
         Vec::new()
+    } else if let Some(history) = &state.history {
+        let rows = cassandra_rows(history, since, until).await?;
+        console_store::claims_per_bucket_of(&rows, width)
     } else {
         console_store::claims_per_bucket(&state.read_pool, since, until, width)
             .await
@@ -219,6 +248,19 @@ pub(crate) async fn analytics_funnel(
     let (since, until) = resolve_range(query.since, query.until, Utc::now())?;
     let rows = if until < since {
         Vec::new()
+    } else if let Some(history) = &state.history {
+        let rows = cassandra_rows(history, since, until).await?;
+        let mut codes: Vec<String> = rows
+            .iter()
+            .filter(|r| matches!(r.kind.as_str(), "granted" | "redeemed" | "released"))
+            .filter_map(|r| r.coupon_code.clone())
+            .collect();
+        codes.sort_unstable();
+        codes.dedup();
+        let batches = console_store::coupon_batches(&state.read_pool, &codes)
+            .await
+            .map_err(store_unavailable)?;
+        console_store::funnel_of(&rows, &batches)
     } else {
         console_store::funnel(&state.read_pool, since, until)
             .await
