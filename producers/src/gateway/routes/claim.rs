@@ -113,18 +113,7 @@ async fn claim_inner(
     let vouched = caller != Caller::Open;
     let may_answer_sold_out = id_is_ours && !state.maybe_blacklisted(user.as_str());
     let facts = if vouched || may_answer_sold_out {
-        // The flood count and the fast path's facts in one round trip.
-        match state
-            .cache
-            .claim_facts(&user, category.as_ref(), vouched)
-            .await
-        {
-            Ok(facts) => Some(facts),
-            Err(error) => {
-                tracing::debug!(%error, "Redis unreadable; no flood check, no sold-out fast path");
-                None
-            }
-        }
+        read_facts(state, &user, category.as_ref(), vouched).await
     } else {
         None
     };
@@ -165,6 +154,24 @@ async fn claim_inner(
         return Err(request_id_conflict());
     }
     Ok(claim_response(&decision))
+}
+
+/// The flood count (when `count_claim`) and the fast path's facts in one
+/// Redis round trip; `None` when Redis did not answer (no flood check, no
+/// sold-out answer from the cache: the claim takes the normal path).
+async fn read_facts(
+    state: &GatewayState,
+    user: &UserId,
+    category: Option<&Category>,
+    count_claim: bool,
+) -> Option<coupon_platform::redis::ClaimFacts> {
+    match state.cache.claim_facts(user, category, count_claim).await {
+        Ok(facts) => Some(facts),
+        Err(error) => {
+            tracing::debug!(%error, "Redis unreadable; no flood check, no sold-out fast path");
+            None
+        }
+    }
 }
 
 /// The sold-out fast path: the claim goes on the log flagged
