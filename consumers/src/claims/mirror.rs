@@ -147,7 +147,7 @@ pub(super) async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
     };
     let mut empty = Vec::with_capacity(pools.len());
     for pool in pools {
-        match coupon_platform::store::coupons::any_available(&ctx.pool, pool).await {
+        match coupon_platform::store::coupons::any_available(&ctx.pool, pool, None, None).await {
             Ok(false) => empty.push(pool),
             Ok(true) => {}
             Err(error) => {
@@ -159,17 +159,28 @@ pub(super) async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
     put_sold_out_marks(ctx, &empty, &version).await;
 }
 
-/// Writes the sold-out marks of `pools` as of supply `version`. Redis
-/// trouble costs only speed, so it is logged, never returned.
+/// Writes the sold-out marks of `pools` as of supply `version`, living at
+/// most until the next campaign opens. Redis trouble costs only speed, so
+/// it is logged, never returned.
 pub(super) async fn put_sold_out_marks(ctx: &Context, pools: &[Option<&Category>], version: &str) {
     if pools.is_empty() {
         return;
     }
-    match ctx
-        .cache
-        .mark_sold_out(pools, version, ctx.policy.sold_out_mark_ttl)
-        .await
+    // A campaign opening later is supply no write announces: the mark must
+    // be gone by then (`coupon_domain::sold_out::mark_ttl`).
+    let until_opening = match coupon_platform::store::campaigns::until_next_opening(&ctx.pool).await
     {
+        Ok(left) => left,
+        Err(error) => {
+            tracing::debug!(%error, "next campaign opening not readable; marking nothing");
+            return;
+        }
+    };
+    let Some(ttl) = coupon_domain::sold_out::mark_ttl(ctx.policy.sold_out_mark_ttl, until_opening)
+    else {
+        return;
+    };
+    match ctx.cache.mark_sold_out(pools, version, ttl).await {
         Ok(()) => metrics::counter!("coupon_sold_out_marks_total").increment(pools.len() as u64),
         Err(error) => tracing::warn!(%error, "could not mark pools sold out in Redis"),
     }

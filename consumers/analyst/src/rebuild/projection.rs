@@ -642,6 +642,7 @@ mod tests {
             coupon_ids: ids.iter().map(|n| (BASE_ID + n) as i64).collect(),
             chunk_index: 0,
             chunk_count: 1,
+            campaign: None,
         }
     }
 
