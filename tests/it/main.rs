@@ -5,6 +5,7 @@ use coupon_test_support::harness;
 
 mod acl;
 mod blacklist;
+mod campaigns;
 mod causal;
 mod claims;
 mod cli;
