@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 
 /// The active ISO 4217 currency codes a price may be given in (funds,
 /// precious metals, test and "no currency" codes left out).
-const ISO_4217: &[&str] = &[
+pub const ISO_4217: &[&str] = &[
     "AED", "AFN", "ALL", "AMD", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BGN",
     "BHD", "BIF", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF",
     "CHF", "CLP", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP",
@@ -44,6 +44,9 @@ pub const MAX_LOCATION_CHARS: usize = 64;
 pub const MAX_LOCATIONS: usize = 32;
 /// The highest minimum age.
 pub const MAX_MIN_AGE: u32 = 120;
+/// The largest amount, in minor units (10^12: ten billion of a currency
+/// with cents).
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 
 /// Why a campaign was refused: the field (its name in the API) and what is
 /// wrong with it. The message is safe to show to the caller.
@@ -108,11 +111,11 @@ impl Money {
                 format!("{currency:?} is not an active ISO 4217 currency code (e.g. \"EUR\")"),
             );
         };
-        if amount < 0 || (positive && amount == 0) {
+        if amount < 0 || (positive && amount == 0) || amount > MAX_AMOUNT {
             return refuse(
                 field,
                 format!(
-                    "the amount must be {} minor units (got {amount})",
+                    "the amount must be {} minor units, at most {MAX_AMOUNT} (got {amount})",
                     if positive { "more than 0" } else { "0 or more" }
                 ),
             );
@@ -659,7 +662,7 @@ mod tests {
     proptest! {
         #[test]
         fn a_discount_never_exceeds_the_order_nor_goes_negative(
-            total in 0i64..=i64::MAX, percent in 1u8..=100, off in 1i64..=i64::MAX,
+            total in 0i64..=MAX_AMOUNT, percent in 1u8..=100, off in 1i64..=MAX_AMOUNT,
         ) {
             let order = Some(eur(total));
             for discount in [Discount::PercentOff(percent), Discount::AmountOff(eur(off))] {

@@ -553,7 +553,7 @@ async fn purchases_meet_the_minimum_in_the_currency_and_get_the_discount() {
     let (status, answer) = buy("dee", &ten, "o-d", None).await;
     assert_eq!(
         (status, answer["error"].as_str()),
-        (422, Some("order_total_required"))
+        (409, Some("order_total_required"))
     );
     let (status, answer) = buy("dee", &ten, "o-d2", Some((999, "JPY"))).await;
     assert_eq!(status, 200, "{answer}");
@@ -612,4 +612,45 @@ async fn purchases_meet_the_minimum_in_the_currency_and_get_the_discount() {
         String::from_utf8_lossy(&audit.stdout),
         String::from_utf8_lossy(&audit.stderr)
     );
+
+    // The log rebuilt into a fresh database has the same campaigns.
+    let rebuilt_name = format!("{}_rb", env.name);
+    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
+    let rebuild = env
+        .couponctl()
+        .args(["replay", "--rebuild", &rebuilt_url])
+        .output()
+        .unwrap();
+    assert!(
+        rebuild.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuild.stderr)
+    );
+    let terms = "SELECT batch_id::text, name, percent_off, amount_off, min_order_amount
+                 FROM campaigns ORDER BY batch_id";
+    type Terms = (
+        String,
+        Option<String>,
+        Option<i16>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let live: Vec<Terms> = sqlx::query_as(terms).fetch_all(&env.pool).await.unwrap();
+    let rebuilt_pool = coupon_platform::db::connect(&rebuilt_url, 1).await.unwrap();
+    let rebuilt: Vec<Terms> = sqlx::query_as(terms)
+        .fetch_all(&rebuilt_pool)
+        .await
+        .unwrap();
+    rebuilt_pool.close().await;
+    let _ = sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"{rebuilt_name}\" WITH (FORCE)"
+    ))
+    .execute(&env.pool)
+    .await;
+    assert_eq!(live.len(), 3);
+    assert_eq!(rebuilt, live);
 }

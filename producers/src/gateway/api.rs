@@ -39,12 +39,17 @@ pub const UUID_PATTERN: &str =
 
 /// The placeholders of the `pattern` attributes and the patterns they stand
 /// for.
-pub const PATTERNS: [(&str, &str); 4] = [
+pub const PATTERNS: [(&str, &str); 5] = [
     ("{ID_PATTERN}", ID_PATTERN),
     ("{OPTIONAL_ID_PATTERN}", OPTIONAL_ID_PATTERN),
     ("{CODE_PATTERN}", CODE_PATTERN),
     ("{UUID_PATTERN}", UUID_PATTERN),
+    ("{CURRENCY_PATTERN}", CURRENCY_PATTERN),
 ];
+
+/// An active ISO 4217 currency code: one of `coupon_domain::campaign::ISO_4217`
+/// (a test checks they are the same list).
+pub const CURRENCY_PATTERN: &str = "^(AED|AFN|ALL|AMD|AOA|ARS|AUD|AWG|AZN|BAM|BBD|BDT|BGN|BHD|BIF|BMD|BND|BOB|BRL|BSD|BTN|BWP|BYN|BZD|CAD|CDF|CHF|CLP|CNY|COP|CRC|CUP|CVE|CZK|DJF|DKK|DOP|DZD|EGP|ERN|ETB|EUR|FJD|FKP|GBP|GEL|GHS|GIP|GMD|GNF|GTQ|GYD|HKD|HNL|HTG|HUF|IDR|ILS|INR|IQD|IRR|ISK|JMD|JOD|JPY|KES|KGS|KHR|KMF|KPW|KRW|KWD|KYD|KZT|LAK|LBP|LKR|LRD|LSL|LYD|MAD|MDL|MGA|MKD|MMK|MNT|MOP|MRU|MUR|MVR|MWK|MXN|MYR|MZN|NAD|NGN|NIO|NOK|NPR|NZD|OMR|PAB|PEN|PGK|PHP|PKR|PLN|PYG|QAR|RON|RSD|RUB|RWF|SAR|SBD|SCR|SDG|SEK|SGD|SHP|SLE|SOS|SRD|SSP|STN|SVC|SYP|SZL|THB|TJS|TMT|TND|TOP|TRY|TTD|TWD|TZS|UAH|UGX|USD|UYU|UZS|VES|VND|VUV|WST|XAF|XCD|XCG|XOF|XPF|YER|ZAR|ZMW|ZWG)$";
 
 /// `GET /api/v1/coupon` query. `id` is optional in the type only so that a
 /// missing id is answered with the JSON error shape (`invalid_request`)
@@ -84,10 +89,10 @@ pub struct ClaimGranted {
     #[schema(required = true, example = "Winter sale")]
     pub campaign: Option<String>,
     /// What the coupon takes off an order (`null`: nothing).
-    #[schema(required = true)]
+    #[schema(required = true, value_type = Option<Discount>)]
     pub discount: Option<DiscountBody>,
     /// The smallest order total the coupon may be used on (`null`: any).
-    #[schema(required = true)]
+    #[schema(required = true, value_type = Option<MinOrderBody>)]
     pub min_order: Option<MoneyBody>,
     /// End of the coupon's campaign (RFC 3339, UTC; `null`: none).
     #[schema(required = true, format = DateTime, example = "2026-12-31T23:00:00.000Z")]
@@ -99,18 +104,60 @@ pub struct ClaimGranted {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MoneyBody {
-    /// Minor units (cents), a whole number.
+    /// Minor units (cents), a whole number (at most 10^12).
     #[serde(deserialize_with = "whole_i64")]
-    #[schema(minimum = 0, example = 5000)]
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64, example = 5000)]
     pub amount: i64,
     /// An active ISO 4217 code, in capitals.
-    #[schema(
-        min_length = 3,
-        max_length = 3,
-        pattern = "^[A-Z]{3}$",
-        example = "EUR"
-    )]
+    #[schema(pattern = "{CURRENCY_PATTERN}", example = "EUR")]
     pub currency: String,
+}
+
+/// The smallest order total of a campaign: more than 0 minor units of an
+/// ISO 4217 currency (the discount's, when the discount is an amount).
+/// Read and written as a [`MoneyBody`]; this type only describes it.
+#[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct MinOrderBody {
+    /// Minor units (cents), a whole number above 0 (at most 10^12).
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64, example = 5000)]
+    pub amount: i64,
+    #[schema(pattern = "{CURRENCY_PATTERN}", example = "EUR")]
+    pub currency: String,
+}
+
+/// A percent off: 1 to 100 percent of the order total, rounded down in minor
+/// units.
+#[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct PercentOff {
+    #[schema(minimum = 1, maximum = 100, example = 15)]
+    pub percent_off: i64,
+}
+
+/// A fixed amount off, in minor units of an ISO 4217 currency; at most the
+/// order total.
+#[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct AmountOff {
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64, example = 500)]
+    pub amount_off: i64,
+    #[schema(pattern = "{CURRENCY_PATTERN}", example = "EUR")]
+    pub currency: String,
+}
+
+/// The two forms of a discount, as the document describes [`DiscountBody`]
+/// (the type read and written is a flat one, whose refusals name the
+/// field).
+#[derive(Debug, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum Discount {
+    PercentOff(PercentOff),
+    AmountOff(AmountOff),
 }
 
 impl From<&coupon_schemas::Money> for MoneyBody {
@@ -125,7 +172,7 @@ impl From<&coupon_schemas::Money> for MoneyBody {
 /// A discount: `{"percent_off": 15}` (1 to 100 percent of the order total,
 /// rounded down in minor units) or `{"amount_off": 500, "currency": "EUR"}`
 /// (a fixed amount in minor units, at most the order total).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscountBody {
     #[serde(
@@ -133,22 +180,14 @@ pub struct DiscountBody {
         deserialize_with = "opt_whole_i64",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(minimum = 1, maximum = 100, example = 15)]
     pub percent_off: Option<i64>,
     #[serde(
         default,
         deserialize_with = "opt_whole_i64",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(minimum = 1, example = 500)]
     pub amount_off: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(
-        min_length = 3,
-        max_length = 3,
-        pattern = "^[A-Z]{3}$",
-        example = "EUR"
-    )]
     pub currency: Option<String>,
 }
 
@@ -204,7 +243,7 @@ pub struct PurchaseBody {
     pub order_id: String,
     /// The order's total before the coupon. Required when the coupon's
     /// campaign has a minimum order (`409 order_below_minimum` without it)
-    /// or a percent off (`422 order_total_required`); it must be in the
+    /// or a percent off (`409 order_total_required`); it must be in the
     /// campaign's currency (`409 currency_mismatch`).
     #[serde(default)]
     pub order_total: Option<MoneyBody>,
@@ -264,12 +303,19 @@ pub struct CreateCoupons {
     pub count: Option<u32>,
     /// The campaign's name (1 to 128 characters, no control characters, no
     /// white space first or last).
-    #[schema(min_length = 1, max_length = 128, example = "Winter sale")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "{ID_PATTERN}",
+        example = "Winter sale"
+    )]
     pub campaign: Option<String>,
     /// What each coupon takes off an order.
+    #[schema(value_type = Option<Discount>)]
     pub discount: Option<DiscountBody>,
     /// The smallest order total a coupon may be used on (more than 0, in
     /// the discount's currency when the discount is an amount).
+    #[schema(value_type = Option<MinOrderBody>)]
     pub min_order: Option<MoneyBody>,
     /// The coupons are claimable from this time (RFC 3339; kept to the
     /// millisecond). Before it a claim does not get them (`sold_out` if
@@ -283,7 +329,7 @@ pub struct CreateCoupons {
     /// Eligibility: the user's profile location must be one of these (at
     /// most 32, each 1 to 64 characters). Stored and shown; not enforced
     /// yet (user profiles are not filled).
-    #[schema(max_items = 32)]
+    #[schema(max_items = 32, value_type = Option<Vec<Location>>)]
     pub locations: Option<Vec<String>>,
     /// Eligibility: the user's minimum age in years (1 to 120). Stored and
     /// shown; not enforced yet.
@@ -292,8 +338,33 @@ pub struct CreateCoupons {
     pub min_age: Option<i64>,
 }
 
+/// A location a campaign is for: 1 to 64 characters, no control characters,
+/// no white space first or last. Only describes the items of `locations`
+/// (utoipa takes no length on a newtype's field, so its schema is written
+/// out).
+pub struct Location;
+
+impl utoipa::PartialSchema for Location {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(64))
+            .pattern(Some("{ID_PATTERN}"))
+            .examples(["DE"])
+            .into()
+    }
+}
+
+impl ToSchema for Location {}
+
 /// An integer as JSON Schema counts them (`500` or `500.0`); a fraction or
-/// a number outside `i64` is refused.
+/// a number too large for a double to hold exactly is refused. A number
+/// written with a fraction part is read as a double, which may be a unit in
+/// the last place off the text: within a thousandth of a whole number it is
+/// that number, exact up to 10^12 (the largest amount the rules accept);
+/// past it, a double is refused as out of range.
 fn whole_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     use serde::de::Error;
     let number = serde_json::Number::deserialize(d)?;
@@ -301,7 +372,10 @@ fn whole_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
         return Ok(n);
     }
     match number.as_f64() {
-        Some(f) if f.fract() == 0.0 && f >= i64::MIN as f64 && f < i64::MAX as f64 => Ok(f as i64),
+        Some(f) if f.abs() <= 1e12 && (f - f.round()).abs() < 1e-3 => Ok(f.round() as i64),
+        Some(f) if f.abs() > 1e12 => Err(D::Error::custom(format!(
+            "{number} is out of range (at most 10^12)"
+        ))),
         _ => Err(D::Error::custom(format!("{number} is not a whole number"))),
     }
 }
@@ -414,10 +488,10 @@ pub struct CouponStatus {
     #[schema(required = true)]
     pub campaign: Option<String>,
     /// What the coupon takes off an order (`null`: nothing).
-    #[schema(required = true)]
+    #[schema(required = true, value_type = Option<Discount>)]
     pub discount: Option<DiscountBody>,
     /// The smallest order total the coupon may be used on (`null`: any).
-    #[schema(required = true)]
+    #[schema(required = true, value_type = Option<MinOrderBody>)]
     pub min_order: Option<MoneyBody>,
     /// The campaign's window: claimable from `valid_from` until
     /// `valid_until` (RFC 3339, UTC; `null`: unbounded).
@@ -503,5 +577,28 @@ mod tests {
         assert_eq!(body.min_order.unwrap().amount, 5000);
         assert_eq!(body.min_age, Some(18));
         assert!(serde_json::from_str::<DiscountBody>(r#"{"percent_off":1.5}"#).is_err());
+    }
+
+    #[test]
+    fn the_currency_pattern_is_the_domains_table() {
+        let codes = coupon_domain::campaign::ISO_4217.join("|");
+        assert_eq!(CURRENCY_PATTERN, format!("^({codes})$"));
+    }
+
+    #[test]
+    fn amounts_written_as_doubles_are_read_exactly() {
+        let money = |json: &str| serde_json::from_str::<MoneyBody>(json).map(|m| m.amount);
+        assert_eq!(
+            money(r#"{"amount": 999999999999.0, "currency": "EUR"}"#).unwrap(),
+            999_999_999_999
+        );
+        assert!(
+            money(r#"{"amount": 2022819770115041.0, "currency": "EUR"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("out of range")
+        );
+        assert!(money(r#"{"amount": 12.5, "currency": "EUR"}"#).is_err());
+        assert!(money(r#"{"amount": 1e300, "currency": "EUR"}"#).is_err());
     }
 }

@@ -59,7 +59,7 @@ pub enum ErrorCode {
     OrderBelowMinimum,
     /// 409: the order total is in another currency than the campaign's.
     CurrencyMismatch,
-    /// 422: the coupon's campaign takes a percent off: send `order_total`.
+    /// 409: the coupon's campaign takes a percent off: send `order_total`.
     OrderTotalRequired,
     /// 413: the body is larger than 64 KiB.
     PayloadTooLarge,

@@ -53,11 +53,10 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
                 ("already_redeemed" = (summary = "bought before", value = json!({"error": "already_redeemed", "message": "this coupon was already redeemed"}))),
                 ("order_below_minimum" = (summary = "the order total is under the campaign's minimum, or missing", value = json!({"error": "order_below_minimum", "message": "the order total is under this coupon's campaign minimum (send order_total)"}))),
                 ("currency_mismatch" = (summary = "the order total is in another currency than the campaign's", value = json!({"error": "currency_mismatch", "message": "the order total is in another currency than this coupon's campaign"}))),
+                ("order_total_required" = (summary = "the campaign takes a percent off and no order total was sent", value = json!({"error": "order_total_required", "message": "this coupon takes a percent off: send order_total with the purchase"}))),
                 ("order_id_conflict" = (summary = "the order_id is another user's order", value = json!({"error": "order_id_conflict", "message": "this order_id was already used by another user"})))
             )),
         responses::BodyRefused,
-        (status = 422, description = "The coupon's campaign takes a percent off and the purchase sent no `order_total`.",
-            body = ErrorBody, example = json!({"error": "order_total_required", "message": "this coupon takes a percent off: send order_total with the purchase"})),
         (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "address_limited", "message": "too many requests from this address; slow down"})),
@@ -177,12 +176,10 @@ fn purchase_response(decision: &PurchaseDecided) -> Response {
             ErrorCode::CurrencyMismatch,
             "the order total is in another currency than this coupon's campaign",
         ),
-        PurchaseOutcome::OrderTotalRequired => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
+        PurchaseOutcome::OrderTotalRequired => conflict(
             ErrorCode::OrderTotalRequired,
             "this coupon takes a percent off: send order_total with the purchase",
-        )
-        .into_response(),
+        ),
         PurchaseOutcome::Conflict => order_id_conflict().into_response(),
         PurchaseOutcome::Invalid | PurchaseOutcome::Unspecified => {
             ApiError::invalid(decision.reason.clone()).into_response()
@@ -240,7 +237,7 @@ mod tests {
             (PurchaseOutcome::CurrencyMismatch, 409, "currency_mismatch"),
             (
                 PurchaseOutcome::OrderTotalRequired,
-                422,
+                409,
                 "order_total_required",
             ),
             (PurchaseOutcome::Invalid, 400, "invalid_request"),
