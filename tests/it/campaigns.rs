@@ -455,6 +455,43 @@ async fn invalid_campaign_fields_and_unknown_fields_are_refused_and_mint_nothing
         "{answer}"
     );
 
+    // And on the console's blacklist body.
+    let response = TestEnv::http_client()
+        .post(app.url("/api/v1/blacklist"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"user_id": "u", "reason": "r", "for_hours": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let answer: Value = response.json().await.unwrap();
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `for_hours`"),
+        "{answer}"
+    );
+
+    // The CLI refuses the same, before anything is generated.
+    let output = env
+        .couponctl()
+        .args([
+            "issue",
+            "--employee",
+            "e1",
+            "--category",
+            "Bad",
+            "--count",
+            "5",
+        ])
+        .args(["--percent-off", "0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("percent_off"), "{stderr}");
+
     // Nothing was half-created: no row, no stored release, no event.
     assert_eq!(env.count("SELECT count(*) FROM releases").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM campaigns").await, 0);
@@ -653,4 +690,83 @@ async fn purchases_meet_the_minimum_in_the_currency_and_get_the_discount() {
     .await;
     assert_eq!(live.len(), 3);
     assert_eq!(rebuilt, live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn couponctl_issue_releases_a_campaign() {
+    let env = TestEnv::new().await;
+    let app = env.start(&[Role::Coupons], |_| {}).await;
+    let until = rfc3339(Utc::now() + chrono::Duration::days(30));
+    let output = env
+        .couponctl()
+        .args([
+            "issue",
+            "--employee",
+            "e1",
+            "--category",
+            "Cli",
+            "--count",
+            "1500",
+        ])
+        .args([
+            "--campaign",
+            "Spring",
+            "--amount-off",
+            "500",
+            "--currency",
+            "EUR",
+        ])
+        .args(["--min-order", "2000", "--valid-until", &until])
+        .args(["--location", "FR", "--location", "BE", "--min-age", "21"])
+        .args(["--idempotency-key", "spring-1"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    wait_projected(&env, "Cli", 1500).await;
+    let row: (String, i64, String, i64, Vec<String>, i32) = sqlx::query_as(
+        "SELECT name, amount_off, amount_currency, min_order_amount, locations, min_age
+         FROM campaigns",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        row,
+        (
+            "Spring".into(),
+            500,
+            "EUR".into(),
+            2000,
+            vec!["FR".into(), "BE".into()],
+            21
+        )
+    );
+    // Run again with the key and another campaign: refused, nothing minted.
+    let output = env
+        .couponctl()
+        .args([
+            "issue",
+            "--employee",
+            "e1",
+            "--category",
+            "Cli",
+            "--count",
+            "1500",
+        ])
+        .args(["--campaign", "Autumn", "--idempotency-key", "spring-1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("already used"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(env.count("SELECT count(*) FROM coupons").await, 1500);
+    assert_eq!(env.count("SELECT count(*) FROM campaigns").await, 1);
+    app.stop().await;
 }
