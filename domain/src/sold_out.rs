@@ -32,9 +32,11 @@
 //! its coupons are not claimable, so they are no supply, until `valid_from`.
 //! Nothing commits at that instant to set a new supply version, so a mark
 //! instead never outlives the next opening: the processor writes it with a
-//! time to live of at most the time until the earliest `valid_from` still to
-//! come ([`mark_ttl`]; none at all when one is due), and a mark past it is
-//! gone, so the gateway asks. (A window's end only takes supply away: marks
+//! time to live of at most the time until the earliest `valid_from` after
+//! the time the pool was judged empty ([`mark_ttl`]), and a mark past it is
+//! gone, so the gateway asks. An opening that came between that judgement
+//! and the mark's write (a claim sent just before a campaign opened,
+//! decided just after) leaves no time at all: no mark is written. (A window's end only takes supply away: marks
 //! stay correct, they may only come later.)
 
 /// What the gateway read about one claim, in one round trip.

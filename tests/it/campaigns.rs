@@ -770,3 +770,56 @@ async fn couponctl_issue_releases_a_campaign() {
     assert_eq!(env.count("SELECT count(*) FROM campaigns").await, 1);
     app.stop().await;
 }
+
+/// The race at a campaign's opening: a claim sent just before it, decided
+/// just after, finds the pool empty; its mark must not hide the coupons
+/// that are now claimable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sold_out_mark_outlives_an_opening_after_the_pool_was_judged() {
+    use coupon_domain::campaign::CampaignFields;
+    use coupon_domain::sold_out::mark_ttl;
+    use coupon_platform::store::campaigns::{insert, until_next_opening};
+
+    let env = TestEnv::new().await;
+    let max = Duration::from_secs(10);
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let opening = |at| {
+        coupon_domain::Campaign::from_stored(CampaignFields {
+            valid_from: Some(at),
+            ..CampaignFields::default()
+        })
+        .unwrap()
+    };
+    assert_eq!(until_next_opening(&env.pool, None).await.unwrap(), None);
+    let mut conn = env.pool.acquire().await.unwrap();
+    insert(
+        &mut conn,
+        uuid::Uuid::new_v4(),
+        &opening(now + chrono::Duration::hours(1)),
+    )
+    .await
+    .unwrap();
+    let later = until_next_opening(&env.pool, None).await.unwrap();
+    assert_eq!(mark_ttl(max, later), Some(max), "an opening in an hour");
+    insert(
+        &mut conn,
+        uuid::Uuid::new_v4(),
+        &opening(now - chrono::Duration::seconds(1)),
+    )
+    .await
+    .unwrap();
+    // Judged empty 5 s ago: the campaign that opened 1 s ago is supply now.
+    let judged = now - chrono::Duration::seconds(5);
+    let since = until_next_opening(&env.pool, Some(judged)).await.unwrap();
+    assert!(
+        since.is_some_and(|left| left <= chrono::Duration::zero()),
+        "{since:?}"
+    );
+    assert_eq!(mark_ttl(max, since), None, "no mark");
+    // Judged now, only the opening in an hour is still to come.
+    let left = until_next_opening(&env.pool, None).await.unwrap().unwrap();
+    assert!(left > chrono::Duration::minutes(59), "{left:?}");
+}

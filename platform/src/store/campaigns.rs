@@ -179,15 +179,19 @@ pub async fn of_coupons<'e>(
         .collect()
 }
 
-/// How long until the next campaign opens (the earliest `valid_from` after
-/// the database's `now()`), or `None` when none is to come. The claim
-/// processor caps its sold-out marks at it (`coupon_domain::sold_out`).
+/// How long from the database's `now()` until the first campaign opening
+/// after `after` (`None`: after now), or `None` when none is to come; not
+/// positive when that opening came between `after` and now. The claim
+/// processor caps its sold-out marks at it (`coupon_domain::sold_out`): a
+/// pool judged empty at `after` is no longer empty once it has passed.
 pub async fn until_next_opening<'e>(
     executor: impl sqlx::PgExecutor<'e>,
+    after: Option<DateTime<Utc>>,
 ) -> Result<Option<chrono::Duration>, sqlx::Error> {
     let ms = sqlx::query_scalar!(
         r#"SELECT (EXTRACT(EPOCH FROM (min(valid_from) - now())) * 1000)::bigint AS "ms"
-           FROM campaigns WHERE valid_from > now()"#
+           FROM campaigns WHERE valid_from > COALESCE($1, now())"#,
+        after
     )
     .fetch_one(executor)
     .await?;
