@@ -4,7 +4,7 @@
 
 use uuid::Uuid;
 
-use coupon_domain::{Category, CouponCode, EmployeeId, SnowflakeId};
+use coupon_domain::{Campaign, Category, CouponCode, EmployeeId, SnowflakeId};
 use coupon_platform::store::coupons::NewCoupon;
 use coupon_schemas::CouponsCreated;
 
@@ -19,7 +19,11 @@ const ID_BEFORE_EVENT_MS: i64 = 86_400_000;
 /// minute after it: ids are generated just before their batch is published,
 /// so an id minted in the future, or long ago, was not made by the release
 /// tool (and a future one would sort after every real coupon).
+///
+/// The chunk's campaign, if it carries one, must be valid too
+/// ([`campaign_of`]): a chunk with a percent of 0 is refused whole.
 pub fn coupons_of(event: &CouponsCreated) -> Result<Vec<NewCoupon>, String> {
+    campaign_of(event)?;
     let batch_id = Uuid::parse_str(&event.batch_id).map_err(|e| format!("batch_id: {e}"))?;
     let employee_id = EmployeeId::parse(event.employee_id.clone()).map_err(|e| e.to_string())?;
     let category = Category::parse(event.category.clone()).map_err(|e| e.to_string())?;
@@ -57,6 +61,17 @@ pub fn coupons_of(event: &CouponsCreated) -> Result<Vec<NewCoupon>, String> {
         .collect()
 }
 
+/// The batch's campaign as the chunk carries it (`None`: the batch has
+/// none), validated as a stored campaign
+/// (`coupon_domain::Campaign::from_stored`).
+pub fn campaign_of(event: &CouponsCreated) -> Result<Option<Campaign>, String> {
+    event
+        .campaign
+        .as_ref()
+        .map(|c| c.to_domain().map_err(|e| format!("campaign: {e}")))
+        .transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +104,7 @@ mod tests {
                 .collect(),
             chunk_index: 0,
             chunk_count: 1,
+            campaign: None,
         }
     }
 
@@ -101,5 +117,23 @@ mod tests {
         assert!(future.contains("out of range"), "{future}");
         let old = coupons_of(&chunk(at, &[now - 2 * 86_400_000])).unwrap_err();
         assert!(old.contains("out of range"), "{old}");
+    }
+
+    #[test]
+    fn a_chunk_with_an_invalid_campaign_is_refused_whole() {
+        let now = 1_795_564_800_000_u64;
+        let mut event = chunk(now as i64, &[now]);
+        event.campaign = Some(coupon_schemas::Campaign {
+            percent_off: 150,
+            ..Default::default()
+        });
+        let refused = coupons_of(&event).unwrap_err();
+        assert!(refused.contains("percent_off"), "{refused}");
+        event.campaign = Some(coupon_schemas::Campaign {
+            percent_off: 15,
+            ..Default::default()
+        });
+        assert!(coupons_of(&event).is_ok());
+        assert!(campaign_of(&event).unwrap().is_some());
     }
 }

@@ -8,6 +8,7 @@
 #[macro_use]
 mod text;
 
+pub mod campaign;
 pub mod claim;
 pub mod clock;
 pub mod code;
@@ -19,6 +20,7 @@ pub mod shard;
 pub mod snowflake;
 pub mod sold_out;
 
+pub use campaign::{Campaign, CampaignFields, Currency, Discount, InvalidCampaign, Money};
 pub use claim::{ClaimOutcome, ClaimOutcomeKind, ClaimPrecheck, UserClaimState};
 pub use code::CouponCode;
 pub use ids::{Category, EmployeeId, InvalidInput, OrderId, RequestId, RequestedCode, UserId};

@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::campaign::{purchase_terms, Campaign, Money, TermsRefusal};
 use crate::ids::UserId;
 use crate::lifecycle::CouponStatus;
 
@@ -46,14 +47,23 @@ pub enum PurchaseRejection {
     NotHolder,
     AlreadyRedeemed,
     UnknownCoupon,
+    /// The campaign's minimum order is not met (or no order total was sent).
+    OrderBelowMinimum,
+    /// The order total is in another currency than the campaign's.
+    CurrencyMismatch,
+    /// The campaign takes a percent off and the purchase sent no order total.
+    OrderTotalRequired,
 }
 
 impl PurchaseRejection {
-    pub const ALL: [PurchaseRejection; 4] = [
+    pub const ALL: [PurchaseRejection; 7] = [
         Self::HoldExpired,
         Self::NotHolder,
         Self::AlreadyRedeemed,
         Self::UnknownCoupon,
+        Self::OrderBelowMinimum,
+        Self::CurrencyMismatch,
+        Self::OrderTotalRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +72,9 @@ impl PurchaseRejection {
             Self::NotHolder => "not_holder",
             Self::AlreadyRedeemed => "already_redeemed",
             Self::UnknownCoupon => "unknown_coupon",
+            Self::OrderBelowMinimum => "order_below_minimum",
+            Self::CurrencyMismatch => "currency_mismatch",
+            Self::OrderTotalRequired => "order_total_required",
         }
     }
 
@@ -77,12 +90,15 @@ pub enum PurchaseOutcome {
 }
 
 impl PurchaseOutcome {
-    pub const ALL: [PurchaseOutcome; 5] = [
+    pub const ALL: [PurchaseOutcome; 8] = [
         Self::Redeemed,
         Self::Rejected(PurchaseRejection::HoldExpired),
         Self::Rejected(PurchaseRejection::NotHolder),
         Self::Rejected(PurchaseRejection::AlreadyRedeemed),
         Self::Rejected(PurchaseRejection::UnknownCoupon),
+        Self::Rejected(PurchaseRejection::OrderBelowMinimum),
+        Self::Rejected(PurchaseRejection::CurrencyMismatch),
+        Self::Rejected(PurchaseRejection::OrderTotalRequired),
     ];
 
     /// The stable name used in events, metrics, history and the database
@@ -134,6 +150,34 @@ pub fn decide(
             PurchaseOutcome::Rejected(HoldExpired)
         }
         CouponStatus::Held | CouponStatus::Available => PurchaseOutcome::Rejected(NotHolder),
+    }
+}
+
+/// [`decide`], then, for a purchase that would redeem, the campaign's terms
+/// ([`crate::campaign::purchase_terms`]): the holder's order must meet the
+/// minimum in the campaign's currency. Returns the outcome and, when
+/// redeemed, the discount the coupon gives.
+pub fn decide_with_campaign(
+    coupon: Option<&CouponView>,
+    user_id: &UserId,
+    user_held_it_before: bool,
+    now: DateTime<Utc>,
+    campaign: Option<&Campaign>,
+    order_total: Option<Money>,
+) -> (PurchaseOutcome, Option<Money>) {
+    match decide(coupon, user_id, user_held_it_before, now) {
+        PurchaseOutcome::Redeemed => match purchase_terms(campaign, order_total) {
+            Ok(discount) => (PurchaseOutcome::Redeemed, discount),
+            Err(refusal) => (
+                PurchaseOutcome::Rejected(match refusal {
+                    TermsRefusal::OrderBelowMinimum => PurchaseRejection::OrderBelowMinimum,
+                    TermsRefusal::CurrencyMismatch => PurchaseRejection::CurrencyMismatch,
+                    TermsRefusal::OrderTotalRequired => PurchaseRejection::OrderTotalRequired,
+                }),
+                None,
+            ),
+        },
+        rejected => (rejected, None),
     }
 }
 
@@ -219,6 +263,38 @@ mod tests {
         assert_eq!(
             decide(None, &u("u"), false, now()),
             PurchaseOutcome::Rejected(PurchaseRejection::UnknownCoupon)
+        );
+    }
+
+    #[test]
+    fn the_campaign_is_judged_only_for_the_holder_in_time() {
+        use crate::campaign::{CampaignFields, Discount};
+        let eur = |a| Money::parse("m", a, "EUR", false).unwrap();
+        let campaign = Campaign::from_stored(CampaignFields {
+            discount: Some(Discount::PercentOff(10)),
+            min_order: Some(eur(1000)),
+            ..CampaignFields::default()
+        })
+        .unwrap();
+        let held = held_by("u", 10);
+        let judge = |user: &str, total| {
+            decide_with_campaign(Some(&held), &u(user), true, now(), Some(&campaign), total)
+        };
+        assert_eq!(
+            judge("u", Some(eur(999))),
+            (
+                PurchaseOutcome::Rejected(PurchaseRejection::OrderBelowMinimum),
+                None
+            )
+        );
+        assert_eq!(
+            judge("u", Some(eur(1999))),
+            (PurchaseOutcome::Redeemed, Some(eur(199)))
+        );
+        // Not the holder: told so, whatever the order.
+        assert_eq!(
+            judge("v", Some(eur(1))).0,
+            PurchaseOutcome::Rejected(PurchaseRejection::HoldExpired)
         );
     }
 }

@@ -26,6 +26,18 @@
 //! of completeness: it exists only once the holds and used quotas were
 //! refilled since the cache was last empty, and without it no mark is
 //! current.
+//!
+//! Campaigns (`crate::campaign`) make supply appear without any write: a
+//! batch whose window opens later is stored (and projected) at once, but
+//! its coupons are not claimable, so they are no supply, until `valid_from`.
+//! Nothing commits at that instant to set a new supply version, so a mark
+//! instead never outlives the next opening: the processor writes it with a
+//! time to live of at most the time until the earliest `valid_from` after
+//! the time the pool was judged empty ([`mark_ttl`]), and a mark past it is
+//! gone, so the gateway asks. An opening that came between that judgement
+//! and the mark's write (a claim sent just before a campaign opened,
+//! decided just after) leaves no time at all: no mark is written. (A window's end only takes supply away: marks
+//! stay correct, they may only come later.)
 
 /// What the gateway read about one claim, in one round trip.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +86,22 @@ pub fn fast_path(facts: &FastPathFacts) -> FastPath {
         FastPath::SoldOut
     } else {
         FastPath::Ask
+    }
+}
+
+/// How long a sold-out mark may live: `max` (the safety net), but never
+/// past the next campaign opening, `until_opening` from now (see the module
+/// doc). `None`: an opening is due now, write no mark.
+pub fn mark_ttl(
+    max: std::time::Duration,
+    until_opening: Option<chrono::Duration>,
+) -> Option<std::time::Duration> {
+    match until_opening {
+        None => Some(max),
+        Some(left) => match left.to_std() {
+            Ok(left) if !left.is_zero() => Some(left.min(max)),
+            _ => None,
+        },
     }
 }
 
@@ -144,5 +172,19 @@ mod tests {
         facts.holds_coupon = false;
         facts.blocked = true;
         assert_eq!(fast_path(&facts), FastPath::Ask);
+    }
+
+    #[test]
+    fn a_mark_never_outlives_the_next_campaign_opening() {
+        use std::time::Duration;
+        let max = Duration::from_secs(30);
+        assert_eq!(mark_ttl(max, None), Some(max));
+        assert_eq!(
+            mark_ttl(max, Some(chrono::Duration::milliseconds(1500))),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(mark_ttl(max, Some(chrono::Duration::hours(1))), Some(max));
+        assert_eq!(mark_ttl(max, Some(chrono::Duration::zero())), None);
+        assert_eq!(mark_ttl(max, Some(chrono::Duration::seconds(-1))), None);
     }
 }

@@ -13,8 +13,9 @@
 //! *before* anything is published, then published under the row's lock and
 //! marked published. So:
 //!
-//! - a repeat with the same key and body answers the stored batch (same batch
-//!   id, same codes) and mints nothing; with another body it is refused
+//! - a repeat with the same key and body (the campaign's fields included)
+//!   answers the stored batch (same batch id, same codes) and mints nothing;
+//!   with another body it is refused
 //!   ([`IssueError::KeyReused`]);
 //! - a repeat while the first is still publishing waits for the row lock (at
 //!   most `lock_wait`, then [`IssueError::InProgress`]) and then answers the
@@ -39,11 +40,11 @@ use uuid::Uuid;
 use chrono::{DateTime, Utc};
 
 use coupon_domain::snowflake::SnowflakeId;
-use coupon_domain::{Category, CouponCode, EmployeeId};
+use coupon_domain::{Campaign, Category, CouponCode, EmployeeId};
 use coupon_platform::kafka::{PublishError, Publisher};
 use coupon_platform::store::releases::{self, StoredRelease};
 use coupon_platform::Topics;
-use coupon_schemas::{new_envelope, CouponsCreated};
+use coupon_schemas::{new_envelope, Campaign as WireCampaign, CouponsCreated};
 
 use crate::keygen::{self, KeygenError};
 
@@ -59,6 +60,18 @@ pub struct IssueRequest {
     pub employee: EmployeeId,
     pub category: Category,
     pub count: u32,
+    /// The batch's campaign, carried by every chunk (`None`: none).
+    pub campaign: Option<Campaign>,
+}
+
+impl IssueRequest {
+    /// The campaign as the events carry it, encoded: what an idempotent
+    /// release stores and a repeat must match.
+    fn encoded_campaign(&self) -> Option<Vec<u8>> {
+        self.campaign
+            .as_ref()
+            .map(|c| prost::Message::encode_to_vec(&WireCampaign::from(c)))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -115,13 +128,16 @@ pub enum IssueError {
     /// The key names an earlier release with another body.
     #[error(
         "idempotency key {key:?} was already used for another release ({count} {category} \
-         coupons by employee {employee}); a new release needs a new key"
+         coupons by employee {employee}, {campaign}); a new release needs a new key"
     )]
     KeyReused {
         key: String,
         employee: EmployeeId,
         category: Category,
         count: i32,
+        /// Whether the stored release had a campaign (its fields are part
+        /// of the body a repeat must match).
+        campaign: &'static str,
     },
     /// Another call is publishing the release of this key and did not end
     /// within the wait.
@@ -160,6 +176,7 @@ pub fn batch_events_at(
     made_at: DateTime<Utc>,
 ) -> Vec<(String, CouponsCreated)> {
     let chunk_count = codes.len().div_ceil(CHUNK) as u32;
+    let campaign = request.campaign.as_ref().map(WireCampaign::from);
     codes
         .chunks(CHUNK)
         .enumerate()
@@ -177,6 +194,7 @@ pub fn batch_events_at(
                 coupon_ids: chunk.iter().map(|c| c.id().as_i64()).collect(),
                 chunk_index: index as u32,
                 chunk_count,
+                campaign: campaign.clone(),
             };
             (batch_id.to_string(), event)
         })
@@ -299,6 +317,7 @@ async fn stored_or_minted(
         category: request.category.clone(),
         count: i32::try_from(request.count).map_err(|_| IssueError::BadCount(request.count))?,
         coupon_ids: codes.iter().map(|c| c.id().as_i64()).collect(),
+        campaign: request.encoded_campaign(),
         // Postgres keeps microseconds: stored and used as read back.
         created_at: DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
             .unwrap_or_else(Utc::now),
@@ -324,12 +343,18 @@ fn check_same_request(
     if stored.employee_id != request.employee
         || stored.category != request.category
         || i64::from(stored.count) != i64::from(request.count)
+        || stored.campaign != request.encoded_campaign()
     {
         return Err(IssueError::KeyReused {
             key: key.to_string(),
             employee: stored.employee_id.clone(),
             category: stored.category.clone(),
             count: stored.count,
+            campaign: if stored.campaign.is_some() {
+                "with a campaign"
+            } else {
+                "without a campaign"
+            },
         });
     }
     Ok(())

@@ -9,6 +9,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/coupons.v1.rs"));
 }
 
+mod campaign;
 pub mod catalogue;
 mod outcomes;
 

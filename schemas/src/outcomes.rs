@@ -60,6 +60,15 @@ impl From<Purchase> for PurchaseOutcome {
                 PurchaseOutcome::AlreadyRedeemed
             }
             Purchase::Rejected(PurchaseRejection::UnknownCoupon) => PurchaseOutcome::UnknownCoupon,
+            Purchase::Rejected(PurchaseRejection::OrderBelowMinimum) => {
+                PurchaseOutcome::OrderBelowMinimum
+            }
+            Purchase::Rejected(PurchaseRejection::CurrencyMismatch) => {
+                PurchaseOutcome::CurrencyMismatch
+            }
+            Purchase::Rejected(PurchaseRejection::OrderTotalRequired) => {
+                PurchaseOutcome::OrderTotalRequired
+            }
         }
     }
 }

@@ -7,7 +7,8 @@
 use anyhow::Context as _;
 use clap::Args;
 
-use coupon_domain::{Category, EmployeeId};
+use coupon_domain::campaign::{CampaignFields, Discount};
+use coupon_domain::{Campaign, Category, EmployeeId, Money};
 use coupon_platform::kafka::Publisher;
 use coupon_platform::{settings, Topics};
 use coupon_producers::issue::{self, IdempotencyKey, IssueError, IssueRequest};
@@ -47,6 +48,98 @@ pub struct IssueArgs {
     /// had published.
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
+    /// The campaign's name: the batch is a campaign (every campaign flag is
+    /// optional; any of them makes one).
+    #[arg(long, value_name = "NAME", help_heading = "Campaign")]
+    pub campaign: Option<String>,
+    /// Percent off an order (1 to 100, rounded down in minor units).
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        help_heading = "Campaign",
+        conflicts_with = "amount_off"
+    )]
+    pub percent_off: Option<i64>,
+    /// A fixed amount off, in minor units of --currency (at most the order).
+    #[arg(
+        long,
+        value_name = "MINOR_UNITS",
+        help_heading = "Campaign",
+        requires = "currency"
+    )]
+    pub amount_off: Option<i64>,
+    /// The smallest order total, in minor units of --currency.
+    #[arg(
+        long,
+        value_name = "MINOR_UNITS",
+        help_heading = "Campaign",
+        requires = "currency"
+    )]
+    pub min_order: Option<i64>,
+    /// The ISO 4217 currency of --amount-off and --min-order (e.g. EUR).
+    #[arg(long, value_name = "CODE", help_heading = "Campaign")]
+    pub currency: Option<String>,
+    /// Claimable from this time (RFC 3339, e.g. 2026-12-20T00:00:00Z).
+    #[arg(long, value_name = "TIME", help_heading = "Campaign")]
+    pub valid_from: Option<String>,
+    /// ... until this time, exclusive (RFC 3339; after --valid-from).
+    #[arg(long, value_name = "TIME", help_heading = "Campaign")]
+    pub valid_until: Option<String>,
+    /// Eligibility: a location the user's profile must have (repeat the
+    /// flag for several). Stored and shown; not enforced yet.
+    #[arg(long = "location", value_name = "LOCATION", help_heading = "Campaign")]
+    pub locations: Vec<String>,
+    /// Eligibility: the user's minimum age in years (1 to 120). Stored and
+    /// shown; not enforced yet.
+    #[arg(long, value_name = "YEARS", help_heading = "Campaign")]
+    pub min_age: Option<i64>,
+}
+
+impl IssueArgs {
+    /// The campaign the flags describe (`None`: no campaign flag), validated
+    /// by the domain's rules, the same as the HTTP release's.
+    fn campaign(&self) -> anyhow::Result<Option<Campaign>> {
+        let time = |flag: &str, raw: &Option<String>| {
+            raw.as_deref()
+                .map(|raw| {
+                    chrono::DateTime::parse_from_rfc3339(raw)
+                        .map(|t| t.with_timezone(&chrono::Utc))
+                        .with_context(|| format!("{flag} {raw:?} is not an RFC 3339 time"))
+                })
+                .transpose()
+        };
+        if self.currency.is_some() && self.amount_off.is_none() && self.min_order.is_none() {
+            anyhow::bail!("--currency goes with --amount-off or --min-order");
+        }
+        let discount = if self.percent_off.is_some() || self.amount_off.is_some() {
+            let currency = self.amount_off.and(self.currency.as_deref());
+            Some(Discount::parse(
+                self.percent_off,
+                self.amount_off,
+                currency,
+            )?)
+        } else {
+            None
+        };
+        let min_order = match (self.min_order, self.currency.as_deref()) {
+            (Some(amount), Some(currency)) => {
+                Some(Money::parse("--min-order", amount, currency, true)?)
+            }
+            _ => None,
+        };
+        Ok(Campaign::parse(
+            CampaignFields {
+                name: self.campaign.clone(),
+                discount,
+                min_order,
+                valid_from: time("--valid-from", &self.valid_from)?,
+                valid_until: time("--valid-until", &self.valid_until)?,
+                locations: self.locations.clone(),
+                min_age: self.min_age,
+            },
+            chrono::Utc::now(),
+        )?)
+    }
 }
 
 /// How long a run waits for another run publishing the same key.
@@ -59,10 +152,12 @@ pub async fn run(conn: &Connections, args: IssueArgs) -> anyhow::Result<()> {
         .map(IdempotencyKey::parse)
         .transpose()
         .context("--idempotency-key")?;
+    let campaign = args.campaign()?;
     let request = IssueRequest {
         employee: EmployeeId::parse(args.employee)?,
         category: Category::parse(args.category)?,
         count: args.count,
+        campaign,
     };
     if request.count == 0 || request.count > issue::MAX_COUNT {
         anyhow::bail!("--count must be between 1 and {}", issue::MAX_COUNT);

@@ -41,7 +41,7 @@ pub enum Command {
     Consume(serve::ConsumeArgs),
     /// Release a batch of new coupons (employee tool).
     #[command(
-        after_help = "Examples:\n  couponctl issue --employee e1 --category Electronics --count 10000\n  couponctl issue --employee e1 --category Electronics --count 10000 --idempotency-key xmas-electronics\n    (run it again after a failure: it completes that batch, never a second one)"
+        after_help = "Examples:\n  couponctl issue --employee e1 --category Electronics --count 10000\n  couponctl issue --employee e1 --category Electronics --count 10000 --idempotency-key xmas-electronics\n    (run it again after a failure: it completes that batch, never a second one)\n  couponctl issue --employee e1 --category Electronics --count 500 --campaign 'Winter sale' --percent-off 15 --min-order 5000 --currency EUR --valid-from 2026-12-20T00:00:00Z --valid-until 2027-01-06T00:00:00Z\n    (a campaign: 15% off orders of 50.00 EUR or more, claimable inside the window)"
     )]
     Issue(issue::IssueArgs),
     /// Create the topics that are missing, then list them.

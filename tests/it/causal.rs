@@ -120,6 +120,7 @@ async fn run_case(seed: u64, steps: &[Step]) {
                     user_id: user.into(),
                     coupon_code: code,
                     order_id,
+                    order_total: None,
                 };
                 let value = prost::Message::encode_to_vec(&event);
                 let batch = [record(

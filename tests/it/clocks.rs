@@ -141,6 +141,7 @@ async fn a_purchase_accepted_before_the_deadline_is_redeemed_when_decided_late()
             user_id: user.into(),
             coupon_code: code.into(),
             order_id: order.into(),
+            order_total: None,
         })
     };
     let topic = env.topics.purchases();

@@ -315,6 +315,7 @@ async fn redelivered_invalid_requests_add_no_second_history_row_or_dead_letter()
         user_id: "shopper".into(),
         coupon_code: "C0DE".into(),
         order_id: String::new(),
+        order_total: None,
     };
     publisher
         .send(&env.topics.purchases(), "shopper", &purchase)
@@ -505,6 +506,7 @@ async fn records_at_the_size_limit_in_any_field_stall_no_partition() {
         user_id: "big-user".into(),
         coupon_code: "0AN35HST00000".into(),
         order_id: "big-order".into(),
+        order_total: None,
     };
     let created = coupon_schemas::CouponsCreated {
         envelope: Some(new_envelope::<coupon_schemas::CouponsCreated>(
@@ -519,6 +521,7 @@ async fn records_at_the_size_limit_in_any_field_stall_no_partition() {
         coupon_ids: vec![],
         chunk_index: 0,
         chunk_count: 1,
+        campaign: None,
     };
     let expired = coupon_schemas::HoldExpired {
         envelope: Some(new_envelope::<coupon_schemas::HoldExpired>(

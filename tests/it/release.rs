@@ -226,6 +226,7 @@ async fn release_events(
         employee: coupon_domain::EmployeeId::parse(employee).unwrap(),
         category: coupon_domain::Category::parse(category).unwrap(),
         count: 1_500,
+        campaign: None,
     };
     let mut generator = keygen::lease(&env.pool, datacenter, Duration::from_secs(10))
         .await

@@ -1015,6 +1015,7 @@ async fn replay_and_rebuild_a_20k_event_log_exactly_and_report_their_rates() {
                     coupon_ids: chunk.to_vec(),
                     chunk_index: n as u32,
                     chunk_count: 1,
+                    campaign: None,
                 },
             )
         })

@@ -103,10 +103,13 @@ pub(super) fn invalid_logged(request: &ClaimRequested, user_id: &str, reason: &s
 
 /// The event for a stored decision; a stored decision always yields the
 /// same event id, so consumers can deduplicate republished decisions.
+/// `campaign` is the granted coupon's campaign, if its batch has one
+/// (read with the decision: a batch's campaign never changes).
 pub fn event_of(
     decision: &ClaimDecisionRecord,
     producer: &str,
     correlation_id: &str,
+    campaign: Option<&coupon_domain::Campaign>,
 ) -> ClaimDecided {
     let outcome = WireOutcome::from(decision.outcome);
     ClaimDecided {
@@ -133,5 +136,8 @@ pub fn event_of(
         retry_at_ms: decision.retry_at.map(to_ms).unwrap_or(0),
         blacklisted_until_ms: decision.blacklisted_until.map(to_ms).unwrap_or(0),
         reason: String::new(),
+        campaign: campaign
+            .filter(|_| decision.outcome == coupon_domain::ClaimOutcomeKind::Granted)
+            .map(coupon_schemas::Campaign::from),
     }
 }

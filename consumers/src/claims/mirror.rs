@@ -2,6 +2,8 @@
 //! holds it released removed, and the pools it found empty marked sold out
 //! (`coupon_domain::sold_out`). Redis is a cache: a failure costs speed only.
 
+use chrono::{DateTime, Utc};
+
 use coupon_domain::claim::{ClaimOutcomeKind, PoolKnowledge};
 use coupon_domain::Category;
 use coupon_platform::redis::{CachedHold, EndedHold};
@@ -41,7 +43,9 @@ pub(super) async fn mirror_batch(
     // be told sold out", so a winner's keys must be there first.
     if mirror_users(ctx, fresh).await {
         if let Some(version) = supply {
-            mark_sold_out(ctx, &view.pool, &version).await;
+            // The pools were judged empty at the batch's claim times.
+            let judged = claims.iter().map(|claim| claim.at).min();
+            mark_sold_out(ctx, &view.pool, &version, judged).await;
         }
         rearm_sold_out(ctx, claims).await;
     }
@@ -119,8 +123,13 @@ pub(super) async fn current_supply_version(ctx: &Context) -> Option<String> {
 /// Marks the pools this batch found empty as sold out as of supply
 /// `version` (read before the batch's allocations). Redis trouble costs
 /// only speed: unmarked pools are decided here as before.
-pub(super) async fn mark_sold_out(ctx: &Context, pool: &PoolKnowledge, version: &str) {
-    put_sold_out_marks(ctx, &pool.empty_pools(), version).await;
+pub(super) async fn mark_sold_out(
+    ctx: &Context,
+    pool: &PoolKnowledge,
+    version: &str,
+    judged: Option<DateTime<Utc>>,
+) {
+    put_sold_out_marks(ctx, &pool.empty_pools(), version, judged).await;
 }
 
 /// Renews the sold-out marks that claims of this batch were answered from,
@@ -147,7 +156,7 @@ pub(super) async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
     };
     let mut empty = Vec::with_capacity(pools.len());
     for pool in pools {
-        match coupon_platform::store::coupons::any_available(&ctx.pool, pool).await {
+        match coupon_platform::store::coupons::any_available(&ctx.pool, pool, None, None).await {
             Ok(false) => empty.push(pool),
             Ok(true) => {}
             Err(error) => {
@@ -156,20 +165,41 @@ pub(super) async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
             }
         }
     }
-    put_sold_out_marks(ctx, &empty, &version).await;
+    // Judged now (`any_available` reads the database's clock).
+    put_sold_out_marks(ctx, &empty, &version, None).await;
 }
 
-/// Writes the sold-out marks of `pools` as of supply `version`. Redis
-/// trouble costs only speed, so it is logged, never returned.
-pub(super) async fn put_sold_out_marks(ctx: &Context, pools: &[Option<&Category>], version: &str) {
+/// Writes the sold-out marks of `pools` as of supply `version`, judged
+/// empty at `judged` (`None`: the database's now), living at most until the
+/// next campaign opens after that. Redis trouble costs only speed, so
+/// it is logged, never returned.
+pub(super) async fn put_sold_out_marks(
+    ctx: &Context,
+    pools: &[Option<&Category>],
+    version: &str,
+    judged: Option<DateTime<Utc>>,
+) {
     if pools.is_empty() {
         return;
     }
-    match ctx
-        .cache
-        .mark_sold_out(pools, version, ctx.policy.sold_out_mark_ttl)
-        .await
-    {
+    // A campaign opening later is supply no write announces: the mark must
+    // be gone by then (`coupon_domain::sold_out::mark_ttl`). "Later" is after
+    // the time the pools were judged empty: a campaign that opened since
+    // then (a claim sent just before the opening, decided just after) is
+    // already supply, and no mark is written.
+    let until_opening =
+        match coupon_platform::store::campaigns::until_next_opening(&ctx.pool, judged).await {
+            Ok(left) => left,
+            Err(error) => {
+                tracing::debug!(%error, "next campaign opening not readable; marking nothing");
+                return;
+            }
+        };
+    let Some(ttl) = coupon_domain::sold_out::mark_ttl(ctx.policy.sold_out_mark_ttl, until_opening)
+    else {
+        return;
+    };
+    match ctx.cache.mark_sold_out(pools, version, ttl).await {
         Ok(()) => metrics::counter!("coupon_sold_out_marks_total").increment(pools.len() as u64),
         Err(error) => tracing::warn!(%error, "could not mark pools sold out in Redis"),
     }

@@ -53,7 +53,7 @@ use chrono::{DateTime, Utc};
 
 use coupon_domain::claim::{allocation_groups, Allocation, ClaimOutcome};
 use coupon_domain::clock::judged_at;
-use coupon_domain::{Category, RequestId, UserId};
+use coupon_domain::{Category, CouponCode, RequestId, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::Record;
 use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
@@ -205,8 +205,11 @@ async fn grant_group(
         // A skipped lock is not an empty pool: only a pool without
         // available rows is recorded (and marked) sold out.
         let pool = waiting.first().and_then(|(_, c)| c.claim.category.as_ref());
+        let earliest = waiting.iter().map(|(_, c)| c.claim.at).min();
+        let latest = waiting.iter().map(|(_, c)| c.claim.at).max();
         if !view.pool.known_empty(category)
-            && coupon_platform::store::coupons::any_available(&mut *tx, pool).await?
+            && coupon_platform::store::coupons::any_available(&mut *tx, pool, earliest, latest)
+                .await?
         {
             return Err(ClaimsError::Contended(category.cloned()));
         }
@@ -305,10 +308,20 @@ pub async fn handle_events(
         drop(tx);
     } else {
         let (answers, view, supply) = decide_batch(&mut tx, ctx, &claims).await?;
+        // The granted coupons' campaigns, for their answers.
+        let granted: Vec<CouponCode> = answers
+            .iter()
+            .filter_map(|answer| match answer {
+                Some(Answer::Decision(decision, _)) => decision.coupon_code,
+                _ => None,
+            })
+            .collect();
+        let campaigns = coupon_platform::store::campaigns::of_coupons(&mut *tx, &granted).await?;
         for (claim, answer) in claims.iter().zip(answers) {
             match answer {
                 Some(Answer::Decision(decision, is_new)) => {
-                    out.decision(ctx, claim, &decision, is_new);
+                    let campaign = decision.coupon_code.and_then(|code| campaigns.get(&code));
+                    out.decision(ctx, claim, &decision, is_new, campaign);
                     if is_new {
                         fresh.push(decision);
                     }
@@ -366,6 +379,7 @@ impl<'a> Outbox<'a> {
         claim: &Claim,
         decision: &ClaimDecisionRecord,
         is_new: bool,
+        campaign: Option<&coupon_domain::Campaign>,
     ) {
         self.decided.push(Decided {
             request_id: crate::log_request_id(&claim.correlation_id, claim.request_id.as_str())
@@ -378,7 +392,12 @@ impl<'a> Outbox<'a> {
         });
         self.decisions.push((
             decision.user_id.to_string(),
-            event_of(decision, ctx.publisher.name(), &claim.correlation_id),
+            event_of(
+                decision,
+                ctx.publisher.name(),
+                &claim.correlation_id,
+                campaign,
+            ),
         ));
     }
 

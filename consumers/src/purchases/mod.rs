@@ -20,19 +20,24 @@
 //! `order_id`: the decision is stored under the order id in the same
 //! transaction as the redemption, so the same order again gets the same answer
 //! and one redemption. Offsets are stored after commit and publish.
+//!
+//! A campaign's coupon is redeemed only on the campaign's terms
+//! (`coupon_domain::purchase::decide_with_campaign`): the order total the
+//! purchase sends meets the minimum, in the campaign's currency; the
+//! discount is stored with the decision, so a repeat answers the same.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use coupon_domain::clock::judged_at;
-use coupon_domain::purchase::{self as rules, decide, PurchaseOutcome};
-use coupon_domain::{CouponCode, OrderId, RequestId, RequestedCode, UserId};
+use coupon_domain::purchase::{self as rules, decide_with_campaign, PurchaseOutcome};
+use coupon_domain::{CouponCode, Money, OrderId, RequestId, RequestedCode, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::{decode, Record};
 use coupon_platform::redis::EndedHold;
 use coupon_platform::store::decisions::PurchaseDecisionRecord;
-use coupon_platform::store::{coupons, decisions};
+use coupon_platform::store::{campaigns, coupons, decisions};
 use coupon_platform::time::to_ms;
 use coupon_schemas::{PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested};
 
@@ -56,6 +61,8 @@ pub struct Purchase {
     pub coupon_code: String,
     pub order_id: OrderId,
     pub correlation_id: String,
+    /// The order's total before the coupon, if sent.
+    pub order_total: Option<Money>,
 }
 
 pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
@@ -69,6 +76,12 @@ pub fn validate(request: &PurchaseRequested) -> Result<Purchase, String> {
         user_id: UserId::parse(request.user_id.clone()).map_err(|e| e.to_string())?,
         coupon_code: coupon_code.into_string(),
         order_id: OrderId::parse(request.order_id.clone()).map_err(|e| e.to_string())?,
+        order_total: request
+            .order_total
+            .as_ref()
+            .map(|m| m.to_domain("order_total"))
+            .transpose()
+            .map_err(|e| e.to_string())?,
         correlation_id: request
             .envelope
             .as_ref()
@@ -88,11 +101,22 @@ pub struct StoredPurchase {
     pub coupon_code: String,
     pub outcome: PurchaseOutcome,
     pub decided_at: DateTime<Utc>,
+    pub order_total: Option<Money>,
+    /// Redeemed: what the coupon's campaign took off the order.
+    pub discount: Option<Money>,
+}
+
+/// Money as stored in two columns; a pair that does not parse back (an
+/// edited row) reads as none.
+fn stored_money(amount: Option<i64>, currency: Option<String>) -> Option<Money> {
+    Money::parse("money", amount?, &currency?, false).ok()
 }
 
 impl From<PurchaseDecisionRecord> for StoredPurchase {
     fn from(r: PurchaseDecisionRecord) -> Self {
         Self {
+            order_total: stored_money(r.order_total_amount, r.order_total_currency),
+            discount: stored_money(r.discount_amount, r.discount_currency),
             repeated: false,
             order_id: r.order_id,
             request_id: r.request_id,
@@ -116,6 +140,10 @@ impl StoredPurchase {
             coupon_code: self.coupon_code.clone(),
             outcome: self.outcome,
             decided_at: self.decided_at,
+            order_total_amount: self.order_total.map(|m| m.amount),
+            order_total_currency: self.order_total.map(|m| m.currency.to_string()),
+            discount_amount: self.discount.map(|m| m.amount),
+            discount_currency: self.discount.map(|m| m.currency.to_string()),
         }
     }
 
@@ -140,6 +168,8 @@ impl StoredPurchase {
             },
             reason: String::new(),
             repeated: self.repeated,
+            order_total: self.order_total.map(Into::into),
+            discount_amount: self.discount.map(Into::into),
         }
     }
 }
@@ -219,14 +249,29 @@ async fn decide_one(
     };
     let user = &purchase.user_id;
     let now = rules::judged_at(view.as_ref(), now);
-    let mut outcome = decide(view.as_ref(), user, false, now);
+    // The coupon's campaign: its minimum order, currency and discount.
+    let campaign = match (code, &view) {
+        (Some(code), Some(_)) => campaigns::of_coupon(&mut *tx, code).await?,
+        _ => None,
+    };
+    let judge = |held_before| {
+        decide_with_campaign(
+            view.as_ref(),
+            user,
+            held_before,
+            now,
+            campaign.as_ref(),
+            purchase.order_total,
+        )
+    };
+    let (mut outcome, mut discount) = judge(false);
     if outcome != PurchaseOutcome::Redeemed && view.is_some() {
         // Tell a late buyer "your hold expired" rather than "not yours".
         let held_before = match code {
             Some(code) => decisions::was_granted(&mut *tx, user, code).await?,
             None => false,
         };
-        outcome = decide(view.as_ref(), user, held_before, now);
+        (outcome, discount) = judge(held_before);
     }
     if let (PurchaseOutcome::Redeemed, Some(code)) = (outcome, code) {
         coupons::redeem(&mut *tx, code, now, &purchase.order_id).await?;
@@ -241,6 +286,8 @@ async fn decide_one(
         coupon_code: code.map_or_else(|| purchase.coupon_code.clone(), |c| c.to_string()),
         outcome,
         decided_at: now,
+        order_total: purchase.order_total,
+        discount,
     };
     if !decisions::insert_purchase(&mut *tx, &decision.record()).await? {
         return Err(DecideError::Concurrent(decision.order_id));
@@ -425,6 +472,7 @@ mod tests {
             coupon_code: "C1".into(),
             order_id: OrderId::parse(order).unwrap(),
             correlation_id: String::new(),
+            order_total: None,
         }
     }
 
@@ -438,6 +486,8 @@ mod tests {
             coupon_code: "C1".into(),
             outcome: PurchaseOutcome::Redeemed,
             decided_at: "2026-11-25T12:00:00Z".parse().unwrap(),
+            order_total: None,
+            discount: None,
         }
     }
 

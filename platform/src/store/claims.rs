@@ -203,7 +203,9 @@ pub struct Granted {
 }
 
 /// Grants coupons from one pool (`category`, or any when `None`) to
-/// `claims`, in one statement: the oldest available coupons go to the
+/// `claims`, in one statement: the oldest available coupons whose
+/// campaign's window (if their batch has one) is open at every claim's
+/// time go to the
 /// earliest claims, each winner's quota slot is taken and its last grant
 /// recorded (at the claim's own time). Claims left without a coupon
 /// (the pool ran out) get no row and keep their quota: sold out does not
@@ -228,6 +230,10 @@ pub async fn grant(
     let windows: Vec<DateTime<Utc>> = claims.iter().map(|c| c.window_start).collect();
     let until: Vec<DateTime<Utc>> = claims.iter().map(|c| c.hold_until).collect();
     let at: Vec<DateTime<Utc>> = claims.iter().map(|c| c.at).collect();
+    // A campaign's coupon is taken only if its window is open at every
+    // claim's time (`coupon_domain::Campaign::is_open_at`).
+    let earliest = at.iter().min().copied();
+    let latest = at.iter().max().copied();
     sqlx::query_as!(
         Granted,
         // `pick` is a materialized CTE: evaluated exactly once. (Inlined, the
@@ -240,10 +246,13 @@ pub async fn grant(
                   WITH ORDINALITY AS w(user_id, request_id, window_start, hold_until, at, ord)),
          pick AS MATERIALIZED (
              SELECT code, row_number() OVER (ORDER BY id) AS n
-             FROM (SELECT code, id FROM coupons
+             FROM (SELECT code, id FROM coupons c
                    WHERE status = 'available' AND ($5::text IS NULL OR category = $5)
+                     AND NOT EXISTS (
+                         SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
+                         AND (k.valid_from > $8 OR k.valid_until <= $9))
                    ORDER BY id LIMIT $6
-                   FOR UPDATE SKIP LOCKED) AS available),
+                   FOR UPDATE OF c SKIP LOCKED) AS available),
          pair AS MATERIALIZED (
              SELECT want.*, pick.code FROM want JOIN pick USING (n)),
          quota AS (
@@ -266,7 +275,9 @@ pub async fn grant(
         &until,
         category as Option<&Category>,
         claims.len() as i64,
-        &at
+        &at,
+        earliest,
+        latest
     )
     .fetch_all(conn)
     .await

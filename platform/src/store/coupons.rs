@@ -191,30 +191,49 @@ pub async fn live_holds(pool: &PgPool) -> Result<Vec<LiveHold>, sqlx::Error> {
     .await
 }
 
-/// Whether any coupon of `category` (`None`: of any category) is available.
-/// One probe of a partial index: the claim processor asks it to keep a
-/// sold-out mark alive while claims still arrive for an empty pool, and,
-/// in its batch's transaction, whether an allocation that came up short
+/// Whether any coupon of `category` (`None`: of any category) is available
+/// and claimable: outside a campaign, or inside its window from `earliest`
+/// to `latest` (`None`: the database's `now()`), as [`super::claims::grant`]
+/// takes them. One probe of a partial index: the claim processor asks it to
+/// keep a sold-out mark alive while claims still arrive for an empty pool,
+/// and, in its batch's transaction, whether an allocation that came up short
 /// skipped rows other transactions hold locked (a plain read does not wait
 /// for row locks and still sees such rows as available).
 pub async fn any_available<'e>(
     pool: impl sqlx::PgExecutor<'e>,
     category: Option<&Category>,
+    earliest: Option<DateTime<Utc>>,
+    latest: Option<DateTime<Utc>>,
 ) -> Result<bool, sqlx::Error> {
     // Two statements, so that each probes its own partial index.
     match category {
         Some(category) => {
             sqlx::query_scalar!(
-                r#"SELECT EXISTS (SELECT 1 FROM coupons
-                                   WHERE status = 'available' AND category = $1) AS "any!""#,
-                category as &Category
+                r#"SELECT EXISTS (SELECT 1 FROM coupons c
+                                   WHERE status = 'available' AND category = $1
+                                     AND NOT EXISTS (
+                                         SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
+                                         AND (k.valid_from > COALESCE($2, now())
+                                              OR k.valid_until <= COALESCE($3, now()))))
+                   AS "any!""#,
+                category as &Category,
+                earliest,
+                latest
             )
             .fetch_one(pool)
             .await
         }
         None => {
             sqlx::query_scalar!(
-                r#"SELECT EXISTS (SELECT 1 FROM coupons WHERE status = 'available') AS "any!""#
+                r#"SELECT EXISTS (SELECT 1 FROM coupons c
+                                   WHERE status = 'available'
+                                     AND NOT EXISTS (
+                                         SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
+                                         AND (k.valid_from > COALESCE($1, now())
+                                              OR k.valid_until <= COALESCE($2, now()))))
+                   AS "any!""#,
+                earliest,
+                latest
             )
             .fetch_one(pool)
             .await

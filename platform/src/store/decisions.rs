@@ -88,6 +88,12 @@ pub struct PurchaseDecisionRecord {
     pub coupon_code: String,
     pub outcome: PurchaseOutcome,
     pub decided_at: DateTime<Utc>,
+    /// The order total the purchase sent (minor units and currency), if any.
+    pub order_total_amount: Option<i64>,
+    pub order_total_currency: Option<String>,
+    /// Redeemed: what the coupon's campaign took off, if anything.
+    pub discount_amount: Option<i64>,
+    pub discount_currency: Option<String>,
 }
 
 pub async fn purchase_decisions(pool: &PgPool) -> Result<Vec<PurchaseDecisionRecord>, sqlx::Error> {
@@ -95,7 +101,8 @@ pub async fn purchase_decisions(pool: &PgPool) -> Result<Vec<PurchaseDecisionRec
         PurchaseDecisionRecord,
         r#"SELECT order_id AS "order_id: OrderId", request_id AS "request_id: RequestId",
                   event_id, user_id AS "user_id: UserId", coupon_code,
-                  outcome AS "outcome: PurchaseOutcome", decided_at
+                  outcome AS "outcome: PurchaseOutcome", decided_at, order_total_amount,
+                  order_total_currency, discount_amount, discount_currency
            FROM purchase_decisions"#
     )
     .fetch_all(pool)
@@ -112,7 +119,8 @@ pub async fn find_purchase(
         PurchaseDecisionRecord,
         r#"SELECT order_id AS "order_id: OrderId", request_id AS "request_id: RequestId",
                   event_id, user_id AS "user_id: UserId", coupon_code,
-                  outcome AS "outcome: PurchaseOutcome", decided_at
+                  outcome AS "outcome: PurchaseOutcome", decided_at, order_total_amount,
+                  order_total_currency, discount_amount, discount_currency
            FROM purchase_decisions WHERE order_id = $1"#,
         order_id as &OrderId
     )
@@ -127,8 +135,10 @@ pub async fn insert_purchase(
     decision: &PurchaseDecisionRecord,
 ) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query!(
-        "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code, outcome, decided_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO NOTHING",
+        "INSERT INTO purchase_decisions (order_id, request_id, event_id, user_id, coupon_code, outcome,
+                                         decided_at, order_total_amount, order_total_currency,
+                                         discount_amount, discount_currency)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (order_id) DO NOTHING",
         &decision.order_id as &OrderId,
         &decision.request_id as &RequestId,
         decision.event_id,
@@ -136,6 +146,10 @@ pub async fn insert_purchase(
         decision.coupon_code,
         decision.outcome as PurchaseOutcome,
         decision.decided_at,
+        decision.order_total_amount,
+        decision.order_total_currency,
+        decision.discount_amount,
+        decision.discount_currency,
     )
     .execute(conn)
     .await?

@@ -5,6 +5,7 @@
 //! | module        | tables                                              |
 //! |---------------|-----------------------------------------------------|
 //! | [`coupons`]   | `coupons`                                           |
+//! | [`campaigns`] | `campaigns` (one row per batch with a campaign)     |
 //! | [`claims`]    | the claim processor's batch: decisions, user states, overdue holds, grants |
 //! | [`users`]     | `users` (the blacklist, `last_coupon_at`)           |
 //! | [`decisions`] | `claim_decisions`, `purchase_decisions`, `quota_grants` |
@@ -31,6 +32,7 @@
 //! with `"col: Type"` overrides in the statements), so an id parsed at the
 //! boundary stays typed to the row.
 
+pub mod campaigns;
 pub mod claims;
 pub mod console;
 pub mod coupons;

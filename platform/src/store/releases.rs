@@ -25,6 +25,9 @@ pub struct StoredRelease {
     pub count: i32,
     /// The coupons' Snowflake ids, in the order they were generated.
     pub coupon_ids: Vec<i64>,
+    /// The batch's campaign, as the events carry it (an encoded
+    /// `coupons.v1.Campaign`); `None`: the batch has none.
+    pub campaign: Option<Vec<u8>>,
     pub created_at: DateTime<Utc>,
     /// When every chunk was confirmed on the log; `None` until then.
     pub published_at: Option<DateTime<Utc>>,
@@ -35,7 +38,8 @@ pub async fn find(pool: &PgPool, key: &str) -> Result<Option<StoredRelease>, sql
     sqlx::query_as!(
         StoredRelease,
         r#"SELECT idempotency_key, batch_id, employee_id AS "employee_id: EmployeeId",
-                  category AS "category: Category", count, coupon_ids, created_at, published_at
+                  category AS "category: Category", count, coupon_ids, campaign, created_at,
+                  published_at
            FROM releases WHERE idempotency_key = $1"#,
         key
     )
@@ -48,8 +52,9 @@ pub async fn find(pool: &PgPool, key: &str) -> Result<Option<StoredRelease>, sql
 /// it is published.
 pub async fn insert(pool: &PgPool, release: &StoredRelease) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query!(
-        "INSERT INTO releases (idempotency_key, batch_id, employee_id, category, count, coupon_ids, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+        "INSERT INTO releases (idempotency_key, batch_id, employee_id, category, count, coupon_ids,
+                               created_at, campaign)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (idempotency_key) DO NOTHING",
         release.idempotency_key,
         release.batch_id,
@@ -57,7 +62,8 @@ pub async fn insert(pool: &PgPool, release: &StoredRelease) -> Result<bool, sqlx
         &release.category as &Category,
         release.count,
         &release.coupon_ids,
-        release.created_at
+        release.created_at,
+        release.campaign.as_deref()
     )
     .execute(pool)
     .await?

@@ -5,6 +5,11 @@
 //! describe a field the gateway does not send. Optional fields of answers are
 //! always sent (as `null` when empty), hence `required = true` on them.
 
+//!
+//! Request bodies refuse fields they do not know (`deny_unknown_fields`): a
+//! misspelt or unsupported field is a `400` naming it, never silently
+//! dropped (a release with an ignored `valid_until` would never end).
+
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -34,12 +39,17 @@ pub const UUID_PATTERN: &str =
 
 /// The placeholders of the `pattern` attributes and the patterns they stand
 /// for.
-pub const PATTERNS: [(&str, &str); 4] = [
+pub const PATTERNS: [(&str, &str); 5] = [
     ("{ID_PATTERN}", ID_PATTERN),
     ("{OPTIONAL_ID_PATTERN}", OPTIONAL_ID_PATTERN),
     ("{CODE_PATTERN}", CODE_PATTERN),
     ("{UUID_PATTERN}", UUID_PATTERN),
+    ("{CURRENCY_PATTERN}", CURRENCY_PATTERN),
 ];
+
+/// An active ISO 4217 currency code: one of `coupon_domain::campaign::ISO_4217`
+/// (a test checks they are the same list).
+pub const CURRENCY_PATTERN: &str = "^(AED|AFN|ALL|AMD|AOA|ARS|AUD|AWG|AZN|BAM|BBD|BDT|BGN|BHD|BIF|BMD|BND|BOB|BRL|BSD|BTN|BWP|BYN|BZD|CAD|CDF|CHF|CLP|CNY|COP|CRC|CUP|CVE|CZK|DJF|DKK|DOP|DZD|EGP|ERN|ETB|EUR|FJD|FKP|GBP|GEL|GHS|GIP|GMD|GNF|GTQ|GYD|HKD|HNL|HTG|HUF|IDR|ILS|INR|IQD|IRR|ISK|JMD|JOD|JPY|KES|KGS|KHR|KMF|KPW|KRW|KWD|KYD|KZT|LAK|LBP|LKR|LRD|LSL|LYD|MAD|MDL|MGA|MKD|MMK|MNT|MOP|MRU|MUR|MVR|MWK|MXN|MYR|MZN|NAD|NGN|NIO|NOK|NPR|NZD|OMR|PAB|PEN|PGK|PHP|PKR|PLN|PYG|QAR|RON|RSD|RUB|RWF|SAR|SBD|SCR|SDG|SEK|SGD|SHP|SLE|SOS|SRD|SSP|STN|SVC|SYP|SZL|THB|TJS|TMT|TND|TOP|TRY|TTD|TWD|TZS|UAH|UGX|USD|UYU|UZS|VES|VND|VUV|WST|XAF|XCD|XCG|XOF|XPF|YER|ZAR|ZMW|ZWG)$";
 
 /// `GET /api/v1/coupon` query. `id` is optional in the type only so that a
 /// missing id is answered with the JSON error shape (`invalid_request`)
@@ -75,10 +85,134 @@ pub struct ClaimGranted {
     /// End of the hold (RFC 3339, UTC): buy before then.
     #[schema(required = true, format = DateTime, example = "2026-11-25T12:05:00.000Z")]
     pub expires_at: Option<String>,
+    /// The name of the coupon's campaign (`null`: none, or unnamed).
+    #[schema(required = true, example = "Winter sale")]
+    pub campaign: Option<String>,
+    /// What the coupon takes off an order (`null`: nothing).
+    #[schema(required = true, value_type = Option<Discount>)]
+    pub discount: Option<DiscountBody>,
+    /// The smallest order total the coupon may be used on (`null`: any).
+    #[schema(required = true, value_type = Option<MinOrderBody>)]
+    pub min_order: Option<MoneyBody>,
+    /// End of the coupon's campaign (RFC 3339, UTC; `null`: none).
+    #[schema(required = true, format = DateTime, example = "2026-12-31T23:00:00.000Z")]
+    pub valid_until: Option<String>,
+}
+
+/// An amount of money in minor units (cents) of an ISO 4217 currency:
+/// `{"amount": 1999, "currency": "EUR"}` is 19.99 EUR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoneyBody {
+    /// Minor units (cents), a whole number (at most 10^12).
+    #[serde(deserialize_with = "whole_i64")]
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64, example = 5000)]
+    pub amount: i64,
+    /// An active ISO 4217 code, in capitals.
+    #[schema(pattern = "{CURRENCY_PATTERN}", example = "EUR")]
+    pub currency: String,
+}
+
+/// The smallest order total of a campaign: more than 0 minor units of an
+/// ISO 4217 currency (the discount's, when the discount is an amount).
+/// Read and written as a [`MoneyBody`]; this type only describes it.
+#[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct MinOrderBody {
+    /// Minor units (cents), a whole number above 0 (at most 10^12).
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64, example = 5000)]
+    pub amount: i64,
+    #[schema(pattern = "{CURRENCY_PATTERN}", example = "EUR")]
+    pub currency: String,
+}
+
+/// A percent off: 1 to 100 percent of the order total, rounded down in minor
+/// units.
+#[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct PercentOff {
+    #[schema(minimum = 1, maximum = 100, example = 15)]
+    pub percent_off: i64,
+}
+
+/// A fixed amount off, in minor units of an ISO 4217 currency; at most the
+/// order total.
+#[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct AmountOff {
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64, example = 500)]
+    pub amount_off: i64,
+    #[schema(pattern = "{CURRENCY_PATTERN}", example = "EUR")]
+    pub currency: String,
+}
+
+/// The two forms of a discount, as the document describes [`DiscountBody`]
+/// (the type read and written is a flat one, whose refusals name the
+/// field).
+#[derive(Debug, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum Discount {
+    PercentOff(PercentOff),
+    AmountOff(AmountOff),
+}
+
+impl From<&coupon_schemas::Money> for MoneyBody {
+    fn from(m: &coupon_schemas::Money) -> Self {
+        MoneyBody {
+            amount: m.amount,
+            currency: m.currency.clone(),
+        }
+    }
+}
+
+/// A discount: `{"percent_off": 15}` (1 to 100 percent of the order total,
+/// rounded down in minor units) or `{"amount_off": 500, "currency": "EUR"}`
+/// (a fixed amount in minor units, at most the order total).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscountBody {
+    #[serde(
+        default,
+        deserialize_with = "opt_whole_i64",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub percent_off: Option<i64>,
+    #[serde(
+        default,
+        deserialize_with = "opt_whole_i64",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub amount_off: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+}
+
+impl DiscountBody {
+    /// The discount a wire campaign gives, if any.
+    pub fn of(campaign: &coupon_schemas::Campaign) -> Option<Self> {
+        match (campaign.percent_off, &campaign.amount_off) {
+            (0, None) => None,
+            (p, None) => Some(DiscountBody {
+                percent_off: Some(i64::from(p)),
+                amount_off: None,
+                currency: None,
+            }),
+            (_, Some(m)) => Some(DiscountBody {
+                percent_off: None,
+                amount_off: Some(m.amount),
+                currency: Some(m.currency.clone()),
+            }),
+        }
+    }
 }
 
 /// `POST /api/v1/purchase` body.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PurchaseBody {
     /// The user who claimed the coupon: 1 to 128 characters, no control
     /// characters, no white space first or last.
@@ -107,6 +241,12 @@ pub struct PurchaseBody {
         example = "order-1"
     )]
     pub order_id: String,
+    /// The order's total before the coupon. Required when the coupon's
+    /// campaign has a minimum order (`409 order_below_minimum` without it)
+    /// or a percent off (`409 order_total_required`); it must be in the
+    /// campaign's currency (`409 currency_mismatch`).
+    #[serde(default)]
+    pub order_total: Option<MoneyBody>,
 }
 
 /// Always `redeemed` in a `200` answer.
@@ -126,10 +266,17 @@ pub struct PurchaseRedeemed {
     pub order_id: String,
     #[schema(required = true, format = DateTime, example = "2026-11-25T12:01:30.000Z")]
     pub redeemed_at: Option<String>,
+    /// What the coupon's campaign takes off the order (a percent of the
+    /// order total rounded down in minor units; a fixed amount at most the
+    /// order total); `null` when the coupon gives no discount.
+    #[schema(required = true)]
+    pub discount_amount: Option<MoneyBody>,
 }
 
-/// `POST /api/v1/coupon` body: an employee releases a batch.
-#[derive(Debug, Deserialize, ToSchema)]
+/// `POST /api/v1/coupon` body: an employee releases a batch, optionally as
+/// a campaign (every campaign field is optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateCoupons {
     /// The employee id: 1 to 64 characters, no control characters, no white
     /// space first or last.
@@ -154,6 +301,90 @@ pub struct CreateCoupons {
     #[serde(default, deserialize_with = "integral_count")]
     #[schema(minimum = 1, maximum = 100_000, example = 100)]
     pub count: Option<u32>,
+    /// The campaign's name (1 to 128 characters, no control characters, no
+    /// white space first or last).
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "{ID_PATTERN}",
+        example = "Winter sale"
+    )]
+    pub campaign: Option<String>,
+    /// What each coupon takes off an order.
+    #[schema(value_type = Option<Discount>)]
+    pub discount: Option<DiscountBody>,
+    /// The smallest order total a coupon may be used on (more than 0, in
+    /// the discount's currency when the discount is an amount).
+    #[schema(value_type = Option<MinOrderBody>)]
+    pub min_order: Option<MoneyBody>,
+    /// The coupons are claimable from this time (RFC 3339; kept to the
+    /// millisecond). Before it a claim does not get them (`sold_out` if
+    /// nothing else is available).
+    #[schema(format = DateTime, example = "2026-12-01T00:00:00Z")]
+    pub valid_from: Option<String>,
+    /// ... until this time, exclusive (RFC 3339; after `valid_from`, and not
+    /// passed yet).
+    #[schema(format = DateTime, example = "2099-01-06T00:00:00Z")]
+    pub valid_until: Option<String>,
+    /// Eligibility: the user's profile location must be one of these (at
+    /// most 32, each 1 to 64 characters). Stored and shown; not enforced
+    /// yet (user profiles are not filled).
+    #[schema(max_items = 32, value_type = Option<Vec<Location>>)]
+    pub locations: Option<Vec<String>>,
+    /// Eligibility: the user's minimum age in years (1 to 120). Stored and
+    /// shown; not enforced yet.
+    #[serde(default, deserialize_with = "opt_whole_i64")]
+    #[schema(minimum = 1, maximum = 120, example = 18)]
+    pub min_age: Option<i64>,
+}
+
+/// A location a campaign is for: 1 to 64 characters, no control characters,
+/// no white space first or last. Only describes the items of `locations`
+/// (utoipa takes no length on a newtype's field, so its schema is written
+/// out).
+pub struct Location;
+
+impl utoipa::PartialSchema for Location {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(64))
+            .pattern(Some("{ID_PATTERN}"))
+            .examples(["DE"])
+            .into()
+    }
+}
+
+impl ToSchema for Location {}
+
+/// An integer as JSON Schema counts them (`500` or `500.0`); a fraction or
+/// a number too large for a double to hold exactly is refused. A number
+/// written with a fraction part is read as a double, which may be a unit in
+/// the last place off the text: within a thousandth of a whole number it is
+/// that number, exact up to 10^12 (the largest amount the rules accept);
+/// past it, a double is refused as out of range.
+fn whole_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    use serde::de::Error;
+    let number = serde_json::Number::deserialize(d)?;
+    if let Some(n) = number.as_i64() {
+        return Ok(n);
+    }
+    match number.as_f64() {
+        Some(f) if f.abs() <= 1e12 && (f - f.round()).abs() < 1e-3 => Ok(f.round() as i64),
+        Some(f) if f.abs() > 1e12 => Err(D::Error::custom(format!(
+            "{number} is out of range (at most 10^12)"
+        ))),
+        _ => Err(D::Error::custom(format!("{number} is not a whole number"))),
+    }
+}
+
+/// [`whole_i64`], optional.
+fn opt_whole_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Whole(#[serde(deserialize_with = "whole_i64")] i64);
+    Ok(Option::<Whole>::deserialize(d)?.map(|Whole(n)| n))
 }
 
 /// `count` as JSON Schema's `integer`: any number with no fractional part
@@ -253,6 +484,26 @@ pub struct CouponStatus {
     pub expires_at: Option<String>,
     #[schema(required = true, format = DateTime)]
     pub redeemed_at: Option<String>,
+    /// The name of the coupon's campaign (`null`: none, or unnamed).
+    #[schema(required = true)]
+    pub campaign: Option<String>,
+    /// What the coupon takes off an order (`null`: nothing).
+    #[schema(required = true, value_type = Option<Discount>)]
+    pub discount: Option<DiscountBody>,
+    /// The smallest order total the coupon may be used on (`null`: any).
+    #[schema(required = true, value_type = Option<MinOrderBody>)]
+    pub min_order: Option<MoneyBody>,
+    /// The campaign's window: claimable from `valid_from` until
+    /// `valid_until` (RFC 3339, UTC; `null`: unbounded).
+    #[schema(required = true, format = DateTime)]
+    pub valid_from: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub valid_until: Option<String>,
+    /// Eligibility as released (not enforced yet): locations (empty: any)
+    /// and the minimum age (`null`: any).
+    pub locations: Vec<String>,
+    #[schema(required = true)]
+    pub min_age: Option<u32>,
 }
 
 /// `ok`, `degraded` (Redis down: answers stay correct) or `unavailable`
@@ -297,5 +548,57 @@ mod tests {
         assert!(count(&body("-1")).is_err());
         assert!(count(&body("\"3\"")).is_err());
         assert!(count(&body("5000000000")).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let refused = serde_json::from_str::<CreateCoupons>(
+            r#"{"id":"e1","category":"c","valid_til":"2027-01-01T00:00:00Z"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(refused.contains("unknown field `valid_til`"), "{refused}");
+        let refused = serde_json::from_str::<PurchaseBody>(
+            r#"{"user_id":"u","coupon_code":"C","order_id":"o","order_total":{"amount":1,"currency":"EUR","tax":2}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(refused.contains("unknown field `tax`"), "{refused}");
+    }
+
+    #[test]
+    fn campaign_fields_are_read() {
+        let body: CreateCoupons = serde_json::from_str(
+            r#"{"id":"e1","category":"c","campaign":"W","discount":{"percent_off":15.0},
+                "min_order":{"amount":5000,"currency":"EUR"},"locations":["DE"],"min_age":18}"#,
+        )
+        .unwrap();
+        assert_eq!(body.discount.unwrap().percent_off, Some(15));
+        assert_eq!(body.min_order.unwrap().amount, 5000);
+        assert_eq!(body.min_age, Some(18));
+        assert!(serde_json::from_str::<DiscountBody>(r#"{"percent_off":1.5}"#).is_err());
+    }
+
+    #[test]
+    fn the_currency_pattern_is_the_domains_table() {
+        let codes = coupon_domain::campaign::ISO_4217.join("|");
+        assert_eq!(CURRENCY_PATTERN, format!("^({codes})$"));
+    }
+
+    #[test]
+    fn amounts_written_as_doubles_are_read_exactly() {
+        let money = |json: &str| serde_json::from_str::<MoneyBody>(json).map(|m| m.amount);
+        assert_eq!(
+            money(r#"{"amount": 999999999999.0, "currency": "EUR"}"#).unwrap(),
+            999_999_999_999
+        );
+        assert!(
+            money(r#"{"amount": 2022819770115041.0, "currency": "EUR"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("out of range")
+        );
+        assert!(money(r#"{"amount": 12.5, "currency": "EUR"}"#).is_err());
+        assert!(money(r#"{"amount": 1e300, "currency": "EUR"}"#).is_err());
     }
 }

@@ -50,6 +50,17 @@ pub enum ErrorCode {
     IdempotencyKeyInProgress,
     /// 422: this `Idempotency-Key` was used for a release with another body.
     IdempotencyKeyReused,
+    /// 422: a campaign field of a release is out of range (a percent of 0
+    /// or over 100, an unknown currency, a window that ends before it
+    /// starts); nothing was released.
+    InvalidCampaign,
+    /// 409: the order total is under the coupon's campaign minimum (or no
+    /// order total was sent for a campaign with a minimum).
+    OrderBelowMinimum,
+    /// 409: the order total is in another currency than the campaign's.
+    CurrencyMismatch,
+    /// 409: the coupon's campaign takes a percent off: send `order_total`.
+    OrderTotalRequired,
     /// 413: the body is larger than 64 KiB.
     PayloadTooLarge,
     /// 414: the URI is too long.

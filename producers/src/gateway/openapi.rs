@@ -549,9 +549,12 @@ mod tests {
             conflicts,
             [
                 "already_redeemed",
+                "currency_mismatch",
                 "hold_expired",
                 "not_holder",
-                "order_id_conflict"
+                "order_below_minimum",
+                "order_id_conflict",
+                "order_total_required"
             ]
         );
         assert_eq!(codes("/api/v1/purchase", "post", "404"), ["unknown_coupon"]);
@@ -577,7 +580,7 @@ mod tests {
         );
         assert_eq!(
             codes("/api/v1/coupon", "post", "422"),
-            ["idempotency_key_reused"]
+            ["idempotency_key_reused", "invalid_campaign"]
         );
         assert_eq!(
             codes("/api/v1/coupon", "post", "403"),

@@ -1061,6 +1061,7 @@ async fn issue(
         employee: coupon_domain::EmployeeId::parse("bench")?,
         category: coupon_domain::Category::parse(category)?,
         count,
+        campaign: None,
     };
     Ok(
         coupon_producers::issue::issue(pool, publisher, &config.topics(), 2, &request, |_| {})

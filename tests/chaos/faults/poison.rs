@@ -171,6 +171,7 @@ impl Valid {
                 coupon_ids: vec![coupon_id.as_i64()],
                 chunk_index: 0,
                 chunk_count: 1,
+                campaign: None,
             },
             claim: ClaimRequested {
                 envelope: None,
@@ -185,6 +186,7 @@ impl Valid {
                 user_id: "chaos".into(),
                 coupon_code: code.clone(),
                 order_id: "valid-order".into(),
+                order_total: None,
             },
             expired: HoldExpired {
                 envelope: None,

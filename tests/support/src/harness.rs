@@ -486,6 +486,7 @@ pub async fn release(env: &TestEnv, category: &str, count: u32) -> Vec<String> {
         employee: coupon_domain::EmployeeId::parse("e-test").unwrap(),
         category: coupon_domain::Category::parse(category).unwrap(),
         count,
+        campaign: None,
     };
     let batch =
         coupon_producers::issue::issue(&env.pool, &publisher, &env.topics, 1, &request, |_| {})

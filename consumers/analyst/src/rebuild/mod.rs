@@ -246,6 +246,15 @@ pub async fn project(
         .await
         .context("writing history rows")?;
 
+    // The campaigns first, as the projector writes them.
+    if !projection.campaigns.is_empty() {
+        let mut conn = target.acquire().await.context("writing campaigns")?;
+        for (batch_id, campaign) in &projection.campaigns {
+            coupon_platform::store::campaigns::insert(&mut conn, *batch_id, campaign)
+                .await
+                .context("writing campaigns")?;
+        }
+    }
     let all: Vec<NewCoupon> = projection.coupons().map(|c| c.coupon.clone()).collect();
     stats.coupons = coupons::insert_coupons(target, &all)
         .await

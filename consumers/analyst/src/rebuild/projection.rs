@@ -36,6 +36,9 @@ pub struct Projection {
     pub(super) coupons: HashMap<String, CouponState>,
     /// Codes in the order they were created (the order rows are inserted in).
     pub(super) created: Vec<String>,
+    /// The batches' campaigns, once per batch (the first chunk's), in the
+    /// order their batches appeared.
+    pub(super) campaigns: Vec<(uuid::Uuid, coupon_domain::Campaign)>,
     pub(super) users: HashMap<String, DateTime<Utc>>,
     pub(super) blacklist: HashMap<String, BlacklistState>,
     /// The coupon each user was last granted (checked against the coupon's
@@ -303,6 +306,16 @@ impl Projection {
             Ok(new) => new,
             Err(reason) => return self.anomaly(record, format!("refused batch: {reason}")),
         };
+        // `coupons_of` accepted the chunk, so its campaign is valid too.
+        if let (Ok(Some(campaign)), Some(first)) = (coupons::campaign_of(event), new.first()) {
+            if !self
+                .campaigns
+                .iter()
+                .any(|(batch, _)| *batch == first.batch_id)
+            {
+                self.campaigns.push((first.batch_id, campaign));
+            }
+        }
         for coupon in new {
             let code = coupon.code.to_string();
             if self.coupons.contains_key(&code) {
@@ -642,6 +655,7 @@ mod tests {
             coupon_ids: ids.iter().map(|n| (BASE_ID + n) as i64).collect(),
             chunk_index: 0,
             chunk_count: 1,
+            campaign: None,
         }
     }
 

@@ -153,6 +153,14 @@ pub fn purchase_decision_row(
         coupon_code: event.coupon_code.clone(),
         outcome,
         decided_at: at,
+        order_total: event
+            .order_total
+            .as_ref()
+            .and_then(|m| m.to_domain("order_total").ok()),
+        discount: event
+            .discount_amount
+            .as_ref()
+            .and_then(|m| m.to_domain("discount_amount").ok()),
     }))
 }
 

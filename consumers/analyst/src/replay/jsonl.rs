@@ -19,8 +19,8 @@ use base64::Engine as _;
 
 use coupon_platform::kafka::DecodeError;
 use coupon_schemas::{
-    BlacklistChanged, ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated, DeadLetter,
-    Envelope, HoldExpired, PurchaseDecided, PurchaseOutcome, PurchaseRequested,
+    BlacklistChanged, Campaign, ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated,
+    DeadLetter, Envelope, HoldExpired, Money, PurchaseDecided, PurchaseOutcome, PurchaseRequested,
 };
 
 use crate::replay::{TopicEvent, TopicKind};
@@ -160,8 +160,11 @@ fn created(o: &mut Obj<'_>, e: &CouponsCreated) {
         coupon_ids,
         chunk_index,
         chunk_count,
+        campaign: terms,
     } = e;
     o.str("batch_id", batch_id);
+    o.key("campaign");
+    campaign(o.out, terms.as_ref());
     o.str("category", category);
     o.int("chunk_count", *chunk_count);
     o.int("chunk_index", *chunk_index);
@@ -204,8 +207,11 @@ fn claim_decided(o: &mut Obj<'_>, e: &ClaimDecided) {
         retry_at_ms,
         blacklisted_until_ms,
         reason,
+        campaign: terms,
     } = e;
     o.int("blacklisted_until_ms", *blacklisted_until_ms);
+    o.key("campaign");
+    campaign(o.out, terms.as_ref());
     o.str("category", category);
     o.str("coupon_code", coupon_code);
     o.int("expires_at_ms", *expires_at_ms);
@@ -228,9 +234,12 @@ fn purchase_requested(o: &mut Obj<'_>, e: &PurchaseRequested) {
         user_id,
         coupon_code,
         order_id,
+        order_total,
     } = e;
     o.str("coupon_code", coupon_code);
     o.str("order_id", order_id);
+    o.key("order_total");
+    money(o.out, order_total.as_ref());
     o.str("request_id", request_id);
     o.str("user_id", user_id);
 }
@@ -246,9 +255,15 @@ fn purchase_decided(o: &mut Obj<'_>, e: &PurchaseDecided) {
         redeemed_at_ms,
         reason,
         repeated,
+        order_total,
+        discount_amount,
     } = e;
     o.str("coupon_code", coupon_code);
+    o.key("discount_amount");
+    money(o.out, discount_amount.as_ref());
     o.str("order_id", order_id);
+    o.key("order_total");
+    money(o.out, order_total.as_ref());
     o.key("outcome");
     match PurchaseOutcome::try_from(*outcome) {
         Ok(name) => string(o.out, name.as_str_name()),
@@ -381,6 +396,56 @@ impl<'a> Obj<'a> {
     fn close(self) {
         self.out.push(b'}');
     }
+}
+
+/// An optional `Money` (`null` when absent).
+fn money(out: &mut Vec<u8>, money: Option<&Money>) {
+    let Some(m) = money else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    let mut o = Obj::open(out);
+    o.int("amount", m.amount);
+    o.str("currency", &m.currency);
+    o.close();
+}
+
+/// An optional `Campaign` (`null` when absent).
+fn campaign(out: &mut Vec<u8>, campaign: Option<&Campaign>) {
+    let Some(c) = campaign else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    let Campaign {
+        name,
+        percent_off,
+        amount_off,
+        min_order,
+        valid_from_ms,
+        valid_until_ms,
+        locations,
+        min_age,
+    } = c;
+    let mut o = Obj::open(out);
+    o.key("amount_off");
+    money(o.out, amount_off.as_ref());
+    o.key("locations");
+    o.out.push(b'[');
+    for (i, location) in locations.iter().enumerate() {
+        if i > 0 {
+            o.out.push(b',');
+        }
+        string(o.out, location);
+    }
+    o.out.push(b']');
+    o.int("min_age", *min_age);
+    o.key("min_order");
+    money(o.out, min_order.as_ref());
+    o.str("name", name);
+    o.int("percent_off", *percent_off);
+    o.int("valid_from_ms", *valid_from_ms);
+    o.int("valid_until_ms", *valid_until_ms);
+    o.close();
 }
 
 fn int(out: &mut Vec<u8>, value: impl itoa::Integer) {
@@ -537,6 +602,20 @@ mod tests {
     /// once with the defaults.
     fn events(text: &str) -> Vec<(TopicKind, TopicEvent)> {
         let s = || text.to_owned();
+        let money = || Money {
+            amount: i64::MIN,
+            currency: s(),
+        };
+        let campaign = || Campaign {
+            name: s(),
+            percent_off: u32::MAX,
+            amount_off: Some(money()),
+            min_order: None,
+            valid_from_ms: -5,
+            valid_until_ms: i64::MAX,
+            locations: vec![s(), String::new(), s()],
+            min_age: 18,
+        };
         vec![
             (
                 TopicKind::Created,
@@ -548,6 +627,7 @@ mod tests {
                     coupon_ids: vec![1, -2, i64::MAX, i64::MIN, 0],
                     chunk_index: u32::MAX,
                     chunk_count: 7,
+                    campaign: Some(campaign()),
                 }),
             ),
             (
@@ -574,6 +654,7 @@ mod tests {
                     retry_at_ms: 12,
                     blacklisted_until_ms: i64::MAX,
                     reason: s(),
+                    campaign: Some(campaign()),
                 }),
             ),
             (
@@ -592,6 +673,7 @@ mod tests {
                     user_id: s(),
                     coupon_code: s(),
                     order_id: s(),
+                    order_total: Some(money()),
                 }),
             ),
             (
@@ -606,6 +688,8 @@ mod tests {
                     redeemed_at_ms: 5,
                     reason: s(),
                     repeated: true,
+                    order_total: Some(money()),
+                    discount_amount: Some(Money::default()),
                 }),
             ),
             (

@@ -73,8 +73,10 @@ pub(crate) async fn blacklist_list(
     }))
 }
 
-/// `POST /api/v1/blacklist` body.
+/// `POST /api/v1/blacklist` body (a field it does not know is refused, `400`
+/// naming it, as on every route).
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct BlacklistAdd {
     /// The user to refuse: 1 to 128 characters, no control characters, no
     /// white space first or last.

@@ -14,7 +14,7 @@ use coupon_domain::sold_out::FastPath;
 use coupon_domain::{Category, UserId};
 use coupon_schemas::{ClaimDecided, ClaimOutcome, ClaimRequested};
 
-use crate::gateway::api::{ClaimGranted, ClaimQuery};
+use crate::gateway::api::{ClaimGranted, ClaimQuery, DiscountBody, MoneyBody};
 use crate::gateway::auth::{Caller, ClientAddr};
 use crate::gateway::flood::flood_check;
 use crate::gateway::responses;
@@ -230,6 +230,21 @@ fn claim_response(decision: &ClaimDecided) -> Response {
                 category: decision.category.clone(),
                 user_id: decision.user_id.clone(),
                 expires_at: rfc3339(decision.expires_at_ms),
+                campaign: decision
+                    .campaign
+                    .as_ref()
+                    .map(|c| c.name.clone())
+                    .filter(|name| !name.is_empty()),
+                discount: decision.campaign.as_ref().and_then(DiscountBody::of),
+                min_order: decision
+                    .campaign
+                    .as_ref()
+                    .and_then(|c| c.min_order.as_ref())
+                    .map(MoneyBody::from),
+                valid_until: decision
+                    .campaign
+                    .as_ref()
+                    .and_then(|c| rfc3339(c.valid_until_ms)),
             }),
         )
             .into_response(),

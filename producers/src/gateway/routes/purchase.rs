@@ -9,10 +9,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use coupon_domain::{OrderId, RequestedCode, UserId};
+use coupon_domain::{Money, OrderId, RequestedCode, UserId};
 use coupon_schemas::{PurchaseDecided, PurchaseOutcome, PurchaseRequested};
 
-use crate::gateway::api::{PurchaseBody, PurchaseRedeemed, Redeemed};
+use crate::gateway::api::{MoneyBody, PurchaseBody, PurchaseRedeemed, Redeemed};
 use crate::gateway::auth::{Caller, ClientAddr};
 use crate::gateway::responses;
 use crate::gateway::GatewayState;
@@ -24,8 +24,12 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
 
 /// Buy a held coupon.
 ///
-/// Redeems the coupon if this user holds it and the hold has not ended.
-/// Idempotent on `order_id`: the same order again gets the same answer.
+/// Redeems the coupon if this user holds it and the hold has not ended,
+/// and, for a campaign's coupon, the order meets the campaign's terms: the
+/// `order_total` is at least its minimum, in its currency. The answer says
+/// what the coupon takes off (`discount_amount`). Idempotent on `order_id`:
+/// the same order again gets the same answer (a refused order too: a new
+/// total is a new order id).
 #[utoipa::path(
     post,
     path = "/api/v1/purchase",
@@ -37,7 +41,7 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
     request_body = PurchaseBody,
     responses(
         (status = 200, description = "Redeemed.", body = PurchaseRedeemed),
-        (status = 400, description = "Invalid ids.",
+        (status = 400, description = "Invalid ids; an `order_total` that is negative or not in an active ISO 4217 currency; a field the route does not know (named in the message).",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "order_id must not be empty"})),
         responses::ApiUnauthorized,
         (status = 404, description = "No coupon has this code.",
@@ -47,6 +51,9 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
                 ("hold_expired" = (summary = "the hold ended before the purchase", value = json!({"error": "hold_expired", "message": "the hold on this coupon ended before the purchase"}))),
                 ("not_holder" = (summary = "another user holds it, or nobody", value = json!({"error": "not_holder", "message": "this coupon is not held by this user"}))),
                 ("already_redeemed" = (summary = "bought before", value = json!({"error": "already_redeemed", "message": "this coupon was already redeemed"}))),
+                ("order_below_minimum" = (summary = "the order total is under the campaign's minimum, or missing", value = json!({"error": "order_below_minimum", "message": "the order total is under this coupon's campaign minimum (send order_total)"}))),
+                ("currency_mismatch" = (summary = "the order total is in another currency than the campaign's", value = json!({"error": "currency_mismatch", "message": "the order total is in another currency than this coupon's campaign"}))),
+                ("order_total_required" = (summary = "the campaign takes a percent off and no order total was sent", value = json!({"error": "order_total_required", "message": "this coupon takes a percent off: send order_total with the purchase"}))),
                 ("order_id_conflict" = (summary = "the order_id is another user's order", value = json!({"error": "order_id_conflict", "message": "this order_id was already used by another user"})))
             )),
         responses::BodyRefused,
@@ -91,6 +98,11 @@ async fn purchase_inner(
     let order = OrderId::parse(body.order_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let coupon_code =
         RequestedCode::parse(body.coupon_code).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let order_total = body
+        .order_total
+        .map(|m| Money::parse("order_total", m.amount, &m.currency, false))
+        .transpose()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     tracing::debug!(user = %user, order = %order, coupon = %coupon_code.as_str(), "purchase received");
     let event = PurchaseRequested {
         envelope: Some(state.publisher.envelope::<PurchaseRequested>(request_id)),
@@ -98,6 +110,7 @@ async fn purchase_inner(
         user_id: user.to_string(),
         coupon_code: coupon_code.into_string(),
         order_id: order.to_string(),
+        order_total: order_total.map(Into::into),
     };
     let pending = state
         .replies
@@ -134,6 +147,7 @@ fn purchase_response(decision: &PurchaseDecided) -> Response {
                 coupon_code: decision.coupon_code.clone(),
                 order_id: decision.order_id.clone(),
                 redeemed_at: rfc3339(decision.redeemed_at_ms),
+                discount_amount: decision.discount_amount.as_ref().map(MoneyBody::from),
             }),
         )
             .into_response(),
@@ -154,6 +168,18 @@ fn purchase_response(decision: &PurchaseDecided) -> Response {
             "no coupon has this code",
         )
         .into_response(),
+        PurchaseOutcome::OrderBelowMinimum => conflict(
+            ErrorCode::OrderBelowMinimum,
+            "the order total is under this coupon's campaign minimum (send order_total)",
+        ),
+        PurchaseOutcome::CurrencyMismatch => conflict(
+            ErrorCode::CurrencyMismatch,
+            "the order total is in another currency than this coupon's campaign",
+        ),
+        PurchaseOutcome::OrderTotalRequired => conflict(
+            ErrorCode::OrderTotalRequired,
+            "this coupon takes a percent off: send order_total with the purchase",
+        ),
         PurchaseOutcome::Conflict => order_id_conflict().into_response(),
         PurchaseOutcome::Invalid | PurchaseOutcome::Unspecified => {
             ApiError::invalid(decision.reason.clone()).into_response()
@@ -197,6 +223,17 @@ mod tests {
             (PurchaseOutcome::AlreadyRedeemed, 409, "already_redeemed"),
             (PurchaseOutcome::UnknownCoupon, 404, "unknown_coupon"),
             (PurchaseOutcome::Conflict, 409, "order_id_conflict"),
+            (
+                PurchaseOutcome::OrderBelowMinimum,
+                409,
+                "order_below_minimum",
+            ),
+            (PurchaseOutcome::CurrencyMismatch, 409, "currency_mismatch"),
+            (
+                PurchaseOutcome::OrderTotalRequired,
+                409,
+                "order_total_required",
+            ),
             (PurchaseOutcome::Invalid, 400, "invalid_request"),
             (PurchaseOutcome::Unspecified, 400, "invalid_request"),
         ] {

@@ -17,7 +17,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tracing::Instrument as _;
 
-use coupon_domain::{Category, EmployeeId};
+use chrono::{DateTime, Utc};
+
+use coupon_domain::campaign::{CampaignFields, Discount, InvalidCampaign};
+use coupon_domain::{Campaign, Category, EmployeeId, Money};
 
 use crate::gateway::{
     json_rejection, responses, AdminCaller, ApiError, CouponBatch, CreateCoupons, ErrorBody,
@@ -28,7 +31,15 @@ use crate::issue::{self, IdempotencyKey, IssueError, IssueRequest};
 /// Release a batch of coupons (employees).
 ///
 /// Generates the codes and publishes them; they become claimable as soon as
-/// the coupon projector has stored them.
+/// the coupon projector has stored them (and, for a campaign with a window,
+/// while it is open).
+///
+/// The campaign fields (`campaign`, `discount`, `min_order`, `valid_from`,
+/// `valid_until`, `locations`, `min_age`; all optional) make the batch a
+/// campaign: every coupon is worth the discount, needs the minimum order,
+/// and is claimable only inside the window. The batch id is the campaign's
+/// id. `locations` and `min_age` are stored and shown but not enforced yet.
+/// A field the route does not know is refused (`400`), never ignored.
 ///
 /// The release runs in a task of its own, which the handler awaits: a client
 /// that goes away (or a request past its deadline) does not cut it, it
@@ -52,7 +63,7 @@ use crate::issue::{self, IdempotencyKey, IssueError, IssueRequest};
     ),
     responses(
         (status = 202, description = "Published: the batch id and the codes (for a repeat with the same Idempotency-Key: those of the first release).", body = CouponBatch),
-        (status = 400, description = "Invalid employee id, category, count or Idempotency-Key.",
+        (status = 400, description = "Invalid employee id, category, count or Idempotency-Key; a field the route does not know (named in the message); a `valid_from`/`valid_until` that is not RFC 3339. Nothing was released.",
             body = ErrorBody, example = json!({"error": "invalid_request", "message": "count must be between 1 and 100000 (use `couponctl issue` for more)"})),
         responses::AdminUnauthorized,
         (status = 403, description = "The body's `id` names another employee than the caller's credential (a per-employee token or OIDC token): an employee releases under their own id only. Nothing was released.",
@@ -61,8 +72,11 @@ use crate::issue::{self, IdempotencyKey, IssueError, IssueRequest};
             headers(("Retry-After" = u64, description = "Seconds to wait before repeating")),
             body = ErrorBody, example = json!({"error": "idempotency_key_in_progress", "message": "the release with idempotency key \"k1\" is still being published; repeat the request (same key, same body) in a moment for its answer"})),
         responses::BodyRefused,
-        (status = 422, description = "This Idempotency-Key was already used for a release with another employee, category or count; nothing was released.",
-            body = ErrorBody, example = json!({"error": "idempotency_key_reused", "message": "idempotency key \"k1\" was already used for another release (100 Books coupons by employee e1); a new release needs a new key"})),
+        (status = 422, description = "`idempotency_key_reused`: this Idempotency-Key was already used for a release with another employee, category, count or campaign. `invalid_campaign`: a campaign field is out of range (a percent outside 1-100, an amount not above 0, a currency that is no active ISO 4217 code, two currencies, a `valid_until` not after `valid_from` or already passed, a `min_age` outside 1-120, more than 32 locations). Nothing was released.",
+            body = ErrorBody, examples(
+                ("idempotency_key_reused" = (summary = "the key names another release", value = json!({"error": "idempotency_key_reused", "message": "idempotency key \"k1\" was already used for another release (100 Books coupons by employee e1, without a campaign); a new release needs a new key"}))),
+                ("invalid_campaign" = (summary = "a campaign field out of range", value = json!({"error": "invalid_campaign", "message": "discount.percent_off: must be 1 to 100 (got 0); nothing was released"})))
+            )),
         (status = 503, description = "The batch could not be published (or no machine id could be leased), or the gateway is at its limit of requests in flight. The message says whether repeating is safe: always with an Idempotency-Key (the repeat completes the stored batch); without one, only when nothing was published.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "unavailable", "message": "the release failed part-way: some of its coupons may already be claimable; repeating it without an Idempotency-Key releases another batch"})),
@@ -158,6 +172,7 @@ fn release_request(caller: AdminCaller, body: CreateCoupons) -> Result<IssueRequ
             "count must be between 1 and {MAX_HTTP_ISSUE} (use `couponctl issue` for more)"
         )));
     }
+    let campaign = campaign_of(&body, Utc::now())?;
     let named = EmployeeId::parse(body.id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let employee = caller.release_employee(named).map_err(|mismatch| {
         tracing::warn!(%mismatch, "a release naming another employee was refused");
@@ -171,7 +186,57 @@ fn release_request(caller: AdminCaller, body: CreateCoupons) -> Result<IssueRequ
         employee,
         category: Category::parse(body.category).map_err(|e| ApiError::invalid(e.to_string()))?,
         count,
+        campaign,
     })
+}
+
+/// The release's campaign (`None`: no campaign field given), validated by
+/// the domain (`coupon_domain::Campaign::parse`): a field that is not even
+/// of its form (a time that is not RFC 3339) is `400 invalid_request`, a
+/// value out of range `422 invalid_campaign`.
+fn campaign_of(body: &CreateCoupons, now: DateTime<Utc>) -> Result<Option<Campaign>, ApiError> {
+    let time = |field: &str, raw: &Option<String>| -> Result<Option<DateTime<Utc>>, ApiError> {
+        raw.as_deref()
+            .map(|raw| {
+                DateTime::parse_from_rfc3339(raw)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| {
+                        ApiError::invalid(format!(
+                            "{field}: {raw:?} is not an RFC 3339 time (e.g. \"2026-12-20T00:00:00Z\"): {e}"
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    let unprocessable = |e: InvalidCampaign| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidCampaign,
+            format!("{e}; nothing was released"),
+        )
+    };
+    let discount = body
+        .discount
+        .as_ref()
+        .map(|d| Discount::parse(d.percent_off, d.amount_off, d.currency.as_deref()))
+        .transpose()
+        .map_err(unprocessable)?;
+    let min_order = body
+        .min_order
+        .as_ref()
+        .map(|m| Money::parse("min_order", m.amount, &m.currency, true))
+        .transpose()
+        .map_err(unprocessable)?;
+    let fields = CampaignFields {
+        name: body.campaign.clone(),
+        discount,
+        min_order,
+        valid_from: time("valid_from", &body.valid_from)?,
+        valid_until: time("valid_until", &body.valid_until)?,
+        locations: body.locations.clone().unwrap_or_default(),
+        min_age: body.min_age,
+    };
+    Campaign::parse(fields, now).map_err(unprocessable)
 }
 
 /// The release's task died (a panic): what the client may do depends on
@@ -248,7 +313,48 @@ mod tests {
             id: id.into(),
             category: "Electronics".into(),
             count,
+            ..CreateCoupons::default()
         }
+    }
+
+    #[test]
+    fn campaign_fields_are_validated_before_anything_is_released() {
+        let now: DateTime<Utc> = "2026-12-05T12:00:00Z".parse().unwrap();
+        let mut with = body("e1", Some(3));
+        assert_eq!(campaign_of(&with, now).expect("no campaign"), None);
+        with.discount = Some(crate::gateway::api::DiscountBody {
+            percent_off: Some(0),
+            amount_off: None,
+            currency: None,
+        });
+        let refused = campaign_of(&with, now).expect_err("0%");
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(refused.code, ErrorCode::InvalidCampaign);
+        assert!(
+            refused.message.contains("percent_off"),
+            "{}",
+            refused.message
+        );
+        with.discount = None;
+        with.valid_from = Some("tomorrow".into());
+        let refused = campaign_of(&with, now).expect_err("not RFC 3339");
+        assert_eq!(refused.code, ErrorCode::InvalidRequest);
+        with.valid_from = Some("2026-12-06T00:00:00+01:00".into());
+        with.valid_until = Some("2026-12-05T23:00:00Z".into());
+        let refused = campaign_of(&with, now).expect_err("ends when it starts");
+        assert!(
+            refused.message.contains("valid_until"),
+            "{}",
+            refused.message
+        );
+        with.valid_until = Some("2026-12-07T00:00:00Z".into());
+        with.campaign = Some("Winter".into());
+        let campaign = campaign_of(&with, now).expect("valid").expect("a campaign");
+        assert_eq!(campaign.name(), Some("Winter"));
+        assert_eq!(
+            campaign.valid_from(),
+            Some("2026-12-05T23:00:00Z".parse().unwrap())
+        );
     }
 
     fn employee(id: &str) -> AdminCaller {

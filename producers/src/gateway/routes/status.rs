@@ -9,10 +9,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 
-use coupon_domain::{CouponCode, UserId};
+use coupon_domain::{Campaign, CouponCode, UserId};
 use coupon_platform::store;
 
-use crate::gateway::api::{CouponState, CouponStatus};
+use crate::gateway::api::{CouponState, CouponStatus, DiscountBody, MoneyBody};
 use crate::gateway::auth::{Caller, ClientAddr};
 use crate::gateway::responses;
 use crate::gateway::storefront_caller;
@@ -63,16 +63,43 @@ pub(in crate::gateway) async fn coupon_status(
             "no coupon has this code",
         )
     })?;
-    Ok(Json(coupon_status_of(row, caller == Caller::Admin)).into_response())
+    let campaign = store::campaigns::of_coupon(&state.read_pool, code)
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "reading a coupon's campaign failed");
+            ApiError::unavailable("the coupon store is not available; retrying is safe")
+        })?;
+    Ok(Json(coupon_status_of(
+        row,
+        campaign.as_ref(),
+        caller == Caller::Admin,
+    ))
+    .into_response())
 }
 
 /// The answer for a coupon as the store has it: the deadline only while it
 /// is held, and its holder only for an admin caller (codes are sequential,
-/// so anyone could otherwise list who holds what).
-fn coupon_status_of(row: store::coupons::CouponRecord, admin: bool) -> CouponStatus {
+/// so anyone could otherwise list who holds what), with its campaign's
+/// terms when its batch has one.
+fn coupon_status_of(
+    row: store::coupons::CouponRecord,
+    campaign: Option<&Campaign>,
+    admin: bool,
+) -> CouponStatus {
     let status = CouponState::from(row.status);
     let millis = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let wire = campaign.map(coupon_schemas::Campaign::from);
     CouponStatus {
+        campaign: campaign.and_then(|c| c.name()).map(str::to_owned),
+        discount: wire.as_ref().and_then(DiscountBody::of),
+        min_order: wire
+            .as_ref()
+            .and_then(|c| c.min_order.as_ref())
+            .map(MoneyBody::from),
+        valid_from: campaign.and_then(Campaign::valid_from).map(millis),
+        valid_until: campaign.and_then(Campaign::valid_until).map(millis),
+        locations: campaign.map(|c| c.locations().to_vec()).unwrap_or_default(),
+        min_age: campaign.and_then(Campaign::min_age),
         coupon_code: row.code.to_string(),
         category: row.category.into_string(),
         expires_at: if matches!(status, CouponState::Held) {
@@ -108,13 +135,16 @@ mod tests {
 
     #[test]
     fn the_holder_is_shown_to_admins_only() {
-        assert_eq!(coupon_status_of(held(), true).holder.as_deref(), Some("u1"));
-        assert_eq!(coupon_status_of(held(), false).holder, None);
+        assert_eq!(
+            coupon_status_of(held(), None, true).holder.as_deref(),
+            Some("u1")
+        );
+        assert_eq!(coupon_status_of(held(), None, false).holder, None);
     }
 
     #[test]
     fn a_held_coupon_says_until_when() {
-        let answer = coupon_status_of(held(), false);
+        let answer = coupon_status_of(held(), None, false);
         assert!(matches!(answer.status, CouponState::Held));
         assert_eq!(
             answer.expires_at.as_deref(),
@@ -128,7 +158,7 @@ mod tests {
         let mut row = held();
         row.status = Lifecycle::Redeemed;
         row.redeemed_at = DateTime::from_timestamp_millis(1_780_000_100_000);
-        let answer = coupon_status_of(row, true);
+        let answer = coupon_status_of(row, None, true);
         assert_eq!(answer.expires_at, None);
         assert_eq!(
             answer.redeemed_at.as_deref(),
