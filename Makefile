@@ -82,8 +82,9 @@ chaos: up ## the long fault-injection run; prints a table (CHAOS_USERS, CHAOS_RA
 fuzz: up ## the storefront contract with a random seed and more examples (CONTRACT_EXAMPLES, CONTRACT_MAX_TIME)
 	CONTRACT_SEED=random CONTRACT_EXAMPLES=$${CONTRACT_EXAMPLES:-100} CONTRACT_MAX_TIME=$${CONTRACT_MAX_TIME:-600} tests/contract/run.sh
 
-bench: up shard-up build ## the benchmarks (BENCH_QUICK=1 for a short run)
+bench: up shard-up cassandra-up build ## the benchmarks (BENCH_QUICK=1 for a short run); then the history stores' write and read rates
 	BENCH_SHARD_URLS=$${BENCH_SHARD_URLS:-$$(infra/local/shard.sh urls)} target/release/couponctl bench
+	cargo test --release --test it cassandra_history_throughput -- --ignored --nocapture
 
 clean-state: down cluster-down ha-down sasl-down shard-down cassandra-down
 	rm -rf .state
