@@ -66,6 +66,31 @@ impl HistoryRow {
     }
 }
 
+/// History rows as the columns `UNNEST` takes, one array per column.
+struct Columns<'a> {
+    occurred: Vec<DateTime<Utc>>,
+    events: Vec<Uuid>,
+    items: Vec<i32>,
+    codes: Vec<Option<&'a str>>,
+    users: Vec<Option<&'a str>>,
+    kinds: Vec<&'a str>,
+    details: Vec<&'a serde_json::Value>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(rows: &'a [HistoryRow]) -> Self {
+        Self {
+            occurred: rows.iter().map(|r| r.occurred_at).collect(),
+            events: rows.iter().map(|r| r.event_id).collect(),
+            items: rows.iter().map(|r| r.item).collect(),
+            codes: rows.iter().map(|r| r.coupon_code.as_deref()).collect(),
+            users: rows.iter().map(|r| r.user_id.as_deref()).collect(),
+            kinds: rows.iter().map(|r| r.kind.as_str()).collect(),
+            details: rows.iter().map(|r| &r.detail).collect(),
+        }
+    }
+}
+
 /// Appends rows; rows already present are skipped. Returns how many were new.
 pub async fn append<'e>(
     executor: impl sqlx::PgExecutor<'e>,
@@ -74,24 +99,18 @@ pub async fn append<'e>(
     if rows.is_empty() {
         return Ok(0);
     }
-    let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.occurred_at).collect();
-    let events: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
-    let items: Vec<i32> = rows.iter().map(|r| r.item).collect();
-    let codes: Vec<Option<String>> = rows.iter().map(|r| r.coupon_code.clone()).collect();
-    let users: Vec<Option<String>> = rows.iter().map(|r| r.user_id.clone()).collect();
-    let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
-    let details: Vec<serde_json::Value> = rows.iter().map(|r| r.detail.clone()).collect();
+    let c = Columns::of(rows);
     let result = sqlx::query!(
         "INSERT INTO coupon_history (occurred_at, event_id, item, coupon_code, user_id, kind, detail)
          SELECT * FROM UNNEST($1::timestamptz[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::jsonb[])
          ON CONFLICT DO NOTHING",
-        &occurred,
-        &events,
-        &items,
-        &codes as _,
-        &users as _,
-        &kinds as _,
-        &details as _,
+        &c.occurred,
+        &c.events,
+        &c.items,
+        &c.codes as _,
+        &c.users as _,
+        &c.kinds as _,
+        &c.details as _,
     )
     .execute(executor)
     .await?;
@@ -161,24 +180,18 @@ pub async fn outbox_push<'e>(
     if rows.is_empty() {
         return Ok(0);
     }
-    let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.occurred_at).collect();
-    let events: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
-    let items: Vec<i32> = rows.iter().map(|r| r.item).collect();
-    let codes: Vec<Option<String>> = rows.iter().map(|r| r.coupon_code.clone()).collect();
-    let users: Vec<Option<String>> = rows.iter().map(|r| r.user_id.clone()).collect();
-    let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
-    let details: Vec<serde_json::Value> = rows.iter().map(|r| r.detail.clone()).collect();
+    let c = Columns::of(rows);
     let result = sqlx::query!(
         "INSERT INTO history_outbox (occurred_at, event_id, item, coupon_code, user_id, kind, detail)
          SELECT * FROM UNNEST($1::timestamptz[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::jsonb[])
          ON CONFLICT DO NOTHING",
-        &occurred,
-        &events,
-        &items,
-        &codes as _,
-        &users as _,
-        &kinds as _,
-        &details as _,
+        &c.occurred,
+        &c.events,
+        &c.items,
+        &c.codes as _,
+        &c.users as _,
+        &c.kinds as _,
+        &c.details as _,
     )
     .execute(executor)
     .await?;
