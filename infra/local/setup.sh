@@ -54,24 +54,33 @@ if ((${#need_apt[@]})); then
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# fetch_jars NAME VERSION POM LIBS: the runtime jars POM lists, from Maven
+# Central into LIBS (the broker's and Cassandra's: nothing is built). -B: no
+# colours or progress bars in logs; the jars land in a staging folder first
+# so an interrupted download never looks installed.
+staging_dirs=()
+trap 'rm -rf "${staging_dirs[@]}"' EXIT
+fetch_jars() {
+  local name=$1 version=$2 pom=$3 libs=$4
+  say "fetching ${name} ${version} and its runtime jars from Maven Central into ${libs}"
+  local started=$SECONDS staging
+  staging="$(mktemp -d "$(dirname "$libs").staging.XXXXXX")"
+  staging_dirs+=("$staging")
+  if ! mvn -B -q -f "$REPO_ROOT/$pom" dependency:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$staging/libs" >"$staging/mvn.log" 2>&1; then
+    tail -n 30 "$staging/mvn.log" >&2
+    fail "Maven could not fetch ${name} ${version} (command: mvn -f ${pom} dependency:copy-dependencies -DincludeScope=runtime)"
+  fi
+  mkdir -p "$(dirname "$libs")"
+  rm -rf "$libs"
+  mv "$staging/libs" "$libs"
+  say "${name} ${version}: $(ls "$libs" | wc -l) jars ($(du -sh "$libs" | cut -f1)) in $((SECONDS - started))s"
+}
+
 if kafka_installed; then
   say "Apache Kafka ${KAFKA_VERSION} already installed in ${KAFKA_ROOT}"
 else
-  say "fetching Apache Kafka ${KAFKA_VERSION} and its runtime jars from Maven Central into ${KAFKA_LIBS}"
-  started=$SECONDS
-  staging="$(mktemp -d "${KAFKA_ROOT}.staging.XXXXXX")"
-  trap 'rm -rf "$staging"' EXIT
-  # -B: no colours or progress bars in logs; the jars land in a staging
-  # folder first so an interrupted download never looks installed.
-  if ! mvn -B -q -f "$REPO_ROOT/infra/kafka/pom.xml" dependency:copy-dependencies \
-      -DincludeScope=runtime -DoutputDirectory="$staging/libs" >"$staging/mvn.log" 2>&1; then
-    tail -n 30 "$staging/mvn.log" >&2
-    fail "Maven could not fetch Apache Kafka ${KAFKA_VERSION} (command: mvn -f infra/kafka/pom.xml dependency:copy-dependencies)"
-  fi
-  mkdir -p "$KAFKA_ROOT"
-  rm -rf "$KAFKA_LIBS"
-  mv "$staging/libs" "$KAFKA_LIBS"
-  say "Apache Kafka ${KAFKA_VERSION}: $(ls "$KAFKA_LIBS" | wc -l) jars in $((SECONDS - started))s"
+  fetch_jars "Apache Kafka" "$KAFKA_VERSION" infra/kafka/pom.xml "$KAFKA_LIBS"
 fi
 
 # Apache Cassandra for `make cassandra-up` (infra/local/cassandra.sh): the
@@ -80,19 +89,7 @@ fi
 if cassandra_installed; then
   say "Apache Cassandra ${CASSANDRA_VERSION} already installed in ${CASSANDRA_ROOT}"
 else
-  say "fetching Apache Cassandra ${CASSANDRA_VERSION} and its runtime jars from Maven Central into ${CASSANDRA_LIBS}"
-  started=$SECONDS
-  cassandra_staging="$(mktemp -d "${CASSANDRA_ROOT}.staging.XXXXXX")"
-  trap 'rm -rf "${staging:-}" "$cassandra_staging"' EXIT
-  if ! mvn -B -q -f "$REPO_ROOT/infra/cassandra/pom.xml" dependency:copy-dependencies \
-      -DincludeScope=runtime -DoutputDirectory="$cassandra_staging/libs" >"$cassandra_staging/mvn.log" 2>&1; then
-    tail -n 30 "$cassandra_staging/mvn.log" >&2
-    fail "Maven could not fetch Apache Cassandra ${CASSANDRA_VERSION} (command: mvn -f infra/cassandra/pom.xml dependency:copy-dependencies -DincludeScope=runtime)"
-  fi
-  mkdir -p "$CASSANDRA_ROOT"
-  rm -rf "$CASSANDRA_LIBS"
-  mv "$cassandra_staging/libs" "$CASSANDRA_LIBS"
-  say "Apache Cassandra ${CASSANDRA_VERSION}: $(ls "$CASSANDRA_LIBS" | wc -l) jars ($(du -sh "$CASSANDRA_LIBS" | cut -f1)) in $((SECONDS - started))s"
+  fetch_jars "Apache Cassandra" "$CASSANDRA_VERSION" infra/cassandra/pom.xml "$CASSANDRA_LIBS"
 fi
 
 # The Java storefront example (tests/java/run.sh, in `make test`) builds with
