@@ -60,11 +60,14 @@ fn init_logging(
 async fn main() {
     let cli = Cli::try_parse().unwrap_or_else(|error| refuse_flags(error));
     // The demo and the benchmarks print their own progress; the services'
-    // start/stop lines would drown it (RUST_LOG still overrides).
+    // start/stop lines would drown it (RUST_LOG still overrides). The
+    // Cassandra driver's log is off: while a node is down it repeats the
+    // same failure every second; the history role reports the outage
+    // itself, once per retry (`RUST_LOG=...,scylla=warn` shows the driver).
     let default_filter = if cli.command.prints_progress() {
         "warn"
     } else {
-        "info,rdkafka=warn,sqlx=warn,scylla=warn"
+        "info,rdkafka=warn,sqlx=warn,scylla=off"
     };
     let logs = init_logging(cli.log_format, default_filter);
     if let Err(error) = cli.command.run(&cli.connections).await {

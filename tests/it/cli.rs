@@ -256,3 +256,56 @@ fn every_subcommand_help_has_an_example() {
         assert!(seen.iter().any(|s| s == expected), "{expected} not checked");
     }
 }
+
+/// The history role with Cassandra down reports the outage itself, one
+/// line per retry with its backoff. The Cassandra driver's own log is off
+/// by default: it repeats the same failure, as warnings and errors, every
+/// second for as long as a node is down (its control connection repair),
+/// which drowned everything else in a long outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_down_is_reported_by_the_history_role_not_by_the_driver() {
+    use std::io::{BufRead as _, BufReader};
+    let env = TestEnv::new().await;
+    let port = closed_port();
+    let mut child = env
+        .couponctl()
+        .args(["consume", "history"])
+        .env("HISTORY_STORE", "cassandra")
+        .env("CASSANDRA_NODES", format!("127.0.0.1:{port}"))
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run couponctl");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut seen, mut ours) = (Vec::new(), 0);
+    while ours < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match received.recv_timeout(left) {
+            Ok(line) => {
+                ours += usize::from(line.contains("cannot reach Cassandra yet"));
+                seen.push(line);
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        ours >= 3,
+        "the role's own retry lines; got:\n{}",
+        seen.join("\n")
+    );
+    let driver: Vec<&String> = seen.iter().filter(|l| l.contains("scylla")).collect();
+    assert!(driver.is_empty(), "the driver's lines: {driver:#?}");
+}
