@@ -7,12 +7,13 @@ use anyhow::Context as _;
 use clap::Args;
 
 use coupon_analyst::{audit, replay};
+use coupon_consumers::history::HistoryStore;
 use coupon_domain::QuotaWindow;
 use coupon_platform::reach;
 
 use coupon_platform::settings::{self, Flag};
 
-use super::args::{parse_window, Connections};
+use super::args::{history_source, parse_window, Connections};
 
 #[derive(Args, Debug)]
 pub struct AuditArgs {
@@ -30,6 +31,11 @@ pub async fn run(conn: &Connections, args: AuditArgs) -> anyhow::Result<()> {
     let topics = coupon_platform::Topics::new(&conn.topic_prefix);
     reach::kafka(&conn.kafka_brokers).await?;
     reach::postgres(&conn.database_url).await?;
+    // Postgres: `coupon_history` in the live database, as the audit reads it.
+    let history = match conn.history_store {
+        HistoryStore::Postgres => None,
+        HistoryStore::Cassandra => Some(history_source(conn).await?),
+    };
     let bar = replay::progress_bar(0, "reading the log");
     let report = audit::audit(
         &conn.kafka(),
@@ -37,6 +43,7 @@ pub async fn run(conn: &Connections, args: AuditArgs) -> anyhow::Result<()> {
         args.quota_window,
         &conn.database_url,
         conn.database_read_url.as_deref(),
+        history,
         bar,
     )
     .await?;
@@ -48,6 +55,12 @@ pub async fn run(conn: &Connections, args: AuditArgs) -> anyhow::Result<()> {
         eprintln!(
             "{} records still in flight: {} coupons and {} users left out",
             report.in_flight_records, report.coupons_skipped, report.users_skipped
+        );
+    }
+    if report.history_skipped > 0 {
+        eprintln!(
+            "{} history rows of records the history sink has not finished are not checked",
+            report.history_skipped
         );
     }
     let mut stdout = std::io::stdout().lock();

@@ -156,6 +156,7 @@ async fn run_case(seed: u64, steps: &[Step]) {
         config.policy.quota_window,
         &env.database_url,
         None,
+        None,
         indicatif::ProgressBar::hidden(),
     )
     .await

@@ -190,7 +190,7 @@ async fn replay_audit_agrees_reports_a_tampered_coupon_and_ignores_in_flight_wor
     assert_eq!(
         clean.stdout.trim(),
         "no differences (3 coupons, 3 users, 3 quota grants, 6 claim decisions, \
-         2 purchase decisions, 1 blacklist entries checked)"
+         2 purchase decisions, 1 blacklist entries, 10 history rows checked)"
     );
     assert!(clean.stderr.contains("events/s"), "{}", clean.stderr);
     let scratch = env
@@ -278,6 +278,48 @@ async fn replay_audit_agrees_reports_a_tampered_coupon_and_ignores_in_flight_wor
         .count("SELECT count(*) FROM pg_database WHERE datname LIKE 'audit\\_%'")
         .await;
     assert!(left <= scratch, "scratch databases left behind: {left}");
+}
+
+/// `audit` checks the history too (issue #29, item 3): every row of a
+/// record the history sink has committed is in the history store; a row the
+/// store lost is a difference naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_finds_a_history_row_the_store_lost() {
+    let env = TestEnv::new().await;
+    let scenario = scenario(&env).await;
+    let clean = run(&env, &["audit"]).await;
+    assert_eq!(clean.code, Some(0), "{}\n{}", clean.stdout, clean.stderr);
+    let rows = env
+        .count("SELECT count(*) FROM coupon_history WHERE kind <> 'released'")
+        .await;
+    assert!(
+        clean
+            .stdout
+            .contains(&format!("blacklist entries, {rows} history rows checked")),
+        "every row but the releases is checked: {}",
+        clean.stdout
+    );
+
+    // The store loses bob's grant.
+    let lost = sqlx::query(
+        "DELETE FROM coupon_history WHERE user_id = 'bob' AND kind = 'granted' RETURNING event_id",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(lost.rows_affected(), 1);
+    let audited = run(&env, &["audit"]).await;
+    assert_eq!(audited.code, Some(1), "{}", audited.stdout);
+    let lines: Vec<&str> = audited.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", audited.stdout);
+    assert!(
+        lines[0].starts_with("history: the granted row of event ")
+            && lines[0].contains(&format!("coupon {}, user bob,", scenario.redeemed))
+            && lines[0].ends_with("is on the log but missing from the history store"),
+        "{}",
+        lines[0]
+    );
+    scenario.app.stop().await;
 }
 
 async fn claim_as(app: &App, user: &str, request_id: &str) -> (u16, Value) {

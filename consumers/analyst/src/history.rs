@@ -69,3 +69,17 @@ pub async fn query(
         }
     })
 }
+
+/// The keys (`event_id`, `item`) of every row between `since` and `until`
+/// (inclusive), from the store the history is kept in (Cassandra: its time
+/// table, one read per hour bucket and shard).
+pub async fn keys_between(
+    source: &HistorySource,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Vec<(uuid::Uuid, i32)>, HistoryReadError> {
+    Ok(match source {
+        HistorySource::Postgres(pool) => store::history::keys_between(pool, since, until).await?,
+        HistorySource::Cassandra(store) => store.keys_between(since, until).await?,
+    })
+}

@@ -13,6 +13,7 @@ use scylla::client::session::Session;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
+use uuid::Uuid;
 
 use super::rows::{entry, epoch_max, epoch_min, hour_of, Job, Stored, StoredRow, Table};
 use super::schema::{create_schema, open_session};
@@ -295,6 +296,22 @@ impl CassandraHistory {
         until: DateTime<Utc>,
     ) -> Result<u64, CassandraError> {
         Ok(self.between(since, until).await?.len() as u64)
+    }
+
+    /// The keys (`event_id`, `item`) of the time table's rows between
+    /// `since` and `until`: what `couponctl audit` checks the log's rows
+    /// against.
+    pub async fn keys_between(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<(Uuid, i32)>, CassandraError> {
+        Ok(self
+            .between(since, until)
+            .await?
+            .into_iter()
+            .map(|(_, event_id, item, ..)| (event_id, item))
+            .collect())
     }
 
     async fn read(

@@ -198,6 +198,22 @@ pub async fn outbox_push<'e>(
     Ok(result.rows_affected())
 }
 
+/// The keys (`event_id`, `item`) of the rows between `since` and `until`
+/// (inclusive): what `couponctl audit` checks the log's rows against. The
+/// bounds prune the months outside them.
+pub async fn keys_between(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
+    // Not compile-checked: a plain two-column read, kept out of `.sqlx`.
+    sqlx::query_as("SELECT event_id, item FROM coupon_history WHERE occurred_at BETWEEN $1 AND $2")
+        .bind(since)
+        .bind(until)
+        .fetch_all(pool)
+        .await
+}
+
 /// Takes up to `limit` queued rows, oldest first, locking them for this
 /// transaction (another forwarder skips them): the caller writes them to
 /// Cassandra, then [`outbox_delete`]s them and commits; a failure rolls

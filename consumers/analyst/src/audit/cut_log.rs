@@ -13,6 +13,7 @@ use crate::replay::{
     committed_offsets, decode_event, Flow, PartitionRange, Reader, TopicEvent, TopicKind,
 };
 
+use super::history::{history_cut, HistoryCut};
 use super::CUTS;
 
 /// The log, cut at the live groups' committed offsets.
@@ -25,6 +26,8 @@ pub(super) struct CutLog {
     pub(super) skip_users: HashSet<String>,
     /// Request ids of claims still in flight.
     pub(super) pending_claims: HashSet<String>,
+    /// The history role's committed offsets.
+    pub(super) history_cut: HistoryCut,
 }
 
 pub(super) fn canonical_code(raw: &str) -> String {
@@ -184,10 +187,14 @@ pub(super) fn read_cut_log(
 ) -> anyhow::Result<CutLog> {
     // Offsets first: everything they cover is then below the ends read next.
     let cuts = committed_cuts(kafka, topics)?;
+    let history_cut = history_cut(kafka, topics)?;
     let reader = Reader::new(kafka)?;
     let (ranges, cut_at) = plan_ranges(&reader, topics, &cuts)?;
     bar.set_length(ranges.iter().map(PartitionRange::len).sum());
-    let mut log = CutLog::default();
+    let mut log = CutLog {
+        history_cut,
+        ..CutLog::default()
+    };
     reader.read(&ranges, |kind, record| {
         bar.inc(1);
         let past_cut = cut_at

@@ -25,14 +25,20 @@
 //!   again at the end; a user whose entry changed in between, or whose change
 //!   still waits in the outbox, is left out.
 //!
+//! - the history (`history`): every row of a record below the history
+//!   role's own committed offsets must be in the store the history is kept
+//!   in; later records' rows are counted as in flight.
+//!
 //! The scratch database `audit_<random>` lives on the same server as the
 //! live one and is dropped afterwards, whatever happened.
 //!
 //! `cut_log` reads the log up to the cut, `rows` reads both databases' rows
-//! through the store, `compare` lists what differs; this file runs them.
+//! through the store, `compare` lists what differs, `history` checks the
+//! history store; this file runs them.
 
 mod compare;
 mod cut_log;
+mod history;
 mod rows;
 
 use compare::compare;
@@ -51,6 +57,7 @@ use coupon_platform::store;
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_schemas::Role;
 
+use crate::history::HistorySource;
 use crate::rebuild::{self, RebuildStats};
 
 /// The live groups whose committed offsets cut the log, with the topic each
@@ -75,6 +82,10 @@ pub struct AuditReport {
     pub decisions_skipped: usize,
     /// Blacklist entries that changed while the audit ran.
     pub blacklist_skipped: usize,
+    /// History rows the log says are written, all looked up in the store.
+    pub history_checked: usize,
+    /// History rows of records past the history role's committed offsets.
+    pub history_skipped: usize,
     /// Records past the live groups' committed offsets.
     pub in_flight_records: u64,
     pub rebuild: RebuildStats,
@@ -89,13 +100,14 @@ impl AuditReport {
     pub fn checked(&self) -> String {
         format!(
             "{} coupons, {} users, {} quota grants, {} claim decisions, {} purchase decisions, \
-             {} blacklist entries checked",
+             {} blacklist entries, {} history rows checked",
             self.coupons_checked,
             self.users_checked,
             self.quota_checked,
             self.claim_decisions_checked,
             self.purchase_decisions_checked,
-            self.blacklist_checked
+            self.blacklist_checked,
+            self.history_checked
         )
     }
 }
@@ -104,12 +116,15 @@ impl AuditReport {
 /// `database_url`. With `read_url` (a replica of it), the live state is read
 /// there, once the replica has replayed everything the primary had written
 /// when the log was read; the scratch database is made on the primary.
+/// `history` is where the history is kept (`None`: `coupon_history` in the
+/// live database).
 pub async fn audit(
     kafka: &KafkaSettings,
     topics: &Topics,
     window: QuotaWindow,
     database_url: &str,
     read_url: Option<&str>,
+    history: Option<HistorySource>,
     bar: indicatif::ProgressBar,
 ) -> anyhow::Result<AuditReport> {
     let options: PgConnectOptions = database_url
@@ -156,6 +171,9 @@ pub async fn audit(
         wait_replayed(&primary, replica, Duration::from_secs(60)).await?;
     }
 
+    // Before the rebuild takes the records.
+    let expected_history = history::expected_history(topics, &log);
+
     let scratch = format!("audit_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     coupon_platform::db::create_database(&primary, &scratch)
         .await
@@ -173,10 +191,23 @@ pub async fn audit(
     )
     .await;
     let dropped = coupon_platform::db::drop_database_when_idle(&primary, &scratch).await;
+    let history_check = match &result {
+        Ok(_) => {
+            let source = history.unwrap_or_else(|| HistorySource::Postgres(live.clone()));
+            Some(history::compare_history(&source, expected_history).await)
+        }
+        Err(_) => None,
+    };
     live.close().await;
     primary.close().await;
     let mut report = result?;
     dropped.with_context(|| format!("dropping the scratch database {scratch}"))?;
+    if let Some(check) = history_check {
+        let check = check?;
+        report.differences.extend(check.missing);
+        report.history_checked = check.checked;
+        report.history_skipped = check.in_flight;
+    }
     report.rebuild.read_seconds = read_seconds;
     report.rebuild.undecodable = log.undecodable;
     report.in_flight_records = log.in_flight;
