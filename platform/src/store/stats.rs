@@ -91,15 +91,6 @@ pub async fn status_counts(pool: &PgPool) -> Result<StatusCounts, sqlx::Error> {
     .await
 }
 
-/// Holds that ended unbought: the `released` rows of the history.
-pub async fn released_holds(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"SELECT count(*) AS "released!" FROM coupon_history WHERE kind = 'released'"#
-    )
-    .fetch_one(pool)
-    .await
-}
-
 /// Claims decided `granted` the first time (a repeated request that got
 /// its earlier grant back is not a new grant).
 pub async fn first_grants(pool: &PgPool) -> Result<i64, sqlx::Error> {
