@@ -52,6 +52,16 @@ CASSANDRA_COMMITLOG_WINDOW="${CASSANDRA_COMMITLOG_WINDOW:-10ms}"
 # fsync: idle waiting, not CPU (16, as for periodic, halved the history's
 # rows per second).
 CASSANDRA_CONCURRENT_WRITES="${CASSANDRA_CONCURRENT_WRITES:-128}"
+# Clients authenticate (`password`: PasswordAuthenticator; the superuser
+# `cassandra`/`cassandra` exists a few seconds after the first start, to be
+# replaced by an operator's role) or not (`none`, the default here).
+CASSANDRA_AUTH="${CASSANDRA_AUTH:-none}"
+# TLS for clients when set: a PKCS12 keystore with the node's key and
+# certificate, and its password. Clients may still connect in plaintext on the
+# same port (`optional: true`), which is how `up` sees the node serve CQL; a
+# production node sets `optional: false`.
+CASSANDRA_TLS_KEYSTORE="${CASSANDRA_TLS_KEYSTORE:-}"
+CASSANDRA_TLS_KEYSTORE_PASSWORD="${CASSANDRA_TLS_KEYSTORE_PASSWORD:-}"
 # The heap it starts with (at most CASSANDRA_HEAP); it grows up to CASSANDRA_HEAP.
 CASSANDRA_HEAP_INITIAL="${CASSANDRA_HEAP_INITIAL:-512m}"
 # A node with much to replay from its commit log (a crash, not `down`) takes
@@ -117,6 +127,10 @@ rss_mib() { echo $(($(ps -o rss= -p "$1" 2>/dev/null || echo 0) / 1024)); }
 # Writes the node's cassandra.yaml and cassandra-rackdc.properties; rewritten
 # on every start.
 configure() {
+  [[ "$CASSANDRA_AUTH" == none || "$CASSANDRA_AUTH" == password ]] ||
+    fail "CASSANDRA_AUTH must be none or password, not '$CASSANDRA_AUTH'"
+  [[ -z "$CASSANDRA_TLS_KEYSTORE" || -r "$CASSANDRA_TLS_KEYSTORE" ]] ||
+    fail "CASSANDRA_TLS_KEYSTORE: cannot read $CASSANDRA_TLS_KEYSTORE"
   mkdir -p "$dir"/{data,commitlog,saved_caches,hints,cdc_raw,logs,triggers}
   cat >"$dir/cassandra.yaml" <<YAML
 # Written by infra/local/cassandra.sh; rewritten on every start.
@@ -167,6 +181,14 @@ native_transport_max_threads: 32
 # Tests create and drop keyspaces: a snapshot of each dropped table would pile
 # up in the data directory.
 auto_snapshot: false
+$(case "$CASSANDRA_AUTH" in
+    password) echo "authenticator: PasswordAuthenticator" ;;
+    *) echo "authenticator: AllowAllAuthenticator" ;;
+  esac)
+$(if [[ -n "$CASSANDRA_TLS_KEYSTORE" ]]; then
+    printf 'client_encryption_options:\n  enabled: true\n  optional: true\n  keystore: %s\n  keystore_password: "%s"\n  store_type: PKCS12\n  require_client_auth: false\n' \
+      "$CASSANDRA_TLS_KEYSTORE" "$CASSANDRA_TLS_KEYSTORE_PASSWORD"
+  fi)
 YAML
   printf '# Written by infra/local/cassandra.sh\ndc=%s\nrack=%s\nprefer_local=true\n' \
     "$CASSANDRA_DC" "$CASSANDRA_RACK" >"$dir/cassandra-rackdc.properties"

@@ -294,6 +294,46 @@ async fn cassandra_history_of_a_burst_is_complete_once_and_redelivery_adds_nothi
         Some(expected.kinds()),
         "a redelivered batch adds nothing"
     );
+
+    // `couponctl audit` checks the history in the store that is configured:
+    // this keyspace has every row; an empty one has none of them.
+    env.wait_every_role_caught_up(Duration::from_secs(30)).await;
+    let audit = |keyspace: String| {
+        env.couponctl()
+            .env("HISTORY_STORE", "cassandra")
+            .env("CASSANDRA_NODES", cassandra::nodes())
+            .env("CASSANDRA_KEYSPACE", keyspace)
+            .arg("audit")
+            .output()
+            .expect("couponctl audit")
+    };
+    let checked = expected.total() - expected.released;
+    let clean = audit(env.name.clone());
+    let stdout = String::from_utf8_lossy(&clean.stdout);
+    assert!(
+        clean.status.success() && stdout.contains(&format!("{checked} history rows checked")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    let empty = format!("{}_empty", env.name);
+    let lost = audit(empty.clone());
+    let stdout = String::from_utf8_lossy(&lost.stdout);
+    assert_eq!(lost.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.lines().count() == 21
+            && stdout.contains(&format!(
+                "history: {} more rows on the log are missing from the history store",
+                checked - 20
+            )),
+        "{stdout}"
+    );
+    let mut settings = settings.clone();
+    settings.keyspace = empty;
+    cassandra::connect(&settings, Duration::from_secs(10))
+        .await
+        .drop_keyspace()
+        .await
+        .expect("drop the empty keyspace");
     app.stop().await;
     store
         .drop_keyspace()
@@ -369,199 +409,167 @@ async fn cassandra_killed_mid_burst_loses_nothing_and_never_slows_the_claims() {
     node.stop();
 }
 
-/// CPU seconds (user + system) used so far by the processes `pids`.
-fn cpu_seconds(pids: &[u32]) -> f64 {
-    // clock ticks per second: 100 on Linux.
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            let after = stat.rsplit_once(") ")?.1;
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((utime + stime) / 100.0)
-        })
-        .sum()
-}
-
-/// The pids whose command line contains `needle`.
-fn pids_of(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// Issue #29, item 5: a measurement, not a check, so `cargo test` skips it
-/// and `make bench` runs it (`-- --ignored`, release build): the same
-/// history rows (a release's 100,000 `created` rows in events of 1,000,
-/// then 100,000 claim decisions of distinct users) appended by the sink's
-/// own writers, in the sink's chunks, to Postgres (`append_bulk`, binary
-/// `COPY`) and to Cassandra (`CassandraHistory::append`), one after the
-/// other on the same machine; rows per second, and the CPU each store's
-/// processes and the writer used; then read latency by user and by coupon
-/// in each.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn cassandra_history_throughput_against_postgres() {
-    use coupon_domain::HistoryKind;
-    use coupon_platform::store::history::{self, HistoryRow};
-    let env = TestEnv::new().await;
-    let mut settings = cassandra::settings_for(&env, &cassandra::nodes());
-    settings.request_timeout = Duration::from_secs(10);
-    if let Some(concurrency) = std::env::var("CASSANDRA_CONCURRENCY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        settings.concurrency = concurrency;
-    }
-    let store = cassandra::connect(&settings, Duration::from_secs(30)).await;
-    let n: usize = std::env::var("HISTORY_BENCH_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    let start = chrono::Utc::now();
-    let mut rows = Vec::with_capacity(2 * n);
-    for event in 0..n / 1_000 {
-        let event_id = uuid::Uuid::new_v4();
-        for item in 0..1_000 {
-            rows.push(HistoryRow {
-                occurred_at: start + chrono::Duration::milliseconds(event as i64),
-                event_id,
-                item,
-                coupon_code: Some(format!("C{:012}", event * 1_000 + item as usize)),
-                user_id: None,
-                kind: HistoryKind::Created,
-                detail: json!({"batch_id": event_id, "employee_id": "e-bench", "category": "Bench"}),
-            });
-        }
-    }
-    for i in 0..n {
-        rows.push(HistoryRow {
-            occurred_at: start + chrono::Duration::milliseconds(1_000 + i as i64 / 10),
-            event_id: uuid::Uuid::new_v4(),
-            item: 0,
-            coupon_code: Some(format!("C{i:012}")),
-            user_id: Some(format!("user-{i}")),
-            kind: HistoryKind::Granted,
-            detail: json!({"request_id": format!("req-{i}"), "category": "Bench", "expires_at_ms": 0}),
-        });
-    }
-    let me = [std::process::id()];
-    let postgres = pids_of("postgres");
-    // The node's processes: by its state directory (`HISTORY_BENCH_NODE_DIR`,
-    // default the shared node's `.state/cassandra`).
-    let node_dir = std::env::var("HISTORY_BENCH_NODE_DIR")
-        .unwrap_or_else(|_| format!("{}/.state/cassandra", env!("CARGO_MANIFEST_DIR")));
-    let cassandra_pids = pids_of(&format!("-Dcassandra.storagedir={node_dir}"));
-    assert!(
-        !cassandra_pids.is_empty(),
-        "no Cassandra process with state in {node_dir}"
+/// `keytool` makes a PKCS12 keystore `name.p12` (password `pw`) in `dir`
+/// with a self-signed certificate for 127.0.0.1, and exports that
+/// certificate as `name.pem`: the CA a client trusts.
+fn keystore(
+    dir: &std::path::Path,
+    name: &str,
+    pw: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (p12, pem) = (
+        dir.join(format!("{name}.p12")),
+        dir.join(format!("{name}.pem")),
     );
-    let measure = |label: &'static str, pids: Vec<u32>| {
-        let (cpu_store, cpu_me, at) = (cpu_seconds(&pids), cpu_seconds(&me), Instant::now());
-        move |rows: usize| {
-            let wall = at.elapsed().as_secs_f64();
-            let store = cpu_seconds(&pids) - cpu_store;
-            let writer = cpu_seconds(&me) - cpu_me;
-            eprintln!(
-                "{label}: {rows} rows in {wall:.2} s = {:.0} rows/s; CPU: store {store:.1} s ({:.0}% of 2 cores), writer {writer:.1} s ({:.0}%)",
-                rows as f64 / wall,
-                100.0 * store / wall / 2.0,
-                100.0 * writer / wall / 2.0
-            );
-        }
+    let keytool = |args: &[&str]| {
+        let output = std::process::Command::new("keytool")
+            .args(args)
+            .output()
+            .expect("run keytool");
+        assert!(output.status.success(), "keytool {args:?}: {output:?}");
     };
-    let done = measure("postgres (COPY into coupon_history)", postgres);
-    for chunk in rows.chunks(20_000) {
-        history::append_bulk(&env.pool, chunk)
-            .await
-            .expect("postgres");
-    }
-    done(rows.len());
-    let done = measure(
-        "cassandra (3 tables, unlogged single-partition batches)",
-        cassandra_pids,
-    );
-    for chunk in rows.chunks(20_000) {
-        store.append(chunk).await.expect("cassandra");
-    }
-    done(rows.len());
+    let p12_path = p12.to_str().unwrap();
+    keytool(&[
+        "-genkeypair",
+        "-alias",
+        name,
+        "-keyalg",
+        "RSA",
+        "-keysize",
+        "2048",
+        "-validity",
+        "2",
+        "-dname",
+        "CN=127.0.0.1",
+        "-ext",
+        "san=ip:127.0.0.1",
+        "-storetype",
+        "PKCS12",
+        "-keystore",
+        p12_path,
+        "-storepass",
+        pw,
+        "-keypass",
+        pw,
+    ]);
+    keytool(&[
+        "-exportcert",
+        "-rfc",
+        "-alias",
+        name,
+        "-keystore",
+        p12_path,
+        "-storepass",
+        pw,
+        "-file",
+        pem.to_str().unwrap(),
+    ]);
+    (p12, pem)
+}
 
-    let mut latencies: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
-    for i in (0..n).step_by((n / 500).max(1)) {
-        let (user, code) = (format!("user-{i}"), format!("C{i:012}"));
-        let at = Instant::now();
-        assert_eq!(
-            history::entries(&env.pool, Some(&user), None, None, None)
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-        latencies
-            .entry("postgres by user")
-            .or_default()
-            .push(at.elapsed());
-        let at = Instant::now();
-        assert_eq!(
-            history::entries(&env.pool, None, Some(&code), None, None)
-                .await
-                .unwrap()
-                .len(),
-            2
-        );
-        latencies
-            .entry("postgres by coupon")
-            .or_default()
-            .push(at.elapsed());
-        let at = Instant::now();
-        assert_eq!(
-            store
-                .entries(Some(&user), None, None, None)
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-        latencies
-            .entry("cassandra by user")
-            .or_default()
-            .push(at.elapsed());
-        let at = Instant::now();
-        assert_eq!(
-            store
-                .entries(None, Some(&code), None, None)
-                .await
-                .unwrap()
-                .len(),
-            2
-        );
-        latencies
-            .entry("cassandra by coupon")
-            .or_default()
-            .push(at.elapsed());
-    }
-    for (what, mut all) in latencies {
-        all.sort();
-        eprintln!(
-            "read {what}: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms ({} reads)",
-            percentile(&all, 0.5).as_secs_f64() * 1e3,
-            percentile(&all, 0.95).as_secs_f64() * 1e3,
-            percentile(&all, 0.99).as_secs_f64() * 1e3,
-            all.len()
-        );
+/// Credentials and TLS, as an operator's cluster has them: a node of the
+/// test's own with `PasswordAuthenticator` and client TLS. The history is
+/// written and read (the store, and `couponctl history` from its settings)
+/// with the right password over TLS trusting the node's CA; a wrong
+/// password, no credentials, or a CA that did not sign the node's
+/// certificate are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_with_credentials_and_tls() {
+    use coupon_domain::HistoryKind;
+    use coupon_platform::cassandra::CassandraSettings;
+    use coupon_platform::store::history::HistoryRow;
+    let env = TestEnv::new().await;
+    let dir = coupon_test_support::harness::target_tmp_dir().join(format!("tls-{}", env.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (node_keystore, ca) = keystore(&dir, "node", "node-secret");
+    let (_, other_ca) = keystore(&dir, "other", "other-secret");
+    let node = OwnNode::new(&format!("cassandra-auth-{}", env.name), 29142)
+        .with("CASSANDRA_AUTH", "password")
+        .with("CASSANDRA_TLS_KEYSTORE", node_keystore.to_str().unwrap())
+        .with("CASSANDRA_TLS_KEYSTORE_PASSWORD", "node-secret");
+    node.start().await;
+
+    let settings = |user: Option<&str>, password: Option<&str>, ca: Option<&std::path::Path>| {
+        let mut s = CassandraSettings::new(&node.nodes(), &env.name);
+        s.request_timeout = Duration::from_secs(5);
+        s.username = user.map(Into::into);
+        s.password = password.map(Into::into);
+        s.tls_ca = ca.map(Into::into);
+        s
+    };
+    // The default superuser exists some seconds after the first start.
+    let good = settings(Some("cassandra"), Some("cassandra"), Some(&ca));
+    let store = cassandra::connect(&good, Duration::from_secs(120)).await;
+    let row = HistoryRow {
+        occurred_at: chrono::DateTime::from_timestamp_millis(chrono::Utc::now().timestamp_millis())
+            .unwrap(),
+        event_id: uuid::Uuid::new_v4(),
+        item: 0,
+        coupon_code: Some("0AN35HST00000".into()),
+        user_id: Some("tls-user".into()),
+        kind: HistoryKind::Granted,
+        detail: json!({"request_id": "r-1"}),
+    };
+    assert_eq!(store.append(std::slice::from_ref(&row)).await.unwrap(), 1);
+    let read = store
+        .entries(Some("tls-user"), None, None, None)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1);
+
+    // The CLI, from its settings.
+    let history = |password: &str, ca: &std::path::Path| {
+        env.couponctl()
+            .env("HISTORY_STORE", "cassandra")
+            .env("CASSANDRA_NODES", node.nodes())
+            .env("CASSANDRA_KEYSPACE", &env.name)
+            .env("CASSANDRA_USERNAME", "cassandra")
+            .env("CASSANDRA_PASSWORD", password)
+            .env("CASSANDRA_TLS_CA", ca)
+            .args(["history", "--user", "tls-user"])
+            .output()
+            .expect("couponctl history")
+    };
+    let shown = history("cassandra", &ca);
+    assert!(shown.status.success(), "{shown:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&shown.stdout).trim(),
+        read[0].to_string()
+    );
+    let refused = history("wrong", &ca);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.lines().count() == 1 && stderr.contains("Cassandra"),
+        "one line naming Cassandra: {stderr}"
+    );
+
+    for (what, wrong, reason) in [
+        (
+            "a wrong password",
+            settings(Some("cassandra"), Some("wrong"), Some(&ca)),
+            "AuthenticationError",
+        ),
+        (
+            "no credentials",
+            settings(None, None, Some(&ca)),
+            "MissingAuthentication",
+        ),
+        (
+            "a CA that did not sign the node's certificate",
+            settings(Some("cassandra"), Some("cassandra"), Some(&other_ca)),
+            "certificate verify failed",
+        ),
+    ] {
+        match CassandraHistory::connect(&wrong).await {
+            Ok(_) => panic!("{what} must be refused"),
+            Err(error) => {
+                let error = format!("{error:?}");
+                assert!(error.contains(reason), "{what}: refused for {error}");
+            }
+        }
     }
     store.drop_keyspace().await.expect("drop the keyspace");
+    node.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }

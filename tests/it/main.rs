@@ -15,6 +15,7 @@ mod console;
 mod console_load;
 mod demo;
 mod edge;
+mod history_bench;
 mod history_partitions;
 mod identity;
 mod invariants;

@@ -77,6 +77,8 @@ pub struct OwnNode {
     pub port: u16,
     storage_port: u16,
     jmx_port: u16,
+    /// More settings for `cassandra.sh` (`CASSANDRA_AUTH`, TLS).
+    env: Vec<(String, String)>,
 }
 
 fn script() -> PathBuf {
@@ -94,7 +96,14 @@ impl OwnNode {
             port,
             storage_port: port - 2_000,
             jmx_port: port + 100,
+            env: Vec::new(),
         }
+    }
+
+    /// The node started with `cassandra.sh`'s setting `key` = `value`.
+    pub fn with(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
     }
 
     pub fn nodes(&self) -> String {
@@ -111,7 +120,8 @@ impl OwnNode {
             .env("CASSANDRA_STORAGE_PORT", self.storage_port.to_string())
             .env("CASSANDRA_JMX_PORT", self.jmx_port.to_string())
             .env_remove("CASSANDRA_SEEDS")
-            .env_remove("CASSANDRA_HOST");
+            .env_remove("CASSANDRA_HOST")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }
 
