@@ -17,7 +17,8 @@
 //! The `COPY` statements are the only SQL not compile-checked: sqlx's
 //! `query!` cannot describe a `COPY` (it is not a prepared statement), so
 //! they stay plain text (`COPY_COUPONS` in `store::coupons`, `COPY_HISTORY`
-//! in `store::history`). The `INSERT` each falls back to is checked.
+//! in `store::history`, `COPY_CLAIM_DECISIONS` in `store::claims`). The
+//! `INSERT` each falls back to is checked.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -97,6 +98,18 @@ impl BinaryRows {
     pub fn timestamptz(&mut self, value: &DateTime<Utc>) -> &mut Self {
         let us = value.timestamp_micros().saturating_sub(PG_EPOCH_OFFSET_US);
         self.field(&us.to_be_bytes())
+    }
+
+    pub fn timestamptz_or_null(&mut self, value: Option<&DateTime<Utc>>) -> &mut Self {
+        match value {
+            Some(value) => self.timestamptz(value),
+            None => self.null(),
+        }
+    }
+
+    /// `boolean`: one byte.
+    pub fn boolean(&mut self, value: bool) -> &mut Self {
+        self.field(&[u8::from(value)])
     }
 
     /// `jsonb`: format version 1, then the JSON text.

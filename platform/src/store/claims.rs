@@ -83,6 +83,45 @@ pub async fn insert_decisions(
     Ok(result.rows_affected())
 }
 
+/// [`insert_decisions`] for many decisions at once, as a rebuild writes
+/// them: one binary `COPY` per call, falling back to the insert (which skips
+/// the decisions already there) when Postgres refuses it.
+pub async fn copy_decisions(
+    pool: &sqlx::PgPool,
+    decisions: &[ClaimDecisionRecord],
+) -> Result<u64, sqlx::Error> {
+    use crate::pgcopy::{copy_in, refused, BinaryRows};
+    if decisions.is_empty() {
+        return Ok(0);
+    }
+    let mut body = BinaryRows::new(11, decisions.len() * 120);
+    for d in decisions {
+        body.row()
+            .text(d.request_id.as_str())
+            .uuid(&d.event_id)
+            .text(d.user_id.as_str())
+            .text(d.outcome.as_str())
+            .text_or_null(d.coupon_code.map(|c| c.to_string()).as_deref())
+            .text_or_null(d.category.as_ref().map(|c| c.as_str()))
+            .timestamptz_or_null(d.expires_at.as_ref())
+            .boolean(d.repeated)
+            .timestamptz_or_null(d.retry_at.as_ref())
+            .timestamptz_or_null(d.blacklisted_until.as_ref())
+            .timestamptz(&d.decided_at);
+    }
+    match copy_in(pool, COPY_CLAIM_DECISIONS, body).await {
+        Ok(written) => Ok(written),
+        Err(error) if refused(&error) => {
+            tracing::debug!(%error, "COPY refused; inserting what is new");
+            let mut conn = pool.acquire().await?;
+            insert_decisions(&mut conn, decisions).await
+        }
+        Err(error) => Err(error),
+    }
+}
+
+const COPY_CLAIM_DECISIONS: &str = "COPY claim_decisions (request_id, event_id, user_id, outcome, coupon_code, category, expires_at, repeated, retry_at, blacklisted_until, decided_at) FROM STDIN (FORMAT binary)";
+
 struct StateRow {
     user_id: UserId,
     blacklisted: Option<bool>,

@@ -144,3 +144,48 @@ pub async fn insert_purchase_decisions(
     .await?
     .rows_affected())
 }
+
+/// Drops the plain (non-unique) indexes of `tables` in a fresh database, so
+/// that a bulk load writes rows only and each index is built once after it
+/// ([`create_indexes`]: `CREATE INDEX` sorts the rows, where a row-by-row
+/// load walks the tree per row). Returns their definitions. Unique indexes
+/// and primary keys stay: they guard what the rows must not break (one hold
+/// per user, one decision per request). A partitioned table's index is
+/// dropped and made again on the parent, which covers its partitions.
+pub async fn drop_plain_indexes(
+    pool: &PgPool,
+    tables: &[&str],
+) -> Result<Vec<String>, sqlx::Error> {
+    let tables: Vec<String> = tables.iter().map(|t| (*t).to_owned()).collect();
+    // Catalog reads and DDL: not compile-checked (names come from the catalog).
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.relname::text, pg_get_indexdef(i.oid)
+           FROM pg_index x
+           JOIN pg_class i ON i.oid = x.indexrelid
+           JOIN pg_class t ON t.oid = x.indrelid
+          WHERE t.relname = ANY($1) AND t.relnamespace = current_schema()::regnamespace
+            AND NOT x.indisunique AND NOT x.indisprimary
+            AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.oid)
+          ORDER BY 1",
+    )
+    .bind(&tables)
+    .fetch_all(pool)
+    .await?;
+    for (name, _) in &indexes {
+        sqlx::query(&format!("DROP INDEX \"{}\"", name.replace('"', "\"\"")))
+            .execute(pool)
+            .await?;
+    }
+    Ok(indexes
+        .into_iter()
+        .map(|(_, definition)| definition)
+        .collect())
+}
+
+/// Makes again the indexes [`drop_plain_indexes`] dropped.
+pub async fn create_indexes(pool: &PgPool, definitions: &[String]) -> Result<(), sqlx::Error> {
+    for definition in definitions {
+        sqlx::query(definition).execute(pool).await?;
+    }
+    Ok(())
+}

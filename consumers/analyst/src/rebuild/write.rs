@@ -11,6 +11,8 @@ use super::{ClaimDecisionRecord, CouponState, Projection, QuotaGrant, StoredPurc
 
 /// Rows are written in statements of at most this many.
 const WRITE_CHUNK: usize = 20_000;
+/// Rows of one `COPY`.
+const COPY_CHUNK: usize = 100_000;
 
 pub(super) async fn write_states(
     target: &PgPool,
@@ -92,17 +94,17 @@ pub(super) async fn write_quota(
     Ok(written)
 }
 
-/// Writes the stored claim decisions with the claim processor's own insert,
-/// so the rebuilt rows are the rows the processor writes.
+/// Writes the stored claim decisions with the columns of the claim
+/// processor's own insert (`COPY` into the fresh table, that insert when a
+/// chunk is refused), so the rebuilt rows are the rows the processor writes.
 pub(super) async fn write_claim_decisions(
     target: &PgPool,
     projection: &Projection,
 ) -> Result<u64, sqlx::Error> {
     let rows: Vec<ClaimDecisionRecord> = projection.claim_decisions.values().cloned().collect();
-    let mut conn = target.acquire().await?;
     let mut written = 0;
-    for chunk in rows.chunks(WRITE_CHUNK) {
-        written += coupon_consumers::claims::insert_decisions(&mut conn, chunk).await?;
+    for chunk in rows.chunks(COPY_CHUNK) {
+        written += coupon_platform::store::claims::copy_decisions(target, chunk).await?;
     }
     Ok(written)
 }
