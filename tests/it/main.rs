@@ -24,6 +24,7 @@ mod openapi;
 mod partitioner;
 mod poison;
 mod purchases;
+mod rebuild_bench;
 mod release;
 mod replay;
 mod shard;
