@@ -219,7 +219,7 @@ async fn drive(
             "flash sale as users run it: couponctl run, token on, wrk claims",
             &claims,
             format!(
-                "{ratio:.2}x wrk's /healthz on the same server; {coupons} coupons, {granted} granted, {} answered sold out (non-2xx); wrk -t2 -c{connections} -d{WRK_SECONDS}s, a new user per request; {claims_cpu}",
+                "default logging (info, one line per request); {ratio:.2}x wrk's /healthz on the same server; {coupons} coupons, {granted} granted, {} answered sold out (non-2xx); wrk -t2 -c{connections} -d{WRK_SECONDS}s, a new user per request; {claims_cpu}",
                 claims.non_2xx
             ),
         ),
@@ -227,7 +227,7 @@ async fn drive(
             Scenario::AsRunHealthz,
             "baseline: /healthz of that couponctl run, wrk",
             &healthz,
-            format!("wrk -t2 -c{connections} -d{WRK_SECONDS}s; {healthz_cpu}"),
+            format!("default logging; wrk -t2 -c{connections} -d{WRK_SECONDS}s; {healthz_cpu}"),
         ),
     ])
 }

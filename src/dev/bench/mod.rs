@@ -118,6 +118,14 @@ pub enum Scenario {
     AsRunHealthz,
 }
 
+impl Scenario {
+    /// Whether the row ran `couponctl run` in a process of its own, with
+    /// the default logging, rather than in the bench's process.
+    pub fn runs_as_users_run(self) -> bool {
+        matches!(self, Self::AsRunClaims | Self::AsRunHealthz)
+    }
+}
+
 /// One row of the results table.
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -1193,6 +1201,12 @@ pub fn render(rows: &[Row]) -> String {
             )),
             row.note
         ));
+    }
+    if rows.iter().any(|r| !r.kind.runs_as_users_run()) {
+        out.push_str(
+            "\nlogging: the rows marked default logging ran `couponctl run` in a process of its own, \
+             as the README starts it; the other rows ran in this process at `warn` (the bench prints its own progress)\n",
+        );
     }
     out
 }
