@@ -146,10 +146,16 @@ pub fn decide(
             Some(deadline) if deadline > now => PurchaseOutcome::Redeemed,
             _ => PurchaseOutcome::Rejected(HoldExpired),
         },
-        CouponStatus::Held | CouponStatus::Available if user_held_it_before => {
+        // An expired coupon's campaign ended: whoever held it, the hold is
+        // over.
+        CouponStatus::Held | CouponStatus::Available | CouponStatus::Expired
+            if user_held_it_before =>
+        {
             PurchaseOutcome::Rejected(HoldExpired)
         }
-        CouponStatus::Held | CouponStatus::Available => PurchaseOutcome::Rejected(NotHolder),
+        CouponStatus::Held | CouponStatus::Available | CouponStatus::Expired => {
+            PurchaseOutcome::Rejected(NotHolder)
+        }
     }
 }
 
