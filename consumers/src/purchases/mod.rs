@@ -170,6 +170,7 @@ impl StoredPurchase {
             repeated: self.repeated,
             order_total: self.order_total.map(Into::into),
             discount_amount: self.discount.map(Into::into),
+            coupon_status: String::new(),
         }
     }
 }

@@ -179,6 +179,49 @@ pub async fn of_coupons<'e>(
         .collect()
 }
 
+/// A campaign's end, as an early end answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignEnd {
+    /// When it ended: the earlier of its `valid_until` and its early end.
+    pub ended_at: DateTime<Utc>,
+    /// Who ended it early (`None`: it ended by its window before that).
+    pub ended_by: Option<String>,
+}
+
+/// Ends the campaign of `batch_id` now (the database's clock) on behalf of
+/// `by`, unless it was ended early before: the first end stands, so a
+/// repeat answers the same. `None`: the batch has no campaign. Claims give
+/// none of its coupons once this commits (`store::claims::grant`); the
+/// expiry sweeper then makes its available coupons `expired`.
+pub async fn end_early(
+    pool: &sqlx::PgPool,
+    batch_id: Uuid,
+    by: &str,
+) -> Result<Option<CampaignEnd>, sqlx::Error> {
+    // Two statements: a repeat racing the first waits for its row lock,
+    // finds it ended and reads the end it wrote (a new snapshot).
+    sqlx::query!(
+        "UPDATE campaigns SET ended_at = clock_timestamp(), ended_by = $2
+         WHERE batch_id = $1 AND ended_at IS NULL",
+        batch_id,
+        by
+    )
+    .execute(pool)
+    .await?;
+    let row = sqlx::query!(
+        r#"SELECT LEAST(valid_until, ended_at) AS "ended_at!", ended_by,
+                  COALESCE(valid_until < ended_at, false) AS "before_early_end!"
+           FROM campaigns WHERE batch_id = $1"#,
+        batch_id
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| CampaignEnd {
+        ended_at: r.ended_at,
+        ended_by: (!r.before_early_end).then_some(r.ended_by).flatten(),
+    }))
+}
+
 /// How long from the database's `now()` until the first campaign opening
 /// after `after` (`None`: after now), or `None` when none is to come; not
 /// positive when that opening came between `after` and now. The claim

@@ -8,7 +8,7 @@
 //! | `created`          | `coupons` rows, `available`                                    |
 //! | `claim-results`    | granted (not `repeated`): coupon `held` by the user until `expires_at`, `hold_id` = request id; `users.last_coupon_at` |
 //! | `purchase-results` | redeemed (not `repeated`): coupon `redeemed`, `redeemed_at`, `redeemed_order_id` |
-//! | `expirations`      | the coupon back to `available`, only if still held under that `hold_id` |
+//! | `expirations`      | `HoldExpired`: the coupon back to `available` (or `expired` when the event says its campaign had ended by the deadline), only if still held under that `hold_id`; `CouponExpired`: an available coupon `expired` |
 //! | `blacklist`        | the user's blacklist entry (`users.blacklisted*`), as the change left it |
 //!
 //! Beyond the coupons, everything that decides a later request is restored,
@@ -109,6 +109,8 @@ pub struct RebuildStats {
     pub available: u64,
     pub held: u64,
     pub redeemed: u64,
+    /// Coupons whose campaign ended (`expired`).
+    pub expired: u64,
     pub users: u64,
     /// Quota slots (`quota_grants` rows).
     pub quota_grants: u64,
@@ -142,7 +144,7 @@ impl fmt::Display for RebuildStats {
         write!(
             f,
             "rebuilt from {} events in {:.2}s ({:.0} events/s; read {:.2}s, applied and written {:.2}s): \
-             {} coupons ({} available, {} held, {} redeemed), {} users ({} blacklisted), \
+             {} coupons ({} available, {} held, {} redeemed, {} expired), {} users ({} blacklisted), \
              {} quota grants, {} claim decisions, {} purchase decisions, {} history rows",
             self.events,
             self.seconds(),
@@ -153,6 +155,7 @@ impl fmt::Display for RebuildStats {
             self.available,
             self.held,
             self.redeemed,
+            self.expired,
             self.users,
             self.blacklisted,
             self.quota_grants,
@@ -280,6 +283,7 @@ pub async fn project(
             CouponStatus::Available => stats.available += 1,
             CouponStatus::Held => stats.held += 1,
             CouponStatus::Redeemed => stats.redeemed += 1,
+            CouponStatus::Expired => stats.expired += 1,
         }
     }
     stats.events = projection.applied;

@@ -15,7 +15,8 @@ use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 use coupon_platform::time::from_ms;
 use coupon_platform::Topics;
 use coupon_schemas::{
-    ClaimDecided, ClaimOutcome, CouponsCreated, HoldExpired, PurchaseDecided, PurchaseOutcome,
+    ClaimDecided, ClaimOutcome, CouponExpired, CouponsCreated, HoldExpired, PurchaseDecided,
+    PurchaseOutcome,
 };
 
 use crate::replay::{decode_event, TopicEvent, TopicKind};
@@ -279,6 +280,9 @@ impl Projection {
             TopicEvent::ClaimDecided(event) => self.apply_claim_decision(log, &event, &mut rows),
             TopicEvent::PurchaseDecided(event) => self.apply_purchase_decision(log, &event),
             TopicEvent::HoldExpired(event) => self.apply_expiry(log, &event, &mut rows),
+            TopicEvent::CouponExpired(event) => {
+                self.apply_campaign_expiry(log, &event, &mut rows)
+            }
             TopicEvent::BlacklistChanged(event) => {
                 let state = BlacklistState::of(
                     &event,
@@ -293,6 +297,7 @@ impl Projection {
             }
             TopicEvent::ClaimRequested(_)
             | TopicEvent::PurchaseRequested(_)
+            | TopicEvent::PurchaseCancelled(_)
             | TopicEvent::DeadLetter(_) => {
                 self.applied -= 1;
             }
@@ -429,16 +434,53 @@ impl Projection {
         self.touch(&event.coupon_code);
     }
 
+    /// An available coupon of an ended campaign leaves the pool for good, if
+    /// it is still available (a claim judged before the end may have taken
+    /// it: that hold keeps its deadline).
+    fn apply_campaign_expiry(
+        &mut self,
+        log: &LogRecord,
+        event: &CouponExpired,
+        rows: &mut Vec<HistoryRow>,
+    ) {
+        if let Some(state) = self.coupons.get_mut(&event.coupon_code) {
+            if state.status == CouponStatus::Available {
+                state.status = CouponStatus::Expired;
+                let event_id = event
+                    .envelope
+                    .as_ref()
+                    .and_then(|e| Uuid::parse_str(&e.event_id).ok());
+                if let (Some(event_id), Some(at)) = (event_id, from_ms(log.occurred_at_ms)) {
+                    rows.push(HistoryRow::campaign_expired(
+                        at,
+                        event_id,
+                        event.coupon_code.clone(),
+                        &event.batch_id,
+                        from_ms(event.campaign_ended_at_ms).filter(|_| event.campaign_ended_at_ms > 0),
+                    ));
+                }
+            }
+        }
+        self.touch(&event.coupon_code);
+    }
+
     /// An expired hold returns its coupon to the pool, if the coupon is still
-    /// held under that hold.
+    /// held under that hold; to `expired` when its campaign had ended by the
+    /// hold's deadline (the event carries that end, as the expiry decided).
     fn apply_expiry(&mut self, log: &LogRecord, event: &HoldExpired, rows: &mut Vec<HistoryRow>) {
+        let campaign_ended_at =
+            from_ms(event.campaign_ended_at_ms).filter(|_| event.campaign_ended_at_ms > 0);
         if let Some(state) = self.coupons.get_mut(&event.coupon_code) {
             if state.status.may_become(CouponStatus::Available)
                 && state.hold_id.as_deref() == Some(event.hold_id.as_str())
             {
                 let user = state.holder_user_id.take();
                 let held_until = state.held_until.take();
-                state.status = CouponStatus::Available;
+                state.status = if campaign_ended_at.is_some() {
+                    CouponStatus::Expired
+                } else {
+                    CouponStatus::Available
+                };
                 state.hold_id = None;
                 let event_id = event
                     .envelope
@@ -454,6 +496,7 @@ impl Projection {
                             hold_id: &event.hold_id,
                             held_until,
                             by: ReleasedBy::Expiry,
+                            campaign_ended_at,
                         },
                     ));
                 }
@@ -526,6 +569,7 @@ impl Projection {
                 hold_id: &hold_id,
                 held_until,
                 by: ReleasedBy::NextGrant,
+                campaign_ended_at: None,
             },
         ))
     }
@@ -680,6 +724,7 @@ mod tests {
             user_id: user.into(),
             hold_id: hold.into(),
             held_until_ms: at,
+            ..Default::default()
         }
     }
 

@@ -5,9 +5,11 @@
 //! handler, the answers it gives (its error cases) and their unit tests:
 //! `claim` (`GET /api/v1/coupon`), `purchase` (`POST /api/v1/purchase`),
 //! `release` (`POST /api/v1/coupon`), `status` (`GET /api/v1/coupon/{code}`),
-//! `health` (`/healthz`, `/metrics`, the OpenAPI document). The console's
+//! `health` (`/healthz`, `/metrics`, the OpenAPI document), `campaign_end`
+//! (`DELETE /api/v1/campaigns/{id}`). The console's
 //! routes are in `console/`, by page.
 
+pub(super) mod campaign_end;
 pub(super) mod claim;
 pub(super) mod health;
 pub(super) mod purchase;
@@ -105,6 +107,12 @@ fn route_table() -> Vec<Row> {
             "/api/v1/purchase",
             Storefront,
             purchase::purchase,
+        ),
+        route(
+            Verb::Delete,
+            "/api/v1/campaigns/{id}",
+            Admin,
+            campaign_end::end_campaign,
         ),
         route(
             Verb::Get,
