@@ -1,0 +1,316 @@
+//! A campaign ends (issue #28 item 3) and a cancelled order gives its coupon
+//! back (item 5), end to end: early by an employee (`DELETE
+//! /api/v1/campaigns/<id>`, `couponctl campaign end`) or at `valid_until`,
+//! its available coupons become `expired` (a `CouponExpired` on the log, a
+//! history row), its holds keep their deadline and end in `expired`; a
+//! cancelled order's coupon goes back to the pool, or to `expired` after its
+//! campaign's end. Redeliveries change nothing; the audit and the rebuild
+//! agree with the live state.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+use coupon_platform::kafka::{decode_topic, Record};
+use coupon_schemas::{TopicEvent, TopicKind};
+use couponctl::app::{self, Role};
+
+use crate::harness::{assert_invariants, eventually, App, TestEnv};
+
+const ALL: [Role; 6] = Role::ALL;
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+async fn answer(response: reqwest::Response) -> (u16, Value) {
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// Releases `count` coupons of `category` as a campaign ending at `until`;
+/// returns the batch id (the campaign's id) once they are projected.
+async fn release_campaign(
+    env: &TestEnv,
+    app: &App,
+    category: &str,
+    count: i64,
+    until: DateTime<Utc>,
+) -> String {
+    let response = TestEnv::http_client()
+        .post(app.url("/api/v1/coupon"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"id": "e1", "category": category, "count": count,
+                      "campaign": format!("{category} sale"), "valid_until": rfc3339(until)}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = answer(response).await;
+    assert_eq!(status, 202, "{body}");
+    eventually(
+        &format!("{count} {category} coupons projected"),
+        Duration::from_secs(60),
+        || async {
+            env.count(&format!(
+                "SELECT count(*) FROM coupons WHERE category = '{category}'"
+            ))
+            .await
+                == count
+        },
+    )
+    .await;
+    body["batch_id"].as_str().unwrap().to_owned()
+}
+
+async fn end_campaign(app: &App, id: &str, token: Option<&str>) -> (u16, Value) {
+    let mut request = TestEnv::http_client().delete(app.url(&format!("/api/v1/campaigns/{id}")));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    answer(request.send().await.unwrap()).await
+}
+
+async fn claim(app: &App, user: &str, category: &str) -> (u16, Value) {
+    let url = app.url(&format!("/api/v1/coupon?id={user}&category={category}"));
+    answer(TestEnv::http_client().get(url).send().await.unwrap()).await
+}
+
+async fn purchase(app: &App, user: &str, code: &str, order: &str) -> (u16, Value) {
+    let body = json!({"user_id": user, "coupon_code": code, "order_id": order});
+    let url = app.url("/api/v1/purchase");
+    answer(TestEnv::http_client().post(url).json(&body).send().await.unwrap()).await
+}
+
+async fn cancel(app: &App, order: &str) -> (u16, Value) {
+    let url = app.url(&format!("/api/v1/purchase/{order}/cancel"));
+    answer(TestEnv::http_client().post(url).send().await.unwrap()).await
+}
+
+async fn status_of(env: &TestEnv, code: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM coupons WHERE code = $1")
+        .bind(code)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+async fn count_in(env: &TestEnv, category: &str, status: &str) -> i64 {
+    env.count(&format!(
+        "SELECT count(*) FROM coupons WHERE category = '{category}' AND status = '{status}'"
+    ))
+    .await
+}
+
+/// The records of `topic` that decode as a message `pick` accepts.
+async fn events_on(
+    env: &TestEnv,
+    topic: &str,
+    kind: TopicKind,
+    pick: impl Fn(&TopicEvent) -> bool,
+) -> Vec<Record> {
+    env.read_topic(topic)
+        .await
+        .into_iter()
+        .filter(|r| {
+            decode_topic(kind, r.value.as_deref())
+                .map(|e| pick(&e))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Every coupon's status, by code.
+async fn statuses(pool: &sqlx::PgPool) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT code, status FROM coupons ORDER BY code")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// `couponctl audit` agrees with the live database, and the log rebuilt
+/// into a fresh database gives every coupon the live status.
+async fn audit_and_rebuild_agree(env: &TestEnv) {
+    env.wait_every_role_caught_up(Duration::from_secs(60)).await;
+    let audit = env.couponctl().arg("audit").output().unwrap();
+    assert!(
+        audit.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&audit.stdout),
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let rebuilt_name = format!("{}_rb", env.name);
+    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
+    let rebuild = env
+        .couponctl()
+        .args(["replay", "--rebuild", &rebuilt_url])
+        .output()
+        .unwrap();
+    assert!(
+        rebuild.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuild.stderr)
+    );
+    let rebuilt_pool = coupon_platform::db::connect(&rebuilt_url, 1).await.unwrap();
+    let rebuilt = statuses(&rebuilt_pool).await;
+    rebuilt_pool.close().await;
+    let _ = sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"{rebuilt_name}\" WITH (FORCE)"
+    ))
+    .execute(&env.pool)
+    .await;
+    assert_eq!(rebuilt, statuses(&env.pool).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
+    let env = TestEnv::new().await;
+    let app = env
+        .start(&ALL, |c| {
+            c.policy.hold_ttl = Duration::from_secs(4);
+            c.policy.hold_grace = Duration::ZERO;
+        })
+        .await;
+    let id = release_campaign(&env, &app, "Ends", 5, Utc::now() + chrono::Duration::hours(1)).await;
+    let (status, held) = claim(&app, "holder", "Ends").await;
+    assert_eq!(status, 200, "{held}");
+    let held_code = held["coupon_code"].as_str().unwrap().to_owned();
+
+    // Bad ids and callers are refused; nothing ends.
+    let (status, body) = end_campaign(&app, &id, None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = end_campaign(&app, "not-a-uuid", Some("admin-secret")).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")));
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let (status, body) = end_campaign(&app, &unknown, Some("admin-secret")).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("unknown_campaign")));
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(count_in(&env, "Ends", "available").await, 4);
+
+    // The end, and its repeat: the same answer.
+    let (status, ended) = end_campaign(&app, &id, Some("admin-secret")).await;
+    assert_eq!(status, 200, "{ended}");
+    assert_eq!(ended["status"], "ended");
+    assert_eq!(ended["campaign_id"], id.as_str());
+    assert_eq!(ended["ended_by"], "admin-token");
+    let (status, again) = end_campaign(&app, &id, Some("admin-secret")).await;
+    assert_eq!((status, &again), (200, &ended));
+
+    // From the end on, nothing of the campaign is granted.
+    let (status, body) = claim(&app, "late", "Ends").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("sold_out")), "{body}");
+
+    // Its available coupons leave the pool as `expired`, each with an event
+    // and a history row; the hold keeps its deadline.
+    eventually("the pool expired", Duration::from_secs(30), || async {
+        count_in(&env, "Ends", "expired").await == 4
+    })
+    .await;
+    assert_eq!(status_of(&env, &held_code).await, "held");
+    assert_invariants(&env, 5).await;
+    let expired_events = events_on(&env, &env.topics.expirations(), TopicKind::Expirations, |e| {
+        matches!(e, TopicEvent::CouponExpired(_))
+    })
+    .await;
+    assert_eq!(expired_events.len(), 4);
+    assert_eq!(
+        env.count("SELECT count(*) FROM coupon_history WHERE kind = 'expired'")
+            .await,
+        4
+    );
+
+    // The hold ends unbought after the end: its coupon expires too, with
+    // its holder in the history row.
+    eventually("the hold ended in expired", Duration::from_secs(30), || async {
+        status_of(&env, &held_code).await == "expired"
+    })
+    .await;
+    let holder_row: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM coupon_history
+          WHERE kind = 'expired' AND coupon_code = $1 AND user_id = 'holder'",
+    )
+    .bind(&held_code)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(holder_row, 1);
+    assert_eq!(count_in(&env, "Ends", "expired").await, 5);
+    assert_eq!(count_in(&env, "Ends", "available").await, 0);
+    assert_invariants(&env, 5).await;
+    // The holder's quota stays used: a second claim today is rate limited.
+    let (status, body) = claim(&app, "holder", "Ends").await;
+    assert_eq!((status, body["error"].as_str()), (429, Some("rate_limited")), "{body}");
+
+    // Redelivering every expiration changes nothing.
+    env.wait_every_role_caught_up(Duration::from_secs(60)).await;
+    let history = env.count("SELECT count(*) FROM coupon_history").await;
+    let ctx = app::connect(&env.config()).await.unwrap();
+    let all = env.read_topic(&env.topics.expirations()).await;
+    coupon_consumers::expiry::handle_batch(&ctx, &all).await.unwrap();
+    assert_eq!(count_in(&env, "Ends", "expired").await, 5);
+    assert_eq!(env.count("SELECT count(*) FROM coupon_history").await, history);
+    assert_invariants(&env, 5).await;
+
+    audit_and_rebuild_agree(&env).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_ends_at_its_valid_until_and_a_hold_taken_before_may_still_buy() {
+    let env = TestEnv::new().await;
+    let app = env.start(&ALL, |_| {}).await;
+    let until = Utc::now() + chrono::Duration::seconds(5);
+    release_campaign(&env, &app, "Natural", 3, until).await;
+    let (status, held) = claim(&app, "buyer", "Natural").await;
+    assert_eq!(status, 200, "{held}");
+    let code = held["coupon_code"].as_str().unwrap().to_owned();
+    assert!(Utc::now() < until, "the test machine was too slow");
+
+    eventually("the window's end expired the pool", Duration::from_secs(30), || async {
+        count_in(&env, "Natural", "expired").await == 2
+    })
+    .await;
+    assert!(Utc::now() >= until, "expired before the campaign's end");
+    let (status, body) = claim(&app, "too-late", "Natural").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("sold_out")), "{body}");
+    // The hold taken before the end keeps its deadline: it may be bought.
+    assert_eq!(status_of(&env, &code).await, "held");
+    let (status, body) = purchase(&app, "buyer", &code, "natural-1").await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("redeemed")), "{body}");
+    assert_invariants(&env, 3).await;
+    audit_and_rebuild_agree(&env).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn couponctl_campaign_end_ends_it_once() {
+    let env = TestEnv::new().await;
+    let app = env.start(&ALL, |_| {}).await;
+    let id = release_campaign(&env, &app, "Cli", 2, Utc::now() + chrono::Duration::hours(1)).await;
+    let run = |args: &[&str]| env.couponctl().args(args).output().unwrap();
+    let first = run(&["campaign", "end", &id, "--by", "alice"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let printed = String::from_utf8_lossy(&first.stdout).to_string();
+    assert!(printed.contains(&id) && printed.contains("by alice"), "{printed}");
+    // A repeat answers the first end, whoever asks.
+    let second = run(&["campaign", "end", &id, "--by", "bob"]);
+    assert!(second.status.success());
+    assert_eq!(String::from_utf8_lossy(&second.stdout), printed);
+    let unknown = run(&["campaign", "end", &uuid::Uuid::new_v4().to_string()]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no campaign"));
+    let bad = run(&["campaign", "end", "nope"]);
+    assert!(!bad.status.success());
+    eventually("the pool expired", Duration::from_secs(30), || async {
+        count_in(&env, "Cli", "expired").await == 2
+    })
+    .await;
+    assert_invariants(&env, 2).await;
+    app.stop().await;
+}
