@@ -314,3 +314,92 @@ async fn couponctl_campaign_end_ends_it_once() {
     assert_invariants(&env, 2).await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_order_gives_its_coupon_back_or_expires_it_after_the_end() {
+    let env = TestEnv::new().await;
+    let app = env.start(&ALL, |_| {}).await;
+    let later = Utc::now() + chrono::Duration::hours(1);
+    release_campaign(&env, &app, "Back", 2, later).await;
+    let gone = release_campaign(&env, &app, "Gone", 1, later).await;
+
+    // A coupon bought, then its order cancelled: back in the pool.
+    let (status, held) = claim(&app, "u1", "Back").await;
+    assert_eq!(status, 200, "{held}");
+    let code = held["coupon_code"].as_str().unwrap().to_owned();
+    let (status, body) = purchase(&app, "u1", &code, "order-1").await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("redeemed")), "{body}");
+    let (status, body) = cancel(&app, "order-1").await;
+    assert_eq!((status, &body), (200, &json!({"status": "cancelled"})));
+    assert_eq!(status_of(&env, &code).await, "available");
+    // Idempotent: the same answer, nothing changes.
+    let (status, body) = cancel(&app, "order-1").await;
+    assert_eq!((status, &body), (200, &json!({"status": "cancelled"})));
+    assert_eq!(status_of(&env, &code).await, "available");
+    assert_eq!(count_in(&env, "Back", "available").await, 2);
+    // The user's quota stays used; someone else may have the coupon.
+    let (status, body) = claim(&app, "u1", "Back").await;
+    assert_eq!((status, body["error"].as_str()), (429, Some("rate_limited")), "{body}");
+    let (status, body) = claim(&app, "u2", "Back").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Unknown orders, and an order that redeemed nothing: 404.
+    let (status, body) = cancel(&app, "no-such-order").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("unknown_order")), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    let (status, body) = purchase(&app, "u9", &code, "order-refused").await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = cancel(&app, "order-refused").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("unknown_order")), "{body}");
+
+    // Cancelled after its campaign's end: the coupon expires instead.
+    let (status, held) = claim(&app, "u3", "Gone").await;
+    assert_eq!(status, 200, "{held}");
+    let gone_code = held["coupon_code"].as_str().unwrap().to_owned();
+    let (status, body) = purchase(&app, "u3", &gone_code, "order-3").await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("redeemed")), "{body}");
+    let (status, _) = end_campaign(&app, &gone, Some("admin-secret")).await;
+    assert_eq!(status, 200);
+    let (status, body) = cancel(&app, "order-3").await;
+    assert_eq!((status, &body), (200, &json!({"status": "cancelled"})));
+    assert_eq!(status_of(&env, &gone_code).await, "expired");
+    assert_invariants(&env, 3).await;
+
+    // On the log: each cancellation request, and one fresh decision per
+    // cancelled order; in the history: one `cancelled` row per order.
+    let requests = events_on(&env, &env.topics.purchases(), TopicKind::Purchases, |e| {
+        matches!(e, TopicEvent::PurchaseCancelled(_))
+    })
+    .await;
+    assert_eq!(requests.len(), 3);
+    let decided = events_on(&env, &env.topics.purchase_results(), TopicKind::PurchaseResults, |e| {
+        matches!(e, TopicEvent::PurchaseDecided(d)
+            if d.outcome == coupon_schemas::PurchaseOutcome::Cancelled as i32 && !d.repeated)
+    })
+    .await;
+    assert_eq!(decided.len(), 2);
+    env.wait_every_role_caught_up(Duration::from_secs(60)).await;
+    let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT coupon_code, detail FROM coupon_history WHERE kind = 'cancelled' ORDER BY occurred_at",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0].0.as_str(), &rows[0].1["coupon_status"]), (code.as_str(), &json!("available")));
+    assert_eq!((rows[1].0.as_str(), &rows[1].1["coupon_status"]), (gone_code.as_str(), &json!("expired")));
+
+    // Redelivering every purchase and cancellation changes nothing.
+    let before = statuses(&env.pool).await;
+    let history = env.count("SELECT count(*) FROM coupon_history").await;
+    let ctx = app::connect(&env.config()).await.unwrap();
+    let all = env.read_topic(&env.topics.purchases()).await;
+    coupon_consumers::purchases::handle_batch(&ctx, &all).await.unwrap();
+    env.wait_every_role_caught_up(Duration::from_secs(60)).await;
+    assert_eq!(statuses(&env.pool).await, before);
+    assert_eq!(env.count("SELECT count(*) FROM coupon_history").await, history);
+    assert_invariants(&env, 3).await;
+
+    audit_and_rebuild_agree(&env).await;
+    app.stop().await;
+}

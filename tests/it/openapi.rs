@@ -394,12 +394,15 @@ fn check_answer(doc: &Value, op: &Operation, call: &Call, answer: &Answer) -> Re
 }
 
 /// Visit order: releasing coupons first, then claiming one, so that the
-/// other operations can be called on a coupon that exists.
+/// other operations can be called on a coupon that exists; a purchase's
+/// cancellation last.
 fn priority(op: &Operation) -> u8 {
     match (op.method.as_str(), op.path.as_str()) {
         ("post", "/api/v1/coupon") => 0,
         ("get", "/api/v1/coupon") => 1,
         ("post", "/api/v1/purchase") => 3,
+        // The example order is the one the purchase above redeemed.
+        ("post", "/api/v1/purchase/{order_id}/cancel") => 4,
         _ => 2,
     }
 }

@@ -179,6 +179,24 @@ pub async fn of_coupons<'e>(
         .collect()
 }
 
+/// When the campaign of coupon `code` ends or ended
+/// (`coupon_domain::lifecycle::campaign_end`), and the database's time now;
+/// `None` as the end when it has no campaign or one without an end.
+pub async fn end_of_coupon(
+    conn: &mut PgConnection,
+    code: CouponCode,
+) -> Result<(Option<DateTime<Utc>>, DateTime<Utc>), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT (SELECT LEAST(k.valid_until, k.ended_at) FROM coupons c
+                    JOIN campaigns k ON k.batch_id = c.batch_id WHERE c.code = $1) AS "end?",
+                  now() AS "now!""#,
+        code as CouponCode
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((row.end, row.now))
+}
+
 /// A campaign's end, as an early end answers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CampaignEnd {

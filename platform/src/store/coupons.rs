@@ -94,6 +94,30 @@ pub async fn redeem(
     Ok(())
 }
 
+/// Undoes the redemption of `code` by `order_id` (its order was
+/// cancelled): the coupon goes to `to` (`available`, or `expired` after its
+/// campaign's end) with no holder. `false` when it is not redeemed by that
+/// order.
+pub async fn cancel_redemption(
+    conn: &mut sqlx::PgConnection,
+    code: CouponCode,
+    order_id: &OrderId,
+    to: CouponStatus,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        "UPDATE coupons SET status = $3, holder_user_id = NULL, hold_id = NULL,
+                held_until = NULL, redeemed_at = NULL, redeemed_order_id = NULL
+         WHERE code = $1 AND status = 'redeemed' AND redeemed_order_id = $2",
+        code as CouponCode,
+        order_id as &OrderId,
+        to as CouponStatus
+    )
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(done == 1)
+}
+
 /// A hold past its deadline that nothing released yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverdueHold {

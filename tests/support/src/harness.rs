@@ -580,9 +580,16 @@ pub async fn invariant_violations_in(
         (
             // Every granted (non-repeated) decision names a different
             // coupon-hold: no coupon was handed to two users under one hold.
+            // (A hold that ended in a purchase whose order was then
+            // cancelled gave the coupon back before its deadline: the next
+            // grant of it may fall in the same second.)
             "one holder per coupon",
-            "SELECT count(*) FROM (SELECT coupon_code FROM claim_decisions
+            "SELECT count(*) FROM (SELECT coupon_code FROM claim_decisions d
               WHERE outcome = 'granted' AND NOT repeated
+                AND NOT EXISTS (
+                  SELECT 1 FROM purchase_decisions p
+                   WHERE p.coupon_code = d.coupon_code AND p.user_id = d.user_id
+                     AND p.cancelled_at IS NOT NULL)
               GROUP BY coupon_code, date_trunc('second', expires_at)
               HAVING count(DISTINCT user_id) > 1) s"
                 .to_owned(),

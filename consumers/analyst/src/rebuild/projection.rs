@@ -184,6 +184,17 @@ impl Projection {
                 });
                 (!ready).then(|| e.coupon_code.clone())
             }
+            // A cancellation waits for the redemption it undoes.
+            TopicEvent::PurchaseDecided(e)
+                if !e.repeated
+                    && PurchaseOutcome::try_from(e.outcome) == Ok(PurchaseOutcome::Cancelled) =>
+            {
+                let ready = self.coupons.get(&e.coupon_code).is_some_and(|c| {
+                    c.status == CouponStatus::Redeemed
+                        && c.redeemed_order_id.as_deref() == Some(e.order_id.as_str())
+                });
+                (!ready).then(|| e.coupon_code.clone())
+            }
             TopicEvent::HoldExpired(e) => {
                 (!self.granted_holds.contains(&e.hold_id)).then(|| e.coupon_code.clone())
             }
@@ -400,6 +411,12 @@ impl Projection {
     fn apply_purchase_decision(&mut self, log: &LogRecord, event: &PurchaseDecided) {
         let record = &log.record;
         self.record_purchase_decision(record, event, log.occurred_at_ms);
+        if PurchaseOutcome::try_from(event.outcome) == Ok(PurchaseOutcome::Cancelled) {
+            if !event.repeated {
+                self.apply_cancel(record, event);
+            }
+            return;
+        }
         let redeemed = PurchaseOutcome::try_from(event.outcome) == Ok(PurchaseOutcome::Redeemed);
         if !redeemed || event.repeated {
             return;
@@ -430,6 +447,42 @@ impl Projection {
                     );
                 }
             }
+        }
+        self.touch(&event.coupon_code);
+    }
+
+    /// A cancelled order's coupon leaves `redeemed` for the status the
+    /// processor decided (`available`, or `expired` after its campaign's
+    /// end), if that order still redeems it.
+    fn apply_cancel(&mut self, record: &Record, event: &PurchaseDecided) {
+        let to = match event.coupon_status.parse::<CouponStatus>() {
+            Ok(to @ (CouponStatus::Available | CouponStatus::Expired)) => to,
+            _ => {
+                return self.anomaly(
+                    record,
+                    format!("cancellation to {:?}", event.coupon_status),
+                )
+            }
+        };
+        match self.coupons.get_mut(&event.coupon_code) {
+            Some(state)
+                if state.status == CouponStatus::Redeemed
+                    && state.redeemed_order_id.as_deref() == Some(event.order_id.as_str()) =>
+            {
+                state.status = to;
+                state.holder_user_id = None;
+                state.hold_id = None;
+                state.held_until = None;
+                state.redeemed_at = None;
+                state.redeemed_order_id = None;
+            }
+            _ => self.anomaly(
+                record,
+                format!(
+                    "cancellation of order {}, which does not redeem {}",
+                    event.order_id, event.coupon_code
+                ),
+            ),
         }
         self.touch(&event.coupon_code);
     }

@@ -6,10 +6,12 @@
 //! `claim` (`GET /api/v1/coupon`), `purchase` (`POST /api/v1/purchase`),
 //! `release` (`POST /api/v1/coupon`), `status` (`GET /api/v1/coupon/{code}`),
 //! `health` (`/healthz`, `/metrics`, the OpenAPI document), `campaign_end`
-//! (`DELETE /api/v1/campaigns/{id}`). The console's
+//! (`DELETE /api/v1/campaigns/{id}`), `cancel`
+//! (`POST /api/v1/purchase/{order_id}/cancel`). The console's
 //! routes are in `console/`, by page.
 
 pub(super) mod campaign_end;
+pub(super) mod cancel;
 pub(super) mod claim;
 pub(super) mod health;
 pub(super) mod purchase;
@@ -107,6 +109,12 @@ fn route_table() -> Vec<Row> {
             "/api/v1/purchase",
             Storefront,
             purchase::purchase,
+        ),
+        route(
+            Verb::Post,
+            "/api/v1/purchase/{order_id}/cancel",
+            Storefront,
+            cancel::cancel_order,
         ),
         route(
             Verb::Delete,
