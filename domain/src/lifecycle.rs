@@ -22,12 +22,7 @@ pub enum CouponStatus {
 }
 
 impl CouponStatus {
-    pub const ALL: [CouponStatus; 4] = [
-        Self::Available,
-        Self::Held,
-        Self::Redeemed,
-        Self::Expired,
-    ];
+    pub const ALL: [CouponStatus; 4] = [Self::Available, Self::Held, Self::Redeemed, Self::Expired];
 
     pub fn as_str(self) -> &'static str {
         match self {

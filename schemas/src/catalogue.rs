@@ -421,7 +421,10 @@ mod tests {
         for kind in [TopicKind::Purchases, TopicKind::Expirations] {
             assert_eq!(kind.type_names()[0], kind.type_name());
         }
-        assert_eq!(event_type_of(&ended).as_deref(), Some("coupons.v1.CouponExpired"));
+        assert_eq!(
+            event_type_of(&ended).as_deref(),
+            Some("coupons.v1.CouponExpired")
+        );
         assert_eq!(event_type_of(b"\xff"), None);
     }
 

@@ -31,8 +31,9 @@ pub enum CampaignCommand {
 pub async fn run(conn: &Connections, command: CampaignCommand) -> anyhow::Result<()> {
     match command {
         CampaignCommand::End { id, by } => {
-            let batch_id = uuid::Uuid::parse_str(id.trim())
-                .with_context(|| format!("{id:?} is not a campaign id (the batch id of a release, a UUID)"))?;
+            let batch_id = uuid::Uuid::parse_str(id.trim()).with_context(|| {
+                format!("{id:?} is not a campaign id (the batch id of a release, a UUID)")
+            })?;
             let author = author(by)?;
             let pool = database(conn).await?;
             coupon_platform::db::migrate(&pool)
@@ -44,7 +45,9 @@ pub async fn run(conn: &Connections, command: CampaignCommand) -> anyhow::Result
                 .with_context(|| format!("no campaign has the id {batch_id}"))?;
             println!(
                 "campaign {batch_id} ended at {}{}",
-                ended.ended_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                ended
+                    .ended_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 ended
                     .ended_by
                     .map(|by| format!(" by {by}"))

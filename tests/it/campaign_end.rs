@@ -81,7 +81,15 @@ async fn claim(app: &App, user: &str, category: &str) -> (u16, Value) {
 async fn purchase(app: &App, user: &str, code: &str, order: &str) -> (u16, Value) {
     let body = json!({"user_id": user, "coupon_code": code, "order_id": order});
     let url = app.url("/api/v1/purchase");
-    answer(TestEnv::http_client().post(url).json(&body).send().await.unwrap()).await
+    answer(
+        TestEnv::http_client()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 async fn cancel(app: &App, order: &str) -> (u16, Value) {
@@ -177,7 +185,14 @@ async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
             c.policy.hold_grace = Duration::ZERO;
         })
         .await;
-    let id = release_campaign(&env, &app, "Ends", 5, Utc::now() + chrono::Duration::hours(1)).await;
+    let id = release_campaign(
+        &env,
+        &app,
+        "Ends",
+        5,
+        Utc::now() + chrono::Duration::hours(1),
+    )
+    .await;
     let (status, held) = claim(&app, "holder", "Ends").await;
     assert_eq!(status, 200, "{held}");
     let held_code = held["coupon_code"].as_str().unwrap().to_owned();
@@ -186,10 +201,16 @@ async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
     let (status, body) = end_campaign(&app, &id, None).await;
     assert_eq!(status, 401, "{body}");
     let (status, body) = end_campaign(&app, "not-a-uuid", Some("admin-secret")).await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
     let unknown = uuid::Uuid::new_v4().to_string();
     let (status, body) = end_campaign(&app, &unknown, Some("admin-secret")).await;
-    assert_eq!((status, body["error"].as_str()), (404, Some("unknown_campaign")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("unknown_campaign"))
+    );
     assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
     assert_eq!(count_in(&env, "Ends", "available").await, 4);
 
@@ -204,7 +225,11 @@ async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
 
     // From the end on, nothing of the campaign is granted.
     let (status, body) = claim(&app, "late", "Ends").await;
-    assert_eq!((status, body["error"].as_str()), (404, Some("sold_out")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("sold_out")),
+        "{body}"
+    );
 
     // Its available coupons leave the pool as `expired`, each with an event
     // and a history row; the hold keeps its deadline.
@@ -214,9 +239,12 @@ async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
     .await;
     assert_eq!(status_of(&env, &held_code).await, "held");
     assert_invariants(&env, 5).await;
-    let expired_events = events_on(&env, &env.topics.expirations(), TopicKind::Expirations, |e| {
-        matches!(e, TopicEvent::CouponExpired(_))
-    })
+    let expired_events = events_on(
+        &env,
+        &env.topics.expirations(),
+        TopicKind::Expirations,
+        |e| matches!(e, TopicEvent::CouponExpired(_)),
+    )
     .await;
     assert_eq!(expired_events.len(), 4);
     assert_eq!(
@@ -227,9 +255,11 @@ async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
 
     // The hold ends unbought after the end: its coupon expires too, with
     // its holder in the history row.
-    eventually("the hold ended in expired", Duration::from_secs(30), || async {
-        status_of(&env, &held_code).await == "expired"
-    })
+    eventually(
+        "the hold ended in expired",
+        Duration::from_secs(30),
+        || async { status_of(&env, &held_code).await == "expired" },
+    )
     .await;
     let holder_row: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM coupon_history
@@ -245,16 +275,25 @@ async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
     assert_invariants(&env, 5).await;
     // The holder's quota stays used: a second claim today is rate limited.
     let (status, body) = claim(&app, "holder", "Ends").await;
-    assert_eq!((status, body["error"].as_str()), (429, Some("rate_limited")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited")),
+        "{body}"
+    );
 
     // Redelivering every expiration changes nothing.
     env.wait_every_role_caught_up(Duration::from_secs(60)).await;
     let history = env.count("SELECT count(*) FROM coupon_history").await;
     let ctx = app::connect(&env.config()).await.unwrap();
     let all = env.read_topic(&env.topics.expirations()).await;
-    coupon_consumers::expiry::handle_batch(&ctx, &all).await.unwrap();
+    coupon_consumers::expiry::handle_batch(&ctx, &all)
+        .await
+        .unwrap();
     assert_eq!(count_in(&env, "Ends", "expired").await, 5);
-    assert_eq!(env.count("SELECT count(*) FROM coupon_history").await, history);
+    assert_eq!(
+        env.count("SELECT count(*) FROM coupon_history").await,
+        history
+    );
     assert_invariants(&env, 5).await;
 
     audit_and_rebuild_agree(&env).await;
@@ -272,17 +311,27 @@ async fn a_campaign_ends_at_its_valid_until_and_a_hold_taken_before_may_still_bu
     let code = held["coupon_code"].as_str().unwrap().to_owned();
     assert!(Utc::now() < until, "the test machine was too slow");
 
-    eventually("the window's end expired the pool", Duration::from_secs(30), || async {
-        count_in(&env, "Natural", "expired").await == 2
-    })
+    eventually(
+        "the window's end expired the pool",
+        Duration::from_secs(30),
+        || async { count_in(&env, "Natural", "expired").await == 2 },
+    )
     .await;
     assert!(Utc::now() >= until, "expired before the campaign's end");
     let (status, body) = claim(&app, "too-late", "Natural").await;
-    assert_eq!((status, body["error"].as_str()), (404, Some("sold_out")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("sold_out")),
+        "{body}"
+    );
     // The hold taken before the end keeps its deadline: it may be bought.
     assert_eq!(status_of(&env, &code).await, "held");
     let (status, body) = purchase(&app, "buyer", &code, "natural-1").await;
-    assert_eq!((status, body["status"].as_str()), (200, Some("redeemed")), "{body}");
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("redeemed")),
+        "{body}"
+    );
     assert_invariants(&env, 3).await;
     audit_and_rebuild_agree(&env).await;
     app.stop().await;
@@ -292,12 +341,26 @@ async fn a_campaign_ends_at_its_valid_until_and_a_hold_taken_before_may_still_bu
 async fn couponctl_campaign_end_ends_it_once() {
     let env = TestEnv::new().await;
     let app = env.start(&ALL, |_| {}).await;
-    let id = release_campaign(&env, &app, "Cli", 2, Utc::now() + chrono::Duration::hours(1)).await;
+    let id = release_campaign(
+        &env,
+        &app,
+        "Cli",
+        2,
+        Utc::now() + chrono::Duration::hours(1),
+    )
+    .await;
     let run = |args: &[&str]| env.couponctl().args(args).output().unwrap();
     let first = run(&["campaign", "end", &id, "--by", "alice"]);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let printed = String::from_utf8_lossy(&first.stdout).to_string();
-    assert!(printed.contains(&id) && printed.contains("by alice"), "{printed}");
+    assert!(
+        printed.contains(&id) && printed.contains("by alice"),
+        "{printed}"
+    );
     // A repeat answers the first end, whoever asks.
     let second = run(&["campaign", "end", &id, "--by", "bob"]);
     assert!(second.status.success());
@@ -328,7 +391,11 @@ async fn a_cancelled_order_gives_its_coupon_back_or_expires_it_after_the_end() {
     assert_eq!(status, 200, "{held}");
     let code = held["coupon_code"].as_str().unwrap().to_owned();
     let (status, body) = purchase(&app, "u1", &code, "order-1").await;
-    assert_eq!((status, body["status"].as_str()), (200, Some("redeemed")), "{body}");
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("redeemed")),
+        "{body}"
+    );
     let (status, body) = cancel(&app, "order-1").await;
     assert_eq!((status, &body), (200, &json!({"status": "cancelled"})));
     assert_eq!(status_of(&env, &code).await, "available");
@@ -339,25 +406,41 @@ async fn a_cancelled_order_gives_its_coupon_back_or_expires_it_after_the_end() {
     assert_eq!(count_in(&env, "Back", "available").await, 2);
     // The user's quota stays used; someone else may have the coupon.
     let (status, body) = claim(&app, "u1", "Back").await;
-    assert_eq!((status, body["error"].as_str()), (429, Some("rate_limited")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited")),
+        "{body}"
+    );
     let (status, body) = claim(&app, "u2", "Back").await;
     assert_eq!(status, 200, "{body}");
 
     // Unknown orders, and an order that redeemed nothing: 404.
     let (status, body) = cancel(&app, "no-such-order").await;
-    assert_eq!((status, body["error"].as_str()), (404, Some("unknown_order")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("unknown_order")),
+        "{body}"
+    );
     assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
     let (status, body) = purchase(&app, "u9", &code, "order-refused").await;
     assert_eq!(status, 409, "{body}");
     let (status, body) = cancel(&app, "order-refused").await;
-    assert_eq!((status, body["error"].as_str()), (404, Some("unknown_order")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("unknown_order")),
+        "{body}"
+    );
 
     // Cancelled after its campaign's end: the coupon expires instead.
     let (status, held) = claim(&app, "u3", "Gone").await;
     assert_eq!(status, 200, "{held}");
     let gone_code = held["coupon_code"].as_str().unwrap().to_owned();
     let (status, body) = purchase(&app, "u3", &gone_code, "order-3").await;
-    assert_eq!((status, body["status"].as_str()), (200, Some("redeemed")), "{body}");
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("redeemed")),
+        "{body}"
+    );
     let (status, _) = end_campaign(&app, &gone, Some("admin-secret")).await;
     assert_eq!(status, 200);
     let (status, body) = cancel(&app, "order-3").await;
@@ -372,10 +455,15 @@ async fn a_cancelled_order_gives_its_coupon_back_or_expires_it_after_the_end() {
     })
     .await;
     assert_eq!(requests.len(), 3);
-    let decided = events_on(&env, &env.topics.purchase_results(), TopicKind::PurchaseResults, |e| {
-        matches!(e, TopicEvent::PurchaseDecided(d)
+    let decided = events_on(
+        &env,
+        &env.topics.purchase_results(),
+        TopicKind::PurchaseResults,
+        |e| {
+            matches!(e, TopicEvent::PurchaseDecided(d)
             if d.outcome == coupon_schemas::PurchaseOutcome::Cancelled as i32 && !d.repeated)
-    })
+        },
+    )
     .await;
     assert_eq!(decided.len(), 2);
     env.wait_every_role_caught_up(Duration::from_secs(60)).await;
@@ -386,18 +474,29 @@ async fn a_cancelled_order_gives_its_coupon_back_or_expires_it_after_the_end() {
     .await
     .unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
-    assert_eq!((rows[0].0.as_str(), &rows[0].1["coupon_status"]), (code.as_str(), &json!("available")));
-    assert_eq!((rows[1].0.as_str(), &rows[1].1["coupon_status"]), (gone_code.as_str(), &json!("expired")));
+    assert_eq!(
+        (rows[0].0.as_str(), &rows[0].1["coupon_status"]),
+        (code.as_str(), &json!("available"))
+    );
+    assert_eq!(
+        (rows[1].0.as_str(), &rows[1].1["coupon_status"]),
+        (gone_code.as_str(), &json!("expired"))
+    );
 
     // Redelivering every purchase and cancellation changes nothing.
     let before = statuses(&env.pool).await;
     let history = env.count("SELECT count(*) FROM coupon_history").await;
     let ctx = app::connect(&env.config()).await.unwrap();
     let all = env.read_topic(&env.topics.purchases()).await;
-    coupon_consumers::purchases::handle_batch(&ctx, &all).await.unwrap();
+    coupon_consumers::purchases::handle_batch(&ctx, &all)
+        .await
+        .unwrap();
     env.wait_every_role_caught_up(Duration::from_secs(60)).await;
     assert_eq!(statuses(&env.pool).await, before);
-    assert_eq!(env.count("SELECT count(*) FROM coupon_history").await, history);
+    assert_eq!(
+        env.count("SELECT count(*) FROM coupon_history").await,
+        history
+    );
     assert_invariants(&env, 3).await;
 
     audit_and_rebuild_agree(&env).await;

@@ -202,7 +202,10 @@ mod tests {
         let event = answer.to_event("p", "c");
         assert_eq!(event.outcome, WireOutcome::Cancelled as i32);
         assert_eq!(event.coupon_status, "expired");
-        assert_eq!(event.envelope.unwrap().event_id, Uuid::from_u128(7).to_string());
+        assert_eq!(
+            event.envelope.unwrap().event_id,
+            Uuid::from_u128(7).to_string()
+        );
     }
 
     #[test]

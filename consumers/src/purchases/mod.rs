@@ -39,11 +39,11 @@ use coupon_domain::{CouponCode, Money, OrderId, RequestId, RequestedCode, UserId
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::role::RoleEvent;
 use coupon_platform::kafka::{decode_topic, DecodeError, Record};
-use coupon_platform::Topics;
 use coupon_platform::redis::EndedHold;
 use coupon_platform::store::decisions::PurchaseDecisionRecord;
 use coupon_platform::store::{campaigns, coupons, decisions};
 use coupon_platform::time::to_ms;
+use coupon_platform::Topics;
 use coupon_schemas::{
     PurchaseCancelled, PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested,
     TopicEvent, TopicKind,

@@ -9,7 +9,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use coupon_domain::{
-    Category, ClaimOutcomeKind, CouponCode, CouponStatus, OrderId, PurchaseOutcome, RequestId, UserId,
+    Category, ClaimOutcomeKind, CouponCode, CouponStatus, OrderId, PurchaseOutcome, RequestId,
+    UserId,
 };
 
 /// A `quota_grants` row.

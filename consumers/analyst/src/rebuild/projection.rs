@@ -291,9 +291,7 @@ impl Projection {
             TopicEvent::ClaimDecided(event) => self.apply_claim_decision(log, &event, &mut rows),
             TopicEvent::PurchaseDecided(event) => self.apply_purchase_decision(log, &event),
             TopicEvent::HoldExpired(event) => self.apply_expiry(log, &event, &mut rows),
-            TopicEvent::CouponExpired(event) => {
-                self.apply_campaign_expiry(log, &event, &mut rows)
-            }
+            TopicEvent::CouponExpired(event) => self.apply_campaign_expiry(log, &event, &mut rows),
             TopicEvent::BlacklistChanged(event) => {
                 let state = BlacklistState::of(
                     &event,
@@ -457,12 +455,7 @@ impl Projection {
     fn apply_cancel(&mut self, record: &Record, event: &PurchaseDecided) {
         let to = match event.coupon_status.parse::<CouponStatus>() {
             Ok(to @ (CouponStatus::Available | CouponStatus::Expired)) => to,
-            _ => {
-                return self.anomaly(
-                    record,
-                    format!("cancellation to {:?}", event.coupon_status),
-                )
-            }
+            _ => return self.anomaly(record, format!("cancellation to {:?}", event.coupon_status)),
         };
         match self.coupons.get_mut(&event.coupon_code) {
             Some(state)
@@ -509,7 +502,8 @@ impl Projection {
                         event_id,
                         event.coupon_code.clone(),
                         &event.batch_id,
-                        from_ms(event.campaign_ended_at_ms).filter(|_| event.campaign_ended_at_ms > 0),
+                        from_ms(event.campaign_ended_at_ms)
+                            .filter(|_| event.campaign_ended_at_ms > 0),
                     ));
                 }
             }

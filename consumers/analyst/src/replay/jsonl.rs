@@ -19,8 +19,8 @@ use base64::Engine as _;
 
 use coupon_platform::kafka::DecodeError;
 use coupon_schemas::{
-    BlacklistChanged, Campaign, ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated,
-    CouponExpired, DeadLetter, Envelope, HoldExpired, Money, PurchaseCancelled, PurchaseDecided,
+    BlacklistChanged, Campaign, ClaimDecided, ClaimOutcome, ClaimRequested, CouponExpired,
+    CouponsCreated, DeadLetter, Envelope, HoldExpired, Money, PurchaseCancelled, PurchaseDecided,
     PurchaseOutcome, PurchaseRequested,
 };
 

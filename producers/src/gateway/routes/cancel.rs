@@ -160,7 +160,10 @@ mod tests {
     async fn a_cancellation_answers_cancelled_and_anything_else_unknown_order() {
         let response = cancel_response(&decided(PurchaseOutcome::Cancelled));
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(body_of(response).await, serde_json::json!({"status": "cancelled"}));
+        assert_eq!(
+            body_of(response).await,
+            serde_json::json!({"status": "cancelled"})
+        );
         for outcome in [
             PurchaseOutcome::Invalid,
             PurchaseOutcome::Conflict,
