@@ -518,7 +518,7 @@ impl Projection {
         let campaign_ended_at =
             from_ms(event.campaign_ended_at_ms).filter(|_| event.campaign_ended_at_ms > 0);
         if let Some(state) = self.coupons.get_mut(&event.coupon_code) {
-            if state.status.may_become(CouponStatus::Available)
+            if state.status == CouponStatus::Held
                 && state.hold_id.as_deref() == Some(event.hold_id.as_str())
             {
                 let user = state.holder_user_id.take();
@@ -590,7 +590,7 @@ impl Projection {
         let user = event.user_id.as_str();
         let code = self.holding.get(user)?.clone();
         let state = self.coupons.get_mut(&code)?;
-        if !state.status.may_become(CouponStatus::Available)
+        if state.status != CouponStatus::Held
             || state.holder_user_id.as_deref() != Some(user)
             || state.hold_id.as_deref() == Some(event.request_id.as_str())
         {
@@ -1085,6 +1085,158 @@ mod tests {
         }
         rows.extend(projection.finish(&topics));
         rows.iter().map(|r| r.kind.as_str()).collect()
+    }
+
+    fn coupon_expired(at: i64, code: &str) -> coupon_schemas::CouponExpired {
+        coupon_schemas::CouponExpired {
+            envelope: Some(
+                coupon_schemas::new_envelope::<coupon_schemas::CouponExpired>(
+                    coupon_domain::lifecycle::campaign_expiry_event_id(code).to_string(),
+                    at,
+                    "test",
+                    "",
+                ),
+            ),
+            coupon_code: code.into(),
+            batch_id: "b".into(),
+            campaign_ended_at_ms: at,
+        }
+    }
+
+    fn cancelled(at: i64, user: &str, code: &str, order: &str, to: &str) -> PurchaseDecided {
+        PurchaseDecided {
+            envelope: envelope::<PurchaseDecided>(at),
+            request_id: format!("cancel-{order}"),
+            user_id: user.into(),
+            coupon_code: code.into(),
+            order_id: order.into(),
+            outcome: PurchaseOutcome::Cancelled as i32,
+            coupon_status: to.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_campaign_end_expires_available_coupons_once_and_spares_holds() {
+        let (c1, c2) = (code(1), code(2));
+        let mut projection = Projection::default();
+        let kinds = apply_causally(
+            &mut projection,
+            vec![
+                log(TopicKind::Created, 0, created(T0, &[1, 2])),
+                log(
+                    TopicKind::ClaimResults,
+                    0,
+                    grant(T0 + 100, "ann", &c1, "r1", false),
+                ),
+                log(TopicKind::Expirations, 0, coupon_expired(T0 + 200, &c1)),
+                log(TopicKind::Expirations, 1, coupon_expired(T0 + 200, &c2)),
+                // The sweeper announced it again: the same event id.
+                log(TopicKind::Expirations, 2, coupon_expired(T0 + 300, &c2)),
+            ],
+        );
+        assert_eq!(projection.coupon(&c1).unwrap().status, CouponStatus::Held);
+        assert_eq!(
+            projection.coupon(&c2).unwrap().status,
+            CouponStatus::Expired
+        );
+        assert_eq!(kinds.iter().filter(|k| **k == "expired").count(), 1);
+        assert_eq!(projection.duplicates, 1);
+        assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
+    }
+
+    #[test]
+    fn a_hold_ending_after_its_campaign_expires_its_coupon() {
+        let c1 = code(1);
+        let mut projection = Projection::default();
+        let mut late = expired(T0 + 5_000, "ann", &c1, "r1");
+        late.campaign_ended_at_ms = T0 + 1_000;
+        let kinds = apply_causally(
+            &mut projection,
+            vec![
+                log(TopicKind::Created, 0, created(T0, &[1])),
+                log(
+                    TopicKind::ClaimResults,
+                    0,
+                    grant(T0 + 100, "ann", &c1, "r1", false),
+                ),
+                log(TopicKind::Expirations, 0, late),
+            ],
+        );
+        let state = projection.coupon(&c1).unwrap();
+        assert_eq!(state.status, CouponStatus::Expired);
+        assert_eq!(state.holder_user_id, None);
+        assert!(kinds.contains(&"expired"), "{kinds:?}");
+    }
+
+    #[test]
+    fn a_cancellation_undoes_its_redemption_even_read_first() {
+        let (c1, c2) = (code(1), code(2));
+        let mut projection = Projection::default();
+        let kinds = apply_causally(
+            &mut projection,
+            vec![
+                log(TopicKind::Created, 0, created(T0, &[1, 2])),
+                log(
+                    TopicKind::ClaimResults,
+                    0,
+                    grant(T0 + 100, "ann", &c1, "r1", false),
+                ),
+                log(
+                    TopicKind::ClaimResults,
+                    1,
+                    grant(T0 + 100, "bob", &c2, "r2", false),
+                ),
+                log(
+                    TopicKind::PurchaseResults,
+                    0,
+                    redemption(T0 + 300, "ann", &c1, "o1"),
+                ),
+                log(
+                    TopicKind::PurchaseResults,
+                    1,
+                    redemption(T0 + 300, "bob", &c2, "o2"),
+                ),
+                // Stamped before the redemption it undoes: it waits for it.
+                log(
+                    TopicKind::PurchaseResults,
+                    2,
+                    cancelled(T0 + 299, "ann", &c1, "o1", "available"),
+                ),
+                log(
+                    TopicKind::PurchaseResults,
+                    3,
+                    cancelled(T0 + 400, "bob", &c2, "o2", "expired"),
+                ),
+            ],
+        );
+        let one = projection.coupon(&c1).unwrap();
+        assert_eq!(one.status, CouponStatus::Available);
+        assert_eq!(
+            (
+                one.holder_user_id.as_deref(),
+                one.redeemed_order_id.as_deref()
+            ),
+            (None, None)
+        );
+        assert_eq!(
+            projection.coupon(&c2).unwrap().status,
+            CouponStatus::Expired
+        );
+        assert_eq!(kinds.iter().filter(|k| **k == "cancelled").count(), 2);
+        assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
+        // The user's quota stays used.
+        assert!(projection
+            .quota_grant(
+                "ann",
+                from_ms(T0)
+                    .unwrap()
+                    .date_naive()
+                    .and_hms_opt(0, 0, 0)
+                    .unwrap()
+                    .and_utc()
+            )
+            .is_some());
     }
 
     fn redemption(at: i64, user: &str, code: &str, order: &str) -> PurchaseDecided {
