@@ -502,3 +502,94 @@ async fn a_cancelled_order_gives_its_coupon_back_or_expires_it_after_the_end() {
     audit_and_rebuild_agree(&env).await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_records_of_the_new_messages_are_dead_lettered() {
+    use coupon_schemas::{new_envelope, CouponExpired, DeadLetter, Event, PurchaseCancelled};
+    use prost::Message;
+
+    let env = TestEnv::new().await;
+    let app = env.start(&ALL, |_| {}).await;
+    let ctx = app::connect(&env.config()).await.unwrap();
+    let now = coupon_platform::time::now_ms();
+    let envelope = |type_name: &str| {
+        let mut e =
+            new_envelope::<PurchaseCancelled>(uuid::Uuid::new_v4().to_string(), now, "foreign", "");
+        e.event_type = type_name.to_owned();
+        Some(e)
+    };
+    let record = |topic: String, offset, value: Vec<u8>| {
+        crate::harness::record_at(topic, offset, "k", value, now)
+    };
+    // On the purchases topic: a message it does not carry, and a
+    // cancellation without an order id.
+    let stray = CouponExpired {
+        envelope: envelope(CouponExpired::TYPE_NAME),
+        coupon_code: "0AN35HST00000".into(),
+        ..Default::default()
+    };
+    let no_order = PurchaseCancelled {
+        envelope: envelope(PurchaseCancelled::TYPE_NAME),
+        request_id: "foreign-cancel".into(),
+        user_id: "mallory".into(),
+        order_id: String::new(),
+    };
+    coupon_consumers::purchases::handle_batch(
+        &ctx,
+        &[
+            record(env.topics.purchases(), 0, stray.encode_to_vec()),
+            record(env.topics.purchases(), 1, no_order.encode_to_vec()),
+        ],
+    )
+    .await
+    .unwrap();
+    // On the expirations topic: a coupon's expiry under another event id
+    // than the coupon's own (it would add a second history row).
+    let forged = CouponExpired {
+        envelope: envelope(CouponExpired::TYPE_NAME),
+        coupon_code: "0AN35HST00000".into(),
+        batch_id: "b".into(),
+        campaign_ended_at_ms: now,
+    };
+    coupon_consumers::expiry::handle_batch(
+        &ctx,
+        &[record(env.topics.expirations(), 0, forged.encode_to_vec())],
+    )
+    .await
+    .unwrap();
+    let letters: Vec<DeadLetter> = env
+        .read_topic(&env.topics.dead_letter())
+        .await
+        .iter()
+        .map(|r| DeadLetter::decode(r.value.as_deref().unwrap()).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.reason.contains("coupons.v1.CouponExpired")),
+        "{letters:?}"
+    );
+    assert!(
+        letters.iter().any(|l| l.reason.contains("order id")),
+        "{letters:?}"
+    );
+    assert!(
+        letters.iter().any(|l| l.reason.contains("event_id")),
+        "{letters:?}"
+    );
+    // The invalid cancellation is answered, so a waiting requester hears.
+    let answered = events_on(
+        &env,
+        &env.topics.purchase_results(),
+        TopicKind::PurchaseResults,
+        |e| {
+            matches!(e, TopicEvent::PurchaseDecided(d)
+            if d.request_id == "foreign-cancel"
+                && d.outcome == coupon_schemas::PurchaseOutcome::Invalid as i32)
+        },
+    )
+    .await;
+    assert_eq!(answered.len(), 1);
+    app.stop().await;
+}
