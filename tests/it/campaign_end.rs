@@ -593,3 +593,67 @@ async fn foreign_records_of_the_new_messages_are_dead_lettered() {
     assert_eq!(answered.len(), 1);
     app.stop().await;
 }
+
+/// The sold-out cache stays true both ways: an end only takes supply away
+/// (the pool is answered sold out from the gateway's mark afterwards), and
+/// a cancelled order's coupon back in the pool voids the marks at once, so
+/// the next claim gets it instead of a stale `sold_out`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_order_voids_the_sold_out_mark() {
+    use coupon_platform::kafka::decode;
+    use coupon_schemas::ClaimRequested;
+
+    let env = TestEnv::new().await;
+    // Marks that would outlive the test: only the supply signal voids them.
+    let app = env
+        .start(&ALL, |c| {
+            c.policy.sold_out_mark_ttl = Duration::from_secs(300)
+        })
+        .await;
+    release_campaign(
+        &env,
+        &app,
+        "One",
+        1,
+        Utc::now() + chrono::Duration::hours(1),
+    )
+    .await;
+    let (status, held) = claim(&app, "buyer", "One").await;
+    assert_eq!(status, 200, "{held}");
+    let code = held["coupon_code"].as_str().unwrap().to_owned();
+    let (status, body) = purchase(&app, "buyer", &code, "one-order").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Sold out, until the gateway answers it from the pool's mark.
+    let mut n = 0;
+    eventually(
+        "a claim answered from the sold-out mark",
+        Duration::from_secs(15),
+        || {
+            n += 1;
+            let user = format!("early-{n}");
+            let (app, env) = (&app, &env);
+            async move {
+                let (status, body) = claim(app, &user, "One").await;
+                assert_eq!((status, body["error"].as_str()), (404, Some("sold_out")));
+                env.read_topic(&env.topics.claims()).await.iter().any(|r| {
+                    let claim = decode::<ClaimRequested>(r).unwrap();
+                    claim.user_id == user && claim.answered_sold_out
+                })
+            }
+        },
+    )
+    .await;
+
+    // The order is cancelled: the very next claim gets the coupon.
+    let (status, body) = cancel(&app, "one-order").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = claim(&app, "after-cancel", "One").await;
+    assert_eq!(
+        status, 200,
+        "a stale sold-out mark hid the returned coupon: {body}"
+    );
+    assert_eq!(body["coupon_code"], code.as_str());
+    assert_invariants(&env, 1).await;
+    app.stop().await;
+}
