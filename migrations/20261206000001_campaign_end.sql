@@ -16,7 +16,10 @@ ALTER TABLE coupons ADD CONSTRAINT expired_has_no_holder CHECK (
 -- ended_at (`coupon_domain::lifecycle::campaign_end`).
 ALTER TABLE campaigns
     ADD COLUMN IF NOT EXISTS ended_at timestamptz,
-    ADD COLUMN IF NOT EXISTS ended_by text;
+    ADD COLUMN IF NOT EXISTS ended_by text,
+    -- When the expiry sweeper published the early end (`CampaignEnded`) and
+    -- the broker confirmed it; NULL: still to publish.
+    ADD COLUMN IF NOT EXISTS end_published_at timestamptz;
 -- The expiry sweeper looks for campaigns that have ended.
 CREATE INDEX IF NOT EXISTS campaigns_end ON campaigns ((LEAST(valid_until, ended_at)))
     WHERE valid_until IS NOT NULL OR ended_at IS NOT NULL;

@@ -11,8 +11,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::{
-    BlacklistChanged, ClaimDecided, ClaimRequested, CouponExpired, CouponsCreated, DeadLetter,
-    Envelope, Event, HoldExpired, PurchaseCancelled, PurchaseDecided, PurchaseRequested,
+    BlacklistChanged, CampaignEnded, ClaimDecided, ClaimRequested, CouponExpired, CouponsCreated,
+    DeadLetter, Envelope, Event, HoldExpired, PurchaseCancelled, PurchaseDecided,
+    PurchaseRequested,
 };
 
 /// One of the topics: the seven of the spec, plus `blacklist`.
@@ -43,6 +44,8 @@ pub enum TopicEvent {
     CouponExpired(CouponExpired),
     /// On `purchases`, beside `PurchaseRequested`: an order cancelled.
     PurchaseCancelled(PurchaseCancelled),
+    /// On `expirations`: a campaign ended early.
+    CampaignEnded(CampaignEnded),
 }
 
 /// How a record's bytes become one message type (the platform's decoder
@@ -88,6 +91,7 @@ impl TopicEvent {
             TopicEvent::BlacklistChanged(e) => e.envelope(),
             TopicEvent::CouponExpired(e) => e.envelope(),
             TopicEvent::PurchaseCancelled(e) => e.envelope(),
+            TopicEvent::CampaignEnded(e) => e.envelope(),
         }
     }
 
@@ -103,6 +107,7 @@ impl TopicEvent {
             TopicEvent::BlacklistChanged(e) => e.envelope,
             TopicEvent::CouponExpired(e) => e.envelope,
             TopicEvent::PurchaseCancelled(e) => e.envelope,
+            TopicEvent::CampaignEnded(e) => e.envelope,
         }
     }
 }
@@ -153,7 +158,11 @@ impl TopicKind {
     pub fn type_names(self) -> &'static [&'static str] {
         match self {
             TopicKind::Purchases => &[PurchaseRequested::TYPE_NAME, PurchaseCancelled::TYPE_NAME],
-            TopicKind::Expirations => &[HoldExpired::TYPE_NAME, CouponExpired::TYPE_NAME],
+            TopicKind::Expirations => &[
+                HoldExpired::TYPE_NAME,
+                CouponExpired::TYPE_NAME,
+                CampaignEnded::TYPE_NAME,
+            ],
             _ => &[],
         }
     }
@@ -188,6 +197,9 @@ impl TopicKind {
             }
             TopicKind::Expirations if second(CouponExpired::TYPE_NAME) => {
                 TopicEvent::CouponExpired(decoder.decode()?)
+            }
+            TopicKind::Expirations if second(CampaignEnded::TYPE_NAME) => {
+                TopicEvent::CampaignEnded(decoder.decode()?)
             }
             TopicKind::Created => TopicEvent::Created(decoder.decode()?),
             TopicKind::Claims => TopicEvent::ClaimRequested(decoder.decode()?),

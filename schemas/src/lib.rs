@@ -65,6 +65,7 @@ event!(
     BlacklistChanged: SMALL_EVENT,
     CouponExpired: SMALL_EVENT,
     PurchaseCancelled: SMALL_EVENT,
+    CampaignEnded: SMALL_EVENT,
 );
 
 /// Builds an envelope for a new event of type `E`.

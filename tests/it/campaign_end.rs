@@ -167,6 +167,8 @@ async fn audit_and_rebuild_agree(env: &TestEnv) {
     );
     let rebuilt_pool = coupon_platform::db::connect(&rebuilt_url, 1).await.unwrap();
     let rebuilt = statuses(&rebuilt_pool).await;
+    let rebuilt_ends = ends(&rebuilt_pool).await;
+    let rebuilt_cancels = cancels(&rebuilt_pool).await;
     rebuilt_pool.close().await;
     let _ = sqlx::query(&format!(
         "DROP DATABASE IF EXISTS \"{rebuilt_name}\" WITH (FORCE)"
@@ -174,6 +176,31 @@ async fn audit_and_rebuild_agree(env: &TestEnv) {
     .execute(&env.pool)
     .await;
     assert_eq!(rebuilt, statuses(&env.pool).await);
+    assert_eq!(rebuilt_ends, ends(&env.pool).await);
+    assert_eq!(rebuilt_cancels, cancels(&env.pool).await);
+}
+
+/// Every campaign's early end, to the millisecond (the log's precision).
+async fn ends(pool: &sqlx::PgPool) -> Vec<(String, Option<i64>)> {
+    sqlx::query_as(
+        "SELECT batch_id::text, floor(extract(epoch FROM ended_at) * 1000)::bigint
+           FROM campaigns ORDER BY batch_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Every cancelled order's cancellation.
+async fn cancels(pool: &sqlx::PgPool) -> Vec<(String, String, String, String, i64)> {
+    sqlx::query_as(
+        "SELECT order_id, cancelled_to, cancel_request_id, cancel_event_id::text,
+                floor(extract(epoch FROM cancelled_at) * 1000)::bigint
+           FROM purchase_decisions WHERE cancelled_at IS NOT NULL ORDER BY order_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,6 +274,15 @@ async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
     )
     .await;
     assert_eq!(expired_events.len(), 4);
+    // The early end itself is on the log once (for the rebuild), by whom.
+    let ends_on_log = events_on(
+        &env,
+        &env.topics.expirations(),
+        TopicKind::Expirations,
+        |e| matches!(e, TopicEvent::CampaignEnded(c) if c.ended_by == "admin-token"),
+    )
+    .await;
+    assert_eq!(ends_on_log.len(), 1);
     assert_eq!(
         env.count("SELECT count(*) FROM coupon_history WHERE kind = 'expired'")
             .await,

@@ -49,7 +49,7 @@ use coupon_platform::redis::EndedHold;
 use coupon_platform::store::coupons;
 use coupon_platform::time::{from_ms, to_ms};
 use coupon_platform::Topics;
-use coupon_schemas::{CouponExpired, HoldExpired, TopicEvent, TopicKind};
+use coupon_schemas::{CampaignEnded, CouponExpired, HoldExpired, TopicEvent, TopicKind};
 
 use coupon_platform::kafka::role::{self, dead_letter_all, Decoded, RoleEvent};
 use coupon_platform::store::history::{append_in_tx, HistoryRow, HoldRelease, ReleasedBy};
@@ -66,6 +66,8 @@ pub use coupon_platform::store::coupons::{overdue_holds, OverdueHold};
 pub enum ExpiryEvent {
     Hold(HoldExpired),
     Campaign(CouponExpired),
+    /// An early end, as the sweeper published it (for the log's readers).
+    Ended(CampaignEnded),
 }
 
 impl RoleEvent for ExpiryEvent {
@@ -73,6 +75,7 @@ impl RoleEvent for ExpiryEvent {
         match decode_topic(TopicKind::Expirations, record.value.as_deref())? {
             TopicEvent::HoldExpired(e) => Ok(Self::Hold(e)),
             TopicEvent::CouponExpired(e) => Ok(Self::Campaign(e)),
+            TopicEvent::CampaignEnded(e) => Ok(Self::Ended(e)),
             _ => Err(DecodeError::NotRead {
                 role: "expiry",
                 topic: record.topic.clone(),
@@ -90,9 +93,55 @@ pub async fn sweep_once(
     quiet: Duration,
 ) -> Result<usize, BatchError> {
     announced.retain(|_, at| at.elapsed() < quiet);
+    let ends = publish_ends(ctx).await?;
     let holds = sweep_holds(ctx, announced).await?;
     let ended = sweep_campaigns(ctx, announced).await?;
-    Ok(holds + ended)
+    Ok(ends + holds + ended)
+}
+
+/// The event id of a campaign's early end: one per campaign ever.
+pub fn campaign_end_event_id(batch_id: &Uuid) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("campaign-ended:{batch_id}").as_bytes(),
+    )
+}
+
+/// Publishes a `CampaignEnded` for each early end not on the log yet, and
+/// marks them published once the broker confirmed them (a crash between
+/// publishes it again, under the same event id).
+async fn publish_ends(ctx: &Context) -> Result<usize, BatchError> {
+    let ends = coupon_platform::store::campaigns::unpublished_ends(&ctx.pool, 100).await?;
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    let events: Vec<(String, CampaignEnded)> = ends
+        .iter()
+        .map(|end| {
+            let batch_id = end.batch_id.to_string();
+            let envelope = coupon_schemas::new_envelope::<CampaignEnded>(
+                campaign_end_event_id(&end.batch_id).to_string(),
+                to_ms(end.ended_at),
+                ctx.publisher.name(),
+                &batch_id,
+            );
+            (
+                batch_id.clone(),
+                CampaignEnded {
+                    envelope: Some(envelope),
+                    batch_id,
+                    ended_at_ms: to_ms(end.ended_at),
+                    ended_by: end.ended_by.clone().unwrap_or_default(),
+                },
+            )
+        })
+        .collect();
+    ctx.publisher
+        .send_all(&ctx.topics.expirations(), &events)
+        .await?;
+    let batches: Vec<Uuid> = ends.iter().map(|e| e.batch_id).collect();
+    coupon_platform::store::campaigns::mark_ends_published(&ctx.pool, &batches).await?;
+    Ok(events.len())
 }
 
 /// Publishes a `CouponExpired` for each available coupon whose campaign
@@ -281,6 +330,28 @@ fn expiry_of(event: &CouponExpired) -> Result<Expiry, String> {
 enum Change {
     Release(Release),
     Expire(Expiry),
+    /// A campaign's early end, already in Postgres when it was published:
+    /// recorded if missing (a database restored without it), else nothing.
+    Ended {
+        batch_id: Uuid,
+        at: chrono::DateTime<chrono::Utc>,
+        by: Option<String>,
+    },
+}
+
+fn ended_of(event: &CampaignEnded) -> Result<Change, String> {
+    let batch_id = Uuid::parse_str(&event.batch_id).map_err(|_| "batch_id is not a UUID")?;
+    let at = from_ms(event.ended_at_ms)
+        .filter(|_| event.ended_at_ms > 0)
+        .ok_or("ended_at_ms is not a time")?;
+    if event.ended_by.len() > 256 || event.ended_by.contains('\0') {
+        return Err("ended_by is not an employee id".to_owned());
+    }
+    Ok(Change::Ended {
+        batch_id,
+        at,
+        by: (!event.ended_by.is_empty()).then(|| event.ended_by.clone()),
+    })
 }
 
 pub async fn handle_events(
@@ -290,6 +361,7 @@ pub async fn handle_events(
     let split = role::split(batch, |_, event| match event {
         ExpiryEvent::Hold(event) => release_of(event).map(Change::Release),
         ExpiryEvent::Campaign(event) => expiry_of(event).map(Change::Expire),
+        ExpiryEvent::Ended(event) => ended_of(event),
     });
     let mut released = Vec::new();
     let mut history = Vec::new();
@@ -300,6 +372,16 @@ pub async fn handle_events(
     for (_, change) in &split.accepted {
         let release = match change {
             Change::Release(release) => release,
+            Change::Ended { batch_id, at, by } => {
+                coupon_platform::store::campaigns::set_ended_at(
+                    &mut tx,
+                    *batch_id,
+                    *at,
+                    by.as_deref(),
+                )
+                .await?;
+                continue;
+            }
             Change::Expire(expiry) => {
                 if coupons::expire_available(&mut tx, expiry.code).await? {
                     expired += 1;

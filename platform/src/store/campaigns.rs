@@ -240,6 +240,63 @@ pub async fn end_early(
     }))
 }
 
+/// A campaign ended early whose end is not on the log yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpublishedEnd {
+    pub batch_id: Uuid,
+    pub ended_at: DateTime<Utc>,
+    pub ended_by: Option<String>,
+}
+
+/// Early ends the expiry sweeper has not published yet, at most `limit`.
+pub async fn unpublished_ends(
+    pool: &sqlx::PgPool,
+    limit: i64,
+) -> Result<Vec<UnpublishedEnd>, sqlx::Error> {
+    sqlx::query_as!(
+        UnpublishedEnd,
+        r#"SELECT batch_id, ended_at AS "ended_at!", ended_by FROM campaigns
+           WHERE ended_at IS NOT NULL AND end_published_at IS NULL
+           ORDER BY ended_at LIMIT $1"#,
+        limit
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Marks the early ends of `batches` published (the broker confirmed them).
+pub async fn mark_ends_published(pool: &sqlx::PgPool, batches: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE campaigns SET end_published_at = now()
+         WHERE batch_id = ANY($1) AND end_published_at IS NULL",
+        batches
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records that the campaign of `batch_id` was ended early at `at` by
+/// `by`, unless an end is recorded already: the rebuild, from the log's
+/// `CampaignEnded` (and `CouponExpired`) events.
+pub async fn set_ended_at(
+    conn: &mut PgConnection,
+    batch_id: Uuid,
+    at: DateTime<Utc>,
+    by: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE campaigns SET ended_at = $2, ended_by = $3, end_published_at = now()
+         WHERE batch_id = $1 AND ended_at IS NULL",
+        batch_id,
+        at,
+        by
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// How long from the database's `now()` until the first campaign opening
 /// after `after` (`None`: after now), or `None` when none is to come; not
 /// positive when that opening came between `after` and now. The claim

@@ -64,6 +64,9 @@ impl CutLog {
             Ok(TopicEvent::CouponExpired(event)) => {
                 self.skip_coupon(&event.coupon_code);
             }
+            // An early end is in Postgres before it is published; the
+            // coupons it expires come with events of their own.
+            Ok(TopicEvent::CampaignEnded(_)) => {}
             // The order's coupon is the one its user redeemed: the user's
             // coupons are skipped with the user (`skip_user`).
             Ok(TopicEvent::PurchaseCancelled(event)) => {

@@ -7,7 +7,7 @@
 //! |--------------------|----------------------------------------------------------------|
 //! | `created`          | `coupons` rows, `available`                                    |
 //! | `claim-results`    | granted (not `repeated`): coupon `held` by the user until `expires_at`, `hold_id` = request id; `users.last_coupon_at` |
-//! | `purchase-results` | redeemed (not `repeated`): coupon `redeemed`, `redeemed_at`, `redeemed_order_id` |
+//! | `purchase-results` | redeemed (not `repeated`): coupon `redeemed`, `redeemed_at`, `redeemed_order_id`; cancelled (not `repeated`): the coupon to the `coupon_status` it carries, the order's cancellation stored |
 //! | `expirations`      | `HoldExpired`: the coupon back to `available` (or `expired` when the event says its campaign had ended by the deadline), only if still held under that `hold_id`; `CouponExpired`: an available coupon `expired` |
 //! | `blacklist`        | the user's blacklist entry (`users.blacklisted*`), as the change left it |
 //!
@@ -257,6 +257,17 @@ pub async fn project(
                 .await
                 .context("writing campaigns")?;
         }
+        // Their early ends, as the log's expiries carry them.
+        for (batch_id, (at, by)) in &projection.ended_early {
+            coupon_platform::store::campaigns::set_ended_at(
+                &mut conn,
+                *batch_id,
+                *at,
+                by.as_deref(),
+            )
+            .await
+            .context("writing campaigns' ends")?;
+        }
     }
     let all: Vec<NewCoupon> = projection.coupons().map(|c| c.coupon.clone()).collect();
     stats.coupons = coupons::insert_coupons(target, &all)
@@ -277,6 +288,15 @@ pub async fn project(
     stats.purchase_decisions = write_purchase_decisions(target, &projection)
         .await
         .context("writing purchase decisions")?;
+    // Cancelled orders, with their decisions (a repeat answers the same).
+    if !projection.cancels.is_empty() {
+        let mut conn = target.acquire().await.context("writing cancellations")?;
+        for (order, cancel) in &projection.cancels {
+            coupon_platform::store::decisions::record_cancel(&mut conn, order, cancel)
+                .await
+                .context("writing cancellations")?;
+        }
+    }
     stats.blacklisted = projection.blacklisted_count() as u64;
     for state in projection.coupons() {
         match state.status {

@@ -11,6 +11,7 @@ use coupon_consumers::history;
 use coupon_domain::lifecycle::release_event_id;
 use coupon_domain::{CouponStatus, QuotaWindow, RequestId};
 use coupon_platform::kafka::Record;
+use coupon_platform::store::decisions::CancelRecord;
 use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 use coupon_platform::time::from_ms;
 use coupon_platform::Topics;
@@ -40,6 +41,11 @@ pub struct Projection {
     /// The batches' campaigns, once per batch (the first chunk's), in the
     /// order their batches appeared.
     pub(super) campaigns: Vec<(uuid::Uuid, coupon_domain::Campaign)>,
+    /// Campaigns ended early, as the log's `CouponExpired` events tell
+    /// (their end, where it came before `valid_until`).
+    pub(super) ended_early: HashMap<uuid::Uuid, (DateTime<Utc>, Option<String>)>,
+    /// Cancelled orders, with their cancellation (by order id).
+    pub(super) cancels: Vec<(coupon_domain::OrderId, CancelRecord)>,
     pub(super) users: HashMap<String, DateTime<Utc>>,
     pub(super) blacklist: HashMap<String, BlacklistState>,
     /// The coupon each user was last granted (checked against the coupon's
@@ -292,6 +298,15 @@ impl Projection {
             TopicEvent::PurchaseDecided(event) => self.apply_purchase_decision(log, &event),
             TopicEvent::HoldExpired(event) => self.apply_expiry(log, &event, &mut rows),
             TopicEvent::CouponExpired(event) => self.apply_campaign_expiry(log, &event, &mut rows),
+            TopicEvent::CampaignEnded(event) => {
+                match (Uuid::parse_str(&event.batch_id), from_ms(event.ended_at_ms)) {
+                    (Ok(batch), Some(at)) if event.ended_at_ms > 0 => {
+                        let by = (!event.ended_by.is_empty()).then(|| event.ended_by.clone());
+                        self.ended_early.insert(batch, (at, by));
+                    }
+                    _ => self.anomaly(record, "campaign end without a batch or a time".into()),
+                }
+            }
             TopicEvent::BlacklistChanged(event) => {
                 let state = BlacklistState::of(
                     &event,
@@ -468,6 +483,24 @@ impl Projection {
                 state.held_until = None;
                 state.redeemed_at = None;
                 state.redeemed_order_id = None;
+                let envelope = event.envelope.as_ref();
+                let cancel = (
+                    coupon_domain::OrderId::parse(event.order_id.as_str()).ok(),
+                    RequestId::parse(event.request_id.as_str()).ok(),
+                    envelope.and_then(|e| Uuid::parse_str(&e.event_id).ok()),
+                    envelope.and_then(|e| from_ms(e.occurred_at_ms)),
+                );
+                if let (Some(order), Some(request_id), Some(event_id), Some(at)) = cancel {
+                    self.cancels.push((
+                        order,
+                        CancelRecord {
+                            cancelled_at: at,
+                            request_id,
+                            event_id,
+                            coupon_status: to,
+                        },
+                    ));
+                }
             }
             _ => self.anomaly(
                 record,
@@ -489,6 +522,18 @@ impl Projection {
         event: &CouponExpired,
         rows: &mut Vec<HistoryRow>,
     ) {
+        let ended_at =
+            from_ms(event.campaign_ended_at_ms).filter(|_| event.campaign_ended_at_ms > 0);
+        if let (Ok(batch), Some(at)) = (Uuid::parse_str(&event.batch_id), ended_at) {
+            let until = self
+                .campaigns
+                .iter()
+                .find(|(id, _)| *id == batch)
+                .and_then(|(_, c)| c.valid_until());
+            if until.is_none_or(|until| at < until) {
+                self.ended_early.entry(batch).or_insert((at, None));
+            }
+        }
         if let Some(state) = self.coupons.get_mut(&event.coupon_code) {
             if state.status == CouponStatus::Available {
                 state.status = CouponStatus::Expired;

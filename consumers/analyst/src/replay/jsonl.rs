@@ -19,9 +19,9 @@ use base64::Engine as _;
 
 use coupon_platform::kafka::DecodeError;
 use coupon_schemas::{
-    BlacklistChanged, Campaign, ClaimDecided, ClaimOutcome, ClaimRequested, CouponExpired,
-    CouponsCreated, DeadLetter, Envelope, HoldExpired, Money, PurchaseCancelled, PurchaseDecided,
-    PurchaseOutcome, PurchaseRequested,
+    BlacklistChanged, Campaign, CampaignEnded, ClaimDecided, ClaimOutcome, ClaimRequested,
+    CouponExpired, CouponsCreated, DeadLetter, Envelope, HoldExpired, Money, PurchaseCancelled,
+    PurchaseDecided, PurchaseOutcome, PurchaseRequested,
 };
 
 use crate::replay::{TopicEvent, TopicKind};
@@ -150,6 +150,7 @@ fn event_payload(out: &mut Vec<u8>, event: &TopicEvent) {
         TopicEvent::BlacklistChanged(e) => blacklist_changed(&mut o, e),
         TopicEvent::CouponExpired(e) => coupon_expired(&mut o, e),
         TopicEvent::PurchaseCancelled(e) => purchase_cancelled(&mut o, e),
+        TopicEvent::CampaignEnded(e) => campaign_ended(&mut o, e),
     }
     o.close();
 }
@@ -307,6 +308,18 @@ fn coupon_expired(o: &mut Obj<'_>, e: &CouponExpired) {
     o.str("batch_id", batch_id);
     o.int("campaign_ended_at_ms", *campaign_ended_at_ms);
     o.str("coupon_code", coupon_code);
+}
+
+fn campaign_ended(o: &mut Obj<'_>, e: &CampaignEnded) {
+    let CampaignEnded {
+        envelope: _,
+        batch_id,
+        ended_at_ms,
+        ended_by,
+    } = e;
+    o.str("batch_id", batch_id);
+    o.int("ended_at_ms", *ended_at_ms);
+    o.str("ended_by", ended_by);
 }
 
 fn purchase_cancelled(o: &mut Obj<'_>, e: &PurchaseCancelled) {
@@ -535,6 +548,7 @@ mod tests {
             TopicEvent::BlacklistChanged(e) => serde_json::to_value(e),
             TopicEvent::CouponExpired(e) => serde_json::to_value(e),
             TopicEvent::PurchaseCancelled(e) => serde_json::to_value(e),
+            TopicEvent::CampaignEnded(e) => serde_json::to_value(e),
         }
         .unwrap();
         let fields = value.as_object_mut().unwrap();
@@ -737,6 +751,15 @@ mod tests {
             ),
             (
                 TopicKind::Expirations,
+                TopicEvent::CampaignEnded(CampaignEnded {
+                    envelope: envelope::<CampaignEnded>(text),
+                    batch_id: s(),
+                    ended_at_ms: 1 << 41,
+                    ended_by: s(),
+                }),
+            ),
+            (
+                TopicKind::Expirations,
                 TopicEvent::CouponExpired(CouponExpired {
                     envelope: envelope::<CouponExpired>(text),
                     coupon_code: s(),
@@ -806,6 +829,7 @@ mod tests {
             TopicEvent::BlacklistChanged(e) => e.encode_to_vec(),
             TopicEvent::CouponExpired(e) => e.encode_to_vec(),
             TopicEvent::PurchaseCancelled(e) => e.encode_to_vec(),
+            TopicEvent::CampaignEnded(e) => e.encode_to_vec(),
         }
     }
 

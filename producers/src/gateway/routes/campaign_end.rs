@@ -9,7 +9,9 @@
 //! database's clock, and the first one stands: a repeat answers the same
 //! end. From its commit no claim is granted a coupon of the campaign
 //! (`store::claims::grant`); holds taken before keep their deadline. The
-//! expiry sweeper then moves its available coupons to `expired`, each with
+//! expiry sweeper then publishes the end (`CampaignEnded`, once, marked in
+//! `campaigns.end_published_at` after the broker confirmed it) and moves
+//! its available coupons to `expired`, each with
 //! a `CouponExpired` event on the log and a history row, as it does at a
 //! campaign's natural end (`valid_until`): the sweeper is the one durable
 //! place either end is carried out, so an end is not lost with a gateway
