@@ -309,6 +309,20 @@ async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
     assert_eq!(count_in(&env, "Ends", "expired").await, 5);
     assert_eq!(count_in(&env, "Ends", "available").await, 0);
     assert_invariants(&env, 5).await;
+    // The console's pool counts them: issued stays whole.
+    let pool: Value = TestEnv::http_client()
+        .get(app.url("/api/v1/pool"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        pool["categories"][0],
+        json!({"category": "Ends", "available": 0, "held": 0, "redeemed": 0, "expired": 5, "issued": 5})
+    );
     // The holder's quota stays used: a second claim today is rate limited.
     let (status, body) = claim(&app, "holder", "Ends").await;
     assert_eq!(
