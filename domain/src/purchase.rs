@@ -273,6 +273,25 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_coupon_is_never_redeemed() {
+        let expired = CouponView {
+            status: CouponStatus::Expired,
+            holder_user_id: None,
+            held_until: None,
+            held_since: None,
+        };
+        // Its last holder hears the hold is over; anyone else, not theirs.
+        assert_eq!(
+            decide(Some(&expired), &u("u"), true, now()),
+            PurchaseOutcome::Rejected(PurchaseRejection::HoldExpired)
+        );
+        assert_eq!(
+            decide(Some(&expired), &u("w"), false, now()),
+            PurchaseOutcome::Rejected(PurchaseRejection::NotHolder)
+        );
+    }
+
+    #[test]
     fn the_campaign_is_judged_only_for_the_holder_in_time() {
         use crate::campaign::{CampaignFields, Discount};
         let eur = |a| Money::parse("m", a, "EUR", false).unwrap();
