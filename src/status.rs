@@ -34,14 +34,14 @@ pub async fn report(config: &AppConfig) -> anyhow::Result<String> {
         .context("reading coupons (run `couponctl migrate`?)")?;
     writeln!(
         out,
-        "{:<24} {:>10} {:>10} {:>10}",
-        "category", "available", "held", "redeemed"
+        "{:<24} {:>10} {:>10} {:>10} {:>10}",
+        "category", "available", "held", "redeemed", "expired"
     )?;
     for c in &categories {
         writeln!(
             out,
-            "{:<24} {:>10} {:>10} {:>10}",
-            c.category, c.available, c.held, c.redeemed
+            "{:<24} {:>10} {:>10} {:>10} {:>10}",
+            c.category, c.available, c.held, c.redeemed, c.expired
         )?;
     }
     let overdue = stats::overdue_holds(&pool).await?;

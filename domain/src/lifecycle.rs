@@ -1,24 +1,35 @@
 //! A coupon's life: `available` → `held` (granted to one user until a deadline)
 //! → `redeemed` (bought in time), or back to `available` when the hold ends
-//! unbought. Nothing else moves a coupon, and `redeemed` is final.
+//! unbought. A coupon of a campaign (`crate::campaign`) also leaves the pool
+//! for good when the campaign ends (issue #28): `available` → `expired` at
+//! the end, and a hold taken before the end that ends unbought after it
+//! goes to `expired` instead of `available` ([`after_hold`]). A cancelled
+//! order gives its coupon back: `redeemed` → `available`, or `expired` once
+//! its campaign has ended ([`after_cancel`]). `expired` is final: an ended
+//! campaign never opens again.
 
 use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CouponStatus {
     Available,
     Held,
     Redeemed,
+    /// Its campaign ended: out of the pool for good.
+    Expired,
 }
 
 impl CouponStatus {
-    pub const ALL: [CouponStatus; 3] = [Self::Available, Self::Held, Self::Redeemed];
+    pub const ALL: [CouponStatus; 4] = [Self::Available, Self::Held, Self::Redeemed, Self::Expired];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Available => "available",
             Self::Held => "held",
             Self::Redeemed => "redeemed",
+            Self::Expired => "expired",
         }
     }
 
@@ -29,8 +40,59 @@ impl CouponStatus {
             (Self::Available, Self::Held)
                 | (Self::Held, Self::Redeemed)
                 | (Self::Held, Self::Available)
+                | (Self::Available, Self::Expired)
+                | (Self::Held, Self::Expired)
+                | (Self::Redeemed, Self::Available)
+                | (Self::Redeemed, Self::Expired)
         )
     }
+}
+
+/// When a campaign ended or ends: its `valid_until`, or the time an
+/// employee ended it early, whichever comes first (`None`: it never ends).
+pub fn campaign_end(
+    valid_until: Option<DateTime<Utc>>,
+    ended_early_at: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    match (valid_until, ended_early_at) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Where a coupon goes when its hold, with deadline `held_until`, ends
+/// unbought: `expired` if its campaign had ended by that deadline (`end`,
+/// see [`campaign_end`]), else `available` (a campaign that ends later
+/// expires it then, with the rest of its pool). Judged on the deadline, not
+/// on when the release runs, so every sweeper, a redelivery and the rebuild
+/// decide alike: an early end is written once, at the database's time, so
+/// whether it came before a deadline that has passed no longer changes.
+pub fn after_hold(end: Option<DateTime<Utc>>, held_until: DateTime<Utc>) -> CouponStatus {
+    match end {
+        Some(end) if end <= held_until => CouponStatus::Expired,
+        _ => CouponStatus::Available,
+    }
+}
+
+/// Where a redeemed coupon goes when its order is cancelled at `at`: back
+/// to the pool while its campaign runs (or when it has none), `expired`
+/// once the campaign has ended.
+pub fn after_cancel(end: Option<DateTime<Utc>>, at: DateTime<Utc>) -> CouponStatus {
+    match end {
+        Some(end) if end <= at => CouponStatus::Expired,
+        _ => CouponStatus::Available,
+    }
+}
+
+/// The event id of an available coupon's expiry at its campaign's end:
+/// a coupon leaves the pool that way at most once (`expired` is final), so
+/// every sweep that sees it publishes the same `CouponExpired` event and a
+/// redelivery or a second sweeper adds no second history row.
+pub fn campaign_expiry_event_id(code: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("campaign-end:{code}").as_bytes(),
+    )
 }
 
 text_enum!(CouponStatus);
@@ -60,15 +122,22 @@ pub enum HistoryKind {
     Redeemed,
     /// A hold ended unbought (back to `available`).
     Released,
+    /// Out of the pool for good: its campaign ended (an available coupon at
+    /// the end, a hold that ended unbought after it).
+    Expired,
+    /// A redemption undone: its order was cancelled.
+    Cancelled,
 }
 
 impl HistoryKind {
-    pub const ALL: [HistoryKind; 5] = [
+    pub const ALL: [HistoryKind; 7] = [
         Self::Created,
         Self::Granted,
         Self::Rejected,
         Self::Redeemed,
         Self::Released,
+        Self::Expired,
+        Self::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +147,8 @@ impl HistoryKind {
             Self::Rejected => "rejected",
             Self::Redeemed => "redeemed",
             Self::Released => "released",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
         }
     }
 }
@@ -133,15 +204,67 @@ mod tests {
         for kind in HistoryKind::ALL {
             assert_eq!(kind.as_str().parse::<HistoryKind>().unwrap(), kind);
         }
-        assert!("expired".parse::<HistoryKind>().is_err());
+        assert!("ended".parse::<HistoryKind>().is_err());
     }
 
     #[test]
-    fn redeemed_is_final_and_available_cannot_be_redeemed_directly() {
+    fn expired_is_final_and_available_cannot_be_redeemed_directly() {
         for next in CouponStatus::ALL {
-            assert!(!CouponStatus::Redeemed.may_become(next));
+            assert!(!CouponStatus::Expired.may_become(next));
         }
         assert!(!CouponStatus::Available.may_become(CouponStatus::Redeemed));
+        assert!(!CouponStatus::Redeemed.may_become(CouponStatus::Held));
         assert!(CouponStatus::Held.may_become(CouponStatus::Available));
+        assert!(CouponStatus::Available.may_become(CouponStatus::Expired));
+        assert!(CouponStatus::Held.may_become(CouponStatus::Expired));
+        assert!(CouponStatus::Redeemed.may_become(CouponStatus::Available));
+    }
+
+    fn t(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn a_campaign_ends_at_the_earlier_of_its_window_and_an_early_end() {
+        assert_eq!(campaign_end(None, None), None);
+        assert_eq!(campaign_end(Some(t(10)), None), Some(t(10)));
+        assert_eq!(campaign_end(None, Some(t(5))), Some(t(5)));
+        assert_eq!(campaign_end(Some(t(10)), Some(t(5))), Some(t(5)));
+        assert_eq!(campaign_end(Some(t(10)), Some(t(20))), Some(t(10)));
+    }
+
+    #[test]
+    fn a_hold_ending_unbought_after_its_campaign_ended_expires_its_coupon() {
+        // No campaign end, or one after the deadline: back to the pool.
+        assert_eq!(after_hold(None, t(0)), CouponStatus::Available);
+        assert_eq!(after_hold(Some(t(1)), t(0)), CouponStatus::Available);
+        // The campaign ended before (or at) the deadline: the hold kept its
+        // deadline, and its coupon does not come back.
+        assert_eq!(after_hold(Some(t(0)), t(0)), CouponStatus::Expired);
+        assert_eq!(after_hold(Some(t(-60)), t(0)), CouponStatus::Expired);
+    }
+
+    #[test]
+    fn a_cancelled_order_returns_its_coupon_while_the_campaign_runs() {
+        assert_eq!(after_cancel(None, t(0)), CouponStatus::Available);
+        assert_eq!(after_cancel(Some(t(1)), t(0)), CouponStatus::Available);
+        assert_eq!(after_cancel(Some(t(0)), t(0)), CouponStatus::Expired);
+        assert_eq!(after_cancel(Some(t(-1)), t(0)), CouponStatus::Expired);
+    }
+
+    #[test]
+    fn a_coupon_expires_under_one_event_id() {
+        assert_eq!(
+            campaign_expiry_event_id("0AN35HST00000"),
+            campaign_expiry_event_id("0AN35HST00000")
+        );
+        assert_ne!(
+            campaign_expiry_event_id("0AN35HST00000"),
+            campaign_expiry_event_id("0AN35HST00001")
+        );
+        assert_ne!(
+            campaign_expiry_event_id("0AN35HST00000"),
+            release_event_id("h", "0AN35HST00000")
+        );
     }
 }

@@ -146,10 +146,16 @@ pub fn decide(
             Some(deadline) if deadline > now => PurchaseOutcome::Redeemed,
             _ => PurchaseOutcome::Rejected(HoldExpired),
         },
-        CouponStatus::Held | CouponStatus::Available if user_held_it_before => {
+        // An expired coupon's campaign ended: whoever held it, the hold is
+        // over.
+        CouponStatus::Held | CouponStatus::Available | CouponStatus::Expired
+            if user_held_it_before =>
+        {
             PurchaseOutcome::Rejected(HoldExpired)
         }
-        CouponStatus::Held | CouponStatus::Available => PurchaseOutcome::Rejected(NotHolder),
+        CouponStatus::Held | CouponStatus::Available | CouponStatus::Expired => {
+            PurchaseOutcome::Rejected(NotHolder)
+        }
     }
 }
 
@@ -263,6 +269,25 @@ mod tests {
         assert_eq!(
             decide(None, &u("u"), false, now()),
             PurchaseOutcome::Rejected(PurchaseRejection::UnknownCoupon)
+        );
+    }
+
+    #[test]
+    fn an_expired_coupon_is_never_redeemed() {
+        let expired = CouponView {
+            status: CouponStatus::Expired,
+            holder_user_id: None,
+            held_until: None,
+            held_since: None,
+        };
+        // Its last holder hears the hold is over; anyone else, not theirs.
+        assert_eq!(
+            decide(Some(&expired), &u("u"), true, now()),
+            PurchaseOutcome::Rejected(PurchaseRejection::HoldExpired)
+        );
+        assert_eq!(
+            decide(Some(&expired), &u("w"), false, now()),
+            PurchaseOutcome::Rejected(PurchaseRejection::NotHolder)
         );
     }
 

@@ -11,8 +11,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::{
-    BlacklistChanged, ClaimDecided, ClaimRequested, CouponsCreated, DeadLetter, Event, HoldExpired,
-    PurchaseDecided, PurchaseRequested,
+    BlacklistChanged, CampaignEnded, ClaimDecided, ClaimRequested, CouponExpired, CouponsCreated,
+    DeadLetter, Envelope, Event, HoldExpired, PurchaseCancelled, PurchaseDecided,
+    PurchaseRequested,
 };
 
 /// One of the topics: the seven of the spec, plus `blacklist`.
@@ -39,6 +40,12 @@ pub enum TopicEvent {
     HoldExpired(HoldExpired),
     DeadLetter(DeadLetter),
     BlacklistChanged(BlacklistChanged),
+    /// On `expirations`, beside `HoldExpired`: a campaign's end.
+    CouponExpired(CouponExpired),
+    /// On `purchases`, beside `PurchaseRequested`: an order cancelled.
+    PurchaseCancelled(PurchaseCancelled),
+    /// On `expirations`: a campaign ended early.
+    CampaignEnded(CampaignEnded),
 }
 
 /// How a record's bytes become one message type (the platform's decoder
@@ -47,6 +54,28 @@ pub enum TopicEvent {
 pub trait MessageDecoder {
     type Error;
     fn decode<E: Event>(self) -> Result<E, Self::Error>;
+    /// The record's value, for a topic that carries several messages: its
+    /// envelope's `event_type` says which ([`event_type_of`]). `None`: the
+    /// topic's first message is decoded.
+    fn value(&self) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// Any event's envelope alone: it is field 1 of every message, so every
+/// record decodes as this (the other fields skipped as unknown).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Head {
+    #[prost(message, optional, tag = "1")]
+    envelope: Option<Envelope>,
+}
+
+/// The `event_type` a record's envelope names, if it decodes that far.
+pub fn event_type_of(value: &[u8]) -> Option<String> {
+    <Head as prost::Message>::decode(value)
+        .ok()?
+        .envelope
+        .map(|e| e.event_type)
 }
 
 impl TopicEvent {
@@ -60,6 +89,9 @@ impl TopicEvent {
             TopicEvent::HoldExpired(e) => e.envelope(),
             TopicEvent::DeadLetter(e) => e.envelope(),
             TopicEvent::BlacklistChanged(e) => e.envelope(),
+            TopicEvent::CouponExpired(e) => e.envelope(),
+            TopicEvent::PurchaseCancelled(e) => e.envelope(),
+            TopicEvent::CampaignEnded(e) => e.envelope(),
         }
     }
 
@@ -73,6 +105,9 @@ impl TopicEvent {
             TopicEvent::HoldExpired(e) => e.envelope,
             TopicEvent::DeadLetter(e) => e.envelope,
             TopicEvent::BlacklistChanged(e) => e.envelope,
+            TopicEvent::CouponExpired(e) => e.envelope,
+            TopicEvent::PurchaseCancelled(e) => e.envelope,
+            TopicEvent::CampaignEnded(e) => e.envelope,
         }
     }
 }
@@ -117,7 +152,23 @@ impl TopicKind {
         }
     }
 
-    /// The protobuf message every record of this topic carries, read off
+    /// Every message the topic's records may carry: its first
+    /// ([`TopicKind::type_name`]), and the others its envelope's
+    /// `event_type` selects.
+    pub fn type_names(self) -> &'static [&'static str] {
+        match self {
+            TopicKind::Purchases => &[PurchaseRequested::TYPE_NAME, PurchaseCancelled::TYPE_NAME],
+            TopicKind::Expirations => &[
+                HoldExpired::TYPE_NAME,
+                CouponExpired::TYPE_NAME,
+                CampaignEnded::TYPE_NAME,
+            ],
+            _ => &[],
+        }
+    }
+
+    /// The protobuf message every record of this topic carries (the first,
+    /// for a topic that carries several), read off
     /// [`TopicKind::decode`] (so the map is written once): a decoder that,
     /// asked for a message type, answers with its name instead of a message.
     pub fn type_name(self) -> &'static str {
@@ -134,8 +185,22 @@ impl TopicKind {
     /// Decodes a record of this topic as the message it carries: the one
     /// map from a topic to its message that every reader of several topics
     /// (the replay, the rebuild, the audit, the history sink) goes through.
+    /// On a topic that carries several messages, the envelope's
+    /// `event_type` picks one; any other type is decoded as the topic's first
+    /// message, whose decoder refuses it (a foreign producer's record of the
+    /// wrong type is dead-lettered, as on any topic).
     pub fn decode<D: MessageDecoder>(self, decoder: D) -> Result<TopicEvent, D::Error> {
+        let second = |name: &str| decoder.value().and_then(event_type_of).as_deref() == Some(name);
         Ok(match self {
+            TopicKind::Purchases if second(PurchaseCancelled::TYPE_NAME) => {
+                TopicEvent::PurchaseCancelled(decoder.decode()?)
+            }
+            TopicKind::Expirations if second(CouponExpired::TYPE_NAME) => {
+                TopicEvent::CouponExpired(decoder.decode()?)
+            }
+            TopicKind::Expirations if second(CampaignEnded::TYPE_NAME) => {
+                TopicEvent::CampaignEnded(decoder.decode()?)
+            }
             TopicKind::Created => TopicEvent::Created(decoder.decode()?),
             TopicKind::Claims => TopicEvent::ClaimRequested(decoder.decode()?),
             TopicKind::ClaimResults => TopicEvent::ClaimDecided(decoder.decode()?),
@@ -313,6 +378,66 @@ mod tests {
             TopicKind::Created.decode(Prost(&bytes)),
             Ok(TopicEvent::Created(created))
         );
+    }
+
+    /// Decodes with prost and shows its value, as the platform's decoder.
+    struct Typed<'a>(&'a [u8]);
+    impl MessageDecoder for Typed<'_> {
+        type Error = prost::DecodeError;
+        fn decode<E: Event>(self) -> Result<E, prost::DecodeError> {
+            E::decode(self.0)
+        }
+        fn value(&self) -> Option<&[u8]> {
+            Some(self.0)
+        }
+    }
+
+    fn typed<E: Event>(mut event: E) -> Vec<u8> {
+        *event.envelope_mut() = Some(crate::new_envelope::<E>("e".into(), 1, "t", ""));
+        prost::Message::encode_to_vec(&event)
+    }
+
+    #[test]
+    fn a_topic_of_two_messages_decodes_by_the_envelope_type() {
+        let cancel = typed(crate::PurchaseCancelled {
+            order_id: "o1".into(),
+            ..Default::default()
+        });
+        assert!(matches!(
+            TopicKind::Purchases.decode(Typed(&cancel)),
+            Ok(TopicEvent::PurchaseCancelled(e)) if e.order_id == "o1"
+        ));
+        let request = typed(crate::PurchaseRequested::default());
+        assert!(matches!(
+            TopicKind::Purchases.decode(Typed(&request)),
+            Ok(TopicEvent::PurchaseRequested(_))
+        ));
+        let ended = typed(crate::CouponExpired {
+            coupon_code: "c".into(),
+            ..Default::default()
+        });
+        assert!(matches!(
+            TopicKind::Expirations.decode(Typed(&ended)),
+            Ok(TopicEvent::CouponExpired(e)) if e.coupon_code == "c"
+        ));
+        // A type a topic does not carry is read as its first message (whose
+        // envelope check then refuses it), never as the other topic's.
+        assert!(matches!(
+            TopicKind::Expirations.decode(Typed(&cancel)),
+            Ok(TopicEvent::HoldExpired(_))
+        ));
+        assert!(matches!(
+            TopicKind::Created.decode(Typed(&ended)),
+            Ok(TopicEvent::Created(_))
+        ));
+        for kind in [TopicKind::Purchases, TopicKind::Expirations] {
+            assert_eq!(kind.type_names()[0], kind.type_name());
+        }
+        assert_eq!(
+            event_type_of(&ended).as_deref(),
+            Some("coupons.v1.CouponExpired")
+        );
+        assert_eq!(event_type_of(b"\xff"), None);
     }
 
     #[test]

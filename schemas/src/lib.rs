@@ -63,6 +63,9 @@ event!(
     HoldExpired: SMALL_EVENT,
     DeadLetter: 512 * 1024,
     BlacklistChanged: SMALL_EVENT,
+    CouponExpired: SMALL_EVENT,
+    PurchaseCancelled: SMALL_EVENT,
+    CampaignEnded: SMALL_EVENT,
 );
 
 /// Builds an envelope for a new event of type `E`.

@@ -92,6 +92,7 @@ impl PurchaseOutcome {
             PurchaseOutcome::Invalid => "invalid",
             PurchaseOutcome::Conflict => "conflict",
             PurchaseOutcome::Unspecified => "unspecified",
+            PurchaseOutcome::Cancelled => "cancelled",
             other => other.decision().map_or("unspecified", Purchase::as_str),
         }
     }

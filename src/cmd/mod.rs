@@ -9,6 +9,7 @@ pub mod args;
 mod audit;
 mod bench;
 mod blacklist;
+mod campaign;
 mod demo;
 mod history;
 mod holds;
@@ -58,6 +59,12 @@ pub enum Command {
         after_help = "Examples:\n  couponctl blacklist add user-42 --for 24h --reason 'chargeback fraud'\n  couponctl blacklist list\n  couponctl blacklist remove user-42"
     )]
     Blacklist(blacklist::BlacklistCommand),
+    /// Manage campaigns (a campaign's id is its release's batch id).
+    #[command(
+        subcommand,
+        after_help = "Example:\n  couponctl campaign end 0b5d1c3e-8f7a-4d2b-9c6e-1a2b3c4d5e6f --by alice"
+    )]
+    Campaign(campaign::CampaignCommand),
     /// Manage the Redis copy of holds.
     #[command(subcommand, after_help = "Example:\n  couponctl holds rebuild")]
     Holds(holds::HoldsCommand),
@@ -120,6 +127,7 @@ impl Command {
             Command::Migrate => migrate::run(conn).await,
             Command::Blacklist(command) => blacklist::run(conn, command).await,
             Command::Holds(command) => holds::run(conn, command).await,
+            Command::Campaign(command) => campaign::run(conn, command).await,
             Command::Status => status::run(conn).await,
             Command::Bench(args) => bench::run(conn, args).await,
             Command::Demo(args) => demo::run(conn, args).await,

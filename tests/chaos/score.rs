@@ -278,6 +278,8 @@ pub async fn score(env: &TestEnv, scenario: &str, issued: i64, answers: &[Answer
         }
     }
 
+    // Invariant 4 counts `expired` coupons too (a campaign's end takes them
+    // out of the pool, never out of the issued total): see the harness.
     for (invariant, n) in invariant_violations(env, issued).await {
         row.violations += n as usize;
         row.notes.push(format!("{invariant}: {n} violations"));

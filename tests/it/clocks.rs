@@ -225,6 +225,7 @@ async fn no_hold_is_released_before_its_deadline_and_grace_by_the_database_clock
             user_id: String::new(),
             hold_id: hold_id.into(),
             held_until_ms: deadline.timestamp_millis(),
+            campaign_ended_at_ms: 0,
         })
     };
     let topic = env.topics.expirations();

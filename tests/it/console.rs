@@ -190,8 +190,8 @@ async fn console_routes_answer_what_postgres_holds() {
     assert_eq!(truth, [("Books".to_owned(), 28, 0, 2)]);
     assert_eq!(
         pool,
-        json!({"categories": [{"category": "Books", "available": 28, "held": 0, "redeemed": 2, "issued": 30}],
-               "available": 28, "held": 0, "redeemed": 2, "issued": 30})
+        json!({"categories": [{"category": "Books", "available": 28, "held": 0, "redeemed": 2, "expired": 0, "issued": 30}],
+               "available": 28, "held": 0, "redeemed": 2, "expired": 0, "issued": 30})
     );
 
     let now = chrono::Utc::now().timestamp();

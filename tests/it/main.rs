@@ -5,6 +5,7 @@ use coupon_test_support::harness;
 
 mod acl;
 mod blacklist;
+mod campaign_end;
 mod campaigns;
 mod cassandra_history;
 mod causal;

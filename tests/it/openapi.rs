@@ -394,12 +394,15 @@ fn check_answer(doc: &Value, op: &Operation, call: &Call, answer: &Answer) -> Re
 }
 
 /// Visit order: releasing coupons first, then claiming one, so that the
-/// other operations can be called on a coupon that exists.
+/// other operations can be called on a coupon that exists; a purchase's
+/// cancellation last.
 fn priority(op: &Operation) -> u8 {
     match (op.method.as_str(), op.path.as_str()) {
         ("post", "/api/v1/coupon") => 0,
         ("get", "/api/v1/coupon") => 1,
         ("post", "/api/v1/purchase") => 3,
+        // The example order is the one the purchase above redeemed.
+        ("post", "/api/v1/purchase/{order_id}/cancel") => 4,
         _ => 2,
     }
 }
@@ -523,6 +526,13 @@ async fn the_openapi_document_matches_the_running_gateway() {
             }
             let body: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
             if op.label() == "POST /api/v1/coupon" {
+                // From now on, the example campaign id means this batch's
+                // (a campaign's id is its batch id).
+                let batch = body["batch_id"].as_str().expect("batch id");
+                live.insert(
+                    "0b5d1c3e-8f7a-4d2b-9c6e-1a2b3c4d5e6f".into(),
+                    batch.to_owned(),
+                );
                 // Wait until the released coupons can be claimed.
                 let count = body["count"].as_i64().expect("count");
                 eventually(

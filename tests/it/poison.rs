@@ -534,6 +534,7 @@ async fn records_at_the_size_limit_in_any_field_stall_no_partition() {
         user_id: "big-user".into(),
         hold_id: "big-hold".into(),
         held_until_ms: coupon_platform::time::now_ms(),
+        campaign_ended_at_ms: 0,
     };
     let decided = ClaimDecided {
         outcome: ClaimOutcome::Granted as i32,

@@ -132,6 +132,7 @@ async fn publish_flash_sale(env: &TestEnv, users: usize) -> usize {
                 user_id: format!("user-{i}"),
                 hold_id: format!("r-{i}"),
                 held_until_ms: at,
+                campaign_ended_at_ms: 0,
             };
             (code(i), event)
         })

@@ -1112,6 +1112,7 @@ async fn replay_and_rebuild_a_20k_event_log_exactly_and_report_their_rates() {
                     user_id: format!("user-{i}"),
                     hold_id: format!("r-{i}"),
                     held_until_ms: at,
+                    campaign_ended_at_ms: 0,
                 },
             )
         })

@@ -247,6 +247,10 @@ fn release_history(released: &store::Released, at: Option<DateTime<Utc>>) -> His
             hold_id: &released.hold_id,
             held_until: Some(released.held_until),
             by: ReleasedBy::NextGrant,
+            // Back to `available` even after its campaign's end: the coupon
+            // is not claimable then, and the expiry sweeper makes it
+            // `expired` on its next pass (as the rebuild does).
+            campaign_ended_at: None,
         },
     )
 }

@@ -188,12 +188,16 @@ pub fn rows_of_event(event: &HistoryEvent) -> Result<Vec<HistoryRow>, String> {
             if event.repeated {
                 return Ok(Vec::new());
             }
-            let kind = if outcome == PurchaseOutcome::Redeemed {
-                HistoryKind::Redeemed
-            } else {
-                HistoryKind::Rejected
+            let kind = match outcome {
+                PurchaseOutcome::Redeemed => HistoryKind::Redeemed,
+                PurchaseOutcome::Cancelled => HistoryKind::Cancelled,
+                _ => HistoryKind::Rejected,
             };
-            let detail = json!({"order_id": event.order_id, "request_id": event.request_id, "outcome": outcome.name()});
+            let mut detail = json!({"order_id": event.order_id, "request_id": event.request_id, "outcome": outcome.name()});
+            if outcome == PurchaseOutcome::Cancelled {
+                // Where the coupon went: back to the pool, or `expired`.
+                detail["coupon_status"] = event.coupon_status.clone().into();
+            }
             let row = decision_row(keys, &event.coupon_code, &event.user_id, kind, detail);
             Ok(vec![row])
         }

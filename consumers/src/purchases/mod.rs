@@ -21,6 +21,9 @@
 //! transaction as the redemption, so the same order again gets the same answer
 //! and one redemption. Offsets are stored after commit and publish.
 //!
+//! The topic also carries `PurchaseCancelled` (an order cancelled, told
+//! apart by the envelope's `event_type`): see [`cancel`].
+//!
 //! A campaign's coupon is redeemed only on the campaign's terms
 //! (`coupon_domain::purchase::decide_with_campaign`): the order total the
 //! purchase sends meets the minimum, in the campaign's currency; the
@@ -34,18 +37,45 @@ use coupon_domain::clock::judged_at;
 use coupon_domain::purchase::{self as rules, decide_with_campaign, PurchaseOutcome};
 use coupon_domain::{CouponCode, Money, OrderId, RequestId, RequestedCode, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
-use coupon_platform::kafka::{decode, Record};
+use coupon_platform::kafka::role::RoleEvent;
+use coupon_platform::kafka::{decode_topic, DecodeError, Record};
 use coupon_platform::redis::EndedHold;
 use coupon_platform::store::decisions::PurchaseDecisionRecord;
 use coupon_platform::store::{campaigns, coupons, decisions};
 use coupon_platform::time::to_ms;
-use coupon_schemas::{PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested};
+use coupon_platform::Topics;
+use coupon_schemas::{
+    PurchaseCancelled, PurchaseDecided, PurchaseOutcome as WireOutcome, PurchaseRequested,
+    TopicEvent, TopicKind,
+};
+
+pub mod cancel;
 
 use coupon_platform::kafka::role::{dead_letter_all, Decoded};
 
 use crate::{Context, Decided, Role};
 
 pub const ROLE: Role = Role::Purchases;
+
+/// What the purchases topic carries: a purchase, or an order cancelled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PurchaseEvent {
+    Requested(PurchaseRequested),
+    Cancelled(PurchaseCancelled),
+}
+
+impl RoleEvent for PurchaseEvent {
+    fn decode(_: &Topics, record: &Record) -> Result<Self, DecodeError> {
+        match decode_topic(TopicKind::Purchases, record.value.as_deref())? {
+            TopicEvent::PurchaseRequested(e) => Ok(Self::Requested(e)),
+            TopicEvent::PurchaseCancelled(e) => Ok(Self::Cancelled(e)),
+            _ => Err(DecodeError::NotRead {
+                role: "purchase processor",
+                topic: record.topic.clone(),
+            }),
+        }
+    }
+}
 
 /// The decisions this role makes, by outcome (counted once per new order).
 pub const DECISIONS: crate::DecisionCounter = crate::DecisionCounter {
@@ -170,6 +200,7 @@ impl StoredPurchase {
             repeated: self.repeated,
             order_total: self.order_total.map(Into::into),
             discount_amount: self.discount.map(Into::into),
+            coupon_status: String::new(),
         }
     }
 }
@@ -370,18 +401,100 @@ fn ended_hold(decision: &StoredPurchase) -> Option<EndedHold> {
     })
 }
 
+/// The refusal of a cancellation (`invalid`, or `conflict`), addressed to
+/// its requester when it has a usable request id; its event id and time
+/// come from the request and the record, so a redelivery publishes the
+/// very same event.
+fn cancel_refusal(
+    ctx: &Context,
+    record: &Record,
+    request: &PurchaseCancelled,
+    outcome: WireOutcome,
+    reason: &str,
+) -> Option<(String, PurchaseDecided)> {
+    RequestId::parse(request.request_id.as_str()).ok()?;
+    let key = crate::echoed_id(&request.user_id);
+    let envelope = request.envelope.as_ref();
+    let event = coupon_schemas::new_envelope::<PurchaseDecided>(
+        Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("refused-cancel:{}:{key}", request.request_id).as_bytes(),
+        )
+        .to_string(),
+        stable_time_ms(record, envelope.map(|e| e.occurred_at_ms)),
+        ctx.publisher.name(),
+        envelope.map_or("", |e| e.correlation_id.as_str()),
+    );
+    Some((
+        key.clone(),
+        PurchaseDecided {
+            envelope: Some(event),
+            request_id: request.request_id.clone(),
+            user_id: key,
+            order_id: crate::echoed_id(&request.order_id),
+            outcome: outcome as i32,
+            reason: reason.chars().take(1024).collect(),
+            ..Default::default()
+        },
+    ))
+}
+
 pub async fn handle_events(
     ctx: &Context,
-    batch: &[Decoded<PurchaseRequested>],
+    batch: &[Decoded<PurchaseEvent>],
 ) -> Result<(), BatchError> {
     let mut decisions: Vec<(String, PurchaseDecided)> = Vec::new();
     let mut ended_holds = Vec::new();
     let mut refused = Vec::new();
     // Logged once the decisions are published (a retried batch logs once).
     let mut decided: Vec<Decided> = Vec::new();
+    let mut returned = false;
     let mut tx = ctx.pool.begin().await?;
     let db_now = crate::db_now(&mut tx).await?;
-    for (record, request) in batch {
+    for (record, event) in batch {
+        let request = match event {
+            PurchaseEvent::Requested(request) => request,
+            PurchaseEvent::Cancelled(request) => {
+                let cancel = match cancel::validate(request) {
+                    Ok(cancel) => cancel,
+                    Err(reason) => {
+                        let invalid = WireOutcome::Invalid;
+                        decisions.extend(cancel_refusal(ctx, record, request, invalid, &reason));
+                        refused.push((record, reason));
+                        continue;
+                    }
+                };
+                match cancel::decide(&mut tx, &cancel).await? {
+                    cancel::CancelAnswer::Cancelled(cancelled, is_new) => {
+                        if is_new {
+                            metrics::counter!(DECISIONS.metric, "outcome" => "cancelled")
+                                .increment(1);
+                            returned |= cancel::back_in_pool(&cancelled);
+                        }
+                        decided.push(Decided {
+                            request_id: crate::log_request_id(
+                                &cancel.correlation_id,
+                                cancel.request_id.as_str(),
+                            )
+                            .to_owned(),
+                            user_id: cancelled.user_id.to_string(),
+                            outcome: "cancelled",
+                            coupon_code: Some(cancelled.coupon_code.clone()),
+                            redelivered: !is_new,
+                            reason: None,
+                        });
+                        decisions.push((
+                            cancelled.user_id.to_string(),
+                            cancelled.to_event(ctx.publisher.name(), &cancel.correlation_id),
+                        ));
+                    }
+                    cancel::CancelAnswer::Refused(outcome, reason) => {
+                        decisions.extend(cancel_refusal(ctx, record, request, outcome, &reason));
+                    }
+                }
+                continue;
+            }
+        };
         let purchase = match validate(request) {
             Ok(purchase) => purchase,
             Err(reason) => {
@@ -437,6 +550,10 @@ pub async fn handle_events(
     if let Err(error) = ctx.cache.remove_holds(&ended_holds).await {
         tracing::warn!(%error, "could not delete redeemed holds from Redis");
     }
+    // A cancelled order's coupon is claimable again: void the sold-out marks.
+    if returned {
+        crate::supply_changed(ctx).await;
+    }
     let topic = ctx.topics.purchase_results();
     ctx.publisher.send_all(&topic, &decisions).await?;
     for d in &decided {
@@ -449,17 +566,24 @@ pub async fn handle_events(
 /// answered `invalid` with the reason (so the gateway does not time out),
 /// and the record goes to the dead-letter topic.
 pub async fn reject(ctx: &Context, record: &Record, reason: &str) -> Result<(), BatchError> {
-    if let Ok(request) = decode::<PurchaseRequested>(record) {
-        let reason = format!("the purchase could not be decided: {reason}");
-        if let Some(decision) = refusal(ctx, record, &request, WireOutcome::Invalid, &reason) {
-            crate::answer_if_possible(ctx, &ctx.topics.purchase_results(), decision).await?;
+    let reason_now = format!("the purchase could not be decided: {reason}");
+    let answer = match decode_topic(TopicKind::Purchases, record.value.as_deref()) {
+        Ok(TopicEvent::PurchaseRequested(request)) => {
+            refusal(ctx, record, &request, WireOutcome::Invalid, &reason_now)
         }
+        Ok(TopicEvent::PurchaseCancelled(request)) => {
+            cancel_refusal(ctx, record, &request, WireOutcome::Invalid, &reason_now)
+        }
+        _ => None,
+    };
+    if let Some(decision) = answer {
+        crate::answer_if_possible(ctx, &ctx.topics.purchase_results(), decision).await?;
     }
     ctx.dead_letters(ROLE).send(record, reason).await?;
     Ok(())
 }
 
-crate::role_handler!(ROLE, PurchaseRequested, answers);
+crate::role_handler!(ROLE, PurchaseEvent, answers);
 
 #[cfg(test)]
 mod tests {

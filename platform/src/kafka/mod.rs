@@ -15,7 +15,7 @@ pub mod producer;
 pub mod role;
 
 pub use admin::{ensure_topics, TopicSpec};
-pub use consumer::{decode, decode_value, DecodeError, Record};
+pub use consumer::{decode, decode_topic, decode_value, DecodeError, Record};
 pub use producer::{PublishError, Publisher};
 pub use role::{PollSettings, RoleHandler};
 

@@ -179,6 +179,124 @@ pub async fn of_coupons<'e>(
         .collect()
 }
 
+/// When the campaign of coupon `code` ends or ended
+/// (`coupon_domain::lifecycle::campaign_end`), and the database's time now;
+/// `None` as the end when it has no campaign or one without an end.
+pub async fn end_of_coupon(
+    conn: &mut PgConnection,
+    code: CouponCode,
+) -> Result<(Option<DateTime<Utc>>, DateTime<Utc>), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT (SELECT LEAST(k.valid_until, k.ended_at) FROM coupons c
+                    JOIN campaigns k ON k.batch_id = c.batch_id WHERE c.code = $1) AS "end?",
+                  now() AS "now!""#,
+        code as CouponCode
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((row.end, row.now))
+}
+
+/// A campaign's end, as an early end answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignEnd {
+    /// When it ended: the earlier of its `valid_until` and its early end.
+    pub ended_at: DateTime<Utc>,
+    /// Who ended it early (`None`: it ended by its window before that).
+    pub ended_by: Option<String>,
+}
+
+/// Ends the campaign of `batch_id` now (the database's clock) on behalf of
+/// `by`, unless it was ended early before: the first end stands, so a
+/// repeat answers the same. `None`: the batch has no campaign. Claims give
+/// none of its coupons once this commits (`store::claims::grant`); the
+/// expiry sweeper then makes its available coupons `expired`.
+pub async fn end_early(
+    pool: &sqlx::PgPool,
+    batch_id: Uuid,
+    by: &str,
+) -> Result<Option<CampaignEnd>, sqlx::Error> {
+    // Two statements: a repeat racing the first waits for its row lock,
+    // finds it ended and reads the end it wrote (a new snapshot).
+    sqlx::query!(
+        "UPDATE campaigns SET ended_at = clock_timestamp(), ended_by = $2
+         WHERE batch_id = $1 AND ended_at IS NULL",
+        batch_id,
+        by
+    )
+    .execute(pool)
+    .await?;
+    let row = sqlx::query!(
+        r#"SELECT LEAST(valid_until, ended_at) AS "ended_at!", ended_by,
+                  COALESCE(valid_until < ended_at, false) AS "before_early_end!"
+           FROM campaigns WHERE batch_id = $1"#,
+        batch_id
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| CampaignEnd {
+        ended_at: r.ended_at,
+        ended_by: (!r.before_early_end).then_some(r.ended_by).flatten(),
+    }))
+}
+
+/// A campaign ended early whose end is not on the log yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpublishedEnd {
+    pub batch_id: Uuid,
+    pub ended_at: DateTime<Utc>,
+    pub ended_by: Option<String>,
+}
+
+/// Early ends the expiry sweeper has not published yet, at most `limit`.
+pub async fn unpublished_ends(
+    pool: &sqlx::PgPool,
+    limit: i64,
+) -> Result<Vec<UnpublishedEnd>, sqlx::Error> {
+    sqlx::query_as!(
+        UnpublishedEnd,
+        r#"SELECT batch_id, ended_at AS "ended_at!", ended_by FROM campaigns
+           WHERE ended_at IS NOT NULL AND end_published_at IS NULL
+           ORDER BY ended_at LIMIT $1"#,
+        limit
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Marks the early ends of `batches` published (the broker confirmed them).
+pub async fn mark_ends_published(pool: &sqlx::PgPool, batches: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE campaigns SET end_published_at = now()
+         WHERE batch_id = ANY($1) AND end_published_at IS NULL",
+        batches
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records that the campaign of `batch_id` was ended early at `at` by
+/// `by`, unless an end is recorded already: the rebuild, from the log's
+/// `CampaignEnded` (and `CouponExpired`) events.
+pub async fn set_ended_at(
+    conn: &mut PgConnection,
+    batch_id: Uuid,
+    at: DateTime<Utc>,
+    by: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE campaigns SET ended_at = $2, ended_by = $3, end_published_at = now()
+         WHERE batch_id = $1 AND ended_at IS NULL",
+        batch_id,
+        at,
+        by
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// How long from the database's `now()` until the first campaign opening
 /// after `after` (`None`: after now), or `None` when none is to come; not
 /// positive when that opening came between `after` and now. The claim

@@ -232,7 +232,9 @@ pub async fn release_overdue(
     .await
 }
 
-/// A coupon held for a claim by [`grant`].
+/// A coupon held for a claim by [`grant`]. (A campaign ended early gives
+/// nothing more from the moment its end commits, whatever the claim's
+/// time; its natural end is judged at the claim's time, as its start.)
 #[derive(Debug, Clone, PartialEq)]
 pub struct Granted {
     pub request_id: RequestId,
@@ -289,7 +291,8 @@ pub async fn grant(
                    WHERE status = 'available' AND ($5::text IS NULL OR category = $5)
                      AND NOT EXISTS (
                          SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
-                         AND (k.valid_from > $8 OR k.valid_until <= $9))
+                         AND (k.valid_from > $8 OR k.valid_until <= $9
+                              OR k.ended_at IS NOT NULL))
                    ORDER BY id LIMIT $6
                    FOR UPDATE OF c SKIP LOCKED) AS available),
          pair AS MATERIALIZED (

@@ -94,6 +94,30 @@ pub async fn redeem(
     Ok(())
 }
 
+/// Undoes the redemption of `code` by `order_id` (its order was
+/// cancelled): the coupon goes to `to` (`available`, or `expired` after its
+/// campaign's end) with no holder. `false` when it is not redeemed by that
+/// order.
+pub async fn cancel_redemption(
+    conn: &mut sqlx::PgConnection,
+    code: CouponCode,
+    order_id: &OrderId,
+    to: CouponStatus,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        "UPDATE coupons SET status = $3, holder_user_id = NULL, hold_id = NULL,
+                held_until = NULL, redeemed_at = NULL, redeemed_order_id = NULL
+         WHERE code = $1 AND status = 'redeemed' AND redeemed_order_id = $2",
+        code as CouponCode,
+        order_id as &OrderId,
+        to as CouponStatus
+    )
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(done == 1)
+}
+
 /// A hold past its deadline that nothing released yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverdueHold {
@@ -101,6 +125,9 @@ pub struct OverdueHold {
     pub holder_user_id: UserId,
     pub hold_id: String,
     pub held_until: DateTime<Utc>,
+    /// When its campaign ends or ended (`coupon_domain::lifecycle::campaign_end`;
+    /// `None`: no campaign, or one without an end).
+    pub campaign_end: Option<DateTime<Utc>>,
 }
 
 /// Holds whose deadline passed more than `grace` ago by the database's
@@ -115,8 +142,10 @@ pub async fn overdue_holds(
         OverdueHold,
         r#"SELECT code AS "code: CouponCode", holder_user_id AS "holder_user_id!: UserId",
                   hold_id AS "hold_id!",
-                  held_until AS "held_until!"
-           FROM coupons
+                  held_until AS "held_until!",
+                  (SELECT LEAST(k.valid_until, k.ended_at) FROM campaigns k
+                   WHERE k.batch_id = c.batch_id) AS "campaign_end?"
+           FROM coupons c
            WHERE status = 'held' AND held_until <= now() - $1::interval
            ORDER BY held_until LIMIT $2"#,
         interval(grace),
@@ -135,17 +164,23 @@ fn interval(d: std::time::Duration) -> sqlx::postgres::types::PgInterval {
     }
 }
 
-/// A hold a release ended: the coupon, its former holder and deadline.
+/// A hold a release ended: the coupon, its former holder and deadline, and
+/// where the coupon went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleasedHold {
     pub code: CouponCode,
     pub holder_user_id: UserId,
     pub held_until: DateTime<Utc>,
+    pub status: CouponStatus,
+    /// The campaign's end when it came by the deadline (the coupon expired).
+    pub campaign_ended_at: Option<DateTime<Utc>>,
 }
 
-/// Makes `code` available again if it is still held under `hold_id` with a
+/// Ends the hold of `code` if it is still held under `hold_id` with a
 /// deadline at or before `deadline`; `None` when it is not (a purchase or
-/// another release came first).
+/// another release came first). The coupon becomes available again, or
+/// `expired` when its campaign had ended by the hold's deadline (the SQL
+/// form of `coupon_domain::lifecycle::after_hold`).
 pub async fn release_hold(
     conn: &mut sqlx::PgConnection,
     code: CouponCode,
@@ -155,19 +190,73 @@ pub async fn release_hold(
     sqlx::query_as!(
         ReleasedHold,
         r#"UPDATE coupons c
-           SET status = 'available', holder_user_id = NULL, hold_id = NULL, held_until = NULL
-           FROM (SELECT code, holder_user_id, held_until FROM coupons
-                 WHERE code = $1 AND status = 'held' AND hold_id = $2 AND held_until <= $3
-                 FOR UPDATE) AS old
+           SET status = CASE WHEN old.ended_at <= old.held_until THEN 'expired'
+                             ELSE 'available' END,
+               holder_user_id = NULL, hold_id = NULL, held_until = NULL
+           FROM (SELECT h.code, h.holder_user_id, h.held_until,
+                        (SELECT LEAST(k.valid_until, k.ended_at) FROM campaigns k
+                         WHERE k.batch_id = h.batch_id) AS ended_at
+                 FROM coupons h
+                 WHERE h.code = $1 AND h.status = 'held' AND h.hold_id = $2 AND h.held_until <= $3
+                 FOR UPDATE OF h) AS old
            WHERE c.code = old.code
            RETURNING c.code AS "code: CouponCode", old.holder_user_id AS "holder_user_id!: UserId",
-                     old.held_until AS "held_until!""#,
+                     old.held_until AS "held_until!", c.status AS "status: CouponStatus",
+                     (CASE WHEN old.ended_at <= old.held_until THEN old.ended_at END)
+                        AS "campaign_ended_at?""#,
         code as CouponCode,
         hold_id,
         deadline
     )
     .fetch_optional(conn)
     .await
+}
+
+/// An available coupon whose campaign has ended, not yet `expired`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedCoupon {
+    pub code: CouponCode,
+    pub batch_id: Uuid,
+    pub ended_at: DateTime<Utc>,
+    /// The database's time of the scan.
+    pub swept_at: DateTime<Utc>,
+}
+
+/// Available coupons whose campaign has ended by the database's clock
+/// (its `valid_until`, or an early end), oldest first, at most `limit`:
+/// what the expiry sweeper announces as `CouponExpired`.
+pub async fn ended_available(pool: &PgPool, limit: i64) -> Result<Vec<EndedCoupon>, sqlx::Error> {
+    sqlx::query_as!(
+        EndedCoupon,
+        r#"SELECT c.code AS "code: CouponCode", c.batch_id,
+                  LEAST(k.valid_until, k.ended_at) AS "ended_at!", now() AS "swept_at!"
+           FROM campaigns k JOIN coupons c ON c.batch_id = k.batch_id
+           WHERE c.status = 'available' AND LEAST(k.valid_until, k.ended_at) <= now()
+           ORDER BY c.id LIMIT $1"#,
+        limit
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Makes `code` `expired` if it is still available and its campaign has
+/// ended by the database's clock; `false` when not (a claim took it before
+/// the end, or it expired already: a redelivery).
+pub async fn expire_available(
+    conn: &mut sqlx::PgConnection,
+    code: CouponCode,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        "UPDATE coupons c SET status = 'expired'
+         WHERE c.code = $1 AND c.status = 'available'
+           AND EXISTS (SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
+                       AND LEAST(k.valid_until, k.ended_at) <= now())",
+        code as CouponCode
+    )
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(done > 0)
 }
 
 /// A live hold, as Redis mirrors it.
@@ -214,7 +303,8 @@ pub async fn any_available<'e>(
                                      AND NOT EXISTS (
                                          SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
                                          AND (k.valid_from > COALESCE($2, now())
-                                              OR k.valid_until <= COALESCE($3, now()))))
+                                              OR k.valid_until <= COALESCE($3, now())
+                                              OR k.ended_at IS NOT NULL)))
                    AS "any!""#,
                 category as &Category,
                 earliest,
@@ -230,7 +320,8 @@ pub async fn any_available<'e>(
                                      AND NOT EXISTS (
                                          SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
                                          AND (k.valid_from > COALESCE($1, now())
-                                              OR k.valid_until <= COALESCE($2, now()))))
+                                              OR k.valid_until <= COALESCE($2, now())
+                                              OR k.ended_at IS NOT NULL)))
                    AS "any!""#,
                 earliest,
                 latest

@@ -9,7 +9,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use coupon_domain::{
-    Category, ClaimOutcomeKind, CouponCode, OrderId, PurchaseOutcome, RequestId, UserId,
+    Category, ClaimOutcomeKind, CouponCode, CouponStatus, OrderId, PurchaseOutcome, RequestId,
+    UserId,
 };
 
 /// A `quota_grants` row.
@@ -126,6 +127,56 @@ pub async fn find_purchase(
     )
     .fetch_optional(conn)
     .await
+}
+
+/// A cancelled order, as stored with its purchase's decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CancelRecord {
+    pub cancelled_at: DateTime<Utc>,
+    pub request_id: RequestId,
+    pub event_id: Uuid,
+    /// Where the coupon went: `available` or `expired`.
+    pub coupon_status: CouponStatus,
+}
+
+/// The cancellation of `order_id`, if it was cancelled.
+pub async fn find_cancel(
+    conn: &mut sqlx::PgConnection,
+    order_id: &OrderId,
+) -> Result<Option<CancelRecord>, sqlx::Error> {
+    sqlx::query_as!(
+        CancelRecord,
+        r#"SELECT cancelled_at AS "cancelled_at!", cancel_request_id AS "request_id!: RequestId",
+                  cancel_event_id AS "event_id!", cancelled_to AS "coupon_status!: CouponStatus"
+           FROM purchase_decisions
+           WHERE order_id = $1 AND cancelled_at IS NOT NULL"#,
+        order_id as &OrderId
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Records the cancellation of `order_id` (once: `false` when it was
+/// cancelled already).
+pub async fn record_cancel(
+    conn: &mut sqlx::PgConnection,
+    order_id: &OrderId,
+    cancel: &CancelRecord,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        "UPDATE purchase_decisions
+            SET cancelled_at = $2, cancel_request_id = $3, cancel_event_id = $4, cancelled_to = $5
+          WHERE order_id = $1 AND cancelled_at IS NULL",
+        order_id as &OrderId,
+        cancel.cancelled_at,
+        &cancel.request_id as &RequestId,
+        cancel.event_id,
+        cancel.coupon_status as CouponStatus,
+    )
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(done == 1)
 }
 
 /// Stores a purchase decision unless the order already has one; returns

@@ -40,6 +40,10 @@ pub struct HoldRelease<'a> {
     pub hold_id: &'a str,
     pub held_until: Option<DateTime<Utc>>,
     pub by: ReleasedBy,
+    /// When the coupon's campaign had ended by the deadline: the coupon
+    /// went to `expired`, not back to `available`
+    /// (`coupon_domain::lifecycle::after_hold`), and the row says so.
+    pub campaign_ended_at: Option<DateTime<Utc>>,
 }
 
 impl HistoryRow {
@@ -54,14 +58,44 @@ impl HistoryRow {
         if release.by == ReleasedBy::NextGrant {
             detail["released_by"] = "next_grant".into();
         }
+        let mut kind = HistoryKind::Released;
+        if let Some(ended) = release.campaign_ended_at {
+            detail["campaign_ended_at_ms"] = ended.timestamp_millis().into();
+            kind = HistoryKind::Expired;
+        }
         Self {
             occurred_at,
             event_id,
             item: 0,
             coupon_code: Some(release.code),
             user_id: release.user,
-            kind: HistoryKind::Released,
+            kind,
             detail,
+        }
+    }
+
+    /// The `expired` row of an available coupon whose campaign ended (a
+    /// `CouponExpired` event): the one shape the expiry consumer and the
+    /// rebuild write.
+    pub fn campaign_expired(
+        occurred_at: DateTime<Utc>,
+        event_id: Uuid,
+        code: String,
+        batch_id: &str,
+        ended_at: Option<DateTime<Utc>>,
+    ) -> Self {
+        Self {
+            occurred_at,
+            event_id,
+            item: 0,
+            coupon_code: Some(code),
+            user_id: None,
+            kind: HistoryKind::Expired,
+            detail: serde_json::json!({
+                "reason": "campaign_ended",
+                "campaign_id": batch_id,
+                "campaign_ended_at_ms": ended_at.map(|t| t.timestamp_millis()),
+            }),
         }
     }
 }

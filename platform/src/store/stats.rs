@@ -16,6 +16,8 @@ pub struct CategoryPool {
     pub available: i64,
     pub held: i64,
     pub redeemed: i64,
+    /// Out of the pool for good: their campaign ended.
+    pub expired: i64,
 }
 
 /// Every category with its coupons by status, ordered by category.
@@ -25,7 +27,8 @@ pub async fn pool_by_category(pool: &PgPool) -> Result<Vec<CategoryPool>, sqlx::
         r#"SELECT category,
                   count(*) FILTER (WHERE status = 'available') AS "available!",
                   count(*) FILTER (WHERE status = 'held') AS "held!",
-                  count(*) FILTER (WHERE status = 'redeemed') AS "redeemed!"
+                  count(*) FILTER (WHERE status = 'redeemed') AS "redeemed!",
+                  count(*) FILTER (WHERE status = 'expired') AS "expired!"
              FROM coupons GROUP BY category ORDER BY category"#
     )
     .fetch_all(pool)

@@ -452,6 +452,8 @@ pub enum CouponState {
     Available,
     Held,
     Redeemed,
+    /// Its campaign ended: out of the pool for good.
+    Expired,
 }
 
 /// The API's names are the domain's (`coupon_domain::CouponStatus`); this
@@ -463,6 +465,7 @@ impl From<coupon_domain::CouponStatus> for CouponState {
             S::Available => CouponState::Available,
             S::Held => CouponState::Held,
             S::Redeemed => CouponState::Redeemed,
+            S::Expired => CouponState::Expired,
         }
     }
 }
@@ -601,4 +604,31 @@ mod tests {
         assert!(money(r#"{"amount": 12.5, "currency": "EUR"}"#).is_err());
         assert!(money(r#"{"amount": 1e300, "currency": "EUR"}"#).is_err());
     }
+}
+
+/// A campaign ended early (`DELETE /api/v1/campaigns/{id}`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CampaignEnded {
+    /// The campaign's id: its batch's id.
+    #[schema(example = "0b5d1c3e-8f7a-4d2b-9c6e-1a2b3c4d5e6f")]
+    pub campaign_id: String,
+    /// Always `ended`.
+    #[schema(example = "ended")]
+    pub status: String,
+    /// When it ended (RFC 3339, UTC, milliseconds): the first early end, or
+    /// its `valid_until` when that came first.
+    #[schema(example = "2026-12-06T03:00:00.123Z")]
+    pub ended_at: String,
+    /// The employee who ended it early (`null` when its window had ended
+    /// before).
+    #[schema(example = "alice")]
+    pub ended_by: Option<String>,
+}
+
+/// An order cancelled (`POST /api/v1/purchase/{order_id}/cancel`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cancelled {
+    /// Always `cancelled`.
+    #[schema(example = "cancelled")]
+    pub status: String,
 }

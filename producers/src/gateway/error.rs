@@ -33,6 +33,10 @@ pub enum ErrorCode {
     SoldOut,
     /// 404: no coupon has this code.
     UnknownCoupon,
+    /// 404: no campaign has this id (a campaign's id is its batch id).
+    UnknownCampaign,
+    /// 404: no purchase redeemed a coupon under this order id.
+    UnknownOrder,
     /// 405: the path exists but not with this method.
     MethodNotAllowed,
     /// 409: the hold ended before the purchase.

@@ -24,6 +24,8 @@ Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
         super::routes::release::create_coupons,
         super::routes::status::coupon_status,
         super::routes::purchase::purchase,
+        super::routes::cancel::cancel_order,
+        super::routes::campaign_end::end_campaign,
         super::routes::health::healthz,
         super::routes::health::metrics_text,
         super::routes::health::openapi_json,
@@ -42,7 +44,7 @@ Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
     modifiers(&BearerTokens, &Limits),
     tags(
         (name = "storefront", description = "Claims, purchases and coupon look-ups (COUPON_API_TOKEN, when set)"),
-        (name = "employees", description = "Releasing coupons (COUPON_ADMIN_TOKEN)"),
+        (name = "employees", description = "Releasing coupons and ending campaigns (COUPON_ADMIN_TOKEN)"),
         (name = "operations", description = "Health, metrics and this document"),
         (name = "console", description = "The web console (`/console`) and the admin routes it calls: the pool, batches, the blacklist, analytics (COUPON_ADMIN_TOKEN)"),
     )

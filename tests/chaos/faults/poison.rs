@@ -194,6 +194,7 @@ impl Valid {
                 user_id: "chaos".into(),
                 hold_id: "no-such-hold".into(),
                 held_until_ms: now_ms(),
+                campaign_ended_at_ms: 0,
             },
             code,
         }

@@ -64,6 +64,17 @@ impl CutLog {
                 self.skip_coupon(&event.coupon_code);
                 self.skip_user(&event.user_id);
             }
+            Ok(TopicEvent::CouponExpired(event)) => {
+                self.skip_coupon(&event.coupon_code);
+            }
+            // An early end is in Postgres before it is published; the
+            // coupons it expires come with events of their own.
+            Ok(TopicEvent::CampaignEnded(_)) => {}
+            // The order's coupon is the one its user redeemed: the user's
+            // coupons are skipped with the user (`skip_user`).
+            Ok(TopicEvent::PurchaseCancelled(event)) => {
+                self.skip_user(&event.user_id);
+            }
             Ok(TopicEvent::ClaimRequested(event)) => {
                 self.skip_user(&event.user_id);
                 self.pending_claims.insert(event.request_id);

@@ -7,8 +7,8 @@
 //! |--------------------|----------------------------------------------------------------|
 //! | `created`          | `coupons` rows, `available`                                    |
 //! | `claim-results`    | granted (not `repeated`): coupon `held` by the user until `expires_at`, `hold_id` = request id; `users.last_coupon_at` |
-//! | `purchase-results` | redeemed (not `repeated`): coupon `redeemed`, `redeemed_at`, `redeemed_order_id` |
-//! | `expirations`      | the coupon back to `available`, only if still held under that `hold_id` |
+//! | `purchase-results` | redeemed (not `repeated`): coupon `redeemed`, `redeemed_at`, `redeemed_order_id`; cancelled (not `repeated`): the coupon to the `coupon_status` it carries, the order's cancellation stored |
+//! | `expirations`      | `HoldExpired`: the coupon back to `available` (or `expired` when the event says its campaign had ended by the deadline), only if still held under that `hold_id`; `CouponExpired`: an available coupon `expired` |
 //! | `blacklist`        | the user's blacklist entry (`users.blacklisted*`), as the change left it |
 //!
 //! Beyond the coupons, everything that decides a later request is restored,
@@ -118,6 +118,8 @@ pub struct RebuildStats {
     pub available: u64,
     pub held: u64,
     pub redeemed: u64,
+    /// Coupons whose campaign ended (`expired`).
+    pub expired: u64,
     pub users: u64,
     /// Quota slots (`quota_grants` rows).
     pub quota_grants: u64,
@@ -160,7 +162,7 @@ impl fmt::Display for RebuildStats {
         write!(
             f,
             "rebuilt from {} events in {:.2}s ({:.0} events/s; read {:.2}s, applied and written {:.2}s): \
-             {} coupons ({} available, {} held, {} redeemed), {} users ({} blacklisted), \
+             {} coupons ({} available, {} held, {} redeemed, {} expired), {} users ({} blacklisted), \
              {} quota grants, {} claim decisions, {} purchase decisions, {} history rows",
             self.events,
             self.seconds(),
@@ -171,6 +173,7 @@ impl fmt::Display for RebuildStats {
             self.available,
             self.held,
             self.redeemed,
+            self.expired,
             self.users,
             self.blacklisted,
             self.quota_grants,
@@ -300,6 +303,7 @@ pub async fn project(
             CouponStatus::Available => stats.available += 1,
             CouponStatus::Held => stats.held += 1,
             CouponStatus::Redeemed => stats.redeemed += 1,
+            CouponStatus::Expired => stats.expired += 1,
         }
     }
     stats.events = projection.applied;
@@ -324,8 +328,8 @@ async fn write_history(
     Ok(written)
 }
 
-/// Campaigns, coupons, their final states, users, quota slots and purchase
-/// decisions, one after the other.
+/// Campaigns (and their early ends), coupons, their final states, users,
+/// quota slots, purchase decisions and cancellations, one after the other.
 async fn write_the_rest(
     target: &PgPool,
     projection: &Projection,
@@ -338,6 +342,17 @@ async fn write_the_rest(
             coupon_platform::store::campaigns::insert(&mut conn, *batch_id, campaign)
                 .await
                 .context("writing campaigns")?;
+        }
+        // Their early ends, as the log's expiries carry them.
+        for (batch_id, (at, by)) in &projection.ended_early {
+            coupon_platform::store::campaigns::set_ended_at(
+                &mut conn,
+                *batch_id,
+                *at,
+                by.as_deref(),
+            )
+            .await
+            .context("writing campaigns' ends")?;
         }
     }
     let all: Vec<NewCoupon> = projection.coupons().map(|c| c.coupon.clone()).collect();
@@ -356,6 +371,15 @@ async fn write_the_rest(
     stats.purchase_decisions = write_purchase_decisions(target, projection)
         .await
         .context("writing purchase decisions")?;
+    // Cancelled orders, with their decisions (a repeat answers the same).
+    if !projection.cancels.is_empty() {
+        let mut conn = target.acquire().await.context("writing cancellations")?;
+        for (order, cancel) in &projection.cancels {
+            coupon_platform::store::decisions::record_cancel(&mut conn, order, cancel)
+                .await
+                .context("writing cancellations")?;
+        }
+    }
     Ok(())
 }
 

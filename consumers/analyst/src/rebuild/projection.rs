@@ -11,11 +11,13 @@ use coupon_consumers::history;
 use coupon_domain::lifecycle::release_event_id;
 use coupon_domain::{CouponStatus, QuotaWindow, RequestId};
 use coupon_platform::kafka::Record;
+use coupon_platform::store::decisions::CancelRecord;
 use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 use coupon_platform::time::from_ms;
 use coupon_platform::Topics;
 use coupon_schemas::{
-    ClaimDecided, ClaimOutcome, CouponsCreated, HoldExpired, PurchaseDecided, PurchaseOutcome,
+    ClaimDecided, ClaimOutcome, CouponExpired, CouponsCreated, HoldExpired, PurchaseDecided,
+    PurchaseOutcome,
 };
 
 use crate::replay::{decode_event, TopicEvent, TopicKind};
@@ -39,6 +41,11 @@ pub struct Projection {
     /// The batches' campaigns, once per batch (the first chunk's), in the
     /// order their batches appeared.
     pub(super) campaigns: Vec<(uuid::Uuid, coupon_domain::Campaign)>,
+    /// Campaigns ended early, as the log's `CouponExpired` events tell
+    /// (their end, where it came before `valid_until`).
+    pub(super) ended_early: HashMap<uuid::Uuid, (DateTime<Utc>, Option<String>)>,
+    /// Cancelled orders, with their cancellation (by order id).
+    pub(super) cancels: Vec<(coupon_domain::OrderId, CancelRecord)>,
     pub(super) users: HashMap<String, DateTime<Utc>>,
     pub(super) blacklist: HashMap<String, BlacklistState>,
     /// The coupon each user was last granted (checked against the coupon's
@@ -183,6 +190,17 @@ impl Projection {
                 });
                 (!ready).then(|| e.coupon_code.clone())
             }
+            // A cancellation waits for the redemption it undoes.
+            TopicEvent::PurchaseDecided(e)
+                if !e.repeated
+                    && PurchaseOutcome::try_from(e.outcome) == Ok(PurchaseOutcome::Cancelled) =>
+            {
+                let ready = self.coupons.get(&e.coupon_code).is_some_and(|c| {
+                    c.status == CouponStatus::Redeemed
+                        && c.redeemed_order_id.as_deref() == Some(e.order_id.as_str())
+                });
+                (!ready).then(|| e.coupon_code.clone())
+            }
             TopicEvent::HoldExpired(e) => {
                 (!self.granted_holds.contains(&e.hold_id)).then(|| e.coupon_code.clone())
             }
@@ -279,6 +297,16 @@ impl Projection {
             TopicEvent::ClaimDecided(event) => self.apply_claim_decision(log, &event, &mut rows),
             TopicEvent::PurchaseDecided(event) => self.apply_purchase_decision(log, &event),
             TopicEvent::HoldExpired(event) => self.apply_expiry(log, &event, &mut rows),
+            TopicEvent::CouponExpired(event) => self.apply_campaign_expiry(log, &event, &mut rows),
+            TopicEvent::CampaignEnded(event) => {
+                match (Uuid::parse_str(&event.batch_id), from_ms(event.ended_at_ms)) {
+                    (Ok(batch), Some(at)) if event.ended_at_ms > 0 => {
+                        let by = (!event.ended_by.is_empty()).then(|| event.ended_by.clone());
+                        self.ended_early.insert(batch, (at, by));
+                    }
+                    _ => self.anomaly(record, "campaign end without a batch or a time".into()),
+                }
+            }
             TopicEvent::BlacklistChanged(event) => {
                 let state = BlacklistState::of(
                     &event,
@@ -293,6 +321,7 @@ impl Projection {
             }
             TopicEvent::ClaimRequested(_)
             | TopicEvent::PurchaseRequested(_)
+            | TopicEvent::PurchaseCancelled(_)
             | TopicEvent::DeadLetter(_) => {
                 self.applied -= 1;
             }
@@ -395,6 +424,12 @@ impl Projection {
     fn apply_purchase_decision(&mut self, log: &LogRecord, event: &PurchaseDecided) {
         let record = &log.record;
         self.record_purchase_decision(record, event, log.occurred_at_ms);
+        if PurchaseOutcome::try_from(event.outcome) == Ok(PurchaseOutcome::Cancelled) {
+            if !event.repeated {
+                self.apply_cancel(record, event);
+            }
+            return;
+        }
         let redeemed = PurchaseOutcome::try_from(event.outcome) == Ok(PurchaseOutcome::Redeemed);
         if !redeemed || event.repeated {
             return;
@@ -429,16 +464,115 @@ impl Projection {
         self.touch(&event.coupon_code);
     }
 
-    /// An expired hold returns its coupon to the pool, if the coupon is still
-    /// held under that hold.
-    fn apply_expiry(&mut self, log: &LogRecord, event: &HoldExpired, rows: &mut Vec<HistoryRow>) {
+    /// A cancelled order's coupon leaves `redeemed` for the status the
+    /// processor decided (`available`, or `expired` after its campaign's
+    /// end), if that order still redeems it.
+    fn apply_cancel(&mut self, record: &Record, event: &PurchaseDecided) {
+        let to = match event.coupon_status.parse::<CouponStatus>() {
+            Ok(to @ (CouponStatus::Available | CouponStatus::Expired)) => to,
+            _ => return self.anomaly(record, format!("cancellation to {:?}", event.coupon_status)),
+        };
+        match self.coupons.get_mut(&event.coupon_code) {
+            Some(state)
+                if state.status == CouponStatus::Redeemed
+                    && state.redeemed_order_id.as_deref() == Some(event.order_id.as_str()) =>
+            {
+                state.status = to;
+                state.holder_user_id = None;
+                state.hold_id = None;
+                state.held_until = None;
+                state.redeemed_at = None;
+                state.redeemed_order_id = None;
+                let envelope = event.envelope.as_ref();
+                let cancel = (
+                    coupon_domain::OrderId::parse(event.order_id.as_str()).ok(),
+                    RequestId::parse(event.request_id.as_str()).ok(),
+                    envelope.and_then(|e| Uuid::parse_str(&e.event_id).ok()),
+                    envelope.and_then(|e| from_ms(e.occurred_at_ms)),
+                );
+                if let (Some(order), Some(request_id), Some(event_id), Some(at)) = cancel {
+                    self.cancels.push((
+                        order,
+                        CancelRecord {
+                            cancelled_at: at,
+                            request_id,
+                            event_id,
+                            coupon_status: to,
+                        },
+                    ));
+                }
+            }
+            _ => self.anomaly(
+                record,
+                format!(
+                    "cancellation of order {}, which does not redeem {}",
+                    event.order_id, event.coupon_code
+                ),
+            ),
+        }
+        self.touch(&event.coupon_code);
+    }
+
+    /// An available coupon of an ended campaign leaves the pool for good, if
+    /// it is still available (a claim judged before the end may have taken
+    /// it: that hold keeps its deadline).
+    fn apply_campaign_expiry(
+        &mut self,
+        log: &LogRecord,
+        event: &CouponExpired,
+        rows: &mut Vec<HistoryRow>,
+    ) {
+        let ended_at =
+            from_ms(event.campaign_ended_at_ms).filter(|_| event.campaign_ended_at_ms > 0);
+        if let (Ok(batch), Some(at)) = (Uuid::parse_str(&event.batch_id), ended_at) {
+            let until = self
+                .campaigns
+                .iter()
+                .find(|(id, _)| *id == batch)
+                .and_then(|(_, c)| c.valid_until());
+            if until.is_none_or(|until| at < until) {
+                self.ended_early.entry(batch).or_insert((at, None));
+            }
+        }
         if let Some(state) = self.coupons.get_mut(&event.coupon_code) {
-            if state.status.may_become(CouponStatus::Available)
+            if state.status == CouponStatus::Available {
+                state.status = CouponStatus::Expired;
+                let event_id = event
+                    .envelope
+                    .as_ref()
+                    .and_then(|e| Uuid::parse_str(&e.event_id).ok());
+                if let (Some(event_id), Some(at)) = (event_id, from_ms(log.occurred_at_ms)) {
+                    rows.push(HistoryRow::campaign_expired(
+                        at,
+                        event_id,
+                        event.coupon_code.clone(),
+                        &event.batch_id,
+                        from_ms(event.campaign_ended_at_ms)
+                            .filter(|_| event.campaign_ended_at_ms > 0),
+                    ));
+                }
+            }
+        }
+        self.touch(&event.coupon_code);
+    }
+
+    /// An expired hold returns its coupon to the pool, if the coupon is still
+    /// held under that hold; to `expired` when its campaign had ended by the
+    /// hold's deadline (the event carries that end, as the expiry decided).
+    fn apply_expiry(&mut self, log: &LogRecord, event: &HoldExpired, rows: &mut Vec<HistoryRow>) {
+        let campaign_ended_at =
+            from_ms(event.campaign_ended_at_ms).filter(|_| event.campaign_ended_at_ms > 0);
+        if let Some(state) = self.coupons.get_mut(&event.coupon_code) {
+            if state.status == CouponStatus::Held
                 && state.hold_id.as_deref() == Some(event.hold_id.as_str())
             {
                 let user = state.holder_user_id.take();
                 let held_until = state.held_until.take();
-                state.status = CouponStatus::Available;
+                state.status = if campaign_ended_at.is_some() {
+                    CouponStatus::Expired
+                } else {
+                    CouponStatus::Available
+                };
                 state.hold_id = None;
                 let event_id = event
                     .envelope
@@ -454,6 +588,7 @@ impl Projection {
                             hold_id: &event.hold_id,
                             held_until,
                             by: ReleasedBy::Expiry,
+                            campaign_ended_at,
                         },
                     ));
                 }
@@ -500,7 +635,7 @@ impl Projection {
         let user = event.user_id.as_str();
         let code = self.holding.get(user)?.clone();
         let state = self.coupons.get_mut(&code)?;
-        if !state.status.may_become(CouponStatus::Available)
+        if state.status != CouponStatus::Held
             || state.holder_user_id.as_deref() != Some(user)
             || state.hold_id.as_deref() == Some(event.request_id.as_str())
         {
@@ -526,6 +661,7 @@ impl Projection {
                 hold_id: &hold_id,
                 held_until,
                 by: ReleasedBy::NextGrant,
+                campaign_ended_at: None,
             },
         ))
     }
@@ -680,6 +816,7 @@ mod tests {
             user_id: user.into(),
             hold_id: hold.into(),
             held_until_ms: at,
+            ..Default::default()
         }
     }
 
@@ -993,6 +1130,158 @@ mod tests {
         }
         rows.extend(projection.finish(&topics));
         rows.iter().map(|r| r.kind.as_str()).collect()
+    }
+
+    fn coupon_expired(at: i64, code: &str) -> coupon_schemas::CouponExpired {
+        coupon_schemas::CouponExpired {
+            envelope: Some(
+                coupon_schemas::new_envelope::<coupon_schemas::CouponExpired>(
+                    coupon_domain::lifecycle::campaign_expiry_event_id(code).to_string(),
+                    at,
+                    "test",
+                    "",
+                ),
+            ),
+            coupon_code: code.into(),
+            batch_id: "b".into(),
+            campaign_ended_at_ms: at,
+        }
+    }
+
+    fn cancelled(at: i64, user: &str, code: &str, order: &str, to: &str) -> PurchaseDecided {
+        PurchaseDecided {
+            envelope: envelope::<PurchaseDecided>(at),
+            request_id: format!("cancel-{order}"),
+            user_id: user.into(),
+            coupon_code: code.into(),
+            order_id: order.into(),
+            outcome: PurchaseOutcome::Cancelled as i32,
+            coupon_status: to.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_campaign_end_expires_available_coupons_once_and_spares_holds() {
+        let (c1, c2) = (code(1), code(2));
+        let mut projection = Projection::default();
+        let kinds = apply_causally(
+            &mut projection,
+            vec![
+                log(TopicKind::Created, 0, created(T0, &[1, 2])),
+                log(
+                    TopicKind::ClaimResults,
+                    0,
+                    grant(T0 + 100, "ann", &c1, "r1", false),
+                ),
+                log(TopicKind::Expirations, 0, coupon_expired(T0 + 200, &c1)),
+                log(TopicKind::Expirations, 1, coupon_expired(T0 + 200, &c2)),
+                // The sweeper announced it again: the same event id.
+                log(TopicKind::Expirations, 2, coupon_expired(T0 + 300, &c2)),
+            ],
+        );
+        assert_eq!(projection.coupon(&c1).unwrap().status, CouponStatus::Held);
+        assert_eq!(
+            projection.coupon(&c2).unwrap().status,
+            CouponStatus::Expired
+        );
+        assert_eq!(kinds.iter().filter(|k| **k == "expired").count(), 1);
+        assert_eq!(projection.duplicates, 1);
+        assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
+    }
+
+    #[test]
+    fn a_hold_ending_after_its_campaign_expires_its_coupon() {
+        let c1 = code(1);
+        let mut projection = Projection::default();
+        let mut late = expired(T0 + 5_000, "ann", &c1, "r1");
+        late.campaign_ended_at_ms = T0 + 1_000;
+        let kinds = apply_causally(
+            &mut projection,
+            vec![
+                log(TopicKind::Created, 0, created(T0, &[1])),
+                log(
+                    TopicKind::ClaimResults,
+                    0,
+                    grant(T0 + 100, "ann", &c1, "r1", false),
+                ),
+                log(TopicKind::Expirations, 0, late),
+            ],
+        );
+        let state = projection.coupon(&c1).unwrap();
+        assert_eq!(state.status, CouponStatus::Expired);
+        assert_eq!(state.holder_user_id, None);
+        assert!(kinds.contains(&"expired"), "{kinds:?}");
+    }
+
+    #[test]
+    fn a_cancellation_undoes_its_redemption_even_read_first() {
+        let (c1, c2) = (code(1), code(2));
+        let mut projection = Projection::default();
+        let kinds = apply_causally(
+            &mut projection,
+            vec![
+                log(TopicKind::Created, 0, created(T0, &[1, 2])),
+                log(
+                    TopicKind::ClaimResults,
+                    0,
+                    grant(T0 + 100, "ann", &c1, "r1", false),
+                ),
+                log(
+                    TopicKind::ClaimResults,
+                    1,
+                    grant(T0 + 100, "bob", &c2, "r2", false),
+                ),
+                log(
+                    TopicKind::PurchaseResults,
+                    0,
+                    redemption(T0 + 300, "ann", &c1, "o1"),
+                ),
+                log(
+                    TopicKind::PurchaseResults,
+                    1,
+                    redemption(T0 + 300, "bob", &c2, "o2"),
+                ),
+                // Stamped before the redemption it undoes: it waits for it.
+                log(
+                    TopicKind::PurchaseResults,
+                    2,
+                    cancelled(T0 + 299, "ann", &c1, "o1", "available"),
+                ),
+                log(
+                    TopicKind::PurchaseResults,
+                    3,
+                    cancelled(T0 + 400, "bob", &c2, "o2", "expired"),
+                ),
+            ],
+        );
+        let one = projection.coupon(&c1).unwrap();
+        assert_eq!(one.status, CouponStatus::Available);
+        assert_eq!(
+            (
+                one.holder_user_id.as_deref(),
+                one.redeemed_order_id.as_deref()
+            ),
+            (None, None)
+        );
+        assert_eq!(
+            projection.coupon(&c2).unwrap().status,
+            CouponStatus::Expired
+        );
+        assert_eq!(kinds.iter().filter(|k| **k == "cancelled").count(), 2);
+        assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
+        // The user's quota stays used.
+        assert!(projection
+            .quota_grant(
+                "ann",
+                from_ms(T0)
+                    .unwrap()
+                    .date_naive()
+                    .and_hms_opt(0, 0, 0)
+                    .unwrap()
+                    .and_utc()
+            )
+            .is_some());
     }
 
     fn redemption(at: i64, user: &str, code: &str, order: &str) -> PurchaseDecided {

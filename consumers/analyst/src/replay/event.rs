@@ -1,8 +1,7 @@
 //! A record decoded with the message its topic carries, its time, and its
 //! JSON line.
 
-use coupon_platform::kafka::{decode_value, DecodeError, Record};
-use coupon_schemas::MessageDecoder;
+use coupon_platform::kafka::{DecodeError, Record};
 
 use crate::jsonl::{self, RawRecord};
 
@@ -24,17 +23,7 @@ pub fn decode_event_value(
     kind: TopicKind,
     value: Option<&[u8]>,
 ) -> Result<TopicEvent, DecodeError> {
-    kind.decode(Checked(value))
-}
-
-/// The platform's decoder (size, protobuf, envelope) as the catalogue's.
-struct Checked<'a>(Option<&'a [u8]>);
-
-impl MessageDecoder for Checked<'_> {
-    type Error = DecodeError;
-    fn decode<E: coupon_schemas::Event>(self) -> Result<E, DecodeError> {
-        decode_value(self.0)
-    }
+    coupon_platform::kafka::decode_topic(kind, value)
 }
 
 /// When a record happened: its Kafka timestamp, else its envelope's time.

@@ -19,8 +19,9 @@ use base64::Engine as _;
 
 use coupon_platform::kafka::DecodeError;
 use coupon_schemas::{
-    BlacklistChanged, Campaign, ClaimDecided, ClaimOutcome, ClaimRequested, CouponsCreated,
-    DeadLetter, Envelope, HoldExpired, Money, PurchaseDecided, PurchaseOutcome, PurchaseRequested,
+    BlacklistChanged, Campaign, CampaignEnded, ClaimDecided, ClaimOutcome, ClaimRequested,
+    CouponExpired, CouponsCreated, DeadLetter, Envelope, HoldExpired, Money, PurchaseCancelled,
+    PurchaseDecided, PurchaseOutcome, PurchaseRequested,
 };
 
 use crate::replay::{TopicEvent, TopicKind};
@@ -147,6 +148,9 @@ fn event_payload(out: &mut Vec<u8>, event: &TopicEvent) {
         TopicEvent::HoldExpired(e) => hold_expired(&mut o, e),
         TopicEvent::DeadLetter(e) => dead_letter(&mut o, e),
         TopicEvent::BlacklistChanged(e) => blacklist_changed(&mut o, e),
+        TopicEvent::CouponExpired(e) => coupon_expired(&mut o, e),
+        TopicEvent::PurchaseCancelled(e) => purchase_cancelled(&mut o, e),
+        TopicEvent::CampaignEnded(e) => campaign_ended(&mut o, e),
     }
     o.close();
 }
@@ -257,8 +261,10 @@ fn purchase_decided(o: &mut Obj<'_>, e: &PurchaseDecided) {
         repeated,
         order_total,
         discount_amount,
+        coupon_status,
     } = e;
     o.str("coupon_code", coupon_code);
+    o.str("coupon_status", coupon_status);
     o.key("discount_amount");
     money(o.out, discount_amount.as_ref());
     o.str("order_id", order_id);
@@ -283,10 +289,48 @@ fn hold_expired(o: &mut Obj<'_>, e: &HoldExpired) {
         user_id,
         hold_id,
         held_until_ms,
+        campaign_ended_at_ms,
     } = e;
+    o.int("campaign_ended_at_ms", *campaign_ended_at_ms);
     o.str("coupon_code", coupon_code);
     o.int("held_until_ms", *held_until_ms);
     o.str("hold_id", hold_id);
+    o.str("user_id", user_id);
+}
+
+fn coupon_expired(o: &mut Obj<'_>, e: &CouponExpired) {
+    let CouponExpired {
+        envelope: _,
+        coupon_code,
+        batch_id,
+        campaign_ended_at_ms,
+    } = e;
+    o.str("batch_id", batch_id);
+    o.int("campaign_ended_at_ms", *campaign_ended_at_ms);
+    o.str("coupon_code", coupon_code);
+}
+
+fn campaign_ended(o: &mut Obj<'_>, e: &CampaignEnded) {
+    let CampaignEnded {
+        envelope: _,
+        batch_id,
+        ended_at_ms,
+        ended_by,
+    } = e;
+    o.str("batch_id", batch_id);
+    o.int("ended_at_ms", *ended_at_ms);
+    o.str("ended_by", ended_by);
+}
+
+fn purchase_cancelled(o: &mut Obj<'_>, e: &PurchaseCancelled) {
+    let PurchaseCancelled {
+        envelope: _,
+        request_id,
+        user_id,
+        order_id,
+    } = e;
+    o.str("order_id", order_id);
+    o.str("request_id", request_id);
     o.str("user_id", user_id);
 }
 
@@ -502,6 +546,9 @@ mod tests {
             TopicEvent::HoldExpired(e) => serde_json::to_value(e),
             TopicEvent::DeadLetter(e) => serde_json::to_value(e),
             TopicEvent::BlacklistChanged(e) => serde_json::to_value(e),
+            TopicEvent::CouponExpired(e) => serde_json::to_value(e),
+            TopicEvent::PurchaseCancelled(e) => serde_json::to_value(e),
+            TopicEvent::CampaignEnded(e) => serde_json::to_value(e),
         }
         .unwrap();
         let fields = value.as_object_mut().unwrap();
@@ -690,6 +737,34 @@ mod tests {
                     repeated: true,
                     order_total: Some(money()),
                     discount_amount: Some(Money::default()),
+                    coupon_status: s(),
+                }),
+            ),
+            (
+                TopicKind::Purchases,
+                TopicEvent::PurchaseCancelled(PurchaseCancelled {
+                    envelope: envelope::<PurchaseCancelled>(text),
+                    request_id: s(),
+                    user_id: s(),
+                    order_id: s(),
+                }),
+            ),
+            (
+                TopicKind::Expirations,
+                TopicEvent::CampaignEnded(CampaignEnded {
+                    envelope: envelope::<CampaignEnded>(text),
+                    batch_id: s(),
+                    ended_at_ms: 1 << 41,
+                    ended_by: s(),
+                }),
+            ),
+            (
+                TopicKind::Expirations,
+                TopicEvent::CouponExpired(CouponExpired {
+                    envelope: envelope::<CouponExpired>(text),
+                    coupon_code: s(),
+                    batch_id: s(),
+                    campaign_ended_at_ms: 1 << 41,
                 }),
             ),
             (
@@ -708,6 +783,7 @@ mod tests {
                     user_id: s(),
                     hold_id: s(),
                     held_until_ms: 77,
+                    campaign_ended_at_ms: 78,
                 }),
             ),
             (
@@ -751,6 +827,9 @@ mod tests {
             TopicEvent::HoldExpired(e) => e.encode_to_vec(),
             TopicEvent::DeadLetter(e) => e.encode_to_vec(),
             TopicEvent::BlacklistChanged(e) => e.encode_to_vec(),
+            TopicEvent::CouponExpired(e) => e.encode_to_vec(),
+            TopicEvent::PurchaseCancelled(e) => e.encode_to_vec(),
+            TopicEvent::CampaignEnded(e) => e.encode_to_vec(),
         }
     }
 

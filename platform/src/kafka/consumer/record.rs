@@ -113,6 +113,26 @@ pub fn decode<E: Event>(record: &Record) -> Result<E, DecodeError> {
     decode_value(record.value.as_deref())
 }
 
+/// Decodes a record's value as the message of topic `kind` that its
+/// envelope names (the catalogue's map, `TopicKind::decode`), with the
+/// checks of [`decode_value`].
+pub fn decode_topic(
+    kind: coupon_schemas::TopicKind,
+    value: Option<&[u8]>,
+) -> Result<coupon_schemas::TopicEvent, DecodeError> {
+    struct Checked<'a>(Option<&'a [u8]>);
+    impl coupon_schemas::MessageDecoder for Checked<'_> {
+        type Error = DecodeError;
+        fn decode<E: Event>(self) -> Result<E, DecodeError> {
+            decode_value(self.0)
+        }
+        fn value(&self) -> Option<&[u8]> {
+            self.0
+        }
+    }
+    kind.decode(Checked(value))
+}
+
 /// [`decode`] on a record's value, borrowed (the replay decodes records
 /// without copying them out of the client's buffers).
 pub fn decode_value<E: Event>(value: Option<&[u8]>) -> Result<E, DecodeError> {

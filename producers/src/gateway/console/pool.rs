@@ -19,7 +19,9 @@ pub struct CategoryPool {
     pub available: i64,
     pub held: i64,
     pub redeemed: i64,
-    /// available + held + redeemed.
+    /// Out of the pool for good: their campaign ended.
+    pub expired: i64,
+    /// available + held + redeemed + expired.
     pub issued: i64,
 }
 
@@ -30,10 +32,11 @@ pub struct PoolAnswer {
     pub available: i64,
     pub held: i64,
     pub redeemed: i64,
+    pub expired: i64,
     pub issued: i64,
 }
 
-/// The pool per category: coupons available, held and redeemed.
+/// The pool per category: coupons available, held, redeemed and expired.
 ///
 /// The numbers of `couponctl status` (the same query), as Postgres has them
 /// now: coupons published but not yet projected are not counted.
@@ -58,11 +61,12 @@ pub(crate) async fn pool(
     let categories: Vec<CategoryPool> = rows
         .into_iter()
         .map(|c| CategoryPool {
-            issued: c.available + c.held + c.redeemed,
+            issued: c.available + c.held + c.redeemed + c.expired,
             category: c.category,
             available: c.available,
             held: c.held,
             redeemed: c.redeemed,
+            expired: c.expired,
         })
         .collect();
     let sum = |f: fn(&CategoryPool) -> i64| categories.iter().map(f).sum::<i64>();
@@ -70,6 +74,7 @@ pub(crate) async fn pool(
         available: sum(|c| c.available),
         held: sum(|c| c.held),
         redeemed: sum(|c| c.redeemed),
+        expired: sum(|c| c.expired),
         issued: sum(|c| c.issued),
         categories,
     }))

@@ -5,9 +5,13 @@
 //! handler, the answers it gives (its error cases) and their unit tests:
 //! `claim` (`GET /api/v1/coupon`), `purchase` (`POST /api/v1/purchase`),
 //! `release` (`POST /api/v1/coupon`), `status` (`GET /api/v1/coupon/{code}`),
-//! `health` (`/healthz`, `/metrics`, the OpenAPI document). The console's
+//! `health` (`/healthz`, `/metrics`, the OpenAPI document), `campaign_end`
+//! (`DELETE /api/v1/campaigns/{id}`), `cancel`
+//! (`POST /api/v1/purchase/{order_id}/cancel`). The console's
 //! routes are in `console/`, by page.
 
+pub(super) mod campaign_end;
+pub(super) mod cancel;
 pub(super) mod claim;
 pub(super) mod health;
 pub(super) mod purchase;
@@ -105,6 +109,18 @@ fn route_table() -> Vec<Row> {
             "/api/v1/purchase",
             Storefront,
             purchase::purchase,
+        ),
+        route(
+            Verb::Post,
+            "/api/v1/purchase/{order_id}/cancel",
+            Storefront,
+            cancel::cancel_order,
+        ),
+        route(
+            Verb::Delete,
+            "/api/v1/campaigns/{id}",
+            Admin,
+            campaign_end::end_campaign,
         ),
         route(
             Verb::Get,

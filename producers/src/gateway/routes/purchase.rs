@@ -134,7 +134,7 @@ async fn purchase_inner(
     Ok(purchase_response(&decision))
 }
 
-fn purchase_response(decision: &PurchaseDecided) -> Response {
+pub(super) fn purchase_response(decision: &PurchaseDecided) -> Response {
     let outcome =
         PurchaseOutcome::try_from(decision.outcome).unwrap_or(PurchaseOutcome::Unspecified);
     let conflict =
@@ -181,6 +181,15 @@ fn purchase_response(decision: &PurchaseDecided) -> Response {
             "this coupon takes a percent off: send order_total with the purchase",
         ),
         PurchaseOutcome::Conflict => order_id_conflict().into_response(),
+        // The answer to a cancellation (`routes::cancel`), never to a
+        // purchase request: a reply is matched by its request id.
+        PurchaseOutcome::Cancelled => (
+            StatusCode::OK,
+            Json(crate::gateway::api::Cancelled {
+                status: "cancelled".to_owned(),
+            }),
+        )
+            .into_response(),
         PurchaseOutcome::Invalid | PurchaseOutcome::Unspecified => {
             ApiError::invalid(decision.reason.clone()).into_response()
         }
