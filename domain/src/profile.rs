@@ -15,7 +15,7 @@
 //! a campaign that has rules; a campaign without rules is everyone's.
 //! Locations compare without regard to case, so `de` matches `DE`.
 
-use chrono::{Datelike, NaiveDate};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use crate::campaign::{check_text, MAX_LOCATION_CHARS};
 
@@ -46,15 +46,18 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Validates a profile as given (empty text = not given), judged on
-    /// `today`: a name of 1 to 200 characters, a date of birth `YYYY-MM-DD`
-    /// not after `today` nor before 1900, a location as a campaign's.
+    /// Validates a profile as given (empty text = not given), judged at
+    /// `now`: a name of 1 to 200 characters, a date of birth `YYYY-MM-DD`
+    /// not in the future (the date somewhere on Earth at `now`, UTC+14, so
+    /// nobody born today is refused) nor before 1900, a location as a
+    /// campaign's.
     pub fn parse(
         name: &str,
         dob: &str,
         location: &str,
-        today: NaiveDate,
+        now: DateTime<Utc>,
     ) -> Result<Self, InvalidProfile> {
+        let today = (now + chrono::Duration::hours(14)).date_naive();
         let text = |field, raw: &str, max| -> Result<Option<String>, InvalidProfile> {
             if raw.is_empty() {
                 return Ok(None);
@@ -113,6 +116,24 @@ impl Eligibility {
     }
 }
 
+/// The restricted campaigns (by batch id) whose coupons the user of
+/// `profile` may not claim on the day `on`: what the claim processor's grant
+/// leaves out for that user.
+pub fn ineligible_batches<'a>(
+    restricted: &'a [(uuid::Uuid, Eligibility)],
+    profile: Option<&Profile>,
+    on: NaiveDate,
+) -> Vec<uuid::Uuid> {
+    let mut out: Vec<uuid::Uuid> = restricted
+        .iter()
+        .filter(|(_, rules)| !eligible(rules, profile, on))
+        .map(|(batch, _)| *batch)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// Whole years between `dob` and `on` (0 before the first birthday; a
 /// 29 February birthday counts on 1 March in common years).
 pub fn age_on(dob: NaiveDate, on: NaiveDate) -> u32 {
@@ -162,16 +183,20 @@ mod tests {
         date("2026-12-06")
     }
 
+    fn now() -> DateTime<Utc> {
+        "2026-12-06T00:00:00Z".parse().unwrap()
+    }
+
     #[test]
     fn a_profile_is_validated_field_by_field() {
-        let p = Profile::parse("Ada", "1990-02-03", "DE", today()).unwrap();
+        let p = Profile::parse("Ada", "1990-02-03", "DE", now()).unwrap();
         assert_eq!(p.dob, Some(date("1990-02-03")));
         assert_eq!(p.location.as_deref(), Some("DE"));
         assert_eq!(
-            Profile::parse("", "", "", today()).unwrap(),
+            Profile::parse("", "", "", now()).unwrap(),
             Profile::default()
         );
-        let field = |n: &str, d: &str, l: &str| Profile::parse(n, d, l, today()).unwrap_err().field;
+        let field = |n: &str, d: &str, l: &str| Profile::parse(n, d, l, now()).unwrap_err().field;
         assert_eq!(field("Ada", "2026-12-07", "DE"), "dob");
         assert_eq!(field("Ada", "06.12.1990", "DE"), "dob");
         assert_eq!(field("Ada", "1899-12-31", "DE"), "dob");
@@ -180,7 +205,7 @@ mod tests {
         assert_eq!(field("Ada", "1990-01-01", &"x".repeat(65)), "location");
         assert_eq!(field("Ada", "1990-01-01", "D\u{0}E"), "location");
         // Today is a date of birth (a newborn).
-        assert!(Profile::parse("Ada", "2026-12-06", "DE", today()).is_ok());
+        assert!(Profile::parse("Ada", "2026-12-06", "DE", now()).is_ok());
     }
 
     #[test]
@@ -208,8 +233,7 @@ mod tests {
             locations: vec!["DE".into()],
             min_age: Some(18),
         };
-        let profile =
-            |dob: &str, location: &str| Profile::parse("", dob, location, today()).unwrap();
+        let profile = |dob: &str, location: &str| Profile::parse("", dob, location, now()).unwrap();
         // No profile, or no field the rule reads: not eligible.
         assert!(!eligible(&germany, None, today()));
         assert!(!eligible(&adults, None, today()));
@@ -238,6 +262,48 @@ mod tests {
             Some(&profile("2010-01-01", "DE")),
             today()
         ));
+    }
+
+    #[test]
+    fn ineligible_batches_are_those_whose_rules_refuse_the_profile() {
+        let (a, b, c) = (
+            uuid::Uuid::from_u128(1),
+            uuid::Uuid::from_u128(2),
+            uuid::Uuid::from_u128(3),
+        );
+        let restricted = vec![
+            (
+                b,
+                Eligibility {
+                    locations: vec!["DE".into()],
+                    min_age: None,
+                },
+            ),
+            (
+                a,
+                Eligibility {
+                    locations: vec![],
+                    min_age: Some(18),
+                },
+            ),
+            (
+                c,
+                Eligibility {
+                    locations: vec!["FR".into()],
+                    min_age: Some(18),
+                },
+            ),
+        ];
+        let adult_german = Profile::parse("", "1990-01-01", "DE", now()).unwrap();
+        assert_eq!(
+            ineligible_batches(&restricted, Some(&adult_german), today()),
+            vec![c]
+        );
+        assert_eq!(
+            ineligible_batches(&restricted, None, today()),
+            vec![a, b, c]
+        );
+        assert!(ineligible_batches(&[], None, today()).is_empty());
     }
 
     proptest! {

@@ -12,10 +12,11 @@ use std::str::FromStr;
 
 use crate::{
     BlacklistChanged, ClaimDecided, ClaimRequested, CouponsCreated, DeadLetter, Event, HoldExpired,
-    PurchaseDecided, PurchaseRequested,
+    PurchaseDecided, PurchaseRequested, UserProfileUpdated,
 };
 
-/// One of the topics: the seven of the spec, plus `blacklist`.
+/// One of the topics: the seven of the spec, plus `blacklist` and `users`
+/// (profiles).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TopicKind {
     Created,
@@ -26,6 +27,7 @@ pub enum TopicKind {
     Expirations,
     DeadLetter,
     Blacklist,
+    Users,
 }
 
 /// A record decoded as the message its topic carries.
@@ -39,6 +41,7 @@ pub enum TopicEvent {
     HoldExpired(HoldExpired),
     DeadLetter(DeadLetter),
     BlacklistChanged(BlacklistChanged),
+    UserProfileUpdated(UserProfileUpdated),
 }
 
 /// How a record's bytes become one message type (the platform's decoder
@@ -60,6 +63,7 @@ impl TopicEvent {
             TopicEvent::HoldExpired(e) => e.envelope(),
             TopicEvent::DeadLetter(e) => e.envelope(),
             TopicEvent::BlacklistChanged(e) => e.envelope(),
+            TopicEvent::UserProfileUpdated(e) => e.envelope(),
         }
     }
 
@@ -73,6 +77,7 @@ impl TopicEvent {
             TopicEvent::HoldExpired(e) => e.envelope,
             TopicEvent::DeadLetter(e) => e.envelope,
             TopicEvent::BlacklistChanged(e) => e.envelope,
+            TopicEvent::UserProfileUpdated(e) => e.envelope,
         }
     }
 }
@@ -92,7 +97,7 @@ pub enum RecordKey {
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 8] = [
+    pub const ALL: [TopicKind; 9] = [
         TopicKind::Created,
         TopicKind::Claims,
         TopicKind::ClaimResults,
@@ -101,6 +106,7 @@ impl TopicKind {
         TopicKind::Expirations,
         TopicKind::DeadLetter,
         TopicKind::Blacklist,
+        TopicKind::Users,
     ];
 
     /// The topic's name without the prefix, e.g. `claim-results`.
@@ -114,6 +120,7 @@ impl TopicKind {
             TopicKind::Expirations => "expirations",
             TopicKind::DeadLetter => "dead-letter",
             TopicKind::Blacklist => "blacklist",
+            TopicKind::Users => "users",
         }
     }
 
@@ -144,6 +151,7 @@ impl TopicKind {
             TopicKind::Expirations => TopicEvent::HoldExpired(decoder.decode()?),
             TopicKind::DeadLetter => TopicEvent::DeadLetter(decoder.decode()?),
             TopicKind::Blacklist => TopicEvent::BlacklistChanged(decoder.decode()?),
+            TopicKind::Users => TopicEvent::UserProfileUpdated(decoder.decode()?),
         })
     }
 
@@ -155,7 +163,8 @@ impl TopicKind {
             | TopicKind::ClaimResults
             | TopicKind::Purchases
             | TopicKind::PurchaseResults
-            | TopicKind::Blacklist => RecordKey::UserId,
+            | TopicKind::Blacklist
+            | TopicKind::Users => RecordKey::UserId,
             TopicKind::Expirations => RecordKey::CouponCode,
             TopicKind::DeadLetter => RecordKey::OriginalKey,
         }
@@ -197,24 +206,27 @@ pub enum Role {
     Purchases,
     Expiry,
     History,
+    Profiles,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Gateway,
         Role::Coupons,
         Role::Claims,
         Role::Purchases,
         Role::Expiry,
         Role::History,
+        Role::Profiles,
     ];
     /// The roles that read in a consumer group of their own.
-    pub const CONSUMERS: [Role; 5] = [
+    pub const CONSUMERS: [Role; 6] = [
         Role::Coupons,
         Role::Claims,
         Role::Purchases,
         Role::Expiry,
         Role::History,
+        Role::Profiles,
     ];
 
     /// The role's name: `couponctl consume <name>`, and its consumer group
@@ -227,6 +239,7 @@ impl Role {
             Role::Purchases => "purchases",
             Role::Expiry => "expiry",
             Role::History => "history",
+            Role::Profiles => "profiles",
         }
     }
 
@@ -240,6 +253,7 @@ impl Role {
             Role::Claims => &[TopicKind::Claims],
             Role::Purchases => &[TopicKind::Purchases],
             Role::Expiry => &[TopicKind::Expirations],
+            Role::Profiles => &[TopicKind::Users],
             Role::History => &[
                 TopicKind::Created,
                 TopicKind::ClaimResults,

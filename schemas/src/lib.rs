@@ -63,6 +63,7 @@ event!(
     HoldExpired: SMALL_EVENT,
     DeadLetter: 512 * 1024,
     BlacklistChanged: SMALL_EVENT,
+    UserProfileUpdated: SMALL_EVENT,
 );
 
 /// Builds an envelope for a new event of type `E`.

@@ -15,7 +15,8 @@ use coupon_domain::claim::{
 
 use super::Claim;
 use crate::Policy;
-use coupon_domain::{Category, RequestId, UserId};
+use coupon_domain::profile::ineligible_batches;
+use coupon_domain::{Category, Eligibility, Profile, RequestId, UserId};
 use coupon_platform::store::claims::{ClaimDecisionRecord, Released};
 
 /// A claim that passed the rules and waits for a coupon.
@@ -57,6 +58,11 @@ pub(super) struct BatchView {
     pub(super) pool: PoolKnowledge,
     /// Overdue holds released by this batch's grants.
     pub(super) released: Vec<Released>,
+    /// The campaigns with eligibility rules that still have coupons, and
+    /// the profiles of the batch's users (read only when there are such
+    /// campaigns).
+    pub(super) restricted: Vec<(uuid::Uuid, Eligibility)>,
+    pub(super) profiles: HashMap<UserId, Profile>,
 }
 
 impl BatchView {
@@ -77,7 +83,24 @@ impl BatchView {
             touched: HashSet::new(),
             pool: PoolKnowledge::default(),
             released: Vec::new(),
+            restricted: Vec::new(),
+            profiles: HashMap::new(),
         }
+    }
+
+    /// The restricted campaigns `claim`'s user may not have at the claim's
+    /// day (in the quota's zone): what its grant leaves out. Empty: the
+    /// whole pool, and so a grant that finds nothing proves the pool empty
+    /// for everyone (`coupon_domain::sold_out`).
+    pub(super) fn excluded(&self, policy: &Policy, claim: &Claim) -> Vec<uuid::Uuid> {
+        if self.restricted.is_empty() {
+            return Vec::new();
+        }
+        ineligible_batches(
+            &self.restricted,
+            self.profiles.get(&claim.user_id),
+            policy.quota_window.local_date(claim.at),
+        )
     }
 
     pub(super) fn record(

@@ -210,6 +210,37 @@ impl DiscountBody {
     }
 }
 
+/// `PUT /api/v1/users/{id}` body: the user's profile. Every field is
+/// optional; one left out or empty is cleared.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileBody {
+    /// 1 to 200 characters, no control characters, no white space first or
+    /// last.
+    #[schema(max_length = 200, example = "Ada Lovelace")]
+    pub name: Option<String>,
+    /// Date of birth, `YYYY-MM-DD`: not in the future, not before 1900.
+    #[schema(format = Date, example = "1990-04-01")]
+    pub dob: Option<String>,
+    /// Where the user is, as campaigns' `locations` name places (e.g. a
+    /// country code); compared without regard to case. 1 to 64 characters.
+    #[schema(max_length = 64, example = "DE")]
+    pub location: Option<String>,
+}
+
+/// The `202` answer of `PUT /api/v1/users/{id}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProfileAccepted {
+    #[schema(example = "user-42")]
+    pub user_id: String,
+    /// Always `accepted`: published, applied once projected.
+    #[schema(example = "accepted")]
+    pub status: String,
+    /// The profile's time: of two updates, the later wins.
+    #[schema(example = "2026-12-06T03:00:00.000Z")]
+    pub updated_at: String,
+}
+
 /// `POST /api/v1/purchase` body.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -54,6 +54,9 @@ pub enum ErrorCode {
     /// or over 100, an unknown currency, a window that ends before it
     /// starts); nothing was released.
     InvalidCampaign,
+    /// 422: a profile field is out of range (a date of birth in the future,
+    /// a name too long); nothing was published.
+    InvalidProfile,
     /// 409: the order total is under the coupon's campaign minimum (or no
     /// order total was sent for a campaign with a minimum).
     OrderBelowMinimum,

@@ -24,6 +24,7 @@ Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
         super::routes::release::create_coupons,
         super::routes::status::coupon_status,
         super::routes::purchase::purchase,
+        super::routes::profile::put_profile,
         super::routes::health::healthz,
         super::routes::health::metrics_text,
         super::routes::health::openapi_json,

@@ -4,12 +4,14 @@
 //! One file per storefront, admin or operational route, each with its
 //! handler, the answers it gives (its error cases) and their unit tests:
 //! `claim` (`GET /api/v1/coupon`), `purchase` (`POST /api/v1/purchase`),
-//! `release` (`POST /api/v1/coupon`), `status` (`GET /api/v1/coupon/{code}`),
+//! `release` (`POST /api/v1/coupon`), `profile` (`PUT /api/v1/users/{id}`),
+//! `status` (`GET /api/v1/coupon/{code}`),
 //! `health` (`/healthz`, `/metrics`, the OpenAPI document). The console's
 //! routes are in `console/`, by page.
 
 pub(super) mod claim;
 pub(super) mod health;
+pub(super) mod profile;
 pub(super) mod purchase;
 pub(super) mod release;
 pub(super) mod status;
@@ -30,6 +32,7 @@ use crate::gateway::{console, error, ApiError, ErrorCode, GatewayState};
 pub enum Verb {
     Get,
     Post,
+    Put,
     Delete,
 }
 
@@ -38,6 +41,7 @@ impl Verb {
         match self {
             Verb::Get => "GET",
             Verb::Post => "POST",
+            Verb::Put => "PUT",
             Verb::Delete => "DELETE",
         }
     }
@@ -46,6 +50,7 @@ impl Verb {
         match self {
             Verb::Get => axum::http::Method::GET,
             Verb::Post => axum::http::Method::POST,
+            Verb::Put => axum::http::Method::PUT,
             Verb::Delete => axum::http::Method::DELETE,
         }
     }
@@ -54,6 +59,7 @@ impl Verb {
         match self {
             Verb::Get => MethodFilter::GET,
             Verb::Post => MethodFilter::POST,
+            Verb::Put => MethodFilter::PUT,
             Verb::Delete => MethodFilter::DELETE,
         }
     }
@@ -105,6 +111,12 @@ fn route_table() -> Vec<Row> {
             "/api/v1/purchase",
             Storefront,
             purchase::purchase,
+        ),
+        route(
+            Verb::Put,
+            "/api/v1/users/{id}",
+            Storefront,
+            profile::put_profile,
         ),
         route(
             Verb::Get,
