@@ -22,6 +22,7 @@ mod observability;
 mod openapi;
 mod partitioner;
 mod poison;
+mod profiles;
 mod purchases;
 mod release;
 mod replay;

@@ -20,7 +20,7 @@ use couponctl::app::Role;
 
 use crate::harness::{eventually, release, App, TestEnv};
 
-const ALL: [Role; 6] = Role::ALL;
+const ALL: [Role; 7] = Role::ALL;
 
 /// Bytes no topic's message type decodes.
 const GARBAGE: &[u8] = b"\xff\xfe not protobuf";
@@ -603,6 +603,14 @@ fn assert_round_trip(kind: TopicKind, record: &Record, line: &Value) {
             assert_eq!(payload["reason"], e.reason.as_str());
             assert_eq!(payload["source"], e.source.as_str());
             assert_eq!(payload["changed_by"], e.changed_by.as_str());
+            e.envelope
+        }
+        TopicKind::Users => {
+            let e: coupon_schemas::UserProfileUpdated = decode(record).unwrap();
+            assert_eq!(payload["user_id"], e.user_id.as_str());
+            assert_eq!(payload["dob"], e.dob.as_str());
+            assert_eq!(payload["location"], e.location.as_str());
+            assert_eq!(payload["updated_at_ms"], e.updated_at_ms);
             e.envelope
         }
         TopicKind::DeadLetter => {
