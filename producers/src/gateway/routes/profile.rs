@@ -31,8 +31,8 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
 
 /// Set a user's profile.
 ///
-/// Replaces the user's `name`, `dob` (date of birth) and `location`; a field
-/// left out or empty is cleared. A campaign with `locations` is claimable
+/// Replaces the user's `name`, `dob` (date of birth) and `location`: all
+/// three are required, `null` or `""` clears one. A campaign with `locations` is claimable
 /// only by users whose profile location is one of them (case does not
 /// matter), one with `min_age` only by users at least that old on the day
 /// of the claim; a user without a profile is not eligible for such a
@@ -150,17 +150,27 @@ mod tests {
         );
         let unknown = body(r#"{"name":"Ada","age":30}"#).unwrap_err().to_string();
         assert!(unknown.contains("unknown field `age`"), "{unknown}");
-        let not_a_date = body(r#"{"dob":"01.04.1990"}"#).unwrap();
+        let missing = body(r#"{"name":"Ada","dob":null}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("missing field `location`"), "{missing}");
+        let cleared = body(r#"{"name":null,"dob":"","location":null}"#).unwrap();
+        assert_eq!(profile_of(&cleared, now()).unwrap(), Profile::default());
+        let not_a_date = body(r#"{"name":null,"dob":"01.04.1990","location":null}"#).unwrap();
         let refused = profile_of(&not_a_date, now()).unwrap_err();
         assert_eq!(refused.status, StatusCode::BAD_REQUEST);
-        let future = body(r#"{"dob":"2090-01-01"}"#).unwrap();
+        let future = body(r#"{"name":null,"dob":"2090-01-01","location":null}"#).unwrap();
         let refused = profile_of(&future, now()).unwrap_err();
         assert_eq!(
             (refused.status, refused.code),
             (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidProfile)
         );
         assert!(refused.message.contains("dob"), "{}", refused.message);
-        let long = body(&format!(r#"{{"name":"{}"}}"#, "x".repeat(201))).unwrap();
+        let long = body(&format!(
+            r#"{{"name":"{}","dob":null,"location":null}}"#,
+            "x".repeat(201)
+        ))
+        .unwrap();
         assert_eq!(
             profile_of(&long, now()).unwrap_err().code,
             ErrorCode::InvalidProfile
