@@ -328,6 +328,40 @@ async fn profiles_are_projected_from_the_route_and_the_topic_and_the_latest_wins
         || async { stored(&env, "bob").await == Some((None, None, Some("DE".into()))) },
     )
     .await;
+
+    // A rebuild from the log projects the same profiles.
+    env.wait_caught_up("profiles", &topic, Duration::from_secs(30))
+        .await;
+    app.stop().await;
+    let live = coupon_platform::store::users::all_profiles(&env.pool)
+        .await
+        .unwrap();
+    let rebuilt_name = format!("{}_rebuilt", env.name);
+    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
+    let mut command = env.couponctl();
+    command.args(["replay", "--rebuild", &rebuilt_url]);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rebuilt = sqlx::PgPool::connect(&rebuilt_url).await.unwrap();
+    assert_eq!(
+        coupon_platform::store::users::all_profiles(&rebuilt)
+            .await
+            .unwrap(),
+        live
+    );
+    assert_eq!(live.len(), 3);
+    rebuilt.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
