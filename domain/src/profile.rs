@@ -119,8 +119,8 @@ impl Eligibility {
 /// The restricted campaigns (by batch id) whose coupons the user of
 /// `profile` may not claim on the day `on`: what the claim processor's grant
 /// leaves out for that user.
-pub fn ineligible_batches<'a>(
-    restricted: &'a [(uuid::Uuid, Eligibility)],
+pub fn ineligible_batches(
+    restricted: &[(uuid::Uuid, Eligibility)],
     profile: Option<&Profile>,
     on: NaiveDate,
 ) -> Vec<uuid::Uuid> {

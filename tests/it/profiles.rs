@@ -362,6 +362,29 @@ async fn profiles_are_projected_from_the_route_and_the_topic_and_the_latest_wins
     );
     assert_eq!(live.len(), 3);
     rebuilt.close().await;
+
+    // The audit compares them, and sees a profile changed behind the log.
+    let audit = |env: &TestEnv| {
+        let mut command = env.couponctl();
+        command.arg("audit");
+        tokio::task::spawn_blocking(move || command.output())
+    };
+    let clean = audit(&env).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&clean.stdout).into_owned();
+    assert!(
+        clean.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    assert!(stdout.contains("3 profiles checked"), "{stdout}");
+    sqlx::query("UPDATE users SET location = 'FR' WHERE user_id = 'carl'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let tampered = audit(&env).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&tampered.stdout).into_owned();
+    assert!(!tampered.status.success(), "{stdout}");
+    assert!(stdout.contains("profile of user carl"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,6 +88,25 @@ async fn scenario(env: &TestEnv) -> Scenario {
         (429, Some("rate_limited"))
     );
 
+    // A profile, so that every topic has records (`users` too).
+    let response = TestEnv::http_client()
+        .put(app.url("/api/v1/users/erin"))
+        .json(&json!({"name": "Erin", "dob": "1990-04-01", "location": "DE"}))
+        .send()
+        .await
+        .expect("put a profile");
+    assert_eq!(response.status().as_u16(), 202);
+    eventually(
+        "erin's profile is projected",
+        Duration::from_secs(20),
+        || async {
+            env.count("SELECT count(*) FROM users WHERE user_id = 'erin' AND location = 'DE'")
+                .await
+                == 1
+        },
+    )
+    .await;
+
     let middle = Utc::now();
     // Record timestamps are taken by the producer at send time: make sure
     // everything after this point is at least a millisecond later.
@@ -190,7 +209,7 @@ async fn replay_audit_agrees_reports_a_tampered_coupon_and_ignores_in_flight_wor
     assert_eq!(
         clean.stdout.trim(),
         "no differences (3 coupons, 3 users, 3 quota grants, 6 claim decisions, \
-         2 purchase decisions, 1 blacklist entries checked)"
+         2 purchase decisions, 1 blacklist entries, 1 profiles checked)"
     );
     assert!(clean.stderr.contains("events/s"), "{}", clean.stderr);
     let scratch = env

@@ -25,6 +25,9 @@ pub(super) struct CutLog {
     pub(super) skip_users: HashSet<String>,
     /// Request ids of claims still in flight.
     pub(super) pending_claims: HashSet<String>,
+    /// Users whose profile may still change (a `users` record past the
+    /// profiles processor's cut names them).
+    pub(super) skip_profiles: HashSet<String>,
 }
 
 pub(super) fn canonical_code(raw: &str) -> String {
@@ -69,12 +72,18 @@ impl CutLog {
                 self.skip_user(&event.user_id);
                 self.skip_coupon(&event.coupon_code);
             }
+            Ok(TopicEvent::UserProfileUpdated(event)) => {
+                self.skip_profiles.insert(event.user_id);
+            }
             // Claims and purchases are keyed by user: an undecodable one
             // still names its user (its decision, if any, is `invalid`).
             _ => {
                 if let Some(user) = record.key_str() {
                     if matches!(kind, TopicKind::Claims | TopicKind::Purchases) {
                         self.skip_user(user);
+                    }
+                    if kind == TopicKind::Users {
+                        self.skip_profiles.insert(user.to_owned());
                     }
                 }
             }
