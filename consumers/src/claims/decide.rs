@@ -302,6 +302,49 @@ mod tests {
         }
     }
 
+    /// Eligibility: each claim's grant leaves out the restricted campaigns
+    /// its user may not have (on the claim's day); without restricted
+    /// campaigns, nothing is left out, so a grant covers the whole pool.
+    #[test]
+    fn a_claim_leaves_out_the_campaigns_its_user_may_not_have() {
+        let policy = Policy::default();
+        let mut view = view();
+        let (de, adults) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        assert!(view.excluded(&policy, &claim("r0", "ann")).is_empty());
+        view.restricted = vec![
+            (
+                de,
+                Eligibility {
+                    locations: vec!["DE".into()],
+                    min_age: None,
+                },
+            ),
+            (
+                adults,
+                Eligibility {
+                    locations: vec![],
+                    min_age: Some(18),
+                },
+            ),
+        ];
+        let profile = |dob: &str, location: &str| {
+            Profile::parse("", dob, location, now()).expect("a profile")
+        };
+        view.profiles
+            .insert(UserId::parse("ann").unwrap(), profile("1990-01-01", "DE"));
+        view.profiles
+            .insert(UserId::parse("kid").unwrap(), profile("2015-01-01", "DE"));
+        view.profiles
+            .insert(UserId::parse("bob").unwrap(), profile("1990-01-01", "US"));
+        assert!(view.excluded(&policy, &claim("r1", "ann")).is_empty());
+        assert_eq!(view.excluded(&policy, &claim("r2", "kid")), vec![adults]);
+        assert_eq!(view.excluded(&policy, &claim("r3", "bob")), vec![de]);
+        assert_eq!(
+            view.excluded(&policy, &claim("r4", "nobody")),
+            vec![de, adults]
+        );
+    }
+
     #[test]
     fn a_fresh_user_waits_for_a_coupon_and_a_second_request_is_deferred() {
         let policy = Policy::default();

@@ -181,7 +181,8 @@ mod tests {
                 "coupons.purchase-results",
                 "coupons.expirations",
                 "coupons.dead-letter",
-                "coupons.blacklist"
+                "coupons.blacklist",
+                "coupons.users"
             ]
         );
     }
