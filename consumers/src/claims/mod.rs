@@ -231,7 +231,7 @@ async fn grant_group(
         // Empty for these users only, when they may not have everything:
         // another user may still be granted, so nothing is recorded (or
         // marked sold out).
-        if excluded.is_empty() {
+        if coupon_domain::sold_out::proves_empty(excluded.len()) {
             view.pool.record_empty(category);
         }
     }
