@@ -29,7 +29,8 @@ pub enum ErrorCode {
     EmployeeMismatch,
     /// 404: no route has this path.
     NotFound,
-    /// 404: no coupon is available right now.
+    /// 404: no coupon is available right now (to this user: campaigns with
+    /// eligibility rules are only for users whose profile meets them).
     SoldOut,
     /// 404: no coupon has this code.
     UnknownCoupon,
