@@ -8,6 +8,7 @@
 //! | `purchases` | `purchases`                   | redemptions, `purchase-results`          |
 //! | `expiry`    | `expirations` (+ the sweeper) | released holds, history                  |
 //! | `history`   | `created`, `*-results`        | `coupon_history`, or Cassandra           |
+//! | `profiles`  | `users`                       | `users` profiles (name, dob, location)   |
 //!
 //! Every role has the same shape: a `Handler` implementing
 //! [`coupon_platform::kafka::RoleHandler`] (its role, from
@@ -37,6 +38,7 @@ pub mod coupons;
 pub mod created;
 pub mod expiry;
 pub mod history;
+pub mod profiles;
 pub mod purchases;
 pub mod restore;
 
@@ -310,6 +312,7 @@ pub fn spec(role: Role) -> Option<RoleSpec> {
             writes_history: true,
             ..base
         }),
+        Role::Profiles => Some(base),
     }
 }
 
@@ -329,6 +332,7 @@ pub async fn run(
         Role::Claims => role::run(&claims::Handler(ctx), &kafka, &topics, poll, stop).await,
         Role::Purchases => role::run(&purchases::Handler(ctx), &kafka, &topics, poll, stop).await,
         Role::History => history::run(ctx, poll, shutdown).await,
+        Role::Profiles => role::run(&profiles::Handler(ctx), &kafka, &topics, poll, stop).await,
         Role::Expiry => expiry::run(ctx, poll, sweep_interval, shutdown).await,
         // The gateway is no consumer role: nothing to run here.
         Role::Gateway => Ok(()),

@@ -13,8 +13,8 @@
 //! The rules that read a campaign are here too: [`Campaign::is_open_at`]
 //! (a coupon is claimable only inside the window) and [`purchase_terms`]
 //! (the minimum order, the currency and the discount of a purchase).
-//! Locations and the minimum age are stored and shown, but not enforced:
-//! they need users' profiles, which nothing fills yet.
+//! Who may claim (the locations and the minimum age, against the user's
+//! profile) is [`Campaign::eligibility`], judged by `crate::profile`.
 
 use std::fmt;
 
@@ -203,7 +203,11 @@ fn to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
-fn check_text(field: &'static str, raw: &str, max: usize) -> Result<(), InvalidCampaign> {
+pub(crate) fn check_text(
+    field: &'static str,
+    raw: &str,
+    max: usize,
+) -> Result<(), InvalidCampaign> {
     let chars = raw.chars().count();
     if chars == 0 || chars > max {
         return refuse(
@@ -357,6 +361,13 @@ impl Campaign {
     }
     pub fn min_age(&self) -> Option<u32> {
         self.min_age
+    }
+    /// Who may claim its coupons (`crate::profile::eligible`).
+    pub fn eligibility(&self) -> crate::profile::Eligibility {
+        crate::profile::Eligibility {
+            locations: self.locations.clone(),
+            min_age: self.min_age,
+        }
     }
 
     /// Whether its coupons may be claimed at `t`: `valid_from <= t <

@@ -219,16 +219,17 @@ impl PoolKnowledge {
 }
 
 /// The claims of one batch that wait for a coupon, grouped by the pool they
-/// draw from (`None`: any category), so each pool is asked once per batch.
+/// draw from (`None`: any category; with eligibility, the pool and the
+/// campaigns its users may not have), so each pool is asked once per batch.
 ///
 /// Groups come in the order their pool was first asked for, and each group
 /// keeps arrival order: the allocation pairs the oldest available coupons
 /// with the earliest claims, so a batch is first come, first served just as
 /// the sequence of batches is.
-pub fn allocation_groups<T>(
-    waiting: impl IntoIterator<Item = (Option<Category>, T)>,
-) -> Vec<(Option<Category>, Vec<T>)> {
-    let mut groups: Vec<(Option<Category>, Vec<T>)> = Vec::new();
+pub fn allocation_groups<K: PartialEq, T>(
+    waiting: impl IntoIterator<Item = (K, T)>,
+) -> Vec<(K, Vec<T>)> {
+    let mut groups: Vec<(K, Vec<T>)> = Vec::new();
     for (category, claim) in waiting {
         match groups.iter_mut().find(|(c, _)| *c == category) {
             Some((_, members)) => members.push(claim),

@@ -38,6 +38,14 @@
 //! and the mark's write (a claim sent just before a campaign opened,
 //! decided just after) leaves no time at all: no mark is written. (A window's end only takes supply away: marks
 //! stay correct, they may only come later.)
+//!
+//! Eligibility (`crate::profile`) makes a pool look empty to some users
+//! only: a user who may not have a campaign's coupons is allocated from the
+//! pool without them, and finding nothing there says nothing about the
+//! coupons other users may have. A mark is a claim about everyone, so only
+//! an allocation that left no campaign out may be recorded or marked
+//! ([`proves_empty`]); otherwise one ineligible user's `sold_out` would be
+//! every eligible user's answer until the mark expired.
 
 /// What the gateway read about one claim, in one round trip.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -105,9 +113,24 @@ pub fn mark_ttl(
     }
 }
 
+/// Whether an allocation that found nothing proves its pool empty for
+/// every user, so that it may be remembered and marked sold out: only when
+/// it left out no campaign (`left_out`: how many restricted campaigns its
+/// users may not have).
+pub fn proves_empty(left_out: usize) -> bool {
+    left_out == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_allocation_over_the_whole_pool_proves_it_empty() {
+        assert!(proves_empty(0));
+        assert!(!proves_empty(1));
+        assert!(!proves_empty(7));
+    }
 
     fn marked(version: Option<&str>, any: Option<&str>, category: Option<&str>) -> FastPathFacts {
         FastPathFacts {

@@ -53,6 +53,9 @@ pub const CASSANDRA_REQUEST_TIMEOUT_SPAN: Span =
 pub const HOLD_TTL: Duration = Duration::from_secs(300);
 pub const HOLD_TTL_SPAN: Span = Span::new(Duration::from_secs(1), DAY);
 pub const QUOTA_WINDOW: QuotaWindow = QuotaWindow::DAY;
+/// The zone whose calendar days a window of whole days follows (`QUOTA_TZ`,
+/// an IANA name): the shop's day, and so `Retry-After`'s next midnight.
+pub const QUOTA_TZ: coupon_domain::Tz = coupon_domain::Tz::UTC;
 pub const QUOTA_WINDOW_SPAN: Span = Span::new(Duration::from_secs(60), days(366));
 pub const HOLD_GRACE: Duration = Duration::from_secs(5);
 pub const HOLD_GRACE_SPAN: Span = Span::new(Duration::ZERO, Duration::from_secs(600));

@@ -13,10 +13,11 @@ use std::str::FromStr;
 use crate::{
     BlacklistChanged, CampaignEnded, ClaimDecided, ClaimRequested, CouponExpired, CouponsCreated,
     DeadLetter, Envelope, Event, HoldExpired, PurchaseCancelled, PurchaseDecided,
-    PurchaseRequested,
+    PurchaseRequested, UserProfileUpdated,
 };
 
-/// One of the topics: the seven of the spec, plus `blacklist`.
+/// One of the topics: the seven of the spec, plus `blacklist` and `users`
+/// (profiles).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TopicKind {
     Created,
@@ -27,6 +28,7 @@ pub enum TopicKind {
     Expirations,
     DeadLetter,
     Blacklist,
+    Users,
 }
 
 /// A record decoded as the message its topic carries.
@@ -46,6 +48,7 @@ pub enum TopicEvent {
     PurchaseCancelled(PurchaseCancelled),
     /// On `expirations`: a campaign ended early.
     CampaignEnded(CampaignEnded),
+    UserProfileUpdated(UserProfileUpdated),
 }
 
 /// How a record's bytes become one message type (the platform's decoder
@@ -92,6 +95,7 @@ impl TopicEvent {
             TopicEvent::CouponExpired(e) => e.envelope(),
             TopicEvent::PurchaseCancelled(e) => e.envelope(),
             TopicEvent::CampaignEnded(e) => e.envelope(),
+            TopicEvent::UserProfileUpdated(e) => e.envelope(),
         }
     }
 
@@ -108,6 +112,7 @@ impl TopicEvent {
             TopicEvent::CouponExpired(e) => e.envelope,
             TopicEvent::PurchaseCancelled(e) => e.envelope,
             TopicEvent::CampaignEnded(e) => e.envelope,
+            TopicEvent::UserProfileUpdated(e) => e.envelope,
         }
     }
 }
@@ -127,7 +132,7 @@ pub enum RecordKey {
 }
 
 impl TopicKind {
-    pub const ALL: [TopicKind; 8] = [
+    pub const ALL: [TopicKind; 9] = [
         TopicKind::Created,
         TopicKind::Claims,
         TopicKind::ClaimResults,
@@ -136,6 +141,7 @@ impl TopicKind {
         TopicKind::Expirations,
         TopicKind::DeadLetter,
         TopicKind::Blacklist,
+        TopicKind::Users,
     ];
 
     /// The topic's name without the prefix, e.g. `claim-results`.
@@ -149,6 +155,7 @@ impl TopicKind {
             TopicKind::Expirations => "expirations",
             TopicKind::DeadLetter => "dead-letter",
             TopicKind::Blacklist => "blacklist",
+            TopicKind::Users => "users",
         }
     }
 
@@ -209,6 +216,7 @@ impl TopicKind {
             TopicKind::Expirations => TopicEvent::HoldExpired(decoder.decode()?),
             TopicKind::DeadLetter => TopicEvent::DeadLetter(decoder.decode()?),
             TopicKind::Blacklist => TopicEvent::BlacklistChanged(decoder.decode()?),
+            TopicKind::Users => TopicEvent::UserProfileUpdated(decoder.decode()?),
         })
     }
 
@@ -220,7 +228,8 @@ impl TopicKind {
             | TopicKind::ClaimResults
             | TopicKind::Purchases
             | TopicKind::PurchaseResults
-            | TopicKind::Blacklist => RecordKey::UserId,
+            | TopicKind::Blacklist
+            | TopicKind::Users => RecordKey::UserId,
             TopicKind::Expirations => RecordKey::CouponCode,
             TopicKind::DeadLetter => RecordKey::OriginalKey,
         }
@@ -262,24 +271,27 @@ pub enum Role {
     Purchases,
     Expiry,
     History,
+    Profiles,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Gateway,
         Role::Coupons,
         Role::Claims,
         Role::Purchases,
         Role::Expiry,
         Role::History,
+        Role::Profiles,
     ];
     /// The roles that read in a consumer group of their own.
-    pub const CONSUMERS: [Role; 5] = [
+    pub const CONSUMERS: [Role; 6] = [
         Role::Coupons,
         Role::Claims,
         Role::Purchases,
         Role::Expiry,
         Role::History,
+        Role::Profiles,
     ];
 
     /// The role's name: `couponctl consume <name>`, and its consumer group
@@ -292,6 +304,7 @@ impl Role {
             Role::Purchases => "purchases",
             Role::Expiry => "expiry",
             Role::History => "history",
+            Role::Profiles => "profiles",
         }
     }
 
@@ -305,6 +318,7 @@ impl Role {
             Role::Claims => &[TopicKind::Claims],
             Role::Purchases => &[TopicKind::Purchases],
             Role::Expiry => &[TopicKind::Expirations],
+            Role::Profiles => &[TopicKind::Users],
             Role::History => &[
                 TopicKind::Created,
                 TopicKind::ClaimResults,

@@ -66,6 +66,7 @@ event!(
     CouponExpired: SMALL_EVENT,
     PurchaseCancelled: SMALL_EVENT,
     CampaignEnded: SMALL_EVENT,
+    UserProfileUpdated: SMALL_EVENT,
 );
 
 /// Builds an envelope for a new event of type `E`.

@@ -167,9 +167,13 @@ pub struct ServeArgs {
     /// How long a granted coupon is held for its user (e.g. 5m, 30s).
     #[arg(long, env = "HOLD_TTL", default_value_t = Flag(settings::HOLD_TTL), value_parser = settings::HOLD_TTL_SPAN.parser())]
     pub hold_ttl: Flag,
-    /// The quota window: one coupon per user per window, aligned to UTC (1d = calendar day).
+    /// The quota window: one coupon per user per window (1d = the calendar day in QUOTA_TZ; shorter windows aligned to UTC).
     #[arg(long, env = "QUOTA_WINDOW", default_value_t = settings::QUOTA_WINDOW, value_parser = parse_window)]
     pub quota_window: QuotaWindow,
+    /// The shop's time zone (IANA name, e.g. Europe/Berlin, Asia/Kolkata):
+    /// windows of whole days are its calendar days, DST included.
+    #[arg(long, env = "QUOTA_TZ", default_value_t = settings::QUOTA_TZ, value_parser = parse_zone)]
+    pub quota_tz: coupon_domain::Tz,
     /// How late a request may be decided and still be judged at the time the
     /// broker accepted it; holds are released this long after their deadline.
     #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE), value_parser = settings::HOLD_GRACE_SPAN.parser())]
@@ -432,6 +436,11 @@ pub fn consumer_role() -> impl clap::builder::TypedValueParser<Value = Role> {
     clap::builder::PossibleValuesParser::new(names).try_map(|name| name.parse::<Role>())
 }
 
+/// An IANA zone name (`QUOTA_TZ`); anything else is refused in one line.
+pub fn parse_zone(raw: &str) -> Result<coupon_domain::Tz, String> {
+    coupon_domain::quota::parse_zone(raw).map_err(|e| e.to_string())
+}
+
 pub fn parse_window(raw: &str) -> Result<QuotaWindow, String> {
     let duration = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
     let duration = settings::QUOTA_WINDOW_SPAN.check(duration)?;
@@ -481,7 +490,7 @@ impl Connections {
         config.http_addr = serve.http_addr;
         config.policy = Policy {
             hold_ttl: serve.hold_ttl.0,
-            quota_window: serve.quota_window,
+            quota_window: serve.quota_window.in_zone(serve.quota_tz),
             hold_grace: serve.hold_grace.0,
             ..Policy::default()
         };

@@ -13,7 +13,7 @@ use coupon_platform::reach;
 
 use coupon_platform::settings::{self, Flag};
 
-use super::args::{history_source, parse_window, Connections};
+use super::args::{history_source, parse_window, parse_zone, Connections};
 
 #[derive(Args, Debug)]
 pub struct AuditArgs {
@@ -21,6 +21,10 @@ pub struct AuditArgs {
     /// by their window's start).
     #[arg(long, env = "QUOTA_WINDOW", default_value_t = settings::QUOTA_WINDOW, value_parser = parse_window)]
     pub quota_window: QuotaWindow,
+    /// The shop's time zone (IANA name, e.g. Europe/Berlin, Asia/Kolkata):
+    /// windows of whole days are its calendar days, DST included.
+    #[arg(long, env = "QUOTA_TZ", default_value_t = settings::QUOTA_TZ, value_parser = parse_zone)]
+    pub quota_tz: coupon_domain::Tz,
     /// How late a request may be decided and still be judged at the time the
     /// broker accepted it; holds are released this long after their deadline.
     #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE), value_parser = settings::HOLD_GRACE_SPAN.parser())]
@@ -40,7 +44,7 @@ pub async fn run(conn: &Connections, args: AuditArgs) -> anyhow::Result<()> {
     let report = audit::audit(
         &conn.kafka(),
         &topics,
-        args.quota_window,
+        args.quota_window.in_zone(args.quota_tz),
         &conn.database_url,
         conn.database_read_url.as_deref(),
         history,

@@ -86,11 +86,11 @@ pub struct IssueArgs {
     #[arg(long, value_name = "TIME", help_heading = "Campaign")]
     pub valid_until: Option<String>,
     /// Eligibility: a location the user's profile must have (repeat the
-    /// flag for several). Stored and shown; not enforced yet.
+    /// flag for several; compared without regard to case).
     #[arg(long = "location", value_name = "LOCATION", help_heading = "Campaign")]
     pub locations: Vec<String>,
-    /// Eligibility: the user's minimum age in years (1 to 120). Stored and
-    /// shown; not enforced yet.
+    /// Eligibility: the user's minimum age in years (1 to 120) on the day of
+    /// the claim, from the profile's date of birth.
     #[arg(long, value_name = "YEARS", help_heading = "Campaign")]
     pub min_age: Option<i64>,
 }

@@ -16,7 +16,7 @@ use couponctl::app;
 
 use coupon_platform::settings::{self, Flag};
 
-use super::args::{parse_window, Connections};
+use super::args::{parse_window, parse_zone, Connections};
 
 #[derive(Args, Debug)]
 pub struct ReplayArgs {
@@ -51,6 +51,10 @@ pub struct ReplayArgs {
     /// slots are named by their window's start).
     #[arg(long, env = "QUOTA_WINDOW", default_value_t = settings::QUOTA_WINDOW, value_parser = parse_window)]
     pub quota_window: QuotaWindow,
+    /// The shop's time zone (IANA name, e.g. Europe/Berlin, Asia/Kolkata):
+    /// windows of whole days are its calendar days, DST included.
+    #[arg(long, env = "QUOTA_TZ", default_value_t = settings::QUOTA_TZ, value_parser = parse_zone)]
+    pub quota_tz: coupon_domain::Tz,
     /// How late a request may be decided and still be judged at the time the
     /// broker accepted it; holds are released this long after their deadline.
     #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE), value_parser = settings::HOLD_GRACE_SPAN.parser())]
@@ -78,7 +82,14 @@ pub async fn run(conn: &Connections, args: ReplayArgs) -> anyhow::Result<()> {
                 )
             })?;
         let bar = replay::progress_bar(0, "reading the log");
-        let stats = rebuild::rebuild(&kafka, &topics, args.quota_window, &target, bar).await?;
+        let stats = rebuild::rebuild(
+            &kafka,
+            &topics,
+            args.quota_window.in_zone(args.quota_tz),
+            &target,
+            bar,
+        )
+        .await?;
         target.close().await;
         for example in &stats.anomaly_examples {
             eprintln!("warning: {example}");

@@ -18,7 +18,7 @@ use couponctl::app::{self, Role};
 
 use crate::harness::{assert_invariants, eventually, App, TestEnv};
 
-const ALL: [Role; 6] = Role::ALL;
+const ALL: [Role; 7] = Role::ALL;
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)

@@ -14,7 +14,7 @@ use couponctl::app::{self, Role};
 
 use crate::harness::{assert_invariants, eventually, App, TestEnv};
 
-const ALL: [Role; 6] = Role::ALL;
+const ALL: [Role; 7] = Role::ALL;
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -131,7 +131,15 @@ async fn a_campaign_is_stored_once_per_batch_and_shown_in_claims_and_status() {
         assert_eq!(campaign.valid_until_ms, until.timestamp_millis());
     }
 
-    // The claim answer and the status route show the terms.
+    // The claim answer and the status route show the terms (to an eligible
+    // user: the campaign is for adults in Germany and Austria).
+    let (status, refused) = claim(&app, "ann", "Winter").await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (404, Some("sold_out")),
+        "no profile yet"
+    );
+    crate::profiles::set_profile(&env, &app, "ann", "1990-04-01", "AT").await;
     let (status, granted) = claim(&app, "ann", "Winter").await;
     assert_eq!(status, 200, "{granted}");
     assert_eq!(granted["campaign"], "Winter sale");

@@ -151,7 +151,8 @@ async fn an_unreachable_service_is_one_line_and_a_quick_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_settings_are_refused_in_one_line_before_anything_starts() {
     let env = TestEnv::new().await;
-    let cases: [(&str, &str, &str); 8] = [
+    let cases: [(&str, &str, &str); 9] = [
+        ("QUOTA_TZ", "Mars/Olympus", "unknown time zone"),
         ("HOLD_TTL", "0s", "must be between 1s and 1d"),
         ("HOLD_TTL", "99999999999d", "must be between 1s and 1d"),
         ("REPLY_TIMEOUT", "0s", "must be between 100ms and 5m"),

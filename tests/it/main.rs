@@ -24,6 +24,7 @@ mod observability;
 mod openapi;
 mod partitioner;
 mod poison;
+mod profiles;
 mod purchases;
 mod rebuild_bench;
 mod release;

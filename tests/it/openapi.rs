@@ -393,17 +393,19 @@ fn check_answer(doc: &Value, op: &Operation, call: &Call, answer: &Answer) -> Re
     Ok(())
 }
 
-/// Visit order: releasing coupons first, then claiming one, so that the
-/// other operations can be called on a coupon that exists; a purchase's
-/// cancellation last.
+/// Visit order: the example user's profile first (the example release is
+/// for adults in Germany), then releasing coupons, then claiming one, so
+/// that the other operations can be called on a coupon that exists; a
+/// purchase's cancellation last.
 fn priority(op: &Operation) -> u8 {
     match (op.method.as_str(), op.path.as_str()) {
-        ("post", "/api/v1/coupon") => 0,
-        ("get", "/api/v1/coupon") => 1,
-        ("post", "/api/v1/purchase") => 3,
+        ("put", "/api/v1/users/{id}") => 0,
+        ("post", "/api/v1/coupon") => 1,
+        ("get", "/api/v1/coupon") => 2,
+        ("post", "/api/v1/purchase") => 4,
         // The example order is the one the purchase above redeemed.
-        ("post", "/api/v1/purchase/{order_id}/cancel") => 4,
-        _ => 2,
+        ("post", "/api/v1/purchase/{order_id}/cancel") => 5,
+        _ => 3,
     }
 }
 

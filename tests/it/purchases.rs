@@ -41,7 +41,7 @@ async fn purchase(
     )
 }
 
-const ALL: [Role; 6] = Role::ALL;
+const ALL: [Role; 7] = Role::ALL;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchase_inside_the_hold_redeems_once_per_order() {

@@ -20,7 +20,7 @@ use couponctl::app::Role;
 
 use crate::harness::{eventually, release, App, TestEnv};
 
-const ALL: [Role; 6] = Role::ALL;
+const ALL: [Role; 7] = Role::ALL;
 
 /// Bytes no topic's message type decodes.
 const GARBAGE: &[u8] = b"\xff\xfe not protobuf";
@@ -87,6 +87,25 @@ async fn scenario(env: &TestEnv) -> Scenario {
         (status, body["error"].as_str()),
         (429, Some("rate_limited"))
     );
+
+    // A profile, so that every topic has records (`users` too).
+    let response = TestEnv::http_client()
+        .put(app.url("/api/v1/users/erin"))
+        .json(&json!({"name": "Erin", "dob": "1990-04-01", "location": "DE"}))
+        .send()
+        .await
+        .expect("put a profile");
+    assert_eq!(response.status().as_u16(), 202);
+    eventually(
+        "erin's profile is projected",
+        Duration::from_secs(20),
+        || async {
+            env.count("SELECT count(*) FROM users WHERE user_id = 'erin' AND location = 'DE'")
+                .await
+                == 1
+        },
+    )
+    .await;
 
     let middle = Utc::now();
     // Record timestamps are taken by the producer at send time: make sure
@@ -190,7 +209,7 @@ async fn replay_audit_agrees_reports_a_tampered_coupon_and_ignores_in_flight_wor
     assert_eq!(
         clean.stdout.trim(),
         "no differences (3 coupons, 3 users, 3 quota grants, 6 claim decisions, \
-         2 purchase decisions, 1 blacklist entries, 10 history rows checked)"
+         2 purchase decisions, 1 blacklist entries, 1 profiles, 10 history rows checked)"
     );
     assert!(clean.stderr.contains("events/s"), "{}", clean.stderr);
     let scratch = env
@@ -645,6 +664,14 @@ fn assert_round_trip(kind: TopicKind, record: &Record, line: &Value) {
             assert_eq!(payload["reason"], e.reason.as_str());
             assert_eq!(payload["source"], e.source.as_str());
             assert_eq!(payload["changed_by"], e.changed_by.as_str());
+            e.envelope
+        }
+        TopicKind::Users => {
+            let e: coupon_schemas::UserProfileUpdated = decode(record).unwrap();
+            assert_eq!(payload["user_id"], e.user_id.as_str());
+            assert_eq!(payload["dob"], e.dob.as_str());
+            assert_eq!(payload["location"], e.location.as_str());
+            assert_eq!(payload["updated_at_ms"], e.updated_at_ms);
             e.envelope
         }
         TopicKind::DeadLetter => {

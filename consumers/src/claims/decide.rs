@@ -15,7 +15,8 @@ use coupon_domain::claim::{
 
 use super::Claim;
 use crate::Policy;
-use coupon_domain::{Category, RequestId, UserId};
+use coupon_domain::profile::ineligible_batches;
+use coupon_domain::{Category, Eligibility, Profile, RequestId, UserId};
 use coupon_platform::store::claims::{ClaimDecisionRecord, Released};
 
 /// A claim that passed the rules and waits for a coupon.
@@ -57,6 +58,11 @@ pub(super) struct BatchView {
     pub(super) pool: PoolKnowledge,
     /// Overdue holds released by this batch's grants.
     pub(super) released: Vec<Released>,
+    /// The campaigns with eligibility rules that still have coupons, and
+    /// the profiles of the batch's users (read only when there are such
+    /// campaigns).
+    pub(super) restricted: Vec<(uuid::Uuid, Eligibility)>,
+    pub(super) profiles: HashMap<UserId, Profile>,
 }
 
 impl BatchView {
@@ -77,7 +83,24 @@ impl BatchView {
             touched: HashSet::new(),
             pool: PoolKnowledge::default(),
             released: Vec::new(),
+            restricted: Vec::new(),
+            profiles: HashMap::new(),
         }
+    }
+
+    /// The restricted campaigns `claim`'s user may not have at the claim's
+    /// day (in the quota's zone): what its grant leaves out. Empty: the
+    /// whole pool, and so a grant that finds nothing proves the pool empty
+    /// for everyone (`coupon_domain::sold_out`).
+    pub(super) fn excluded(&self, policy: &Policy, claim: &Claim) -> Vec<uuid::Uuid> {
+        if self.restricted.is_empty() {
+            return Vec::new();
+        }
+        ineligible_batches(
+            &self.restricted,
+            self.profiles.get(&claim.user_id),
+            policy.quota_window.local_date(claim.at),
+        )
     }
 
     pub(super) fn record(
@@ -277,6 +300,49 @@ mod tests {
             Step::Decided(d, is_new) => Some((d.outcome, *is_new)),
             _ => None,
         }
+    }
+
+    /// Eligibility: each claim's grant leaves out the restricted campaigns
+    /// its user may not have (on the claim's day); without restricted
+    /// campaigns, nothing is left out, so a grant covers the whole pool.
+    #[test]
+    fn a_claim_leaves_out_the_campaigns_its_user_may_not_have() {
+        let policy = Policy::default();
+        let mut view = view();
+        let (de, adults) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        assert!(view.excluded(&policy, &claim("r0", "ann")).is_empty());
+        view.restricted = vec![
+            (
+                de,
+                Eligibility {
+                    locations: vec!["DE".into()],
+                    min_age: None,
+                },
+            ),
+            (
+                adults,
+                Eligibility {
+                    locations: vec![],
+                    min_age: Some(18),
+                },
+            ),
+        ];
+        let profile = |dob: &str, location: &str| {
+            Profile::parse("", dob, location, now()).expect("a profile")
+        };
+        view.profiles
+            .insert(UserId::parse("ann").unwrap(), profile("1990-01-01", "DE"));
+        view.profiles
+            .insert(UserId::parse("kid").unwrap(), profile("2015-01-01", "DE"));
+        view.profiles
+            .insert(UserId::parse("bob").unwrap(), profile("1990-01-01", "US"));
+        assert!(view.excluded(&policy, &claim("r1", "ann")).is_empty());
+        assert_eq!(view.excluded(&policy, &claim("r2", "kid")), vec![adults]);
+        assert_eq!(view.excluded(&policy, &claim("r3", "bob")), vec![de]);
+        assert_eq!(
+            view.excluded(&policy, &claim("r4", "nobody")),
+            vec![de, adults]
+        );
     }
 
     #[test]

@@ -156,7 +156,8 @@ pub(super) async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
     };
     let mut empty = Vec::with_capacity(pools.len());
     for pool in pools {
-        match coupon_platform::store::coupons::any_available(&ctx.pool, pool, None, None).await {
+        match coupon_platform::store::coupons::any_available(&ctx.pool, pool, None, None, &[]).await
+        {
             Ok(false) => empty.push(pool),
             Ok(true) => {}
             Err(error) => {

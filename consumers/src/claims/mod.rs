@@ -39,6 +39,18 @@
 //! are not stored (invalid requests) take their event id from the request
 //! and their time from the record, so a redelivery repeats them exactly.
 //!
+//! Eligibility (issue #28): a campaign with locations or a minimum age is
+//! claimable only by users whose profile passes its rules
+//! (`coupon_domain::profile::eligible`, on the claim's day). The batch reads
+//! the campaigns with rules that still have coupons (one small indexed
+//! statement) and, only if there are any, its users' profiles; claims are
+//! then grouped by pool *and* by the campaigns their users may not have, and
+//! each group's grant leaves those out. A group that leaves something out
+//! and finds nothing proves nothing about the pool for other users: it is
+//! answered `sold_out` but neither recorded as the batch's empty pool nor
+//! marked sold out in Redis (an eligible user must still be asked). Only a
+//! grant over the whole pool marks it.
+//!
 //! `decide` is the batch's rules (pure but for the reads it is given),
 //! `mirror` what Redis learns after the commit, `answers` the events of
 //! invalid requests and refusals; the SQL is `coupon_platform::store::claims`.
@@ -172,6 +184,7 @@ async fn grant_group(
     view: &mut BatchView,
     history: coupon_platform::store::history::HistoryStore,
     category: Option<&Category>,
+    excluded: &[uuid::Uuid],
     waiting: Vec<(usize, Candidate<'_>)>,
 ) -> Result<Vec<(usize, ClaimDecisionRecord)>, ClaimsError> {
     let granted: HashMap<RequestId, store::Granted> = if view.pool.known_empty(category) {
@@ -195,7 +208,7 @@ async fn grant_group(
             view.released.extend(released);
         }
         let claims: Vec<Allocation> = waiting.iter().map(|(_, c)| c.allocation()).collect();
-        store::grant(tx, category, &claims)
+        store::grant(tx, category, excluded, &claims)
             .await?
             .into_iter()
             .map(|g| (g.request_id.clone(), g))
@@ -208,12 +221,19 @@ async fn grant_group(
         let earliest = waiting.iter().map(|(_, c)| c.claim.at).min();
         let latest = waiting.iter().map(|(_, c)| c.claim.at).max();
         if !view.pool.known_empty(category)
-            && coupon_platform::store::coupons::any_available(&mut *tx, pool, earliest, latest)
-                .await?
+            && coupon_platform::store::coupons::any_available(
+                &mut *tx, pool, earliest, latest, excluded,
+            )
+            .await?
         {
             return Err(ClaimsError::Contended(category.cloned()));
         }
-        view.pool.record_empty(category);
+        // Empty for these users only, when they may not have everything:
+        // another user may still be granted, so nothing is recorded (or
+        // marked sold out).
+        if coupon_domain::sold_out::proves_empty(excluded.len()) {
+            view.pool.record_empty(category);
+        }
     }
     Ok(waiting
         .into_iter()
@@ -274,11 +294,13 @@ async fn decide_deferred(
         Ok(outcome) => Ok(view.record(claim, outcome)),
         Err(candidate) => {
             let category = category_of(claim);
+            let excluded = view.excluded(&ctx.policy, claim);
             let decided = grant_group(
                 tx,
                 view,
                 ctx.history.store(),
                 category,
+                &excluded,
                 vec![(0, candidate)],
             )
             .await?;
@@ -504,12 +526,23 @@ async fn decide_batch(
     } else {
         current_supply_version(ctx).await
     };
-    for (category, group) in allocation_groups(waiting) {
+    if !waiting.is_empty() || !deferred.is_empty() {
+        read_eligibility(&mut *tx, claims, &mut view).await?;
+    }
+    let keyed: Vec<_> = waiting
+        .into_iter()
+        .map(|(category, (index, candidate))| {
+            let excluded = view.excluded(&ctx.policy, candidate.claim);
+            ((category, excluded), (index, candidate))
+        })
+        .collect();
+    for ((category, excluded), group) in allocation_groups(keyed) {
         for (index, decision) in grant_group(
             &mut *tx,
             &mut view,
             ctx.history.store(),
             category.as_ref(),
+            &excluded,
             group,
         )
         .await?
@@ -522,6 +555,25 @@ async fn decide_batch(
         answers[index] = Some(Answer::Decision(decision, is_new));
     }
     Ok((answers, view, supply))
+}
+
+/// Reads what eligibility needs into `view`: the campaigns with rules that
+/// still have coupons and, only if there are any, the profiles of the
+/// batch's users.
+async fn read_eligibility(
+    tx: &mut sqlx::PgConnection,
+    claims: &[Claim],
+    view: &mut BatchView,
+) -> Result<(), sqlx::Error> {
+    let Some(earliest) = claims.iter().map(|c| c.at).min() else {
+        return Ok(());
+    };
+    view.restricted = coupon_platform::store::campaigns::restricted(&mut *tx, earliest).await?;
+    if !view.restricted.is_empty() {
+        let users = users_to_read(claims);
+        view.profiles = coupon_platform::store::users::profiles_of(&mut *tx, &users).await?;
+    }
+    Ok(())
 }
 
 crate::role_handler!(ROLE, ClaimRequested, answers);

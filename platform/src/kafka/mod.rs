@@ -139,6 +139,10 @@ impl Topics {
     pub fn blacklist(&self) -> String {
         self.of(TopicKind::Blacklist)
     }
+    /// Profiles (`UserProfileUpdated`), from the gateway or a storefront.
+    pub fn users(&self) -> String {
+        self.of(TopicKind::Users)
+    }
 
     pub fn all(&self) -> Vec<String> {
         TopicKind::ALL.into_iter().map(|k| self.of(k)).collect()
@@ -177,7 +181,8 @@ mod tests {
                 "coupons.purchase-results",
                 "coupons.expirations",
                 "coupons.dead-letter",
-                "coupons.blacklist"
+                "coupons.blacklist",
+                "coupons.users"
             ]
         );
     }

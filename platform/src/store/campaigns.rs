@@ -315,3 +315,33 @@ pub async fn until_next_opening<'e>(
     .await?;
     Ok(ms.map(chrono::Duration::milliseconds))
 }
+
+/// The campaigns with eligibility rules (locations, a minimum age) that
+/// have not ended by `earliest` and still have an available coupon, by
+/// batch: the claim processor leaves out, for each user, those whose rules
+/// refuse the user's profile (`coupon_domain::profile::ineligible_batches`).
+pub async fn restricted(
+    conn: &mut PgConnection,
+    earliest: DateTime<Utc>,
+) -> Result<Vec<(Uuid, coupon_domain::Eligibility)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT k.batch_id, k.locations, k.min_age FROM campaigns k
+           WHERE (cardinality(k.locations) > 0 OR k.min_age IS NOT NULL)
+             AND (k.valid_until IS NULL OR k.valid_until > $1)
+             AND EXISTS (SELECT 1 FROM coupons c
+                         WHERE c.batch_id = k.batch_id AND c.status = 'available')"#,
+        earliest
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let rules = coupon_domain::Eligibility {
+                locations: r.locations,
+                min_age: r.min_age.and_then(|age| u32::try_from(age).ok()),
+            };
+            (r.batch_id, rules)
+        })
+        .collect())
+}

@@ -252,6 +252,10 @@ pub struct Granted {
 /// (the pool ran out) get no row and keep their quota: sold out does not
 /// use it.
 ///
+/// `excluded` are the campaigns (batch ids) these claims' users may not
+/// have (`coupon_domain::profile::ineligible_batches`): the caller groups
+/// claims whose users are refused the same ones.
+///
 /// The claims must be of distinct users, with their overdue holds released
 /// ([`release_overdue`]). Rows locked by another transaction are skipped,
 /// never waited on, so concurrent processors take different coupons. A
@@ -261,6 +265,7 @@ pub struct Granted {
 pub async fn grant(
     conn: &mut PgConnection,
     category: Option<&Category>,
+    excluded: &[Uuid],
     claims: &[Allocation],
 ) -> Result<Vec<Granted>, sqlx::Error> {
     if claims.is_empty() {
@@ -289,6 +294,7 @@ pub async fn grant(
              SELECT code, row_number() OVER (ORDER BY id) AS n
              FROM (SELECT code, id FROM coupons c
                    WHERE status = 'available' AND ($5::text IS NULL OR category = $5)
+                     AND NOT (c.batch_id = ANY($10::uuid[]))
                      AND NOT EXISTS (
                          SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
                          AND (k.valid_from > $8 OR k.valid_until <= $9
@@ -319,7 +325,8 @@ pub async fn grant(
         claims.len() as i64,
         &at,
         earliest,
-        latest
+        latest,
+        excluded
     )
     .fetch_all(conn)
     .await

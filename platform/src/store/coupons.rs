@@ -293,13 +293,16 @@ pub async fn any_available<'e>(
     category: Option<&Category>,
     earliest: Option<DateTime<Utc>>,
     latest: Option<DateTime<Utc>>,
+    excluded: &[uuid::Uuid],
 ) -> Result<bool, sqlx::Error> {
-    // Two statements, so that each probes its own partial index.
+    // Two statements, so that each probes its own partial index. `excluded`:
+    // the campaigns the asking users may not have (eligibility).
     match category {
         Some(category) => {
             sqlx::query_scalar!(
                 r#"SELECT EXISTS (SELECT 1 FROM coupons c
                                    WHERE status = 'available' AND category = $1
+                                     AND NOT (c.batch_id = ANY($4::uuid[]))
                                      AND NOT EXISTS (
                                          SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
                                          AND (k.valid_from > COALESCE($2, now())
@@ -308,7 +311,8 @@ pub async fn any_available<'e>(
                    AS "any!""#,
                 category as &Category,
                 earliest,
-                latest
+                latest,
+                excluded
             )
             .fetch_one(pool)
             .await
@@ -317,6 +321,7 @@ pub async fn any_available<'e>(
             sqlx::query_scalar!(
                 r#"SELECT EXISTS (SELECT 1 FROM coupons c
                                    WHERE status = 'available'
+                                     AND NOT (c.batch_id = ANY($3::uuid[]))
                                      AND NOT EXISTS (
                                          SELECT 1 FROM campaigns k WHERE k.batch_id = c.batch_id
                                          AND (k.valid_from > COALESCE($1, now())
@@ -324,7 +329,8 @@ pub async fn any_available<'e>(
                                               OR k.ended_at IS NOT NULL)))
                    AS "any!""#,
                 earliest,
-                latest
+                latest,
+                excluded
             )
             .fetch_one(pool)
             .await

@@ -240,3 +240,109 @@ pub async fn blacklist_pending_users(pool: &PgPool) -> Result<Vec<String>, sqlx:
         .fetch_all(pool)
         .await
 }
+
+/// A profile as the profiles processor projects it (`UserProfileUpdated`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileUpdate {
+    pub user_id: UserId,
+    pub profile: coupon_domain::Profile,
+    pub updated_at: DateTime<Utc>,
+    pub event_id: String,
+}
+
+/// Writes profiles, each only over an older one: the later `updated_at`
+/// (then the larger event id) wins, so a redelivered, replayed or late
+/// event changes nothing. One statement for the batch; `updates` must name
+/// each user once (the caller keeps each user's latest). Returns the rows
+/// written.
+pub async fn upsert_profiles(
+    conn: &mut sqlx::PgConnection,
+    updates: &[ProfileUpdate],
+) -> Result<u64, sqlx::Error> {
+    if updates.is_empty() {
+        return Ok(0);
+    }
+    let result = sqlx::query!(
+        r#"INSERT INTO users (user_id, name, dob, location, profile_updated_at, profile_event_id)
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::date[], $4::text[],
+                                $5::timestamptz[], $6::text[])
+           ON CONFLICT (user_id) DO UPDATE
+           SET name = EXCLUDED.name, dob = EXCLUDED.dob, location = EXCLUDED.location,
+               profile_updated_at = EXCLUDED.profile_updated_at,
+               profile_event_id = EXCLUDED.profile_event_id
+           WHERE users.profile_updated_at IS NULL
+              OR (EXCLUDED.profile_updated_at, EXCLUDED.profile_event_id)
+                 > (users.profile_updated_at, users.profile_event_id)"#,
+        &updates.iter().map(|u| &u.user_id).collect::<Vec<_>>() as &[&UserId],
+        updates
+            .iter()
+            .map(|u| u.profile.name.clone())
+            .collect::<Vec<_>>() as _,
+        updates.iter().map(|u| u.profile.dob).collect::<Vec<_>>() as _,
+        updates
+            .iter()
+            .map(|u| u.profile.location.clone())
+            .collect::<Vec<_>>() as _,
+        &updates.iter().map(|u| u.updated_at).collect::<Vec<_>>(),
+        &updates
+            .iter()
+            .map(|u| u.event_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// The profiles of `user_ids` that have one (the claim processor's
+/// eligibility), in one round trip.
+pub async fn profiles_of(
+    conn: &mut sqlx::PgConnection,
+    user_ids: &[&UserId],
+) -> Result<std::collections::HashMap<UserId, coupon_domain::Profile>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT user_id AS "user_id: UserId", name, dob, location FROM users
+           WHERE user_id = ANY($1) AND profile_updated_at IS NOT NULL"#,
+        user_ids as &[&UserId]
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let profile = coupon_domain::Profile {
+                name: r.name,
+                dob: r.dob,
+                location: r.location,
+            };
+            (r.user_id, profile)
+        })
+        .collect())
+}
+
+/// Every stored profile with its time and event id (the audit's and the
+/// tests' view), by user id.
+pub async fn all_profiles<'e>(
+    pool: impl sqlx::PgExecutor<'e>,
+) -> Result<Vec<ProfileUpdate>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT user_id AS "user_id: UserId", name, dob, location,
+                  profile_updated_at AS "updated_at!", profile_event_id AS "event_id!"
+           FROM users WHERE profile_updated_at IS NOT NULL ORDER BY user_id"#
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ProfileUpdate {
+            user_id: r.user_id,
+            profile: coupon_domain::Profile {
+                name: r.name,
+                dob: r.dob,
+                location: r.location,
+            },
+            updated_at: r.updated_at,
+            event_id: r.event_id,
+        })
+        .collect())
+}

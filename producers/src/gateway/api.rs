@@ -210,6 +210,46 @@ impl DiscountBody {
     }
 }
 
+/// `PUT /api/v1/users/{id}` body: the user's whole profile. A PUT replaces
+/// it, so every field must be given; `null` (or `""`) says the storefront
+/// does not know it, and clears it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileBody {
+    /// 1 to 200 characters, no control characters, no white space first or
+    /// last.
+    #[serde(deserialize_with = "present")]
+    #[schema(required = true, max_length = 200, example = "Ada Lovelace")]
+    pub name: Option<String>,
+    /// Date of birth, `YYYY-MM-DD`: not in the future, not before 1900.
+    #[serde(deserialize_with = "present")]
+    #[schema(required = true, format = Date, example = "1990-04-01")]
+    pub dob: Option<String>,
+    /// Where the user is, as campaigns' `locations` name places (e.g. a
+    /// country code); compared without regard to case. 1 to 64 characters.
+    #[serde(deserialize_with = "present")]
+    #[schema(required = true, max_length = 64, example = "DE")]
+    pub location: Option<String>,
+}
+
+/// A field that must be given, though it may be `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
+}
+
+/// The `202` answer of `PUT /api/v1/users/{id}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProfileAccepted {
+    #[schema(example = "user-42")]
+    pub user_id: String,
+    /// Always `accepted`: published, applied once projected.
+    #[schema(example = "accepted")]
+    pub status: String,
+    /// The profile's time: of two updates, the later wins.
+    #[schema(example = "2026-12-06T03:00:00.000Z")]
+    pub updated_at: String,
+}
+
 /// `POST /api/v1/purchase` body.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -326,13 +366,13 @@ pub struct CreateCoupons {
     /// passed yet).
     #[schema(format = DateTime, example = "2099-01-06T00:00:00Z")]
     pub valid_until: Option<String>,
-    /// Eligibility: the user's profile location must be one of these (at
-    /// most 32, each 1 to 64 characters). Stored and shown; not enforced
-    /// yet (user profiles are not filled).
+    /// Eligibility: the user's profile location (`PUT /api/v1/users/{id}`)
+    /// must be one of these, compared without regard to case (at most 32,
+    /// each 1 to 64 characters).
     #[schema(max_items = 32, value_type = Option<Vec<Location>>)]
     pub locations: Option<Vec<String>>,
-    /// Eligibility: the user's minimum age in years (1 to 120). Stored and
-    /// shown; not enforced yet.
+    /// Eligibility: the user's minimum age in years (1 to 120) on the day of
+    /// the claim, from the profile's date of birth.
     #[serde(default, deserialize_with = "opt_whole_i64")]
     #[schema(minimum = 1, maximum = 120, example = 18)]
     pub min_age: Option<i64>,
@@ -502,8 +542,8 @@ pub struct CouponStatus {
     pub valid_from: Option<String>,
     #[schema(required = true, format = DateTime)]
     pub valid_until: Option<String>,
-    /// Eligibility as released (not enforced yet): locations (empty: any)
-    /// and the minimum age (`null`: any).
+    /// Eligibility, checked against the claiming user's profile: locations
+    /// (empty: any) and the minimum age (`null`: any).
     pub locations: Vec<String>,
     #[schema(required = true)]
     pub min_age: Option<u32>,

@@ -29,7 +29,8 @@ pub enum ErrorCode {
     EmployeeMismatch,
     /// 404: no route has this path.
     NotFound,
-    /// 404: no coupon is available right now.
+    /// 404: no coupon is available right now (to this user: campaigns with
+    /// eligibility rules are only for users whose profile meets them).
     SoldOut,
     /// 404: no coupon has this code.
     UnknownCoupon,
@@ -58,6 +59,9 @@ pub enum ErrorCode {
     /// or over 100, an unknown currency, a window that ends before it
     /// starts); nothing was released.
     InvalidCampaign,
+    /// 422: a profile field is out of range (a date of birth in the future,
+    /// a name too long); nothing was published.
+    InvalidProfile,
     /// 409: the order total is under the coupon's campaign minimum (or no
     /// order total was sent for a campaign with a minimum).
     OrderBelowMinimum,

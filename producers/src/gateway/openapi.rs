@@ -26,6 +26,7 @@ Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
         super::routes::purchase::purchase,
         super::routes::cancel::cancel_order,
         super::routes::campaign_end::end_campaign,
+        super::routes::profile::put_profile,
         super::routes::health::healthz,
         super::routes::health::metrics_text,
         super::routes::health::openapi_json,

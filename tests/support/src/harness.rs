@@ -541,7 +541,20 @@ pub async fn invariant_violations_in(
         (counts.total() - issued).abs(),
     )];
     let secs = window.length().as_secs();
-    let window_of = |column: &str| format!("floor(extract(epoch FROM {column}) / {secs})");
+    // The start of the window holding `column`, in SQL: whole days of a
+    // zone (`QUOTA_TZ`) are its calendar days, as Postgres' own tz database
+    // counts them; anything else a fixed UTC-aligned length.
+    let zone = window.zone();
+    let window_of = |column: &str| {
+        if zone != coupon_domain::Tz::UTC && secs % 86_400 == 0 {
+            let days = secs / 86_400;
+            format!(
+                "((DATE '1970-01-01' + (floor((({column} AT TIME ZONE '{zone}')::date - DATE '1970-01-01') / {days}.0) * {days})::int)::timestamp AT TIME ZONE '{zone}')"
+            )
+        } else {
+            format!("to_timestamp(floor(extract(epoch FROM {column}) / {secs}) * {secs})")
+        }
+    };
     let checks = [
         (
             // Every granted (non-repeated) decision is a new hold, judged
@@ -562,7 +575,7 @@ pub async fn invariant_violations_in(
                   WHERE d.outcome = 'granted' AND NOT d.repeated AND NOT EXISTS (
                     SELECT 1 FROM quota_grants q
                      WHERE q.user_id = d.user_id AND q.request_id = d.request_id
-                       AND q.window_start = to_timestamp({} * {secs}))",
+                       AND q.window_start = {})",
                 window_of("d.decided_at")
             ),
         ),

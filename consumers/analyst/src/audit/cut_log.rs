@@ -28,6 +28,9 @@ pub(super) struct CutLog {
     pub(super) pending_claims: HashSet<String>,
     /// The history role's committed offsets.
     pub(super) history_cut: HistoryCut,
+    /// Users whose profile may still change (a `users` record past the
+    /// profiles processor's cut names them).
+    pub(super) skip_profiles: HashSet<String>,
 }
 
 pub(super) fn canonical_code(raw: &str) -> String {
@@ -83,12 +86,18 @@ impl CutLog {
                 self.skip_user(&event.user_id);
                 self.skip_coupon(&event.coupon_code);
             }
+            Ok(TopicEvent::UserProfileUpdated(event)) => {
+                self.skip_profiles.insert(event.user_id);
+            }
             // Claims and purchases are keyed by user: an undecodable one
             // still names its user (its decision, if any, is `invalid`).
             _ => {
                 if let Some(user) = record.key_str() {
                     if matches!(kind, TopicKind::Claims | TopicKind::Purchases) {
                         self.skip_user(user);
+                    }
+                    if kind == TopicKind::Users {
+                        self.skip_profiles.insert(user.to_owned());
                     }
                 }
             }

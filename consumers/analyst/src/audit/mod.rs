@@ -1,6 +1,6 @@
 //! Audit: rebuild the state from the log into a scratch database and compare
-//! it with the live database: coupons, users (`last_coupon_at` and the
-//! blacklist), quota slots and stored claim and purchase decisions, that is
+//! it with the live database: coupons, users (`last_coupon_at`, the
+//! blacklist and the profile), quota slots and stored claim and purchase decisions, that is
 //! everything that decides a later request.
 //!
 //! Only what the live consumers have finished counts. The cut is each live
@@ -19,6 +19,8 @@
 //!   are skipped, with every coupon a skipped user holds on either side
 //!   (its decision may be committed but not yet published). Their quota
 //!   slots and stored decisions are skipped too.
+//! - `users` (profiles) below `<prefix>.profiles-processor`'s offsets is
+//!   applied; the profiles of users named by later records are not compared.
 //! - `blacklist` is applied up to its end: a change is published after its
 //!   transaction commits (through an outbox, so a committed change may reach
 //!   the log a little later). The live entries are read before the log and
@@ -62,7 +64,13 @@ use crate::rebuild::{self, RebuildStats};
 
 /// The live groups whose committed offsets cut the log, with the topic each
 /// one's offsets are read on.
-const CUTS: [Role; 4] = [Role::Coupons, Role::Claims, Role::Purchases, Role::Expiry];
+const CUTS: [Role; 5] = [
+    Role::Coupons,
+    Role::Claims,
+    Role::Purchases,
+    Role::Expiry,
+    Role::Profiles,
+];
 
 /// The outcome of an audit.
 #[derive(Debug, Clone, Default)]
@@ -75,6 +83,8 @@ pub struct AuditReport {
     pub claim_decisions_checked: usize,
     pub purchase_decisions_checked: usize,
     pub blacklist_checked: usize,
+    /// Users' profiles (name, dob, location) compared.
+    pub profiles_checked: usize,
     /// Left out because records still in flight name them.
     pub coupons_skipped: usize,
     pub users_skipped: usize,
@@ -86,6 +96,9 @@ pub struct AuditReport {
     pub history_checked: usize,
     /// History rows of records past the history role's committed offsets.
     pub history_skipped: usize,
+    /// Profiles named by `users` records past the profiles processor's
+    /// committed offsets.
+    pub profiles_skipped: usize,
     /// Records past the live groups' committed offsets.
     pub in_flight_records: u64,
     pub rebuild: RebuildStats,
@@ -96,11 +109,16 @@ impl AuditReport {
         self.differences.is_empty()
     }
 
-    /// What was compared, e.g. `3 coupons, 3 users, ... checked`.
+    /// What was compared, e.g. `3 coupons, 3 users, ... checked` (profiles
+    /// named only when there are some).
     pub fn checked(&self) -> String {
+        let profiles = match self.profiles_checked {
+            0 => String::new(),
+            n => format!(", {n} profiles"),
+        };
         format!(
             "{} coupons, {} users, {} quota grants, {} claim decisions, {} purchase decisions, \
-             {} blacklist entries, {} history rows checked",
+             {} blacklist entries{profiles}, {} history rows checked",
             self.coupons_checked,
             self.users_checked,
             self.quota_checked,
@@ -260,11 +278,66 @@ async fn audit_in(
             ..AuditReport::default()
         };
         compare(live, &rebuilt, log, blacklist_before, &mut report).await?;
+        compare_profiles(live, &rebuilt, log, &mut report).await?;
         Ok(report)
     }
     .await;
     rebuilt.close().await;
     result
+}
+
+/// Every profile in either database, but those of users whose `users`
+/// records are still in flight, must be the same.
+async fn compare_profiles(
+    live: &PgPool,
+    rebuilt: &PgPool,
+    log: &CutLog,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
+    let by_user =
+        |rows: Vec<store::users::ProfileUpdate>| -> HashMap<String, store::users::ProfileUpdate> {
+            rows.into_iter()
+                .map(|p| (p.user_id.as_str().to_owned(), p))
+                .collect()
+        };
+    let live = by_user(
+        store::users::all_profiles(live)
+            .await
+            .context("reading the live profiles")?,
+    );
+    let logged = by_user(
+        store::users::all_profiles(rebuilt)
+            .await
+            .context("reading the rebuilt profiles")?,
+    );
+    let mut users: Vec<&String> = live.keys().chain(logged.keys()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let describe = |p: &store::users::ProfileUpdate| {
+        format!(
+            "name {:?}, dob {:?}, location {:?} as of {}",
+            p.profile.name,
+            p.profile.dob.map(|d| d.to_string()),
+            p.profile.location,
+            p.updated_at.to_rfc3339()
+        )
+    };
+    for user in users {
+        if log.skip_profiles.contains(user.as_str()) {
+            report.profiles_skipped += 1;
+            continue;
+        }
+        report.profiles_checked += 1;
+        let (now, then) = (live.get(user), logged.get(user));
+        if now != then {
+            report.differences.push(format!(
+                "profile of user {user}: live {}, log {}",
+                now.map_or("none".into(), describe),
+                then.map_or("none".into(), describe)
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

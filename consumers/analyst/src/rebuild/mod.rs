@@ -10,6 +10,7 @@
 //! | `purchase-results` | redeemed (not `repeated`): coupon `redeemed`, `redeemed_at`, `redeemed_order_id`; cancelled (not `repeated`): the coupon to the `coupon_status` it carries, the order's cancellation stored |
 //! | `expirations`      | `HoldExpired`: the coupon back to `available` (or `expired` when the event says its campaign had ended by the deadline), only if still held under that `hold_id`; `CouponExpired`: an available coupon `expired` |
 //! | `blacklist`        | the user's blacklist entry (`users.blacklisted*`), as the change left it |
+//! | `users`            | the user's profile (`users.name`, `dob`, `location`): the latest by `updated_at`, as the profiles processor keeps it |
 //!
 //! Beyond the coupons, everything that decides a later request is restored,
 //! so a rebuilt database put live answers as the old one would:
@@ -73,7 +74,8 @@ mod write;
 pub use projection::*;
 pub use state::*;
 use write::{
-    write_claim_decisions, write_purchase_decisions, write_quota, write_states, write_users,
+    write_claim_decisions, write_profiles, write_purchase_decisions, write_quota, write_states,
+    write_users,
 };
 
 use std::fmt;
@@ -90,12 +92,13 @@ use coupon_platform::{store, KafkaSettings, Topics};
 use crate::replay::{PartitionRange, Reader, StartAt, TopicKind};
 
 /// The topics whose events change projected state, in tie-break order.
-pub const OUTCOME_TOPICS: [TopicKind; 5] = [
+pub const OUTCOME_TOPICS: [TopicKind; 6] = [
     TopicKind::Created,
     TopicKind::ClaimResults,
     TopicKind::PurchaseResults,
     TopicKind::Expirations,
     TopicKind::Blacklist,
+    TopicKind::Users,
 ];
 
 /// History rows are written in chunks of this many (one `COPY` each).
@@ -365,6 +368,9 @@ async fn write_the_rest(
     stats.users = write_users(target, projection)
         .await
         .context("writing users")?;
+    write_profiles(target, projection)
+        .await
+        .context("writing profiles")?;
     stats.quota_grants = write_quota(target, projection)
         .await
         .context("writing quota grants")?;

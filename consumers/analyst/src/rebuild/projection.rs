@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use coupon_consumers::coupons::{self};
 use coupon_consumers::history;
+use coupon_consumers::profiles::{self, ProfileUpdate};
 use coupon_domain::lifecycle::release_event_id;
 use coupon_domain::{CouponStatus, QuotaWindow, RequestId};
 use coupon_platform::kafka::Record;
@@ -74,6 +75,9 @@ pub struct Projection {
     pub duplicates: u64,
     pub anomalies: u64,
     pub anomaly_examples: Vec<String>,
+    /// Each user's latest profile (by its time, then event id), as the
+    /// profiles processor keeps it.
+    pub(super) profiles: HashMap<String, ProfileUpdate>,
 }
 
 impl Projection {
@@ -83,6 +87,13 @@ impl Projection {
             window,
             ..Self::default()
         }
+    }
+
+    /// Every user's latest profile, by user id.
+    pub fn profiles(&self) -> Vec<&ProfileUpdate> {
+        let mut all: Vec<&ProfileUpdate> = self.profiles.values().collect();
+        all.sort_by(|a, b| a.user_id.as_str().cmp(b.user_id.as_str()));
+        all
     }
 
     pub fn quota_grant(&self, user: &str, window_start: DateTime<Utc>) -> Option<&QuotaGrant> {
@@ -319,6 +330,22 @@ impl Projection {
                     }
                 }
             }
+            TopicEvent::UserProfileUpdated(event) => match profiles::update_of(&event, record) {
+                Ok(update) => {
+                    let newer = self
+                        .profiles
+                        .get(update.user_id.as_str())
+                        .is_none_or(|kept| {
+                            (&kept.updated_at, &kept.event_id)
+                                < (&update.updated_at, &update.event_id)
+                        });
+                    if newer {
+                        self.profiles
+                            .insert(update.user_id.as_str().to_owned(), update);
+                    }
+                }
+                Err(reason) => self.anomaly(record, format!("refused profile: {reason}")),
+            },
             TopicEvent::ClaimRequested(_)
             | TopicEvent::PurchaseRequested(_)
             | TopicEvent::PurchaseCancelled(_)

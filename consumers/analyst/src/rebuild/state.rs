@@ -23,7 +23,8 @@ pub(super) fn topic_rank(kind: TopicKind) -> u8 {
         TopicKind::PurchaseResults => 2,
         TopicKind::Expirations => 3,
         TopicKind::Blacklist => 4,
-        _ => 5,
+        TopicKind::Users => 5,
+        _ => 6,
     }
 }
 

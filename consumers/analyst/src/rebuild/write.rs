@@ -76,6 +76,21 @@ pub(super) async fn write_users(
     Ok(written)
 }
 
+/// The users' latest profiles (after `write_users`: the upsert sets only
+/// the profile columns).
+pub(super) async fn write_profiles(
+    target: &PgPool,
+    projection: &Projection,
+) -> Result<u64, sqlx::Error> {
+    let all: Vec<_> = projection.profiles().into_iter().cloned().collect();
+    let mut written = 0;
+    let mut conn = target.acquire().await?;
+    for chunk in all.chunks(WRITE_CHUNK) {
+        written += coupon_platform::store::users::upsert_profiles(&mut conn, chunk).await?;
+    }
+    Ok(written)
+}
+
 pub(super) async fn write_quota(
     target: &PgPool,
     projection: &Projection,

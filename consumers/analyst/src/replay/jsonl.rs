@@ -151,6 +151,7 @@ fn event_payload(out: &mut Vec<u8>, event: &TopicEvent) {
         TopicEvent::CouponExpired(e) => coupon_expired(&mut o, e),
         TopicEvent::PurchaseCancelled(e) => purchase_cancelled(&mut o, e),
         TopicEvent::CampaignEnded(e) => campaign_ended(&mut o, e),
+        TopicEvent::UserProfileUpdated(e) => user_profile_updated(&mut o, e),
     }
     o.close();
 }
@@ -380,6 +381,22 @@ fn blacklist_changed(o: &mut Obj<'_>, e: &BlacklistChanged) {
     o.str("user_id", user_id);
 }
 
+fn user_profile_updated(o: &mut Obj<'_>, e: &coupon_schemas::UserProfileUpdated) {
+    let coupon_schemas::UserProfileUpdated {
+        envelope: _,
+        user_id,
+        name,
+        dob,
+        location,
+        updated_at_ms,
+    } = e;
+    o.str("dob", dob);
+    o.str("location", location);
+    o.str("name", name);
+    o.int("updated_at_ms", *updated_at_ms);
+    o.str("user_id", user_id);
+}
+
 /// One JSON object being written: commas between members and, in debug
 /// builds, a check that the keys come in byte order.
 struct Obj<'a> {
@@ -549,6 +566,7 @@ mod tests {
             TopicEvent::CouponExpired(e) => serde_json::to_value(e),
             TopicEvent::PurchaseCancelled(e) => serde_json::to_value(e),
             TopicEvent::CampaignEnded(e) => serde_json::to_value(e),
+            TopicEvent::UserProfileUpdated(e) => serde_json::to_value(e),
         }
         .unwrap();
         let fields = value.as_object_mut().unwrap();
@@ -814,6 +832,17 @@ mod tests {
                     changed_by: s(),
                 }),
             ),
+            (
+                TopicKind::Users,
+                TopicEvent::UserProfileUpdated(coupon_schemas::UserProfileUpdated {
+                    envelope: envelope::<coupon_schemas::UserProfileUpdated>(text),
+                    user_id: s(),
+                    name: s(),
+                    dob: s(),
+                    location: s(),
+                    updated_at_ms: -9,
+                }),
+            ),
         ]
     }
 
@@ -830,6 +859,7 @@ mod tests {
             TopicEvent::CouponExpired(e) => e.encode_to_vec(),
             TopicEvent::PurchaseCancelled(e) => e.encode_to_vec(),
             TopicEvent::CampaignEnded(e) => e.encode_to_vec(),
+            TopicEvent::UserProfileUpdated(e) => e.encode_to_vec(),
         }
     }
 

@@ -48,7 +48,7 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
         responses::ApiUnauthorized,
         (status = 403, description = "The user is blacklisted (manually, or for flooding the gateway).",
             body = ErrorBody, example = json!({"error": "blacklisted", "message": "this user may not claim coupons"})),
-        (status = 404, description = "No coupon (of the category) is available.",
+        (status = 404, description = "No coupon (of the category) is available to this user: none left, or only coupons of campaigns whose eligibility (locations, minimum age) the user's profile does not meet.",
             body = ErrorBody, example = json!({"error": "sold_out", "message": "no coupon is available right now"})),
         (status = 409, description = "The x-request-id was already used for another user's claim: nothing was decided for this one; send a new request id.",
             body = ErrorBody, example = json!({"error": "request_id_conflict", "message": "this x-request-id was already used for another user; send a new one"})),

@@ -4,7 +4,8 @@
 //! One file per storefront, admin or operational route, each with its
 //! handler, the answers it gives (its error cases) and their unit tests:
 //! `claim` (`GET /api/v1/coupon`), `purchase` (`POST /api/v1/purchase`),
-//! `release` (`POST /api/v1/coupon`), `status` (`GET /api/v1/coupon/{code}`),
+//! `release` (`POST /api/v1/coupon`), `profile` (`PUT /api/v1/users/{id}`),
+//! `status` (`GET /api/v1/coupon/{code}`),
 //! `health` (`/healthz`, `/metrics`, the OpenAPI document), `campaign_end`
 //! (`DELETE /api/v1/campaigns/{id}`), `cancel`
 //! (`POST /api/v1/purchase/{order_id}/cancel`). The console's
@@ -14,6 +15,7 @@ pub(super) mod campaign_end;
 pub(super) mod cancel;
 pub(super) mod claim;
 pub(super) mod health;
+pub(super) mod profile;
 pub(super) mod purchase;
 pub(super) mod release;
 pub(super) mod status;
@@ -34,6 +36,7 @@ use crate::gateway::{console, error, ApiError, ErrorCode, GatewayState};
 pub enum Verb {
     Get,
     Post,
+    Put,
     Delete,
 }
 
@@ -42,6 +45,7 @@ impl Verb {
         match self {
             Verb::Get => "GET",
             Verb::Post => "POST",
+            Verb::Put => "PUT",
             Verb::Delete => "DELETE",
         }
     }
@@ -50,6 +54,7 @@ impl Verb {
         match self {
             Verb::Get => axum::http::Method::GET,
             Verb::Post => axum::http::Method::POST,
+            Verb::Put => axum::http::Method::PUT,
             Verb::Delete => axum::http::Method::DELETE,
         }
     }
@@ -58,6 +63,7 @@ impl Verb {
         match self {
             Verb::Get => MethodFilter::GET,
             Verb::Post => MethodFilter::POST,
+            Verb::Put => MethodFilter::PUT,
             Verb::Delete => MethodFilter::DELETE,
         }
     }
@@ -121,6 +127,12 @@ fn route_table() -> Vec<Row> {
             "/api/v1/campaigns/{id}",
             Admin,
             campaign_end::end_campaign,
+        ),
+        route(
+            Verb::Put,
+            "/api/v1/users/{id}",
+            Storefront,
+            profile::put_profile,
         ),
         route(
             Verb::Get,

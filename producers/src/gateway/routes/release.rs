@@ -38,7 +38,7 @@ use crate::issue::{self, IdempotencyKey, IssueError, IssueRequest};
 /// `valid_until`, `locations`, `min_age`; all optional) make the batch a
 /// campaign: every coupon is worth the discount, needs the minimum order,
 /// and is claimable only inside the window. The batch id is the campaign's
-/// id. `locations` and `min_age` are stored and shown but not enforced yet.
+/// id. `locations` and `min_age` restrict who may claim (the user's profile).
 /// A field the route does not know is refused (`400`), never ignored.
 ///
 /// The release runs in a task of its own, which the handler awaits: a client
