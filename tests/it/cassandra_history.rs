@@ -483,7 +483,7 @@ async fn cassandra_with_credentials_and_tls() {
     std::fs::create_dir_all(&dir).unwrap();
     let (node_keystore, ca) = keystore(&dir, "node", "node-secret");
     let (_, other_ca) = keystore(&dir, "other", "other-secret");
-    let node = OwnNode::new(&format!("cassandra-auth-{}", env.name), 29142)
+    let node = OwnNode::new(&format!("cassandra-auth-{}", env.name), 28042)
         .with("CASSANDRA_AUTH", "password")
         .with("CASSANDRA_TLS_KEYSTORE", node_keystore.to_str().unwrap())
         .with("CASSANDRA_TLS_KEYSTORE_PASSWORD", "node-secret");

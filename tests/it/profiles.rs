@@ -376,7 +376,7 @@ async fn profiles_are_projected_from_the_route_and_the_topic_and_the_latest_wins
         "{stdout}{}",
         String::from_utf8_lossy(&clean.stderr)
     );
-    assert!(stdout.contains("3 profiles checked"), "{stdout}");
+    assert!(stdout.contains(", 3 profiles, "), "{stdout}");
     sqlx::query("UPDATE users SET location = 'FR' WHERE user_id = 'carl'")
         .execute(&env.pool)
         .await

@@ -28,6 +28,16 @@ pub struct AdminUnauthorized(ErrorBody);
 )]
 pub struct ApiUnauthorized(ErrorBody);
 
+/// 429 of a storefront route on a gateway without `COUPON_API_TOKEN`.
+#[derive(IntoResponses)]
+#[response(
+    status = 429,
+    description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
+    headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
+    example = json!({"error": "address_limited", "message": "too many requests from this address; slow down"})
+)]
+pub struct AddressLimited(ErrorBody);
+
 /// 413 and 415: a JSON body refused before it is read.
 #[derive(IntoResponses)]
 pub enum BodyRefused {

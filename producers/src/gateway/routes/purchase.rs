@@ -57,9 +57,7 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
                 ("order_id_conflict" = (summary = "the order_id is another user's order", value = json!({"error": "order_id_conflict", "message": "this order_id was already used by another user"})))
             )),
         responses::BodyRefused,
-        (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "address_limited", "message": "too many requests from this address; slow down"})),
+        responses::AddressLimited,
         (status = 503, description = "The purchase could not be published, or the gateway is at its limit of requests in flight or waiting; retrying is safe.",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
             body = ErrorBody, example = json!({"error": "unavailable", "message": "could not publish the purchase"})),

@@ -34,9 +34,7 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
         responses::ApiUnauthorized,
         (status = 404, description = "No coupon has this code.",
             body = ErrorBody, example = json!({"error": "unknown_coupon", "message": "no coupon has this code"})),
-        (status = 429, description = "On a gateway without COUPON_API_TOKEN: too many requests from this address.",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying")),
-            body = ErrorBody, example = json!({"error": "address_limited", "message": "too many requests from this address; slow down"})),
+        responses::AddressLimited,
         responses::StoreUnavailable,
     ),
     security((), ("api_token" = []), ("admin_token" = []))

@@ -1,7 +1,9 @@
 // A storefront client generated from the gateway's OpenAPI document
 // (openapi-typescript types + openapi-fetch), compiled with tsc and run
 // against the live server by tests/contract/run.sh: a release, a claim, a
-// purchase and each error status the document gives them. If the document
+// purchase and each error status the document gives them; then a campaign
+// (a profile, its terms on the claim, a purchase's discount, a cancellation,
+// its early end). If the document
 // and the server drift apart, this either stops compiling (a renamed field,
 // a removed route) or fails here (an answer the types do not describe).
 import createClient from "openapi-fetch";
@@ -121,6 +123,103 @@ if (blacklisted) {
 {
   const { error, response } = await storefront.POST("/api/v1/coupon", { body: { id: "ts-employee", category } });
   check("release with the storefront token is 401 unauthorized", response.status === 401 && error?.error === "unauthorized", error);
+}
+
+// Campaigns (issue #28): a profile, a campaign with a discount, a minimum
+// order and eligibility, its claim's terms, a purchase that meets them, a
+// cancellation, and the campaign's early end.
+const adult = `ts-adult-${run}`;
+const stranger = `ts-stranger-${run}`;
+const campaignCategory = `ts-campaign-${run}`;
+{
+  const { response } = await storefront.PUT("/api/v1/users/{id}", {
+    params: { path: { id: adult } },
+    body: { name: "Ada", dob: "1990-05-17", location: "DE" },
+  });
+  check("a profile is 202 accepted", response.status === 202, response.status);
+  const bad = await storefront.PUT("/api/v1/users/{id}", {
+    params: { path: { id: adult } },
+    body: { name: "Ada", dob: "2999-01-01", location: "DE" },
+  });
+  check("a dob in the future is 422 invalid_profile", bad.response.status === 422 && bad.error?.error === "invalid_profile", bad.error);
+}
+let campaignId = "";
+{
+  const validUntil = new Date(Date.now() + 86_400_000).toISOString();
+  const { data, error, response } = await admin.POST("/api/v1/coupon", {
+    body: {
+      id: "ts-employee",
+      category: campaignCategory,
+      count: 2,
+      campaign: "ts winter sale",
+      discount: { percent_off: 10 },
+      min_order: { amount: 1000, currency: "EUR" },
+      valid_until: validUntil,
+      locations: ["DE"],
+      min_age: 18,
+    },
+  });
+  check("a campaign's release is 202", response.status === 202 && data?.codes.length === 2, error);
+  campaignId = data?.batch_id ?? "";
+}
+let campaignCode = "";
+for (let attempt = 0; attempt < 60 && !campaignCode; attempt++) {
+  // 404 sold_out until the coupons and the profile are projected.
+  const { data, response } = await storefront.GET("/api/v1/coupon", { params: { query: { id: adult, category: campaignCategory } } });
+  if (response.status === 200 && data) {
+    campaignCode = data.coupon_code;
+    check(
+      "an eligible user's claim shows the campaign's terms",
+      data.campaign === "ts winter sale" && data.discount !== undefined && data.valid_until !== undefined,
+      data,
+    );
+  } else {
+    await sleep(500);
+  }
+}
+check("the eligible user was granted a campaign coupon", campaignCode !== "", campaignCode);
+{
+  const { error, response } = await storefront.GET("/api/v1/coupon", { params: { query: { id: stranger, category: campaignCategory } } });
+  check("a user without a profile is not granted the other coupon (404 sold_out)", response.status === 404 && error?.error === "sold_out", error);
+}
+const campaignOrder = `ts-campaign-order-${run}`;
+{
+  const { error, response } = await storefront.POST("/api/v1/purchase", {
+    body: { user_id: adult, coupon_code: campaignCode, order_id: `ts-small-${run}`, order_total: { amount: 500, currency: "EUR" } },
+  });
+  check("an order below the minimum is 409 order_below_minimum", response.status === 409 && error?.error === "order_below_minimum", error);
+  const bought = await storefront.POST("/api/v1/purchase", {
+    body: { user_id: adult, coupon_code: campaignCode, order_id: campaignOrder, order_total: { amount: 2500, currency: "EUR" } },
+  });
+  check(
+    "an order meeting the minimum is 200 with 10% off",
+    bought.response.status === 200 && bought.data?.discount_amount?.amount === 250 && bought.data?.discount_amount?.currency === "EUR",
+    bought.data ?? bought.error,
+  );
+}
+{
+  const first = await storefront.POST("/api/v1/purchase/{order_id}/cancel", { params: { path: { order_id: campaignOrder } } });
+  const again = await storefront.POST("/api/v1/purchase/{order_id}/cancel", { params: { path: { order_id: campaignOrder } } });
+  check(
+    "a cancellation is 200 cancelled, and so is its repeat",
+    first.response.status === 200 && first.data?.status === "cancelled" && again.response.status === 200 && again.data?.status === "cancelled",
+    { first: first.data ?? first.error, again: again.data ?? again.error },
+  );
+  const unknown = await storefront.POST("/api/v1/purchase/{order_id}/cancel", { params: { path: { order_id: `ts-none-${run}` } } });
+  check("cancelling an unknown order is 404 unknown_order", unknown.response.status === 404 && unknown.error?.error === "unknown_order", unknown.error);
+}
+{
+  const ended = await admin.DELETE("/api/v1/campaigns/{id}", { params: { path: { id: campaignId } } });
+  const again = await admin.DELETE("/api/v1/campaigns/{id}", { params: { path: { id: campaignId } } });
+  check(
+    "ending the campaign is 200 ended, and a repeat answers the same end",
+    ended.response.status === 200 && ended.data?.status === "ended" && again.data?.ended_at === ended.data?.ended_at,
+    { ended: ended.data ?? ended.error, again: again.data ?? again.error },
+  );
+  const unknown = await admin.DELETE("/api/v1/campaigns/{id}", { params: { path: { id: "00000000-0000-4000-8000-000000000000" } } });
+  check("ending an unknown campaign is 404 unknown_campaign", unknown.response.status === 404 && unknown.error?.error === "unknown_campaign", unknown.error);
+  const { error, response } = await storefront.GET("/api/v1/coupon", { params: { query: { id: `ts-late-${run}`, category: campaignCategory } } });
+  check("after its end, the campaign's coupons are not granted (404 sold_out)", response.status === 404 && error?.error === "sold_out", error);
 }
 
 console.log(`typescript client: ${passed} passed, ${failed} failed`);
