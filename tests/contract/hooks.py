@@ -9,6 +9,9 @@ across users (`"0"`, `"order-1"`...), so before each call a valid one is
 replaced by a fresh UUID; invalid ones (negative cases) are sent as
 generated.
 
+A profile's date of birth lies between 1900 and today: a schema-valid date
+outside is moved inside (`keep_profile_rules`).
+
 A release's campaign has rules between its fields and with the clock that a
 schema cannot state either (`422 invalid_campaign`, documented): one
 currency for the discount and the minimum order, a `valid_until` after
@@ -50,6 +53,24 @@ def before_call(context, case, kwargs):
         body["order_id"] = str(uuid.uuid4())
     if isinstance(body, dict) and case.path == "/api/v1/coupon" and case.method.upper() == "POST":
         keep_campaign_rules(body)
+    if isinstance(body, dict) and case.path == "/api/v1/users/{id}" and case.method.upper() == "PUT":
+        keep_profile_rules(body)
+
+
+def keep_profile_rules(body):
+    """A profile's `dob` is a date (the schema says so) between 1900-01-01
+    and today (`422 invalid_profile`, documented; a schema cannot bound a
+    date): a schema-valid date outside is moved inside."""
+    dob = body.get("dob")
+    if not isinstance(dob, str):
+        return
+    try:
+        day = datetime.date.fromisoformat(dob)
+    except ValueError:
+        return
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    if day < datetime.date(1900, 1, 1) or day > today:
+        body["dob"] = "1990-04-01"
 
 
 def parse_time(text):

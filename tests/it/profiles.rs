@@ -318,7 +318,7 @@ async fn profiles_are_projected_from_the_route_and_the_topic_and_the_latest_wins
     let (status, _) = put_profile(
         &app,
         "bob",
-        &json!({"name": null, "dob": "", "location": "DE"}),
+        &json!({"name": null, "dob": null, "location": "DE"}),
     )
     .await;
     assert_eq!(status, 202);

@@ -211,24 +211,35 @@ impl DiscountBody {
 }
 
 /// `PUT /api/v1/users/{id}` body: the user's whole profile. A PUT replaces
-/// it, so every field must be given; `null` (or `""`) says the storefront
-/// does not know it, and clears it.
+/// it, so every field must be given; `null` (or, for `name` and `location`,
+/// `""`) says the storefront does not know it, and clears it.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileBody {
     /// 1 to 200 characters, no control characters, no white space first or
     /// last.
     #[serde(deserialize_with = "present")]
-    #[schema(required = true, max_length = 200, example = "Ada Lovelace")]
+    #[schema(
+        required = true,
+        max_length = 200,
+        pattern = "{OPTIONAL_ID_PATTERN}",
+        example = "Ada Lovelace"
+    )]
     pub name: Option<String>,
-    /// Date of birth, `YYYY-MM-DD`: not in the future, not before 1900.
+    /// Date of birth, `YYYY-MM-DD`: not in the future, not before 1900
+    /// (`null` clears it).
     #[serde(deserialize_with = "present")]
     #[schema(required = true, format = Date, example = "1990-04-01")]
     pub dob: Option<String>,
     /// Where the user is, as campaigns' `locations` name places (e.g. a
     /// country code); compared without regard to case. 1 to 64 characters.
     #[serde(deserialize_with = "present")]
-    #[schema(required = true, max_length = 64, example = "DE")]
+    #[schema(
+        required = true,
+        max_length = 64,
+        pattern = "{OPTIONAL_ID_PATTERN}",
+        example = "DE"
+    )]
     pub location: Option<String>,
 }
 

@@ -32,7 +32,7 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
 /// Set a user's profile.
 ///
 /// Replaces the user's `name`, `dob` (date of birth) and `location`: all
-/// three are required, `null` or `""` clears one. A campaign with `locations` is claimable
+/// three are required, `null` clears one (`""` too for `name` and `location`). A campaign with `locations` is claimable
 /// only by users whose profile location is one of them (case does not
 /// matter), one with `min_age` only by users at least that old on the day
 /// of the claim; a user without a profile is not eligible for such a
@@ -44,7 +44,7 @@ use crate::gateway::{ApiError, ErrorBody, ErrorCode};
     path = "/api/v1/users/{id}",
     tag = "storefront",
     params(
-        ("id" = String, Path, description = "The user id, as claims name it.", example = "user-42"),
+        ("id" = String, Path, pattern = "{ID_PATTERN}", max_length = 128, description = "The user id, as claims name it.", example = "user-42"),
         ("x-request-id" = Option<String>, Header,
             description = "Your id for this request; generated when absent, echoed in the answer's x-request-id header.")
     ),
@@ -106,12 +106,14 @@ pub(in crate::gateway) async fn put_profile(
         .into_response())
 }
 
-/// The body as a validated profile: a `dob` that is not even a date is
-/// `400 invalid_request`, a value out of range `422 invalid_profile`.
+/// The body as a validated profile: a `dob` that is not even a date
+/// (`""` included: `null` clears it, as the document's `format: date`
+/// says) is `400 invalid_request`, a value out of range `422
+/// invalid_profile`.
 fn profile_of(body: &ProfileBody, now: DateTime<Utc>) -> Result<Profile, ApiError> {
     let text = |v: &Option<String>| v.clone().unwrap_or_default();
     let dob = text(&body.dob);
-    if !dob.is_empty() && chrono::NaiveDate::parse_from_str(&dob, "%Y-%m-%d").is_err() {
+    if body.dob.is_some() && chrono::NaiveDate::parse_from_str(&dob, "%Y-%m-%d").is_err() {
         return Err(ApiError::invalid(format!(
             "dob: {dob:?} is not a date YYYY-MM-DD (e.g. \"1990-04-01\")"
         )));
@@ -152,8 +154,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(missing.contains("missing field `location`"), "{missing}");
-        let cleared = body(r#"{"name":null,"dob":"","location":null}"#).unwrap();
+        let cleared = body(r#"{"name":null,"dob":null,"location":""}"#).unwrap();
         assert_eq!(profile_of(&cleared, now()).unwrap(), Profile::default());
+        let empty_dob = body(r#"{"name":null,"dob":"","location":null}"#).unwrap();
+        let refused = profile_of(&empty_dob, now()).unwrap_err();
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
         let not_a_date = body(r#"{"name":null,"dob":"01.04.1990","location":null}"#).unwrap();
         let refused = profile_of(&not_a_date, now()).unwrap_err();
         assert_eq!(refused.status, StatusCode::BAD_REQUEST);
