@@ -55,12 +55,13 @@
 //! database, as a pipeline on the machine's two cores: the plain indexes of
 //! the big tables are dropped first and built once at the end (`CREATE
 //! INDEX` sorts; a row-by-row load walks each tree per row), the history
-//! rows go to a writer task (binary `COPY`, 20,000 rows each) while the
-//! events are applied, and at the end the claim decisions (`COPY`) are
-//! written beside the coupons (the projector's [`coupons::insert_coupons`]),
-//! their final holds and redemptions, users, quota slots and purchase
-//! decisions. A `COPY` that Postgres refuses falls back to the live
-//! consumers' own `INSERT ... ON CONFLICT DO NOTHING`.
+//! rows and the claim decisions go to writer tasks (binary `COPY`s of
+//! 20,000 and 50,000) while the events are applied (a stored decision never
+//! changes: the first for a request id stands), and at the end come the
+//! coupons (the projector's [`coupons::insert_coupons`]), their final holds
+//! and redemptions, users, quota slots and purchase decisions. A `COPY` that
+//! Postgres refuses falls back to the live consumers' own `INSERT ... ON
+//! CONFLICT DO NOTHING`.
 //!
 //! `projection` holds the in-memory state and its rules (pure, property
 //! tested against a simulation of the live system), `state` the rows it
@@ -73,10 +74,7 @@ mod write;
 
 pub use projection::*;
 pub use state::*;
-use write::{
-    write_claim_decisions, write_profiles, write_purchase_decisions, write_quota, write_states,
-    write_users,
-};
+use write::{write_profiles, write_purchase_decisions, write_quota, write_states, write_users};
 
 use std::fmt;
 use std::time::Instant;
@@ -103,6 +101,8 @@ pub const OUTCOME_TOPICS: [TopicKind; 6] = [
 
 /// History rows are written in chunks of this many (one `COPY` each).
 const HISTORY_CHUNK: usize = 20_000;
+/// Claim decisions likewise.
+const DECISION_CHUNK: usize = 50_000;
 /// The tables whose plain indexes are built after the load.
 const BULK_TABLES: [&str; 4] = ["coupon_history", "claim_decisions", "coupons", "users"];
 /// What a rebuild did.
@@ -261,10 +261,14 @@ pub async fn project(
         .context("deferring the indexes")?;
     stats.lap("drop the indexes", &mut mark);
 
-    // The history is written while the events are applied, by a task of its
-    // own: the applying holds one core, Postgres and the writer the other.
+    // The history and the claim decisions are written while the events are
+    // applied, by tasks of their own: the applying holds one core, Postgres
+    // and the writers the other. (A stored decision never changes: the
+    // first for a request id stands.)
     let (history_rows, to_write) = tokio::sync::mpsc::channel::<Vec<HistoryRow>>(4);
     let history_writer = tokio::spawn(write_history(target.clone(), to_write));
+    let (decisions, to_store) = tokio::sync::mpsc::channel::<Vec<ClaimDecisionRecord>>(2);
+    let decision_writer = tokio::spawn(write_decisions(target.clone(), to_store));
     let mut projection = Projection::new(window);
     let mut rows = Vec::new();
     for log in records {
@@ -274,28 +278,35 @@ pub async fn project(
         {
             break; // The writer failed: its error is below.
         }
+        if projection.new_claim_decision_count() >= DECISION_CHUNK
+            && decisions
+                .send(projection.take_new_claim_decisions())
+                .await
+                .is_err()
+        {
+            break; // Likewise.
+        }
     }
     rows.extend(projection.finish(topics));
     let _ = history_rows.send(rows).await;
-    drop(history_rows);
+    let _ = decisions.send(projection.take_new_claim_decisions()).await;
+    drop((history_rows, decisions));
     stats.lap("apply", &mut mark);
     stats.history_rows = history_writer
         .await
         .context("the history writer stopped")?
         .context("writing history rows")?;
-    stats.lap("history (the rest of its writes)", &mut mark);
+    stats.claim_decisions = decision_writer
+        .await
+        .context("the claim decision writer stopped")?
+        .context("writing claim decisions")?;
+    stats.lap(
+        "history and claim decisions (the rest of their writes)",
+        &mut mark,
+    );
 
-    // The claim decisions (a flash sale's million) beside the rest.
-    let (claim_decisions, ()) = tokio::try_join!(
-        async {
-            write_claim_decisions(target, &projection)
-                .await
-                .context("writing claim decisions")
-        },
-        write_the_rest(target, &projection, &mut stats),
-    )?;
-    stats.claim_decisions = claim_decisions;
-    stats.lap("coupons, users, quota and decisions", &mut mark);
+    write_the_rest(target, &projection, &mut stats).await?;
+    stats.lap("coupons, users, quota and purchases", &mut mark);
     store::rebuild::create_indexes(target, &indexes)
         .await
         .context("building the indexes")?;
@@ -327,6 +338,19 @@ async fn write_history(
     let mut written = 0;
     while let Some(rows) = chunks.recv().await {
         written += history::append_bulk(&target, &rows).await?;
+    }
+    Ok(written)
+}
+
+/// Writes the claim decisions it receives (`COPY`, falling back to the
+/// claim processor's insert) until the sender is dropped; returns how many.
+async fn write_decisions(
+    target: PgPool,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<ClaimDecisionRecord>>,
+) -> Result<u64, sqlx::Error> {
+    let mut written = 0;
+    while let Some(decisions) = chunks.recv().await {
+        written += store::claims::copy_decisions(&target, &decisions).await?;
     }
     Ok(written)
 }

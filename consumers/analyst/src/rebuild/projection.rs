@@ -56,6 +56,10 @@ pub struct Projection {
     pub(super) quota: HashMap<(String, DateTime<Utc>), QuotaGrant>,
     /// By request id.
     pub(super) claim_decisions: HashMap<RequestId, ClaimDecisionRecord>,
+    /// Claim decisions stored since the last [`Projection::take_new_claim_decisions`]:
+    /// a stored decision never changes (the first stands), so the rebuild
+    /// writes them while it applies the rest.
+    new_claim_decisions: Vec<RequestId>,
     /// By order id.
     pub(super) purchase_decisions: HashMap<String, StoredPurchase>,
     /// TopicEvent ids applied so far: a republished event (same id, e.g. a
@@ -98,6 +102,19 @@ impl Projection {
 
     pub fn quota_grant(&self, user: &str, window_start: DateTime<Utc>) -> Option<&QuotaGrant> {
         self.quota.get(&(user.to_owned(), window_start))
+    }
+
+    /// How many claim decisions were stored since they were last taken.
+    pub(super) fn new_claim_decision_count(&self) -> usize {
+        self.new_claim_decisions.len()
+    }
+
+    /// The claim decisions stored since they were last taken.
+    pub(super) fn take_new_claim_decisions(&mut self) -> Vec<ClaimDecisionRecord> {
+        std::mem::take(&mut self.new_claim_decisions)
+            .iter()
+            .filter_map(|id| self.claim_decisions.get(id).cloned())
+            .collect()
     }
 
     pub fn claim_decision(&self, request_id: &str) -> Option<&ClaimDecisionRecord> {
@@ -640,6 +657,7 @@ impl Projection {
                     );
                     self.anomaly(record, what);
                 } else {
+                    self.new_claim_decisions.push(row.request_id.clone());
                     self.claim_decisions.insert(row.request_id.clone(), row);
                 }
             }

@@ -7,12 +7,10 @@ use coupon_platform::store::rebuild::{
 };
 use sqlx::PgPool;
 
-use super::{ClaimDecisionRecord, CouponState, Projection, QuotaGrant, StoredPurchase};
+use super::{CouponState, Projection, QuotaGrant, StoredPurchase};
 
 /// Rows are written in statements of at most this many.
 const WRITE_CHUNK: usize = 20_000;
-/// Rows of one `COPY`.
-const COPY_CHUNK: usize = 100_000;
 
 pub(super) async fn write_states(
     target: &PgPool,
@@ -105,21 +103,6 @@ pub(super) async fn write_quota(
             granted_at: chunk.iter().map(|g| g.granted_at).collect(),
         };
         written += store::insert_quota_grants(target, &rows).await?;
-    }
-    Ok(written)
-}
-
-/// Writes the stored claim decisions with the columns of the claim
-/// processor's own insert (`COPY` into the fresh table, that insert when a
-/// chunk is refused), so the rebuilt rows are the rows the processor writes.
-pub(super) async fn write_claim_decisions(
-    target: &PgPool,
-    projection: &Projection,
-) -> Result<u64, sqlx::Error> {
-    let rows: Vec<ClaimDecisionRecord> = projection.claim_decisions.values().cloned().collect();
-    let mut written = 0;
-    for chunk in rows.chunks(COPY_CHUNK) {
-        written += coupon_platform::store::claims::copy_decisions(target, chunk).await?;
     }
     Ok(written)
 }
