@@ -358,16 +358,11 @@ fn progress(store: &str, index: usize, chunks: usize, loaded: usize) {
 
 /// CPU seconds (user + system) used so far by the processes `pids`.
 fn cpu_seconds(pids: &[u32]) -> f64 {
+    use couponctl::dev::bench::profile::process_ticks;
     // clock ticks per second: 100 on Linux.
     pids.iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            let after = stat.rsplit_once(") ")?.1;
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((utime + stime) / 100.0)
-        })
+        .filter_map(|stat| Some(process_ticks(&stat)?.1 as f64 / 100.0))
         .sum()
 }
 

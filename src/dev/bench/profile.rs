@@ -157,8 +157,9 @@ fn machine_ticks(proc_stat: &str) -> Option<(u64, u64)> {
     Some((total, idle))
 }
 
-/// The process name and its user + system ticks, from `/proc/<pid>/stat`.
-fn process_ticks(stat: &str) -> Option<(&str, u64)> {
+/// The process name and its user + system ticks, from `/proc/<pid>/stat`
+/// (also the history bench's CPU shares, `tests/it/history_bench.rs`).
+pub fn process_ticks(stat: &str) -> Option<(&str, u64)> {
     // The name is in parentheses and may itself contain spaces or ')'.
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
