@@ -36,7 +36,7 @@ use uuid::Uuid;
 use coupon_domain::clock::judged_at;
 use coupon_domain::purchase::{self as rules, decide_with_campaign, PurchaseOutcome};
 use coupon_domain::{CouponCode, Money, OrderId, RequestId, RequestedCode, UserId};
-use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
+use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::kafka::role::RoleEvent;
 use coupon_platform::kafka::{decode_topic, DecodeError, Record};
 use coupon_platform::redis::EndedHold;
@@ -50,10 +50,12 @@ use coupon_schemas::{
 };
 
 pub mod cancel;
+mod refused;
 
 use coupon_platform::kafka::role::{dead_letter_all, Decoded};
 
 use crate::{Context, Decided, Role};
+use refused::Refused;
 
 pub const ROLE: Role = Role::Purchases;
 
@@ -345,58 +347,6 @@ fn refusal(
         envelope: request.envelope.as_ref(),
     };
     refused.answer(ctx, record, outcome, reason)
-}
-
-/// What a refused request (a purchase or a cancellation) is answered by:
-/// its ids echoed, an event id derived from its request id in `id_space`
-/// (so a redelivery publishes the very same event and the history sink
-/// adds no second row), its record's time.
-struct Refused<'a> {
-    id_space: &'static str,
-    request_id: &'a str,
-    user_id: &'a str,
-    order_id: &'a str,
-    envelope: Option<&'a coupon_schemas::Envelope>,
-}
-
-impl Refused<'_> {
-    /// The answer, addressed to the requester; `None` without a usable
-    /// request id (there is no one to answer).
-    fn answer(
-        &self,
-        ctx: &Context,
-        record: &Record,
-        outcome: WireOutcome,
-        reason: &str,
-    ) -> Option<(String, PurchaseDecided)> {
-        RequestId::parse(self.request_id).ok()?;
-        let key = crate::echoed_id(self.user_id);
-        let event = coupon_schemas::new_envelope::<PurchaseDecided>(
-            Uuid::new_v5(
-                &Uuid::NAMESPACE_OID,
-                format!("{}:{}:{key}", self.id_space, self.request_id).as_bytes(),
-            )
-            .to_string(),
-            stable_time_ms(record, self.envelope.map(|e| e.occurred_at_ms)),
-            ctx.publisher.name(),
-            self.envelope.map_or("", |e| e.correlation_id.as_str()),
-        );
-        Some((
-            key.clone(),
-            PurchaseDecided {
-                envelope: Some(event),
-                request_id: self.request_id.to_owned(),
-                user_id: key,
-                // The gateway hands an answer to the waiter of this order
-                // only, so a refusal names it too.
-                order_id: crate::echoed_id(self.order_id),
-                outcome: outcome as i32,
-                // The reason may quote the request: bounded like any echo.
-                reason: reason.chars().take(1024).collect(),
-                ..Default::default()
-            },
-        ))
-    }
 }
 
 fn refusal_logged(
