@@ -25,7 +25,7 @@ pub use campaign::{Campaign, CampaignFields, Currency, Discount, InvalidCampaign
 pub use claim::{ClaimOutcome, ClaimOutcomeKind, ClaimPrecheck, UserClaimState};
 pub use code::CouponCode;
 pub use ids::{Category, EmployeeId, InvalidInput, OrderId, RequestId, RequestedCode, UserId};
-pub use lifecycle::{CouponStatus, HistoryKind, UnknownName};
+pub use lifecycle::{CampaignPhase, CouponStatus, HistoryKind, UnknownName};
 pub use profile::{Eligibility, InvalidProfile, Profile};
 pub use purchase::{PurchaseOutcome, PurchaseRejection};
 pub use quota::{QuotaWindow, Tz};

@@ -60,6 +60,45 @@ pub fn campaign_end(
     }
 }
 
+/// Where a campaign stands at a moment: what the console shows beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CampaignPhase {
+    /// Its window has not opened: no claim gets its coupons yet.
+    Scheduled,
+    /// Claimable (for the users it is meant for).
+    Running,
+    /// Past its end ([`campaign_end`]): its coupons are not granted any
+    /// more; the available ones are, or are about to be, `expired`.
+    Ended,
+}
+
+impl CampaignPhase {
+    /// The phase at `now` of a campaign opening at `valid_from` and ending
+    /// at `end` (see [`campaign_end`]): the claim window is
+    /// `valid_from <= now < end`, as the claim statement has it.
+    pub fn at(
+        valid_from: Option<DateTime<Utc>>,
+        end: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        if end.is_some_and(|end| end <= now) {
+            Self::Ended
+        } else if valid_from.is_some_and(|from| from > now) {
+            Self::Scheduled
+        } else {
+            Self::Running
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Running => "running",
+            Self::Ended => "ended",
+        }
+    }
+}
+
 /// Where a coupon goes when its hold, with deadline `held_until`, ends
 /// unbought: `expired` if its campaign had ended by that deadline (`end`,
 /// see [`campaign_end`]), else `available` (a campaign that ends later
@@ -205,6 +244,25 @@ mod tests {
             assert_eq!(kind.as_str().parse::<HistoryKind>().unwrap(), kind);
         }
         assert!("ended".parse::<HistoryKind>().is_err());
+    }
+
+    #[test]
+    fn a_campaign_is_scheduled_then_running_then_ended_on_its_window() {
+        let t = |s: i64| DateTime::from_timestamp(s, 0).unwrap();
+        let phase = |from: Option<i64>, end: Option<i64>, now: i64| {
+            CampaignPhase::at(from.map(t), end.map(t), t(now))
+        };
+        assert_eq!(phase(None, None, 0), CampaignPhase::Running);
+        assert_eq!(phase(Some(10), Some(20), 9), CampaignPhase::Scheduled);
+        assert_eq!(phase(Some(10), Some(20), 10), CampaignPhase::Running);
+        assert_eq!(phase(Some(10), Some(20), 19), CampaignPhase::Running);
+        assert_eq!(phase(Some(10), Some(20), 20), CampaignPhase::Ended);
+        // Ended early, before it opened: ended, not scheduled.
+        assert_eq!(phase(Some(10), Some(5), 7), CampaignPhase::Ended);
+        assert_eq!(
+            campaign_end(Some(t(20)), Some(t(15))).map(|e| e.timestamp()),
+            Some(15)
+        );
     }
 
     #[test]

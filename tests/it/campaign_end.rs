@@ -73,6 +73,20 @@ async fn end_campaign(app: &App, id: &str, token: Option<&str>) -> (u16, Value) 
     answer(request.send().await.unwrap()).await
 }
 
+/// `GET /api/v1/campaigns<query>`'s campaigns, once every role has caught
+/// up (the funnel is the history sink's).
+async fn campaigns(app: &App, query: &str) -> Vec<Value> {
+    let response = TestEnv::http_client()
+        .get(app.url(&format!("/api/v1/campaigns{query}")))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = answer(response).await;
+    assert_eq!(status, 200, "{body}");
+    body["campaigns"].as_array().cloned().unwrap_or_default()
+}
+
 async fn claim(app: &App, user: &str, category: &str) -> (u16, Value) {
     let url = app.url(&format!("/api/v1/coupon?id={user}&category={category}"));
     answer(TestEnv::http_client().get(url).send().await.unwrap()).await
@@ -309,6 +323,20 @@ async fn an_early_end_expires_the_pool_and_a_hold_taken_before_ends_expired() {
     assert_eq!(count_in(&env, "Ends", "expired").await, 5);
     assert_eq!(count_in(&env, "Ends", "available").await, 0);
     assert_invariants(&env, 5).await;
+    // The console's campaigns page: ended, its pool expired, its funnel.
+    env.wait_every_role_caught_up(Duration::from_secs(60)).await;
+    let listed = campaigns(&app, "").await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        json!([
+            listed[0]["phase"],
+            listed[0]["coupons"],
+            listed[0]["funnel"]
+        ]),
+        json!(["ended",
+               {"issued": 5, "available": 0, "held": 0, "redeemed": 0, "expired": 5},
+               {"claimed": 1, "redeemed": 0, "released": 0, "cancelled": 0, "expired": 5}])
+    );
     // The console's pool counts them: issued stays whole.
     let pool: Value = TestEnv::http_client()
         .get(app.url("/api/v1/pool"))
@@ -532,6 +560,49 @@ async fn a_cancelled_order_gives_its_coupon_back_or_expires_it_after_the_end() {
         (rows[1].0.as_str(), &rows[1].1["coupon_status"]),
         (gone_code.as_str(), &json!("expired"))
     );
+
+    // The console's campaigns, newest first: the coupons by status now, and
+    // the funnel from the history (a cancel after the end is `cancelled`
+    // in the funnel, its coupon `expired` in the pool).
+    let listed = campaigns(&app, "").await;
+    let view = |c: &Value| {
+        json!([
+            c["name"],
+            c["phase"],
+            c["category"],
+            c["coupons"],
+            c["funnel"]
+        ])
+    };
+    assert_eq!(
+        listed.iter().map(view).collect::<Vec<_>>(),
+        [
+            json!(["Gone sale", "ended", "Gone",
+                   {"issued": 1, "available": 0, "held": 0, "redeemed": 0, "expired": 1},
+                   {"claimed": 1, "redeemed": 1, "released": 0, "cancelled": 1, "expired": 0}]),
+            json!(["Back sale", "running", "Back",
+                   {"issued": 2, "available": 1, "held": 1, "redeemed": 0, "expired": 0},
+                   {"claimed": 2, "redeemed": 1, "released": 0, "cancelled": 1, "expired": 0}]),
+        ]
+    );
+    assert_eq!(listed[0]["batch_id"], gone.as_str());
+    assert_eq!(listed[0]["ended_by"], "admin-token");
+    assert!(listed[1]["ended_at"].is_null());
+    assert_eq!(campaigns(&app, "?limit=1").await.len(), 1);
+    for bad in ["?limit=0", "?limit=501", "?limit=x"] {
+        let response = TestEnv::http_client()
+            .get(app.url(&format!("/api/v1/campaigns{bad}")))
+            .bearer_auth("admin-secret")
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = answer(response).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{bad}: {body}"
+        );
+    }
 
     // Redelivering every purchase and cancellation changes nothing.
     let before = statuses(&env.pool).await;

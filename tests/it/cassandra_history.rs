@@ -271,7 +271,7 @@ async fn cassandra_history_of_a_burst_is_complete_once_and_redelivery_adds_nothi
     let funnel = admin(format!("/api/v1/analytics/funnel?{range}")).await;
     assert_eq!(
         funnel["by_category"],
-        json!([{"category": "Burst", "granted": expected.granted, "redeemed": expected.redeemed, "expired": expected.released}])
+        json!([{"category": "Burst", "granted": expected.granted, "redeemed": expected.redeemed, "released": expected.released, "cancelled": 0, "expired": 0}])
     );
 
     // Every record of the history's topics again, as a redelivery would

@@ -202,7 +202,7 @@ async fn console_routes_answer_what_postgres_holds() {
         || async {
             let (_, funnel) = get(&http, &app, &format!("/api/v1/analytics/funnel?{range}")).await;
             let expected =
-                json!([{"category": "Books", "granted": 6, "redeemed": 2, "expired": 4}]);
+                json!([{"category": "Books", "granted": 6, "redeemed": 2, "released": 4, "cancelled": 0, "expired": 0}]);
             if funnel["by_category"] == expected
                 && funnel["by_batch"][0]["batch_id"] == batch.as_str()
                 && funnel["by_batch"][0]["granted"] == 6

@@ -116,41 +116,114 @@ pub async fn claims_per_bucket(
     .await
 }
 
-/// The redemption funnel of one batch: holds granted on its coupons in the
-/// range, and how many of the coupons were redeemed or released (the hold
-/// expired) in the range.
+/// The funnel of one batch: what became of its coupons in the range, one
+/// count per history kind that a coupon goes through after its creation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunnelRow {
     pub batch_id: Uuid,
     pub employee_id: String,
     pub category: String,
+    /// Holds given (`granted` rows).
     pub granted: i64,
+    /// Purchases (`redeemed`).
     pub redeemed: i64,
+    /// Holds that ended unbought, the coupon back in the pool (`released`).
+    pub released: i64,
+    /// Orders cancelled, the coupon given back (`cancelled`).
+    pub cancelled: i64,
+    /// Coupons out of the pool for good at their campaign's end (`expired`).
     pub expired: i64,
 }
 
-/// The funnel per batch over `[since, until]` (batches with no grant,
-/// redemption or release in the range are left out), by category then
-/// batch.
+/// The history kinds a funnel counts, in the order of [`FunnelRow`].
+pub const FUNNEL_KINDS: [&str; 5] = ["granted", "redeemed", "released", "cancelled", "expired"];
+
+/// The funnel per batch over `[since, until]` (batches with none of
+/// [`FUNNEL_KINDS`] in the range are left out), by category then batch;
+/// with `batches`, only those.
 pub async fn funnel(
     pool: &PgPool,
     since: DateTime<Utc>,
     until: DateTime<Utc>,
+    batches: Option<&[Uuid]>,
 ) -> Result<Vec<FunnelRow>, sqlx::Error> {
     sqlx::query_as!(
         FunnelRow,
         r#"SELECT c.batch_id, c.employee_id, c.category,
                 count(*) FILTER (WHERE h.kind = 'granted') AS "granted!",
                 count(*) FILTER (WHERE h.kind = 'redeemed') AS "redeemed!",
-                count(*) FILTER (WHERE h.kind = 'released') AS "expired!"
+                count(*) FILTER (WHERE h.kind = 'released') AS "released!",
+                count(*) FILTER (WHERE h.kind = 'cancelled') AS "cancelled!",
+                count(*) FILTER (WHERE h.kind = 'expired') AS "expired!"
            FROM coupon_history h
            JOIN coupons c ON c.code = h.coupon_code
           WHERE h.occurred_at >= $1 AND h.occurred_at <= $2
-            AND h.kind IN ('granted', 'redeemed', 'released')
+            AND h.kind = ANY($3)
+            AND ($4::uuid[] IS NULL OR c.batch_id = ANY($4))
           GROUP BY c.batch_id, c.employee_id, c.category
           ORDER BY c.category, min(c.generated_at), c.batch_id"#,
         since,
-        until
+        until,
+        &FUNNEL_KINDS.map(String::from)[..],
+        batches
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// One campaign as the console lists it: its terms as stored, and its
+/// coupons by status now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignListing {
+    pub batch_id: Uuid,
+    pub name: Option<String>,
+    /// The batch's (absent until its first coupon is projected).
+    pub category: Option<String>,
+    pub employee_id: Option<String>,
+    pub percent_off: Option<i16>,
+    pub amount_off: Option<i64>,
+    pub amount_currency: Option<String>,
+    pub min_order_amount: Option<i64>,
+    pub min_order_currency: Option<String>,
+    pub valid_from: Option<DateTime<Utc>>,
+    pub valid_until: Option<DateTime<Utc>>,
+    pub locations: Vec<String>,
+    pub min_age: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub ended_by: Option<String>,
+    pub issued: i64,
+    pub available: i64,
+    pub held: i64,
+    pub redeemed: i64,
+    pub expired: i64,
+}
+
+/// The `limit` newest campaigns (by when their terms were stored), each
+/// with its coupons counted by status through `coupons_batch`: the listing
+/// is limited first, so a page costs its own campaigns' coupons, not every
+/// campaign's.
+pub async fn campaigns(pool: &PgPool, limit: i64) -> Result<Vec<CampaignListing>, sqlx::Error> {
+    sqlx::query_as!(
+        CampaignListing,
+        r#"SELECT k.batch_id AS "batch_id!", k.name, s.category, s.employee_id,
+                  k.percent_off, k.amount_off, k.amount_currency,
+                  k.min_order_amount, k.min_order_currency, k.valid_from, k.valid_until,
+                  k.locations AS "locations!", k.min_age, k.created_at AS "created_at!",
+                  k.ended_at, k.ended_by,
+                  s.issued AS "issued!", s.available AS "available!", s.held AS "held!",
+                  s.redeemed AS "redeemed!", s.expired AS "expired!"
+             FROM (SELECT * FROM campaigns ORDER BY created_at DESC, batch_id LIMIT $1) k
+             CROSS JOIN LATERAL (
+                 SELECT min(c.category) AS category, min(c.employee_id) AS employee_id,
+                        count(c.code) AS issued,
+                        count(*) FILTER (WHERE c.status = 'available') AS available,
+                        count(*) FILTER (WHERE c.status = 'held') AS held,
+                        count(*) FILTER (WHERE c.status = 'redeemed') AS redeemed,
+                        count(*) FILTER (WHERE c.status = 'expired') AS expired
+                   FROM coupons c WHERE c.batch_id = k.batch_id) s
+            ORDER BY k.created_at DESC, k.batch_id"#,
+        limit
     )
     .fetch_all(pool)
     .await
@@ -246,6 +319,8 @@ pub fn funnel_of(
                         category: batch.category.clone(),
                         granted: 0,
                         redeemed: 0,
+                        released: 0,
+                        cancelled: 0,
                         expired: 0,
                     },
                     batch.generated_at,
@@ -254,14 +329,16 @@ pub fn funnel_of(
         match row.kind.as_str() {
             "granted" => step.granted += 1,
             "redeemed" => step.redeemed += 1,
-            "released" => step.expired += 1,
+            "released" => step.released += 1,
+            "cancelled" => step.cancelled += 1,
+            "expired" => step.expired += 1,
             _ => continue,
         }
         *first = (*first).min(batch.generated_at);
     }
     let mut steps: Vec<(FunnelRow, DateTime<Utc>)> = funnel
         .into_values()
-        .filter(|(s, _)| s.granted + s.redeemed + s.expired > 0)
+        .filter(|(s, _)| s.granted + s.redeemed + s.released + s.cancelled + s.expired > 0)
         .collect();
     steps.sort_by(|(a, at), (b, bt)| {
         (&a.category, at, a.batch_id).cmp(&(&b.category, bt, b.batch_id))
@@ -310,6 +387,8 @@ mod tests {
             row(132, "redeemed", Some("A"), serde_json::json!({})),
             row(133, "released", Some("B"), serde_json::json!({})),
             row(134, "created", Some("C"), serde_json::json!({})),
+            row(135, "cancelled", Some("A"), serde_json::json!({})),
+            row(136, "expired", Some("B"), serde_json::json!({})),
         ];
         let buckets = claims_per_bucket_of(&rows, 60);
         assert_eq!(buckets.len(), 2);
@@ -339,7 +418,13 @@ mod tests {
             "the batch with only a creation is left out"
         );
         assert_eq!(funnel[0].category, "Hats");
-        assert_eq!((funnel[0].granted, funnel[0].expired), (0, 1));
-        assert_eq!((funnel[1].granted, funnel[1].redeemed), (1, 1));
+        assert_eq!(
+            (funnel[0].granted, funnel[0].released, funnel[0].expired),
+            (0, 1, 1)
+        );
+        assert_eq!(
+            (funnel[1].granted, funnel[1].redeemed, funnel[1].cancelled),
+            (1, 1, 1)
+        );
     }
 }

@@ -34,6 +34,7 @@ Every error answer is `{\"error\": \"<code>\", \"message\": \"...\"}`."
         super::console::console_script,
         super::console::pool,
         super::console::batches,
+        super::console::campaigns,
         super::console::blacklist_list,
         super::console::blacklist_add,
         super::console::blacklist_remove,

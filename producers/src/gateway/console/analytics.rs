@@ -209,8 +209,39 @@ pub struct FunnelStep {
     pub granted: i64,
     /// Purchases in the range.
     pub redeemed: i64,
-    /// Holds that ended unbought in the range (the coupon went back to the pool).
+    /// Holds that ended unbought in the range (the coupon went back to the
+    /// pool).
+    pub released: i64,
+    /// Orders cancelled in the range (the coupon was given back).
+    pub cancelled: i64,
+    /// Coupons that left the pool for good in the range because their
+    /// campaign ended (history kind `expired`).
     pub expired: i64,
+}
+
+impl FunnelStep {
+    fn add(&mut self, row: &console_store::FunnelRow) {
+        self.granted += row.granted;
+        self.redeemed += row.redeemed;
+        self.released += row.released;
+        self.cancelled += row.cancelled;
+        self.expired += row.expired;
+    }
+}
+
+impl From<console_store::FunnelRow> for FunnelStep {
+    fn from(r: console_store::FunnelRow) -> Self {
+        FunnelStep {
+            category: r.category,
+            batch_id: Some(r.batch_id.to_string()),
+            employee_id: Some(r.employee_id),
+            granted: r.granted,
+            redeemed: r.redeemed,
+            released: r.released,
+            cancelled: r.cancelled,
+            expired: r.expired,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -223,8 +254,43 @@ pub struct FunnelAnswer {
     pub by_batch: Vec<FunnelStep>,
 }
 
-/// The redemption funnel (granted → redeemed / expired) per category and per
-/// batch, from the history.
+/// The funnel rows of `[since, until]` (of `batches` only, if given) from
+/// the history store in use: one SQL query on Postgres; on Cassandra, the
+/// range's rows counted here with the batches of their coupons.
+pub(super) async fn funnel_rows(
+    state: &GatewayState,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+    batches: Option<&[uuid::Uuid]>,
+) -> Result<Vec<console_store::FunnelRow>, ApiError> {
+    if until < since {
+        return Ok(Vec::new());
+    }
+    let Some(history) = &state.history else {
+        return console_store::funnel(&state.read_pool, since, until, batches)
+            .await
+            .map_err(store_unavailable);
+    };
+    let rows = cassandra_rows(history, since, until).await?;
+    let mut codes: Vec<String> = rows
+        .iter()
+        .filter(|r| console_store::FUNNEL_KINDS.contains(&r.kind.as_str()))
+        .filter_map(|r| r.coupon_code.clone())
+        .collect();
+    codes.sort_unstable();
+    codes.dedup();
+    let mut of_codes = console_store::coupon_batches(&state.read_pool, &codes)
+        .await
+        .map_err(store_unavailable)?;
+    if let Some(batches) = batches {
+        of_codes.retain(|c| batches.contains(&c.batch_id));
+    }
+    Ok(console_store::funnel_of(&rows, &of_codes))
+}
+
+/// The redemption funnel per category and per batch, from the history:
+/// holds granted, then redeemed or released; orders cancelled; coupons
+/// expired at their campaign's end.
 #[utoipa::path(
     get,
     path = "/api/v1/analytics/funnel",
@@ -246,58 +312,23 @@ pub(crate) async fn analytics_funnel(
 ) -> Result<Json<FunnelAnswer>, ApiError> {
     let Query(query) = query.map_err(query_rejection)?;
     let (since, until) = resolve_range(query.since, query.until, Utc::now())?;
-    let rows = if until < since {
-        Vec::new()
-    } else if let Some(history) = &state.history {
-        let rows = cassandra_rows(history, since, until).await?;
-        let mut codes: Vec<String> = rows
-            .iter()
-            .filter(|r| matches!(r.kind.as_str(), "granted" | "redeemed" | "released"))
-            .filter_map(|r| r.coupon_code.clone())
-            .collect();
-        codes.sort_unstable();
-        codes.dedup();
-        let batches = console_store::coupon_batches(&state.read_pool, &codes)
-            .await
-            .map_err(store_unavailable)?;
-        console_store::funnel_of(&rows, &batches)
-    } else {
-        console_store::funnel(&state.read_pool, since, until)
-            .await
-            .map_err(store_unavailable)?
-    };
+    let rows = funnel_rows(&state, since, until, None).await?;
     let mut by_category: Vec<FunnelStep> = Vec::new();
     for r in &rows {
         match by_category.iter_mut().find(|c| c.category == r.category) {
-            Some(c) => {
-                c.granted += r.granted;
-                c.redeemed += r.redeemed;
-                c.expired += r.expired;
+            Some(c) => c.add(r),
+            None => {
+                let mut step = FunnelStep::from(r.clone());
+                step.batch_id = None;
+                step.employee_id = None;
+                by_category.push(step);
             }
-            None => by_category.push(FunnelStep {
-                category: r.category.clone(),
-                batch_id: None,
-                employee_id: None,
-                granted: r.granted,
-                redeemed: r.redeemed,
-                expired: r.expired,
-            }),
         }
     }
     Ok(Json(FunnelAnswer {
         since: millis(since),
         until: millis(until),
         by_category,
-        by_batch: rows
-            .into_iter()
-            .map(|r| FunnelStep {
-                category: r.category,
-                batch_id: Some(r.batch_id.to_string()),
-                employee_id: Some(r.employee_id),
-                granted: r.granted,
-                redeemed: r.redeemed,
-                expired: r.expired,
-            })
-            .collect(),
+        by_batch: rows.into_iter().map(FunnelStep::from).collect(),
     }))
 }

@@ -18,12 +18,14 @@
 //! [`Exporter`].
 //!
 //! One file per part of the page: `page` (the page and its script), `pool`,
-//! `batches`, `blacklist`, `analytics` (claims and the funnel) and `export`
+//! `batches`, `campaigns` (terms, phase and funnel per campaign), `blacklist`,
+//! `analytics` (claims and the funnel) and `export`
 //! (the download); this file keeps the limits and error helpers they share.
 
 mod analytics;
 mod batches;
 mod blacklist;
+mod campaigns;
 mod export;
 mod page;
 mod pool;
@@ -31,6 +33,7 @@ mod pool;
 pub use analytics::*;
 pub use batches::*;
 pub use blacklist::*;
+pub use campaigns::*;
 pub use export::*;
 pub use page::*;
 pub use pool::*;
@@ -131,6 +134,7 @@ mod tests {
         };
         for (path, method) in [
             ("/api/v1/batches", "get"),
+            ("/api/v1/campaigns", "get"),
             ("/api/v1/analytics/claims", "get"),
             ("/api/v1/analytics/funnel", "get"),
             ("/api/v1/analytics/export", "get"),

@@ -152,6 +152,7 @@ fn route_table() -> Vec<Row> {
         ),
         route(Verb::Get, "/api/v1/pool", Admin, console::pool),
         route(Verb::Get, "/api/v1/batches", Admin, console::batches),
+        route(Verb::Get, "/api/v1/campaigns", Admin, console::campaigns),
         route(
             Verb::Get,
             "/api/v1/blacklist",
