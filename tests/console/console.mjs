@@ -166,6 +166,94 @@ async function main() {
       () => page.$$eval("#blacklist-table tbody tr", (rows) => rows.map((r) => r.dataset.user)),
       () => sql("SELECT user_id FROM users WHERE blacklisted AND (blacklisted_until IS NULL OR blacklisted_until > now()) ORDER BY user_id").split("\n").filter(Boolean));
 
+    // --- campaigns: one created from the form, with terms and eligibility;
+    // claims, a purchase with its discount and a cancelled order on it; then
+    // ended early from its row. The row's numbers are Postgres's throughout.
+    const SALE = `${CATEGORY}-sale`;
+    for (const [user, location] of [["console-de-1", "DE"], ["console-de-2", "DE"], ["console-us-1", "US"]]) {
+      const put = await storefront("PUT", `/api/v1/users/${user}`, { name: user, dob: "1990-01-01", location });
+      if (put.status !== 202) bad(`the profile of ${user} is accepted`, JSON.stringify(put));
+    }
+    await agree("the three profiles are projected", async () => 3,
+      () => sqlNumber("SELECT count(*) FROM users WHERE user_id IN ('console-de-1', 'console-de-2', 'console-us-1') AND location IS NOT NULL"));
+    await page.click('#nav a[data-page="campaigns"]');
+    await page.waitForSelector("#page-campaigns[data-loaded]");
+    const saleUntil = new Date(Date.now() + 3600000).toISOString().slice(0, 19);
+    await page.fill("#campaign-employee", "console-e1");
+    await page.fill("#campaign-category", SALE);
+    await page.fill("#campaign-count", "20");
+    await page.fill("#campaign-name", "Console sale");
+    await page.selectOption("#campaign-discount-kind", "percent");
+    await page.fill("#campaign-discount-value", "10");
+    await page.fill("#campaign-min-amount", "5000");
+    await page.fill("#campaign-min-currency", "eur");
+    await page.fill("#campaign-until", saleUntil);
+    await page.fill("#campaign-locations", "DE, FR");
+    await page.fill("#campaign-min-age", "18");
+    await page.click("#campaign-button");
+    await page.waitForSelector('#campaign-status[data-done="true"]', { timeout: 120000 });
+    const sale = (await page.textContent("#campaign-batch")).trim();
+    const stored = sql(`SELECT name, percent_off, min_order_amount, min_order_currency, array_to_string(locations, ','), min_age,
+                               to_char(valid_until AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+                          FROM campaigns WHERE batch_id = :'p1'`, sale);
+    stored === `Console sale|10|5000|EUR|DE,FR|18|${saleUntil}`
+      ? ok(`the campaign's terms are in Postgres (${stored})`) : bad("the campaign's terms are in Postgres", stored);
+    const outsider = await storefront("GET", `/api/v1/coupon?id=console-us-1&category=${SALE}`);
+    outsider.status === 404 && outsider.body.error === "sold_out"
+      ? ok("a user outside the campaign's locations gets none of it (404 sold_out)") : bad("an ineligible user is refused", JSON.stringify(outsider));
+    const saleGrants = [];
+    for (const user of ["console-de-1", "console-de-2"]) {
+      const answer = await storefront("GET", `/api/v1/coupon?id=${user}&category=${SALE}`);
+      if (answer.status === 200 && answer.body.campaign === "Console sale" && answer.body.discount.percent_off === 10) saleGrants.push(answer.body);
+      else bad(`${user} is granted a coupon of the campaign with its terms`, JSON.stringify(answer));
+    }
+    const bought = await storefront("POST", "/api/v1/purchase", { user_id: "console-de-1", coupon_code: saleGrants[0].coupon_code,
+      order_id: "console-sale-order", order_total: { amount: 6000, currency: "EUR" } });
+    JSON.stringify(bought.body && bought.body.discount_amount) === JSON.stringify({ amount: 600, currency: "EUR" })
+      ? ok("the purchase took 10% off the order (600 EUR minor units)") : bad("the purchase applies the discount", JSON.stringify(bought));
+    const cancelled = await storefront("POST", "/api/v1/purchase/console-sale-order/cancel");
+    cancelled.status === 200 ? ok("the order is cancelled") : bad("the order is cancelled", JSON.stringify(cancelled));
+    const saleRow = `#campaigns-table tr[data-campaign="${sale}"]`;
+    const CAMPAIGN_FIELDS = ["issued", "available", "held", "funnel-claimed", "funnel-redeemed", "funnel-released", "funnel-cancelled", "funnel-expired"];
+    const campaignShown = () => page.$eval(saleRow, (r, fields) => fields.map((f) => {
+      const c = r.querySelector(`[data-field="${f}"]`);
+      return c ? Number(c.textContent.replace(/[^0-9]/g, "")) : null;
+    }), CAMPAIGN_FIELDS);
+    const campaignTruth = () => {
+      const coupons = sql(`SELECT count(*), count(*) FILTER (WHERE status = 'available'), count(*) FILTER (WHERE status = 'held')
+                             FROM coupons WHERE batch_id = :'p1'`, sale).split("|").map(Number);
+      const funnel = sql(`SELECT count(*) FILTER (WHERE h.kind = 'granted'), count(*) FILTER (WHERE h.kind = 'redeemed'),
+                                 count(*) FILTER (WHERE h.kind = 'released'), count(*) FILTER (WHERE h.kind = 'cancelled'),
+                                 count(*) FILTER (WHERE h.kind = 'expired')
+                            FROM coupon_history h JOIN coupons c ON c.code = h.coupon_code WHERE c.batch_id = :'p1'`, sale).split("|").map(Number);
+      return [...coupons, ...funnel];
+    };
+    await agree("the campaign's row equals Postgres (coupons now, funnel from the history)", campaignShown, campaignTruth);
+    const running = await campaignShown();
+    // (The second hold may have ended unbought already: HOLD_TTL is short here.)
+    const pick = (row) => [0, 3, 4, 6].map((i) => row[i]);
+    JSON.stringify(pick(running)) === JSON.stringify([20, 2, 1, 1])
+      ? ok(`the campaign shows 20 issued, 2 claimed, 1 redeemed, 1 cancelled (${JSON.stringify(running)})`) : bad("the campaign's funnel shows what the run did", JSON.stringify(running));
+    (await page.getAttribute(saleRow, "data-phase")) === "running" ? ok("the campaign is running") : bad("the campaign is running", await page.getAttribute(saleRow, "data-phase"));
+    await page.screenshot({ path: path.join(SHOTS, "campaigns.png"), fullPage: true });
+    // End it early from its row (the page asks first).
+    page.once("dialog", (dialog) => dialog.accept());
+    await page.click(`${saleRow} button`);
+    await page.waitForSelector(`${saleRow}[data-phase="ended"]`, { timeout: 15000 });
+    const ended = sql("SELECT ended_at IS NOT NULL, ended_by FROM campaigns WHERE batch_id = :'p1'", sale);
+    ended === "t|admin-token" ? ok("the early end is in Postgres, by the console's token") : bad("the early end is in Postgres", ended);
+    const late = await storefront("GET", `/api/v1/coupon?id=console-de-3&category=${SALE}`);
+    late.status === 404 ? ok("after the end nothing of the campaign is granted") : bad("after the end nothing is granted", JSON.stringify(late));
+    // The pool expires at once; the hold keeps its deadline (HOLD_TTL) and then expires too.
+    await agree("the ended campaign's coupons all expired", async () => 20,
+      () => sqlNumber("SELECT count(*) FROM coupons WHERE batch_id = :'p1' AND status = 'expired'", sale), 60000);
+    await agree("the ended campaign's row equals Postgres", campaignShown, campaignTruth);
+    const over = await campaignShown();
+    JSON.stringify([...over.slice(0, 5), ...over.slice(6)]) === JSON.stringify([20, 0, 0, 2, 1, 1, 20])
+      ? ok(`the ended campaign shows its 20 coupons expired (${JSON.stringify(over)})`) : bad("the ended campaign's funnel", JSON.stringify(over));
+    (await page.$(`${saleRow} button`)) === null ? ok("an ended campaign has no End button") : bad("an ended campaign has no End button", "a button");
+    await page.click('#nav a[data-page="employees"]');
+
     // Wait for the holds not bought to expire (HOLD_TTL) so the funnel has all three steps.
     await agree("the unbought holds expired", async () => 0,
       () => sqlNumber("SELECT count(*) FROM coupons WHERE status = 'held'"), 60000);
@@ -174,12 +262,13 @@ async function main() {
     await page.click("#batches-form button");
     await agree("the pool table equals Postgres",
       () => page.$$eval("#pool-table tbody tr", (rows) => rows.map((r) => [r.dataset.category,
-        ...["available", "held", "redeemed", "issued"].map((f) => Number(r.querySelector(`[data-field="${f}"]`).textContent.replace(/[^0-9]/g, "")))])),
+        ...["available", "held", "redeemed", "expired", "issued"].map((f) => Number(r.querySelector(`[data-field="${f}"]`).textContent.replace(/[^0-9]/g, "")))])),
       () => {
         const rows = sql(`SELECT category, count(*) FILTER (WHERE status = 'available'), count(*) FILTER (WHERE status = 'held'),
-                                 count(*) FILTER (WHERE status = 'redeemed'), count(*) FROM coupons GROUP BY category ORDER BY category`)
+                                 count(*) FILTER (WHERE status = 'redeemed'), count(*) FILTER (WHERE status = 'expired'), count(*)
+                            FROM coupons GROUP BY category ORDER BY category`)
           .split("\n").filter(Boolean).map((l) => l.split("|").map((v, i) => (i ? Number(v) : v)));
-        const total = rows.reduce((t, r) => t.map((v, i) => (i ? v + r[i] : v)), ["all", 0, 0, 0, 0]);
+        const total = rows.reduce((t, r) => t.map((v, i) => (i ? v + r[i] : v)), ["all", 0, 0, 0, 0, 0]);
         return [...rows, total];
       });
     await agree("the recent batches equal Postgres",
@@ -221,10 +310,11 @@ async function main() {
     const funnelTruth = async () => {
       const [since, until] = await range();
       return sql(`SELECT c.category, count(*) FILTER (WHERE h.kind = 'granted'), count(*) FILTER (WHERE h.kind = 'redeemed'),
-                         count(*) FILTER (WHERE h.kind = 'released')
+                         count(*) FILTER (WHERE h.kind = 'released'), count(*) FILTER (WHERE h.kind = 'cancelled'),
+                         count(*) FILTER (WHERE h.kind = 'expired')
                     FROM coupon_history h JOIN coupons c ON c.code = h.coupon_code
                    WHERE h.occurred_at >= to_timestamp(:'p1') AND h.occurred_at <= to_timestamp(:'p2')
-                     AND h.kind IN ('granted', 'redeemed', 'released')
+                     AND h.kind IN ('granted', 'redeemed', 'released', 'cancelled', 'expired')
                    GROUP BY c.category ORDER BY c.category`, since, until)
         .split("\n").filter(Boolean).map((l) => l.split("|").map((v, i) => (i ? Number(v) : v)));
     };
@@ -232,23 +322,24 @@ async function main() {
       await page.click("#range-form button[type=submit]");
       await page.waitForTimeout(300);
       return page.$$eval("#funnel-category tbody tr", (rows) => rows.map((r) => [r.dataset.category,
-        ...["granted", "redeemed", "expired"].map((f) => Number(r.querySelector(`[data-field="${f}"]`).textContent.replace(/[^0-9]/g, "")))]));
+        ...["granted", "redeemed", "released", "cancelled", "expired"].map((f) => Number(r.querySelector(`[data-field="${f}"]`).textContent.replace(/[^0-9]/g, "")))]));
     };
     await agree("the funnel per category equals the history in Postgres", funnelShown, funnelTruth);
     const mine = (await funnelShown()).find((r) => r[0] === CATEGORY) || [];
     mine[1] === granted.length && mine[2] === 5 && mine[3] === granted.length - 5
-      ? ok(`the funnel of ${CATEGORY}: ${mine[1]} granted → ${mine[2]} redeemed / ${mine[3]} expired`)
+      ? ok(`the funnel of ${CATEGORY}: ${mine[1]} granted → ${mine[2]} redeemed / ${mine[3]} released`)
       : bad("the funnel shows the run's grants, purchases and expirations", JSON.stringify(mine));
     await agree("the funnel per batch equals the history in Postgres",
       () => page.$$eval("#funnel-batch tbody tr", (rows) => rows.map((r) => [r.dataset.batch,
-        ...["granted", "redeemed", "expired"].map((f) => Number(r.querySelector(`[data-field="${f}"]`).textContent.replace(/[^0-9]/g, "")))])),
+        ...["granted", "redeemed", "released", "cancelled", "expired"].map((f) => Number(r.querySelector(`[data-field="${f}"]`).textContent.replace(/[^0-9]/g, "")))])),
       async () => {
         const [since, until] = await range();
         return sql(`SELECT c.batch_id, count(*) FILTER (WHERE h.kind = 'granted'), count(*) FILTER (WHERE h.kind = 'redeemed'),
-                           count(*) FILTER (WHERE h.kind = 'released')
+                           count(*) FILTER (WHERE h.kind = 'released'), count(*) FILTER (WHERE h.kind = 'cancelled'),
+                           count(*) FILTER (WHERE h.kind = 'expired')
                       FROM coupon_history h JOIN coupons c ON c.code = h.coupon_code
                      WHERE h.occurred_at >= to_timestamp(:'p1') AND h.occurred_at <= to_timestamp(:'p2')
-                       AND h.kind IN ('granted', 'redeemed', 'released')
+                       AND h.kind IN ('granted', 'redeemed', 'released', 'cancelled', 'expired')
                      GROUP BY c.batch_id, c.employee_id, c.category ORDER BY c.category, min(c.generated_at), c.batch_id`, since, until)
           .split("\n").filter(Boolean).map((l) => l.split("|").map((v, i) => (i ? Number(v) : v)));
       });

@@ -67,6 +67,9 @@ function showPage() {
   if (page === "employees") {
     refreshPool(); refreshBatches(); refreshBlacklist();
     timers.push(setInterval(refreshPool, REFRESH_MS));
+  } else if (page === "campaigns") {
+    refreshCampaigns();
+    timers.push(setInterval(refreshCampaigns, REFRESH_MS));
   } else if (page === "analysts") {
     if (!$("range-until").value) setRange(3600);
     refreshAnalytics();
@@ -120,6 +123,7 @@ async function refreshPool() {
       numCell(c.available, { "data-field": "available" }),
       numCell(c.held, { "data-field": "held" }),
       numCell(c.redeemed, { "data-field": "redeemed" }),
+      numCell(c.expired, { "data-field": "expired" }),
       numCell(c.issued, { "data-field": "issued" }));
     fillBody("pool-table", [...pool.categories.map((c) => row(c.category, c, false)), row("all", pool, true)]);
     $("pool-updated").textContent = `as of ${new Date().toISOString()}`;
@@ -152,52 +156,57 @@ function newIdempotencyKey() {
   return "console-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-$("release-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const button = $("release-button");
+// Releases `body` (a batch, or a campaign: a batch with terms) and follows
+// its projection in the elements named `<prefix>-...` of its form.
+async function release(prefix, body) {
+  const button = $(`${prefix}-button`);
   button.disabled = true;
-  $("release-error").textContent = "";
-  const body = {
-    id: $("release-employee").value.trim(),
-    category: $("release-category").value.trim(),
-    count: Number($("release-count").value),
-  };
+  $(`${prefix}-error`).textContent = "";
   if (!pendingRelease || JSON.stringify(pendingRelease.body) !== JSON.stringify(body)) {
     pendingRelease = { body, key: newIdempotencyKey() };
   }
   try {
     const batch = await api("POST", "/api/v1/coupon", body, { "Idempotency-Key": pendingRelease.key });
     pendingRelease = null;
-    $("release-status").hidden = false;
-    $("release-batch").textContent = batch.batch_id;
-    $("release-count-shown").textContent = fmt(batch.count);
-    $("release-done").textContent = "";
-    await followBatch(batch.batch_id, batch.count);
+    $(`${prefix}-status`).hidden = false;
+    $(`${prefix}-batch`).textContent = batch.batch_id;
+    $(`${prefix}-count-shown`).textContent = fmt(batch.count);
+    $(`${prefix}-done`).textContent = "";
+    await followBatch(prefix, batch.batch_id, batch.count);
   } catch (error) {
-    $("release-error").textContent = error.message;
+    $(`${prefix}-error`).textContent = error.message;
   } finally {
     button.disabled = false;
   }
+}
+
+$("release-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  release("release", {
+    id: $("release-employee").value.trim(),
+    category: $("release-category").value.trim(),
+    count: Number($("release-count").value),
+  });
 });
 
 // Polls the batch until every coupon of it is projected (or 10 minutes).
-async function followBatch(batchId, count) {
+async function followBatch(prefix, batchId, count) {
   const deadline = Date.now() + 600000;
   while (Date.now() < deadline) {
     const answer = await api("GET", `/api/v1/batches?batch_id=${encodeURIComponent(batchId)}`);
     const projected = answer.batches.length ? answer.batches[0].projected : 0;
-    $("release-projected").textContent = fmt(projected);
-    $("release-bar").style.width = `${Math.min(100, (100 * projected) / count)}%`;
+    $(`${prefix}-projected`).textContent = fmt(projected);
+    $(`${prefix}-bar`).style.width = `${Math.min(100, (100 * projected) / count)}%`;
     if (projected >= count) {
-      $("release-done").textContent = "— done";
-      $("release-status").dataset.done = "true";
-      refreshPool(); refreshBatches();
+      $(`${prefix}-done`).textContent = "— done";
+      $(`${prefix}-status`).dataset.done = "true";
+      if (prefix === "campaign") refreshCampaigns(); else { refreshPool(); refreshBatches(); }
       return;
     }
-    $("release-status").dataset.done = "false";
+    $(`${prefix}-status`).dataset.done = "false";
     await new Promise((r) => setTimeout(r, 400));
   }
-  $("release-error").textContent = "the batch is not fully projected after 10 minutes";
+  $(`${prefix}-error`).textContent = "the batch is not fully projected after 10 minutes";
 }
 
 async function refreshBlacklist() {
@@ -230,6 +239,107 @@ $("blacklist-form").addEventListener("submit", async (event) => {
   } catch (error) { $("blacklist-error").textContent = error.message; }
   refreshBlacklist();
 });
+
+// -------------------------------------------------------------- campaigns
+
+// The form's campaign: only the fields filled in are sent, so the server's
+// defaults (no discount, an open window, anyone) hold for the rest; a field
+// the server refuses comes back as its message.
+function campaignBody() {
+  const text = (id) => $(id).value.trim();
+  const whole = (id) => (text(id) === "" ? undefined : Number(text(id)));
+  const body = { id: text("campaign-employee"), category: text("campaign-category"), count: Number(text("campaign-count")) };
+  if (text("campaign-name")) body.campaign = text("campaign-name");
+  const kind = $("campaign-discount-kind").value;
+  if (kind === "percent") body.discount = { percent_off: whole("campaign-discount-value") };
+  if (kind === "amount") body.discount = { amount_off: whole("campaign-discount-value"), currency: text("campaign-discount-currency").toUpperCase() };
+  if (text("campaign-min-amount")) body.min_order = { amount: whole("campaign-min-amount"), currency: text("campaign-min-currency").toUpperCase() };
+  if (text("campaign-from")) body.valid_from = `${text("campaign-from")}Z`;
+  if (text("campaign-until")) body.valid_until = `${text("campaign-until")}Z`;
+  const locations = text("campaign-locations").split(",").map((l) => l.trim()).filter(Boolean);
+  if (locations.length) body.locations = locations;
+  if (text("campaign-min-age")) body.min_age = whole("campaign-min-age");
+  return body;
+}
+
+$("campaign-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  release("campaign", campaignBody());
+});
+
+// Minor units, as the API has them (the page's heading says so).
+const money = (m) => `${fmt(m.amount)} ${m.currency}`;
+
+function terms(c) {
+  const parts = [];
+  if (c.discount && c.discount.percent_off) parts.push(`${c.discount.percent_off}% off`);
+  if (c.discount && c.discount.amount_off) parts.push(`${money({ amount: c.discount.amount_off, currency: c.discount.currency })} off`);
+  if (c.min_order) parts.push(`orders from ${money(c.min_order)}`);
+  return parts.join("; ") || "no discount";
+}
+
+function eligibility(c) {
+  const parts = [];
+  if (c.locations.length) parts.push(c.locations.join(", "));
+  if (c.min_age) parts.push(`${c.min_age}+`);
+  return parts.join("; ") || "anyone";
+}
+
+const FUNNEL = ["claimed", "redeemed", "released", "cancelled", "expired"];
+const FUNNEL_COLOR = { claimed: "granted", redeemed: "redeemed", released: "released", cancelled: "cancelled", expired: "expired" };
+
+// One row per campaign: its claims, then what became of them side by side.
+function drawCampaigns(campaigns) {
+  const W = 1100, rowH = 26, L = 200;
+  const H = Math.max(30, campaigns.length * rowH + 10);
+  const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", "aria-label": "funnel per campaign" });
+  const max = Math.max(1, ...campaigns.map((c) => Math.max(c.funnel.claimed, FUNNEL.slice(1).reduce((t, f) => t + c.funnel[f], 0))));
+  const scale = (n) => ((W - L - 420) * n) / max;
+  campaigns.forEach((c, i) => {
+    const y = 5 + i * rowH;
+    chart.append(svg("text", { x: 0, y: y + 15 }, (c.name || c.batch_id.slice(0, 8)).slice(0, 30)));
+    chart.append(svg("rect", { x: L, y, width: scale(c.funnel.claimed), height: 9, fill: color("granted") }));
+    let x = L;
+    for (const step of FUNNEL.slice(1)) {
+      const w = scale(c.funnel[step]);
+      chart.append(svg("rect", { x, y: y + 11, width: w, height: 9, fill: color(FUNNEL_COLOR[step]) }, svg("title", {}, `${step}: ${c.funnel[step]}`)));
+      x += w;
+    }
+    chart.append(svg("text", { x: Math.max(L + scale(c.funnel.claimed), x) + 6, y: y + 15 },
+      FUNNEL.map((f) => `${f} ${fmt(c.funnel[f])}`).join(" · ")));
+  });
+  $("campaigns-chart").replaceChildren(chart);
+}
+
+async function refreshCampaigns() {
+  try {
+    const answer = await api("GET", "/api/v1/campaigns?limit=50");
+    drawCampaigns(answer.campaigns);
+    fillBody("campaigns-table", answer.campaigns.map((c) => el("tr", { "data-campaign": c.batch_id, "data-phase": c.phase },
+      el("td", { title: `id ${c.batch_id}; created ${c.created_at}; funnel since ${c.funnel_since}` }, c.name || "", " ", el("code", {}, c.batch_id.slice(0, 8))),
+      el("td", {}, c.category || "–"),
+      el("td", {}, terms(c)),
+      el("td", {}, `${c.valid_from || "open"} → ${c.ended_at && (!c.valid_until || c.ended_at < c.valid_until) ? `${c.ended_at} (ended by ${c.ended_by})` : c.valid_until || "open"}`),
+      el("td", {}, eligibility(c)),
+      el("td", { class: "phase-cell" }, el("span", { class: `phase ${c.phase}` }, c.phase),
+        ...(c.phase === "ended" ? [] : [el("br"), el("button", { class: "danger", onclick: () => endCampaign(c) }, "End now")])),
+      ...["issued", "available", "held"].map((f) => numCell(c.coupons[f], { "data-field": f })),
+      ...FUNNEL.map((f) => numCell(c.funnel[f], { "data-field": `funnel-${f}` })))));
+    $("campaigns-updated").textContent = `As of ${new Date().toISOString()}.`;
+    $("campaigns-error").textContent = "";
+    $("page-campaigns").dataset.loaded = String(Number($("page-campaigns").dataset.loaded || 0) + 1);
+  } catch (error) { $("campaigns-error").textContent = error.message; }
+}
+
+async function endCampaign(c) {
+  const what = c.name ? `"${c.name}"` : c.batch_id;
+  if (!confirm(`End campaign ${what} now? Its coupons are no longer granted, and its available ones expire. Holds taken already keep their deadline.`)) return;
+  try {
+    await api("DELETE", `/api/v1/campaigns/${encodeURIComponent(c.batch_id)}`);
+    $("campaigns-error").textContent = "";
+  } catch (error) { $("campaigns-error").textContent = error.message; }
+  refreshCampaigns();
+}
 
 // --------------------------------------------------------------- analysts
 
@@ -300,16 +410,20 @@ function drawFunnel(rows) {
   const W = 1100, rowH = 26, L = 160;
   const H = Math.max(30, rows.length * rowH + 10);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", "aria-label": "redemption funnel per category" });
-  const max = Math.max(1, ...rows.map((r) => r.granted));
+  const max = Math.max(1, ...rows.map((r) => Math.max(r.granted, r.redeemed + r.released + r.cancelled + r.expired)));
   rows.forEach((r, i) => {
     const y = 5 + i * rowH;
     const scale = (n) => ((W - L - 280) * n) / max;
     chart.append(svg("text", { x: 0, y: y + 15 }, r.category));
     chart.append(svg("rect", { x: L, y, width: scale(r.granted), height: 9, fill: color("granted") }));
-    chart.append(svg("rect", { x: L, y: y + 11, width: scale(r.redeemed), height: 9, fill: color("redeemed") }));
-    chart.append(svg("rect", { x: L + scale(r.redeemed), y: y + 11, width: scale(r.expired), height: 9, fill: color("expired") }));
+    let x = L;
+    for (const step of ["redeemed", "released", "cancelled", "expired"]) {
+      chart.append(svg("rect", { x, y: y + 11, width: scale(r[step]), height: 9, fill: color(step) }, svg("title", {}, `${step}: ${r[step]}`)));
+      x += scale(r[step]);
+    }
     const rate = r.granted ? ` (${Math.round((100 * r.redeemed) / r.granted)}% redeemed)` : "";
-    chart.append(svg("text", { x: L + scale(Math.max(r.granted, r.redeemed + r.expired)) + 6, y: y + 15 }, `${fmt(r.granted)} → ${fmt(r.redeemed)} / ${fmt(r.expired)}${rate}`));
+    chart.append(svg("text", { x: Math.max(L + scale(r.granted), x) + 6, y: y + 15 },
+      `${fmt(r.granted)} → ${fmt(r.redeemed)} / ${fmt(r.released)}; cancelled ${fmt(r.cancelled)}, expired ${fmt(r.expired)}${rate}`));
   });
   $("funnel-chart").replaceChildren(chart);
 }
@@ -329,7 +443,7 @@ async function refreshAnalytics() {
     drawClaims(claims, since, until);
     fillBody("claims-totals", OUTCOMES.map((o) => el("tr", { "data-outcome": o }, el("td", {}, o), numCell(claims.totals[o], { "data-field": "total" }))));
     drawFunnel(funnel.by_category);
-    const cells = (r) => [numCell(r.granted, { "data-field": "granted" }), numCell(r.redeemed, { "data-field": "redeemed" }), numCell(r.expired, { "data-field": "expired" })];
+    const cells = (r) => ["granted", "redeemed", "released", "cancelled", "expired"].map((f) => numCell(r[f], { "data-field": f }));
     fillBody("funnel-category", funnel.by_category.map((r) => el("tr", { "data-category": r.category }, el("td", {}, r.category), ...cells(r))));
     fillBody("funnel-batch", funnel.by_batch.map((r) => el("tr", { "data-batch": r.batch_id }, el("td", {}, r.category), el("td", {}, r.employee_id),
       el("td", {}, el("code", {}, r.batch_id.slice(0, 8))), ...cells(r))));
