@@ -334,6 +334,73 @@ async fn cassandra_history_of_a_burst_is_complete_once_and_redelivery_adds_nothi
         .drop_keyspace()
         .await
         .expect("drop the empty keyspace");
+
+    // The console's campaigns count their funnels from Cassandra as well:
+    // a campaign of two, one claimed, then ended early (its available
+    // coupon expires; the hold keeps its deadline).
+    let http = TestEnv::http_client();
+    let released: Value = http
+        .post(app.url("/api/v1/coupon"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"id": "e1", "category": "CassandraSale", "count": 2, "campaign": "Cassandra sale"}))
+        .send()
+        .await
+        .expect("release a campaign")
+        .json()
+        .await
+        .expect("release answer");
+    let sale = released["batch_id"].as_str().expect("batch id").to_owned();
+    eventually_ok(
+        "the campaign projected",
+        Duration::from_secs(60),
+        || async {
+            let n = env
+                .count("SELECT count(*) FROM coupons WHERE category = 'CassandraSale'")
+                .await;
+            if n == 2 {
+                Ok(())
+            } else {
+                Err(format!("{n} of 2"))
+            }
+        },
+    )
+    .await;
+    let claimed = http
+        .get(app.url("/api/v1/coupon?id=sale-user&category=CassandraSale"))
+        .send()
+        .await
+        .expect("claim");
+    assert_eq!(claimed.status(), 200);
+    let ended = http
+        .delete(app.url(&format!("/api/v1/campaigns/{sale}")))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .expect("end");
+    assert_eq!(ended.status(), 200);
+    eventually_ok(
+        "the campaign's funnel, read from Cassandra",
+        Duration::from_secs(60),
+        || async {
+            let listed = admin("/api/v1/campaigns".to_owned()).await;
+            let campaign = &listed["campaigns"][0];
+            let expected = json!([sale, "ended",
+                {"issued": 2, "available": 0, "held": 1, "redeemed": 0, "expired": 1},
+                {"claimed": 1, "redeemed": 0, "released": 0, "cancelled": 0, "expired": 1}]);
+            let shown = json!([
+                campaign["batch_id"],
+                campaign["phase"],
+                campaign["coupons"],
+                campaign["funnel"]
+            ]);
+            if shown == expected {
+                Ok(())
+            } else {
+                Err(shown.to_string())
+            }
+        },
+    )
+    .await;
     app.stop().await;
     store
         .drop_keyspace()
