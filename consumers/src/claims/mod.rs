@@ -53,11 +53,13 @@
 //!
 //! `decide` is the batch's rules (pure but for the reads it is given),
 //! `mirror` what Redis learns after the commit, `answers` the events of
-//! invalid requests and refusals; the SQL is `coupon_platform::store::claims`.
+//! invalid requests and refusals, `stages` the timing of each step of a
+//! batch; the SQL is `coupon_platform::store::claims`.
 
 mod answers;
 mod decide;
 mod mirror;
+pub mod stages;
 
 use std::collections::HashMap;
 
@@ -324,16 +326,23 @@ pub async fn handle_events(
     ctx: &Context,
     batch: &[Decoded<ClaimRequested>],
 ) -> Result<(), BatchError> {
+    let oldest_ms = batch
+        .iter()
+        .map(|(record, _)| record.timestamp_ms)
+        .min()
+        .flatten();
+    let mut stages = stages::Stages::start(batch.len(), oldest_ms);
     let mut out = Outbox::with_capacity(batch.len());
     let mut tx = ctx.pool.begin().await?;
     let db_now = crate::db_now(&mut tx).await?;
     let mut claims = validate_batch(ctx, batch, db_now, &mut out);
     decide::told_sold_out_wins(&mut claims);
+    stages.done("begin");
     let mut fresh = Vec::new();
     if claims.is_empty() {
         drop(tx);
     } else {
-        let (answers, view, supply) = decide_batch(&mut tx, ctx, &claims).await?;
+        let (answers, view, supply) = decide_batch(&mut tx, ctx, &claims, &mut stages).await?;
         // The granted coupons' campaigns, for their answers.
         let granted: Vec<CouponCode> = answers
             .iter()
@@ -364,8 +373,11 @@ pub async fn handle_events(
             }
             .into());
         }
+        stages.done("write");
         tx.commit().await?;
+        stages.done("commit");
         mirror_batch(ctx, &view, &fresh, supply, &claims).await;
+        stages.done("mirror");
     }
 
     // Counted after the commit, so a retried batch is not counted twice.
@@ -377,7 +389,9 @@ pub async fn handle_events(
     for d in &out.decided {
         d.log("claim");
     }
-    dead_letter_all(&ctx.dead_letters(ROLE), &out.refused).await
+    let set_aside = dead_letter_all(&ctx.dead_letters(ROLE), &out.refused).await;
+    stages.done("publish");
+    set_aside
 }
 
 /// What a batch publishes, logs and sets aside once it is decided.
@@ -490,6 +504,7 @@ async fn decide_batch(
     tx: &mut sqlx::PgConnection,
     ctx: &Context,
     claims: &[Claim],
+    stages: &mut stages::Stages,
 ) -> Result<(Vec<Option<Answer>>, BatchView, Option<String>), BatchError> {
     let request_ids: Vec<&RequestId> = claims.iter().map(|c| &c.request_id).collect();
     let user_ids = users_to_read(claims);
@@ -517,6 +532,7 @@ async fn decide_batch(
             }
         });
     }
+    stages.done("read");
     // The supply version before any allocation statement of the batch
     // starts: the version its sold-out marks carry (see
     // `coupon_domain::sold_out`). `None` when Redis did not answer or has no
@@ -526,9 +542,11 @@ async fn decide_batch(
     } else {
         current_supply_version(ctx).await
     };
+    stages.done("supply");
     if !waiting.is_empty() || !deferred.is_empty() {
         read_eligibility(&mut *tx, claims, &mut view).await?;
     }
+    stages.done("eligibility");
     let keyed: Vec<_> = waiting
         .into_iter()
         .map(|(category, (index, candidate))| {
@@ -554,6 +572,7 @@ async fn decide_batch(
         let (decision, is_new) = decide_deferred(&mut *tx, ctx, &claims[index], &mut view).await?;
         answers[index] = Some(Answer::Decision(decision, is_new));
     }
+    stages.done("grant");
     Ok((answers, view, supply))
 }
 

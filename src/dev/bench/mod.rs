@@ -31,6 +31,7 @@ use coupon_platform::store;
 use crate::app::{self, AppConfig, Role};
 
 mod as_run;
+mod grant_path;
 mod plot;
 pub mod profile;
 pub mod shard;
@@ -259,11 +260,11 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     release(config, &pool, "Flash", options.coupons).await?;
     let (gen_http, gen_base, gen_pool, gen_options) =
         (http.clone(), base.clone(), pool.clone(), options.clone());
-    let flash = profiled(async {
+    let flash = profiled(with_grant_path(async {
         on_generator
             .spawn(async move { flash_sale(&gen_http, &gen_base, &gen_pool, &gen_options).await })
             .await?
-    })
+    }))
     .await
     .context("the flash sale")?;
     let steady = steady_rates(&rows, flash.throughput());
@@ -279,7 +280,12 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
             duration: options.steady,
             mix,
         };
-        rows.push(profiled(async { on_generator.spawn(steady.run()).await? }).await?);
+        rows.push(
+            profiled(with_grant_path(async {
+                on_generator.spawn(steady.run()).await?
+            }))
+            .await?,
+        );
     }
     drop(generator);
 
@@ -449,6 +455,23 @@ async fn profiled(
             profile
         } else {
             format!("{}; {profile}", row.note)
+        };
+    }
+    Ok(row)
+}
+
+/// Runs a scenario that keeps the claim processor busy and notes, in its
+/// row, the processor's batches meanwhile (see [`grant_path`]).
+async fn with_grant_path(
+    scenario: impl std::future::Future<Output = anyhow::Result<Row>>,
+) -> anyhow::Result<Row> {
+    let before = grant_path::Snapshot::now();
+    let mut row = scenario.await?;
+    if let Some(batches) = grant_path::Snapshot::now().since(&before) {
+        row.note = if row.note.is_empty() {
+            batches
+        } else {
+            format!("{}; {batches}", row.note)
         };
     }
     Ok(row)
