@@ -17,12 +17,14 @@
 //! A restore that Redis is lost again in the middle of does not bring the
 //! version back (its token went with the data), and the next one will.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::Utc;
 
-use coupon_domain::UserId;
+use coupon_domain::{Category, UserId};
 use coupon_platform::kafka::consumer::BatchError;
 use coupon_platform::redis::CachedHold;
 use coupon_platform::store::{coupons, decisions};
@@ -69,6 +71,10 @@ struct MirrorFlags {
     forgetting: AtomicBool,
     /// Another write failed while the deletion was under way: delete again.
     again: AtomicBool,
+    /// When this process last renewed each pool's sold-out mark (`None`:
+    /// the whole pool), so that a mark is renewed as often as it needs
+    /// (`coupon_domain::sold_out::renewal_due`), not by every batch.
+    renewed: std::sync::Mutex<HashMap<Option<Category>, Instant>>,
 }
 
 impl MirrorState {
@@ -76,6 +82,36 @@ impl MirrorState {
     /// whose version still stands (no sold-out mark may be written).
     pub fn is_unmirrored(&self) -> bool {
         self.0.forgetting.load(Ordering::SeqCst)
+    }
+
+    /// The pools among `pools` whose marks are due for renewal now (see
+    /// `coupon_domain::sold_out::renewal_due`), noted as renewed: the
+    /// caller renews them (or finds them not empty) next. A renewal that
+    /// then fails waits for the next due time: the mark may lapse, and the
+    /// claims after it take the full path until an allocation marks the
+    /// pool again (speed only, as for any Redis trouble).
+    pub fn take_due_renewals<'a>(
+        &self,
+        pools: &[Option<&'a Category>],
+        ttl: std::time::Duration,
+    ) -> Vec<Option<&'a Category>> {
+        let now = Instant::now();
+        // A panic while the map was held leaves nothing half-written in it.
+        let mut renewed = self.0.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .iter()
+            .copied()
+            .filter(|pool| {
+                let last = renewed
+                    .get(&pool.cloned())
+                    .map(|at| now.duration_since(*at));
+                let due = coupon_domain::sold_out::renewal_due(last, ttl);
+                if due {
+                    renewed.insert(pool.cloned(), now);
+                }
+                due
+            })
+            .collect()
     }
 }
 

@@ -133,7 +133,9 @@ pub(super) async fn mark_sold_out(
 }
 
 /// Renews the sold-out marks that claims of this batch were answered from,
-/// while their pools are still empty. A mark's TTL is only a safety net (a
+/// while their pools are still empty, when due (at most every quarter of
+/// the mark's TTL: `coupon_domain::sold_out::renewal_due`; before, every
+/// batch of a sale paid the four round trips). A mark's TTL is only a safety net (a
 /// supply whose Redis write was lost); without renewal it would lapse in the
 /// middle of a sale and send every claim in flight down the full path at
 /// once, a p99 spike every TTL. As for any mark, the supply version is read
@@ -148,6 +150,9 @@ pub(super) async fn rearm_sold_out(ctx: &Context, claims: &[Claim]) {
         .collect();
     pools.sort_unstable();
     pools.dedup();
+    let pools = ctx
+        .mirror
+        .take_due_renewals(&pools, ctx.policy.sold_out_mark_ttl);
     if pools.is_empty() {
         return;
     }
