@@ -47,14 +47,18 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Creates the history partitions of this month and the next two if
-/// they are missing (the history sink's process repeats it while running).
+/// Creates the history partitions of this month and the next two, and the
+/// decision and quota partitions of yesterday to a week ahead, if they are
+/// missing (the processes of the history sink and the claim processor
+/// repeat it while running).
 pub async fn partitions_ahead(pool: &PgPool) -> Result<(), sqlx::Error> {
     partitions_ahead_from(pool, chrono::Utc::now().date_naive()).await
 }
 
-/// [`partitions_ahead`] as it runs on `today` (UTC): the partitions of
-/// `today`'s month and the next two.
+/// [`partitions_ahead`] as it runs on `today` (UTC): the history partitions
+/// of `today`'s month and the next two; the daily decision and quota
+/// partitions from the day before `today` (a claim is judged up to its
+/// grace in the past) to a week after it.
 pub async fn partitions_ahead_from(
     pool: &PgPool,
     today: chrono::NaiveDate,
@@ -63,8 +67,15 @@ pub async fn partitions_ahead_from(
         .bind(today)
         .execute(pool)
         .await?;
+    let yesterday = today.pred_opt().unwrap_or(today);
+    crate::store::retention::decision_partitions(pool, yesterday, DAYS_AHEAD + 2).await?;
     Ok(())
 }
+
+/// How many days ahead the decision and quota partitions are made: an
+/// upkeep that stops for less than this leaves no day's rows in the
+/// default partition.
+const DAYS_AHEAD: i32 = 7;
 
 /// Whether a failed statement failed because of the values it was given,
 /// so that running it again with the same values fails again: data

@@ -17,6 +17,7 @@ use coupon_platform::cassandra::{CassandraHistory, CassandraSettings};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::GroupProtocol;
 use coupon_platform::settings::{self, Flag};
+use coupon_platform::store::retention::Retention;
 use coupon_platform::{reach, KafkaSettings};
 use coupon_producers::gateway::employees::{EmployeeTokens, OidcSettings, OidcVerifier};
 use coupon_producers::gateway::{EmployeeAuth, GatewayConfig, Secret};
@@ -178,6 +179,15 @@ pub struct ServeArgs {
     /// broker accepted it; holds are released this long after their deadline.
     #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE), value_parser = settings::HOLD_GRACE_SPAN.parser())]
     pub hold_grace: Flag,
+    /// How long a claim decision is kept after it was decided, and a quota
+    /// slot after its window ended (also how long a retried request id is
+    /// recognised); whole days leave by partition.
+    #[arg(long, env = "DECISION_RETENTION", default_value_t = Flag(settings::DECISION_RETENTION), value_parser = settings::DECISION_RETENTION_SPAN.parser())]
+    pub decision_retention: Flag,
+    /// How long the history is kept (e.g. 400d); whole months leave once
+    /// they ended that long ago. Unset: kept for ever.
+    #[arg(long, env = "HISTORY_RETENTION", value_parser = settings::HISTORY_RETENTION_SPAN.parser())]
+    pub history_retention: Option<Flag>,
     /// Bearer token for admin routes (POST /api/v1/coupon, coupon holders):
     /// from the environment (COUPON_ADMIN_TOKEN), never from argv, which
     /// every local user can read. Unset closes the admin routes.
@@ -319,6 +329,15 @@ impl ServeArgs {
                  its window lets a user hold a coupon into the next one",
                 self.hold_ttl,
                 Flag(self.quota_window.length())
+            );
+        }
+        if self.decision_retention.0 <= self.hold_ttl.0 + self.hold_grace.0 {
+            anyhow::bail!(
+                "DECISION_RETENTION={} must be longer than HOLD_TTL={} and HOLD_GRACE={}: \
+                 a purchase reads its hold's claim decision",
+                self.decision_retention,
+                self.hold_ttl,
+                self.hold_grace
             );
         }
         if roles.contains(&Role::Gateway) {
@@ -524,6 +543,10 @@ impl Connections {
         config.assignment = serve.instance;
         config.sweep_interval = serve.sweep_interval.0;
         config.blacklist_upkeep_interval = serve.blacklist_upkeep_interval.0;
+        config.retention = Retention {
+            decisions: serve.decision_retention.0,
+            history: serve.history_retention.map(|keep| keep.0),
+        };
         config.db_max_connections = serve.db_max_connections.max(2);
         config.producer_name = format!("couponctl@{}", std::process::id());
         config.metrics_interval = serve.metrics_interval.0;

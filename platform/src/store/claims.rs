@@ -18,7 +18,11 @@ use coupon_domain::{Category, CouponCode, RequestId, UserId};
 pub use super::decisions::ClaimDecisionRecord;
 
 /// The decisions already stored for any of `request_ids` (redeliveries and
-/// client retries), in one round trip for the whole batch.
+/// client retries), in one round trip for the whole batch. `claim_decisions`
+/// is partitioned by day of `decided_at`: the lookup is by request id in
+/// every partition retention has left (its unique index on `request_id`),
+/// so a retry is recognised for as long as its decision is kept
+/// (`DECISION_RETENTION`, the dedup horizon; see the retention migration).
 pub async fn find_decisions(
     conn: &mut PgConnection,
     request_ids: &[&RequestId],
@@ -43,7 +47,9 @@ pub async fn find_decisions(
 
 /// Stores the batch's new decisions in one statement. Returns how many were
 /// inserted: fewer than given means another processor decided some of these
-/// requests meanwhile (a rebalance), and the batch must be tried again. (The
+/// requests meanwhile (a rebalance), and the batch must be tried again:
+/// `ON CONFLICT DO NOTHING` arbitrates on every unique index of the day's
+/// partition the row goes to, its `request_id` one included. (The
 /// batch itself never holds two decisions for one request id: the claim
 /// processor answers a second user's claim under a used id `invalid`.)
 pub async fn insert_decisions(
@@ -63,7 +69,7 @@ pub async fn insert_decisions(
          SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                               $6::text[], $7::timestamptz[], $8::bool[], $9::timestamptz[],
                               $10::timestamptz[], $11::timestamptz[])
-         ON CONFLICT (request_id) DO NOTHING",
+         ON CONFLICT DO NOTHING",
         // Ids, codes and the outcome are stored as text through their
         // domain types' sqlx::Type.
         &decisions.iter().map(|d| &d.request_id).collect::<Vec<_>>() as &[&RequestId],
