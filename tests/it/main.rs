@@ -29,6 +29,7 @@ mod purchases;
 mod rebuild_bench;
 mod release;
 mod replay;
+mod retention;
 mod shard;
 mod sold_out;
 mod tls;
