@@ -10,12 +10,21 @@
 -- the partition key, so request_id is unique per partition: each day's
 -- partition (and the default one) has a unique index on request_id, which
 -- the claim processor's `INSERT ... ON CONFLICT DO NOTHING` arbitrates on.
--- A retry is looked up by request_id in every partition still there
--- (`store::claims::find_decisions`), so within the retention a retried
--- request gets its stored decision, as before. What is given up:
---   * a request retried after its decision's partition was dropped (more
---     than DECISION_RETENTION after it was decided) is decided afresh, as a
---     new request: the dedup horizon is the retention;
+-- The claim processor looks a batch's request ids up from REQUEST_ID_HORIZON
+-- (default 1d) before its records' time, floored to the UTC day
+-- (`store::claims::find_decisions`): a probe per day reached, not per day
+-- kept (measured on 720,000 rows: 2,000 ids in 13 ms bounded, 111-144 ms
+-- across all 49 partitions, 6 ms unpartitioned). So:
+--   * a redelivered record is always recognised: its stored decision is
+--     never older than the record's own time or its first judging;
+--   * a client's retry (a new record under a used request id) is recognised
+--     within REQUEST_ID_HORIZON of the first, and always within its UTC
+--     day; later it is a new request, decided afresh by today's rules (the
+--     quota slot and the one-hold-per-user index still refuse a second
+--     coupon in one window). Decisions are kept DECISION_RETENTION (35d)
+--     for disputes and the audit, longer than they deduplicate;
+--   * the day's unique index never refuses a decision the lookup missed
+--     (the lookup covers the whole day a new decision goes to);
 --   * two processors deciding the same request at once (a rebalance) with
 --     decision times on either side of a UTC midnight both store their
 --     decision (the per-day index cannot see across days). The quota slot

@@ -70,6 +70,16 @@ pub const DECISION_RETENTION: Duration = days(35);
 /// At least two days (a hold and its grace must end first, `ServeArgs::check`
 /// checks that), at most ten years.
 pub const DECISION_RETENTION_SPAN: Span = Span::new(days(2), days(3_660));
+/// How long after a claim a client's retry under the same request id is
+/// recognised and answered with the stored decision (at least this long,
+/// and always within the claim's UTC day; a redelivered record always is):
+/// the claim processor looks a batch's request ids up this far before its
+/// records' time, so each lookup probes this many days' partitions, not
+/// every day `DECISION_RETENTION` keeps.
+pub const REQUEST_ID_HORIZON: Duration = DAY;
+/// At least an hour (a storefront's retries), at most a year; and no
+/// longer than `DECISION_RETENTION` (`ServeArgs::check`).
+pub const REQUEST_ID_HORIZON_SPAN: Span = Span::new(HOUR, days(366));
 /// `HISTORY_RETENTION` has no default: the history is kept for ever unless it
 /// is set. Set, whole months leave once they ended that long ago.
 pub const HISTORY_RETENTION_SPAN: Span = Span::new(days(31), days(36_600));
@@ -222,6 +232,7 @@ mod tests {
             (BODY_READ_TIMEOUT, BODY_READ_TIMEOUT_SPAN),
             (FLOOD_BLOCK, FLOOD_BLOCK_SPAN),
             (DECISION_RETENTION, DECISION_RETENTION_SPAN),
+            (REQUEST_ID_HORIZON, REQUEST_ID_HORIZON_SPAN),
         ] {
             assert_eq!(span.check(default), Ok(default), "{}", Flag(default));
             let parsed = span.parser()(&Flag(default).to_string());

@@ -184,6 +184,10 @@ pub struct ServeArgs {
     /// recognised); whole days leave by partition.
     #[arg(long, env = "DECISION_RETENTION", default_value_t = Flag(settings::DECISION_RETENTION), value_parser = settings::DECISION_RETENTION_SPAN.parser())]
     pub decision_retention: Flag,
+    /// How long after a claim a client's retry under its request id is
+    /// still answered with the stored decision (redeliveries always are).
+    #[arg(long, env = "REQUEST_ID_HORIZON", default_value_t = Flag(settings::REQUEST_ID_HORIZON), value_parser = settings::REQUEST_ID_HORIZON_SPAN.parser())]
+    pub request_id_horizon: Flag,
     /// How long the history is kept (e.g. 400d); whole months leave once
     /// they ended that long ago. Unset: kept for ever.
     #[arg(long, env = "HISTORY_RETENTION", value_parser = settings::HISTORY_RETENTION_SPAN.parser())]
@@ -338,6 +342,14 @@ impl ServeArgs {
                 self.decision_retention,
                 self.hold_ttl,
                 self.hold_grace
+            );
+        }
+        if self.request_id_horizon.0 > self.decision_retention.0 {
+            anyhow::bail!(
+                "REQUEST_ID_HORIZON={} must not be longer than DECISION_RETENTION={}: \
+                 a retry is recognised by its stored decision",
+                self.request_id_horizon,
+                self.decision_retention
             );
         }
         if roles.contains(&Role::Gateway) {
@@ -511,6 +523,7 @@ impl Connections {
             hold_ttl: serve.hold_ttl.0,
             quota_window: serve.quota_window.in_zone(serve.quota_tz),
             hold_grace: serve.hold_grace.0,
+            request_id_horizon: serve.request_id_horizon.0,
             ..Policy::default()
         };
         config.gateway = GatewayConfig {
