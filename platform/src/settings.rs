@@ -67,8 +67,9 @@ pub const SOLD_OUT_MARK_TTL: Duration = Duration::from_secs(10);
 /// (the dedup horizon). Five weeks: a month's disputes, and a retry's
 /// answer, look the decision up.
 pub const DECISION_RETENTION: Duration = days(35);
-/// At least two days (a hold and its grace must end first, `ServeArgs::check`
-/// checks that), at most ten years.
+/// At least two days: longer than any hold and its grace (`HOLD_TTL_SPAN`
+/// and `HOLD_GRACE_SPAN` end at a day and ten minutes), since a purchase
+/// reads its hold's claim decision; at most ten years.
 pub const DECISION_RETENTION_SPAN: Span = Span::new(days(2), days(3_660));
 /// How long after a claim a client's retry under the same request id is
 /// recognised and answered with the stored decision (at least this long,

@@ -335,15 +335,6 @@ impl ServeArgs {
                 Flag(self.quota_window.length())
             );
         }
-        if self.decision_retention.0 <= self.hold_ttl.0 + self.hold_grace.0 {
-            anyhow::bail!(
-                "DECISION_RETENTION={} must be longer than HOLD_TTL={} and HOLD_GRACE={}: \
-                 a purchase reads its hold's claim decision",
-                self.decision_retention,
-                self.hold_ttl,
-                self.hold_grace
-            );
-        }
         if self.request_id_horizon.0 > self.decision_retention.0 {
             anyhow::bail!(
                 "REQUEST_ID_HORIZON={} must not be longer than DECISION_RETENTION={}: \

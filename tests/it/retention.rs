@@ -287,3 +287,132 @@ async fn the_audit_still_agrees_after_retention_dropped_what_the_log_keeps() {
         "{stderr}"
     );
 }
+
+/// The retention migration turns a database that already holds decisions
+/// and quota slots into the partitioned one: every row is there after it,
+/// each in its day's partition (an old one in the default partition), and
+/// the lookups keep their answers.
+#[tokio::test]
+async fn the_migration_moves_existing_rows_into_day_partitions() {
+    let server = crate::harness::database_url();
+    let admin = sqlx::PgPool::connect(&server).await.unwrap();
+    let name = TestEnv::fresh_name();
+    coupon_platform::db::create_database(&admin, &name)
+        .await
+        .unwrap();
+    let options: sqlx::postgres::PgConnectOptions = server.parse().unwrap();
+    let pool = sqlx::PgPool::connect_with(options.database(&name))
+        .await
+        .unwrap();
+
+    // The migrations before this one, from a directory of their own.
+    let before = std::env::temp_dir().join(format!("{name}_migrations"));
+    std::fs::create_dir_all(&before).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        if file.as_str() < "20261206000003" {
+            std::fs::copy(&path, before.join(&file)).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(before.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&before).unwrap();
+    let partitioned =
+        "SELECT count(*) FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid \
+                       WHERE c.relname IN ('claim_decisions', 'quota_grants')";
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count(partitioned).await, 0);
+    let now = Utc::now();
+    for (request, at) in [
+        ("now", now),
+        ("three-days-ago", now - chrono::Duration::days(3)),
+        ("two-years-ago", now - chrono::Duration::days(730)),
+    ] {
+        sqlx::query(
+            "INSERT INTO claim_decisions (request_id, event_id, user_id, outcome, decided_at)
+             VALUES ($1, gen_random_uuid(), $1, 'sold_out', $2)",
+        )
+        .bind(request)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO quota_grants (user_id, window_start, request_id, granted_at)
+             VALUES ($1, date_trunc('day', $2::timestamptz, 'UTC'), $1, $2)",
+        )
+        .bind(request)
+        .bind(at)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    coupon_platform::db::migrate(&pool).await.unwrap();
+    assert_eq!(count(partitioned).await, 2);
+    assert_eq!(count("SELECT count(*) FROM claim_decisions").await, 3);
+    assert_eq!(count("SELECT count(*) FROM quota_grants").await, 3);
+    let partition = |table: &'static str, key: &'static str, value: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(&format!(
+                "SELECT tableoid::regclass::text FROM {table} WHERE {key} = $1"
+            ))
+            .bind(value)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let day = |days: i64| {
+        (now - chrono::Duration::days(days))
+            .format("%Y_%m_%d")
+            .to_string()
+    };
+    assert_eq!(
+        partition("claim_decisions", "request_id", "three-days-ago").await,
+        format!("claim_decisions_{}", day(3))
+    );
+    assert_eq!(
+        partition("quota_grants", "user_id", "now").await,
+        format!("quota_grants_{}", day(0))
+    );
+    assert_eq!(
+        partition("claim_decisions", "request_id", "two-years-ago").await,
+        "claim_decisions_default",
+        "older than 400 days: the default partition"
+    );
+    // The claim processor's lookup finds them as before.
+    let mut conn = pool.acquire().await.unwrap();
+    let ids: Vec<coupon_domain::RequestId> = ["now", "three-days-ago"]
+        .iter()
+        .map(|id| coupon_domain::RequestId::parse(*id).unwrap())
+        .collect();
+    let found = coupon_platform::store::claims::find_decisions(
+        &mut conn,
+        &ids.iter().collect::<Vec<_>>(),
+        now - chrono::Duration::days(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(found.len(), 2);
+    drop(conn);
+    pool.close().await;
+    coupon_platform::db::drop_database(&admin, &name)
+        .await
+        .unwrap();
+}
