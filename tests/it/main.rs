@@ -30,6 +30,7 @@ mod rebuild_bench;
 mod release;
 mod replay;
 mod retention;
+mod retention_bench;
 mod shard;
 mod sold_out;
 mod tls;

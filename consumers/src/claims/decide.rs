@@ -162,7 +162,8 @@ pub(super) fn decisions_since(claims: &[Claim], horizon: std::time::Duration) ->
         .min()
         .and_then(|earliest| earliest.checked_sub_signed(horizon))
         .and_then(|since| since.date_naive().and_hms_opt(0, 0, 0))
-        .map_or(DateTime::<Utc>::MIN_UTC, |midnight| midnight.and_utc())
+        // (Never before 1970: Postgres cannot take chrono's earliest time.)
+        .map_or(DateTime::<Utc>::UNIX_EPOCH, |midnight| midnight.and_utc())
 }
 
 /// The earliest quota window the batch's claims are judged in: an older
@@ -174,7 +175,7 @@ pub(super) fn windows_since(claims: &[Claim], window: coupon_domain::QuotaWindow
         .iter()
         .map(|c| window.start_of(c.at))
         .min()
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
 /// A user told `sold_out` never ends up holding a coupon from that request:

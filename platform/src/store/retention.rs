@@ -61,12 +61,16 @@ impl Retention {
     }
 }
 
-/// `at` less `span`, the earliest time there is when that underflows.
+/// `at` less `span`; the Unix epoch when that underflows or is earlier
+/// (Postgres' `timestamptz` cannot take chrono's earliest time, and no
+/// partition ends before 1970).
 fn before(at: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(span)
         .ok()
         .and_then(|span| at.checked_sub_signed(span))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        .map_or(DateTime::<Utc>::UNIX_EPOCH, |t| {
+            t.max(DateTime::<Utc>::UNIX_EPOCH)
+        })
 }
 
 /// The partitions one round of [`drop_expired`] dropped, by table.
@@ -188,14 +192,14 @@ mod tests {
     }
 
     #[test]
-    fn an_absurd_span_keeps_everything_rather_than_overflow() {
+    fn an_absurd_span_keeps_everything_rather_than_overflow_postgres() {
         let now = Utc.with_ymd_and_hms(2026, 12, 6, 0, 0, 0).unwrap();
         let forever = Retention {
             decisions: Duration::MAX,
             history: Some(Duration::MAX),
         };
         let cut = forever.cutoffs(now, DAY);
-        assert_eq!(cut.decisions, DateTime::<Utc>::MIN_UTC);
-        assert_eq!(cut.history, Some(DateTime::<Utc>::MIN_UTC));
+        assert_eq!(cut.decisions, DateTime::<Utc>::UNIX_EPOCH);
+        assert_eq!(cut.history, Some(DateTime::<Utc>::UNIX_EPOCH));
     }
 }
