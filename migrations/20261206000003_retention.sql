@@ -85,8 +85,10 @@ CREATE TABLE quota_grants_default PARTITION OF quota_grants DEFAULT;
 -- Creates the daily partitions of claim_decisions and quota_grants covering
 -- the UTC days [from_day, from_day + days), each decision partition with
 -- its unique index on request_id. A day whose rows already sit in a default
--- partition is skipped (they stay there rather than fail start-up).
--- Returns how many partitions it made.
+-- partition is skipped (they stay there rather than fail start-up), and so
+-- is one whose lock is not had within 500 ms (making a partition locks its
+-- parent: waiting behind a long reader would stall the claims queued
+-- behind it; the next round makes it). Returns how many partitions it made.
 CREATE FUNCTION ensure_decision_partitions(from_day date, days integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -94,7 +96,9 @@ DECLARE
     name text;
     parent text;
     made integer := 0;
+    waited text := current_setting('lock_timeout');
 BEGIN
+    PERFORM set_config('lock_timeout', '500ms', true);
     FOR i IN 0 .. days - 1 LOOP
         d := from_day + i;
         FOREACH parent IN ARRAY ARRAY['claim_decisions', 'quota_grants'] LOOP
@@ -110,21 +114,25 @@ BEGIN
                                        name || '_request', name);
                     END IF;
                     made := made + 1;
-                EXCEPTION WHEN check_violation THEN
-                    RAISE NOTICE 'partition % skipped: the default partition holds its rows', name;
+                EXCEPTION
+                    WHEN check_violation THEN
+                        RAISE NOTICE 'partition % skipped: the default partition holds its rows', name;
+                    WHEN lock_not_available THEN
+                        RAISE NOTICE 'partition % skipped: its table is busy; the next round makes it', name;
                 END;
             END IF;
         END LOOP;
     END LOOP;
+    PERFORM set_config('lock_timeout', waited, true);
     RETURN made;
 END $$;
 
 -- Drops the partitions of `parent` (never its default) whose upper bound is
 -- at or before `cutoff`, records the newest such bound in
 -- retention_floors, and returns the dropped partitions' names. A lock the
--- drop would queue for is waited on at most 2 s: a round that cannot get
--- it fails and the next round tries again, rather than block the table's
--- writers behind it.
+-- drop would queue for is waited on at most 500 ms (a drop locks the
+-- parent; the claims queued behind it wait as long): a round that cannot
+-- get it fails and the next round tries again.
 CREATE FUNCTION drop_partitions_before(parent text, cutoff timestamptz) RETURNS SETOF text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -132,7 +140,7 @@ DECLARE
     upper_bound timestamptz;
     floor_at timestamptz;
 BEGIN
-    PERFORM set_config('lock_timeout', '2s', true);
+    PERFORM set_config('lock_timeout', '500ms', true);
     FOR part IN
         SELECT c.relname::text AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
           FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid

@@ -17,11 +17,12 @@ use coupon_platform::cassandra::{CassandraHistory, CassandraSettings};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::GroupProtocol;
 use coupon_platform::settings::{self, Flag};
-use coupon_platform::store::retention::Retention;
 use coupon_platform::{reach, KafkaSettings};
 use coupon_producers::gateway::employees::{EmployeeTokens, OidcSettings, OidcVerifier};
 use coupon_producers::gateway::{EmployeeAuth, GatewayConfig, Secret};
 use couponctl::app::{self, AppConfig, Role};
+
+use super::retention::RetentionArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct Connections {
@@ -179,19 +180,9 @@ pub struct ServeArgs {
     /// broker accepted it; holds are released this long after their deadline.
     #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE), value_parser = settings::HOLD_GRACE_SPAN.parser())]
     pub hold_grace: Flag,
-    /// How long a claim decision is kept after it was decided, and a quota
-    /// slot after its window ended (also how long a retried request id is
-    /// recognised); whole days leave by partition.
-    #[arg(long, env = "DECISION_RETENTION", default_value_t = Flag(settings::DECISION_RETENTION), value_parser = settings::DECISION_RETENTION_SPAN.parser())]
-    pub decision_retention: Flag,
-    /// How long after a claim a client's retry under its request id is
-    /// still answered with the stored decision (redeliveries always are).
-    #[arg(long, env = "REQUEST_ID_HORIZON", default_value_t = Flag(settings::REQUEST_ID_HORIZON), value_parser = settings::REQUEST_ID_HORIZON_SPAN.parser())]
-    pub request_id_horizon: Flag,
-    /// How long the history is kept (e.g. 400d); whole months leave once
-    /// they ended that long ago. Unset: kept for ever.
-    #[arg(long, env = "HISTORY_RETENTION", value_parser = settings::HISTORY_RETENTION_SPAN.parser())]
-    pub history_retention: Option<Flag>,
+    /// DECISION_RETENTION, REQUEST_ID_HORIZON, HISTORY_RETENTION.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     /// Bearer token for admin routes (POST /api/v1/coupon, coupon holders):
     /// from the environment (COUPON_ADMIN_TOKEN), never from argv, which
     /// every local user can read. Unset closes the admin routes.
@@ -335,14 +326,7 @@ impl ServeArgs {
                 Flag(self.quota_window.length())
             );
         }
-        if self.request_id_horizon.0 > self.decision_retention.0 {
-            anyhow::bail!(
-                "REQUEST_ID_HORIZON={} must not be longer than DECISION_RETENTION={}: \
-                 a retry is recognised by its stored decision",
-                self.request_id_horizon,
-                self.decision_retention
-            );
-        }
+        self.retention.check()?;
         if roles.contains(&Role::Gateway) {
             self.check_tokens()?;
             self.employee_auth()?;
@@ -514,7 +498,7 @@ impl Connections {
             hold_ttl: serve.hold_ttl.0,
             quota_window: serve.quota_window.in_zone(serve.quota_tz),
             hold_grace: serve.hold_grace.0,
-            request_id_horizon: serve.request_id_horizon.0,
+            request_id_horizon: serve.retention.request_id_horizon.0,
             ..Policy::default()
         };
         config.gateway = GatewayConfig {
@@ -547,10 +531,7 @@ impl Connections {
         config.assignment = serve.instance;
         config.sweep_interval = serve.sweep_interval.0;
         config.blacklist_upkeep_interval = serve.blacklist_upkeep_interval.0;
-        config.retention = Retention {
-            decisions: serve.decision_retention.0,
-            history: serve.history_retention.map(|keep| keep.0),
-        };
+        config.retention = serve.retention.retention();
         config.db_max_connections = serve.db_max_connections.max(2);
         config.producer_name = format!("couponctl@{}", std::process::id());
         config.metrics_interval = serve.metrics_interval.0;

@@ -16,6 +16,7 @@ mod holds;
 mod issue;
 mod migrate;
 mod replay;
+mod retention;
 mod serve;
 mod status;
 mod topics;

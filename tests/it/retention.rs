@@ -416,3 +416,34 @@ async fn the_migration_moves_existing_rows_into_day_partitions() {
         .await
         .unwrap();
 }
+
+/// A rebuild makes the partitions of its log's days before it writes, so a
+/// rebuilt database put live has its old days where retention drops them;
+/// a log spanning years gets at most 400 days of them.
+#[tokio::test]
+async fn a_rebuilds_days_get_partitions_of_their_own() {
+    let env = TestEnv::new().await;
+    let now = Utc::now();
+    let name = |table: &str, days: i64| {
+        format!(
+            "{table}_{}",
+            (now - chrono::Duration::days(days)).format("%Y_%m_%d")
+        )
+    };
+    assert!(!exists(&env, &name("claim_decisions", 10)).await);
+    coupon_platform::db::partitions_covering(&env.pool, now - chrono::Duration::days(10), now)
+        .await
+        .unwrap();
+    for days in [0, 10, 11] {
+        assert!(exists(&env, &name("claim_decisions", days)).await, "{days}");
+        assert!(exists(&env, &name("quota_grants", days)).await, "{days}");
+    }
+    let month = (now - chrono::Duration::days(11)).format("coupon_history_%Y_%m");
+    assert!(exists(&env, &month.to_string()).await);
+
+    coupon_platform::db::partitions_covering(&env.pool, now - chrono::Duration::days(5_000), now)
+        .await
+        .unwrap();
+    assert!(exists(&env, &name("claim_decisions", 400)).await);
+    assert!(!exists(&env, &name("claim_decisions", 401)).await);
+}
