@@ -22,7 +22,8 @@ use coupon_producers::gateway::employees::{EmployeeTokens, OidcSettings, OidcVer
 use coupon_producers::gateway::{EmployeeAuth, GatewayConfig, Secret};
 use couponctl::app::{self, AppConfig, Role};
 
-use super::retention::RetentionArgs;
+mod retention;
+pub use retention::RetentionArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct Connections {

@@ -16,7 +16,6 @@ mod holds;
 mod issue;
 mod migrate;
 mod replay;
-mod retention;
 mod serve;
 mod status;
 mod topics;
