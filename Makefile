@@ -84,7 +84,7 @@ fuzz: up ## the storefront contract with a random seed and more examples (CONTRA
 
 bench: up shard-up cassandra-up build ## the benchmarks (BENCH_QUICK=1 for a short run); then the history stores' write and read rates
 	BENCH_SHARD_URLS=$${BENCH_SHARD_URLS:-$$(infra/local/shard.sh urls)} target/release/couponctl bench
-	cargo test --release --test it -- --ignored --nocapture --test-threads=1 history_bench:: rebuild_bench::
+	cargo test --release --test it -- --ignored --nocapture --test-threads=1 history_bench:: rebuild_bench:: retention_bench::
 
 clean-state: down cluster-down ha-down sasl-down shard-down cassandra-down
 	rm -rf .state

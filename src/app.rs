@@ -20,12 +20,13 @@ use coupon_consumers::{Context, Policy, PollSettings, RoleSpec};
 use coupon_platform::kafka::consumer::Assignment;
 use coupon_platform::kafka::{ensure_topics, Publisher, TopicSpec};
 use coupon_platform::redis::Cache;
+use coupon_platform::store::retention::Retention;
 use coupon_platform::{reach, settings};
 use coupon_platform::{KafkaSettings, Topics};
 use coupon_producers::gateway::{self, GatewayConfig, GatewayState, Replies};
 
 use crate::gauges::{self, Gauges};
-use crate::upkeep::{blacklist_upkeep, partitions_ahead};
+use crate::upkeep::{blacklist_upkeep, spawn_partition_upkeep};
 
 /// One role a process can run (defined with its topics in the catalogue).
 pub use coupon_schemas::Role;
@@ -74,6 +75,8 @@ pub struct AppConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Where the history is kept (`HISTORY_STORE`, the Cassandra settings).
     pub history: HistoryConfig,
+    /// How long decisions, quota slots and history rows are kept.
+    pub retention: Retention,
 }
 
 impl AppConfig {
@@ -104,6 +107,7 @@ impl AppConfig {
             metrics_interval: settings::METRICS_INTERVAL,
             metrics_addr: None,
             history: HistoryConfig::default(),
+            retention: Retention::default(),
         }
     }
 
@@ -285,11 +289,6 @@ pub fn topic_configs(topics: &Topics, name: &str, retention_ms: i64) -> Vec<(Str
 /// console) when they go to the primary.
 const READ_POOL_CONNECTIONS: u32 = 4;
 
-/// How often a process running the history sink creates the coming months'
-/// history partitions, so that no month's rows settle in the default
-/// partition of a process that runs for months.
-const PARTITIONS_AHEAD_EVERY: Duration = Duration::from_secs(3_600);
-
 /// Starts `roles`; they run until `shutdown` is cancelled.
 pub async fn start(
     config: AppConfig,
@@ -321,18 +320,13 @@ pub async fn start(
             }
         }
     }
-    if consumers.iter().any(|(_, spec)| spec.writes_history) {
-        let (pool, stop) = (ctx.pool.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            partitions_ahead(
-                &pool,
-                PARTITIONS_AHEAD_EVERY,
-                || chrono::Utc::now().date_naive(),
-                stop,
-            )
-            .await;
-            Ok(())
-        });
+    // The history sink's and the claim processor's tables are partitioned.
+    if consumers
+        .iter()
+        .any(|(role, spec)| spec.writes_history || *role == Role::Claims)
+    {
+        let window = config.policy.quota_window.length();
+        spawn_partition_upkeep(&mut tasks, &ctx.pool, config.retention, window, &shutdown);
     }
     spawn_consumers(&config, &ctx, &consumers, &mut tasks, &shutdown);
     let (http_addr, exports) = if serves_http {

@@ -1,15 +1,18 @@
 //! The upkeep a serving process runs beside its roles, each round on a
-//! timer until shutdown: the history's partitions ahead of time, and the
-//! blacklist's expired entries and waiting changes.
+//! timer until shutdown: the partitions ahead of time (the history's, the
+//! decisions' and quota's), the partitions past their retention dropped,
+//! and the blacklist's expired entries and waiting changes.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use coupon_consumers::Context;
+use coupon_platform::store::retention::{self, Retention};
 
 /// Creates the history partitions of the month `today()` falls in and the
-/// next two every `every` ([`coupon_platform::db::partitions_ahead_from`]),
+/// next two, and the decision and quota partitions of the coming week,
+/// every `every` ([`coupon_platform::db::partitions_ahead_from`]),
 /// until `stop`: a process running for months never lets a month's rows
 /// settle in the default partition (where they would stay: a partition
 /// cannot be made for a month the default partition holds rows of).
@@ -22,6 +25,65 @@ pub async fn partitions_ahead(
     every_until(every, &stop, || async {
         if let Err(error) = coupon_platform::db::partitions_ahead_from(pool, today()).await {
             tracing::warn!(%error, "could not create the coming history partitions");
+        }
+    })
+    .await;
+}
+
+/// Spawns, into `tasks`, the partitions' upkeep of a process running the
+/// history sink or the claim processor: [`partitions_ahead`] and
+/// [`drop_expired`], every `settings::PARTITION_UPKEEP_INTERVAL`.
+pub fn spawn_partition_upkeep(
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    pool: &sqlx::PgPool,
+    retention: Retention,
+    quota_window: Duration,
+    stop: &CancellationToken,
+) {
+    let every = coupon_platform::settings::PARTITION_UPKEEP_INTERVAL;
+    let (pool, stop) = (pool.clone(), stop.clone());
+    tasks.spawn(async move {
+        let today = || chrono::Utc::now().date_naive();
+        tokio::join!(
+            partitions_ahead(&pool, every, today, stop.clone()),
+            drop_expired(
+                &pool,
+                every,
+                retention,
+                quota_window,
+                chrono::Utc::now,
+                stop.clone()
+            ),
+        );
+        Ok(())
+    });
+}
+
+/// Drops the partitions of decisions, quota slots and history whose rows
+/// are all past `retention` at `now()` every `every`
+/// ([`coupon_platform::store::retention`]), until `stop`. Several processes
+/// may run it: a partition one of them dropped is gone for the others.
+pub async fn drop_expired(
+    pool: &sqlx::PgPool,
+    every: Duration,
+    retention: Retention,
+    quota_window: Duration,
+    now: impl Fn() -> chrono::DateTime<chrono::Utc>,
+    stop: CancellationToken,
+) {
+    every_until(every, &stop, || async {
+        let cutoffs = retention.cutoffs(now(), quota_window);
+        match retention::drop_expired(pool, &cutoffs).await {
+            Ok(dropped) if !dropped.is_empty() => tracing::info!(
+                decisions = ?dropped.decisions,
+                quota = ?dropped.quota,
+                history = ?dropped.history,
+                "retention: expired partitions dropped"
+            ),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "could not drop the expired partitions; trying again later")
+            }
         }
     })
     .await;

@@ -68,6 +68,9 @@ pub struct Policy {
     /// Every supply voids the marks at once; this bounds only the case that
     /// cannot: a supply whose Redis write was lost (Redis unreachable then).
     pub sold_out_mark_ttl: Duration,
+    /// How long after a claim a client's retry under its request id is
+    /// still recognised (`REQUEST_ID_HORIZON`; redeliveries always are).
+    pub request_id_horizon: Duration,
 }
 
 impl Default for Policy {
@@ -79,6 +82,7 @@ impl Default for Policy {
             quota_window: settings::QUOTA_WINDOW,
             hold_grace: settings::HOLD_GRACE,
             sold_out_mark_ttl: settings::SOLD_OUT_MARK_TTL,
+            request_id_horizon: settings::REQUEST_ID_HORIZON,
         }
     }
 }

@@ -47,14 +47,18 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Creates the history partitions of this month and the next two if
-/// they are missing (the history sink's process repeats it while running).
+/// Creates the history partitions of this month and the next two, and the
+/// decision and quota partitions of yesterday to a week ahead, if they are
+/// missing (the processes of the history sink and the claim processor
+/// repeat it while running).
 pub async fn partitions_ahead(pool: &PgPool) -> Result<(), sqlx::Error> {
     partitions_ahead_from(pool, chrono::Utc::now().date_naive()).await
 }
 
-/// [`partitions_ahead`] as it runs on `today` (UTC): the partitions of
-/// `today`'s month and the next two.
+/// [`partitions_ahead`] as it runs on `today` (UTC): the history partitions
+/// of `today`'s month and the next two; the daily decision and quota
+/// partitions from the day before `today` (a claim is judged up to its
+/// grace in the past) to a week after it.
 pub async fn partitions_ahead_from(
     pool: &PgPool,
     today: chrono::NaiveDate,
@@ -63,8 +67,48 @@ pub async fn partitions_ahead_from(
         .bind(today)
         .execute(pool)
         .await?;
+    let yesterday = today.pred_opt().unwrap_or(today);
+    crate::store::retention::decision_partitions(pool, yesterday, DAYS_AHEAD + 2).await?;
     Ok(())
 }
+
+/// Makes the partitions the rows of a log from `first` to `last` go to, in
+/// a fresh database a rebuild writes into: the daily decision and quota
+/// partitions of those days (and the day before: a quota window starts up
+/// to a window before its grant) and the history's months, so that a
+/// rebuilt database put live has its old days in partitions retention
+/// drops, not in the default ones. At most the last [`REBUILT_DAYS`] days
+/// before `last` get partitions of their own; older rows (a log spanning
+/// years, a producer's clock far off) go to the default partitions.
+pub async fn partitions_covering(
+    pool: &PgPool,
+    first: chrono::DateTime<chrono::Utc>,
+    last: chrono::DateTime<chrono::Utc>,
+) -> Result<(), sqlx::Error> {
+    use chrono::Datelike as _;
+    let last_day = last.date_naive();
+    let earliest = last_day - chrono::Days::new(REBUILT_DAYS);
+    let from = (first.date_naive() - chrono::Days::new(1)).clamp(earliest, last_day);
+    let days = (last_day - from).num_days() + 1;
+    crate::store::retention::decision_partitions(pool, from, days as i32).await?;
+    let months = (last_day.year() * 12 + last_day.month0() as i32)
+        - (from.year() * 12 + from.month0() as i32)
+        + 1;
+    sqlx::query("SELECT ensure_history_partitions($1, $2)")
+        .bind(from)
+        .bind(months)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// How far back before its last record a rebuilt log's days get partitions.
+const REBUILT_DAYS: u64 = 400;
+
+/// How many days ahead the decision and quota partitions are made: an
+/// upkeep that stops for less than this leaves no day's rows in the
+/// default partition.
+const DAYS_AHEAD: i32 = 7;
 
 /// Whether a failed statement failed because of the values it was given,
 /// so that running it again with the same values fails again: data

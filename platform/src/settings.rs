@@ -61,6 +61,32 @@ pub const HOLD_GRACE: Duration = Duration::from_secs(5);
 pub const HOLD_GRACE_SPAN: Span = Span::new(Duration::ZERO, Duration::from_secs(600));
 pub const SOLD_OUT_MARK_TTL: Duration = Duration::from_secs(10);
 
+// Retention (`coupon_platform::store::retention`): rows leave by partition.
+/// How long a claim decision is kept after it was decided, and a quota slot
+/// after its window ended: also how long a retried request id is recognised
+/// (the dedup horizon). Five weeks: a month's disputes, and a retry's
+/// answer, look the decision up.
+pub const DECISION_RETENTION: Duration = days(35);
+/// At least two days: longer than any hold and its grace (`HOLD_TTL_SPAN`
+/// and `HOLD_GRACE_SPAN` end at a day and ten minutes), since a purchase
+/// reads its hold's claim decision; at most ten years.
+pub const DECISION_RETENTION_SPAN: Span = Span::new(days(2), days(3_660));
+/// How long after a claim a client's retry under the same request id is
+/// recognised and answered with the stored decision (at least this long,
+/// and always within the claim's UTC day; a redelivered record always is):
+/// the claim processor looks a batch's request ids up this far before its
+/// records' time, so each lookup probes this many days' partitions, not
+/// every day `DECISION_RETENTION` keeps.
+pub const REQUEST_ID_HORIZON: Duration = DAY;
+/// At least an hour (a storefront's retries), at most a year; and no
+/// longer than `DECISION_RETENTION` (`ServeArgs::check`).
+pub const REQUEST_ID_HORIZON_SPAN: Span = Span::new(HOUR, days(366));
+/// `HISTORY_RETENTION` has no default: the history is kept for ever unless it
+/// is set. Set, whole months leave once they ended that long ago.
+pub const HISTORY_RETENTION_SPAN: Span = Span::new(days(31), days(36_600));
+/// How often a process creates the coming partitions and drops the expired ones.
+pub const PARTITION_UPKEEP_INTERVAL: Duration = HOUR;
+
 // Topics and consumers.
 pub const TOPIC_PARTITIONS: i32 = 4;
 /// `retention.ms` of every topic: -1, for ever (the log is the truth that
@@ -206,6 +232,8 @@ mod tests {
             (HEADER_READ_TIMEOUT, HEADER_READ_TIMEOUT_SPAN),
             (BODY_READ_TIMEOUT, BODY_READ_TIMEOUT_SPAN),
             (FLOOD_BLOCK, FLOOD_BLOCK_SPAN),
+            (DECISION_RETENTION, DECISION_RETENTION_SPAN),
+            (REQUEST_ID_HORIZON, REQUEST_ID_HORIZON_SPAN),
         ] {
             assert_eq!(span.check(default), Ok(default), "{}", Flag(default));
             let parsed = span.parser()(&Flag(default).to_string());

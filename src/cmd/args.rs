@@ -22,6 +22,9 @@ use coupon_producers::gateway::employees::{EmployeeTokens, OidcSettings, OidcVer
 use coupon_producers::gateway::{EmployeeAuth, GatewayConfig, Secret};
 use couponctl::app::{self, AppConfig, Role};
 
+mod retention;
+pub use retention::RetentionArgs;
+
 #[derive(Args, Debug, Clone)]
 pub struct Connections {
     /// Postgres connection URL.
@@ -178,6 +181,9 @@ pub struct ServeArgs {
     /// broker accepted it; holds are released this long after their deadline.
     #[arg(long, env = "HOLD_GRACE", default_value_t = Flag(settings::HOLD_GRACE), value_parser = settings::HOLD_GRACE_SPAN.parser())]
     pub hold_grace: Flag,
+    /// DECISION_RETENTION, REQUEST_ID_HORIZON, HISTORY_RETENTION.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     /// Bearer token for admin routes (POST /api/v1/coupon, coupon holders):
     /// from the environment (COUPON_ADMIN_TOKEN), never from argv, which
     /// every local user can read. Unset closes the admin routes.
@@ -321,6 +327,7 @@ impl ServeArgs {
                 Flag(self.quota_window.length())
             );
         }
+        self.retention.check()?;
         if roles.contains(&Role::Gateway) {
             self.check_tokens()?;
             self.employee_auth()?;
@@ -492,6 +499,7 @@ impl Connections {
             hold_ttl: serve.hold_ttl.0,
             quota_window: serve.quota_window.in_zone(serve.quota_tz),
             hold_grace: serve.hold_grace.0,
+            request_id_horizon: serve.retention.request_id_horizon.0,
             ..Policy::default()
         };
         config.gateway = GatewayConfig {
@@ -524,6 +532,7 @@ impl Connections {
         config.assignment = serve.instance;
         config.sweep_interval = serve.sweep_interval.0;
         config.blacklist_upkeep_interval = serve.blacklist_upkeep_interval.0;
+        config.retention = serve.retention.retention();
         config.db_max_connections = serve.db_max_connections.max(2);
         config.producer_name = format!("couponctl@{}", std::process::id());
         config.metrics_interval = serve.metrics_interval.0;

@@ -67,6 +67,13 @@ pub async fn run(conn: &Connections, args: AuditArgs) -> anyhow::Result<()> {
             report.history_skipped
         );
     }
+    if report.beyond_retention > 0 {
+        eprintln!(
+            "{} quota slots, claim decisions and history rows older than the live database \
+             keeps (DECISION_RETENTION, HISTORY_RETENTION) are not compared",
+            report.beyond_retention
+        );
+    }
     let mut stdout = std::io::stdout().lock();
     for line in &report.differences {
         writeln!(stdout, "{line}").context("writing the report")?;

@@ -151,7 +151,7 @@ async fn an_unreachable_service_is_one_line_and_a_quick_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_settings_are_refused_in_one_line_before_anything_starts() {
     let env = TestEnv::new().await;
-    let cases: [(&str, &str, &str); 9] = [
+    let cases: [(&str, &str, &str); 12] = [
         ("QUOTA_TZ", "Mars/Olympus", "unknown time zone"),
         ("HOLD_TTL", "0s", "must be between 1s and 1d"),
         ("HOLD_TTL", "99999999999d", "must be between 1s and 1d"),
@@ -160,6 +160,13 @@ async fn absurd_settings_are_refused_in_one_line_before_anything_starts() {
         ("FLOOD_BLOCK", "400d", "must be between 1s and 30d"),
         ("BODY_READ_TIMEOUT", "0s", "must be between 100ms and 5m"),
         ("HOLD_TTL", "2h", "must be shorter than QUOTA_WINDOW=1h"),
+        ("DECISION_RETENTION", "1d", "must be between 2d and 3660d"),
+        ("HISTORY_RETENTION", "7d", "must be between 31d and 36600d"),
+        (
+            "REQUEST_ID_HORIZON",
+            "300d",
+            "must not be longer than DECISION_RETENTION=35d",
+        ),
         (
             "COUPON_ADMIN_TOKEN",
             "same-token",

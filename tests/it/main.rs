@@ -29,6 +29,8 @@ mod purchases;
 mod rebuild_bench;
 mod release;
 mod replay;
+mod retention;
+mod retention_bench;
 mod shard;
 mod sold_out;
 mod tls;

@@ -141,6 +141,43 @@ pub(super) fn users_to_read(claims: &[Claim]) -> Vec<&UserId> {
         .collect()
 }
 
+/// How far back the batch's stored decisions are looked up
+/// (`claim_decisions` is partitioned by day of `decided_at`; a lookup bounded
+/// in time probes only the days it covers). A stored decision is never
+/// older than its record's own time or than the moment it was first
+/// judged, so a redelivered record is always recognised, however late; a
+/// client's retry under a used request id (a new record) is recognised
+/// when it comes within `horizon` (`REQUEST_ID_HORIZON`) of the first. The
+/// bound is floored to its UTC day: every decision in the day partitions
+/// the batch's new decisions go to is looked up, so the per-day unique
+/// index on `request_id` never refuses a decision the lookup missed.
+pub(super) fn decisions_since(claims: &[Claim], horizon: std::time::Duration) -> DateTime<Utc> {
+    let horizon = coupon_domain::clock::span(horizon);
+    claims
+        .iter()
+        .map(|c| {
+            let received = DateTime::<Utc>::from_timestamp_millis(c.received_ms).unwrap_or(c.at);
+            received.min(c.at)
+        })
+        .min()
+        .and_then(|earliest| earliest.checked_sub_signed(horizon))
+        .and_then(|since| since.date_naive().and_hms_opt(0, 0, 0))
+        // (Never before 1970: Postgres cannot take chrono's earliest time.)
+        .map_or(DateTime::<Utc>::UNIX_EPOCH, |midnight| midnight.and_utc())
+}
+
+/// The earliest quota window the batch's claims are judged in: an older
+/// grant never counts ([`coupon_domain::claim::precheck`] compares the last
+/// grant's window with the claim's), so the users' quota is read from there
+/// on (`quota_grants` is partitioned by day of `window_start`).
+pub(super) fn windows_since(claims: &[Claim], window: coupon_domain::QuotaWindow) -> DateTime<Utc> {
+    claims
+        .iter()
+        .map(|c| window.start_of(c.at))
+        .min()
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
 /// A user told `sold_out` never ends up holding a coupon from that request:
 /// when any copy of a request (one request id, one user) in the batch was
 /// answered sold out by a gateway, every copy of it is.
@@ -277,6 +314,33 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         "2026-11-25T12:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn lookups_reach_back_to_the_earliest_record_and_window_of_the_batch() {
+        let mut late = claim("r-1", "u-1");
+        // A record an hour old, judged now (it waited past the grace).
+        late.received_ms = (now() - Duration::hours(1)).timestamp_millis();
+        let mut future = claim("r-2", "u-2");
+        // A producer's clock ahead: judged at the database's time.
+        future.received_ms = (now() + Duration::hours(5)).timestamp_millis();
+        let day = std::time::Duration::from_secs(86_400);
+        let midnight = |at: &str| at.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(
+            decisions_since(&[future.clone(), late.clone()], day),
+            midnight("2026-11-24T00:00:00Z")
+        );
+        assert_eq!(
+            decisions_since(&[future], std::time::Duration::from_secs(3_600)),
+            midnight("2026-11-25T00:00:00Z"),
+            "the whole of the day a new decision goes to"
+        );
+        let mut yesterday = claim("r-3", "u-3");
+        yesterday.at = now() - Duration::days(1);
+        assert_eq!(
+            windows_since(&[late, yesterday], coupon_domain::QuotaWindow::DAY),
+            "2026-11-24T00:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
     }
 
     fn claim(request: &str, user: &str) -> Claim {

@@ -83,7 +83,10 @@ pub use store::{insert_decisions, ClaimDecisionRecord};
 
 pub use answers::{event_of, reject};
 use answers::{invalid_decision, invalid_logged, refusal_event};
-use decide::{apply_rules, category_of, classify, users_to_read, BatchView, Candidate, Step};
+use decide::{
+    apply_rules, category_of, classify, decisions_since, users_to_read, windows_since, BatchView,
+    Candidate, Step,
+};
 use mirror::{current_supply_version, mirror_batch};
 
 pub const ROLE: Role = Role::Claims;
@@ -288,7 +291,8 @@ async fn decide_deferred(
     if let Some(stored) = view.decided.get(&claim.request_id) {
         return Ok((stored.clone(), false));
     }
-    let state = store::user_states(&mut *tx, &[&claim.user_id])
+    let since = ctx.policy.quota_window.start_of(claim.at);
+    let state = store::user_states(&mut *tx, &[&claim.user_id], since)
         .await?
         .remove(&claim.user_id)
         .unwrap_or_default();
@@ -508,11 +512,13 @@ async fn decide_batch(
 ) -> Result<(Vec<Option<Answer>>, BatchView, Option<String>), BatchError> {
     let request_ids: Vec<&RequestId> = claims.iter().map(|c| &c.request_id).collect();
     let user_ids = users_to_read(claims);
-    let stored = store::find_decisions(&mut *tx, &request_ids).await?;
+    let since = decisions_since(claims, ctx.policy.request_id_horizon);
+    let stored = store::find_decisions(&mut *tx, &request_ids, since).await?;
     let states = if user_ids.is_empty() {
         HashMap::new()
     } else {
-        store::user_states(&mut *tx, &user_ids).await?
+        let since = windows_since(claims, ctx.policy.quota_window);
+        store::user_states(&mut *tx, &user_ids, since).await?
     };
     let mut view = BatchView::new(stored, states);
     let mut answers: Vec<Option<Answer>> = Vec::with_capacity(claims.len());

@@ -18,10 +18,16 @@ use coupon_domain::{Category, CouponCode, RequestId, UserId};
 pub use super::decisions::ClaimDecisionRecord;
 
 /// The decisions already stored for any of `request_ids` (redeliveries and
-/// client retries), in one round trip for the whole batch.
+/// client retries) decided at `since` or later, in one round trip for the
+/// whole batch. `claim_decisions` is partitioned by day of `decided_at`: the
+/// lookup probes each day's unique index on `request_id` from `since`'s day
+/// on, so it costs a probe per day it reaches back (the claim processor
+/// reaches back `REQUEST_ID_HORIZON` before its records' time: the dedup
+/// horizon; see the retention migration).
 pub async fn find_decisions(
     conn: &mut PgConnection,
     request_ids: &[&RequestId],
+    since: DateTime<Utc>,
 ) -> Result<HashMap<RequestId, ClaimDecisionRecord>, sqlx::Error> {
     let request_ids: Vec<RequestId> = request_ids.iter().map(|id| (*id).clone()).collect();
     let found = sqlx::query_as!(
@@ -30,8 +36,9 @@ pub async fn find_decisions(
                   outcome AS "outcome: ClaimOutcomeKind",
                   coupon_code AS "coupon_code: CouponCode", category AS "category: Category",
                   expires_at, repeated, retry_at, blacklisted_until, decided_at
-           FROM claim_decisions WHERE request_id = ANY($1)"#,
-        &request_ids as &[RequestId]
+           FROM claim_decisions WHERE request_id = ANY($1) AND decided_at >= $2"#,
+        &request_ids as &[RequestId],
+        since
     )
     .fetch_all(conn)
     .await?;
@@ -43,7 +50,9 @@ pub async fn find_decisions(
 
 /// Stores the batch's new decisions in one statement. Returns how many were
 /// inserted: fewer than given means another processor decided some of these
-/// requests meanwhile (a rebalance), and the batch must be tried again. (The
+/// requests meanwhile (a rebalance), and the batch must be tried again:
+/// `ON CONFLICT DO NOTHING` arbitrates on every unique index of the day's
+/// partition the row goes to, its `request_id` one included. (The
 /// batch itself never holds two decisions for one request id: the claim
 /// processor answers a second user's claim under a used id `invalid`.)
 pub async fn insert_decisions(
@@ -63,7 +72,7 @@ pub async fn insert_decisions(
          SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                               $6::text[], $7::timestamptz[], $8::bool[], $9::timestamptz[],
                               $10::timestamptz[], $11::timestamptz[])
-         ON CONFLICT (request_id) DO NOTHING",
+         ON CONFLICT DO NOTHING",
         // Ids, codes and the outcome are stored as text through their
         // domain types' sqlx::Type.
         &decisions.iter().map(|d| &d.request_id).collect::<Vec<_>>() as &[&RequestId],
@@ -134,11 +143,15 @@ struct StateRow {
 
 /// What is stored about each of `user_ids`, in one round trip for the
 /// whole batch: the blacklist entry, the coupon the user holds (overdue or
-/// not) and the newest window with a grant. No clock is involved: the rules
-/// judge these facts at each request's own time.
+/// not) and the newest window with a grant, if it starts at `since` or
+/// later (`quota_grants` is partitioned by day of `window_start`: only the
+/// days from `since` on are probed; an older window never counts against a
+/// claim judged in `since`'s window or later). No clock is involved: the
+/// rules judge these facts at each request's own time.
 pub async fn user_states(
     conn: &mut PgConnection,
     user_ids: &[&UserId],
+    since: DateTime<Utc>,
 ) -> Result<HashMap<UserId, UserClaimState>, sqlx::Error> {
     let user_ids: Vec<UserId> = user_ids.iter().map(|id| (*id).clone()).collect();
     let rows = sqlx::query_as!(
@@ -148,14 +161,15 @@ pub async fn user_states(
                   h.code AS "hold_code?: CouponCode", h.category AS "hold_category?: Category",
                   h.held_until AS "hold_until?",
                   (SELECT max(q.window_start) FROM quota_grants q
-                    WHERE q.user_id = x.user_id) AS last_grant_window
+                    WHERE q.user_id = x.user_id AND q.window_start >= $2) AS last_grant_window
            FROM (SELECT DISTINCT user_id FROM unnest($1::text[]) AS ids(user_id)) AS x
            LEFT JOIN users u ON u.user_id = x.user_id
            LEFT JOIN LATERAL (
                SELECT code, category, held_until FROM coupons
                WHERE holder_user_id = x.user_id AND status = 'held'
                ORDER BY held_until DESC LIMIT 1) h ON true"#,
-        &user_ids as &[UserId]
+        &user_ids as &[UserId],
+        since
     )
     .fetch_all(conn)
     .await?;

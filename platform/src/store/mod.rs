@@ -16,6 +16,7 @@
 //! | [`console`]   | the web console's reads of `coupons` (batches) and `coupon_history` (analytics) |
 //! | [`rebuild`]   | the rebuild's bulk writes of `coupons`, `users`, `quota_grants`, `purchase_decisions` |
 //! | [`replication`] | WAL positions (the audit waits for a replica to catch up) |
+//! | [`retention`] | the partitions of `claim_decisions`, `quota_grants` and `coupon_history`: made ahead, dropped when expired; `retention_floors` |
 //!
 //! The statements here are compile-checked (`sqlx::query!`, `query_as!`)
 //! against the migrations: their offline data is committed in `.sqlx/`, and
@@ -42,6 +43,7 @@ pub mod leases;
 pub mod rebuild;
 pub mod releases;
 pub mod replication;
+pub mod retention;
 pub mod stats;
 pub mod users;
 

@@ -66,9 +66,14 @@ async fn compare_quota(
     let log_quota = quota_of(rebuilt)
         .await
         .context("reading the rebuilt quota")?;
+    let floor = floor_ms(live, |f| f.quota).await?;
     let keys: BTreeSet<&(String, i64)> = live_quota.keys().chain(log_quota.keys()).collect();
     for key in keys {
         let (user, window) = key;
+        if *window < floor {
+            report.beyond_retention += 1;
+            continue;
+        }
         if in_flight(user) {
             report.decisions_skipped += 1;
             continue;
@@ -108,9 +113,14 @@ async fn compare_claim_decisions(
     let log_claims = claim_decisions_of(rebuilt)
         .await
         .context("reading the rebuilt claim decisions")?;
+    let floor = floor_ms(live, |f| f.decisions).await?;
     let requests: BTreeSet<&RequestId> = live_claims.keys().chain(log_claims.keys()).collect();
     for request in requests {
         let (l, r) = (live_claims.get(request), log_claims.get(request));
+        if l.or(r).is_some_and(|d| d.decided_at_ms < floor) {
+            report.beyond_retention += 1;
+            continue;
+        }
         let user = l.or(r).map(|d| d.user_id.as_str()).unwrap_or_default();
         if in_flight(user) || log.pending_claims.contains(request.as_str()) {
             report.decisions_skipped += 1;
@@ -123,6 +133,19 @@ async fn compare_claim_decisions(
             .extend(difference(&what, l, r, ComparedClaimDecision::describe));
     }
     Ok(())
+}
+
+/// Where `which` table's kept rows begin in the live database, in
+/// milliseconds (`i64::MIN`: nothing dropped). Read after the live rows: a
+/// drop in between only raises it.
+async fn floor_ms(
+    live: &PgPool,
+    which: impl Fn(&store::retention::Floors) -> Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<i64> {
+    let floors = store::retention::floors(live)
+        .await
+        .context("reading the live retention floors")?;
+    Ok(which(&floors).map_or(i64::MIN, |at| at.timestamp_millis()))
 }
 
 /// Stored purchase decisions, by order id.

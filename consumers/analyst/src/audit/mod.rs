@@ -31,6 +31,13 @@
 //!   role's own committed offsets must be in the store the history is kept
 //!   in; later records' rows are counted as in flight.
 //!
+//! Retention (`coupon_platform::store::retention`) drops old partitions of
+//! the live decisions, quota slots and history; the log keeps everything,
+//! and so does the rebuild. What is older than a table's floor in the
+//! live `retention_floors` (read after the live rows, so a drop while the
+//! audit runs only widens what is left out) is not compared: it is counted
+//! as beyond retention, never as a difference.
+//!
 //! The scratch database `audit_<random>` lives on the same server as the
 //! live one and is dropped afterwards, whatever happened.
 //!
@@ -96,6 +103,9 @@ pub struct AuditReport {
     pub history_checked: usize,
     /// History rows of records past the history role's committed offsets.
     pub history_skipped: usize,
+    /// Quota slots, claim decisions and history rows on the log older than
+    /// what retention keeps in the live database: not compared.
+    pub beyond_retention: usize,
     /// Profiles named by `users` records past the profiles processor's
     /// committed offsets.
     pub profiles_skipped: usize,
@@ -225,6 +235,7 @@ pub async fn audit(
         report.differences.extend(check.missing);
         report.history_checked = check.checked;
         report.history_skipped = check.in_flight;
+        report.beyond_retention += check.beyond_retention;
     }
     report.rebuild.read_seconds = read_seconds;
     report.rebuild.undecodable = log.undecodable;

@@ -27,6 +27,11 @@
 //!   user's changes share a partition; the event carries the entry after the
 //!   change, so nothing is re-decided).
 //!
+//! Everything the log holds is restored, retention or not: the log's days
+//! get their day (and month) partitions before the writes
+//! (`coupon_platform::db::partitions_covering`), so a rebuilt database put
+//! live has its old days where retention drops them.
+//!
 //! Events are applied in their causal order. The base is one deterministic
 //! global order: envelope `occurred_at_ms`, then topic (created <
 //! claim-results < purchase-results < expirations < blacklist), then
@@ -256,6 +261,15 @@ pub async fn project(
     let mut stats = RebuildStats::default();
     sort(&mut records);
     stats.lap("sort", &mut mark);
+    // The log's days get their partitions, so that what is restored lands
+    // where retention drops it (`coupon_platform::store::retention`).
+    let times = records.iter().map(|r| r.occurred_at_ms);
+    if let (Some(first), Some(last)) = (times.clone().min(), times.max()) {
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+        coupon_platform::db::partitions_covering(target, at(first), at(last))
+            .await
+            .context("making the log's partitions")?;
+    }
     let indexes = store::rebuild::drop_plain_indexes(target, &BULK_TABLES)
         .await
         .context("deferring the indexes")?;
