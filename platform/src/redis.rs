@@ -149,12 +149,28 @@ impl Cache {
     /// Writes holds (pipelined) with a TTL that ends at each hold's deadline.
     /// Holds already past their deadline are skipped.
     pub async fn put_holds(&self, holds: &[CachedHold]) -> Result<(), CacheError> {
+        self.set_until(&self.hold_entries(holds)).await
+    }
+
+    fn hold_entries(&self, holds: &[CachedHold]) -> Vec<(String, String, DateTime<Utc>)> {
         let mut entries = Vec::with_capacity(holds.len() * 2);
         for hold in holds {
             let value = encode_hold(hold);
             entries.push((self.hold_key(&hold.code), value.clone(), hold.expires_at));
             entries.push((self.user_hold_key(&hold.user_id), value, hold.expires_at));
         }
+        entries
+    }
+
+    /// [`Cache::put_holds`] and [`Cache::put_quota_used`] in one pipeline:
+    /// one round trip for a claim batch's winners.
+    pub async fn put_holds_and_quota_used(
+        &self,
+        holds: &[CachedHold],
+        users: &[(UserId, DateTime<Utc>)],
+    ) -> Result<(), CacheError> {
+        let mut entries = self.hold_entries(holds);
+        entries.extend(self.quota_entries(users));
         self.set_until(&entries).await
     }
 
@@ -250,6 +266,16 @@ impl Cache {
         format!("{}:user:{user_id}:quota-used", self.prefix)
     }
 
+    fn quota_entries(
+        &self,
+        users: &[(UserId, DateTime<Utc>)],
+    ) -> Vec<(String, String, DateTime<Utc>)> {
+        users
+            .iter()
+            .map(|(user, until)| (self.quota_key(user), "1".to_owned(), *until))
+            .collect()
+    }
+
     /// Notes that each user's quota is used until the end of the window
     /// given beside it (a grant, or a `rate_limited` answer), so the sold-out
     /// fast path leaves them to the processor's `429`. A cache: a lost mark
@@ -258,11 +284,7 @@ impl Cache {
         &self,
         users: &[(UserId, DateTime<Utc>)],
     ) -> Result<(), CacheError> {
-        let entries: Vec<_> = users
-            .iter()
-            .map(|(user, until)| (self.quota_key(user), "1".to_owned(), *until))
-            .collect();
-        self.set_until(&entries).await
+        self.set_until(&self.quota_entries(users)).await
     }
 
     fn supply_key(&self) -> String {

@@ -87,10 +87,10 @@ pub(super) async fn mirror_users(ctx: &Context, fresh: &[ClaimDecisionRecord]) -
             }
         }
     }
-    let written = match ctx.cache.put_holds(&new_holds).await {
-        Ok(()) => ctx.cache.put_quota_used(&quota_used).await,
-        Err(error) => Err(error),
-    };
+    let written = ctx
+        .cache
+        .put_holds_and_quota_used(&new_holds, &quota_used)
+        .await;
     let Err(error) = written else {
         return true;
     };
