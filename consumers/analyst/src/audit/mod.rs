@@ -202,7 +202,7 @@ pub async fn audit(
     // Before the rebuild takes the records.
     let expected_history = history::expected_history(topics, &log);
 
-    let scratch = format!("audit_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let scratch = scratch_name(options.get_database(), uuid::Uuid::new_v4());
     coupon_platform::db::create_database(&primary, &scratch)
         .await
         .with_context(|| {
@@ -351,8 +351,31 @@ async fn compare_profiles(
     Ok(())
 }
 
+/// The scratch database of one audit: `audit_`, the live database's name
+/// (its letters, digits and underscores, at most 40), and a random part,
+/// so that an operator (or a test) sees whose audit a leftover was.
+fn scratch_name(live: Option<&str>, id: uuid::Uuid) -> String {
+    let live: String = live
+        .unwrap_or_default()
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(40)
+        .collect();
+    format!("audit_{live}_{}", &id.simple().to_string()[..12])
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_scratch_database_is_named_after_the_live_one() {
+        let id = uuid::Uuid::from_u128(0xabc);
+        let name = super::scratch_name(Some("Coupons-Live_1"), id);
+        assert_eq!(name, "audit_couponslive_1_000000000000");
+        assert!(super::scratch_name(Some(&"x".repeat(100)), id).len() <= 63);
+        assert_eq!(super::scratch_name(None, id), "audit__000000000000");
+    }
+
     use super::cut_log::canonical_code;
     use super::rows::{same_coupon, CouponRow};
     use coupon_domain::CouponCode;
