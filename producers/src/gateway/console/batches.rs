@@ -13,7 +13,7 @@ use coupon_domain::EmployeeId;
 
 use super::super::responses;
 use super::super::{AdminCaller, ApiError, ErrorBody, GatewayState};
-use super::{millis, query_rejection, store_unavailable, MAX_BATCHES};
+use super::{listing_limit, millis, query_rejection, store_unavailable};
 use crate::console_store::{self, BatchFilter};
 
 /// `GET /api/v1/batches` query.
@@ -112,12 +112,7 @@ pub(crate) async fn batches(
     query: Result<Query<BatchQuery>, QueryRejection>,
 ) -> Result<Json<BatchesAnswer>, ApiError> {
     let Query(query) = query.map_err(query_rejection)?;
-    let limit = query.limit.unwrap_or(50);
-    if limit == 0 || limit > MAX_BATCHES {
-        return Err(ApiError::invalid(format!(
-            "limit must be between 1 and {MAX_BATCHES}"
-        )));
-    }
+    let limit = listing_limit(query.limit)?;
     let employee = query
         .employee
         .map(|e| EmployeeId::parse(e).map_err(|e| ApiError::invalid(e.to_string())))
@@ -126,7 +121,7 @@ pub(crate) async fn batches(
     let filter = BatchFilter {
         employee: employee.map(|e| e.as_str().to_owned()),
         batch_id,
-        limit: i64::from(limit),
+        limit,
     };
     let rows = console_store::batches(&state.pool, &filter)
         .await

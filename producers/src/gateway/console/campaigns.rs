@@ -31,7 +31,7 @@ use coupon_domain::lifecycle::{campaign_end, CampaignPhase};
 use super::super::api::{DiscountBody, MoneyBody};
 use super::super::responses;
 use super::super::{AdminCaller, ApiError, ErrorBody, GatewayState};
-use super::{millis, query_rejection, store_unavailable, CASSANDRA_MAX_RANGE_DAYS, MAX_BATCHES};
+use super::{listing_limit, millis, query_rejection, store_unavailable, CASSANDRA_MAX_RANGE_DAYS};
 use crate::console_store::{self, CampaignListing, FunnelRow};
 
 /// `GET /api/v1/campaigns` query.
@@ -157,13 +157,8 @@ pub(crate) async fn campaigns(
     query: Result<Query<CampaignQuery>, QueryRejection>,
 ) -> Result<Json<CampaignsAnswer>, ApiError> {
     let Query(query) = query.map_err(query_rejection)?;
-    let limit = query.limit.unwrap_or(50);
-    if limit == 0 || limit > MAX_BATCHES {
-        return Err(ApiError::invalid(format!(
-            "limit must be between 1 and {MAX_BATCHES}"
-        )));
-    }
-    let listed = console_store::campaigns(&state.pool, i64::from(limit))
+    let limit = listing_limit(query.limit)?;
+    let listed = console_store::campaigns(&state.pool, limit)
         .await
         .map_err(store_unavailable)?;
     let now = Utc::now();

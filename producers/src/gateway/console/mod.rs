@@ -66,6 +66,16 @@ fn millis(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// A listing's `limit`: 1 to [`MAX_BATCHES`], 50 when absent.
+fn listing_limit(limit: Option<u32>) -> Result<i64, ApiError> {
+    match limit.unwrap_or(50) {
+        limit @ 1..=MAX_BATCHES => Ok(i64::from(limit)),
+        _ => Err(ApiError::invalid(format!(
+            "limit must be between 1 and {MAX_BATCHES}"
+        ))),
+    }
+}
+
 fn query_rejection(rejection: QueryRejection) -> ApiError {
     ApiError::invalid(rejection.body_text())
 }
