@@ -202,6 +202,10 @@ async fn rebuild_rate() {
         eprintln!("  {phase}: {seconds:.2} s");
     }
     eprintln!(
+        "  (of the apply, waiting for the writers: {:.2} s)",
+        stats.apply_waited_seconds
+    );
+    eprintln!(
         "rebuild: {} events in {:.2} s = {:.0} events/s ({:.2}x the raw read)",
         stats.events,
         stats.seconds(),

@@ -64,7 +64,7 @@ use coupon_platform::kafka::role::{self, Decoded, RoleEvent};
 use coupon_platform::kafka::{decode, DecodeError, Record};
 use coupon_platform::time::from_ms;
 use coupon_platform::Topics;
-use coupon_schemas::catalogue::TopicKind;
+use coupon_schemas::catalogue::{TopicEvent, TopicKind};
 use coupon_schemas::{
     ClaimDecided, ClaimOutcome, CouponsCreated, Envelope, PurchaseDecided, PurchaseOutcome,
 };
@@ -140,68 +140,90 @@ pub fn rows_of(topics: &Topics, record: &Record) -> Result<Vec<HistoryRow>, Stri
 /// The history rows of one event, or a reason to dead-letter it.
 pub fn rows_of_event(event: &HistoryEvent) -> Result<Vec<HistoryRow>, String> {
     match event {
-        HistoryEvent::Created(event) => {
-            let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
-            let coupons = crate::created::coupons_of(event)?;
-            Ok(coupons
-                .into_iter()
-                .enumerate()
-                .map(|(item, coupon)| HistoryRow {
-                    occurred_at,
-                    event_id,
-                    item: item as i32,
-                    coupon_code: Some(coupon.code.to_string()),
-                    user_id: None,
-                    kind: HistoryKind::Created,
-                    detail: json!({
-                        "batch_id": event.batch_id,
-                        "employee_id": event.employee_id,
-                        "category": event.category,
-                    }),
-                })
-                .collect())
-        }
-        HistoryEvent::ClaimDecided(event) => {
-            let keys = envelope_keys(event.envelope.as_ref())?;
-            let outcome = ClaimOutcome::of(event.outcome);
-            // A repeated grant returns an existing hold: no state changed.
-            if outcome == ClaimOutcome::Granted && event.repeated {
-                return Ok(Vec::new());
-            }
-            let (kind, detail) = match outcome {
-                ClaimOutcome::Granted => (
-                    HistoryKind::Granted,
-                    json!({"request_id": event.request_id, "category": event.category, "expires_at_ms": event.expires_at_ms}),
-                ),
-                other => (
-                    HistoryKind::Rejected,
-                    json!({"request_id": event.request_id, "reason": other.name(), "detail": event.reason}),
-                ),
-            };
-            let row = decision_row(keys, &event.coupon_code, &event.user_id, kind, detail);
-            Ok(vec![row])
-        }
-        HistoryEvent::PurchaseDecided(event) => {
-            let keys = envelope_keys(event.envelope.as_ref())?;
-            let outcome = PurchaseOutcome::of(event.outcome);
-            // A repeated answer for an order decided before changes nothing.
-            if event.repeated {
-                return Ok(Vec::new());
-            }
-            let kind = match outcome {
-                PurchaseOutcome::Redeemed => HistoryKind::Redeemed,
-                PurchaseOutcome::Cancelled => HistoryKind::Cancelled,
-                _ => HistoryKind::Rejected,
-            };
-            let mut detail = json!({"order_id": event.order_id, "request_id": event.request_id, "outcome": outcome.name()});
-            if outcome == PurchaseOutcome::Cancelled {
-                // Where the coupon went: back to the pool, or `expired`.
-                detail["coupon_status"] = event.coupon_status.clone().into();
-            }
-            let row = decision_row(keys, &event.coupon_code, &event.user_id, kind, detail);
-            Ok(vec![row])
-        }
+        HistoryEvent::Created(event) => created_rows(event),
+        HistoryEvent::ClaimDecided(event) => claim_rows(event),
+        HistoryEvent::PurchaseDecided(event) => purchase_rows(event),
     }
+}
+
+/// The history rows of a record already decoded as its topic's message
+/// (the rebuild decodes each record once, then takes these from it): those
+/// [`rows_of`] makes of the record; `None` for a message of a topic this
+/// role does not read.
+pub fn rows_of_topic_event(event: &TopicEvent) -> Option<Result<Vec<HistoryRow>, String>> {
+    match event {
+        TopicEvent::Created(event) => Some(created_rows(event)),
+        TopicEvent::ClaimDecided(event) => Some(claim_rows(event)),
+        TopicEvent::PurchaseDecided(event) => Some(purchase_rows(event)),
+        _ => None,
+    }
+}
+
+/// A batch's rows: one per coupon it created.
+fn created_rows(event: &CouponsCreated) -> Result<Vec<HistoryRow>, String> {
+    let (event_id, occurred_at) = envelope_keys(event.envelope.as_ref())?;
+    let coupons = crate::created::coupons_of(event)?;
+    Ok(coupons
+        .into_iter()
+        .enumerate()
+        .map(|(item, coupon)| HistoryRow {
+            occurred_at,
+            event_id,
+            item: item as i32,
+            coupon_code: Some(coupon.code.to_string()),
+            user_id: None,
+            kind: HistoryKind::Created,
+            detail: json!({
+                "batch_id": event.batch_id,
+                "employee_id": event.employee_id,
+                "category": event.category,
+            }),
+        })
+        .collect())
+}
+
+/// A claim decision's row (none for a repeated grant).
+fn claim_rows(event: &ClaimDecided) -> Result<Vec<HistoryRow>, String> {
+    let keys = envelope_keys(event.envelope.as_ref())?;
+    let outcome = ClaimOutcome::of(event.outcome);
+    // A repeated grant returns an existing hold: no state changed.
+    if outcome == ClaimOutcome::Granted && event.repeated {
+        return Ok(Vec::new());
+    }
+    let (kind, detail) = match outcome {
+        ClaimOutcome::Granted => (
+            HistoryKind::Granted,
+            json!({"request_id": event.request_id, "category": event.category, "expires_at_ms": event.expires_at_ms}),
+        ),
+        other => (
+            HistoryKind::Rejected,
+            json!({"request_id": event.request_id, "reason": other.name(), "detail": event.reason}),
+        ),
+    };
+    let row = decision_row(keys, &event.coupon_code, &event.user_id, kind, detail);
+    Ok(vec![row])
+}
+
+/// A purchase decision's row (none for a repeated answer).
+fn purchase_rows(event: &PurchaseDecided) -> Result<Vec<HistoryRow>, String> {
+    let keys = envelope_keys(event.envelope.as_ref())?;
+    let outcome = PurchaseOutcome::of(event.outcome);
+    // A repeated answer for an order decided before changes nothing.
+    if event.repeated {
+        return Ok(Vec::new());
+    }
+    let kind = match outcome {
+        PurchaseOutcome::Redeemed => HistoryKind::Redeemed,
+        PurchaseOutcome::Cancelled => HistoryKind::Cancelled,
+        _ => HistoryKind::Rejected,
+    };
+    let mut detail = json!({"order_id": event.order_id, "request_id": event.request_id, "outcome": outcome.name()});
+    if outcome == PurchaseOutcome::Cancelled {
+        // Where the coupon went: back to the pool, or `expired`.
+        detail["coupon_status"] = event.coupon_status.clone().into();
+    }
+    let row = decision_row(keys, &event.coupon_code, &event.user_id, kind, detail);
+    Ok(vec![row])
 }
 
 pub async fn handle_events(

@@ -200,7 +200,7 @@ pub async fn audit(
     }
 
     // Before the rebuild takes the records.
-    let expected_history = history::expected_history(topics, &log);
+    let expected_history = history::expected_history(&log);
 
     let scratch = scratch_name(options.get_database(), uuid::Uuid::new_v4());
     coupon_platform::db::create_database(&primary, &scratch)
@@ -209,15 +209,7 @@ pub async fn audit(
             format!("creating the scratch database {scratch} (the role needs CREATEDB)")
         })?;
     let scratch_options = options.database(&scratch);
-    let result = audit_in(
-        &live,
-        scratch_options,
-        topics,
-        window,
-        &mut log,
-        &blacklist_before,
-    )
-    .await;
+    let result = audit_in(&live, scratch_options, window, &mut log, &blacklist_before).await;
     let dropped = coupon_platform::db::drop_database_when_idle(&primary, &scratch).await;
     let history_check = match &result {
         Ok(_) => {
@@ -269,7 +261,6 @@ async fn wait_replayed(primary: &PgPool, replica: &PgPool, within: Duration) -> 
 async fn audit_in(
     live: &PgPool,
     scratch: PgConnectOptions,
-    topics: &Topics,
     window: QuotaWindow,
     log: &mut CutLog,
     blacklist_before: &HashMap<String, BlacklistRow>,
@@ -283,7 +274,7 @@ async fn audit_in(
     let result = async {
         rebuild::prepare_target(&rebuilt).await?;
         let outcomes = std::mem::take(&mut log.outcomes);
-        let (stats, _) = rebuild::project(&rebuilt, topics, window, outcomes).await?;
+        let (stats, _) = rebuild::project(&rebuilt, window, outcomes).await?;
         let mut report = AuditReport {
             rebuild: stats,
             ..AuditReport::default()

@@ -53,11 +53,17 @@
 //! reported as an anomaly as before. An event republished under the same
 //! event id (e.g. a decision published again after a redelivery) is applied
 //! once. Every event also yields its
-//! `coupon_history` rows (the history sink's own [`history::rows_of`], plus a
-//! `released` row per released hold, dated at the hold's deadline).
+//! `coupon_history` rows (the history sink's own, [`history::rows_of`]'s,
+//! plus a `released` row per released hold, dated at the hold's deadline).
 //!
 //! The state is computed in memory, then written in bulk into the fresh
-//! database, as a pipeline on the machine's two cores: the plain indexes of
+//! database, as a pipeline on the machine's two cores. Each record is
+//! decoded once, while the log is read, by a decoder thread per core beside
+//! the reading thread ([`read_outcomes`]): the event, its time and its
+//! history rows, which depend on the event alone; the apply, one thread
+//! (the state is one), then only looks events up and changes state. The
+//! apply cannot start before the read ends: the causal order needs the
+//! whole log (an event may wait for one read after it). The plain indexes of
 //! the big tables are dropped first and built once at the end (`CREATE
 //! INDEX` sorts; a row-by-row load walks each tree per row), the history
 //! rows and the claim decisions go to writer tasks (binary `COPY`s of
@@ -82,7 +88,8 @@ pub use state::*;
 use write::{write_profiles, write_purchase_decisions, write_quota, write_states, write_users};
 
 use std::fmt;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use sqlx::PgPool;
@@ -90,6 +97,7 @@ use sqlx::PgPool;
 use coupon_consumers::coupons::{self, NewCoupon};
 use coupon_consumers::history::{self, HistoryRow};
 use coupon_domain::{CouponStatus, QuotaWindow};
+use coupon_platform::kafka::Record;
 use coupon_platform::{store, KafkaSettings, Topics};
 
 use crate::replay::{PartitionRange, Reader, StartAt, TopicKind};
@@ -108,6 +116,14 @@ pub const OUTCOME_TOPICS: [TopicKind; 6] = [
 const HISTORY_CHUNK: usize = 20_000;
 /// Claim decisions likewise.
 const DECISION_CHUNK: usize = 50_000;
+/// Sessions copying history rows side by side, at most (the pool keeps one
+/// connection for the claim decisions).
+const HISTORY_WRITERS: u32 = 2;
+/// The log is decoded by a thread per core, up to this many.
+const MAX_DECODERS: usize = 4;
+/// Records handed to a decoder at a time, and batches queued per decoder.
+const DECODE_BATCH: usize = 4_096;
+const DECODE_QUEUE: usize = 4;
 /// The tables whose plain indexes are built after the load.
 const BULK_TABLES: [&str; 4] = ["coupon_history", "claim_decisions", "coupons", "users"];
 /// What a rebuild did.
@@ -143,6 +159,8 @@ pub struct RebuildStats {
     pub read_seconds: f64,
     /// Applying and writing.
     pub write_seconds: f64,
+    /// Of the apply, the time it waited for the writers (Postgres behind).
+    pub apply_waited_seconds: f64,
     /// Where the applying and writing went: each phase and its seconds.
     pub phases: Vec<(&'static str, f64)>,
 }
@@ -229,30 +247,104 @@ pub async fn prepare_target(target: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads `ranges` (outcome topics) into records ready to apply. Blocking.
+/// Reads `ranges` (outcome topics) into records ready to apply, in the
+/// order they are applied in ([`sort`]); also returns how many records
+/// could not be decoded. Blocking.
+///
+/// The reading thread only copies records out of the client; a decoder
+/// thread per core decodes each once ([`LogRecord::new`]: the event, its
+/// time, its history rows), frees its bytes, and sorts what it decoded when
+/// the log ends; the sorted runs are then merged.
 pub fn read_outcomes(
     reader: &Reader,
     ranges: &[PartitionRange],
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<(Vec<LogRecord>, u64)> {
+    let decoders = std::thread::available_parallelism().map_or(2, |n| n.get().min(MAX_DECODERS));
+    std::thread::scope(|scope| {
+        let (mut to_decode, mut decoded) = (Vec::new(), Vec::new());
+        for _ in 0..decoders {
+            let (batches, to_decoder) = std::sync::mpsc::sync_channel(DECODE_QUEUE);
+            to_decode.push(batches);
+            decoded.push(scope.spawn(move || decode_sorted(to_decoder)));
+        }
+        let mut batch = Vec::with_capacity(DECODE_BATCH);
+        let mut sent = 0usize;
+        let mut hand_on = |batch: Vec<(TopicKind, Record)>| {
+            bar.inc(batch.len() as u64);
+            let decoder = &to_decode[sent % decoders];
+            sent += 1;
+            decoder
+                .send(batch)
+                .map_err(|_| anyhow::anyhow!("a decoder of the rebuild stopped"))
+        };
+        let read = reader.read(ranges, |kind, record| {
+            batch.push((kind, record));
+            if batch.len() == DECODE_BATCH {
+                hand_on(std::mem::replace(
+                    &mut batch,
+                    Vec::with_capacity(DECODE_BATCH),
+                ))?;
+            }
+            Ok(crate::replay::Flow::Continue)
+        });
+        let last = read.and_then(|_| hand_on(batch));
+        drop(to_decode);
+        let mut runs = Vec::new();
+        let mut undecodable = 0;
+        for decoder in decoded {
+            let (run, refused) = decoder
+                .join()
+                .map_err(|_| anyhow::anyhow!("a decoder of the rebuild panicked"))?;
+            runs.push(run);
+            undecodable += refused;
+        }
+        last?;
+        Ok((merge(runs), undecodable))
+    })
+}
+
+/// Decodes the batches it receives until the reader is done; returns the
+/// records sorted, and how many could not be decoded.
+fn decode_sorted(
+    batches: std::sync::mpsc::Receiver<Vec<(TopicKind, Record)>>,
+) -> (Vec<LogRecord>, u64) {
     let mut records = Vec::new();
     let mut undecodable = 0;
-    reader.read(ranges, |kind, record| {
-        bar.inc(1);
-        match LogRecord::new(kind, record) {
-            Some(log) => records.push(log),
-            None => undecodable += 1,
+    for batch in batches {
+        for (kind, record) in batch {
+            match LogRecord::new(kind, record) {
+                Some(log) => records.push(log.without_bytes()),
+                None => undecodable += 1,
+            }
         }
-        Ok(crate::replay::Flow::Continue)
-    })?;
-    Ok((records, undecodable))
+    }
+    sort(&mut records);
+    (records, undecodable)
+}
+
+/// Merges sorted runs into one sorted vector.
+fn merge(runs: Vec<Vec<LogRecord>>) -> Vec<LogRecord> {
+    let mut all = Vec::with_capacity(runs.iter().map(Vec::len).sum());
+    let mut runs: Vec<_> = runs.into_iter().map(Vec::into_iter).collect();
+    loop {
+        let first = runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, run)| run.as_slice().first().map(|head| (i, head)))
+            .min_by(|(_, a), (_, b)| a.order_key().cmp(&b.order_key()))
+            .map(|(i, _)| i);
+        let Some(i) = first else {
+            return all;
+        };
+        all.extend(runs[i].next());
+    }
 }
 
 /// Applies `records` in order and writes the result into `target` (already
 /// prepared). Returns the statistics, without the read time.
 pub async fn project(
     target: &PgPool,
-    topics: &Topics,
     window: QuotaWindow,
     mut records: Vec<LogRecord>,
 ) -> anyhow::Result<(RebuildStats, Projection)> {
@@ -277,39 +369,55 @@ pub async fn project(
 
     // The history and the claim decisions are written while the events are
     // applied, by tasks of their own: the applying holds one core, Postgres
-    // and the writers the other. (A stored decision never changes: the
-    // first for a request id stands.)
+    // and the writers the rest. (A stored decision never changes: the
+    // first for a request id stands.) The history, the heavier write (a
+    // jsonb per row), is copied by two sessions side by side where the
+    // pool has the connections.
     let (history_rows, to_write) = tokio::sync::mpsc::channel::<Vec<HistoryRow>>(4);
-    let history_writer = tokio::spawn(write_history(target.clone(), to_write));
+    let to_write = Arc::new(tokio::sync::Mutex::new(to_write));
+    let sessions = target.options().get_max_connections().saturating_sub(1);
+    let history_writers: Vec<_> = (0..sessions.clamp(1, HISTORY_WRITERS))
+        .map(|_| tokio::spawn(write_history(target.clone(), to_write.clone())))
+        .collect();
+    drop(to_write);
     let (decisions, to_store) = tokio::sync::mpsc::channel::<Vec<ClaimDecisionRecord>>(2);
     let decision_writer = tokio::spawn(write_decisions(target.clone(), to_store));
     let mut projection = Projection::new(window);
+    projection.reserve(records.len());
     let mut rows = Vec::new();
+    // How long the apply waited for the writers (Postgres behind it).
+    let mut waited = Duration::ZERO;
     for log in records {
-        rows.extend(projection.offer(topics, log));
-        if rows.len() >= HISTORY_CHUNK
-            && history_rows.send(std::mem::take(&mut rows)).await.is_err()
-        {
-            break; // The writer failed: its error is below.
+        rows.extend(projection.offer(log));
+        if rows.len() >= HISTORY_CHUNK {
+            let at = Instant::now();
+            let sent = history_rows.send(std::mem::take(&mut rows)).await;
+            waited += at.elapsed();
+            if sent.is_err() {
+                break; // The writers failed: their error is below.
+            }
         }
-        if projection.new_claim_decision_count() >= DECISION_CHUNK
-            && decisions
-                .send(projection.take_new_claim_decisions())
-                .await
-                .is_err()
-        {
-            break; // Likewise.
+        if projection.new_claim_decision_count() >= DECISION_CHUNK {
+            let at = Instant::now();
+            let sent = decisions.send(projection.take_new_claim_decisions()).await;
+            waited += at.elapsed();
+            if sent.is_err() {
+                break; // Likewise.
+            }
         }
     }
-    rows.extend(projection.finish(topics));
+    rows.extend(projection.finish());
     let _ = history_rows.send(rows).await;
     let _ = decisions.send(projection.take_new_claim_decisions()).await;
     drop((history_rows, decisions));
+    stats.apply_waited_seconds = waited.as_secs_f64();
     stats.lap("apply", &mut mark);
-    stats.history_rows = history_writer
-        .await
-        .context("the history writer stopped")?
-        .context("writing history rows")?;
+    for writer in history_writers {
+        stats.history_rows += writer
+            .await
+            .context("a history writer stopped")?
+            .context("writing history rows")?;
+    }
     stats.claim_decisions = decision_writer
         .await
         .context("the claim decision writer stopped")?
@@ -343,17 +451,21 @@ pub async fn project(
     Ok((stats, projection))
 }
 
-/// Writes the history rows it receives, one `COPY` each, until the sender
-/// is dropped; returns how many.
+/// Writes the history rows it takes from `chunks` (shared with the other
+/// history writers), one `COPY` each, until the sender is dropped; returns
+/// how many.
 async fn write_history(
     target: PgPool,
-    mut chunks: tokio::sync::mpsc::Receiver<Vec<HistoryRow>>,
+    chunks: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Vec<HistoryRow>>>>,
 ) -> Result<u64, sqlx::Error> {
     let mut written = 0;
-    while let Some(rows) = chunks.recv().await {
+    loop {
+        let next = chunks.lock().await.recv().await;
+        let Some(rows) = next else {
+            return Ok(written);
+        };
         written += history::append_bulk(&target, &rows).await?;
     }
-    Ok(written)
 }
 
 /// Writes the claim decisions it receives (`COPY`, falling back to the
@@ -451,7 +563,7 @@ pub async fn rebuild(
     .context("the log reader stopped")??;
     bar.finish_and_clear();
     let read_seconds = started.elapsed().as_secs_f64();
-    let (mut stats, _) = project(target, topics, window, records).await?;
+    let (mut stats, _) = project(target, window, records).await?;
     stats.read_seconds = read_seconds;
     stats.undecodable = undecodable;
     Ok(stats)

@@ -14,7 +14,9 @@ use coupon_schemas::{
     BlacklistChanged, ClaimDecided, ClaimOutcome, PurchaseDecided, PurchaseOutcome,
 };
 
-use crate::replay::{decode_event, TopicKind};
+use coupon_consumers::history::{self, HistoryRow};
+
+use crate::replay::{decode_event, TopicEvent, TopicKind};
 
 pub(super) fn topic_rank(kind: TopicKind) -> u8 {
     match kind {
@@ -28,28 +30,50 @@ pub(super) fn topic_rank(kind: TopicKind) -> u8 {
     }
 }
 
-/// One outcome record, with the key it is applied in.
+/// One outcome record, decoded once: the key it is applied in, the event,
+/// and the history rows the history sink makes of it.
 #[derive(Debug, Clone)]
 pub struct LogRecord {
     pub kind: TopicKind,
     pub occurred_at_ms: i64,
+    /// Where the record is in the log (its bytes too, unless the reader
+    /// dropped them: see [`LogRecord::without_bytes`]).
     pub record: Record,
+    /// The record decoded as its topic's message.
+    pub event: TopicEvent,
+    /// Its `coupon_history` rows, the history sink's own
+    /// ([`history::rows_of_topic_event`]; none for a topic the sink does
+    /// not read), or why the sink refuses it. Made with the decoding, so
+    /// the rebuild's readers make them in parallel, before the apply.
+    pub history: Result<Vec<HistoryRow>, String>,
 }
 
 impl LogRecord {
-    /// Decodes just enough to order the record; `None` for a record that
-    /// cannot be decoded (the live consumers dead-lettered it too).
+    /// Decodes the record, once; `None` for a record that cannot be
+    /// decoded (the live consumers dead-lettered it too).
     pub fn new(kind: TopicKind, record: Record) -> Option<Self> {
         let event = decode_event(kind, &record).ok()?;
         let occurred_at_ms = event.envelope().map(|e| e.occurred_at_ms)?;
+        let history = history::rows_of_topic_event(&event).unwrap_or_else(|| Ok(Vec::new()));
         Some(Self {
             kind,
             occurred_at_ms,
             record,
+            event,
+            history,
         })
     }
 
-    fn order_key(&self) -> (i64, u8, &str, i32, i64) {
+    /// The same without the record's key and value: the projection reads
+    /// only the decoded event and where the record is, so the rebuild's
+    /// readers free the bytes as they decode.
+    pub fn without_bytes(mut self) -> Self {
+        self.record.key = None;
+        self.record.value = None;
+        self
+    }
+
+    pub(super) fn order_key(&self) -> (i64, u8, &str, i32, i64) {
         (
             self.occurred_at_ms,
             topic_rank(self.kind),

@@ -7,21 +7,19 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use coupon_consumers::coupons::{self};
-use coupon_consumers::history;
 use coupon_consumers::profiles::{self, ProfileUpdate};
 use coupon_domain::lifecycle::release_event_id;
-use coupon_domain::{CouponStatus, QuotaWindow, RequestId};
+use coupon_domain::{ClaimOutcomeKind, CouponStatus, QuotaWindow, RequestId};
 use coupon_platform::kafka::Record;
 use coupon_platform::store::decisions::CancelRecord;
 use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 use coupon_platform::time::from_ms;
-use coupon_platform::Topics;
 use coupon_schemas::{
     ClaimDecided, ClaimOutcome, CouponExpired, CouponsCreated, HoldExpired, PurchaseDecided,
     PurchaseOutcome,
 };
 
-use crate::replay::{decode_event, TopicEvent, TopicKind};
+use crate::replay::TopicEvent;
 
 mod ends;
 
@@ -32,6 +30,13 @@ use super::state::{
 
 /// At most this many anomalies are kept for the report (all are counted).
 const ANOMALIES_KEPT: usize = 20;
+
+/// The sets that grow with the log, an entry per event or claim, hash with
+/// foldhash (several times SipHash's speed on short keys; their keys come
+/// from a log read once, not from clients aiming collisions at a service)
+/// and are reserved up front ([`Projection::reserve`]).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
 
 /// The projection, in memory: pure, no I/O.
 #[derive(Debug, Default)]
@@ -56,17 +61,18 @@ pub struct Projection {
     pub(super) holding: HashMap<String, String>,
     /// By (user, window start).
     pub(super) quota: HashMap<(String, DateTime<Utc>), QuotaGrant>,
-    /// By request id.
-    pub(super) claim_decisions: HashMap<RequestId, ClaimDecisionRecord>,
+    /// The outcome of the stored decision of each request id (the first
+    /// stands).
+    pub(super) claim_decisions: FastMap<RequestId, ClaimOutcomeKind>,
     /// Claim decisions stored since the last [`Projection::take_new_claim_decisions`]:
     /// a stored decision never changes (the first stands), so the rebuild
     /// writes them while it applies the rest.
-    new_claim_decisions: Vec<RequestId>,
+    new_claim_decisions: Vec<ClaimDecisionRecord>,
     /// By order id.
     pub(super) purchase_decisions: HashMap<String, StoredPurchase>,
     /// TopicEvent ids applied so far: a republished event (same id, e.g. a
     /// decision published again after a redelivery) is applied once.
-    pub(super) seen: HashSet<String>,
+    pub(super) seen: FastSet<String>,
     /// Hold ids (claim request ids) whose grant was applied.
     pub(super) granted_holds: HashSet<String>,
     /// Events that cannot have happened yet, by the coupon they wait for.
@@ -114,14 +120,22 @@ impl Projection {
     /// The claim decisions stored since they were last taken.
     pub(super) fn take_new_claim_decisions(&mut self) -> Vec<ClaimDecisionRecord> {
         std::mem::take(&mut self.new_claim_decisions)
-            .iter()
-            .filter_map(|id| self.claim_decisions.get(id).cloned())
-            .collect()
     }
 
+    /// Room for `events` more events' ids and claim decisions (the maps
+    /// that grow with the log), so they do not grow by rehashing.
+    pub fn reserve(&mut self, events: usize) {
+        self.seen.reserve(events);
+        self.claim_decisions.reserve(events);
+    }
+
+    /// The stored decision for `request_id`, while it is not yet taken by
+    /// the rebuild's writer (a scan: for tests and small logs).
     pub fn claim_decision(&self, request_id: &str) -> Option<&ClaimDecisionRecord> {
         let request_id = RequestId::parse(request_id).ok()?;
-        self.claim_decisions.get(&request_id)
+        self.new_claim_decisions
+            .iter()
+            .find(|d| d.request_id == request_id)
     }
 
     pub fn purchase_decision(&self, order_id: &str) -> Option<&StoredPurchase> {
@@ -162,27 +176,24 @@ impl Projection {
     /// can have happened in the state so far, else kept until the event it
     /// waits for is applied (see the module doc). Returns the history rows
     /// of everything applied. Call [`Projection::finish`] after the last.
-    pub fn offer(&mut self, topics: &Topics, log: LogRecord) -> Vec<HistoryRow> {
-        let Ok(event) = decode_event(log.kind, &log.record) else {
-            return Vec::new();
-        };
-        if let Some(code) = self.waits_for(&log, &event) {
+    pub fn offer(&mut self, log: LogRecord) -> Vec<HistoryRow> {
+        if let Some(code) = self.waits_for(&log) {
             self.waiting.entry(code).or_default().push(log);
             return Vec::new();
         }
-        let mut rows = self.apply_event(topics, &log, event);
-        self.wake(topics, &mut rows);
+        let mut rows = self.apply_event(log);
+        self.wake(&mut rows);
         rows
     }
 
     /// Applies what still waits when the log ends, in time order: each is
     /// reported as an anomaly where it does not fit.
-    pub fn finish(&mut self, topics: &Topics) -> Vec<HistoryRow> {
+    pub fn finish(&mut self) -> Vec<HistoryRow> {
         let mut left: Vec<LogRecord> = self.waiting.drain().flat_map(|(_, logs)| logs).collect();
         sort(&mut left);
         self.touched.clear();
-        left.iter()
-            .flat_map(|log| self.apply(topics, log))
+        left.into_iter()
+            .flat_map(|log| self.apply_event(log))
             .collect()
     }
 
@@ -193,8 +204,8 @@ impl Projection {
     /// hold of another coupon to end: the live system grants nobody a second
     /// coupon while the first is held, so a redemption or release stamped
     /// the same millisecond as the grant happened before it.
-    fn waits_for(&self, log: &LogRecord, event: &TopicEvent) -> Option<String> {
-        match event {
+    fn waits_for(&self, log: &LogRecord) -> Option<String> {
+        match &log.event {
             TopicEvent::ClaimDecided(e)
                 if !e.repeated
                     && ClaimOutcome::try_from(e.outcome) == Ok(ClaimOutcome::Granted) =>
@@ -258,22 +269,19 @@ impl Projection {
 
     /// Applies the waiting events that the changes since the last call made
     /// possible, and those that these make possible in turn.
-    fn wake(&mut self, topics: &Topics, rows: &mut Vec<HistoryRow>) {
+    fn wake(&mut self, rows: &mut Vec<HistoryRow>) {
         while let Some(code) = self.touched.pop() {
             let Some(logs) = self.waiting.remove(&code) else {
                 continue;
             };
             let mut still = Vec::new();
             for log in logs {
-                let Ok(event) = decode_event(log.kind, &log.record) else {
-                    continue;
-                };
-                match self.waits_for(&log, &event) {
+                match self.waits_for(&log) {
                     Some(other) if other == code => still.push(log),
                     Some(other) => self.waiting.entry(other).or_default().push(log),
                     None => {
                         self.reordered += 1;
-                        rows.extend(self.apply_event(topics, &log, event));
+                        rows.extend(self.apply_event(log));
                     }
                 }
             }
@@ -287,21 +295,13 @@ impl Projection {
 
     /// Applies one outcome record as it comes, whatever the state (no
     /// waiting); returns its history rows.
-    pub fn apply(&mut self, topics: &Topics, log: &LogRecord) -> Vec<HistoryRow> {
-        match decode_event(log.kind, &log.record) {
-            Ok(event) => self.apply_event(topics, log, event),
-            Err(_) => Vec::new(),
-        }
+    pub fn apply(&mut self, log: &LogRecord) -> Vec<HistoryRow> {
+        self.apply_event(log.clone())
     }
 
-    fn apply_event(
-        &mut self,
-        topics: &Topics,
-        log: &LogRecord,
-        event: TopicEvent,
-    ) -> Vec<HistoryRow> {
-        let record = &log.record;
-        let event_id = event
+    fn apply_event(&mut self, mut log: LogRecord) -> Vec<HistoryRow> {
+        let event_id = log
+            .event
             .envelope()
             .map(|e| e.event_id.clone())
             .unwrap_or_default();
@@ -310,24 +310,21 @@ impl Projection {
             return Vec::new();
         }
         self.applied += 1;
-        let mut rows = match log.kind {
-            TopicKind::Created | TopicKind::ClaimResults | TopicKind::PurchaseResults => {
-                match history::rows_of(topics, record) {
-                    Ok(rows) => rows,
-                    Err(reason) => {
-                        self.anomaly(record, format!("no history: {reason}"));
-                        Vec::new()
-                    }
-                }
+        // Made when the record was decoded (`LogRecord::new`).
+        let mut rows = match std::mem::replace(&mut log.history, Ok(Vec::new())) {
+            Ok(rows) => rows,
+            Err(reason) => {
+                self.anomaly(&log.record, format!("no history: {reason}"));
+                Vec::new()
             }
-            _ => Vec::new(),
         };
-        match event {
-            TopicEvent::Created(event) => self.apply_created(record, &event),
-            TopicEvent::ClaimDecided(event) => self.apply_claim_decision(log, &event, &mut rows),
-            TopicEvent::PurchaseDecided(event) => self.apply_purchase_decision(log, &event),
-            TopicEvent::HoldExpired(event) => self.apply_expiry(log, &event, &mut rows),
-            TopicEvent::CouponExpired(event) => self.apply_campaign_expiry(log, &event, &mut rows),
+        let (log, record) = (&log, &log.record);
+        match &log.event {
+            TopicEvent::Created(event) => self.apply_created(record, event),
+            TopicEvent::ClaimDecided(event) => self.apply_claim_decision(log, event, &mut rows),
+            TopicEvent::PurchaseDecided(event) => self.apply_purchase_decision(log, event),
+            TopicEvent::HoldExpired(event) => self.apply_expiry(log, event, &mut rows),
+            TopicEvent::CouponExpired(event) => self.apply_campaign_expiry(log, event, &mut rows),
             TopicEvent::CampaignEnded(event) => {
                 match (Uuid::parse_str(&event.batch_id), from_ms(event.ended_at_ms)) {
                     (Ok(batch), Some(at)) if event.ended_at_ms > 0 => {
@@ -339,7 +336,7 @@ impl Projection {
             }
             TopicEvent::BlacklistChanged(event) => {
                 let state = BlacklistState::of(
-                    &event,
+                    event,
                     (record.partition, record.offset, log.occurred_at_ms),
                 );
                 match self.blacklist.get(&event.user_id) {
@@ -349,7 +346,7 @@ impl Projection {
                     }
                 }
             }
-            TopicEvent::UserProfileUpdated(event) => match profiles::update_of(&event, record) {
+            TopicEvent::UserProfileUpdated(event) => match profiles::update_of(event, record) {
                 Ok(update) => {
                     let newer = self
                         .profiles
@@ -477,13 +474,14 @@ impl Projection {
             Ok(Some(row)) => {
                 if let Some(first) = self.claim_decisions.get(&row.request_id) {
                     let what = format!(
-                        "a second decision for claim {} ({} after {}); the first stands",
-                        row.request_id, row.outcome, first.outcome
+                        "a second decision for claim {} ({} after {first}); the first stands",
+                        row.request_id, row.outcome
                     );
                     self.anomaly(record, what);
                 } else {
-                    self.new_claim_decisions.push(row.request_id.clone());
-                    self.claim_decisions.insert(row.request_id.clone(), row);
+                    self.claim_decisions
+                        .insert(row.request_id.clone(), row.outcome);
+                    self.new_claim_decisions.push(row);
                 }
             }
             Err(reason) => self.anomaly(record, format!("claim decision not stored: {reason}")),
@@ -590,8 +588,10 @@ impl Projection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replay::TopicKind;
     use coupon_domain::{Category, ClaimOutcomeKind};
     use coupon_domain::{CouponCode, SnowflakeId};
+    use coupon_platform::Topics;
     use coupon_schemas::{
         BlacklistChanged, ClaimDecided, CouponsCreated, HoldExpired, PurchaseDecided,
     };
@@ -668,7 +668,6 @@ mod tests {
 
     #[test]
     fn outcomes_apply_in_time_order_whatever_the_read_order() {
-        let topics = Topics::new("t");
         let (c1, c2) = (code(1), code(2));
         let redeem = PurchaseDecided {
             envelope: envelope::<PurchaseDecided>(T0 + 500),
@@ -722,7 +721,7 @@ mod tests {
         for record in &records {
             kinds.extend(
                 projection
-                    .apply(&topics, record)
+                    .apply(record)
                     .into_iter()
                     .map(|r| r.kind.as_str()),
             );
@@ -751,17 +750,15 @@ mod tests {
 
     #[test]
     fn a_replayed_batch_adds_nothing() {
-        let topics = Topics::new("t");
         let batch = created(T0, &[1, 2, 3]);
         let mut projection = Projection::default();
-        projection.apply(&topics, &log(TopicKind::Created, 0, batch.clone()));
-        projection.apply(&topics, &log(TopicKind::Created, 1, batch));
+        projection.apply(&log(TopicKind::Created, 0, batch.clone()));
+        projection.apply(&log(TopicKind::Created, 1, batch));
         assert_eq!(projection.coupon_count(), 3);
     }
 
     #[test]
     fn a_republished_decision_is_applied_once() {
-        let topics = Topics::new("t");
         let c1 = code(1);
         let decision = grant(T0 + 100, "alice", &c1, "r1", false);
         let mut records = vec![
@@ -771,10 +768,7 @@ mod tests {
         ];
         sort(&mut records);
         let mut projection = Projection::default();
-        let rows: usize = records
-            .iter()
-            .map(|r| projection.apply(&topics, r).len())
-            .sum();
+        let rows: usize = records.iter().map(|r| projection.apply(r).len()).sum();
         assert_eq!(rows, 2, "one created and one granted row");
         assert_eq!((projection.applied, projection.duplicates), (2, 1));
         assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
@@ -783,16 +777,12 @@ mod tests {
 
     #[test]
     fn a_grant_of_an_unknown_coupon_is_an_anomaly() {
-        let topics = Topics::new("t");
         let mut projection = Projection::default();
-        projection.apply(
-            &topics,
-            &log(
-                TopicKind::ClaimResults,
-                0,
-                grant(T0, "alice", &code(9), "r", false),
-            ),
-        );
+        projection.apply(&log(
+            TopicKind::ClaimResults,
+            0,
+            grant(T0, "alice", &code(9), "r", false),
+        ));
         assert_eq!(projection.anomalies, 1);
     }
 
@@ -812,10 +802,9 @@ mod tests {
     }
 
     fn apply_all(projection: &mut Projection, mut records: Vec<LogRecord>) {
-        let topics = Topics::new("t");
         sort(&mut records);
         for record in &records {
-            projection.apply(&topics, record);
+            projection.apply(record);
         }
     }
 
@@ -968,13 +957,12 @@ mod tests {
         projection: &mut Projection,
         mut records: Vec<LogRecord>,
     ) -> Vec<&'static str> {
-        let topics = Topics::new("t");
         sort(&mut records);
         let mut rows = Vec::new();
         for log in records {
-            rows.extend(projection.offer(&topics, log));
+            rows.extend(projection.offer(log));
         }
-        rows.extend(projection.finish(&topics));
+        rows.extend(projection.finish());
         rows.iter().map(|r| r.kind.as_str()).collect()
     }
 
@@ -1549,7 +1537,6 @@ mod tests {
         let (c1, c2) = (code(1), code(2));
         let hour = QuotaWindow::new(std::time::Duration::from_secs(3_600)).unwrap();
         let mut projection = Projection::new(hour);
-        let topics = Topics::new("t");
         let mut records = vec![
             log(TopicKind::Created, 0, created(T0, &[1, 2])),
             log(
@@ -1567,7 +1554,7 @@ mod tests {
         sort(&mut records);
         let kinds: Vec<&str> = records
             .iter()
-            .flat_map(|r| projection.apply(&topics, r))
+            .flat_map(|r| projection.apply(r))
             .map(|r| r.kind.as_str())
             .collect();
         assert_eq!(projection.anomalies, 0, "{:?}", projection.anomaly_examples);
