@@ -52,13 +52,15 @@
 //! grant over the whole pool marks it.
 //!
 //! `decide` is the batch's rules (pure but for the reads it is given),
-//! `mirror` what Redis learns after the commit, `answers` the events of
+//! `mirror` what Redis learns after the commit, `outbox` what a batch sends
+//! after it, `answers` the events of
 //! invalid requests and refusals, `stages` the timing of each step of a
 //! batch; the SQL is `coupon_platform::store::claims`.
 
 mod answers;
 mod decide;
 mod mirror;
+mod outbox;
 pub mod stages;
 
 use std::collections::HashMap;
@@ -70,24 +72,25 @@ use coupon_domain::clock::judged_at;
 use coupon_domain::{Category, CouponCode, RequestId, UserId};
 use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
 use coupon_platform::kafka::Record;
-use coupon_schemas::{ClaimDecided, ClaimOutcome as WireOutcome, ClaimRequested};
+use coupon_schemas::ClaimRequested;
 
 use coupon_domain::lifecycle::release_event_id;
 use coupon_platform::kafka::role::{dead_letter_all, Decoded};
 use coupon_platform::store::history::{HistoryRow, HoldRelease, ReleasedBy};
 
-use crate::{Context, Decided, Role};
+use crate::{Context, Role};
 
 use coupon_platform::store::claims as store;
 pub use store::{insert_decisions, ClaimDecisionRecord};
 
 pub use answers::{event_of, reject};
-use answers::{invalid_decision, invalid_logged, refusal_event};
+use answers::{invalid_decision, invalid_logged};
 use decide::{
     apply_rules, category_of, classify, decisions_since, users_to_read, windows_since, BatchView,
     Candidate, Step,
 };
 use mirror::{current_supply_version, mirror_batch};
+use outbox::Outbox;
 
 pub const ROLE: Role = Role::Claims;
 
@@ -396,82 +399,6 @@ pub async fn handle_events(
     let set_aside = dead_letter_all(&ctx.dead_letters(ROLE), &out.refused).await;
     stages.done("publish");
     set_aside
-}
-
-/// What a batch publishes, logs and sets aside once it is decided.
-struct Outbox<'a> {
-    decisions: Vec<(String, ClaimDecided)>,
-    /// Logged once the decisions are published, so a retried batch does not
-    /// log decisions that were rolled back.
-    decided: Vec<Decided>,
-    refused: Vec<(&'a Record, String)>,
-}
-
-impl<'a> Outbox<'a> {
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            decisions: Vec::with_capacity(n),
-            decided: Vec::with_capacity(n),
-            refused: Vec::new(),
-        }
-    }
-
-    /// A claim's decision, new or stored.
-    fn decision(
-        &mut self,
-        ctx: &Context,
-        claim: &Claim,
-        decision: &ClaimDecisionRecord,
-        is_new: bool,
-        campaign: Option<&coupon_domain::Campaign>,
-    ) {
-        self.decided.push(Decided {
-            request_id: crate::log_request_id(&claim.correlation_id, claim.request_id.as_str())
-                .to_owned(),
-            user_id: decision.user_id.to_string(),
-            outcome: decision.outcome.as_str(),
-            coupon_code: decision.coupon_code.map(|code| code.to_string()),
-            redelivered: !is_new,
-            reason: None,
-        });
-        self.decisions.push((
-            decision.user_id.to_string(),
-            event_of(
-                decision,
-                ctx.publisher.name(),
-                &claim.correlation_id,
-                campaign,
-            ),
-        ));
-    }
-
-    /// A claim under another user's request id: answered `conflict` to its
-    /// own user, nothing stored.
-    fn conflict(&mut self, ctx: &Context, claim: &Claim) {
-        let reason = format!(
-            "request id {} was already used by another user; send a new one",
-            claim.request_id
-        );
-        let answer = refusal_event(
-            ctx,
-            WireOutcome::Conflict,
-            claim.request_id.as_str(),
-            claim.user_id.as_str(),
-            &claim.correlation_id,
-            claim.received_ms,
-            &reason,
-        );
-        self.decided.push(Decided {
-            request_id: crate::log_request_id(&claim.correlation_id, claim.request_id.as_str())
-                .to_owned(),
-            user_id: claim.user_id.as_str().to_owned(),
-            outcome: WireOutcome::Conflict.name(),
-            coupon_code: None,
-            redelivered: false,
-            reason: Some(reason),
-        });
-        self.decisions.push(answer);
-    }
 }
 
 /// The batch's valid claims; the invalid ones are answered (where they can
