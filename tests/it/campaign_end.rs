@@ -163,32 +163,13 @@ async fn audit_and_rebuild_agree(env: &TestEnv) {
         String::from_utf8_lossy(&audit.stdout),
         String::from_utf8_lossy(&audit.stderr)
     );
-    let rebuilt_name = format!("{}_rb", env.name);
-    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
-    let rebuild = env
-        .couponctl()
-        .args(["replay", "--rebuild", &rebuilt_url])
-        .output()
-        .unwrap();
-    assert!(
-        rebuild.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rebuild.stderr)
-    );
-    let rebuilt_pool = coupon_platform::db::connect(&rebuilt_url, 1).await.unwrap();
+    let rebuilt_db = env.rebuild_into("rb").await;
+    let rebuilt_pool = rebuilt_db.connect(1).await;
     let rebuilt = statuses(&rebuilt_pool).await;
     let rebuilt_ends = ends(&rebuilt_pool).await;
     let rebuilt_cancels = cancels(&rebuilt_pool).await;
     rebuilt_pool.close().await;
-    let _ = sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{rebuilt_name}\" WITH (FORCE)"
-    ))
-    .execute(&env.pool)
-    .await;
+    rebuilt_db.drop_database().await;
     assert_eq!(rebuilt, statuses(&env.pool).await);
     assert_eq!(rebuilt_ends, ends(&env.pool).await);
     assert_eq!(rebuilt_cancels, cancels(&env.pool).await);

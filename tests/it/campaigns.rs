@@ -664,22 +664,7 @@ async fn purchases_meet_the_minimum_in_the_currency_and_get_the_discount() {
     );
 
     // The log rebuilt into a fresh database has the same campaigns.
-    let rebuilt_name = format!("{}_rb", env.name);
-    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
-    let rebuild = env
-        .couponctl()
-        .args(["replay", "--rebuild", &rebuilt_url])
-        .output()
-        .unwrap();
-    assert!(
-        rebuild.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rebuild.stderr)
-    );
+    let rebuilt_db = env.rebuild_into("rb").await;
     let terms = "SELECT batch_id::text, name, percent_off, amount_off, min_order_amount
                  FROM campaigns ORDER BY batch_id";
     type Terms = (
@@ -690,17 +675,13 @@ async fn purchases_meet_the_minimum_in_the_currency_and_get_the_discount() {
         Option<i64>,
     );
     let live: Vec<Terms> = sqlx::query_as(terms).fetch_all(&env.pool).await.unwrap();
-    let rebuilt_pool = coupon_platform::db::connect(&rebuilt_url, 1).await.unwrap();
+    let rebuilt_pool = rebuilt_db.connect(1).await;
     let rebuilt: Vec<Terms> = sqlx::query_as(terms)
         .fetch_all(&rebuilt_pool)
         .await
         .unwrap();
     rebuilt_pool.close().await;
-    let _ = sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{rebuilt_name}\" WITH (FORCE)"
-    ))
-    .execute(&env.pool)
-    .await;
+    rebuilt_db.drop_database().await;
     assert_eq!(live.len(), 3);
     assert_eq!(rebuilt, live);
 }

@@ -336,24 +336,8 @@ async fn profiles_are_projected_from_the_route_and_the_topic_and_the_latest_wins
     let live = coupon_platform::store::users::all_profiles(&env.pool)
         .await
         .unwrap();
-    let rebuilt_name = format!("{}_rebuilt", env.name);
-    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
-    let mut command = env.couponctl();
-    command.args(["replay", "--rebuild", &rebuilt_url]);
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let rebuilt = sqlx::PgPool::connect(&rebuilt_url).await.unwrap();
+    let rebuilt_db = env.rebuild_into("rebuilt").await;
+    let rebuilt = rebuilt_db.connect(1).await;
     assert_eq!(
         coupon_platform::store::users::all_profiles(&rebuilt)
             .await
@@ -362,6 +346,7 @@ async fn profiles_are_projected_from_the_route_and_the_topic_and_the_latest_wins
     );
     assert_eq!(live.len(), 3);
     rebuilt.close().await;
+    rebuilt_db.drop_database().await;
 
     // The audit compares them, and sees a profile changed behind the log.
     let audit = |env: &TestEnv| {

@@ -420,15 +420,9 @@ async fn a_rebuilt_database_put_live_refuses_todays_winners_and_repeats_its_answ
     app.stop().await;
 
     // The log into a fresh database, which goes live in place of the old one.
-    let rebuilt_name = format!("{}_live", env.name);
-    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
-    let rebuild = run(&env, &["replay", "--rebuild", &rebuilt_url]).await;
-    assert_eq!(rebuild.code, Some(0), "{}", rebuild.stderr);
-    eprintln!("rebuild: {}", rebuild.stdout.trim());
+    let rebuilt_db = env.rebuild_into("live").await;
+    eprintln!("rebuild: {}", rebuilt_db.stdout.trim());
+    let rebuilt_url = rebuilt_db.url.clone();
     let url = rebuilt_url.clone();
     let app = env.start(&ALL, move |c| c.database_url = url).await;
     let mut problems: Vec<String> = Vec::new();
@@ -557,12 +551,7 @@ async fn a_rebuilt_database_put_live_refuses_todays_winners_and_repeats_its_answ
             tampered.code, tampered.stdout
         ));
     }
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{rebuilt_name}\" WITH (FORCE)"
-    ))
-    .execute(&env.pool)
-    .await
-    .unwrap();
+    rebuilt_db.drop_database().await;
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
@@ -888,17 +877,14 @@ async fn replay_writes_every_event_as_json_lines_rebuilds_and_leaves_live_groups
     );
 
     // The log, projected into a fresh database, is the live state.
-    let rebuilt_name = format!("{}_rb", env.name);
-    sqlx::query(&format!("CREATE DATABASE \"{rebuilt_name}\""))
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    let rebuilt_url = env.database_url.replace(&env.name, &rebuilt_name);
-    let rebuild = run(&env, &["replay", "--rebuild", &rebuilt_url]).await;
-    assert_eq!(rebuild.code, Some(0), "{}", rebuild.stderr);
-    assert!(rebuild.stdout.contains("events/s"), "{}", rebuild.stdout);
-    eprintln!("rebuild: {}", rebuild.stdout.trim());
-    let rebuilt = coupon_platform::db::connect(&rebuilt_url, 2).await.unwrap();
+    let rebuilt_db = env.rebuild_into("rb").await;
+    assert!(
+        rebuilt_db.stdout.contains("events/s"),
+        "{}",
+        rebuilt_db.stdout
+    );
+    eprintln!("rebuild: {}", rebuilt_db.stdout.trim());
+    let rebuilt = rebuilt_db.connect(2).await;
     let state = "SELECT code, status, holder_user_id, hold_id, redeemed_order_id FROM coupons ORDER BY code";
     type Row = (
         String,
@@ -953,7 +939,7 @@ async fn replay_writes_every_event_as_json_lines_rebuilds_and_leaves_live_groups
         kinds_in_history(&env.pool).await,
         "the rebuilt history has the same rows"
     );
-    let again = run(&env, &["replay", "--rebuild", &rebuilt_url]).await;
+    let again = run(&env, &["replay", "--rebuild", &rebuilt_db.url]).await;
     assert_eq!(again.code, Some(1));
     assert!(
         again.stderr.contains("already has coupons"),
@@ -961,12 +947,7 @@ async fn replay_writes_every_event_as_json_lines_rebuilds_and_leaves_live_groups
         again.stderr
     );
     rebuilt.close().await;
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{rebuilt_name}\" WITH (FORCE)"
-    ))
-    .execute(&env.pool)
-    .await
-    .unwrap();
+    rebuilt_db.drop_database().await;
 
     // History by coupon and by user, in time order.
     let kinds = |text: &str| -> Vec<String> {

@@ -260,6 +260,36 @@ impl TestEnv {
         }
     }
 
+    /// The log rebuilt by the real `couponctl replay --rebuild` into a fresh
+    /// database of its own, `<this test's>_<suffix>` (swept with the test's
+    /// leftovers should the test die first). Fails the test if the rebuild
+    /// fails.
+    pub async fn rebuild_into(&self, suffix: &str) -> Rebuilt {
+        let name = format!("{}_{suffix}", self.name);
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&self.pool)
+            .await
+            .expect("create the rebuild's database");
+        let url = self.database_url.replace(&self.name, &name);
+        let mut command = self.couponctl();
+        command.args(["replay", "--rebuild", &url]);
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("the rebuild's thread")
+            .expect("run couponctl replay --rebuild");
+        assert!(
+            output.status.success(),
+            "couponctl replay --rebuild: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Rebuilt {
+            name,
+            url,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            server: self.pool.clone(),
+        }
+    }
+
     /// The real `couponctl` binary, pointed at this test's database, topic
     /// prefix, Redis and broker.
     pub fn couponctl(&self) -> std::process::Command {
@@ -280,6 +310,36 @@ impl TestEnv {
             .timeout(Duration::from_secs(60))
             .build()
             .expect("http client")
+    }
+}
+
+/// A database the log was rebuilt into ([`TestEnv::rebuild_into`]).
+pub struct Rebuilt {
+    pub name: String,
+    pub url: String,
+    /// What `couponctl replay --rebuild` printed.
+    pub stdout: String,
+    /// A pool on the same server, to drop the database by.
+    server: PgPool,
+}
+
+impl Rebuilt {
+    /// A pool of `connections` on the rebuilt database.
+    pub async fn connect(&self, connections: u32) -> PgPool {
+        coupon_platform::db::connect(&self.url, connections)
+            .await
+            .expect("connect to the rebuilt database")
+    }
+
+    /// Drops the rebuilt database (its connections too).
+    pub async fn drop_database(self) {
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ))
+        .execute(&self.server)
+        .await
+        .expect("drop the rebuilt database");
     }
 }
 
