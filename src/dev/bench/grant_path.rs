@@ -42,11 +42,18 @@ impl Snapshot {
                 .map(|v| v.trim_end_matches('"').to_owned())
                 .unwrap_or_default();
             for metric in [STAGE_SECONDS, BATCH_CLAIMS, BATCH_WAIT_SECONDS] {
-                let entry = series.entry((metric.to_owned(), stage.clone()));
-                if name == format!("{metric}_sum") {
-                    entry.or_default().0 = value;
-                } else if name == format!("{metric}_count") {
-                    entry.or_default().1 = value;
+                let is_sum = match name.strip_prefix(metric) {
+                    Some("_sum") => true,
+                    Some("_count") => false,
+                    _ => continue,
+                };
+                let entry = series
+                    .entry((metric.to_owned(), stage.clone()))
+                    .or_default();
+                if is_sum {
+                    entry.0 = value;
+                } else {
+                    entry.1 = value;
                 }
             }
         }
