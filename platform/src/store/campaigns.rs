@@ -19,17 +19,17 @@ use coupon_domain::{Campaign, CouponCode, Money};
 
 /// A `campaigns` row, as stored.
 #[derive(Debug, Clone)]
-struct CampaignRow {
-    name: Option<String>,
-    percent_off: Option<i16>,
-    amount_off: Option<i64>,
-    amount_currency: Option<String>,
-    min_order_amount: Option<i64>,
-    min_order_currency: Option<String>,
-    valid_from: Option<DateTime<Utc>>,
-    valid_until: Option<DateTime<Utc>>,
-    locations: Vec<String>,
-    min_age: Option<i32>,
+pub(crate) struct CampaignRow {
+    pub(crate) name: Option<String>,
+    pub(crate) percent_off: Option<i16>,
+    pub(crate) amount_off: Option<i64>,
+    pub(crate) amount_currency: Option<String>,
+    pub(crate) min_order_amount: Option<i64>,
+    pub(crate) min_order_currency: Option<String>,
+    pub(crate) valid_from: Option<DateTime<Utc>>,
+    pub(crate) valid_until: Option<DateTime<Utc>>,
+    pub(crate) locations: Vec<String>,
+    pub(crate) min_age: Option<i32>,
 }
 
 fn money(
@@ -46,7 +46,7 @@ fn money(
 }
 
 impl CampaignRow {
-    fn campaign(self) -> Result<Campaign, sqlx::Error> {
+    pub(crate) fn campaign(self) -> Result<Campaign, sqlx::Error> {
         let discount = match (
             self.percent_off,
             money(

@@ -171,24 +171,16 @@ pub async fn funnel(
     .await
 }
 
-/// One campaign as the console lists it: its terms as stored, and its
+/// One campaign as the console lists it: its terms as stored (read back
+/// as the claim path reads them, [`crate::store::campaigns`]), and its
 /// coupons by status now.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CampaignListing {
     pub batch_id: Uuid,
-    pub name: Option<String>,
     /// The batch's (absent until its first coupon is projected).
     pub category: Option<String>,
     pub employee_id: Option<String>,
-    pub percent_off: Option<i16>,
-    pub amount_off: Option<i64>,
-    pub amount_currency: Option<String>,
-    pub min_order_amount: Option<i64>,
-    pub min_order_currency: Option<String>,
-    pub valid_from: Option<DateTime<Utc>>,
-    pub valid_until: Option<DateTime<Utc>>,
-    pub locations: Vec<String>,
-    pub min_age: Option<i32>,
+    pub campaign: coupon_domain::Campaign,
     pub created_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
     pub ended_by: Option<String>,
@@ -199,13 +191,71 @@ pub struct CampaignListing {
     pub expired: i64,
 }
 
+/// [`CampaignListing`] as the query returns it.
+struct ListingRow {
+    batch_id: Uuid,
+    name: Option<String>,
+    category: Option<String>,
+    employee_id: Option<String>,
+    percent_off: Option<i16>,
+    amount_off: Option<i64>,
+    amount_currency: Option<String>,
+    min_order_amount: Option<i64>,
+    min_order_currency: Option<String>,
+    valid_from: Option<DateTime<Utc>>,
+    valid_until: Option<DateTime<Utc>>,
+    locations: Vec<String>,
+    min_age: Option<i32>,
+    created_at: DateTime<Utc>,
+    ended_at: Option<DateTime<Utc>>,
+    ended_by: Option<String>,
+    issued: i64,
+    available: i64,
+    held: i64,
+    redeemed: i64,
+    expired: i64,
+}
+
+impl ListingRow {
+    fn listing(self) -> Result<CampaignListing, sqlx::Error> {
+        let campaign = crate::store::campaigns::CampaignRow {
+            name: self.name,
+            percent_off: self.percent_off,
+            amount_off: self.amount_off,
+            amount_currency: self.amount_currency,
+            min_order_amount: self.min_order_amount,
+            min_order_currency: self.min_order_currency,
+            valid_from: self.valid_from,
+            valid_until: self.valid_until,
+            locations: self.locations,
+            min_age: self.min_age,
+        }
+        .campaign()?;
+        Ok(CampaignListing {
+            batch_id: self.batch_id,
+            category: self.category,
+            employee_id: self.employee_id,
+            campaign,
+            created_at: self.created_at,
+            ended_at: self.ended_at,
+            ended_by: self.ended_by,
+            issued: self.issued,
+            available: self.available,
+            held: self.held,
+            redeemed: self.redeemed,
+            expired: self.expired,
+        })
+    }
+}
+
 /// The `limit` newest campaigns (by when their terms were stored), each
 /// with its coupons counted by status through `coupons_batch`: the listing
 /// is limited first, so a page costs its own campaigns' coupons, not every
-/// campaign's.
+/// campaign's. A row the campaign rules refuse (edited by hand) is a
+/// decode error, as on the claim path.
 pub async fn campaigns(pool: &PgPool, limit: i64) -> Result<Vec<CampaignListing>, sqlx::Error> {
     sqlx::query_as!(
-        CampaignListing,
+        ListingRow,
         r#"SELECT k.batch_id AS "batch_id!", k.name, s.category, s.employee_id,
                   k.percent_off, k.amount_off, k.amount_currency,
                   k.min_order_amount, k.min_order_currency, k.valid_from, k.valid_until,
@@ -226,7 +276,10 @@ pub async fn campaigns(pool: &PgPool, limit: i64) -> Result<Vec<CampaignListing>
         limit
     )
     .fetch_all(pool)
-    .await
+    .await?
+    .into_iter()
+    .map(ListingRow::listing)
+    .collect()
 }
 
 /// [`claims_per_bucket`] over history rows already read (from Cassandra):

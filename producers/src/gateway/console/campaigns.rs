@@ -106,7 +106,7 @@ pub struct CampaignInfo {
     #[schema(format = DateTime)]
     pub valid_until: Option<String>,
     pub locations: Vec<String>,
-    pub min_age: Option<i32>,
+    pub min_age: Option<u32>,
     /// When its terms were stored (the release's projection).
     #[schema(format = DateTime)]
     pub created_at: String,
@@ -197,35 +197,21 @@ fn info(
     funnel_since: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> CampaignInfo {
-    let discount = match (c.percent_off, c.amount_off, &c.amount_currency) {
-        (Some(p), _, _) => Some(DiscountBody {
-            percent_off: Some(i64::from(p)),
-            amount_off: None,
-            currency: None,
-        }),
-        (None, Some(amount), Some(currency)) => Some(DiscountBody {
-            percent_off: None,
-            amount_off: Some(amount),
-            currency: Some(currency.clone()),
-        }),
-        _ => None,
-    };
-    let min_order = match (c.min_order_amount, c.min_order_currency) {
-        (Some(amount), Some(currency)) => Some(MoneyBody { amount, currency }),
-        _ => None,
-    };
-    let phase = CampaignPhase::at(c.valid_from, campaign_end(c.valid_until, c.ended_at), now);
+    let terms = &c.campaign;
+    let wire = coupon_schemas::Campaign::from(terms);
+    let end = campaign_end(terms.valid_until(), c.ended_at);
+    let phase = CampaignPhase::at(terms.valid_from(), end, now);
     CampaignInfo {
         batch_id: c.batch_id.to_string(),
-        name: c.name,
+        name: terms.name().map(str::to_owned),
         category: c.category,
         employee_id: c.employee_id,
-        discount,
-        min_order,
-        valid_from: c.valid_from.map(millis),
-        valid_until: c.valid_until.map(millis),
-        locations: c.locations,
-        min_age: c.min_age,
+        discount: DiscountBody::of(&wire),
+        min_order: wire.min_order.as_ref().map(MoneyBody::from),
+        valid_from: terms.valid_from().map(millis),
+        valid_until: terms.valid_until().map(millis),
+        locations: terms.locations().to_vec(),
+        min_age: terms.min_age(),
         created_at: millis(c.created_at),
         ended_at: c.ended_at.map(millis),
         ended_by: c.ended_by,
