@@ -96,6 +96,23 @@ impl Snapshot {
     }
 }
 
+/// Runs a scenario that keeps the claim processor busy and notes, in its
+/// row, the processor's batches meanwhile (see the module doc).
+pub(super) async fn noted(
+    scenario: impl std::future::Future<Output = anyhow::Result<super::Row>>,
+) -> anyhow::Result<super::Row> {
+    let before = Snapshot::now();
+    let mut row = scenario.await?;
+    if let Some(batches) = Snapshot::now().since(&before) {
+        row.note = if row.note.is_empty() {
+            batches
+        } else {
+            format!("{}; {batches}", row.note)
+        };
+    }
+    Ok(row)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

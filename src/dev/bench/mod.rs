@@ -260,7 +260,7 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     release(config, &pool, "Flash", options.coupons).await?;
     let (gen_http, gen_base, gen_pool, gen_options) =
         (http.clone(), base.clone(), pool.clone(), options.clone());
-    let flash = profiled(with_grant_path(async {
+    let flash = profiled(grant_path::noted(async {
         on_generator
             .spawn(async move { flash_sale(&gen_http, &gen_base, &gen_pool, &gen_options).await })
             .await?
@@ -281,7 +281,7 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
             mix,
         };
         rows.push(
-            profiled(with_grant_path(async {
+            profiled(grant_path::noted(async {
                 on_generator.spawn(steady.run()).await?
             }))
             .await?,
@@ -455,23 +455,6 @@ async fn profiled(
             profile
         } else {
             format!("{}; {profile}", row.note)
-        };
-    }
-    Ok(row)
-}
-
-/// Runs a scenario that keeps the claim processor busy and notes, in its
-/// row, the processor's batches meanwhile (see [`grant_path`]).
-async fn with_grant_path(
-    scenario: impl std::future::Future<Output = anyhow::Result<Row>>,
-) -> anyhow::Result<Row> {
-    let before = grant_path::Snapshot::now();
-    let mut row = scenario.await?;
-    if let Some(batches) = grant_path::Snapshot::now().since(&before) {
-        row.note = if row.note.is_empty() {
-            batches
-        } else {
-            format!("{}; {batches}", row.note)
         };
     }
     Ok(row)
