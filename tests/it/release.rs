@@ -893,3 +893,57 @@ async fn a_killed_cli_release_is_completed_by_running_it_again() {
     assert_eq!(distinct.len() as i64, COUNT);
     app.stop().await;
 }
+
+/// A release that is large against the table refreshes the planner's
+/// statistics of `coupons` at once (`store::coupons::refresh_statistics_after_insert`).
+/// Without it the claim processor's cached plan for the grant statement,
+/// made while the pool was nearly empty, joined each batch against every
+/// available coupon, and a steady day right after a release granted 543 of
+/// 50,000 coupons in 20 s. Autovacuum is off for the table here, so only the
+/// release can have analyzed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_release_refreshes_the_planner_statistics_of_coupons() {
+    let env = TestEnv::new().await;
+    sqlx::query("ALTER TABLE coupons SET (autovacuum_enabled = false)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let reltuples = || async {
+        sqlx::query_scalar::<_, f64>(
+            "SELECT reltuples::float8 FROM pg_class WHERE oid = 'coupons'::regclass",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    // A new table has never been analyzed.
+    assert!(reltuples().await < 0.0);
+    let app = env.start(&[Role::Coupons], |_| {}).await;
+
+    let output = env
+        .couponctl()
+        .args([
+            "issue",
+            "--employee",
+            "e1",
+            "--category",
+            "Big",
+            "--count",
+            "20000",
+        ])
+        .output()
+        .expect("run couponctl issue");
+    assert!(
+        output.status.success(),
+        "issue failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eventually(
+        "the statistics of coupons to know of the 20,000 released",
+        Duration::from_secs(60),
+        || async { reltuples().await >= 20_000.0 * 0.9 },
+    )
+    .await;
+    assert_eq!(env.count("SELECT count(*) FROM coupons").await, 20_000);
+    app.stop().await;
+}

@@ -60,6 +60,19 @@ pub async fn handle_events(
     // the insert committed. Should Redis not take it, a mark left standing
     // hides them from claims until it expires (`Policy::sold_out_mark_ttl`).
     if inserted > 0 {
+        // Before the marks are voided, so the claims they let through are
+        // planned on statistics that know of the new coupons.
+        match store::coupons::refresh_statistics_after_insert(&ctx.pool, inserted).await {
+            Ok(analyzed) => {
+                if analyzed {
+                    metrics::counter!("coupon_coupons_analyzed_total").increment(1);
+                }
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                "could not refresh the coupons table's statistics after a release (autovacuum will)"
+            ),
+        }
         crate::supply_changed(ctx).await;
     }
     dead_letter_all(&ctx.dead_letters(ROLE), &split.refused).await
