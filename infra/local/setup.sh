@@ -47,6 +47,12 @@ dpkg -s python3-etcd >/dev/null 2>&1 || need_apt+=(python3-etcd)
 # reads the answers with jq.
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+# `make bench` sends its open-loop rows with vegeta (wrk is closed loop),
+# built from the Go module proxy; needs the Go toolchain.
+VEGETA_VERSION=v12.13.0
+if ! command -v vegeta >/dev/null 2>&1; then
+  command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
+fi
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -76,6 +82,12 @@ fetch_jars() {
   mv "$staging/libs" "$libs"
   say "${name} ${version}: $(ls "$libs" | wc -l) jars ($(du -sh "$libs" | cut -f1)) in $((SECONDS - started))s"
 }
+
+if ! command -v vegeta >/dev/null 2>&1; then
+  say "building vegeta ${VEGETA_VERSION} from the Go module proxy into /usr/local/bin"
+  GOBIN=/usr/local/bin GOFLAGS=-mod=mod go install "github.com/tsenart/vegeta/v12@${VEGETA_VERSION}" \
+    || fail "could not build vegeta ${VEGETA_VERSION} (go install github.com/tsenart/vegeta/v12@${VEGETA_VERSION})"
+fi
 
 if kafka_installed; then
   say "Apache Kafka ${KAFKA_VERSION} already installed in ${KAFKA_ROOT}"

@@ -38,6 +38,7 @@ pub mod profile;
 pub mod shard;
 mod steady;
 mod targets;
+mod vegeta;
 mod wrk;
 
 pub use targets::render_targets;
@@ -119,13 +120,31 @@ pub enum Scenario {
     AsRunClaims,
     /// `/healthz` of that same process, driven by `wrk`.
     AsRunHealthz,
+    /// That process under the steady sale's load, sent by `vegeta` (open
+    /// loop) from outside.
+    AsRunSteadySale,
+    /// That process under the steady day's load, sent by `vegeta`.
+    AsRunSteadyDay,
+    /// That process granting as fast as it can: `wrk` (closed loop), every
+    /// claim finding a coupon. The capacity the overload row doubles.
+    AsRunGrants,
+    /// That process sent twice its grant capacity by `vegeta`.
+    AsRunOverload,
 }
 
 impl Scenario {
     /// Whether the row ran `couponctl run` in a process of its own, with
     /// the default logging, rather than in the bench's process.
     pub fn runs_as_users_run(self) -> bool {
-        matches!(self, Self::AsRunClaims | Self::AsRunHealthz)
+        matches!(
+            self,
+            Self::AsRunClaims
+                | Self::AsRunHealthz
+                | Self::AsRunSteadySale
+                | Self::AsRunSteadyDay
+                | Self::AsRunGrants
+                | Self::AsRunOverload
+        )
     }
 }
 
@@ -140,6 +159,9 @@ pub struct Row {
     pub note: String,
     /// The process's memory while the row ran (the flash sale samples it).
     pub memory: Option<profile::MemoryProfile>,
+    /// The figures of an open-loop row driven from outside, which its
+    /// targets are judged on.
+    pub open_loop: Option<as_run::OpenLoop>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -504,6 +526,7 @@ async fn echo(config: &AppConfig, requests: usize, concurrency: usize) -> anyhow
     Ok(Row {
         kind: Scenario::Echo,
         memory: None,
+        open_loop: None,
         scenario: "baseline: broker request/reply echo".into(),
         operations: latencies.len() as u64,
         seconds,
@@ -576,6 +599,7 @@ async fn wrk_baseline(base: &str, concurrency: usize) -> anyhow::Result<Option<R
     Ok(Some(Row {
         kind: Scenario::Wrk,
         memory: None,
+        open_loop: None,
         scenario: "baseline: /healthz driven by wrk".into(),
         operations: summary.requests,
         seconds: summary.requests as f64 / summary.per_second.max(1e-9),
@@ -606,6 +630,7 @@ async fn http_baseline(
     Ok(Row {
         kind: Scenario::Healthz,
         memory: None,
+        open_loop: None,
         scenario: "baseline: HTTP handler, SELECT 1".into(),
         operations: latencies.len() as u64,
         seconds: started.elapsed().as_secs_f64(),
@@ -702,6 +727,7 @@ async fn release(
     Ok(Row {
         kind: Scenario::Release,
         memory: None,
+        open_loop: None,
         scenario: format!("release: issue {count} until projected"),
         operations: u64::from(count),
         seconds,
@@ -742,6 +768,7 @@ async fn allocation_baselines(pool: &PgPool) -> anyhow::Result<Vec<Row>> {
         rows.push(Row {
             kind: Scenario::Allocation,
             memory: None,
+            open_loop: None,
             scenario: format!("baseline: {label}"),
             operations: total as u64,
             seconds: started.elapsed().as_secs_f64(),
@@ -810,6 +837,7 @@ async fn flash_sale(
     Ok(Row {
         kind: Scenario::FlashSale,
         memory: Some(memory.clone()),
+        open_loop: None,
         scenario: format!(
             "flash sale: {} users, {} coupons, HTTP",
             options.users, options.coupons
@@ -886,6 +914,7 @@ async fn replay(config: &AppConfig, parquet: bool) -> anyhow::Result<Row> {
                 Scenario::Replay
             },
             memory: None,
+            open_loop: None,
             scenario: format!("replay: created + claims + claim-results to {format}"),
             operations: summary.read,
             seconds: summary.seconds,
@@ -919,6 +948,7 @@ async fn rebuild(config: &AppConfig) -> anyhow::Result<Row> {
     Ok(Row {
         kind: Scenario::Rebuild,
         memory: None,
+        open_loop: None,
         scenario: "rebuild: the log into a fresh database".into(),
         operations: stats.events,
         seconds: stats.seconds(),

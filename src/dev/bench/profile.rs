@@ -24,7 +24,7 @@ const COMPONENTS: [(&str, &[&str]); 5] = [
     ("postgres", &["postgres"]),
     ("redis", &["redis-server"]),
     ("couponctl", &["couponctl"]),
-    ("wrk", &["wrk"]),
+    ("wrk/vegeta", &["wrk", "vegeta"]),
 ];
 
 /// The name of the bench's load-generator threads: their ticks, read from
@@ -64,10 +64,10 @@ impl CpuSample {
                 }
             }
         }
-        // `wrk` is the bench's only child process, and it has exited by
+        // `wrk` and `vegeta` are the bench's load tools, and each has exited by
         // the time its row is sampled: its ticks are this process's
         // reaped children's (`cutime` + `cstime`).
-        *components.entry("wrk").or_default() += children_ticks();
+        *components.entry("wrk/vegeta").or_default() += children_ticks();
         Some(Self {
             machine,
             idle,
@@ -86,9 +86,9 @@ impl CpuSample {
             .iter()
             .filter_map(|(name, ticks)| {
                 let then = earlier.components.get(name).copied().unwrap_or(0);
-                // wrk only runs in its own row.
+                // wrk and vegeta only run in their own rows.
                 let generator = share(self.generator, earlier.generator);
-                (*name != "wrk" || *ticks > then).then(|| match *name {
+                (*name != "wrk/vegeta" || *ticks > then).then(|| match *name {
                     "couponctl" if generator > 0.0 => format!(
                         "couponctl {:.0}% (load generator {generator:.0}%)",
                         share(*ticks, then)
@@ -309,11 +309,11 @@ mod tests {
             "cpu: broker 50%, couponctl 20%, postgres 0%, redis 0%, idle 10%"
         );
         // wrk shows when it ran; the generator's threads as part of couponctl.
-        after.components.insert("wrk", 30);
+        after.components.insert("wrk/vegeta", 30);
         after.generator = 16;
         assert_eq!(
             after.since(&before),
-            "cpu: broker 50%, couponctl 20% (load generator 8%), postgres 0%, redis 0%, wrk 15%, idle 10%"
+            "cpu: broker 50%, couponctl 20% (load generator 8%), postgres 0%, redis 0%, wrk/vegeta 15%, idle 10%"
         );
     }
 }

@@ -161,6 +161,7 @@ async fn run_claims(
         latencies: None,
         note: notes.join("; "),
         memory: None,
+        open_loop: None,
     })
 }
 

@@ -165,6 +165,7 @@ async fn steady_day(
     Ok(Row {
         kind: mix.kind,
         memory: None,
+        open_loop: None,
         scenario: format!("{}: {rate:.0} claims/s open loop, HTTP", mix.label),
         operations: latencies.len() as u64,
         seconds,

@@ -2,7 +2,9 @@
 //! same-run baseline it is judged against. A target the machine cannot reach
 //! still gets its row: the table says what was measured, never a guess.
 
-use super::{Row, Scenario};
+use std::time::Duration;
+
+use super::{Latencies, Row, Scenario};
 
 /// One target: what it asks, what was measured, against what.
 struct Target {
@@ -28,6 +30,87 @@ fn as_run_target(rows: &[Row]) -> Option<Target> {
         ),
         met: Some(ratio >= 0.9),
     })
+}
+
+fn ms(latencies: Option<Latencies>, pick: fn(&Latencies) -> Duration) -> Option<f64> {
+    latencies.map(|l| pick(&l).as_secs_f64() * 1000.0)
+}
+
+fn shown(ms: Option<f64>) -> String {
+    ms.map_or("-".into(), |ms| format!("{ms:.1} ms"))
+}
+
+/// The open-loop rows sent by `vegeta` to `couponctl run` from outside.
+fn open_loop_targets(rows: &[Row]) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for row in rows {
+        let Some(figures) = row.open_loop else {
+            continue;
+        };
+        let p99 = ms(row.latencies, |l| l.p99);
+        let grants_p99 = ms(figures.grants, |l| l.p99);
+        let kept_up = row.throughput() >= figures.offered * 0.95;
+        let baseline = format!("{:.0} claims/s offered, open loop", figures.offered);
+        match row.kind {
+            Scenario::AsRunSteadySale => targets.push(Target {
+                name: "steady sale as users run it (vegeta, a tenth win)",
+                goal: "p99 <= 50 ms over all answers, grants p99 <= 100 ms, at 5,000/s".into(),
+                measured: format!(
+                    "p99 {}, grants p99 {}, {:.0} answers/s, {} shed",
+                    shown(p99),
+                    shown(grants_p99),
+                    row.throughput(),
+                    figures.shed
+                ),
+                baseline,
+                met: Some(
+                    kept_up
+                        && figures.shed == 0
+                        && p99.is_some_and(|p| p <= 50.0)
+                        && grants_p99.is_some_and(|p| p <= 100.0),
+                ),
+            }),
+            Scenario::AsRunSteadyDay => targets.push(Target {
+                name: "steady day as users run it (vegeta, half win)",
+                goal: "no shedding, p99 <= 100 ms, at 5,000/s".into(),
+                measured: format!(
+                    "p99 {}, {:.0} answers/s, {} shed",
+                    shown(p99),
+                    row.throughput(),
+                    figures.shed
+                ),
+                baseline,
+                met: Some(kept_up && figures.shed == 0 && p99.is_some_and(|p| p <= 100.0)),
+            }),
+            Scenario::AsRunOverload => {
+                let capacity = figures.capacity.unwrap_or(0.0);
+                let goodput = figures.granted as f64 / row.seconds.max(1e-9);
+                let share = goodput / capacity.max(1e-9);
+                let shed_p99 = ms(figures.shed_latencies, |l| l.p99);
+                targets.push(Target {
+                    name: "overload as users run it (vegeta, 2x grant capacity)",
+                    goal: "goodput >= 0.8x capacity, shed p99 <= 10 ms, served p99 <= 100 ms"
+                        .into(),
+                    measured: format!(
+                        "goodput {goodput:.0}/s ({share:.2}x), {} shed (p99 {}), served p99 {}",
+                        figures.shed,
+                        shown(shed_p99),
+                        shown(p99)
+                    ),
+                    baseline: format!(
+                        "grant capacity {capacity:.0}/s (wrk, closed loop), same run"
+                    ),
+                    met: Some(
+                        share >= 0.8
+                            && shed_p99.is_none_or(|p| p <= 10.0)
+                            && p99.is_some_and(|p| p <= 100.0),
+                    ),
+                });
+            }
+            _ => {}
+        }
+    }
+    targets
 }
 
 /// The targets table (markdown), from the rows of one run.
@@ -70,6 +153,7 @@ pub fn render_targets(rows: &[Row]) -> String {
         }
     }
     targets.extend(as_run_target(rows));
+    targets.extend(open_loop_targets(rows));
     if let Some(steady) = find(Scenario::SteadySale).or_else(|| find(Scenario::SteadyDay)) {
         let p99 = steady.latencies.map(|l| l.p99.as_secs_f64() * 1000.0);
         let at_target_rate = steady.throughput() >= super::STEADY_TARGET_RATE * 0.95;
@@ -142,6 +226,7 @@ mod tests {
             latencies: None,
             note: String::new(),
             memory: None,
+            open_loop: None,
         }
     }
 
@@ -182,5 +267,86 @@ mod tests {
         assert!(line("release").contains("50000/s") && line("release").ends_with("| no |"));
         assert!(line("replay").contains("JSON lines 1000000/s, Parquet 600000/s"));
         assert!(line("replay").ends_with("| yes |"));
+    }
+
+    fn latencies(p50: u64, p99: u64) -> Option<Latencies> {
+        Some(Latencies {
+            p50: Duration::from_millis(p50),
+            p99: Duration::from_millis(p99),
+            max: Duration::from_millis(p99 * 2),
+        })
+    }
+
+    fn open_loop(kind: Scenario, answered: u64, p99: u64, figures: OpenLoopFigures) -> Row {
+        let mut row = row(kind, answered, 20.0);
+        row.latencies = latencies(1, p99);
+        row.open_loop = Some(figures);
+        row
+    }
+
+    type OpenLoopFigures = crate::dev::bench::as_run::OpenLoop;
+
+    #[test]
+    fn open_loop_rows_are_judged_on_what_was_offered_shed_and_served() {
+        let figures = |granted, grants_p99, shed, shed_p99, capacity| OpenLoopFigures {
+            offered: 5_000.0,
+            granted,
+            grants: latencies(1, grants_p99),
+            shed,
+            shed_latencies: if shed > 0 {
+                latencies(1, shed_p99)
+            } else {
+                None
+            },
+            capacity,
+        };
+        let rows = [
+            // All 100,000 answered in 20 s, p99 40 ms, grants 90 ms: met.
+            open_loop(
+                Scenario::AsRunSteadySale,
+                100_000,
+                40,
+                figures(10_000, 90, 0, 0, None),
+            ),
+            // One claim shed: a steady day must shed none.
+            open_loop(
+                Scenario::AsRunSteadyDay,
+                100_000,
+                30,
+                figures(50_000, 30, 1, 2, None),
+            ),
+            // 3,400 grants/s against a capacity of 4,000: 0.85x, shed in 5 ms.
+            open_loop(
+                Scenario::AsRunOverload,
+                90_000,
+                80,
+                figures(68_000, 80, 70_000, 5, Some(4_000.0)),
+            ),
+        ];
+        let table = render_targets(&rows);
+        let line = |name: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(&format!("| {name}")))
+                .unwrap_or_else(|| panic!("no row {name} in\n{table}"))
+                .to_owned()
+        };
+        assert!(line("steady sale as users").ends_with("| yes |"), "{table}");
+        assert!(line("steady day as users").contains("1 shed"));
+        assert!(line("steady day as users").ends_with("| no |"));
+        assert!(
+            line("overload").contains("goodput 3400/s (0.85x)"),
+            "{table}"
+        );
+        assert!(line("overload").ends_with("| yes |"));
+
+        // The same overload with its shed answers slow is not met.
+        let slow_shed = open_loop(
+            Scenario::AsRunOverload,
+            90_000,
+            80,
+            figures(68_000, 80, 70_000, 40, Some(4_000.0)),
+        );
+        assert!(render_targets(&[slow_shed]).contains("| no |"));
     }
 }

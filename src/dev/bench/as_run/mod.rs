@@ -15,10 +15,14 @@ use anyhow::{bail, Context as _};
 use coupon_platform::store::stats;
 
 use super::{profile, wrk, Latencies, Row, Scenario};
+
+mod open_loop;
+
 use crate::app::{self, AppConfig};
+pub use open_loop::OpenLoop;
 
 /// wrk's script: every request claims as a user of its own (`<prefix>-<thread>-<n>`),
-/// with the storefront's token.
+/// with the storefront's token, in the category its third argument names.
 const CLAIMS_LUA: &str = r#"
 local threads = {}
 function setup(thread)
@@ -29,10 +33,11 @@ function init(args)
   n = 0
   prefix = args[1] .. "-" .. tid .. "-"
   headers = { ["Authorization"] = "Bearer " .. args[2] }
+  category = args[3]
 end
 function request()
   n = n + 1
-  return wrk.format("GET", "/api/v1/coupon?id=" .. prefix .. n, headers)
+  return wrk.format("GET", "/api/v1/coupon?category=" .. category .. "&id=" .. prefix .. n, headers)
 end
 "#;
 
@@ -183,37 +188,13 @@ async fn drive(
     connections: usize,
 ) -> anyhow::Result<Vec<Row>> {
     let db = sqlx::PgPool::connect(database_url).await?;
-    release(server, coupons).await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while stats::status_counts(&db).await?.total() < i64::from(coupons) {
-        if Instant::now() > deadline {
-            bail!("the release of {coupons} coupons was not projected within 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let script = std::env::temp_dir().join(format!("couponctl-{}.lua", server.prefix));
-    std::fs::write(&script, CLAIMS_LUA).context("writing wrk's script")?;
-    let url = format!("{}/api/v1/coupon", server.base);
-    let script_arg = script.to_string_lossy().into_owned();
-    let claims = run_wrk(
-        &[
-            "-s",
-            &script_arg,
-            &url,
-            "--",
-            &server.prefix,
-            &server.api_token,
-        ],
-        connections,
-    )
-    .await;
-    let _ = std::fs::remove_file(&script);
-    let (claims, claims_cpu) = claims?;
+    release_projected(server, &db, "AsRun", coupons).await?;
+    let (claims, claims_cpu) = wrk_claims(server, "AsRun", connections).await?;
     let granted = stats::status_counts(&db).await?.held;
     let (healthz, healthz_cpu) =
         run_wrk(&[&format!("{}/healthz", server.base)], connections).await?;
     let ratio = claims.per_second / healthz.per_second.max(1e-9);
-    Ok(vec![
+    let mut rows = vec![
         row(
             Scenario::AsRunClaims,
             "flash sale as users run it: couponctl run, token on, wrk claims",
@@ -229,10 +210,62 @@ async fn drive(
             &healthz,
             format!("default logging; wrk -t2 -c{connections} -d{WRK_SECONDS}s; {healthz_cpu}"),
         ),
-    ])
+    ];
+    rows.extend(open_loop::rows(server, &db).await?);
+    Ok(rows)
 }
 
-async fn release(server: &Server, coupons: u32) -> anyhow::Result<()> {
+/// Claims by `wrk` (closed loop) for [`WRK_SECONDS`], a new user on each,
+/// in `category`.
+async fn wrk_claims(
+    server: &Server,
+    category: &str,
+    connections: usize,
+) -> anyhow::Result<(wrk::Summary, String)> {
+    let script = std::env::temp_dir().join(format!("couponctl-{}.lua", server.prefix));
+    std::fs::write(&script, CLAIMS_LUA).context("writing wrk's script")?;
+    let url = format!("{}/api/v1/coupon", server.base);
+    let script_arg = script.to_string_lossy().into_owned();
+    let prefix = format!("{}-{}", server.prefix, category.to_lowercase());
+    let claims = run_wrk(
+        &[
+            "-s",
+            &script_arg,
+            &url,
+            "--",
+            &prefix,
+            &server.api_token,
+            category,
+        ],
+        connections,
+    )
+    .await;
+    let _ = std::fs::remove_file(&script);
+    claims
+}
+
+/// Releases `coupons` in `category` and waits until Postgres has them all.
+async fn release_projected(
+    server: &Server,
+    db: &sqlx::PgPool,
+    category: &str,
+    coupons: u32,
+) -> anyhow::Result<()> {
+    let before = stats::status_counts(db).await?.total();
+    release(server, category, coupons).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats::status_counts(db).await?.total() < before + i64::from(coupons) {
+        if Instant::now() > deadline {
+            bail!("the release of {coupons} coupons was not projected within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Releases `coupons` in `category` through the admin route, as an employee's
+/// tool does, without waiting for them to be projected.
+async fn release(server: &Server, category: &str, coupons: u32) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let mut left = coupons;
     while left > 0 {
@@ -240,7 +273,7 @@ async fn release(server: &Server, coupons: u32) -> anyhow::Result<()> {
         let answer = http
             .post(format!("{}/api/v1/coupon", server.base))
             .bearer_auth(&server.admin_token)
-            .json(&serde_json::json!({"id": "bench", "category": "AsRun", "count": count}))
+            .json(&serde_json::json!({"id": "bench", "category": category, "count": count}))
             .send()
             .await?;
         if !answer.status().is_success() {
@@ -281,6 +314,7 @@ fn row(kind: Scenario, scenario: &str, summary: &wrk::Summary, note: String) -> 
     Row {
         kind,
         memory: None,
+        open_loop: None,
         scenario: scenario.into(),
         operations: summary.requests,
         seconds: summary.requests as f64 / summary.per_second.max(1e-9),
