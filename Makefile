@@ -9,7 +9,7 @@ export REDIS_URL ?= $(call setting,REDIS_URL)
 export KAFKA_BROKERS ?= $(call setting,KAFKA_BROKERS)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup up down cluster-up cluster-down ha-up ha-down sasl-up sasl-down shard-up shard-down cassandra-up cassandra-down build unit sqlx test lint fmt demo bench chaos clean-state
+.PHONY: setup up down cluster-up cluster-down ha-up ha-down sasl-up sasl-down shard-up shard-down cassandra-up cassandra-down build unit sqlx test lint fmt demo bench bench-scale chaos clean-state
 
 setup: ## install what this machine lacks (Postgres, Redis, a JDK, Apache Kafka and Apache Cassandra from Maven Central)
 	infra/local/setup.sh
@@ -85,6 +85,9 @@ fuzz: up ## the storefront contract with a random seed and more examples (CONTRA
 bench: up shard-up cassandra-up build ## the benchmarks (BENCH_QUICK=1 for a short run); then the history stores' write and read rates
 	BENCH_SHARD_URLS=$${BENCH_SHARD_URLS:-$$(infra/local/shard.sh urls)} target/release/couponctl bench
 	cargo test --release --test it -- --ignored --nocapture --test-threads=1 history_bench:: rebuild_bench:: retention_bench::
+
+bench-scale: up build ## the flash sale alone at 100,000, 1,000,000 and 3,000,000 users (BENCH_SCALE to choose), each in a fresh database
+	BENCH_SCALE=$${BENCH_SCALE:-100000,1000000,3000000} target/release/couponctl bench
 
 clean-state: down cluster-down ha-down sasl-down shard-down cassandra-down
 	rm -rf .state

@@ -34,6 +34,11 @@ pub struct BenchArgs {
     /// product as users run it), a minute instead of the whole bench.
     #[arg(long, env = "BENCH_AS_RUN_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
     pub as_run_only: bool,
+    /// The scale rows instead of the whole bench: the flash sale alone, once
+    /// for each number of users given (comma-separated), each in a fresh
+    /// database (`make bench-scale`: 100,000, 1,000,000 and 3,000,000).
+    #[arg(long, env = "BENCH_SCALE", value_delimiter = ',')]
+    pub scale: Vec<usize>,
 }
 
 pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
@@ -50,6 +55,7 @@ pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
     options.plot = Some(args.plot);
     options.shard_urls = args.shard_urls;
     options.as_run_only = args.as_run_only;
+    options.scale = args.scale;
     let rows = couponctl::dev::bench::run(config, options).await?;
     println!("{}", couponctl::dev::bench::render(&rows));
     println!("{}", couponctl::dev::bench::render_targets(&rows));

@@ -68,6 +68,9 @@ pub struct BenchOptions {
     pub shard_urls: Vec<String>,
     /// Only the rows of `couponctl run` driven by `wrk` ([`as_run`]).
     pub as_run_only: bool,
+    /// The scale rows: only the flash sale, once for each of these numbers
+    /// of users, each in a fresh database with fresh topics.
+    pub scale: Vec<usize>,
 }
 
 impl BenchOptions {
@@ -81,6 +84,7 @@ impl BenchOptions {
             plot: None,
             shard_urls: Vec::new(),
             as_run_only: false,
+            scale: Vec::new(),
         }
     }
 
@@ -112,6 +116,8 @@ pub enum Scenario {
     Rebuild,
     /// The claim processor on one Postgres server, then on two shards.
     Sharding,
+    /// The flash sale alone at one of several numbers of users (`BENCH_SCALE`).
+    Scale,
     /// `/healthz` driven by `wrk`, when it is installed: the check that our
     /// generator is not what bounds the HTTP rows.
     Wrk,
@@ -199,6 +205,25 @@ pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<R
     if options.as_run_only {
         return as_run::as_run(&base, options.coupons, options.concurrency.max(256)).await;
     }
+    if !options.scale.is_empty() {
+        let mut rows = Vec::new();
+        for &users in &options.scale {
+            eprintln!("bench: scale, the flash sale with {users} users");
+            let options = BenchOptions {
+                users,
+                plot: None,
+                ..options.clone()
+            };
+            rows.extend(in_scratch(&base, &options).await?);
+        }
+        return Ok(rows);
+    }
+    in_scratch(&base, &options).await
+}
+
+/// The scenarios against a fresh database, topic and Redis prefixes, all
+/// dropped after.
+async fn in_scratch(base: &AppConfig, options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let scratch =
         app::ScratchDatabase::create(&base.database_url, &format!("coupons_bench_{stamp}")).await?;
@@ -216,7 +241,7 @@ pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<R
     config.gateway.max_waiting = 1 << 20;
     config.db_max_connections = 16;
 
-    let result = scenarios(&config, &options).await;
+    let result = scenarios(&config, options).await;
     scratch.drop_now().await?;
     forget_run(&config).await;
     result
@@ -243,6 +268,9 @@ async fn forget_run(config: &AppConfig) {
 }
 
 async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result<Vec<Row>> {
+    if !options.scale.is_empty() {
+        return scale_row(config, options).await.map(|row| vec![row]);
+    }
     let mut rows = Vec::new();
     eprintln!("bench: baselines");
     rows.push(
@@ -322,6 +350,33 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     eprintln!("bench: rebuild");
     rows.push(rebuild(config).await?);
     Ok(rows)
+}
+
+/// A scale row: the flash sale alone, with `options.users` users, as in
+/// the full run (every role in this process, the same generator).
+async fn scale_row(config: &AppConfig, options: &BenchOptions) -> anyhow::Result<Row> {
+    let token = CancellationToken::new();
+    let running = app::start(config.clone(), &Role::ALL, token.clone()).await?;
+    let pool = running.context.pool.clone();
+    let base = format!("http://{}", running.http_addr.context("no gateway")?);
+    let http = storefront_client(config, options.concurrency)?;
+    let generator = Generator::start()?;
+    let on_generator = generator.handle().context("the load generator")?;
+    release(config, &pool, "Flash", options.coupons).await?;
+    let (gen_pool, gen_options) = (pool.clone(), options.clone());
+    let flash = profiled(async {
+        on_generator
+            .spawn(async move { flash_sale(&http, &base, &gen_pool, &gen_options).await })
+            .await?
+    })
+    .await
+    .context("the flash sale");
+    drop(generator);
+    token.cancel();
+    running.wait().await?;
+    let mut flash = flash?;
+    flash.kind = Scenario::Scale;
+    Ok(flash)
 }
 
 /// `/healthz` driven by the bench's own generator and by `wrk`: what the

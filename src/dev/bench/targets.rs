@@ -113,6 +113,31 @@ fn open_loop_targets(rows: &[Row]) -> Vec<Target> {
     targets
 }
 
+/// The scale rows: the flash sale's decided claims/s at each number of users.
+fn scale_target(rows: &[Row]) -> Option<Target> {
+    let scale: Vec<&Row> = rows.iter().filter(|r| r.kind == Scenario::Scale).collect();
+    if scale.len() < 2 {
+        return None;
+    }
+    let rates: Vec<f64> = scale.iter().map(|r| r.throughput()).collect();
+    let (low, high) = rates
+        .iter()
+        .fold((f64::MAX, 0.0_f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    let spread = 1.0 - low / high.max(1e-9);
+    Some(Target {
+        name: "scale: flash sale claims decided/s across user counts",
+        goal: "within 10% of each other".into(),
+        measured: scale
+            .iter()
+            .map(|r| format!("{} users {:.0}/s", r.operations, r.throughput()))
+            .collect::<Vec<_>>()
+            .join(", ")
+            + &format!(" (slowest {:.1}% below the fastest)", spread * 100.0),
+        baseline: "the same binary, one after the other".into(),
+        met: Some(spread <= 0.10),
+    })
+}
+
 /// The targets table (markdown), from the rows of one run.
 pub fn render_targets(rows: &[Row]) -> String {
     let find = |kind: Scenario| rows.iter().find(|r| r.kind == kind);
@@ -154,6 +179,7 @@ pub fn render_targets(rows: &[Row]) -> String {
     }
     targets.extend(as_run_target(rows));
     targets.extend(open_loop_targets(rows));
+    targets.extend(scale_target(rows));
     if let Some(steady) = find(Scenario::SteadySale).or_else(|| find(Scenario::SteadyDay)) {
         let p99 = steady.latencies.map(|l| l.p99.as_secs_f64() * 1000.0);
         let at_target_rate = steady.throughput() >= super::STEADY_TARGET_RATE * 0.95;
@@ -348,5 +374,26 @@ mod tests {
             figures(68_000, 80, 70_000, 40, Some(4_000.0)),
         );
         assert!(render_targets(&[slow_shed]).contains("| no |"));
+    }
+
+    #[test]
+    fn scale_is_met_when_the_slowest_size_is_within_a_tenth_of_the_fastest() {
+        let rows = [
+            row(Scenario::Scale, 100_000, 10.0),
+            row(Scenario::Scale, 1_000_000, 105.0),
+            row(Scenario::Scale, 3_000_000, 330.0),
+        ];
+        let table = render_targets(&rows);
+        let line = table.lines().find(|l| l.starts_with("| scale")).unwrap();
+        // 10,000/s, 9,524/s and 9,091/s: the slowest 9.1% below.
+        assert!(line.contains("(slowest 9.1% below the fastest)"), "{line}");
+        assert!(line.ends_with("| yes |"));
+        let slower = [
+            row(Scenario::Scale, 100_000, 10.0),
+            row(Scenario::Scale, 3_000_000, 340.0),
+        ];
+        assert!(render_targets(&slower).contains("| no |"));
+        // One size alone is no comparison.
+        assert!(!render_targets(&rows[..1]).contains("| scale"));
     }
 }

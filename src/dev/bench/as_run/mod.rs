@@ -65,7 +65,14 @@ pub async fn as_run(
     let server = Server::start(base, &scratch.url, &format!("asrun{stamp}")).await;
     let result = match server {
         Ok(mut server) => {
-            let rows = drive(&server, &scratch.url, coupons, connections).await;
+            let rows = drive(
+                &server,
+                &scratch.url,
+                coupons,
+                connections,
+                base.gateway.max_waiting,
+            )
+            .await;
             server.stop().await;
             rows.map(|mut rows| {
                 let log = server.log_note();
@@ -186,6 +193,7 @@ async fn drive(
     database_url: &str,
     coupons: u32,
     connections: usize,
+    max_waiting: usize,
 ) -> anyhow::Result<Vec<Row>> {
     let db = sqlx::PgPool::connect(database_url).await?;
     release_projected(server, &db, "AsRun", coupons).await?;
@@ -211,7 +219,7 @@ async fn drive(
             format!("default logging; wrk -t2 -c{connections} -d{WRK_SECONDS}s; {healthz_cpu}"),
         ),
     ];
-    rows.extend(open_loop::rows(server, &db).await?);
+    rows.extend(open_loop::rows(server, &db, max_waiting).await?);
     Ok(rows)
 }
 

@@ -44,9 +44,17 @@ const GRANT_POOL: u32 = 200_000;
 /// so the processor's batches can be as large as they ever are, and no
 /// claim is shed. With fewer the batches are smaller, and the figure is the
 /// generator's, not the server's (256 connections: about 0.7x).
-const GRANT_CONNECTIONS: usize = 1_000;
+fn grant_connections(max_waiting: usize) -> usize {
+    (max_waiting * 95 / 100).clamp(1, 1_000)
+}
 
-pub(super) async fn rows(server: &Server, db: &PgPool) -> anyhow::Result<Vec<Row>> {
+/// `max_waiting`: the server's `MAX_WAITING_REPLIES` (it inherits the
+/// bench's environment).
+pub(super) async fn rows(
+    server: &Server,
+    db: &PgPool,
+    max_waiting: usize,
+) -> anyhow::Result<Vec<Row>> {
     if !vegeta::installed() {
         eprintln!(
             "bench: no open-loop rows of couponctl run (vegeta is not installed: make setup)"
@@ -67,7 +75,7 @@ pub(super) async fn rows(server: &Server, db: &PgPool) -> anyhow::Result<Vec<Row
             .context("the steady day sent by vegeta")?,
     );
     eprintln!("bench: couponctl run, its grant capacity by wrk");
-    let (capacity_row, capacity) = grant_capacity(server, db, GRANT_CONNECTIONS)
+    let (capacity_row, capacity) = grant_capacity(server, db, grant_connections(max_waiting))
         .await
         .context("the grant capacity by wrk")?;
     rows.push(capacity_row);
