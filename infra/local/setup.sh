@@ -85,8 +85,10 @@ fetch_jars() {
 
 if ! command -v vegeta >/dev/null 2>&1; then
   say "building vegeta ${VEGETA_VERSION} from the Go module proxy into /usr/local/bin"
+  # Only `make bench` needs it (it says so and leaves the open-loop rows
+  # out without it): a proxy that does not answer must not stop the tests.
   GOBIN=/usr/local/bin GOFLAGS=-mod=mod go install "github.com/tsenart/vegeta/v12@${VEGETA_VERSION}" \
-    || fail "could not build vegeta ${VEGETA_VERSION} (go install github.com/tsenart/vegeta/v12@${VEGETA_VERSION})"
+    || say "warning: could not build vegeta ${VEGETA_VERSION} (go install github.com/tsenart/vegeta/v12@${VEGETA_VERSION}); make bench will leave its open-loop rows out"
 fi
 
 if kafka_installed; then
