@@ -86,7 +86,7 @@ bench: up shard-up cassandra-up build ## the benchmarks (BENCH_QUICK=1 for a sho
 	BENCH_SHARD_URLS=$${BENCH_SHARD_URLS:-$$(infra/local/shard.sh urls)} target/release/couponctl bench
 	cargo test --release --test it -- --ignored --nocapture --test-threads=1 history_bench:: rebuild_bench:: retention_bench::
 
-bench-scale: up build ## the flash sale alone at 100,000, 1,000,000 and 3,000,000 users (BENCH_SCALE to choose), each in a fresh database
+bench-scale: up build ## the flash sale alone at 100,000, 1,000,000 and 3,000,000 users (BENCH_SCALE to choose), a coupon for one in a hundred, each in a fresh database
 	BENCH_SCALE=$${BENCH_SCALE:-100000,1000000,3000000} target/release/couponctl bench
 
 clean-state: down cluster-down ha-down sasl-down shard-down cassandra-down

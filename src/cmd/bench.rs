@@ -36,7 +36,8 @@ pub struct BenchArgs {
     pub as_run_only: bool,
     /// The scale rows instead of the whole bench: the flash sale alone, once
     /// for each number of users given (comma-separated), each in a fresh
-    /// database (`make bench-scale`: 100,000, 1,000,000 and 3,000,000).
+    /// database, a coupon for one user in a hundred (`make bench-scale`:
+    /// 100,000, 1,000,000 and 3,000,000).
     #[arg(long, env = "BENCH_SCALE", value_delimiter = ',')]
     pub scale: Vec<usize>,
 }

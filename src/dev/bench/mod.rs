@@ -46,6 +46,10 @@ pub use targets::render_targets;
 /// Claims in each sharding row (fewer when the flash sale is smaller).
 const SHARD_CLAIMS: usize = 100_000;
 
+/// The scale rows' users for each coupon, as in the full flash sale
+/// (10,000 coupons for 1,000,000 users).
+const SCALE_USERS_PER_COUPON: usize = 100;
+
 /// The rate of the latency target (claims/s, open loop).
 const STEADY_TARGET_RATE: f64 = 5_000.0;
 
@@ -69,7 +73,8 @@ pub struct BenchOptions {
     /// Only the rows of `couponctl run` driven by `wrk` ([`as_run`]).
     pub as_run_only: bool,
     /// The scale rows: only the flash sale, once for each of these numbers
-    /// of users, each in a fresh database with fresh topics.
+    /// of users, each in a fresh database with fresh topics, with a coupon
+    /// for one user in a hundred.
     pub scale: Vec<usize>,
 }
 
@@ -209,8 +214,14 @@ pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<R
         let mut rows = Vec::new();
         for &users in &options.scale {
             eprintln!("bench: scale, the flash sale with {users} users");
+            // One user in a hundred wins at every size, so each run has the
+            // same mix (the grant path's share of the work) and only the
+            // number of users grows.
             let options = BenchOptions {
                 users,
+                coupons: u32::try_from(users / SCALE_USERS_PER_COUPON)
+                    .unwrap_or(u32::MAX)
+                    .max(1),
                 plot: None,
                 ..options.clone()
             };
