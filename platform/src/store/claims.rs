@@ -148,6 +148,14 @@ struct StateRow {
 /// days from `since` on are probed; an older window never counts against a
 /// claim judged in `since`'s window or later). No clock is involved: the
 /// rules judge these facts at each request's own time.
+///
+/// The held coupon is joined by its holder alone: a user holds at most one
+/// (`coupons_one_hold_per_user`, unique), so no ordering is needed, and the
+/// join is a look-up in that index whatever the statistics say. (With an
+/// `ORDER BY held_until DESC LIMIT 1` the planner, believing held coupons
+/// rare, walked `coupons_held_until` backwards through every held coupon for
+/// each user who holds none: 21-23 ms of a 103-claim batch with 10,000
+/// coupons held.)
 pub async fn user_states(
     conn: &mut PgConnection,
     user_ids: &[&UserId],
@@ -164,10 +172,7 @@ pub async fn user_states(
                     WHERE q.user_id = x.user_id AND q.window_start >= $2) AS last_grant_window
            FROM (SELECT DISTINCT user_id FROM unnest($1::text[]) AS ids(user_id)) AS x
            LEFT JOIN users u ON u.user_id = x.user_id
-           LEFT JOIN LATERAL (
-               SELECT code, category, held_until FROM coupons
-               WHERE holder_user_id = x.user_id AND status = 'held'
-               ORDER BY held_until DESC LIMIT 1) h ON true"#,
+           LEFT JOIN coupons h ON h.holder_user_id = x.user_id AND h.status = 'held'"#,
         &user_ids as &[UserId],
         since
     )
