@@ -261,7 +261,7 @@ async fn in_scratch(base: &AppConfig, options: &BenchOptions) -> anyhow::Result<
 /// Deletes the run's topics and Redis keys: with its database gone they
 /// are of no use, and a broker keeping every run's partitions (a full run
 /// writes gigabytes) takes minutes to start. Best effort.
-async fn forget_run(config: &AppConfig) {
+pub(super) async fn forget_run(config: &AppConfig) {
     let own = format!("{}.", config.topic_prefix);
     match coupon_platform::kafka::admin::delete_topics_where(&config.kafka, |name| {
         name.starts_with(&own)

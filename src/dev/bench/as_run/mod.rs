@@ -62,7 +62,8 @@ pub async fn as_run(
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let scratch =
         app::ScratchDatabase::create(&base.database_url, &format!("coupons_asrun_{stamp}")).await?;
-    let server = Server::start(base, &scratch.url, &format!("asrun{stamp}")).await;
+    let prefix = format!("asrun{stamp}");
+    let server = Server::start(base, &scratch.url, &prefix).await;
     let result = match server {
         Ok(mut server) => {
             let rows = drive(
@@ -84,6 +85,12 @@ pub async fn as_run(
         }
         Err(error) => Err(error),
     };
+    // Its topics and Redis keys go with its database (half a million holds
+    // and quota keys a run, left behind until this was added).
+    let mut own = base.clone();
+    own.topic_prefix = prefix.clone();
+    own.redis_prefix = prefix;
+    super::forget_run(&own).await;
     scratch.drop_now().await?;
     result
 }
@@ -118,6 +125,7 @@ impl Server {
             .env("REDIS_URL", &config.redis_url)
             .env("KAFKA_BROKERS", &config.kafka.brokers)
             .env("COUPON_TOPIC_PREFIX", prefix)
+            .env("COUPON_REDIS_PREFIX", prefix)
             .env("HTTP_ADDR", addr.to_string())
             .env("COUPON_API_TOKEN", &api_token)
             .env("COUPON_ADMIN_TOKEN", &admin_token)
