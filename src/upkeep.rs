@@ -1,7 +1,9 @@
 //! The upkeep a serving process runs beside its roles, each round on a
 //! timer until shutdown: the partitions ahead of time (the history's, the
 //! decisions' and quota's), the partitions past their retention dropped,
-//! and the blacklist's expired entries and waiting changes.
+//! the claim path's tables analyzed when their statistics fall behind
+//! (`coupon_platform::store::statistics`), and the blacklist's expired
+//! entries and waiting changes.
 
 use std::time::Duration;
 
@@ -30,9 +32,15 @@ pub async fn partitions_ahead(
     .await;
 }
 
+/// How often the claim path's statistics are checked: a day's partition
+/// fills from empty at up to ten thousand rows a second, and a plan made
+/// while it was small stays until it is analyzed.
+const STATISTICS_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Spawns, into `tasks`, the partitions' upkeep of a process running the
 /// history sink or the claim processor: [`partitions_ahead`] and
-/// [`drop_expired`], every `settings::PARTITION_UPKEEP_INTERVAL`.
+/// [`drop_expired`], every `settings::PARTITION_UPKEEP_INTERVAL`, and
+/// [`refresh_statistics`] every ten seconds.
 pub fn spawn_partition_upkeep(
     tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
     pool: &sqlx::PgPool,
@@ -54,6 +62,7 @@ pub fn spawn_partition_upkeep(
                 chrono::Utc::now,
                 stop.clone()
             ),
+            refresh_statistics(&pool, STATISTICS_INTERVAL, stop.clone()),
         );
         Ok(())
     });
@@ -84,6 +93,23 @@ pub async fn drop_expired(
             Err(error) => {
                 tracing::warn!(%error, "could not drop the expired partitions; trying again later")
             }
+        }
+    })
+    .await;
+}
+
+/// Analyzes the claim path's tables and partitions whose statistics fell
+/// behind ([`coupon_platform::store::statistics::refresh_stale`]) every
+/// `every`, until `stop`.
+pub async fn refresh_statistics(pool: &sqlx::PgPool, every: Duration, stop: CancellationToken) {
+    every_until(every, &stop, || async {
+        match coupon_platform::store::statistics::refresh_stale(pool).await {
+            Ok(analyzed) if !analyzed.is_empty() => {
+                metrics::counter!("coupon_tables_analyzed_total").increment(analyzed.len() as u64);
+                tracing::debug!(?analyzed, "statistics refreshed");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "could not refresh the claim path's statistics"),
         }
     })
     .await;

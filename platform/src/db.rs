@@ -26,21 +26,9 @@ pub enum DbError {
 
 /// A pool that waits at most 5 s for a connection, so an outage surfaces as
 /// an error (and a retried batch) rather than a hang.
-///
-/// Every statement is planned when it runs (`plan_cache_mode =
-/// force_custom_plan`), never from a generic plan cached by the connection.
-/// The tables this system writes grow from empty in minutes: a fresh
-/// deployment, and every UTC midnight the new day's decision and quota
-/// partitions. A generic plan made while a partition was small seq-scans it
-/// for good (until an `ANALYZE` of it invalidates the plan): looking up a
-/// batch's request ids took 4.7 s a batch with half a million rows in the
-/// day's partition. Planned at each run, a statement sees the tables' sizes
-/// as they are then; the price is the planning, a fraction of a millisecond
-/// per statement.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse().map_err(DbError::BadUrl)?;
     let options = options
-        .options([("plan_cache_mode", "force_custom_plan")])
         .log_statements(log::LevelFilter::Trace)
         .log_slow_statements(log::LevelFilter::Debug, Duration::from_millis(500));
     PgPoolOptions::new()

@@ -447,3 +447,81 @@ async fn a_rebuilds_days_get_partitions_of_their_own() {
     assert!(exists(&env, &name("claim_decisions", 400)).await);
     assert!(!exists(&env, &name("claim_decisions", 401)).await);
 }
+
+/// The day's decision partition fills from empty in minutes; the upkeep's
+/// statistics round analyzes it once a fifth of it (a thousand rows at
+/// least) changed since its last analyze (`store::statistics`), so a
+/// connection's cached plan of the request-id look-up does not keep
+/// seq-scanning it (4.7 s a batch at half a million rows, measured).
+/// Autovacuum is off for the partition here: only the round can analyze it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statistics_round_analyzes_a_filling_decision_partition() {
+    let env = TestEnv::new().await;
+    let today = Utc::now().date_naive();
+    let partition = format!("claim_decisions_{}", today.format("%Y_%m_%d"));
+    sqlx::query(&format!(
+        "ALTER TABLE {partition} SET (autovacuum_enabled = false)"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let reltuples = || async {
+        sqlx::query_scalar::<_, f64>("SELECT reltuples::float8 FROM pg_class WHERE relname = $1")
+            .bind(&partition)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    };
+    let insert = |from: i32, to: i32| {
+        let pool = env.pool.clone();
+        let at = midnight(today) + chrono::Duration::hours(1);
+        async move {
+            sqlx::query(
+                "INSERT INTO claim_decisions (request_id, event_id, user_id, outcome, decided_at)
+                 SELECT 'r-' || i, gen_random_uuid(), 'u-' || i, 'sold_out', $3
+                 FROM generate_series($1::int, $2::int) AS i",
+            )
+            .bind(from)
+            .bind(to)
+            .bind(at)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+
+    // Below a thousand changed rows: nothing to do.
+    insert(1, 500).await;
+    let analyzed = eventually_refreshed(&env, &partition, Duration::from_secs(2)).await;
+    assert!(!analyzed, "500 rows analyzed");
+    assert!(reltuples().await < 0.0);
+
+    insert(501, 5_000).await;
+    assert!(
+        eventually_refreshed(&env, &partition, Duration::from_secs(30)).await,
+        "5,000 new rows never analyzed"
+    );
+    assert!(reltuples().await >= 4_500.0, "{}", reltuples().await);
+    // Fresh now: the next round leaves it.
+    let again = coupon_platform::store::statistics::refresh_stale(&env.pool)
+        .await
+        .unwrap();
+    assert!(!again.contains(&partition), "{again:?}");
+}
+
+/// Runs the statistics round until it analyzes `table` (true) or `within`
+/// passes (false). Postgres counts a transaction's changes for the
+/// statistics once it ends, with a short delay, hence the retries.
+async fn eventually_refreshed(env: &TestEnv, table: &str, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        let analyzed = coupon_platform::store::statistics::refresh_stale(&env.pool)
+            .await
+            .unwrap();
+        if analyzed.iter().any(|t| t == table) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}

@@ -472,22 +472,7 @@ fn copy_rows(coupons: &[NewCoupon]) -> crate::pgcopy::BinaryRows {
     rows
 }
 
-/// Rows changed since the last `ANALYZE` (as a share of the rows it found)
-/// past which a release refreshes the table's statistics itself.
-const STALE_SHARE: f64 = 0.2;
-/// ... and at least this many, so a trickle of small releases never does.
-const STALE_MIN_ROWS: f64 = 1_000.0;
-
-/// Whether `coupons`' planner statistics are too old to plan the grant
-/// statement by, given the rows the last `ANALYZE` found (negative: never
-/// analyzed) and the rows changed since (`inserted` are this release's,
-/// which Postgres' own counter may not show yet).
-pub fn statistics_stale(rows_at_last_analyze: f64, changed_since: i64, inserted: u64) -> bool {
-    let changed = changed_since.max(0) as f64 + inserted as f64;
-    changed >= STALE_MIN_ROWS.max(rows_at_last_analyze.max(0.0) * STALE_SHARE)
-}
-
-/// After a release: `ANALYZE coupons` when [`statistics_stale`] says so.
+/// After a release: `ANALYZE coupons` when [`super::statistics::stale`] says so.
 /// Returns whether it ran.
 ///
 /// Why: the claim processor's grant statement is prepared, and Postgres may
@@ -511,7 +496,7 @@ pub async fn refresh_statistics_after_insert(
     )
     .fetch_one(pool)
     .await?;
-    if !statistics_stale(rows_at_last_analyze, changed_since, inserted) {
+    if !super::statistics::stale(rows_at_last_analyze, changed_since, inserted) {
         return Ok(false);
     }
     let mut tx = pool.begin().await?;
@@ -521,21 +506,4 @@ pub async fn refresh_statistics_after_insert(
     sqlx::query("ANALYZE coupons").execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(true)
-}
-
-#[cfg(test)]
-mod statistics_tests {
-    use super::statistics_stale;
-
-    #[test]
-    fn a_release_of_a_fifth_of_the_table_or_more_makes_the_statistics_stale() {
-        // Never analyzed: any release of a thousand coupons or more.
-        assert!(statistics_stale(-1.0, 0, 1_000));
-        assert!(!statistics_stale(-1.0, 0, 999));
-        // 100,000 rows at the last analyze: 20,000 changed since, in all.
-        assert!(!statistics_stale(100_000.0, 9_000, 10_000));
-        assert!(statistics_stale(100_000.0, 10_000, 10_000));
-        // A negative counter (never the case, but not trusted) counts as none.
-        assert!(!statistics_stale(100_000.0, -50_000, 10_000));
-    }
 }

@@ -44,6 +44,7 @@ pub mod rebuild;
 pub mod releases;
 pub mod replication;
 pub mod retention;
+pub mod statistics;
 pub mod stats;
 pub mod users;
 
