@@ -260,3 +260,19 @@ fn steady_row(
         open_loop: Some(open_loop),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::grant_connections;
+
+    #[test]
+    fn the_grant_run_keeps_its_connections_under_the_servers_waiting_cap() {
+        // The default cap (1,024) and a smaller one: 5% under it.
+        assert_eq!(grant_connections(1_024), 972);
+        assert_eq!(grant_connections(512), 486);
+        // A raised cap: no more than wrk's thousand.
+        assert_eq!(grant_connections(1 << 20), 1_000);
+        // A cap of nothing still leaves one connection to measure with.
+        assert_eq!(grant_connections(0), 1);
+    }
+}
