@@ -225,7 +225,22 @@ pub struct EndedCoupon {
 /// Available coupons whose campaign has ended by the database's clock
 /// (its `valid_until`, or an early end), oldest first, at most `limit`:
 /// what the expiry sweeper announces as `CouponExpired`.
+///
+/// The sweeper asks every second. The statement walks the available coupons
+/// in id order until it finds those of ended campaigns, so with none ended
+/// it walks them all (112 ms with 234,000 available, measured: a tenth of a
+/// core, growing with the pool); a look at the small `campaigns` table
+/// first answers that common case (plain batches, or no campaign over yet).
 pub async fn ended_available(pool: &PgPool, limit: i64) -> Result<Vec<EndedCoupon>, sqlx::Error> {
+    let any_ended = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM campaigns k
+                          WHERE LEAST(k.valid_until, k.ended_at) <= now()) AS "any!""#
+    )
+    .fetch_one(pool)
+    .await?;
+    if !any_ended {
+        return Ok(Vec::new());
+    }
     sqlx::query_as!(
         EndedCoupon,
         r#"SELECT c.code AS "code: CouponCode", c.batch_id,
