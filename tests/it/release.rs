@@ -13,7 +13,7 @@ use coupon_producers::keygen::{self, KeygenError};
 use coupon_schemas::{CouponsCreated, DeadLetter};
 use couponctl::app::{self, Role};
 
-use crate::harness::{eventually, TestEnv};
+use crate::harness::{eventually, release, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_release_projects_every_coupon_and_replays_add_nothing() {
@@ -895,7 +895,7 @@ async fn a_killed_cli_release_is_completed_by_running_it_again() {
 }
 
 /// A release that is large against the table refreshes the planner's
-/// statistics of `coupons` at once (`store::coupons::refresh_statistics_after_insert`).
+/// statistics of `coupons` at once (`store::statistics::refresh_coupons_after_insert`).
 /// Without it the claim processor's cached plan for the grant statement,
 /// made while the pool was nearly empty, joined each batch against every
 /// available coupon, and a steady day right after a release granted 543 of
@@ -920,24 +920,7 @@ async fn a_large_release_refreshes_the_planner_statistics_of_coupons() {
     assert!(reltuples().await < 0.0);
     let app = env.start(&[Role::Coupons], |_| {}).await;
 
-    let output = env
-        .couponctl()
-        .args([
-            "issue",
-            "--employee",
-            "e1",
-            "--category",
-            "Big",
-            "--count",
-            "20000",
-        ])
-        .output()
-        .expect("run couponctl issue");
-    assert!(
-        output.status.success(),
-        "issue failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    release(&env, "Big", 20_000).await;
     eventually(
         "the statistics of coupons to know of the 20,000 released",
         Duration::from_secs(60),

@@ -62,7 +62,7 @@ pub async fn handle_events(
     if inserted > 0 {
         // Before the marks are voided, so the claims they let through are
         // planned on statistics that know of the new coupons.
-        match store::coupons::refresh_statistics_after_insert(&ctx.pool, inserted).await {
+        match store::statistics::refresh_coupons_after_insert(&ctx.pool, inserted).await {
             Ok(analyzed) => {
                 if analyzed {
                     metrics::counter!("coupon_coupons_analyzed_total").increment(1);

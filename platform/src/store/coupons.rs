@@ -486,39 +486,3 @@ fn copy_rows(coupons: &[NewCoupon]) -> crate::pgcopy::BinaryRows {
     }
     rows
 }
-
-/// After a release: `ANALYZE coupons` when [`super::statistics::stale`] says so.
-/// Returns whether it ran.
-///
-/// Why: the claim processor's grant statement is prepared, and Postgres may
-/// keep one generic plan for it, made from the statistics of that moment.
-/// Statistics taken while the pool was nearly empty say `available` rows are
-/// rare, and after a release of tens of thousands the plan joins each
-/// batch's picks against every available coupon: batches took 1.8 to 7.9 s
-/// and a steady day granted 543 of 50,000 coupons in 20 s before autovacuum
-/// (its naptime a minute, its threshold a tenth of the table) caught up. An
-/// `ANALYZE` also invalidates the cached plans, so the next batch is planned
-/// again. It never waits long for a lock (autovacuum may hold it): a
-/// release is not delayed by it, and autovacuum's analyze does the same.
-pub async fn refresh_statistics_after_insert(
-    pool: &PgPool,
-    inserted: u64,
-) -> Result<bool, sqlx::Error> {
-    let (rows_at_last_analyze, changed_since): (f64, i64) = sqlx::query_as(
-        "SELECT c.reltuples::float8, coalesce(s.n_mod_since_analyze, 0)
-         FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
-         WHERE c.oid = 'coupons'::regclass",
-    )
-    .fetch_one(pool)
-    .await?;
-    if !super::statistics::stale(rows_at_last_analyze, changed_since, inserted) {
-        return Ok(false);
-    }
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL lock_timeout = '200ms'")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("ANALYZE coupons").execute(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(true)
-}
