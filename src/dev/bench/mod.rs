@@ -183,6 +183,17 @@ pub struct Latencies {
 }
 
 impl Latencies {
+    /// `p50 … / p99 … ms` of `latencies`, or `-` when there were none.
+    fn brief(latencies: Option<Self>) -> String {
+        latencies.map_or("-".to_owned(), |l| {
+            format!(
+                "p50 {:.1} / p99 {:.1} ms",
+                l.p50.as_secs_f64() * 1e3,
+                l.p99.as_secs_f64() * 1e3
+            )
+        })
+    }
+
     fn of(mut samples: Vec<Duration>) -> Option<Self> {
         if samples.is_empty() {
             return None;
@@ -297,15 +308,15 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
             .context("the rows of couponctl run driven by wrk")?,
     );
 
-    let token = CancellationToken::new();
-    let running = app::start(config.clone(), &Role::ALL, token.clone()).await?;
-    let pool = running.context.pool.clone();
-    let base = format!("http://{}", running.http_addr.context("no gateway")?);
-    let http = storefront_client(config, options.concurrency)?;
-    // The HTTP load generator runs on threads of its own (named
-    // `bench-gen`), so each row can say how much of the machine it took.
-    let generator = Generator::start()?;
-    let on_generator = generator.handle().context("the load generator")?;
+    let UnderTest {
+        token,
+        running,
+        pool,
+        base,
+        http,
+        generator,
+        on_generator,
+    } = UnderTest::start(config, options).await?;
     rows.extend(http_baselines(&on_generator, &http, &base, options.concurrency).await?);
 
     eprintln!("bench: release of {} coupons", options.release);
@@ -363,16 +374,53 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
     Ok(rows)
 }
 
+/// Every role of `couponctl run` in this process, and what drives it: the
+/// storefront's client and the HTTP load generator, which runs on threads
+/// of its own (named `bench-gen`) so each row can say how much of the
+/// machine it took.
+struct UnderTest {
+    token: CancellationToken,
+    running: app::Running,
+    pool: PgPool,
+    base: String,
+    http: reqwest::Client,
+    generator: Generator,
+    on_generator: tokio::runtime::Handle,
+}
+
+impl UnderTest {
+    async fn start(config: &AppConfig, options: &BenchOptions) -> anyhow::Result<Self> {
+        let token = CancellationToken::new();
+        let running = app::start(config.clone(), &Role::ALL, token.clone()).await?;
+        let pool = running.context.pool.clone();
+        let base = format!("http://{}", running.http_addr.context("no gateway")?);
+        let http = storefront_client(config, options.concurrency)?;
+        let generator = Generator::start()?;
+        let on_generator = generator.handle().context("the load generator")?;
+        Ok(Self {
+            token,
+            running,
+            pool,
+            base,
+            http,
+            generator,
+            on_generator,
+        })
+    }
+}
+
 /// A scale row: the flash sale alone, with `options.users` users, as in
 /// the full run (every role in this process, the same generator).
 async fn scale_row(config: &AppConfig, options: &BenchOptions) -> anyhow::Result<Row> {
-    let token = CancellationToken::new();
-    let running = app::start(config.clone(), &Role::ALL, token.clone()).await?;
-    let pool = running.context.pool.clone();
-    let base = format!("http://{}", running.http_addr.context("no gateway")?);
-    let http = storefront_client(config, options.concurrency)?;
-    let generator = Generator::start()?;
-    let on_generator = generator.handle().context("the load generator")?;
+    let UnderTest {
+        token,
+        running,
+        pool,
+        base,
+        http,
+        generator,
+        on_generator,
+    } = UnderTest::start(config, options).await?;
     release(config, &pool, "Flash", options.coupons).await?;
     let (gen_pool, gen_options) = (pool.clone(), options.clone());
     let flash = profiled(async {
@@ -481,6 +529,26 @@ impl Drop for Generator {
     }
 }
 
+/// Runs an outside tool (`wrk`, `vegeta`) to its end: its output, `None`
+/// when it is not installed, an error with its standard error when it fails.
+async fn run_tool(
+    command: &mut tokio::process::Command,
+    tool: &str,
+) -> anyhow::Result<Option<std::process::Output>> {
+    let output = match command.output().await {
+        Ok(output) => output,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("running {tool}")),
+    };
+    if !output.status.success() {
+        bail!(
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(Some(output))
+}
+
 /// Runs one scenario and notes, in its row, where the machine's CPU went
 /// while it ran (see [`profile`]).
 async fn profiled(
@@ -488,8 +556,7 @@ async fn profiled(
 ) -> anyhow::Result<Row> {
     let before = profile::CpuSample::now();
     let mut row = scenario.await?;
-    if let (Some(before), Some(after)) = (before, profile::CpuSample::now()) {
-        let profile = after.since(&before);
+    if let Some(profile) = profile::since(before) {
         row.note = if row.note.is_empty() {
             profile
         } else {
@@ -637,30 +704,14 @@ async fn assigned_consumer(config: &AppConfig, topic: &str) -> anyhow::Result<St
 /// installs it). Its own CPU share is in the row's note (`wrk`).
 async fn wrk_baseline(base: &str, concurrency: usize) -> anyhow::Result<Option<Row>> {
     let url = format!("{base}/healthz");
-    let connections = concurrency.max(2).to_string();
+    let connections = concurrency.max(2);
     let before = profile::CpuSample::now();
-    let output = match tokio::process::Command::new("wrk")
-        .args(["-t2", "-c", &connections, "-d10s", "--latency", &url])
-        .output()
-        .await
-    {
-        Ok(output) => output,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error).context("running wrk"),
-    };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "wrk failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let Some(summary) = wrk::parse(&stdout) else {
-        bail!("could not read wrk's output: {stdout}");
+    let Some(summary) = wrk::run(connections, 10, &[&url]).await? else {
+        return Ok(None);
     };
     let mut note = format!("wrk -t2 -c{connections} -d10s; {} non-2xx", summary.non_2xx);
-    if let (Some(before), Some(after)) = (before, profile::CpuSample::now()) {
-        note = format!("{note}; {}", after.since(&before));
+    if let Some(cpu) = profile::since(before) {
+        note = format!("{note}; {cpu}");
     }
     Ok(Some(Row {
         kind: Scenario::Wrk,

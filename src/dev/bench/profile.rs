@@ -40,6 +40,13 @@ pub struct CpuSample {
     generator: u64,
 }
 
+/// Where the machine's CPU went from `before` (a [`CpuSample::now`]) until
+/// now, as [`CpuSample::since`] says it; `None` where `/proc` could not be
+/// read.
+pub fn since(before: Option<CpuSample>) -> Option<String> {
+    Some(CpuSample::now()?.since(&before?))
+}
+
 impl CpuSample {
     /// Reads `/proc` now; `None` where it cannot be read.
     pub fn now() -> Option<Self> {

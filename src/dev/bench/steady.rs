@@ -148,15 +148,7 @@ async fn steady_day(
         }
     }
     let granted = grants.len();
-    let figures = |samples: Vec<Duration>| {
-        Latencies::of(samples).map_or("-".to_owned(), |l| {
-            format!(
-                "p50 {:.1} / p99 {:.1} ms",
-                l.p50.as_secs_f64() * 1e3,
-                l.p99.as_secs_f64() * 1e3
-            )
-        })
-    };
+    let figures = |samples| Latencies::brief(Latencies::of(samples));
     let (grants, sold_out) = (figures(grants), figures(sold_out));
     let seconds = started.elapsed().as_secs_f64();
     if let Some(supplier) = supplier {

@@ -243,6 +243,15 @@ mod tests {
     use crate::dev::bench::profile::MemoryProfile;
     use crate::dev::bench::Latencies;
 
+    /// The targets table's row whose name starts with `name`.
+    fn line_of(table: &str, name: &str) -> String {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name}")))
+            .unwrap_or_else(|| panic!("no row {name} in\n{table}"))
+            .to_owned()
+    }
+
     fn row(kind: Scenario, operations: u64, seconds: f64) -> Row {
         Row {
             kind,
@@ -278,13 +287,7 @@ mod tests {
             row(Scenario::ReplayParquet, 600_000, 1.0),
         ];
         let table = render_targets(&rows);
-        let line = |name: &str| {
-            table
-                .lines()
-                .find(|l| l.starts_with(&format!("| {name}")))
-                .unwrap_or_else(|| panic!("no row {name} in\n{table}"))
-                .to_owned()
-        };
+        let line = |name: &str| line_of(&table, name);
         assert!(line("flash sale").contains("12500/s") && line("flash sale").ends_with("| yes |"));
         assert!(line("claims/s").contains("| 0.62 |") && line("claims/s").ends_with("| yes |"));
         assert!(line("memory").contains("+15.0%") && line("memory").ends_with("| no |"));
@@ -350,13 +353,7 @@ mod tests {
             ),
         ];
         let table = render_targets(&rows);
-        let line = |name: &str| {
-            table
-                .lines()
-                .find(|l| l.starts_with(&format!("| {name}")))
-                .unwrap_or_else(|| panic!("no row {name} in\n{table}"))
-                .to_owned()
-        };
+        let line = |name: &str| line_of(&table, name);
         assert!(line("steady sale as users").ends_with("| yes |"), "{table}");
         assert!(line("steady day as users").contains("1 shed"));
         assert!(line("steady day as users").ends_with("| no |"));
@@ -384,7 +381,7 @@ mod tests {
             row(Scenario::Scale, 3_000_000, 330.0),
         ];
         let table = render_targets(&rows);
-        let line = table.lines().find(|l| l.starts_with("| scale")).unwrap();
+        let line = line_of(&table, "scale");
         // 10,000/s, 9,524/s and 9,091/s: the slowest 9.1% below.
         assert!(line.contains("(slowest 9.1% below the fastest)"), "{line}");
         assert!(line.ends_with("| yes |"));

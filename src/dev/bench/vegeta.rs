@@ -92,7 +92,8 @@ pub async fn attack(urls: &[String], header: &str, rate: f64) -> anyhow::Result<
     std::fs::write(&targets, text).context("writing vegeta's targets")?;
     // Exactly as many requests as targets: vegeta would go round them again.
     let duration = Duration::from_secs_f64(urls.len() as f64 / rate);
-    let attack = tokio::process::Command::new("vegeta")
+    let mut attack = tokio::process::Command::new("vegeta");
+    attack
         .arg("attack")
         .args(["-rate", &format!("{}/s", rate.round() as u64)])
         .args(["-duration", &format!("{}ms", duration.as_millis())])
@@ -102,28 +103,15 @@ pub async fn attack(urls: &[String], header: &str, rate: f64) -> anyhow::Result<
         .arg("-targets")
         .arg(&targets)
         .arg("-output")
-        .arg(&results)
-        .output()
-        .await
-        .context("running vegeta attack")?;
-    if !attack.status.success() {
-        bail!(
-            "vegeta attack failed: {}",
-            String::from_utf8_lossy(&attack.stderr).trim()
-        );
-    }
-    let encoded = tokio::process::Command::new("vegeta")
-        .args(["encode", "--to", "csv"])
-        .arg(&results)
-        .output()
-        .await
-        .context("running vegeta encode")?;
-    if !encoded.status.success() {
-        bail!(
-            "vegeta encode failed: {}",
-            String::from_utf8_lossy(&encoded.stderr).trim()
-        );
-    }
+        .arg(&results);
+    super::run_tool(&mut attack, "vegeta attack")
+        .await?
+        .context("vegeta is not installed")?;
+    let mut encode = tokio::process::Command::new("vegeta");
+    encode.args(["encode", "--to", "csv"]).arg(&results);
+    let encoded = super::run_tool(&mut encode, "vegeta encode")
+        .await?
+        .context("vegeta is not installed")?;
     parse_csv(&String::from_utf8_lossy(&encoded.stdout))
 }
 

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use anyhow::bail;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
     pub requests: u64,
@@ -12,6 +14,29 @@ pub struct Summary {
     pub p99: Duration,
     pub max: Duration,
     pub non_2xx: u64,
+}
+
+/// Runs `wrk -t2 --latency` with `connections` for `seconds` and `args`
+/// (the URL among them) and reads its summary; `None` when `wrk` is not
+/// installed (`make setup` installs it).
+pub async fn run(
+    connections: usize,
+    seconds: u64,
+    args: &[&str],
+) -> anyhow::Result<Option<Summary>> {
+    let mut command = tokio::process::Command::new("wrk");
+    command
+        .args(["-t2", "-c", &connections.to_string()])
+        .args(["-d", &format!("{seconds}s"), "--latency"])
+        .args(args);
+    let Some(output) = super::run_tool(&mut command, "wrk").await? else {
+        return Ok(None);
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match parse(&stdout) {
+        Some(summary) => Ok(Some(summary)),
+        None => bail!("could not read wrk's output: {stdout}"),
+    }
 }
 
 /// `"15.32ms"`, `"812.00us"`, `"1.02s"`, `"2.00m"` as a duration.

@@ -304,26 +304,10 @@ async fn release(server: &Server, category: &str, coupons: u32) -> anyhow::Resul
 /// machine's CPU went meanwhile.
 async fn run_wrk(args: &[&str], connections: usize) -> anyhow::Result<(wrk::Summary, String)> {
     let before = profile::CpuSample::now();
-    let output = tokio::process::Command::new("wrk")
-        .args(["-t2", "-c", &connections.to_string()])
-        .args(["-d", &format!("{WRK_SECONDS}s"), "--latency"])
-        .args(args)
-        .output()
-        .await
-        .context("running wrk")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "wrk failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let summary = wrk::parse(&stdout).with_context(|| format!("reading wrk's output: {stdout}"))?;
-    let cpu = match (before, profile::CpuSample::now()) {
-        (Some(before), Some(after)) => after.since(&before).to_string(),
-        _ => String::new(),
-    };
-    Ok((summary, cpu))
+    let summary = wrk::run(connections, WRK_SECONDS, args)
+        .await?
+        .context("wrk is not installed")?;
+    Ok((summary, profile::since(before).unwrap_or_default()))
 }
 
 fn row(kind: Scenario, scenario: &str, summary: &wrk::Summary, note: String) -> Row {

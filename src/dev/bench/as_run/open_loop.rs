@@ -204,10 +204,7 @@ async fn send(
     let header = format!("Authorization: Bearer {}", server.api_token);
     let before = profile::CpuSample::now();
     let outcome = vegeta::attack(&urls, &header, rate).await?;
-    let cpu = match (before, profile::CpuSample::now()) {
-        (Some(before), Some(after)) => after.since(&before).to_string(),
-        _ => String::new(),
-    };
+    let cpu = profile::since(before).unwrap_or_default();
     let unexpected = outcome.unexpected(&EXPECTED);
     if !unexpected.is_empty() {
         bail!("claims answered with codes the load cannot explain (code, count): {unexpected:?}");
@@ -222,15 +219,7 @@ fn steady_row(
     offered: f64,
     how: String,
 ) -> Row {
-    let ms = |l: Option<Latencies>| {
-        l.map_or("-".to_owned(), |l| {
-            format!(
-                "p50 {:.1} / p99 {:.1} ms",
-                l.p50.as_secs_f64() * 1e3,
-                l.p99.as_secs_f64() * 1e3
-            )
-        })
-    };
+    let ms = Latencies::brief;
     let open_loop = OpenLoop {
         offered,
         granted: outcome.count(&[200]),
