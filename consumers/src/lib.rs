@@ -191,8 +191,11 @@ macro_rules! role_handler {
             async fn handle(
                 &self,
                 batch: Vec<coupon_platform::kafka::role::Decoded<$event>>,
-            ) -> Result<(), coupon_platform::kafka::consumer::BatchError> {
-                handle_events(&self.0, &batch).await
+            ) -> Result<
+                coupon_platform::kafka::consumer::Confirmations,
+                coupon_platform::kafka::consumer::BatchError,
+            > {
+                handle_events(&self.0, &batch).await.map(Into::into)
             }
 
             async fn reject(
@@ -206,7 +209,8 @@ macro_rules! role_handler {
         }
 
         /// One batch of records as the consumer loop handles it: decoded,
-        /// handled, the undecodable ones set aside.
+        /// handled, the undecodable ones set aside, what it published
+        /// confirmed.
         pub async fn handle_batch(
             ctx: &$crate::Context,
             batch: &[coupon_platform::kafka::Record],
@@ -216,6 +220,8 @@ macro_rules! role_handler {
                 &ctx.topics,
                 batch.to_vec(),
             )
+            .await?
+            .confirmed()
             .await
         }
     };

@@ -32,8 +32,9 @@
 //!
 //! Delivery guarantee: at least once, effect exactly once. A batch is decided
 //! in one transaction that also stores each decision under its request id;
-//! after the commit the decisions are published and only then are offsets
-//! stored. A redelivered request finds its stored decision and publishes it
+//! after the commit the decisions are published and only once the broker
+//! has acknowledged them are offsets stored (the next batch is decided while
+//! it does: `Confirmations`). A redelivered request finds its stored decision and publishes it
 //! again unchanged (same event id), so a crash between commit and publish
 //! loses no decision and a redelivery creates no second one. Answers that
 //! are not stored (invalid requests) take their event id from the request
@@ -70,7 +71,7 @@ use chrono::{DateTime, Utc};
 use coupon_domain::claim::{allocation_groups, Allocation, ClaimOutcome};
 use coupon_domain::clock::judged_at;
 use coupon_domain::{Category, CouponCode, RequestId, UserId};
-use coupon_platform::kafka::consumer::{stable_time_ms, BatchError};
+use coupon_platform::kafka::consumer::{stable_time_ms, BatchError, Confirmations};
 use coupon_platform::kafka::Record;
 use coupon_schemas::ClaimRequested;
 
@@ -329,10 +330,13 @@ enum Answer {
     IdTaken,
 }
 
+/// Decides a batch and publishes its answers; the broker's acknowledgement
+/// of them is returned outstanding, so the batch loop decides the next batch
+/// meanwhile and stores this one's offsets once it is in.
 pub async fn handle_events(
     ctx: &Context,
     batch: &[Decoded<ClaimRequested>],
-) -> Result<(), BatchError> {
+) -> Result<Confirmations, BatchError> {
     let oldest_ms = batch
         .iter()
         .map(|(record, _)| record.timestamp_ms)
@@ -392,13 +396,14 @@ pub async fn handle_events(
         metrics::counter!(DECISIONS.metric, "outcome" => decision.outcome.as_str()).increment(1);
     }
     let topic = ctx.topics.claim_results();
-    ctx.publisher.send_all(&topic, &out.decisions).await?;
+    let confirming = ctx.publisher.enqueue_all(&topic, &out.decisions).await?;
     for d in &out.decided {
         d.log("claim");
     }
     let set_aside = dead_letter_all(&ctx.dead_letters(ROLE), &out.refused).await;
     stages.done("publish");
-    set_aside
+    set_aside?;
+    Ok(Confirmations::of(stages::confirmed(confirming)))
 }
 
 /// The batch's valid claims; the invalid ones are answered (where they can

@@ -22,8 +22,11 @@ pub const BATCH_CLAIMS: &str = "coupon_claim_batch_claims";
 /// batches.
 pub const BATCH_WAIT_SECONDS: &str = "coupon_claim_batch_wait_seconds";
 
-/// The steps, in the order a batch goes through them.
-pub const STAGES: [&str; 9] = [
+/// The steps, in the order a batch goes through them. The last,
+/// `confirm` (the broker's acknowledgement of the answers, from the end of
+/// `publish`), runs while the next batch is decided: it is not part of the
+/// processor's time per batch.
+pub const STAGES: [&str; 10] = [
     "begin",
     "read",
     "supply",
@@ -33,6 +36,7 @@ pub const STAGES: [&str; 9] = [
     "commit",
     "mirror",
     "publish",
+    "confirm",
 ];
 
 /// Times the consecutive steps of one batch.
@@ -63,4 +67,16 @@ impl Stages {
             .record(now.duration_since(self.last).as_secs_f64());
         self.last = now;
     }
+}
+
+/// Awaits the broker's acknowledgement of a batch's answers, timed as the
+/// step `confirm`.
+pub async fn confirmed(
+    confirming: impl std::future::Future<Output = Result<(), coupon_platform::kafka::PublishError>>,
+) -> Result<(), coupon_platform::kafka::consumer::BatchError> {
+    let started = Instant::now();
+    confirming.await?;
+    metrics::histogram!(STAGE_SECONDS, "stage" => "confirm")
+        .record(started.elapsed().as_secs_f64());
+    Ok(())
 }

@@ -156,6 +156,22 @@ impl Publisher {
         topic: &str,
         events: &[(K, E)],
     ) -> Result<(), PublishError> {
+        self.enqueue_all(topic, events).await?.await
+    }
+
+    /// Puts many events in the producer's queue, in order, and returns what
+    /// waits until all are acknowledged: the caller can do other work while
+    /// the broker confirms (the claim processor decides its next batch).
+    /// Events enqueued later land after these on each partition (the
+    /// idempotent producer keeps that order through its retries).
+    pub async fn enqueue_all<K: AsRef<str>, E: Event>(
+        &self,
+        topic: &str,
+        events: &[(K, E)],
+    ) -> Result<
+        impl std::future::Future<Output = Result<(), PublishError>> + Send + 'static,
+        PublishError,
+    > {
         let mut pending = Vec::with_capacity(events.len());
         for (key, event) in events {
             let payload = event.encode_to_vec();
@@ -164,8 +180,11 @@ impl Publisher {
                     .await?,
             );
         }
-        try_join_all(pending.into_iter().map(|f| Self::confirm(topic, f))).await?;
-        Ok(())
+        let topic = topic.to_owned();
+        Ok(async move {
+            try_join_all(pending.into_iter().map(|f| Self::confirm(&topic, f))).await?;
+            Ok(())
+        })
     }
 
     /// Publishes raw bytes (dead letters keep the original bytes; tests use it

@@ -18,8 +18,8 @@ use coupon_schemas::{Event, Role};
 pub use super::consumer::DecodeError;
 
 use super::consumer::{
-    decode, group_consumer, run_batches, Assignment, BatchError, ConsumerSettings, DeadLetters,
-    Record,
+    decode, group_consumer, run_batches, Assignment, BatchError, Confirmations, ConsumerSettings,
+    DeadLetters, Record,
 };
 use super::{KafkaSettings, Topics};
 
@@ -54,7 +54,9 @@ pub type Decoded<E> = (Record, E);
 ///
 /// `handle` decides and writes a batch atomically and stores nothing on
 /// failure (the batch loop retries or isolates records, see
-/// [`super::consumer::settle`]); `reject` sets aside one record that keeps
+/// [`super::consumer::settle`]); it may leave the broker's acknowledgement
+/// of what it published outstanding ([`Confirmations`]), and the loop stores
+/// the batch's offsets once they resolve; `reject` sets aside one record that keeps
 /// failing on its own, or does not decode (dead-letter it, and answer its
 /// requester if any).
 pub trait RoleHandler: Send + Sync {
@@ -69,7 +71,7 @@ pub trait RoleHandler: Send + Sync {
     fn handle(
         &self,
         batch: Vec<Decoded<Self::Event>>,
-    ) -> impl Future<Output = Result<(), BatchError>> + Send;
+    ) -> impl Future<Output = Result<Confirmations, BatchError>> + Send;
 
     fn reject(
         &self,
@@ -117,12 +119,12 @@ pub async fn run<H: RoleHandler>(
 /// Decodes `batch`, has `handler` handle what decoded, then sets aside
 /// what did not (after the batch's effects, as a handler's own refusals:
 /// a retried batch sets nothing aside twice). The loop stores the offsets
-/// only once this returns `Ok`.
+/// only once this returns `Ok` and the confirmations it returns resolved.
 pub async fn handle_records<H: RoleHandler>(
     handler: &H,
     topics: &Topics,
     batch: Vec<Record>,
-) -> Result<(), BatchError> {
+) -> Result<Confirmations, BatchError> {
     let mut decoded = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
     for record in batch {
@@ -131,11 +133,11 @@ pub async fn handle_records<H: RoleHandler>(
             Err(error) => refused.push((record, error.to_string())),
         }
     }
-    handler.handle(decoded).await?;
+    let confirmations = handler.handle(decoded).await?;
     for (record, reason) in refused {
         handler.reject(record, reason).await?;
     }
-    Ok(())
+    Ok(confirmations)
 }
 
 /// A batch sorted into the records that decoded and validated (with what

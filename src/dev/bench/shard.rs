@@ -216,7 +216,12 @@ pub async fn decide_on_each(
             for batch in claims.chunks(max_batch.max(1)) {
                 claims::handle_events(&context, batch)
                     .await
-                    .map_err(|error| anyhow::anyhow!("a claims batch failed: {error:?}"))?;
+                    .map_err(|error| anyhow::anyhow!("a claims batch failed: {error:?}"))?
+                    .confirmed()
+                    .await
+                    .map_err(|error| {
+                        anyhow::anyhow!("a claims batch's answers were not confirmed: {error:?}")
+                    })?;
             }
             anyhow::Ok(())
         });

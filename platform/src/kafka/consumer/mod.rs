@@ -1,9 +1,12 @@
 //! Group consumers and the batch loop every projector and processor runs.
 //!
 //! Delivery guarantee: **at least once, effects exactly once.** A batch's
-//! offsets are stored only after its handler returned `Ok`, i.e. after the
-//! work is durable in Postgres and any follow-up events were acknowledged by
-//! the broker. A crash before that redelivers the batch; the handlers are
+//! offsets are stored only after its handler returned `Ok` and the broker
+//! acknowledged the follow-up events it published, i.e. after the work is
+//! durable in Postgres and in the log. (A handler may leave those
+//! acknowledgements outstanding, [`Confirmations`]: the loop handles the
+//! next batch meanwhile, but stores offsets in order, each batch's only once
+//! its own are in.) A crash before that redelivers the batch; the handlers are
 //! idempotent (natural keys, stored decisions), so redelivery changes nothing.
 //! Stored offsets are committed by librdkafka every 500 ms, on rebalance
 //! (revoked partitions) and synchronously on graceful shutdown.
