@@ -96,21 +96,60 @@ impl Snapshot {
     }
 }
 
+/// Where a row's processor records its batches.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Recorder<'a> {
+    /// This process (the in-process rows).
+    ThisProcess,
+    /// A `couponctl run` serving at this base URL (the rows as users run
+    /// it): its `/metrics`.
+    Served(&'a str),
+}
+
+impl Recorder<'_> {
+    /// The recorder's values now; empty when a served one does not answer
+    /// (the row then goes without its batches' note).
+    pub async fn snapshot(self) -> Snapshot {
+        match self {
+            Recorder::ThisProcess => Snapshot::now(),
+            Recorder::Served(base) => {
+                let text = async { reqwest::get(format!("{base}/metrics")).await?.text().await };
+                text.await
+                    .map(|text| Snapshot::parse(&text))
+                    .unwrap_or_default()
+            }
+        }
+    }
+}
+
 /// Runs a scenario that keeps the claim processor busy and notes, in its
 /// row, the processor's batches meanwhile (see the module doc).
 pub(super) async fn noted(
     scenario: impl std::future::Future<Output = anyhow::Result<super::Row>>,
 ) -> anyhow::Result<super::Row> {
-    let before = Snapshot::now();
+    noted_from(Recorder::ThisProcess, scenario).await
+}
+
+/// [`noted`], with the batches of the processor `recorder` reads.
+pub(super) async fn noted_from(
+    recorder: Recorder<'_>,
+    scenario: impl std::future::Future<Output = anyhow::Result<super::Row>>,
+) -> anyhow::Result<super::Row> {
+    let before = recorder.snapshot().await;
     let mut row = scenario.await?;
-    if let Some(batches) = Snapshot::now().since(&before) {
+    append_batches(&mut row, &before, &recorder.snapshot().await);
+    Ok(row)
+}
+
+/// Adds the batches between `before` and `after` to `row`'s note.
+pub(super) fn append_batches(row: &mut super::Row, before: &Snapshot, after: &Snapshot) {
+    if let Some(batches) = after.since(before) {
         row.note = if row.note.is_empty() {
             batches
         } else {
             format!("{}; {batches}", row.note)
         };
     }
-    Ok(row)
 }
 
 #[cfg(test)]

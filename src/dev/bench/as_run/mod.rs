@@ -14,6 +14,7 @@ use anyhow::{bail, Context as _};
 
 use coupon_platform::store::stats;
 
+use super::grant_path::{append_batches, Recorder};
 use super::{profile, wrk, Latencies, Row, Scenario};
 
 mod open_loop;
@@ -205,7 +206,10 @@ async fn drive(
 ) -> anyhow::Result<Vec<Row>> {
     let db = sqlx::PgPool::connect(database_url).await?;
     release_projected(server, &db, "AsRun", coupons).await?;
+    let recorder = Recorder::Served(&server.base);
+    let batches_before = recorder.snapshot().await;
     let (claims, claims_cpu) = wrk_claims(server, "AsRun", connections).await?;
+    let batches_after = recorder.snapshot().await;
     let granted = stats::status_counts(&db).await?.held;
     let (healthz, healthz_cpu) =
         run_wrk(&[&format!("{}/healthz", server.base)], connections).await?;
@@ -227,6 +231,7 @@ async fn drive(
             format!("default logging; wrk -t2 -c{connections} -d{WRK_SECONDS}s; {healthz_cpu}"),
         ),
     ];
+    append_batches(&mut rows[0], &batches_before, &batches_after);
     rows.extend(open_loop::rows(server, &db, max_waiting).await?);
     Ok(rows)
 }

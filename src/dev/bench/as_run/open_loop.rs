@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use sqlx::PgPool;
 
+use super::super::grant_path::{append_batches, noted_from, Recorder};
 use super::super::{profile, vegeta, Latencies, Row, Scenario, STEADY_TARGET_RATE};
 use super::{release, release_projected, wrk_claims, Server, WRK_SECONDS};
 
@@ -62,26 +63,30 @@ pub(super) async fn rows(
         return Ok(Vec::new());
     }
     let mut rows = Vec::new();
+    // Each row notes the server's claim batches meanwhile, from its /metrics.
+    let recorder = Recorder::Served(&server.base);
     eprintln!("bench: couponctl run, the steady sale sent by vegeta");
     rows.push(
-        steady_sale(server)
+        noted_from(recorder, steady_sale(server))
             .await
             .context("the steady sale sent by vegeta")?,
     );
     eprintln!("bench: couponctl run, the steady day sent by vegeta");
     rows.push(
-        steady_day(server, db)
+        noted_from(recorder, steady_day(server, db))
             .await
             .context("the steady day sent by vegeta")?,
     );
     eprintln!("bench: couponctl run, its grant capacity by wrk");
-    let (capacity_row, capacity) = grant_capacity(server, db, grant_connections(max_waiting))
+    let before = recorder.snapshot().await;
+    let (mut capacity_row, capacity) = grant_capacity(server, db, grant_connections(max_waiting))
         .await
         .context("the grant capacity by wrk")?;
+    append_batches(&mut capacity_row, &before, &recorder.snapshot().await);
     rows.push(capacity_row);
     eprintln!("bench: couponctl run, twice its grant capacity sent by vegeta");
     rows.push(
-        overload(server, db, capacity)
+        noted_from(recorder, overload(server, db, capacity))
             .await
             .context("the overload sent by vegeta")?,
     );
