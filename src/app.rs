@@ -404,85 +404,10 @@ fn spawn_consumers(
         let poll = if spec.answers_clients { fast } else { slow };
         for _ in 0..instances {
             let (ctx, stop, interval) = (ctx.clone(), shutdown.clone(), config.sweep_interval);
-            if role == Role::Claims {
-                spawn_on_own_thread(config, ctx, poll, stop, tasks);
-                continue;
-            }
             tasks.spawn(async move {
                 coupon_consumers::run(role, ctx, poll, interval, stop)
                     .await
                     .with_context(|| format!("the {role} consumer stopped"))
-            });
-        }
-    }
-}
-
-/// Postgres connections of a claim processor's own pool: a batch holds one
-/// for its transaction; the rest serve its upkeep.
-const CLAIM_PROCESSOR_CONNECTIONS: u32 = 4;
-
-/// Runs a claim processor on a thread and runtime of its own, with a
-/// Postgres pool and a Redis client of its own (I/O belongs to the runtime
-/// that made it).
-///
-/// Why: in the runtime it shared with the gateway, each of the processor's
-/// round trips waited behind every HTTP task ready at that moment. With the
-/// machine busy answering claims (the grant capacity row of `make bench`, a
-/// thousand claims waiting), a Redis `GET` of a fraction of a millisecond
-/// took 7.4 ms and a batch 76 ms, most of it queueing, and every claim waits
-/// for the batches before it. On its own thread the operating system shares
-/// the cores between the processor and the gateway's workers instead.
-fn spawn_on_own_thread(
-    config: &AppConfig,
-    ctx: Context,
-    poll: PollSettings,
-    stop: CancellationToken,
-    tasks: &mut JoinSet<anyhow::Result<()>>,
-) {
-    let role = Role::Claims;
-    let config = config.clone();
-    let (done, finished) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("claims-processor".into())
-        .spawn(move || {
-            let run = || -> anyhow::Result<()> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("building the claim processor's runtime")?;
-                runtime.block_on(async {
-                    let pool = coupon_platform::db::connect(
-                        &config.database_url,
-                        CLAIM_PROCESSOR_CONNECTIONS,
-                    )
-                    .await
-                    .with_context(|| {
-                        format!("connecting to Postgres at {}", redact(&config.database_url))
-                    })?;
-                    let cache = Cache::connect(&config.redis_url, &config.redis_prefix)
-                        .await
-                        .with_context(|| {
-                            format!("connecting to Redis at {}", redact(&config.redis_url))
-                        })?;
-                    let ctx = Context { pool, cache, ..ctx };
-                    coupon_consumers::run(role, ctx, poll, config.sweep_interval, stop)
-                        .await
-                        .with_context(|| format!("the {role} consumer stopped"))
-                })
-            };
-            let _ = done.send(run());
-        });
-    match spawned {
-        Ok(_) => {
-            tasks.spawn(async move {
-                finished
-                    .await
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the {role} consumer's thread died")))
-            });
-        }
-        Err(error) => {
-            tasks.spawn(async move {
-                Err(anyhow::Error::new(error).context("starting the claim processor's thread"))
             });
         }
     }
