@@ -10,7 +10,8 @@ use sqlx::PgPool;
 
 use coupon_platform::kafka::Publisher;
 
-use super::{issue, release, Latencies, Row, Scenario, STEADY_TARGET_RATE};
+use super::release::{issue, release};
+use super::{Latencies, Row, Scenario, STEADY_TARGET_RATE};
 use crate::app::AppConfig;
 
 /// The steady rows' mixes and rates. The latency target: 5,000 claims/s,
