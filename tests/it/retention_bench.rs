@@ -5,7 +5,7 @@
 //! decisions inserted: one transaction of 2,000 new claims, as a full
 //! batch) on the empty database of day 1, then loads 29 more days of
 //! decisions, quota slots and history with binary `COPY`s into their day
-//! partitions (the loader, [`load_day`]), and measures the same batches on
+//! partitions (the loader, `couponctl::dev::load`), and measures the same batches on
 //! day 30; then the same lookup unbounded (every partition, as it would be
 //! without `REQUEST_ID_HORIZON`), and one retention round dropping the
 //! oldest day.
@@ -21,15 +21,12 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Days, NaiveDate, TimeZone as _, Utc};
-use uuid::Uuid;
+use chrono::{DateTime, Days, Utc};
 
-use coupon_domain::claim::ClaimOutcomeKind;
-use coupon_domain::{Category, HistoryKind, RequestId, UserId};
-use coupon_platform::pgcopy::{copy_in, BinaryRows};
+use coupon_domain::{RequestId, UserId};
 use coupon_platform::store::claims::{self, ClaimDecisionRecord};
-use coupon_platform::store::history::{append_bulk, HistoryRow};
 use coupon_platform::store::retention::{self, Retention};
+use couponctl::dev::load::{decision, load_day, midnight};
 
 use crate::harness::TestEnv;
 
@@ -37,97 +34,6 @@ use crate::harness::TestEnv;
 const BATCH: usize = 2_000;
 /// Batches measured on each day.
 const BATCHES: usize = 20;
-/// Rows per `COPY`.
-const CHUNK: usize = 50_000;
-const DAY_MS: i64 = 86_400_000;
-
-fn midnight(day: NaiveDate) -> DateTime<Utc> {
-    Utc.from_utc_datetime(&day.and_hms_opt(0, 0, 0).unwrap())
-}
-
-fn decision(
-    request: String,
-    user: String,
-    at: DateTime<Utc>,
-    granted: bool,
-) -> ClaimDecisionRecord {
-    ClaimDecisionRecord {
-        request_id: RequestId::parse(request).unwrap(),
-        event_id: Uuid::new_v4(),
-        user_id: UserId::parse(user).unwrap(),
-        outcome: if granted {
-            ClaimOutcomeKind::Granted
-        } else {
-            ClaimOutcomeKind::SoldOut
-        },
-        coupon_code: None,
-        category: granted.then(|| Category::parse("Bench").unwrap()),
-        expires_at: granted.then(|| at + chrono::Duration::minutes(5)),
-        repeated: false,
-        retry_at: None,
-        blacklisted_until: None,
-        decided_at: at,
-    }
-}
-
-/// Loads `per_day` claims decided on `day`, spread over it: their
-/// decisions, a quota slot for each hundredth (granted), and a history row
-/// each, by binary `COPY`, `CHUNK` rows at a time. Returns the rows written.
-pub async fn load_day(pool: &sqlx::PgPool, day: NaiveDate, per_day: usize) -> u64 {
-    let start = midnight(day);
-    let step = DAY_MS / per_day.max(1) as i64;
-    let tag = day.format("%Y%m%d");
-    let mut written = 0;
-    for first in (0..per_day).step_by(CHUNK) {
-        let range = first..(first + CHUNK).min(per_day);
-        let at = |i: usize| start + chrono::Duration::milliseconds(i as i64 * step);
-        let decisions: Vec<ClaimDecisionRecord> = range
-            .clone()
-            .map(|i| decision(format!("d{tag}-{i}"), format!("u{i}"), at(i), i % 100 == 0))
-            .collect();
-        let mut quota = BinaryRows::new(4, CHUNK / 100 * 60);
-        for d in decisions
-            .iter()
-            .filter(|d| d.outcome == ClaimOutcomeKind::Granted)
-        {
-            quota
-                .row()
-                .text(d.user_id.as_str())
-                .timestamptz(&start)
-                .text(d.request_id.as_str())
-                .timestamptz(&d.decided_at);
-        }
-        let history: Vec<HistoryRow> = decisions
-            .iter()
-            .map(|d| HistoryRow {
-                occurred_at: d.decided_at,
-                event_id: d.event_id,
-                item: 0,
-                coupon_code: None,
-                user_id: Some(d.user_id.as_str().to_owned()),
-                kind: if d.outcome == ClaimOutcomeKind::Granted {
-                    HistoryKind::Granted
-                } else {
-                    HistoryKind::Rejected
-                },
-                detail: serde_json::json!({"request_id": d.request_id.as_str()}),
-            })
-            .collect();
-        let (d, q, h) = tokio::join!(
-            claims::copy_decisions(pool, &decisions),
-            copy_in(
-                pool,
-                "COPY quota_grants (user_id, window_start, request_id, granted_at) \
-                 FROM STDIN (FORMAT binary)",
-                quota,
-            ),
-            append_bulk(pool, &history),
-        );
-        written += d.unwrap() + q.unwrap() + h.unwrap();
-    }
-    written
-}
-
 /// One batch of the claim processor's statements: `BATCH` new claims of
 /// existing users, looked up from `since`, their states read, their
 /// decisions inserted, in one transaction. Returns its time and how many
@@ -154,7 +60,9 @@ async fn batch(
         let decisions: Vec<ClaimDecisionRecord> = requests
             .iter()
             .zip(users)
-            .map(|(r, u)| decision(r.as_str().to_owned(), u.as_str().to_owned(), now, false))
+            .map(|(r, u)| {
+                decision(r.as_str().to_owned(), u.as_str().to_owned(), now, false).unwrap()
+            })
             .collect();
         let inserted = claims::insert_decisions(&mut tx, &decisions).await.unwrap();
         assert_eq!(inserted as usize, decisions.len());
@@ -216,7 +124,9 @@ async fn the_claim_batch_on_day_1_and_day_30() {
     let started = Instant::now();
     let mut rows = 0;
     for n in 0..29 {
-        rows += load_day(pool, first.checked_add_days(Days::new(n)).unwrap(), per_day).await;
+        rows += load_day(pool, first.checked_add_days(Days::new(n)).unwrap(), per_day)
+            .await
+            .unwrap();
     }
     let load_seconds = started.elapsed().as_secs_f64();
     sqlx::query("ANALYZE claim_decisions, quota_grants, coupon_history")
