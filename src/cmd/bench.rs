@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// 100,000, 1,000,000 and 3,000,000).
     #[arg(long, env = "BENCH_SCALE", value_delimiter = ',')]
     pub scale: Vec<usize>,
+    /// Claims a day in the 29 days loaded into `couponctl run`'s database
+    /// before its day-30 rows [default: 200,000; 4,000 with --quick; 0
+    /// leaves the day-30 rows out]
+    #[arg(long, env = "BENCH_DAY30_PER_DAY")]
+    pub day30_per_day: Option<usize>,
 }
 
 pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
@@ -57,6 +62,9 @@ pub async fn run(conn: &Connections, args: BenchArgs) -> anyhow::Result<()> {
     options.shard_urls = args.shard_urls;
     options.as_run_only = args.as_run_only;
     options.scale = args.scale;
+    if let Some(per_day) = args.day30_per_day {
+        options.day30_per_day = per_day;
+    }
     let rows = couponctl::dev::bench::run(config, options).await?;
     println!("{}", couponctl::dev::bench::render(&rows));
     println!("{}", couponctl::dev::bench::render_targets(&rows));

@@ -73,6 +73,9 @@ pub struct BenchOptions {
     /// of users, each in a fresh database with fresh topics, with a coupon
     /// for one user in a hundred.
     pub scale: Vec<usize>,
+    /// Claims a day in the 29 days loaded before the day-30 rows of
+    /// `couponctl run` (0 leaves those rows out).
+    pub day30_per_day: usize,
 }
 
 impl BenchOptions {
@@ -87,6 +90,7 @@ impl BenchOptions {
             shard_urls: Vec::new(),
             as_run_only: false,
             scale: Vec::new(),
+            day30_per_day: 4_000,
         }
     }
 
@@ -94,6 +98,9 @@ impl BenchOptions {
         Self {
             users: 1_000_000,
             steady: Duration::from_secs(60),
+            // A fifth of the seed's million a day, as the retention bench:
+            // 29 days of it are about 4 GB with the history.
+            day30_per_day: 200_000,
             ..Self::quick()
         }
     }
@@ -138,6 +145,11 @@ pub enum Scenario {
     AsRunGrants,
     /// That process sent twice its grant capacity by `vegeta`.
     AsRunOverload,
+    /// The flash sale by `wrk` again, after a month of decisions, quota
+    /// slots and history was loaded into that process's database.
+    AsRunClaimsDay30,
+    /// The steady sale by `vegeta` again, on that month.
+    AsRunSteadySaleDay30,
 }
 
 impl Scenario {
@@ -152,6 +164,8 @@ impl Scenario {
                 | Self::AsRunSteadyDay
                 | Self::AsRunGrants
                 | Self::AsRunOverload
+                | Self::AsRunClaimsDay30
+                | Self::AsRunSteadySaleDay30
         )
     }
 }
@@ -216,7 +230,13 @@ pub async fn run(base: AppConfig, options: BenchOptions) -> anyhow::Result<Vec<R
     // Before the scratch database exists, so a missing service leaves nothing behind.
     app::check_services(&base).await?;
     if options.as_run_only {
-        return as_run::as_run(&base, options.coupons, options.concurrency.max(256)).await;
+        return as_run::as_run(
+            &base,
+            options.coupons,
+            options.concurrency.max(256),
+            options.day30_per_day,
+        )
+        .await;
     }
     if !options.scale.is_empty() {
         let mut rows = Vec::new();
@@ -300,9 +320,14 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
 
     eprintln!("bench: couponctl run as users run it, driven by wrk");
     rows.extend(
-        as_run::as_run(config, options.coupons, options.concurrency.max(256))
-            .await
-            .context("the rows of couponctl run driven by wrk")?,
+        as_run::as_run(
+            config,
+            options.coupons,
+            options.concurrency.max(256),
+            options.day30_per_day,
+        )
+        .await
+        .context("the rows of couponctl run driven by wrk")?,
     );
 
     let UnderTest {

@@ -113,6 +113,43 @@ fn open_loop_targets(rows: &[Row]) -> Vec<Target> {
     targets
 }
 
+/// Day 30 against day 1 as users run it: the flash sale's rate by `wrk` and
+/// the steady sale's p99, both on the same `couponctl run`, before and after
+/// a month was loaded into its database. Slower by at most a tenth.
+fn day30_target(rows: &[Row]) -> Option<Target> {
+    let find = |kind: Scenario| rows.iter().find(|r| r.kind == kind);
+    let (flash1, flash30) = (
+        find(Scenario::AsRunClaims)?,
+        find(Scenario::AsRunClaimsDay30)?,
+    );
+    let rate_change = flash30.throughput() / flash1.throughput().max(1e-9) - 1.0;
+    let p99 = |kind: Scenario| find(kind).and_then(|r| ms(r.latencies, |l| l.p99));
+    let (sale1, sale30) = (
+        p99(Scenario::AsRunSteadySale),
+        p99(Scenario::AsRunSteadySaleDay30),
+    );
+    let p99_change = sale1
+        .zip(sale30)
+        .map(|(day1, day30)| day30 / day1.max(1e-9) - 1.0);
+    Some(Target {
+        name: "day 30 as users run it (a month loaded into couponctl run's database)",
+        goal: "flash sale rate and steady sale p99 within 10% of day 1".into(),
+        measured: format!(
+            "flash sale {:.0}/s ({:+.1}%), steady sale p99 {} ({})",
+            flash30.throughput(),
+            rate_change * 100.0,
+            shown(sale30),
+            p99_change.map_or("-".into(), |c| format!("{:+.1}%", c * 100.0))
+        ),
+        baseline: format!(
+            "day 1: flash sale {:.0}/s, steady sale p99 {}, same server, same run",
+            flash1.throughput(),
+            shown(sale1)
+        ),
+        met: Some(rate_change >= -0.10 && p99_change.is_some_and(|c| c <= 0.10)),
+    })
+}
+
 /// The scale rows: the flash sale's decided claims/s at each number of users.
 fn scale_target(rows: &[Row]) -> Option<Target> {
     let scale: Vec<&Row> = rows.iter().filter(|r| r.kind == Scenario::Scale).collect();
@@ -179,6 +216,7 @@ pub fn render_targets(rows: &[Row]) -> String {
     }
     targets.extend(as_run_target(rows));
     targets.extend(open_loop_targets(rows));
+    targets.extend(day30_target(rows));
     targets.extend(scale_target(rows));
     if let Some(steady) = find(Scenario::SteadySale).or_else(|| find(Scenario::SteadyDay)) {
         let p99 = steady.latencies.map(|l| l.p99.as_secs_f64() * 1000.0);
@@ -263,6 +301,43 @@ mod tests {
             memory: None,
             open_loop: None,
         }
+    }
+
+    fn with_p99(mut row: Row, p99_ms: u64) -> Row {
+        row.latencies = Some(Latencies {
+            p50: Duration::from_millis(1),
+            p99: Duration::from_millis(p99_ms),
+            max: Duration::from_millis(p99_ms),
+        });
+        row
+    }
+
+    #[test]
+    fn day_30_is_met_when_neither_figure_is_a_tenth_worse_than_day_1() {
+        let day1 = [
+            row(Scenario::AsRunClaims, 10_000, 1.0),
+            with_p99(row(Scenario::AsRunSteadySale, 5_000, 1.0), 80),
+        ];
+        let table = |flash: u64, p99: u64| {
+            let mut rows = day1.to_vec();
+            rows.push(row(Scenario::AsRunClaimsDay30, flash, 1.0));
+            rows.push(with_p99(
+                row(Scenario::AsRunSteadySaleDay30, 5_000, 1.0),
+                p99,
+            ));
+            line_of(&render_targets(&rows), "day 30 as users run it")
+        };
+        let same = table(9_500, 86);
+        assert!(same.ends_with("| yes |"), "{same}");
+        assert!(
+            same.contains("(-5.0%)") && same.contains("(+7.5%)"),
+            "{same}"
+        );
+        assert!(table(8_900, 80).ends_with("| no |"), "the rate fell by 11%");
+        assert!(table(10_000, 89).ends_with("| no |"), "the p99 rose by 11%");
+        assert!(table(12_000, 60).ends_with("| yes |"), "faster is within");
+        let without = render_targets(&day1);
+        assert!(!without.contains("day 30"), "{without}");
     }
 
     #[test]

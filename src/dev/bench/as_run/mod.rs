@@ -15,8 +15,9 @@ use anyhow::{bail, Context as _};
 use coupon_platform::store::stats;
 
 use super::grant_path::{append_batches, Recorder};
-use super::{profile, wrk, Latencies, Row, Scenario};
+use super::{profile, vegeta, wrk, Latencies, Row, Scenario};
 
+mod day30;
 mod open_loop;
 
 use crate::app::{self, AppConfig};
@@ -45,12 +46,17 @@ end
 /// How long each `wrk` run lasts.
 const WRK_SECONDS: u64 = 20;
 
-/// The two rows (claims, then `/healthz` on the same server), or none when
-/// `wrk` is not installed.
+/// The rows of `couponctl run` driven from outside, or none when `wrk` is
+/// not installed: day 1 (the flash sale and `/healthz`, then the open-loop
+/// rows) on one server, then day 30 on a second one whose database gets a
+/// month loaded first (unless `day30_per_day` is 0 or `vegeta` is missing),
+/// so that both days' flash sale and steady sale start from the same state
+/// but for the month.
 pub async fn as_run(
     base: &AppConfig,
     coupons: u32,
     connections: usize,
+    day30_per_day: usize,
 ) -> anyhow::Result<Vec<Row>> {
     if std::process::Command::new("wrk")
         .arg("--version")
@@ -61,20 +67,63 @@ pub async fn as_run(
         return Ok(Vec::new());
     }
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
-    let scratch =
-        app::ScratchDatabase::create(&base.database_url, &format!("coupons_asrun_{stamp}")).await?;
-    let prefix = format!("asrun{stamp}");
+    let mut rows = on_own_server(base, &stamp, Day::One, coupons, connections).await?;
+    if day30_per_day > 0 && vegeta::installed() {
+        let per_day = day30_per_day;
+        rows.extend(
+            on_own_server(base, &stamp, Day::Thirty { per_day }, coupons, connections).await?,
+        );
+    }
+    Ok(rows)
+}
+
+/// Which rows a server of its own runs.
+#[derive(Debug, Clone, Copy)]
+enum Day {
+    One,
+    /// After 29 days of `per_day` claims were loaded into its database.
+    Thirty {
+        per_day: usize,
+    },
+}
+
+/// Starts a `couponctl run` on a scratch database, runs `day`'s rows
+/// against it, stops it, and deletes its database, topics and Redis keys.
+async fn on_own_server(
+    base: &AppConfig,
+    stamp: &str,
+    day: Day,
+    coupons: u32,
+    connections: usize,
+) -> anyhow::Result<Vec<Row>> {
+    let suffix = match day {
+        Day::One => "",
+        Day::Thirty { .. } => "d30",
+    };
+    let scratch = app::ScratchDatabase::create(
+        &base.database_url,
+        &format!("coupons_asrun_{stamp}{suffix}"),
+    )
+    .await?;
+    let prefix = format!("asrun{stamp}{suffix}");
     let server = Server::start(base, &scratch.url, &prefix).await;
     let result = match server {
         Ok(mut server) => {
-            let rows = drive(
-                &server,
-                &scratch.url,
-                coupons,
-                connections,
-                base.gateway.max_waiting,
-            )
-            .await;
+            let rows = match day {
+                Day::One => {
+                    drive(
+                        &server,
+                        &scratch.url,
+                        coupons,
+                        connections,
+                        base.gateway.max_waiting,
+                    )
+                    .await
+                }
+                Day::Thirty { per_day } => {
+                    day30::rows(&server, &scratch.url, coupons, connections, per_day).await
+                }
+            };
             server.stop().await;
             rows.map(|mut rows| {
                 let log = server.log_note();

@@ -67,9 +67,12 @@ pub(super) async fn rows(
     let recorder = Recorder::Served(&server.base);
     eprintln!("bench: couponctl run, the steady sale sent by vegeta");
     rows.push(
-        noted_from(recorder, steady_sale(server))
-            .await
-            .context("the steady sale sent by vegeta")?,
+        noted_from(
+            recorder,
+            steady_sale(server, "AsRunSale", Scenario::AsRunSteadySale, ""),
+        )
+        .await
+        .context("the steady sale sent by vegeta")?,
     );
     eprintln!("bench: couponctl run, the steady day sent by vegeta");
     rows.push(
@@ -94,9 +97,16 @@ pub(super) async fn rows(
 }
 
 /// 5,000 claims/s, a tenth winning: a tenth of a second's claims released
-/// every second through the admin route while the claims arrive.
-async fn steady_sale(server: &Server) -> anyhow::Result<Row> {
-    let (rate, category) = (STEADY_TARGET_RATE, "AsRunSale");
+/// every second through the admin route while the claims arrive, in
+/// `category` (new users and a new pool each time it runs); `day` is said
+/// first in the row's note.
+pub(super) async fn steady_sale(
+    server: &Server,
+    category: &str,
+    kind: Scenario,
+    day: &str,
+) -> anyhow::Result<Row> {
+    let rate = STEADY_TARGET_RATE;
     let per_second = (rate as u32 / 10).max(1);
     let supply = async {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -109,13 +119,23 @@ async fn steady_sale(server: &Server) -> anyhow::Result<Row> {
     let (outcome, supplied) = tokio::join!(send(server, category, rate), supply);
     supplied.context("the sale's supply")?;
     let (outcome, cpu) = outcome?;
+    let when = if kind == Scenario::AsRunSteadySaleDay30 {
+        ", day 30"
+    } else {
+        ""
+    };
+    let day = if day.is_empty() {
+        String::new()
+    } else {
+        format!("{day}; ")
+    };
     Ok(steady_row(
-        Scenario::AsRunSteadySale,
-        format!("steady sale as users run it: {rate:.0} claims/s, vegeta"),
+        kind,
+        format!("steady sale as users run it{when}: {rate:.0} claims/s, vegeta"),
         &outcome,
         rate,
         format!(
-            "a tenth win: {per_second} coupons released every second through the admin route; {cpu}"
+            "{day}a tenth win: {per_second} coupons released every second through the admin route; {cpu}"
         ),
     ))
 }
