@@ -359,29 +359,16 @@ pub async fn run_batches<S, H, HFut, R, RFut>(
             confirmed = confirmation_of(&mut in_flight) => Next::Confirmed(confirmed),
             batch = source.next(max_batch) => Next::Batch(batch),
         };
-        let batch = match next {
+        // The batch confirmed before (alone, or while this one was handled),
+        // and this one, handled, with its confirmations.
+        let (previous, handled) = match next {
             Next::Shutdown => break,
-            Next::Confirmed(result) => {
-                if let Some(InFlight { batch, .. }) = in_flight.take() {
-                    let settled = finish(
-                        name,
-                        &source,
-                        batch,
-                        result,
-                        &policy,
-                        &mut handle,
-                        &mut reject,
-                        &mut shutdown,
-                    )
-                    .await;
-                    if settled == Settled::Stopped {
-                        source.commit(name);
-                        return;
-                    }
-                }
-                continue;
-            }
-            Next::Batch(Ok(batch)) => batch,
+            Next::Confirmed(confirmed) => (
+                in_flight
+                    .take()
+                    .map(|InFlight { batch, .. }| (batch, confirmed)),
+                None,
+            ),
             Next::Batch(Err(error)) => {
                 tracing::warn!(consumer = name, %error, "consumer error");
                 metrics::counter!("coupon_consumer_errors_total", "consumer" => name.to_owned())
@@ -389,36 +376,40 @@ pub async fn run_batches<S, H, HFut, R, RFut>(
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-        };
-        let outstanding = std::sync::Mutex::new(Confirmations::none());
-        let (outstanding_of_parts, handler) = (&outstanding, &mut handle);
-        let mut collecting = move |records: Vec<Record>| {
-            let handled = handler(records);
-            async move {
-                let confirmations = handled.await?;
-                if let Ok(mut outstanding) = outstanding_of_parts.lock() {
-                    outstanding.extend(confirmations);
-                }
-                Ok(())
+            Next::Batch(Ok(batch)) => {
+                let outstanding = std::sync::Mutex::new(Confirmations::none());
+                let (outstanding_of_parts, handler) = (&outstanding, &mut handle);
+                let mut collecting = move |records: Vec<Record>| {
+                    let handled = handler(records);
+                    async move {
+                        let confirmations = handled.await?;
+                        if let Ok(mut outstanding) = outstanding_of_parts.lock() {
+                            outstanding.extend(confirmations);
+                        }
+                        Ok(())
+                    }
+                };
+                let settling = settle(
+                    name,
+                    batch.clone(),
+                    &policy,
+                    &mut collecting,
+                    &mut reject,
+                    &mut shutdown,
+                );
+                let (settled, previous) = match in_flight.take() {
+                    Some(InFlight {
+                        batch: previous,
+                        confirming,
+                    }) => {
+                        let (settled, confirmed) = futures::join!(settling, confirming);
+                        (settled, Some((previous, confirmed)))
+                    }
+                    None => (settling.await, None),
+                };
+                let confirmations = outstanding.into_inner().unwrap_or_default();
+                (previous, Some((batch, settled, confirmations)))
             }
-        };
-        let settling = settle(
-            name,
-            batch.clone(),
-            &policy,
-            &mut collecting,
-            &mut reject,
-            &mut shutdown,
-        );
-        let (settled, previous) = match in_flight.take() {
-            Some(InFlight {
-                batch: previous,
-                confirming,
-            }) => {
-                let (settled, confirmed) = futures::join!(settling, confirming);
-                (settled, Some((previous, confirmed)))
-            }
-            None => (settling.await, None),
         };
         if let Some((previous, confirmed)) = previous {
             let finished = finish(
@@ -437,12 +428,14 @@ pub async fn run_batches<S, H, HFut, R, RFut>(
                 return;
             }
         }
+        let Some((batch, settled, confirmations)) = handled else {
+            continue;
+        };
         if settled == Settled::Stopped {
             // Not stored: the batch is redelivered to whoever runs next.
             source.commit(name);
             return;
         }
-        let confirmations = outstanding.into_inner().unwrap_or_default();
         if confirmations.is_empty() {
             mark_done(name, &source, &batch);
         } else {
