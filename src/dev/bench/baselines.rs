@@ -225,20 +225,11 @@ async fn wrk_baseline(base: &str, concurrency: usize) -> anyhow::Result<Option<R
     if let Some(cpu) = profile::since(before) {
         note = format!("{note}; {cpu}");
     }
-    Ok(Some(Row {
-        kind: Scenario::Wrk,
-        memory: None,
-        open_loop: None,
-        scenario: "baseline: /healthz driven by wrk".into(),
-        operations: summary.requests,
-        seconds: summary.requests as f64 / summary.per_second.max(1e-9),
-        latencies: Some(Latencies {
-            p50: summary.p50,
-            p99: summary.p99,
-            max: summary.max,
-        }),
+    Ok(Some(summary.row(
+        Scenario::Wrk,
+        "baseline: /healthz driven by wrk",
         note,
-    }))
+    )))
 }
 
 /// The allocation statement straight against Postgres: one claim per

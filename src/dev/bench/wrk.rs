@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 
+use super::{Latencies, Row, Scenario};
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
     pub requests: u64,
@@ -14,6 +16,26 @@ pub struct Summary {
     pub p99: Duration,
     pub max: Duration,
     pub non_2xx: u64,
+}
+
+impl Summary {
+    /// The bench's row of this run: its requests, their time and latencies.
+    pub fn row(&self, kind: Scenario, scenario: &str, note: String) -> Row {
+        Row {
+            kind,
+            memory: None,
+            open_loop: None,
+            scenario: scenario.into(),
+            operations: self.requests,
+            seconds: self.requests as f64 / self.per_second.max(1e-9),
+            latencies: Some(Latencies {
+                p50: self.p50,
+                p99: self.p99,
+                max: self.max,
+            }),
+            note,
+        }
+    }
 }
 
 /// Runs `wrk -t2 --latency` with `connections` for `seconds` and `args`

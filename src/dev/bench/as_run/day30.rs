@@ -16,7 +16,7 @@ use sqlx::PgPool;
 
 use super::super::grant_path::{append_batches, noted_from, Recorder};
 use super::super::{Row, Scenario};
-use super::{open_loop, release_projected, row, wrk_claims, Server, WRK_SECONDS};
+use super::{open_loop, release_projected, wrk_claims, Server, WRK_SECONDS};
 use crate::dev::load::load_month;
 
 /// The day-30 rows: the month loaded, then the flash sale and the steady
@@ -42,10 +42,9 @@ pub(super) async fn rows(
     release_projected(server, db, "AsRun", coupons).await?;
     let before = recorder.snapshot().await;
     let (claims, cpu) = wrk_claims(server, "AsRun", connections).await?;
-    let mut flash = row(
+    let mut flash = claims.row(
         Scenario::AsRunClaimsDay30,
         "flash sale as users run it, day 30: couponctl run, wrk claims",
-        &claims,
         format!(
             "{month}; {coupons} coupons, {} answered sold out (non-2xx); wrk -t2 -c{connections} -d{WRK_SECONDS}s, a new user per request; {cpu}",
             claims.non_2xx

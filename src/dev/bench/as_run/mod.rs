@@ -15,7 +15,7 @@ use anyhow::{bail, Context as _};
 use coupon_platform::store::stats;
 
 use super::grant_path::{append_batches, Recorder};
-use super::{profile, vegeta, wrk, Latencies, Row, Scenario};
+use super::{profile, vegeta, wrk, Row, Scenario};
 
 mod day30;
 mod open_loop;
@@ -264,19 +264,17 @@ async fn drive(
         run_wrk(&[&format!("{}/healthz", server.base)], connections).await?;
     let ratio = claims.per_second / healthz.per_second.max(1e-9);
     let mut rows = vec![
-        row(
+        claims.row(
             Scenario::AsRunClaims,
             "flash sale as users run it: couponctl run, token on, wrk claims",
-            &claims,
             format!(
                 "default logging (info, one line per request); {ratio:.2}x wrk's /healthz on the same server; {coupons} coupons, {granted} granted, {} answered sold out (non-2xx); wrk -t2 -c{connections} -d{WRK_SECONDS}s, a new user per request; {claims_cpu}",
                 claims.non_2xx
             ),
         ),
-        row(
+        healthz.row(
             Scenario::AsRunHealthz,
             "baseline: /healthz of that couponctl run, wrk",
-            &healthz,
             format!("default logging; wrk -t2 -c{connections} -d{WRK_SECONDS}s; {healthz_cpu}"),
         ),
     ];
@@ -362,21 +360,4 @@ async fn run_wrk(args: &[&str], connections: usize) -> anyhow::Result<(wrk::Summ
         .await?
         .context("wrk is not installed")?;
     Ok((summary, profile::since(before).unwrap_or_default()))
-}
-
-fn row(kind: Scenario, scenario: &str, summary: &wrk::Summary, note: String) -> Row {
-    Row {
-        kind,
-        memory: None,
-        open_loop: None,
-        scenario: scenario.into(),
-        operations: summary.requests,
-        seconds: summary.requests as f64 / summary.per_second.max(1e-9),
-        latencies: Some(Latencies {
-            p50: summary.p50,
-            p99: summary.p99,
-            max: summary.max,
-        }),
-        note,
-    }
 }

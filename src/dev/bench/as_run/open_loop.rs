@@ -168,10 +168,9 @@ async fn grant_capacity(
     let granted = summary.requests.saturating_sub(summary.non_2xx);
     let seconds = summary.requests as f64 / summary.per_second.max(1e-9);
     let capacity = granted as f64 / seconds.max(1e-9);
-    let mut row = super::row(
+    let mut row = summary.row(
         Scenario::AsRunGrants,
         "grant capacity as users run it: every claim wins, wrk",
-        &summary,
         format!(
             "{granted} granted, {} not (non-2xx{}); wrk -t2 -c{connections} -d{WRK_SECONDS}s, a new user per request, {GRANT_POOL} coupons released first; {cpu}",
             summary.non_2xx,
