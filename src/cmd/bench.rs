@@ -30,8 +30,9 @@ pub struct BenchArgs {
     /// rows out.
     #[arg(long, env = "BENCH_SHARD_URLS", value_delimiter = ',')]
     pub shard_urls: Vec<String>,
-    /// Only the rows of `couponctl run` driven by `wrk` from outside (the
-    /// product as users run it), a minute instead of the whole bench.
+    /// Only the rows of `couponctl run` driven from outside by `wrk` and
+    /// `vegeta` (the product as users run it), day 1 and day 30: about five
+    /// minutes instead of the whole bench.
     #[arg(long, env = "BENCH_AS_RUN_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
     pub as_run_only: bool,
     /// The scale rows instead of the whole bench: the flash sale alone, once
