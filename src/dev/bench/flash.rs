@@ -13,10 +13,12 @@ use coupon_domain::Category;
 use coupon_platform::store;
 
 use super::release::release;
-use super::{plot, profile, profiled, BenchOptions, Latencies, Row, Scenario, UnderTest};
+use super::{
+    grant_path, plot, profile, profiled, BenchOptions, Latencies, Row, Scenario, UnderTest,
+};
 use crate::app::AppConfig;
 
-pub(super) async fn flash_sale(
+async fn flash_sale(
     http: &reqwest::Client,
     base: &str,
     pool: &PgPool,
@@ -129,6 +131,29 @@ pub(super) async fn load(
     Ok(latencies)
 }
 
+/// Releases the flash sale's coupons, then runs it on the generator's
+/// threads (`on_generator`), with the machine's CPU and the claim
+/// processor's batches meanwhile in its note.
+pub(super) async fn released_and_run(
+    config: &AppConfig,
+    options: &BenchOptions,
+    pool: &PgPool,
+    http: &reqwest::Client,
+    base: &str,
+    on_generator: &tokio::runtime::Handle,
+) -> anyhow::Result<Row> {
+    release(config, pool, "Flash", options.coupons).await?;
+    let (http, base, pool, options) =
+        (http.clone(), base.to_owned(), pool.clone(), options.clone());
+    profiled(grant_path::noted(async {
+        on_generator
+            .spawn(async move { flash_sale(&http, &base, &pool, &options).await })
+            .await?
+    }))
+    .await
+    .context("the flash sale")
+}
+
 /// A scale row: the flash sale alone, with `options.users` users, as in
 /// the full run (every role in this process, the same generator).
 pub(super) async fn scale_row(config: &AppConfig, options: &BenchOptions) -> anyhow::Result<Row> {
@@ -141,15 +166,7 @@ pub(super) async fn scale_row(config: &AppConfig, options: &BenchOptions) -> any
         generator,
         on_generator,
     } = UnderTest::start(config, options).await?;
-    release(config, &pool, "Flash", options.coupons).await?;
-    let (gen_pool, gen_options) = (pool.clone(), options.clone());
-    let flash = profiled(async {
-        on_generator
-            .spawn(async move { flash_sale(&http, &base, &gen_pool, &gen_options).await })
-            .await?
-    })
-    .await
-    .context("the flash sale");
+    let flash = released_and_run(config, options, &pool, &http, &base, &on_generator).await;
     drop(generator);
     token.cancel();
     running.wait().await?;

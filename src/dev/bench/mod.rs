@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, AppConfig, Role};
 use baselines::{allocation_baselines, echo, http_baselines};
-use flash::{flash_sale, scale_row};
+use flash::scale_row;
 use release::release;
 use replay::{rebuild, replay};
 use steady::{steady_rates, SteadyLoad};
@@ -353,16 +353,8 @@ async fn scenarios(config: &AppConfig, options: &BenchOptions) -> anyhow::Result
         "bench: flash sale, {} users for {} coupons",
         options.users, options.coupons
     );
-    release(config, &pool, "Flash", options.coupons).await?;
-    let (gen_http, gen_base, gen_pool, gen_options) =
-        (http.clone(), base.clone(), pool.clone(), options.clone());
-    let flash = profiled(grant_path::noted(async {
-        on_generator
-            .spawn(async move { flash_sale(&gen_http, &gen_base, &gen_pool, &gen_options).await })
-            .await?
-    }))
-    .await
-    .context("the flash sale")?;
+    let flash =
+        flash::released_and_run(config, options, &pool, &http, &base, &on_generator).await?;
     let steady = steady_rates(&rows, flash.throughput());
     rows.push(flash);
     for (mix, rate) in steady {
