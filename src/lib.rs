@@ -16,6 +16,7 @@
 //!   by a task, `couponctl status`);
 //! - [`dev`] holds the benchmarks and the demo, which run the product but
 //!   are not part of it;
+//! - [`memory`] says how the process takes memory (the allocator);
 //! - `src/main.rs` parses the shared flags and `src/cmd/` holds one file per
 //!   subcommand, gathered by one `enum Command`.
 
@@ -23,5 +24,6 @@ pub mod app;
 pub mod console_export;
 pub mod dev;
 pub mod gauges;
+pub mod memory;
 pub mod status;
 pub mod upkeep;

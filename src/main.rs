@@ -5,12 +5,8 @@
 
 mod cmd;
 
-/// mimalloc instead of glibc's allocator. A claim allocates and frees a few
-/// dozen small buffers on whichever runtime worker polls it (the request,
-/// the Redis command, the produced record, the answer); under the flash
-/// sale glibc's arenas spent about a fifth of the process's CPU on it
-/// (`malloc_consolidate`, `unlink_chunk`, `_int_free`: `perf` in the README,
-/// *Benchmarks*), mimalloc's thread-local free lists a fraction of that.
+/// mimalloc instead of glibc's allocator, without huge pages: why in
+/// `couponctl::memory`.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -67,6 +63,7 @@ fn init_logging(
 
 #[tokio::main]
 async fn main() {
+    couponctl::memory::without_huge_pages();
     let cli = Cli::try_parse().unwrap_or_else(|error| refuse_flags(error));
     // The demo and the benchmarks print their own progress; the services'
     // start/stop lines would drown it (RUST_LOG still overrides). The

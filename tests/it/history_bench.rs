@@ -86,6 +86,7 @@ fn measure(label: &'static str, pids: Vec<u32>) -> impl Fn(usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn history_write_rate() {
+    couponctl::memory::without_huge_pages();
     let env = TestEnv::new().await;
     let (_, store) = bench_store(&env).await;
     let n = env_usize("HISTORY_BENCH_ROWS", 100_000);
@@ -250,6 +251,7 @@ impl SeedHistory {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn history_read_latency() {
+    couponctl::memory::without_huge_pages();
     let env = TestEnv::new().await;
     let (_, store) = bench_store(&env).await;
     let seed = SeedHistory::new(

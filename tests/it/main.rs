@@ -3,6 +3,13 @@
 
 use coupon_test_support::harness;
 
+/// The product's allocator (`src/main.rs`, `couponctl::memory`): the
+/// measurements that live here (`make bench` runs the ignored ones) and the
+/// services these tests start in-process allocate as `couponctl` does; the
+/// measurements also turn huge pages off first, as `couponctl` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod acl;
 mod blacklist;
 mod campaign_end;

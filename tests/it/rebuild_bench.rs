@@ -147,6 +147,7 @@ async fn publish_flash_sale(env: &TestEnv, users: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn rebuild_rate() {
+    couponctl::memory::without_huge_pages();
     let env = TestEnv::new().await;
     let users: usize = std::env::var("REBUILD_BENCH_USERS")
         .ok()

@@ -104,6 +104,7 @@ async fn measure(pool: &sqlx::PgPool, label: &str, since: DateTime<Utc>, insert:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: make bench runs it"]
 async fn the_claim_batch_on_day_1_and_day_30() {
+    couponctl::memory::without_huge_pages();
     let per_day: usize = std::env::var("RETENTION_BENCH_PER_DAY")
         .ok()
         .and_then(|v| v.parse().ok())
