@@ -35,3 +35,14 @@ pub fn without_huge_pages() {
         }
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[test]
+    fn huge_pages_are_off_for_the_process_after_the_call() {
+        super::without_huge_pages();
+        // SAFETY: PR_GET_THP_DISABLE only reads the flag.
+        let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(disabled, 1, "the process's THP-disable flag");
+    }
+}
