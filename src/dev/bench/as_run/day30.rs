@@ -52,11 +52,8 @@ pub(super) async fn rows(
     );
     append_batches(&mut flash, &before, &recorder.snapshot().await);
     eprintln!("bench: couponctl run on day 30, the steady sale by vegeta");
-    let steady = noted_from(
-        recorder,
-        open_loop::steady_sale(server, "AsRunSale", Scenario::AsRunSteadySaleDay30, &month),
-    )
-    .await
-    .context("the steady sale on day 30")?;
+    let steady = noted_from(recorder, open_loop::steady_sale(server, Some(&month)))
+        .await
+        .context("the steady sale on day 30")?;
     Ok(vec![flash, steady])
 }

@@ -67,12 +67,9 @@ pub(super) async fn rows(
     let recorder = Recorder::Served(&server.base);
     eprintln!("bench: couponctl run, the steady sale sent by vegeta");
     rows.push(
-        noted_from(
-            recorder,
-            steady_sale(server, "AsRunSale", Scenario::AsRunSteadySale, ""),
-        )
-        .await
-        .context("the steady sale sent by vegeta")?,
+        noted_from(recorder, steady_sale(server, None))
+            .await
+            .context("the steady sale sent by vegeta")?,
     );
     eprintln!("bench: couponctl run, the steady day sent by vegeta");
     rows.push(
@@ -97,16 +94,11 @@ pub(super) async fn rows(
 }
 
 /// 5,000 claims/s, a tenth winning: a tenth of a second's claims released
-/// every second through the admin route while the claims arrive, in
-/// `category` (new users and a new pool each time it runs); `day` is said
-/// first in the row's note.
-pub(super) async fn steady_sale(
-    server: &Server,
-    category: &str,
-    kind: Scenario,
-    day: &str,
-) -> anyhow::Result<Row> {
-    let rate = STEADY_TARGET_RATE;
+/// every second through the admin route while the claims arrive. On day 1
+/// (`month` `None`) or on day 30, after the month `month` describes (said
+/// first in the row's note) was loaded.
+pub(super) async fn steady_sale(server: &Server, month: Option<&str>) -> anyhow::Result<Row> {
+    let (rate, category) = (STEADY_TARGET_RATE, "AsRunSale");
     let per_second = (rate as u32 / 10).max(1);
     let supply = async {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -119,15 +111,13 @@ pub(super) async fn steady_sale(
     let (outcome, supplied) = tokio::join!(send(server, category, rate), supply);
     supplied.context("the sale's supply")?;
     let (outcome, cpu) = outcome?;
-    let when = if kind == Scenario::AsRunSteadySaleDay30 {
-        ", day 30"
-    } else {
-        ""
-    };
-    let day = if day.is_empty() {
-        String::new()
-    } else {
-        format!("{day}; ")
+    let (kind, when, month) = match month {
+        None => (Scenario::AsRunSteadySale, "", String::new()),
+        Some(month) => (
+            Scenario::AsRunSteadySaleDay30,
+            ", day 30",
+            format!("{month}; "),
+        ),
     };
     Ok(steady_row(
         kind,
@@ -135,7 +125,7 @@ pub(super) async fn steady_sale(
         &outcome,
         rate,
         format!(
-            "{day}a tenth win: {per_second} coupons released every second through the admin route; {cpu}"
+            "{month}a tenth win: {per_second} coupons released every second through the admin route; {cpu}"
         ),
     ))
 }
