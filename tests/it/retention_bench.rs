@@ -5,8 +5,8 @@
 //! decisions inserted: one transaction of 2,000 new claims, as a full
 //! batch) on the empty database of day 1, then loads 29 more days of
 //! decisions, quota slots and history with binary `COPY`s into their day
-//! partitions (the loader, `couponctl::dev::load`), and measures the same batches on
-//! day 30; then the same lookup unbounded (every partition, as it would be
+//! partitions and vacuums them (the loader, `couponctl::dev::load::load_month`,
+//! as the as-run bench's day 30), and measures the same batches on day 30; then the same lookup unbounded (every partition, as it would be
 //! without `REQUEST_ID_HORIZON`), and one retention round dropping the
 //! oldest day.
 //!
@@ -26,7 +26,7 @@ use chrono::{DateTime, Days, Utc};
 use coupon_domain::{RequestId, UserId};
 use coupon_platform::store::claims::{self, ClaimDecisionRecord};
 use coupon_platform::store::retention::{self, Retention};
-use couponctl::dev::load::{decision, load_day, midnight};
+use couponctl::dev::load::{decision, load_month, midnight};
 
 use crate::harness::TestEnv;
 
@@ -117,23 +117,11 @@ async fn the_claim_batch_on_day_1_and_day_30() {
 
     let day1 = measure(pool, "day1", horizon_since(Utc::now()), true).await;
 
-    // Days 1 to 29 before today, each in its partition.
+    // Days 1 to 29 before today, each in its partition, then vacuumed,
+    // analyzed and checkpointed, as the as-run bench's day 30 loads them.
+    let loaded = load_month(pool, today, 29, per_day).await.unwrap();
+    let (rows, load_seconds) = (loaded.rows, loaded.seconds);
     let first = today.checked_sub_days(Days::new(29)).unwrap();
-    retention::decision_partitions(pool, first, 30)
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let mut rows = 0;
-    for n in 0..29 {
-        rows += load_day(pool, first.checked_add_days(Days::new(n)).unwrap(), per_day)
-            .await
-            .unwrap();
-    }
-    let load_seconds = started.elapsed().as_secs_f64();
-    sqlx::query("ANALYZE claim_decisions, quota_grants, coupon_history")
-        .execute(pool)
-        .await
-        .unwrap();
     let granted = 29 * per_day.div_ceil(100) as i64;
     assert_eq!(
         env.count("SELECT count(*) FROM claim_decisions").await,
